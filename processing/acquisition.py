@@ -1,0 +1,180 @@
+"""The one canonical MDME input: :class:`Acquisition`.
+
+Every vendor adapter produces one, the phantom produces one, and every fit consumes one.
+Construction validates every field and names the field in the error message.
+
+Units: times in ms, angles in degrees, lengths in mm. Axes ``(z, y, x)``; the signal is
+``(z, delay, echo, y, x)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Acquisition", "AcquisitionError"]
+
+
+class AcquisitionError(ValueError):
+    """An :class:`Acquisition` field is invalid. The message names the field."""
+
+
+def _as_1d_increasing(name: str, value: Any, *, strictly: bool = True) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise AcquisitionError(f"{name}: expected a non-empty 1-D sequence, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise AcquisitionError(f"{name}: contains NaN or infinite values: {arr.tolist()}")
+    if np.any(arr <= 0):
+        raise AcquisitionError(f"{name}: every value must be > 0 ms, got {arr.tolist()}")
+    if strictly and arr.size > 1 and np.any(np.diff(arr) <= 0):
+        raise AcquisitionError(f"{name}: must be strictly increasing, got {arr.tolist()}")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class Acquisition:
+    """A 2D multi-dynamic multi-echo (MDME / QRAPMASTER) acquisition.
+
+    Parameters
+    ----------
+    signal:
+        float32 array ``[z, delay, echo, y, x]``. Real and phase-corrected (signed) when
+        phase or real/imaginary images were available, else magnitude
+        (``is_magnitude=True``). Arbitrary units.
+    delays_ms:
+        saturation-to-excitation delays TD, ``[delay]``, strictly increasing, ms.
+    echo_times_ms:
+        echo times TE, ``[echo]``, strictly increasing, ms.
+    tr_ms:
+        repetition time, ms.
+    saturation_deg:
+        nominal saturation flip angle theta, degrees (~120).
+    excitation_deg:
+        nominal excitation flip angle alpha, degrees (~90).
+    voxel_size_mm:
+        ``(z, y, x)`` voxel size in mm; z is the slice spacing.
+    affine:
+        4x4 voxel index ``(x, y, z, 1)``-to-patient (LPS, mm) matrix, DICOM convention:
+        column 0 = x (column) direction * spacing, column 1 = y (row) direction * spacing,
+        column 2 = slice direction * spacing, column 3 = position of voxel (z=0, y=0, x=0).
+    is_magnitude:
+        True when ``signal`` is a magnitude (so it cannot be negative).
+    delay_source:
+        where the delays came from (``"InversionTime"``, ``"phantom"``, ...), for provenance.
+    metadata:
+        free-form provenance (vendor, series UID, ...); never used by the numerics.
+    """
+
+    signal: np.ndarray
+    delays_ms: np.ndarray
+    echo_times_ms: np.ndarray
+    tr_ms: float
+    saturation_deg: float
+    excitation_deg: float
+    voxel_size_mm: tuple[float, float, float]
+    affine: np.ndarray
+    is_magnitude: bool = False
+    delay_source: str = "unknown"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sig = self.signal
+        if not isinstance(sig, np.ndarray):
+            raise AcquisitionError(f"signal: expected a numpy array, got {type(sig).__name__}")
+        if sig.ndim != 5:
+            raise AcquisitionError(
+                f"signal: expected 5 axes [z, delay, echo, y, x], got shape {sig.shape}"
+            )
+        if np.iscomplexobj(sig):
+            raise AcquisitionError("signal: must be real (phase-corrected) or magnitude, not complex")
+        if sig.dtype != np.float32:
+            sig = sig.astype(np.float32)
+        if not np.isfinite(sig).all():
+            bad = np.argwhere(~np.isfinite(sig))[0].tolist()
+            raise AcquisitionError(
+                f"signal: contains NaN or infinite values (first at [z, delay, echo, y, x] = {bad})"
+            )
+        delays = _as_1d_increasing("delays_ms", self.delays_ms)
+        echoes = _as_1d_increasing("echo_times_ms", self.echo_times_ms)
+        if sig.shape[1] != delays.size:
+            raise AcquisitionError(
+                f"delays_ms: {delays.size} delays but signal has {sig.shape[1]} on axis 1"
+            )
+        if sig.shape[2] != echoes.size:
+            raise AcquisitionError(
+                f"echo_times_ms: {echoes.size} echoes but signal has {sig.shape[2]} on axis 2"
+            )
+        if min(sig.shape) < 1:
+            raise AcquisitionError(f"signal: empty axis in shape {sig.shape}")
+        for name in ("tr_ms", "saturation_deg", "excitation_deg"):
+            v = getattr(self, name)
+            if v is None:
+                raise AcquisitionError(f"{name}: missing")
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                raise AcquisitionError(f"{name}: not a number: {v!r}") from None
+            if not math.isfinite(fv) or fv <= 0:
+                raise AcquisitionError(f"{name}: must be a finite number > 0, got {v!r}")
+            object.__setattr__(self, name, fv)
+        if self.saturation_deg >= 180.0 or self.excitation_deg >= 180.0:
+            raise AcquisitionError(
+                "saturation_deg/excitation_deg: flip angles must be below 180 degrees, got "
+                f"{self.saturation_deg}/{self.excitation_deg}"
+            )
+        if delays[-1] >= self.tr_ms:
+            raise AcquisitionError(
+                f"delays_ms: the longest delay {delays[-1]} ms must be shorter than tr_ms {self.tr_ms}"
+            )
+        vs = np.asarray(self.voxel_size_mm, dtype=np.float64)
+        if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
+            raise AcquisitionError(
+                f"voxel_size_mm: expected 3 positive finite values (z, y, x), got {self.voxel_size_mm!r}"
+            )
+        aff = np.asarray(self.affine, dtype=np.float64)
+        if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+            raise AcquisitionError(f"affine: expected a finite 4x4 matrix, got shape {aff.shape}")
+        if abs(np.linalg.det(aff[:3, :3])) < 1e-9:
+            raise AcquisitionError("affine: the 3x3 part is singular")
+        if self.is_magnitude and float(sig.min()) < 0:
+            raise AcquisitionError("signal: is_magnitude=True but the signal has negative values")
+        sig.setflags(write=False)
+        delays.setflags(write=False)
+        echoes.setflags(write=False)
+        aff.setflags(write=False)
+        object.__setattr__(self, "signal", sig)
+        object.__setattr__(self, "delays_ms", delays)
+        object.__setattr__(self, "echo_times_ms", echoes)
+        object.__setattr__(self, "voxel_size_mm", tuple(float(v) for v in vs))
+        object.__setattr__(self, "affine", aff)
+        object.__setattr__(self, "is_magnitude", bool(self.is_magnitude))
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Image grid ``(z, y, x)``."""
+        s = self.signal.shape
+        return (s[0], s[3], s[4])
+
+    @property
+    def n_delays(self) -> int:
+        return int(self.signal.shape[1])
+
+    @property
+    def n_echoes(self) -> int:
+        return int(self.signal.shape[2])
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in mL (1 mL = 1000 mm^3)."""
+        z, y, x = self.voxel_size_mm
+        return z * y * x / 1000.0
+
+    def samples(self) -> np.ndarray:
+        """Signal as ``[z, y, x, delay*echo]`` (delay-major), float32, C-contiguous."""
+        z, d, e, y, x = self.signal.shape
+        return np.ascontiguousarray(self.signal.transpose(0, 3, 4, 1, 2).reshape(z, y, x, d * e))
