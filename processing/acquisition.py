@@ -90,7 +90,9 @@ class Acquisition:
                 f"signal: expected 5 axes [z, delay, echo, y, x], got shape {sig.shape}"
             )
         if np.iscomplexobj(sig):
-            raise AcquisitionError("signal: must be real (phase-corrected) or magnitude, not complex")
+            raise AcquisitionError(
+                "signal: must be real (phase-corrected) or magnitude, not complex"
+            )
         if sig.dtype != np.float32:
             sig = sig.astype(np.float32)
         if not np.isfinite(sig).all():

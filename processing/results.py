@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "TISSUES",
+    "MyelinMaps",
     "QuantMaps",
+    "SeriesResult",
     "SyntheticImage",
     "TissueFractions",
-    "MyelinMaps",
-    "SeriesResult",
-    "TISSUES",
 ]
 
 #: Tissue classes of the partial-volume segmentation, in this order everywhere.

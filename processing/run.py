@@ -17,7 +17,7 @@ from processing._version import __version__
 from processing.acquisition import Acquisition
 from processing.results import SeriesResult
 
-__all__ = ["ProcessingSettings", "ContrastOverride", "run"]
+__all__ = ["ContrastOverride", "ProcessingSettings", "run"]
 
 
 @dataclass(frozen=True)

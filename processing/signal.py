@@ -27,10 +27,10 @@ import numpy as np
 __all__ = [
     "IDEAL_PROFILE",
     "gaussian_slice_profile",
-    "t1_factor",
-    "mdme_signal",
     "mdme_jacobian",
+    "mdme_signal",
     "sample_axes",
+    "t1_factor",
 ]
 
 #: Ideal rectangular slice profile: one isochromat at the nominal flip angle.
