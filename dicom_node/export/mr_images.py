@@ -1,0 +1,303 @@
+"""Classic MR Image Storage outputs: synthetic contrasts and (optionally) maps as uint16.
+
+One instance per slice, geometry copied from the reference source image of that slice,
+ImageType ``DERIVED\\SECONDARY\\SYNTHETIC\\<name>`` (maps: ``DERIVED\\PRIMARY\\T1MAP``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.valuerep import DSfloat
+
+from processing._version import __version__
+from processing.results import SeriesResult, SyntheticImage
+
+from .common import (
+    MAP_INFO,
+    ExportError,
+    ExportSettings,
+    MapKind,
+    SliceGeometry,
+    add_private_provenance,
+    copy_patient_study,
+    derive_uid,
+    map_array,
+    model_hash,
+    now_da_tm,
+    parameter_fingerprint,
+    robust_window,
+    series_number_base,
+    slice_geometry,
+)
+
+__all__ = [
+    "map_mr_images",
+    "map_mr_series",
+    "synthetic_images",
+    "synthetic_series",
+    "uint16_rescale",
+]
+
+
+def _ds(value: float) -> DSfloat:
+    """A DS value that fits the 16-character limit."""
+    return DSfloat(float(value), auto_format=True)
+
+
+_SCANNING_SEQUENCE = {"SE": "SE", "IR": "IR", "PSIR": "IR", "DIR": "IR", "GRE": "GR"}
+
+
+def _base_instance(
+    ref: Dataset,
+    geometry: SliceGeometry,
+    z: int,
+    settings: ExportSettings,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    series_description: str,
+    image_type: list[str],
+    pixels: np.ndarray,
+    signed: bool,
+) -> Dataset:
+    """A classic MR instance with patient/study/frame-of-reference/geometry copied."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    copy_patient_study(ds, ref)
+    da, tm = now_da_tm()
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate, ds.InstanceCreationTime = da, tm
+    # General series
+    ds.Modality = "MR"
+    ds.Laterality = ref.get("Laterality", "")  # Type 2C; unknown for a brain series
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = series_description[:64]
+    ds.SeriesDate, ds.SeriesTime = da, tm
+    ds.PatientPosition = ref.get("PatientPosition", "")  # Type 2C for MR
+    for kw in ("BodyPartExamined", "ProtocolName"):
+        if kw in ref:
+            setattr(ds, kw, ref[kw].value)
+    # Frame of reference
+    ds.FrameOfReferenceUID = ref.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = ref.get("PositionReferenceIndicator", "")
+    # Equipment: this software made the instance
+    ds.Manufacturer = settings.manufacturer
+    ds.ManufacturerModelName = settings.manufacturer_model_name
+    ds.DeviceSerialNumber = settings.device_serial_number
+    ds.SoftwareVersions = f"synthmr {__version__}"
+    if settings.institution_name:
+        ds.InstitutionName = settings.institution_name
+    # General image
+    ds.InstanceNumber = z + 1
+    ds.ContentDate, ds.ContentTime = da, tm
+    ds.ImageType = image_type
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    src = Dataset()
+    src.ReferencedSOPClassUID = ref.SOPClassUID
+    src.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+    ds.SourceImageSequence = DicomSequence([src])
+    # Image plane
+    ds.PixelSpacing = [_ds(v) for v in geometry.pixel_spacing]
+    ds.ImageOrientationPatient = [_ds(v) for v in geometry.orientation]
+    ds.ImagePositionPatient = [_ds(v) for v in geometry.positions[z]]
+    ds.SliceThickness = _ds(geometry.slice_thickness)
+    ds.SpacingBetweenSlices = _ds(geometry.spacing_between_slices)
+    normal = np.cross(geometry.orientation[:3], geometry.orientation[3:])
+    ds.SliceLocation = _ds(np.dot(geometry.positions[z], normal))
+    # MR image module
+    for kw in ("MagneticFieldStrength", "ImagingFrequency", "ImagedNucleus", "ReceiveCoilName"):
+        if kw in ref:
+            setattr(ds, kw, ref[kw].value)
+    ds.MRAcquisitionType = ref.get("MRAcquisitionType", "2D") or "2D"
+    ds.SequenceVariant = "NONE"
+    ds.ScanOptions = ""
+    ds.EchoTrainLength = ""
+    # Image pixel
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if signed else 0
+    dtype = np.dtype("<i2") if signed else np.dtype("<u2")
+    arr = np.ascontiguousarray(pixels.astype(dtype))
+    ds.PixelData = arr.tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.SmallestImagePixelValue = int(arr.min())
+    ds.LargestImagePixelValue = int(arr.max())
+    ds["SmallestImagePixelValue"].VR = "SS" if signed else "US"
+    ds["LargestImagePixelValue"].VR = "SS" if signed else "US"
+    return ds
+
+
+def _to_int16_range(image: np.ndarray, signed: bool) -> np.ndarray:
+    lo, hi = (-32768, 32767) if signed else (0, 65535)
+    img = np.where(np.isfinite(image), image, 0)
+    return np.clip(np.rint(img), lo, hi)
+
+
+def derivation_description(syn: SyntheticImage, result: SeriesResult) -> str:
+    """Equation and parameters of a synthetic contrast (and the AI model when used)."""
+    timing = f"TR={syn.tr_ms:g} ms TE={syn.te_ms:g} ms"
+    if syn.ti_ms is not None:
+        timing += f" TI={syn.ti_ms:g} ms"
+    if syn.ti2_ms is not None:
+        timing += f" TI2={syn.ti2_ms:g} ms"
+    text = (
+        f"SYNTHETIC {syn.name} ({syn.kind}) computed by synthmr {__version__} from T1/T2/PD maps; "
+        f"{syn.equation or 'equation not recorded'}; {timing}; scale={syn.scale:g}"
+    )
+    if syn.parameters:
+        text += "; " + ", ".join(f"{k}={v}" for k, v in sorted(syn.parameters.items()))
+    if syn.ai_enhanced:
+        mh = str(syn.parameters.get("model_sha256", "")) or model_hash(result) or "unknown"
+        text += f"; AI-enhanced (ONNX model sha256 {mh})"
+    return text[:1024]  # ST
+
+
+def synthetic_series(
+    result: SeriesResult,
+    syn: SyntheticImage,
+    geometry: SliceGeometry,
+    settings: ExportSettings,
+    series_number: int,
+    fingerprint: str,
+) -> list[Dataset]:
+    """One synthetic contrast as a classic MR series (one instance per slice)."""
+    img = np.asarray(syn.image, dtype=np.float32)
+    if img.shape != tuple(result.shape):
+        raise ExportError(
+            f"synthetic {syn.name}: image shape {img.shape} != result shape {result.shape}"
+        )
+    src_series = str(geometry.refs[0].SeriesInstanceUID)
+    series_uid = derive_uid(settings, src_series, fingerprint, "MR", syn.name, "series")
+    desc = syn.description or f"SYNTHETIC {syn.name} TR{syn.tr_ms:g} TE{syn.te_ms:g}"
+    if not desc.upper().startswith(("SYNTHETIC", "SYNTHMR")):
+        desc = "SYNTHETIC " + desc
+    token = "".join(c if c.isalnum() or c in "_ " else "_" for c in syn.name.upper())[:16]
+    image_type = ["DERIVED", "SECONDARY", "SYNTHETIC", token]
+    if syn.ai_enhanced:
+        image_type.append("AI_ENHANCED")
+    pixels = _to_int16_range(img, syn.signed)
+    deriv = derivation_description(syn, result)
+    out = []
+    for z, ref in enumerate(geometry.refs):
+        sop = derive_uid(settings, src_series, fingerprint, "MR", syn.name, "sop", str(z))
+        ds = _base_instance(
+            ref, geometry, z, settings, series_uid, sop, series_number, desc, image_type,
+            pixels[z], syn.signed,
+        )  # fmt: skip
+        ds.ScanningSequence = _SCANNING_SEQUENCE.get(syn.kind.upper(), "RM")
+        ds.RepetitionTime = _ds(syn.tr_ms)
+        ds.EchoTime = _ds(syn.te_ms)
+        if syn.ti_ms is not None:
+            ds.InversionTime = _ds(syn.ti_ms)
+        ds.DerivationDescription = deriv
+        ds.WindowCenter = _ds(syn.window_center)
+        ds.WindowWidth = _ds(max(float(syn.window_width), 1.0))
+        ds.ImageComments = f"Synthetic image (not acquired); {deriv}"[:10240]
+        add_private_provenance(ds, result, settings)
+        out.append(ds)
+    return out
+
+
+def synthetic_images(
+    result: SeriesResult, sources: Sequence[Dataset], settings: ExportSettings
+) -> list[Dataset]:
+    """Every selected contrast (``settings.contrasts`` or all), one series each.
+
+    Series numbers: source + offset + 100 + index, so maps (offset + index) never collide.
+    """
+    names = list(result.synthetic) if settings.contrasts is None else list(settings.contrasts)
+    missing = [n for n in names if n not in result.synthetic]
+    if missing:
+        raise ExportError(
+            f"contrasts: {missing} requested but the result has only {list(result.synthetic)}"
+        )
+    geometry = slice_geometry(result, sources, settings)
+    fp = parameter_fingerprint(result, settings)
+    base = series_number_base(geometry.refs[0], settings) + 100
+    out: list[Dataset] = []
+    for i, name in enumerate(names):
+        out += synthetic_series(result, result.synthetic[name], geometry, settings, base + i, fp)
+    return out
+
+
+def uint16_rescale(values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Quantize to uint16 with a decimal slope: values = stored * slope + intercept."""
+    v = np.where(np.isfinite(values), values, 0).astype(np.float64)
+    intercept = float(min(0.0, math.floor(float(v.min()))))
+    span = max(float(v.max()) - intercept, 1e-12)
+    slope = 10.0 ** math.ceil(math.log10(span / 65000.0))
+    stored = np.clip(np.rint((v - intercept) / slope), 0, 65535).astype(np.uint16)
+    return stored, slope, intercept
+
+
+def map_mr_series(
+    result: SeriesResult,
+    kind: MapKind,
+    geometry: SliceGeometry,
+    settings: ExportSettings,
+    series_number: int,
+    fingerprint: str,
+) -> list[Dataset]:
+    """One quantitative map as classic MR images, uint16 with RescaleSlope/Intercept."""
+    info = MAP_INFO[kind]
+    data = map_array(result, kind)
+    stored, slope, intercept = uint16_rescale(data)
+    center, width = robust_window(data, np.asarray(result.maps.mask, dtype=bool))
+    src_series = str(geometry.refs[0].SeriesInstanceUID)
+    series_uid = derive_uid(settings, src_series, fingerprint, "MRMAP", kind.value, "series")
+    desc = f"synthmr {kind.value} map ({info.unit.value})"
+    out = []
+    for z, ref in enumerate(geometry.refs):
+        sop = derive_uid(settings, src_series, fingerprint, "MRMAP", kind.value, "sop", str(z))
+        ds = _base_instance(
+            ref, geometry, z, settings, series_uid, sop, series_number, desc,
+            ["DERIVED", "PRIMARY", info.image_type_token], stored[z], False,
+        )  # fmt: skip
+        ds.ScanningSequence = "RM"
+        ds.RepetitionTime = _ds(float(ref.get("RepetitionTime", 0) or 0))
+        ds.EchoTime = ""
+        ds.RescaleSlope = f"{slope:.10g}"
+        ds.RescaleIntercept = f"{intercept:.10g}"
+        ds.RescaleType = info.unit.value if info.unit.value != "1" else "US"
+        # Window in stored values (VOI applies after the modality rescale: real units)
+        ds.WindowCenter = _ds(center)
+        ds.WindowWidth = _ds(width)
+        if width < 1:  # LINEAR needs width >= 1 (B1 ratios are narrower)
+            ds.VOILUTFunction = "LINEAR_EXACT"
+        ds.DerivationDescription = (
+            f"{info.description} [{info.unit.value}] fitted by synthmr {__version__}; "
+            f"real value = stored * {slope:g} + {intercept:g}"
+        )
+        add_private_provenance(ds, result, settings)
+        out.append(ds)
+    return out
+
+
+def map_mr_images(
+    result: SeriesResult, sources: Sequence[Dataset], settings: ExportSettings
+) -> list[Dataset]:
+    """Every map in ``settings.maps`` as a classic MR series (offset + 50 + index)."""
+    geometry = slice_geometry(result, sources, settings)
+    fp = parameter_fingerprint(result, settings)
+    base = series_number_base(geometry.refs[0], settings) + 50
+    out: list[Dataset] = []
+    for i, kind in enumerate(settings.maps):
+        out += map_mr_series(result, kind, geometry, settings, base + i, fp)
+    return out

@@ -1,0 +1,134 @@
+"""Quantitative maps as Parametric Map instances (float, real-world value mapped)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from processing._version import __version__
+from processing.results import SeriesResult
+
+from .common import (
+    MAP_INFO,
+    ExportSettings,
+    MapKind,
+    SliceGeometry,
+    add_private_provenance,
+    derive_uid,
+    map_array,
+    parameter_fingerprint,
+    provenance_text,
+    robust_window,
+    series_number_base,
+    slice_geometry,
+)
+
+__all__ = ["BRAIN", "add_frame_anatomy", "parametric_map", "parametric_maps"]
+
+BRAIN = hd.sr.CodedConcept("12738006", "SCT", "Brain")
+
+
+def add_frame_anatomy(ds: Dataset) -> None:
+    """Frame Anatomy (brain, laterality U) in the shared functional groups.
+
+    dcmqi's paramap2itkimage needs it. No series-level Laterality: dciodvfy (2024+) flags
+    an empty Laterality as an error when Frame Anatomy carries the laterality.
+    """
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = [BRAIN]
+    anatomy.FrameLaterality = "U"
+    ds.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
+    ds.pop("Laterality", None)
+
+
+def parametric_map(
+    result: SeriesResult,
+    kind: MapKind,
+    geometry: SliceGeometry,
+    settings: ExportSettings,
+    series_number: int,
+    fingerprint: str,
+) -> Dataset:
+    """One map (float32 ``[z, y, x]``) as a highdicom ParametricMap, one frame per slice."""
+    info = MAP_INFO[kind]
+    data = map_array(result, kind)
+    src_series = str(geometry.refs[0].SeriesInstanceUID)
+    lo, hi = float(data.min()), float(data.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    rwvm = hd.pm.RealWorldValueMapping(
+        lut_label=info.label[:16],
+        lut_explanation=info.description[:64],
+        unit=info.unit,
+        value_range=(lo, hi),
+        slope=1.0,
+        intercept=0.0,
+        quantity_definition=info.quantity,
+    )
+    center, width = robust_window(data, np.asarray(result.maps.mask, dtype=bool))
+    pm = hd.pm.ParametricMap(
+        source_images=geometry.refs,
+        pixel_array=data,
+        series_instance_uid=derive_uid(
+            settings, src_series, fingerprint, "PM", kind.value, "series"
+        ),
+        series_number=series_number,
+        sop_instance_uid=derive_uid(settings, src_series, fingerprint, "PM", kind.value, "sop"),
+        instance_number=1,
+        manufacturer=settings.manufacturer,
+        manufacturer_model_name=settings.manufacturer_model_name,
+        software_versions=f"synthmr {__version__}",
+        device_serial_number=settings.device_serial_number,
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[rwvm],
+        voi_lut_transformations=[
+            hd.VOILUTTransformation(
+                window_center=center,
+                window_width=width,
+                # LINEAR requires width >= 1; B1 ratios need a narrower window
+                voi_lut_function="LINEAR" if width >= 1 else "LINEAR_EXACT",
+            )
+        ],
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        content_description=f"synthmr {info.description}"[:64],
+        content_label=f"{kind.value}MAP"[:16],
+        plane_orientation=hd.PlaneOrientationSequence(
+            coordinate_system="PATIENT", image_orientation=geometry.orientation
+        ),
+        plane_positions=[
+            hd.PlanePositionSequence(coordinate_system="PATIENT", image_position=p)
+            for p in geometry.positions
+        ],
+        pixel_measures=hd.PixelMeasuresSequence(
+            pixel_spacing=geometry.pixel_spacing,
+            slice_thickness=geometry.slice_thickness,
+            spacing_between_slices=geometry.spacing_between_slices,
+        ),
+    )
+    add_frame_anatomy(pm)
+    pm.SeriesDescription = f"synthmr {kind.value} map ({info.unit.value})"[:64]
+    if settings.institution_name:
+        pm.InstitutionName = settings.institution_name
+    pm.ImageComments = provenance_text(result, settings)
+    add_private_provenance(pm, result, settings)
+    return pm
+
+
+def parametric_maps(
+    result: SeriesResult, sources: Sequence[Dataset], settings: ExportSettings
+) -> list[Dataset]:
+    """Every map in ``settings.maps`` as its own Parametric Map series.
+
+    Series numbers: source + offset + index (0-based in ``settings.maps`` order).
+    """
+    geometry = slice_geometry(result, sources, settings)
+    fp = parameter_fingerprint(result, settings)
+    base = series_number_base(geometry.refs[0], settings)
+    return [
+        parametric_map(result, kind, geometry, settings, base + i, fp)
+        for i, kind in enumerate(settings.maps)
+    ]
