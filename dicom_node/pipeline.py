@@ -1,0 +1,185 @@
+"""One series job: load spool files -> vendors.normalize -> processing.run (in a worker)
+-> export_all -> outbox files (fsync'd) + registry rows.
+
+Only orchestration lives here: the numerics run in :mod:`processing` inside a worker
+process (arrays travel to it), the DICOM packaging in :mod:`dicom_node.export`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+from dicom_node.config import Settings
+from dicom_node.logging import log_event
+from dicom_node.metrics import NodeMetrics
+from dicom_node.registry import State
+from dicom_node.spool import Spool
+
+__all__ = [
+    "JobOutcome",
+    "encode_part10",
+    "export_settings",
+    "load_datasets",
+    "missing_cells",
+    "run_series_job",
+]
+
+log = logging.getLogger("synthmr.pipeline")
+
+Submit = Callable[..., Any]  # submit(fn, *args) -> future with .result(timeout)
+
+
+@dataclass
+class JobOutcome:
+    """What a job ended with; ``outputs`` are ``(sop_uid, sop_class_uid, path)``."""
+
+    state: State
+    reason: str = ""
+    missing: list[str] = field(default_factory=list)
+    outputs: list[tuple[str, str, str]] = field(default_factory=list)
+    stage: str = ""  # stage that failed, for synthmr_processing_errors_total
+    fit_failed_fraction: float | None = None
+    qc_status: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def load_datasets(paths: Sequence[str]) -> list[Dataset]:
+    """Read spool files fully (pixels included)."""
+    return [pydicom.dcmread(p) for p in paths]
+
+
+def export_settings(options: dict[str, Any]) -> Any:
+    """``[export]`` TOML table -> :class:`dicom_node.export.ExportSettings`."""
+    from dicom_node.export import ExportSettings
+
+    return ExportSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+
+def encode_part10(ds: Dataset) -> bytes:
+    """Encode a dataset as a DICOM Part-10 file (adds file meta when missing)."""
+    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds.file_meta = meta
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _missing_from_error(exc: Exception) -> list[str]:
+    missing = getattr(exc, "missing", None)
+    if missing:
+        return [str(m) for m in missing]
+    return [str(exc)]
+
+
+def missing_cells(paths: Sequence[str], vendor_overrides: dict[str, Any]) -> list[str]:
+    """The missing grid cells of a partial series, as the vendor adapter names them."""
+    from dicom_node import vendors
+
+    datasets = load_datasets(paths)
+    try:
+        vendors.normalize(datasets, rules=vendors.load_rules(vendor_overrides))
+    except vendors.NormalizationError as exc:
+        return _missing_from_error(exc)
+    return []
+
+
+def run_series_job(
+    series_uid: str,
+    paths: Sequence[str],
+    settings: Settings,
+    spool: Spool,
+    submit: Submit,
+    metrics: NodeMetrics | None = None,
+    timeout_s: float | None = None,
+) -> JobOutcome:
+    """Run one series end to end up to the outbox files. Never raises: errors become a
+    FAILED/QUARANTINED/IGNORED outcome naming the stage and the reason."""
+    from dicom_node import vendors
+
+    timings: dict[str, float] = {}
+
+    def observe(stage: str, t0: float) -> None:
+        timings[stage] = time.perf_counter() - t0
+        if metrics is not None:
+            metrics.stage.labels(stage).observe(timings[stage])
+
+    stage = "normalize"
+    try:
+        t0 = time.perf_counter()
+        datasets = load_datasets(paths)
+        if not datasets:
+            return JobOutcome(State.FAILED, "no instances on disk for this series", stage=stage)
+        det = vendors.detect(datasets)
+        if not det.is_mdme:
+            return JobOutcome(State.IGNORED, f"not an MDME series: {det.reason}", timings_s=timings)
+        try:
+            acq = vendors.normalize(datasets, rules=vendors.load_rules(settings.vendors))
+        except vendors.NormalizationError as exc:
+            return JobOutcome(
+                State.QUARANTINED,
+                f"grid incomplete or inconsistent: {exc}",
+                missing=_missing_from_error(exc),
+                stage=stage,
+                timings_s=timings,
+            )
+        observe("normalize", t0)
+
+        stage = "process"
+        t0 = time.perf_counter()
+        from processing.run import run
+
+        psettings = settings.processing.to_processing_settings()
+        result = submit(run, acq, psettings).result(timeout=timeout_s)
+        observe("process", t0)
+
+        stage = "export"
+        t0 = time.perf_counter()
+        from dicom_node.export import export_all
+
+        out_ds = export_all(result, datasets, export_settings(settings.export))
+        outputs: list[tuple[str, str, str]] = []
+        for ds in out_ds:
+            data = encode_part10(ds)
+            path = spool.store_output(series_uid, str(ds.SOPInstanceUID), data)
+            outputs.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path)))
+        observe("export", t0)
+    except Exception as exc:
+        log_event(
+            log,
+            "job_failed",
+            level=logging.ERROR,
+            series_uid=series_uid,
+            stage=stage,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return JobOutcome(
+            State.FAILED, f"{stage}: {type(exc).__name__}: {exc}", stage=stage, timings_s=timings
+        )
+
+    maps = result.maps
+    n_mask = int(np.count_nonzero(maps.mask))
+    failed_fraction = float(np.count_nonzero(maps.failed)) / n_mask if n_mask else None
+    qc = result.qc.get("status") if isinstance(result.qc, dict) else None
+    return JobOutcome(
+        State.EXPORTED,
+        reason=f"{len(outputs)} instances exported",
+        outputs=outputs,
+        fit_failed_fraction=failed_fraction,
+        qc_status=str(qc).lower() if qc else None,
+        timings_s=timings,
+    )

@@ -1,0 +1,573 @@
+"""SQLite (WAL, synchronous=FULL) state of the node: instances, series, jobs, outbox.
+
+Series life::
+
+    RECEIVING -> COMPLETE -> QUEUED -> PROCESSING -> EXPORTED -> DELIVERED
+    or IGNORED (not MDME), QUARANTINED (grid incomplete; missing cells recorded),
+    FAILED (reason recorded; :meth:`Registry.retry` re-queues).
+
+Every state change is one transaction. One connection shared by the node's threads under
+a lock (SQLite serializes writers anyway); all writes happen in the node process.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+__all__ = ["IllegalTransition", "OutboxItem", "Registry", "SeriesRow", "State"]
+
+
+class State(StrEnum):
+    RECEIVING = "RECEIVING"
+    COMPLETE = "COMPLETE"
+    QUEUED = "QUEUED"
+    PROCESSING = "PROCESSING"
+    EXPORTED = "EXPORTED"
+    DELIVERED = "DELIVERED"
+    IGNORED = "IGNORED"
+    QUARANTINED = "QUARANTINED"
+    FAILED = "FAILED"
+
+
+FINAL_STATES = frozenset({State.DELIVERED, State.IGNORED, State.QUARANTINED, State.FAILED})
+
+# Allowed transitions; FAILED/QUARANTINED may be retried (-> QUEUED), a late instance
+# re-opens a COMPLETE/QUARANTINED/IGNORED series (-> RECEIVING).
+_ALLOWED: dict[State, set[State]] = {
+    State.RECEIVING: {State.COMPLETE, State.QUARANTINED},
+    State.COMPLETE: {State.QUEUED, State.RECEIVING},
+    State.QUEUED: {State.PROCESSING},
+    State.PROCESSING: {
+        State.EXPORTED,
+        State.IGNORED,
+        State.QUARANTINED,
+        State.FAILED,
+        State.QUEUED,
+    },
+    State.EXPORTED: {State.DELIVERED, State.FAILED, State.QUEUED},
+    State.DELIVERED: {State.QUEUED, State.RECEIVING},
+    State.IGNORED: {State.QUEUED, State.RECEIVING},
+    State.QUARANTINED: {State.QUEUED, State.RECEIVING},
+    State.FAILED: {State.QUEUED, State.RECEIVING},
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change that the series life does not allow."""
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    series_uid: str
+    study_uid: str
+    state: State
+    reason: str
+    missing: list[str]
+    expected_count: int | None
+    n_instances: int
+    first_received: float
+    last_received: float
+    last_released: float | None
+    state_since: float
+    calling_ae: str
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    series_uid: str
+    destination: str
+    sop_uid: str
+    sop_class_uid: str
+    path: str
+    attempts: int
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    missing TEXT NOT NULL DEFAULT '[]',
+    expected_count INTEGER,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    last_released REAL,
+    state_since REAL NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL REFERENCES series(series_uid),
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT NOT NULL REFERENCES series(series_uid),
+    state TEXT NOT NULL,          -- QUEUED, PROCESSING, DONE, FAILED
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL,          -- PENDING, SENT, DEAD
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    UNIQUE(destination, sop_uid)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+"""
+
+TransitionHook = Callable[[str, "State | None", State, float], None]
+
+
+class Registry:
+    """Durable node state. ``on_transition(series_uid, old, new, seconds_in_old)``
+    is called after each committed state change (metrics)."""
+
+    def __init__(self, path: str | Path, on_transition: TransitionHook | None = None) -> None:
+        self.path = str(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self.on_transition = on_transition
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def ok(self) -> bool:
+        """True when the database answers (readiness)."""
+        try:
+            with self._lock:
+                self._db.execute("SELECT 1").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+
+    # ------------------------------------------------------------------ transitions
+    def _set_state(
+        self,
+        db: sqlite3.Connection,
+        series_uid: str,
+        new: State,
+        reason: str = "",
+        missing: list[str] | None = None,
+        expect: set[State] | None = None,
+    ) -> tuple[State, float]:
+        row = db.execute(
+            "SELECT state, state_since FROM series WHERE series_uid=?", (series_uid,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(f"unknown series {series_uid}")
+        old = State(row["state"])
+        if expect is not None and old not in expect:
+            raise IllegalTransition(
+                f"series {series_uid}: in {old}, expected one of {sorted(expect)}"
+            )
+        if new not in _ALLOWED[old]:
+            raise IllegalTransition(f"series {series_uid}: {old} -> {new} is not allowed")
+        now = time.time()
+        db.execute(
+            "UPDATE series SET state=?, reason=?, missing=?, state_since=? WHERE series_uid=?",
+            (new.value, reason, json.dumps(missing or []), now, series_uid),
+        )
+        db.execute(
+            "INSERT INTO transitions(series_uid, from_state, to_state, at, reason) VALUES (?,?,?,?,?)",
+            (series_uid, old.value, new.value, now, reason),
+        )
+        return old, now - float(row["state_since"])
+
+    def _notify(self, series_uid: str, old: State | None, new: State, dt: float) -> None:
+        if self.on_transition is not None:
+            self.on_transition(series_uid, old, new, dt)
+
+    def transition(
+        self,
+        series_uid: str,
+        new: State,
+        reason: str = "",
+        missing: list[str] | None = None,
+        expect: set[State] | None = None,
+    ) -> State:
+        """Change a series' state in one transaction; return the previous state."""
+        with self._tx() as db:
+            old, dt = self._set_state(db, series_uid, new, reason, missing, expect)
+        self._notify(series_uid, old, new, dt)
+        return old
+
+    # ------------------------------------------------------------------ instances
+    def add_instance(
+        self,
+        *,
+        sop_uid: str,
+        series_uid: str,
+        study_uid: str,
+        sop_class_uid: str,
+        path: str,
+        size: int,
+        calling_ae: str = "",
+        expected_count: int | None = None,
+    ) -> tuple[int, int | None]:
+        """Record a stored instance (a re-sent SOP UID replaces its row).
+
+        Creates the series in RECEIVING; a late instance re-opens a series that was
+        COMPLETE or final (-> RECEIVING). Returns (distinct instances, expected count).
+        """
+        now = time.time()
+        created = reopened = None
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state, expected_count FROM series WHERE series_uid=?", (series_uid,)
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO series(series_uid, study_uid, state, expected_count,"
+                    " first_received, last_received, state_since, calling_ae)"
+                    " VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        series_uid,
+                        study_uid,
+                        State.RECEIVING.value,
+                        expected_count,
+                        now,
+                        now,
+                        now,
+                        calling_ae,
+                    ),
+                )
+                db.execute(
+                    "INSERT INTO transitions(series_uid, from_state, to_state, at) VALUES (?,?,?,?)",
+                    (series_uid, None, State.RECEIVING.value, now),
+                )
+                created = True
+            else:
+                state = State(row["state"])
+                if state in (State.COMPLETE, *FINAL_STATES):
+                    reopened = self._set_state(db, series_uid, State.RECEIVING, "late instance")
+                db.execute(
+                    "UPDATE series SET last_received=?,"
+                    " expected_count=COALESCE(expected_count, ?) WHERE series_uid=?",
+                    (now, expected_count, series_uid),
+                )
+            db.execute(
+                "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, size, received_at)"
+                " VALUES (?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET"
+                " series_uid=excluded.series_uid, sop_class_uid=excluded.sop_class_uid,"
+                " path=excluded.path, size=excluded.size, received_at=excluded.received_at",
+                (sop_uid, series_uid, sop_class_uid, path, size, now),
+            )
+            n = db.execute(
+                "SELECT COUNT(*) FROM instances WHERE series_uid=?", (series_uid,)
+            ).fetchone()[0]
+            exp = db.execute(
+                "SELECT expected_count FROM series WHERE series_uid=?", (series_uid,)
+            ).fetchone()[0]
+        if created:
+            self._notify(series_uid, None, State.RECEIVING, 0.0)
+        if reopened:
+            self._notify(series_uid, reopened[0], State.RECEIVING, reopened[1])
+        return int(n), exp
+
+    def instance_paths(self, series_uid: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path FROM instances WHERE series_uid=? ORDER BY sop_uid", (series_uid,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def mark_released(self, series_uids: list[str]) -> None:
+        """An association that carried these series was released or aborted."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE series SET last_released=? WHERE series_uid=?",
+                [(now, s) for s in series_uids],
+            )
+
+    # ------------------------------------------------------------------ series queries
+    def series(self, series_uid: str) -> SeriesRow | None:
+        with self._lock:
+            r = self._db.execute(
+                "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid)"
+                " AS n FROM series s WHERE series_uid=?",
+                (series_uid,),
+            ).fetchone()
+        return None if r is None else self._row(r)
+
+    def series_in(self, *states: State) -> list[SeriesRow]:
+        q = ",".join("?" * len(states))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid)"
+                f" AS n FROM series s WHERE state IN ({q}) ORDER BY first_received",
+                [s.value for s in states],
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    @staticmethod
+    def _row(r: sqlite3.Row) -> SeriesRow:
+        return SeriesRow(
+            series_uid=r["series_uid"],
+            study_uid=r["study_uid"],
+            state=State(r["state"]),
+            reason=r["reason"],
+            missing=json.loads(r["missing"]),
+            expected_count=r["expected_count"],
+            n_instances=int(r["n"]),
+            first_received=r["first_received"],
+            last_received=r["last_received"],
+            last_released=r["last_released"],
+            state_since=r["state_since"],
+            calling_ae=r["calling_ae"],
+        )
+
+    def state_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM series GROUP BY state").fetchall()
+        out = {s.value: 0 for s in State}
+        out.update({r[0]: int(r[1]) for r in rows})
+        return out
+
+    def oldest_since(self) -> dict[str, float]:
+        """Per non-final state: ``state_since`` of the oldest series in it."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, MIN(state_since) FROM series GROUP BY state"
+            ).fetchall()
+        return {r[0]: float(r[1]) for r in rows if State(r[0]) not in FINAL_STATES}
+
+    def transitions_of(self, series_uid: str) -> list[tuple[str | None, str]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT from_state, to_state FROM transitions WHERE series_uid=? ORDER BY id",
+                (series_uid,),
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    # ------------------------------------------------------------------ jobs
+    def enqueue(self, series_uid: str) -> int:
+        """COMPLETE (or a retried final state) -> QUEUED plus a job row, one transaction."""
+        with self._tx() as db:
+            old, dt = self._set_state(db, series_uid, State.QUEUED)
+            cur = db.execute(
+                "INSERT INTO jobs(series_uid, state, created_at) VALUES (?, 'QUEUED', ?)",
+                (series_uid, time.time()),
+            )
+            job_id = int(cur.lastrowid or 0)
+        self._notify(series_uid, old, State.QUEUED, dt)
+        return job_id
+
+    def claim_job(self) -> tuple[int, str, float] | None:
+        """Take the oldest QUEUED job: job and series -> PROCESSING in one transaction.
+
+        Returns (job id, series uid, seconds it waited in the queue) or None.
+        """
+        with self._tx() as db:
+            r = db.execute(
+                "SELECT id, series_uid, created_at FROM jobs WHERE state='QUEUED' ORDER BY id LIMIT 1"
+            ).fetchone()
+            if r is None:
+                return None
+            old, dt = self._set_state(db, r["series_uid"], State.PROCESSING, expect={State.QUEUED})
+            db.execute(
+                "UPDATE jobs SET state='PROCESSING', attempts=attempts+1, started_at=? WHERE id=?",
+                (time.time(), r["id"]),
+            )
+        self._notify(r["series_uid"], old, State.PROCESSING, dt)
+        return int(r["id"]), str(r["series_uid"]), dt
+
+    def finish_job(
+        self,
+        job_id: int,
+        series_uid: str,
+        new: State,
+        reason: str = "",
+        missing: list[str] | None = None,
+        outbox: list[tuple[str, str, str, str]] | None = None,
+    ) -> None:
+        """End a job: series -> ``new`` (EXPORTED, IGNORED, QUARANTINED, FAILED) and,
+        for EXPORTED, outbox rows ``(destination, sop_uid, sop_class_uid, path)``
+        (re-runs replace rows of the same SOP UID), all in one transaction."""
+        now = time.time()
+        with self._tx() as db:
+            old, dt = self._set_state(
+                db, series_uid, new, reason, missing, expect={State.PROCESSING}
+            )
+            db.execute(
+                "UPDATE jobs SET state=?, finished_at=?, error=? WHERE id=?",
+                ("FAILED" if new == State.FAILED else "DONE", now, reason, job_id),
+            )
+            for dest, sop, cls, path in outbox or []:
+                db.execute(
+                    "INSERT INTO outbox(series_uid, destination, sop_uid, sop_class_uid, path,"
+                    " state, attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,'PENDING',0,?,?)"
+                    " ON CONFLICT(destination, sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
+                    " sop_class_uid=excluded.sop_class_uid, path=excluded.path, state='PENDING',"
+                    " attempts=0, next_attempt_at=excluded.next_attempt_at, last_error=''",
+                    (series_uid, dest, sop, cls, path, now, now),
+                )
+        self._notify(series_uid, old, new, dt)
+
+    def retry(self, series_uid: str) -> int:
+        """Re-queue a FAILED / QUARANTINED / IGNORED / DELIVERED series; return the job id."""
+        row = self.series(series_uid)
+        if row is None:
+            raise KeyError(f"unknown series {series_uid}")
+        if row.state not in FINAL_STATES and row.state != State.EXPORTED:
+            raise IllegalTransition(f"series {series_uid} is {row.state}: nothing to retry")
+        return self.enqueue(series_uid)
+
+    # ------------------------------------------------------------------ outbox
+    def due_outbox(self, now: float | None = None, limit: int = 1000) -> list[OutboxItem]:
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, series_uid, destination, sop_uid, sop_class_uid, path, attempts"
+                " FROM outbox WHERE state='PENDING' AND next_attempt_at<=? ORDER BY id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [OutboxItem(*r) for r in rows]
+
+    def outbox_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
+        out = {"PENDING": 0, "SENT": 0, "DEAD": 0}
+        out.update({r[0]: int(r[1]) for r in rows})
+        return out
+
+    def outbox_sent(self, ids: list[int]) -> list[str]:
+        """Mark items sent; return series that became DELIVERED (all items sent)."""
+        now = time.time()
+        delivered: list[tuple[str, State, float]] = []
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE outbox SET state='SENT', sent_at=?, last_error='' WHERE id=?",
+                [(now, i) for i in ids],
+            )
+            q = ",".join("?" * len(ids))
+            series = [
+                r[0]
+                for r in db.execute(
+                    f"SELECT DISTINCT series_uid FROM outbox WHERE id IN ({q})", ids
+                ).fetchall()
+            ]
+            for s in series:
+                left = db.execute(
+                    "SELECT COUNT(*) FROM outbox WHERE series_uid=? AND state!='SENT'", (s,)
+                ).fetchone()[0]
+                st = db.execute("SELECT state FROM series WHERE series_uid=?", (s,)).fetchone()
+                if left == 0 and st is not None and st[0] == State.EXPORTED.value:
+                    old, dt = self._set_state(db, s, State.DELIVERED)
+                    delivered.append((s, old, dt))
+        for s, old, dt in delivered:
+            self._notify(s, old, State.DELIVERED, dt)
+        return [d[0] for d in delivered]
+
+    def outbox_failed(
+        self, ids: list[int], error: str, next_attempt_at: float, max_attempts: int
+    ) -> list[int]:
+        """Record a failed attempt; items reaching ``max_attempts`` become DEAD (returned)."""
+        dead: list[int] = []
+        with self._tx() as db:
+            for i in ids:
+                r = db.execute("SELECT attempts FROM outbox WHERE id=?", (i,)).fetchone()
+                if r is None:
+                    continue
+                attempts = int(r[0]) + 1
+                state = "DEAD" if attempts >= max_attempts else "PENDING"
+                if state == "DEAD":
+                    dead.append(i)
+                db.execute(
+                    "UPDATE outbox SET attempts=?, state=?, last_error=?, next_attempt_at=? WHERE id=?",
+                    (attempts, state, error[:2000], next_attempt_at, i),
+                )
+        return dead
+
+    def requeue_dead_outbox(self, series_uid: str | None = None) -> int:
+        """Dead letters -> PENDING again (operator retry); return how many."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE outbox SET state='PENDING', attempts=0, next_attempt_at=?"
+                " WHERE state='DEAD' AND (? IS NULL OR series_uid=?)",
+                (time.time(), series_uid, series_uid),
+            )
+            return int(cur.rowcount)
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self) -> dict[str, int]:
+        """After a crash: PROCESSING jobs -> QUEUED, COMPLETE series without a job queued.
+
+        Pending outbox rows need nothing: the pusher sends every due PENDING row.
+        """
+        requeued = 0
+        with self._tx() as db:
+            rows = db.execute("SELECT id, series_uid FROM jobs WHERE state='PROCESSING'").fetchall()
+            for r in rows:
+                db.execute("UPDATE jobs SET state='QUEUED' WHERE id=?", (r["id"],))
+                st = db.execute(
+                    "SELECT state FROM series WHERE series_uid=?", (r["series_uid"],)
+                ).fetchone()
+                if st is not None and st[0] == State.PROCESSING.value:
+                    self._set_state(db, r["series_uid"], State.QUEUED, "recovered after restart")
+                requeued += 1
+        completes = [s.series_uid for s in self.series_in(State.COMPLETE)]
+        for s in completes:
+            self.enqueue(s)
+        return {
+            "jobs_requeued": requeued,
+            "complete_enqueued": len(completes),
+            "outbox_pending": self.outbox_counts()["PENDING"],
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {"series": self.state_counts(), "outbox": self.outbox_counts()}

@@ -1,0 +1,279 @@
+"""The node's DICOM listener: C-ECHO and C-STORE into the durable spool.
+
+Association policy: the calling-AE allow-list (optionally per host), TLS through an
+``ssl.SSLContext``, a maximum number of associations. Handlers write the raw received
+bytes (no decode of pixel data) to the spool, record the instance, and return: no
+processing on the association's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import AllowedCaller, Settings
+from dicom_node.logging import log_event
+from dicom_node.metrics import NodeMetrics
+from dicom_node.registry import Registry
+from dicom_node.spool import Spool, SpoolFullError, UnreadableDatasetError
+
+__all__ = ["TRANSFER_SYNTAXES", "CallerPolicy", "StoreSCP", "make_server_ssl_context"]
+
+log = logging.getLogger("synthmr.scp")
+
+#: Accepted for every storage SOP class: uncompressed, deflate, JPEG, JPEG-LS, JPEG 2000, RLE.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+]
+
+# C-STORE failure statuses (PS3.4 B.2.3)
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class CallerPolicy:
+    """Who may associate. Swapped atomically on SIGHUP (reload)."""
+
+    require_known_callers: bool
+    allowed: tuple[AllowedCaller, ...]
+
+    def check(self, calling_ae: str, host: str) -> str | None:
+        """None if allowed, else the reason for rejection."""
+        if not self.require_known_callers:
+            return None
+        ae = calling_ae.strip()
+        for c in self.allowed:
+            if c.ae_title.strip() == ae:
+                if c.hosts and host not in c.hosts:
+                    return f"calling AE {ae!r} not allowed from host {host}"
+                return None
+        return f"calling AE {ae!r} is not in the allow-list"
+
+
+def make_server_ssl_context(
+    cert: str, key: str, ca: str = "", require_client_cert: bool = False
+) -> ssl.SSLContext:
+    """TLS server context (TLS 1.2+); CERT_REQUIRED with ``ca`` for mutual TLS."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.load_verify_locations(ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
+    return ctx
+
+
+InstanceHook = Callable[[str, int, "int | None"], None]
+ReleaseHook = Callable[[list[str]], None]
+
+
+class StoreSCP:
+    """pynetdicom AE bound to the spool and the registry.
+
+    ``on_instance(series_uid, n_instances, expected_count)`` runs after each stored
+    instance; ``on_release(series_uids)`` after an association ends (released or aborted).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        registry: Registry,
+        metrics: NodeMetrics,
+        on_instance: InstanceHook | None = None,
+        on_release: ReleaseHook | None = None,
+        expected_count: Callable[[object], int | None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.registry = registry
+        self.metrics = metrics
+        self.on_instance = on_instance
+        self.on_release = on_release
+        self.expected_count = expected_count
+        self.policy = CallerPolicy(
+            settings.security.require_known_callers, settings.security.allowed_callers
+        )
+        self._series_by_assoc: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+        self._server = None
+        n = settings.node
+        ae = self.ae = AE(ae_title=n.ae_title)
+        ae.maximum_associations = n.max_associations
+        ae.acse_timeout = n.acse_timeout_s
+        ae.dimse_timeout = n.dimse_timeout_s
+        ae.network_timeout = n.network_timeout_s
+        ae.maximum_pdu_size = n.max_pdu
+        ae.require_called_aet = False
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("SCP not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> None:
+        n = self.settings.node
+        tls = self.settings.security.tls
+        ssl_context = (
+            make_server_ssl_context(
+                tls.cert_file, tls.key_file, tls.ca_file, tls.require_client_cert
+            )
+            if tls.enabled
+            else None
+        )
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_end),
+            (evt.EVT_ABORTED, self._on_end),
+            (evt.EVT_CONN_CLOSE, self._on_end),
+        ]
+        self._server = self.ae.start_server(
+            (n.bind_address, n.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
+        log_event(
+            log,
+            "scp_listening",
+            ae_title=n.ae_title,
+            address=n.bind_address,
+            port=self.port,
+            tls=tls.enabled,
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def reload(self, settings: Settings) -> None:
+        """Apply a new allow-list; associations in flight keep going."""
+        self.policy = CallerPolicy(
+            settings.security.require_known_callers, settings.security.allowed_callers
+        )
+        self.settings = settings
+
+    # ------------------------------------------------------------------ handlers
+    def _on_requested(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        calling = rq.primitive.calling_ae_title if rq.primitive else rq.ae_title
+        reason = self.policy.check(str(calling), str(rq.address))
+        if reason is not None:
+            self.metrics.associations.labels("rejected").inc()
+            log_event(
+                log, "association_rejected", level=logging.WARNING, reason=reason, host=rq.address
+            )
+            # permanent, service-user, calling AE title not recognised
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        self.metrics.associations.labels("accepted").inc()
+        with self._lock:
+            self._series_by_assoc[id(event.assoc)] = set()
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        t0 = time.perf_counter()
+        try:
+            data = event.encoded_dataset()
+            header, path = self.spool.store_received(data)
+        except SpoolFullError as exc:
+            self.metrics.instances.labels("rejected").inc()
+            log_event(log, "store_rejected", level=logging.ERROR, status="0xA700", reason=str(exc))
+            return STATUS_OUT_OF_RESOURCES
+        except UnreadableDatasetError as exc:
+            self.metrics.instances.labels("failed").inc()
+            log_event(log, "store_failed", level=logging.WARNING, status="0xC000", reason=str(exc))
+            return STATUS_CANNOT_UNDERSTAND
+        except OSError as exc:
+            self.metrics.instances.labels("rejected").inc()
+            log_event(log, "store_io_error", level=logging.ERROR, status="0xA700", reason=str(exc))
+            return STATUS_OUT_OF_RESOURCES
+        expected = None
+        if self.expected_count is not None:
+            try:
+                expected = self.expected_count(header.dataset)
+            except Exception as exc:  # a vendor rule must not fail the store
+                log_event(log, "expected_count_error", level=logging.WARNING, reason=repr(exc))
+        requestor = event.assoc.requestor
+        n, exp = self.registry.add_instance(
+            sop_uid=header.sop_instance_uid,
+            series_uid=header.series_instance_uid,
+            study_uid=header.study_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            path=str(path),
+            size=len(data),
+            calling_ae=str(requestor.ae_title).strip(),
+            expected_count=expected,
+        )
+        with self._lock:
+            self._series_by_assoc.setdefault(id(event.assoc), set()).add(header.series_instance_uid)
+        self.metrics.instances.labels("stored").inc()
+        self.metrics.stage.labels("receive").observe(time.perf_counter() - t0)
+        if self.on_instance is not None:
+            self.on_instance(header.series_instance_uid, n, exp)
+        return STATUS_SUCCESS
+
+    def _on_end(self, event: evt.Event) -> None:
+        with self._lock:
+            series = self._series_by_assoc.pop(id(event.assoc), None)
+        if series:
+            self.registry.mark_released(sorted(series))
+            if self.on_release is not None:
+                self.on_release(sorted(series))

@@ -1,0 +1,300 @@
+"""The running node: wires spool, registry, SCP, completion, workers, outbox and metrics.
+
+``Node(settings).start()`` / ``.stop()``; :func:`serve` runs until SIGTERM/SIGINT and
+reloads the allow-list and destinations on SIGHUP (associations in flight continue).
+``python -m dicom_node.service --config node.toml`` runs it without the CLI.
+
+Start-up order: temp files removed -> registry recovery (PROCESSING jobs re-queued,
+pending outbox kept) -> workers warmed -> SCP listening -> completion, jobs, outbox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dicom_node.completion import Completion
+from dicom_node.config import Settings, load_settings
+from dicom_node.logging import configure_logging, log_event
+from dicom_node.metrics import MetricsServer, NodeMetrics
+from dicom_node.pipeline import missing_cells, run_series_job
+from dicom_node.push import Outbox
+from dicom_node.registry import FINAL_STATES, Registry, State
+from dicom_node.scp import StoreSCP
+from dicom_node.spool import Spool
+from dicom_node.workers import Workers
+
+__all__ = ["Node", "main", "serve"]
+
+log = logging.getLogger("synthmr.node")
+
+_JOB_RESULT = {
+    State.EXPORTED: "success",
+    State.FAILED: "failed",
+    State.IGNORED: "ignored",
+    State.QUARANTINED: "quarantined",
+}
+
+
+def _expected_count(ds: Any) -> int | None:
+    try:
+        from dicom_node import vendors
+    except ImportError:
+        return None
+    return vendors.expected_count(ds)
+
+
+class Node:
+    """One synthmr node. Not reusable after :meth:`stop`."""
+
+    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path or settings.source
+        self.metrics = NodeMetrics()
+        self.spool = Spool(settings.spool.path, settings.spool.min_free_bytes)
+        self.registry = Registry(
+            Path(settings.spool.path) / "registry.sqlite3", self._on_transition
+        )
+        self.workers = Workers(settings.workers)
+        self.completion = Completion(
+            settings.completion,
+            self.registry,
+            self.metrics,
+            on_complete=self._on_complete,
+            missing_cells=lambda s: missing_cells(
+                self.registry.instance_paths(s), self.settings.vendors
+            ),
+        )
+        self.scp = StoreSCP(
+            settings,
+            self.spool,
+            self.registry,
+            self.metrics,
+            on_instance=self.completion.instance_stored,
+            expected_count=_expected_count,
+        )
+        self.outbox = Outbox(
+            self.registry,
+            settings.destinations,
+            settings.retry,
+            self.metrics,
+            settings.node.ae_title,
+        )
+        self.metrics.attach_state(self._state_figures)
+        self.metrics_server: MetricsServer | None = None
+        self._stop = threading.Event()
+        self._jobs_wake = threading.Event()
+        self._job_threads: list[threading.Thread] = []
+        self._housekeeping_at = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Node:
+        removed = self.spool.clean_tmp()
+        recovered = self.registry.recover()
+        log_event(log, "node_recovered", temp_files_removed=removed, **recovered)
+        self.workers.start()
+        self.scp.start()
+        self.completion.start()
+        for i in range(self.settings.workers.processes):
+            t = threading.Thread(target=self._job_loop, name=f"jobs-{i}", daemon=True)
+            t.start()
+            self._job_threads.append(t)
+        self.outbox.start()
+        m = self.settings.metrics
+        if m.enabled:
+            self.metrics_server = MetricsServer(self.metrics, m.address, m.port, self.ready)
+            self.metrics_server.start()
+        log_event(
+            log,
+            "node_started",
+            ae_title=self.settings.node.ae_title,
+            port=self.scp.port,
+            metrics_port=self.metrics_port,
+        )
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._jobs_wake.set()
+        self.scp.stop()
+        self.completion.stop()
+        self.outbox.stop()
+        for t in self._job_threads:
+            t.join(timeout=self.settings.workers.job_timeout_s)
+        self.workers.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        self.registry.close()
+        log_event(log, "node_stopped")
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server else None
+
+    def reload(self, settings: Settings | None = None) -> None:
+        """Apply a new allow-list and destinations (others need a restart)."""
+        if settings is None:
+            settings = load_settings(self.config_path)
+        self.scp.reload(settings)
+        self.outbox.reload(settings.destinations, settings.retry)
+        log_event(
+            log,
+            "config_reloaded",
+            allowed_callers=[c.ae_title for c in settings.security.allowed_callers],
+            destinations=[d.name for d in settings.destinations],
+        )
+
+    def ready(self) -> tuple[bool, dict[str, bool]]:
+        checks = {
+            "scp_listening": self.scp.listening,
+            "registry": self.registry.ok(),
+            "spool_above_watermark": self.spool.above_watermark(),
+        }
+        return all(checks.values()), checks
+
+    # ------------------------------------------------------------------ hooks
+    def _state_figures(self) -> dict[str, Any]:
+        return {
+            "series": self.registry.state_counts(),
+            "oldest_since": self.registry.oldest_since(),
+            "outbox": self.registry.outbox_counts(),
+            "free": self.spool.free_bytes(),
+            "watermark": self.spool.min_free_bytes,
+        }
+
+    def _on_transition(self, series_uid: str, old: State | None, new: State, dt: float) -> None:
+        self.metrics.transitions.labels(new.value).inc()
+        if new == State.DELIVERED:
+            row = self.registry.series(series_uid)
+            if row is not None:
+                self.metrics.stage.labels("end_to_end").observe(time.time() - row.first_received)
+        log_event(
+            log,
+            "series_state",
+            series_uid=series_uid,
+            from_state=old.value if old else None,
+            to_state=new.value,
+        )
+
+    def _on_complete(self, series_uid: str) -> None:
+        self.registry.enqueue(series_uid)
+        self._jobs_wake.set()
+
+    # ------------------------------------------------------------------ jobs
+    def _job_loop(self) -> None:
+        while not self._stop.is_set():
+            claimed = None
+            try:
+                claimed = self.registry.claim_job()
+            except Exception:
+                log.exception("claim_failed")
+            if claimed is None:
+                self._housekeeping()
+                self._jobs_wake.wait(0.5)
+                self._jobs_wake.clear()
+                continue
+            job_id, series_uid, waited = claimed
+            self.metrics.stage.labels("queue").observe(waited)
+            self._run_job(job_id, series_uid)
+
+    def _run_job(self, job_id: int, series_uid: str) -> None:
+        delay = self.settings.workers.debug_job_delay_s
+        if delay > 0 and self._stop.wait(delay):
+            return  # stopping: the job stays PROCESSING and is re-queued at next start
+        log_event(log, "job_started", series_uid=series_uid, job_id=job_id)
+        outcome = run_series_job(
+            series_uid,
+            self.registry.instance_paths(series_uid),
+            self.settings,
+            self.spool,
+            self.workers.submit,
+            self.metrics,
+            timeout_s=self.settings.workers.job_timeout_s,
+        )
+        if outcome.state == State.FAILED and "BrokenProcessPool" in outcome.reason:
+            self.workers.restart()
+        if outcome.stage and outcome.state in (State.FAILED, State.QUARANTINED):
+            self.metrics.processing_errors.labels(outcome.stage).inc()
+        rows = [
+            (d.name, sop, cls, path)
+            for sop, cls, path in outcome.outputs
+            for d in self.outbox.destinations.values()
+        ]
+        self.registry.finish_job(
+            job_id, series_uid, outcome.state, outcome.reason, outcome.missing, rows
+        )
+        self.metrics.jobs.labels(_JOB_RESULT[outcome.state]).inc()
+        if outcome.fit_failed_fraction is not None:
+            self.metrics.fit_failed_fraction.set(outcome.fit_failed_fraction)
+        if outcome.qc_status in ("pass", "warn", "fail"):
+            self.metrics.qc_status.labels(outcome.qc_status).inc()
+        log_event(
+            log,
+            "job_finished",
+            series_uid=series_uid,
+            job_id=job_id,
+            state=outcome.state.value,
+            reason=outcome.reason,
+            missing=outcome.missing,
+            timings_s=outcome.timings_s,
+        )
+        if rows:
+            self.outbox.wake()
+
+    def _housekeeping(self) -> None:
+        """Remove spool files of finished series older than the retention period."""
+        now = time.time()
+        if now < self._housekeeping_at:
+            return
+        self._housekeeping_at = now + 60.0
+        horizon = now - self.settings.retention.days * 86400.0
+        for row in self.registry.series_in(*FINAL_STATES):
+            if row.state_since < horizon and row.state in (State.DELIVERED, State.IGNORED):
+                self.spool.remove_series(row.series_uid, "incoming")
+                self.spool.remove_series(row.series_uid, "outbox")
+
+
+def serve(settings: Settings, config_path: str | None = None) -> int:
+    """Run a node until SIGTERM/SIGINT; SIGHUP reloads allow-list and destinations."""
+    configure_logging(settings.logging.level, settings.logging.json)
+    node = Node(settings, config_path).start()
+    done = threading.Event()
+
+    def _stop(signum: int, frame: Any) -> None:
+        log_event(log, "signal", signal=signal.Signals(signum).name)
+        done.set()
+
+    def _hup(signum: int, frame: Any) -> None:
+        try:
+            node.reload()
+        except Exception as exc:  # a bad file keeps the old settings
+            log_event(log, "config_reload_failed", level=logging.ERROR, error=str(exc))
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, _hup)
+    while not done.wait(1.0):
+        pass
+    node.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dicom_node.service")
+    p.add_argument("--config", "-c", default=None)
+    args = p.parse_args(argv)
+    return serve(load_settings(args.config), args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

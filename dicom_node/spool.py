@@ -1,0 +1,213 @@
+"""Durable instance store.
+
+Layout under the spool root::
+
+    tmp/                      half-written files (removed at start-up)
+    incoming/<series>/<sop>.dcm   received instances
+    outbox/<series>/<sop>.dcm     exported instances waiting to be pushed
+
+Every write goes to ``tmp/``, is fsync'd, renamed with :func:`os.replace` and the target
+directory is fsync'd, so a success answer means the file and its name are on disk.
+File names come from sanitized UIDs: a name can never escape the spool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+__all__ = [
+    "InstanceHeader",
+    "Spool",
+    "SpoolFullError",
+    "UnreadableDatasetError",
+    "read_header",
+    "safe_name",
+]
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class SpoolFullError(OSError):
+    """Free space on the spool file system is below the configured watermark."""
+
+
+class UnreadableDatasetError(ValueError):
+    """The received bytes are not a readable DICOM dataset (message says why)."""
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The identifying attributes of one received instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    transfer_syntax_uid: str
+    #: the parsed header (no pixel data), for vendor rules such as expected_count
+    dataset: Any = field(default=None, compare=False, repr=False)
+
+
+def safe_name(uid: str) -> str:
+    """A file-name-safe token for a UID.
+
+    Valid UIDs (digits and dots, <= 64 chars) are used as they are; anything else becomes
+    ``x`` + a SHA-256 prefix so that ``..``, ``/`` or NUL can never reach the file system.
+    """
+    uid = uid.strip().rstrip("\x00")
+    if _UID_RE.match(uid) and len(uid) <= 64:
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def read_header(data: bytes) -> InstanceHeader:
+    """Parse the identifying attributes from encoded DICOM bytes (Part 10, with file meta).
+
+    Raises :class:`UnreadableDatasetError` naming what is wrong.
+    """
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        # Force parsing of the elements we need: broken encodings fail here.
+        values = {
+            kw: str(ds.get(kw, "") or "")
+            for kw in (
+                "SOPInstanceUID",
+                "SOPClassUID",
+                "SeriesInstanceUID",
+                "StudyInstanceUID",
+                "Modality",
+            )
+        }
+        tsyntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        OverflowError,
+    ) as exc:
+        raise UnreadableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # pydicom raises a variety of errors on garbage
+        raise UnreadableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
+    for kw in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID"):
+        if not values[kw]:
+            raise UnreadableDatasetError(f"dataset has no {kw}")
+    return InstanceHeader(
+        sop_instance_uid=values["SOPInstanceUID"],
+        sop_class_uid=values["SOPClassUID"],
+        series_instance_uid=values["SeriesInstanceUID"],
+        study_instance_uid=values["StudyInstanceUID"],
+        modality=values["Modality"],
+        transfer_syntax_uid=tsyntax,
+        dataset=ds,
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The on-disk store. ``min_free_bytes`` is the free-disk watermark."""
+
+    def __init__(self, root: str | os.PathLike[str], min_free_bytes: int = 0) -> None:
+        self.root = Path(root).resolve()
+        self.min_free_bytes = int(min_free_bytes)
+        self.tmp = self.root / "tmp"
+        self.incoming = self.root / "incoming"
+        self.outbox = self.root / "outbox"
+        for d in (self.root, self.tmp, self.incoming, self.outbox):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- capacity
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def above_watermark(self) -> bool:
+        return self.free_bytes() >= self.min_free_bytes
+
+    # -- paths
+    def _inside(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if self.root not in resolved.parents:
+            raise ValueError(f"path escapes the spool: {path}")
+        return resolved
+
+    def instance_path(self, area: str, series_uid: str, sop_uid: str) -> Path:
+        base = {"incoming": self.incoming, "outbox": self.outbox}[area]
+        return self._inside(base / safe_name(series_uid) / f"{safe_name(sop_uid)}.dcm")
+
+    # -- writing
+    def write_atomic(self, target: Path, data: bytes) -> Path:
+        """Write ``data`` to ``target`` durably (temp file, fsync, replace, fsync dir)."""
+        target = self._inside(target)
+        if self.free_bytes() - len(data) < self.min_free_bytes:
+            raise SpoolFullError(
+                f"spool free space {self.free_bytes()} B is below the watermark "
+                f"{self.min_free_bytes} B"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return target
+
+    def store_received(self, data: bytes) -> tuple[InstanceHeader, Path]:
+        """Validate and durably store a received instance; return its header and path.
+
+        Raises :class:`UnreadableDatasetError` (nothing kept) or :class:`SpoolFullError`.
+        """
+        if not self.above_watermark():
+            raise SpoolFullError(
+                f"spool free space {self.free_bytes()} B is below the watermark "
+                f"{self.min_free_bytes} B"
+            )
+        header = read_header(data)
+        path = self.instance_path("incoming", header.series_instance_uid, header.sop_instance_uid)
+        self.write_atomic(path, data)
+        return header, path
+
+    def store_output(self, series_uid: str, sop_uid: str, data: bytes) -> Path:
+        """Durably store one exported instance in the outbox area."""
+        return self.write_atomic(self.instance_path("outbox", series_uid, sop_uid), data)
+
+    # -- housekeeping
+    def clean_tmp(self) -> int:
+        """Remove half-written temp files (after a crash); return how many."""
+        n = 0
+        for p in self.tmp.iterdir():
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    def remove_series(self, series_uid: str, area: str = "incoming") -> None:
+        base = {"incoming": self.incoming, "outbox": self.outbox}[area]
+        d = self._inside(base / safe_name(series_uid))
+        shutil.rmtree(d, ignore_errors=True)
