@@ -1,0 +1,293 @@
+"""Proton density in percent units: receive-field correction (physics.md section 2).
+
+The fit gives ``M0 = C(r) * PD``, with C the (unknown, smooth) receive field. In brain
+tissue PD follows R1 (Fatouros et al. 1991; used by Warntjes et al. MRM 2008):
+
+    1/PD_rel = a + b * R1          (PD_rel = PD / 100, R1 in 1/s, b in s)
+
+so in tissue voxels ``M0 / PD_pred(R1)`` samples C(r). A low-order 3-D polynomial of
+log C is fitted robustly (iteratively reweighted least squares, Tukey biweight), which
+absorbs voxels that break the relation (lesions, partial volume). Then ``PD = M0 / C`` and
+the global scale is fixed by pure CSF: the median PD of voxels with R1 < 0.3 /s is 100.
+Because of that final rescale, a and b only need the right *shape* (ratio of tissue PDs)
+to within a few percent; a bias of the relation that is the same everywhere cancels.
+
+Two ways to use the relation (``relation=``):
+    "fit" (default): log PD(R1) in tissue is learned as a quadratic in R1 *jointly* with the
+    field, from the series itself. This needs no constants and stays right when a patient's
+    or site's tissue PDs do not follow a, b: on the phantom with WM/GM PD 60/88 pu (T1 800/
+    1300 ms) "fixed" is off by up to 4.6 pu in GM while "fit" stays within 0.3 pu (median).
+    The field and the R1 dependence separate because WM and GM interleave at a scale no
+    low-order polynomial can follow.
+    "fixed": the physics.md recipe, PD_pred(R1) from a, b.
+
+Constants (3T):
+    a = 0.918, b = 0.332 s: the line through the mid-range 3T MDME WM (R1 1.667 /s, PD 68 pu)
+    and cortical GM (R1 0.909 /s, PD 82 pu) values of physics.md section 6. It predicts CSF
+    (R1 0.233 /s) at 100.4 pu and an MS lesion (R1 0.83 /s) at 84 pu, both inside the table's
+    ranges. The 1.5T constants (a = 0.935, b = 0.341 s) are [L, unverified]; at 3T R1 of
+    tissue is lower (longer T1) while PD is unchanged, which lowers b/a slightly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from processing.results import QuantMaps
+
+__all__ = [
+    "PD_A_3T",
+    "PD_B_3T_S",
+    "PDCorrectionError",
+    "ReceiveFieldFit",
+    "correct_pd",
+    "estimate_receive_field",
+    "pd_from_r1",
+]
+
+#: Intercept of 1/PD_rel = a + b*R1 at 3T (dimensionless; see module docstring).
+PD_A_3T: float = 0.918
+#: Slope of 1/PD_rel = a + b*R1 at 3T, seconds (R1 in 1/s).
+PD_B_3T_S: float = 0.332
+#: Tissue voxels used to estimate C(r): 0.5 < R1 < 2.5 /s (physics.md section 2).
+TISSUE_R1_RANGE_PER_S: tuple[float, float] = (0.5, 2.5)
+#: Pure CSF for the 100 pu reference: R1 < 0.3 /s (CSF T1 ~4300 ms -> 0.23 /s).
+CSF_R1_MAX_PER_S: float = 0.3
+#: Fewest pure-CSF voxels to trust their median; else the relation's absolute scale is kept.
+MIN_CSF_VOXELS: int = 20
+#: Tukey biweight tuning constant (95 % efficiency under Gaussian residuals).
+_TUKEY_C = 4.685
+
+
+class PDCorrectionError(ValueError):
+    """The maps do not allow a receive-field estimate (the message says why)."""
+
+
+@dataclass(frozen=True)
+class ReceiveFieldFit:
+    """Result of :func:`estimate_receive_field`.
+
+    field: C(r), float32 ``[z, y, x]`` in M0 units per pu (so ``PD = M0 / field``), over the
+    whole grid. order: polynomial order used. coefficients: of the normalized monomials.
+    csf_scale: factor the global scale (CSF, or the relation without CSF) applied to PD.
+    n_tissue / n_csf: voxels used. csf_reference: whether the median pure-CSF PD set 100 pu.
+    a, b_s: the tissue-relation constants used.
+    """
+
+    field: np.ndarray
+    order: int
+    coefficients: np.ndarray
+    csf_scale: float
+    n_tissue: int
+    n_csf: int
+    csf_reference: bool
+    a: float
+    b_s: float
+
+
+def pd_from_r1(
+    r1_per_s: np.ndarray | float, a: float = PD_A_3T, b_s: float = PD_B_3T_S
+) -> np.ndarray:
+    """PD in pu predicted by the tissue relation ``1/PD_rel = a + b*R1`` (R1 in 1/s)."""
+    return 100.0 / (a + b_s * np.asarray(r1_per_s, dtype=np.float64))
+
+
+def _exponents(order: int, z_order: int) -> list[tuple[int, int, int]]:
+    """Monomial exponents (ix, iy, iz) with total degree <= order and iz <= z_order."""
+    return [
+        (i, j, k)
+        for k in range(min(order, z_order) + 1)
+        for j in range(order + 1 - k)
+        for i in range(order + 1 - k - j)
+    ]
+
+
+def _axes(
+    shape: tuple[int, int, int], voxel_size_mm: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centred physical coordinates per axis, divided by a common half-extent (so |u| <= 1)."""
+    c = [
+        (np.arange(n) - (n - 1) / 2.0) * float(v) for n, v in zip(shape, voxel_size_mm, strict=True)
+    ]
+    half = max(max(float(np.abs(a).max()) for a in c), 1e-9)
+    return c[2] / half, c[1] / half, c[0] / half  # x, y, z
+
+
+def estimate_receive_field(
+    maps: QuantMaps,
+    *,
+    a: float = PD_A_3T,
+    b_s: float = PD_B_3T_S,
+    tissue_r1_range_per_s: tuple[float, float] = TISSUE_R1_RANGE_PER_S,
+    csf_r1_max_per_s: float = CSF_R1_MAX_PER_S,
+    order: int = 3,
+    voxel_size_mm: tuple[float, float, float] | None = None,
+    relation: str = "fit",
+    iterations: int = 12,
+    max_samples: int = 200_000,
+) -> ReceiveFieldFit:
+    """Estimate the receive field C(r) from ``maps.m0`` and ``maps.t1_ms``.
+
+    Parameters
+    ----------
+    maps:
+        fitted maps; uses ``m0``, ``t1_ms``, ``mask`` and ``failed``.
+    a, b_s:
+        tissue relation ``1/PD_rel = a + b*R1`` (b in s).
+    tissue_r1_range_per_s:
+        voxels whose R1 (1/s) lies in this open interval sample C.
+    csf_r1_max_per_s:
+        voxels with R1 below this are pure CSF; their median PD is set to 100 pu.
+    order:
+        total degree of the polynomial in (x, y, z); the z degree is also capped at
+        ``n_slices - 1``, and the order is lowered when there are fewer than 20 voxels
+        per coefficient.
+    voxel_size_mm:
+        ``(z, y, x)`` spacing so the polynomial lives in physical space (pass
+        ``acq.voxel_size_mm``); None treats voxels as isotropic.
+    relation:
+        ``"fixed"``: PD(R1) in tissue follows ``a + b*R1`` (physics.md recipe).
+        ``"fit"``: learn log PD(R1) as a quadratic in R1 jointly with the field, from the
+        series itself (robust when the tissue PDs do not follow a, b; a and b then only
+        set the scale when no pure CSF is present).
+    iterations:
+        IRLS iterations (Tukey biweight on the log residuals).
+    max_samples:
+        tissue voxels used at most (an even stride through them), for speed.
+    """
+    m0 = np.asarray(maps.m0, dtype=np.float64)
+    shape = m0.shape
+    if m0.ndim != 3:
+        raise PDCorrectionError(f"maps.m0: expected a [z, y, x] array, got shape {shape}")
+    if not (a > 0 and b_s >= 0):
+        raise PDCorrectionError(f"a, b_s: expected a > 0 and b >= 0, got a={a}, b={b_s}")
+    if order < 0:
+        raise PDCorrectionError(f"order: must be >= 0, got {order}")
+    if relation not in ("fixed", "fit"):
+        raise PDCorrectionError(f"relation: expected 'fixed' or 'fit', got {relation!r}")
+    vs = (1.0, 1.0, 1.0) if voxel_size_mm is None else tuple(float(v) for v in voxel_size_mm)
+    valid = np.asarray(maps.mask, bool) & ~np.asarray(maps.failed, bool)
+    t1 = np.asarray(maps.t1_ms, dtype=np.float64)
+    valid &= np.isfinite(m0) & (m0 > 0) & np.isfinite(t1) & (t1 > 0)
+    with np.errstate(divide="ignore"):
+        r1 = np.where(valid, 1000.0 / np.where(t1 > 0, t1, 1.0), 0.0)
+    lo, hi = tissue_r1_range_per_s
+    tissue = valid & (r1 > lo) & (r1 < hi)
+    idx = np.flatnonzero(tissue.ravel())
+    n_tissue = int(idx.size)
+    if n_tissue < 10:
+        raise PDCorrectionError(
+            f"only {n_tissue} tissue voxels with {lo} < R1 < {hi} /s in the mask: cannot estimate "
+            "the receive field (is the mask empty, or are T1 values not in ms?)"
+        )
+    if idx.size > max_samples:
+        idx = idx[:: -(-idx.size // max_samples)]
+    r1_s = r1.ravel()[idx]
+    if relation == "fixed":
+        y_obs = np.log(m0.ravel()[idx]) - np.log(pd_from_r1(r1_s, a, b_s))
+    else:
+        y_obs = np.log(m0.ravel()[idx])
+
+    ux, uy, uz = _axes(shape, vs)
+    kk, jj, ii = np.unravel_index(idx, shape)
+    z_order = shape[0] - 1
+    while order > 0 and len(_exponents(order, z_order)) * 20 > idx.size:
+        order -= 1
+    exps = _exponents(order, z_order)
+    design = np.stack([ux[ii] ** p * uy[jj] ** q * uz[kk] ** r for p, q, r in exps], axis=1)
+    n_spatial = len(exps)
+    if relation == "fit":
+        # log PD(R1) = c1*v + c2*v^2 (+ the constant in the spatial part), v centred R1
+        v = (r1_s - 0.5 * (lo + hi)) / (0.5 * (hi - lo))
+        design = np.concatenate([design, v[:, None], (v * v)[:, None]], axis=1)
+    scale = np.maximum(np.sqrt(np.mean(design**2, axis=0)), 1e-12)  # conditioning
+    design = design / scale
+
+    w = np.ones(idx.size)
+    coef = np.zeros(design.shape[1])
+    for _ in range(max(1, iterations)):
+        sw = np.sqrt(w)
+        coef = np.linalg.lstsq(design * sw[:, None], y_obs * sw, rcond=None)[0]
+        res = y_obs - design @ coef
+        mad = 1.4826 * float(np.median(np.abs(res - np.median(res))))
+        if mad < 1e-9:  # exact data: nothing to reweight
+            break
+        u = res / (_TUKEY_C * mad)
+        w_new = np.where(np.abs(u) < 1.0, (1.0 - u * u) ** 2, 0.0)
+        if np.max(np.abs(w_new - w)) < 1e-4:
+            break
+        w = w_new
+    coef = coef / scale
+    coef = coef[:n_spatial]
+
+    log_c = np.zeros(shape, dtype=np.float64)
+    for c, (p, q, r) in zip(coef, exps, strict=True):
+        log_c += c * (uz[:, None, None] ** r) * (uy[None, :, None] ** q) * (ux[None, None, :] ** p)
+    field = np.exp(log_c)
+
+    csf = valid & (r1 < csf_r1_max_per_s)
+    n_csf = int(csf.sum())
+    use_csf = n_csf >= MIN_CSF_VOXELS
+    if use_csf:
+        # The purer half: voxels with R1 <= the candidates' median R1 (a voxel with 5 %
+        # tissue still has R1 < 0.3 /s but ~1.5 % less PD than pure CSF).
+        r1_c = r1[csf]
+        purer = r1_c <= np.median(r1_c)
+        pd_ref = np.median((m0[csf] / field[csf])[purer])
+        scale_to = 100.0
+    else:
+        # no pure CSF: keep the tissue relation's absolute scale
+        pd_ref = np.median(m0.ravel()[idx] / field.ravel()[idx])
+        scale_to = float(np.median(pd_from_r1(r1_s, a, b_s)))
+    csf_scale = 1.0
+    if pd_ref > 0:
+        csf_scale = scale_to / float(pd_ref)
+        field = field / csf_scale
+    return ReceiveFieldFit(
+        field=field.astype(np.float32),
+        order=order,
+        coefficients=coef,
+        csf_scale=csf_scale,
+        n_tissue=n_tissue,
+        n_csf=n_csf,
+        csf_reference=use_csf,
+        a=float(a),
+        b_s=float(b_s),
+    )
+
+
+def correct_pd(
+    maps: QuantMaps,
+    *,
+    a: float = PD_A_3T,
+    b_s: float = PD_B_3T_S,
+    tissue_r1_range_per_s: tuple[float, float] = TISSUE_R1_RANGE_PER_S,
+    csf_r1_max_per_s: float = CSF_R1_MAX_PER_S,
+    order: int = 3,
+    voxel_size_mm: tuple[float, float, float] | None = None,
+    relation: str = "fit",
+) -> QuantMaps:
+    """Return new QuantMaps with ``pd_pu = M0 / C`` (percent units) and ``receive_field = C``.
+
+    See :func:`estimate_receive_field` for the parameters. PD is 0 outside ``mask`` and
+    clipped to [0, 200] pu (values beyond come only from failed fits or non-brain voxels).
+    The input is not modified.
+    """
+    fit = estimate_receive_field(
+        maps,
+        a=a,
+        b_s=b_s,
+        tissue_r1_range_per_s=tissue_r1_range_per_s,
+        csf_r1_max_per_s=csf_r1_max_per_s,
+        order=order,
+        voxel_size_mm=voxel_size_mm,
+        relation=relation,
+    )
+    m0 = np.asarray(maps.m0, dtype=np.float64)
+    mask = np.asarray(maps.mask, bool)
+    pd = np.where(mask & np.isfinite(m0), m0 / fit.field, 0.0)
+    pd = np.clip(pd, 0.0, 200.0).astype(np.float32)
+    return dataclasses.replace(maps, pd_pu=pd, receive_field=fit.field)
