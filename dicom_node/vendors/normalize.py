@@ -1,0 +1,706 @@
+"""Detect an MDME series and normalize it into a :class:`processing.acquisition.Acquisition`.
+
+The grid key of every 2-D image is ``(slice, delay, echo, part)``:
+
+- slice: position along the normal, ``dot(IPP, cross(IOP row, IOP col))``, never
+  InstanceNumber or SliceLocation;
+- delay: the first usable source in the vendor's ``delay_sources`` (a header tag, or
+  ``"interleave"``: TD = TR / n_slices * offset(dynamic index));
+- echo: the echo time (EchoTime / EffectiveEchoTime);
+- part: complex part M (magnitude), P (phase), R (real), I (imaginary).
+
+Phase (or real/imaginary) images are combined into the signed real signal: per echo the
+background phase (phase of the complex sum over delays) is removed and the real part kept
+(physics.md section 1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from dicom_node.vendors.frames import Frame, frame_records, lookup
+from dicom_node.vendors.rules import INTERLEAVE, VendorRules, load_rules
+from processing.acquisition import Acquisition, AcquisitionError
+
+__all__ = [
+    "MR_SOP_CLASSES",
+    "Detection",
+    "Grid",
+    "NormalizationError",
+    "detect",
+    "expected_count",
+    "normalize",
+    "vendor_of",
+]
+
+MR_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
+}
+PARTS = ("M", "P", "R", "I")
+_PART_WORDS = {
+    "M": "M",
+    "MAGNITUDE": "M",
+    "P": "P",
+    "PHASE": "P",
+    "R": "R",
+    "REAL": "R",
+    "I": "I",
+    "IMAGINARY": "I",
+}
+
+
+class NormalizationError(ValueError):
+    """A series cannot be normalized. ``kind`` says why; the message names the problem.
+
+    kinds: ``not_mdme``, ``mixed_series``, ``duplicate``, ``missing``, ``geometry``,
+    ``inconsistent``, ``delay``, ``pixels``, ``invalid``.
+    ``missing`` lists absent grid cells as ``(slice, delay, echo, part)`` (0-based indices,
+    part a letter); ``duplicates`` lists ``(cell, sop_uids)``.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        missing: Sequence[tuple[int, int, int, str]] = (),
+        duplicates: Sequence[tuple[tuple[int, int, int, str], tuple[str, ...]]] = (),
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.missing = list(missing)
+        self.duplicates = list(duplicates)
+        self.details = dict(details or {})
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Result of :func:`detect`: the adapter to use, or why the series is not MDME."""
+
+    is_mdme: bool
+    vendor: str
+    rules: VendorRules
+    reason: str
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The sorted grid of a normalized series (for reports)."""
+
+    n_slices: int
+    n_delays: int
+    n_echoes: int
+    parts: tuple[str, ...]
+    delay_source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _rules(rules: Mapping[str, VendorRules] | None) -> Mapping[str, VendorRules]:
+    return load_rules(None) if rules is None else rules
+
+
+def vendor_of(ds: Dataset, rules: Mapping[str, VendorRules] | None = None) -> VendorRules:
+    """The vendor rule table whose manufacturer pattern matches, else the generic one."""
+    table = _rules(rules)
+    manu = str(ds.get("Manufacturer", "") or "")
+    for name, r in table.items():
+        if name == "generic" or not r.manufacturer_patterns:
+            continue
+        if any(re.search(p, manu, re.IGNORECASE) for p in r.manufacturer_patterns):
+            return r
+    return table.get("generic") or load_rules(None)["generic"]
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _first_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        if len(value) == 0:
+            return None
+        value = value[0]
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _marker_hit(sources: Sequence[Dataset], markers: Sequence[tuple[str, str]]) -> str | None:
+    for tag, pattern in markers:
+        text = _as_text(lookup(sources, tag))
+        if text and re.search(pattern, text, re.IGNORECASE):
+            return f"{tag} {text!r} matches {pattern!r}"
+    return None
+
+
+def _cluster(values: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Group nearly equal values: (label per value, sorted cluster centres)."""
+    order = np.argsort(values, kind="stable")
+    sv = values[order]
+    new = np.empty(sv.size, dtype=bool)
+    new[:1] = True
+    new[1:] = np.diff(sv) > tol
+    ids_sorted = np.cumsum(new) - 1
+    labels = np.empty(values.size, dtype=np.int64)
+    labels[order] = ids_sorted
+    centres = np.array([sv[ids_sorted == k].mean() for k in range(int(ids_sorted[-1]) + 1)])
+    return labels, centres
+
+
+def _part_of(frame: Frame, rules: VendorRules) -> str | None:
+    for src in rules.part_sources:
+        value = frame.get(src)
+        if value is None:
+            continue
+        if src == "ImageType" or src == "FrameType":
+            tokens = [str(t).upper() for t in value][2:]
+            for t in tokens:
+                if t in _PART_WORDS:
+                    return _PART_WORDS[t]
+            continue
+        if src == "ComplexImageComponent":
+            p = _PART_WORDS.get(str(value).upper())
+            if p:
+                return p
+            continue  # MIXED: look further
+        key = str(value[0] if isinstance(value, list | tuple) else value).strip()
+        p = rules.part_map.get(key) or _PART_WORDS.get(key.upper())
+        if p:
+            return p
+    return None
+
+
+def _frame_te(frames: Sequence[Frame]) -> list[float | None]:
+    return [_first_float(f.get("EchoTime")) for f in frames]
+
+
+def _header_delays(
+    frames: Sequence[Frame], rules: VendorRules
+) -> tuple[str | None, list[float] | None, list[str]]:
+    """First header delay source usable on every frame (interleave excluded)."""
+    tried: list[str] = []
+    for src in rules.delay_sources:
+        if src == INTERLEAVE:
+            continue
+        vals = [_first_float(f.get(src)) for f in frames]
+        n_missing = sum(v is None for v in vals)
+        if n_missing:
+            tried.append(f"{src}: absent on {n_missing}/{len(vals)} frames")
+            continue
+        if any(v <= 0 for v in vals):  # type: ignore[operator]
+            tried.append(f"{src}: zero or negative on some frames")
+            continue
+        n_distinct = len({round(v, 2) for v in vals})  # type: ignore[arg-type]
+        if n_distinct < rules.min_delays:
+            tried.append(f"{src}: only {n_distinct} distinct value(s)")
+            continue
+        return src, vals, tried  # type: ignore[return-value]
+    return None, None, tried
+
+
+# ----------------------------------------------------------------------------- detect
+def detect(
+    datasets: Sequence[Dataset], rules: Mapping[str, VendorRules] | None = None
+) -> Detection:
+    """Decide whether ``datasets`` (one series, headers suffice) are an MDME acquisition."""
+    table = _rules(rules)
+    if not datasets:
+        generic = table.get("generic") or load_rules(None)["generic"]
+        return Detection(False, "generic", generic, "no DICOM datasets")
+    first = datasets[0]
+    r = vendor_of(first, table)
+    sop = str(first.get("SOPClassUID", ""))
+    if sop not in MR_SOP_CLASSES:
+        name = UID(sop).name if sop else "missing"
+        return Detection(False, r.name, r, f"SOP class {sop or '-'} ({name}) is not an MR image")
+    try:
+        frames = frame_records(datasets)
+    except ValueError as exc:
+        return Detection(False, r.name, r, f"unreadable multi-frame header: {exc}")
+    if not frames:
+        return Detection(False, r.name, r, "no image frames")
+    sources = frames[0].sources
+    rejected = _marker_hit(sources, r.reject_markers)
+    if rejected:
+        return Detection(False, r.name, r, f"{r.name} rule rejects it as input: {rejected}")
+    hit = _marker_hit(sources, r.mdme_markers)
+    if hit:
+        return Detection(True, r.name, r, f"{r.name} MDME marker: {hit}")
+    # No marker: accept by structure (>= 2 echo times and >= 2 header delays).
+    tes = {round(t, 2) for t in _frame_te(frames) if t is not None}
+    src, delays, _ = _header_delays(frames, r)
+    n_delays = len({round(v, 2) for v in delays}) if delays else 1
+    if len(tes) >= r.min_echoes and src is not None:
+        return Detection(
+            True,
+            r.name,
+            r,
+            f"{r.name}: no MDME marker, but {len(tes)} echo times x {n_delays} delays ({src})",
+        )
+    desc = _as_text(first.get("SeriesDescription")) or "-"
+    seq = _as_text(lookup(sources, "SequenceName") or lookup(sources, "PulseSequenceName")) or "-"
+    return Detection(
+        False,
+        r.name,
+        r,
+        f"no MDME marker for {r.name} (SeriesDescription {desc!r}, sequence {seq!r}) and "
+        f"{len(tes)} echo time(s) x {n_delays} delay(s) in the headers "
+        f"(need >= {r.min_echoes} x {r.min_delays})",
+    )
+
+
+def expected_count(dataset: Dataset, rules: Mapping[str, VendorRules] | None = None) -> int | None:
+    """Expected number of instances in the series, from its first image, or None."""
+    r = vendor_of(dataset, rules)
+    if "PerFrameFunctionalGroupsSequence" in dataset:
+        return None  # enhanced: header counts are per frame, not per instance
+    src = (dataset,)
+    for alternative in r.count_tags:
+        total = 1
+        for tag in alternative:
+            try:
+                v = int(float(_first_float(lookup(src, tag)) or 0))
+            except (ValueError, TypeError):
+                v = 0
+            if v <= 0:
+                total = 0
+                break
+            total *= v
+        if total > 0:
+            return total
+    return None
+
+
+# ----------------------------------------------------------------------------- pixels
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def _pixels(ds: Dataset) -> np.ndarray:
+    """Stored values as ``(frames, rows, cols)``; native little endian without a copy."""
+    if "PixelData" not in ds:
+        raise NormalizationError(
+            "pixels",
+            f"instance {ds.get('SOPInstanceUID', '?')}: no pixel data (read with "
+            "stop_before_pixels?)",
+        )
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    nf = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16))
+    spp = int(ds.get("SamplesPerPixel", 1))
+    if (ts in _NATIVE_LE or not ts) and bits in (8, 16, 32) and spp == 1:
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        dt = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+        raw = ds.PixelData
+        need = rows * cols * nf * dt.itemsize
+        if len(raw) >= need:
+            return np.frombuffer(raw, dtype=dt, count=rows * cols * nf).reshape(nf, rows, cols)
+    try:
+        arr = ds.pixel_array  # compressed: pydicom's handlers (pylibjpeg etc.)
+    except Exception as exc:
+        raise NormalizationError(
+            "pixels",
+            f"instance {ds.get('SOPInstanceUID', '?')}: cannot decode pixel data "
+            f"(transfer syntax {ts or '?'}): {exc}",
+        ) from exc
+    return np.asarray(arr).reshape(nf, rows, cols)
+
+
+# ----------------------------------------------------------------------------- normalize
+def _dedupe(datasets: Sequence[Dataset]) -> list[Dataset]:
+    seen: dict[str, Dataset] = {}
+    out: list[Dataset] = []
+    conflicts: list[str] = []
+    for ds in datasets:
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if not uid:
+            out.append(ds)
+            continue
+        prev = seen.get(uid)
+        if prev is None:
+            seen[uid] = ds
+            out.append(ds)
+        elif prev is ds or prev == ds:
+            continue  # identical resend: drop silently
+        else:
+            conflicts.append(uid)
+    if conflicts:
+        raise NormalizationError(
+            "duplicate",
+            f"{len(conflicts)} SOP Instance UID(s) received twice with different content: "
+            + ", ".join(conflicts[:5]),
+            details={"sop_uids": conflicts},
+        )
+    return out
+
+
+def _check_same(frames: Sequence[Frame], name: str, rel_tol: float, default: float | None):
+    vals = [_first_float(f.get(name)) for f in frames]
+    present = [v for v in vals if v is not None]
+    if not present:
+        return default
+    if len(present) != len(vals):
+        raise NormalizationError(
+            "inconsistent", f"{name} missing on {len(vals) - len(present)} of {len(vals)} images"
+        )
+    lo, hi = min(present), max(present)
+    if hi - lo > rel_tol * max(abs(hi), 1e-9):
+        raise NormalizationError(
+            "inconsistent",
+            f"inconsistent {name} within the series: {sorted({round(v, 4) for v in present})}",
+            details={name: sorted(set(present))},
+        )
+    return present[0]
+
+
+def normalize(
+    datasets: Sequence[Dataset], rules: Mapping[str, VendorRules] | None = None
+) -> Acquisition:
+    """Sort, scale and phase-correct one MDME series into an :class:`Acquisition`.
+
+    ``datasets`` must carry pixel data. ``rules`` is the output of
+    :func:`~dicom_node.vendors.rules.load_rules` (defaults when None).
+    Raises :class:`NormalizationError` naming the problem.
+    """
+    table = _rules(rules)
+    if not datasets:
+        raise NormalizationError("not_mdme", "no DICOM datasets")
+    series = {}
+    for ds in datasets:
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        series[uid] = series.get(uid, 0) + 1
+    if len(series) > 1:
+        desc = ", ".join(f"{u or '(none)'} ({n} images)" for u, n in series.items())
+        raise NormalizationError(
+            "mixed_series",
+            f"mixed series: {len(series)} SeriesInstanceUIDs: {desc}",
+            details={"series": series},
+        )
+    datasets = _dedupe(datasets)
+    det = detect(datasets, table)
+    if not det.is_mdme:
+        raise NormalizationError("not_mdme", f"not MDME: {det.reason}")
+    r = det.rules
+    try:
+        frames = frame_records(datasets)
+    except ValueError as exc:
+        raise NormalizationError("invalid", str(exc)) from None
+
+    # --- geometry
+    rows = {(int(datasets[f.index].Rows), int(datasets[f.index].Columns)) for f in frames}
+    if len(rows) != 1:
+        raise NormalizationError("geometry", f"inconsistent image sizes (rows, columns): {rows}")
+    n_rows, n_cols = rows.pop()
+    iop = np.array([_floats(f, "ImageOrientationPatient", 6) for f in frames])
+    ipp = np.array([_floats(f, "ImagePositionPatient", 3) for f in frames])
+    spacing = np.array([_floats(f, "PixelSpacing", 2) for f in frames])
+    dev = np.abs(iop - iop[0]).max(axis=1)
+    if dev.max() > r.orientation_tolerance:
+        k = int(dev.argmax())
+        raise NormalizationError(
+            "geometry",
+            f"inconsistent ImageOrientationPatient: image {frames[k].sop_uid}"
+            f"{_frame_label(frames[k])} differs from the first by {dev.max():.3g} "
+            f"(tolerance {r.orientation_tolerance:g})",
+        )
+    if np.abs(spacing - spacing[0]).max() > 1e-4:
+        raise NormalizationError(
+            "geometry", f"inconsistent PixelSpacing: {np.unique(spacing, axis=0).tolist()}"
+        )
+    row_dir, col_dir = iop[0, :3], iop[0, 3:]  # snapped to the first image's orientation
+    normal = np.cross(row_dir, col_dir)
+    pos = ipp @ normal
+    slice_tol = 0.01
+    slice_lab, slice_pos = _cluster(pos, slice_tol)
+
+    # --- timing
+    tr = _check_same(frames, "RepetitionTime", r.timing_tolerance, None)
+    if tr is None:
+        raise NormalizationError("inconsistent", "RepetitionTime missing on every image")
+    flip = _check_same(frames, "FlipAngle", r.timing_tolerance, r.excitation_deg)
+
+    tes = _frame_te(frames)
+    if any(t is None for t in tes):
+        n = sum(t is None for t in tes)
+        raise NormalizationError("inconsistent", f"EchoTime missing on {n} of {len(tes)} images")
+    echo_lab, echo_vals = _cluster(np.array(tes, dtype=np.float64), 0.01)
+
+    parts = []
+    for f in frames:
+        p = _part_of(f, r)
+        parts.append(p or "M")
+    part_set = [p for p in PARTS if p in set(parts)]
+
+    # --- delays
+    src, delays, tried = _header_delays(frames, r)
+    if src is None and INTERLEAVE in r.delay_sources:
+        src, delays, why = _interleave_delays(frames, r, tr, len(slice_pos))
+        if src is None:
+            tried.append(why)
+    if src is None or delays is None:
+        raise NormalizationError(
+            "delay", f"no usable delay source for {r.name}: " + "; ".join(tried)
+        )
+    delay_lab, delay_vals = _cluster(np.array(delays, dtype=np.float64), 0.01)
+
+    # --- grid
+    nz, nd, ne = len(slice_pos), len(delay_vals), len(echo_vals)
+    npart = len(part_set)
+    pidx = {p: i for i, p in enumerate(part_set)}
+    cell_of = np.full((nz, nd, ne, npart), -1, dtype=np.int64)
+    dups: dict[tuple[int, int, int, str], list[str]] = {}
+    for k, f in enumerate(frames):
+        c = (int(slice_lab[k]), int(delay_lab[k]), int(echo_lab[k]), pidx[parts[k]])
+        if cell_of[c] >= 0:
+            other = frames[int(cell_of[c])]
+            key = (c[0], c[1], c[2], parts[k])
+            dups.setdefault(key, [other.sop_uid + _frame_label(other)]).append(
+                f.sop_uid + _frame_label(f)
+            )
+        else:
+            cell_of[c] = k
+    if dups:
+        first = next(iter(dups.items()))
+        raise NormalizationError(
+            "duplicate",
+            f"{len(dups)} grid cell(s) (slice, delay, echo, part) hold more than one image, "
+            f"first {first[0]}: {', '.join(first[1])}",
+            duplicates=[(k, tuple(v)) for k, v in dups.items()],
+        )
+    missing_idx = np.argwhere(cell_of < 0)
+    gaps = _slice_gaps(slice_pos)
+    if missing_idx.size or gaps:
+        missing = [(int(a), int(b), int(c), part_set[int(d)]) for a, b, c, d in missing_idx]
+        parts_msg = []
+        if missing:
+            a, b, c, d = missing[0]
+            parts_msg.append(
+                f"{len(missing)} missing grid cell(s) (slice, delay, echo, part), first "
+                f"{missing[0]} = slice at {slice_pos[a]:.2f} mm, delay {delay_vals[b]:g} ms, "
+                f"TE {echo_vals[c]:g} ms, part {d}"
+            )
+        if gaps:
+            parts_msg.append(
+                "missing slice(s) at "
+                + ", ".join(f"{g:.2f} mm" for g in gaps)
+                + " (uneven slice spacing)"
+            )
+        raise NormalizationError(
+            "missing",
+            "; ".join(parts_msg),
+            missing=missing,
+            details={"missing_slice_positions_mm": gaps, "grid": (nz, nd, ne, part_set)},
+        )
+    exp = expected_count(datasets[0], table)
+    if exp is not None and exp > len(datasets):
+        raise NormalizationError(
+            "missing",
+            f"the header announces {exp} instances but {len(datasets)} distinct ones arrived "
+            f"(grid {nz} slices x {nd} delays x {ne} echoes x parts {''.join(part_set)})",
+            details={"expected": exp, "received": len(datasets)},
+        )
+    if nd < r.min_delays or ne < r.min_echoes:
+        raise NormalizationError(
+            "not_mdme",
+            f"grid has {nd} delay(s) x {ne} echo(es); need >= {r.min_delays} x {r.min_echoes}",
+        )
+
+    # --- pixels: stored value -> float per frame
+    data = np.empty((nz, nd, ne, npart, n_rows, n_cols), dtype=np.float32)
+    frame_cache: dict[int, np.ndarray] = {}
+    for k, f in enumerate(frames):
+        arr = frame_cache.get(f.index)
+        if arr is None:
+            arr = _pixels(datasets[f.index])
+            frame_cache[f.index] = arr
+        img = arr[f.frame or 0]
+        slope = _first_float(f.get("RescaleSlope"))
+        icpt = _first_float(f.get("RescaleIntercept"))
+        slope = 1.0 if slope is None else slope
+        icpt = 0.0 if icpt is None else icpt
+        part = parts[k]
+        scale, offset = slope, icpt
+        if r.float_scale_tag and part in r.float_scale_parts:
+            ss = _first_float(f.get(r.float_scale_tag))
+            if ss:
+                # Philips: FP = (SV*RS + RI) / (RS*SS)
+                scale, offset = 1.0 / ss, icpt / (slope * ss)
+        if part == "P":
+            scale, offset = scale * r.phase_to_rad, offset * r.phase_to_rad
+        dst = data[int(slice_lab[k]), int(delay_lab[k]), int(echo_lab[k]), pidx[part]]
+        np.multiply(img, scale, out=dst, casting="unsafe")
+        if offset:
+            dst += np.float32(offset)
+    del frame_cache
+
+    signal, is_mag, combine = _combine(data, part_set)
+
+    # --- affine (contract in processing.acquisition)
+    dy, dx = float(spacing[0, 0]), float(spacing[0, 1])
+    if nz > 1:
+        dz = float(np.mean(np.diff(slice_pos)))
+    else:
+        dz = (
+            _first_float(frames[0].get("SpacingBetweenSlices"))
+            or _first_float(frames[0].get("SliceThickness"))
+            or 1.0
+        )
+    origin = ipp[int(np.argmax(slice_lab == 0))]
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * dx
+    affine[:3, 1] = col_dir * dy
+    affine[:3, 2] = normal * dz
+    affine[:3, 3] = origin
+    first = datasets[0]
+    meta = {
+        "vendor": r.name,
+        "detection": det.reason,
+        "manufacturer": str(first.get("Manufacturer", "")),
+        "model": str(first.get("ManufacturerModelName", "")),
+        "sop_class_uid": str(first.get("SOPClassUID", "")),
+        "series_instance_uid": str(first.get("SeriesInstanceUID", "")),
+        "study_instance_uid": str(first.get("StudyInstanceUID", "")),
+        "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")),
+        "series_description": str(first.get("SeriesDescription", "")),
+        "parts": "".join(part_set),
+        "combine": combine,
+        "n_instances": len(datasets),
+        "n_frames": len(frames),
+        "slice_positions_mm": [float(p) for p in slice_pos],
+    }
+    try:
+        return Acquisition(
+            signal=signal,
+            delays_ms=delay_vals,
+            echo_times_ms=echo_vals,
+            tr_ms=float(tr),
+            saturation_deg=r.saturation_deg,
+            excitation_deg=float(flip),
+            voxel_size_mm=(abs(dz), dy, dx),
+            affine=affine,
+            is_magnitude=is_mag,
+            delay_source=src,
+            metadata=meta,
+        )
+    except AcquisitionError as exc:
+        raise NormalizationError("invalid", f"normalized acquisition is invalid: {exc}") from None
+
+
+def _frame_label(f: Frame) -> str:
+    return "" if f.frame is None else f" frame {f.frame + 1}"
+
+
+def _floats(f: Frame, name: str, n: int) -> list[float]:
+    v = f.get(name)
+    try:
+        out = [float(x) for x in v]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        out = []
+    if len(out) != n:
+        raise NormalizationError(
+            "geometry", f"image {f.sop_uid}{_frame_label(f)}: {name} missing or malformed ({v!r})"
+        )
+    return out
+
+
+def _slice_gaps(pos: np.ndarray) -> list[float]:
+    """Positions of slices missing from an otherwise evenly spaced stack."""
+    if pos.size < 3:
+        return []
+    d = np.diff(pos)
+    step = float(np.min(d))
+    if step <= 0:
+        return []
+    ratio = d / step
+    gaps: list[float] = []
+    if np.all(np.abs(ratio - 1) < 0.05):
+        return gaps
+    for i, q in enumerate(ratio):
+        k = round(q)
+        if k >= 2 and abs(q - k) < 0.05:
+            gaps.extend(float(pos[i] + j * step) for j in range(1, k))
+    if not gaps:
+        raise NormalizationError("geometry", f"uneven slice spacing: {np.round(d, 3).tolist()} mm")
+    return gaps
+
+
+def _interleave_delays(
+    frames: Sequence[Frame], r: VendorRules, tr: float, n_slices: int
+) -> tuple[str | None, list[float] | None, str]:
+    for src in r.dynamic_sources:
+        vals = [_first_float(f.get(src)) for f in frames]
+        if any(v is None for v in vals):
+            continue
+        dyn = [int(v) for v in vals]  # type: ignore[arg-type]
+        n = r.interleave_n_slices or n_slices
+        if r.interleave_offsets is not None:
+            try:
+                offs = [r.interleave_offsets[d - 1] for d in dyn]
+            except IndexError:
+                return (
+                    None,
+                    None,
+                    (
+                        f"interleave: dynamic index {max(dyn)} beyond interleave_offsets "
+                        f"{list(r.interleave_offsets)}"
+                    ),
+                )
+        else:
+            offs = dyn
+        delays = [tr / n * o for o in offs]
+        if len(set(offs)) < r.min_delays:
+            return None, None, f"interleave: only {len(set(offs))} dynamic(s) in {src}"
+        if min(offs) <= 0:
+            return None, None, f"interleave: non-positive dynamic offset in {src}"
+        return f"{INTERLEAVE}: TR/{n} x {src}", delays, ""
+    return None, None, f"interleave: no dynamic index ({', '.join(r.dynamic_sources)})"
+
+
+def _combine(data: np.ndarray, parts: Sequence[str]) -> tuple[np.ndarray, bool, str]:
+    """[z, d, e, part, y, x] -> signal [z, d, e, y, x], is_magnitude, description."""
+    ip = {p: i for i, p in enumerate(parts)}
+    if "R" in ip and "I" in ip:
+        cplx = data[:, :, :, ip["R"]] + 1j * data[:, :, :, ip["I"]].astype(np.complex64)
+        how = "real/imaginary -> background-phase-corrected real"
+    elif "M" in ip and "P" in ip:
+        mag = data[:, :, :, ip["M"]]
+        ph = data[:, :, :, ip["P"]]
+        # background phase per (slice, echo, voxel) = phase of the complex sum over delays
+        s = (mag * np.exp(1j * ph.astype(np.float32))).sum(axis=1, keepdims=True)
+        bg = np.angle(s).astype(np.float32)
+        out = mag * np.cos(ph - bg)
+        return (
+            np.ascontiguousarray(out, dtype=np.float32),
+            False,
+            ("magnitude/phase -> background-phase-corrected real"),
+        )
+    elif "M" in ip:
+        return np.ascontiguousarray(data[:, :, :, ip["M"]]), True, "magnitude"
+    else:
+        raise NormalizationError(
+            "inconsistent", f"complex parts {''.join(parts)}: no magnitude or real/imaginary pair"
+        )
+    bg = np.angle(cplx.sum(axis=1, keepdims=True))
+    out = (cplx * np.exp(-1j * bg)).real
+    return np.ascontiguousarray(out, dtype=np.float32), False, how

@@ -1,0 +1,185 @@
+"""Vendor rule tables: where each MDME fact lives in a vendor's headers.
+
+Every rule is data (a frozen dataclass). A site overrides fields from its TOML config::
+
+    [vendors.philips]
+    delay_sources = ["(2001,101B)", "InversionTime", "interleave"]
+    interleave_offsets = [1, 6, 15, 29]
+
+Tag names are pydicom keywords (``"InversionTime"``) or private tags written
+``"(gggg,eeee)"`` with the element number as the vendors write it (the private block
+included, e.g. Philips ``(2005,100E)``). Lookups search the frame's functional groups
+(enhanced MR), then the vendor's private per-frame item, then the top-level dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["DEFAULT_RULES", "VendorRules", "load_rules"]
+
+#: Special delay source: TD = (TR / n_slices) * offset(dynamic index).
+INTERLEAVE = "interleave"
+
+
+@dataclass(frozen=True)
+class VendorRules:
+    """How to read one vendor's MDME series. All fields can be overridden from TOML."""
+
+    name: str
+    #: regexes on Manufacturer (0008,0070), case-insensitive; empty = matches anything.
+    manufacturer_patterns: tuple[str, ...] = ()
+    #: (tag, regex): any match marks the series as MDME.
+    mdme_markers: tuple[tuple[str, str], ...] = ()
+    #: (tag, regex): any match marks the series as NOT MDME input (e.g. vendor output maps).
+    reject_markers: tuple[tuple[str, str], ...] = ()
+    #: ordered delay sources; the first one with a positive value on every frame and at
+    #: least ``min_delays`` distinct values wins. ``"interleave"`` computes the delay.
+    delay_sources: tuple[str, ...] = ("InversionTime", "(2001,101B)", "TriggerTime", INTERLEAVE)
+    #: ordered complex-part sources: "ComplexImageComponent", "ImageType" or a private tag.
+    part_sources: tuple[str, ...] = ("ComplexImageComponent", "ImageType")
+    #: raw private part values -> "M", "P", "R", "I" (keys as strings).
+    part_map: dict[str, str] = field(
+        default_factory=lambda: {"0": "M", "1": "P", "2": "R", "3": "I"}
+    )
+    #: dynamic (delay) index sources for the interleave rule, 1-based.
+    dynamic_sources: tuple[str, ...] = ("TemporalPositionIndex", "TemporalPositionIdentifier")
+    #: slices per TR for the interleave rule; None = number of slices in the grid.
+    interleave_n_slices: int | None = None
+    #: slice offset per dynamic (dynamic index 1 -> offsets[0]); None = the index itself.
+    interleave_offsets: tuple[int, ...] | None = None
+    #: Philips floating-point scale SS: FP = (SV*RS + RI) / (RS*SS). None = not used.
+    float_scale_tag: str | None = None
+    #: complex parts the floating-point scale applies to.
+    float_scale_parts: tuple[str, ...] = ("M", "R", "I")
+    #: radians per rescaled phase unit (1e-3: milliradians; pi/4096: Siemens 12-bit).
+    phase_to_rad: float = 1e-3
+    #: expected instance count: ordered alternatives, each a product of tags.
+    count_tags: tuple[tuple[str, ...], ...] = (("ImagesInAcquisition",),)
+    #: nominal saturation flip angle (not in any header we know of), degrees.
+    saturation_deg: float = 120.0
+    #: excitation flip angle when FlipAngle is absent, degrees.
+    excitation_deg: float = 90.0
+    #: orientation cosines within this of the first frame's are snapped to it.
+    orientation_tolerance: float = 1e-4
+    #: relative tolerance for TR / flip angle consistency.
+    timing_tolerance: float = 1e-3
+    min_delays: int = 2
+    min_echoes: int = 2
+
+
+def _magic_markers() -> tuple[tuple[str, str], ...]:
+    return (("ImageType", r"\bMAGIC\b"), ("SeriesDescription", r"magic"))
+
+
+DEFAULT_RULES: dict[str, VendorRules] = {
+    "ge": VendorRules(
+        name="ge",
+        manufacturer_patterns=(r"^GE\b", r"general electric"),
+        mdme_markers=_magic_markers(),
+        # GE's own MAGiC output maps are not input.
+        reject_markers=(("ImageType", r"MULTI_QMAP|\bDERIVED\b"),),
+        # GE uses TriggerTime for slice timing elsewhere: not trusted.
+        delay_sources=("InversionTime", INTERLEAVE),
+        part_sources=("(0043,102F)", "ComplexImageComponent", "ImageType"),
+        count_tags=(("ImagesInAcquisition",),),
+        phase_to_rad=1e-3,
+    ),
+    "siemens": VendorRules(
+        name="siemens",
+        manufacturer_patterns=(r"siemens",),
+        mdme_markers=(
+            ("SequenceName", r"mdme"),
+            ("PulseSequenceName", r"mdme"),
+            ("(0021,1177)", r"mdme"),
+        ),
+        delay_sources=("InversionTime", "TriggerTime", INTERLEAVE),
+        part_sources=("ComplexImageComponent", "ImageType"),
+        count_tags=(("ImagesInAcquisition",),),
+        phase_to_rad=math.pi / 4096.0,
+    ),
+    "philips": VendorRules(
+        name="philips",
+        manufacturer_patterns=(r"philips",),
+        mdme_markers=(
+            ("SeriesDescription", r"syntac|qrapmaster|mdme"),
+            ("ProtocolName", r"syntac|qrapmaster|mdme"),
+        ),
+        delay_sources=("(2001,101B)", "InversionTime", INTERLEAVE),
+        part_sources=("ComplexImageComponent", "ImageType", "(2005,1011)"),
+        dynamic_sources=(
+            "TemporalPositionIndex",
+            "TemporalPositionIdentifier",
+        ),
+        float_scale_tag="(2005,100E)",
+        count_tags=(
+            ("ImagesInAcquisition",),
+            ("(2001,1018)", "(2001,1081)", "(2001,1014)"),
+        ),
+        phase_to_rad=1e-3,
+    ),
+    "generic": VendorRules(
+        name="generic",
+        mdme_markers=(
+            ("SequenceName", r"mdme|qrapmaster"),
+            ("SeriesDescription", r"mdme|qrapmaster|magic|syntac"),
+        ),
+        delay_sources=("InversionTime", "TriggerTime", INTERLEAVE),
+    ),
+}
+
+
+def _coerce(f: dataclasses.Field, value: Any, vendor: str) -> Any:
+    """Convert a TOML value to the field's type; errors name vendors.<name>.<field>."""
+    where = f"vendors.{vendor}.{f.name}"
+    typ = str(f.type)
+    try:
+        if f.name == "part_map":
+            if not isinstance(value, dict):
+                raise TypeError("expected a table")
+            return {str(k): str(v).upper() for k, v in value.items()}
+        if typ.startswith("tuple[tuple"):
+            return tuple(tuple(str(x) for x in item) for item in value)
+        if typ.startswith("tuple[int"):
+            return None if value is None else tuple(int(x) for x in value)
+        if typ.startswith("tuple[str"):
+            if isinstance(value, str):
+                raise TypeError("expected a list of strings")
+            return tuple(str(x) for x in value)
+        if typ.startswith("int"):
+            return None if value is None else int(value)
+        if typ == "float":
+            return float(value)
+        if typ.startswith("str"):
+            return None if value is None else str(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot use {value!r}: {exc}") from None
+    return value
+
+
+def load_rules(overrides: dict[str, Any] | None = None) -> dict[str, VendorRules]:
+    """Default rule tables with ``[vendors.<name>]`` TOML overrides applied.
+
+    ``overrides`` maps vendor name -> {field: value}. An unknown vendor name starts from the
+    generic table (so a site can add a vendor). Unknown fields raise ``ValueError`` naming
+    ``vendors.<name>.<field>`` and the valid fields.
+    """
+    rules = dict(DEFAULT_RULES)
+    if not overrides:
+        return rules
+    fields = {f.name: f for f in dataclasses.fields(VendorRules)}
+    for vendor, table in overrides.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"vendors.{vendor}: expected a table, got {type(table).__name__}")
+        base = rules.get(vendor, dataclasses.replace(DEFAULT_RULES["generic"], name=vendor))
+        changes: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in fields or key == "name":
+                valid = ", ".join(sorted(k for k in fields if k != "name"))
+                raise ValueError(f"vendors.{vendor}.{key}: unknown rule field (valid: {valid})")
+            changes[key] = _coerce(fields[key], value, vendor)
+        rules[vendor] = dataclasses.replace(base, **changes)
+    return rules
