@@ -45,6 +45,47 @@ def add_frame_anatomy(ds: Dataset) -> None:
     ds.pop("Laterality", None)
 
 
+def ascending_frames(pm: Dataset) -> None:
+    """Reorder frames so position increases along cross(row, col), in place.
+
+    highdicom sorts PATIENT frames along its own (D, R) normal, i.e. descending along
+    the DICOM normal; dcmqi 1.5 paramap2itkimage then stacks the frames from the lowest
+    position upwards and flips the volume. Ascending frames read correctly in both.
+    """
+    frames = list(pm.PerFrameFunctionalGroupsSequence)
+    if len(frames) < 2:
+        return
+    iop = np.asarray(
+        pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient,
+        dtype=float,
+    )
+    normal = np.cross(iop[:3], iop[3:])
+    loc = [
+        float(
+            np.dot(np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, dtype=float), normal)
+        )
+        for f in frames
+    ]
+    order = np.argsort(loc, kind="stable")
+    if np.array_equal(order, np.arange(len(frames))):
+        return
+    nframes, rows, cols = len(frames), int(pm.Rows), int(pm.Columns)
+    if "FloatPixelData" in pm:
+        kw, dtype = "FloatPixelData", np.dtype("<f4")
+    elif "DoubleFloatPixelData" in pm:
+        kw, dtype = "DoubleFloatPixelData", np.dtype("<f8")
+    else:
+        kw, dtype = "PixelData", np.dtype("<u2")
+    px = np.frombuffer(pm[kw].value, dtype=dtype).reshape(nframes, rows, cols)
+    pm[kw].value = np.ascontiguousarray(px[order]).tobytes()
+    new = [frames[i] for i in order]
+    if len(pm.get("DimensionIndexSequence", [])) == 1:
+        for k, item in enumerate(new, start=1):
+            # one dimension (position): index follows the new frame order
+            item.FrameContentSequence[0].DimensionIndexValues = k
+    pm.PerFrameFunctionalGroupsSequence = new
+
+
 def parametric_map(
     result: SeriesResult,
     kind: MapKind,
@@ -110,6 +151,7 @@ def parametric_map(
         ),
     )
     add_frame_anatomy(pm)
+    ascending_frames(pm)
     pm.SeriesDescription = f"synthmr {kind.value} map ({info.unit.value})"[:64]
     if settings.institution_name:
         pm.InstitutionName = settings.institution_name
