@@ -269,7 +269,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if not isinstance(value, list):
             errors.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
             return ()
-        return tuple(_convert(v, item_tp, f"{where}[{i}]", errors) for i, v in enumerate(value))
+        items = (_convert(v, item_tp, f"{where}[{i}]", errors) for i, v in enumerate(value))
+        return tuple(v for v in items if v is not None)  # broken items are already reported
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             errors.append(f"{where}: expected a table, got {type(value).__name__} {value!r}")
@@ -308,7 +309,9 @@ def _build(cls: Any, data: dict[str, Any], where: str, errors: list[str]) -> Any
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             errors.append(f"{path}: unknown key{hint}; known keys: {', '.join(sorted(fields))}")
             continue
-        kwargs[key] = _convert(value, hints[key], path, errors)
+        converted = _convert(value, hints[key], path, errors)
+        if converted is not None or value is None:  # None = broken sub-table, keep the default
+            kwargs[key] = converted
     missing = [
         n
         for n, f in fields.items()
@@ -444,6 +447,22 @@ def _validate(s: Settings, errors: list[str]) -> None:
     for vendor, table in s.vendors.items():
         if not isinstance(table, dict):
             errors.append(f"vendors.{vendor}: expected a table")
+    try:
+        from dicom_node.vendors import load_rules
+
+        load_rules(s.vendors)
+    except ImportError:
+        pass
+    except (ValueError, TypeError) as exc:  # names vendors.<name>.<field>
+        errors.append(str(exc))
+    try:
+        from dicom_node.export import ExportSettings
+
+        ExportSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.export.items()})
+    except ImportError:
+        pass
+    except (ValueError, TypeError) as exc:
+        errors.append(f"export: {exc}")
 
 
 def _load(

@@ -1,0 +1,228 @@
+"""Shared fixtures: free ports, a real Orthanc PACS, dcmtk helpers, small DICOM files.
+
+Every server binds 127.0.0.1 on a free port, lives in a temp dir and is stopped by PID.
+Others may add fixtures here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def wait_for(
+    pred: Any, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
+) -> Any:
+    """Poll ``pred()`` until truthy; return its value or raise naming ``what``."""
+    end = time.time() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.time() > end:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_pid(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Stop a process we started, by its PID: SIGTERM, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+# --------------------------------------------------------------------------- dcmtk
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def storescu(
+    files: Sequence[str | Path],
+    port: int,
+    *,
+    calling: str = "SCANNER",
+    called: str = "SYNTHMR",
+    extra: Sequence[str] = (),
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """dcmtk storescu of ``files`` over one association to 127.0.0.1:port (verbose log)."""
+    cmd = [require_tool("storescu"), "-v", "-aet", calling, "-aec", called, *extra]
+    cmd += ["127.0.0.1", str(port), *[str(f) for f in files]]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def echoscu(
+    port: int, *, calling: str = "SCANNER", called: str = "SYNTHMR"
+) -> subprocess.CompletedProcess[str]:
+    cmd = [require_tool("echoscu"), "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+
+
+# --------------------------------------------------------------------------- data
+def make_mr_file(
+    path: Path,
+    *,
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    sop_uid: str | None = None,
+    shape: tuple[int, int] = (8, 8),
+    description: str = "T2 TSE AX",
+    instance_number: int = 1,
+) -> Path:
+    """Write a small, valid classic MR image (not MDME) and return its path."""
+    ds = Dataset()
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.Modality = "MR"
+    ds.PatientName = "Test^Node"
+    ds.PatientID = "NODE001"
+    ds.SeriesDescription = description
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+    ds.InstanceNumber = instance_number
+    ds.SeriesNumber = 3
+    ds.EchoTime = 90.0
+    ds.RepetitionTime = 4000.0
+    ds.ImagePositionPatient = [0.0, 0.0, float(instance_number)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [1.0, 1.0]
+    ds.SliceThickness = 1.0
+    ds.Rows, ds.Columns = shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = (np.arange(shape[0] * shape[1], dtype=np.uint16) % 4096).tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_config(tmp: Path, text: str = "", *, port: int = 0, spool: Path | None = None) -> Path:
+    """A node TOML for tests: 127.0.0.1, given port, spool under ``tmp``, metrics on a free port,
+    plus ``text`` (extra sections; must not repeat [node], [spool] or [metrics])."""
+    spool = spool or tmp / "spool"
+    base = (
+        f'[node]\nbind_address = "127.0.0.1"\nport = {port}\nae_title = "SYNTHMR"\n'
+        f'[spool]\npath = "{spool}"\nmin_free_bytes = 0\n'
+        f'[metrics]\naddress = "127.0.0.1"\nport = {free_port()}\n'
+        '[logging]\nlevel = "INFO"\n'
+    )
+    p = tmp / "node.toml"
+    p.write_text(base + text)
+    return p
+
+
+# --------------------------------------------------------------------------- Orthanc
+@dataclass
+class OrthancServer:
+    proc: subprocess.Popen[Any] | None
+    dicom_port: int
+    http_port: int
+    workdir: Path
+    log: Path
+
+    def rest(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def instances(self) -> list[str]:
+        return list(self.rest("/instances"))
+
+    def start(self) -> None:
+        """(Re)start on the same ports and storage."""
+        exe = require_tool("Orthanc")
+        cfg = self.workdir / "orthanc.json"
+        self.proc = subprocess.Popen(
+            [exe, str(cfg)], stdout=open(self.log, "ab"), stderr=subprocess.STDOUT
+        )
+        wait_port(self.http_port, 20)
+        wait_port(self.dicom_port, 20)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc)
+            self.proc = None
+
+
+def make_orthanc(workdir: Path, start: bool = True) -> OrthancServer:
+    """An Orthanc PACS on free 127.0.0.1 ports with storage in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    dicom_port, http_port = free_port(), free_port()
+    cfg = {
+        "Name": "TestPACS",
+        "StorageDirectory": str(workdir / "db"),
+        "IndexDirectory": str(workdir / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "DicomModalities": {},
+        "Plugins": [],
+    }
+    (workdir / "orthanc.json").write_text(json.dumps(cfg))
+    srv = OrthancServer(None, dicom_port, http_port, workdir, workdir / "orthanc.log")
+    if start:
+        srv.start()
+    return srv
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    srv = make_orthanc(tmp_path / "orthanc")
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -1,0 +1,130 @@
+"""registry: series life, one transaction per change, recovery, outbox, WAL durability."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from dicom_node.registry import IllegalTransition, Registry, State
+
+
+def _add(
+    reg: Registry, series: str, sop: str, expected: int | None = None
+) -> tuple[int, int | None]:
+    return reg.add_instance(
+        sop_uid=sop,
+        series_uid=series,
+        study_uid="9",
+        sop_class_uid="1.2",
+        path=f"/x/{sop}",
+        size=10,
+        expected_count=expected,
+    )
+
+
+def test_pragmas_and_schema(tmp_path: Path) -> None:
+    Registry(tmp_path / "r.db").close()
+    db = sqlite3.connect(tmp_path / "r.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"instances", "series", "jobs", "outbox"} <= tables
+
+
+def test_full_life_and_hook(tmp_path: Path) -> None:
+    seen: list[tuple[str | None, str]] = []
+    reg = Registry(tmp_path / "r.db", on_transition=lambda s, o, n, dt: seen.append((o, n)))
+    assert _add(reg, "1.1", "1.1.1", expected=2) == (1, 2)
+    assert _add(reg, "1.1", "1.1.1") == (1, 2)  # re-sent instance replaces, not counted twice
+    assert _add(reg, "1.1", "1.1.2") == (2, 2)
+    reg.transition("1.1", State.COMPLETE, expect={State.RECEIVING})
+    job = reg.enqueue("1.1")
+    assert reg.claim_job()[:2] == (job, "1.1")
+    assert reg.claim_job() is None
+    reg.finish_job(
+        job,
+        "1.1",
+        State.EXPORTED,
+        outbox=[("pacs", "2.1", "1.2", "/o/2.1"), ("pacs", "2.2", "1.2", "/o/2.2")],
+    )
+    due = reg.due_outbox()
+    assert [d.sop_uid for d in due] == ["2.1", "2.2"]
+    assert reg.outbox_sent([due[0].id]) == []  # one left
+    assert reg.outbox_sent([due[1].id]) == ["1.1"]
+    assert reg.series("1.1").state == State.DELIVERED
+    assert [n for _, n in seen] == [
+        "RECEIVING",
+        "COMPLETE",
+        "QUEUED",
+        "PROCESSING",
+        "EXPORTED",
+        "DELIVERED",
+    ]
+    assert reg.transitions_of("1.1")[-1] == ("EXPORTED", "DELIVERED")
+
+
+def test_illegal_transition_changes_nothing(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    _add(reg, "1.1", "1.1.1")
+    with pytest.raises(IllegalTransition, match="RECEIVING -> DELIVERED"):
+        reg.transition("1.1", State.DELIVERED)
+    assert reg.series("1.1").state == State.RECEIVING
+    assert len(reg.transitions_of("1.1")) == 1
+
+
+def test_recovery_requeues_processing_and_keeps_outbox(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    for s in ("1.1", "1.2"):
+        _add(reg, s, s + ".1")
+        reg.transition(s, State.COMPLETE)
+        reg.enqueue(s)
+    j1, _, _ = reg.claim_job()
+    reg.finish_job(j1, "1.1", State.EXPORTED, outbox=[("pacs", "9.9", "1.2", "/o/9.9")])
+    reg.claim_job()  # 1.2 PROCESSING when the "crash" happens
+    _add(reg, "1.3", "1.3.1")
+    reg.transition("1.3", State.COMPLETE)  # completed, never queued
+    reg.close()
+    reg2 = Registry(tmp_path / "r.db")  # restart
+    info = reg2.recover()
+    assert info == {"jobs_requeued": 1, "complete_enqueued": 1, "outbox_pending": 1}
+    assert reg2.series("1.2").state == State.QUEUED
+    assert reg2.series("1.3").state == State.QUEUED
+    claimed = {reg2.claim_job()[1], reg2.claim_job()[1]}
+    assert claimed == {"1.2", "1.3"}
+
+
+def test_outbox_backoff_and_dead_letter(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    _add(reg, "1.1", "1.1.1")
+    reg.transition("1.1", State.COMPLETE)
+    j = reg.enqueue("1.1")
+    reg.claim_job()
+    reg.finish_job(j, "1.1", State.EXPORTED, outbox=[("pacs", "2.1", "1.2", "/o")])
+    (item,) = reg.due_outbox()
+    assert reg.outbox_failed([item.id], "down", next_attempt_at=1e18, max_attempts=2) == []
+    assert reg.due_outbox() == []  # not due before its backoff
+    assert reg.outbox_failed([item.id], "down", next_attempt_at=0, max_attempts=2) == [item.id]
+    assert reg.outbox_counts()["DEAD"] == 1
+    assert reg.requeue_dead_outbox("1.1") == 1
+    assert [d.id for d in reg.due_outbox()] == [item.id]
+
+
+def test_retry_failed_and_late_instance_reopens(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    _add(reg, "1.1", "1.1.1")
+    reg.transition("1.1", State.COMPLETE)
+    j = reg.enqueue("1.1")
+    reg.claim_job()
+    reg.finish_job(j, "1.1", State.FAILED, reason="process: boom")
+    row = reg.series("1.1")
+    assert row.state == State.FAILED and row.reason == "process: boom"
+    reg.retry("1.1")
+    assert reg.series("1.1").state == State.QUEUED
+    with pytest.raises(IllegalTransition):
+        reg.retry("1.1")
+    _add(reg, "1.2", "1.2.1")
+    reg.transition("1.2", State.QUARANTINED, missing=["slice 2 delay 3"])
+    assert reg.series("1.2").missing == ["slice 2 delay 3"]
+    _add(reg, "1.2", "1.2.2")  # the missing image arrives late
+    assert reg.series("1.2").state == State.RECEIVING

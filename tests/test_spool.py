@@ -1,0 +1,71 @@
+"""spool: durable atomic writes, sanitized names, watermark, unreadable data not kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dicom_node.spool import Spool, SpoolFullError, UnreadableDatasetError, read_header, safe_name
+from tests.conftest import make_mr_file
+
+
+def test_store_received_roundtrip(tmp_path: Path) -> None:
+    f = make_mr_file(tmp_path / "in.dcm", series_uid="1.2.3", sop_uid="1.2.3.4")
+    sp = Spool(tmp_path / "spool")
+    header, path = sp.store_received(f.read_bytes())
+    assert header.series_instance_uid == "1.2.3" and header.sop_instance_uid == "1.2.3.4"
+    assert path == (tmp_path / "spool" / "incoming" / "1.2.3" / "1.2.3.4.dcm").resolve()
+    assert path.read_bytes() == f.read_bytes()
+    assert list(sp.tmp.iterdir()) == []  # temp file renamed away
+
+
+def test_garbage_is_rejected_and_not_kept(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool")
+    with pytest.raises(UnreadableDatasetError, match="cannot parse dataset|dataset has no"):
+        sp.store_received(b"\x00" * 128 + b"DICM" + b"\xff" * 300)
+    assert list(sp.incoming.rglob("*.dcm")) == [] and list(sp.tmp.iterdir()) == []
+
+
+def test_missing_series_uid_is_named(tmp_path: Path) -> None:
+    f = make_mr_file(tmp_path / "in.dcm")
+    import pydicom
+
+    ds = pydicom.dcmread(f)
+    del ds.SeriesInstanceUID
+    ds.save_as(f, enforce_file_format=True)
+    with pytest.raises(UnreadableDatasetError, match="SeriesInstanceUID"):
+        read_header(f.read_bytes())
+
+
+def test_watermark_refuses(tmp_path: Path) -> None:
+    f = make_mr_file(tmp_path / "in.dcm")
+    sp = Spool(tmp_path / "spool", min_free_bytes=1 << 62)
+    assert not sp.above_watermark()
+    with pytest.raises(SpoolFullError, match="watermark"):
+        sp.store_received(f.read_bytes())
+    assert list(sp.incoming.rglob("*")) == []
+
+
+def test_clean_tmp_removes_half_written(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool")
+    (sp.tmp / "abc.part").write_bytes(b"half")
+    assert sp.clean_tmp() == 1
+    assert list(sp.tmp.iterdir()) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=0, max_size=80))
+def test_safe_name_never_escapes(uid: str) -> None:
+    name = safe_name(uid)
+    assert name and "/" not in name and "\x00" not in name and name not in (".", "..")
+    assert len(name) <= 64
+
+
+def test_hostile_uid_stays_inside(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool")
+    p = sp.instance_path("incoming", "../../etc", "../../../passwd")
+    assert sp.root in p.parents
+    assert safe_name("1.2.840.10008") == "1.2.840.10008"
