@@ -24,7 +24,7 @@ def test_store_received_roundtrip(tmp_path: Path) -> None:
 
 def test_garbage_is_rejected_and_not_kept(tmp_path: Path) -> None:
     sp = Spool(tmp_path / "spool")
-    with pytest.raises(UnreadableDatasetError, match="cannot parse dataset|dataset has no"):
+    with pytest.raises(UnreadableDatasetError, match=r"cannot parse dataset|dataset has no"):
         sp.store_received(b"\x00" * 128 + b"DICM" + b"\xff" * 300)
     assert list(sp.incoming.rglob("*.dcm")) == [] and list(sp.tmp.iterdir()) == []
 
