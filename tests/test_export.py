@@ -464,3 +464,17 @@ def test_sr_volumes_means_and_references(outputs, result, sources):
 def test_sr_without_seg_still_reports(result, sources):
     sr = roundtrip(report(result, sources, ExportSettings(), seg=None))
     assert sr_numbers(sr)[("synthmr WM", "118565006")] == pytest.approx(result.volumes_ml["WM"])
+
+
+def test_orientation_jitter_is_snapped_but_real_tilt_rejected(result):
+    src = make_sources()
+    for ds in src:
+        if float(ds.ImagePositionPatient[2]) > -5:  # top slice: GE-like 1e-8 jitter
+            ds.ImageOrientationPatient = [float(v) + 1e-8 for v in ds.ImageOrientationPatient]
+    pm = parametric_maps(result, src, ExportSettings(maps=("T1",)))[0]
+    assert pm.NumberOfFrames == 3
+    for ds in src:
+        if float(ds.ImagePositionPatient[2]) > -5:
+            ds.ImageOrientationPatient = [float(v) + 1e-2 for v in ds.ImageOrientationPatient]
+    with pytest.raises(ExportError, match="orientation"):
+        parametric_maps(result, src, ExportSettings(maps=("T1",)))
