@@ -1,0 +1,253 @@
+"""FLAIR enhancement quality on a held-out phantom (issue 7, "Done when").
+
+    python benchmarks/flair_quality.py                 # 8x128x128 MNI phantom, SNR 100
+    python benchmarks/flair_quality.py --shape 10,192,192 --seed 7 --magnitude
+
+The phantom differs from the training distribution's centres: its own seed (lesion
+placement, noise, B1/coil fields) and its own tissue table (HELD_OUT_TISSUES). Everything is
+compared in signal units (coil x PD x FLAIR weighting), so the receive-field correction of
+processing.pd plays no part:
+
+- reference: conventional FLAIR of the mixture, coil * sum_k f_k PD_k F_k(TI);
+- plain synthetic FLAIR: FLAIR equation on the mono-exponential fit, m0 * F(T1fit, T2fit);
+- enhanced: processing.enhance (ONNX), same TI.
+
+Prints NRMSE over the intracranial mask and in the brain-CSF boundary band (CSF fraction
+0.2-0.8), lesion-to-WM contrast (mean FLAIR in lesion cores / mean in the surrounding pure
+WM, minus 1) against the reference's, and the inference time on a 30x256x256 volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from processing.enhance import default_model_path, enhance_samples, load_model
+
+FLAIR_TR_MS, FLAIR_TE_MS = 15000.0, 100.0
+
+#: Tissue values of the held-out phantom (T1 ms, T2 ms, PD pu): inside the 3T ranges of
+#: physics.md section 6 but not the training centres (WM 600/68/66, GM 1120/90/83,
+#: CSF 4000/1500/100) nor the phantom defaults.
+HELD_OUT_TISSUES = {
+    "WM": (630.0, 64.0, 69.0),
+    "GM": (1200.0, 94.0, 85.0),
+    "CSF": (4200.0, 1800.0, 100.0),
+    "LESION": (1050.0, 115.0, 80.0),
+}
+
+
+def flair_weight(t1_ms, t2_ms, ti_ms: float) -> np.ndarray:
+    """|1 - 2 E(TI) + E(TR)| exp(-TE/T2), FLAIR 15000/100 (physics.md section 3)."""
+    t1 = np.asarray(t1_ms, np.float64)
+    t2 = np.asarray(t2_ms, np.float64)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        w = np.abs(1 - 2 * np.exp(-ti_ms / t1) + np.exp(-FLAIR_TR_MS / t1)) * np.exp(
+            -FLAIR_TE_MS / t2
+        )
+    return np.where((t1 > 0) & (t2 > 0), w, 0.0)
+
+
+def csf_null_ti(t1_csf_ms: float, tr_ms: float = FLAIR_TR_MS) -> float:
+    """TI0 = T1 ln[2 / (1 + exp(-TR/T1))] (physics.md section 3)."""
+    return t1_csf_ms * math.log(2.0 / (1.0 + math.exp(-tr_ms / t1_csf_ms)))
+
+
+def nrmse(x: np.ndarray, ref: np.ndarray, m: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((x[m] - ref[m]) ** 2)) / np.sqrt(np.mean(ref[m] ** 2)))
+
+
+def lesion_contrasts(truth, images: dict[str, np.ndarray]) -> dict[str, object]:
+    """Lesion-to-WM contrast per image: all lesions pooled, and per lesion."""
+    les = truth.fractions["LESION"]
+    core = les >= 0.8
+    anylesion = les > 0.02
+    # Surrounding WM: pure WM within ~3 voxels in-plane of a lesion (not in it).
+    ring = ndi.binary_dilation(anylesion, structure=np.ones((1, 7, 7), bool)) & ~anylesion
+    ring &= truth.fractions["WM"] >= 0.95
+    lab, n = ndi.label(ndi.binary_dilation(anylesion, structure=np.ones((1, 7, 7), bool)))
+    out: dict[str, object] = {"n_lesions": 0, "core_voxels": int(core.sum())}
+    pooled = {}
+    per = {k: [] for k in images}
+    for name, img in images.items():
+        if core.any() and ring.any():
+            pooled[name] = float(img[core].mean() / img[ring].mean() - 1.0)
+    for i in range(1, n + 1):
+        c, r = core & (lab == i), ring & (lab == i)
+        if c.sum() < 3 or r.sum() < 3:
+            continue
+        out["n_lesions"] = int(out["n_lesions"]) + 1
+        for name, img in images.items():
+            per[name].append(float(img[c].mean() / img[r].mean() - 1.0))
+    out["pooled"] = pooled
+    out["per_lesion"] = per
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="8,128,128", help="z,y,x of the quality phantom")
+    ap.add_argument("--seed", type=int, default=4242)
+    ap.add_argument("--snr", type=float, default=100.0)
+    ap.add_argument("--magnitude", action="store_true")
+    ap.add_argument("--model", default=None, help="ONNX model (default: the shipped one)")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    ap.add_argument("--timing-shape", default="30,256,256")
+    ap.add_argument("--json", action="store_true", help="print one JSON object only")
+    args = ap.parse_args(argv)
+
+    from processing.fit import fit_mdme
+    from processing.phantom import make_phantom
+
+    shape = tuple(int(v) for v in args.shape.split(","))
+    t0 = time.perf_counter()
+    ph = make_phantom(
+        shape, seed=args.seed, snr=args.snr, magnitude=args.magnitude, tissues=HELD_OUT_TISSUES
+    )
+    acq, truth = ph.acq, ph.truth
+    t_sim = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    maps = fit_mdme(acq, mask=truth.head)
+    t_fit = time.perf_counter() - t0
+
+    ti = csf_null_ti(4300.0)  # the preset's CSF null (physics.md: 2851 ms at TR 15 s)
+    ref = np.zeros(shape)
+    for c, tp in truth.tissues.items():
+        ref += truth.fractions[c] * tp.pd_pu * flair_weight(tp.t1_ms, tp.t2_ms, ti)
+    ref *= truth.coil
+    plain = np.where(maps.mask, maps.m0 * flair_weight(maps.t1_ms, maps.t2_ms, ti), 0.0)
+
+    model = load_model(args.model, threads=args.threads)
+    head = truth.head
+    enh = np.zeros(shape)
+    t0 = time.perf_counter()
+    enh[head] = enhance_samples(
+        model,
+        acq.samples()[head],
+        tr_ms=acq.tr_ms,
+        delays_ms=acq.delays_ms,
+        echo_times_ms=acq.echo_times_ms,
+        flair_ti_ms=ti,
+    )
+    t_enh = time.perf_counter() - t0
+
+    csf = truth.fractions["CSF"]
+    band = head & (csf >= 0.2) & (csf <= 0.8)
+    images = {"reference": ref, "plain": plain, "enhanced": enh}
+    res: dict[str, object] = {
+        "phantom": {
+            "shape": shape,
+            "seed": args.seed,
+            "snr": args.snr,
+            "magnitude": args.magnitude,
+            "tissues": HELD_OUT_TISSUES,
+            "ti_ms": round(ti, 1),
+            "head_voxels": int(head.sum()),
+            "band_voxels": int(band.sum()),
+        },
+        "model_sha256": model.sha256,
+        "nrmse_brain": {k: nrmse(images[k], ref, head) for k in ("plain", "enhanced")},
+        "nrmse_band": {k: nrmse(images[k], ref, band) for k in ("plain", "enhanced")},
+    }
+    nb, nbd = res["nrmse_brain"], res["nrmse_band"]
+    res["nrmse_brain_reduction_pct"] = 100 * (1 - nb["enhanced"] / nb["plain"])
+    res["nrmse_band_reduction_pct"] = 100 * (1 - nbd["enhanced"] / nbd["plain"])
+    lc = lesion_contrasts(truth, images)
+    res["lesion"] = lc
+    pooled = lc["pooled"]
+    if "reference" in pooled:
+        res["lesion_contrast_ratio"] = {
+            k: pooled[k] / pooled["reference"] for k in ("plain", "enhanced")
+        }
+        per = lc["per_lesion"]
+        res["lesion_contrast_ratio_per_lesion_enhanced"] = [
+            e / r for e, r in zip(per["enhanced"], per["reference"], strict=True)
+        ]
+
+    # Inference time on a full clinical volume: every voxel of 30x256x256 (no mask).
+    tshape = tuple(int(v) for v in args.timing_shape.split(","))
+    nvox = int(np.prod(tshape))
+    src = acq.samples().reshape(-1, 8)
+    reps = -(-nvox // src.shape[0])
+    big = np.tile(src, (reps, 1))[:nvox]
+    timings = {}
+    for th in sorted({1, args.threads, 2}):
+        m = load_model(args.model, threads=th)
+        enhance_samples(
+            m,
+            big[:1000],
+            tr_ms=acq.tr_ms,
+            delays_ms=acq.delays_ms,
+            echo_times_ms=acq.echo_times_ms,
+            flair_ti_ms=ti,
+        )  # warm
+        t0 = time.perf_counter()
+        enhance_samples(
+            m,
+            big,
+            tr_ms=acq.tr_ms,
+            delays_ms=acq.delays_ms,
+            echo_times_ms=acq.echo_times_ms,
+            flair_ti_ms=ti,
+        )
+        timings[f"threads_{th}"] = time.perf_counter() - t0
+    res["time_s"] = {
+        "simulate": t_sim,
+        "fit": t_fit,
+        "enhance_phantom": t_enh,
+        f"enhance_{'x'.join(map(str, tshape))}_all_voxels": timings,
+    }
+
+    if args.json:
+        print(json.dumps(res, default=float))
+        return 0
+    p = res["phantom"]
+    print(
+        f"held-out phantom {p['shape']} seed {p['seed']} SNR {p['snr']:g} "
+        f"{'magnitude' if p['magnitude'] else 'real'}; TI {p['ti_ms']} ms; "
+        f"model {default_model_path() if args.model is None else args.model!s} "
+        f"sha256 {model.sha256[:16]}..."
+    )
+    print(f"tissues (T1, T2, PD): {HELD_OUT_TISSUES}")
+    print(
+        f"NRMSE brain ({p['head_voxels']} vox): plain {nb['plain']:.3f}  enhanced "
+        f"{nb['enhanced']:.3f}  -> reduction {res['nrmse_brain_reduction_pct']:.1f} % (need >= 30)"
+    )
+    print(
+        f"NRMSE band CSF 0.2-0.8 ({p['band_voxels']} vox): plain {nbd['plain']:.3f}  enhanced "
+        f"{nbd['enhanced']:.3f}  -> reduction {res['nrmse_band_reduction_pct']:.1f} % (need >= 40)"
+    )
+    if "lesion_contrast_ratio" in res:
+        r = res["lesion_contrast_ratio"]
+        print(
+            f"lesion-to-WM contrast ({lc['n_lesions']} lesions, {lc['core_voxels']} core vox): "
+            f"reference {pooled['reference']:.3f}  plain {pooled['plain']:.3f}  enhanced "
+            f"{pooled['enhanced']:.3f}  -> enhanced/reference {r['enhanced']:.3f} "
+            f"(need 0.90-1.10), plain/reference {r['plain']:.3f}"
+        )
+        print(
+            "  per lesion enhanced/reference: "
+            + ", ".join(f"{v:.3f}" for v in res["lesion_contrast_ratio_per_lesion_enhanced"])
+        )
+    else:
+        print("lesion-to-WM contrast: no lesion core in this phantom (try another seed/shape)")
+    print(f"time: simulate {t_sim:.1f} s, fit {t_fit:.1f} s, enhance phantom {t_enh:.3f} s")
+    for k, v in timings.items():
+        print(
+            f"  enhance {'x'.join(map(str, tshape))} ({nvox} voxels, all), {k}: {v:.3f} s "
+            "(need <= 1 s)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

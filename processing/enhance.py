@@ -1,0 +1,363 @@
+"""Pixel-wise ONNX enhancement of synthetic FLAIR (physics.md section 7).
+
+Synthetic FLAIR evaluates the FLAIR equation on a mono-exponential fit; in voxels that mix
+CSF and tissue the fit lands far from the CSF null and the voxel comes out too bright (the
+rim). A small MLP trained on simulated mixtures (``models/train_flair.py``) maps a voxel's
+raw MDME samples straight to the conventional FLAIR of the mixture. It is strictly
+pixel-wise (same input pixel -> same output, no neighbours), so it cannot invent or erase
+structures.
+
+Normalization (shared with training, :func:`make_features`): the network sees the 8
+magnitudes ``|S_k|`` divided by their L2 norm (times sqrt(8)), plus the acquisition and
+FLAIR timing; its output is multiplied back by the norm. The mapping is therefore
+homogeneous of degree one in the samples: coil gain and PD scale all compartments alike.
+
+The enhanced image is put on the scale of the plain synthetic FLAIR: the network output is
+in signal units (receive field x PD x FLAIR weighting), divided by the receive field
+``C = m0 / pd_pu`` and multiplied by the synthetic image's ``scale``.
+
+Any problem (missing or corrupt model, acquisition outside the trained protocol range)
+raises :class:`EnhancementError` with a message naming it; the pipeline records it as a
+warning and carries on without the enhanced series.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from processing.acquisition import Acquisition
+from processing.results import QuantMaps, SyntheticImage
+
+__all__ = [
+    "N_DELAYS",
+    "N_ECHOES",
+    "N_FEATURES",
+    "EnhancementError",
+    "FlairModel",
+    "ProtocolOutOfRange",
+    "default_model_path",
+    "enhance_flair",
+    "enhance_samples",
+    "load_model",
+    "make_features",
+    "model_sha256",
+    "protocol_problems",
+]
+
+#: The network is trained for the product MDME grid only: 4 delays x 2 echoes.
+N_DELAYS = 4
+N_ECHOES = 2
+N_SAMPLES = N_DELAYS * N_ECHOES
+#: Feature layout: 8 normalized |samples| (delay-major), TR, 4 delays, 2 echo times, FLAIR TI.
+N_FEATURES = N_SAMPLES + 1 + N_DELAYS + N_ECHOES + 1
+
+# Fixed affine maps of the protocol inputs to O(1) numbers (ms -> centred, scaled).
+_TR_CENTRE, _TR_SCALE = 4500.0, 500.0
+_TD_CENTRE = np.array([200.0, 600.0, 1900.0, 3800.0])
+_TD_SCALE = np.array([100.0, 200.0, 600.0, 600.0])
+_TE_CENTRE = np.array([20.0, 100.0])
+_TE_SCALE = np.array([10.0, 20.0])
+_TI_CENTRE, _TI_SCALE = 2800.0, 400.0
+
+
+class EnhancementError(RuntimeError):
+    """The FLAIR enhancement cannot run; the message says why (model file, protocol, ...)."""
+
+
+class ProtocolOutOfRange(EnhancementError):
+    """The acquisition or FLAIR timing lies outside what the model was trained on."""
+
+
+def default_model_path() -> Path:
+    """The shipped model, ``models/flair_enhance.onnx``."""
+    try:
+        from models import FLAIR_MODEL  # the models package only holds files and their paths
+
+        return Path(FLAIR_MODEL)
+    except ImportError:  # pragma: no cover - installed without the models package
+        return Path(__file__).resolve().parents[1] / "models" / "flair_enhance.onnx"
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a model file (raises :class:`EnhancementError` if unreadable)."""
+    p = Path(path)
+    try:
+        h = hashlib.sha256()
+        with p.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise EnhancementError(f"FLAIR model file {str(p)!r} cannot be read: {exc}") from exc
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FlairModel:
+    """A loaded FLAIR enhancement model.
+
+    session: the onnxruntime InferenceSession. path / sha256: the file it came from.
+    ranges: trained protocol ranges from the model's metadata, name -> [low, high] (ms or deg).
+    metadata: every metadata entry of the ONNX file (strings).
+    """
+
+    session: Any
+    path: Path
+    sha256: str
+    ranges: dict[str, list[float]]
+    metadata: dict[str, str]
+    input_name: str
+    output_name: str
+
+
+_CACHE: dict[tuple[str, float, int], FlairModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_model(model_path: str | os.PathLike[str] | None = None, *, threads: int = 1) -> FlairModel:
+    """Open the ONNX model in a CPU onnxruntime session (cached per file, mtime, threads).
+
+    threads: ``intra_op_num_threads`` (>= 1). Raises :class:`EnhancementError` when the file
+    is missing, unreadable, not a valid ONNX model, or lacks the expected input/metadata.
+    """
+    path = Path(model_path) if model_path is not None else default_model_path()
+    if int(threads) < 1:
+        raise EnhancementError(f"onnx threads must be >= 1, got {threads}")
+    if not path.is_file():
+        raise EnhancementError(f"FLAIR model file not found: {str(path)!r}")
+    key = (str(path.resolve()), path.stat().st_mtime, int(threads))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    sha = model_sha256(path)
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise EnhancementError(f"onnxruntime is not installed: {exc}") from exc
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise EnhancementError(
+            f"FLAIR model file {str(path)!r} is not a valid ONNX model: {exc}"
+        ) from exc
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    if len(inputs) != 1 or inputs[0].shape[-1] != N_FEATURES or len(outputs) != 1:
+        raise EnhancementError(
+            f"FLAIR model {str(path)!r}: expected one input of {N_FEATURES} features and one "
+            f"output, got inputs {[(i.name, i.shape) for i in inputs]}"
+        )
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
+    try:
+        ranges = {k: [float(v[0]), float(v[1])] for k, v in json.loads(meta["ranges"]).items()}
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise EnhancementError(
+            f"FLAIR model {str(path)!r} has no valid 'ranges' metadata (trained protocol): {exc}"
+        ) from exc
+    model = FlairModel(sess, path, sha, ranges, meta, inputs[0].name, outputs[0].name)
+    with _CACHE_LOCK:
+        _CACHE[key] = model
+    return model
+
+
+def make_features(
+    samples: np.ndarray,
+    tr_ms: float,
+    delays_ms: np.ndarray,
+    echo_times_ms: np.ndarray,
+    flair_ti_ms: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Network inputs for voxels' MDME samples.
+
+    samples: ``[n, 8]`` delay-major samples (real or magnitude; the absolute value is used).
+    Returns ``(features [n, N_FEATURES] float32, norm [n] float64)`` where ``norm`` is the
+    L2 norm of ``|samples|`` divided by sqrt(8); the network output times ``norm`` is the
+    FLAIR signal in the samples' units. Voxels with zero norm get zero features.
+    """
+    s = np.abs(np.asarray(samples, dtype=np.float32))
+    if s.ndim != 2 or s.shape[1] != N_SAMPLES:
+        raise EnhancementError(f"samples: expected shape [n, {N_SAMPLES}], got {s.shape}")
+    td = np.asarray(delays_ms, dtype=np.float64)
+    te = np.asarray(echo_times_ms, dtype=np.float64)
+    if td.shape != (N_DELAYS,) or te.shape != (N_ECHOES,):
+        raise EnhancementError(
+            f"the FLAIR model needs {N_DELAYS} delays x {N_ECHOES} echoes, got "
+            f"{td.size} x {te.size}"
+        )
+    # float32 throughout: this runs on every brain voxel (~1e6 per series).
+    norm = np.sqrt(np.einsum("ij,ij->i", s, s) * np.float32(1.0 / N_SAMPLES))
+    inv = np.zeros_like(norm)
+    np.divide(np.float32(1.0), norm, out=inv, where=norm > 0)
+    feats = np.empty((s.shape[0], N_FEATURES), dtype=np.float32)
+    np.multiply(s, inv[:, None], out=feats[:, :N_SAMPLES])
+    proto = np.concatenate(
+        [
+            [(float(tr_ms) - _TR_CENTRE) / _TR_SCALE],
+            (td - _TD_CENTRE) / _TD_SCALE,
+            (te - _TE_CENTRE) / _TE_SCALE,
+            [(float(flair_ti_ms) - _TI_CENTRE) / _TI_SCALE],
+        ]
+    )
+    feats[:, N_SAMPLES:] = proto[None, :].astype(np.float32)
+    return feats, norm.astype(np.float64)
+
+
+def protocol_problems(
+    ranges: dict[str, list[float]],
+    *,
+    tr_ms: float,
+    delays_ms: np.ndarray,
+    echo_times_ms: np.ndarray,
+    saturation_deg: float,
+    excitation_deg: float,
+    flair_tr_ms: float,
+    flair_te_ms: float,
+    flair_ti_ms: float | None,
+) -> list[str]:
+    """Every way the protocol leaves the model's trained ``ranges`` (empty list = fine)."""
+    td = np.asarray(delays_ms, dtype=np.float64)
+    te = np.asarray(echo_times_ms, dtype=np.float64)
+    if td.size != N_DELAYS or te.size != N_ECHOES:
+        return [f"grid {td.size} delays x {te.size} echoes (trained on {N_DELAYS} x {N_ECHOES})"]
+    if flair_ti_ms is None:
+        return ["the synthetic FLAIR has no TI"]
+    values: dict[str, float] = {
+        "tr_ms": float(tr_ms),
+        "saturation_deg": float(saturation_deg),
+        "excitation_deg": float(excitation_deg),
+        "flair_tr_ms": float(flair_tr_ms),
+        "flair_te_ms": float(flair_te_ms),
+        "flair_ti_ms": float(flair_ti_ms),
+    }
+    values.update({f"td{i + 1}_ms": float(v) for i, v in enumerate(td)})
+    values.update({f"te{i + 1}_ms": float(v) for i, v in enumerate(te)})
+    out = []
+    for name, value in values.items():
+        if name not in ranges:
+            continue
+        lo, hi = ranges[name]
+        if not (lo <= value <= hi) or not math.isfinite(value):
+            out.append(f"{name}={value:g} outside the trained range [{lo:g}, {hi:g}]")
+    return out
+
+
+def enhance_samples(
+    model: FlairModel,
+    samples: np.ndarray,
+    *,
+    tr_ms: float,
+    delays_ms: np.ndarray,
+    echo_times_ms: np.ndarray,
+    flair_ti_ms: float,
+    batch_size: int = 65536,
+) -> np.ndarray:
+    """Conventional-FLAIR estimate for ``[n, 8]`` samples, in the samples' units, ``[n]``.
+
+    No protocol range check here (see :func:`protocol_problems`); output is clipped at 0.
+    """
+    n = int(np.asarray(samples).shape[0])
+    out = np.zeros(n, dtype=np.float64)
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        feats, norm = make_features(
+            samples[start:stop], tr_ms, delays_ms, echo_times_ms, flair_ti_ms
+        )
+        y = model.session.run([model.output_name], {model.input_name: feats})[0]
+        out[start:stop] = np.maximum(np.asarray(y, dtype=np.float64).reshape(-1), 0.0) * norm
+    return out
+
+
+def enhance_flair(
+    acq: Acquisition,
+    maps: QuantMaps,
+    flair: SyntheticImage,
+    *,
+    model_path: str | os.PathLike[str] | None = None,
+    threads: int = 1,
+    mask: np.ndarray | None = None,
+) -> SyntheticImage:
+    """AI-enhanced FLAIR ``"FLAIR_AI"`` on the scale of the plain synthetic ``flair``.
+
+    acq: the MDME acquisition (signal ``[z, delay, echo, y, x]``). maps: its fit (for the
+    mask and the receive field ``C = m0 / pd_pu``). flair: the plain synthetic FLAIR (for
+    TR/TE/TI and ``scale``). mask: voxels to enhance (default ``maps.mask``); others are 0.
+    Raises :class:`EnhancementError` (missing/corrupt model) or :class:`ProtocolOutOfRange`.
+    """
+    model = load_model(model_path, threads=threads)
+    problems = protocol_problems(
+        model.ranges,
+        tr_ms=acq.tr_ms,
+        delays_ms=acq.delays_ms,
+        echo_times_ms=acq.echo_times_ms,
+        saturation_deg=acq.saturation_deg,
+        excitation_deg=acq.excitation_deg,
+        flair_tr_ms=flair.tr_ms,
+        flair_te_ms=flair.te_ms,
+        flair_ti_ms=flair.ti_ms,
+    )
+    if problems:
+        raise ProtocolOutOfRange(
+            "FLAIR enhancement skipped, acquisition outside the model's trained protocol: "
+            + "; ".join(problems)
+        )
+    shape = acq.shape
+    m = np.asarray(maps.mask if mask is None else mask, dtype=bool)
+    if m.shape != shape:
+        raise EnhancementError(f"mask shape {m.shape} does not match the image {shape}")
+    if flair.image.shape != shape:
+        raise EnhancementError(f"FLAIR image shape {flair.image.shape} does not match {shape}")
+    # Receive field C = m0 / PD (signal units per pu); PD-scale output = signal / C.
+    if maps.receive_field is not None:
+        coil = np.asarray(maps.receive_field, dtype=np.float64)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            coil = np.asarray(maps.m0, np.float64) / np.asarray(maps.pd_pu, np.float64)
+    m &= np.isfinite(coil) & (coil > 0)
+
+    samples = acq.samples()[m]  # [n, 8] for the masked voxels only
+    signal = enhance_samples(
+        model,
+        samples,
+        tr_ms=acq.tr_ms,
+        delays_ms=acq.delays_ms,
+        echo_times_ms=acq.echo_times_ms,
+        flair_ti_ms=float(flair.ti_ms),  # checked non-None above
+    )
+    img = np.zeros(shape, dtype=np.float32)
+    hi = 32767.0 if flair.signed else 65535.0
+    img[m] = np.clip(signal / coil[m] * flair.scale, 0.0, hi).astype(np.float32)
+
+    ti = int(round(float(flair.ti_ms)))
+    params = dict(flair.parameters)
+    params.update(
+        {
+            "model_sha256": model.sha256,
+            "model_file": model.path.name,
+            "model_version": model.metadata.get("version", ""),
+            "onnx_threads": int(threads),
+            "source_contrast": flair.name,
+        }
+    )
+    return replace(
+        flair,
+        name="FLAIR_AI",
+        image=img,
+        ai_enhanced=True,
+        equation="pixel-wise MLP (ONNX) on the raw MDME samples, trained on simulated "
+        "tissue mixtures; target: conventional FLAIR of the mixture",
+        description=(
+            f"SYNTHETIC FLAIR AI-ENHANCED TR{round(flair.tr_ms)} TE{round(flair.te_ms)} TI{ti}"
+        ),
+        parameters=params,
+    )

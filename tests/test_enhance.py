@@ -1,0 +1,335 @@
+"""processing.enhance: the pixel-wise ONNX FLAIR enhancement (issue 7).
+
+Physics tests simulate voxels with the forward model (processing.signal.mdme_signal) from
+the parameters stated in TISSUES / PROTOCOL below and compare with the true conventional
+FLAIR of the mixture, sum_k f_k PD_k |1 - 2 E_k(TI) + E_k(TR)| exp(-TE/T2_k).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processing.acquisition import Acquisition
+from processing.enhance import (
+    N_FEATURES,
+    EnhancementError,
+    ProtocolOutOfRange,
+    default_model_path,
+    enhance_flair,
+    enhance_samples,
+    load_model,
+    model_sha256,
+)
+from processing.results import QuantMaps, SyntheticImage
+from processing.signal import mdme_signal
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "flair_enhance.onnx"
+CARD = ROOT / "models" / "MODEL_CARD.md"
+
+# Stated simulation parameters (T1 ms, T2 ms, PD pu): 3T values, not the training centres.
+TISSUES = {
+    "WM": (620.0, 66.0, 68.0),
+    "GM": (1150.0, 92.0, 84.0),
+    "CSF": (4300.0, 2000.0, 100.0),
+    "LESION": (1100.0, 130.0, 82.0),
+}
+PROTOCOL = {
+    "delays_ms": np.array([150.0, 580.0, 1900.0, 3850.0]),
+    "echo_times_ms": np.array([20.0, 100.0]),
+    "tr_ms": 4000.0,
+}
+FLAIR_TR, FLAIR_TE = 15000.0, 100.0
+TI = 4300.0 * math.log(2.0 / (1.0 + math.exp(-FLAIR_TR / 4300.0)))  # CSF null, ~2851 ms
+B1, COIL, SNR = 1.05, 0.9, 100.0
+
+
+def flair_weight(t1, t2, ti=TI):
+    t1 = np.asarray(t1, np.float64)
+    t2 = np.asarray(t2, np.float64)
+    return np.abs(1 - 2 * np.exp(-ti / t1) + np.exp(-FLAIR_TR / t1)) * np.exp(-FLAIR_TE / t2)
+
+
+def simulate(fractions: np.ndarray, *, seed: int, snr: float | None = SNR):
+    """Real (phase-corrected) samples [n, 8] and true FLAIR [n] of compartment mixtures.
+
+    fractions: [n, 4] over (WM, GM, CSF, LESION). M0 = COIL * PD, B1 fixed; noise SD per
+    channel = 100/snr (the fit's SNR definition), real part only.
+    """
+    sig = np.zeros((fractions.shape[0], 8))
+    ref = np.zeros(fractions.shape[0])
+    for k, (t1, t2, pd) in enumerate(TISSUES.values()):
+        s = mdme_signal(COIL * pd, t1, t2, B1, **PROTOCOL)
+        sig += fractions[:, k : k + 1] * s[None, :]
+        ref += fractions[:, k] * COIL * pd * flair_weight(t1, t2)
+    if snr is not None:
+        sig += np.random.default_rng(seed).normal(0.0, 100.0 / snr, sig.shape)
+    return sig, ref
+
+
+def mixtures(n_per: int = 40) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Pure WM, GM, lesion, WM+CSF and GM+CSF (CSF 0.1-0.9) and WM+lesion voxels."""
+    rows, groups = [], {}
+    f = np.linspace(0.1, 0.9, n_per)
+
+    def add(name, block):
+        groups[name] = np.arange(len(rows), len(rows) + len(block))
+        rows.extend(block)
+
+    add("WM", [[1, 0, 0, 0]] * n_per)
+    add("GM", [[0, 1, 0, 0]] * n_per)
+    add("LESION", [[0, 0, 0, 1]] * n_per)
+    add("WM+CSF", [[1 - c, 0, c, 0] for c in f])
+    add("GM+CSF", [[0, 1 - c, c, 0] for c in f])
+    add("WM+LESION", [[1 - c, 0, 0, c] for c in f])
+    return np.asarray(rows, np.float64), groups
+
+
+def to_acquisition(samples: np.ndarray, nx: int = 20) -> Acquisition:
+    """Lay [n, 8] samples on a 1-slice grid (n must be a multiple of nx)."""
+    n = samples.shape[0]
+    ny = n // nx
+    sig = samples.reshape(1, ny, nx, 4, 2).transpose(0, 3, 4, 1, 2).astype(np.float32)
+    return Acquisition(
+        signal=sig,
+        saturation_deg=120.0,
+        excitation_deg=90.0,
+        voxel_size_mm=(4.0, 1.0, 1.0),
+        affine=np.diag([1.0, 1.0, 4.0, 1.0]),
+        delay_source="test",
+        **PROTOCOL,
+    )
+
+
+def plain_flair(maps: QuantMaps, scale: float = 1.0) -> SyntheticImage:
+    """Plain synthetic FLAIR on the fit, scale * PD * F(T1fit, T2fit) (physics.md section 3)."""
+    img = np.where(maps.mask, scale * maps.pd_pu * flair_weight(maps.t1_ms, maps.t2_ms), 0.0)
+    return SyntheticImage(
+        name="FLAIR",
+        kind="IR",
+        image=img.astype(np.float32),
+        tr_ms=FLAIR_TR,
+        te_ms=FLAIR_TE,
+        ti_ms=TI,
+        scale=scale,
+        description=f"SYNTHETIC FLAIR TR15000 TE100 TI{round(TI)}",
+    )
+
+
+def run_enh(model, samples):
+    return enhance_samples(model, samples, flair_ti_ms=TI, **PROTOCOL)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(MODEL, threads=1)
+
+
+# ---------------------------------------------------------------------------- model file
+
+
+def test_model_card_sha256_matches_file():
+    text = CARD.read_text()
+    m = re.search(r"sha256: `([0-9a-f]{64})`", text)
+    assert m, "MODEL_CARD.md has no sha256 line"
+    assert m.group(1) == hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    assert m.group(1) == model_sha256(MODEL)
+    assert MODEL.stat().st_size < 1_000_000
+    assert default_model_path().resolve() == MODEL.resolve()
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(EnhancementError, match="not found"):
+        load_model(tmp_path / "nope.onnx")
+
+
+def test_corrupt_model_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(MODEL.read_bytes()[:1000])  # truncated download / disk error
+    with pytest.raises(EnhancementError, match="not a valid ONNX model"):
+        load_model(bad)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a model")
+    with pytest.raises(EnhancementError, match="not a valid ONNX model"):
+        load_model(junk)
+
+
+def test_enhance_flair_reports_missing_model(tmp_path):
+    samples, _ = simulate(np.tile([[1.0, 0, 0, 0]], (20, 1)), seed=1)
+    acq = to_acquisition(samples)
+    maps = truth_like_maps(acq)
+    with pytest.raises(EnhancementError, match="not found"):
+        enhance_flair(acq, maps, plain_flair(maps), model_path=tmp_path / "missing.onnx")
+
+
+def truth_like_maps(acq: Acquisition) -> QuantMaps:
+    shape = acq.shape
+    one = np.ones(shape, np.float32)
+    return QuantMaps(
+        t1_ms=one * 620,
+        t2_ms=one * 66,
+        pd_pu=one * 68,
+        b1=one,
+        m0=one * 68 * COIL,
+        residual=one * 0,
+        mask=np.ones(shape, bool),
+        failed=np.zeros(shape, bool),
+    )
+
+
+def test_out_of_range_protocol_is_refused(model):
+    samples, _ = simulate(np.tile([[1.0, 0, 0, 0]], (20, 1)), seed=2)
+    base = to_acquisition(samples)
+    maps = truth_like_maps(base)
+    long_tr = Acquisition(
+        signal=np.asarray(base.signal),
+        delays_ms=base.delays_ms,
+        echo_times_ms=base.echo_times_ms,
+        tr_ms=9000.0,
+        saturation_deg=120.0,
+        excitation_deg=90.0,
+        voxel_size_mm=base.voxel_size_mm,
+        affine=base.affine,
+    )
+    with pytest.raises(ProtocolOutOfRange, match="tr_ms=9000"):
+        enhance_flair(long_tr, maps, plain_flair(maps), model_path=MODEL)
+    flair = plain_flair(maps)
+    flair.te_ms = 140.0
+    with pytest.raises(ProtocolOutOfRange, match="flair_te_ms=140"):
+        enhance_flair(base, maps, flair, model_path=MODEL)
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    c=st.floats(min_value=1e-3, max_value=1e4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_homogeneous_of_degree_one(model, c, seed):
+    rng = np.random.default_rng(seed)
+    fr = rng.dirichlet(np.ones(4), size=16)
+    x, _ = simulate(fr, seed=seed)
+    y = run_enh(model, x)
+    yc = run_enh(model, x * c)
+    np.testing.assert_allclose(yc, c * y, rtol=2e-5, atol=1e-6 * c * np.abs(y).max())
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_permuting_voxels_permutes_outputs(model, seed):
+    rng = np.random.default_rng(seed)
+    x, _ = simulate(rng.dirichlet(np.ones(4), size=64), seed=seed)
+    perm = rng.permutation(64)
+    np.testing.assert_array_equal(run_enh(model, x[perm]), run_enh(model, x)[perm])
+
+
+def test_same_pixel_same_output_regardless_of_neighbours(model):
+    """One voxel's samples placed at two positions among different neighbours, in an image."""
+    rng = np.random.default_rng(7)
+    x, _ = simulate(rng.dirichlet(np.ones(4), size=400), seed=7)
+    probe = x[0].copy()
+    x[137] = probe  # same pixel elsewhere, other neighbours
+    x2, _ = simulate(rng.dirichlet(np.ones(4), size=400), seed=8)
+    x2[311] = probe  # and in another image altogether
+    out = []
+    for arr, idx in ((x, (0, 137)), (x2, (311,))):
+        acq = to_acquisition(arr)
+        maps = truth_like_maps(acq)
+        img = enhance_flair(acq, maps, plain_flair(maps), model_path=MODEL).image.ravel()
+        out.extend(img[i] for i in idx)
+    assert out[0] > 0
+    assert out[0] == out[1] == out[2]
+
+
+# ---------------------------------------------------------------------------- physics
+
+
+def test_enhanced_beats_plain_synthetic_flair_on_mixtures(model):
+    fit = pytest.importorskip("processing.fit")
+    fr, groups = mixtures()
+    x, ref = simulate(fr, seed=11)
+    acq = to_acquisition(x)
+    maps = fit.fit_mdme(acq, mask=np.ones(acq.shape, bool))
+    # Unit coil-corrected scale: pd_pu is m0 here (fit's convention before processing.pd).
+    plain = plain_flair(maps).image.ravel().astype(np.float64)
+    enh_img = enhance_flair(acq, maps, plain_flair(maps), model_path=MODEL)
+    enh = enh_img.image.ravel().astype(np.float64)
+
+    def nrmse(v, idx):
+        return np.sqrt(np.mean((v[idx] - ref[idx]) ** 2)) / np.sqrt(np.mean(ref[idx] ** 2))
+
+    rim = np.concatenate([groups["WM+CSF"], groups["GM+CSF"]])
+    allv = np.arange(len(ref))
+    # The rim is where plain synthetic FLAIR fails (physics.md section 7): up to ~3x too bright.
+    assert nrmse(plain, rim) > 0.5
+    assert nrmse(enh, rim) < 0.6 * nrmse(plain, rim)
+    assert nrmse(enh, allv) < 0.7 * nrmse(plain, allv)
+    # Pure tissue stays right (within 10 %) and lesion-to-WM contrast within 10 % of truth.
+    for t in ("WM", "GM", "LESION"):
+        i = groups[t]
+        assert abs(enh[i].mean() / ref[i].mean() - 1) < 0.10, t
+    c_true = ref[groups["LESION"]].mean() / ref[groups["WM"]].mean() - 1
+    c_enh = enh[groups["LESION"]].mean() / enh[groups["WM"]].mean() - 1
+    assert abs(c_enh / c_true - 1) < 0.10
+
+
+def test_enhanced_image_is_labelled_and_on_the_flair_scale(model):
+    fr, groups = mixtures()
+    x, ref = simulate(fr, seed=12, snr=None)
+    acq = to_acquisition(x)
+    maps = truth_like_maps(acq)
+    maps.m0[...] = COIL * 68  # coil 0.9 x PD 68 -> C = m0 / pd_pu = COIL
+    scale = 37.0
+    flair = plain_flair(maps, scale=scale)
+    out = enhance_flair(acq, maps, flair, model_path=MODEL, threads=1)
+    assert out.name == "FLAIR_AI" and out.ai_enhanced
+    assert out.description.startswith("SYNTHETIC FLAIR AI-ENHANCED TR15000 TE100 TI")
+    assert out.parameters["model_sha256"] == model_sha256(MODEL)
+    assert out.scale == scale and out.image.dtype == np.float32
+    # On the FLAIR scale: image = scale * FLAIR / C, so pure WM ~ scale * PD_wm * F_wm.
+    wm = groups["WM"]
+    expect = scale * ref[wm] / COIL
+    np.testing.assert_allclose(out.image.ravel()[wm].mean(), expect.mean(), rtol=0.08)
+
+
+def test_features_reject_other_grids(model):
+    with pytest.raises(EnhancementError, match="4 delays x 2 echoes"):
+        enhance_samples(
+            model,
+            np.ones((3, 8)),
+            tr_ms=4000.0,
+            delays_ms=np.array([150.0, 580.0, 1900.0, 3000.0, 3850.0]),
+            echo_times_ms=np.array([20.0]),
+            flair_ti_ms=TI,
+        )
+    assert model.session.get_inputs()[0].shape[-1] == N_FEATURES
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def test_training_smoke_is_deterministic(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from models import train_flair
+
+    shas = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        args = ["--quick", "--n-train", "3000", "--epochs", "1", "--out", str(out)]
+        assert train_flair.main(args) == 0
+        m = load_model(out / "flair_enhance.onnx")
+        card = (out / "MODEL_CARD.md").read_text()
+        assert m.sha256 in card
+        shas.append(m.sha256)
+    assert shas[0] == shas[1]
