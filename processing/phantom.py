@@ -600,7 +600,13 @@ def make_phantom(
         share, centres = _place_lesions(rng, coords, wm, vs)
         les = (share * wm).astype(np.float32)
         wm = (wm - les).astype(np.float32)
-    fractions = {"WM": wm, "GM": gm, "CSF": csf, "LESION": les}
+    # Drop sub-2 % tails (interpolation/atlas blur, not anatomy) so that ventricles hold
+    # pure CSF, then renormalize inside the head.
+    stack = np.stack([wm, gm, csf, les])
+    stack[stack < 0.02] = 0.0
+    tot = stack.sum(axis=0)
+    stack = np.where(head & (tot > 0), stack / np.where(tot > 0, tot, 1.0), 0.0).astype(np.float32)
+    fractions = dict(zip(COMPARTMENTS, stack, strict=True))
 
     centre = _HEAD_CENTRE_LPS
     b1u = _smooth_unit_field(
@@ -709,23 +715,33 @@ def make_phantom(
     return Phantom(acq=acq, truth=truth)
 
 
-def truth_quantmaps(truth: PhantomTruth, *, noise_sd: float = 0.0) -> QuantMaps:
+def truth_quantmaps(truth: PhantomTruth, *, mixed: str = "weighted", noise_sd: float = 0.0) -> QuantMaps:
     """QuantMaps built from the truth, as an ideal fit would give them (no fit involved).
 
-    Pure voxels carry their compartment's exact T1/T2. Mixed voxels get fraction-weighted
-    rates ``R = sum f_k R_k`` (an approximation of what a mono-exponential fit returns)
-    and ``m0 = coil * sum f_k PD_k``. ``pd_pu`` is left equal to ``m0`` (uncorrected), like
-    the fit leaves it; ``receive_field`` is None.
+    ``mixed="weighted"``: mixed voxels get fraction-weighted rates ``R = sum f_k R_k`` (an
+    approximation of what a mono-exponential fit returns) and ``m0 = coil * sum f_k PD_k``;
+    pure compartments keep their exact values. ``mixed="dominant"``: every voxel carries
+    the dominant compartment's exact T1/T2/PD (``truth.t1_ms`` etc.), ``m0 = coil * PD``.
+    ``pd_pu`` is left equal to ``m0`` (uncorrected, like the fit leaves it);
+    ``receive_field`` is None.
     """
+    if mixed not in ("weighted", "dominant"):
+        raise PhantomError(f"mixed: expected 'weighted' or 'dominant', got {mixed!r}")
     r1 = np.zeros(truth.head.shape, np.float64)
     r2 = np.zeros_like(r1)
     pd = np.zeros_like(r1)
-    for c in COMPARTMENTS:
-        f = truth.fractions[c]
-        tp = truth.tissues[c]
-        r1 += f / tp.t1_ms
-        r2 += f / tp.t2_ms
-        pd += f * tp.pd_pu
+    if mixed == "dominant":
+        with np.errstate(divide="ignore"):
+            r1 = np.where(truth.head, 1.0 / truth.t1_ms, 0.0)
+            r2 = np.where(truth.head, 1.0 / truth.t2_ms, 0.0)
+        pd = truth.pd_pu.astype(np.float64)
+    else:
+        for c in COMPARTMENTS:
+            f = truth.fractions[c]
+            tp = truth.tissues[c]
+            r1 += f / tp.t1_ms
+            r2 += f / tp.t2_ms
+            pd += f * tp.pd_pu
     head = truth.head
     with np.errstate(divide="ignore"):
         t1 = np.where(head, 1.0 / r1, 0.0).astype(np.float32)
