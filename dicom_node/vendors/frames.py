@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
@@ -45,12 +46,44 @@ def parse_tag(name: str) -> BaseTag:
     return tag
 
 
+_NUMERIC = {"FL": "f4", "FD": "f8", "SS": "i2", "US": "u2", "SL": "i4", "UL": "u4"}
+
+
+def _fast_value(src: Dataset, raw: Any) -> Any:
+    """Decode DS/IS/binary numbers straight from a raw element (pydicom's conversion is
+    the hot spot when sorting hundreds of files); anything else goes through pydicom."""
+    vr = raw.VR
+    data = raw.value
+    if isinstance(data, bytes | bytearray) and vr is not None:
+        try:
+            if vr in ("DS", "IS"):
+                parts = [p.strip() for p in data.split(b"\\")]
+                vals = [float(p) if vr == "DS" else int(float(p)) for p in parts if p]
+                return vals[0] if len(vals) == 1 else (vals or None)
+            code = _NUMERIC.get(vr)
+            if code is not None and src.is_little_endian is not None:
+                arr = np.frombuffer(data, dtype=("<" if src.is_little_endian else ">") + code)
+                vals = arr.tolist()
+                return vals[0] if len(vals) == 1 else (vals or None)
+        except ValueError:
+            pass
+    return src[raw.tag].value
+
+
 def lookup(sources: Sequence[Dataset], name: str) -> Any:
     """First value of ``name`` (or its enhanced alias) found in ``sources``, else None."""
     tags = [parse_tag(a) for a in _ALIASES.get(name, (name,))]
     for src in sources:  # source-major: the most specific source wins
         for tag in tags:
-            elem = src.get(tag)
+            if tag not in src._dict:
+                continue
+            raw = src._dict[tag]
+            if type(raw).__name__ == "RawDataElement":
+                value = _fast_value(src, raw)
+                if value is None or value == "":
+                    continue
+                return value
+            elem = raw
             if elem is not None:
                 value = elem.value
                 if value is None or value == "" or (isinstance(value, list | tuple) and not value):
@@ -69,7 +102,16 @@ class Frame:
     sources: tuple[Dataset, ...]
 
     def get(self, name: str) -> Any:
-        return lookup(self.sources, name)
+        # cached: detection and normalization ask for the same attributes
+        try:
+            return self._cache[name]
+        except KeyError:
+            v = self._cache[name] = lookup(self.sources, name)
+            return v
+        except AttributeError:
+            self._cache: dict[str, Any] = {}
+            v = self._cache[name] = lookup(self.sources, name)
+            return v
 
 
 def _group_items(group: Dataset | None) -> list[Dataset]:

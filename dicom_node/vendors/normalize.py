@@ -29,6 +29,7 @@ from pydicom.uid import UID
 from dicom_node.vendors.frames import Frame, frame_records, lookup
 from dicom_node.vendors.rules import INTERLEAVE, VendorRules, load_rules
 from processing.acquisition import Acquisition, AcquisitionError
+from processing.phase import real_from_complex, real_from_magnitude_phase
 
 __all__ = [
     "MR_SOP_CLASSES",
@@ -527,7 +528,7 @@ def normalize(
         )
 
     # --- pixels: stored value -> float per frame
-    data = np.empty((nz, nd, ne, npart, n_rows, n_cols), dtype=np.float32)
+    data = np.empty((npart, nz, nd, ne, n_rows, n_cols), dtype=np.float32)
     frame_cache: dict[int, np.ndarray] = {}
     for k, f in enumerate(frames):
         arr = frame_cache.get(f.index)
@@ -548,10 +549,9 @@ def normalize(
                 scale, offset = 1.0 / ss, icpt / (slope * ss)
         if part == "P":
             scale, offset = scale * r.phase_to_rad, offset * r.phase_to_rad
-        dst = data[int(slice_lab[k]), int(delay_lab[k]), int(echo_lab[k]), pidx[part]]
-        np.multiply(img, scale, out=dst, casting="unsafe")
-        if offset:
-            dst += np.float32(offset)
+        dst = data[pidx[part], int(slice_lab[k]), int(delay_lab[k]), int(echo_lab[k])]
+        # one float64 pass, one rounding to float32
+        dst[...] = img * scale + offset if offset else img * scale
     del frame_cache
 
     signal, is_mag, combine = _combine(data, part_set)
@@ -678,29 +678,16 @@ def _interleave_delays(
 
 
 def _combine(data: np.ndarray, parts: Sequence[str]) -> tuple[np.ndarray, bool, str]:
-    """[z, d, e, part, y, x] -> signal [z, d, e, y, x], is_magnitude, description."""
+    """[part, z, d, e, y, x] -> signal [z, d, e, y, x], is_magnitude, description."""
     ip = {p: i for i, p in enumerate(parts)}
     if "R" in ip and "I" in ip:
-        cplx = data[:, :, :, ip["R"]] + 1j * data[:, :, :, ip["I"]].astype(np.complex64)
-        how = "real/imaginary -> background-phase-corrected real"
-    elif "M" in ip and "P" in ip:
-        mag = data[:, :, :, ip["M"]]
-        ph = data[:, :, :, ip["P"]]
-        # background phase per (slice, echo, voxel) = phase of the complex sum over delays
-        s = (mag * np.exp(1j * ph.astype(np.float32))).sum(axis=1, keepdims=True)
-        bg = np.angle(s).astype(np.float32)
-        out = mag * np.cos(ph - bg)
-        return (
-            np.ascontiguousarray(out, dtype=np.float32),
-            False,
-            ("magnitude/phase -> background-phase-corrected real"),
-        )
-    elif "M" in ip:
-        return np.ascontiguousarray(data[:, :, :, ip["M"]]), True, "magnitude"
-    else:
-        raise NormalizationError(
-            "inconsistent", f"complex parts {''.join(parts)}: no magnitude or real/imaginary pair"
-        )
-    bg = np.angle(cplx.sum(axis=1, keepdims=True))
-    out = (cplx * np.exp(-1j * bg)).real
-    return np.ascontiguousarray(out, dtype=np.float32), False, how
+        out = real_from_complex(data[ip["R"]], data[ip["I"]])
+        return out, False, "real/imaginary -> background-phase-corrected real"
+    if "M" in ip and "P" in ip:
+        out = real_from_magnitude_phase(data[ip["M"]], data[ip["P"]])
+        return out, False, "magnitude/phase -> background-phase-corrected real"
+    if "M" in ip:
+        return data[ip["M"]], True, "magnitude"
+    raise NormalizationError(
+        "inconsistent", f"complex parts {''.join(parts)}: no magnitude or real/imaginary pair"
+    )
