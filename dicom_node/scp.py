@@ -219,6 +219,7 @@ class StoreSCP:
             )
             # permanent, service-user, calling AE title not recognised
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()  # waits until the reject PDU is out, as pynetdicom's own path
 
     def _on_accepted(self, event: evt.Event) -> None:
         self.metrics.associations.labels("accepted").inc()

@@ -71,7 +71,9 @@ def stop_pid(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
 
 # --------------------------------------------------------------------------- dcmtk
 def require_tool(name: str) -> str:
-    path = shutil.which(name)
+    """Path of a system tool. dcmtk and pynetdicom both install ``echoscu``/``storescu``;
+    the system directories come first so that the real dcmtk binaries are used."""
+    path = shutil.which(name, path="/usr/bin:/usr/local/bin:/usr/sbin") or shutil.which(name)
     if path is None:
         pytest.skip(f"{name} is not installed")
     return path
@@ -226,3 +228,15 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
         yield srv
     finally:
         srv.stop()
+
+
+# --------------------------------------------------------------------------- MDME series
+@pytest.fixture(scope="session")
+def mdme_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A tiny GE-flavoured MDME series (2 slices x 32 x 32, 4 delays, 2 echoes, magnitude +
+    phase = 32 files) made by the phantom and the scanner emulator."""
+    from dicom_node import emulator
+    from processing.phantom import make_phantom
+
+    ph = make_phantom((2, 32, 32), seed=3, snr=50.0, anatomy="ellipsoid")
+    return emulator.write_series(ph.acq, "ge", tmp_path_factory.mktemp("mdme_ge"))
