@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, ParametricMapStorage, SegmentationStorage
 from test_export_support import PATIENT_NAME, STUDY_UID, make_result, make_sources
 
-from dicom_node.export import ExportError, ExportSettings, MapKind, export_all
+from dicom_node.export import ExportSettings, MapKind, export_all
 from dicom_node.export.common import map_array
 from processing.acquisition import Acquisition
 from processing.results import TISSUES
@@ -193,7 +193,8 @@ def test_emulator_vendor_sources(layout, result):
         assert ds.SpecificCharacterSet == sources[0].SpecificCharacterSet
 
 
-def test_emulator_enhanced_sources_rejected_clearly(result):
+@pytest.mark.parametrize("layout", ["philips_enhanced", "siemens_xa_enhanced"])
+def test_emulator_enhanced_sources(layout, result, tmp_path):
     from dicom_node.emulator import make_datasets
 
     nz, ny, nx = result.shape
@@ -207,6 +208,24 @@ def test_emulator_enhanced_sources_rejected_clearly(result):
         voxel_size_mm=tuple(result.voxel_size_mm),
         affine=result.affine,
     )
-    sources = make_datasets(acq, "philips_enhanced", with_phase=False)
-    with pytest.raises(ExportError, match="Enhanced MR"):
-        export_all(result, sources, ExportSettings())
+    sources = make_datasets(acq, layout, with_phase=True)
+    outs = export_all(result, sources, ExportSettings(maps=("T1",)))
+    mr = [ds for ds in outs if ds.SOPClassUID == MRImageStorage]
+    assert len(mr) == 3 * nz
+    by_uid = {s.SOPInstanceUID: s for s in sources}
+    for ds in mr:
+        item = ds.SourceImageSequence[0]
+        src = by_uid[item.ReferencedSOPInstanceUID]
+        frame = src.PerFrameFunctionalGroupsSequence[int(item.ReferencedFrameNumber) - 1]
+        assert frame.MRImageFrameTypeSequence[0].ComplexImageComponent == "MAGNITUDE"
+        np.testing.assert_allclose(
+            [float(v) for v in ds.ImagePositionPatient],
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+            atol=1e-3,
+        )
+    # every output kind still validates
+    exe = require_tool("dciodvfy")
+    for p in one_per_series(write_all(outs, tmp_path)):
+        r = subprocess.run([exe, str(p)], capture_output=True, text=True, timeout=120)
+        errors = [line for line in (r.stdout + r.stderr).splitlines() if "Error" in line]
+        assert r.returncode == 0 and not errors, f"{p.name}: {errors[:5]}"

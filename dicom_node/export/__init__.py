@@ -65,7 +65,7 @@ def export_all(
     """
     settings = settings or ExportSettings()
     geometry = slice_geometry(result, sources, settings)  # validates once, early
-    refs = geometry.refs
+    refs = sources  # each builder re-derives the geometry (Enhanced MR needs the originals)
     maps = tuple(m for m in settings.maps if m is not MapKind.MYPV or result.myelin is not None)
     if maps != settings.maps:
         from dataclasses import replace

@@ -35,6 +35,9 @@ __all__ = [
     "add_private_provenance",
     "copy_patient_study",
     "derive_uid",
+    "frame_headers",
+    "frame_number",
+    "highdicom_sources",
     "map_array",
     "parameter_fingerprint",
     "provenance_text",
@@ -276,19 +279,83 @@ def _normal(ds: Dataset) -> np.ndarray:
     return np.cross(iop[:3], iop[3:])
 
 
+_FRAME_NUMBER_ATTR = "_synthmr_frame_number"
+
+
+def _fg(ds: Dataset, frame: Dataset, seq: str) -> Dataset | None:
+    """A functional-group macro item: per-frame first, else shared."""
+    if seq in frame:
+        return frame[seq].value[0]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and seq in shared[0]:
+        return shared[0][seq].value[0]
+    return None
+
+
+def frame_headers(ds: Dataset) -> list[Dataset]:
+    """Enhanced MR: one single-frame-like header per frame (pixel data left out).
+
+    Each header keeps the instance's SOP Class/Instance UID, with the frame's plane
+    position/orientation, pixel spacing, echo time and complex component, and
+    remembers its frame number (used for ReferencedFrameNumber).
+    """
+    skip = {0x52009229, 0x52009230, 0x7FE00010, 0x00280008}
+    base = Dataset()
+    for elem in ds:
+        if int(elem.tag) not in skip and elem.tag.group != 0x7FE0:
+            base.add(copy.deepcopy(elem))
+    out = []
+    for i, frame in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
+        pos = _fg(ds, frame, "PlanePositionSequence")
+        ori = _fg(ds, frame, "PlaneOrientationSequence")
+        meas = _fg(ds, frame, "PixelMeasuresSequence")
+        if pos is None or ori is None or meas is None:
+            raise ExportError(
+                f"Enhanced MR {ds.SOPInstanceUID}: frame {i} lacks plane position, "
+                "orientation or pixel measures"
+            )
+        h = copy.deepcopy(base)
+        h.ImagePositionPatient = pos.ImagePositionPatient
+        h.ImageOrientationPatient = ori.ImageOrientationPatient
+        h.PixelSpacing = meas.PixelSpacing
+        if "SliceThickness" in meas:
+            h.SliceThickness = meas.SliceThickness
+        echo = _fg(ds, frame, "MREchoSequence")
+        if echo is not None and "EffectiveEchoTime" in echo:
+            h.EchoTime = echo.EffectiveEchoTime
+        ftype = _fg(ds, frame, "MRImageFrameTypeSequence")
+        if ftype is not None:
+            h.ImageType = ftype.get("FrameType", ds.get("ImageType", []))
+            part = str(ftype.get("ComplexImageComponent", "MAGNITUDE")).upper()
+            if part != "MAGNITUDE" and len(h.ImageType) > 2:
+                h.ImageType = [*list(h.ImageType)[:2], "P", *list(h.ImageType)[3:]]
+        content = _fg(ds, frame, "FrameContentSequence")
+        if content is not None and "TemporalPositionIndex" in content:
+            h.TemporalPositionIdentifier = content.TemporalPositionIndex
+        object.__setattr__(h, _FRAME_NUMBER_ATTR, i)
+        out.append(h)
+    return out
+
+
+def frame_number(ds: Dataset) -> int | None:
+    """The source frame a reference header stands for (Enhanced MR), else None."""
+    return getattr(ds, _FRAME_NUMBER_ATTR, None)
+
+
 def reference_images(sources: Sequence[Dataset]) -> list[Dataset]:
     """One source image per slice, sorted by position along the slice normal (ascending).
 
     Result z index 0 is the slice with the smallest position, as in normalization. Per
-    slice it prefers a magnitude image with the shortest TE and delay. Classic
-    (single-frame) images only; an Enhanced MR source raises :class:`ExportError`.
+    slice it prefers a magnitude image with the shortest TE and delay. Enhanced MR
+    (multi-frame) sources are expanded into per-frame headers (:func:`frame_headers`);
+    outputs then reference the instance and its frame number.
     """
-    images = [ds for ds in sources if _is_image(ds)]
-    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in sources):
-        raise ExportError(
-            "reference_images: multi-frame (Enhanced MR) sources are not supported yet; "
-            "pass the classic single-frame images"
-        )
+    images: list[Dataset] = []
+    for ds in sources:
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            images += frame_headers(ds)
+        elif _is_image(ds):
+            images.append(ds)
     if not images:
         raise ExportError(
             "reference_images: no source image has ImagePositionPatient, "
@@ -311,6 +378,7 @@ def reference_images(sources: Sequence[Dataset]) -> list[Dataset]:
             float(ds.get("EchoTime", 0) or 0),
             float(delay),
             float(ds.get("InstanceNumber", 0) or 0),
+            float(frame_number(ds) or 0),
         )
 
     return [min(groups[k], key=rank) for k in sorted(groups)]
@@ -366,6 +434,8 @@ def slice_geometry(
             h.add(copy.deepcopy(elem))
         h.ImageOrientationPatient = [float(v) for v in iop0]  # snap (GE ~1e-8 jitter)
         h.file_meta = copy.deepcopy(getattr(ds, "file_meta", Dataset()))
+        if frame_number(ds) is not None:
+            object.__setattr__(h, _FRAME_NUMBER_ATTR, frame_number(ds))
         headers.append(h)
     positions = [tuple(float(v) for v in ds.ImagePositionPatient) for ds in refs]
     # The result's own affine must put voxel (0,0,0) at the first reference slice, or the
@@ -383,6 +453,13 @@ def slice_geometry(
     locs = [float(np.dot(p, normal)) for p in positions]
     spacing = float(np.median(np.diff(locs))) if nz > 1 else float(result.voxel_size_mm[0])
     ps = tuple(float(v) for v in first.PixelSpacing)
+    # Enhanced MR: highdicom wants the multi-frame instances themselves (header only)
+    used = {str(ds.SOPInstanceUID) for ds in refs if frame_number(ds) is not None}
+    instances = [
+        _strip_pixels(ds)
+        for ds in sources
+        if "PerFrameFunctionalGroupsSequence" in ds and str(ds.SOPInstanceUID) in used
+    ]
     return SliceGeometry(
         refs=headers,
         orientation=tuple(float(v) for v in iop0),
@@ -392,7 +469,30 @@ def slice_geometry(
         spacing_between_slices=spacing,
         rows=ny,
         columns=nx,
+        extra={"enhanced_instances": instances},
     )
+
+
+def _strip_pixels(ds: Dataset) -> Dataset:
+    h = Dataset()
+    for elem in ds:
+        if elem.tag.group != 0x7FE0:
+            h.add(copy.deepcopy(elem))
+    h.file_meta = copy.deepcopy(getattr(ds, "file_meta", Dataset()))
+    return h
+
+
+def highdicom_sources(geometry: SliceGeometry) -> tuple[list[Dataset], list[Dataset]]:
+    """(source_images, further_source_images) for highdicom's PM/SEG constructors.
+
+    Classic sources: the per-slice headers. Enhanced MR: highdicom accepts exactly one
+    multi-frame source, so the first instance is the source and the rest are "further"
+    sources (Siemens XA writes one multi-frame file per slice).
+    """
+    inst = geometry.extra.get("enhanced_instances") or []
+    if not inst:
+        return list(geometry.refs), []
+    return [inst[0]], list(inst[1:])
 
 
 PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (

@@ -27,6 +27,7 @@ from .common import (
     add_private_provenance,
     copy_patient_study,
     derive_uid,
+    frame_number,
     map_array,
     model_hash,
     now_da_tm,
@@ -80,7 +81,12 @@ def _base_instance(
     ds.InstanceCreationDate, ds.InstanceCreationTime = da, tm
     # General series
     ds.Modality = "MR"
-    ds.Laterality = ref.get("Laterality", "")  # Type 2C; unknown for a brain series
+    # Laterality is Type 2C: copy it; absent for a known unpaired body part (head),
+    # else empty (unknown) - dciodvfy flags both other choices
+    if "Laterality" in ref:
+        ds.Laterality = ref.Laterality
+    elif not ref.get("BodyPartExamined"):
+        ds.Laterality = ""
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
     ds.SeriesDescription = series_description[:64]
@@ -108,6 +114,8 @@ def _base_instance(
     src = Dataset()
     src.ReferencedSOPClassUID = ref.SOPClassUID
     src.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+    if frame_number(ref) is not None:  # Enhanced MR source: the frame of this slice
+        src.ReferencedFrameNumber = frame_number(ref)
     ds.SourceImageSequence = DicomSequence([src])
     # Image plane
     ds.PixelSpacing = [_ds(v) for v in geometry.pixel_spacing]

@@ -19,6 +19,7 @@ from .common import (
     SliceGeometry,
     add_private_provenance,
     derive_uid,
+    highdicom_sources,
     map_array,
     parameter_fingerprint,
     provenance_text,
@@ -112,7 +113,8 @@ def parametric_map(
     )
     center, width = robust_window(data, np.asarray(result.maps.mask, dtype=bool))
     pm = hd.pm.ParametricMap(
-        source_images=geometry.refs,
+        source_images=highdicom_sources(geometry)[0],
+        further_source_images=highdicom_sources(geometry)[1] or None,
         pixel_array=data,
         series_instance_uid=derive_uid(
             settings, src_series, fingerprint, "PM", kind.value, "series"

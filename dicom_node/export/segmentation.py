@@ -21,6 +21,7 @@ from .common import (
     SliceGeometry,
     add_private_provenance,
     derive_uid,
+    highdicom_sources,
     parameter_fingerprint,
     provenance_text,
     series_number_base,
@@ -114,7 +115,8 @@ def segmentation(
         seg_type = hd.seg.SegmentationTypeValues.BINARY
         kwargs = {}
     seg = hd.seg.Segmentation(
-        source_images=geometry.refs,
+        source_images=highdicom_sources(geometry)[0],
+        further_source_images=highdicom_sources(geometry)[1] or None,
         pixel_array=pixels,
         segmentation_type=seg_type,
         segment_descriptions=descriptions,

@@ -90,6 +90,7 @@ def report(
     fp = parameter_fingerprint(result, settings)
     src_series = str(geometry.refs[0].SeriesInstanceUID)
     algo = _algorithm(result, fp)
+    enhanced = list(geometry.extra.get("enhanced_instances") or [])
     groups: list = []
     for i, tissue in enumerate(TISSUES):
         measurements = []
@@ -177,9 +178,10 @@ def report(
         observation_context=observation,
         procedure_reported=Code("24590-2", "LN", "Brain MRI"),
         imaging_measurements=groups,
-        referenced_images=geometry.refs,
+        # Enhanced MR: the library describes single-frame images only
+        referenced_images=None if enhanced else geometry.refs,
     )
-    evidence = list(geometry.refs) + ([seg] if seg is not None else [])
+    evidence = (enhanced or list(geometry.refs)) + ([seg] if seg is not None else [])
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=content[0],
