@@ -22,11 +22,12 @@ encodes those integers its own way (RescaleSlope/Intercept, Siemens 12-bit phase
 Philips floating-point scale ``FP = (SV*RS + RI)/(RS*SS)`` with RS varying per slice and
 dynamic). With phase, the emulator adds a smooth background phase ``phi`` and writes
 ``|S|`` and ``angle(S*exp(i*phi))``: normalization must remove it to recover the signed
-signal. All patient/study data is fictional; UIDs are deterministic from ``seed``.
+signal. All patient/study data is fictional; UIDs are deterministic from ``seed`` (``2.25.`` + hash).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
 from processing._version import __version__
@@ -67,7 +68,10 @@ def _ds(v: float) -> str:
 
 
 def _uid(*parts: Any) -> str:
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    # pydicom's generate_uid(prefix=None) ignores entropy_srcs (random UUID4): hash instead,
+    # as a 2.25 (UUID-derived) UID, so the same seed gives the same UIDs.
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
 
 
 def _geometry(acq: Acquisition) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from dicom_node.vendors.normalize import (
     NormalizationError,
     detect,
     expected_count,
+    frame_images,
     normalize,
     vendor_of,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "VendorRules",
     "detect",
     "expected_count",
+    "frame_images",
     "frame_records",
     "load_rules",
     "normalize",

@@ -38,6 +38,7 @@ __all__ = [
     "NormalizationError",
     "detect",
     "expected_count",
+    "frame_images",
     "normalize",
     "vendor_of",
 ]
@@ -536,19 +537,8 @@ def normalize(
             arr = _pixels(datasets[f.index])
             frame_cache[f.index] = arr
         img = arr[f.frame or 0]
-        slope = _first_float(f.get("RescaleSlope"))
-        icpt = _first_float(f.get("RescaleIntercept"))
-        slope = 1.0 if slope is None else slope
-        icpt = 0.0 if icpt is None else icpt
         part = parts[k]
-        scale, offset = slope, icpt
-        if r.float_scale_tag and part in r.float_scale_parts:
-            ss = _first_float(f.get(r.float_scale_tag))
-            if ss:
-                # Philips: FP = (SV*RS + RI) / (RS*SS)
-                scale, offset = 1.0 / ss, icpt / (slope * ss)
-        if part == "P":
-            scale, offset = scale * r.phase_to_rad, offset * r.phase_to_rad
+        scale, offset = _scale_of(f, part, r)
         dst = data[pidx[part], int(slice_lab[k]), int(delay_lab[k]), int(echo_lab[k])]
         # one float64 pass, one rounding to float32
         dst[...] = img * scale + offset if offset else img * scale
@@ -605,6 +595,47 @@ def normalize(
         )
     except AcquisitionError as exc:
         raise NormalizationError("invalid", f"normalized acquisition is invalid: {exc}") from None
+
+
+def _scale_of(f: Frame, part: str, r: VendorRules) -> tuple[float, float]:
+    """Stored value -> float: ``value = SV * scale + offset`` for one frame.
+
+    RescaleSlope/Intercept; Philips FP = (SV*RS + RI) / (RS*SS) on the parts the rule
+    names; phase converted to radians.
+    """
+    slope = _first_float(f.get("RescaleSlope"))
+    icpt = _first_float(f.get("RescaleIntercept"))
+    slope = 1.0 if not slope else slope
+    icpt = 0.0 if icpt is None else icpt
+    scale, offset = slope, icpt
+    if r.float_scale_tag and part in r.float_scale_parts:
+        ss = _first_float(f.get(r.float_scale_tag))
+        if ss:
+            scale, offset = 1.0 / ss, icpt / (slope * ss)
+    if part == "P":
+        scale, offset = scale * r.phase_to_rad, offset * r.phase_to_rad
+    return scale, offset
+
+
+def frame_images(
+    datasets: Sequence[Dataset], rules: Mapping[str, VendorRules] | None = None
+) -> list[tuple[Frame, str, np.ndarray]]:
+    """Every frame decoded to float64 with its complex part, unsorted (for inspection and
+    tests of the scaling rules on real headers). Works on non-MDME series too."""
+    table = _rules(rules)
+    if not datasets:
+        return []
+    r = vendor_of(datasets[0], table)
+    out: list[tuple[Frame, str, np.ndarray]] = []
+    cache: dict[int, np.ndarray] = {}
+    for f in frame_records(datasets):
+        arr = cache.get(f.index)
+        if arr is None:
+            arr = cache[f.index] = _pixels(datasets[f.index])
+        part = _part_of(f, r) or "M"
+        scale, offset = _scale_of(f, part, r)
+        out.append((f, part, arr[f.frame or 0] * scale + offset))
+    return out
 
 
 def _frame_label(f: Frame) -> str:
