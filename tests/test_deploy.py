@@ -645,3 +645,61 @@ def test_dockerfile_contract() -> None:
     entry = json.loads(next(a for i, a in stage if i == "ENTRYPOINT"))
     cmd = json.loads(next(a for i, a in stage if i == "CMD"))
     assert entry == ["synthmr"] and cmd[:2] == ["serve", "--config"]
+
+
+# --------------------------------------------------------------------------- Orthanc
+@pytest.mark.integration
+def test_compose_orthanc_config_starts_real_orthanc(tmp_path: Path) -> None:
+    """deploy/orthanc.json (the compose stack's PACS) is a valid Orthanc configuration: a real
+    Orthanc starts with it (paths and ports moved to tmp / free loopback ports) and answers
+    C-ECHO as the AE title the node's destination uses."""
+    orthanc_bin = _tool("Orthanc")
+    echoscu = _tool("echoscu")
+    cfg = json.loads((DEPLOY / "orthanc.json").read_text())
+    dicom_port, http_port = _free_port(), _free_port()
+    cfg.update(
+        StorageDirectory=str(tmp_path / "db"),
+        IndexDirectory=str(tmp_path / "db"),
+        DicomPort=dicom_port,
+        HttpPort=http_port,
+        RemoteAccessAllowed=False,
+    )
+    (tmp_path / "orthanc.json").write_text(json.dumps(cfg))
+    log = open(tmp_path / "orthanc.log", "wb")
+    proc = subprocess.Popen(
+        [orthanc_bin, str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+    )
+    dest = _deploy_config()["destinations"][0]
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            r = subprocess.run(
+                [
+                    echoscu,
+                    "-aet",
+                    "SYNTHMR",
+                    "-aec",
+                    dest["ae_title"],
+                    "127.0.0.1",
+                    str(dicom_port),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if r.returncode == 0:
+                break
+            assert proc.poll() is None, (tmp_path / "orthanc.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, r.stdout + r.stderr
+            time.sleep(0.3)
+        system = _get_json(f"http://127.0.0.1:{http_port}/system")
+        assert system["DicomAet"] == dest["ae_title"] == "ORTHANC"
+        modalities = _get_json(f"http://127.0.0.1:{http_port}/modalities")
+        assert "synthmr" in modalities
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
