@@ -461,6 +461,14 @@ def normalize(
         if src is None:
             tried.append(why)
     if src is None or delays is None:
+        exp = expected_count(datasets[0], table)
+        if exp is not None and exp > len(datasets):  # most likely cause: images missing
+            raise NormalizationError(
+                "missing",
+                f"the header announces {exp} instances but {len(datasets)} distinct ones "
+                f"arrived; no usable delay source for {r.name}: " + "; ".join(tried),
+                details={"expected": exp, "received": len(datasets)},
+            )
         raise NormalizationError(
             "delay", f"no usable delay source for {r.name}: " + "; ".join(tried)
         )
