@@ -49,8 +49,9 @@ def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # pynetdicom logs every PDU at INFO: keep it to warnings.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # pynetdicom logs every PDU and highdicom every copied module at INFO: warnings only.
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:

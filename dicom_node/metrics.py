@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -21,6 +28,9 @@ from prometheus_client.registry import Collector
 from processing._version import __version__
 
 __all__ = ["STAGES", "MetricsServer", "NodeMetrics"]
+
+# *_created series double the exposition for no operational value.
+disable_created_metrics()
 
 STAGES = ("receive", "completion", "queue", "normalize", "process", "export", "push", "end_to_end")
 _BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)

@@ -150,14 +150,21 @@ def make_mr_file(
     return path
 
 
-def write_config(tmp: Path, text: str = "", *, port: int = 0, spool: Path | None = None) -> Path:
+def write_config(
+    tmp: Path,
+    text: str = "",
+    *,
+    port: int = 0,
+    spool: Path | None = None,
+    metrics_port: int | None = None,
+) -> Path:
     """A node TOML for tests: 127.0.0.1, given port, spool under ``tmp``, metrics on a free port,
     plus ``text`` (extra sections; must not repeat [node], [spool] or [metrics])."""
     spool = spool or tmp / "spool"
     base = (
         f'[node]\nbind_address = "127.0.0.1"\nport = {port}\nae_title = "SYNTHMR"\n'
         f'[spool]\npath = "{spool}"\nmin_free_bytes = 0\n'
-        f'[metrics]\naddress = "127.0.0.1"\nport = {free_port()}\n'
+        f'[metrics]\naddress = "127.0.0.1"\nport = {metrics_port or free_port()}\n'
         '[logging]\nlevel = "INFO"\n'
     )
     p = tmp / "node.toml"
