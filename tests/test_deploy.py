@@ -110,24 +110,17 @@ def _exposed_names(text: str) -> set[str]:
 
 
 class _Node:
-    """The node's metrics endpoint, running for real.
-
-    ``synthmr serve`` in a subprocess when dicom_node.service exists; until then the node's own
-    NodeMetrics + MetricsServer over a real (empty) SQLite Registry, in this process.
-    """
+    """A real node: ``synthmr serve`` in a subprocess, DICOM and metrics on free loopback
+    ports, spool in tmp, stopped by PID (SIGTERM, then SIGKILL)."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.port = _free_port()
+        self.dicom_port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.server: Any = None
-        self.registry: Any = None
 
     def start(self) -> None:
-        if (ROOT / "dicom_node" / "service.py").exists():
-            self._start_service()
-        else:
-            self._start_in_process()
+        self._start_service()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -146,7 +139,7 @@ class _Node:
         cfg.write_text(
             "[node]\n"
             'bind_address = "127.0.0.1"\n'
-            f"port = {_free_port()}\n"
+            f"port = {self.dicom_port}\n"
             "[spool]\n"
             f'path = "{self.tmp / "spool"}"\n'
             "min_free_bytes = 0\n"
@@ -165,28 +158,6 @@ class _Node:
             stderr=subprocess.PIPE,
         )
 
-    def _start_in_process(self) -> None:
-        from dicom_node.metrics import MetricsServer, NodeMetrics
-        from dicom_node.registry import Registry
-
-        self.registry = Registry(self.tmp / "registry.sqlite")
-        metrics = NodeMetrics()
-        spool = self.tmp
-
-        def source() -> dict[str, Any]:
-            return {
-                **self.registry.stats(),
-                "oldest_since": self.registry.oldest_since(),
-                "free": shutil.disk_usage(spool).free,
-                "watermark": 1 << 30,
-            }
-
-        metrics.attach_state(source)
-        self.server = MetricsServer(
-            metrics, "127.0.0.1", self.port, lambda: (True, {"registry": True})
-        )
-        self.server.start()
-
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
@@ -204,12 +175,6 @@ class _Node:
                 self.proc.wait(timeout=10)
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-        if self.registry is not None:
-            self.registry.close()
-            self.registry = None
 
 
 @pytest.fixture
@@ -356,6 +321,21 @@ def test_real_prometheus_scrapes_node(node: _Node, tmp_path: Path) -> None:
         res = query('synthmr_series_in_state{state="DELIVERED"}')["data"]["result"]
         assert len(res) == 1 and float(res[0]["value"][1]) == 0.0
 
+        # A C-ECHO association reaches the node and its counter reaches Prometheus.
+        echo = subprocess.run(
+            [_tool("echoscu"), "-aec", "SYNTHMR", "127.0.0.1", str(node.dicom_port)],
+            capture_output=True,
+            text=True,
+        )
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        deadline = time.monotonic() + 20
+        accepted = 0.0
+        while time.monotonic() < deadline and accepted < 1:
+            res = query('synthmr_associations_total{result="accepted"}')["data"]["result"]
+            accepted = float(res[0]["value"][1]) if res else 0.0
+            time.sleep(0.5)
+        assert accepted == 1.0
+
         # 3. Every alert rule loaded and evaluated without error.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -367,9 +347,16 @@ def test_real_prometheus_scrapes_node(node: _Node, tmp_path: Path) -> None:
         assert {r["name"] for r in rules_seen} == set(_rule_exprs())
         bad = {r["name"]: r.get("lastError") for r in rules_seen if r["health"] != "ok"}
         assert not bad, bad
-        # A healthy, idle node fires nothing.
-        firing = [a["labels"]["alertname"] for a in _get_json(f"{api}/alerts")["data"]["alerts"]]
-        assert firing == [], firing
+        # A healthy, idle node fires nothing (absent(up) may be pending from the evaluation
+        # before the first scrape: it must clear once the target is up).
+        deadline = time.monotonic() + 20
+        while True:
+            alerts = _get_json(f"{api}/alerts")["data"]["alerts"]
+            active = {a["labels"]["alertname"]: a["state"] for a in alerts}
+            if not active or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert active == {}, active
 
         # 4. Prometheus accepts every dashboard query (PromQL parse + evaluation).
         for expr in _dashboard_exprs():
