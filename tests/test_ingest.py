@@ -52,7 +52,9 @@ def test_mixed_folder(folder, capsys):
     groups = ingest.read_paths([root], progress=True, skipped=skipped)
     assert "reading 28/28 files" in capsys.readouterr().err
     assert {s.path.name for s in skipped} == {"notes.txt", "broken.dcm"}
-    assert all("DICOM" in s.reason or "unreadable" in s.reason for s in skipped)
+    reasons = {s.path.name: s.reason for s in skipped}
+    assert "not DICOM" in reasons["notes.txt"]
+    assert "no SeriesInstanceUID" in reasons["broken.dcm"]
     assert len(groups) == 3
     outcomes = {g.series_uid: ingest.classify_and_normalize(g) for g in groups}
     by_status: dict[str, list[ingest.SeriesOutcome]] = {}
