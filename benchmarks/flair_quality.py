@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,9 +30,13 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from processing.enhance import default_model_path, enhance_samples, load_model
-
-FLAIR_TR_MS, FLAIR_TE_MS = 15000.0, 100.0
+from processing.enhance import (
+    default_model_path,
+    enhance_flair,
+    enhance_samples,
+    load_model,
+)
+from processing.synthesis import ir_weight, synthesize
 
 #: Tissue values of the held-out phantom (T1 ms, T2 ms, PD pu): inside the 3T ranges of
 #: physics.md section 6 but not the training centres (WM 600/68/66, GM 1120/90/83,
@@ -44,22 +47,6 @@ HELD_OUT_TISSUES = {
     "CSF": (4200.0, 1800.0, 100.0),
     "LESION": (1050.0, 115.0, 80.0),
 }
-
-
-def flair_weight(t1_ms, t2_ms, ti_ms: float) -> np.ndarray:
-    """|1 - 2 E(TI) + E(TR)| exp(-TE/T2), FLAIR 15000/100 (physics.md section 3)."""
-    t1 = np.asarray(t1_ms, np.float64)
-    t2 = np.asarray(t2_ms, np.float64)
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        w = np.abs(1 - 2 * np.exp(-ti_ms / t1) + np.exp(-FLAIR_TR_MS / t1)) * np.exp(
-            -FLAIR_TE_MS / t2
-        )
-    return np.where((t1 > 0) & (t2 > 0), w, 0.0)
-
-
-def csf_null_ti(t1_csf_ms: float, tr_ms: float = FLAIR_TR_MS) -> float:
-    """TI0 = T1 ln[2 / (1 + exp(-TR/T1))] (physics.md section 3)."""
-    return t1_csf_ms * math.log(2.0 / (1.0 + math.exp(-tr_ms / t1_csf_ms)))
 
 
 def nrmse(x: np.ndarray, ref: np.ndarray, m: np.ndarray) -> float:
@@ -103,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--timing-shape", default="30,256,256")
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
+    ap.add_argument(
+        "--update-card",
+        nargs="?",
+        const=str(Path(__file__).resolve().parents[1] / "models" / "MODEL_CARD.md"),
+        default=None,
+        help="write the printed figures into the model card's benchmark section",
+    )
     args = ap.parse_args(argv)
 
     from processing.fit import fit_mdme
@@ -119,26 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     maps = fit_mdme(acq, mask=truth.head)
     t_fit = time.perf_counter() - t0
 
-    ti = csf_null_ti(4300.0)  # the preset's CSF null (physics.md: 2851 ms at TR 15 s)
+    # Plain synthetic FLAIR exactly as the pipeline makes it (preset: CSF null, TI ~2851).
+    flair = synthesize(maps, "FLAIR")
+    ti = float(flair.ti_ms)
     ref = np.zeros(shape)
     for c, tp in truth.tissues.items():
-        ref += truth.fractions[c] * tp.pd_pu * flair_weight(tp.t1_ms, tp.t2_ms, ti)
+        w = ir_weight(1.0 / tp.t1_ms, 1.0 / tp.t2_ms, flair.tr_ms, flair.te_ms, ti)
+        ref += truth.fractions[c] * tp.pd_pu * w
     ref *= truth.coil
-    plain = np.where(maps.mask, maps.m0 * flair_weight(maps.t1_ms, maps.t2_ms, ti), 0.0)
+    # maps.pd_pu is still m0 here (no processing.pd): image / scale is in signal units.
+    plain = flair.image / flair.scale
 
     model = load_model(args.model, threads=args.threads)
     head = truth.head
-    enh = np.zeros(shape)
     t0 = time.perf_counter()
-    enh[head] = enhance_samples(
-        model,
-        acq.samples()[head],
-        tr_ms=acq.tr_ms,
-        delays_ms=acq.delays_ms,
-        echo_times_ms=acq.echo_times_ms,
-        flair_ti_ms=ti,
-    )
+    enh_img = enhance_flair(acq, maps, flair, model_path=args.model, threads=args.threads)
     t_enh = time.perf_counter() - t0
+    enh = enh_img.image / enh_img.scale
 
     csf = truth.fractions["CSF"]
     band = head & (csf >= 0.2) & (csf <= 0.8)
@@ -210,43 +201,76 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(res, default=float))
         return 0
+    lines = report_lines(res, args, tshape, nvox, timings)
+    print("\n".join(lines))
+    if args.update_card:
+        update_card(Path(args.update_card), lines, argv)
+    return 0
+
+
+def update_card(card: Path, lines: list[str], argv: list[str] | None) -> None:
+    """Replace the text between the card's flair_quality markers with this run's report."""
+    from models.train_flair import BENCH_BEGIN, BENCH_END
+
+    text = card.read_text()
+    if BENCH_BEGIN not in text or BENCH_END not in text:
+        raise SystemExit(f"{card}: no {BENCH_BEGIN} ... {BENCH_END} section")
+    cmd = " ".join(
+        ["python benchmarks/flair_quality.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    body = "\n".join([BENCH_BEGIN, f"Measured with `{cmd}`:", "", "```", *lines, "```", BENCH_END])
+    head, rest = text.split(BENCH_BEGIN, 1)
+    tail = rest.split(BENCH_END, 1)[1]
+    card.write_text(head + body + tail)
+    print(f"updated {card}")
+
+
+def report_lines(res: dict, args, tshape, nvox: int, timings: dict) -> list[str]:
+    out: list[str] = []
+    say = out.append  # the report is printed and optionally written to the model card
+    model_sha = res["model_sha256"]
+    nb, nbd = res["nrmse_brain"], res["nrmse_band"]
+    lc = res["lesion"]
+    pooled = lc["pooled"]
+    t = res["time_s"]
+    t_sim, t_fit, t_enh = t["simulate"], t["fit"], t["enhance_phantom"]
     p = res["phantom"]
-    print(
+    say(
         f"held-out phantom {p['shape']} seed {p['seed']} SNR {p['snr']:g} "
         f"{'magnitude' if p['magnitude'] else 'real'}; TI {p['ti_ms']} ms; "
-        f"model {default_model_path() if args.model is None else args.model!s} "
-        f"sha256 {model.sha256[:16]}..."
+        f"model {Path(args.model).name if args.model else default_model_path().name} "
+        f"sha256 {model_sha[:16]}..."
     )
-    print(f"tissues (T1, T2, PD): {HELD_OUT_TISSUES}")
-    print(
+    say(f"tissues (T1, T2, PD): {HELD_OUT_TISSUES}")
+    say(
         f"NRMSE brain ({p['head_voxels']} vox): plain {nb['plain']:.3f}  enhanced "
         f"{nb['enhanced']:.3f}  -> reduction {res['nrmse_brain_reduction_pct']:.1f} % (need >= 30)"
     )
-    print(
+    say(
         f"NRMSE band CSF 0.2-0.8 ({p['band_voxels']} vox): plain {nbd['plain']:.3f}  enhanced "
         f"{nbd['enhanced']:.3f}  -> reduction {res['nrmse_band_reduction_pct']:.1f} % (need >= 40)"
     )
     if "lesion_contrast_ratio" in res:
         r = res["lesion_contrast_ratio"]
-        print(
+        say(
             f"lesion-to-WM contrast ({lc['n_lesions']} lesions, {lc['core_voxels']} core vox): "
             f"reference {pooled['reference']:.3f}  plain {pooled['plain']:.3f}  enhanced "
             f"{pooled['enhanced']:.3f}  -> enhanced/reference {r['enhanced']:.3f} "
             f"(need 0.90-1.10), plain/reference {r['plain']:.3f}"
         )
-        print(
+        say(
             "  per lesion enhanced/reference: "
             + ", ".join(f"{v:.3f}" for v in res["lesion_contrast_ratio_per_lesion_enhanced"])
         )
     else:
-        print("lesion-to-WM contrast: no lesion core in this phantom (try another seed/shape)")
-    print(f"time: simulate {t_sim:.1f} s, fit {t_fit:.1f} s, enhance phantom {t_enh:.3f} s")
+        say("lesion-to-WM contrast: no lesion core in this phantom (try another seed/shape)")
+    say(f"time: simulate {t_sim:.1f} s, fit {t_fit:.1f} s, enhance phantom {t_enh:.3f} s")
     for k, v in timings.items():
-        print(
+        say(
             f"  enhance {'x'.join(map(str, tshape))} ({nvox} voxels, all), {k}: {v:.3f} s "
             "(need <= 1 s)"
         )
-    return 0
+    return out
 
 
 if __name__ == "__main__":

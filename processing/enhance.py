@@ -336,9 +336,10 @@ def enhance_flair(
     )
     img = np.zeros(shape, dtype=np.float32)
     hi = 32767.0 if flair.signed else 65535.0
-    img[m] = np.clip(signal / coil[m] * flair.scale, 0.0, hi).astype(np.float32)
+    # Rounded like processing.synthesis, so both series share one integer scale.
+    img[m] = np.clip(np.rint(signal / coil[m] * flair.scale), 0.0, hi).astype(np.float32)
 
-    ti = int(round(float(flair.ti_ms)))
+    ti = round(float(flair.ti_ms))
     params = dict(flair.parameters)
     params.update(
         {

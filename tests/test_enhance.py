@@ -8,7 +8,6 @@ FLAIR of the mixture, sum_k f_k PD_k |1 - 2 E_k(TI) + E_k(TR)| exp(-TE/T2_k).
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from processing.enhance import (
 )
 from processing.results import QuantMaps, SyntheticImage
 from processing.signal import mdme_signal
+from processing.synthesis import synthesize, ti_null
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "flair_enhance.onnx"
@@ -48,21 +48,22 @@ PROTOCOL = {
     "tr_ms": 4000.0,
 }
 FLAIR_TR, FLAIR_TE = 15000.0, 100.0
-TI = 4300.0 * math.log(2.0 / (1.0 + math.exp(-FLAIR_TR / 4300.0)))  # CSF null, ~2851 ms
+TI = ti_null(4300.0, FLAIR_TR)  # the FLAIR preset's CSF null, ~2851 ms
 B1, COIL, SNR = 1.05, 0.9, 100.0
 
 
 def flair_weight(t1, t2, ti=TI):
+    """|1 - 2 exp(-TI/T1) + exp(-TR/T1)| exp(-TE/T2) (physics.md section 3)."""
     t1 = np.asarray(t1, np.float64)
     t2 = np.asarray(t2, np.float64)
     return np.abs(1 - 2 * np.exp(-ti / t1) + np.exp(-FLAIR_TR / t1)) * np.exp(-FLAIR_TE / t2)
 
 
-def simulate(fractions: np.ndarray, *, seed: int, snr: float | None = SNR):
+def simulate(fractions: np.ndarray, *, seed: int, snr: float | None = SNR, magnitude: bool = False):
     """Real (phase-corrected) samples [n, 8] and true FLAIR [n] of compartment mixtures.
 
     fractions: [n, 4] over (WM, GM, CSF, LESION). M0 = COIL * PD, B1 fixed; noise SD per
-    channel = 100/snr (the fit's SNR definition), real part only.
+    channel = 100/snr (the fit's SNR definition); real part, or |complex| if magnitude.
     """
     sig = np.zeros((fractions.shape[0], 8))
     ref = np.zeros(fractions.shape[0])
@@ -71,7 +72,12 @@ def simulate(fractions: np.ndarray, *, seed: int, snr: float | None = SNR):
         sig += fractions[:, k : k + 1] * s[None, :]
         ref += fractions[:, k] * COIL * pd * flair_weight(t1, t2)
     if snr is not None:
-        sig += np.random.default_rng(seed).normal(0.0, 100.0 / snr, sig.shape)
+        rng = np.random.default_rng(seed)
+        sig = sig + rng.normal(0.0, 100.0 / snr, sig.shape)
+        if magnitude:
+            sig = np.hypot(sig, rng.normal(0.0, 100.0 / snr, sig.shape))
+    if magnitude:
+        sig = np.abs(sig)
     return sig, ref
 
 
@@ -93,7 +99,7 @@ def mixtures(n_per: int = 40) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return np.asarray(rows, np.float64), groups
 
 
-def to_acquisition(samples: np.ndarray, nx: int = 20) -> Acquisition:
+def to_acquisition(samples: np.ndarray, nx: int = 20, magnitude: bool = False) -> Acquisition:
     """Lay [n, 8] samples on a 1-slice grid (n must be a multiple of nx)."""
     n = samples.shape[0]
     ny = n // nx
@@ -105,23 +111,16 @@ def to_acquisition(samples: np.ndarray, nx: int = 20) -> Acquisition:
         voxel_size_mm=(4.0, 1.0, 1.0),
         affine=np.diag([1.0, 1.0, 4.0, 1.0]),
         delay_source="test",
+        is_magnitude=magnitude,
         **PROTOCOL,
     )
 
 
-def plain_flair(maps: QuantMaps, scale: float = 1.0) -> SyntheticImage:
-    """Plain synthetic FLAIR on the fit, scale * PD * F(T1fit, T2fit) (physics.md section 3)."""
-    img = np.where(maps.mask, scale * maps.pd_pu * flair_weight(maps.t1_ms, maps.t2_ms), 0.0)
-    return SyntheticImage(
-        name="FLAIR",
-        kind="IR",
-        image=img.astype(np.float32),
-        tr_ms=FLAIR_TR,
-        te_ms=FLAIR_TE,
-        ti_ms=TI,
-        scale=scale,
-        description=f"SYNTHETIC FLAIR TR15000 TE100 TI{round(TI)}",
-    )
+def plain_flair(maps: QuantMaps, scale: float | None = None) -> SyntheticImage:
+    """The pipeline's plain synthetic FLAIR (preset 15000/100/TI CSF-null) on ``maps``."""
+    flair = synthesize(maps, "FLAIR", scale=scale)
+    assert flair.ti_ms == pytest.approx(TI)
+    return flair
 
 
 def run_enh(model, samples):
@@ -254,16 +253,18 @@ def test_same_pixel_same_output_regardless_of_neighbours(model):
 # ---------------------------------------------------------------------------- physics
 
 
-def test_enhanced_beats_plain_synthetic_flair_on_mixtures(model):
+@pytest.mark.parametrize("magnitude", [False, True])
+def test_enhanced_beats_plain_synthetic_flair_on_mixtures(model, magnitude):
     fit = pytest.importorskip("processing.fit")
     fr, groups = mixtures()
-    x, ref = simulate(fr, seed=11)
-    acq = to_acquisition(x)
+    x, ref = simulate(fr, seed=11, magnitude=magnitude)
+    acq = to_acquisition(x, magnitude=magnitude)
     maps = fit.fit_mdme(acq, mask=np.ones(acq.shape, bool))
-    # Unit coil-corrected scale: pd_pu is m0 here (fit's convention before processing.pd).
-    plain = plain_flair(maps).image.ravel().astype(np.float64)
-    enh_img = enhance_flair(acq, maps, plain_flair(maps), model_path=MODEL)
-    enh = enh_img.image.ravel().astype(np.float64)
+    # pd_pu is still m0 here (no processing.pd), so image / scale is in signal units.
+    flair = plain_flair(maps)
+    plain = flair.image.ravel().astype(np.float64) / flair.scale
+    enh_img = enhance_flair(acq, maps, flair, model_path=MODEL)
+    enh = enh_img.image.ravel().astype(np.float64) / enh_img.scale
 
     def nrmse(v, idx):
         return np.sqrt(np.mean((v[idx] - ref[idx]) ** 2)) / np.sqrt(np.mean(ref[idx] ** 2))
