@@ -115,11 +115,18 @@ def ir_weight(
 
 
 def dir_weight(
-    r1: np.ndarray, r2: np.ndarray, tr_ms: float, te_ms: float, ti1_ms: float, ti2_ms: float
+    r1: np.ndarray,
+    r2: np.ndarray,
+    tr_ms: float,
+    te_ms: float,
+    ti1_ms: float,
+    ti2_ms: float,
+    *,
+    signed: bool = False,
 ) -> np.ndarray:
-    """Double inversion recovery (TI1 > TI2, both to excitation), magnitude."""
+    """Double inversion recovery (TI1 > TI2, both to excitation); magnitude unless signed."""
     mz = 1.0 - 2.0 * np.exp(-ti2_ms * r1) + 2.0 * np.exp(-ti1_ms * r1) - np.exp(-tr_ms * r1)
-    return np.abs(mz) * np.exp(-te_ms * r2)
+    return (mz if signed else np.abs(mz)) * np.exp(-te_ms * r2)
 
 
 # --------------------------------------------------------------------------------------
@@ -311,7 +318,9 @@ def tissue_t1_from_histogram(maps: QuantMaps, *, smoothing_bins: float = 2.0) ->
 
     Histogram of log T1 over ``mask & ~failed`` (100 bins per decade, 200-8000 ms, Gaussian
     smoothed); each peak is refined to the median T1 within +-7 % of it. Tissue: the two highest peaks below 2000 ms, the shorter is WM, the longer GM.
-    CSF: the highest peak above 2000 ms. Returns ``{"WM", "GM", "CSF"}`` T1s in ms and
+    CSF: the median T1 of voxels with R1 < 0.3 /s (and T2 > 1000 ms when >= 20 such voxels
+    exist) when there are >= 20, else the highest
+    peak above 2000 ms. Returns ``{"WM", "GM", "CSF"}`` T1s in ms and
     flags ``{"WM_peak", "GM_peak", "CSF_peak"}`` (1.0 = from a peak, 0.0 = no peak found:
     the 3T default WM 600, GM 1100, CSF 4300 ms was kept).
     """
@@ -354,7 +363,19 @@ def tissue_t1_from_histogram(maps: QuantMaps, *, smoothing_bins: float = 2.0) ->
             out["WM"], out["WM_peak"] = t, 1.0
         else:
             out["GM"], out["GM_peak"] = t, 1.0
-    if csf:
+    # CSF: its noisy-fit T1 spreads over +-20 % and partial-volume voxels (2-3.5 s) can
+    # outnumber it, so prefer the median over the pure-CSF definition R1 < 0.3 /s (as in
+    # processing.pd); fall back to a histogram peak above 2 s.
+    t2 = np.asarray(maps.t2_ms, np.float64)[sel]
+    long_t1 = t1[sel]
+    pure_csf = long_t1 > 1000.0 / 0.3
+    if np.count_nonzero(pure_csf & (t2 > 1000.0)) >= 20:
+        pure_csf &= t2 > 1000.0  # drop CSF/tissue partial volume (see processing.pd)
+    long_t1 = long_t1[pure_csf]
+    if long_t1.size >= 20:
+        out["CSF"] = float(np.median(long_t1))
+        out["CSF_peak"] = 1.0
+    elif csf:
         out["CSF"] = refine(max(csf, key=lambda p: h[p]))
         out["CSF_peak"] = 1.0
     return out
