@@ -80,10 +80,17 @@ def encode_part10(ds: Dataset) -> bytes:
 
 
 def _missing_from_error(exc: Exception) -> list[str]:
+    """Missing cells as text: ``(slice, delay, echo, part)`` tuples -> ``slice=1 delay=2 ...``."""
     missing = getattr(exc, "missing", None)
-    if missing:
-        return [str(m) for m in missing]
-    return [str(exc)]
+    if not missing:
+        return [str(exc)]
+    out = []
+    for m in missing:
+        if isinstance(m, tuple) and len(m) == 4:
+            out.append("slice={} delay={} echo={} part={}".format(*m))
+        else:
+            out.append(str(m))
+    return out
 
 
 def missing_cells(paths: Sequence[str], vendor_overrides: dict[str, Any]) -> list[str]:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
@@ -95,24 +96,22 @@ def send_files(
             continue
         contexts[cls].add(ts)
         sendable.append(p)
-    if len(contexts) > _MAX_CONTEXTS:
-        raise ValueError(f"send_files: {len(contexts)} SOP classes exceed {_MAX_CONTEXTS} contexts")
     if not sendable:
         return _summary(results)
 
     ae = AE(ae_title=calling_aet)
     for t in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, t, dest.timeout_s)
-    # One context per SOP class with the files' own syntaxes (sent as they are) plus the
-    # two uncompressed ones; pynetdicom picks the accepted one matching each file.
+    # Per SOP class: one uncompressed context, plus one context per compressed syntax the
+    # files use (an acceptor picks a single syntax per context, so they must be separate).
+    uncompressed = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}
     cxs = []
     for cls, tss in contexts.items():
-        cxs.append(
-            build_context(
-                cls, sorted(tss | {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
-            )
-        )
-    ae.requested_contexts = cxs[:_MAX_CONTEXTS]
+        cxs.append(build_context(cls, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+        cxs.extend(build_context(cls, ts) for ts in sorted(tss - uncompressed))
+    if len(cxs) > _MAX_CONTEXTS:
+        raise ValueError(f"send_files: {len(cxs)} presentation contexts exceed {_MAX_CONTEXTS}")
+    ae.requested_contexts = cxs
     tls_args = None
     if dest.tls:
         tls_args = (make_client_ssl_context(dest.ca_file, dest.cert_file, dest.key_file), dest.host)
@@ -133,7 +132,13 @@ def send_files(
                 results.append({"path": str(p), "status": None, "error": "association lost"})
                 continue
             try:
-                rsp = assoc.send_c_store(p)
+                try:
+                    rsp = assoc.send_c_store(p)  # the file's bytes as they are
+                except ValueError:
+                    # the PACS refused the file's compressed syntax: decode, send uncompressed
+                    ds = dcmread(p)
+                    ds.decompress()
+                    rsp = assoc.send_c_store(ds)
                 status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
                 ok = status is not None and (status == 0 or status in (0xB000, 0xB007, 0xB006))
                 results.append(

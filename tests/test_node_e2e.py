@@ -250,7 +250,9 @@ def test_non_mdme_ignored_and_partial_grid_quarantined(
         )
         row = node.registry.series(uid)
         assert "20 of 32 instances" in row.reason
-        assert row.missing and all(isinstance(m, str) and m for m in row.missing)
+        # 12 cells missing: slice 2 (index 1), delays 2-4, both echoes, magnitude and phase
+        assert len(row.missing) == 12
+        assert "slice=1 delay=1 echo=0 part=M" in row.missing
         assert node.ready()[0]
     finally:
         node.stop()

@@ -1,0 +1,119 @@
+"""push: C-STORE SCU against Orthanc, no hang when the PACS is down or silent, backoff,
+dead letters."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import RLELossless
+
+from dicom_node.config import Destination, RetrySettings
+from dicom_node.metrics import NodeMetrics
+from dicom_node.push import Outbox, backoff_delay, send_files
+from dicom_node.registry import Registry, State
+from tests.conftest import OrthancServer, free_port, make_mr_file
+
+
+def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
+    r = RetrySettings(base_delay_s=2.0, max_delay_s=60.0, jitter=0.0)
+    assert [backoff_delay(a, r) for a in (1, 2, 3, 4, 10)] == [2.0, 4.0, 8.0, 16.0, 60.0]
+    rj = RetrySettings(base_delay_s=2.0, max_delay_s=60.0, jitter=0.25)
+    rng = random.Random(1)
+    ds = [backoff_delay(3, rj, rng) for _ in range(500)]
+    assert min(ds) >= 6.0 and max(ds) <= 10.0 and max(ds) - min(ds) > 2.0  # spread, in bounds
+
+
+@pytest.mark.integration
+def test_send_files_to_orthanc_one_association(orthanc: OrthancServer, tmp_path: Path) -> None:
+    series = pydicom.uid.generate_uid()
+    files = [
+        make_mr_file(tmp_path / f"{i}.dcm", series_uid=series, instance_number=i) for i in range(3)
+    ]
+    rle = make_mr_file(tmp_path / "rle.dcm", series_uid=series, instance_number=9, shape=(16, 16))
+    ds = pydicom.dcmread(rle)
+    ds.compress(RLELossless)
+    ds.save_as(rle, enforce_file_format=True)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom")
+    dest = Destination("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port, timeout_s=10)
+    res = send_files([*files, rle, junk], dest)
+    assert res["sent"] == 4 and res["failed"] == 1
+    assert (
+        "unreadable file meta" in next(r for r in res["results"] if r["path"] == str(junk))["error"]
+    )
+    sops = {
+        orthanc.rest(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]
+        for i in orthanc.instances()
+    }
+    assert sops == {
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in [*files, rle]
+    }
+    # sent as it was: Orthanc stored the RLE transfer syntax
+    (rle_id,) = [
+        i
+        for i in orthanc.instances()
+        if orthanc.rest(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] == ds.SOPInstanceUID
+    ]
+    assert orthanc.rest(f"/instances/{rle_id}/metadata?expand").get("TransferSyntax") == RLELossless
+
+
+@pytest.mark.integration
+def test_pacs_down_or_silent_never_hangs(tmp_path: Path) -> None:
+    f = make_mr_file(tmp_path / "a.dcm")
+    # nobody listening
+    t0 = time.monotonic()
+    res = send_files([f], Destination("down", "PACS", "127.0.0.1", free_port(), timeout_s=2))
+    assert res["failed"] == 1 and res["results"][0]["status"] is None
+    assert time.monotonic() - t0 < 5
+    # a black hole: accepts TCP, never answers the association request
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    conns: list[socket.socket] = []
+    th = threading.Thread(target=lambda: conns.append(srv.accept()[0]), daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    res = send_files(
+        [f], Destination("hole", "PACS", "127.0.0.1", srv.getsockname()[1], timeout_s=1.5)
+    )
+    elapsed = time.monotonic() - t0
+    for c in conns:
+        c.close()
+    srv.close()
+    assert res["failed"] == 1
+    assert elapsed < 8, f"send_files took {elapsed:.1f} s against a silent peer"
+
+
+def test_outbox_dead_letter_after_max_attempts(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    reg.add_instance(
+        sop_uid="1.1.1", series_uid="1.1", study_uid="", sop_class_uid="1", path="/p", size=1
+    )
+    reg.transition("1.1", State.COMPLETE)
+    job = reg.enqueue("1.1")
+    reg.claim_job()
+    f = make_mr_file(tmp_path / "out.dcm")
+    reg.finish_job(job, "1.1", State.EXPORTED, outbox=[("down", "9.1", "1.2", str(f))])
+    metrics = NodeMetrics()
+    retry = RetrySettings(max_attempts=2, base_delay_s=0.0, max_delay_s=0.0, jitter=0.0)
+    ob = Outbox(
+        reg, [Destination("down", "PACS", "127.0.0.1", free_port(), timeout_s=1)], retry, metrics
+    )
+    assert ob.run_once() == 0
+    assert reg.outbox_counts() == {"PENDING": 1, "SENT": 0, "DEAD": 0}
+    assert ob.run_once() == 0
+    assert reg.outbox_counts() == {"PENDING": 0, "SENT": 0, "DEAD": 1}
+    assert metrics.registry.get_sample_value("synthmr_outbox_dead_letter_total") == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "synthmr_push_total", {"destination": "down", "result": "failure"}
+        )
+        == 2
+    )
+    assert reg.series("1.1").state == State.EXPORTED  # not delivered
