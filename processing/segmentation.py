@@ -1,0 +1,697 @@
+"""Partial-volume tissue segmentation (WM / GM / CSF / NON), intracranial mask, volumes.
+
+Method (physics.md section 5, option b): signals mix linearly, fitted (T1, T2, PD) do not.
+So each voxel's raw MDME samples are unmixed directly:
+
+    y = S / C  ~=  sum_k f_k * PD_k * exp(-TE / T2_k) * g(T1_k, B1; TD)     f_k >= 0
+
+with ``C`` the receive field (signal units per PD percent unit, from ``maps.receive_field``
+or ``maps.m0 / maps.pd_pu``), ``B1`` the voxel's fitted flip-angle ratio and
+``(T1_k, T2_k, PD_k)`` the tissue reference points ("centres"). The constrained least
+squares (``sum f = 1``) is solved exactly in numba by enumerating the faces of the simplex
+(at most 2^5 - 1 tiny KKT systems per voxel).
+
+Classes:
+
+* WM, GM, CSF: centres estimated from the series itself by a flat-kernel mean shift
+  (mode seeking) in (log T1, log T2, PD) space, started from 3T literature values
+  (physics.md section 6). Subject- and site-specific, and so usable for per-patient DIR
+  timing (``TissueFractions.centres[...]["t1_ms"]``).
+* NON: tissue that WM/GM/CSF mixtures do not explain (lesions, oedema, ...). A fourth
+  basis with a lesion-like reference point (:data:`NON_REFERENCE`) is only admitted in voxels
+  where the three-class residual exceeds the noise (chi-square test on the samples) *and*
+  the fourth class at least halves that residual. This keeps ordinary partial-volume voxels
+  free of spurious NON. Known limitation: a small lesion next to CSF can be explained by a
+  WM+CSF mixture within noise (two echoes barely show bi-exponential decay) and is then
+  counted as WM/GM/CSF.
+* Extracranial: on the outermost shell of the intracranial mask a zero-signal class
+  (air / bone) is also allowed, i.e. ``sum f <= 1`` there, so that voxels only partly inside
+  the skull are not counted as a whole voxel of CSF. Inside the shell ``sum f = 1``.
+
+Magnitude data: the sign of each delay is restored from the voxel's own mono-exponential
+fit (the mixture has the same sign as its fit except near the zero crossing, where the
+samples are small anyway).
+
+Volumes follow West et al. 2012: BPV = WM + GM + NON, ICV = BPV + CSF, BPF = BPV / ICV.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numba as nb
+import numpy as np
+from scipy import ndimage
+
+from processing.acquisition import Acquisition
+from processing.results import TISSUES, QuantMaps, TissueFractions
+from processing.signal import IDEAL_PROFILE, t1_factor
+
+__all__ = [
+    "LITERATURE_CENTRES",
+    "NON_REFERENCE",
+    "SegmentationError",
+    "intracranial_mask",
+    "segment",
+    "tissue_centres",
+    "volumes",
+]
+
+#: 3T MDME starting points (physics.md section 6): T1 ms, T2 ms, PD pu.
+LITERATURE_CENTRES: dict[str, dict[str, float]] = {
+    "WM": {"t1_ms": 600.0, "t2_ms": 70.0, "pd_pu": 67.0},
+    "GM": {"t1_ms": 1100.0, "t2_ms": 90.0, "pd_pu": 82.0},
+    "CSF": {"t1_ms": 4300.0, "t2_ms": 2000.0, "pd_pu": 100.0},
+}
+
+#: Reference point of the NON class (lesion-like tissue, middle of the MS-lesion range).
+NON_REFERENCE: dict[str, float] = {"t1_ms": 1300.0, "t2_ms": 140.0, "pd_pu": 85.0}
+
+# Mean-shift half-widths: log-T1, log-T2 (CSF T2 is poorly determined at TE <= 100 ms,
+# hence wider) and PD in pu. About 2-3 x the within-tissue spread at 3T.
+_BW_LOGT1 = 0.15
+_BW_LOGT2 = {"WM": 0.15, "GM": 0.15, "CSF": 0.6}
+_BW_PD = 6.0
+_MIN_VOXELS_FOR_CENTRE = 20
+
+
+class SegmentationError(ValueError):
+    """Invalid input to the segmentation; the message names the problem."""
+
+
+def _check_maps(maps: QuantMaps) -> tuple[int, int, int]:
+    shape = np.shape(maps.t1_ms)
+    if len(shape) != 3:
+        raise SegmentationError(f"maps.t1_ms: expected [z, y, x], got shape {shape}")
+    for name in ("t2_ms", "pd_pu", "b1", "m0", "mask"):
+        s = np.shape(getattr(maps, name))
+        if s != shape:
+            raise SegmentationError(f"maps.{name}: shape {s} differs from maps.t1_ms {shape}")
+    return shape  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------
+# Intracranial mask
+# --------------------------------------------------------------------------------------
+
+
+def intracranial_mask(maps: QuantMaps, acq: Acquisition | None = None) -> np.ndarray:
+    """Boolean intracranial mask ``[z, y, x]`` from the quantitative maps.
+
+    Brain and CSF have PD above ~40 pu and T1 above ~400 ms at 3T, while air, bone and
+    most of the scalp do not (fat T1 ~380 ms). The largest 3-D connected component of that
+    set is kept, holes are filled slice by slice, and the mask is grown by one voxel
+    in-plane into voxels with signal so that partial-volume voxels at the skull are
+    included (the segmentation treats that outer shell as possibly partly extracranial).
+    ``acq`` is accepted for future use (e.g. a noise floor from the raw images).
+    """
+    _check_maps(maps)
+    fitted = np.asarray(maps.mask, bool)
+    failed = np.asarray(maps.failed, bool) if maps.failed is not None else np.zeros_like(fitted)
+    pd = np.nan_to_num(np.asarray(maps.pd_pu, np.float64))
+    t1 = np.nan_to_num(np.asarray(maps.t1_ms, np.float64))
+    core = fitted & (pd > 40.0) & (t1 > 400.0)
+    if not core.any():
+        return np.zeros(fitted.shape, bool)
+    # A 2-D opening separates the brain from thin bridges to scalp tissue.
+    st2 = ndimage.generate_binary_structure(2, 1)[None]
+    opened = ndimage.binary_opening(core, structure=st2)
+    if opened.any():
+        core = opened
+    lab, n = ndimage.label(core, structure=ndimage.generate_binary_structure(3, 1))
+    if n > 1:
+        sizes = ndimage.sum_labels(core, lab, index=np.arange(1, n + 1))
+        core = lab == (1 + int(np.argmax(sizes)))
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in core])
+    signal = fitted & ~failed & (pd > 5.0)
+    grown = ndimage.binary_dilation(filled, structure=st2) & (signal | filled)
+    return grown
+
+
+# --------------------------------------------------------------------------------------
+# Tissue centres
+# --------------------------------------------------------------------------------------
+
+
+def tissue_centres(
+    maps: QuantMaps,
+    icmask: np.ndarray | None = None,
+    *,
+    initial: Mapping[str, Mapping[str, float]] | None = None,
+    max_iter: int = 30,
+) -> dict[str, dict[str, float]]:
+    """Series-specific WM/GM/CSF reference points (T1 ms, T2 ms, PD pu).
+
+    Flat-kernel mean shift per tissue in (log T1, log T2, PD), started from ``initial``
+    (default :data:`LITERATURE_CENTRES`): the centre moves to the median of the voxels in
+    its window until it stops, i.e. it climbs to the nearest density mode, which is the
+    pure-tissue cluster (partial-volume voxels spread out between clusters). Each result
+    also carries ``n_voxels`` (window population) and ``estimated`` (False when too few
+    voxels were found and the starting point was kept).
+    """
+    _check_maps(maps)
+    init = {k: dict(v) for k, v in (initial or LITERATURE_CENTRES).items()}
+    for t in ("WM", "GM", "CSF"):
+        if t not in init:
+            raise SegmentationError(f"initial centres: missing tissue {t!r}")
+        for key in ("t1_ms", "t2_ms", "pd_pu"):
+            v = float(init[t].get(key, float("nan")))
+            if not math.isfinite(v) or v <= 0:
+                raise SegmentationError(f"initial centres: {t}.{key} must be > 0, got {v}")
+    sel = np.asarray(maps.mask, bool)
+    if maps.failed is not None:
+        sel &= ~np.asarray(maps.failed, bool)
+    if icmask is not None:
+        sel &= np.asarray(icmask, bool)
+    t1 = np.asarray(maps.t1_ms, np.float64)[sel]
+    t2 = np.asarray(maps.t2_ms, np.float64)[sel]
+    pd = np.asarray(maps.pd_pu, np.float64)[sel]
+    ok = np.isfinite(t1) & np.isfinite(t2) & np.isfinite(pd) & (t1 > 0) & (t2 > 0)
+    lt1, lt2, pd = np.log(t1[ok]), np.log(t2[ok]), pd[ok]
+    if lt1.size > 400_000:  # a deterministic subsample is plenty for a mode
+        step = lt1.size // 400_000 + 1
+        lt1, lt2, pd = lt1[::step], lt2[::step], pd[::step]
+    out: dict[str, dict[str, float]] = {}
+    for t in ("WM", "GM", "CSF"):
+        c = np.array([math.log(init[t]["t1_ms"]), math.log(init[t]["t2_ms"]), init[t]["pd_pu"]])
+        bw = np.array([_BW_LOGT1, _BW_LOGT2[t], _BW_PD])
+        n_in = 0
+        estimated = False
+        for _ in range(max_iter):
+            d2 = (
+                ((lt1 - c[0]) / bw[0]) ** 2
+                + ((lt2 - c[1]) / bw[1]) ** 2
+                + ((pd - c[2]) / bw[2]) ** 2
+            )
+            win = d2 <= 1.0
+            n_in = int(win.sum())
+            if n_in < _MIN_VOXELS_FOR_CENTRE:
+                break
+            new = np.array([np.median(lt1[win]), np.median(lt2[win]), np.median(pd[win])])
+            estimated = True
+            if np.all(np.abs(new - c) < 1e-3 * np.array([1.0, 1.0, 10.0])):
+                c = new
+                break
+            c = new
+        if estimated:
+            # Partial-volume tails make the window median drift along the mixing lines
+            # towards the other tissues; a few passes with a narrow window pin the mode.
+            bw_fine = bw / 3.0
+            for _ in range(max_iter):
+                d2 = (
+                    ((lt1 - c[0]) / bw_fine[0]) ** 2
+                    + ((lt2 - c[1]) / bw_fine[1]) ** 2
+                    + ((pd - c[2]) / bw_fine[2]) ** 2
+                )
+                win = d2 <= 1.0
+                if int(win.sum()) < _MIN_VOXELS_FOR_CENTRE:
+                    break
+                n_in = int(win.sum())
+                new = np.array([np.median(lt1[win]), np.median(lt2[win]), np.median(pd[win])])
+                if np.all(np.abs(new - c) < 1e-3 * np.array([1.0, 1.0, 10.0])):
+                    c = new
+                    break
+                c = new
+        out[t] = {
+            "t1_ms": float(math.exp(c[0])),
+            "t2_ms": float(math.exp(c[1])),
+            "pd_pu": float(c[2]),
+            "n_voxels": float(n_in),
+            "estimated": bool(estimated),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Per-voxel unmixing (numba)
+# --------------------------------------------------------------------------------------
+
+
+@nb.njit(cache=True)
+def _solve_small(a: np.ndarray, b: np.ndarray, n: int) -> bool:
+    """In-place Gaussian elimination with partial pivoting on a[:n,:n] x = b[:n]."""
+    for col in range(n):
+        piv = col
+        big = abs(a[col, col])
+        for r in range(col + 1, n):
+            if abs(a[r, col]) > big:
+                big = abs(a[r, col])
+                piv = r
+        if big < 1e-13:
+            return False
+        if piv != col:
+            for c in range(n):
+                tmp = a[col, c]
+                a[col, c] = a[piv, c]
+                a[piv, c] = tmp
+            tmp = b[col]
+            b[col] = b[piv]
+            b[piv] = tmp
+        for r in range(col + 1, n):
+            f = a[r, col] / a[col, col]
+            if f != 0.0:
+                for c in range(col, n):
+                    a[r, c] -= f * a[col, c]
+                b[r] -= f * b[col]
+    for r in range(n - 1, -1, -1):
+        s = b[r]
+        for c in range(r + 1, n):
+            s -= a[r, c] * b[c]
+        b[r] = s / a[r, r]
+    return True
+
+
+@nb.njit(cache=True)
+def _simplex_ls(
+    gram: np.ndarray,
+    rhs: np.ndarray,
+    yy: float,
+    m: int,
+    f_out: np.ndarray,
+    kkt: np.ndarray,
+    vec: np.ndarray,
+    idx: np.ndarray,
+    pen: float,
+) -> float:
+    """min ||y - A f||^2 + pen * (#active - 1) s.t. f >= 0, sum f = 1 (first m columns).
+
+    ``gram = A^T A``, ``rhs = A^T y``, ``yy = y^T y``. Every face of the simplex is solved
+    as an equality-constrained LS (KKT); the best feasible face solution is the optimum
+    (the problem is convex). ``pen`` > 0 adds an information-criterion cost per extra
+    active class, so a voxel only leaves a vertex (pure tissue) or an edge when the data
+    ask for it: without it, noise always pushes pure voxels into the simplex interior
+    (the bound f <= 1 clips one way only), biasing every volume towards mixtures.
+    Returns the squared residual of the chosen face; fills ``f_out[:m]``.
+    ``kkt`` (6x6), ``vec`` (6) and ``idx`` (5, int) are scratch buffers.
+    """
+    best = np.inf
+    best_res = 0.0
+    for face in range(1, 1 << m):
+        q = 0
+        for k in range(m):
+            if face & (1 << k):
+                idx[q] = k
+                q += 1
+        for i in range(q):
+            for j in range(q):
+                kkt[i, j] = gram[idx[i], idx[j]]
+            kkt[i, q] = 1.0
+            kkt[q, i] = 1.0
+            vec[i] = rhs[idx[i]]
+        kkt[q, q] = 0.0
+        vec[q] = 1.0
+        if not _solve_small(kkt, vec, q + 1):
+            continue
+        feasible = True
+        for i in range(q):
+            if vec[i] < -1e-10:
+                feasible = False
+                break
+        if not feasible:
+            continue
+        obj = yy
+        for i in range(q):
+            obj -= 2.0 * vec[i] * rhs[idx[i]]
+            for j in range(q):
+                obj += vec[i] * vec[j] * gram[idx[i], idx[j]]
+        if obj + pen * (q - 1) < best:
+            best = obj + pen * (q - 1)
+            best_res = obj
+            for k in range(m):
+                f_out[k] = 0.0
+            for i in range(q):
+                f_out[idx[i]] = max(vec[i], 0.0)
+    return max(best_res, 0.0)
+
+
+@nb.njit(cache=True, parallel=True)
+def _unmix_kernel(
+    y: np.ndarray,  # [n, ns] samples / C (pu units), delay-major
+    b1: np.ndarray,  # [n]
+    r1_fit: np.ndarray,  # [n] fitted R1 1/ms (sign restoration for magnitude data)
+    shell: np.ndarray,  # [n] bool: extracranial zero class allowed
+    noise: np.ndarray,  # [n] noise SD per sample in pu units
+    td: np.ndarray,
+    te: np.ndarray,
+    tr: float,
+    theta: float,
+    alpha: float,
+    ps: np.ndarray,
+    pw: np.ndarray,
+    c_r1: np.ndarray,  # [4] WM GM CSF NON, 1/ms
+    c_r2: np.ndarray,
+    c_pd: np.ndarray,
+    magnitude: bool,
+    chi2_thr: float,
+    sparsity: float,
+    out: np.ndarray,  # [n, 5]: WM GM CSF NON, rms residual (pu)
+) -> None:
+    n, ns = y.shape
+    nd = td.shape[0]
+    ne = te.shape[0]
+    n_chunks = min(n, 64)
+    for ch in nb.prange(n_chunks):
+        # Scratch buffers once per chunk: per-voxel allocation would dominate the cost.
+        a = np.empty((ns, 5))
+        yv = np.empty(ns)
+        cols = np.empty(5, np.int64)
+        gram = np.zeros((5, 5))
+        rhs = np.zeros(5)
+        f3 = np.zeros(5)
+        f4 = np.zeros(5)
+        kkt = np.empty((6, 6))
+        vec = np.empty(6)
+        idx = np.empty(5, np.int64)
+        for v in range(ch * n // n_chunks, (ch + 1) * n // n_chunks):
+            _unmix_voxel(
+                v,
+                y,
+                b1,
+                r1_fit,
+                shell,
+                noise,
+                td,
+                te,
+                tr,
+                theta,
+                alpha,
+                ps,
+                pw,
+                c_r1,
+                c_r2,
+                c_pd,
+                magnitude,
+                chi2_thr,
+                sparsity,
+                out,
+                a,
+                yv,
+                cols,
+                gram,
+                rhs,
+                f3,
+                f4,
+                kkt,
+                vec,
+                idx,
+                nd,
+                ne,
+                ns,
+            )
+
+
+@nb.njit(cache=True)
+def _unmix_voxel(
+    v,
+    y,
+    b1,
+    r1_fit,
+    shell,
+    noise,
+    td,
+    te,
+    tr,
+    theta,
+    alpha,
+    ps,
+    pw,
+    c_r1,
+    c_r2,
+    c_pd,
+    magnitude,
+    chi2_thr,
+    sparsity,
+    out,
+    a,
+    yv,
+    cols,
+    gram,
+    rhs,
+    f3,
+    f4,
+    kkt,
+    vec,
+    idx,
+    nd,
+    ne,
+    ns,
+):
+    """Unmix voxel ``v`` (see :func:`_unmix_kernel`), using the given scratch buffers."""
+    for i in range(nd):
+        sgn = 1.0
+        if magnitude:
+            gf, _, _ = t1_factor(r1_fit[v], b1[v], td[i], tr, theta, alpha, ps, pw)
+            if gf < 0.0:
+                sgn = -1.0
+        for k in range(4):
+            g, _, _ = t1_factor(c_r1[k], b1[v], td[i], tr, theta, alpha, ps, pw)
+            for j in range(ne):
+                a[i * ne + j, k] = c_pd[k] * math.exp(-c_r2[k] * te[j]) * g
+        for j in range(ne):
+            yv[i * ne + j] = sgn * y[v, i * ne + j]
+            a[i * ne + j, 4] = 0.0
+    # Column order for the solver: WM GM CSF [zero] then NON.
+    cols[0] = 0
+    cols[1] = 1
+    cols[2] = 2
+    m3 = 3
+    if shell[v]:
+        cols[3] = 4
+        m3 = 4
+    yy = 0.0
+    for s in range(ns):
+        yy += yv[s] * yv[s]
+    f3[:] = 0.0
+    for p in range(m3):
+        for q in range(m3):
+            acc = 0.0
+            for s in range(ns):
+                acc += a[s, cols[p]] * a[s, cols[q]]
+            gram[p, q] = acc
+        acc = 0.0
+        for s in range(ns):
+            acc += a[s, cols[p]] * yv[s]
+        rhs[p] = acc
+    r3 = _simplex_ls(gram, rhs, yy, m3, f3, kkt, vec, idx, sparsity * noise[v] * noise[v])
+    fw = f3[0]
+    fg = f3[1]
+    fc = f3[2]
+    fn = 0.0
+    res = r3
+    sig2 = noise[v] * noise[v]
+    if r3 > chi2_thr * sig2:
+        # Admit NON as an extra column and keep it only if it clearly helps.
+        m4 = m3 + 1
+        cols[m3] = 3
+        for p in range(m4):
+            for q in range(m4):
+                acc = 0.0
+                for s in range(ns):
+                    acc += a[s, cols[p]] * a[s, cols[q]]
+                gram[p, q] = acc
+            acc = 0.0
+            for s in range(ns):
+                acc += a[s, cols[p]] * yv[s]
+            rhs[p] = acc
+        f4[:] = 0.0
+        r4 = _simplex_ls(gram, rhs, yy, m4, f4, kkt, vec, idx, sparsity * noise[v] * noise[v])
+        if r4 < 0.25 * r3:  # residual norm at least halved
+            fw = f4[0]
+            fg = f4[1]
+            fc = f4[2]
+            fn = f4[m3]
+            res = r4
+    out[v, 0] = fw
+    out[v, 1] = fg
+    out[v, 2] = fc
+    out[v, 3] = fn
+    out[v, 4] = math.sqrt(res / ns)
+
+
+def _receive_field(maps: QuantMaps, sel: np.ndarray) -> np.ndarray:
+    """Signal units per PD pu, ``[z, y, x]`` (finite, > 0 on ``sel``)."""
+    m0 = np.asarray(maps.m0, np.float64)
+    pd = np.asarray(maps.pd_pu, np.float64)
+    good = sel & np.isfinite(m0) & np.isfinite(pd) & (pd > 1.0) & (m0 > 0)
+    if not good.any():
+        raise SegmentationError(
+            "maps: no voxel with a positive m0 and pd_pu to derive the receive field"
+        )
+    ratio = np.where(good, m0 / np.where(good, pd, 1.0), np.nan)
+    if maps.receive_field is not None:
+        rf = np.asarray(maps.receive_field, np.float64)
+        if rf.shape != m0.shape:
+            raise SegmentationError(
+                f"maps.receive_field: shape {rf.shape} differs from maps.m0 {m0.shape}"
+            )
+        okrf = good & np.isfinite(rf) & (rf > 0)
+        if okrf.any():
+            # Smooth field, scaled so that PD = m0 / C reproduces maps.pd_pu.
+            scale = float(np.median(ratio[okrf] / rf[okrf]))
+            c = rf * scale
+            fill = float(np.median(c[okrf]))
+            return np.where(np.isfinite(c) & (c > 0), c, fill)
+    return _fill_nearest(ratio, good)
+
+
+def _fill_nearest(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Copy of ``values`` with every invalid voxel replaced by its nearest valid voxel."""
+    if valid.all():
+        return values.astype(np.float64)
+    idx = ndimage.distance_transform_edt(~valid, return_distances=False, return_indices=True)
+    return np.asarray(values, np.float64)[tuple(idx)]
+
+
+def segment(
+    acq: Acquisition,
+    maps: QuantMaps,
+    *,
+    centres: Mapping[str, Mapping[str, float]] | None = None,
+    icmask: np.ndarray | None = None,
+    profile: tuple[np.ndarray, np.ndarray] = IDEAL_PROFILE,
+    non_reference: Mapping[str, float] | None = None,
+    chi2_threshold: float = 25.0,
+    sparsity: float = 2.0,
+    extracranial_shell: bool = True,
+) -> TissueFractions:
+    """WM/GM/CSF/NON partial-volume fractions by unmixing the raw MDME samples.
+
+    Parameters
+    ----------
+    acq: the acquisition the maps were fitted from.
+    maps: fitted maps (``b1`` per voxel; ``pd_pu`` in percent units; ``receive_field`` used
+        when set). ``noise_sd`` (signal units) sets the NON test; when NaN it is estimated
+        from the fit residuals.
+    centres: WM/GM/CSF reference points ``{"WM": {"t1_ms", "t2_ms", "pd_pu"}, ...}``;
+        default: :func:`tissue_centres` estimated from this series.
+    icmask: intracranial mask; default :func:`intracranial_mask`.
+    profile: slice profile used by the fit (isochromat scales, weights).
+    non_reference: reference point of NON (default :data:`NON_REFERENCE`).
+    chi2_threshold: squared residual norm, in noise variances, above which NON is tried
+        (25 ~ p < 0.001 for 8 samples and 2 free fractions).
+    sparsity: cost, in noise variances, of each class beyond the first in a voxel (an
+        information criterion; 2 ~ AIC). It removes the noise-driven bias of pure voxels
+        towards mixtures; 0 gives the plain constrained least squares.
+    extracranial_shell: allow a zero-signal (bone/air) class on the outermost in-plane
+        shell of the mask, for voxels only partly inside the skull.
+
+    Returns
+    -------
+    TissueFractions with float32 ``[z, y, x]`` fractions for WM, GM, CSF, NON (sum 1 inside
+    the mask, <= 1 on its outermost in-plane shell where the rest is extracranial), the
+    mask and the centres used (plus ``"NON"``).
+    """
+    shape = _check_maps(maps)
+    if not isinstance(acq, Acquisition):
+        raise SegmentationError(f"acq: expected an Acquisition, got {type(acq).__name__}")
+    if acq.shape != shape:
+        raise SegmentationError(f"acq: grid {acq.shape} differs from the maps {shape}")
+    if icmask is None:
+        icmask = intracranial_mask(maps, acq)
+    icmask = np.asarray(icmask, bool)
+    if icmask.shape != shape:
+        raise SegmentationError(f"icmask: shape {icmask.shape} differs from the maps {shape}")
+    if centres is None:
+        centres = tissue_centres(maps, icmask)
+    cen = {}
+    for t in ("WM", "GM", "CSF"):
+        if t not in centres:
+            raise SegmentationError(f"centres: missing tissue {t!r}")
+        cen[t] = {k: float(centres[t][k]) for k in ("t1_ms", "t2_ms", "pd_pu")}
+        if not all(math.isfinite(v) and v > 0 for v in cen[t].values()):
+            raise SegmentationError(f"centres: {t} needs finite positive t1_ms, t2_ms, pd_pu")
+    non = {k: float(v) for k, v in (non_reference or NON_REFERENCE).items()}
+    fractions = {t: np.zeros(shape, np.float32) for t in TISSUES}
+    out_centres: dict[str, dict[str, float]] = {t: dict(centres[t]) for t in ("WM", "GM", "CSF")}
+    out_centres["NON"] = dict(non)
+    # Every intracranial voxel is unmixed, fitted or not (unfitted voxels borrow B1 and the
+    # receive field from their nearest fitted neighbour), so volumes do not lose voxels.
+    sel = icmask
+    fitted = np.asarray(maps.mask, bool)
+    if maps.failed is not None:
+        fitted = fitted & ~np.asarray(maps.failed, bool)
+    if not (sel & fitted).any():
+        raise SegmentationError("maps: no successfully fitted voxel inside the intracranial mask")
+
+    c_field = _receive_field(maps, sel & fitted)
+    samples = acq.samples()  # [z, y, x, ns]
+    y = samples[sel].astype(np.float64) / c_field[sel][:, None]
+    ns = y.shape[1]
+    noise_sd = float(maps.noise_sd)
+    if not math.isfinite(noise_sd) or noise_sd <= 0:
+        # RMS residual of a 4-parameter fit over ns samples -> per-sample SD.
+        res = np.asarray(maps.residual, np.float64)[sel]
+        res = res[np.isfinite(res)]
+        noise_sd = float(np.median(res)) * math.sqrt(ns / max(ns - 4, 1)) if res.size else 0.0
+    noise_pu = np.maximum(noise_sd / c_field[sel], 1e-6)
+    # Shell: in-plane border of the mask, where part of the voxel may be extracranial.
+    st2 = ndimage.generate_binary_structure(2, 1)[None]
+    shell = icmask & ~ndimage.binary_erosion(icmask, structure=st2, border_value=0)
+    if not extracranial_shell:
+        shell[:] = False
+    order = ("WM", "GM", "CSF")
+    c_r1 = np.array([1.0 / cen[t]["t1_ms"] for t in order] + [1.0 / non["t1_ms"]])
+    c_r2 = np.array([1.0 / cen[t]["t2_ms"] for t in order] + [1.0 / non["t2_ms"]])
+    c_pd = np.array([cen[t]["pd_pu"] for t in order] + [non["pd_pu"]])
+    b1_all = np.asarray(maps.b1, np.float64)
+    b1_ok = fitted & np.isfinite(b1_all) & (b1_all > 0.3) & (b1_all < 2.0)
+    b1 = _fill_nearest(b1_all, b1_ok)[sel]
+    t1f = np.asarray(maps.t1_ms, np.float64)[sel]
+    r1f = np.where(np.isfinite(t1f) & (t1f > 0), 1.0 / np.where(t1f > 0, t1f, 1.0), 1.0 / 1000.0)
+    out = np.empty((y.shape[0], 5))
+    _unmix_kernel(
+        np.ascontiguousarray(y),
+        np.ascontiguousarray(b1),
+        np.ascontiguousarray(r1f),
+        np.ascontiguousarray(shell[sel]),
+        np.ascontiguousarray(noise_pu),
+        np.ascontiguousarray(acq.delays_ms, np.float64),
+        np.ascontiguousarray(acq.echo_times_ms, np.float64),
+        float(acq.tr_ms),
+        math.radians(acq.saturation_deg),
+        math.radians(acq.excitation_deg),
+        np.ascontiguousarray(profile[0], np.float64),
+        np.ascontiguousarray(profile[1], np.float64),
+        c_r1,
+        c_r2,
+        c_pd,
+        bool(acq.is_magnitude),
+        float(chi2_threshold),
+        float(sparsity),
+        out,
+    )
+    for k, t in enumerate(TISSUES):
+        fractions[t][sel] = out[:, k].astype(np.float32)
+    return TissueFractions(fractions=fractions, icmask=icmask, centres=out_centres)
+
+
+# --------------------------------------------------------------------------------------
+# Volumes
+# --------------------------------------------------------------------------------------
+
+
+def volumes(
+    fractions: TissueFractions | Mapping[str, np.ndarray], voxel_volume_ml: float
+) -> dict[str, float]:
+    """Tissue volumes in mL: WM, GM, CSF, NON, BPV = WM+GM+NON, ICV = BPV+CSF, BPF = BPV/ICV.
+
+    ``fractions``: a :class:`TissueFractions` or a mapping tissue -> fraction array.
+    ``voxel_volume_ml``: volume of one voxel in mL (``Acquisition.voxel_volume_ml``).
+    BPF is a fraction (0..1); NaN when ICV is 0.
+    """
+    fr = fractions.fractions if isinstance(fractions, TissueFractions) else fractions
+    vv = float(voxel_volume_ml)
+    if not math.isfinite(vv) or vv <= 0:
+        raise SegmentationError(
+            f"voxel_volume_ml: must be a finite number > 0, got {voxel_volume_ml!r}"
+        )
+    vol: dict[str, float] = {}
+    for t in TISSUES:
+        if t not in fr:
+            raise SegmentationError(f"fractions: missing tissue {t!r}")
+        vol[t] = float(np.sum(np.asarray(fr[t], np.float64))) * vv
+    vol["BPV"] = vol["WM"] + vol["GM"] + vol["NON"]
+    vol["ICV"] = vol["BPV"] + vol["CSF"]
+    vol["BPF"] = vol["BPV"] / vol["ICV"] if vol["ICV"] > 0 else float("nan")
+    return vol
