@@ -1,10 +1,19 @@
 """Background-phase correction of complex MDME data (physics.md section 1).
 
-Per slice, echo and voxel the background phase is the phase of the complex sum over the
-delays; removing it and keeping the real part gives the signed signal (negative at short
-delays). Numba kernels: no Python per voxel, no complex temporaries.
+Per slice, echo and voxel a background phase is estimated and removed; the real part is
+the signed signal (negative at short delays). Two references:
 
-Shapes: inputs ``[z, delay, echo, y, x]`` float32; output the same shape, float32.
+- ``"longest_delay"`` (default): the phase of the sample at the longest delay. With TD
+  close to TR that sample is positive for every T1 (g > 0 when 1.5*exp(-TD/T1) <
+  1 + 0.5*exp(-TR/T1) at theta = 120 deg) and it has the largest magnitude.
+- ``"sum"``: the phase of the complex sum over delays (the published recipe). Where the
+  short-delay samples outweigh the long ones (long T1, e.g. CSF with delays 150/580/1900/
+  3850 ms) the sum is negative and the whole voxel comes out sign-flipped; kept for
+  comparison.
+
+Numba kernels: no Python per voxel, no complex temporaries.
+Shapes: inputs ``[z, delay, echo, y, x]`` float32 with delays in increasing order;
+output the same shape, float32.
 """
 
 from __future__ import annotations
@@ -14,12 +23,39 @@ import math
 import numba as nb
 import numpy as np
 
-__all__ = ["real_from_complex", "real_from_magnitude_phase"]
+__all__ = ["PHASE_REFERENCES", "real_from_complex", "real_from_magnitude_phase"]
+
+PHASE_REFERENCES = ("longest_delay", "sum")
 
 
 @nb.njit(cache=True)
-def _mp_kernel(mag, phase, out):
-    # cos(p - bg) = cos(p)cos(bg) + sin(p)sin(bg): two trig calls per sample, x innermost
+def _rotate_real(re, im, use_sum, out_slice):
+    """re/im [d, y, x] (float64) -> out_slice[d, y, x] = Re((re + i im) * exp(-i bg))."""
+    nd, ny, nx = re.shape
+    for y in range(ny):
+        for x in range(nx):
+            if use_sum:
+                sr = 0.0
+                si = 0.0
+                for d in range(nd):
+                    sr += re[d, y, x]
+                    si += im[d, y, x]
+            else:
+                sr = re[nd - 1, y, x]
+                si = im[nd - 1, y, x]
+            n = math.hypot(sr, si)
+            c = 1.0
+            s = 0.0
+            if n > 0.0:
+                c = sr / n
+                s = si / n
+            for d in range(nd):
+                out_slice[d, y, x] = re[d, y, x] * c + im[d, y, x] * s
+
+
+@nb.njit(cache=True)
+def _mp_kernel(mag, phase, use_sum, out):
+    # cos(p - bg) = cos(p)cos(bg) + sin(p)sin(bg): two float32 trig calls per sample
     nz, nd, ne, ny, nx = mag.shape
     im = np.empty((nd, ny, nx), dtype=np.float64)
     re = np.empty((nd, ny, nx), dtype=np.float64)
@@ -32,47 +68,27 @@ def _mp_kernel(mag, phase, out):
                         p = phase[z, d, e, y, x]
                         re[d, y, x] = m * math.cos(p)
                         im[d, y, x] = m * math.sin(p)
-            for y in range(ny):
-                for x in range(nx):
-                    sr = 0.0
-                    si = 0.0
-                    for d in range(nd):
-                        sr += re[d, y, x]
-                        si += im[d, y, x]
-                    n = math.hypot(sr, si)
-                    c = 1.0
-                    s = 0.0
-                    if n > 0.0:
-                        c = sr / n
-                        s = si / n
-                    for d in range(nd):
-                        out[z, d, e, y, x] = re[d, y, x] * c + im[d, y, x] * s
+            _rotate_real(re, im, use_sum, out[z, :, e])
 
 
-@nb.njit(cache=True, parallel=False)
-def _ri_kernel(re, im, out):
-    nz, nd, ne, ny, nx = re.shape
+@nb.njit(cache=True)
+def _ri_kernel(real, imag, use_sum, out):
+    nz, nd, ne, ny, nx = real.shape
+    im = np.empty((nd, ny, nx), dtype=np.float64)
+    re = np.empty((nd, ny, nx), dtype=np.float64)
     for z in range(nz):
         for e in range(ne):
-            for y in range(ny):
-                for x in range(nx):
-                    sr = 0.0
-                    si = 0.0
-                    for d in range(nd):
-                        sr += re[z, d, e, y, x]
-                        si += im[z, d, e, y, x]
-                    n = math.hypot(sr, si)
-                    c = 1.0
-                    s = 0.0
-                    if n > 0.0:
-                        c = sr / n
-                        s = si / n
-                    for d in range(nd):
-                        # Re((re + i*im) * exp(-i*bg))
-                        out[z, d, e, y, x] = re[z, d, e, y, x] * c + im[z, d, e, y, x] * s
+            for d in range(nd):
+                for y in range(ny):
+                    for x in range(nx):
+                        re[d, y, x] = real[z, d, e, y, x]
+                        im[d, y, x] = imag[z, d, e, y, x]
+            _rotate_real(re, im, use_sum, out[z, :, e])
 
 
-def _check(a: np.ndarray, b: np.ndarray, names: str) -> tuple[np.ndarray, np.ndarray]:
+def _check(a: np.ndarray, b: np.ndarray, names: str, reference: str):
+    if reference not in PHASE_REFERENCES:
+        raise ValueError(f"reference: expected one of {PHASE_REFERENCES}, got {reference!r}")
     a = np.ascontiguousarray(a, dtype=np.float32)
     b = np.ascontiguousarray(b, dtype=np.float32)
     if a.ndim != 5 or a.shape != b.shape:
@@ -80,20 +96,24 @@ def _check(a: np.ndarray, b: np.ndarray, names: str) -> tuple[np.ndarray, np.nda
             f"{names}: expected two arrays of the same shape [z, delay, echo, y, x], "
             f"got {a.shape} and {b.shape}"
         )
-    return a, b
+    return a, b, reference == "sum"
 
 
-def real_from_magnitude_phase(magnitude: np.ndarray, phase_rad: np.ndarray) -> np.ndarray:
+def real_from_magnitude_phase(
+    magnitude: np.ndarray, phase_rad: np.ndarray, reference: str = "longest_delay"
+) -> np.ndarray:
     """Signed real signal from magnitude and phase (radians), ``[z, delay, echo, y, x]``."""
-    mag, ph = _check(magnitude, phase_rad, "magnitude/phase")
+    mag, ph, use_sum = _check(magnitude, phase_rad, "magnitude/phase", reference)
     out = np.empty_like(mag)
-    _mp_kernel(mag, ph, out)
+    _mp_kernel(mag, ph, use_sum, out)
     return out
 
 
-def real_from_complex(real: np.ndarray, imaginary: np.ndarray) -> np.ndarray:
+def real_from_complex(
+    real: np.ndarray, imaginary: np.ndarray, reference: str = "longest_delay"
+) -> np.ndarray:
     """Signed real signal from real and imaginary images, ``[z, delay, echo, y, x]``."""
-    re, im = _check(real, imaginary, "real/imaginary")
+    re, im, use_sum = _check(real, imaginary, "real/imaginary", reference)
     out = np.empty_like(re)
-    _ri_kernel(re, im, out)
+    _ri_kernel(re, im, use_sum, out)
     return out

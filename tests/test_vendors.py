@@ -370,3 +370,27 @@ def test_philips_enhanced_212_frames_parse_and_scale_like_classic():
     assert not acq.is_magnitude
     assert acq.delay_source.startswith("interleave")
     np.testing.assert_allclose(acq.voxel_size_mm, (3.0, 3.0, 3.0), rtol=1e-4)
+
+
+def test_background_phase_reference_recovers_long_t1_sign():
+    """processing.phase on a CSF-like voxel (T1 4300 ms, T2 2000 ms, B1 1.3, TR 4000 ms,
+    delays 150/580/1900/3850 ms) where the sum over delays is negative, under a known
+    background phase of 2.5 rad (echo 1) and -1 rad (echo 2)."""
+    from processing.phase import real_from_complex, real_from_magnitude_phase
+
+    td, te = np.array([150.0, 580.0, 1900.0, 3850.0]), np.array([20.0, 100.0])
+    t1 = np.array([[[4300.0, 900.0]]])  # (z, y, x) = (1, 1, 2): CSF-like and WM-like
+    s = mdme_signal(100.0, t1, 2000.0, 1.3, td, te, 4000.0, 120.0, 90.0)
+    s = s.reshape(1, 1, 2, 4, 2).transpose(0, 3, 4, 1, 2)  # [z, d, e, y, x]
+    assert s[0, :, 0, 0, 0].sum() < 0  # the published "sum" reference fails here
+    assert s[0, :, 0, 0, 1].sum() > 0
+    phi = np.array([2.5, -1.0])[None, None, :, None, None]
+    c = s * np.exp(1j * phi)
+    got = real_from_magnitude_phase(np.abs(c), np.angle(c))
+    np.testing.assert_allclose(got, s, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(real_from_complex(c.real, c.imag), s, rtol=0, atol=1e-4)
+    flipped = real_from_magnitude_phase(np.abs(c), np.angle(c), reference="sum")
+    np.testing.assert_allclose(flipped[..., 0], -s[..., 0], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(flipped[..., 1], s[..., 1], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="reference: expected one of"):
+        real_from_complex(c.real, c.imag, reference="median")

@@ -552,7 +552,7 @@ def normalize(
         dst[...] = img * scale + offset if offset else img * scale
     del frame_cache
 
-    signal, is_mag, combine = _combine(data, part_set)
+    signal, is_mag, combine = _combine(data, part_set, r.phase_reference)
 
     # --- affine (contract in processing.acquisition)
     dy, dx = float(spacing[0, 0]), float(spacing[0, 1])
@@ -716,15 +716,17 @@ def _interleave_delays(
     return None, None, f"interleave: no dynamic index ({', '.join(r.dynamic_sources)})"
 
 
-def _combine(data: np.ndarray, parts: Sequence[str]) -> tuple[np.ndarray, bool, str]:
+def _combine(
+    data: np.ndarray, parts: Sequence[str], reference: str = "longest_delay"
+) -> tuple[np.ndarray, bool, str]:
     """[part, z, d, e, y, x] -> signal [z, d, e, y, x], is_magnitude, description."""
     ip = {p: i for i, p in enumerate(parts)}
     if "R" in ip and "I" in ip:
-        out = real_from_complex(data[ip["R"]], data[ip["I"]])
-        return out, False, "real/imaginary -> background-phase-corrected real"
+        out = real_from_complex(data[ip["R"]], data[ip["I"]], reference)
+        return out, False, f"real/imaginary -> real (background phase: {reference})"
     if "M" in ip and "P" in ip:
-        out = real_from_magnitude_phase(data[ip["M"]], data[ip["P"]])
-        return out, False, "magnitude/phase -> background-phase-corrected real"
+        out = real_from_magnitude_phase(data[ip["M"]], data[ip["P"]], reference)
+        return out, False, f"magnitude/phase -> real (background phase: {reference})"
     if "M" in ip:
         return data[ip["M"]], True, "magnitude"
     raise NormalizationError(

@@ -55,6 +55,8 @@ class VendorRules:
     float_scale_tag: str | None = None
     #: complex parts the floating-point scale applies to.
     float_scale_parts: tuple[str, ...] = ("M", "R", "I")
+    #: background-phase reference (processing.phase): "longest_delay" or "sum".
+    phase_reference: str = "longest_delay"
     #: radians per rescaled phase unit (1e-3: milliradians; pi/4096: Siemens 12-bit).
     phase_to_rad: float = 1e-3
     #: expected instance count: ordered alternatives, each a product of tags.
