@@ -162,6 +162,7 @@ class Registry:
     def __init__(self, path: str | Path, on_transition: TransitionHook | None = None) -> None:
         self.path = str(path)
         self._lock = threading.RLock()
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
