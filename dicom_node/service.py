@@ -30,7 +30,7 @@ from dicom_node.scp import StoreSCP
 from dicom_node.spool import Spool
 from dicom_node.workers import Workers
 
-__all__ = ["Node", "main", "serve"]
+__all__ = ["Node", "main", "retry_series", "serve"]
 
 log = logging.getLogger("synthmr.node")
 
@@ -262,6 +262,18 @@ class Node:
             if row.state_since < horizon and row.state in (State.DELIVERED, State.IGNORED):
                 self.spool.remove_series(row.series_uid, "incoming")
                 self.spool.remove_series(row.series_uid, "outbox")
+
+
+def retry_series(settings: Settings, series_uid: str) -> int:
+    """Operator retry (``synthmr retry``): re-queue a FAILED / QUARANTINED / IGNORED /
+    DELIVERED series and its dead-letter outbox items. Works while the node runs: its job
+    threads pick up QUEUED jobs from the registry. Returns the new job id."""
+    reg = Registry(Path(settings.spool.path) / "registry.sqlite3")
+    try:
+        reg.requeue_dead_outbox(series_uid)
+        return reg.retry(series_uid)
+    finally:
+        reg.close()
 
 
 def serve(settings: Settings, config_path: str | None = None) -> int:

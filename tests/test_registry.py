@@ -128,3 +128,21 @@ def test_retry_failed_and_late_instance_reopens(tmp_path: Path) -> None:
     assert reg.series("1.2").missing == ["slice 2 delay 3"]
     _add(reg, "1.2", "1.2.2")  # the missing image arrives late
     assert reg.series("1.2").state == State.RECEIVING
+
+
+def test_retry_series_entry_point(tmp_path: Path) -> None:
+    from dicom_node.config import load_settings
+    from dicom_node.service import retry_series
+    from tests.conftest import write_config
+
+    settings = load_settings(write_config(tmp_path), env={})
+    reg = Registry(Path(settings.spool.path) / "registry.sqlite3")
+    _add(reg, "1.5", "1.5.1")
+    reg.transition("1.5", State.COMPLETE)
+    j = reg.enqueue("1.5")
+    reg.claim_job()
+    reg.finish_job(j, "1.5", State.FAILED, reason="export: boom")
+    job = retry_series(settings, "1.5")  # a second process, as the CLI would be
+    assert job > j
+    assert reg.series("1.5").state == State.QUEUED
+    assert reg.claim_job()[:2] == (job, "1.5")
