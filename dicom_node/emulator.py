@@ -247,9 +247,10 @@ def _classic(acq, layout, base, geo, sv_m, sv_p, q, parts, seed) -> list[Dataset
                     ds.InstanceNumber = int(order[idx]) if layout == "philips" else idx + 1
                     ds.AcquisitionNumber = 1
                     ds.ImagesInAcquisition = n_total
-                    ds.ScanningSequence = "SE"
+                    # IR makes InversionTime legal, PPG makes TriggerTime legal (dciodvfy)
+                    ds.ScanningSequence = ["SE", "IR"] if layout == "ge" else "SE"
                     ds.SequenceVariant = "SK"
-                    ds.ScanOptions = "SAT"
+                    ds.ScanOptions = ["SAT", "PPG"] if layout != "philips" else "SAT"
                     ds.RepetitionTime = _ds(acq.tr_ms)
                     ds.EchoTime = _ds(acq.echo_times_ms[e])
                     ds.EchoNumbers = e + 1
@@ -322,6 +323,31 @@ def _item(**kw: Any) -> Dataset:
     return it
 
 
+# (index pointer, functional group pointer, label) matching DimensionIndexValues
+_DIMENSIONS = (
+    (0x00209057, 0x00209111, "In-Stack Position Number"),
+    (0x00209128, 0x00209111, "Temporal Position Index"),
+    (0x00189082, 0x00189114, "Effective Echo Time"),
+    (0x00089208, 0x00189226, "Complex Image Component"),
+)
+
+
+def _modifier(inversion_ms: float | None = None) -> Dataset:
+    it = _item(
+        InversionRecovery="NO" if inversion_ms is None else "YES",
+        FlowCompensation="NONE",
+        Spoiling="NONE",
+        T2Preparation="NO",
+        SpectrallySelectedExcitation="NONE",
+        SpatialPresaturation="NONE",
+        PartialFourier="NO",
+        ParallelAcquisition="NO",
+    )
+    if inversion_ms is not None:
+        it.InversionTimes = [float(inversion_ms)]
+    return it
+
+
 def _enhanced(acq, layout, base, geo, sv_m, sv_p, q, parts, seed) -> list[Dataset]:
     nz, nd, ne = acq.shape[0], acq.n_delays, acq.n_echoes
     xa = layout == "siemens_xa_enhanced"
@@ -358,6 +384,82 @@ def _enhanced(acq, layout, base, geo, sv_m, sv_p, q, parts, seed) -> list[Datase
         ),
         PlaneOrientationSequence=DicomSequence([_item(ImageOrientationPatient=geo["iop"])]),
     )
+    # the remaining mandatory Enhanced MR macros, shared by all frames
+    shared.FrameAnatomySequence = DicomSequence(
+        [
+            _item(
+                AnatomicRegionSequence=DicomSequence(
+                    [
+                        _item(
+                            CodeValue="12738006",
+                            CodingSchemeDesignator="SCT",
+                            CodeMeaning="Brain",
+                        )
+                    ]
+                ),
+                FrameLaterality="U",
+            )
+        ]
+    )
+    timing = shared.MRTimingAndRelatedParametersSequence[0]
+    timing.OperatingModeSequence = DicomSequence(
+        [
+            _item(OperatingModeType=t, OperatingMode="IEC_NORMAL")
+            for t in ("STATIC FIELD", "RF", "GRADIENT")
+        ]
+    )
+    timing.SpecificAbsorptionRateSequence = DicomSequence(
+        [_item(SpecificAbsorptionRateDefinition="IEC_HEAD", SpecificAbsorptionRateValue=0.5)]
+    )
+    shared.MRFOVGeometrySequence = DicomSequence(
+        [
+            _item(
+                InPlanePhaseEncodingDirection="ROW",
+                MRAcquisitionFrequencyEncodingSteps=acq.shape[2],
+                MRAcquisitionPhaseEncodingStepsInPlane=acq.shape[1],
+                PercentSampling="100",
+                PercentPhaseFieldOfView="100",
+            )
+        ]
+    )
+    shared.MRAveragesSequence = DicomSequence([_item(NumberOfAverages="1")])
+    shared.MRImagingModifierSequence = DicomSequence(
+        [
+            _item(
+                PixelBandwidth="200",
+                MagnetizationTransfer="NONE",
+                BloodSignalNulling="NO",
+                Tagging="NONE",
+                TransmitterFrequency=127.74,
+            )
+        ]
+    )
+    shared.MRReceiveCoilSequence = DicomSequence(
+        [
+            _item(
+                ReceiveCoilName="HEAD 32",
+                ReceiveCoilManufacturerName="",
+                ReceiveCoilType="MULTICOIL",
+                QuadratureReceiveCoil="NO",
+                MultiCoilDefinitionSequence=DicomSequence(
+                    [_item(MultiCoilElementName="HEAD", MultiCoilElementUsed="YES")]
+                ),
+            )
+        ]
+    )
+    shared.MRTransmitCoilSequence = DicomSequence(
+        [
+            _item(
+                TransmitCoilName="BODY",
+                TransmitCoilManufacturerName="",
+                TransmitCoilType="BODY",
+            )
+        ]
+    )
+    per_frame_modifier = xa and offsets is None  # InversionTimes differ per frame
+    if not per_frame_modifier:
+        shared.MRModifierSequence = DicomSequence([_modifier()])
+    dim_uid = _uid(base.SeriesInstanceUID, "dimensions")
     out: list[Dataset] = []
     for gi, cells in enumerate(groups):
         ds = Dataset()
@@ -377,6 +479,41 @@ def _enhanced(acq, layout, base, geo, sv_m, sv_p, q, parts, seed) -> list[Datase
         ds.PulseSequenceName = "*mdme2d1" if xa else "SyntAc"
         ds.EchoPulseSequence = "SPIN"
         ds.NumberOfFrames = len(cells)
+        ds.PresentationLUTShape = "IDENTITY"
+        ds.LossyImageCompression = "00"
+        ds.MultipleSpinEcho = "YES"
+        ds.AcquisitionContextSequence = DicomSequence([])
+        ds.AcquisitionDuration = round(acq.tr_ms / 1000.0 * 64, 3)
+        ds.ApplicableSafetyStandardAgency = "IEC"
+        ds.MultiPlanarExcitation = "NO"
+        ds.PhaseContrast = "NO"
+        ds.TimeOfFlightContrast = "NO"
+        ds.SteadyStatePulseSequence = "NONE"
+        ds.EchoPlanarPulseSequence = "NO"
+        ds.SaturationRecovery = "YES"
+        ds.SpectrallySelectedSuppression = "NONE"
+        ds.OversamplingPhase = "NONE"
+        ds.GeometryOfKSpaceTraversal = "RECTILINEAR"
+        ds.SegmentedKSpaceTraversal = "PARTIAL"
+        ds.RectilinearPhaseEncodeReordering = "LINEAR"
+        ds.CardiacSynchronizationTechnique = "NONE"
+        ds.RespiratoryMotionCompensationTechnique = "NONE"
+        ds.KSpaceFiltering = "NONE"
+        ds.NumberOfKSpaceTrajectories = 1
+        ds.ResonantNucleus = "1H"
+        ds.ApplicableSafetyStandardDescription = "IEC 60601-2-33"
+        ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=dim_uid)])
+        ds.DimensionIndexSequence = DicomSequence(
+            [
+                _item(
+                    DimensionOrganizationUID=dim_uid,
+                    DimensionIndexPointer=ptr,
+                    FunctionalGroupPointer=grp,
+                    DimensionDescriptionLabel=label,
+                )
+                for ptr, grp, label in _DIMENSIONS
+            ]
+        )
         ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
         frames = []
         pix = []
@@ -395,7 +532,7 @@ def _enhanced(acq, layout, base, geo, sv_m, sv_p, q, parts, seed) -> list[Datase
                         VolumetricProperties="VOLUME",
                         VolumeBasedCalculationTechnique="NONE",
                         ComplexImageComponent="MAGNITUDE" if p == "M" else "PHASE",
-                        AcquisitionContrast="MIXED",
+                        AcquisitionContrast="UNKNOWN",
                     )
                 ]
             )
@@ -403,6 +540,9 @@ def _enhanced(acq, layout, base, geo, sv_m, sv_p, q, parts, seed) -> list[Datase
             fg.FrameContentSequence = DicomSequence(
                 [
                     _item(
+                        FrameAcquisitionDateTime=base.StudyDate + "090500",
+                        FrameReferenceDateTime=base.StudyDate + "090500",
+                        FrameAcquisitionDuration=acq.tr_ms,
                         StackID="1",
                         InStackPositionNumber=z + 1,
                         TemporalPositionIndex=dyn,
@@ -421,10 +561,8 @@ def _enhanced(acq, layout, base, geo, sv_m, sv_p, q, parts, seed) -> list[Datase
             fg.PixelValueTransformationSequence = DicomSequence(
                 [_item(RescaleSlope=_ds(slope), RescaleIntercept=_ds(icpt), RescaleType="US")]
             )
-            if xa and offsets is None:
-                fg.MRModifierSequence = DicomSequence(
-                    [_item(InversionRecovery="NO", InversionTimes=[delay])]
-                )
+            if per_frame_modifier:
+                fg.MRModifierSequence = DicomSequence([_modifier(delay)])
             if not xa:
                 priv = Dataset()
                 _philips_private(priv, delay, nz, nd, ne, z, 1.0 / q if p == "M" else 1.0, p)
