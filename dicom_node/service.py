@@ -126,7 +126,8 @@ class Node:
         self.completion.stop()
         self.outbox.stop()
         for t in self._job_threads:
-            t.join(timeout=self.settings.workers.job_timeout_s)
+            # A job still running stays PROCESSING and is re-queued at the next start.
+            t.join(timeout=10.0)
         self.workers.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
@@ -221,6 +222,8 @@ class Node:
             self.metrics,
             timeout_s=self.settings.workers.job_timeout_s,
         )
+        if self._stop.is_set():
+            return  # shutting down: left PROCESSING, re-run (same output UIDs) at next start
         if outcome.state == State.FAILED and "BrokenProcessPool" in outcome.reason:
             self.workers.restart()
         if outcome.stage and outcome.state in (State.FAILED, State.QUARANTINED):

@@ -164,6 +164,7 @@ class Spool:
                 f"spool free space {self.free_bytes()} B is below the watermark "
                 f"{self.min_free_bytes} B"
             )
+        new_dir = not target.parent.is_dir()
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
@@ -176,6 +177,8 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(target.parent)
+        if new_dir:  # the new series directory's own entry must be durable too
+            _fsync_dir(target.parent.parent)
         return target
 
     def store_received(self, data: bytes) -> tuple[InstanceHeader, Path]:
