@@ -223,10 +223,16 @@ def test_load_rules_errors_name_the_field():
     assert rules["ge"] == load_rules()["ge"]
 
 
-def test_unknown_rule_tag_is_named(acq):
-    rules = load_rules({"ge": {"delay_sources": ["NotATag"]}})
-    with pytest.raises(ValueError, match="unknown DICOM attribute 'NotATag'"):
-        normalize(emulator.make_datasets(acq, "ge"), rules)
+def test_bad_rule_values_are_named():
+    with pytest.raises(
+        ValueError, match=r"vendors\.ge\.delay_sources: unknown DICOM attribute 'NotATag'"
+    ):
+        load_rules({"ge": {"delay_sources": ["NotATag"]}})
+    with pytest.raises(ValueError, match=r"vendors\.siemens\.phase_reference"):
+        load_rules({"siemens": {"phase_reference": "median"}})
+    with pytest.raises(ValueError, match=r"vendors\.philips\.interleave_offsets"):
+        load_rules({"philips": {"interleave_offsets": [0, 1]}})
+    assert load_rules({"ge": {"delay_sources": ["(0019,10A7)", "interleave"]}})
 
 
 def test_compressed_transfer_syntax_decodes(acq):

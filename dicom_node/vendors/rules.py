@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,5 +184,41 @@ def load_rules(overrides: dict[str, Any] | None = None) -> dict[str, VendorRules
                 valid = ", ".join(sorted(k for k in fields if k != "name"))
                 raise ValueError(f"vendors.{vendor}.{key}: unknown rule field (valid: {valid})")
             changes[key] = _coerce(fields[key], value, vendor)
-        rules[vendor] = dataclasses.replace(base, **changes)
+        rules[vendor] = _validated(dataclasses.replace(base, **changes))
     return rules
+
+
+def _validated(r: VendorRules) -> VendorRules:
+    """Check tag names and enumerations now, so check-config names the bad field."""
+    from dicom_node.vendors.frames import parse_tag
+
+    def tags(fname: str, names: Any) -> None:
+        for n in names:
+            if n in (INTERLEAVE, "ImageType", "FrameType", "ComplexImageComponent"):
+                continue
+            try:
+                parse_tag(n)
+            except ValueError as exc:
+                raise ValueError(f"vendors.{r.name}.{fname}: {exc}") from None
+
+    tags("delay_sources", r.delay_sources)
+    tags("part_sources", r.part_sources)
+    tags("dynamic_sources", r.dynamic_sources)
+    tags("mdme_markers", [t for t, _ in r.mdme_markers])
+    tags("reject_markers", [t for t, _ in r.reject_markers])
+    tags("count_tags", [t for alt in r.count_tags for t in alt])
+    if r.float_scale_tag:
+        tags("float_scale_tag", [r.float_scale_tag])
+    if r.phase_reference not in ("longest_delay", "sum"):
+        raise ValueError(
+            f"vendors.{r.name}.phase_reference: expected 'longest_delay' or 'sum', "
+            f"got {r.phase_reference!r}"
+        )
+    for pat in [*r.manufacturer_patterns, *(p for _, p in r.mdme_markers)]:
+        try:
+            re.compile(pat)
+        except re.error as exc:
+            raise ValueError(f"vendors.{r.name}: bad regex {pat!r}: {exc}") from None
+    if r.interleave_offsets is not None and min(r.interleave_offsets, default=1) <= 0:
+        raise ValueError(f"vendors.{r.name}.interleave_offsets: offsets must be > 0")
+    return r
