@@ -157,6 +157,15 @@ def test_uids_deterministic_from_seed():
     assert a == b
     assert not set(a) & set(c)
     assert len(set(a)) == len(a)
+    custom = emulator.make_datasets(
+        acq,
+        "ge",
+        patient={"PatientName": "TEST^SUBJECT", "PatientID": "T-1"},
+        study={"StudyInstanceUID": "1.2.826.0.1.3680043.2.1", "AccessionNumber": "A1"},
+    )
+    assert {str(d.PatientName) for d in custom} == {"TEST^SUBJECT"}
+    assert {d.StudyInstanceUID for d in custom} == {"1.2.826.0.1.3680043.2.1"}
+    assert custom[0].AccessionNumber == "A1" and custom[0].PatientID == "T-1"
 
 
 def test_write_series_roundtrip(tmp_path):

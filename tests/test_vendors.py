@@ -141,7 +141,12 @@ def test_expected_count_and_short_series(acq):
         match=r"announces 48 instances but 32 distinct ones arrived \(grid 4 slices x 2 delays",
     ):
         normalize([d for d in d3 if float(d.InversionTime) != 3000.0])
-    assert expected_count(emulator.make_datasets(acq, "philips_enhanced")[0]) is None
+    enh = emulator.make_datasets(acq, "philips_enhanced")[0]
+    assert expected_count(enh) is None
+    enh.ConcatenationUID = "1.2.3"
+    enh.InConcatenationNumber = 1
+    enh.InConcatenationTotalNumber = 3
+    assert expected_count(enh) == 3
 
 
 def test_mixed_series_is_an_error(acq):

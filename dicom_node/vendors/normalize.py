@@ -275,7 +275,10 @@ def expected_count(dataset: Dataset, rules: Mapping[str, VendorRules] | None = N
     """Expected number of instances in the series, from its first image, or None."""
     r = vendor_of(dataset, rules)
     if "PerFrameFunctionalGroupsSequence" in dataset:
-        return None  # enhanced: header counts are per frame, not per instance
+        # enhanced: header counts are per frame, not per instance; a concatenation
+        # announces its instance count
+        total = _first_float(dataset.get("InConcatenationTotalNumber"))
+        return int(total) if total and total > 0 else None
     src = (dataset,)
     for alternative in r.count_tags:
         total = 1
