@@ -405,3 +405,20 @@ def test_background_phase_reference_recovers_long_t1_sign():
     np.testing.assert_allclose(flipped[..., 1], s[..., 1], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="reference: expected one of"):
         real_from_complex(c.real, c.imag, reference="median")
+
+
+def test_ge_first_te_on_every_echo_quirk(acq):
+    dss = emulator.make_datasets(acq, "ge")
+    ref = normalize(dss)
+    quirk = copy.deepcopy(dss)
+    for ds in quirk:
+        ds.EchoTime = "15"
+        ds.EchoNumbers = 1
+    with pytest.raises(NormalizationError, match="fallback_echo_times_ms") as ei:
+        normalize(quirk)
+    assert "2 images per (slice, delay, part) but only one EchoTime (15 ms)" in str(ei.value)
+    rules = load_rules({"ge": {"fallback_echo_times_ms": [15, 90]}})
+    got = normalize(quirk[::-1], rules)  # order comes from InstanceNumber, not file order
+    np.testing.assert_array_equal(got.signal, ref.signal)
+    np.testing.assert_array_equal(got.echo_times_ms, [15.0, 90.0])
+    assert got.metadata["echo_source"] == "fallback: instance order"

@@ -476,6 +476,9 @@ def normalize(
             "delay", f"no usable delay source for {r.name}: " + "; ".join(tried)
         )
     delay_lab, delay_vals = _cluster(np.array(delays, dtype=np.float64), 0.01)
+    echo_lab, echo_vals, echo_source = _echo_fallback(
+        frames, r, parts, slice_lab, delay_lab, echo_lab, echo_vals
+    )
 
     # --- grid
     nz, nd, ne = len(slice_pos), len(delay_vals), len(echo_vals)
@@ -586,6 +589,7 @@ def normalize(
         "series_description": str(first.get("SeriesDescription", "")),
         "parts": "".join(part_set),
         "combine": combine,
+        "echo_source": echo_source,
         "n_instances": len(datasets),
         "n_frames": len(frames),
         "slice_positions_mm": [float(p) for p in slice_pos],
@@ -647,6 +651,49 @@ def frame_images(
         scale, offset = _scale_of(f, part, r)
         out.append((f, part, arr[f.frame or 0] * scale + offset))
     return out
+
+
+def _echo_fallback(
+    frames: Sequence[Frame],
+    r: VendorRules,
+    parts: Sequence[str],
+    slice_lab: np.ndarray,
+    delay_lab: np.ndarray,
+    echo_lab: np.ndarray,
+    echo_vals: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """GE research quirk: every echo written with the first TE (and EchoNumbers 1). When
+    each (slice, delay, part) holds more images than distinct TEs, order them by
+    (EchoNumbers, InstanceNumber) and take the TEs from ``fallback_echo_times_ms``."""
+    cells: dict[tuple[int, int, str], list[int]] = {}
+    for k in range(len(frames)):
+        cells.setdefault((int(slice_lab[k]), int(delay_lab[k]), parts[k]), []).append(k)
+    sizes = {len(v) for v in cells.values()}
+    n = max(sizes)
+    if n <= len(echo_vals) or len(sizes) != 1 or len(echo_vals) != 1:
+        return echo_lab, echo_vals, "EchoTime"
+    cfg = r.fallback_echo_times_ms
+    if not cfg or len(cfg) != n:
+        raise NormalizationError(
+            "inconsistent",
+            f"{n} images per (slice, delay, part) but only one EchoTime "
+            f"({echo_vals[0]:g} ms): echoes cannot be told apart; if this is the GE quirk "
+            f"(first TE written on every echo) set vendors.{r.name}.fallback_echo_times_ms "
+            f"to the {n} echo times",
+        )
+    lab = echo_lab.copy()
+    for members in cells.values():
+
+        def order(k: int) -> tuple[float, float]:
+            f = frames[k]
+            return (
+                _first_float(f.get("EchoNumbers")) or 0.0,
+                _first_float(f.get("InstanceNumber")) or 0.0,
+            )
+
+        for rank, k in enumerate(sorted(members, key=order)):
+            lab[k] = rank
+    return lab, np.asarray(cfg, dtype=np.float64), "fallback: instance order"
 
 
 def _frame_label(f: Frame) -> str:

@@ -56,6 +56,9 @@ class VendorRules:
     float_scale_tag: str | None = None
     #: complex parts the floating-point scale applies to.
     float_scale_parts: tuple[str, ...] = ("M", "R", "I")
+    #: echo times to use when every echo carries the first TE (GE research quirk); the
+    #: echoes are then ordered by (EchoNumbers, InstanceNumber). None = report the problem.
+    fallback_echo_times_ms: tuple[float, ...] | None = None
     #: background-phase reference (processing.phase): "longest_delay" or "sum".
     phase_reference: str = "longest_delay"
     #: radians per rescaled phase unit (1e-3: milliradians; pi/4096: Siemens 12-bit).
@@ -146,6 +149,8 @@ def _coerce(f: dataclasses.Field, value: Any, vendor: str) -> Any:
             return {str(k): str(v).upper() for k, v in value.items()}
         if typ.startswith("tuple[tuple"):
             return tuple(tuple(str(x) for x in item) for item in value)
+        if typ.startswith("tuple[float"):
+            return None if value is None else tuple(float(x) for x in value)
         if typ.startswith("tuple[int"):
             return None if value is None else tuple(int(x) for x in value)
         if typ.startswith("tuple[str"):
