@@ -34,14 +34,13 @@ def _processing_settings(config_path: str | None):
     from dicom_node import config as cfg_mod
 
     settings = cfg_mod.load_settings(config_path)
-    return settings.processing_settings(), settings
+    return settings.processing.to_processing_settings(), settings
 
 
 # --------------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from processing.phantom import make_phantom
-
     from dicom_node import emulator
+    from processing.phantom import make_phantom
 
     ph = make_phantom(
         args.shape,
@@ -139,7 +138,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     from processing.run import run
 
     proc_settings, node_settings = _processing_settings(args.config)
-    rules = node_settings.vendor_rules() if node_settings is not None else None
+    rules = node_settings.vendors if node_settings is not None else None
     out_root = Path(args.out)
     groups = ingest.read_paths([Path(p) for p in args.input], progress=not args.no_progress)
     if not groups:

@@ -90,9 +90,9 @@ def run_demo(args: argparse.Namespace) -> int:
         pure = (truth.fractions[tissue] >= 0.95) & maps.mask
         p = truth.tissues[tissue]
         print(
-            f"{tissue:<8}{_median_on(pure, maps.t1_ms):>9.0f}{p['t1_ms']:>9.0f}"
-            f"{_median_on(pure, maps.t2_ms):>9.1f}{p['t2_ms']:>9.1f}"
-            f"{_median_on(pure, maps.pd_pu):>9.1f}{p['pd_pu']:>9.1f}{int(pure.sum()):>9d}"
+            f"{tissue:<8}{_median_on(pure, maps.t1_ms):>9.0f}{p.t1_ms:>9.0f}"
+            f"{_median_on(pure, maps.t2_ms):>9.1f}{p.t2_ms:>9.1f}"
+            f"{_median_on(pure, maps.pd_pu):>9.1f}{p.pd_pu:>9.1f}{int(pure.sum()):>9d}"
         )
     print()
     if result.volumes_ml:

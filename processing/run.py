@@ -74,17 +74,53 @@ class ProcessingSettings:
         return d
 
 
+def _timed(timings: dict[str, float], name: str, t0: float) -> None:
+    timings[name] = round(time.perf_counter() - t0, 4)
+
+
+def _profile(settings: ProcessingSettings):
+    from processing.signal import IDEAL_PROFILE, gaussian_slice_profile
+
+    if settings.slice_profile == "ideal":
+        return IDEAL_PROFILE
+    if settings.slice_profile == "gaussian":
+        return gaussian_slice_profile()
+    raise ValueError(
+        f"slice_profile: expected 'ideal' or 'gaussian', got {settings.slice_profile!r}"
+    )
+
+
 def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesResult:
-    """Process one MDME acquisition into a :class:`SeriesResult`."""
+    """Process one MDME acquisition into a :class:`SeriesResult`.
+
+    Stages: fit (numba) -> PD in percent units -> segmentation + volumes -> myelin ->
+    per-patient DIR -> synthesis -> ONNX FLAIR enhancement -> QC. Optional stages that
+    fail add a warning; the fit, PD and synthesis are mandatory and raise.
+    """
     from processing import fit as fit_mod
+    from processing import pd as pd_mod
+    from processing import qc as qc_mod
+    from processing import synthesis
 
     settings = settings or ProcessingSettings()
+    if settings.dir_null.upper() not in ("WM", "GM"):
+        raise ValueError(f"dir_null: expected 'WM' or 'GM', got {settings.dir_null!r}")
     timings: dict[str, float] = {}
     warnings: list[str] = []
+    profile = _profile(settings)
 
     t = time.perf_counter()
-    maps = fit_mod.fit_mdme(acq, b1_smoothing=settings.b1_smoothing)
-    timings["fit"] = time.perf_counter() - t
+    maps = fit_mod.fit_mdme(
+        acq,
+        b1_smoothing=settings.b1_smoothing,
+        b1_smoothing_fwhm_mm=settings.b1_smoothing_fwhm_mm,
+        profile=profile,
+    )
+    _timed(timings, "fit", t)
+
+    t = time.perf_counter()
+    maps = pd_mod.correct_pd(maps, voxel_size_mm=acq.voxel_size_mm)
+    _timed(timings, "pd", t)
 
     result = SeriesResult(
         shape=acq.shape,
@@ -94,10 +130,90 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
         timings_s=timings,
         warnings=warnings,
     )
+
+    centres: dict[str, dict[str, float]] = {}
+    if settings.segmentation:
+        from processing import segmentation
+
+        t = time.perf_counter()
+        try:
+            fractions = segmentation.segment(acq, maps, profile=profile)
+            result.segmentation = fractions
+            result.volumes_ml = segmentation.volumes(fractions, acq.voxel_volume_ml)
+            centres = {k: dict(v) for k, v in fractions.centres.items()}
+            result.tissue_stats = _tissue_stats(maps, fractions)
+        except Exception as exc:  # optional stage: report, keep the series
+            warnings.append(f"segmentation failed: {exc}")
+        _timed(timings, "segmentation", t)
+
+    if settings.myelin:
+        from processing import myelin, segmentation
+
+        t = time.perf_counter()
+        try:
+            if result.segmentation is not None:
+                icmask = result.segmentation.icmask
+            else:
+                icmask = segmentation.intracranial_mask(maps, acq)
+            result.myelin = myelin.myelin_maps(
+                maps, icmask, acq.voxel_volume_ml, acq=acq, fractions=result.segmentation
+            )
+            result.volumes_ml["MYELIN"] = float(result.myelin.myelin_volume_ml)
+            result.volumes_ml["EPW"] = float(result.myelin.epw_volume_ml)
+        except Exception as exc:
+            warnings.append(f"myelin model failed: {exc}")
+        _timed(timings, "myelin", t)
+
+    t = time.perf_counter()
+    dir_timing = None
+    if "DIR" in (c.upper() for c in settings.contrasts):
+        wm = centres.get("WM", {}).get("t1_ms")
+        gm = centres.get("GM", {}).get("t1_ms")
+        csf = centres.get("CSF", {}).get("t1_ms")
+        try:
+            dir_timing = synthesis.per_patient_dir(
+                maps, wm, csf, null=settings.dir_null.upper(), gm_t1_ms=gm
+            )
+            result.dir_parameters = dir_timing.as_dict()
+        except Exception as exc:
+            warnings.append(f"per-patient DIR failed, using the preset DIR: {exc}")
+    result.synthetic = synthesis.synthesize_all(
+        maps, settings.contrasts, settings.overrides, dir_timing=dir_timing
+    )
+    _timed(timings, "synthesis", t)
+
+    model_sha = None
+    if settings.enhance and "FLAIR" in result.synthetic:
+        from processing import enhance
+
+        t = time.perf_counter()
+        image, warning = enhance.try_enhance_flair(
+            acq,
+            maps,
+            result.synthetic["FLAIR"],
+            model_path=settings.model_path,
+            threads=settings.onnx_threads,
+        )
+        if image is not None:
+            result.synthetic[image.name] = image
+            model_sha = image.parameters.get("model_sha256")
+        if warning:
+            warnings.append(warning)
+        _timed(timings, "enhance", t)
+
+    t = time.perf_counter()
+    try:
+        result.qc = qc_mod.fit_qc(acq, maps, result.segmentation)
+    except Exception as exc:
+        warnings.append(f"QC failed: {exc}")
+        result.qc = {"status": "fail", "error": str(exc)}
+    _timed(timings, "qc", t)
+
     result.provenance = {
         "software": "synthmr",
         "software_version": __version__,
         "settings": settings.as_dict(),
+        "model_sha256": model_sha,
         "delay_source": acq.delay_source,
         "acquisition": {
             "delays_ms": [float(v) for v in acq.delays_ms],
@@ -107,5 +223,25 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
             "excitation_deg": acq.excitation_deg,
             "is_magnitude": acq.is_magnitude,
         },
+        "dir": dict(result.dir_parameters),
+        "tissue_centres": centres,
     }
     return result
+
+
+def _tissue_stats(maps, fractions) -> dict[str, dict[str, float]]:
+    """Mean T1/T2/PD over voxels that are >= 95 % one tissue (fit succeeded)."""
+    stats: dict[str, dict[str, float]] = {}
+    ok = maps.mask & ~maps.failed
+    for tissue, frac in fractions.fractions.items():
+        pure = ok & (frac >= 0.95)
+        n = int(pure.sum())
+        if n == 0:
+            continue
+        stats[tissue] = {
+            "t1_ms": float(maps.t1_ms[pure].mean()),
+            "t2_ms": float(maps.t2_ms[pure].mean()),
+            "pd_pu": float(maps.pd_pu[pure].mean()),
+            "n_voxels": float(n),
+        }
+    return stats
