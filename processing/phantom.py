@@ -172,6 +172,40 @@ def _mixture_kernel(frac, t1, t2, pd, b1, coil, td, te, tr, theta, alpha, ps, pw
                     out[n, i, j] += m0 * g * math.exp(-r2 * te[j])
 
 
+@nb.njit(cache=True)
+def _grid_kernel(stack, head, t1, t2, pd, b1, coil, td, te, tr, theta, alpha, ps, pw, out):
+    """Like _mixture_kernel on a grid: stack [K, z, y, x], out float32 [z, delay, echo, y, x].
+
+    Writes straight into the Acquisition layout: no per-voxel temporaries or transposes.
+    """
+    nk = stack.shape[0]
+    e2 = np.empty((nk, te.shape[0]))
+    for k in range(nk):
+        for j in range(te.shape[0]):
+            e2[k, j] = math.exp(-te[j] / t2[k])
+    w = np.empty(nk)  # f_k * PD_k * g_k for one delay
+    for z in range(stack.shape[1]):
+        for y in range(stack.shape[2]):
+            for x in range(stack.shape[3]):
+                if not head[z, y, x]:
+                    continue
+                for i in range(td.shape[0]):
+                    for k in range(nk):
+                        f = stack[k, z, y, x]
+                        if f > 0.0:
+                            g, _gr, _gb = t1_factor(
+                                1.0 / t1[k], b1[z, y, x], td[i], tr, theta, alpha, ps, pw
+                            )
+                            w[k] = f * pd[k] * g
+                        else:
+                            w[k] = 0.0
+                    for j in range(te.shape[0]):
+                        acc = 0.0
+                        for k in range(nk):
+                            acc += w[k] * e2[k, j]
+                        out[z, i, j, y, x] = coil[z, y, x] * acc
+
+
 def simulate_voxels(
     fractions: np.ndarray,
     t1_ms: np.ndarray,
@@ -299,11 +333,13 @@ def _mni_raw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
     d = _mni_dir()
     imgs = {k: nib.load(os.path.join(d, f)) for k, f in _MNI_FILES.items()}
-    gm = np.asarray(imgs["gm"].dataobj, dtype=np.float32) / 255.0
-    wm = np.asarray(imgs["wm"].dataobj, dtype=np.float32) / 255.0
+    # stored as uint8 (0..255): keep them so until cropped (peak memory)
+    gm8 = np.asarray(imgs["gm"].dataobj)
+    wm8 = np.asarray(imgs["wm"].dataobj)
     t1 = np.asarray(imgs["t1"].dataobj)
     # The shipped T1 template is brain-extracted: its support is the intracranial space.
-    ic = (t1 > 0) | ((gm + wm) > 0.1)
+    ic = (t1 > 0) | ((gm8.astype(np.uint16) + wm8) > 25)  # GM + WM > 0.1
+    del t1
     ic = ndi.binary_closing(ic, ndi.generate_binary_structure(3, 1), iterations=2)
     ic = ndi.binary_fill_holes(ic)
     ic = ndi.binary_dilation(ic, iterations=1)  # a thin outer CSF layer over the cortex
@@ -312,17 +348,24 @@ def _mni_raw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     nzi = np.nonzero(ic)
     lo = [max(int(a.min()) - 8, 0) for a in nzi]
     sl = tuple(slice(a, int(b.max()) + 9) for a, b in zip(lo, nzi, strict=True))
-    gm, wm, ic = gm[sl], wm[sl], ic[sl].astype(np.float32)
+    del nzi
+    gm = gm8[sl].astype(np.float32) / 255.0
+    wm = wm8[sl].astype(np.float32) / 255.0
+    ic = ic[sl].astype(np.float32)
     affine[:3, 3] += affine[:3, :3] @ np.asarray(lo, np.float64)
     # A population-average probability map is blurrier than one subject's partial volumes:
     # sharpen the (GM, WM, CSF) probabilities with a power of 3 and renormalize, so pure
     # voxels exist at clinical resolution; partial volume then comes from the voxel size.
     csf = np.clip(ic - gm - wm, 0.0, 1.0)
-    gm3, wm3, csf3 = gm**3, wm**3, csf**3
-    tot = gm3 + wm3 + csf3
-    with np.errstate(divide="ignore", invalid="ignore"):
-        norm = np.where(tot > 0, ic / tot, 0.0).astype(np.float32)
-    return gm3 * norm, wm3 * norm, ic, affine
+    for v in (gm, wm, csf):  # in place: these are ~20 MB each
+        np.power(v, 3, out=v)
+    tot = gm + wm + csf
+    del csf
+    norm = np.zeros_like(tot)
+    np.divide(ic, tot, out=norm, where=tot > 0)
+    gm *= norm
+    wm *= norm
+    return gm, wm, ic, affine
 
 
 @functools.lru_cache(maxsize=2)
@@ -635,29 +678,24 @@ def make_phantom(
 
     # signal: only head voxels carry signal
     nz, ny, nx = shp
-    idx = np.flatnonzero(head.ravel())
-    sig_vox = simulate_voxels(
-        stack.reshape(len(COMPARTMENTS), -1)[:, idx].T,
-        t1_tab,
-        t2_tab,
-        pd_tab,
-        b1.ravel()[idx],
-        coil_map.ravel()[idx],
-        delays_ms,
-        echo_times_ms,
-        tr_ms,
-        saturation_deg,
-        excitation_deg,
-        profile=profile,
+    signal = np.zeros((nz, n_delays, len(echo_times_ms), ny, nx), dtype=np.float32)
+    _grid_kernel(
+        np.ascontiguousarray(stack),
+        np.ascontiguousarray(head),
+        t1_tab.astype(np.float64),
+        t2_tab.astype(np.float64),
+        pd_tab.astype(np.float64),
+        np.ascontiguousarray(b1),
+        np.ascontiguousarray(coil_map),
+        np.ascontiguousarray(delays_ms, np.float64),
+        np.ascontiguousarray(echo_times_ms, np.float64),
+        float(tr_ms),
+        math.radians(saturation_deg),
+        math.radians(excitation_deg),
+        np.ascontiguousarray(profile[0], np.float64),
+        np.ascontiguousarray(profile[1], np.float64),
+        signal,
     )
-    n_echo = len(echo_times_ms)
-    flat = np.zeros((nz * ny * nx, n_delays, n_echo), dtype=np.float32)
-    flat[idx] = sig_vox
-    del sig_vox
-    signal = np.ascontiguousarray(
-        flat.reshape(nz, ny, nx, n_delays, n_echo).transpose(0, 3, 4, 1, 2)
-    )
-    del flat
 
     corrupted = None
     if corrupt_delay is not None:
@@ -669,11 +707,14 @@ def make_phantom(
 
     if snr is not None and math.isfinite(snr):
         sd = np.float32(100.0 / float(snr))
-        signal += sd * rng.standard_normal(signal.shape, dtype=np.float32)
+        noise = rng.standard_normal(signal.shape, dtype=np.float32)
+        noise *= sd
+        signal += noise  # real channel (phase-corrected signal is real)
         if magnitude:
-            imag = sd * rng.standard_normal(signal.shape, dtype=np.float32)
-            signal = np.sqrt(signal * signal + imag * imag, dtype=np.float32)
-            del imag
+            noise = rng.standard_normal(signal.shape, dtype=np.float32, out=noise)
+            noise *= sd
+            np.hypot(signal, noise, out=signal)
+        del noise
     elif magnitude:
         np.abs(signal, out=signal)
 
@@ -715,7 +756,9 @@ def make_phantom(
     return Phantom(acq=acq, truth=truth)
 
 
-def truth_quantmaps(truth: PhantomTruth, *, mixed: str = "weighted", noise_sd: float = 0.0) -> QuantMaps:
+def truth_quantmaps(
+    truth: PhantomTruth, *, mixed: str = "weighted", noise_sd: float = 0.0
+) -> QuantMaps:
     """QuantMaps built from the truth, as an ideal fit would give them (no fit involved).
 
     ``mixed="weighted"``: mixed voxels get fraction-weighted rates ``R = sum f_k R_k`` (an
