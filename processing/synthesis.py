@@ -395,8 +395,13 @@ class DirTiming:
     source: str
 
     def spec(self) -> ContrastSpec:
+        """The DIR contrast; it carries the nulled T1s, so a TR override keeps both nulls."""
         return ContrastSpec(
-            "DIR", ContrastKind.DIR, self.tr_ms, self.te_ms, ti_ms=self.ti1_ms, ti2_ms=self.ti2_ms
+            "DIR",
+            ContrastKind.DIR,
+            self.tr_ms,
+            self.te_ms,
+            null_t1_ms=(self.csf_t1_ms, self.tissue_t1_ms),
         )
 
     def as_dict(self) -> dict[str, float | str]:

@@ -112,6 +112,28 @@ def test_partial_volume_is_not_a_signal_of_mixed_parameters() -> None:
     assert np.max(np.abs(averaged - mix)) > 3.0  # clearly different model
 
 
+def test_simulate_voxels_accepts_per_voxel_tissues() -> None:
+    """Per-voxel jittered tissue values ([n, K]) against mdme_signal voxel by voxel."""
+    rng = np.random.default_rng(3)
+    n = 20
+    frac = rng.dirichlet([1.0, 1.0, 1.0], size=n)
+    t1 = rng.uniform(500, 4500, size=(n, 3))
+    t2 = rng.uniform(60, 2000, size=(n, 3))
+    pd = rng.uniform(60, 100, size=(n, 3))
+    b1 = rng.uniform(0.8, 1.2, size=n)
+    coil = rng.uniform(0.7, 1.3, size=n)
+    got = simulate_voxels(frac, t1, t2, pd, b1, coil, **PROTOCOL)
+    assert got.shape == (n, 4, 2)
+    for i in range(n):
+        want = sum(
+            mdme_signal(frac[i, k] * pd[i, k] * coil[i], t1[i, k], t2[i, k], b1[i], **PROTOCOL)
+            for k in range(3)
+        )
+        np.testing.assert_allclose(got[i].ravel(), want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(PhantomError, match="t1_ms"):
+        simulate_voxels(frac, t1[:, :2], t2, pd, b1, coil, **PROTOCOL)
+
+
 def test_noise_sd_matches_snr_and_is_seeded() -> None:
     snr = 40.0
     real = make_phantom((2, 64, 64), snr=snr, seed=5, anatomy="ellipsoid")

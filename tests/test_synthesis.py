@@ -242,7 +242,11 @@ def test_synthesize_all_uses_overrides_and_patient_dir(truth_case) -> None:
     assert out["T1W"].tr_ms == 600.0 and out["T1W"].description == "SYNTHETIC T1W TR600 TE10"
     assert out["FLAIR"].te_ms == 120.0
     assert (out["DIR"].ti_ms, out["DIR"].ti2_ms) == pytest.approx(dir_times(4000.0, 650.0, 15000.0))
+    assert (timing.ti1_ms, timing.ti2_ms) == pytest.approx((out["DIR"].ti_ms, out["DIR"].ti2_ms))
     assert timing.as_dict()["nulled"] == "WM"
+    # a TR override of the per-patient DIR keeps both nulls
+    longer = synthesize_all(maps, ["DIR"], {"DIR": {"tr_ms": 12000.0}}, dir_timing=timing)["DIR"]
+    assert (longer.ti_ms, longer.ti2_ms) == pytest.approx(dir_times(4000.0, 650.0, 12000.0))
 
 
 def test_bad_maps_or_scale_are_named(truth_case) -> None:
