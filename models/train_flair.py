@@ -74,7 +74,7 @@ class SimConfig:
     n_comp_p: tuple[float, float, float, float] = (0.25, 0.45, 0.25, 0.05)
     comp_weight: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.8)
     # Extra share of voxels that are pure lesion or lesion+WM (the lesion-contrast lever).
-    lesion_extra: float = 0.10
+    lesion_extra: float = 0.50
     dirichlet_alpha: float = 1.0
     b1: tuple[float, float] = (0.7, 1.3)
     snr: tuple[float, float] = (30.0, 500.0)  # log-uniform
@@ -98,9 +98,9 @@ class SimConfig:
 
 @dataclass
 class TrainConfig:
-    n_train: int = 600_000
+    n_train: int = 1_000_000
     n_val: int = 60_000
-    epochs: int = 30
+    epochs: int = 40
     batch: int = 1024
     lr: float = 3e-3
     hidden: int = 64
@@ -445,8 +445,8 @@ def write_model_card(path: Path, cfg: TrainConfig, sha: str, size: int, metrics:
         "",
         f"Mixtures: number of components 1/2/3/4 with probabilities {sim['n_comp_p']}, component "
         f"inclusion weights WM/GM/CSF/lesion {sim['comp_weight']}, Dirichlet alpha "
-        f"{sim['dirichlet_alpha']}; plus {100 * sim['lesion_extra']:.0f} % extra voxels that are "
-        "pure lesion (half) or lesion+WM (lesion fraction 0.3-1).",
+        f"{sim['dirichlet_alpha']}; then {100 * sim['lesion_extra']:.0f} % of all voxels are "
+        "replaced by pure lesion (half of them) or lesion+WM (lesion fraction 0.3-1).",
         "",
         f"B1 {sim['b1']}; ideal slice profile, or Gaussian (FWHM 0.8-1.3 slice) in "
         f"{100 * sim['gaussian_profile_p']:.0f} % of protocols; SNR log-uniform {sim['snr']} "
@@ -468,7 +468,11 @@ def write_model_card(path: Path, cfg: TrainConfig, sha: str, size: int, metrics:
         "",
         "## Validation",
         "",
-        "Held-out simulated voxels (different seed), SNR 100, same distribution:",
+        "Held-out simulated voxels (different seed), SNR 100, same distribution. nrmse: "
+        "RMS error / RMS truth over all voxels; rim_nrmse: the same over voxels with CSF "
+        "fraction 0.2-0.8; lesion/wm_bias_pct: mean output / mean truth - 1 over pure "
+        "lesion / pure WM voxels; lesion_wm_contrast_ratio: (lesion/WM - 1) of the output over "
+        "that of the truth.",
         "",
         "| metric | value |",
         "|---|---|",
@@ -487,15 +491,31 @@ def write_model_card(path: Path, cfg: TrainConfig, sha: str, size: int, metrics:
         "Run `python benchmarks/flair_quality.py --update-card` to fill this section.",
         BENCH_END,
         "",
+        "## The lesion-versus-mixture trade-off",
+        "",
+        "Eight samples cannot always tell a pure lesion from a WM+CSF mixture (two echoes "
+        "barely show bi-exponential decay), so a network that hedges dims lesions next to CSF. "
+        "The lever is the training prior: `lesion_extra` (share of training voxels replaced by "
+        "pure lesion or lesion+WM). Measured during development on the held-out phantom "
+        "(`python benchmarks/flair_quality.py --model <model>`, seed 4242, real data, SNR 100):",
+        "",
+        "| lesion_extra | voxels x epochs | brain NRMSE cut | band NRMSE cut | lesion contrast / reference |",
+        "|---|---|---|---|---|",
+        "| 0.10 | 600k x 30 | 62.2 % | 74.5 % | 0.947 |",
+        "| 0.25 | 600k x 30 | 59.5 % | 71.0 % | 0.964 |",
+        "| 0.40 | 1.2M x 40 | 57.4 % | 69.0 % | 0.964 |",
+        "| 0.50 | 600k x 30 | 51.8 % | 61.4 % | 0.988 |",
+        "",
+        "More lesions in the prior keep lesion contrast (the safety requirement, first) at the "
+        "cost of a less clean rim; the shipped model uses "
+        f"lesion_extra = {sim['lesion_extra']:.2f} (see the held-out section above for its figures).",
+        "",
         "## Limits",
         "",
         "- Trained on simulation only; real-scanner effects not in the forward model (MT, "
         "diffusion, imperfect spoiling, vendor reconstruction filters) are not learned.",
-        "- Eight samples cannot always tell a pure lesion from a WM+CSF mixture (two echoes "
-        "barely show bi-exponential decay). The share of pure-lesion and lesion+WM voxels in "
-        "the training prior (`lesion_extra`, lesion inclusion weight) sets the trade-off: more "
-        "lesions keep lesion contrast but leave more rim next to CSF; fewer lesions clean the "
-        "rim but dim periventricular lesions.",
+        "- Lesion contrast is kept on average, not guaranteed per voxel: a lesion whose 8 "
+        "samples look like a WM+CSF mixture is dimmed (see the trade-off above).",
         "- Tissues outside the table (fat, blood, air-tissue interfaces, contrast agent, "
         "haemorrhage) are out of distribution; outputs there are not validated.",
         "- FLAIR TR/TE fixed at 15000/100; TI 2200-3400 ms; grid 4x2 only.",

@@ -312,17 +312,18 @@ def enhance_flair(
             + "; ".join(problems)
         )
     shape = acq.shape
-    m = np.asarray(maps.mask if mask is None else mask, dtype=bool)
+    m = np.array(maps.mask if mask is None else mask, dtype=bool)  # a copy: narrowed below
     if m.shape != shape:
         raise EnhancementError(f"mask shape {m.shape} does not match the image {shape}")
     if flair.image.shape != shape:
         raise EnhancementError(f"FLAIR image shape {flair.image.shape} does not match {shape}")
-    # Receive field C = m0 / PD (signal units per pu); PD-scale output = signal / C.
+    # Receive field C = m0 / PD (signal units per pu), from the very PD the plain FLAIR used,
+    # so both images share one scale; processing.pd's field fills voxels with PD = 0.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        coil = np.asarray(maps.m0, np.float64) / np.asarray(maps.pd_pu, np.float64)
     if maps.receive_field is not None:
-        coil = np.asarray(maps.receive_field, dtype=np.float64)
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            coil = np.asarray(maps.m0, np.float64) / np.asarray(maps.pd_pu, np.float64)
+        ok = np.isfinite(coil) & (coil > 0)
+        coil = np.where(ok, coil, np.asarray(maps.receive_field, np.float64))
     m &= np.isfinite(coil) & (coil > 0)
 
     samples = acq.samples()[m]  # [n, 8] for the masked voxels only
@@ -362,3 +363,22 @@ def enhance_flair(
         ),
         parameters=params,
     )
+
+
+def try_enhance_flair(
+    acq: Acquisition,
+    maps: QuantMaps,
+    flair: SyntheticImage,
+    *,
+    model_path: str | os.PathLike[str] | None = None,
+    threads: int = 1,
+) -> tuple[SyntheticImage | None, str | None]:
+    """:func:`enhance_flair` for the pipeline: ``(image, None)`` or ``(None, warning)``.
+
+    Any :class:`EnhancementError` (missing/corrupt model, protocol outside the trained
+    range) becomes a one-line warning so the rest of the series still runs.
+    """
+    try:
+        return enhance_flair(acq, maps, flair, model_path=model_path, threads=threads), None
+    except EnhancementError as exc:
+        return None, f"FLAIR enhancement skipped: {exc}"

@@ -26,6 +26,7 @@ from processing.enhance import (
     enhance_samples,
     load_model,
     model_sha256,
+    try_enhance_flair,
 )
 from processing.results import QuantMaps, SyntheticImage
 from processing.signal import mdme_signal
@@ -167,6 +168,10 @@ def test_enhance_flair_reports_missing_model(tmp_path):
     maps = truth_like_maps(acq)
     with pytest.raises(EnhancementError, match="not found"):
         enhance_flair(acq, maps, plain_flair(maps), model_path=tmp_path / "missing.onnx")
+    img, warning = try_enhance_flair(acq, maps, plain_flair(maps), model_path=tmp_path / "m.onnx")
+    assert img is None and "FLAIR enhancement skipped" in warning and "m.onnx" in warning
+    img, warning = try_enhance_flair(acq, maps, plain_flair(maps), model_path=MODEL)
+    assert warning is None and img is not None and img.name == "FLAIR_AI"
 
 
 def truth_like_maps(acq: Acquisition) -> QuantMaps:
@@ -301,6 +306,19 @@ def test_enhanced_image_is_labelled_and_on_the_flair_scale(model):
     wm = groups["WM"]
     expect = scale * ref[wm] / COIL
     np.testing.assert_allclose(out.image.ravel()[wm].mean(), expect.mean(), rtol=0.08)
+
+
+def test_voxels_without_pd_are_zero_and_maps_untouched(model):
+    x, _ = simulate(np.tile([[0.5, 0.5, 0, 0]], (40, 1)), seed=13)
+    acq = to_acquisition(x)
+    maps = truth_like_maps(acq)
+    flair = plain_flair(maps, scale=10.0)
+    maps.pd_pu[0, 0, 3] = 0.0  # e.g. PD clipped by processing.pd: no receive field there
+    before = maps.mask.copy()
+    out = enhance_flair(acq, maps, flair, model_path=MODEL)
+    np.testing.assert_array_equal(maps.mask, before)  # the caller's mask is not narrowed
+    assert out.image[0, 0, 3] == 0.0
+    assert np.all(np.delete(out.image.ravel(), 3) > 0)
 
 
 def test_features_reject_other_grids(model):
