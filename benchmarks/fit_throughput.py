@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from processing import fit as fit_module
 from processing.acquisition import Acquisition
 from processing.fit import B1_BOUNDS, R1_BOUNDS_PER_S, R2_BOUNDS_PER_S, fit_mdme, warmup
 from processing.signal import mdme_jacobian
@@ -102,7 +103,14 @@ def main() -> None:
         mode = "magnitude" if magnitude else "real"
         acq, truth = make_acq(tuple(args.shape), magnitude, seed=1)
         kw = dict(n_threads=args.threads)
+        kernels = [
+            getattr(fit_module, k) for k in dir(fit_module) if k.startswith(("_fit", "_refit"))
+        ]
+        n_sigs = sum(len(k.signatures) for k in kernels if hasattr(k, "signatures"))
+        CPU.clear()
         first = timed(lambda: fit_mdme(acq, **kw), 1)[0]  # noqa: B023
+        cpu_first = CPU[0]
+        new_sigs = sum(len(k.signatures) for k in kernels if hasattr(k, "signatures")) - n_sigs
         CPU.clear()
         later = timed(lambda: fit_mdme(acq, **kw), args.repeats)  # noqa: B023
         cpu_one = statistics.median(CPU)
@@ -130,7 +138,8 @@ def main() -> None:
         print(f"  load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(
             f"  first call after warmup {first:.3f} s vs later median {med:.3f} s "
-            f"(ratio {first / med:.2f})"
+            f"(ratio {first / med:.2f}); CPU {cpu_first:.3f} s vs {cpu_one:.3f} s "
+            f"(ratio {cpu_first / cpu_one:.2f}); kernels compiled by the first call: {new_sigs}"
         )
         print(
             f"  failed voxels {int(q.failed.sum())} ({q.failed.sum() / max(nfit, 1):.2%}), "
