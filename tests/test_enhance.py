@@ -352,3 +352,26 @@ def test_training_smoke_is_deterministic(tmp_path):
         assert m.sha256 in card
         shas.append(m.sha256)
     assert shas[0] == shas[1]
+
+
+def test_shipped_model_matches_script_config_and_card_metrics(model):
+    """The shipped model was made by this script's defaults, and its card's validation
+    figures are what the model does on the script's held-out simulated voxels."""
+    import json
+    from dataclasses import asdict
+
+    from models import train_flair
+
+    cfg = train_flair.TrainConfig()
+    assert json.loads(model.metadata["train_config"]) == json.loads(json.dumps(asdict(cfg)))
+    assert model.ranges == pytest.approx(train_flair.trained_ranges(cfg.sim))
+
+    def predict(feats):
+        return model.session.run(None, {model.input_name: feats})[0][:, 0]
+
+    val = train_flair.validate(predict, cfg.sim, cfg.n_val, cfg.seed + 1)
+    card = dict(re.findall(r"^\| val_(\w+) \| (-?[0-9.]+) \|$", CARD.read_text(), re.M))
+    assert set(card) == set(val)
+    # Same voxels as the card; only float32 (ONNX) vs float64 (script) arithmetic differs.
+    for key, value in val.items():
+        assert value == pytest.approx(float(card[key]), abs=2e-3), key
