@@ -42,11 +42,11 @@ from collections.abc import Mapping
 
 import numba as nb
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, optimize
 
 from processing.acquisition import Acquisition
 from processing.results import TISSUES, QuantMaps, TissueFractions
-from processing.signal import IDEAL_PROFILE, t1_factor
+from processing.signal import IDEAL_PROFILE, mdme_signal, t1_factor
 
 __all__ = [
     "LITERATURE_CENTRES",
@@ -74,6 +74,12 @@ _BW_LOGT1 = 0.15
 _BW_LOGT2 = {"WM": 0.15, "GM": 0.15, "CSF": 0.6}
 _BW_PD = 6.0
 _MIN_VOXELS_FOR_CENTRE = 20
+# Basis table over B1 (linear interpolation error ~1e-6 at this step).
+_B1_LO, _B1_STEP, _B1_N = 0.3, 0.0025, 681
+# B1 search offsets (relative) and the in-plane smoothing of the searched B1 (mm, sigma).
+_B1_SEARCH = np.linspace(-0.1, 0.1, 21)
+_B1_SMOOTH_SIGMA_MM = 4.0
+_REFINE_SUBSAMPLE = 60_000
 
 
 class SegmentationError(ValueError):
@@ -293,6 +299,42 @@ def _simplex_ls(
             if face & (1 << k):
                 idx[q] = k
                 q += 1
+        # Closed forms for vertices and edges (most voxels end there).
+        if q == 1:
+            k = idx[0]
+            obj = yy - 2.0 * rhs[k] + gram[k, k]
+            if obj < best:
+                best = obj
+                best_res = obj
+                for u in range(m):
+                    f_out[u] = 0.0
+                f_out[k] = 1.0
+            continue
+        if q == 2:
+            i0 = idx[0]
+            j0 = idx[1]
+            den = gram[i0, i0] - 2.0 * gram[i0, j0] + gram[j0, j0]
+            if den <= 1e-300:
+                continue
+            t = (rhs[i0] - rhs[j0] - gram[i0, j0] + gram[j0, j0]) / den
+            if t <= 0.0 or t >= 1.0:
+                continue  # the optimum of this edge is one of its vertices
+            u = 1.0 - t
+            obj = (
+                yy
+                - 2.0 * (t * rhs[i0] + u * rhs[j0])
+                + t * t * gram[i0, i0]
+                + 2.0 * t * u * gram[i0, j0]
+                + u * u * gram[j0, j0]
+            )
+            if obj + pen < best:
+                best = obj + pen
+                best_res = obj
+                for w in range(m):
+                    f_out[w] = 0.0
+                f_out[i0] = t
+                f_out[j0] = u
+            continue
         for i in range(q):
             for j in range(q):
                 kkt[i, j] = gram[idx[i], idx[j]]
@@ -325,36 +367,114 @@ def _simplex_ls(
     return max(best_res, 0.0)
 
 
-@nb.njit(cache=True, parallel=True)
-def _unmix_kernel(
-    y: np.ndarray,  # [n, ns] samples / C (pu units), delay-major
-    b1: np.ndarray,  # [n]
-    r1_fit: np.ndarray,  # [n] fitted R1 1/ms (sign restoration for magnitude data)
-    shell: np.ndarray,  # [n] bool: extracranial zero class allowed
-    noise: np.ndarray,  # [n] noise SD per sample in pu units
-    td: np.ndarray,
-    te: np.ndarray,
-    tr: float,
-    theta: float,
-    alpha: float,
-    ps: np.ndarray,
-    pw: np.ndarray,
-    c_r1: np.ndarray,  # [4] WM GM CSF NON, 1/ms
-    c_r2: np.ndarray,
-    c_pd: np.ndarray,
-    magnitude: bool,
-    chi2_thr: float,
-    sparsity: float,
-    out: np.ndarray,  # [n, 5]: WM GM CSF NON, rms residual (pu)
-) -> None:
-    n, ns = y.shape
+@nb.njit(cache=True)
+def _basis_table(c_r1, c_r2, c_pd, td, te, tr, theta, alpha, ps, pw, b1_lo, db, nb1):
+    """table[b, k, s]: signal of pure tissue k (PD units) at B1 = b1_lo + b*db, sample s.
+
+    Tabulating the basis over B1 (and interpolating linearly per voxel) replaces 16
+    slice-profile-weighted t1_factor evaluations per voxel by a few multiply-adds.
+    """
     nd = td.shape[0]
     ne = te.shape[0]
+    nk = c_r1.shape[0]
+    table = np.empty((nb1, nk, nd * ne))
+    for b in range(nb1):
+        b1 = b1_lo + b * db
+        for k in range(nk):
+            for i in range(nd):
+                g, _, _ = t1_factor(c_r1[k], b1, td[i], tr, theta, alpha, ps, pw)
+                for j in range(ne):
+                    table[b, k, i * ne + j] = c_pd[k] * math.exp(-c_r2[k] * te[j]) * g
+    return table
+
+
+@nb.njit(cache=True)
+def _fill_basis(table, b1_lo, db, b1v, a):
+    """a[s, k] (k < 4) <- basis at B1 = b1v by linear interpolation; a[:, 4] = 0."""
+    nb1 = table.shape[0]
+    x = (b1v - b1_lo) / db
+    i0 = min(max(int(x), 0), nb1 - 2)
+    w = min(max(x - i0, 0.0), 1.0)
+    for k in range(4):
+        for s in range(table.shape[2]):
+            a[s, k] = (1.0 - w) * table[i0, k, s] + w * table[i0 + 1, k, s]
+    for s in range(table.shape[2]):
+        a[s, 4] = 0.0
+
+
+@nb.njit(cache=True)
+def _gram(a, yv, cols, m, gram, rhs):
+    ns = yv.shape[0]
+    for p in range(m):
+        for q in range(p, m):
+            acc = 0.0
+            for s in range(ns):
+                acc += a[s, cols[p]] * a[s, cols[q]]
+            gram[p, q] = acc
+            gram[q, p] = acc
+        acc = 0.0
+        for s in range(ns):
+            acc += a[s, cols[p]] * yv[s]
+        rhs[p] = acc
+
+
+@nb.njit(cache=True)
+def _unmix_one(
+    yv, a, shell_v, sig2, chi2_thr, sparsity, cols, gram, rhs, f3, f4, kkt, vec, idx, res
+):
+    """Unmix one voxel's signed samples ``yv`` on basis ``a``. res <- WM GM CSF NON rms.
+
+    Returns the three-class squared residual (the B1 search criterion).
+    """
+    ns = yv.shape[0]
+    cols[0] = 0
+    cols[1] = 1
+    cols[2] = 2
+    m3 = 3
+    if shell_v:  # zero-signal extracranial class
+        cols[3] = 4
+        m3 = 4
+    yy = 0.0
+    for s in range(ns):
+        yy += yv[s] * yv[s]
+    pen = sparsity * sig2
+    _gram(a, yv, cols, m3, gram, rhs)
+    f3[:] = 0.0
+    r3 = _simplex_ls(gram, rhs, yy, m3, f3, kkt, vec, idx, pen)
+    res[0] = f3[0]
+    res[1] = f3[1]
+    res[2] = f3[2]
+    res[3] = 0.0
+    rr = r3
+    if r3 > chi2_thr * sig2:
+        # Admit NON as an extra column and keep it only if it clearly helps.
+        cols[m3] = 3
+        _gram(a, yv, cols, m3 + 1, gram, rhs)
+        f4[:] = 0.0
+        r4 = _simplex_ls(gram, rhs, yy, m3 + 1, f4, kkt, vec, idx, pen)
+        if r4 < 0.25 * r3:  # residual norm at least halved
+            res[0] = f4[0]
+            res[1] = f4[1]
+            res[2] = f4[2]
+            res[3] = f4[m3]
+            rr = r4
+    res[4] = math.sqrt(rr / ns)
+    return r3
+
+
+@nb.njit(cache=True, parallel=True)
+def _unmix_kernel(y, b1, shell, noise, table, b1_lo, db, chi2_thr, sparsity, b1_offsets, out):
+    """Unmix every voxel; out[v] = WM GM CSF NON rms_residual B1_used.
+
+    y: [n, ns] signed samples / receive field (PD units). b1, noise (SD in PD units), shell:
+    [n]. For each relative B1 offset in ``b1_offsets`` the three-class fit is tried and the
+    B1 with the lowest residual kept (one offset 0.0 = use the given B1).
+    """
+    n, ns = y.shape
     n_chunks = min(n, 64)
     for ch in nb.prange(n_chunks):
         # Scratch buffers once per chunk: per-voxel allocation would dominate the cost.
         a = np.empty((ns, 5))
-        yv = np.empty(ns)
         cols = np.empty(5, np.int64)
         gram = np.zeros((5, 5))
         rhs = np.zeros(5)
@@ -363,150 +483,34 @@ def _unmix_kernel(
         kkt = np.empty((6, 6))
         vec = np.empty(6)
         idx = np.empty(5, np.int64)
+        res = np.empty(5)
+        n_off = b1_offsets.shape[0]
+        rr = np.empty(n_off)
         for v in range(ch * n // n_chunks, (ch + 1) * n // n_chunks):
-            _unmix_voxel(
-                v,
-                y,
-                b1,
-                r1_fit,
-                shell,
-                noise,
-                td,
-                te,
-                tr,
-                theta,
-                alpha,
-                ps,
-                pw,
-                c_r1,
-                c_r2,
-                c_pd,
-                magnitude,
-                chi2_thr,
-                sparsity,
-                out,
-                a,
-                yv,
-                cols,
-                gram,
-                rhs,
-                f3,
-                f4,
-                kkt,
-                vec,
-                idx,
-                nd,
-                ne,
-                ns,
-            )
-
-
-@nb.njit(cache=True)
-def _unmix_voxel(
-    v,
-    y,
-    b1,
-    r1_fit,
-    shell,
-    noise,
-    td,
-    te,
-    tr,
-    theta,
-    alpha,
-    ps,
-    pw,
-    c_r1,
-    c_r2,
-    c_pd,
-    magnitude,
-    chi2_thr,
-    sparsity,
-    out,
-    a,
-    yv,
-    cols,
-    gram,
-    rhs,
-    f3,
-    f4,
-    kkt,
-    vec,
-    idx,
-    nd,
-    ne,
-    ns,
-):
-    """Unmix voxel ``v`` (see :func:`_unmix_kernel`), using the given scratch buffers."""
-    for i in range(nd):
-        sgn = 1.0
-        if magnitude:
-            gf, _, _ = t1_factor(r1_fit[v], b1[v], td[i], tr, theta, alpha, ps, pw)
-            if gf < 0.0:
-                sgn = -1.0
-        for k in range(4):
-            g, _, _ = t1_factor(c_r1[k], b1[v], td[i], tr, theta, alpha, ps, pw)
-            for j in range(ne):
-                a[i * ne + j, k] = c_pd[k] * math.exp(-c_r2[k] * te[j]) * g
-        for j in range(ne):
-            yv[i * ne + j] = sgn * y[v, i * ne + j]
-            a[i * ne + j, 4] = 0.0
-    # Column order for the solver: WM GM CSF [zero] then NON.
-    cols[0] = 0
-    cols[1] = 1
-    cols[2] = 2
-    m3 = 3
-    if shell[v]:
-        cols[3] = 4
-        m3 = 4
-    yy = 0.0
-    for s in range(ns):
-        yy += yv[s] * yv[s]
-    f3[:] = 0.0
-    for p in range(m3):
-        for q in range(m3):
-            acc = 0.0
-            for s in range(ns):
-                acc += a[s, cols[p]] * a[s, cols[q]]
-            gram[p, q] = acc
-        acc = 0.0
-        for s in range(ns):
-            acc += a[s, cols[p]] * yv[s]
-        rhs[p] = acc
-    r3 = _simplex_ls(gram, rhs, yy, m3, f3, kkt, vec, idx, sparsity * noise[v] * noise[v])
-    fw = f3[0]
-    fg = f3[1]
-    fc = f3[2]
-    fn = 0.0
-    res = r3
-    sig2 = noise[v] * noise[v]
-    if r3 > chi2_thr * sig2:
-        # Admit NON as an extra column and keep it only if it clearly helps.
-        m4 = m3 + 1
-        cols[m3] = 3
-        for p in range(m4):
-            for q in range(m4):
-                acc = 0.0
-                for s in range(ns):
-                    acc += a[s, cols[p]] * a[s, cols[q]]
-                gram[p, q] = acc
-            acc = 0.0
-            for s in range(ns):
-                acc += a[s, cols[p]] * yv[s]
-            rhs[p] = acc
-        f4[:] = 0.0
-        r4 = _simplex_ls(gram, rhs, yy, m4, f4, kkt, vec, idx, sparsity * noise[v] * noise[v])
-        if r4 < 0.25 * r3:  # residual norm at least halved
-            fw = f4[0]
-            fg = f4[1]
-            fc = f4[2]
-            fn = f4[m3]
-            res = r4
-    out[v, 0] = fw
-    out[v, 1] = fg
-    out[v, 2] = fc
-    out[v, 3] = fn
-    out[v, 4] = math.sqrt(res / ns)
+            best = np.inf
+            ib = 0
+            sig2 = noise[v] * noise[v]
+            for c in range(n_off):
+                bv = b1[v] * (1.0 + b1_offsets[c])
+                _fill_basis(table, b1_lo, db, bv, a)
+                r3 = _unmix_one(
+                    y[v], a, shell[v], sig2, chi2_thr, sparsity, cols, gram, rhs, f3, f4, kkt,
+                    vec, idx, res,
+                )  # fmt: skip
+                rr[c] = r3
+                if r3 < best:
+                    best = r3
+                    ib = c
+                    for k in range(5):
+                        out[v, k] = res[k]
+                    out[v, 5] = bv
+            if 0 < ib < n_off - 1:
+                # Parabolic interpolation of the residual between search steps.
+                den = rr[ib - 1] - 2.0 * rr[ib] + rr[ib + 1]
+                if den > 0.0:
+                    shift = 0.5 * (rr[ib - 1] - rr[ib + 1]) / den
+                    step = b1_offsets[ib + 1] - b1_offsets[ib]
+                    out[v, 5] = b1[v] * (1.0 + b1_offsets[ib] + shift * step)
 
 
 def _receive_field(maps: QuantMaps, sel: np.ndarray) -> np.ndarray:
@@ -554,6 +558,7 @@ def segment(
     chi2_threshold: float = 25.0,
     sparsity: float = 2.0,
     extracranial_shell: bool = True,
+    refine_iterations: int = 2,
 ) -> TissueFractions:
     """WM/GM/CSF/NON partial-volume fractions by unmixing the raw MDME samples.
 
@@ -575,6 +580,10 @@ def segment(
         towards mixtures; 0 gives the plain constrained least squares.
     extracranial_shell: allow a zero-signal (bone/air) class on the outermost in-plane
         shell of the mask, for voxels only partly inside the skull.
+    refine_iterations: alternate this many times, on a voxel subsample, between unmixing,
+        re-estimating each centre in signal space (:func:`_refine_centres`, only when
+        ``centres`` is None) and re-estimating B1 by a per-voxel search smoothed in-plane
+        (:func:`_smooth_b1`). 0 uses the centres and the fit's B1 as given.
 
     Returns
     -------
@@ -592,8 +601,13 @@ def segment(
     icmask = np.asarray(icmask, bool)
     if icmask.shape != shape:
         raise SegmentationError(f"icmask: shape {icmask.shape} differs from the maps {shape}")
+    auto_centres = centres is None
     if centres is None:
         centres = tissue_centres(maps, icmask)
+        # CSF is nearly pure water everywhere and its fitted T2 is very noisy, so its
+        # parameter-space mode is unreliable: start it from the literature and let the
+        # signal-space refinement below move it to this series' value.
+        centres["CSF"] = dict(LITERATURE_CENTRES["CSF"])
     cen = {}
     for t in ("WM", "GM", "CSF"):
         if t not in centres:
@@ -621,46 +635,84 @@ def segment(
     noise_sd = float(maps.noise_sd)
     if not math.isfinite(noise_sd) or noise_sd <= 0:
         # RMS residual of a 4-parameter fit over ns samples -> per-sample SD.
-        res = np.asarray(maps.residual, np.float64)[sel]
+        res = np.asarray(maps.residual, np.float64)[sel & fitted]
         res = res[np.isfinite(res)]
         noise_sd = float(np.median(res)) * math.sqrt(ns / max(ns - 4, 1)) if res.size else 0.0
-    noise_pu = np.maximum(noise_sd / c_field[sel], 1e-6)
+    noise_pu = np.ascontiguousarray(np.maximum(noise_sd / c_field[sel], 1e-6))
     # Shell: in-plane border of the mask, where part of the voxel may be extracranial.
     st2 = ndimage.generate_binary_structure(2, 1)[None]
     shell = icmask & ~ndimage.binary_erosion(icmask, structure=st2, border_value=0)
     if not extracranial_shell:
         shell[:] = False
+    shell_sel = np.ascontiguousarray(shell[sel])
     order = ("WM", "GM", "CSF")
-    c_r1 = np.array([1.0 / cen[t]["t1_ms"] for t in order] + [1.0 / non["t1_ms"]])
-    c_r2 = np.array([1.0 / cen[t]["t2_ms"] for t in order] + [1.0 / non["t2_ms"]])
-    c_pd = np.array([cen[t]["pd_pu"] for t in order] + [non["pd_pu"]])
     b1_all = np.asarray(maps.b1, np.float64)
     b1_ok = fitted & np.isfinite(b1_all) & (b1_all > 0.3) & (b1_all < 2.0)
-    b1 = _fill_nearest(b1_all, b1_ok)[sel]
-    t1f = np.asarray(maps.t1_ms, np.float64)[sel]
-    r1f = np.where(np.isfinite(t1f) & (t1f > 0), 1.0 / np.where(t1f > 0, t1f, 1.0), 1.0 / 1000.0)
-    out = np.empty((y.shape[0], 5))
-    _unmix_kernel(
-        np.ascontiguousarray(y),
-        np.ascontiguousarray(b1),
-        np.ascontiguousarray(r1f),
-        np.ascontiguousarray(shell[sel]),
-        np.ascontiguousarray(noise_pu),
-        np.ascontiguousarray(acq.delays_ms, np.float64),
-        np.ascontiguousarray(acq.echo_times_ms, np.float64),
-        float(acq.tr_ms),
-        math.radians(acq.saturation_deg),
-        math.radians(acq.excitation_deg),
-        np.ascontiguousarray(profile[0], np.float64),
-        np.ascontiguousarray(profile[1], np.float64),
-        c_r1,
-        c_r2,
-        c_pd,
-        bool(acq.is_magnitude),
-        float(chi2_threshold),
-        float(sparsity),
-        out,
-    )
+    b1_map = _fill_nearest(b1_all, b1_ok)
+    td = np.ascontiguousarray(acq.delays_ms, np.float64)
+    te = np.ascontiguousarray(acq.echo_times_ms, np.float64)
+    seq = (float(acq.tr_ms), float(acq.saturation_deg), float(acq.excitation_deg))
+    ps = np.ascontiguousarray(profile[0], np.float64)
+    pw = np.ascontiguousarray(profile[1], np.float64)
+    if acq.is_magnitude:
+        # Restore each delay's sign from the voxel's own mono-exponential fit.
+        t1f = np.asarray(maps.t1_ms, np.float64)[sel]
+        t1f = np.where(np.isfinite(t1f) & (t1f > 0), t1f, 1000.0)
+        sgn = mdme_signal(1.0, t1f, 1e6, b1_map[sel], td, te, *seq, profile=profile)
+        y = np.where(sgn < 0, -y, y)
+    y = np.ascontiguousarray(y)
+
+    def unmix(
+        c: dict[str, dict[str, float]], rows: np.ndarray | None, b1v: np.ndarray, offsets
+    ) -> np.ndarray:
+        c_r1 = np.array([1.0 / c[t]["t1_ms"] for t in order] + [1.0 / non["t1_ms"]])
+        c_r2 = np.array([1.0 / c[t]["t2_ms"] for t in order] + [1.0 / non["t2_ms"]])
+        c_pd = np.array([c[t]["pd_pu"] for t in order] + [non["pd_pu"]])
+        table = _basis_table(
+            c_r1, c_r2, c_pd, td, te, seq[0], math.radians(seq[1]), math.radians(seq[2]),
+            ps, pw, _B1_LO, _B1_STEP, _B1_N,
+        )  # fmt: skip
+        yy_ = y if rows is None else np.ascontiguousarray(y[rows])
+        res = np.empty((yy_.shape[0], 6))
+        _unmix_kernel(
+            yy_,
+            np.ascontiguousarray(b1v),
+            shell_sel if rows is None else np.ascontiguousarray(shell_sel[rows]),
+            noise_pu if rows is None else np.ascontiguousarray(noise_pu[rows]),
+            table,
+            _B1_LO,
+            _B1_STEP,
+            float(chi2_threshold),
+            float(sparsity),
+            np.asarray(offsets, np.float64),
+            res,
+        )
+        return res
+
+    b1 = np.ascontiguousarray(b1_map[sel])
+    if refine_iterations > 0:
+        # Alternate on a voxel subsample: unmix -> re-estimate the centres (if automatic)
+        # -> re-estimate B1 by a per-voxel search, smoothed in-plane. The fit's B1 is biased
+        # in partial-volume voxels (a mixture is not mono-exponential) and its smoothing
+        # spreads that bias; the unmixing is sensitive to it (a 2 % B1 error moves
+        # several % of volume between WM, GM and CSF).
+        n = y.shape[0]
+        rows = np.arange(0, n, max(1, n // _REFINE_SUBSAMPLE))
+        zero = np.zeros(1)
+        for _ in range(refine_iterations):
+            out = unmix(cen, rows, b1[rows], zero)
+            if auto_centres:
+                cen = _refine_centres(
+                    y[rows], b1[rows], out, cen, non, shell_sel[rows], td, te, seq, profile
+                )
+            out = unmix(cen, rows, b1[rows], _B1_SEARCH)
+            b1 = np.ascontiguousarray(
+                _smooth_b1(out[:, 5], rows, sel, b1_map, acq.voxel_size_mm)[sel]
+            )
+    out = unmix(cen, None, b1, np.zeros(1))
+    if auto_centres:
+        for t in order:
+            out_centres[t].update(cen[t])
     for k, t in enumerate(TISSUES):
         fractions[t][sel] = out[:, k].astype(np.float32)
     return TissueFractions(fractions=fractions, icmask=icmask, centres=out_centres)
@@ -695,3 +747,91 @@ def volumes(
     vol["ICV"] = vol["BPV"] + vol["CSF"]
     vol["BPF"] = vol["BPV"] / vol["ICV"] if vol["ICV"] > 0 else float("nan")
     return vol
+
+
+_REFINE_MIN_FRACTION = 0.85
+_REFINE_MAX_VOXELS = 5_000
+
+
+def _refine_centres(
+    ys: np.ndarray,
+    b1: np.ndarray,
+    out: np.ndarray,
+    cen: dict[str, dict[str, float]],
+    non: dict[str, float],
+    shell: np.ndarray,
+    td: np.ndarray,
+    te: np.ndarray,
+    seq: tuple[float, float, float],
+    profile: tuple[np.ndarray, np.ndarray],
+) -> dict[str, dict[str, float]]:
+    """Re-estimate each tissue centre from its nearly pure voxels, in signal space.
+
+    For tissue k, voxels with f_k >= 0.85 (not on the shell) give the pure-k signal
+    ``p = (y - sum_{j != k} f_j a_j(B1)) / f_k``; one (PD, T1, T2) is fitted jointly to all
+    of them, each at its own B1. Averaging signals rather than fitted parameters removes the
+    noise of single-voxel fits (large for CSF, whose T2 is poorly determined) and the
+    contamination subtraction removes the partial-volume pull towards other tissues.
+    """
+    names = ("WM", "GM", "CSF")
+    ref = [cen[t] for t in names] + [non]
+    new = {t: dict(cen[t]) for t in names}
+    for k, t in enumerate(names):
+        pick = np.flatnonzero((out[:, k] >= _REFINE_MIN_FRACTION) & ~shell)
+        if pick.size < _MIN_VOXELS_FOR_CENTRE:
+            continue
+        if pick.size > _REFINE_MAX_VOXELS:
+            pick = pick[:: pick.size // _REFINE_MAX_VOXELS + 1]
+        bk = b1[pick]
+        p = ys[pick].copy()
+        for j, c in enumerate(ref):
+            if j == k:
+                continue
+            fj = out[pick, j]
+            if not np.any(fj > 0):
+                continue
+            a = mdme_signal(c["pd_pu"], c["t1_ms"], c["t2_ms"], bk, td, te, *seq, profile=profile)
+            p -= fj[:, None] * a
+        p /= out[pick, k][:, None]
+
+        def resid(x: np.ndarray, p=p, bk=bk) -> np.ndarray:
+            m = mdme_signal(
+                math.exp(x[0]), math.exp(x[1]), math.exp(x[2]), bk, td, te, *seq, profile=profile
+            )
+            return (m - p).ravel()
+
+        x0 = np.log([cen[t]["pd_pu"], cen[t]["t1_ms"], cen[t]["t2_ms"]])
+        lo = np.log([5.0, 100.0, 10.0])
+        hi = np.log([150.0, 8000.0, 5000.0])
+        sol = optimize.least_squares(
+            resid, np.clip(x0, lo + 1e-6, hi - 1e-6), bounds=(lo, hi), x_scale=0.1
+        )
+        if sol.success and np.all(np.isfinite(sol.x)):
+            pd_, t1_, t2_ = np.exp(sol.x)
+            new[t].update(
+                pd_pu=float(pd_), t1_ms=float(t1_), t2_ms=float(t2_), n_voxels=float(pick.size)
+            )
+    return new
+
+
+def _smooth_b1(
+    b1_found: np.ndarray,
+    rows: np.ndarray,
+    sel: np.ndarray,
+    b1_map: np.ndarray,
+    voxel_size_mm: tuple[float, float, float],
+) -> np.ndarray:
+    """B1 map from per-voxel searched values at ``rows`` of ``sel``: in-plane normalized
+    Gaussian smoothing (sigma ``_B1_SMOOTH_SIGMA_MM``); voxels out of reach keep ``b1_map``."""
+    flat_idx = np.flatnonzero(sel.ravel())[rows]
+    num = np.zeros(sel.size)
+    den = np.zeros(sel.size)
+    num[flat_idx] = b1_found
+    den[flat_idx] = 1.0
+    num = num.reshape(sel.shape)
+    den = den.reshape(sel.shape)
+    sig = (0.0, _B1_SMOOTH_SIGMA_MM / voxel_size_mm[1], _B1_SMOOTH_SIGMA_MM / voxel_size_mm[2])
+    num = ndimage.gaussian_filter(num, sig, mode="constant", truncate=3.0)
+    den = ndimage.gaussian_filter(den, sig, mode="constant", truncate=3.0)
+    ok = den > 1e-3 * den.max()
+    return np.where(ok, num / np.where(ok, den, 1.0), b1_map)
