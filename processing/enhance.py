@@ -273,7 +273,10 @@ def enhance_samples(
         feats, norm = make_features(
             samples[start:stop], tr_ms, delays_ms, echo_times_ms, flair_ti_ms
         )
-        y = model.session.run([model.output_name], {model.input_name: feats})[0]
+        try:
+            y = model.session.run([model.output_name], {model.input_name: feats})[0]
+        except Exception as exc:  # onnxruntime's own exception types
+            raise EnhancementError(f"FLAIR model {model.path.name!r} failed to run: {exc}") from exc
         out[start:stop] = np.maximum(np.asarray(y, dtype=np.float64).reshape(-1), 0.0) * norm
     return out
 
@@ -376,9 +379,12 @@ def try_enhance_flair(
     """:func:`enhance_flair` for the pipeline: ``(image, None)`` or ``(None, warning)``.
 
     Any :class:`EnhancementError` (missing/corrupt model, protocol outside the trained
-    range) becomes a one-line warning so the rest of the series still runs.
+    range) becomes a one-line warning so the rest of the series still runs; so does any
+    unexpected error (an optional stage never loses the series).
     """
     try:
         return enhance_flair(acq, maps, flair, model_path=model_path, threads=threads), None
     except EnhancementError as exc:
         return None, f"FLAIR enhancement skipped: {exc}"
+    except Exception as exc:
+        return None, f"FLAIR enhancement failed ({type(exc).__name__}): {exc}"
