@@ -12,14 +12,22 @@ Recipe per voxel (numba, ``parallel=True`` over voxel chunks, no allocation per 
    dot product per grid point with a voxel-independent, precomputed, normalized table of
    ``g(TD)`` (``|g|`` for magnitude data). Grid points are classed by how many delays are
    negative; magnitude data have a local minimum per class near the zero crossing.
-3. Bounded (projected) Levenberg-Marquardt on ``(M0, R1, R2, B1)`` with Marquardt scaling and
+3. Bounded Levenberg-Marquardt on ``(M0, R1, R2, B1)`` (Marquardt scaling, projected steps
+   with an active set: a parameter on a bound whose gradient points outwards is frozen) and
    an analytic Jacobian (value-identical to :func:`processing.signal.t1_factor`, but the
    B1-dependent trigonometry and ``exp(-R1*TR)`` are computed once per evaluation instead of
-   once per delay). If the final RMS residual is clearly above the noise, LM restarts from the
-   best grid point of each other sign class and keeps the lowest cost (the global minimum in
-   the ambiguous magnitude cases).
+   once per delay). Magnitude data are fitted as signed data with the sign pattern of the
+   grid point's class (the first c delays negative): the model is then smooth and LM cannot
+   stall on the kink of ``|model|`` at the zero crossing; the cost that decides between
+   candidates is always the true ``||y - |model|| ||^2``.
+   If the final RMS residual is above 1.5x the noise SD (or 1e-6 of the signal RMS when the
+   noise is 0), LM restarts from the best grid point of every other sign class and, for
+   magnitude data, from the best fit so far with the neighbouring sign patterns; the lowest
+   cost wins. (400k random noise-free voxels, T1 300-4500, T2 40-2000, B1 0.6-1.4, two
+   protocols, ideal and Gaussian slice profile, real and magnitude: all within 1e-4.)
 4. Optional second pass: B1 is smoothed in-plane (masked, normalized Gaussian convolution,
-   FWHM in mm) and ``(M0, R1, R2)`` are refitted with B1 fixed.
+   FWHM in mm, with two Tukey-biweight reweighting passes because the per-voxel B1 error is
+   skewed) and ``(M0, R1, R2)`` are refitted with B1 fixed.
 
 Bounds: R1 0.05-10 /s, R2 0.3-100 /s, B1 0.5-1.5, M0 >= 0. ``failed`` marks voxels where LM
 did not converge, a parameter ended on a bound, or a value is not finite.
