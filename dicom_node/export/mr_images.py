@@ -165,8 +165,9 @@ def derivation_description(syn: SyntheticImage, result: SeriesResult) -> str:
         timing += f" TI={syn.ti_ms:g} ms"
     if syn.ti2_ms is not None:
         timing += f" TI2={syn.ti2_ms:g} ms"
+    source = "the raw MDME samples by a pixel-wise network" if syn.ai_enhanced else "T1/T2/PD maps"
     text = (
-        f"SYNTHETIC {syn.name} ({syn.kind}) computed by synthmr {__version__} from T1/T2/PD maps; "
+        f"SYNTHETIC {syn.name} ({syn.kind}) computed by synthmr {__version__} from {source}; "
         f"{syn.equation or 'equation not recorded'}; {timing}; scale={syn.scale:g}"
     )
     if syn.parameters:
