@@ -15,11 +15,11 @@ Myelin water exchanges with cellular water: within the tissue pool (myelin + cel
 relaxation *rates* are averaged, weighted by water content (fast-exchange limit; the
 effective myelin constants absorb the real, intermediate exchange). Free water does not
 exchange: its *signal* adds. Mixtures are simulated through the actual acquisition
-(processing.signal, the same equations as the fit) and fitted mono-exponentially with B1
-fixed at 1 (as after the fit's B1 smoothing), which gives a lookup grid
-(MyPV, FWPV) -> apparent (R1, R2, PD). Each voxel's measured (R1, R2, PD) is mapped back
-by weighted least squares on that grid (coarse search, then Gauss-Newton on the bilinear
-interpolant, in numba). The grid spans MyPV 0..60 % and FWPV 0..100 %, so children
+(processing.signal, the same equations as the fit) at B1 0.5-1.5 (step 0.1) and fitted
+mono-exponentially with that B1 fixed (as after the fit's B1 smoothing), which gives a
+lookup grid (B1, MyPV, FWPV) -> apparent (R1, R2, PD). Each voxel's measured (R1, R2, PD)
+is mapped back, at its fitted B1, by weighted least squares on that grid (coarse search,
+then Gauss-Newton on the interpolant, in numba). The grid spans MyPV 0..60 % and FWPV 0..100 %, so children
 (little myelin) and oedema are inside it: nothing adult-only is hard-wired.
 
 Constants. The compartment constants of Warntjes 2016 are not public (physics.md marks them
@@ -286,18 +286,22 @@ def _fit_mono_one(s, td, te, tr, theta, alpha, b1, res):
 
 
 @nb.njit(cache=True, parallel=True)
-def _grid_kernel(my_axis, fw_axis, cst, td, te, tr, theta, alpha, out):
-    """out[i, j] = apparent (log R1, log R2, PD) of the mixture (my_axis[i], fw_axis[j])."""
+def _grid_kernel(b1_axis, my_axis, fw_axis, cst, td, te, tr, theta, alpha, out):
+    """out[b, i, j] = apparent (log R1, log R2, PD) of mixture (my_axis[i], fw_axis[j])
+    simulated at B1 = b1_axis[b] and fitted mono-exponentially with that B1 fixed."""
     ns = td.shape[0] * te.shape[0]
-    for i in nb.prange(my_axis.shape[0]):
+    nmy = my_axis.shape[0]
+    for bi in nb.prange(b1_axis.shape[0] * nmy):
+        b = bi // nmy
+        i = bi % nmy
         s = np.empty(ns)
         res = np.empty(3)
         for j in range(fw_axis.shape[0]):
-            _mix_signal(my_axis[i], fw_axis[j], cst, td, te, tr, theta, alpha, 1.0, s)
-            _fit_mono_one(s, td, te, tr, theta, alpha, 1.0, res)
-            out[i, j, 0] = math.log(res[1])
-            out[i, j, 1] = math.log(res[2])
-            out[i, j, 2] = res[0]
+            _mix_signal(my_axis[i], fw_axis[j], cst, td, te, tr, theta, alpha, b1_axis[b], s)
+            _fit_mono_one(s, td, te, tr, theta, alpha, b1_axis[b], res)
+            out[b, i, j, 0] = math.log(res[1])
+            out[b, i, j, 1] = math.log(res[2])
+            out[b, i, j, 2] = res[0]
 
 
 def _cst_array(c: MyelinConstants) -> np.ndarray:
@@ -424,18 +428,20 @@ def _fit_mono_batch(flat, b1v, td, te, tr, th, al, out):
         _fit_mono_one(flat[n], td, te, tr, th, al, b1v[n], out[n])
 
 
-_N_MY = 121
-_N_FW = 101
+_N_MY = 61  # MyPV step 1 % (of 0..60 %)
+_N_FW = 51  # FWPV step 2 %
+_B1_AXIS = np.linspace(0.5, 1.5, 11)  # the fit's B1 bounds, step 0.1
 
 
 @lru_cache(maxsize=8)
 def _grid(seq: _Seq, constants: MyelinConstants) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lookup grid for one sequence timing: axes and apparent (log R1, log R2, PD)."""
+    """Lookup grid for one sequence timing: axes and apparent (log R1, log R2, PD) per
+    (B1, MyPV, FWPV). Cached per timing (the node builds it once per protocol)."""
     td, te, tr, th, al = seq.arrays()
     my_axis = np.linspace(0.0, constants.mypv_max, _N_MY)
     fw_axis = np.linspace(0.0, 1.0, _N_FW)
-    out = np.empty((_N_MY, _N_FW, 3))
-    _grid_kernel(my_axis, fw_axis, _cst_array(constants), td, te, tr, th, al, out)
+    out = np.empty((_B1_AXIS.size, _N_MY, _N_FW, 3))
+    _grid_kernel(_B1_AXIS, my_axis, fw_axis, _cst_array(constants), td, te, tr, th, al, out)
     return my_axis, fw_axis, out
 
 
@@ -480,10 +486,11 @@ def apparent_parameters(
 
 
 @nb.njit(cache=True)
-def _interp(grid, dmy, dfw, my, fw, val, dval_my, dval_fw):
-    """Bilinear value and gradient of grid[:, :, 0..2] at (my, fw); axes start at 0."""
-    nmy = grid.shape[0]
-    nfw = grid.shape[1]
+def _interp(grid, ib, wb, dmy, dfw, my, fw, val, dval_my, dval_fw):
+    """Value and gradient at (my, fw) of the grid blended between B1 layers ib, ib+1
+    (weight wb): bilinear in (my, fw), linear in B1; axes start at 0."""
+    nmy = grid.shape[1]
+    nfw = grid.shape[2]
     x = my / dmy
     yv = fw / dfw
     i = min(max(math.floor(x), 0), nmy - 2)
@@ -491,10 +498,10 @@ def _interp(grid, dmy, dfw, my, fw, val, dval_my, dval_fw):
     tx = x - i
     ty = yv - j
     for c in range(3):
-        v00 = grid[i, j, c]
-        v10 = grid[i + 1, j, c]
-        v01 = grid[i, j + 1, c]
-        v11 = grid[i + 1, j + 1, c]
+        v00 = (1 - wb) * grid[ib, i, j, c] + wb * grid[ib + 1, i, j, c]
+        v10 = (1 - wb) * grid[ib, i + 1, j, c] + wb * grid[ib + 1, i + 1, j, c]
+        v01 = (1 - wb) * grid[ib, i, j + 1, c] + wb * grid[ib + 1, i, j + 1, c]
+        v11 = (1 - wb) * grid[ib, i + 1, j + 1, c] + wb * grid[ib + 1, i + 1, j + 1, c]
         val[c] = (
             (1 - tx) * (1 - ty) * v00 + tx * (1 - ty) * v10 + (1 - tx) * ty * v01 + tx * ty * v11
         )
@@ -503,28 +510,33 @@ def _interp(grid, dmy, dfw, my, fw, val, dval_my, dval_fw):
 
 
 @nb.njit(cache=True, parallel=True)
-def _invert_kernel(meas, grid, dmy, dfw, my_max, wts, out):
-    """meas[n, 3] = (log R1, log R2, PD fraction) -> out[n, 2] = (MyPV, FWPV) fractions."""
+def _invert_kernel(meas, b1, grid, b1_lo, db1, dmy, dfw, my_max, wts, out):
+    """meas[n, 3] = (log R1, log R2, PD fraction), b1[n] -> out[n, 2] = (MyPV, FWPV)."""
     n = meas.shape[0]
-    nmy = grid.shape[0]
-    nfw = grid.shape[1]
+    nb1 = grid.shape[0]
+    nmy = grid.shape[1]
+    nfw = grid.shape[2]
     n_chunks = min(n, 64)
     for ch in nb.prange(n_chunks):
         val = np.empty(3)
         dm = np.empty(3)
         df = np.empty(3)
         for v in range(ch * n // n_chunks, (ch + 1) * n // n_chunks):
-            # Coarse search on every 6th/10th node (feasible: my + fw <= 1).
+            xb = (b1[v] - b1_lo) / db1
+            ib = min(max(int(xb), 0), nb1 - 2)
+            wb = min(max(xb - ib, 0.0), 1.0)
+            # Coarse search on every 3rd/5th node (feasible: my + fw <= 1).
             best = np.inf
             bi = 0
             bj = 0
-            for i in range(0, nmy, 6):
-                for j in range(0, nfw, 10):
+            for i in range(0, nmy, 3):
+                for j in range(0, nfw, 5):
                     if i * dmy + j * dfw > 1.0 + 1e-9:
                         continue
                     c = 0.0
                     for k in range(3):
-                        r = (grid[i, j, k] - meas[v, k]) * wts[k]
+                        g = (1 - wb) * grid[ib, i, j, k] + wb * grid[ib + 1, i, j, k]
+                        r = (g - meas[v, k]) * wts[k]
                         c += r * r
                     if c < best:
                         best = c
@@ -534,7 +546,7 @@ def _invert_kernel(meas, grid, dmy, dfw, my_max, wts, out):
             fw = bj * dfw
             # Projected Gauss-Newton on the bilinear interpolant (2 unknowns, 3 residuals).
             for _ in range(25):
-                _interp(grid, dmy, dfw, my, fw, val, dm, df)
+                _interp(grid, ib, wb, dmy, dfw, my, fw, val, dm, df)
                 a11 = 0.0
                 a12 = 0.0
                 a22 = 0.0
@@ -577,6 +589,7 @@ def invert(
     t1_ms: np.ndarray,
     t2_ms: np.ndarray,
     pd_pu: np.ndarray,
+    b1: np.ndarray | float = 1.0,
     *,
     acq: Acquisition | None = None,
     delays_ms=None,
@@ -587,6 +600,9 @@ def invert(
     constants: MyelinConstants = DEFAULT_CONSTANTS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Map measured (T1 ms, T2 ms, PD pu) arrays to (MyPV, FWPV) fractions (float64, 0..1).
+
+    ``b1``: the fit's flip-angle ratio (scalar or broadcastable array); the lookup grid is
+    simulated and fitted at B1 0.5-1.5 and interpolated linearly in between.
 
     Non-finite or non-positive inputs give NaN.
     """
@@ -605,7 +621,20 @@ def invert(
     )
     res = np.empty((meas.shape[0], 2))
     if meas.shape[0]:
-        _invert_kernel(meas, grid, my_axis[1], fw_axis[1], constants.mypv_max, wts, res)
+        b1v = np.broadcast_to(np.asarray(b1, np.float64), t1.shape)[ok]
+        b1v = np.clip(np.nan_to_num(b1v, nan=1.0), _B1_AXIS[0], _B1_AXIS[-1])
+        _invert_kernel(
+            meas,
+            np.ascontiguousarray(b1v),
+            grid,
+            _B1_AXIS[0],
+            _B1_AXIS[1] - _B1_AXIS[0],
+            my_axis[1],
+            fw_axis[1],
+            constants.mypv_max,
+            wts,
+            res,
+        )
     my = np.full(t1.shape, np.nan)
     fw = np.full(t1.shape, np.nan)
     my[ok] = res[:, 0]
@@ -655,6 +684,7 @@ def myelin_maps(
             np.asarray(maps.t1_ms)[sel],
             np.asarray(maps.t2_ms)[sel],
             np.asarray(maps.pd_pu)[sel],
+            np.asarray(maps.b1)[sel],
             delays_ms=seq.td,
             echo_times_ms=seq.te,
             tr_ms=seq.tr,

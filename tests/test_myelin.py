@@ -1,0 +1,134 @@
+"""Four-compartment myelin model (processing.myelin).
+
+Ground truth: voxels simulated from the model with stated fractions, passed through the
+real MDME fit (processing.fit), and the digital phantom (processing.phantom) whose WM, GM
+and CSF values are the 3T literature points of physics.md section 6.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from processing.acquisition import Acquisition
+from processing.fit import fit_mdme
+from processing.myelin import (
+    DEFAULT_CONSTANTS,
+    MyelinError,
+    apparent_parameters,
+    calibrate_constants,
+    invert,
+    myelin_maps,
+    simulate_compartments,
+)
+from processing.pd import correct_pd
+from processing.phantom import make_phantom
+from processing.segmentation import intracranial_mask, segment
+
+TD = (150.0, 580.0, 1900.0, 3850.0)
+TE = (20.0, 100.0)
+TR = 4000.0
+SEQ = {"delays_ms": TD, "echo_times_ms": TE, "tr_ms": TR}
+
+
+def test_calibration_reproduces_reference_tissues() -> None:
+    """Calibrated to WM 600/70/67 -> 30 % and GM 1100/90/82 -> 6 % (module docstring)."""
+    wm = apparent_parameters(0.30, 0.0, **SEQ)
+    gm = apparent_parameters(0.06, 0.0, **SEQ)
+    water = apparent_parameters(0.0, 1.0, **SEQ)
+    for got, want in (
+        (wm, (600.0, 70.0, 67.0)),
+        (gm, (1100.0, 90.0, 82.0)),
+        (water, (4300.0, 2000.0, 100.0)),
+    ):
+        assert got["t1_ms"] == pytest.approx(want[0], rel=2e-3)
+        assert got["t2_ms"] == pytest.approx(want[1], rel=2e-3)
+        assert got["pd_pu"] == pytest.approx(want[2], rel=2e-3)
+    # More myelin -> faster relaxation and less visible water, monotonically.
+    prev = apparent_parameters(0.0, 0.0, **SEQ)
+    for my in (0.1, 0.2, 0.35):
+        cur = apparent_parameters(my, 0.0, **SEQ)
+        assert cur["t1_ms"] < prev["t1_ms"] and cur["pd_pu"] < prev["pd_pu"]
+        prev = cur
+    with pytest.raises(MyelinError, match="gm_mypv < wm_mypv"):
+        calibrate_constants(wm_mypv=0.05, gm_mypv=0.1)
+
+
+@pytest.mark.parametrize("b1", [0.85, 1.0, 1.15])
+def test_recovers_known_mypv_through_the_real_fit(b1: float) -> None:
+    """MyPV 0-35 % x free water (CSF + EPW) 0-30 %, noise-free, B1 as given, PD scale 100.
+
+    The voxels go through fit_mdme (B1 smoothing pass, as in processing.run); MyPV must
+    come back within 1.5 pu.
+    """
+    my_v = np.linspace(0.0, 0.35, 8)
+    fw_v = np.array([0.0, 0.05, 0.1, 0.2, 0.3])
+    my, fw = np.meshgrid(my_v, fw_v, indexing="ij")
+    s = simulate_compartments(my, fw, b1=b1, **SEQ) * 100.0  # pure water M0 = 100 pu
+    sig = s.reshape(1, 8, 5, len(TD), len(TE)).transpose(0, 3, 4, 1, 2)
+    acq = Acquisition(
+        signal=np.ascontiguousarray(sig, np.float32),
+        delays_ms=TD,
+        echo_times_ms=TE,
+        tr_ms=TR,
+        saturation_deg=120.0,
+        excitation_deg=90.0,
+        voxel_size_mm=(4.0, 1.0, 1.0),
+        affine=np.diag([1.0, 1.0, 4.0, 1.0]),
+    )
+    maps = fit_mdme(acq, np.ones(acq.shape, bool), b1_smoothing=True, noise_sd=1e-3)
+    maps.pd_pu = maps.m0.copy()  # unit receive field: M0 is already in pu
+    mm = myelin_maps(maps, np.ones(acq.shape, bool), 0.1, acq=acq)
+    err = np.abs(mm.mypv[0] - 100.0 * my)
+    assert err.max() < 1.5, f"max MyPV error {err.max():.2f} pu at B1 {b1}"
+    # Without a segmentation, free water in parenchymal voxels (FW <= 50 %) is EPW.
+    np.testing.assert_allclose(mm.epw[0], 100.0 * fw, atol=2.0)
+    assert mm.myelin_volume_ml == pytest.approx(float(mm.mypv.sum()) / 100.0 * 0.1, rel=1e-6)
+
+
+def test_phantom_tissue_myelin() -> None:
+    """MNI phantom 4x64x64, SNR 50: pure WM 25-32 %, GM 5-15 %, CSF < 1 %."""
+    ph = make_phantom((4, 64, 64), seed=1, snr=50.0)
+    maps = correct_pd(fit_mdme(ph.acq, b1_smoothing=True))
+    icm = intracranial_mask(maps, ph.acq)
+    fr = segment(ph.acq, maps, icmask=icm)
+    mm = myelin_maps(maps, icm, ph.acq.voxel_volume_ml, acq=ph.acq, fractions=fr)
+    med = {c: float(np.median(mm.mypv[ph.truth.pure_mask(c) & icm])) for c in ("WM", "GM", "CSF")}
+    assert 25.0 <= med["WM"] <= 32.0, med
+    assert 5.0 <= med["GM"] <= 15.0, med
+    assert med["CSF"] < 1.0, med
+    # CSF is not EPW when the segmentation says it is CSF.
+    assert float(np.median(mm.epw[ph.truth.pure_mask("CSF") & icm])) < 1.0
+    assert mm.constants["pd_my"] == pytest.approx(DEFAULT_CONSTANTS.pd_my)
+
+
+def test_immature_brain_has_less_myelin() -> None:
+    """A child-like phantom (WM T1 900, T2 85, PD 78; GM 1300/95/86) gets far less MyPV."""
+    tissues = {"WM": (900.0, 85.0, 78.0), "GM": (1300.0, 95.0, 86.0)}
+    ph = make_phantom((4, 64, 64), seed=3, snr=50.0, tissues=tissues, anatomy="ellipsoid")
+    maps = correct_pd(fit_mdme(ph.acq, b1_smoothing=True))
+    icm = intracranial_mask(maps, ph.acq)
+    mm = myelin_maps(maps, icm, ph.acq.voxel_volume_ml, acq=ph.acq)
+    wm = float(np.median(mm.mypv[ph.truth.pure_mask("WM") & icm]))
+    assert 3.0 < wm < 20.0, wm
+    assert float(mm.mypv.min()) >= 0.0
+
+
+def test_bad_input_names_the_problem() -> None:
+    with pytest.raises(MyelinError, match="give either acq or delays_ms"):
+        invert(np.array([600.0]), np.array([70.0]), np.array([67.0]))
+    with pytest.raises(MyelinError, match="tr_ms"):
+        invert(
+            np.array([600.0]),
+            np.array([70.0]),
+            np.array([67.0]),
+            delays_ms=TD,
+            echo_times_ms=TE,
+            tr_ms=1000.0,
+        )
+    with pytest.raises(MyelinError, match="fractions must be"):
+        simulate_compartments(0.7, 0.5, **SEQ)
+    my, fw = invert(
+        np.array([np.nan, 600.0]), np.array([70.0, 70.0]), np.array([67.0, 67.0]), **SEQ
+    )
+    assert np.isnan(my[0]) and my[1] == pytest.approx(0.30, abs=0.01) and fw[1] < 0.01
