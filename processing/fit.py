@@ -155,7 +155,7 @@ def make_grid(
 # --------------------------------------------------------------------------------------
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _eval(p, y, td, te, tr, theta, alpha, ps, pw, magnitude, fix_b1, ed, g, gr, gb, e2, h):
     """Cost and normal equations at p = (M0, R1 [1/s], R2 [1/s], B1).
 
@@ -227,7 +227,7 @@ def _eval(p, y, td, te, tr, theta, alpha, ps, pw, magnitude, fix_b1, ed, g, gr, 
             h[14] += j3 * r
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _solve_damped(h, lam, fix_b1, p, lo, hi, a, d):
     """Solve (JtJ + lam*diag(JtJ)) d = Jtr for the free parameters.
 
@@ -273,12 +273,12 @@ def _solve_damped(h, lam, fix_b1, p, lo, hi, a, d):
     return True
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _clip(v, lo, hi):
     return lo if v < lo else (hi if v > hi else v)
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _lm(p, y, td, te, tr, theta, alpha, ps, pw, magnitude, fix_b1, lo, hi, ws, h, ht, a, d, q):
     """Projected Levenberg-Marquardt from p (updated in place). Returns (cost, converged)."""
     ed = ws[0]
@@ -318,7 +318,7 @@ def _lm(p, y, td, te, tr, theta, alpha, ps, pw, magnitude, fix_b1, lo, hi, ws, h
     return cost, False
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _r2_start(y, nd, ne, te, lo, hi):
     """R2 [1/s] from the ratio of the last to the first echo, summed over delays."""
     if ne < 2:
@@ -336,7 +336,7 @@ def _r2_start(y, nd, ne, te, lo, hi):
     return 10.0
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _fit_signed(
     p, y, ys, c, td, te, tr, theta, alpha, ps, pw, magnitude, fix_b1, lo, hi, ws, h, ht, a, d, q
 ):
@@ -363,7 +363,7 @@ def _fit_signed(
     return h[0], ok
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _neg_count(p, td, te, tr, theta, alpha, ps, pw, ws, h):
     """Number of delays where the model at p is negative (g is increasing in TD)."""
     _eval(
@@ -392,7 +392,7 @@ def _neg_count(p, td, te, tr, theta, alpha, ps, pw, ws, h):
     return c
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _fit_chunk(
     samples,
     idx,
@@ -603,7 +603,7 @@ def _fit_chunk(
         out_ok[n] = ok
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True, error_model="numpy", parallel=True)
 def _fit_all(
     samples,
     idx,
@@ -659,7 +659,7 @@ def _fit_all(
         )
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _refit_chunk(
     samples,
     idx,
@@ -728,7 +728,7 @@ def _refit_chunk(
         out_ok[n] = ok
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True, error_model="numpy", parallel=True)
 def _refit_all(
     samples,
     idx,
