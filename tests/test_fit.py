@@ -328,3 +328,35 @@ def test_empty_mask_and_parallel_path_agree_with_serial():
         fit_mod._SERIAL_BELOW = old
     np.testing.assert_array_equal(par.t1_ms, ser.t1_ms)
     np.testing.assert_array_equal(par.failed, ser.failed)
+
+
+def test_magnitude_at_and_near_the_zero_crossing():
+    """Hardest magnitude cases: T1 chosen so that the zero crossing falls exactly on (or within
+    a few ms of) the 150 ms or 580 ms delay, for B1 0.7-1.3 (protocol A). Noise-free: exact."""
+    from scipy.optimize import brentq
+
+    p = PROTOCOLS["A"]
+    cases = []
+    for td in (150.0, 580.0):
+        for offset in (-20.0, -3.0, 0.0, 3.0, 20.0):
+            for b1 in (0.7, 0.85, 1.0, 1.15, 1.3):
+
+                def f(t1, td=td, offset=offset, b1=b1):
+                    x = np.array([td + offset])
+                    return mdme_signal(1.0, t1, 80.0, b1, x, np.array([1.0]), p["tr"])[0]
+
+                lo_t1, hi_t1 = 100.0, 20000.0
+                if f(lo_t1) * f(hi_t1) < 0:
+                    cases.append((brentq(f, lo_t1, hi_t1, xtol=1e-9), b1))
+    t1 = np.array([c[0] for c in cases])
+    b1 = np.array([c[1] for c in cases])
+    keep = (t1 > 150) & (t1 < 5000)
+    t1, b1 = t1[keep], b1[keep]
+    assert t1.size >= 30
+    shape = (1, 1, t1.size)
+    acq = make_acq(90.0, t1.reshape(shape), 110.0, b1.reshape(shape), "A", magnitude=True)
+    q = fit_mdme(acq, np.ones(shape, bool), noise_sd=0.0)
+    assert rel_err(q.t1_ms, t1.reshape(shape)).max() < 1e-3
+    assert rel_err(q.b1, b1.reshape(shape)).max() < 1e-3
+    assert rel_err(q.m0, 90.0).max() < 1e-3
+    assert not q.failed.any()
