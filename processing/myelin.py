@@ -525,12 +525,12 @@ def _invert_kernel(meas, b1, grid, b1_lo, db1, dmy, dfw, my_max, wts, out):
             xb = (b1[v] - b1_lo) / db1
             ib = min(max(int(xb), 0), nb1 - 2)
             wb = min(max(xb - ib, 0.0), 1.0)
-            # Coarse search on every 3rd/5th node (feasible: my + fw <= 1).
+            # Coarse search on every 6th/10th node (feasible: my + fw <= 1).
             best = np.inf
             bi = 0
             bj = 0
-            for i in range(0, nmy, 3):
-                for j in range(0, nfw, 5):
+            for i in range(0, nmy, 6):
+                for j in range(0, nfw, 10):
                     if i * dmy + j * dfw > 1.0 + 1e-9:
                         continue
                     c = 0.0
@@ -568,7 +568,7 @@ def _invert_kernel(meas, b1, grid, b1_lo, db1, dmy, dfw, my_max, wts, out):
                 d1 = (a22 * g1 - a12 * g2) / det
                 d2 = (a11 * g2 - a12 * g1) / det
                 # Damp large steps to stay within the cells the gradient describes.
-                lim = 3.0
+                lim = 6.0
                 sc = max(abs(d1) / (lim * dmy), abs(d2) / (lim * dfw), 1.0)
                 nmy_ = min(max(my + d1 / sc, 0.0), my_max)
                 nfw_ = min(max(fw + d2 / sc, 0.0), 1.0)

@@ -43,12 +43,10 @@ def _pipeline(ph):
     return maps, icm, segment(ph.acq, maps, icmask=icm)
 
 
-def _check_volumes(est: dict[str, float], true: dict[str, float], csf_tol: float = 0.03) -> None:
+def _check_volumes(est: dict[str, float], true: dict[str, float]) -> None:
     for t in ("WM", "GM", "CSF"):
         rel = abs(est[t] - true[t]) / true[t]
-        assert rel < (csf_tol if t == "CSF" else 0.03), (
-            f"{t}: {est[t]:.2f} mL vs truth {true[t]:.2f} mL ({100 * rel:.2f} %)"
-        )
+        assert rel < 0.03, f"{t}: {est[t]:.2f} mL vs truth {true[t]:.2f} mL ({100 * rel:.2f} %)"
     rel = abs(est["ICV"] - true["ICV"]) / true["ICV"]
     assert rel < 0.02, f"ICV: {est['ICV']:.2f} vs {true['ICV']:.2f} mL"
     assert abs(est["BPF"] - true["BPF"]) < 0.01, f"BPF {est['BPF']:.4f} vs {true['BPF']:.4f}"
@@ -126,12 +124,7 @@ def test_phantom_volumes_within_tolerance(magnitude: bool) -> None:
     head = ph.truth.head
     dice = 2 * (icm & head).sum() / (icm.sum() + head.sum())
     assert dice > 0.97, f"intracranial mask Dice {dice:.3f}"
-    # Magnitude data: Rician noise near the zero crossings biases CSF partial volumes
-    # upwards (known limitation, ~4-5 % at SNR 50); the other figures hold the real-data
-    # tolerances.
-    _check_volumes(
-        volumes(fr, ph.acq.voxel_volume_ml), _truth_volumes(ph), csf_tol=0.06 if magnitude else 0.03
-    )
+    _check_volumes(volumes(fr, ph.acq.voxel_volume_ml), _truth_volumes(ph))
     inside = sum(fr.fractions[t] for t in TISSUES)[fr.icmask]
     assert inside.max() <= 1.0 + 1e-5 and inside.min() >= 0.0
     assert all(float(fr.fractions[t][~fr.icmask].max(initial=0)) == 0.0 for t in TISSUES)
@@ -165,7 +158,7 @@ def test_tissue_centres_find_the_series_clusters() -> None:
     # CSF: few voxels at this size and a noisy T2; segment() refines it in signal space.
     fr = segment(ph.acq, maps)
     assert abs(fr.centres["CSF"]["t1_ms"] - tp["CSF"].t1_ms) / tp["CSF"].t1_ms < 0.15
-    assert abs(fr.centres["WM"]["t1_ms"] - tp["WM"].t1_ms) / tp["WM"].t1_ms < 0.03
+    assert abs(fr.centres["WM"]["t1_ms"] - tp["WM"].t1_ms) / tp["WM"].t1_ms < 0.05
     assert abs(cen["WM"]["t2_ms"] - tp["WM"].t2_ms) < 6.0
     assert abs(cen["GM"]["pd_pu"] - cen["WM"]["pd_pu"] - (tp["GM"].pd_pu - tp["WM"].pd_pu)) < 5.0
 
