@@ -36,6 +36,7 @@ from dicom_node.export import (
 )
 from dicom_node.export.common import map_array
 from dicom_node.export.segmentation import binary_labels
+from dicom_node.export.sr import qc_concept
 from processing._version import __version__
 from processing.results import TISSUES
 
@@ -441,7 +442,8 @@ def test_sr_volumes_means_and_references(outputs, result, sources):
         assert nums[("synthmr whole brain", code)] == pytest.approx(
             result.volumes_ml[key], rel=1e-9
         )
-    assert nums[("synthmr whole brain", "QC_MEDIAN_RESIDU")] == 1.5
+    assert nums[("synthmr whole brain", qc_concept("median_residual").value)] == 1.5
+    assert nums[("synthmr whole brain", qc_concept("failed_fraction").value)] == 0.0
     # references: SEG segments, source images, and provenance in algorithm parameters
     items = [it for _, it in walk(sr.ContentSequence)]
     ref_sops = {

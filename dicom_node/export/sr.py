@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -32,7 +35,7 @@ from .common import (
 from .parametric_map import BRAIN
 from .segmentation import SEG_SERIES_INDEX, SEGMENT_CODES
 
-__all__ = ["GLOBAL_CODES", "report"]
+__all__ = ["GLOBAL_CODES", "flatten_qc", "qc_concept", "report"]
 
 UCUM_ML = Code("ml", "UCUM", "milliliter")
 VOLUME = Code("118565006", "SCT", "Volume")
@@ -44,7 +47,10 @@ GLOBAL_CODES: dict[str, tuple[Code, Code]] = {
     "BPV": (Code("BPV", SCHEME, "Brain parenchymal volume"), UCUM_ML),
     "BPF": (Code("BPF", SCHEME, "Brain parenchymal fraction"), UCUM_RATIO),
     "MYELIN": (Code("MYV", SCHEME, "Myelin volume"), UCUM_ML),
+    "EPW": (Code("EPWV", SCHEME, "Excess parenchymal water volume"), UCUM_ML),
 }
+YES = Code("373066001", "SCT", "Yes")
+NO = Code("373067005", "SCT", "No")
 _STAT_CODES: dict[str, tuple[Code, Code]] = {
     "t1_ms": (Code("113063", "DCM", "T1"), UCUM_MS),
     "t2_ms": (Code("113065", "DCM", "T2"), UCUM_MS),
@@ -58,6 +64,71 @@ def _finite(value: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+def flatten_qc(qc: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """QC dict -> (dotted key, scalar) pairs: nested dicts as ``a.b``, lists as ``a[i]``."""
+    for key in sorted(qc, key=str):
+        value = qc[key]
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from flatten_qc(value, name + ".")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if isinstance(v, Mapping):
+                    yield from flatten_qc(v, f"{name}[{i}].")
+                else:
+                    yield f"{name}[{i}]", v
+        else:
+            yield name, value
+
+
+def _short_code(prefix: str, text: str) -> str:
+    """A CodeValue (SH, <= 16 chars) unique per text: readable when it fits, else hashed."""
+    plain = f"{prefix}{text}".upper()
+    if len(plain) <= 16:
+        return plain
+    return prefix + hashlib.sha256(text.encode()).hexdigest()[: 16 - len(prefix)].upper()
+
+
+def qc_concept(key: str) -> Code:
+    """Concept of a flattened QC figure: unique code, meaning ``"QC <key>"``."""
+    return Code(_short_code("QC_", key), SCHEME, f"QC {key}"[:64])
+
+
+def _qc_unit(key: str) -> Code:
+    leaf = key.split(".")[-1].split("[")[0]
+    if leaf.endswith("_ms") or "_ms_" in leaf:
+        return UCUM_MS
+    if leaf.endswith("_pu") or "_pu_" in leaf:
+        return UCUM_PERCENT
+    return UCUM_ONE
+
+
+def _qc_items(
+    qc: Mapping[str, Any], algo: hd.sr.AlgorithmIdentification
+) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """Numbers as NUM items; flags (bool) as Yes/No and words as coded evaluations.
+
+    Non-finite numbers (e.g. "no outlier" as NaN) are left out: NUM cannot hold them.
+    """
+    nums: list[hd.sr.Measurement] = []
+    evals: list[hd.sr.QualitativeEvaluation] = []
+    for key, value in flatten_qc(qc):
+        if isinstance(value, (bool, np.bool_)):
+            evals.append(hd.sr.QualitativeEvaluation(qc_concept(key), YES if value else NO))
+        elif isinstance(value, str):
+            word = Code(_short_code("", value) or "EMPTY", SCHEME, value[:64] or "(empty)")
+            evals.append(hd.sr.QualitativeEvaluation(qc_concept(key), word))
+        else:
+            v = _finite(value)
+            if v is not None:
+                nums.append(
+                    hd.sr.Measurement(
+                        name=qc_concept(key), value=v, unit=_qc_unit(key), algorithm_id=algo
+                    )
+                )
+    return nums, evals
 
 
 def _algorithm(result: SeriesResult, fingerprint: str) -> hd.sr.AlgorithmIdentification:
@@ -145,12 +216,9 @@ def report(
         v = _finite(result.volumes_ml.get(key))
         if v is not None:
             whole.append(hd.sr.Measurement(name=concept, value=v, unit=unit, algorithm_id=algo))
-    for key, value in sorted(result.qc.items()):
-        v = _finite(value) if not isinstance(value, bool) else None
-        if v is not None:
-            concept = Code(f"QC_{key}"[:16].upper(), SCHEME, f"QC {key}"[:64])
-            whole.append(hd.sr.Measurement(name=concept, value=v, unit=UCUM_ONE, algorithm_id=algo))
-    if whole:
+    qc_nums, qc_evals = _qc_items(result.qc, algo)
+    whole += qc_nums
+    if whole or qc_evals:
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
@@ -159,7 +227,8 @@ def report(
                 ),
                 finding_type=BRAIN,
                 algorithm_id=algo,
-                measurements=whole,
+                measurements=whole or None,
+                qualitative_evaluations=qc_evals or None,
             )
         )
     observation = hd.sr.ObservationContext(
