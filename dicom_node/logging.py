@@ -2,17 +2,40 @@
 
 ``log_event(logger, "series_complete", series_uid=..., n=...)`` attaches fields; the
 formatter writes ``{"ts", "level", "logger", "event", ...fields}``.
+
+``with log_context(series_uid=...)`` adds fields to every record logged in that block on
+this thread (also ``log.exception`` and third-party loggers), so a job's or a push's lines
+all carry the series UID even where the call site does not pass it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["JsonFormatter", "configure_logging", "log_event"]
+__all__ = ["JsonFormatter", "configure_logging", "log_context", "log_event"]
+
+# Per thread (each thread starts with an empty context): fields for every record.
+_CONTEXT: contextvars.ContextVar[tuple[tuple[str, Any], ...]] = contextvars.ContextVar(
+    "synthmr_log_context", default=()
+)
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Attach ``fields`` (e.g. ``series_uid``) to every record logged inside the block."""
+    token = _CONTEXT.set(tuple({**dict(_CONTEXT.get()), **fields}.items()))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
 
 _STD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -28,6 +51,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
+        out.update(dict(_CONTEXT.get()))  # explicit record fields below win over the context
         for k, v in vars(record).items():
             if k not in _STD_ATTRS and not k.startswith("_"):
                 out[k] = v

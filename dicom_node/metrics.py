@@ -7,9 +7,10 @@ can live in one process.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -27,12 +28,30 @@ from prometheus_client.registry import Collector
 
 from processing._version import __version__
 
-__all__ = ["STAGES", "MetricsServer", "NodeMetrics"]
+__all__ = ["FIT_QC_FIGURES", "PROCESSING_STAGES", "STAGES", "MetricsServer", "NodeMetrics"]
 
 # *_created series double the exposition for no operational value.
 disable_created_metrics()
 
-STAGES = ("receive", "completion", "queue", "normalize", "process", "export", "push", "end_to_end")
+#: Stages the node times itself (``process`` is the whole of processing.run).
+NODE_STAGES = (
+    "receive",
+    "completion",
+    "queue",
+    "normalize",
+    "process",
+    "export",
+    "push",
+    "end_to_end",
+)
+#: Sub-stages of processing.run, from SeriesResult.timings_s.
+PROCESSING_STAGES = ("fit", "pd", "synthesis", "segmentation", "myelin", "enhance", "qc")
+STAGES = NODE_STAGES + PROCESSING_STAGES
+#: Fit QC figures of the last processed series (processing.qc keys), on synthmr_fit_qc.
+FIT_QC_FIGURES = ("residual_to_noise", "noise_sd", "b1_p1", "b1_p99", "failed_fraction")
+#: Label used for calling AEs beyond the label budget (bounded cardinality).
+OTHER_AE = "other"
+MAX_CALLING_AE_LABELS = 32
 _BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
@@ -89,8 +108,14 @@ class NodeMetrics:
         self.associations = Counter(
             "synthmr_associations", "Associations requested", ["result"], registry=r
         )
+        self.associations_active = Gauge(
+            "synthmr_associations_active", "Associations currently open on the SCP", registry=r
+        )
         self.instances = Counter(
-            "synthmr_instances_received", "C-STORE requests by outcome", ["result"], registry=r
+            "synthmr_instances_received",
+            "C-STORE requests by calling AE (bounded, see calling_ae_label) and outcome",
+            ["calling_ae", "result"],
+            registry=r,
         )
         self.transitions = Counter(
             "synthmr_series_transitions", "Series state changes", ["state"], registry=r
@@ -120,17 +145,64 @@ class NodeMetrics:
         self.qc_status = Counter(
             "synthmr_qc_status", "QC status of processed series", ["status"], registry=r
         )
+        self.fit_qc = Gauge(
+            "synthmr_fit_qc",
+            "Fit QC figures of the last processed series (processing.qc)",
+            ["figure"],
+            registry=r,
+        )
+        self._ae_lock = threading.Lock()
+        self._ae_labels: set[str] = set()
+        self._ae_allowed: frozenset[str] | None = None
         # Pre-create label sets so dashboards see zeros instead of gaps.
         for v in ("accepted", "rejected"):
             self.associations.labels(v)
         for v in ("stored", "rejected", "failed"):
-            self.instances.labels(v)
+            self.instances.labels(OTHER_AE, v)
         for v in ("success", "failed", "ignored", "quarantined"):
             self.jobs.labels(v)
         for v in ("pass", "warn", "fail"):
             self.qc_status.labels(v)
         for st in STAGES:
             self.stage.labels(st)
+
+    # ------------------------------------------------------------------ calling AEs
+    def set_allowed_callers(self, ae_titles: Iterable[str] | None) -> None:
+        """Enforced allow-list (or None when any caller may associate): its titles are
+        the only calling_ae label values besides ``other``."""
+        with self._ae_lock:
+            self._ae_allowed = (
+                None if ae_titles is None else frozenset(a.strip() for a in ae_titles)
+            )
+
+    def calling_ae_label(self, calling_ae: str) -> str:
+        """A bounded label for ``calling_ae``: an allow-listed title as is; with no
+        allow-list, the first ``MAX_CALLING_AE_LABELS`` distinct titles seen, then ``other``.
+        A sender can therefore never grow the exposition without bound."""
+        ae = "".join(c for c in calling_ae.strip() if c.isprintable())[:16] or OTHER_AE
+        with self._ae_lock:
+            if self._ae_allowed is not None:
+                return ae if ae in self._ae_allowed else OTHER_AE
+            if ae in self._ae_labels:
+                return ae
+            if len(self._ae_labels) < MAX_CALLING_AE_LABELS:
+                self._ae_labels.add(ae)
+                return ae
+        return OTHER_AE
+
+    def instance_received(self, calling_ae: str, result: str) -> None:
+        """Count one C-STORE request (``result``: stored, rejected, failed)."""
+        self.instances.labels(self.calling_ae_label(calling_ae), result).inc()
+
+    def observe_processing(self, timings_s: dict[str, float], qc: dict[str, Any]) -> None:
+        """Sub-stage durations of processing.run and the fit QC figures of one series."""
+        for stage, seconds in timings_s.items():
+            if stage in PROCESSING_STAGES:
+                self.stage.labels(stage).observe(float(seconds))
+        for figure in FIT_QC_FIGURES:
+            v = qc.get(figure)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self.fit_qc.labels(figure).set(float(v))
 
     def attach_state(self, source: Callable[[], dict[str, Any]]) -> None:
         """Register the scrape-time collector (``source`` returns registry/spool figures)."""

@@ -51,6 +51,10 @@ class JobOutcome:
     fit_failed_fraction: float | None = None
     qc_status: str | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: processing.run sub-stage seconds (SeriesResult.timings_s: fit, synthesis, ...)
+    processing_timings_s: dict[str, float] = field(default_factory=dict)
+    #: scalar QC figures of the series (processing.qc: residual_to_noise, b1_p1, ...)
+    qc_figures: dict[str, float] = field(default_factory=dict)
 
 
 def load_datasets(paths: Sequence[str]) -> list[Dataset]:
@@ -181,7 +185,13 @@ def run_series_job(
     maps = result.maps
     n_mask = int(np.count_nonzero(maps.mask))
     failed_fraction = float(np.count_nonzero(maps.failed)) / n_mask if n_mask else None
-    qc = result.qc.get("status") if isinstance(result.qc, dict) else None
+    qc_all = result.qc if isinstance(result.qc, dict) else {}
+    qc = qc_all.get("status")
+    qc_figures = {
+        k: float(v)
+        for k, v in qc_all.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     return JobOutcome(
         State.EXPORTED,
         reason=f"{len(outputs)} instances exported",
@@ -189,4 +199,6 @@ def run_series_job(
         fit_failed_fraction=failed_fraction,
         qc_status=str(qc).lower() if qc else None,
         timings_s=timings,
+        processing_timings_s={k: float(v) for k, v in dict(result.timings_s).items()},
+        qc_figures=qc_figures,
     )

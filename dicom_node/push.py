@@ -28,7 +28,7 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
 from dicom_node.config import Destination, RetrySettings
-from dicom_node.logging import log_event
+from dicom_node.logging import log_context, log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import Registry
 
@@ -222,35 +222,41 @@ class Outbox:
         for (dest_name, series_uid), items in groups.items():
             if self._stop.is_set():
                 break
-            dest = self.destinations.get(dest_name)
-            ids = [i.id for i in items]
-            if dest is None:
-                self._failed(
-                    ids,
-                    dest_name,
-                    f"destination {dest_name!r} is no longer configured",
-                    max(i.attempts for i in items),
-                )
-                continue
-            t0 = time.perf_counter()
-            res = self.sender([i.path for i in items], dest, calling_aet=self.calling_aet)
-            self.metrics.stage.labels("push").observe(time.perf_counter() - t0)
-            by_path = {r["path"]: r for r in res["results"]}
-            ok = [
-                i.id for i in items if not by_path.get(str(i.path), {"error": "missing"})["error"]
-            ]
-            bad = [i for i in items if i.id not in set(ok)]
-            if ok:
-                self.registry.outbox_sent(ok)
-                delivered += len(ok)
-                self.metrics.push.labels(dest_name, "success").inc(len(ok))
-                log_event(log, "pushed", series_uid=series_uid, destination=dest_name, n=len(ok))
-            if bad:
-                err = by_path.get(str(bad[0].path), {}).get("error", "unknown error")
-                self.metrics.push.labels(dest_name, "failure").inc(len(bad))
-                self._failed(
-                    [i.id for i in bad], dest_name, err, max(i.attempts for i in bad), series_uid
-                )
+            with log_context(series_uid=series_uid, destination=dest_name):
+                delivered += self._send_group(dest_name, series_uid, items)
+        return delivered
+
+    def _send_group(self, dest_name: str, series_uid: str, items: list[Any]) -> int:
+        """One association for one (destination, series); return how many were delivered."""
+        delivered = 0
+        dest = self.destinations.get(dest_name)
+        ids = [i.id for i in items]
+        if dest is None:
+            self._failed(
+                ids,
+                dest_name,
+                f"destination {dest_name!r} is no longer configured",
+                max(i.attempts for i in items),
+                series_uid,
+            )
+            return 0
+        t0 = time.perf_counter()
+        res = self.sender([i.path for i in items], dest, calling_aet=self.calling_aet)
+        self.metrics.stage.labels("push").observe(time.perf_counter() - t0)
+        by_path = {r["path"]: r for r in res["results"]}
+        ok = [i.id for i in items if not by_path.get(str(i.path), {"error": "missing"})["error"]]
+        bad = [i for i in items if i.id not in set(ok)]
+        if ok:
+            self.registry.outbox_sent(ok)
+            delivered += len(ok)
+            self.metrics.push.labels(dest_name, "success").inc(len(ok))
+            log_event(log, "pushed", series_uid=series_uid, destination=dest_name, n=len(ok))
+        if bad:
+            err = by_path.get(str(bad[0].path), {}).get("error", "unknown error")
+            self.metrics.push.labels(dest_name, "failure").inc(len(bad))
+            self._failed(
+                [i.id for i in bad], dest_name, err, max(i.attempts for i in bad), series_uid
+            )
         return delivered
 
     def _failed(

@@ -138,7 +138,9 @@ class StoreSCP:
         self.policy = CallerPolicy(
             settings.security.require_known_callers, settings.security.allowed_callers
         )
+        self._label_callers()
         self._series_by_assoc: dict[int, set[str]] = {}
+        self._active: set[int] = set()  # accepted associations not yet ended
         self._lock = threading.Lock()
         self._server = None
         n = settings.node
@@ -205,7 +207,15 @@ class StoreSCP:
         self.policy = CallerPolicy(
             settings.security.require_known_callers, settings.security.allowed_callers
         )
+        self._label_callers()
         self.settings = settings
+
+    def _label_callers(self) -> None:
+        """An enforced allow-list bounds the calling_ae metric label to its titles."""
+        p = self.policy
+        self.metrics.set_allowed_callers(
+            [c.ae_title for c in p.allowed] if p.require_known_callers else None
+        )
 
     # ------------------------------------------------------------------ handlers
     def _on_requested(self, event: evt.Event) -> None:
@@ -225,34 +235,63 @@ class StoreSCP:
         self.metrics.associations.labels("accepted").inc()
         with self._lock:
             self._series_by_assoc[id(event.assoc)] = set()
+            self._active.add(id(event.assoc))
+            self.metrics.associations_active.set(len(self._active))
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
         t0 = time.perf_counter()
+        calling = str(event.assoc.requestor.ae_title).strip()
         try:
             data = event.encoded_dataset()
             header, path = self.spool.store_received(data)
         except SpoolFullError as exc:
-            self.metrics.instances.labels("rejected").inc()
-            log_event(log, "store_rejected", level=logging.ERROR, status="0xA700", reason=str(exc))
+            self.metrics.instance_received(calling, "rejected")
+            log_event(
+                log,
+                "store_rejected",
+                level=logging.ERROR,
+                status="0xA700",
+                reason=str(exc),
+                calling_ae=calling,
+            )
             return STATUS_OUT_OF_RESOURCES
         except UnreadableDatasetError as exc:
-            self.metrics.instances.labels("failed").inc()
-            log_event(log, "store_failed", level=logging.WARNING, status="0xC000", reason=str(exc))
+            self.metrics.instance_received(calling, "failed")
+            log_event(
+                log,
+                "store_failed",
+                level=logging.WARNING,
+                status="0xC000",
+                reason=str(exc),
+                calling_ae=calling,
+            )
             return STATUS_CANNOT_UNDERSTAND
         except OSError as exc:
-            self.metrics.instances.labels("rejected").inc()
-            log_event(log, "store_io_error", level=logging.ERROR, status="0xA700", reason=str(exc))
+            self.metrics.instance_received(calling, "rejected")
+            log_event(
+                log,
+                "store_io_error",
+                level=logging.ERROR,
+                status="0xA700",
+                reason=str(exc),
+                calling_ae=calling,
+            )
             return STATUS_OUT_OF_RESOURCES
         expected = None
         if self.expected_count is not None:
             try:
                 expected = self.expected_count(header.dataset)
             except Exception as exc:  # a vendor rule must not fail the store
-                log_event(log, "expected_count_error", level=logging.WARNING, reason=repr(exc))
-        requestor = event.assoc.requestor
+                log_event(
+                    log,
+                    "expected_count_error",
+                    level=logging.WARNING,
+                    series_uid=header.series_instance_uid,
+                    reason=repr(exc),
+                )
         n, exp = self.registry.add_instance(
             sop_uid=header.sop_instance_uid,
             series_uid=header.series_instance_uid,
@@ -260,12 +299,12 @@ class StoreSCP:
             sop_class_uid=header.sop_class_uid,
             path=str(path),
             size=len(data),
-            calling_ae=str(requestor.ae_title).strip(),
+            calling_ae=calling,
             expected_count=expected,
         )
         with self._lock:
             self._series_by_assoc.setdefault(id(event.assoc), set()).add(header.series_instance_uid)
-        self.metrics.instances.labels("stored").inc()
+        self.metrics.instance_received(calling, "stored")
         self.metrics.stage.labels("receive").observe(time.perf_counter() - t0)
         if self.on_instance is not None:
             self.on_instance(header.series_instance_uid, n, exp)
@@ -274,6 +313,9 @@ class StoreSCP:
     def _on_end(self, event: evt.Event) -> None:
         with self._lock:
             series = self._series_by_assoc.pop(id(event.assoc), None)
+            # RELEASED/ABORTED and CONN_CLOSE both fire: the set makes this idempotent.
+            self._active.discard(id(event.assoc))
+            self.metrics.associations_active.set(len(self._active))
         if series:
             self.registry.mark_released(sorted(series))
             if self.on_release is not None:

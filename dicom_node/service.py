@@ -21,7 +21,7 @@ from typing import Any
 
 from dicom_node.completion import Completion
 from dicom_node.config import Settings, load_settings
-from dicom_node.logging import configure_logging, log_event
+from dicom_node.logging import configure_logging, log_context, log_event
 from dicom_node.metrics import MetricsServer, NodeMetrics
 from dicom_node.pipeline import missing_cells, run_series_job
 from dicom_node.push import Outbox
@@ -209,6 +209,10 @@ class Node:
             self._run_job(job_id, series_uid)
 
     def _run_job(self, job_id: int, series_uid: str) -> None:
+        with log_context(series_uid=series_uid, job_id=job_id):
+            self._run_job_logged(job_id, series_uid)
+
+    def _run_job_logged(self, job_id: int, series_uid: str) -> None:
         delay = self.settings.workers.debug_job_delay_s
         if delay > 0 and self._stop.wait(delay):
             return  # stopping: the job stays PROCESSING and is re-queued at next start
@@ -241,6 +245,7 @@ class Node:
             self.metrics.fit_failed_fraction.set(outcome.fit_failed_fraction)
         if outcome.qc_status in ("pass", "warn", "fail"):
             self.metrics.qc_status.labels(outcome.qc_status).inc()
+        self.metrics.observe_processing(outcome.processing_timings_s, outcome.qc_figures)
         log_event(
             log,
             "job_finished",
@@ -250,6 +255,7 @@ class Node:
             reason=outcome.reason,
             missing=outcome.missing,
             timings_s=outcome.timings_s,
+            processing_timings_s=outcome.processing_timings_s,
         )
         if rows:
             self.outbox.wake()

@@ -37,8 +37,14 @@ class Rig:
         return self.scp.port
 
     def count(self, name: str, **labels: str) -> float:
-        v = self.metrics.registry.get_sample_value(name, labels)
-        return 0.0 if v is None else v
+        """Sum of the samples of ``name`` whose labels include ``labels`` (other labels,
+        e.g. calling_ae, are summed over)."""
+        return sum(
+            s.value
+            for fam in self.metrics.registry.collect()
+            for s in fam.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
 
 def _rig(tmp_path: Path, extra: str = "", min_free: int = 0) -> Iterator[Rig]:
