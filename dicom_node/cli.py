@@ -1,4 +1,5 @@
-"""``synthmr`` command line: serve | process | simulate | send | demo | check-config."""
+"""``synthmr`` command line: serve | status | retry | process | simulate | send | demo |
+check-config."""
 
 from __future__ import annotations
 
@@ -227,6 +228,167 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if result.get("failed", 0) == 0 else 1
 
 
+# --------------------------------------------------------------------------- status / retry
+def _open_registry(config_path: str | None) -> tuple[Any, Any]:
+    """(Registry, Settings) of the node's spool; SystemExit(1) naming the path if absent.
+
+    Opening does not disturb a running node: SQLite WAL lets readers and one writer coexist.
+    """
+    from dicom_node import config as cfg_mod
+    from dicom_node.registry import Registry
+
+    settings = cfg_mod.load_settings(config_path)
+    path = Path(settings.spool.path) / "registry.sqlite3"
+    if not path.is_file():
+        print(
+            f"no node registry at {path}: no node has run with spool.path = "
+            f"{settings.spool.path!r} (give the node's configuration with -c CONFIG)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+    return Registry(path), settings
+
+
+def _series_label(paths: list[str]) -> str:
+    """'Manufacturer / SeriesDescription' from the first spooled instance (or '-')."""
+    import pydicom
+
+    for p in paths[:1]:
+        try:
+            ds = pydicom.dcmread(
+                p, stop_before_pixels=True, specific_tags=["Manufacturer", "SeriesDescription"]
+            )
+        except Exception:  # removed by retention or unreadable: the table still prints
+            return "-"
+        parts = [str(ds.get(k, "") or "").strip() for k in ("Manufacturer", "SeriesDescription")]
+        return " / ".join(x for x in parts if x) or "-"
+    return "-"
+
+
+def series_timings(timeline: list[tuple[str | None, str, float, str]]) -> dict[str, float]:
+    """Seconds from the first instance to the last COMPLETE, processed (job ended) and
+    DELIVERED transitions of a series' ``Registry.timeline``."""
+    if not timeline:
+        return {}
+    t0 = timeline[0][2]
+    ends = {"EXPORTED", "FAILED", "IGNORED", "QUARANTINED"}
+    out: dict[str, float] = {}
+    for old, new, at, _ in timeline:
+        if new in ("COMPLETE", "QUARANTINED") and old == "RECEIVING":
+            out["complete"] = at - t0
+        if old == "PROCESSING" and new in ends:
+            out["processed"] = at - t0
+        if new == "DELIVERED":
+            out["delivered"] = at - t0
+    return out
+
+
+def _reason(row: Any) -> str:
+    if row.missing:
+        more = f" (+{len(row.missing) - 3} more)" if len(row.missing) > 3 else ""
+        return f"{row.reason}; missing: {', '.join(row.missing[:3])}{more}"
+    return row.reason or ""
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reg, _ = _open_registry(args.config)
+    try:
+        rows = reg.recent_series(args.limit)
+        table = []
+        for r in rows:
+            t = series_timings(reg.timeline(r.series_uid))
+            n = f"{r.n_instances}/{r.expected_count}" if r.expected_count else f"{r.n_instances}"
+            table.append(
+                {
+                    "series_uid": r.series_uid,
+                    "description": _series_label(reg.instance_paths(r.series_uid)),
+                    "state": r.state.value,
+                    "instances": n,
+                    "calling_ae": r.calling_ae,
+                    "received": time.strftime(
+                        "%Y-%m-%d %H:%M:%S", time.localtime(r.first_received)
+                    ),
+                    **{f"{k}_s": round(v, 2) for k, v in t.items()},
+                    "dead_letters": reg.dead_outbox_count(r.series_uid),
+                    "reason": _reason(r),
+                }
+            )
+    finally:
+        reg.close()
+    if args.json:
+        print(json.dumps(table, indent=1))
+        return 0
+    if not table:
+        print("no series received yet")
+        return 0
+
+    def sec(row: dict[str, Any], k: str) -> str:
+        return f"+{row[k]:.1f}s" if k in row else "-"
+
+    head = (
+        f"{'SERIES UID':<64} {'STATE':<11} {'N':>7} {'RECEIVED':<19} {'COMPLETE':>9} "
+        f"{'PROCESSED':>9} {'DELIVERED':>9}  FROM / DESCRIPTION / REASON"
+    )
+    print(head)
+    for row in table:
+        extra = [f"{row['calling_ae'] or '?'}: {row['description']}"]
+        if row["dead_letters"]:
+            extra.append(f"{row['dead_letters']} dead letters (synthmr retry --dead-letter)")
+        if row["reason"]:
+            extra.append(row["reason"])
+        print(
+            f"{row['series_uid']:<64} {row['state']:<11} {row['instances']:>7} "
+            f"{row['received']:<19} {sec(row, 'complete_s'):>9} {sec(row, 'processed_s'):>9} "
+            f"{sec(row, 'delivered_s'):>9}  {' | '.join(extra)}"
+        )
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from dicom_node import service
+    from dicom_node.registry import IllegalTransition
+
+    if not args.series_uid and not args.dead_letter:
+        print("retry: give a SERIES_UID, or --dead-letter [SERIES_UID]", file=sys.stderr)
+        return 2
+    reg, settings = _open_registry(args.config)
+    try:
+        row = reg.series(args.series_uid) if args.series_uid else None
+        if args.series_uid and row is None:
+            print(
+                f"retry: unknown series UID {args.series_uid!r}: this node's registry has no such"
+                " series (`synthmr status` lists the recent ones)",
+                file=sys.stderr,
+            )
+            return 1
+        if args.dead_letter:
+            n = reg.requeue_dead_outbox(args.series_uid or None)
+            where = f" of series {args.series_uid}" if args.series_uid else ""
+            print(
+                f"retry: {n} dead-letter outbox item(s){where} re-queued; the running node sends"
+                " them within its poll interval"
+                if n
+                else f"retry: no dead-letter outbox items{where}"
+            )
+            return 0
+    finally:
+        reg.close()
+    try:
+        job_id = service.retry_series(settings, args.series_uid)
+    except IllegalTransition:
+        print(
+            f"retry: series {args.series_uid} is {row.state.value}, still in progress: only"
+            " FAILED, QUARANTINED, IGNORED, EXPORTED or DELIVERED series can be re-run",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"retry: series {args.series_uid} ({row.state.value}) re-queued as job {job_id};"
+        " a running node picks it up at once (outputs keep their UIDs: PACS replaces them)"
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synthmr", description="Open synthetic-MRI DICOM node.")
@@ -236,6 +398,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the DICOM node (SCP, workers, outbox, metrics)")
     s.add_argument("--config", "-c", default=None, help="TOML configuration file")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("status", help="table of recent series: state, timings, reason")
+    s.add_argument("--config", "-c", default=None, help="the node's TOML configuration")
+    s.add_argument("--limit", "-n", type=int, default=20, help="how many series (default 20)")
+    s.add_argument("--json", action="store_true", help="JSON instead of a table")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser(
+        "retry", help="re-run a FAILED/QUARANTINED/DELIVERED series or resend dead letters"
+    )
+    s.add_argument("series_uid", nargs="?", default=None, metavar="SERIES_UID")
+    s.add_argument(
+        "--dead-letter",
+        action="store_true",
+        help="re-queue dead-letter outbox items (of SERIES_UID, or all) instead of re-running",
+    )
+    s.add_argument("--config", "-c", default=None, help="the node's TOML configuration")
+    s.set_defaults(func=cmd_retry)
 
     s = sub.add_parser("check-config", help="validate a configuration file and explain errors")
     s.add_argument("config", nargs="?", default=None)
@@ -289,9 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from dicom_node.config import ConfigError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"synthmr {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

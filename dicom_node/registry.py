@@ -387,6 +387,35 @@ class Registry:
             ).fetchall()
         return {r[0]: float(r[1]) for r in rows if State(r[0]) not in FINAL_STATES}
 
+    def recent_series(self, limit: int = 20) -> list[SeriesRow]:
+        """The ``limit`` most recently received series, newest first (``synthmr status``)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid)"
+                " AS n FROM series s ORDER BY last_received DESC LIMIT ?",
+                (int(limit),),
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def timeline(self, series_uid: str) -> list[tuple[str | None, str, float, str]]:
+        """Every state change of a series: ``(from, to, unix time, reason)``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT from_state, to_state, at, reason FROM transitions WHERE series_uid=?"
+                " ORDER BY id",
+                (series_uid,),
+            ).fetchall()
+        return [(r[0], r[1], float(r[2]), r[3]) for r in rows]
+
+    def dead_outbox_count(self, series_uid: str | None = None) -> int:
+        """Dead-letter outbox items (of one series, or all)."""
+        with self._lock:
+            r = self._db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE state='DEAD' AND (? IS NULL OR series_uid=?)",
+                (series_uid, series_uid),
+            ).fetchone()
+        return int(r[0])
+
     def transitions_of(self, series_uid: str) -> list[tuple[str | None, str]]:
         with self._lock:
             rows = self._db.execute(
