@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from processing import myelin, segmentation
+from processing import myelin, qc, segmentation
 from processing.fit import fit_mdme
 from processing.pd import correct_pd
 from processing.phantom import make_phantom
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--magnitude", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     if args.threads:
         numba.set_num_threads(args.threads)
@@ -55,17 +56,27 @@ def main() -> None:
     myelin.myelin_maps(sm, sm.mask, 1.0, acq=small.acq)
     print(f"myelin grid (cached after first use): {time.perf_counter() - t:.2f} s")
 
-    t0 = time.perf_counter()
-    icm = segmentation.intracranial_mask(maps, acq)
-    fr = segmentation.segment(acq, maps, icmask=icm)
-    vol = segmentation.volumes(fr, vv)
-    t_seg = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    mm = myelin.myelin_maps(maps, icm, vv, acq=acq, fractions=fr)
-    t_my = time.perf_counter() - t0
+    t_seg, t_my = [], []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        icm = segmentation.intracranial_mask(maps, acq)
+        fr = segmentation.segment(acq, maps, icmask=icm)
+        vol = segmentation.volumes(fr, vv)
+        t_seg.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        mm = myelin.myelin_maps(maps, icm, vv, acq=acq, fractions=fr)
+        t_my.append(time.perf_counter() - t0)
+    tot = [a + b for a, b in zip(t_seg, t_my, strict=True)]
     print(
-        f"segmentation: {t_seg:.2f} s   myelin: {t_my:.2f} s   together: {t_seg + t_my:.2f} s "
+        f"segmentation: {np.median(t_seg):.2f} s   myelin: {np.median(t_my):.2f} s   together: "
+        f"median {np.median(tot):.2f} s, best {min(tot):.2f} s of {args.repeat} "
         f"({int(icm.sum())} intracranial voxels, {numba.get_num_threads()} threads)"
+    )
+    t0 = time.perf_counter()
+    q = qc.fit_qc(acq, maps, fr)
+    print(
+        f"qc: {time.perf_counter() - t0:.2f} s  status {q['status']}  residual/noise "
+        f"{q['residual_to_noise']:.2f}  per-delay {[round(v, 2) for v in q['delay_residual_to_noise']]}"
     )
 
     truth = dict(ph.truth.fractions)

@@ -53,6 +53,7 @@ __all__ = [
     "NON_REFERENCE",
     "SegmentationError",
     "intracranial_mask",
+    "measured_t1_ms",
     "segment",
     "tissue_centres",
     "volumes",
@@ -867,3 +868,9 @@ def _smooth_b1(
     ok = den_b > 1e-3 * den_b.max()
     out[box] = np.where(ok, num_b / np.where(ok, den_b, 1.0), b1_map[box])
     return out
+
+
+def measured_t1_ms(fractions: TissueFractions) -> dict[str, float]:
+    """The series' own WM, GM and CSF T1 (ms) used by the segmentation, e.g. for the
+    per-patient DIR timing (processing.synthesis)."""
+    return {t: float(fractions.centres[t]["t1_ms"]) for t in ("WM", "GM", "CSF")}

@@ -20,6 +20,7 @@ from processing.results import TISSUES, QuantMaps, TissueFractions
 from processing.segmentation import (
     SegmentationError,
     intracranial_mask,
+    measured_t1_ms,
     segment,
     tissue_centres,
     volumes,
@@ -159,6 +160,8 @@ def test_tissue_centres_find_the_series_clusters() -> None:
     fr = segment(ph.acq, maps)
     assert abs(fr.centres["CSF"]["t1_ms"] - tp["CSF"].t1_ms) / tp["CSF"].t1_ms < 0.15
     assert abs(fr.centres["WM"]["t1_ms"] - tp["WM"].t1_ms) / tp["WM"].t1_ms < 0.05
+    t1 = measured_t1_ms(fr)
+    assert t1["WM"] < t1["GM"] < t1["CSF"] and t1["GM"] == fr.centres["GM"]["t1_ms"]
     assert abs(cen["WM"]["t2_ms"] - tp["WM"].t2_ms) < 6.0
     assert abs(cen["GM"]["pd_pu"] - cen["WM"]["pd_pu"] - (tp["GM"].pd_pu - tp["WM"].pd_pu)) < 5.0
 
