@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,37 @@ def safe_name(uid: str) -> str:
     return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
+def _truncated_element(ds: pydicom.Dataset) -> str:
+    """The first top-level element whose value is shorter than its declared length
+    (pydicom reads a truncated value without complaint), or ''."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length:
+            return (
+                f"cannot parse dataset: truncated: element {tag} has {len(value)} of {length} bytes"
+            )
+    return ""
+
+
 def read_header(data: bytes) -> InstanceHeader:
     """Parse the identifying attributes from encoded DICOM bytes (Part 10, with file meta).
 
     Raises :class:`UnreadableDatasetError` naming what is wrong.
     """
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        # Read everything (pixel data included) so that a truncated instance is caught
+        # here, before the success answer, rather than at normalization.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(io.BytesIO(data))
+        eof = [str(w.message) for w in caught if "End of file" in str(w.message)]
+        if eof:
+            raise UnreadableDatasetError(f"cannot parse dataset: truncated: {eof[0]}")
+        short = _truncated_element(ds)
+        if short:
+            raise UnreadableDatasetError(short)
         # Force parsing of the elements we need: broken encodings fail here.
         values = {
             kw: str(ds.get(kw, "") or "")
@@ -91,6 +116,8 @@ def read_header(data: bytes) -> InstanceHeader:
             )
         }
         tsyntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
+    except UnreadableDatasetError:
+        raise
     except (
         InvalidDicomError,
         EOFError,
