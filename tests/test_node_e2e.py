@@ -85,16 +85,18 @@ def _http(port: int, path: str) -> tuple[int, str]:
 
 
 class NodeProcess:
-    """``python -m dicom_node.service`` in a subprocess, stopped (or killed) by PID."""
+    """The node in a subprocess, stopped (or killed) by PID: ``python -m dicom_node.service``,
+    or with ``cli=True`` the ``synthmr serve`` entry point (``python -m dicom_node.cli``)."""
 
-    def __init__(self, cfg: Path, log: Path) -> None:
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: Path, log: Path, cli: bool = False) -> None:
+        self.cfg, self.log, self.cli = cfg, log, cli
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, port: int) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        entry = ["dicom_node.cli", "serve"] if self.cli else ["dicom_node.service"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.service", "--config", str(self.cfg)],
+            [sys.executable, "-m", *entry, "--config", str(self.cfg)],
             cwd=ROOT,
             env=env,
             stdout=open(self.log, "ab"),

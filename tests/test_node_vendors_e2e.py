@@ -1,0 +1,179 @@
+"""End to end, every vendor flavour: dcmtk ``storescu`` (the scanner) sends one emulated
+MDME series per layout in ``emulator.VENDOR_LAYOUTS`` to ``synthmr serve`` (a real
+subprocess), and every output arrives in a real Orthanc, checked by SOP class and count
+through Orthanc's REST API.
+
+The same run measures completion by grid: a series whose first instance announces the
+instance count (classic layouts via their vendor count tags, enhanced via a concatenation)
+must be COMPLETE < 1 s after its last instance, with the reason "grid full", although the
+quiet period is 3 s. The enhanced layouts as emulated carry no concatenation attributes,
+so they announce no count (``siemens_xa_enhanced``: one file per slice;
+``philips_enhanced``: one file): they complete by the quiet-period fallback after the
+association is released, which this test checks as well.
+
+Phantom: 2 x 32 x 32 ellipsoid anatomy, seed 11, SNR 60, magnitude + phase; processing
+with segmentation, myelin and enhancement off (they do not change the node's behaviour).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node import emulator
+from tests.conftest import OrthancServer, free_port, make_orthanc, storescu, wait_for, write_config
+from tests.test_node_e2e import NodeProcess, _db_state
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FAST_PROCESSING = (
+    '[processing]\ncontrasts = ["T1W", "T2W", "FLAIR"]\nsegmentation = false\n'
+    "myelin = false\nenhance = false\nb1_smoothing = false\n"
+)
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+#: layouts whose instances do not announce the series' instance count (quiet-period fallback)
+NO_COUNT = {"siemens_xa_enhanced", "philips_enhanced"}
+
+
+def orthanc_sop_classes(orth: OrthancServer) -> dict[str, str]:
+    """SOP Instance UID -> SOP Class UID of every instance Orthanc stores (REST API)."""
+    out: dict[str, str] = {}
+    for iid in orth.instances():
+        tags = orth.rest(f"/instances/{iid}/simplified-tags")
+        out[str(tags["SOPInstanceUID"])] = str(tags["SOPClassUID"])
+    return out
+
+
+def registry_rows(spool: Path, sql: str, args: tuple = ()) -> list[tuple]:
+    db = sqlite3.connect(f"file:{spool / 'registry.sqlite3'}?mode=ro", uri=True, timeout=5)
+    try:
+        return list(db.execute(sql, args).fetchall())
+    finally:
+        db.close()
+
+
+def grid_latencies(spool: Path, series_uid: str) -> tuple[float, float]:
+    """(COMPLETE, PROCESSING) transition time minus the last instance's ``received_at``, s."""
+    last = registry_rows(
+        spool, "SELECT MAX(received_at) FROM instances WHERE series_uid=?", (series_uid,)
+    )[0][0]
+
+    def first_at(state: str) -> float:
+        rows = registry_rows(
+            spool,
+            "SELECT MIN(at) FROM transitions WHERE series_uid=? AND to_state=?",
+            (series_uid, state),
+        )
+        return float(rows[0][0]) - float(last)
+
+    return first_at("COMPLETE"), first_at("PROCESSING")
+
+
+@pytest.fixture(scope="module")
+def vendor_series(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    from processing.phantom import make_phantom
+
+    ph = make_phantom((2, 32, 32), seed=11, snr=60.0, anatomy="ellipsoid")
+    root = tmp_path_factory.mktemp("vendors")
+    return {
+        layout: emulator.write_series(ph.acq, layout, root / layout, seed=11)
+        for layout in emulator.VENDOR_LAYOUTS
+    }
+
+
+def test_every_vendor_flavour_end_to_end_into_orthanc(
+    tmp_path: Path, vendor_series: dict[str, list[Path]]
+) -> None:
+    orth = make_orthanc(tmp_path / "orthanc")
+    port = free_port()
+    spool = tmp_path / "spool"
+    dest = (
+        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
+        f"port = {orth.dicom_port}\ntimeout_s = 10\n"
+    )
+    cfg = write_config(
+        tmp_path,
+        dest
+        + FAST_PROCESSING
+        + "[completion]\nquiet_period_s = 3\nceiling_s = 600\npoll_interval_s = 0.2\n",
+        port=port,
+        spool=spool,
+    )
+    node = NodeProcess(cfg, tmp_path / "node.log", cli=True)
+    uids = {
+        layout: str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        for layout, files in vendor_series.items()
+    }
+    assert len(set(uids.values())) == len(uids)
+    try:
+        node.start(port)
+        for layout, files in vendor_series.items():
+            # /usr/bin/storescu (dcmtk); -R: propose only the SOP classes of these files
+            r = storescu(files, port, extra=["-R"])
+            assert r.returncode == 0, f"{layout}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+        for layout, uid in uids.items():
+            wait_for(
+                lambda uid=uid: _db_state(spool, uid) in ("DELIVERED", "FAILED", "QUARANTINED"),
+                300,  # cold numba cache compiles on the first series
+                0.2,
+                f"{layout} delivered",
+            )
+            assert _db_state(spool, uid) == "DELIVERED", (
+                layout,
+                registry_rows(spool, "SELECT reason FROM series WHERE series_uid=?", (uid,)),
+            )
+        in_pacs = orthanc_sop_classes(orth)
+        for layout, uid in uids.items():
+            expected = dict(
+                registry_rows(
+                    spool, "SELECT sop_uid, sop_class_uid FROM outbox WHERE series_uid=?", (uid,)
+                )
+            )
+            kinds = Counter(expected.values())
+            # parametric maps, plus synthetic contrasts as MR (classic or Enhanced) images
+            assert kinds[PARAMETRIC_MAP] >= 1, (layout, kinds)
+            assert kinds[MR_IMAGE] + kinds[ENHANCED_MR] >= 3, (layout, kinds)
+            got = {s: in_pacs.get(s) for s in expected}
+            assert got == expected, f"{layout}: Orthanc differs from the outbox"
+            sent = registry_rows(
+                spool,
+                "SELECT COUNT(*) FROM outbox WHERE series_uid=? AND state='SENT'",
+                (uid,),
+            )[0][0]
+            assert sent == len(expected)
+        total = sum(
+            registry_rows(spool, "SELECT COUNT(*) FROM outbox WHERE series_uid=?", (u,))[0][0]
+            for u in uids.values()
+        )
+        assert len(in_pacs) == total  # nothing else, nothing twice
+        # completion by grid, for every series: COMPLETE < 1 s after its last instance
+        lat = {layout: grid_latencies(spool, uid) for layout, uid in uids.items()}
+        print("grid completion latency (COMPLETE, PROCESSING) s:", lat)
+        reasons = {
+            layout: registry_rows(
+                spool,
+                "SELECT reason FROM transitions WHERE series_uid=? AND to_state='COMPLETE'",
+                (uid,),
+            )[0][0]
+            for layout, uid in uids.items()
+        }
+        for layout, (complete_s, _) in lat.items():
+            if layout in NO_COUNT:
+                assert "quiet for 3 s" in reasons[layout], reasons[layout]
+                assert 3.0 <= complete_s < 3.0 + 5.0, (layout, complete_s)
+            else:
+                assert "grid full" in reasons[layout], (layout, reasons[layout])
+                assert 0.0 <= complete_s < 1.0, (layout, complete_s)
+        # the first series found an idle worker: processing started < 1 s after its last
+        first = next(iter(lat))
+        assert first not in NO_COUNT
+        assert 0.0 <= lat[first][1] < 1.0, lat[first]
+    finally:
+        node.stop()
+        orth.stop()
