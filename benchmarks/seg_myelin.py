@@ -91,8 +91,8 @@ def main() -> None:
         p = ph.truth.pure_mask(c) & icm
         print(f"  MyPV pure {c}: median {np.median(mm.mypv[p]):5.1f} %  (n={int(p.sum())})")
     print(
-        f"  myelin volume {mm.myelin_volume_ml:.1f} mL = {100 * mm.myelin_volume_ml / vol['ICV']:.1f} % of ICV; "
-        f"EPW {mm.epw_volume_ml:.1f} mL"
+        f"  myelin volume {mm.myelin_volume_ml:.1f} mL = {100 * mm.myelin_volume_ml / vol['BPV']:.1f} % "
+        f"of BPV ({100 * mm.myelin_volume_ml / vol['ICV']:.1f} % of ICV); EPW {mm.epw_volume_ml:.1f} mL"
     )
 
 

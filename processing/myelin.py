@@ -29,6 +29,11 @@ WM (T1 600 ms, T2 70 ms, PD 67 pu) -> MyPV 30 % (Warntjes, ISMRM 2011 #536) and 
 GM (T1 1100 ms, T2 90 ms, PD 82 pu) -> MyPV 6 %, which with typical brain composition gives
 a whole-brain myelin fraction near 13.7 % (157 of 1148 mL, Warntjes 2016). Free water is
 CSF: T1 4300 ms, T2 2000 ms, PD 100 pu. See :class:`MyelinConstants` for every value.
+
+Measured (benchmarks/seg_myelin.py, MNI phantom 30x256x256, SNR 50, real fit + PD): pure WM
+MyPV 27 %, pure GM 4 %, CSF 0 %, myelin 13.2 % of the brain parenchymal volume. On model
+voxels with MyPV 0-35 % and free water 0-30 % passed through the real fit (B1 0.85-1.15)
+MyPV comes back within 1.3 pu (tests/test_myelin.py).
 """
 
 from __future__ import annotations
