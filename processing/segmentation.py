@@ -181,7 +181,7 @@ def tissue_centres(
             v = float(init[t].get(key, float("nan")))
             if not math.isfinite(v) or v <= 0:
                 raise SegmentationError(f"initial centres: {t}.{key} must be > 0, got {v}")
-    sel = np.asarray(maps.mask, bool)
+    sel = np.asarray(maps.mask, bool).copy()  # never write into the caller's maps
     if maps.failed is not None:
         sel &= ~np.asarray(maps.failed, bool)
     if icmask is not None:

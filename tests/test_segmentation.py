@@ -166,6 +166,22 @@ def test_tissue_centres_find_the_series_clusters() -> None:
     assert abs(cen["GM"]["pd_pu"] - cen["WM"]["pd_pu"] - (tp["GM"].pd_pu - tp["WM"].pd_pu)) < 5.0
 
 
+def test_inputs_are_not_modified() -> None:
+    """The maps belong to the caller (run() passes them on to synthesis, export, QC)."""
+    ph = make_phantom((2, 32, 32), seed=0, snr=50.0, anatomy="ellipsoid")
+    maps = correct_pd(fit_mdme(ph.acq))
+    before = {
+        k: np.array(getattr(maps, k)).copy() for k in ("t1_ms", "pd_pu", "b1", "mask", "failed")
+    }
+    icm = intracranial_mask(maps, ph.acq)
+    icm_before = icm.copy()
+    tissue_centres(maps, icm)
+    segment(ph.acq, maps, icmask=icm)
+    for k, v in before.items():
+        assert np.array_equal(np.asarray(getattr(maps, k)), v), f"maps.{k} was modified"
+    assert np.array_equal(icm, icm_before)
+
+
 def test_volumes_arithmetic() -> None:
     shp = (2, 3, 4)
     fr = {
