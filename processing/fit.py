@@ -729,6 +729,55 @@ def _refit_chunk(
 
 
 @nb.njit(cache=True, error_model="numpy", parallel=True)
+def _b1_weights(par, td, te, tr, theta, alpha, ps, pw, rms, noise_sd, out):
+    """Weight of each voxel's B1 in the smoothing: 1 / (Var(B1) * misfit).
+
+    Var(B1) is the Cramér–Rao variance of B1 at the fitted parameters (4-parameter model,
+    unit noise): CSF and dark voxels determine B1 poorly. ``misfit = max(1, (rms/noise)^2)``
+    down-weights voxels the single-compartment model does not explain (partial volume,
+    flow), whose B1 is biased. Both matter: a plain mean over a brain lets ~45 % mixed
+    voxels shift B1 by ~1 % and CSF T1 by ~7 %.
+    """
+    nd = td.shape[0]
+    ne = te.shape[0]
+    for n in nb.prange(par.shape[0]):
+        m0 = par[n, 0]
+        r1 = par[n, 1] * 1e-3
+        r2 = par[n, 2] * 1e-3
+        # Evaluated at B1 = 1, not at the fitted B1: a weight that depends on the voxel's
+        # own B1 error would correlate with it and bias the weighted mean (~1.5 %).
+        b1 = 1.0
+        f = np.zeros((4, 4))
+        jrow = np.zeros(4)
+        for i in range(nd):
+            g, gr, gb = t1_factor(r1, b1, td[i], tr, theta, alpha, ps, pw)
+            for j in range(ne):
+                e2 = math.exp(-r2 * te[j])
+                jrow[0] = e2 * g
+                jrow[1] = m0 * e2 * gr
+                jrow[2] = -te[j] * m0 * e2 * g
+                jrow[3] = m0 * e2 * gb
+                for a in range(4):
+                    for b in range(4):
+                        f[a, b] += jrow[a] * jrow[b]
+        w = 0.0
+        if math.isfinite(f[3, 3]) and f[3, 3] > 0.0 and m0 > 0.0:
+            # Schur complement: 1/Var(B1) = F33 - F3a Faa^-1 Fa3 (a = M0, R1, R2).
+            faa = f[:3, :3]
+            det = np.linalg.det(faa)
+            if abs(det) > 0.0:
+                v = np.linalg.solve(faa, f[:3, 3])
+                info = f[3, 3] - (f[3, 0] * v[0] + f[3, 1] * v[1] + f[3, 2] * v[2])
+                if info > 0.0 and math.isfinite(info):
+                    misfit = 1.0
+                    if noise_sd > 0.0 and math.isfinite(rms[n]):
+                        q = rms[n] / noise_sd
+                        misfit = max(1.0, q * q)
+                    w = (1.0 if r1 > 1.0 / 2500.0 else 0.0) / misfit
+        out[n] = w
+
+
+@nb.njit(cache=True, error_model="numpy", parallel=True)
 def _refit_all(
     samples,
     idx,
@@ -844,6 +893,77 @@ def _smooth_ratio(num: np.ndarray, den: np.ndarray, sig_y: float, sig_x: float) 
     return ratio if f == 1 else _upsample_linear(ratio, f, ny, nx)
 
 
+def _smooth_local_linear(b: np.ndarray, w: np.ndarray, sig_y: float, sig_x: float) -> np.ndarray:
+    """Gaussian-weighted local *linear* fit of ``b`` in-plane (weights ``w``), float32 [z,y,x].
+
+    A plain normalized convolution (local mean) is biased wherever the weights are
+    asymmetric (head edge, next to CSF): the estimate drifts by gradient x weighted-centroid
+    offset, ~1 % of B1 for a typical 3T field. Fitting a local plane b = c0 + c1 x + c2 y
+    removes that first-order bias. Moments are block-summed (exact) and filtered on the
+    coarse grid like :func:`_smooth_ratio`; where the local design is degenerate the local
+    mean is used. Where no weight is near, the result is NaN.
+    """
+    f = int(max(1, min(sig_y, sig_x) // 3))
+    z, ny, nx = b.shape
+    yy, xx = np.meshgrid(
+        np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64), indexing="ij"
+    )
+    w64 = w.astype(np.float64)
+    wb = w64 * b
+    moments = [
+        w64,
+        w64 * xx,
+        w64 * yy,
+        w64 * xx * xx,
+        w64 * yy * yy,
+        w64 * xx * yy,
+        wb,
+        wb * xx,
+        wb * yy,
+    ]
+    py, px = -ny % f, -nx % f
+    shp = (z, (ny + py) // f, f, (nx + px) // f, f)
+    sig = (0.0, sig_y / f, sig_x / f)
+    filt = []
+    for m in moments:
+        if f > 1:
+            m = np.pad(m, ((0, 0), (0, py), (0, px))).reshape(shp).sum(axis=(2, 4))
+        filt.append(ndimage.gaussian_filter(m, sig, mode="constant", truncate=3.0))
+    sw, sx, sy, sxx, syy, sxy, sb, sbx, sby = filt
+    ly, lx = sw.shape[1], sw.shape[2]
+    # Block-centre coordinates in full-resolution voxel units.
+    cy = (np.arange(ly) * f + (f - 1) / 2.0)[None, :, None]
+    cx = (np.arange(lx) * f + (f - 1) / 2.0)[None, None, :]
+    # Centre the moments on each block centre for conditioning.
+    mx = sx - cx * sw
+    my = sy - cy * sw
+    mxx = sxx - 2 * cx * sx + cx * cx * sw
+    myy = syy - 2 * cy * sy + cy * cy * sw
+    mxy = sxy - cx * sy - cy * sx + cx * cy * sw
+    mbx = sbx - cx * sb
+    mby = sby - cy * sb
+    a = np.stack(
+        [
+            np.stack([sw, mx, my], -1),
+            np.stack([mx, mxx, mxy], -1),
+            np.stack([my, mxy, myy], -1),
+        ],
+        -2,
+    )
+    rhs = np.stack([sb, mbx, mby], -1)
+    ok = sw > 1e-3 * float(sw.max(initial=0.0))
+    mean = np.where(ok, sb / np.where(ok, sw, 1.0), np.nan)
+    det = np.linalg.det(a)
+    scale = np.maximum(sw * mxx * myy, 1e-300)
+    good = ok & (np.abs(det) > 1e-6 * np.abs(scale))
+    out = mean.copy()
+    if good.any():
+        sol = np.linalg.solve(a[good], rhs[good][..., None])[..., 0]
+        out[good] = sol[:, 0]
+    out = out.astype(np.float32)
+    return out if f == 1 else _upsample_linear(out, f, ny, nx)
+
+
 def _upsample_linear(low: np.ndarray, f: int, ny: int, nx: int) -> np.ndarray:
     """Separable linear interpolation of block centres back to the full in-plane grid.
 
@@ -869,7 +989,7 @@ def smooth_b1(
     voxel_size_mm: tuple[float, float, float],
     fwhm_mm: float,
     *,
-    robust_iterations: int = 2,
+    robust_iterations: int = 0,
 ) -> np.ndarray:
     """In-plane normalized Gaussian smoothing of a B1 map ``[z, y, x]``, robust to skew.
 
@@ -892,7 +1012,7 @@ def smooth_b1(
     sel = w0 > 0
     w = w0
     for it in range(robust_iterations + 1):
-        sm = _smooth_ratio(b * w, w, sig_y, sig_x)
+        sm = _smooth_local_linear(b, w, sig_y, sig_x)
         if it == robust_iterations:
             break
         dev = (b - sm)[sel]
@@ -906,6 +1026,14 @@ def smooth_b1(
             break
         u = np.nan_to_num((b - sm) / (4.685 * scale), nan=1.0)
         w = w0 * np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0).astype(np.float32)
+    # Second-order correction (twicing): a Gaussian of width sigma turns a curved field
+    # b into ~ b + sigma^2/2 * laplacian(b); 3T B1 is curved (central brightening), so the
+    # plain smooth is ~0.4 % low in the middle at 20 mm FWHM. 2*S(b) - S(S(b)) cancels
+    # that term at the cost of a little more noise.
+    filled = np.where(np.isfinite(sm), sm, b).astype(np.float32)
+    sm2 = _smooth_local_linear(filled, w, sig_y, sig_x)
+    both = np.isfinite(sm) & np.isfinite(sm2)
+    sm = np.where(both, 2.0 * sm - sm2, sm)
     out = np.asarray(b1, np.float64).copy()
     ok = np.isfinite(sm)
     out[ok] = sm[ok]
@@ -1021,10 +1149,16 @@ def fit_mdme(
         if b1_smoothing and n:
             b1map = np.zeros(shape)
             b1map.ravel()[idx] = par[:, 3]
+            usable = ok & _inside(par, lo, hi, True) & np.isfinite(par).all(1)
+            wv = np.zeros(n)
+            _b1_weights(par, td, te, acq.tr_ms, theta, alpha, ps, pw, rms, float(noise_sd), wv)
+            wv = np.where(usable & np.isfinite(wv), wv, 0.0)
+            # Cap the dynamic range so a few bright voxels cannot dominate a neighbourhood.
+            pos = wv[wv > 0]
+            if pos.size:
+                wv = np.minimum(wv, float(np.percentile(pos, 95))) / float(np.percentile(pos, 95))
             good = np.zeros(shape, np.float32)
-            good.ravel()[idx] = (ok & _inside(par, lo, hi, True) & np.isfinite(par).all(1)).astype(
-                np.float32
-            )
+            good.ravel()[idx] = wv.astype(np.float32)
             b1s = smooth_b1(b1map, good, acq.voxel_size_mm, b1_smoothing_fwhm_mm)
             par[:, 3] = np.clip(b1s.ravel()[idx], B1_BOUNDS[0], B1_BOUNDS[1])
             args2 = (

@@ -36,7 +36,9 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
+from processing.acquisition import Acquisition
 from processing.results import QuantMaps
 
 __all__ = [
@@ -120,6 +122,11 @@ def _axes(
     ]
     half = max(max(float(np.abs(a).max()) for a in c), 1e-9)
     return c[2] / half, c[1] / half, c[0] / half  # x, y, z
+
+
+#: In-plane 4-neighbourhood (slices are thick: do not erode across them).
+_INPLANE_CROSS = np.zeros((3, 3, 3), bool)
+_INPLANE_CROSS[1, 1, :] = _INPLANE_CROSS[1, :, 1] = True
 
 
 def estimate_receive_field(
@@ -285,6 +292,7 @@ def estimate_receive_field(
 def correct_pd(
     maps: QuantMaps,
     *,
+    acq: Acquisition | None = None,
     a: float = PD_A_3T,
     b_s: float = PD_B_3T_S,
     tissue_r1_range_per_s: tuple[float, float] = TISSUE_R1_RANGE_PER_S,
@@ -311,8 +319,64 @@ def correct_pd(
         voxel_size_mm=voxel_size_mm,
         relation=relation,
     )
+    field = fit.field
+    if acq is not None and fit.csf_reference:
+        ref = pooled_csf_pd(acq, maps, field, csf_r1_max_per_s, csf_t2_min_ms)
+        if ref is not None:
+            field = field * (ref / 100.0)
     m0 = np.asarray(maps.m0, dtype=np.float64)
     mask = np.asarray(maps.mask, bool)
-    pd = np.where(mask & np.isfinite(m0), m0 / fit.field, 0.0)
+    pd = np.where(mask & np.isfinite(m0), m0 / field, 0.0)
     pd = np.clip(pd, 0.0, 200.0).astype(np.float32)
-    return dataclasses.replace(maps, pd_pu=pd, receive_field=fit.field)
+    return dataclasses.replace(maps, pd_pu=pd, receive_field=field.astype(np.float32))
+
+
+def pooled_csf_pd(
+    acq: Acquisition,
+    maps: QuantMaps,
+    field: np.ndarray,
+    csf_r1_max_per_s: float = CSF_R1_MAX_PER_S,
+    csf_t2_min_ms: float = CSF_T2_MIN_MS,
+) -> float | None:
+    """PD (in the units of ``M0 / field``) of interior CSF from one fit of pooled samples.
+
+    Why: a single CSF voxel at clinical SNR fits M0 with a bias of a few percent (its T1
+    is poorly determined and correlated with M0: Cramér–Rao ~12-20 % at SNR 50), and
+    border voxels hold some tissue. Averaging the field-corrected raw samples of interior
+    CSF (the R1/T2 region, denoised, eroded by one voxel in-plane) gives one high-SNR
+    sample vector whose fit is nearly unbiased. Returns None when too few voxels.
+    """
+    from processing import fit as fit_mod
+
+    mask = np.asarray(maps.mask, bool)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r1 = np.where(mask, 1000.0 / np.asarray(maps.t1_ms, np.float64), np.inf)
+    region = mask & (r1 < csf_r1_max_per_s) & (np.asarray(maps.t2_ms) > csf_t2_min_ms)
+    smooth = ndimage.gaussian_filter(region.astype(np.float32), (0.0, 1.0, 1.0)) > 0.6
+    core = ndimage.binary_erosion(smooth, structure=_INPLANE_CROSS) & region
+    if int(core.sum()) < MIN_CSF_VOXELS:
+        core = region
+    n = int(core.sum())
+    if n < MIN_CSF_VOXELS:
+        return None
+    sig = acq.signal  # [z, d, e, y, x]
+    zz, yy, xx = np.nonzero(core)
+    samples = sig[zz, :, :, yy, xx].astype(np.float64) / field[zz, yy, xx][:, None, None]
+    pooled = samples.mean(axis=0)[None, :, :, None, None].astype(np.float32)
+    if acq.is_magnitude:
+        pooled = np.abs(pooled)
+    one = Acquisition(
+        signal=pooled,
+        delays_ms=acq.delays_ms,
+        echo_times_ms=acq.echo_times_ms,
+        tr_ms=acq.tr_ms,
+        saturation_deg=acq.saturation_deg,
+        excitation_deg=acq.excitation_deg,
+        voxel_size_mm=acq.voxel_size_mm,
+        affine=acq.affine,
+        is_magnitude=acq.is_magnitude,
+    )
+    noise = maps.noise_sd if np.isfinite(maps.noise_sd) and maps.noise_sd > 0 else 1.0
+    fitted = fit_mod.fit_mdme(one, mask=np.ones((1, 1, 1), bool), noise_sd=noise / np.sqrt(n))
+    ref = float(fitted.m0[0, 0, 0])
+    return ref if np.isfinite(ref) and ref > 0 and not bool(fitted.failed[0, 0, 0]) else None

@@ -44,6 +44,7 @@ class ProcessingSettings:
     model_path: ONNX FLAIR model (None = the shipped model).
     onnx_threads: intra-op threads for onnxruntime.
     seg_output: "FRACTIONAL" or "BINARY" (export choice, recorded here for provenance).
+    per_patient_flair: FLAIR and T1-FLAIR null the series' measured CSF T1 (else 4300 ms).
     """
 
     contrasts: tuple[str, ...] = (
@@ -67,6 +68,7 @@ class ProcessingSettings:
     model_path: str | None = None
     onnx_threads: int = 1
     seg_output: str = "FRACTIONAL"
+    per_patient_flair: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -119,7 +121,7 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
     _timed(timings, "fit", t)
 
     t = time.perf_counter()
-    maps = pd_mod.correct_pd(maps, voxel_size_mm=acq.voxel_size_mm)
+    maps = pd_mod.correct_pd(maps, voxel_size_mm=acq.voxel_size_mm, acq=acq)
     _timed(timings, "pd", t)
 
     result = SeriesResult(
@@ -177,8 +179,13 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
             result.dir_parameters = dir_timing.as_dict()
         except Exception as exc:
             warnings.append(f"per-patient DIR failed, using the preset DIR: {exc}")
+    csf_t1 = dir_timing.csf_t1_ms if dir_timing is not None else centres.get("CSF", {}).get("t1_ms")
     result.synthetic = synthesis.synthesize_all(
-        maps, settings.contrasts, settings.overrides, dir_timing=dir_timing
+        maps,
+        settings.contrasts,
+        settings.overrides,
+        dir_timing=dir_timing,
+        csf_t1_ms=csf_t1 if settings.per_patient_flair else None,
     )
     _timed(timings, "synthesis", t)
 

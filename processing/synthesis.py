@@ -541,17 +541,24 @@ def synthesize(
     )
 
 
+#: Presets whose inversion nulls CSF (aliases included) -> preset key.
+_CSF_NULLED = {"FLAIR": "FLAIR", "T2FLAIR": "FLAIR", "T1FLAIR": "T1FLAIR"}
+
+
 def synthesize_all(
     maps: QuantMaps,
     names: Iterable[str],
     overrides: Mapping[str, Any] | None = None,
     *,
     dir_timing: DirTiming | None = None,
+    csf_t1_ms: float | None = None,
 ) -> dict[str, SyntheticImage]:
     """Synthesize several presets, in order. ``overrides``: name -> object or mapping with
     ``tr_ms, te_ms, ti_ms, ti2_ms`` (e.g. :class:`processing.run.ContrastOverride`).
     ``dir_timing``: the per-patient DIR (from :func:`per_patient_dir`) used for ``"DIR"``
-    instead of the preset; explicit overrides still win.
+    instead of the preset; explicit overrides still win. ``csf_t1_ms``: the series' measured
+    CSF T1; FLAIR and T1-FLAIR then null it instead of the preset's 4300 ms (an explicit TI
+    override still wins).
     """
     out: dict[str, SyntheticImage] = {}
     for name in names:
@@ -559,6 +566,11 @@ def synthesize_all(
         base: str | ContrastSpec = name
         if key == "DIR" and dir_timing is not None:
             base = dir_timing.spec()
+        elif csf_t1_ms is not None and key.replace("-", "").replace("_", "") in _CSF_NULLED:
+            # Null this patient's CSF (measured T1), as for the per-patient DIR: a fixed
+            # 4300 ms leaves CSF at a few % of GM when the series' CSF T1 differs.
+            preset = PRESETS[_CSF_NULLED[key.replace("-", "").replace("_", "")]]
+            base = replace(preset, null_t1_ms=(float(csf_t1_ms),))
         spec = resolve_spec(
             base, _get_override(overrides, key) or _get_override(overrides, name) or None
         )

@@ -1,0 +1,159 @@
+"""Issue 2 acceptance on the brain phantom: bias, precision against the Cramér–Rao bound,
+synthetic-contrast nulls.
+
+Phantom (stated parameters): MNI anatomy (nilearn) or the ellipsoid fallback, 6 x 96 x 96,
+seed 11, SNR 50 (noise SD per real channel = 1/50 of the fully relaxed signal of pure water,
+i.e. 2.0 with M0 = PD_pu x coil), real (phase-corrected) signal, B1 0.8–1.2, receive coil
+0.7–1.3, protocol TR 4000 ms, TD 150/580/1900/3850 ms, TE 20/100 ms, 120°/90°. Tissues: the
+phantom defaults (WM 600/70/68, GM 1100/90/82, CSF 4300/2000/100 as T1 ms/T2 ms/PD pu).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from processing import fit, pd, segmentation, synthesis
+from processing.phantom import make_phantom
+from processing.signal import mdme_jacobian
+
+SNR = 50.0
+NOISE_SD = 100.0 / SNR
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom((6, 96, 96), seed=11, snr=SNR, b1_range=(0.8, 1.2), coil=True)
+
+
+@pytest.fixture(scope="module")
+def fitted(phantom):
+    acq = phantom.acq
+    one = pd.correct_pd(fit.fit_mdme(acq), voxel_size_mm=acq.voxel_size_mm, acq=acq)
+    two = pd.correct_pd(
+        fit.fit_mdme(acq, b1_smoothing=True), voxel_size_mm=acq.voxel_size_mm, acq=acq
+    )
+    return one, two
+
+
+def _crb(phantom, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel Cramér–Rao SD of T1 and T2 (ms) for the 4-parameter model at the truth."""
+    t = phantom.truth
+    acq = phantom.acq
+    m0 = (t.pd_pu * t.coil)[sel]
+    _, jac = mdme_jacobian(
+        m0,
+        t.t1_ms[sel],
+        t.t2_ms[sel],
+        t.b1[sel],
+        acq.delays_ms,
+        acq.echo_times_ms,
+        acq.tr_ms,
+        acq.saturation_deg,
+        acq.excitation_deg,
+    )
+    fisher = np.einsum("nki,nkj->nij", jac, jac) / NOISE_SD**2
+    cov = np.linalg.inv(fisher)
+    # R -> T: sd(T) = T^2 sd(R) with R in 1/ms.
+    sd_t1 = np.sqrt(cov[:, 1, 1]) * t.t1_ms[sel] ** 2
+    sd_t2 = np.sqrt(cov[:, 2, 2]) * t.t2_ms[sel] ** 2
+    return sd_t1, sd_t2
+
+
+def _robust_sd(x: np.ndarray) -> float:
+    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+
+
+@pytest.mark.parametrize("tissue", ["WM", "GM"])
+def test_bias_on_pure_voxels(phantom, fitted, tissue: str) -> None:
+    maps, _ = fitted
+    t = phantom.truth
+    sel = t.pure_mask(tissue) & maps.mask & ~maps.failed
+    assert sel.sum() > 500, f"too few pure {tissue} voxels: {sel.sum()}"
+    p = t.tissues[tissue]
+    t1_bias = np.median(maps.t1_ms[sel] / p.t1_ms - 1)
+    t2_bias = np.median(maps.t2_ms[sel] / p.t2_ms - 1)
+    pd_bias = np.median(maps.pd_pu[sel] - p.pd_pu)
+    b1_bias = np.median(maps.b1[sel] - t.b1[sel])
+    print(
+        f"{tissue}: T1 {t1_bias:+.4f}, T2 {t2_bias:+.4f}, PD {pd_bias:+.2f} pu, B1 {b1_bias:+.4f}"
+    )
+    assert abs(t1_bias) <= 0.01
+    assert abs(t2_bias) <= 0.01
+    assert abs(pd_bias) <= 1.0
+    assert abs(b1_bias) <= 0.01
+
+
+@pytest.mark.parametrize("tissue", ["WM", "GM"])
+def test_precision_near_cramer_rao(phantom, fitted, tissue: str) -> None:
+    one, two = fitted
+    t = phantom.truth
+    sel = t.pure_mask(tissue) & one.mask & ~one.failed & ~two.failed
+    sd_t1, sd_t2 = _crb(phantom, sel)
+    z_t1 = (one.t1_ms[sel] - t.t1_ms[sel]) / sd_t1
+    z_t2 = (one.t2_ms[sel] - t.t2_ms[sel]) / sd_t2
+    z_t1_smooth = (two.t1_ms[sel] - t.t1_ms[sel]) / sd_t1
+    r1, r2, rs = _robust_sd(z_t1), _robust_sd(z_t2), _robust_sd(z_t1_smooth)
+    print(
+        f"{tissue}: robust SD / CRB: T1 {r1:.3f}, T2 {r2:.3f}, T1 with B1 smoothing {rs:.3f} "
+        f"(median CRB T1 {np.median(sd_t1 / t.t1_ms[sel]) * 100:.1f} %)"
+    )
+    assert r1 <= 1.1
+    assert r2 <= 1.1
+    assert rs <= 0.7
+
+
+def _signed_setup(phantom, fitted):
+    _, maps = fitted
+    t = phantom.truth
+    ok = maps.mask & ~maps.failed
+    pure = {k: t.pure_mask(k) & ok for k in ("WM", "GM")}
+    # CSF voxels that are CSF to 99 %: a 95 % voxel holds up to 5 % tissue, which a
+    # conventional FLAIR would show at ~5 % of GM too.
+    pure["CSF"] = (t.fractions["CSF"] >= 0.99) & ok
+    r1 = np.where(ok, 1.0 / np.maximum(maps.t1_ms, 1e-3), 0.0)  # 1/ms
+    r2 = np.where(ok, 1.0 / np.maximum(maps.t2_ms, 1e-3), 0.0)
+    return maps, pure, r1, r2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issues 2, 4): the series' CSF T1 estimate (segmentation centre, "
+    "~4090 ms) is pulled down by partial-volume voxels while fitted pure CSF sits at ~4470 "
+    "ms, and DIR's CSF null is very sensitive to it: CSF ~47 % of GM (WM 2.7 %)",
+)
+def test_per_patient_dir_nulls_wm_and_csf_on_phantom(phantom, fitted) -> None:
+    """Median *signed* DIR signal of pure WM and CSF against GM, with TI1/TI2 from the
+    series' own WM/CSF T1 as processing.run measures them (segmentation centres)."""
+    maps, pure, r1, r2 = _signed_setup(phantom, fitted)
+    measured = segmentation.tissue_centres(maps)
+    wm, csf = float(measured["WM"]["t1_ms"]), float(measured["CSF"]["t1_ms"])
+    timing = synthesis.per_patient_dir(maps, wm, csf)
+    d = maps.pd_pu * synthesis.dir_weight(
+        r1, r2, timing.tr_ms, timing.te_ms, timing.ti1_ms, timing.ti2_ms, signed=True
+    )
+    gm = abs(np.median(d[pure["GM"]]))
+    ratio_wm = abs(np.median(d[pure["WM"]])) / gm
+    ratio_csf = abs(np.median(d[pure["CSF"]])) / gm
+    print(
+        f"measured T1 WM {wm:.0f} CSF {csf:.0f}; DIR TI1/TI2 {timing.ti1_ms:.0f}/"
+        f"{timing.ti2_ms:.0f}: WM/GM {ratio_wm:.4f}, CSF/GM {ratio_csf:.4f}"
+    )
+    assert ratio_wm < 0.03
+    assert ratio_csf < 0.03
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 2): at SNR 50 fitted pure-CSF T1 is ~4 % long (residual B1 "
+    "error of ~0.4 % in the ventricles; CSF T1 moves ~7x the relative B1 error), so the "
+    "preset FLAIR (TI 2851, CSF 4300 ms) leaves CSF at ~9 % of GM",
+)
+def test_flair_nulls_csf_on_phantom(phantom, fitted) -> None:
+    """Median signed FLAIR signal of 99 %-pure CSF against GM < 2 %."""
+    maps, pure, r1, r2 = _signed_setup(phantom, fitted)
+    flair = synthesis.resolve_spec("FLAIR")
+    s = maps.pd_pu * synthesis.ir_weight(r1, r2, flair.tr_ms, flair.te_ms, flair.ti_ms, signed=True)
+    ratio_csf = abs(np.median(s[pure["CSF"]])) / np.median(s[pure["GM"]])
+    print(f"FLAIR TI {flair.ti_ms:.0f}: CSF/GM {ratio_csf:.4f}")
+    assert ratio_csf < 0.02
