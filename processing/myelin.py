@@ -30,10 +30,12 @@ GM (T1 1100 ms, T2 90 ms, PD 82 pu) -> MyPV 6 %, which with typical brain compos
 a whole-brain myelin fraction near 13.7 % (157 of 1148 mL, Warntjes 2016). Free water is
 CSF: T1 4300 ms, T2 2000 ms, PD 100 pu. See :class:`MyelinConstants` for every value.
 
-Measured (benchmarks/seg_myelin.py, MNI phantom 30x256x256, SNR 50, real fit + PD): pure WM
-MyPV 27 %, pure GM 4 %, CSF 0 %, myelin 13.2 % of the brain parenchymal volume. On model
-voxels with MyPV 0-35 % and free water 0-30 % passed through the real fit (B1 0.85-1.15)
-MyPV comes back within 1.3 pu (tests/test_myelin.py).
+Measured (benchmarks/seg_myelin.py, MNI phantom 30x256x256, SNR 50, real fit + PD; the
+figures move by ~2 pu with the PD calibration): pure WM MyPV 27-29 %, pure GM 4-6 %, CSF 0 %,
+myelin 13-15 % of the brain parenchymal volume. Model voxels with MyPV 0-35 % and free water
+0-30 % inside pure tissue, through the real fit at B1 0.85-1.15, come back within 0.1 pu;
+in a slice made only of mixtures (no pure tissue to anchor the fit's B1 smoothing) within
+~2-2.6 pu.
 """
 
 from __future__ import annotations
