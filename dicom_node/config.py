@@ -134,7 +134,7 @@ class ProcessingConfig:
     model_path: str = ""
     onnx_threads: int = 1
     seg_output: str = "FRACTIONAL"
-    per_patient_flair: bool = False
+    per_patient_flair: bool = True
 
     def to_processing_settings(self) -> Any:
         """The :class:`processing.run.ProcessingSettings` these options describe."""

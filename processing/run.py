@@ -68,7 +68,7 @@ class ProcessingSettings:
     model_path: str | None = None
     onnx_threads: int = 1
     seg_output: str = "FRACTIONAL"
-    per_patient_flair: bool = False
+    per_patient_flair: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -143,6 +143,8 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
             result.segmentation = fractions
             result.volumes_ml = segmentation.volumes(fractions, acq.voxel_volume_ml)
             centres = {k: dict(v) for k, v in fractions.centres.items()}
+            for tissue, t1 in class_t1_ms(maps, fractions).items():
+                centres.setdefault(tissue, {})["class_t1_ms"] = t1
             result.tissue_stats = _tissue_stats(maps, fractions)
         except Exception as exc:  # optional stage: report, keep the series
             warnings.append(f"segmentation failed: {exc}")
@@ -169,9 +171,7 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
     t = time.perf_counter()
     dir_timing = None
     if "DIR" in (c.upper() for c in settings.contrasts):
-        wm = centres.get("WM", {}).get("t1_ms")
-        gm = centres.get("GM", {}).get("t1_ms")
-        csf = centres.get("CSF", {}).get("t1_ms")
+        wm, gm, csf = (_tissue_t1(centres, t) for t in ("WM", "GM", "CSF"))
         try:
             dir_timing = synthesis.per_patient_dir(
                 maps, wm, csf, null=settings.dir_null.upper(), gm_t1_ms=gm
@@ -179,7 +179,7 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
             result.dir_parameters = dir_timing.as_dict()
         except Exception as exc:
             warnings.append(f"per-patient DIR failed, using the preset DIR: {exc}")
-    csf_t1 = dir_timing.csf_t1_ms if dir_timing is not None else centres.get("CSF", {}).get("t1_ms")
+    csf_t1 = dir_timing.csf_t1_ms if dir_timing is not None else _tissue_t1(centres, "CSF")
     result.synthetic = synthesis.synthesize_all(
         maps,
         settings.contrasts,
@@ -252,3 +252,30 @@ def _tissue_stats(maps, fractions) -> dict[str, dict[str, float]]:
             "n_voxels": float(n),
         }
     return stats
+
+
+def class_t1_ms(maps, fractions, *, min_fraction: float = 0.95) -> dict[str, float]:
+    """Median fitted T1 (ms) of the voxels the segmentation calls >= 95 % one tissue.
+
+    This is what a per-patient inversion must null: the *fitted* T1 of the series' own
+    tissue as it will be synthesized, whatever its bias (a CSF T1 a few % long from B1,
+    say). A cluster centre is pulled towards partial-volume voxels; CSF is the sensitive
+    one (an FLAIR/DIR null moves ~1 % of GM signal per 0.4 % of CSF T1).
+    """
+    # Failed fits are kept: in CSF most "failures" are T2 on its upper bound, i.e. the
+    # purest voxels; dropping them would bias the estimate towards partial volume.
+    ok = maps.mask & np.isfinite(maps.t1_ms) & (maps.t1_ms > 0)
+    out: dict[str, float] = {}
+    for tissue in ("WM", "GM", "CSF"):
+        frac = fractions.fractions.get(tissue)
+        if frac is None:
+            continue
+        sel = ok & (frac >= min_fraction)
+        if int(sel.sum()) >= 20:
+            out[tissue] = float(np.median(maps.t1_ms[sel]))
+    return out
+
+
+def _tissue_t1(centres: dict[str, dict[str, float]], tissue: str) -> float | None:
+    c = centres.get(tissue, {})
+    return c.get("class_t1_ms", c.get("t1_ms"))
