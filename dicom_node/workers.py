@@ -25,11 +25,10 @@ log = logging.getLogger("synthmr.workers")
 
 
 def warm_worker() -> None:
-    """Compile / load numba kernels in this process (worker initializer)."""
-    try:
-        from processing.fit import warmup
-    except ImportError:
-        return
+    """Compile / load every numba kernel and the ONNX model in this process (worker
+    initializer): the whole pipeline runs once on a tiny phantom."""
+    from processing.run import warmup
+
     warmup()
 
 

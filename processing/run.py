@@ -279,3 +279,22 @@ def class_t1_ms(maps, fractions, *, min_fraction: float = 0.95) -> dict[str, flo
 def _tissue_t1(centres: dict[str, dict[str, float]], tissue: str) -> float | None:
     c = centres.get(tissue, {})
     return c.get("class_t1_ms", c.get("t1_ms"))
+
+
+def warmup(settings: ProcessingSettings | None = None) -> float:
+    """Compile every numba kernel and load the ONNX model by running the whole pipeline
+    once on a tiny simulated brain (2 x 24 x 24). Returns the seconds it took.
+
+    Called at start-up (worker initializer) so the first real series is as fast as the
+    tenth (numba caches compiled code on disk with ``cache=True``; this also fills the
+    in-process caches: the myelin lookup grid for the product timing, the ONNX session).
+    """
+    from processing import fit
+    from processing.phantom import make_phantom
+
+    t0 = time.perf_counter()
+    fit.warmup()
+    for magnitude in (False, True):
+        ph = make_phantom((2, 24, 24), seed=1, snr=50.0, anatomy="ellipsoid", magnitude=magnitude)
+        run(ph.acq, settings)
+    return time.perf_counter() - t0
