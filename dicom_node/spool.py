@@ -73,17 +73,22 @@ def safe_name(uid: str) -> str:
     return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
-def _truncated_element(ds: pydicom.Dataset) -> str:
-    """The first top-level element whose value is shorter than its declared length
-    (pydicom reads a truncated value without complaint), or ''."""
+def _truncated_element(ds: pydicom.Dataset, size: int) -> str:
+    """Why the encoded dataset of ``size`` bytes is truncated, or ''. pydicom reads both a
+    short last value and a partial element header at the end without complaint."""
+    end = 0
     for tag in ds.keys():
         raw = ds.get_item(tag)
         length = getattr(raw, "length", None)
         value = getattr(raw, "value", None)
+        tell = getattr(raw, "value_tell", None)
         if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length:
             return (
                 f"cannot parse dataset: truncated: element {tag} has {len(value)} of {length} bytes"
             )
+        end = tell + length if tell is not None and length not in (None, 0xFFFFFFFF) else 0
+    if 0 < end < size:
+        return f"cannot parse dataset: truncated: {size - end} stray bytes after the last element"
     return ""
 
 
@@ -101,7 +106,7 @@ def read_header(data: bytes) -> InstanceHeader:
         eof = [str(w.message) for w in caught if "End of file" in str(w.message)]
         if eof:
             raise UnreadableDatasetError(f"cannot parse dataset: truncated: {eof[0]}")
-        short = _truncated_element(ds)
+        short = _truncated_element(ds, len(data))
         if short:
             raise UnreadableDatasetError(short)
         # Force parsing of the elements we need: broken encodings fail here.
@@ -133,6 +138,11 @@ def read_header(data: bytes) -> InstanceHeader:
     for kw in ("SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID"):
         if not values[kw]:
             raise UnreadableDatasetError(f"dataset has no {kw}")
+    # A file cut at an element boundary parses cleanly: an image without its pixels is
+    # the tell-tale (every image IOD with Rows requires one of the pixel data elements).
+    pixels = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+    if "Rows" in ds and not any(kw in ds for kw in pixels):
+        raise UnreadableDatasetError("dataset has no pixel data: image has Rows but no PixelData")
     return InstanceHeader(
         sop_instance_uid=values["SOPInstanceUID"],
         sop_class_uid=values["SOPClassUID"],
