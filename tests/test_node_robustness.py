@@ -166,7 +166,7 @@ def test_kill9_while_receiving_keeps_every_acknowledged_instance(
         out, _ = send.communicate(timeout=60)
         acked = _acked(out)
         assert send.returncode != 0  # the association died under the sender
-        assert 40 <= len(acked) < len(files), len(acked)
+        assert 16 <= len(acked) < len(files), len(acked)  # killed mid-association
         node.start(port)  # recovery: temp files removed, registry consistent
         assert list((spool / "tmp").iterdir()) == []
         in_registry = {r[0]: r[1] for r in _rows(spool, "SELECT sop_uid, path FROM instances")}
