@@ -157,6 +157,10 @@ def run_series_job(
         psettings = settings.processing.to_processing_settings()
         result = submit(run, acq, psettings).result(timeout=timeout_s)
         observe("process", t0)
+        # per-stage figures measured inside the worker (fit, pd, synthesis, segmentation,
+        # myelin, enhance, qc) go into the job_finished log line
+        for name, seconds in (getattr(result, "timings_s", None) or {}).items():
+            timings[name] = float(seconds)
 
         stage = "export"
         t0 = time.perf_counter()
