@@ -1,0 +1,218 @@
+"""End-to-end latency of the node: last instance sent -> last output stored in Orthanc.
+
+A phantom MDME series (default 30 x 256 x 256, GE layout, magnitude + phase = 480 files)
+is sent by dcmtk ``storescu`` to ``synthmr serve`` (``python -m dicom_node.cli serve``,
+a subprocess); the outputs go to a real Orthanc. Everything binds 127.0.0.1 on free ports
+and is stopped by PID. Printed: the end-to-end figure, the grid-completion latency, and
+where the time goes (normalize, fit, pd, segmentation, myelin, synthesis, enhance, qc,
+export, push), from the registry's timestamps and the node's ``job_finished`` log line.
+
+    python benchmarks/e2e_latency.py [--shape 30 256 256] [--layout ge] [--fast]
+
+``--fast``: segmentation, myelin and enhancement off (three contrasts), for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import (  # noqa: E402
+    free_port,
+    make_orthanc,
+    require_tool,
+    stop_pid,
+    wait_for,
+    wait_port,
+    write_config,
+)
+
+FAST = (
+    '[processing]\ncontrasts = ["T1W", "T2W", "FLAIR"]\nsegmentation = false\n'
+    "myelin = false\nenhance = false\n"
+)
+
+
+def _q(db: Path, sql: str, args: tuple = ()) -> list[tuple]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return list(con.execute(sql, args).fetchall())
+    finally:
+        con.close()
+
+
+def _state(db: Path, series_uid: str) -> str | None:
+    try:
+        rows = _q(db, "SELECT state FROM series WHERE series_uid=?", (series_uid,))
+    except sqlite3.OperationalError:
+        return None
+    return rows[0][0] if rows else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=(30, 256, 256), metavar=("Z", "Y", "X"))
+    ap.add_argument("--layout", default="ge")
+    ap.add_argument("--fast", action="store_true", help="segmentation/myelin/enhance off")
+    ap.add_argument("--timeout", type=float, default=900.0)
+    args = ap.parse_args()
+
+    from dicom_node import emulator
+    from processing.phantom import make_phantom
+
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        t = time.perf_counter()
+        ph = make_phantom(tuple(args.shape), seed=5, snr=50.0)
+        files = emulator.write_series(ph.acq, args.layout, tmp / "series")
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        print(
+            f"series: {args.layout} {tuple(args.shape)} magnitude+phase, {len(files)} files "
+            f"(made in {time.perf_counter() - t:.1f} s)"
+        )
+
+        orth = make_orthanc(tmp / "orthanc")
+        port = free_port()
+        spool = tmp / "spool"
+        cfg = write_config(
+            tmp,
+            f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
+            f"port = {orth.dicom_port}\ntimeout_s = 60\n"
+            "[retry]\nbase_delay_s = 0.5\nmax_delay_s = 2.0\npoll_interval_s = 0.1\n"
+            "[completion]\npoll_interval_s = 0.1\n" + (FAST if args.fast else ""),
+            port=port,
+            spool=spool,
+        )
+        log = tmp / "node.log"
+        node = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
+            cwd=ROOT,
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
+        db = spool / "registry.sqlite3"
+        try:
+            wait_port(port, 120)
+            # steady state: a tiny series first, so start-up warming is not in the figure
+            warm = emulator.write_series(
+                make_phantom((2, 32, 32), seed=6, anatomy="ellipsoid").acq,
+                args.layout,
+                tmp / "warm",
+            )
+            subprocess.run(
+                [
+                    require_tool("storescu"),
+                    "-aet",
+                    "SCANNER",
+                    "-aec",
+                    "SYNTHMR",
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, warm),
+                ],
+                capture_output=True,
+                check=True,
+            )
+            warm_uid = str(pydicom.dcmread(warm[0], stop_before_pixels=True).SeriesInstanceUID)
+            wait_for(lambda: _state(db, warm_uid) == "DELIVERED", 600, 0.2, "warm-up series")
+            n_warm = len(orth.instances())
+            t_send = time.time()
+            r = subprocess.run(
+                [
+                    require_tool("storescu"),
+                    "-aet",
+                    "SCANNER",
+                    "-aec",
+                    "SYNTHMR",
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, files),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            t_last_sent = time.time()
+            if r.returncode != 0:
+                sys.exit(f"storescu failed: {r.stderr[-2000:]}")
+
+            def state() -> str | None:
+                return _state(db, uid)
+
+            wait_for(
+                lambda: state() in ("DELIVERED", "FAILED", "QUARANTINED"),
+                args.timeout,
+                0.2,
+                "series delivered",
+            )
+            if state() != "DELIVERED":
+                sys.exit(f"series ended {state()}: {_q(db, 'SELECT reason FROM series')}")
+            # Orthanc answered success to the last C-STORE at sent_at (same host clock)
+            w = (uid,)
+            t_last_stored = _q(db, "SELECT MAX(sent_at) FROM outbox WHERE series_uid=?", w)[0][0]
+            n_out = _q(db, "SELECT COUNT(*) FROM outbox WHERE series_uid=?", w)[0][0]
+            n_pacs = len(orth.instances()) - n_warm
+            last_rx = _q(db, "SELECT MAX(received_at) FROM instances WHERE series_uid=?", w)[0][0]
+            at = dict(
+                _q(
+                    db,
+                    "SELECT to_state, MAX(at) FROM transitions WHERE series_uid=? GROUP BY to_state",
+                    w,
+                )
+            )
+        finally:
+            stop_pid(node, 60)
+            orth.stop()
+        finished = [
+            json.loads(x)
+            for x in log.read_text().splitlines()
+            if x.startswith("{") and '"job_finished"' in x
+        ]
+        timings = finished[-1].get("timings_s", {}) if finished else {}
+
+    e2e = t_last_stored - t_last_sent
+    print(f"send (storescu, {len(files)} files): {t_last_sent - t_send:6.2f} s")
+    print(f"outputs: {n_out} in the outbox, {n_pacs} in Orthanc")
+    print(
+        f"END TO END last instance sent -> last output stored in Orthanc: {e2e:6.2f} s "
+        f"(goal <= 15 s on 2 cores)"
+    )
+    print(f"  completion by grid (last received -> COMPLETE): {at['COMPLETE'] - last_rx:6.3f} s")
+    print(
+        f"  queue (COMPLETE -> PROCESSING):                 {at['PROCESSING'] - at['COMPLETE']:6.3f} s"
+    )
+    print(
+        f"  job (PROCESSING -> EXPORTED):                   {at['EXPORTED'] - at['PROCESSING']:6.2f} s"
+    )
+    for k in (
+        "normalize",
+        "fit",
+        "pd",
+        "segmentation",
+        "myelin",
+        "synthesis",
+        "enhance",
+        "qc",
+        "process",
+        "export",
+    ):
+        if k in timings:
+            label = "process (worker total, incl. transfer)" if k == "process" else k
+            print(f"    {label:38s} {timings[k]:6.2f} s")
+    print(
+        f"  push (EXPORTED -> DELIVERED):                   {at['DELIVERED'] - at['EXPORTED']:6.2f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
