@@ -173,6 +173,29 @@ def main() -> None:
         finally:
             stop_pid(node, 60)
             orth.stop()
+        # push comparison on the same output files: our SCU (send_files, one association)
+        # vs dcmtk storescu, each into a fresh Orthanc -- is the PACS or the sender the limit?
+        outputs = [r[0] for r in _q(db, "SELECT path FROM outbox WHERE series_uid=?", (uid,))]
+        push_cmp: dict[str, tuple[float, int]] = {}
+        for who in ("synthmr send_files", "dcmtk storescu"):
+            o2 = make_orthanc(tmp / f"orthanc_{who.split()[0]}")
+            try:
+                t = time.perf_counter()
+                if who.startswith("dcmtk"):
+                    cmd = [require_tool("storescu"), "-R", "-aec", "ORTHANC", "127.0.0.1"]
+                    subprocess.run(
+                        [*cmd, str(o2.dicom_port), *outputs], capture_output=True, check=True
+                    )
+                else:
+                    from dicom_node.push import send_files
+
+                    res = send_files(
+                        outputs, ae_title="ORTHANC", host="127.0.0.1", port=o2.dicom_port
+                    )
+                    assert res["failed"] == 0, res
+                push_cmp[who] = (time.perf_counter() - t, len(o2.instances()))
+            finally:
+                o2.stop()
         finished = [
             json.loads(x)
             for x in log.read_text().splitlines()
@@ -212,6 +235,11 @@ def main() -> None:
     print(
         f"  push (EXPORTED -> DELIVERED):                   {at['DELIVERED'] - at['EXPORTED']:6.2f} s"
     )
+    for who, (dt, n) in push_cmp.items():
+        print(
+            f"push of the same {len(outputs)} outputs into a fresh Orthanc by {who}: "
+            f"{dt:6.2f} s ({n} stored, {len(outputs) / dt:.0f} instances/s)"
+        )
 
 
 if __name__ == "__main__":
