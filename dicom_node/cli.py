@@ -454,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_send)
 
     s = sub.add_parser(
-        "demo", help="phantom -> DICOM -> fit -> contrasts -> outputs, with a summary"
+        "demo",
+        help="node + local PACS stand-in on 127.0.0.1: emulated scanner series in, outputs"
+        " and a summary out (--offline: in process)",
     )
     s.add_argument("--out", "-o", default="demo_out")
     s.add_argument(
@@ -464,6 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--vendor", default="ge")
     s.add_argument("--magnitude-only", action="store_true")
+    s.add_argument(
+        "--offline",
+        action="store_true",
+        help="no node: process in this process and export to OUT/outputs",
+    )
+    s.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for delivery (node mode)"
+    )
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -34,7 +34,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import AllowedCaller, Settings
@@ -152,7 +152,7 @@ class StoreSCP:
         ae.maximum_pdu_size = n.max_pdu
         ae.require_called_aet = False
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        for cx in StoragePresentationContexts:
+        for cx in AllStoragePresentationContexts:  # every storage class, PM/SEG/SR too
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
 
     # ------------------------------------------------------------------ lifecycle

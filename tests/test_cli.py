@@ -131,8 +131,10 @@ def test_process_reports_missing_cell_and_keeps_going(tmp_path: Path, capsys) ->
     assert ds.SeriesInstanceUID in text
 
 
-def test_demo_prints_summary(tmp_path: Path, capsys) -> None:
-    rc = cli.main(["demo", "--out", str(tmp_path / "demo"), "--shape", "2,64,64", "--seed", "2"])
+def test_demo_offline_prints_summary(tmp_path: Path, capsys) -> None:
+    rc = cli.main(
+        ["demo", "--offline", "--out", str(tmp_path / "demo"), "--shape", "2,64,64", "--seed", "2"]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
     for word in ("fit", "WM", "GM", "CSF", "ICV", "QC"):
