@@ -4,12 +4,12 @@ subprocess), and every output arrives in a real Orthanc, checked by SOP class an
 through Orthanc's REST API.
 
 The same run measures completion by grid: a series whose first instance announces the
-instance count (classic layouts via their vendor count tags, enhanced via a concatenation)
-must be COMPLETE < 1 s after its last instance, with the reason "grid full", although the
-quiet period is 3 s. The enhanced layouts as emulated carry no concatenation attributes,
-so they announce no count (``siemens_xa_enhanced``: one file per slice;
-``philips_enhanced``: one file): they complete by the quiet-period fallback after the
-association is released, which this test checks as well.
+instance count (classic layouts via their vendor count tags; an Enhanced MR instance that
+holds the whole multi-slice grid counts as the whole series, ``philips_enhanced``) must be
+COMPLETE < 1 s after its last instance, with the reason "grid full", although the quiet
+period is 3 s. ``siemens_xa_enhanced`` writes one file per slice and announces no count:
+it completes by the quiet-period fallback after the association is released, which this
+test checks as well.
 
 Phantom: 2 x 32 x 32 ellipsoid anatomy, seed 11, SNR 60, magnitude + phase; processing
 with segmentation, myelin and enhancement off (they do not change the node's behaviour).
@@ -38,7 +38,7 @@ MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 #: layouts whose instances do not announce the series' instance count (quiet-period fallback)
-NO_COUNT = {"siemens_xa_enhanced", "philips_enhanced"}
+NO_COUNT = {"siemens_xa_enhanced"}
 
 
 def orthanc_sop_classes(orth: OrthancServer) -> dict[str, str]:

@@ -142,7 +142,13 @@ def test_expected_count_and_short_series(acq):
     ):
         normalize([d for d in d3 if float(d.InversionTime) != 3000.0])
     enh = emulator.make_datasets(acq, "philips_enhanced")[0]
-    assert expected_count(enh) is None
+    assert expected_count(enh) == 1  # one instance holds every slice, delay and echo
+    xa = emulator.make_datasets(acq, "siemens_xa_enhanced")
+    assert expected_count(xa[0]) is None  # one file per slice: the count is unknown
+    partial = emulator.make_datasets(acq, "philips_enhanced")[0]
+    del partial.PerFrameFunctionalGroupsSequence[0]  # one frame short: not a whole grid
+    partial.NumberOfFrames = int(partial.NumberOfFrames) - 1
+    assert expected_count(partial) is None
     enh.ConcatenationUID = "1.2.3"
     enh.InConcatenationNumber = 1
     enh.InConcatenationTotalNumber = 3

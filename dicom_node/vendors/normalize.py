@@ -278,7 +278,9 @@ def expected_count(dataset: Dataset, rules: Mapping[str, VendorRules] | None = N
         # enhanced: header counts are per frame, not per instance; a concatenation
         # announces its instance count
         total = _first_float(dataset.get("InConcatenationTotalNumber"))
-        return int(total) if total and total > 0 else None
+        if total and total > 0:
+            return int(total)
+        return 1 if _holds_whole_volume(dataset, r) else None
     src = (dataset,)
     for alternative in r.count_tags:
         total = 1
@@ -294,6 +296,36 @@ def expected_count(dataset: Dataset, rules: Mapping[str, VendorRules] | None = N
         if total > 0:
             return total
     return None
+
+
+def _holds_whole_volume(dataset: Dataset, rules: VendorRules) -> bool:
+    """True when one Enhanced MR instance carries a whole multi-slice MDME grid.
+
+    Its frames span several slice positions and every (slice, echo, part) cell holds the
+    same number (>= 2) of frames, i.e. all delays: the series is this one instance
+    (Philips stores MDME so). A per-slice instance (Siemens XA) has one position: unknown.
+    """
+    try:
+        frames = frame_records([dataset])
+    except Exception:
+        return False
+    if len(frames) < 4:
+        return False
+    cells: dict[tuple[float, float, str], int] = {}
+    for f in frames:
+        pos = f.get("ImagePositionPatient")
+        iop = f.get("ImageOrientationPatient")
+        te = _first_float(f.get("EchoTime"))
+        if pos is None or iop is None or te is None:
+            return False
+        row = np.asarray([float(v) for v in iop[:3]])
+        col = np.asarray([float(v) for v in iop[3:6]])
+        z = float(np.dot(np.asarray([float(v) for v in pos]), np.cross(row, col)))
+        key = (round(z, 1), round(te, 1), _part_of(f, rules) or "M")
+        cells[key] = cells.get(key, 0) + 1
+    n_slices = len({k[0] for k in cells})
+    counts = set(cells.values())
+    return n_slices >= 2 and len(counts) == 1 and min(counts) >= 2
 
 
 # ----------------------------------------------------------------------------- pixels
