@@ -69,7 +69,7 @@ def test_mixed_folder(folder, capsys):
     assert ge.grid == (3, 2, 2, "MP") and ge.delay_source == "InversionTime"
     assert ph.grid == (3, 2, 2, "MP") and ph.delay_source == "(2001,101B)"
     assert ge.expected_instances == 24 and len(ge.datasets) == 24
-    assert ph.expected_instances is None
+    assert ph.expected_instances == 1 and len(ph.datasets) == 1  # one whole-volume instance
     assert "MDME 3 slices x 2 delays" in ge.summary()
     diff = np.abs(ge.acquisition.signal - ph.acquisition.signal).max()
     assert diff <= 4 * np.spacing(np.float32(np.abs(acq.signal).max()))
