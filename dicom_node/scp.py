@@ -241,6 +241,21 @@ class StoreSCP:
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
+    def _refuse(
+        self, calling: str, result: str, event_name: str, level: int, exc: Exception, status: int
+    ) -> int:
+        """Count, log and answer a C-STORE the spool could not keep."""
+        self.metrics.instance_received(calling, result)
+        log_event(
+            log,
+            event_name,
+            level=level,
+            status=f"0x{status:04X}",
+            reason=str(exc),
+            calling_ae=calling,
+        )
+        return status
+
     def _on_store(self, event: evt.Event) -> int:
         t0 = time.perf_counter()
         calling = str(event.assoc.requestor.ae_title).strip()
@@ -248,38 +263,17 @@ class StoreSCP:
             data = event.encoded_dataset()
             header, path = self.spool.store_received(data)
         except SpoolFullError as exc:
-            self.metrics.instance_received(calling, "rejected")
-            log_event(
-                log,
-                "store_rejected",
-                level=logging.ERROR,
-                status="0xA700",
-                reason=str(exc),
-                calling_ae=calling,
+            return self._refuse(
+                calling, "rejected", "store_rejected", logging.ERROR, exc, STATUS_OUT_OF_RESOURCES
             )
-            return STATUS_OUT_OF_RESOURCES
         except UnreadableDatasetError as exc:
-            self.metrics.instance_received(calling, "failed")
-            log_event(
-                log,
-                "store_failed",
-                level=logging.WARNING,
-                status="0xC000",
-                reason=str(exc),
-                calling_ae=calling,
+            return self._refuse(
+                calling, "failed", "store_failed", logging.WARNING, exc, STATUS_CANNOT_UNDERSTAND
             )
-            return STATUS_CANNOT_UNDERSTAND
         except OSError as exc:
-            self.metrics.instance_received(calling, "rejected")
-            log_event(
-                log,
-                "store_io_error",
-                level=logging.ERROR,
-                status="0xA700",
-                reason=str(exc),
-                calling_ae=calling,
+            return self._refuse(
+                calling, "rejected", "store_io_error", logging.ERROR, exc, STATUS_OUT_OF_RESOURCES
             )
-            return STATUS_OUT_OF_RESOURCES
         expected = None
         if self.expected_count is not None:
             try:
