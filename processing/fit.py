@@ -729,51 +729,26 @@ def _refit_chunk(
 
 
 @nb.njit(cache=True, error_model="numpy", parallel=True)
-def _b1_weights(par, td, te, tr, theta, alpha, ps, pw, rms, noise_sd, out):
-    """Weight of each voxel's B1 in the smoothing: 1 / (Var(B1) * misfit).
+def _b1_weights(par, rms, noise_sd, out):
+    """Weight of each voxel's B1 in the smoothing: ``[T1 < 2500 ms] / misfit``.
 
-    Var(B1) is the Cramér–Rao variance of B1 at the fitted parameters (4-parameter model,
-    unit noise): CSF and dark voxels determine B1 poorly. ``misfit = max(1, (rms/noise)^2)``
-    down-weights voxels the single-compartment model does not explain (partial volume,
-    flow), whose B1 is biased. Both matter: a plain mean over a brain lets ~45 % mixed
-    voxels shift B1 by ~1 % and CSF T1 by ~7 %.
+    CSF-like voxels (T1 >= 2500 ms) determine B1 poorly (their samples barely depend on
+    the saturation angle) and get no weight. ``misfit = max(1, (rms/noise)^2)`` down-weights
+    voxels the single-compartment model does not explain (partial volume, flow), whose B1 is
+    biased. Both matter: a plain mean over a brain lets ~45 % mixed voxels shift B1 by ~1 %
+    and CSF T1 by ~7 %. The weight deliberately ignores the voxel's own fitted B1: a weight
+    that depends on the B1 error would correlate with it and bias the weighted mean (~1.5 %).
     """
-    nd = td.shape[0]
-    ne = te.shape[0]
     for n in nb.prange(par.shape[0]):
         m0 = par[n, 0]
-        r1 = par[n, 1] * 1e-3
-        r2 = par[n, 2] * 1e-3
-        # Evaluated at B1 = 1, not at the fitted B1: a weight that depends on the voxel's
-        # own B1 error would correlate with it and bias the weighted mean (~1.5 %).
-        b1 = 1.0
-        f = np.zeros((4, 4))
-        jrow = np.zeros(4)
-        for i in range(nd):
-            g, gr, gb = t1_factor(r1, b1, td[i], tr, theta, alpha, ps, pw)
-            for j in range(ne):
-                e2 = math.exp(-r2 * te[j])
-                jrow[0] = e2 * g
-                jrow[1] = m0 * e2 * gr
-                jrow[2] = -te[j] * m0 * e2 * g
-                jrow[3] = m0 * e2 * gb
-                for a in range(4):
-                    for b in range(4):
-                        f[a, b] += jrow[a] * jrow[b]
+        r1 = par[n, 1] * 1e-3  # 1/ms
         w = 0.0
-        if math.isfinite(f[3, 3]) and f[3, 3] > 0.0 and m0 > 0.0:
-            # Schur complement: 1/Var(B1) = F33 - F3a Faa^-1 Fa3 (a = M0, R1, R2).
-            faa = f[:3, :3]
-            det = np.linalg.det(faa)
-            if abs(det) > 0.0:
-                v = np.linalg.solve(faa, f[:3, 3])
-                info = f[3, 3] - (f[3, 0] * v[0] + f[3, 1] * v[1] + f[3, 2] * v[2])
-                if info > 0.0 and math.isfinite(info):
-                    misfit = 1.0
-                    if noise_sd > 0.0 and math.isfinite(rms[n]):
-                        q = rms[n] / noise_sd
-                        misfit = max(1.0, q * q)
-                    w = (1.0 if r1 > 1.0 / 2500.0 else 0.0) / misfit
+        if m0 > 0.0 and math.isfinite(m0) and r1 > 1.0 / 2500.0:
+            misfit = 1.0
+            if noise_sd > 0.0 and math.isfinite(rms[n]):
+                q = rms[n] / noise_sd
+                misfit = max(1.0, q * q)
+            w = 1.0 / misfit
         out[n] = w
 
 
@@ -893,6 +868,75 @@ def _smooth_ratio(num: np.ndarray, den: np.ndarray, sig_y: float, sig_x: float) 
     return ratio if f == 1 else _upsample_linear(ratio, f, ny, nx)
 
 
+@nb.njit(cache=True, parallel=True)
+def _block_moments(b, w, f, out):
+    """Block sums (f x f in-plane) of the moments w, w x, w y, w x^2, w y^2, w x y, w b,
+    w b x, w b y of float32 ``[z, y, x]`` into ``out[9, z, ly, lx]`` (float64, zeroed).
+    One pass, no temporaries: the numpy version made nine full-size float64 copies."""
+    nz, ny, nx = b.shape
+    for zi in nb.prange(nz):
+        for yi in range(ny):
+            by = yi // f
+            y = float(yi)
+            for xi in range(nx):
+                wv = float(w[zi, yi, xi])
+                if wv == 0.0:
+                    continue
+                bx = xi // f
+                x = float(xi)
+                wb = wv * float(b[zi, yi, xi])
+                out[0, zi, by, bx] += wv
+                out[1, zi, by, bx] += wv * x
+                out[2, zi, by, bx] += wv * y
+                out[3, zi, by, bx] += wv * x * x
+                out[4, zi, by, bx] += wv * y * y
+                out[5, zi, by, bx] += wv * x * y
+                out[6, zi, by, bx] += wb
+                out[7, zi, by, bx] += wb * x
+                out[8, zi, by, bx] += wb * y
+
+
+@nb.njit(cache=True, parallel=True)
+def _local_plane(m, f, min_weight, out):
+    """Intercept of the weighted local plane fit at each block centre, from the filtered
+    moments ``m[9, z, ly, lx]`` (order of :func:`_block_moments`). Moments are centred on
+    the block centre for conditioning; a degenerate design falls back to the local mean;
+    a cell with total weight <= ``min_weight`` is NaN. 3x3 solve by Cramer's rule."""
+    _, nz, ly, lx = m.shape
+    for zi in nb.prange(nz):
+        for i in range(ly):
+            cy = i * f + (f - 1) / 2.0
+            for j in range(lx):
+                cx = j * f + (f - 1) / 2.0
+                sw = m[0, zi, i, j]
+                if not sw > min_weight:
+                    out[zi, i, j] = np.nan
+                    continue
+                sx = m[1, zi, i, j]
+                sy = m[2, zi, i, j]
+                sb = m[6, zi, i, j]
+                mx = sx - cx * sw
+                my = sy - cy * sw
+                mxx = m[3, zi, i, j] - 2 * cx * sx + cx * cx * sw
+                myy = m[4, zi, i, j] - 2 * cy * sy + cy * cy * sw
+                mxy = m[5, zi, i, j] - cx * sy - cy * sx + cx * cy * sw
+                mbx = m[7, zi, i, j] - cx * sb
+                mby = m[8, zi, i, j] - cy * sb
+                # | sw  mx  my  | c0   sb
+                # | mx  mxx mxy | c1 = mbx
+                # | my  mxy myy | c2   mby
+                c00 = mxx * myy - mxy * mxy
+                c01 = mx * myy - mxy * my
+                c02 = mx * mxy - mxx * my
+                det = sw * c00 - mx * c01 + my * c02
+                scale = max(sw * mxx * myy, 1e-300)
+                if abs(det) > 1e-6 * abs(scale):
+                    num = sb * c00 - mx * (mbx * myy - mxy * mby) + my * (mbx * mxy - mxx * mby)
+                    out[zi, i, j] = num / det
+                else:
+                    out[zi, i, j] = sb / sw
+
+
 def _smooth_local_linear(b: np.ndarray, w: np.ndarray, sig_y: float, sig_x: float) -> np.ndarray:
     """Gaussian-weighted local *linear* fit of ``b`` in-plane (weights ``w``), float32 [z,y,x].
 
@@ -905,62 +949,15 @@ def _smooth_local_linear(b: np.ndarray, w: np.ndarray, sig_y: float, sig_x: floa
     """
     f = int(max(1, min(sig_y, sig_x) // 3))
     z, ny, nx = b.shape
-    yy, xx = np.meshgrid(
-        np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64), indexing="ij"
+    ly, lx = -(-ny // f), -(-nx // f)
+    sums = np.zeros((9, z, ly, lx))
+    _block_moments(
+        np.ascontiguousarray(b, np.float32), np.ascontiguousarray(w, np.float32), f, sums
     )
-    w64 = w.astype(np.float64)
-    wb = w64 * b
-    moments = [
-        w64,
-        w64 * xx,
-        w64 * yy,
-        w64 * xx * xx,
-        w64 * yy * yy,
-        w64 * xx * yy,
-        wb,
-        wb * xx,
-        wb * yy,
-    ]
-    py, px = -ny % f, -nx % f
-    shp = (z, (ny + py) // f, f, (nx + px) // f, f)
-    sig = (0.0, sig_y / f, sig_x / f)
-    filt = []
-    for m in moments:
-        if f > 1:
-            m = np.pad(m, ((0, 0), (0, py), (0, px))).reshape(shp).sum(axis=(2, 4))
-        filt.append(ndimage.gaussian_filter(m, sig, mode="constant", truncate=3.0))
-    sw, sx, sy, sxx, syy, sxy, sb, sbx, sby = filt
-    ly, lx = sw.shape[1], sw.shape[2]
-    # Block-centre coordinates in full-resolution voxel units.
-    cy = (np.arange(ly) * f + (f - 1) / 2.0)[None, :, None]
-    cx = (np.arange(lx) * f + (f - 1) / 2.0)[None, None, :]
-    # Centre the moments on each block centre for conditioning.
-    mx = sx - cx * sw
-    my = sy - cy * sw
-    mxx = sxx - 2 * cx * sx + cx * cx * sw
-    myy = syy - 2 * cy * sy + cy * cy * sw
-    mxy = sxy - cx * sy - cy * sx + cx * cy * sw
-    mbx = sbx - cx * sb
-    mby = sby - cy * sb
-    a = np.stack(
-        [
-            np.stack([sw, mx, my], -1),
-            np.stack([mx, mxx, mxy], -1),
-            np.stack([my, mxy, myy], -1),
-        ],
-        -2,
-    )
-    rhs = np.stack([sb, mbx, mby], -1)
-    ok = sw > 1e-3 * float(sw.max(initial=0.0))
-    mean = np.where(ok, sb / np.where(ok, sw, 1.0), np.nan)
-    det = np.linalg.det(a)
-    scale = np.maximum(sw * mxx * myy, 1e-300)
-    good = ok & (np.abs(det) > 1e-6 * np.abs(scale))
-    out = mean.copy()
-    if good.any():
-        sol = np.linalg.solve(a[good], rhs[good][..., None])[..., 0]
-        out[good] = sol[:, 0]
-    out = out.astype(np.float32)
+    sig = (0.0, 0.0, sig_y / f, sig_x / f)
+    filt = ndimage.gaussian_filter(sums, sig, mode="constant", truncate=3.0)
+    out = np.empty((z, ly, lx), np.float32)
+    _local_plane(filt, f, 1e-3 * float(filt[0].max(initial=0.0)), out)
     return out if f == 1 else _upsample_linear(out, f, ny, nx)
 
 
@@ -1151,7 +1148,7 @@ def fit_mdme(
             b1map.ravel()[idx] = par[:, 3]
             usable = ok & _inside(par, lo, hi, True) & np.isfinite(par).all(1)
             wv = np.zeros(n)
-            _b1_weights(par, td, te, acq.tr_ms, theta, alpha, ps, pw, rms, float(noise_sd), wv)
+            _b1_weights(par, rms, float(noise_sd), wv)
             wv = np.where(usable & np.isfinite(wv), wv, 0.0)
             # Cap the dynamic range so a few bright voxels cannot dominate a neighbourhood.
             pos = wv[wv > 0]
