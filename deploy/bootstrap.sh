@@ -37,6 +37,12 @@ fi
 extras="test"
 [ "$mode" = "train" ] && extras="test,train"
 python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
+if [ "$mode" = "test" ] && ! python -c 'import torch, onnx' 2>/dev/null; then
+  # The FLAIR training smoke test (tests/test_enhance.py) needs PyTorch + onnx. The CPU
+  # build of torch 2.13.0 is the one pinned here; without it that one test skips.
+  python -m pip install -q --disable-pip-version-check "torch==2.13.0" "onnx>=1.15" \
+    || echo "bootstrap: torch/onnx not installable here; the training smoke test will skip"
+fi
 
 case "$mode" in
   demo)

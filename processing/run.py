@@ -254,14 +254,27 @@ def _tissue_stats(maps, fractions) -> dict[str, dict[str, float]]:
     return stats
 
 
+# In-plane 3 x 3 mean CSF fraction that makes a voxel "interior CSF" for the CSF T1 null.
+_CSF_INTERIOR_MEAN = 0.97
+
+
 def class_t1_ms(maps, fractions, *, min_fraction: float = 0.95) -> dict[str, float]:
     """Median fitted T1 (ms) of the voxels the segmentation calls >= 95 % one tissue.
 
     This is what a per-patient inversion must null: the *fitted* T1 of the series' own
     tissue as it will be synthesized, whatever its bias (a CSF T1 a few % long from B1,
-    say). A cluster centre is pulled towards partial-volume voxels; CSF is the sensitive
-    one (an FLAIR/DIR null moves ~1 % of GM signal per 0.4 % of CSF T1).
+    say). CSF is the sensitive one (an FLAIR/DIR null moves ~1 % of GM signal per 20 ms of
+    CSF T1) and needs a selection that does not depend on the voxel's own noise: a voxel
+    whose noise shortens its fitted T1 also looks less pure to the unmixing, so "own
+    fraction >= 95 %" drops the short tail and lands ~100 ms long on pure CSF, while 2-5 %
+    of tissue shortens the fitted T1 by ~250 ms. CSF therefore uses interior voxels: the
+    in-plane 3 x 3 mean of the CSF fraction >= 97 % (the voxel's own noise weighs 1/9),
+    falling back to the own fraction where fewer than 30 such voxels exist. Measured on
+    seven phantoms (SNR 50, real and magnitude, 160-224 matrix): RMS 27 ms (max 39) from
+    the median fitted T1 of the truly pure (>= 99 %) CSF; own fraction >= 95 %: ~100 ms.
     """
+    from scipy import ndimage
+
     # Failed fits are kept: in CSF most "failures" are T2 on its upper bound, i.e. the
     # purest voxels; dropping them would bias the estimate towards partial volume.
     ok = maps.mask & np.isfinite(maps.t1_ms) & (maps.t1_ms > 0)
@@ -271,6 +284,13 @@ def class_t1_ms(maps, fractions, *, min_fraction: float = 0.95) -> dict[str, flo
         if frac is None:
             continue
         sel = ok & (frac >= min_fraction)
+        if tissue == "CSF":
+            local = ndimage.uniform_filter(
+                np.asarray(frac, np.float32), size=(1, 3, 3), mode="constant"
+            )
+            interior = ok & (local >= _CSF_INTERIOR_MEAN)
+            if int(interior.sum()) >= 30:
+                sel = interior
         if int(sel.sum()) >= 20:
             out[tissue] = float(np.median(maps.t1_ms[sel]))
     return out
