@@ -35,7 +35,9 @@ CASES = [  # (seed, shape, magnitude)
 
 
 def main() -> None:
-    print("seed shape           data  CSF T1 est / pure-CSF median   DIR WM/GM  DIR CSF/GM  FLAIR CSF/GM")
+    print(
+        "seed shape           data  CSF T1 est / pure-CSF median   DIR WM/GM  DIR CSF/GM  FLAIR CSF/GM"
+    )
     for seed, shape, mag in CASES:
         ph = make_phantom(shape, seed=seed, snr=50.0, b1_range=(0.8, 1.2), coil=True, magnitude=mag)
         acq, t = ph.acq, ph.truth
@@ -59,7 +61,7 @@ def main() -> None:
         s = maps.pd_pu * synthesis.ir_weight(r1, r2, fl.tr_ms, fl.te_ms, fl.ti_ms, signed=True)
         ref = np.median(maps.t1_ms[pure["CSF"]])
         print(
-            f"{seed:4d} {str(shape):15s} {'mag ' if mag else 'real'}  "
+            f"{seed:4d} {shape!s:15s} {'mag ' if mag else 'real'}  "
             f"{meas['CSF']:6.0f} / {ref:6.0f} (n={int(pure['CSF'].sum())})"
             f"{abs(np.median(d[pure['WM']])) / gm:14.4f}{abs(np.median(d[pure['CSF']])) / gm:12.4f}"
             f"{abs(np.median(s[pure['CSF']])) / np.median(s[pure['GM']]):14.4f}",
