@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -66,7 +67,15 @@ def main() -> None:
     ap.add_argument("--layout", default="ge")
     ap.add_argument("--fast", action="store_true", help="segmentation/myelin/enhance off")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument(
+        "--stock-orthanc",
+        action="store_true",
+        help="Orthanc without TCP_NODELAY=1 (DCMTK's Nagle on: ~20 instances/s)",
+    )
     args = ap.parse_args()
+    nodelay = not args.stock_orthanc
+    # The scanner (storescu) sends with Nagle off, as a tuned modality would.
+    send_env = dict(os.environ, TCP_NODELAY="1")
 
     from dicom_node import emulator
     from processing.phantom import make_phantom
@@ -82,7 +91,8 @@ def main() -> None:
             f"(made in {time.perf_counter() - t:.1f} s)"
         )
 
-        orth = make_orthanc(tmp / "orthanc")
+        orth = make_orthanc(tmp / "orthanc", tcp_nodelay=nodelay)
+        print(f"PACS: Orthanc, TCP_NODELAY={'1' if nodelay else 'unset (stock)'}")
         port = free_port()
         spool = tmp / "spool"
         cfg = write_config(
@@ -123,6 +133,7 @@ def main() -> None:
                 ],
                 capture_output=True,
                 check=True,
+                env=send_env,
             )
             warm_uid = str(pydicom.dcmread(warm[0], stop_before_pixels=True).SeriesInstanceUID)
             wait_for(lambda: _state(db, warm_uid) == "DELIVERED", 600, 0.2, "warm-up series")
@@ -141,6 +152,7 @@ def main() -> None:
                 ],
                 capture_output=True,
                 text=True,
+                env=send_env,
             )
             t_last_sent = time.time()
             if r.returncode != 0:
@@ -178,13 +190,16 @@ def main() -> None:
         outputs = [r[0] for r in _q(db, "SELECT path FROM outbox WHERE series_uid=?", (uid,))]
         push_cmp: dict[str, tuple[float, int]] = {}
         for who in ("synthmr send_files", "dcmtk storescu"):
-            o2 = make_orthanc(tmp / f"orthanc_{who.split()[0]}")
+            o2 = make_orthanc(tmp / f"orthanc_{who.split()[0]}", tcp_nodelay=nodelay)
             try:
                 t = time.perf_counter()
                 if who.startswith("dcmtk"):
                     cmd = [require_tool("storescu"), "-R", "-aec", "ORTHANC", "127.0.0.1"]
                     subprocess.run(
-                        [*cmd, str(o2.dicom_port), *outputs], capture_output=True, check=True
+                        [*cmd, str(o2.dicom_port), *outputs],
+                        capture_output=True,
+                        check=True,
+                        env=send_env,
                     )
                 else:
                     from dicom_node.push import send_files

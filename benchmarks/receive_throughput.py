@@ -51,6 +51,9 @@ def _send(files: list[Path], port: int) -> float:
         ],
         capture_output=True,
         text=True,
+        # Nagle off on the sender too (dcmtk leaves it on unless TCP_NODELAY=1): otherwise
+        # each instance's last PDU waits for a delayed ACK and both receivers look slow.
+        env=dict(os.environ, TCP_NODELAY="1"),
     )
     dt = time.perf_counter() - t0
     if r.returncode != 0:

@@ -40,6 +40,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node.config import AllowedCaller, Settings
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
+from dicom_node.push import set_tcp_nodelay
 from dicom_node.registry import Registry
 from dicom_node.spool import Spool, SpoolFullError, UnreadableDatasetError
 
@@ -232,6 +233,7 @@ class StoreSCP:
             event.assoc.kill()  # waits until the reject PDU is out, as pynetdicom's own path
 
     def _on_accepted(self, event: evt.Event) -> None:
+        set_tcp_nodelay(event.assoc)  # C-STORE responses go out at once (no Nagle wait)
         self.metrics.associations.labels("accepted").inc()
         with self._lock:
             self._series_by_assoc[id(event.assoc)] = set()
