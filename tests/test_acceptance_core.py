@@ -125,10 +125,11 @@ def _signed_setup(null_phantom):
     ok = maps.mask & ~maps.failed
     pure = {k: t.pure_mask(k) & ok for k in ("WM", "GM")}
     # Pure CSF: >= 99 % CSF. Voxels with 2-5 % tissue fit ~250 ms shorter and carry the
-    # tissue's own FLAIR signal (a conventional FLAIR shows them too).
-    pure["CSF"] = (t.fractions["CSF"] >= 0.99) & ok
-    r1 = np.where(ok, 1.0 / np.maximum(maps.t1_ms, 1e-3), 0.0)  # 1/ms
-    r2 = np.where(ok, 1.0 / np.maximum(maps.t2_ms, 1e-3), 0.0)
+    # tissue's own FLAIR signal (a conventional FLAIR shows them too). Fit "failures" are
+    # kept: in CSF they are mostly T2 on its bound, and the images show them like any voxel.
+    pure["CSF"] = (t.fractions["CSF"] >= 0.99) & maps.mask
+    r1 = np.where(maps.mask, 1.0 / np.maximum(maps.t1_ms, 1e-3), 0.0)  # 1/ms
+    r2 = np.where(maps.mask, 1.0 / np.maximum(maps.t2_ms, 1e-3), 0.0)
     # The series' own T1s as processing.run measures them (segmentation by raw-sample
     # unmixing, no truth): run.class_t1_ms.
     measured = run.class_t1_ms(maps, segmentation.segment(phantom.acq, maps))
