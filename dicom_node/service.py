@@ -5,7 +5,7 @@ reloads the allow-list and destinations on SIGHUP (associations in flight contin
 ``python -m dicom_node.service --config node.toml`` runs it without the CLI.
 
 Start-up order: temp files removed -> registry recovery (PROCESSING jobs re-queued,
-pending outbox kept) -> workers warmed -> SCP listening -> completion, jobs, outbox.
+pending outbox kept) -> phase kernels and workers warmed -> SCP listening -> completion, jobs, outbox.
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ class Node:
         removed = self.spool.clean_tmp()
         recovered = self.registry.recover()
         log_event(log, "node_recovered", temp_files_removed=removed, **recovered)
+        from processing import phase
+
+        phase.warmup()  # normalization runs here, in the node process, not in the workers
         self.workers.start()
         self.scp.start()
         self.completion.start()

@@ -177,6 +177,10 @@ class Acquisition:
         return z * y * x / 1000.0
 
     def samples(self) -> np.ndarray:
-        """Signal as ``[z, y, x, delay*echo]`` (delay-major), float32, C-contiguous."""
+        """Signal as ``[z, y, x, delay*echo]`` (delay-major), float32, C-contiguous, a new
+        writable array (never a view of the read-only signal: numba compiles read-only and
+        writable arrays separately, and a (1, 1, 1) grid would otherwise hit a kernel
+        specialization that start-up warming never compiled)."""
         z, d, e, y, x = self.signal.shape
-        return np.ascontiguousarray(self.signal.transpose(0, 3, 4, 1, 2).reshape(z, y, x, d * e))
+        out = np.ascontiguousarray(self.signal.transpose(0, 3, 4, 1, 2).reshape(z, y, x, d * e))
+        return out if out.flags.writeable else out.copy()

@@ -117,3 +117,11 @@ def real_from_complex(
     out = np.empty_like(re)
     _ri_kernel(re, im, use_sum, out)
     return out
+
+
+def warmup() -> None:
+    """Compile (or load from the numba cache) both kernels for the float32 arrays that
+    normalization passes, so the node's first series does not pay for it."""
+    a = np.ones((1, 2, 1, 2, 2), np.float32)
+    real_from_magnitude_phase(a, a * 0.1)
+    real_from_complex(a, a * 0.1)
