@@ -194,47 +194,12 @@ def tissue_centres(
     if lt1.size > 100_000:  # a deterministic subsample is plenty for a mode
         step = lt1.size // 100_000 + 1
         lt1, lt2, pd = lt1[::step], lt2[::step], pd[::step]
+    data = (lt1, lt2, pd)
     out: dict[str, dict[str, float]] = {}
     for t in ("WM", "GM", "CSF"):
         c = np.array([math.log(init[t]["t1_ms"]), math.log(init[t]["t2_ms"]), init[t]["pd_pu"]])
         bw = np.array([_BW_LOGT1, _BW_LOGT2[t], _BW_PD])
-        n_in = 0
-        estimated = False
-        for _ in range(max_iter):
-            d2 = (
-                ((lt1 - c[0]) / bw[0]) ** 2
-                + ((lt2 - c[1]) / bw[1]) ** 2
-                + ((pd - c[2]) / bw[2]) ** 2
-            )
-            win = d2 <= 1.0
-            n_in = int(win.sum())
-            if n_in < _MIN_VOXELS_FOR_CENTRE:
-                break
-            new = np.array([np.median(lt1[win]), np.median(lt2[win]), np.median(pd[win])])
-            estimated = True
-            if np.all(np.abs(new - c) < 1e-3 * np.array([1.0, 1.0, 10.0])):
-                c = new
-                break
-            c = new
-        if estimated:
-            # Partial-volume tails make the window median drift along the mixing lines
-            # towards the other tissues; a few passes with a narrow window pin the mode.
-            bw_fine = bw / 3.0
-            for _ in range(max_iter):
-                d2 = (
-                    ((lt1 - c[0]) / bw_fine[0]) ** 2
-                    + ((lt2 - c[1]) / bw_fine[1]) ** 2
-                    + ((pd - c[2]) / bw_fine[2]) ** 2
-                )
-                win = d2 <= 1.0
-                if int(win.sum()) < _MIN_VOXELS_FOR_CENTRE:
-                    break
-                n_in = int(win.sum())
-                new = np.array([np.median(lt1[win]), np.median(lt2[win]), np.median(pd[win])])
-                if np.all(np.abs(new - c) < 1e-3 * np.array([1.0, 1.0, 10.0])):
-                    c = new
-                    break
-                c = new
+        c, n_in, estimated = _mean_shift(data, c, bw, max_iter)
         out[t] = {
             "t1_ms": float(math.exp(c[0])),
             "t2_ms": float(math.exp(c[1])),
@@ -242,7 +207,96 @@ def tissue_centres(
             "n_voxels": float(n_in),
             "estimated": bool(estimated),
         }
+    if initial is None:
+        _parenchyma_modes(data, out, max_iter)
     return out
+
+
+def _mean_shift(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray],
+    c: np.ndarray,
+    bw: np.ndarray,
+    max_iter: int,
+) -> tuple[np.ndarray, int, bool]:
+    """Flat-kernel mean shift in (log T1, log T2, PD) from ``c``: window medians until the
+    centre stops, then a few passes with a window 3 x narrower to pin the mode.
+    Returns (centre, population of the last window, whether any window held enough voxels).
+    """
+    lt1, lt2, pd = data
+    n_in = 0
+    estimated = False
+    for width in (bw, bw / 3.0):
+        # Partial-volume tails make the wide window's median drift along the mixing lines
+        # towards the other tissues; the narrow passes pin the mode.
+        if width is not bw and not estimated:
+            break
+        for _ in range(max_iter):
+            d2 = ((lt1 - c[0]) / width[0]) ** 2 + ((lt2 - c[1]) / width[1]) ** 2
+            d2 += ((pd - c[2]) / width[2]) ** 2
+            win = d2 <= 1.0
+            if int(win.sum()) < _MIN_VOXELS_FOR_CENTRE:
+                break
+            n_in = int(win.sum())
+            new = np.array([np.median(lt1[win]), np.median(lt2[win]), np.median(pd[win])])
+            estimated = True
+            done = np.all(np.abs(new - c) < 1e-3 * np.array([1.0, 1.0, 10.0]))
+            c = new
+            if done:
+                break
+    return c, n_in, estimated
+
+
+def _parenchyma_modes(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray],
+    out: dict[str, dict[str, float]],
+    max_iter: int,
+) -> None:
+    """Replace the WM/GM centres by the series' two main parenchymal density modes when the
+    literature starts did not find them (in place).
+
+    The literature starts are adult 3T values; an infant's WM (T1 ~1000-2000 ms, long T2)
+    or another field strength lies outside their windows, and the GM start then climbs to
+    the WM cluster. Mean shift from seeds spread over the parenchymal log-T1 quantiles
+    finds every mode; the two most populated ones, ordered by T1, are WM and GM. They
+    replace the literature-started centres only when those failed: one of them not
+    estimated, or both on the same mode.
+    """
+    wm, gm = out["WM"], out["GM"]
+    bw = np.array([_BW_LOGT1, _BW_LOGT2["WM"], _BW_PD])
+    same = (
+        abs(math.log(wm["t1_ms"] / gm["t1_ms"])) < bw[0] / 2
+        and abs(wm["pd_pu"] - gm["pd_pu"]) < bw[2] / 2
+    )
+    if wm["estimated"] and gm["estimated"] and not same:
+        return
+    lt1, lt2, pd = data
+    par = lt1 < math.log(2500.0)  # parenchyma: CSF-dominated voxels are not candidates
+    if int(par.sum()) < 4 * _MIN_VOXELS_FOR_CENTRE:
+        return
+    sub = (lt1[par], lt2[par], pd[par])
+    modes: list[tuple[np.ndarray, int]] = []
+    for q in np.linspace(5, 95, 10):
+        seed_t1 = float(np.percentile(sub[0], q))
+        near = np.abs(sub[0] - seed_t1) < bw[0]
+        c0 = np.array([seed_t1, np.median(sub[1][near]), np.median(sub[2][near])])
+        c, _n, ok = _mean_shift(sub, c0, bw, max_iter)
+        if not ok:
+            continue
+        d2 = ((sub[0] - c[0]) / bw[0]) ** 2 + ((sub[1] - c[1]) / bw[1]) ** 2
+        mass = int((d2 + ((sub[2] - c[2]) / bw[2]) ** 2 <= 1.0).sum())
+        if all(np.max(np.abs(c - m) / bw) > 0.5 for m, _ in modes):
+            modes.append((c, mass))
+    if len(modes) < 2:
+        return
+    top = sorted(sorted(modes, key=lambda m: -m[1])[:2], key=lambda m: m[0][0])
+    for t, (c, mass) in zip(("WM", "GM"), top, strict=True):
+        out[t] = {
+            "t1_ms": float(math.exp(c[0])),
+            "t2_ms": float(math.exp(c[1])),
+            "pd_pu": float(c[2]),
+            "n_voxels": float(mass),
+            "estimated": True,
+        }
 
 
 # --------------------------------------------------------------------------------------

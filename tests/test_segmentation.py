@@ -146,6 +146,26 @@ def test_other_tissue_values_and_anatomy() -> None:
     assert abs(fr.centres["GM"]["t1_ms"] - 1300.0) < 80.0
 
 
+def test_infant_tissue_values_outside_the_literature_windows() -> None:
+    """A ~1-year-old brain at 3T (WM 1000/85/78, GM 1350/100/86, CSF 4300/2000/100 as
+    T1 ms/T2 ms/PD pu; MNI anatomy 8x128x128, seed 31, SNR 50): WM lies outside the adult
+    starting window, so the centres come from the series' own parenchymal modes. Volumes
+    within 5 %, and the per-patient DIR nulls the series' WM, not the adult 600 ms."""
+    from processing import run
+
+    tissues = {"WM": (1000.0, 85.0, 78.0), "GM": (1350.0, 100.0, 86.0)}
+    ph = make_phantom((8, 128, 128), seed=31, snr=50.0, tissues=tissues)
+    res = run.run(ph.acq, run.ProcessingSettings(myelin=False, enhance=False))
+    cen = res.segmentation.centres
+    assert abs(cen["WM"]["t1_ms"] / 1000.0 - 1) < 0.05, cen["WM"]
+    assert abs(cen["GM"]["t1_ms"] / 1350.0 - 1) < 0.05, cen["GM"]
+    true = _truth_volumes(ph)
+    for t in ("WM", "GM", "CSF"):
+        rel = abs(res.volumes_ml[t] / true[t] - 1)
+        assert rel < 0.05, f"{t}: {res.volumes_ml[t]:.1f} vs {true[t]:.1f} mL"
+    assert abs(res.dir_parameters["tissue_t1_ms"] / 1000.0 - 1) < 0.05, res.dir_parameters
+
+
 def test_tissue_centres_find_the_series_clusters() -> None:
     """Centres estimated on the MNI phantom land near the simulated tissue values."""
     ph = make_phantom((4, 64, 64), seed=2, snr=50.0)
