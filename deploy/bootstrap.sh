@@ -34,15 +34,16 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv --system-site-packages .venv
 fi
 . .venv/bin/activate
-extras="test"
-[ "$mode" = "train" ] && extras="test,train"
-python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
-if [ "$mode" = "test" ] && ! python -c 'import torch, onnx' 2>/dev/null; then
-  # The FLAIR training smoke test (tests/test_enhance.py) needs PyTorch + onnx. The CPU
-  # build of torch 2.13.0 is the one pinned here; without it that one test skips.
+if { [ "$mode" = "test" ] || [ "$mode" = "train" ]; } && ! python -c 'import torch, onnx' 2>/dev/null; then
+  # The FLAIR training (and its smoke test in tests/test_enhance.py) needs PyTorch + onnx.
+  # Pinned to the CPU build 2.13.0 before the extras, so pip does not pull a multi-GB CUDA
+  # build for "torch>=2.1"; without it the smoke test skips.
   python -m pip install -q --disable-pip-version-check "torch==2.13.0" "onnx>=1.15" \
     || echo "bootstrap: torch/onnx not installable here; the training smoke test will skip"
 fi
+extras="test"
+[ "$mode" = "train" ] && extras="test,train"
+python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
 
 case "$mode" in
   demo)
