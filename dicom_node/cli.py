@@ -100,15 +100,19 @@ def montage_png(result: Any) -> bytes:
         window(m.pd_pu[z], 0, 110),
         window(m.b1[z], 0.6, 1.4),
     ]
-    for syn in result.synthetic.values():
+    labels = ["T1 0-4500 MS", "T2 0-300 MS", "PD 0-110 PU", "B1 0.6-1.4"]
+    for name, syn in result.synthetic.items():
         lo = -abs(syn.window_width) / 2 + syn.window_center
         tiles.append(window(syn.image[z], lo, lo + syn.window_width))
+        labels.append(f"SYNTHETIC {name}")
     if result.myelin is not None:
         tiles.append(window(result.myelin.mypv[z], 0, 40))
+        labels.append("MYELIN 0-40 %")
     if result.segmentation is not None:
         for t in ("WM", "GM", "CSF"):
             tiles.append(window(result.segmentation.fractions[t][z], 0, 1))
-    return encode_png(tile(tiles, columns=4))
+            labels.append(f"{t} FRACTION")
+    return encode_png(tile(tiles, columns=4, labels=labels))
 
 
 def _export_series(result: Any, sources: list, out: Path, settings: Any) -> list[Path]:

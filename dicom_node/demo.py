@@ -305,6 +305,7 @@ def received_montage(items: list[Received], acq: Any, maps: dict[str, np.ndarray
     z = acq.signal.shape[0] // 2
     ranges = {"T1": (0, 4500), "T2": (0, 300), "PD": (0, 110), "B1": (0.6, 1.4)}
     tiles = [window(np.nan_to_num(maps[k][z]), *ranges[k]) for k in ranges if k in maps]
+    labels = [f"{k} MAP" for k in ranges if k in maps]
     by_series: dict[str, list[Received]] = defaultdict(list)
     for r in items:
         if r.kind == "MR Image Storage":
@@ -323,7 +324,8 @@ def received_montage(items: list[Received], acq: Any, maps: dict[str, np.ndarray
             tiles.append(window(img, c - w / 2, c + w / 2))
         else:
             tiles.append(window(img))
-    return encode_png(tile(tiles, columns=4))
+        labels.append(str(ds.get("SeriesDescription", "")).replace("SYNTHETIC ", ""))
+    return encode_png(tile(tiles, columns=4, labels=labels))
 
 
 # --------------------------------------------------------------------------- node round trip
