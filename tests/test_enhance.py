@@ -396,6 +396,15 @@ def test_pipeline_carries_enhanced_flair_and_survives_a_missing_model(tmp_path):
     csf = ph.truth.fractions["CSF"]
     band = ph.truth.head & (csf > 0.2) & (csf < 0.8)
     assert ai.image[band].mean() < 0.8 * flair.image[band].mean()
+    # Pure CSF: the per-patient TI nulls it; per-voxel T1 scatter leaves plain synthetic
+    # FLAIR granular there, the network (trained with the TI nulling the CSF) keeps it dark.
+    pure_csf = (csf >= 0.99) & res.maps.mask
+    gm = np.median(flair.image[ph.truth.pure_mask("GM") & res.maps.mask])
+    plain_csf = np.median(flair.image[pure_csf]) / gm
+    ai_csf = np.median(ai.image[pure_csf]) / gm
+    print(f"pure CSF / GM: plain {plain_csf:.3f}, AI {ai_csf:.3f}")
+    assert pure_csf.sum() > 30
+    assert ai_csf < 0.05 < plain_csf
 
     broken = run_mod.ProcessingSettings(
         segmentation=False, myelin=False, model_path=str(tmp_path / "gone.onnx")
