@@ -845,29 +845,6 @@ def background_mask(acq: Acquisition, noise_sd: float | None = None, k: float = 
     return norm > thr
 
 
-def _smooth_ratio(num: np.ndarray, den: np.ndarray, sig_y: float, sig_x: float) -> np.ndarray:
-    """Normalized convolution ``G*num / G*den`` in-plane for float32 ``[z, y, x]``.
-
-    Wide kernels run on a block-summed grid (factor f with sigma/f >= 3 px) and the ratio
-    is interpolated back: B1 is smooth on the scale of the kernel and the extra box blur
-    (variance f^2/12) is negligible next to sigma^2. Where ``G*den`` is negligible the
-    result is NaN.
-    """
-    f = int(max(1, min(sig_y, sig_x) // 3))
-    z, ny, nx = num.shape
-    if f > 1:
-        py, px = -ny % f, -nx % f
-        shp = (z, (ny + py) // f, f, (nx + px) // f, f)
-        num = np.pad(num, ((0, 0), (0, py), (0, px))).reshape(shp).sum(axis=(2, 4))
-        den = np.pad(den, ((0, 0), (0, py), (0, px))).reshape(shp).sum(axis=(2, 4))
-    sig = (0.0, sig_y / f, sig_x / f)
-    num = ndimage.gaussian_filter(num, sig, mode="constant", truncate=3.0)
-    den = ndimage.gaussian_filter(den, sig, mode="constant", truncate=3.0)
-    ok = den > 1e-3 * float(den.max(initial=0.0))
-    ratio = np.where(ok, num / np.where(ok, den, 1.0), np.nan).astype(np.float32)
-    return ratio if f == 1 else _upsample_linear(ratio, f, ny, nx)
-
-
 @nb.njit(cache=True, parallel=True)
 def _block_moments(b, w, f, out):
     """Block sums (f x f in-plane) of the moments w, w x, w y, w x^2, w y^2, w x y, w b,
@@ -943,9 +920,9 @@ def _smooth_local_linear(b: np.ndarray, w: np.ndarray, sig_y: float, sig_x: floa
     A plain normalized convolution (local mean) is biased wherever the weights are
     asymmetric (head edge, next to CSF): the estimate drifts by gradient x weighted-centroid
     offset, ~1 % of B1 for a typical 3T field. Fitting a local plane b = c0 + c1 x + c2 y
-    removes that first-order bias. Moments are block-summed (exact) and filtered on the
-    coarse grid like :func:`_smooth_ratio`; where the local design is degenerate the local
-    mean is used. Where no weight is near, the result is NaN.
+    removes that first-order bias. Moments are block-summed (f x f, exact) and filtered on
+    that coarse grid (sigma / f), then interpolated back; where the local design is
+    degenerate the local mean is used. Where no weight is near, the result is NaN.
     """
     f = int(max(1, min(sig_y, sig_x) // 3))
     z, ny, nx = b.shape
