@@ -467,6 +467,16 @@ def write_model_card(path: Path, cfg: TrainConfig, sha: str, size: int, metrics:
             sim["lesion_pd"],
         ),
         "",
+        "FLAIR TI: each protocol batch of {} voxels is one patient whose CSF T1 is uniform in "
+        "{} ms (replacing the CSF T1 jitter above); its voxels' CSF T1 lies within +-{:.0f} % "
+        "of it and the TI nulls it to +-{:.0f} %, as processing.run's per-patient FLAIR "
+        "nulls the series' measured CSF T1.".format(
+            sim["voxels_per_protocol"],
+            sim["csf_t1_patient"],
+            100 * sim["csf_t1_within"],
+            100 * sim["ti_error"],
+        ),
+        "",
         f"Mixtures: number of components 1/2/3/4 with probabilities {sim['n_comp_p']}, component "
         f"inclusion weights WM/GM/CSF/lesion {sim['comp_weight']}, Dirichlet alpha "
         f"{sim['dirichlet_alpha']}; then {100 * sim['lesion_extra']:.0f} % of all voxels are "
