@@ -9,7 +9,6 @@ forwards the MDME series. Tiny GE-flavoured phantom series (2 x 32 x 32, magnitu
 from __future__ import annotations
 
 import json
-import sqlite3
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pydicom
 import pytest
 
 from tests.conftest import make_orthanc, wait_for, write_config
-from tests.test_node_e2e import NodeProcess, _dest, _outbox_sops
+from tests.test_node_e2e import NodeProcess, _db_state, _dest, _outbox_sops
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,17 +27,6 @@ def _post(port: int, path: str, body: bytes, ctype: str = "application/dicom") -
     )
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
-
-
-def _state(spool: Path, uid: str) -> str | None:
-    db = sqlite3.connect(f"file:{spool / 'registry.sqlite3'}?mode=ro", uri=True, timeout=5)
-    try:
-        row = db.execute("SELECT state FROM series WHERE series_uid=?", (uid,)).fetchone()
-    except sqlite3.OperationalError:
-        return None
-    finally:
-        db.close()
-    return None if row is None else str(row[0])
 
 
 def test_orthanc_forwards_the_series_and_gets_the_outputs_back(
@@ -71,7 +59,7 @@ def test_orthanc_forwards_the_series_and_gets_the_outputs_back(
         )
         assert job.get("FailedInstancesCount", 0) == 0, job
         assert len(list((spool / "incoming").rglob("*.dcm"))) == len(mdme_series)
-        wait_for(lambda: _state(spool, uid) == "DELIVERED", 240, 0.2, "outputs delivered")
+        wait_for(lambda: _db_state(spool, uid) == "DELIVERED", 240, 0.2, "outputs delivered")
         outputs = _outbox_sops(spool)
         assert len(outputs) >= 3
         in_pacs = {
