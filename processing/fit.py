@@ -873,6 +873,24 @@ def _block_moments(b, w, f, out):
                 out[8, zi, by, bx] += wb * y
 
 
+@nb.njit(cache=True, inline="always")
+def _plane_intercept(sw, mx, my, mxx, myy, mxy, sb, mbx, mby):
+    """Intercept c0 of the weighted local plane from centred moments, by Cramer's rule:
+
+    | sw  mx  my  | c0   sb
+    | mx  mxx mxy | c1 = mbx
+    | my  mxy myy | c2   mby
+
+    A degenerate design (weights on a line) falls back to the local mean ``sb / sw``."""
+    c00 = mxx * myy - mxy * mxy
+    c01 = mx * myy - mxy * my
+    c02 = mx * mxy - mxx * my
+    det = sw * c00 - mx * c01 + my * c02
+    if abs(det) > 1e-6 * abs(max(sw * mxx * myy, 1e-300)):
+        return (sb * c00 - mx * (mbx * myy - mxy * mby) + my * (mbx * mxy - mxx * mby)) / det
+    return sb / sw
+
+
 @nb.njit(cache=True, parallel=True)
 def _local_plane(m, f, min_weight, out):
     """Intercept of the weighted local plane fit at each block centre, from the filtered
@@ -899,19 +917,7 @@ def _local_plane(m, f, min_weight, out):
                 mxy = m[5, zi, i, j] - cx * sy - cy * sx + cx * cy * sw
                 mbx = m[7, zi, i, j] - cx * sb
                 mby = m[8, zi, i, j] - cy * sb
-                # | sw  mx  my  | c0   sb
-                # | mx  mxx mxy | c1 = mbx
-                # | my  mxy myy | c2   mby
-                c00 = mxx * myy - mxy * mxy
-                c01 = mx * myy - mxy * my
-                c02 = mx * mxy - mxx * my
-                det = sw * c00 - mx * c01 + my * c02
-                scale = max(sw * mxx * myy, 1e-300)
-                if abs(det) > 1e-6 * abs(scale):
-                    num = sb * c00 - mx * (mbx * myy - mxy * mby) + my * (mbx * mxy - mxx * mby)
-                    out[zi, i, j] = num / det
-                else:
-                    out[zi, i, j] = sb / sw
+                out[zi, i, j] = _plane_intercept(sw, mx, my, mxx, myy, mxy, sb, mbx, mby)
 
 
 def _smooth_local_linear(b: np.ndarray, w: np.ndarray, sig_y: float, sig_x: float) -> np.ndarray:
@@ -1072,20 +1078,10 @@ def _local_quadratic(m, f, scale, min_weight, q4, q2, binom, out):
                         y[p] = e / a[p, p]
                     out[zi, i, j] = y[0]
                     continue
-                # local plane (3 x 3, Cramer), else the local mean
-                sw_ = mc[0, 0]
-                mx, my = mc[1, 0], mc[0, 1]
-                mxx, myy, mxy = mc[2, 0], mc[0, 2], mc[1, 1]
-                sb, mbx, mby = bc[0, 0], bc[1, 0], bc[0, 1]
-                c00 = mxx * myy - mxy * mxy
-                c01 = mx * myy - mxy * my
-                c02 = mx * mxy - mxx * my
-                det = sw_ * c00 - mx * c01 + my * c02
-                if abs(det) > 1e-6 * abs(max(sw_ * mxx * myy, 1e-300)):
-                    num = sb * c00 - mx * (mbx * myy - mxy * mby) + my * (mbx * mxy - mxx * mby)
-                    out[zi, i, j] = num / det
-                else:
-                    out[zi, i, j] = sb / sw_
+                out[zi, i, j] = _plane_intercept(
+                    mc[0, 0], mc[1, 0], mc[0, 1], mc[2, 0], mc[0, 2], mc[1, 1],
+                    bc[0, 0], bc[1, 0], bc[0, 1],
+                )  # fmt: skip
 
 
 def _smooth_local_quadratic(b: np.ndarray, w: np.ndarray, sig_y: float, sig_x: float) -> np.ndarray:
