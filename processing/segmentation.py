@@ -200,16 +200,21 @@ def tissue_centres(
         c = np.array([math.log(init[t]["t1_ms"]), math.log(init[t]["t2_ms"]), init[t]["pd_pu"]])
         bw = np.array([_BW_LOGT1, _BW_LOGT2[t], _BW_PD])
         c, n_in, estimated = _mean_shift(data, c, bw, max_iter)
-        out[t] = {
-            "t1_ms": float(math.exp(c[0])),
-            "t2_ms": float(math.exp(c[1])),
-            "pd_pu": float(c[2]),
-            "n_voxels": float(n_in),
-            "estimated": bool(estimated),
-        }
+        out[t] = _centre(c, n_in, estimated)
     if initial is None:
         _parenchyma_modes(data, out, max_iter)
     return out
+
+
+def _centre(c: np.ndarray, n_voxels: int, estimated: bool) -> dict[str, float]:
+    """(log T1, log T2, PD) -> the centre dict of :func:`tissue_centres`."""
+    return {
+        "t1_ms": float(math.exp(c[0])),
+        "t2_ms": float(math.exp(c[1])),
+        "pd_pu": float(c[2]),
+        "n_voxels": float(n_voxels),
+        "estimated": bool(estimated),
+    }
 
 
 def _mean_shift(
@@ -290,13 +295,7 @@ def _parenchyma_modes(
         return
     top = sorted(sorted(modes, key=lambda m: -m[1])[:2], key=lambda m: m[0][0])
     for t, (c, mass) in zip(("WM", "GM"), top, strict=True):
-        out[t] = {
-            "t1_ms": float(math.exp(c[0])),
-            "t2_ms": float(math.exp(c[1])),
-            "pd_pu": float(c[2]),
-            "n_voxels": float(mass),
-            "estimated": True,
-        }
+        out[t] = _centre(c, mass, True)
 
 
 # --------------------------------------------------------------------------------------
