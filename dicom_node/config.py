@@ -135,6 +135,7 @@ class ProcessingConfig:
     onnx_threads: int = 1
     seg_output: str = "FRACTIONAL"
     per_patient_flair: bool = True
+    mixture_contrasts: tuple[str, ...] = ("DIR",)
 
     def to_processing_settings(self) -> Any:
         """The :class:`processing.run.ProcessingSettings` these options describe."""
@@ -143,6 +144,7 @@ class ProcessingConfig:
         known = {f.name for f in dataclasses.fields(ProcessingSettings)}
         kwargs = {k: v for k, v in dataclasses.asdict(self).items() if k in known}
         kwargs["contrasts"] = tuple(self.contrasts)
+        kwargs["mixture_contrasts"] = tuple(self.mixture_contrasts)
         if "model_path" in kwargs:
             kwargs["model_path"] = self.model_path or None
         return ProcessingSettings(**kwargs)
@@ -416,6 +418,11 @@ def _validate(s: Settings, errors: list[str]) -> None:
                     errors.append(f"processing.contrasts: unknown contrast {name!r}{hint}")
     except ImportError:
         pass
+    for name in p.mixture_contrasts:
+        if name.upper() not in (c.upper() for c in p.contrasts):
+            errors.append(
+                f"processing.mixture_contrasts: {name!r} is not one of processing.contrasts"
+            )
     names: set[str] = set()
     for i, d in enumerate(s.destinations):
         where = f"destinations[{i}]"

@@ -45,6 +45,12 @@ class ProcessingSettings:
     onnx_threads: intra-op threads for onnxruntime.
     seg_output: "FRACTIONAL" or "BINARY" (export choice, recorded here for provenance).
     per_patient_flair: FLAIR and T1-FLAIR null the series' measured CSF T1 (else 4300 ms).
+    mixture_contrasts: synthesized contrasts also rendered as the conventional image of
+    each voxel's estimated tissue mixture (processing.mixture), as ``"<name>_MIX"``; needs
+    the segmentation. Default: the per-patient DIR, whose nulled CSF and WM plain
+    synthesis shows as grain at clinical SNR. FLAIR is opt-in: its mixture image keeps
+    CSF black but dims lesions that look like GM + a little CSF (75-97 % of the lesion
+    contrast on the phantoms of benchmarks/csf_null.py); FLAIR_AI is the default fix there.
     """
 
     contrasts: tuple[str, ...] = (
@@ -69,6 +75,7 @@ class ProcessingSettings:
     onnx_threads: int = 1
     seg_output: str = "FRACTIONAL"
     per_patient_flair: bool = True
+    mixture_contrasts: tuple[str, ...] = ("DIR",)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -187,6 +194,18 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
         dir_timing=dir_timing,
         csf_t1_ms=csf_t1 if settings.per_patient_flair else None,
     )
+    if settings.mixture_contrasts and result.segmentation is not None:
+        from processing import mixture
+
+        try:
+            classes = mixture.class_parameters(centres)
+            for name in settings.mixture_contrasts:
+                plain = result.synthetic.get(name.upper())
+                if plain is not None:
+                    image = mixture.synthesize_mixture(maps, result.segmentation, plain, classes)
+                    result.synthetic[image.name] = image
+        except Exception as exc:  # optional: the plain contrasts are already there
+            warnings.append(f"tissue-mixture synthesis failed: {exc}")
     _timed(timings, "synthesis", t)
 
     model_sha = None

@@ -165,7 +165,12 @@ def derivation_description(syn: SyntheticImage, result: SeriesResult) -> str:
         timing += f" TI={syn.ti_ms:g} ms"
     if syn.ti2_ms is not None:
         timing += f" TI2={syn.ti2_ms:g} ms"
-    source = "the raw MDME samples by a pixel-wise network" if syn.ai_enhanced else "T1/T2/PD maps"
+    if syn.ai_enhanced:
+        source = "the raw MDME samples by a pixel-wise network"
+    elif syn.parameters.get("method") == "tissue mixture":
+        source = "the WM/GM/CSF fractions and class T1/T2/PD (own fit for unexplained tissue)"
+    else:
+        source = "T1/T2/PD maps"
     text = (
         f"SYNTHETIC {syn.name} ({syn.kind}) computed by synthmr {__version__} from {source}; "
         f"{syn.equation or 'equation not recorded'}; {timing}; scale={syn.scale:g}"
@@ -201,6 +206,8 @@ def synthetic_series(
     image_type = ["DERIVED", "SECONDARY", "SYNTHETIC", token]
     if syn.ai_enhanced:
         image_type.append("AI_ENHANCED")
+    elif syn.parameters.get("method") == "tissue mixture":
+        image_type.append("TISSUE_MIXTURE")
     pixels = _to_int16_range(img, syn.signed)
     deriv = derivation_description(syn, result)
     out = []
