@@ -411,18 +411,14 @@ def _validate(s: Settings, errors: list[str]) -> None:
 
         presets = getattr(synthesis, "PRESETS", None)
         if presets:
-            for name in p.contrasts:
-                if name not in presets:
-                    close = difflib.get_close_matches(name, list(presets), n=1)
-                    hint = f" (did you mean '{close[0]}'?)" if close else ""
-                    errors.append(f"processing.contrasts: unknown contrast {name!r}{hint}")
+            for key in ("contrasts", "mixture_contrasts"):
+                for name in getattr(p, key):
+                    if name not in presets:
+                        close = difflib.get_close_matches(name, list(presets), n=1)
+                        hint = f" (did you mean '{close[0]}'?)" if close else ""
+                        errors.append(f"processing.{key}: unknown contrast {name!r}{hint}")
     except ImportError:
         pass
-    for name in p.mixture_contrasts:
-        if name.upper() not in (c.upper() for c in p.contrasts):
-            errors.append(
-                f"processing.mixture_contrasts: {name!r} is not one of processing.contrasts"
-            )
     names: set[str] = set()
     for i, d in enumerate(s.destinations):
         where = f"destinations[{i}]"

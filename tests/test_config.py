@@ -17,6 +17,17 @@ def test_embedded_defaults_load_without_a_file() -> None:
     assert s.destinations == ()
     ps = s.processing.to_processing_settings()
     assert "FLAIR" in ps.contrasts and ps.model_path is None
+    assert ps.mixture_contrasts == ("DIR",)
+
+
+def test_a_mixture_contrast_that_is_not_synthesized_is_ignored(tmp_path: Path) -> None:
+    p = tmp_path / "n.toml"
+    p.write_text(
+        '[processing]\ncontrasts = ["T1W", "FLAIR"]\nmixture_contrasts = ["DIR", "FLAIR"]\n'
+    )
+    assert check_config(p, env={}) == []
+    ps = load_settings(p, env={}).processing.to_processing_settings()
+    assert ps.mixture_contrasts == ("DIR", "FLAIR")
 
 
 def test_file_then_env_precedence(tmp_path: Path) -> None:
@@ -66,6 +77,11 @@ def test_file_then_env_precedence(tmp_path: Path) -> None:
         ),
         ("[security]\nrequire_known_callers = true\n", {}, "every association would be rejected"),
         ("[node\n", {}, "not valid TOML"),
+        (
+            '[processing]\nmixture_contrasts = ["DIRR"]\n',
+            {},
+            "processing.mixture_contrasts: unknown contrast 'DIRR' (did you mean 'DIR'?)",
+        ),
     ],
 )
 def test_check_config_explains(tmp_path: Path, text: str, env: dict[str, str], needle: str) -> None:
