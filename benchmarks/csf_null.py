@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             tissues=tissues,
         )  # fmt: skip
         t = ph.truth
-        res = run.run(ph.acq)
+        # FLAIR_MIX is opt-in in the node (it dims some lesions); requested here to show it
+        res = run.run(ph.acq, run.ProcessingSettings(mixture_contrasts=("DIR", "FLAIR")))
         maps = res.maps
         pure = {k: t.pure_mask(k) & maps.mask for k in ("WM", "GM", "LESION")}
         pure["CSF"] = (t.fractions["CSF"] >= 0.99) & maps.mask

@@ -9,8 +9,12 @@ structures.
 
 Normalization (shared with training, :func:`make_features`): the network sees the 8
 magnitudes ``|S_k|`` divided by their L2 norm (times sqrt(8)), plus the acquisition and
-FLAIR timing; its output is multiplied back by the norm. The mapping is therefore
-homogeneous of degree one in the samples: coil gain and PD scale all compartments alike.
+FLAIR timing and the voxel's flip-angle ratio B1 from the fit (smoothed in its second
+pass: knowing B1 roughly halves the T1 uncertainty of 8 samples, which matters at the CSF
+null). Its output is the *signed* FLAIR signal (smooth through the CSF null, where the
+magnitude has a sharp notch) divided by the norm; the image is its magnitude times the
+norm. The mapping is therefore homogeneous of degree one in the samples: coil gain and PD
+scale all compartments alike.
 
 The enhanced image is put on the scale of the plain synthetic FLAIR: the network output is
 in signal units (receive field x PD x FLAIR weighting), divided by the receive field
@@ -57,8 +61,9 @@ __all__ = [
 N_DELAYS = 4
 N_ECHOES = 2
 N_SAMPLES = N_DELAYS * N_ECHOES
-#: Feature layout: 8 normalized |samples| (delay-major), TR, 4 delays, 2 echo times, FLAIR TI.
-N_FEATURES = N_SAMPLES + 1 + N_DELAYS + N_ECHOES + 1
+#: Feature layout: 8 normalized |samples| (delay-major), TR, 4 delays, 2 echo times, FLAIR TI,
+#: B1.
+N_FEATURES = N_SAMPLES + 1 + N_DELAYS + N_ECHOES + 1 + 1
 
 # Fixed affine maps of the protocol inputs to O(1) numbers (ms -> centred, scaled).
 _TR_CENTRE, _TR_SCALE = 4500.0, 500.0
@@ -67,6 +72,7 @@ _TD_SCALE = np.array([100.0, 200.0, 600.0, 600.0])
 _TE_CENTRE = np.array([20.0, 100.0])
 _TE_SCALE = np.array([10.0, 20.0])
 _TI_CENTRE, _TI_SCALE = 2800.0, 400.0
+_B1_SCALE = 0.2  # feature (B1 - 1) / 0.2
 
 
 class EnhancementError(RuntimeError):
@@ -177,10 +183,12 @@ def make_features(
     delays_ms: np.ndarray,
     echo_times_ms: np.ndarray,
     flair_ti_ms: float,
+    b1: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Network inputs for voxels' MDME samples.
 
     samples: ``[n, 8]`` delay-major samples (real or magnitude; the absolute value is used).
+    b1: ``[n]`` flip-angle ratios (the fit's, smoothed), or one number for all voxels.
     Returns ``(features [n, N_FEATURES] float32, norm [n] float64)`` where ``norm`` is the
     L2 norm of ``|samples|`` divided by sqrt(8); the network output times ``norm`` is the
     FLAIR signal in the samples' units. Voxels with zero norm get zero features.
@@ -209,7 +217,9 @@ def make_features(
             [(float(flair_ti_ms) - _TI_CENTRE) / _TI_SCALE],
         ]
     )
-    feats[:, N_SAMPLES:] = proto[None, :].astype(np.float32)
+    feats[:, N_SAMPLES:-1] = proto[None, :].astype(np.float32)
+    b1v = np.broadcast_to(np.asarray(b1, np.float32), (s.shape[0],))
+    feats[:, -1] = (b1v - np.float32(1.0)) / np.float32(_B1_SCALE)
     return feats, norm.astype(np.float64)
 
 
@@ -260,24 +270,27 @@ def enhance_samples(
     delays_ms: np.ndarray,
     echo_times_ms: np.ndarray,
     flair_ti_ms: float,
+    b1: np.ndarray | float,
     batch_size: int = 65536,
 ) -> np.ndarray:
     """Conventional-FLAIR estimate for ``[n, 8]`` samples, in the samples' units, ``[n]``.
 
-    No protocol range check here (see :func:`protocol_problems`); output is clipped at 0.
+    b1: the voxels' flip-angle ratios ``[n]`` (or one number). No protocol range check here
+    (see :func:`protocol_problems`); the result is the magnitude of the signed output.
     """
     n = int(np.asarray(samples).shape[0])
+    b1v = np.broadcast_to(np.asarray(b1, np.float64), (n,))
     out = np.zeros(n, dtype=np.float64)
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         feats, norm = make_features(
-            samples[start:stop], tr_ms, delays_ms, echo_times_ms, flair_ti_ms
+            samples[start:stop], tr_ms, delays_ms, echo_times_ms, flair_ti_ms, b1v[start:stop]
         )
         try:
             y = model.session.run([model.output_name], {model.input_name: feats})[0]
         except Exception as exc:  # onnxruntime's own exception types
             raise EnhancementError(f"FLAIR model {model.path.name!r} failed to run: {exc}") from exc
-        out[start:stop] = np.maximum(np.asarray(y, dtype=np.float64).reshape(-1), 0.0) * norm
+        out[start:stop] = np.abs(np.asarray(y, dtype=np.float64).reshape(-1)) * norm
     return out
 
 
@@ -330,6 +343,9 @@ def enhance_flair(
     m &= np.isfinite(coil) & (coil > 0)
 
     samples = acq.samples()[m]  # [n, 8] for the masked voxels only
+    # The fit's B1 (smoothed in its second pass), held inside the trained range.
+    b1_lo, b1_hi = model.ranges.get("b1", [0.7, 1.3])
+    b1 = np.clip(np.nan_to_num(np.asarray(maps.b1, np.float64)[m], nan=1.0), b1_lo, b1_hi)
     signal = enhance_samples(
         model,
         samples,
@@ -337,6 +353,7 @@ def enhance_flair(
         delays_ms=acq.delays_ms,
         echo_times_ms=acq.echo_times_ms,
         flair_ti_ms=float(flair.ti_ms),  # checked non-None above
+        b1=b1,
     )
     img = np.zeros(shape, dtype=np.float32)
     hi = 32767.0 if flair.signed else 65535.0

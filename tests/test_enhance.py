@@ -125,7 +125,7 @@ def plain_flair(maps: QuantMaps, scale: float | None = None) -> SyntheticImage:
 
 
 def run_enh(model, samples):
-    return enhance_samples(model, samples, flair_ti_ms=TI, **PROTOCOL)
+    return enhance_samples(model, samples, flair_ti_ms=TI, b1=B1, **PROTOCOL)
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +330,7 @@ def test_features_reject_other_grids(model):
             delays_ms=np.array([150.0, 580.0, 1900.0, 3000.0, 3850.0]),
             echo_times_ms=np.array([20.0]),
             flair_ti_ms=TI,
+            b1=1.0,
         )
     assert model.session.get_inputs()[0].shape[-1] == N_FEATURES
 
@@ -404,7 +405,7 @@ def test_pipeline_carries_enhanced_flair_and_survives_a_missing_model(tmp_path):
     ai_csf = np.median(ai.image[pure_csf]) / gm
     print(f"pure CSF / GM: plain {plain_csf:.3f}, AI {ai_csf:.3f}")
     assert pure_csf.sum() > 30
-    assert ai_csf < 0.05 < plain_csf
+    assert ai_csf < 0.02 < 0.05 < plain_csf  # issue 2: synthetic FLAIR CSF < 2 % of GM
 
     broken = run_mod.ProcessingSettings(
         segmentation=False, myelin=False, model_path=str(tmp_path / "gone.onnx")
