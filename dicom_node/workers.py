@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -19,7 +21,7 @@ from typing import Any
 from dicom_node.config import WorkerSettings
 from dicom_node.logging import log_event
 
-__all__ = ["BrokenProcessPool", "Workers", "warm_worker"]
+__all__ = ["BrokenProcessPool", "Workers", "init_embedded_worker", "warm_worker"]
 
 log = logging.getLogger("synthmr.workers")
 
@@ -30,6 +32,23 @@ def warm_worker() -> None:
     from processing.run import warmup
 
     warmup()
+
+
+def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """End this worker when the node that spawned it is gone (kill -9, OOM killer): an
+    orphaned worker would otherwise keep its memory (~300 MB) until the host reboots."""
+    while True:
+        time.sleep(poll_s)
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+
+def init_embedded_worker(parent_pid: int) -> None:
+    """Initializer of the embedded pool: the orphan watchdog, then :func:`warm_worker`."""
+    threading.Thread(
+        target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True
+    ).start()
+    warm_worker()
 
 
 def _ping() -> bool:
@@ -68,7 +87,8 @@ class Workers:
         self._pool = ProcessPoolExecutor(
             max_workers=self.cfg.processes,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=warm_worker,
+            initializer=init_embedded_worker,
+            initargs=(os.getpid(),),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:

@@ -3,6 +3,13 @@ Acquisition that travels to the worker (no shared filesystem), with the same res
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -29,6 +36,52 @@ def test_embedded_pool_matches_in_process(acq) -> None:
     local = run(acq, SETTINGS)
     np.testing.assert_array_equal(remote.maps.t1_ms, local.maps.t1_ms)
     assert remote.maps.mask.any()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by init) counts as gone
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+def test_workers_exit_when_the_node_is_killed(tmp_path) -> None:
+    """kill -9 of the node (OOM killer) must not leave its worker processes behind."""
+    script = (
+        "import sys, time\n"
+        "from dicom_node.config import WorkerSettings\n"
+        "from dicom_node.workers import Workers\n"
+        "w = Workers(WorkerSettings(backend='embedded', processes=2))\n"
+        "w.start(wait_warm=False)\n"
+        "print(' '.join(str(p) for p in w._pool._processes), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    node = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        children = [int(p) for p in node.stdout.readline().split()]  # type: ignore[union-attr]
+        assert len(children) == 2 and all(_alive(p) for p in children)
+        os.kill(node.pid, signal.SIGKILL)
+        node.wait(10)
+        end = time.time() + 30  # the watchdog polls every second; warm-up may be running
+        while time.time() < end and any(_alive(p) for p in children):
+            time.sleep(0.2)
+        left = [p for p in children if _alive(p)]
+        for p in left:  # do not leak them from the test either
+            os.kill(p, signal.SIGKILL)
+        assert not left, f"workers {left} outlived the killed node"
+    finally:
+        if node.poll() is None:
+            node.kill()
 
 
 @pytest.mark.slow
