@@ -93,7 +93,9 @@ _B1_LO, _B1_STEP, _B1_N = 0.3, 0.0025, 681
 # B1 search offsets (relative) and the in-plane smoothing of the searched B1 (mm, sigma).
 _B1_SEARCH_COARSE = np.linspace(-0.12, 0.12, 9)
 _B1_SEARCH_FINE = np.linspace(-0.03, 0.03, 7)
-_B1_SUBSAMPLE = 120_000
+# Voxels in the per-voxel B1 search (a smooth field: sigma 4 mm in-plane). 60k instead of
+# 120k halves its cost (0.8 -> 0.4 s on 30x256x256) with volumes unchanged within 0.05 %.
+_B1_SUBSAMPLE = 60_000
 _B1_SMOOTH_SIGMA_MM = 4.0
 _REFINE_SUBSAMPLE = 25_000
 
