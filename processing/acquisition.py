@@ -156,6 +156,18 @@ class Acquisition:
         object.__setattr__(self, "is_magnitude", bool(self.is_magnitude))
         object.__setattr__(self, "metadata", dict(self.metadata))
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled arrays (a worker process, Dask) come back writeable. Freeze them as the
+        # constructor does: numba compiles a separate specialization for writeable arrays,
+        # which the worker's warm-up (on read-only ones) would not have covered, and the
+        # first series would pay ~18 s of compilation.
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+        for name in ("signal", "delays_ms", "echo_times_ms", "affine"):
+            arr = getattr(self, name, None)
+            if isinstance(arr, np.ndarray) and arr.flags.writeable:
+                arr.setflags(write=False)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """Image grid ``(z, y, x)``."""

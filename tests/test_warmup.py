@@ -49,3 +49,47 @@ def test_no_compile_after_warmup(tmp_path) -> None:
     after = _signatures()
     new = {k: (before.get(k, 0), v) for k, v in after.items() if v != before.get(k, 0)}
     assert new == {}, f"compiled after warm-up (before, after): {new}"
+
+
+def _new_signatures_of_run(acq) -> dict[str, list[str]]:
+    """In a worker: run the pipeline on ``acq`` and return the numba signatures it added."""
+    from processing import run
+
+    def sigs() -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for info in pkgutil.iter_modules(processing.__path__):
+            mod = importlib.import_module(f"processing.{info.name}")
+            for name, obj in vars(mod).items():
+                if hasattr(obj, "signatures") and hasattr(obj, "py_func"):
+                    out[f"{info.name}.{name}"] = [str(s) for s in obj.signatures]
+        return out
+
+    before = sigs()
+    run.run(acq)
+    after = sigs()
+    return {k: [s for s in v if s not in before.get(k, [])] for k, v in after.items()
+            if v != before.get(k, [])}  # fmt: skip
+
+
+def test_no_compile_in_a_worker_after_its_warmup(tmp_path) -> None:
+    """The node's own path: the normalized series is pickled to a spawned worker that ran
+    warm_worker. Unpickled arrays used to come back writeable, a numba type the warm-up (on
+    the constructor's read-only arrays) never compiled: 18 s of "fit" on the first series.
+    GE magnitude+phase, 6 x 64 x 64 phantom, SNR 50, seed 5."""
+    pytest.importorskip("nilearn")
+    from dicom_node import emulator, ingest
+    from dicom_node.config import WorkerSettings
+    from dicom_node.workers import Workers
+    from processing.phantom import make_phantom
+
+    ph = make_phantom((6, 64, 64), seed=5, snr=50.0)
+    emulator.write_series(ph.acq, "ge", tmp_path, with_phase=True)
+    acq = ingest.classify_and_normalize(ingest.read_paths([tmp_path])[0]).acquisition
+    assert acq is not None
+    workers = Workers(WorkerSettings(backend="embedded", processes=1))
+    workers.start(wait_warm=True)
+    try:
+        new = workers.submit(_new_signatures_of_run, acq).result(timeout=600)
+    finally:
+        workers.stop()
+    assert new == {}, f"compiled in the worker after its warm-up: {new}"
