@@ -167,11 +167,13 @@ def run_series_job(
         from dicom_node.export import export_all
 
         out_ds = export_all(result, datasets, export_settings(settings.export))
-        outputs: list[tuple[str, str, str]] = []
-        for ds in out_ds:
-            data = encode_part10(ds)
-            path = spool.store_output(series_uid, str(ds.SOPInstanceUID), data)
-            outputs.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path)))
+        paths = spool.store_outputs(
+            series_uid, ((str(ds.SOPInstanceUID), encode_part10(ds)) for ds in out_ds)
+        )
+        outputs = [
+            (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path))
+            for ds, path in zip(out_ds, paths, strict=True)
+        ]
         observe("export", t0)
     except Exception as exc:
         log_event(

@@ -20,6 +20,7 @@ import re
 import shutil
 import uuid
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,9 +234,44 @@ class Spool:
         self.write_atomic(path, data)
         return header, path
 
-    def store_output(self, series_uid: str, sop_uid: str, data: bytes) -> Path:
-        """Durably store one exported instance in the outbox area."""
-        return self.write_atomic(self.instance_path("outbox", series_uid, sop_uid), data)
+    def store_outputs(self, series_uid: str, items: Iterable[tuple[str, bytes]]) -> list[Path]:
+        """Durably store a series' exported instances ``(sop_uid, data)`` in the outbox.
+
+        Each file is written to ``tmp/``, fsync'd and renamed into place; the series
+        directory is fsync'd once at the end, before this returns (the caller records the
+        outputs only then), instead of once per file as :meth:`write_atomic` does: a
+        300-instance series saves ~300 directory syncs.
+        """
+        paths: list[Path] = []
+        out_dir: Path | None = None
+        new_dir = False
+        for sop_uid, data in items:
+            target = self._inside(self.instance_path("outbox", series_uid, sop_uid))
+            if out_dir is None:
+                out_dir = target.parent
+                new_dir = not out_dir.is_dir()
+                out_dir.mkdir(parents=True, exist_ok=True)
+            if self.free_bytes() - len(data) < self.min_free_bytes:
+                raise SpoolFullError(
+                    f"spool free space {self.free_bytes()} B is below the watermark "
+                    f"{self.min_free_bytes} B"
+                )
+            tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            paths.append(target)
+        if out_dir is not None:
+            _fsync_dir(out_dir)
+            if new_dir:
+                _fsync_dir(out_dir.parent)
+        return paths
 
     # -- housekeeping
     def clean_tmp(self) -> int:

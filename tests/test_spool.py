@@ -49,6 +49,24 @@ def test_watermark_refuses(tmp_path: Path) -> None:
     assert list(sp.incoming.rglob("*")) == []
 
 
+def test_store_outputs_writes_every_instance_durably_in_place(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool")
+    items = [(f"1.2.3.{i}", bytes([i]) * (100 + i)) for i in range(5)]
+    paths = sp.store_outputs("1.2.9", iter(items))
+    assert [p.name for p in paths] == [f"1.2.3.{i}.dcm" for i in range(5)]
+    assert all(p.parent == (tmp_path / "spool" / "outbox" / "1.2.9").resolve() for p in paths)
+    assert [p.read_bytes() for p in paths] == [d for _, d in items]
+    assert list(sp.tmp.iterdir()) == []
+    assert sp.store_outputs("1.2.9", []) == []
+
+
+def test_store_outputs_refuses_below_the_watermark(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool", min_free_bytes=1 << 62)
+    with pytest.raises(SpoolFullError, match="watermark"):
+        sp.store_outputs("1.2.9", [("1.2.3.1", b"x" * 10)])
+    assert list(sp.outbox.rglob("*.dcm")) == [] and list(sp.tmp.iterdir()) == []
+
+
 def test_clean_tmp_removes_half_written(tmp_path: Path) -> None:
     sp = Spool(tmp_path / "spool")
     (sp.tmp / "abc.part").write_bytes(b"half")
