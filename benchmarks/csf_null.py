@@ -35,7 +35,14 @@ from processing.phantom import COMPARTMENTS, make_phantom
 
 #: Other tissue values (T1 ms, T2 ms, PD pu) inside the 3T ranges of physics.md section 6.
 OTHER = {"WM": (560, 66, 66), "GM": (1250, 96, 85), "CSF": (3900, 1800, 100)}
-CASES = [  # (seed, shape, magnitude, tissues)
+#: Further tissue values (T1 ms, T2 ms, PD pu), at the long end of the 3T ranges.
+LONG = {
+    "WM": (700, 75, 70),
+    "GM": (1300, 100, 86),
+    "CSF": (4500, 2200, 100),
+    "LESION": (1500, 160, 88),
+}
+CASES = [  # (seed, shape, magnitude, tissues[, more make_phantom options])
     (11, (8, 160, 160), False, None),
     (12, (8, 160, 160), False, None),
     (13, (8, 160, 160), True, None),
@@ -46,6 +53,9 @@ CASES = [  # (seed, shape, magnitude, tissues)
     (21, (10, 128, 128), True, OTHER),
     (22, (10, 200, 200), False, OTHER),
     (11, (6, 96, 96), False, None),
+    (41, (8, 160, 160), False, None, {"oblique": True}),
+    (42, (10, 128, 128), False, None, {"anatomy": "ellipsoid"}),
+    (43, (8, 144, 144), True, LONG),
 ]
 
 
@@ -81,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         "DIR   MIX FLAIR   MIX   DIR      FLAIR"
     )
     rows = []
-    for seed, shape, mag, tissues in CASES[:3] if args.quick else CASES:
+    for seed, shape, mag, tissues, *more in CASES[:3] if args.quick else CASES:
         ph = make_phantom(
             shape, seed=seed, snr=50.0, b1_range=(0.8, 1.2), coil=True, magnitude=mag,
-            tissues=tissues,
+            tissues=tissues, **(more[0] if more else {}),
         )  # fmt: skip
         t = ph.truth
         # FLAIR_MIX is opt-in in the node (it dims some lesions); requested here to show it
@@ -140,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 err.append(float(np.sqrt(np.mean(e**2) / np.mean(ref[brain] ** 2))))
         rows.append(null + image + lesion + err)
         print(
-            f"{seed:4d} {shape!s:14s}{'mag ' if mag else 'real'} {'other' if tissues else 'default':8s}"
+            f"{seed:4d} {shape!s:14s}{'mag ' if mag else 'real'} "
+            f"{'/'.join(more[0]) if more else ('other' if tissues else 'default'):8s}"
             + "".join(f"{v:8.4f}" for v in null)
             + " "
             + "".join(f"{v:9.4f}" for v in image)

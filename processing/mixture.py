@@ -1,38 +1,38 @@
-"""Tissue-mixture synthesis: the conventional image of each voxel's estimated tissue mix.
+"""Tissue-mixture synthesis: nulled tissue rendered as the class it is, black.
 
 Plain synthesis (:mod:`processing.synthesis`) evaluates a contrast equation on each voxel's
-mono-exponential fit. That fails in two ways exactly where inversion contrasts matter
-(physics.md section 7):
+mono-exponential fit. Near a null that equation is steep, so the per-voxel T1 scatter of
+an SNR-50 fit turns the nulled tissue into bright grain: pure CSF at ~60 % of the GM signal
+in plain synthetic DIR, ~25 % in FLAIR, and WM at ~6 % in DIR, on the brain phantoms of
+benchmarks/csf_null.py. Partial-volume voxels add a bright rim (physics.md section 7).
 
-* partial volume: a WM+CSF voxel's fitted T1 lands far from both nulls, so it comes out
-  brighter than either tissue (the FLAIR/DIR rim);
-* noise: near a null the equation is steep, so the per-voxel T1 scatter of an SNR-50 fit
-  turns the nulled tissue into bright grain (pure CSF at ~60 % of the GM signal in plain
-  synthetic DIR, ~25 % in FLAIR, on the brain phantoms of benchmarks/csf_null.py).
+Signals mix linearly, and the segmentation (:mod:`processing.segmentation`) already unmixes
+each voxel's raw samples into WM/GM/CSF fractions (plus NON, what those three do not
+explain). So the share of a voxel that belongs to a tissue the contrast nulls is rendered
+from that tissue's class parameters, i.e. as the conventional sequence shows it, and the
+rest of the voxel from its own fit, as plain synthesis does:
 
-Signals mix linearly, and a conventional acquisition measures the mixture of its tissues'
-signals. The segmentation (:mod:`processing.segmentation`) already unmixes each voxel's
-raw samples into WM/GM/CSF fractions against the series' own tissue reference points, with
-a fourth NON class for what those three do not explain (lesions, ...). So, per voxel,
+    S = sum_{k nulled} f_k * PD_k * w(T1_k, T2_k)  +  (1 - sum_{k nulled} f_k) * PD * w(T1, T2)
 
-    S = sum_{k in WM, GM, CSF} f_k * PD_k * w(T1_k, T2_k)  +  f_NON * PD * w(T1, T2)
+with ``w`` the contrast's *signed* weighting; the image is ``|S|`` (a magnitude
+reconstruction; PSIR stays signed). A class is "nulled" when its signal is below
+:data:`NULL_FRACTION` of the brightest class's: CSF and WM (or GM) in the per-patient DIR,
+CSF in FLAIR, none in T1W (then the image equals plain synthesis). Outside the
+intracranial mask (no fractions) the plain per-voxel signal is used.
 
-with ``w`` the contrast's *signed* weighting (the magnitude is taken of the sum, as a
-magnitude reconstruction does; PSIR stays signed), ``(T1_k, T2_k, PD_k)`` the class
-parameters of this series and ``(T1, T2, PD)`` the voxel's own fit for the NON share.
-Outside the intracranial mask (scalp, where there are no fractions) the plain per-voxel
-signal is used.
+Why only the nulled share. Rendering every class from its parameters (the full mixture
+``sum_k f_k S_k``) also removes the rim, but a lesion whose 8 samples look like GM plus a
+little CSF within noise is then drawn as GM: on a phantom with long-T1/T2 lesions (1500 ms,
+160 ms) the full mixture kept only 60 % of the DIR lesion/GM ratio, and a cortical lesion
+would vanish into the cortex. Substituting only the nulled share keeps each voxel's own
+(non-nulled) tissue as measured: 79-98 % there, with pure CSF and WM black and about half
+of the plain image's error against the conventional DIR.
 
 Class T1s are the series' measured class T1s (the median fitted T1 of nearly pure voxels,
 ``processing.run.class_t1_ms``): the numbers the per-patient FLAIR and DIR null, so a pure
 nulled tissue is black by construction, as in a conventional sequence set up for this
-patient. T2 and PD are the segmentation's reference points, the ones its fractions were
-computed with.
-
-What it is not: a noise-free picture of everything. Within-class variation smaller than
-the noise is not shown (a WM voxel is rendered as the series' WM); tissue the three classes
-explain poorly is shown through the NON share, i.e. as plain synthesis. The images are
-written as separate series (``FLAIR_MIX``, ``DIR_MIX``) next to the plain ones.
+patient. T2 and PD are the segmentation's reference points. The images are written as
+separate series (``DIR_MIX``, ``FLAIR_MIX``) next to the plain ones.
 """
 
 from __future__ import annotations
@@ -52,12 +52,20 @@ from processing.synthesis import (
     se_weight,
 )
 
-__all__ = ["CLASSES", "class_parameters", "mixture_signal", "synthesize_mixture"]
+__all__ = [
+    "CLASSES",
+    "NULL_FRACTION",
+    "class_parameters",
+    "class_signals",
+    "mixture_signal",
+    "nulled_classes",
+    "synthesize_mixture",
+]
 
-#: The classes rendered from their parameters; NON is rendered from the voxel's own fit.
+#: The classes that can be rendered from their parameters (when the contrast nulls them).
 CLASSES: tuple[str, ...] = ("WM", "GM", "CSF")
-#: NON fraction from which a voxel is rendered from its own fit alone (linear blend below).
-NON_FULL_WEIGHT: float = 0.5
+#: A class whose |signal| is below this fraction of the brightest class's counts as nulled.
+NULL_FRACTION: float = 0.05
 
 
 def _signed_weight(spec: ContrastSpec, r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
@@ -93,18 +101,39 @@ def class_parameters(
     return out
 
 
+def class_signals(
+    spec: ContrastSpec, classes: Mapping[str, Mapping[str, float]]
+) -> dict[str, float]:
+    """Signed signal (pu) of each pure class under ``spec`` (resolved)."""
+    spec = spec.resolved()
+    return {
+        k: c["pd_pu"]
+        * float(_signed_weight(spec, np.array(1.0 / c["t1_ms"]), np.array(1.0 / c["t2_ms"])))
+        for k, c in classes.items()
+    }
+
+
+def nulled_classes(
+    spec: ContrastSpec, classes: Mapping[str, Mapping[str, float]]
+) -> tuple[str, ...]:
+    """The classes ``spec`` nulls: |signal| <= :data:`NULL_FRACTION` x the brightest class's."""
+    sig = class_signals(spec, classes)
+    top = max(abs(v) for v in sig.values())
+    return tuple(k for k in CLASSES if k in sig and abs(sig[k]) <= NULL_FRACTION * top)
+
+
 def mixture_signal(
     maps: QuantMaps,
     fractions: TissueFractions,
     spec: ContrastSpec,
     classes: Mapping[str, Mapping[str, float]],
 ) -> np.ndarray:
-    """Physical signal (pu) of each voxel's estimated tissue mixture, float64 ``[z, y, x]``.
+    """Physical signal (pu), float64 ``[z, y, x]``: each voxel's nulled-class share from the
+    class parameters, the rest from its own fit (module docstring).
 
-    maps: the fit (PD in pu; used for the NON share and outside the intracranial mask).
-    fractions: WM/GM/CSF/NON fractions and ``icmask``. spec: a resolved contrast.
-    classes: ``{class: {"t1_ms", "t2_ms", "pd_pu"}}`` (see :func:`class_parameters`).
-    Magnitude contrasts return ``|sum|`` (>= 0), PSIR the signed sum; 0 outside maps.mask.
+    maps: the fit (PD in pu). fractions: WM/GM/CSF/NON fractions and ``icmask``. spec: a
+    contrast. classes: ``{class: {"t1_ms", "t2_ms", "pd_pu"}}`` (see :func:`class_parameters`).
+    Magnitude contrasts return ``|S|`` (>= 0), PSIR the signed S; 0 outside maps.mask.
     """
     spec = spec.resolved()
     mask = np.asarray(maps.mask, bool)
@@ -116,22 +145,20 @@ def mixture_signal(
     t2 = np.asarray(maps.t2_ms, np.float64)
     pd = np.asarray(maps.pd_pu, np.float64)
     ok = mask & np.isfinite(t1) & np.isfinite(t2) & np.isfinite(pd) & (t1 > 0) & (t2 > 0)
-    own = np.zeros(mask.shape, np.float64)
-    own[ok] = pd[ok] * _signed_weight(spec, 1.0 / t1[ok], 1.0 / t2[ok])
+    out = np.zeros(mask.shape, np.float64)
+    out[ok] = pd[ok] * _signed_weight(spec, 1.0 / t1[ok], 1.0 / t2[ok])
 
     inside = mask & np.asarray(fractions.icmask, bool)
-    mix = np.zeros(int(inside.sum()), np.float64)
-    for k in CLASSES:
-        c = classes[k]
-        w = float(_signed_weight(spec, np.array(1.0 / c["t1_ms"]), np.array(1.0 / c["t2_ms"])))
-        mix += np.asarray(fractions.fractions[k], np.float64)[inside] * c["pd_pu"] * w
-    non = fractions.fractions.get("NON")
-    f_non = np.zeros_like(mix) if non is None else np.asarray(non, np.float64)[inside]
-    # Where the classes do not explain the samples (NON, i.e. lesions) the reader needs the
-    # voxel's own tissue: lean on its fit, fully from NON_FULL_WEIGHT on.
-    alpha = np.minimum(f_non / NON_FULL_WEIGHT, 1.0)
-    out = own.copy()
-    out[inside] = (1.0 - alpha) * (mix + f_non * own[inside]) + alpha * own[inside]
+    sig = class_signals(spec, classes)
+    nulled = nulled_classes(spec, classes)
+    if nulled:
+        share = np.zeros(int(inside.sum()), np.float64)
+        drawn = np.zeros_like(share)
+        for k in nulled:
+            f = np.asarray(fractions.fractions[k], np.float64)[inside]
+            share += f
+            drawn += f * sig[k]
+        out[inside] = drawn + (1.0 - np.minimum(share, 1.0)) * out[inside]
     return out if spec.kind is ContrastKind.PSIR else np.abs(out)
 
 
@@ -152,21 +179,24 @@ def synthesize_mixture(
     lo, hi = (-32768.0, 32767.0) if plain.signed else (0.0, 65535.0)
     image = np.clip(np.rint(phys * plain.scale), lo, hi).astype(np.float32)
     params = dict(plain.parameters)
+    nulled = nulled_classes(spec, classes)
     params.update(
         {
             "method": "tissue mixture",
+            "nulled_classes": list(nulled),
             "class_parameters": {k: dict(v) for k, v in classes.items()},
             "source_contrast": plain.name,
         }
     )
     timing = plain.description.split(plain.name, 1)[-1].strip()
-    total = "sum_k f_k PD_k w(T1_k, T2_k) + f_NON PD w(T1, T2)"
+    total = "sum_{k nulled} f_k PD_k w(T1_k, T2_k) + (1 - sum_{k nulled} f_k) PD w(T1, T2)"
     return replace(
         plain,
         name=f"{plain.name}_MIX",
         image=image,
         equation=(total if plain.signed else f"|{total}|")
-        + f" over the series' WM, GM, CSF classes; w signed: {plain.equation}",
+        + f", nulled classes {'/'.join(nulled) or 'none'} of this series; w signed: "
+        + plain.equation,
         description=f"SYNTHETIC {plain.name} TISSUE MIXTURE {timing}".strip(),
         parameters=params,
     )

@@ -45,12 +45,12 @@ class ProcessingSettings:
     onnx_threads: intra-op threads for onnxruntime.
     seg_output: "FRACTIONAL" or "BINARY" (export choice, recorded here for provenance).
     per_patient_flair: FLAIR and T1-FLAIR null the series' measured CSF T1 (else 4300 ms).
-    mixture_contrasts: synthesized contrasts also rendered as the conventional image of
-    each voxel's estimated tissue mixture (processing.mixture), as ``"<name>_MIX"``; needs
-    the segmentation. Default: the per-patient DIR, whose nulled CSF and WM plain
-    synthesis shows as grain at clinical SNR. FLAIR is opt-in: its mixture image keeps
-    CSF black but dims lesions that look like GM + a little CSF (75-97 % of the lesion
-    contrast on the phantoms of benchmarks/csf_null.py); FLAIR_AI is the default fix there.
+    mixture_contrasts: synthesized contrasts also rendered with each voxel's nulled-tissue
+    share drawn as that tissue (processing.mixture), as ``"<name>_MIX"``; needs the
+    segmentation. Default: the per-patient DIR, whose nulled CSF and WM plain synthesis
+    shows as grain at clinical SNR. FLAIR is opt-in: its mixture image keeps CSF black but
+    dims lesions that look like GM + a little CSF (lesion-to-WM contrast 55-99 % on the
+    phantoms of benchmarks/csf_null.py); FLAIR_AI is the default fix there.
     """
 
     contrasts: tuple[str, ...] = (

@@ -56,43 +56,52 @@ def one_row(fractions: list[dict[str, float]], own=(1300.0, 140.0, 85.0), icmask
     return maps, TissueFractions(fr, ic)
 
 
-def test_pure_classes_give_their_own_signal_and_the_nulled_ones_are_black():
-    maps, fr = one_row([{"WM": 1}, {"GM": 1}, {"CSF": 1}])
+OWN = (1300.0, 140.0, 85.0)  # every test voxel's own fit (T1 ms, T2 ms, PD pu)
+
+
+def test_the_nulled_classes_are_found_from_the_contrast():
+    assert mixture.nulled_classes(DIR, CLASSES) == ("WM", "CSF")
+    flair = synthesis.ContrastSpec(
+        "FLAIR", synthesis.ContrastKind.IR, 15000.0, 100.0, synthesis.ti_null(4200.0, 15000.0)
+    )
+    assert mixture.nulled_classes(flair, CLASSES) == ("CSF",)
+    t1w = synthesis.resolve_spec("T1W")
+    assert mixture.nulled_classes(t1w, CLASSES) == ()
+    assert mixture.nulled_classes(PSIR, CLASSES) == ()  # TI 500: nothing near its null
+
+
+def test_nulled_classes_are_black_and_the_rest_keeps_its_own_fit():
+    maps, fr = one_row([{"WM": 1}, {"GM": 1}, {"CSF": 1}], own=OWN)
     s = mixture.mixture_signal(maps, fr, DIR, CLASSES).ravel()
     # black to the root-finder tolerance of dir_times (GM is ~10 pu)
     assert s[0] == pytest.approx(0.0, abs=1e-6) and s[2] == pytest.approx(0.0, abs=1e-6)
-    assert s[1] == pytest.approx(abs(signed(DIR, 1150.0, 92.0, 83.0)), rel=1e-6)
+    # a GM voxel is not nulled: it is drawn from its own fit, as in plain synthesis
+    assert s[1] == pytest.approx(abs(signed(DIR, *OWN)), rel=1e-6)
     assert s[1] > 1.0
 
 
-def test_signals_mix_linearly_before_the_magnitude():
-    """A WM/GM/CSF mix is the magnitude of the fraction-weighted *signed* class signals
-    (PSIR keeps the sign): |0.3 S_WM + 0.5 S_GM + 0.2 S_CSF|."""
+def test_only_the_nulled_share_is_replaced_before_the_magnitude():
+    """WM 0.3 + GM 0.5 + CSF 0.2 under the DIR: |0.3 S_WM + 0.2 S_CSF + 0.5 S_own|; under a
+    PSIR that nulls nothing the voxel is its own (signed) fit."""
     f = {"WM": 0.3, "GM": 0.5, "CSF": 0.2}
-    maps, fr = one_row([f])
-    for spec in (DIR, PSIR):
-        want = sum(f[k] * signed(spec, *CLASSES[k].values()) for k in f)
-        got = float(mixture.mixture_signal(maps, fr, spec, CLASSES).ravel()[0])
-        assert got == pytest.approx(want if spec is PSIR else abs(want), rel=1e-6)
-    # the sign matters: WM and GM have opposite PSIR signs at TI 500, so they partly cancel
-    assert signed(PSIR, 620.0, 70.0, 68.0) * signed(PSIR, 1150.0, 92.0, 83.0) < 0
+    maps, fr = one_row([f], own=OWN)
+    s_wm, s_csf = signed(DIR, *CLASSES["WM"].values()), signed(DIR, *CLASSES["CSF"].values())
+    want = 0.3 * s_wm + 0.2 * s_csf + 0.5 * signed(DIR, *OWN)
+    got = float(mixture.mixture_signal(maps, fr, DIR, CLASSES).ravel()[0])
+    assert got == pytest.approx(abs(want), rel=1e-6)
+    got_psir = float(mixture.mixture_signal(maps, fr, PSIR, CLASSES).ravel()[0])
+    assert got_psir == pytest.approx(signed(PSIR, *OWN), rel=1e-6)
+    assert got_psir < 0  # the sign is kept
 
 
 def test_unexplained_tissue_and_scalp_are_rendered_from_the_voxels_own_fit():
-    """NON >= 0.5: the voxel's own fit alone (lesion seen as itself); NON 0.25: half
-    way between the class mixture and its own fit; outside the intracranial mask: its fit."""
-    own = (1300.0, 140.0, 85.0)
-    maps, fr = one_row(
-        [{"NON": 0.6, "WM": 0.4}, {"NON": 0.25, "WM": 0.75}, {"WM": 1.0}],
-        own=own,
-        icmask=[True, True, False],
-    )
+    """NON (lesion) 0.6 + WM 0.4: the WM share is black, the rest is the voxel's own fit;
+    outside the intracranial mask the voxel is its own fit whatever the fractions say."""
+    maps, fr = one_row([{"NON": 0.6, "WM": 0.4}, {"WM": 1.0}], own=OWN, icmask=[True, False])
     s = mixture.mixture_signal(maps, fr, DIR, CLASSES).ravel()
-    s_own = signed(DIR, *own)
-    assert s[0] == pytest.approx(abs(s_own), rel=1e-6)
-    half = 0.5 * (0.25 * s_own) + 0.5 * s_own  # WM share is black
-    assert s[1] == pytest.approx(abs(half), rel=1e-6)
-    assert s[2] == pytest.approx(abs(s_own), rel=1e-6)
+    s_own = signed(DIR, *OWN)
+    assert s[0] == pytest.approx(abs(0.6 * s_own + 0.4 * signed(DIR, *CLASSES["WM"].values())))
+    assert s[1] == pytest.approx(abs(s_own), rel=1e-6)
 
 
 def test_missing_or_broken_class_parameters_are_named():
@@ -158,11 +167,11 @@ def test_per_patient_dir_mixture_nulls_wm_and_csf_and_keeps_lesions(phantom_run)
     lesion_rel = over_gm(mix.image, "LESION") / (
         ref[pure["LESION"]].mean() / ref[pure["GM"]].mean()
     )
-    # About a quarter of the lesion voxels look like GM + a little CSF within noise and are
-    # rendered so (lesion/GM 83-98 % of the truth on the phantoms of benchmarks/csf_null.py),
-    # still well above GM and the black WM.
+    # Lesions keep their own fit except for the share unmixed as CSF or WM (a lesion can
+    # look like GM + a little CSF within noise): lesion/GM 79-100 % of the truth on the
+    # phantoms of benchmarks/csf_null.py.
     print(f"lesion/GM, DIR_MIX over truth: {lesion_rel:.3f}")
-    assert 0.8 < lesion_rel < 1.15
+    assert 0.75 < lesion_rel < 1.15
     brain = t.head & maps.mask
 
     def nrmse(img):
@@ -172,7 +181,7 @@ def test_per_patient_dir_mixture_nulls_wm_and_csf_and_keeps_lesions(phantom_run)
     print(
         f"NRMSE against the conventional DIR: plain {nrmse(plain.image):.3f}, mixture {nrmse(mix.image):.3f}"
     )
-    assert nrmse(mix.image) < 0.5 * nrmse(plain.image)
+    assert nrmse(mix.image) < 0.6 * nrmse(plain.image)
 
 
 def test_flair_mixture_on_request_keeps_csf_black(phantom_run):

@@ -168,7 +168,7 @@ def derivation_description(syn: SyntheticImage, result: SeriesResult) -> str:
     if syn.ai_enhanced:
         source = "the raw MDME samples by a pixel-wise network"
     elif syn.parameters.get("method") == "tissue mixture":
-        source = "the WM/GM/CSF fractions and class T1/T2/PD (own fit for unexplained tissue)"
+        source = "T1/T2/PD maps, with the nulled tissues' share (segmentation) drawn as their class"
     else:
         source = "T1/T2/PD maps"
     text = (
