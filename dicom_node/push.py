@@ -26,6 +26,7 @@ from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.presentation import build_context
 
 from dicom_node.config import Destination, RetrySettings
@@ -38,6 +39,10 @@ __all__ = ["Outbox", "backoff_delay", "make_client_ssl_context", "send_files"]
 log = logging.getLogger("synthmr.push")
 
 _MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association
+# Send each file's bytes as they are, in chunks, instead of decoding and re-encoding every
+# dataset (pynetdicom's default): ~2x the C-STORE rate. It needs a presentation context in
+# the file's own transfer syntax; send_files proposes one, and falls back to decoding.
+_pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def make_client_ssl_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext:
@@ -101,6 +106,7 @@ def send_files(
     results: list[dict[str, Any]] = []
     contexts: dict[str, set[str]] = defaultdict(set)
     sendable: list[Path] = []
+    syntax: dict[Path, tuple[str, str]] = {}
     for p in files:
         try:
             meta = read_file_meta_info(p)
@@ -112,19 +118,20 @@ def send_files(
             continue
         contexts[cls].add(ts)
         sendable.append(p)
+        syntax[p] = (cls, ts)
     if not sendable:
         return _summary(results)
 
     ae = AE(ae_title=calling_aet)
     for t in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, t, dest.timeout_s)
-    # Per SOP class: one uncompressed context, plus one context per compressed syntax the
-    # files use (an acceptor picks a single syntax per context, so they must be separate).
-    uncompressed = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}
+    # Per SOP class: one context per transfer syntax the files use (an acceptor picks a
+    # single syntax per context, and files go out as they are), plus one uncompressed
+    # context with both syntaxes for the decode-and-convert fallback.
     cxs = []
     for cls, tss in contexts.items():
+        cxs.extend(build_context(cls, ts) for ts in sorted(tss))
         cxs.append(build_context(cls, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
-        cxs.extend(build_context(cls, ts) for ts in sorted(tss - uncompressed))
     if len(cxs) > _MAX_CONTEXTS:
         raise ValueError(f"send_files: {len(cxs)} presentation contexts exceed {_MAX_CONTEXTS}")
     ae.requested_contexts = cxs
@@ -143,18 +150,25 @@ def send_files(
         ae.shutdown()
         return _summary(results)
     set_tcp_nodelay(assoc)
+    as_is = {
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
+    }
     try:
         for p in sendable:
             if not assoc.is_established:
                 results.append({"path": str(p), "status": None, "error": "association lost"})
                 continue
             try:
-                try:
+                if syntax[p] in as_is:
                     rsp = assoc.send_c_store(p)  # the file's bytes as they are
-                except ValueError:
-                    # the PACS refused the file's compressed syntax: decode, send uncompressed
+                else:
+                    # the PACS refused the file's syntax: decode (and decompress), and let
+                    # pynetdicom encode it in an accepted uncompressed syntax
                     ds = dcmread(p)
-                    ds.decompress()
+                    if ds.file_meta.TransferSyntaxUID.is_compressed:
+                        # keep the SOP Instance UID: pydicom 3 makes a new one by default,
+                        # which would break the SEG/SR references and duplicate on retry
+                        ds.decompress(generate_instance_uid=False)
                     rsp = assoc.send_c_store(ds)
                 status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
                 ok = status is not None and (status == 0 or status in (0xB000, 0xB007, 0xB006))

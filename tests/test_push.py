@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,14 @@ from dicom_node.config import Destination, RetrySettings
 from dicom_node.metrics import NodeMetrics
 from dicom_node.push import Outbox, backoff_delay, send_files
 from dicom_node.registry import Registry, State
-from tests.conftest import OrthancServer, free_port, make_mr_file
+from tests.conftest import (
+    OrthancServer,
+    free_port,
+    make_mr_file,
+    require_tool,
+    stop_pid,
+    wait_port,
+)
 
 
 def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
@@ -61,6 +69,43 @@ def test_send_files_to_orthanc_one_association(orthanc: OrthancServer, tmp_path:
         if orthanc.rest(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] == ds.SOPInstanceUID
     ]
     assert orthanc.rest(f"/instances/{rle_id}/metadata?expand").get("TransferSyntax") == RLELossless
+
+
+@pytest.mark.integration
+def test_a_peer_that_refuses_the_files_syntax_still_gets_them(tmp_path: Path) -> None:
+    """Files go out as they are (no decode); dcmtk storescp accepting implicit VR only
+    (+xi) refuses their explicit-VR and RLE contexts, so they are decoded and converted."""
+    series = pydicom.uid.generate_uid()
+    files = [
+        make_mr_file(tmp_path / f"{i}.dcm", series_uid=series, instance_number=i) for i in range(2)
+    ]
+    rle = make_mr_file(tmp_path / "rle.dcm", series_uid=series, instance_number=9, shape=(16, 16))
+    ds = pydicom.dcmread(rle)
+    ds.compress(RLELossless)
+    ds.save_as(rle, enforce_file_format=True)
+    assert all(
+        pydicom.dcmread(f).file_meta.TransferSyntaxUID != pydicom.uid.ImplicitVRLittleEndian
+        for f in [*files, rle]
+    )
+    out = tmp_path / "received"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [require_tool("storescp"), "+xi", "-aet", "IMPLICIT", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, 10)
+        res = send_files([*files, rle], Destination("p", "IMPLICIT", "127.0.0.1", port, 10))
+    finally:
+        stop_pid(proc)
+    assert res["sent"] == 3 and res["failed"] == 0, res
+    got = [pydicom.dcmread(p) for p in out.iterdir()]
+    assert {str(d.SOPInstanceUID) for d in got} == {
+        str(pydicom.dcmread(f).SOPInstanceUID) for f in [*files, rle]
+    }
+    assert {str(d.file_meta.TransferSyntaxUID) for d in got} == {pydicom.uid.ImplicitVRLittleEndian}
 
 
 @pytest.mark.integration
