@@ -197,13 +197,25 @@ class Spool:
     def write_atomic(self, target: Path, data: bytes) -> Path:
         """Write ``data`` to ``target`` durably (temp file, fsync, replace, fsync dir)."""
         target = self._inside(target)
-        if self.free_bytes() - len(data) < self.min_free_bytes:
+        self._check_space(len(data))
+        new_dir = not target.parent.is_dir()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._write_file(target, data)
+        _fsync_dir(target.parent)
+        if new_dir:  # the new series directory's own entry must be durable too
+            _fsync_dir(target.parent.parent)
+        return target
+
+    def _check_space(self, n_bytes: int) -> None:
+        if self.free_bytes() - n_bytes < self.min_free_bytes:
             raise SpoolFullError(
                 f"spool free space {self.free_bytes()} B is below the watermark "
                 f"{self.min_free_bytes} B"
             )
-        new_dir = not target.parent.is_dir()
-        target.parent.mkdir(parents=True, exist_ok=True)
+
+    def _write_file(self, target: Path, data: bytes) -> None:
+        """Write ``data`` to ``tmp/``, fsync it and rename it to ``target`` (whose directory
+        exists); the caller fsyncs that directory."""
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as f:
@@ -214,10 +226,6 @@ class Spool:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
-        if new_dir:  # the new series directory's own entry must be durable too
-            _fsync_dir(target.parent.parent)
-        return target
 
     def store_received(self, data: bytes) -> tuple[InstanceHeader, Path]:
         """Validate and durably store a received instance; return its header and path.
@@ -251,21 +259,8 @@ class Spool:
                 out_dir = target.parent
                 new_dir = not out_dir.is_dir()
                 out_dir.mkdir(parents=True, exist_ok=True)
-            if self.free_bytes() - len(data) < self.min_free_bytes:
-                raise SpoolFullError(
-                    f"spool free space {self.free_bytes()} B is below the watermark "
-                    f"{self.min_free_bytes} B"
-                )
-            tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            self._check_space(len(data))
+            self._write_file(target, data)
             paths.append(target)
         if out_dir is not None:
             _fsync_dir(out_dir)

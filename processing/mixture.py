@@ -47,9 +47,7 @@ from processing.synthesis import (
     ContrastKind,
     ContrastSpec,
     SynthesisError,
-    dir_weight,
-    ir_weight,
-    se_weight,
+    signed_weight,
 )
 
 __all__ = [
@@ -66,15 +64,6 @@ __all__ = [
 CLASSES: tuple[str, ...] = ("WM", "GM", "CSF")
 #: A class whose |signal| is below this fraction of the brightest class's counts as nulled.
 NULL_FRACTION: float = 0.05
-
-
-def _signed_weight(spec: ContrastSpec, r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
-    """The contrast's weighting per unit PD *before* any magnitude (1/ms rates)."""
-    if spec.kind is ContrastKind.SE:
-        return se_weight(r1, r2, spec.tr_ms, spec.te_ms)
-    if spec.kind in (ContrastKind.IR, ContrastKind.PSIR):
-        return ir_weight(r1, r2, spec.tr_ms, spec.te_ms, spec.ti_ms, signed=True)  # type: ignore[arg-type]
-    return dir_weight(r1, r2, spec.tr_ms, spec.te_ms, spec.ti_ms, spec.ti2_ms, signed=True)  # type: ignore[arg-type]
 
 
 def class_parameters(
@@ -108,7 +97,7 @@ def class_signals(
     spec = spec.resolved()
     return {
         k: c["pd_pu"]
-        * float(_signed_weight(spec, np.array(1.0 / c["t1_ms"]), np.array(1.0 / c["t2_ms"])))
+        * float(signed_weight(spec, np.array(1.0 / c["t1_ms"]), np.array(1.0 / c["t2_ms"])))
         for k, c in classes.items()
     }
 
@@ -146,7 +135,7 @@ def mixture_signal(
     pd = np.asarray(maps.pd_pu, np.float64)
     ok = mask & np.isfinite(t1) & np.isfinite(t2) & np.isfinite(pd) & (t1 > 0) & (t2 > 0)
     out = np.zeros(mask.shape, np.float64)
-    out[ok] = pd[ok] * _signed_weight(spec, 1.0 / t1[ok], 1.0 / t2[ok])
+    out[ok] = pd[ok] * signed_weight(spec, 1.0 / t1[ok], 1.0 / t2[ok])
 
     inside = mask & np.asarray(fractions.icmask, bool)
     sig = class_signals(spec, classes)

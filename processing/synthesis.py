@@ -49,6 +49,7 @@ __all__ = [
     "per_patient_dir",
     "resolve_spec",
     "se_weight",
+    "signed_weight",
     "synthesize",
     "synthesize_all",
     "ti_null",
@@ -456,14 +457,20 @@ def per_patient_dir(
 # synthesis
 
 
-def _weight(spec: ContrastSpec, r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
+def signed_weight(spec: ContrastSpec, r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
+    """A resolved contrast's weighting per unit PD *before* any magnitude (rates in 1/ms):
+    what signals of tissues mixed in one voxel add up in (processing.mixture)."""
     if spec.kind is ContrastKind.SE:
         return se_weight(r1, r2, spec.tr_ms, spec.te_ms)
-    if spec.kind is ContrastKind.IR:
-        return ir_weight(r1, r2, spec.tr_ms, spec.te_ms, spec.ti_ms)  # type: ignore[arg-type]
-    if spec.kind is ContrastKind.PSIR:
+    if spec.kind in (ContrastKind.IR, ContrastKind.PSIR):
         return ir_weight(r1, r2, spec.tr_ms, spec.te_ms, spec.ti_ms, signed=True)  # type: ignore[arg-type]
-    return dir_weight(r1, r2, spec.tr_ms, spec.te_ms, spec.ti_ms, spec.ti2_ms)  # type: ignore[arg-type]
+    return dir_weight(r1, r2, spec.tr_ms, spec.te_ms, spec.ti_ms, spec.ti2_ms, signed=True)  # type: ignore[arg-type]
+
+
+def _weight(spec: ContrastSpec, r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
+    """The image weighting: signed for PSIR, the magnitude otherwise."""
+    w = signed_weight(spec, r1, r2)
+    return w if spec.kind is ContrastKind.PSIR else np.abs(w)
 
 
 def physical_signal(maps: QuantMaps, spec: ContrastSpec) -> np.ndarray:

@@ -37,16 +37,22 @@ def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
     assert min(ds) >= 6.0 and max(ds) <= 10.0 and max(ds) - min(ds) > 2.0  # spread, in bounds
 
 
-@pytest.mark.integration
-def test_send_files_to_orthanc_one_association(orthanc: OrthancServer, tmp_path: Path) -> None:
+def _series_with_rle(tmp_path: Path, n: int) -> tuple[list[Path], Path, pydicom.Dataset]:
+    """``n`` explicit-VR MR files and one RLE-compressed one (path and dataset), one series."""
     series = pydicom.uid.generate_uid()
     files = [
-        make_mr_file(tmp_path / f"{i}.dcm", series_uid=series, instance_number=i) for i in range(3)
+        make_mr_file(tmp_path / f"{i}.dcm", series_uid=series, instance_number=i) for i in range(n)
     ]
     rle = make_mr_file(tmp_path / "rle.dcm", series_uid=series, instance_number=9, shape=(16, 16))
     ds = pydicom.dcmread(rle)
     ds.compress(RLELossless)
     ds.save_as(rle, enforce_file_format=True)
+    return files, rle, ds
+
+
+@pytest.mark.integration
+def test_send_files_to_orthanc_one_association(orthanc: OrthancServer, tmp_path: Path) -> None:
+    files, rle, ds = _series_with_rle(tmp_path, 3)
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom")
     dest = Destination("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port, timeout_s=10)
@@ -75,14 +81,7 @@ def test_send_files_to_orthanc_one_association(orthanc: OrthancServer, tmp_path:
 def test_a_peer_that_refuses_the_files_syntax_still_gets_them(tmp_path: Path) -> None:
     """Files go out as they are (no decode); dcmtk storescp accepting implicit VR only
     (+xi) refuses their explicit-VR and RLE contexts, so they are decoded and converted."""
-    series = pydicom.uid.generate_uid()
-    files = [
-        make_mr_file(tmp_path / f"{i}.dcm", series_uid=series, instance_number=i) for i in range(2)
-    ]
-    rle = make_mr_file(tmp_path / "rle.dcm", series_uid=series, instance_number=9, shape=(16, 16))
-    ds = pydicom.dcmread(rle)
-    ds.compress(RLELossless)
-    ds.save_as(rle, enforce_file_format=True)
+    files, rle, _ = _series_with_rle(tmp_path, 2)
     assert all(
         pydicom.dcmread(f).file_meta.TransferSyntaxUID != pydicom.uid.ImplicitVRLittleEndian
         for f in [*files, rle]
