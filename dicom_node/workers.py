@@ -20,18 +20,18 @@ from typing import Any
 
 from dicom_node.config import WorkerSettings
 from dicom_node.logging import log_event
+from processing.run import ProcessingSettings, warmup
 
 __all__ = ["BrokenProcessPool", "Workers", "init_embedded_worker", "warm_worker"]
 
 log = logging.getLogger("synthmr.workers")
 
 
-def warm_worker() -> None:
+def warm_worker(settings: ProcessingSettings | None = None) -> None:
     """Compile / load every numba kernel and the ONNX model in this process (worker
-    initializer): the whole pipeline runs once on a tiny phantom."""
-    from processing.run import warmup
-
-    warmup()
+    initializer): the whole pipeline runs once on a tiny phantom, with the node's
+    processing settings (its model, its stages)."""
+    warmup(settings)
 
 
 def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
@@ -43,12 +43,12 @@ def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
             os._exit(0)
 
 
-def init_embedded_worker(parent_pid: int) -> None:
+def init_embedded_worker(parent_pid: int, settings: ProcessingSettings | None = None) -> None:
     """Initializer of the embedded pool: the orphan watchdog, then :func:`warm_worker`."""
     threading.Thread(
         target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True
     ).start()
-    warm_worker()
+    warm_worker(settings)
 
 
 def _ping() -> bool:
@@ -58,8 +58,9 @@ def _ping() -> bool:
 class Workers:
     """A pool with ``submit(fn, *args) -> Future``."""
 
-    def __init__(self, cfg: WorkerSettings) -> None:
+    def __init__(self, cfg: WorkerSettings, processing: ProcessingSettings | None = None) -> None:
         self.cfg = cfg
+        self.processing = processing  # workers warm with the node's processing settings
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._client: Any = None
@@ -70,7 +71,7 @@ class Workers:
 
             self._client = Client(self.cfg.scheduler_address, timeout="30s")
             try:
-                self._client.run(warm_worker)
+                self._client.run(warm_worker, self.processing)
             except Exception as exc:  # warming is an optimisation only
                 log_event(log, "dask_warmup_failed", level=logging.WARNING, error=repr(exc))
             log_event(log, "workers_started", backend="dask", scheduler=self.cfg.scheduler_address)
@@ -88,7 +89,7 @@ class Workers:
             max_workers=self.cfg.processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=init_embedded_worker,
-            initargs=(os.getpid(),),
+            initargs=(os.getpid(), self.processing),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
