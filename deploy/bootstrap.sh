@@ -47,6 +47,9 @@ fi
 extras="test"
 [ "$mode" = "train" ] && extras="test,train"
 python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
+# Compile every numba kernel into the on-disk cache now (~45 s once), not while the first
+# series waits: the node's workers and the demo then load them in about a second.
+synthmr warmup
 
 case "$mode" in
   demo)

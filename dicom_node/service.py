@@ -171,6 +171,9 @@ class Node:
             "scp_listening": self.scp.listening,
             "registry": self.registry.ok(),
             "spool_above_watermark": self.spool.above_watermark(),
+            # numba kernels compiled / loaded in every worker: a series taken before that
+            # would wait for the compile (~45 s on an empty cache; `synthmr warmup` fills it)
+            "workers_warm": self.workers.warm,
         }
         return all(checks.values()), checks
 
