@@ -104,6 +104,8 @@ def table(tmp_path_factory) -> list[ow.Cell]:
 def test_every_convention_fits_within_1_percent_or_is_quarantined(table):
     print("\n" + ow.format_table(table))
     assert len(table) == sum(len(r.layouts) for r in ow.ROWS)
+    by = {(c.row, c.layout): c for c in table}
+    assert ow.ROWS[0].name == "phase: as written by the emulator"
     for c in table:
         where = f"{c.row} / {c.layout}"
         assert c.outcome == c.expected, f"{where}: {c.outcome} ({c.reason})"
@@ -114,6 +116,10 @@ def test_every_convention_fits_within_1_percent_or_is_quarantined(table):
             continue  # the magnitude fit's own bias: next test
         assert abs(c.wm_t1_bias) <= 0.01, f"{where}: WM T1 bias {c.wm_t1_bias:+.4f}"
         assert abs(c.gm_t1_bias) <= 0.01, f"{where}: GM T1 bias {c.gm_t1_bias:+.4f}"
+        # the adapter adds nothing: the emulator's own series of that layout fits the same
+        ref = by[ow.ROWS[0].name, c.layout]
+        assert c.wm_t1_bias == pytest.approx(ref.wm_t1_bias, abs=1e-3), where
+        assert c.gm_t1_bias == pytest.approx(ref.gm_t1_bias, abs=1e-3), where
 
 
 @pytest.mark.slow
@@ -187,3 +193,28 @@ def test_synthmr_process_fits_ge_radians_and_refuses_ambiguous_phase(tmp_path):
     for tissue in ("WM", "GM"):
         bias = ow.t1_bias(t1, ph.truth, tissue)
         assert abs(bias) <= 0.01, f"{tissue} T1 bias {bias:+.4f}"
+
+
+def test_node_job_quarantines_an_undecidable_phase(tmp_path):
+    """`synthmr serve` path: the node's series job turns the phase-unit error into
+    QUARANTINED with the reason (the worker and the outbox are never reached)."""
+    from dicom_node.config import load_settings
+    from dicom_node.pipeline import run_series_job
+    from dicom_node.registry import State
+
+    ph = ow.make_table_phantom()
+    row = next(r for r in ow.ROWS if r.phase == "mixed: radians and milliradians frames")
+    paths = []
+    for i, ds in enumerate(row.build(ph.acq, "philips", seed=31)):
+        paths.append(str(tmp_path / f"IM_{i:05d}.dcm"))
+        ds.save_as(paths[-1], enforce_file_format=True)
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a quarantined series must not be fitted")
+
+    outcome = run_series_job(
+        "2.25.1", paths, load_settings(None, env={}), spool=None, submit=no_worker
+    )
+    assert outcome.state == State.QUARANTINED, outcome
+    assert "philips: phase unit inconsistent" in outcome.reason
+    assert "frames written in different units" in outcome.reason
