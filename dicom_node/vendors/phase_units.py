@@ -22,8 +22,9 @@ into a QUARANTINED series, never a fit with a wrong phase):
 - a phase frame spans a tiny fraction of the cycle while the series spans all of it (frames
   written in different units).
 
-A site that knows its writer can set ``vendors.<name>.phase_to_rad``: the coverage test is
-then skipped, the span and step checks still apply.
+A site whose writer uses a unit not listed here (e.g. tenths of a degree) sets
+``vendors.<name>.phase_to_rad``; every check above still applies to it, so a wrong setting
+(GE's radians multiplied by 1e-3 again) is quarantined, not fitted.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def decide_phase_unit(
 ) -> PhaseDecision:
     """Decide the radians per rescaled phase unit of one series from its phase frames.
 
-    ``configured_to_rad``: the site's ``phase_to_rad`` override (skips the coverage test).
+    ``configured_to_rad``: the site's ``phase_to_rad`` (replaces the unit table; checked).
     Raises :class:`PhaseUnitError` when the unit is ambiguous or the frames disagree.
     """
     if not frames:
@@ -148,15 +149,19 @@ def decide_phase_unit(
                 f"phase unit unknown: {where}: more than one turn in every known unit "
                 f"({', '.join(u.name for u in PHASE_UNITS)}); set vendors.<name>.phase_to_rad"
             )
-        coverage = span / unit.cycle
-        if coverage < MIN_COVERAGE:
-            known = ", ".join(f"{u.name} {u.cycle:.6g}" for u in PHASE_UNITS)
-            raise PhaseUnitError(
-                f"phase unit ambiguous: {where}: only {100 * coverage:.0f} % of a turn even "
-                f"in {unit.name}, the smallest unit that holds it (wrapped phase fills "
-                f">= {100 * MIN_COVERAGE:.0f} % of a turn; units per turn: {known}); "
-                "set vendors.<name>.phase_to_rad if the writer is known"
-            )
+    coverage = span / unit.cycle
+    if coverage < MIN_COVERAGE:
+        which = "" if configured_to_rad else ", the smallest known unit that holds it"
+        fix = (
+            "check vendors.<name>.phase_to_rad"
+            if configured_to_rad
+            else "if the writer's unit is known and not listed, set vendors.<name>.phase_to_rad"
+        )
+        raise PhaseUnitError(
+            f"phase unit ambiguous: {where}: only {100 * coverage:.0f} % of a turn in "
+            f"{unit.name}{which} (wrapped phase fills >= {100 * MIN_COVERAGE:.0f} % of a "
+            f"turn: masked or rescaled phase?); {fix}"
+        )
     coverage = min(span / unit.cycle, 1.0)
     if step * unit.to_rad > MAX_STEP_RAD:
         raise PhaseUnitError(
@@ -164,7 +169,7 @@ def decide_phase_unit(
             f"{step * unit.to_rad:.3g} rad (limit {MAX_STEP_RAD:.3g}): too coarse to be phase"
         )
     narrow = [f for f in frames if 0.0 < (f.hi - f.lo) < MIN_FRAME_COVERAGE * unit.cycle]
-    if narrow and coverage >= MIN_COVERAGE:
+    if narrow:
         f = narrow[0]
         raise PhaseUnitError(
             f"phase unit inconsistent: {where} ({unit.name}), but {len(narrow)} frame(s) "

@@ -426,7 +426,8 @@ def create_app(ctx: WebContext) -> Starlette:
                 "ti_ms": r.ti_ms, "ti2_ms": r.ti2_ms,
             }  # fmt: skip
         for name, s in (stored.meta.get("synthetic") or {}).items():
-            if s.get("kind") in ("SE", "IR", "PSIR", "DIR") and not s.get("ai_enhanced"):
+            plain = not s.get("ai_enhanced") and not name.endswith("_MIX")
+            if s.get("kind") in ("SE", "IR", "PSIR", "DIR") and plain:
                 presets[f"{name} (this series)"] = {
                     k: s.get(k) for k in ("kind", "tr_ms", "te_ms", "ti_ms", "ti2_ms")
                 }
