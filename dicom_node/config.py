@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from dicom_node.web.settings import WebSettings, WebUser, web_errors
+
 __all__ = [
     "AllowedCaller",
     "CompletionSettings",
@@ -38,6 +40,8 @@ __all__ = [
     "Settings",
     "SpoolSettings",
     "TLSSettings",
+    "WebSettings",
+    "WebUser",
     "WorkerSettings",
     "check_config",
     "load_settings",
@@ -207,6 +211,7 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     vendors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    web: WebSettings = field(default_factory=WebSettings)
     source: str | None = None
 
 
@@ -446,6 +451,7 @@ def _validate(s: Settings, errors: list[str]) -> None:
     if s.metrics.enabled:
         port_ok(s.metrics.port, "metrics.port", allow_zero=True)
         host_ok(s.metrics.address, "metrics.address")
+    errors.extend(web_errors(s.web))
     if s.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         errors.append(f"logging.level: {s.logging.level!r} is not a logging level")
     for vendor, table in s.vendors.items():

@@ -109,6 +109,23 @@ def missing_cells(paths: Sequence[str], vendor_overrides: dict[str, Any]) -> lis
     return []
 
 
+def _keep_for_web(spool: Spool, series_uid: str, result: Any, datasets: list[Dataset]) -> None:
+    """Keep maps, figures and thumbnails for the web interface (dicom_node.seriesstore);
+    a failure here is logged, the series is still delivered."""
+    try:
+        from dicom_node.seriesstore import save_series
+
+        save_series(spool.root, series_uid, result, datasets)
+    except Exception as exc:
+        log_event(
+            log,
+            "series_store_failed",
+            level=logging.WARNING,
+            series_uid=series_uid,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+
+
 def run_series_job(
     series_uid: str,
     paths: Sequence[str],
@@ -175,6 +192,7 @@ def run_series_job(
             for ds, path in zip(out_ds, paths, strict=True)
         ]
         observe("export", t0)
+        _keep_for_web(spool, series_uid, result, datasets)
     except Exception as exc:
         log_event(
             log,

@@ -150,6 +150,16 @@ CREATE TABLE IF NOT EXISTS transitions (
     at REAL NOT NULL,
     reason TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    user TEXT NOT NULL,
+    role TEXT NOT NULL DEFAULT '',
+    action TEXT NOT NULL,
+    series_uid TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '',
+    remote TEXT NOT NULL DEFAULT ''
+);
 """
 
 TransitionHook = Callable[[str, "State | None", State, float], None]
@@ -591,6 +601,100 @@ class Registry:
                 (time.time(), series_uid, series_uid),
             )
             return int(cur.rowcount)
+
+    def queue_outputs(self, series_uid: str, rows: list[tuple[str, str, str, str]]) -> int:
+        """Extra outbox rows ``(destination, sop_uid, sop_class_uid, path)`` for a series
+        that keeps its state (a contrast sent from the tuner); a SOP UID already there is
+        replaced (PENDING again), never duplicated. Returns how many rows."""
+        now = time.time()
+        with self._tx() as db:
+            for dest, sop, cls, path in rows:
+                db.execute(
+                    "INSERT INTO outbox(series_uid, destination, sop_uid, sop_class_uid, path,"
+                    " state, attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,'PENDING',0,?,?)"
+                    " ON CONFLICT(destination, sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
+                    " sop_class_uid=excluded.sop_class_uid, path=excluded.path, state='PENDING',"
+                    " attempts=0, next_attempt_at=excluded.next_attempt_at, last_error=''",
+                    (series_uid, dest, sop, cls, path, now, now),
+                )
+        return len(rows)
+
+    def outbox_of(self, series_uid: str) -> dict[str, dict[str, Any]]:
+        """Per destination: item counts by state and the last error (series detail page)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT destination, state, COUNT(*), MAX(last_error), MAX(sent_at)"
+                " FROM outbox WHERE series_uid=? GROUP BY destination, state",
+                (series_uid,),
+            ).fetchall()
+        out: dict[str, dict[str, Any]] = {}
+        for dest, state, n, err, sent in rows:
+            d = out.setdefault(
+                dest, {"PENDING": 0, "SENT": 0, "DEAD": 0, "last_error": "", "sent_at": None}
+            )
+            d[state] = int(n)
+            if err:
+                d["last_error"] = err
+            if sent:
+                d["sent_at"] = max(float(sent), d["sent_at"] or 0.0)
+        return out
+
+    def list_series(
+        self,
+        *,
+        states: list[str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 200,
+    ) -> list[SeriesRow]:
+        """Series newest first, filtered by state and by first-received time (web list)."""
+        where, args = ["1=1"], []
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += list(states)
+        if since is not None:
+            where.append("first_received >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("first_received < ?")
+            args.append(until)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid)"
+                f" AS n FROM series s WHERE {' AND '.join(where)}"
+                " ORDER BY first_received DESC LIMIT ?",
+                (*args, int(limit)),
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    # ------------------------------------------------------------------ audit
+    def audit(
+        self,
+        user: str,
+        action: str,
+        *,
+        role: str = "",
+        series_uid: str = "",
+        detail: str = "",
+        remote: str = "",
+    ) -> None:
+        """One line of the audit log: who did what, on which series, when."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO audit(at, user, role, action, series_uid, detail, remote)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (time.time(), user, role, action, series_uid, detail[:2000], remote),
+            )
+
+    def audit_log(self, series_uid: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Audit lines, newest first (of one series, or all)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, user, role, action, series_uid, detail, remote FROM audit"
+                " WHERE (? IS NULL OR series_uid=?) ORDER BY id DESC LIMIT ?",
+                (series_uid, series_uid, int(limit)),
+            ).fetchall()
+        return [dict(r) for r in rows]
 
     # ------------------------------------------------------------------ recovery
     def recover(self) -> dict[str, int]:

@@ -88,6 +88,7 @@ class Node:
         )
         self.metrics.attach_state(self._state_figures)
         self.metrics_server: MetricsServer | None = None
+        self.web: Any = None  # dicom_node.web.server.WebServer when [web] enabled
         self._stop = threading.Event()
         self._jobs_wake = threading.Event()
         self._job_threads: list[threading.Thread] = []
@@ -121,18 +122,25 @@ class Node:
         if m.enabled:
             self.metrics_server = MetricsServer(self.metrics, m.address, m.port, self.ready)
             self.metrics_server.start()
+        if self.settings.web.enabled:
+            from dicom_node.web.glue import start_web
+
+            self.web = start_web(self)
         log_event(
             log,
             "node_started",
             ae_title=self.settings.node.ae_title,
             port=self.scp.port,
             metrics_port=self.metrics_port,
+            web_port=self.web.port if self.web else None,
         )
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._jobs_wake.set()
+        if self.web is not None:
+            self.web.stop()
         self.scp.stop()
         self.completion.stop()
         self.outbox.stop()
