@@ -59,6 +59,15 @@ def test_ge_radians_with_the_old_constant_is_refused():
     assert decide_phase_unit(ranges).to_rad == 1.0
     with pytest.raises(PhaseUnitError, match=r"ambiguous.*0 % of a turn.*configured"):
         decide_phase_unit(ranges, configured_to_rad=1e-3)
+    # a configured unit accepts masked phase (half a turn), still refuses a factor 57
+    half = _ranges(-90.0, 90.0, 0.1)
+    assert decide_phase_unit(half, configured_to_rad=math.pi / 180).coverage == 0.5
+    with pytest.raises(PhaseUnitError, match=r"inconsistent.*more than one turn"):
+        decide_phase_unit(half, configured_to_rad=1.0)  # degrees read as radians
+    with pytest.raises(PhaseUnitError, match=r"ambiguous.*1 % of a turn"):
+        decide_phase_unit(half, configured_to_rad=math.pi / 180 / 57)
+    with pytest.raises(PhaseUnitError, match=r"ambiguous"):
+        decide_phase_unit(half)  # not configured: radians? degrees? never guessed
 
 
 def test_ambiguous_coarse_mixed_and_unknown_are_named():
