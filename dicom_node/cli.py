@@ -121,6 +121,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return int(service.serve(settings, config_path=args.config) or 0)
 
 
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from dicom_node.workers import warmup_report
+
+    r = warmup_report()
+    print(
+        f"synthmr warmup: {r['kernels']} numba kernels, {r['compiled']} specializations"
+        f" compiled, {r['loaded_from_cache']} loaded from the cache, {r['seconds']:.1f} s;"
+        f" cache: {', '.join(r['cache_dirs']) or '-'}"
+    )
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from dicom_node import config as cfg_mod
 
@@ -350,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--config", "-c", default=None, help="the node's TOML configuration")
     s.set_defaults(func=cmd_retry)
+
+    s = sub.add_parser(
+        "warmup",
+        help="compile every numba kernel into the on-disk cache (run at install / image build)",
+    )
+    s.set_defaults(func=cmd_warmup)
 
     s = sub.add_parser("check-config", help="validate a configuration file and explain errors")
     s.add_argument("config", nargs="?", default=None)

@@ -25,6 +25,7 @@ from typing import Any
 
 from dicom_node.export.settings import ExportSettings
 from dicom_node.vendors.rules import VendorRules, load_rules
+from dicom_node.web.settings import WebSettings, WebUser, web_errors
 from processing.run import ProcessingSettings
 from processing.synthesis import PRESETS
 
@@ -42,6 +43,8 @@ __all__ = [
     "Settings",
     "SpoolSettings",
     "TLSSettings",
+    "WebSettings",
+    "WebUser",
     "WorkerSettings",
     "check_config",
     "load_settings",
@@ -178,6 +181,7 @@ class Settings:
     vendors: dict[str, VendorRules] = field(
         default_factory=lambda: load_rules(None), metadata={"convert": "vendor_rules"}
     )
+    web: WebSettings = field(default_factory=WebSettings)
     source: str | None = None
 
 
@@ -408,6 +412,7 @@ def _validate_service(s: Settings, errors: list[str]) -> None:
     if s.metrics.enabled:
         _port_ok(errors, s.metrics.port, "metrics.port", allow_zero=True)
         _host_ok(errors, s.metrics.address, "metrics.address")
+    errors.extend(web_errors(s.web))
     if s.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         errors.append(f"logging.level: {s.logging.level!r} is not a logging level")
 

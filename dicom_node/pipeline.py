@@ -8,6 +8,7 @@ Only the node's side lives here (spool in, spool out); the series path itself is
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 
 import pydicom
@@ -15,13 +16,17 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from dicom_node.config import Settings
+from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import State
 from dicom_node.series import JobOutcome, Submit, Writer, run_series
+from dicom_node.seriesstore import save_series
 from dicom_node.spool import Spool
 from processing.results import SeriesResult
 
 __all__ = ["JobOutcome", "encode_part10", "load_datasets", "run_series_job", "spool_writer"]
+
+log = logging.getLogger("synthmr.pipeline")
 
 
 def load_datasets(paths: Sequence[str]) -> list[Dataset]:
@@ -43,19 +48,38 @@ def encode_part10(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def spool_writer(spool: Spool, series_uid: str) -> Writer:
-    """Write outputs as fsync'd Part-10 files in the spool's outbox folder of the series."""
+def spool_writer(spool: Spool, series_uid: str, sources: list[Dataset]) -> Writer:
+    """Write outputs as fsync'd Part-10 files in the spool's outbox folder of the series,
+    and keep maps, figures and thumbnails for the web interface."""
 
     def write(datasets: list[Dataset], result: SeriesResult) -> list[tuple[str, str, str]]:
         paths = spool.store_outputs(
             series_uid, ((str(ds.SOPInstanceUID), encode_part10(ds)) for ds in datasets)
         )
+        _keep_for_web(spool, series_uid, result, sources)
         return [
             (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path))
             for ds, path in zip(datasets, paths, strict=True)
         ]
 
     return write
+
+
+def _keep_for_web(
+    spool: Spool, series_uid: str, result: SeriesResult, datasets: list[Dataset]
+) -> None:
+    """Keep maps, figures and thumbnails for the web interface (dicom_node.seriesstore);
+    a failure here is logged, the series is still delivered."""
+    try:
+        save_series(spool.root, series_uid, result, datasets)
+    except Exception as exc:
+        log_event(
+            log,
+            "series_store_failed",
+            level=logging.WARNING,
+            series_uid=series_uid,
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
 
 def run_series_job(
@@ -79,7 +103,7 @@ def run_series_job(
     return run_series(
         datasets,
         settings,
-        spool_writer(spool, series_uid),
+        spool_writer(spool, series_uid, datasets),
         series_uid=series_uid,
         submit=submit,
         metrics=metrics,

@@ -157,6 +157,16 @@ CREATE TABLE IF NOT EXISTS transitions (
     at REAL NOT NULL,
     reason TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    user TEXT NOT NULL,
+    role TEXT NOT NULL DEFAULT '',
+    action TEXT NOT NULL,
+    series_uid TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '',
+    remote TEXT NOT NULL DEFAULT ''
+);
 """
 
 TransitionHook = Callable[[str, "State | None", State, float], None]
@@ -183,15 +193,24 @@ class Registry:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, fsync: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction. ``fsync=False`` commits without syncing the WAL (synchronous=
+        NORMAL): safe against a killed process (the commit is in the OS's cache), lost only
+        with the machine (power loss), and then the next FULL commit or checkpoint syncs it."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not fsync:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not fsync:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def ok(self) -> bool:
         """True when the database answers (readiness)."""
@@ -270,10 +289,15 @@ class Registry:
 
         Creates the series in RECEIVING; a late instance re-opens a series that was
         COMPLETE or final (-> RECEIVING). Returns (distinct instances, expected count).
+
+        Committed without an fsync of its own (the C-STORE answer waits for it): the durable
+        record of a received instance is its spooled file (DESIGN promise 1), and a row that
+        a power loss takes with it is re-created from that file at the next start
+        (:meth:`known_paths`, :func:`dicom_node.scp.register_spooled`).
         """
         now = time.time()
         created = reopened = None
-        with self._tx() as db:
+        with self._tx(fsync=False) as db:
             row = db.execute(
                 "SELECT state, expected_count FROM series WHERE series_uid=?", (series_uid,)
             ).fetchone()
@@ -325,6 +349,11 @@ class Registry:
         if reopened:
             self._notify(series_uid, reopened[0], State.RECEIVING, reopened[1])
         return int(n), exp
+
+    def known_paths(self) -> set[str]:
+        """Every registered instance's spool path."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT path FROM instances").fetchall()}
 
     def instance_paths(self, series_uid: str) -> list[str]:
         with self._lock:
@@ -595,6 +624,100 @@ class Registry:
                 (time.time(), series_uid, series_uid),
             )
             return int(cur.rowcount)
+
+    def queue_outputs(self, series_uid: str, rows: list[tuple[str, str, str, str]]) -> int:
+        """Extra outbox rows ``(destination, sop_uid, sop_class_uid, path)`` for a series
+        that keeps its state (a contrast sent from the tuner); a SOP UID already there is
+        replaced (PENDING again), never duplicated. Returns how many rows."""
+        now = time.time()
+        with self._tx() as db:
+            for dest, sop, cls, path in rows:
+                db.execute(
+                    "INSERT INTO outbox(series_uid, destination, sop_uid, sop_class_uid, path,"
+                    " state, attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,'PENDING',0,?,?)"
+                    " ON CONFLICT(destination, sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
+                    " sop_class_uid=excluded.sop_class_uid, path=excluded.path, state='PENDING',"
+                    " attempts=0, next_attempt_at=excluded.next_attempt_at, last_error=''",
+                    (series_uid, dest, sop, cls, path, now, now),
+                )
+        return len(rows)
+
+    def outbox_of(self, series_uid: str) -> dict[str, dict[str, Any]]:
+        """Per destination: item counts by state and the last error (series detail page)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT destination, state, COUNT(*), MAX(last_error), MAX(sent_at)"
+                " FROM outbox WHERE series_uid=? GROUP BY destination, state",
+                (series_uid,),
+            ).fetchall()
+        out: dict[str, dict[str, Any]] = {}
+        for dest, state, n, err, sent in rows:
+            d = out.setdefault(
+                dest, {"PENDING": 0, "SENT": 0, "DEAD": 0, "last_error": "", "sent_at": None}
+            )
+            d[state] = int(n)
+            if err:
+                d["last_error"] = err
+            if sent:
+                d["sent_at"] = max(float(sent), d["sent_at"] or 0.0)
+        return out
+
+    def list_series(
+        self,
+        *,
+        states: list[str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 200,
+    ) -> list[SeriesRow]:
+        """Series newest first, filtered by state and by first-received time (web list)."""
+        where, args = ["1=1"], []
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += list(states)
+        if since is not None:
+            where.append("first_received >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("first_received < ?")
+            args.append(until)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid)"
+                f" AS n FROM series s WHERE {' AND '.join(where)}"
+                " ORDER BY first_received DESC LIMIT ?",
+                (*args, int(limit)),
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    # ------------------------------------------------------------------ audit
+    def audit(
+        self,
+        user: str,
+        action: str,
+        *,
+        role: str = "",
+        series_uid: str = "",
+        detail: str = "",
+        remote: str = "",
+    ) -> None:
+        """One line of the audit log: who did what, on which series, when."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO audit(at, user, role, action, series_uid, detail, remote)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (time.time(), user, role, action, series_uid, detail[:2000], remote),
+            )
+
+    def audit_log(self, series_uid: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Audit lines, newest first (of one series, or all)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, user, role, action, series_uid, detail, remote FROM audit"
+                " WHERE (? IS NULL OR series_uid=?) ORDER BY id DESC LIMIT ?",
+                (series_uid, series_uid, int(limit)),
+            ).fetchall()
+        return [dict(r) for r in rows]
 
     # ------------------------------------------------------------------ recovery
     def recover(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ from dicom_node.metrics import MetricsServer, NodeMetrics
 from dicom_node.pipeline import run_series_job
 from dicom_node.push import Outbox
 from dicom_node.registry import FINAL_STATES, Registry, State
-from dicom_node.scp import StoreSCP
+from dicom_node.scp import StoreSCP, register_spooled
 from dicom_node.series import missing_cells
 from dicom_node.spool import Spool
 from dicom_node.vendors import expected_count
@@ -83,6 +83,7 @@ class Node:
         )
         self.metrics.attach_state(self._state_figures)
         self.metrics_server: MetricsServer | None = None
+        self.web: Any = None  # dicom_node.web.server.WebServer when [web] enabled
         self._stop = threading.Event()
         self._jobs_wake = threading.Event()
         self._job_threads: list[threading.Thread] = []
@@ -92,7 +93,17 @@ class Node:
     def start(self) -> Node:
         removed = self.spool.clean_tmp()
         recovered = self.registry.recover()
-        log_event(log, "node_recovered", temp_files_removed=removed, **recovered)
+        # files acknowledged before a power loss took their (unsynced) registry rows
+        reregistered = register_spooled(
+            self.spool, self.registry, lambda ds: expected_count(ds, self.settings.vendors)
+        )
+        log_event(
+            log,
+            "node_recovered",
+            temp_files_removed=removed,
+            instances_reregistered=reregistered,
+            **recovered,
+        )
         from processing import phase
 
         phase.warmup()  # normalization runs here, in the node process, not in the workers
@@ -108,18 +119,25 @@ class Node:
         if m.enabled:
             self.metrics_server = MetricsServer(self.metrics, m.address, m.port, self.ready)
             self.metrics_server.start()
+        if self.settings.web.enabled:
+            from dicom_node.web.glue import start_web
+
+            self.web = start_web(self)
         log_event(
             log,
             "node_started",
             ae_title=self.settings.node.ae_title,
             port=self.scp.port,
             metrics_port=self.metrics_port,
+            web_port=self.web.port if self.web else None,
         )
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._jobs_wake.set()
+        if self.web is not None:
+            self.web.stop()
         self.scp.stop()
         self.completion.stop()
         self.outbox.stop()
@@ -158,6 +176,9 @@ class Node:
             "scp_listening": self.scp.listening,
             "registry": self.registry.ok(),
             "spool_above_watermark": self.spool.above_watermark(),
+            # numba kernels compiled / loaded in every worker: a series taken before that
+            # would wait for the compile (~45 s on an empty cache; `synthmr warmup` fills it)
+            "workers_warm": self.workers.warm,
         }
         return all(checks.values()), checks
 

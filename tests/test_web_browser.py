@@ -1,0 +1,213 @@
+"""The reading room in a real headless Chromium (Debian's package), against the whole node:
+login, the series list updating while storescu sends a series, the detail page, a retry,
+the contrast tuner's pixels against processing.synthesis for every contrast kind, and
+"Send to PACS" into a real Orthanc (twice: replaced, not duplicated). Screenshots of each
+page go to the test's temporary directory (and to $SYNTHMR_SCREENSHOTS when set)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node.config import load_settings
+from dicom_node.registry import State
+from dicom_node.seriesstore import load_series
+from dicom_node.service import Node
+from dicom_node.web.settings import hash_password
+from processing.display import grey8
+from processing.synthesis import ContrastKind, ContrastSpec, synthesize
+from tests.browser import (
+    canvas_grey,
+    chromium_paths,
+    login,
+    page_load_ms,
+    screenshot,
+    start_chromium,
+    wait_js,
+)
+from tests.conftest import OrthancServer, free_port, make_orthanc, storescu, wait_for, write_config
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(chromium_paths() is None, reason="needs chromium + chromium-driver"),
+]
+
+OPERATOR_PW = "operate-2"
+
+
+class Stack:
+    def __init__(self, node: Node, orthanc: OrthancServer, tmp: Path) -> None:
+        self.node, self.orthanc, self.tmp = node, orthanc, tmp
+        self.base = f"http://127.0.0.1:{node.web.port}"
+        self.shots = Path(os.environ.get("SYNTHMR_SCREENSHOTS", tmp / "screenshots"))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("webnode")
+    orth = make_orthanc(tmp / "orthanc")
+    users = (
+        f'[[web.users]]\nname = "otto"\nrole = "operator"\n'
+        f'password_hash = "{hash_password(OPERATOR_PW)}"\n'
+    )
+    cfg = write_config(
+        tmp,
+        "[completion]\nquiet_period_s = 1.0\nceiling_s = 30\npoll_interval_s = 0.2\n"
+        "[processing]\nenhance = false\n"
+        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
+        f"port = {orth.dicom_port}\ntimeout_s = 10\n"
+        f'[web]\nenabled = true\naddress = "127.0.0.1"\nport = {free_port()}\n' + users,
+    )
+    node = Node(load_settings(cfg), str(cfg)).start()
+    try:
+        yield Stack(node, orth, tmp)
+    finally:
+        node.stop()
+        orth.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    driver = start_chromium()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def delivered(stack: Stack, browser: Any, mdme_series: list[Path]) -> str:
+    """Log in, open the list, send the series with storescu; the list shows it arrive and
+    reach DELIVERED without a reload."""
+    from selenium.webdriver.common.by import By
+
+    login(browser, stack.base, "otto", OPERATOR_PW)
+    wait_js(browser, "return location.pathname === '/series'")
+    assert "otto (operator)" in browser.find_element(By.TAG_NAME, "header").text
+    uid = str(pydicom.dcmread(mdme_series[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert browser.find_elements(By.CSS_SELECTOR, f'tr[data-uid="{uid}"]') == []
+    storescu(mdme_series, stack.node.port)
+    seen = wait_js(
+        browser,
+        f"const r = document.querySelector('tr[data-uid=\"{uid}\"] .badge');"
+        " return r && r.textContent;",
+        60,
+    )
+    assert seen in {s.value for s in State}
+    wait_js(
+        browser,
+        f"const r = document.querySelector('tr[data-uid=\"{uid}\"] .badge');"
+        " return r && r.textContent === 'DELIVERED';",
+        180,
+    )
+    assert browser.execute_script("return window.synthmrSeries.polls") >= 1
+    screenshot(browser, stack.shots / "series.png")
+    return uid
+
+
+def test_login_and_live_series_list(delivered: str, stack: Stack) -> None:
+    assert stack.node.registry.series(delivered).state == State.DELIVERED
+    assert stack.node.registry.audit_log()[-1]["action"] == "login"
+
+
+def test_detail_page_and_retry(delivered: str, stack: Stack, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{stack.base}/series/{delivered}")
+    assert page_load_ms(browser) > 0
+    wait_js(browser, "return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    n_images = browser.execute_script("return document.images.length")
+    stored = load_series(stack.node.spool.root, delivered)
+    assert n_images == len(stored.meta["map_thumbs"]) + len(stored.meta["synthetic"])
+    assert "BPF" in browser.find_element(By.ID, "volumes").text
+    outbox = browser.find_element(By.ID, "outbox").text
+    assert "pacs" in outbox
+    screenshot(browser, stack.shots / "detail.png")
+    before = len(stack.node.registry.timeline(delivered))
+    browser.find_element(By.ID, "retry").click()
+    msg = wait_js(
+        browser, "const m = document.getElementById('message'); return m && m.textContent"
+    )
+    assert "re-queued" in msg, msg
+    wait_for(lambda: stack.node.registry.series(delivered).state == State.DELIVERED
+             and len(stack.node.registry.timeline(delivered)) > before + 2, 180)  # fmt: skip
+    assert stack.node.registry.audit_log(delivered)[0]["action"] == "retry"
+
+
+#: one contrast per equation family, with times a user would not find in the presets
+KINDS = {
+    "SE": {"kind": "SE", "tr": 700, "te": 15},
+    "IR": {"kind": "IR", "tr": 9000, "te": 90, "ti": 2400},
+    "PSIR": {"kind": "PSIR", "tr": 3500, "te": 12, "ti": 500},
+    "DIR": {"kind": "DIR", "tr": 12000, "te": 80, "ti": 3300, "ti2": 420},
+}
+
+
+def test_tuner_pixels_equal_python_synthesis(delivered: str, stack: Stack, browser: Any) -> None:
+    browser.get(f"{stack.base}/series/{delivered}/tuner")
+    wait_js(browser, "return window.synthmrTuner && window.synthmrTuner.renders > 0", 30)
+    stored = load_series(stack.node.spool.root, delivered)
+    maps = stored.quant_maps()
+    z = int(browser.execute_script("return +document.getElementById('slice').value"))
+    for name, p in KINDS.items():
+        browser.execute_script("window.synthmrTuner.set(arguments[0])", p)
+        got = canvas_grey(browser)
+        spec = ContrastSpec(
+            name, ContrastKind(p["kind"]), p["tr"], p["te"], p.get("ti"), p.get("ti2")
+        )
+        syn = synthesize(maps, spec)
+        want = grey8(syn.image[z], syn.window_center, syn.window_width)
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.max() <= 1, f"{name}: max grey difference {diff.max()}"
+        assert np.ptp(want) > 100, f"{name}: the comparison needs contrast"
+        if name == "IR":
+            screenshot(browser, stack.shots / "tuner.png")
+
+
+def _orthanc_series(orth: OrthancServer, series_uid: str) -> list[dict[str, Any]]:
+    out = []
+    for sid in orth.rest("/series"):
+        s = orth.rest(f"/series/{sid}")
+        if s["MainDicomTags"].get("SeriesInstanceUID") == series_uid:
+            out.append(s)
+    return out
+
+
+def test_tuner_send_to_pacs_twice_replaces(delivered: str, stack: Stack, browser: Any) -> None:
+    browser.get(f"{stack.base}/series/{delivered}/tuner")
+    wait_js(browser, "return window.synthmrTuner && window.synthmrTuner.renders > 0", 30)
+    p = KINDS["IR"]
+    sent_uids = []
+    for _ in range(2):
+        browser.execute_script(
+            "window.synthmrTuner.sent = null; window.synthmrTuner.set(arguments[0])", p
+        )
+        browser.find_element("id", "send").click()
+        res = wait_js(browser, "return window.synthmrTuner.sent")
+        assert res["ok"], res
+        sent_uids.append(res["data"]["series_instance_uid"])
+
+        def stored_once(uid: str = sent_uids[-1]) -> bool:
+            found = _orthanc_series(stack.orthanc, uid)
+            return len(found) == 1 and len(found[0]["Instances"]) == 2
+
+        wait_for(stored_once, 60)
+    assert sent_uids[0] == sent_uids[1]
+    s = _orthanc_series(stack.orthanc, sent_uids[0])
+    assert len(s) == 1 and len(s[0]["Instances"]) == 2  # 2 slices, not 4
+    tags = stack.orthanc.rest(f"/instances/{s[0]['Instances'][0]}/simplified-tags")
+    assert (float(tags["RepetitionTime"]), float(tags["EchoTime"]), float(tags["InversionTime"])) == (
+        9000.0, 90.0, 2400.0,
+    )  # fmt: skip
+    assert "SYNTHETIC" in tags["ImageType"]
+    rows = stack.node.registry.outbox_of(delivered)["pacs"]
+    assert rows["DEAD"] == 0
+    actions = [a["action"] for a in stack.node.registry.audit_log(delivered)]
+    assert actions.count("send_tuned") == 2
