@@ -7,6 +7,7 @@ page go to the test's temporary directory (and to $SYNTHMR_SCREENSHOTS when set)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pydicom
 import pytest
 
 from dicom_node.config import load_settings
+from dicom_node.logging import JsonFormatter
 from dicom_node.registry import State
 from dicom_node.seriesstore import load_series
 from dicom_node.service import Node
@@ -74,12 +76,33 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         f'[web]\nenabled = true\naddress = "127.0.0.1"\nport = {free_port()}\n'
         'prior_sources = ["pacs"]\n' + users,
     )
+    root = logging.getLogger()
+    lines = _LogLines()
+    level = root.level
+    root.addHandler(lines)
+    root.setLevel(logging.INFO)
     node = Node(load_settings(cfg), str(cfg)).start()
     try:
-        yield Stack(node, orth, tmp)
+        stack = Stack(node, orth, tmp)
+        stack.log_lines = lines.lines
+        yield stack
     finally:
         node.stop()
         orth.stop()
+        root.removeHandler(lines)
+        root.setLevel(level)
+
+
+class _LogLines(logging.Handler):
+    """Every log line of the node while the module runs, formatted as the node writes them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
 
 
 #: the earlier visit: same patient as the mdme_series fixture, two years before, a smaller
@@ -291,3 +314,13 @@ def test_report_shows_pacs_prior_and_dicom_report_is_valid(
         assert errors == [], (kind, errors)
     pdf = pydicom.dcmread(stack.tmp / "report_pdf.dcm")
     assert pdf.EncapsulatedDocument[:5] == b"%PDF-" and "research use" in pdf.DocumentTitle
+
+
+def test_patient_name_never_in_the_node_logs(delivered: str, stack: Stack) -> None:
+    """The pages show the patient's name (behind the login); the logs never do."""
+    name = str(pydicom.dcmread(sorted((stack.tmp / "visit1" / "in").glob("*.dcm"))[0]).PatientName)
+    lines = stack.log_lines
+    assert any(delivered in ln for ln in lines)  # the series was logged ...
+    assert any('"web_' in ln or "send_tuned" in ln for ln in lines)  # ... and the web actions
+    leaked = [ln for ln in lines if name in ln or name.replace("^", " ") in ln]
+    assert leaked == [], leaked[:3]
