@@ -22,6 +22,7 @@ from dicom_node.registry import State
 from dicom_node.series import JobOutcome, Submit, Writer, run_series
 from dicom_node.seriesstore import save_series
 from dicom_node.spool import Spool
+from dicom_node.web.reportdata import series_report_documents
 from processing.results import SeriesResult
 
 __all__ = ["JobOutcome", "encode_part10", "load_datasets", "run_series_job", "spool_writer"]
@@ -48,15 +49,13 @@ def encode_part10(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def spool_writer(spool: Spool, series_uid: str, sources: list[Dataset]) -> Writer:
-    """Write outputs as fsync'd Part-10 files in the spool's outbox folder of the series,
-    and keep maps, figures and thumbnails for the web interface."""
+def spool_writer(spool: Spool, series_uid: str) -> Writer:
+    """Write outputs as fsync'd Part-10 files in the spool's outbox folder of the series."""
 
     def write(datasets: list[Dataset], result: SeriesResult) -> list[tuple[str, str, str]]:
         paths = spool.store_outputs(
             series_uid, ((str(ds.SOPInstanceUID), encode_part10(ds)) for ds in datasets)
         )
-        _keep_for_web(spool, series_uid, result, sources)
         return [
             (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path))
             for ds, path in zip(datasets, paths, strict=True)
@@ -66,10 +65,11 @@ def spool_writer(spool: Spool, series_uid: str, sources: list[Dataset]) -> Write
 
 
 def _keep_for_web(
-    spool: Spool, series_uid: str, result: SeriesResult, datasets: list[Dataset]
-) -> None:
-    """Keep maps, figures and thumbnails for the web interface (dicom_node.seriesstore);
-    a failure here is logged, the series is still delivered."""
+    spool: Spool, series_uid: str, result: SeriesResult, datasets: list[Dataset], settings: Settings
+) -> list[Dataset]:
+    """Keep maps, figures and thumbnails for the web interface (dicom_node.seriesstore) and
+    make the one-page report of a brain series (Encapsulated PDF + Secondary Capture).
+    A failure here is logged; the series is still delivered without them."""
     try:
         save_series(spool.root, series_uid, result, datasets)
     except Exception as exc:
@@ -80,6 +80,20 @@ def _keep_for_web(
             series_uid=series_uid,
             error=f"{type(exc).__name__}: {exc}",
         )
+        return []
+    if not getattr(result, "volumes_ml", None) or getattr(result, "segmentation", None) is None:
+        return []
+    try:
+        return series_report_documents(spool.root, series_uid, datasets, settings)
+    except Exception as exc:
+        log_event(
+            log,
+            "report_failed",
+            level=logging.WARNING,
+            series_uid=series_uid,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return []
 
 
 def run_series_job(
@@ -103,7 +117,8 @@ def run_series_job(
     return run_series(
         datasets,
         settings,
-        spool_writer(spool, series_uid, datasets),
+        spool_writer(spool, series_uid),
+        extra_outputs=lambda result: _keep_for_web(spool, series_uid, result, datasets, settings),
         series_uid=series_uid,
         submit=submit,
         metrics=metrics,

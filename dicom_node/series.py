@@ -228,11 +228,14 @@ def run_series(
     submit: Submit | None = None,
     metrics: NodeMetrics | None = None,
     timeout_s: float | None = None,
+    extra_outputs: Callable[[SeriesResult], list[Dataset]] | None = None,
 ) -> JobOutcome:
     """Run one series end to end. Never raises: errors become a FAILED / QUARANTINED /
     IGNORED outcome naming the stage and the reason.
 
     ``submit``: run :func:`processing.run.run` there (None = in this process).
+    ``extra_outputs(result)``: more output datasets (the node's one-page report), sent
+    and QC-gated with the export's.
     """
     timings: dict[str, float] = {}
 
@@ -267,7 +270,7 @@ def run_series(
 
         stage = "export"
         t0 = time.perf_counter()
-        outcome = _export_and_write(result, datasets, settings.export, write)
+        outcome = _export_and_write(result, datasets, settings.export, write, extra_outputs)
         observe("export", t0)
     except Exception as exc:
         log_event(
@@ -303,10 +306,16 @@ def _process(
 
 
 def _export_and_write(
-    result: SeriesResult, sources: Sequence[Dataset], settings: ExportSettings, write: Writer
+    result: SeriesResult,
+    sources: Sequence[Dataset],
+    settings: ExportSettings,
+    write: Writer,
+    extra_outputs: Callable[[SeriesResult], list[Dataset]] | None = None,
 ) -> JobOutcome:
     """Export, apply the QC gate, write; the outcome's state is EXPORTED or HELD."""
     out_ds = export_all(result, sources, settings)
+    if extra_outputs is not None:
+        out_ds += extra_outputs(result)
     figures = _figures(result)
     state, reason = State.EXPORTED, f"{len(out_ds)} instances exported"
     if figures["qc_status"] == "fail":

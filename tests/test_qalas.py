@@ -214,6 +214,7 @@ def test_run_processes_a_3d_qalas_volume():
     result = run(ph.acq)
     assert result.maps.t1_ms.shape == (60, 64, 64)
     assert result.synthetic["T1W"].image.shape == (60, 64, 64)
+    assert result.synthetic["MPRAGE"].image.shape == (60, 64, 64)
     assert result.provenance["acquisition"]["sequence"] == "QALAS"
     assert any("B1" in w for w in result.warnings)
     vv = ph.acq.voxel_volume_ml
