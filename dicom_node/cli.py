@@ -43,6 +43,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from dicom_node import emulator
     from processing.phantom import make_phantom
 
+    if getattr(args, "sequence", "mdme") == "qalas":
+        return _simulate_qalas(args)
+
     ph = make_phantom(
         args.shape,
         seed=args.seed,
@@ -59,6 +62,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"simulate: wrote {len(paths)} files ({args.vendor}, "
         f"{'magnitude only' if args.magnitude_only else 'magnitude+phase'}, "
         f"{'oblique' if args.oblique else 'axial'}, grid {ph.acq.signal.shape}) to {out}"
+    )
+    return 0
+
+
+def _simulate_qalas(args: argparse.Namespace) -> int:
+    from dicom_node.qalas_emulator import QALAS_LAYOUTS, write_qalas_series
+    from processing.qalas_phantom import make_qalas_phantom
+
+    if args.vendor not in QALAS_LAYOUTS:
+        print(
+            f"simulate: unknown QALAS layout {args.vendor!r}; choose one of "
+            f"{', '.join(QALAS_LAYOUTS)}",
+            file=sys.stderr,
+        )
+        return 2
+    ph = make_qalas_phantom(
+        args.shape, seed=args.seed, snr=args.snr, magnitude=True, oblique=args.oblique,
+        anatomy=args.anatomy,
+    )  # fmt: skip
+    out = Path(args.out)
+    paths = write_qalas_series(ph.acq, args.vendor, out, seed=args.seed)
+    print(
+        f"simulate: wrote {len(paths)} files (3D-QALAS, {args.vendor}, magnitude, "
+        f"grid {ph.acq.signal.shape}, voxel {ph.acq.voxel_size_mm} mm) to {out}"
     )
     return 0
 
@@ -465,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--magnitude-only", action="store_true")
     s.add_argument("--oblique", action="store_true")
     s.add_argument("--anatomy", default="mni", choices=["mni", "ellipsoid"])
+    s.add_argument(
+        "--sequence",
+        default="mdme",
+        choices=["mdme", "qalas"],
+        help="mdme (2D MAGiC/QRAPMASTER) or qalas (3D-QALAS; vendors ge, siemens, "
+        "philips, philips_enhanced)",
+    )
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("send", help="C-STORE files to a DICOM node")

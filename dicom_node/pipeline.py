@@ -109,9 +109,12 @@ def missing_cells(paths: Sequence[str], vendor_overrides: dict[str, Any]) -> lis
     return []
 
 
-def _keep_for_web(spool: Spool, series_uid: str, result: Any, datasets: list[Dataset]) -> None:
-    """Keep maps, figures and thumbnails for the web interface (dicom_node.seriesstore);
-    a failure here is logged, the series is still delivered."""
+def _keep_for_web(
+    spool: Spool, series_uid: str, result: Any, datasets: list[Dataset], settings: Settings
+) -> list[Dataset]:
+    """Keep maps, figures and thumbnails for the web interface (dicom_node.seriesstore) and
+    make the one-page report of a brain series (Encapsulated PDF + Secondary Capture).
+    A failure here is logged; the series is still delivered without them."""
     try:
         from dicom_node.seriesstore import save_series
 
@@ -124,6 +127,22 @@ def _keep_for_web(spool: Spool, series_uid: str, result: Any, datasets: list[Dat
             series_uid=series_uid,
             error=f"{type(exc).__name__}: {exc}",
         )
+        return []
+    if not getattr(result, "volumes_ml", None) or getattr(result, "segmentation", None) is None:
+        return []
+    try:
+        from dicom_node.web.reportdata import series_report_documents
+
+        return series_report_documents(spool.root, series_uid, datasets, settings)
+    except Exception as exc:
+        log_event(
+            log,
+            "report_failed",
+            level=logging.WARNING,
+            series_uid=series_uid,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return []
 
 
 def run_series_job(
@@ -184,6 +203,7 @@ def run_series_job(
         from dicom_node.export import export_all
 
         out_ds = export_all(result, datasets, export_settings(settings.export))
+        out_ds += _keep_for_web(spool, series_uid, result, datasets, settings)
         paths = spool.store_outputs(
             series_uid, ((str(ds.SOPInstanceUID), encode_part10(ds)) for ds in out_ds)
         )
@@ -192,7 +212,6 @@ def run_series_job(
             for ds, path in zip(out_ds, paths, strict=True)
         ]
         observe("export", t0)
-        _keep_for_web(spool, series_uid, result, datasets)
     except Exception as exc:
         log_event(
             log,
