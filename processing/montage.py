@@ -4,16 +4,33 @@ Pure functions on arrays: ``window`` maps floats to uint8, ``label`` writes a ca
 (Pillow's bundled scalable font) on a black band at the top-left, ``tile`` lays out a
 grid (optionally labelled), ``encode_png`` writes an 8-bit greyscale PNG. Pillow is a
 dependency of matplotlib and highdicom; no font file or download is needed.
+``MAP_DISPLAY_RANGES`` is the one place the maps' display ranges live (the ``process``
+montage and the demo's montage of received images use it); ``series_montage_png`` is the
+montage of a processed series.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["encode_png", "label", "tile", "window"]
+if TYPE_CHECKING:
+    from processing.results import SeriesResult
+
+__all__ = ["MAP_DISPLAY_RANGES", "encode_png", "label", "series_montage_png", "tile", "window"]
+
+#: display range (low, high) of each map in montages, in the map's unit
+MAP_DISPLAY_RANGES: dict[str, tuple[float, float]] = {
+    "T1": (0.0, 4500.0),  # ms
+    "T2": (0.0, 300.0),  # ms
+    "PD": (0.0, 110.0),  # percent units
+    "B1": (0.6, 1.4),  # ratio
+    "MYELIN": (0.0, 40.0),  # percent of the voxel
+}
+_MAP_LABELS = {"T1": "T1 0-4500 MS", "T2": "T2 0-300 MS", "PD": "PD 0-110 PU", "B1": "B1 0.6-1.4"}
 
 
 def window(image: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -90,3 +107,24 @@ def encode_png(gray: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img, mode="L").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def series_montage_png(result: SeriesResult) -> bytes:
+    """Middle slice of every map, contrast, myelin and tissue fraction, 4 columns (PNG)."""
+    m = result.maps
+    z = m.t1_ms.shape[0] // 2
+    arrays = {"T1": m.t1_ms, "T2": m.t2_ms, "PD": m.pd_pu, "B1": m.b1}
+    tiles = [window(arrays[k][z], *MAP_DISPLAY_RANGES[k]) for k in arrays]
+    labels = [_MAP_LABELS[k] for k in arrays]
+    for name, syn in result.synthetic.items():
+        lo = -abs(syn.window_width) / 2 + syn.window_center
+        tiles.append(window(syn.image[z], lo, lo + syn.window_width))
+        labels.append(f"SYNTHETIC {name}")
+    if result.myelin is not None:
+        tiles.append(window(result.myelin.mypv[z], *MAP_DISPLAY_RANGES["MYELIN"]))
+        labels.append("MYELIN 0-40 %")
+    if result.segmentation is not None:
+        for t in ("WM", "GM", "CSF"):
+            tiles.append(window(result.segmentation.fractions[t][z], 0, 1))
+            labels.append(f"{t} FRACTION")
+    return encode_png(tile(tiles, columns=4, labels=labels))

@@ -239,6 +239,7 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
             result.synthetic["FLAIR"],
             model_path=settings.model_path,
             threads=settings.onnx_threads,
+            csf_t1_ms=csf_t1,
         )
         if image is not None:
             result.synthetic[image.name] = image

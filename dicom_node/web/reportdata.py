@@ -200,9 +200,8 @@ def series_report_documents(
     """The report of a just-processed series as DICOM (pipeline hook): earlier visits from
     this node and, when ``[web] prior_sources`` names destinations, from PACS by C-FIND."""
     from dicom_node.export import reference_images
-    from dicom_node.export.common import parameter_fingerprint
     from dicom_node.export.report_page import report_documents
-    from dicom_node.pipeline import export_settings
+    from dicom_node.export.uids import parameter_fingerprint
     from dicom_node.web.priors import pacs_priors
     from dicom_node.web.tuned import stored_result
 
@@ -218,7 +217,7 @@ def series_report_documents(
     if data is None:
         return []
     pdf, png = cached_render(spool_root, series_uid, data)
-    xs = export_settings(settings.export)
+    xs = settings.export
     stored = load_series(spool_root, series_uid)
     result = stored_result(stored)  # type: ignore[arg-type]
     fp = parameter_fingerprint(result, xs)
@@ -236,14 +235,8 @@ def ratio_parametric_map(
     """The T1w/T2w ratio as a Parametric Map (series number: report + 2)."""
     from pydicom.sr.coding import Code
 
-    from dicom_node.export.common import (
-        SCHEME,
-        UCUM_RATIO,
-        MapInfo,
-        MapKind,
-        series_number_base,
-        slice_geometry,
-    )
+    from dicom_node.export.common import SCHEME, UCUM_RATIO, MapInfo, MapKind, series_number_base
+    from dicom_node.export.geometry import slice_geometry
     from dicom_node.export.parametric_map import parametric_map
     from dicom_node.export.report_page import REPORT_SERIES_OFFSET
 
