@@ -8,6 +8,7 @@ where the time goes (normalize, fit, pd, segmentation, myelin, synthesis, enhanc
 export, push), from the registry's timestamps and the node's ``job_finished`` log line.
 
     python benchmarks/e2e_latency.py [--shape 30 256 256] [--layout ge] [--fast]
+    python benchmarks/e2e_latency.py --sequence qalas --shape 176 256 256 --layout siemens
 
 ``--fast``: segmentation, myelin and enhancement off (three contrasts), for comparison.
 """
@@ -61,10 +62,54 @@ def _state(db: Path, series_uid: str) -> str | None:
     return rows[0][0] if rows else None
 
 
+class _RssSampler:
+    """Peak resident memory of the node and all its worker processes (psutil, every 0.2 s)."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            return
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak_bytes = max(self.peak_bytes, total)
+            except Exception:
+                pass
+            self._stop.wait(0.2)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", type=int, nargs=3, default=(30, 256, 256), metavar=("Z", "Y", "X"))
     ap.add_argument("--layout", default="ge")
+    ap.add_argument(
+        "--sequence",
+        default="mdme",
+        choices=["mdme", "qalas"],
+        help="qalas: a 3D-QALAS series (1 mm isotropic; layouts of dicom_node.qalas_emulator)",
+    )
     ap.add_argument("--fast", action="store_true", help="segmentation/myelin/enhance off")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument(
@@ -83,8 +128,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         t = time.perf_counter()
-        ph = make_phantom(tuple(args.shape), seed=5, snr=50.0)
-        files = emulator.write_series(ph.acq, args.layout, tmp / "series")
+        if args.sequence == "qalas":
+            from dicom_node.qalas_emulator import write_qalas_series
+            from processing.qalas_phantom import make_qalas_phantom
+
+            ph = make_qalas_phantom(
+                tuple(args.shape), voxel_size_mm=(1.0, 1.0, 1.0), seed=5, snr=50.0, magnitude=True
+            )
+            files = write_qalas_series(ph.acq, args.layout, tmp / "series")
+        else:
+            ph = make_phantom(tuple(args.shape), seed=5, snr=50.0)
+            files = emulator.write_series(ph.acq, args.layout, tmp / "series")
         uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
         print(
             f"series: {args.layout} {tuple(args.shape)} magnitude+phase, {len(files)} files "
@@ -112,14 +166,23 @@ def main() -> None:
             stderr=subprocess.STDOUT,
         )
         db = spool / "registry.sqlite3"
+        peak = _RssSampler(node.pid)
         try:
             wait_port(port, 120)
             # steady state: a tiny series first, so start-up warming is not in the figure
-            warm = emulator.write_series(
-                make_phantom((2, 32, 32), seed=6, anatomy="ellipsoid").acq,
-                args.layout,
-                tmp / "warm",
-            )
+            if args.sequence == "qalas":
+                warm = write_qalas_series(
+                    make_qalas_phantom((8, 32, 32), seed=6, anatomy="ellipsoid").acq,
+                    args.layout,
+                    tmp / "warm",
+                    seed=6,
+                )
+            else:
+                warm = emulator.write_series(
+                    make_phantom((2, 32, 32), seed=6, anatomy="ellipsoid").acq,
+                    args.layout,
+                    tmp / "warm",
+                )
             subprocess.run(
                 [
                     require_tool("storescu"),
@@ -138,6 +201,7 @@ def main() -> None:
             warm_uid = str(pydicom.dcmread(warm[0], stop_before_pixels=True).SeriesInstanceUID)
             wait_for(lambda: _state(db, warm_uid) == "DELIVERED", 600, 0.2, "warm-up series")
             n_warm = len(orth.instances())
+            peak.start()
             t_send = time.time()
             r = subprocess.run(
                 [
@@ -183,6 +247,7 @@ def main() -> None:
                 )
             )
         finally:
+            peak.stop()
             stop_pid(node, 60)
             orth.stop()
         # push comparison on the same output files: our SCU (send_files, one association)
@@ -225,6 +290,7 @@ def main() -> None:
         f"END TO END last instance sent -> last output stored in Orthanc: {e2e:6.2f} s "
         f"(goal <= 15 s on 2 cores)"
     )
+    print(f"  peak RSS of the node and its workers: {peak.peak_bytes / 2**30:.2f} GiB")
     print(f"  completion by grid (last received -> COMPLETE): {at['COMPLETE'] - last_rx:6.3f} s")
     print(
         f"  queue (COMPLETE -> PROCESSING):                 {at['PROCESSING'] - at['COMPLETE']:6.3f} s"
