@@ -43,6 +43,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from dicom_node import emulator
     from processing.phantom import make_phantom
 
+    if getattr(args, "phantom", None):
+        from dicom_node.phantom_cli import cmd_simulate_phantom
+
+        return cmd_simulate_phantom(args)
+
     ph = make_phantom(
         args.shape,
         seed=args.seed,
@@ -162,6 +167,12 @@ def cmd_process(args: argparse.Namespace) -> int:
             continue
         acq = outcome.acquisition
         try:
+            from dicom_node.phantom_cli import process_phantom
+
+            line = process_phantom(outcome, node_settings, out_root, _safe_dirname)
+            if line is not None:  # a QC phantom: maps + SEG + SR + phantom_qc.json
+                print(f"{label}: {outcome.vendor}: {line}")
+                continue
             result = run(acq, proc_settings)
             out = out_root / _safe_dirname(outcome.series_uid)
             try:
@@ -465,7 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--magnitude-only", action="store_true")
     s.add_argument("--oblique", action="store_true")
     s.add_argument("--anatomy", default="mni", choices=["mni", "ellipsoid"])
+    from dicom_node.phantom_cli import add_qc_parser, add_simulate_arguments
+
+    add_simulate_arguments(s)
     s.set_defaults(func=cmd_simulate)
+    add_qc_parser(sub)
 
     s = sub.add_parser("send", help="C-STORE files to a DICOM node")
     s.add_argument("paths", nargs="+")

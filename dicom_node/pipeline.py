@@ -55,6 +55,8 @@ class JobOutcome:
     processing_timings_s: dict[str, float] = field(default_factory=dict)
     #: scalar QC figures of the series (processing.qc: residual_to_noise, b1_p1, ...)
     qc_figures: dict[str, float] = field(default_factory=dict)
+    #: phantom series: the phantom_qc.json content (dicom_node.phantom_node)
+    phantom_qc: dict[str, Any] | None = None
 
 
 def load_datasets(paths: Sequence[str]) -> list[Dataset]:
@@ -169,6 +171,13 @@ def run_series_job(
 
         stage = "process"
         t0 = time.perf_counter()
+        from dicom_node.phantom_node import run_phantom_job
+
+        phantom = run_phantom_job(
+            series_uid, acq, datasets, settings, spool, submit, timeout_s, observe, timings
+        )
+        if phantom is not None:
+            return phantom
         from processing.run import run
 
         psettings = settings.processing.to_processing_settings()
