@@ -186,15 +186,24 @@ class Registry:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, fsync: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction. ``fsync=False`` commits without syncing the WAL (synchronous=
+        NORMAL): safe against a killed process (the commit is in the OS's cache), lost only
+        with the machine (power loss), and then the next FULL commit or checkpoint syncs it."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not fsync:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not fsync:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def ok(self) -> bool:
         """True when the database answers (readiness)."""
@@ -273,10 +282,15 @@ class Registry:
 
         Creates the series in RECEIVING; a late instance re-opens a series that was
         COMPLETE or final (-> RECEIVING). Returns (distinct instances, expected count).
+
+        Committed without an fsync of its own (the C-STORE answer waits for it): the durable
+        record of a received instance is its spooled file (DESIGN promise 1), and a row that
+        a power loss takes with it is re-created from that file at the next start
+        (:meth:`known_paths`, :func:`dicom_node.scp.register_spooled`).
         """
         now = time.time()
         created = reopened = None
-        with self._tx() as db:
+        with self._tx(fsync=False) as db:
             row = db.execute(
                 "SELECT state, expected_count FROM series WHERE series_uid=?", (series_uid,)
             ).fetchone()
@@ -328,6 +342,11 @@ class Registry:
         if reopened:
             self._notify(series_uid, reopened[0], State.RECEIVING, reopened[1])
         return int(n), exp
+
+    def known_paths(self) -> set[str]:
+        """Every registered instance's spool path."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT path FROM instances").fetchall()}
 
     def instance_paths(self, series_uid: str) -> list[str]:
         with self._lock:

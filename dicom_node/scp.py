@@ -37,14 +37,21 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from dicom_node import reactor
 from dicom_node.config import AllowedCaller, Settings
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.push import set_tcp_nodelay
 from dicom_node.registry import Registry
-from dicom_node.spool import Spool, SpoolFullError, UnreadableDatasetError
+from dicom_node.spool import Spool, SpoolFullError, UnreadableDatasetError, read_header
 
-__all__ = ["TRANSFER_SYNTAXES", "CallerPolicy", "StoreSCP", "make_server_ssl_context"]
+__all__ = [
+    "TRANSFER_SYNTAXES",
+    "CallerPolicy",
+    "StoreSCP",
+    "make_server_ssl_context",
+    "register_spooled",
+]
 
 log = logging.getLogger("synthmr.scp")
 
@@ -106,6 +113,48 @@ def make_server_ssl_context(
         ctx.load_verify_locations(ca)
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
     return ctx
+
+
+def register_spooled(
+    spool: Spool,
+    registry: Registry,
+    expected_count: Callable[[object], int | None] | None = None,
+) -> int:
+    """Register every spooled received file that has no registry row; return how many.
+
+    The instance rows are committed without an fsync of their own (the file is the durable
+    record): after a power loss the last rows may be gone while their acknowledged files
+    are on disk. At start-up they are read back and registered like a C-STORE (their
+    series re-opens as RECEIVING and completes again)."""
+    known = registry.known_paths()
+    n = 0
+    for path in sorted(spool.incoming.rglob("*.dcm")):
+        if str(path) in known:
+            continue
+        try:
+            header = read_header(path.read_bytes())
+        except (OSError, UnreadableDatasetError) as exc:
+            log_event(
+                log, "spooled_unreadable", level=logging.WARNING, path=str(path), reason=str(exc)
+            )
+            continue
+        expected = None
+        if expected_count is not None:
+            try:
+                expected = expected_count(header.dataset)
+            except Exception:  # a vendor rule must not stop the start-up
+                expected = None
+        registry.add_instance(
+            sop_uid=header.sop_instance_uid,
+            series_uid=header.series_instance_uid,
+            study_uid=header.study_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            path=str(path),
+            size=path.stat().st_size,
+            expected_count=expected,
+        )
+        n += 1
+    return n
 
 
 InstanceHook = Callable[[str, int, "int | None"], None]
@@ -186,8 +235,10 @@ class StoreSCP:
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_CONN_CLOSE, self._on_end),
         ]
-        self._server = self.ae.start_server(
-            (n.bind_address, n.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        # pynetdicom's own server, with association threads that block instead of polling in
+        # 1 ms sleeps (dicom_node.reactor): ~2 ms less per C-STORE on loopback
+        self._server = reactor.make_server(
+            self.ae, (n.bind_address, n.port), handlers, ssl_context=ssl_context
         )
         log_event(
             log,

@@ -26,7 +26,7 @@ from dicom_node.metrics import MetricsServer, NodeMetrics
 from dicom_node.pipeline import missing_cells, run_series_job
 from dicom_node.push import Outbox
 from dicom_node.registry import FINAL_STATES, Registry, State
-from dicom_node.scp import StoreSCP
+from dicom_node.scp import StoreSCP, register_spooled
 from dicom_node.spool import Spool
 from dicom_node.workers import Workers
 
@@ -101,7 +101,15 @@ class Node:
     def start(self) -> Node:
         removed = self.spool.clean_tmp()
         recovered = self.registry.recover()
-        log_event(log, "node_recovered", temp_files_removed=removed, **recovered)
+        # files acknowledged before a power loss took their (unsynced) registry rows
+        reregistered = register_spooled(self.spool, self.registry, _expected_count)
+        log_event(
+            log,
+            "node_recovered",
+            temp_files_removed=removed,
+            instances_reregistered=reregistered,
+            **recovered,
+        )
         from processing import phase
 
         phase.warmup()  # normalization runs here, in the node process, not in the workers

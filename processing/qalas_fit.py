@@ -19,11 +19,10 @@ Recipe per voxel (numba, ``parallel=True`` over voxel chunks, no allocation per 
    the lower true cost ``||y - |model| ||^2`` wins.
 3. B1: the five samples barely determine B1 per voxel (smallest normalized singular value
    of the Jacobian 0.001-0.007, B1 CRLB ~3 at 1 % noise), so B1 is never a free per-voxel
-   parameter. Same idea as the MDME smoothing pass (B1 is smooth, pool the voxels), done by
-   profile likelihood: :func:`estimate_b1_field` fits a smooth polynomial B1 field that
-   minimizes the summed per-voxel cost, then (M0, R1, R2) are fitted with B1 fixed to it.
-   A measured B1 map (``b1_map``) is used instead when given; ``b1_smoothing=False``
-   assumes the nominal flip angle.
+   parameter: it is fixed to a measured B1 map (``b1_map``), else to 1 (nominal), or
+   (experimental, ``b1_field="estimate"``) to a smooth polynomial field fitted by adjusted
+   profile likelihood over the whole volume (:func:`estimate_b1_field`; exact on noise-free
+   data, not usable at clinical SNR: processing/QALAS.md).
 
 Bounds: R1 0.05-10 /s, R2 0.3-100 /s, B1 0.5-1.5, M0 >= 0. ``failed`` marks voxels where LM
 did not converge, a parameter ended on a bound, or a value is not finite.
@@ -427,10 +426,11 @@ def _refit_chunk(samples, idx, start, stop, pk, magnitude, lo, hi, out_p, out_rm
 @nb.njit(cache=True, error_model="numpy")
 def _profile_chunk(
     samples, idx, start, stop, pk, gbasis, ggram, ga, gn, gsigns, gr1, gb1, magnitude,
-    b1_values, lo, hi, out_cost,
+    b1_values, lo, hi, out_cost, out_logdet,
 ):  # fmt: skip
     """Profile cost: out_cost[n, k] = min over (M0, R1, R2) of the cost with B1 = b1_values[k]
-    (warm-started along k from the grid start)."""
+    (warm-started along k from the grid start); out_logdet[n, k] = log det of the (M0, R1,
+    R2) block of J^T J there (for the Cox-Reid adjustment)."""
     te = pk[3]
     e2lo = math.exp(-hi[2] * 1e-3 * te)
     e2hi = math.exp(-lo[2] * 1e-3 * te)
@@ -475,12 +475,20 @@ def _profile_chunk(
                 else:
                     cost, _ = _lm(p, y, sg, True, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q)
                 out_cost[n, kb] = cost
+                # det of the upper-left 3x3 of J^T J (h[1:11] upper triangle, row-major)
+                a00, a01, a02, a11, a12, a22 = h[1], h[2], h[3], h[5], h[6], h[8]
+                det = (
+                    a00 * (a11 * a22 - a12 * a12)
+                    - a01 * (a01 * a22 - a12 * a02)
+                    + a02 * (a01 * a12 - a11 * a02)
+                )
+                out_logdet[n, kb] = math.log(det) if det > 0.0 else np.nan
 
 
 @nb.njit(cache=True, error_model="numpy", parallel=True)
 def _profile_all(
     samples, idx, pk, gbasis, ggram, ga, gn, gsigns, gr1, gb1, magnitude, b1_values, lo, hi,
-    out_cost, n_chunks,
+    out_cost, out_logdet, n_chunks,
 ):  # fmt: skip
     n = idx.shape[0]
     for c in nb.prange(n_chunks):
@@ -488,7 +496,7 @@ def _profile_all(
         b = (c + 1) * n // n_chunks
         _profile_chunk(
             samples, idx[a:b], 0, b - a, pk, gbasis, ggram, ga, gn, gsigns, gr1, gb1,
-            magnitude, b1_values, lo, hi, out_cost[a:b],
+            magnitude, b1_values, lo, hi, out_cost[a:b], out_logdet[a:b],
         )  # fmt: skip
 
 
@@ -649,9 +657,10 @@ def estimate_b1_field(
     g = (grid.basis, grid.gram, grid.a_post, grid.n_cand, grid.signs, grid.r1_per_s, grid.b1)
     lo, hi = _bounds()
     cost = np.zeros((vidx.size, bk.size))
+    logdet = np.zeros((vidx.size, bk.size))
     pk = protocol.kernel_args()
     samples = np.ascontiguousarray(samples)
-    args = (samples, vidx, pk, *g, bool(magnitude), bk, lo, hi, cost)
+    args = (samples, vidx, pk, *g, bool(magnitude), bk, lo, hi, cost, logdet)
     if vidx.size < _SERIAL_BELOW:
         _profile_chunk(samples, vidx, 0, vidx.size, *args[2:])
     else:
@@ -660,12 +669,20 @@ def estimate_b1_field(
     ynorm2 = (samples[vidx].astype(np.float64) ** 2).sum(axis=1)
     noisy = noise_sd > 0
     floor = noise_sd**2 if noisy else 1e-10 * float(np.median(ynorm2))
-    good = np.isfinite(cost).all(axis=1) & (cmin <= 4.0 * N_SAMPLES * floor)
+    finite = np.isfinite(cost).all(axis=1) & np.isfinite(logdet).all(axis=1)
+    good = finite & (cmin <= 4.0 * N_SAMPLES * floor)
     if good.sum() < 50:
-        good = np.isfinite(cost).all(axis=1)
+        good = finite
     info["n_voting"] = int(good.sum())
+    # -2 log of the Cox-Reid adjusted profile likelihood: the plain profile of a parameter
+    # shared by many voxels, each with its own nuisance (M0, T1, T2), is biased however
+    # many voxels vote (Neyman-Scott); adding log det of the nuisance information removes
+    # most of it. Noise-free data: the adjustment is negligible and left out.
+    dc = cost[good] / floor
+    if noisy:
+        dc = dc + logdet[good]
+    dc = dc - dc.min(axis=1, keepdims=True)
     # Cap each voxel's cost increase (a few badly fitting voxels must not dominate).
-    dc = (cost[good] - cmin[good, None]) / floor
     if noisy:
         dc = np.minimum(dc, 50.0)
     spline = CubicSpline(bk, dc, axis=1)
@@ -763,7 +780,7 @@ def fit_qalas(
     acq: Acquisition,
     mask: np.ndarray | None = None,
     *,
-    b1_smoothing: bool = True,
+    b1_field: str = "nominal",
     b1_field_order: int = 3,
     b1_map: np.ndarray | None = None,
     noise_sd: float | None = None,
@@ -773,10 +790,11 @@ def fit_qalas(
 
     acq: an :class:`Acquisition` whose ``sequence`` is a :class:`QalasProtocol` (signal
     ``[z, 5, 1, y, x]``). mask: bool ``[z, y, x]`` (default
-    :func:`processing.fit.background_mask`). b1_smoothing: estimate a smooth B1 field
-    (:func:`estimate_b1_field`, a polynomial of degree ``b1_field_order``) and fit
-    (M0, T1, T2) with B1 fixed to it; False assumes the nominal flip (B1 = 1). b1_map: a
-    measured flip-angle ratio map ``[z, y, x]`` on the same grid; B1 is then fixed to it.
+    :func:`processing.fit.background_mask`). b1_map: a measured flip-angle ratio map
+    ``[z, y, x]`` on the same grid; B1 is fixed to it (recommended). Without one,
+    ``b1_field="nominal"`` assumes B1 = 1; ``"estimate"`` (experimental) fits a smooth
+    polynomial field of degree ``b1_field_order`` by adjusted profile likelihood
+    (:func:`estimate_b1_field`): reliable on noise-free data only (processing/QALAS.md).
     noise_sd: per-sample noise SD if known (default: from the image corners).
 
     Returns :class:`QuantMaps` exactly as :func:`processing.fit.fit_mdme` does.
@@ -817,8 +835,10 @@ def fit_qalas(
             raise ValueError(f"n_threads: must be >= 1, got {n_threads}")
         nb.set_num_threads(min(int(n_threads), nb.config.NUMBA_NUM_THREADS))
     try:
+        if b1_field not in ("nominal", "estimate"):
+            raise ValueError(f"b1_field: expected 'nominal' or 'estimate', got {b1_field!r}")
         if b1_given is None and idx.size:
-            if b1_smoothing:
+            if b1_field == "estimate":
                 field, _field_info = estimate_b1_field(
                     samples, mask, protocol, magnitude=acq.is_magnitude,
                     noise_sd=float(noise_sd), order=b1_field_order,

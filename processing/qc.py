@@ -192,17 +192,22 @@ def fit_qc(
     t1 = np.asarray(maps.t1_ms, np.float64).ravel()[idx]
     t2 = np.asarray(maps.t2_ms, np.float64).ravel()[idx]
     b1v = np.asarray(maps.b1, np.float64).ravel()[idx]
-    model, jac = mdme_jacobian(
-        m0,
-        t1,
-        t2,
-        b1v,
-        acq.delays_ms,
-        acq.echo_times_ms,
-        acq.tr_ms,
-        acq.saturation_deg,
-        acq.excitation_deg,
-    )
+    if acq.sequence is None:
+        model, jac = mdme_jacobian(
+            m0,
+            t1,
+            t2,
+            b1v,
+            acq.delays_ms,
+            acq.echo_times_ms,
+            acq.tr_ms,
+            acq.saturation_deg,
+            acq.excitation_deg,
+        )
+    else:
+        from processing.sequence_model import acquisition_jacobian
+
+        model, jac = acquisition_jacobian(acq, m0, t1, t2, b1v)
     samples = acq.samples().reshape(-1, ns)[idx].astype(np.float64)
     if acq.is_magnitude:  # restore the sign from the voxel's own fit
         samples = np.where(model < 0, -samples, samples)

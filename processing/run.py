@@ -118,17 +118,25 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
     warnings: list[str] = []
     profile = _profile(settings)
 
+    qalas = acq.sequence_kind == "QALAS"
     t = time.perf_counter()
-    maps = fit_mod.fit_mdme(
-        acq,
-        b1_smoothing=settings.b1_smoothing,
-        b1_smoothing_fwhm_mm=settings.b1_smoothing_fwhm_mm,
-        profile=profile,
-    )
+    if qalas:
+        from processing.qalas_fit import fit_qalas
+
+        maps = fit_qalas(acq)  # B1 = 1 without a B1 map (processing/QALAS.md)
+        warnings.append("QALAS: no B1 map given; the nominal flip angle was assumed")
+    else:
+        maps = fit_mod.fit_mdme(
+            acq,
+            b1_smoothing=settings.b1_smoothing,
+            b1_smoothing_fwhm_mm=settings.b1_smoothing_fwhm_mm,
+            profile=profile,
+        )
     _timed(timings, "fit", t)
 
     t = time.perf_counter()
-    maps = pd_mod.correct_pd(maps, voxel_size_mm=acq.voxel_size_mm, acq=acq)
+    # The pooled-CSF PD reference refits MDME samples; QALAS uses the receive-field fit alone.
+    maps = pd_mod.correct_pd(maps, voxel_size_mm=acq.voxel_size_mm, acq=None if qalas else acq)
     _timed(timings, "pd", t)
 
     result = SeriesResult(
@@ -157,7 +165,9 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
             warnings.append(f"segmentation failed: {exc}")
         _timed(timings, "segmentation", t)
 
-    if settings.myelin:
+    if settings.myelin and qalas:
+        warnings.append("myelin model: calibrated through the MDME acquisition; not run on QALAS")
+    elif settings.myelin:
         from processing import myelin, segmentation
 
         t = time.perf_counter()
@@ -209,7 +219,9 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
     _timed(timings, "synthesis", t)
 
     model_sha = None
-    if settings.enhance and "FLAIR" in result.synthetic:
+    if settings.enhance and qalas:
+        warnings.append("FLAIR enhancement: the model was trained on MDME samples; not run")
+    elif settings.enhance and "FLAIR" in result.synthetic:
         from processing import enhance
 
         t = time.perf_counter()
@@ -242,6 +254,7 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
         "model_sha256": model_sha,
         "delay_source": acq.delay_source,
         "acquisition": {
+            "sequence": acq.sequence_kind,
             "delays_ms": [float(v) for v in acq.delays_ms],
             "echo_times_ms": [float(v) for v in acq.echo_times_ms],
             "tr_ms": acq.tr_ms,

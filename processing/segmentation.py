@@ -59,6 +59,7 @@ from scipy import ndimage, optimize
 
 from processing.acquisition import Acquisition
 from processing.results import TISSUES, QuantMaps, TissueFractions
+from processing.sequence_model import acquisition_jacobian, acquisition_signal
 from processing.signal import IDEAL_PROFILE, mdme_jacobian, mdme_signal, t1_factor
 
 __all__ = [
@@ -744,7 +745,10 @@ def segment(
         # Restore each delay's sign from the voxel's own mono-exponential fit.
         t1f = np.asarray(maps.t1_ms, np.float64)[sel]
         t1f = np.where(np.isfinite(t1f) & (t1f > 0), t1f, 1000.0)
-        sgn = mdme_signal(1.0, t1f, 1e6, b1_map[sel], td, te, *seq, profile=profile)
+        if acq.sequence is None:
+            sgn = mdme_signal(1.0, t1f, 1e6, b1_map[sel], td, te, *seq, profile=profile)
+        else:
+            sgn = acquisition_signal(acq, 1.0, t1f, 1e6, b1_map[sel])
         y = np.where(sgn < 0, -y, y)
     y = np.ascontiguousarray(y)
 
@@ -754,10 +758,16 @@ def segment(
         c_r1 = np.array([1.0 / c[t]["t1_ms"] for t in order] + [1.0 / non["t1_ms"]])
         c_r2 = np.array([1.0 / c[t]["t2_ms"] for t in order] + [1.0 / non["t2_ms"]])
         c_pd = np.array([c[t]["pd_pu"] for t in order] + [non["pd_pu"]])
-        table = _basis_table(
-            c_r1, c_r2, c_pd, td, te, seq[0], math.radians(seq[1]), math.radians(seq[2]),
-            ps, pw, _B1_LO, _B1_STEP, _B1_N,
-        )  # fmt: skip
+        if acq.sequence is None:
+            table = _basis_table(
+                c_r1, c_r2, c_pd, td, te, seq[0], math.radians(seq[1]), math.radians(seq[2]),
+                ps, pw, _B1_LO, _B1_STEP, _B1_N,
+            )  # fmt: skip
+        else:
+            b1_grid = _B1_LO + _B1_STEP * np.arange(_B1_N)
+            table = np.ascontiguousarray(
+                acquisition_signal(acq, c_pd, 1.0 / c_r1, 1.0 / c_r2, b1_grid[:, None])
+            )
         yy_ = y if rows is None else np.ascontiguousarray(y[rows])
         res = np.empty((yy_.shape[0], 6))
         _unmix_kernel(
@@ -790,8 +800,13 @@ def segment(
             if auto_centres:
                 out = unmix(cen, rows, b1[rows], zero)
                 cen = _refine_centres(
-                    y[rows], b1[rows], out, cen, non, shell_sel[rows], td, te, seq, profile
-                )
+                    y[rows], b1[rows], out, cen, non, shell_sel[rows], td, te, seq, profile,
+                    acq=acq if acq.sequence is not None else None,
+                )  # fmt: skip
+            if acq.sequence is not None:
+                # 3D-QALAS samples carry almost no B1 information (processing/QALAS.md):
+                # keep the fit's B1 field rather than a per-voxel search.
+                continue
             offsets = _B1_SEARCH_COARSE if it == 0 else _B1_SEARCH_FINE
             out = unmix(cen, rows_b1, b1[rows_b1], offsets)
             b1 = np.ascontiguousarray(
@@ -852,6 +867,8 @@ def _refine_centres(
     te: np.ndarray,
     seq: tuple[float, float, float],
     profile: tuple[np.ndarray, np.ndarray],
+    *,
+    acq: Acquisition | None = None,
 ) -> dict[str, dict[str, float]]:
     """Re-estimate each tissue centre from its nearly pure voxels, in signal space.
 
@@ -878,20 +895,32 @@ def _refine_centres(
             fj = out[pick, j]
             if not np.any(fj > 0):
                 continue
-            a = mdme_signal(c["pd_pu"], c["t1_ms"], c["t2_ms"], bk, td, te, *seq, profile=profile)
+            if acq is not None:
+                a = acquisition_signal(acq, c["pd_pu"], c["t1_ms"], c["t2_ms"], bk)
+            else:
+                a = mdme_signal(
+                    c["pd_pu"], c["t1_ms"], c["t2_ms"], bk, td, te, *seq, profile=profile
+                )
             p -= fj[:, None] * a
         p /= out[pick, k][:, None]
 
         def resid(x: np.ndarray, p=p, bk=bk) -> np.ndarray:
-            m = mdme_signal(
-                math.exp(x[0]), math.exp(x[1]), math.exp(x[2]), bk, td, te, *seq, profile=profile
-            )
+            if acq is not None:
+                m = acquisition_signal(acq, math.exp(x[0]), math.exp(x[1]), math.exp(x[2]), bk)
+            else:
+                m = mdme_signal(
+                    math.exp(x[0]), math.exp(x[1]), math.exp(x[2]), bk, td, te, *seq,
+                    profile=profile,
+                )  # fmt: skip
             return (m - p).ravel()
 
         def jac(x: np.ndarray, p=p, bk=bk) -> np.ndarray:
             # d/dlog PD = S; d/dlog T = -R * dS/dR (analytic, from processing.signal).
             pd_, t1_, t2_ = np.exp(x)
-            m, j = mdme_jacobian(pd_, t1_, t2_, bk, td, te, *seq, profile=profile)
+            if acq is not None:
+                m, j = acquisition_jacobian(acq, pd_, t1_, t2_, bk)
+            else:
+                m, j = mdme_jacobian(pd_, t1_, t2_, bk, td, te, *seq, profile=profile)
             out = np.empty(m.shape + (3,))
             out[..., 0] = m
             out[..., 1] = -j[..., 1] / t1_

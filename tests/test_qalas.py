@@ -153,7 +153,7 @@ def test_b1_field_estimate_noise_free_phantom():
 
     ph = make_qalas_phantom((40, 64, 64), snr=None, seed=3)
     tr = ph.truth
-    maps = fit_qalas(ph.acq, tr.head)
+    maps = fit_qalas(ph.acq, tr.head, b1_field="estimate")
     for comp in ("WM", "GM"):
         pure = tr.pure_mask(comp) & tr.head
         tp = tr.tissues[comp]
@@ -199,3 +199,25 @@ def test_acquisition_carries_qalas_and_mdme_unchanged():
     assert mdme.sequence is None and mdme.sequence_kind == "MDME"
     with pytest.raises(ValueError, match="sequence"):
         fit_qalas(mdme)
+
+
+@pytest.mark.slow
+def test_run_processes_a_3d_qalas_volume():
+    """processing.run on a 3D QALAS phantom (60x64x64, 3.6 mm isotropic, SNR 100, B1 = 1):
+    fit, PD, segmentation, synthesis and QC run on the 3D grid; ICV within 2 % and WM
+    within 3 % of the truth (GM +4 % and CSF -17 % are known gaps: see QALAS.md)."""
+    from processing.phantom import COMPARTMENTS
+    from processing.qalas_phantom import make_qalas_phantom
+    from processing.run import run
+
+    ph = make_qalas_phantom((60, 64, 64), snr=100.0, seed=2, b1_range=(1.0, 1.0))
+    result = run(ph.acq)
+    assert result.maps.t1_ms.shape == (60, 64, 64)
+    assert result.synthetic["T1W"].image.shape == (60, 64, 64)
+    assert result.provenance["acquisition"]["sequence"] == "QALAS"
+    assert any("B1" in w for w in result.warnings)
+    vv = ph.acq.voxel_volume_ml
+    truth = {c: float(ph.truth.fractions[c].sum()) * vv for c in COMPARTMENTS}
+    icv = sum(truth.values())
+    assert abs(result.volumes_ml["ICV"] / icv - 1) <= 0.02
+    assert abs(result.volumes_ml["WM"] / truth["WM"] - 1) <= 0.03

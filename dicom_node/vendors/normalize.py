@@ -119,7 +119,8 @@ class Grid:
 
 # ----------------------------------------------------------------------------- helpers
 def _rules(rules: Mapping[str, VendorRules] | None) -> Mapping[str, VendorRules]:
-    return load_rules(None) if rules is None else rules
+    # an empty table (a config without [vendors]) means the defaults, not "generic only"
+    return rules if rules else load_rules(None)
 
 
 def vendor_of(ds: Dataset, rules: Mapping[str, VendorRules] | None = None) -> VendorRules:
@@ -714,7 +715,27 @@ def _scaled_pixels(
         dst = data[pidx[parts[k]], int(labels[k, 0]), int(labels[k, 1]), int(labels[k, 2])]
         # one float64 pass, one rounding to float32
         dst[...] = img * scale + offset if offset else img * scale
+    if "M" in pidx:
+        _clip_magnitude(
+            data[pidx["M"]], [abs(s) for (s, _), p in zip(scales, parts, strict=True) if p == "M"]
+        )
     return data, phase
+
+
+def _clip_magnitude(mag: np.ndarray, steps: Sequence[float]) -> None:
+    """A writer with a negative RescaleIntercept rounds zero magnitude to within one stored
+    step below zero: clip that (in place). Anything more negative is a broken rescale."""
+    lo = float(mag.min())
+    if lo >= 0:
+        return
+    step = max(steps)
+    if lo < -step:
+        raise NormalizationError(
+            "pixels",
+            f"magnitude images go down to {lo:.6g} after RescaleSlope/Intercept (one stored "
+            f"step is {step:.6g}): the rescale is inconsistent",
+        )
+    np.maximum(mag, 0, out=mag)
 
 
 def _phase_decision(

@@ -22,8 +22,10 @@ into a QUARANTINED series, never a fit with a wrong phase):
 - a phase frame spans a tiny fraction of the cycle while the series spans all of it (frames
   written in different units).
 
-A site that knows its writer can set ``vendors.<name>.phase_to_rad``: the coverage test is
-then skipped, the span and step checks still apply.
+A site whose writer uses a unit not listed here (e.g. tenths of a degree), or masks the
+phase outside the head, sets ``vendors.<name>.phase_to_rad``; the checks still apply to it
+(with :data:`MIN_COVERAGE_CONFIGURED`), so a wrong setting (GE's radians multiplied by 1e-3
+again) is quarantined, not fitted.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 __all__ = [
     "MAX_STEP_RAD",
     "MIN_COVERAGE",
+    "MIN_COVERAGE_CONFIGURED",
     "PHASE_UNITS",
     "PhaseDecision",
     "PhaseRange",
@@ -67,6 +70,10 @@ PHASE_UNITS: tuple[PhaseUnit, ...] = (
 #: the span must fill at least this fraction of the chosen cycle (emulator series with
 #: noise: >= 0.99; noiseless phantoms: >= 0.989).
 MIN_COVERAGE = 0.9
+#: with a configured ``phase_to_rad`` the unit is known, so masked phase (a head-shaped
+#: region only) may fill less of a turn; a wrong setting (a factor 57 or 1000 off) fills
+#: far less than this.
+MIN_COVERAGE_CONFIGURED = 0.25
 #: a stored step coarser than this (radians) cannot carry a usable phase (~5.6 degrees).
 MAX_STEP_RAD = 2.0 * math.pi / 64.0
 #: a frame spanning less than this fraction of the cycle (but not constant) disagrees with
@@ -120,7 +127,7 @@ def decide_phase_unit(
 ) -> PhaseDecision:
     """Decide the radians per rescaled phase unit of one series from its phase frames.
 
-    ``configured_to_rad``: the site's ``phase_to_rad`` override (skips the coverage test).
+    ``configured_to_rad``: the site's ``phase_to_rad`` (replaces the unit table; checked).
     Raises :class:`PhaseUnitError` when the unit is ambiguous or the frames disagree.
     """
     if not frames:
@@ -148,15 +155,20 @@ def decide_phase_unit(
                 f"phase unit unknown: {where}: more than one turn in every known unit "
                 f"({', '.join(u.name for u in PHASE_UNITS)}); set vendors.<name>.phase_to_rad"
             )
-        coverage = span / unit.cycle
-        if coverage < MIN_COVERAGE:
-            known = ", ".join(f"{u.name} {u.cycle:.6g}" for u in PHASE_UNITS)
-            raise PhaseUnitError(
-                f"phase unit ambiguous: {where}: only {100 * coverage:.0f} % of a turn even "
-                f"in {unit.name}, the smallest unit that holds it (wrapped phase fills "
-                f">= {100 * MIN_COVERAGE:.0f} % of a turn; units per turn: {known}); "
-                "set vendors.<name>.phase_to_rad if the writer is known"
-            )
+    coverage = span / unit.cycle
+    need = MIN_COVERAGE_CONFIGURED if configured_to_rad else MIN_COVERAGE
+    if coverage < need:
+        which = "" if configured_to_rad else ", the smallest known unit that holds it"
+        fix = (
+            "check vendors.<name>.phase_to_rad"
+            if configured_to_rad
+            else "if the writer's unit is known and not listed, set vendors.<name>.phase_to_rad"
+        )
+        raise PhaseUnitError(
+            f"phase unit ambiguous: {where}: only {100 * coverage:.0f} % of a turn in "
+            f"{unit.name}{which} (need >= {100 * need:.0f} % of a turn: masked or "
+            f"mis-scaled phase?); {fix}"
+        )
     coverage = min(span / unit.cycle, 1.0)
     if step * unit.to_rad > MAX_STEP_RAD:
         raise PhaseUnitError(
@@ -164,7 +176,7 @@ def decide_phase_unit(
             f"{step * unit.to_rad:.3g} rad (limit {MAX_STEP_RAD:.3g}): too coarse to be phase"
         )
     narrow = [f for f in frames if 0.0 < (f.hi - f.lo) < MIN_FRAME_COVERAGE * unit.cycle]
-    if narrow and coverage >= MIN_COVERAGE:
+    if narrow:
         f = narrow[0]
         raise PhaseUnitError(
             f"phase unit inconsistent: {where} ({unit.name}), but {len(narrow)} frame(s) "

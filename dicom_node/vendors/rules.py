@@ -63,7 +63,7 @@ class VendorRules:
     phase_reference: str = "longest_delay"
     #: radians per rescaled phase unit; None = decided from the data of each series
     #: (dicom_node.vendors.phase_units: radians, degrees, milliradians, 12/16-bit scales).
-    #: Set it only for a writer whose unit the data cannot tell (the span check still runs).
+    #: Set it only for a unit not in that table (the span/coverage checks still run).
     phase_to_rad: float | None = None
     #: expected instance count: ordered alternatives, each a product of tags.
     count_tags: tuple[tuple[str, ...], ...] = (("ImagesInAcquisition",),)
@@ -114,7 +114,9 @@ DEFAULT_RULES: dict[str, VendorRules] = {
             ("SeriesDescription", r"syntac|qrapmaster|mdme"),
             ("ProtocolName", r"syntac|qrapmaster|mdme"),
         ),
-        delay_sources=("(2001,101B)", "InversionTime", INTERLEAVE),
+        # TriggerTime: a cardiac trigger delay elsewhere, absent (or 0) on an ungated
+        # MDME; a converter that drops the private tag may put the delay there.
+        delay_sources=("(2001,101B)", "InversionTime", "TriggerTime", INTERLEAVE),
         part_sources=("ComplexImageComponent", "ImageType", "(2005,1011)"),
         dynamic_sources=(
             "TemporalPositionIndex",
