@@ -377,3 +377,82 @@ def test_alert_rules_promtool():
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_serve_phantom_to_orthanc_sr_maps_seg(tmp_path: Path):
+    """storescu -> synthmr node (in-process Node) -> Orthanc: 3 Parametric Maps, the sphere
+    SEG and the SR arrive; the SR from Orthanc passes dciodvfy and its numbers equal the
+    report the node recorded in the QC history; /metrics carries the phantom gauges."""
+    import urllib.request
+
+    import highdicom as hd
+
+    from dicom_node.config import load_settings
+    from dicom_node.qc_history import QCHistory
+    from dicom_node.registry import State
+    from dicom_node.service import Node
+    from tests.conftest import make_orthanc, storescu, wait_for, write_config
+
+    orth = make_orthanc(tmp_path / "orthanc")
+    scan = _small_scan(11, pq.Pose((-6.0, 9.0, 12.0), (10.0, 8.0, -5.0)))
+    folder = _write(
+        scan.acq,
+        tmp_path / "series",
+        "ge",
+        11,
+        PHANTOM_PATIENT,
+        PHANTOM_STUDY,
+        DeviceSerialNumber="GE-0042",
+    )
+    files = sorted(folder.glob("*.dcm"))
+    uid = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    dest = (
+        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
+        f"port = {orth.dicom_port}\ntimeout_s = 10\n"
+    )
+    node = Node(load_settings(write_config(tmp_path, dest), env={})).start()
+    try:
+        assert storescu(files, node.port).returncode == 0
+        wait_for(lambda: node.registry.series(uid).state == State.DELIVERED, 400, 0.2, "DELIVERED")
+        metrics = node.metrics.text().decode()
+    finally:
+        node.stop()
+    try:
+        modalities = {}
+        sr_bytes = None
+        for iid in orth.instances():
+            tags = orth.rest(f"/instances/{iid}/simplified-tags")
+            modalities.setdefault(tags.get("Modality"), []).append(iid)
+            if tags.get("Modality") == "SR":
+                url = f"http://127.0.0.1:{orth.http_port}/instances/{iid}/file"
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    sr_bytes = r.read()
+        assert len(modalities.get("OT", [])) == 3 and len(modalities.get("SEG", [])) == 1
+        assert sr_bytes is not None
+    finally:
+        orth.stop()
+    sr_path = tmp_path / "sr.dcm"
+    sr_path.write_bytes(sr_bytes)
+    v = subprocess.run([require_tool("dciodvfy"), str(sr_path)], capture_output=True, text=True)
+    assert not [ln for ln in (v.stdout + v.stderr).splitlines() if "Error" in ln]
+    h = QCHistory(tmp_path / "spool" / "registry.sqlite3")
+    (rep,) = h.reports("GE-0042")
+    h.close()
+    measured = [r for r in rep["spheres"] if r["measured"]]
+    groups = hd.sr.srread(str(sr_path)).content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(measured)
+    for g, row in zip(groups, measured, strict=True):
+        values = {m.name.value: m.value for m in g.get_measurements()}
+        assert values["113063"] == pytest.approx(row["t1_ms"], abs=1e-9)
+        assert values["113065"] == pytest.approx(row["t2_ms"], abs=1e-9)
+        assert values["113058"] == pytest.approx(row["pd_pu"], abs=1e-9)
+    r2_lines = [ln for ln in metrics.splitlines() if ln.startswith("synthmr_phantom_qc_r2{")]
+    for array, fit in rep["linearity"].items():
+        if fit["r2"] is not None:
+            assert any(f'array="{array}"' in ln and 'scanner="GE-0042"' in ln for ln in r2_lines), (
+                array,
+                r2_lines,
+            )
+    assert 'synthmr_phantom_qc_last_timestamp_seconds{scanner="GE-0042"}' in metrics
