@@ -2,7 +2,6 @@
 
 - ``synthmr simulate --phantom nist``: the phantom as an MDME series in a vendor layout, with
   a chosen pose, slab, temperature, B1 field and noise;
-- ``synthmr process``: a phantom series gets maps + SEG + SR and ``phantom_qc.json``;
 - ``synthmr qc history [--scanner S]`` and ``synthmr qc compare FILE...``.
 """
 
@@ -14,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_qc_parser", "add_simulate_arguments", "cmd_simulate_phantom", "process_phantom"]
+__all__ = ["add_qc_parser", "add_simulate_arguments", "cmd_simulate_phantom"]
 
 
 def _floats(n: int):
@@ -117,45 +116,6 @@ def cmd_simulate_phantom(args: argparse.Namespace) -> int:
         f" truth in {out / 'phantom_truth.json'}"
     )
     return 0
-
-
-def process_phantom(outcome: Any, node_settings: Any, out_root: Path, safe_name: Any) -> str | None:
-    """``synthmr process`` hook: a phantom series is analysed, exported (maps, SEG, SR) and
-    its phantom_qc.json written beside the outputs. Returns the summary line, or None when
-    the series is not a phantom (the brain path runs)."""
-    from dicom_node.config import PhantomQCSettings
-    from dicom_node.phantom_node import try_phantom, write_phantom_json
-
-    qc_settings = node_settings.phantom_qc if node_settings is not None else PhantomQCSettings()
-
-    def call(fn, *a, **kw):
-        return fn(*a, **kw)
-
-    ph = try_phantom(outcome.acquisition, outcome.datasets, qc_settings, call, outcome.series_uid)
-    if ph is None or ph.result is None:
-        return None
-    out = out_root / safe_name(outcome.series_uid)
-    out.mkdir(parents=True, exist_ok=True)
-    written = 0
-    try:
-        from dicom_node.export.phantom_sr import export_phantom
-
-        export_settings = node_settings.export_settings() if node_settings is not None else None
-        for ds in export_phantom(ph.result, outcome.datasets, export_settings):
-            folder = out / f"{int(getattr(ds, 'SeriesNumber', 0) or 0):05d}_{ds.Modality}"
-            folder.mkdir(exist_ok=True)
-            ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
-            written += 1
-    except ImportError:  # highdicom missing: the JSON still holds every number
-        pass
-    path = write_phantom_json(out / "phantom_qc.json", ph.report)
-    lin = ph.report.get("linearity", {})
-    r2 = ", ".join(
-        f"{a} R2 {f['r2']:.5f} ({f['n']} spheres)"
-        for a, f in lin.items()
-        if f.get("r2") is not None
-    )
-    return f"phantom {ph.report['phantom']}: {written} DICOM files, {path}; {r2 or 'no linearity'}"
 
 
 def add_qc_parser(sub: Any) -> None:

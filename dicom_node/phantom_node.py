@@ -36,6 +36,8 @@ __all__ = [
     "load_phantom_definition",
     "matches_rule",
     "phantom_json",
+    "record_history",
+    "run_phantom_series",
     "scanner_of",
     "try_phantom",
     "write_phantom_json",
@@ -194,28 +196,29 @@ def try_phantom(
     return PhantomOutcome(result, reason, report)
 
 
-def run_phantom_job(
-    series_uid: str,
+def run_phantom_series(
     acq: Any,
     datasets: Sequence[Dataset],
     settings: Any,
-    spool: Any,
-    submit: Callable[..., Any],
+    write: Callable[..., Any],
+    submit: Callable[..., Any] | None,
     timeout_s: float | None,
+    series_uid: str,
     observe: Callable[[str, float], None],
-    timings: dict[str, float],
 ) -> Any:
-    """The node's phantom path inside :func:`dicom_node.pipeline.run_series_job`: a
-    JobOutcome (EXPORTED: maps + SEG + SR in the outbox, the report in the QC history), or
-    None when the series is not a phantom (the brain path runs). Errors propagate to the
-    caller, which turns them into a FAILED outcome."""
+    """The phantom path inside :func:`dicom_node.series.run_series`: a JobOutcome (EXPORTED:
+    T1/T2/PD Parametric Maps + sphere SEG + SR written by ``write``; ``phantom_qc`` holds
+    the report), or None when the series is not a phantom (the brain path runs). Errors
+    propagate to run_series, which turns them into a FAILED outcome."""
     import functools
     import time
 
-    from dicom_node.pipeline import JobOutcome, encode_part10, export_settings
     from dicom_node.registry import State
+    from dicom_node.series import JobOutcome
 
     def call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        if submit is None:
+            return fn(*args, **kw)
         return submit(functools.partial(fn, **kw), *args).result(timeout=timeout_s)
 
     t0 = time.perf_counter()
@@ -224,27 +227,12 @@ def run_phantom_job(
         return None
     observe("process", t0)
     result = outcome.result
-    for name, seconds in (result.timings_s or {}).items():
-        timings[name] = float(seconds)
     t0 = time.perf_counter()
     from dicom_node.export.phantom_sr import export_phantom
 
-    out_ds = export_phantom(result, datasets, export_settings(settings.export))
-    paths = spool.store_outputs(
-        series_uid, ((str(ds.SOPInstanceUID), encode_part10(ds)) for ds in out_ds)
-    )
-    outputs = [
-        (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path))
-        for ds, path in zip(out_ds, paths, strict=True)
-    ]
+    out_ds = export_phantom(result, datasets, settings.export)
+    outputs = write(out_ds, result)
     observe("export", t0)
-    from dicom_node.qc_history import QCHistory
-
-    history = QCHistory(Path(settings.spool.path) / "registry.sqlite3")
-    try:
-        history.record(outcome.report)
-    finally:
-        history.close()
     lin = {a: f.get("r2") for a, f in (outcome.report.get("linearity") or {}).items()}
     log_event(
         log,
@@ -254,12 +242,26 @@ def run_phantom_job(
         phantom=outcome.report.get("phantom"),
         r2=lin,
     )
+    n_mask = int(np.count_nonzero(result.maps.mask))
     return JobOutcome(
         State.EXPORTED,
         reason=f"phantom QC ({outcome.report.get('phantom')}): {len(outputs)} instances exported",
         outputs=outputs,
-        fit_failed_fraction=result.qc.get("fit_failed_fraction"),
-        timings_s=timings,
+        fit_failed_fraction=float(np.count_nonzero(result.maps.failed)) / n_mask
+        if n_mask
+        else None,
         processing_timings_s={k: float(v) for k, v in result.timings_s.items()},
+        result=result,
         phantom_qc=outcome.report,
     )
+
+
+def record_history(spool_path: str | Path, report: dict[str, Any]) -> None:
+    """Store one phantom report in the scanner's QC history (the registry database)."""
+    from dicom_node.qc_history import QCHistory
+
+    history = QCHistory(Path(spool_path) / "registry.sqlite3")
+    try:
+        history.record(report)
+    finally:
+        history.close()

@@ -23,11 +23,13 @@ from dicom_node.completion import Completion
 from dicom_node.config import Settings, load_settings
 from dicom_node.logging import configure_logging, log_context, log_event
 from dicom_node.metrics import MetricsServer, NodeMetrics
-from dicom_node.pipeline import missing_cells, run_series_job
+from dicom_node.pipeline import run_series_job
 from dicom_node.push import Outbox
 from dicom_node.registry import FINAL_STATES, Registry, State
 from dicom_node.scp import StoreSCP, register_spooled
+from dicom_node.series import missing_cells
 from dicom_node.spool import Spool
+from dicom_node.vendors import expected_count
 from dicom_node.workers import Workers
 
 __all__ = ["Node", "main", "retry_series", "serve"]
@@ -39,15 +41,8 @@ _JOB_RESULT = {
     State.FAILED: "failed",
     State.IGNORED: "ignored",
     State.QUARANTINED: "quarantined",
+    State.HELD: "held",
 }
-
-
-def _expected_count(ds: Any) -> int | None:
-    try:
-        from dicom_node import vendors
-    except ImportError:
-        return None
-    return vendors.expected_count(ds)
 
 
 class Node:
@@ -61,7 +56,7 @@ class Node:
         self.registry = Registry(
             Path(settings.spool.path) / "registry.sqlite3", self._on_transition
         )
-        self.workers = Workers(settings.workers)
+        self.workers = Workers(settings.workers, settings.processing)
         self.completion = Completion(
             settings.completion,
             self.registry,
@@ -77,7 +72,7 @@ class Node:
             self.registry,
             self.metrics,
             on_instance=self.completion.instance_stored,
-            expected_count=_expected_count,
+            expected_count=lambda ds: expected_count(ds, self.settings.vendors),
         )
         self.outbox = Outbox(
             self.registry,
@@ -102,7 +97,9 @@ class Node:
         removed = self.spool.clean_tmp()
         recovered = self.registry.recover()
         # files acknowledged before a power loss took their (unsynced) registry rows
-        reregistered = register_spooled(self.spool, self.registry, _expected_count)
+        reregistered = register_spooled(
+            self.spool, self.registry, lambda ds: expected_count(ds, self.settings.vendors)
+        )
         log_event(
             log,
             "node_recovered",

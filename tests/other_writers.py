@@ -33,6 +33,9 @@ from processing.acquisition import Acquisition
 LAYOUTS = ("ge", "siemens", "philips", "siemens_xa_enhanced", "philips_enhanced")
 #: phantom of the table: shape, seed, SNR (noise SD per channel = 100 / SNR)
 PHANTOM = {"shape": (3, 48, 48), "seed": 11, "snr": 60.0}
+#: the second phantom of a few rows: oblique slices (20 deg about x, 10 about y) and tissue
+#: values away from the defaults (WM 600/70/68, GM 1100/90/82 ms/ms/pu)
+OTHER_TISSUES = {"WM": (780.0, 78.0, 71.0), "GM": (1350.0, 105.0, 84.0)}
 
 
 # ----------------------------------------------------------------------------- encodings
@@ -265,6 +268,8 @@ class Row:
     magnitude: Callable[[np.ndarray, int], Encoding] | None = None
     delay_tag: str | None = None
     layouts: tuple[str, ...] = LAYOUTS
+    #: "axial" (PHANTOM) or "oblique" (PHANTOM, oblique, OTHER_TISSUES)
+    phantom: str = "axial"
 
     def build(self, acq: Acquisition, layout: str, seed: int) -> list[Dataset]:
         dss = emulator.make_datasets(acq, layout, with_phase=self.with_phase, seed=seed)
@@ -301,6 +306,27 @@ ROWS: tuple[Row, ...] = (
         delay_tag="InversionTimes",
         layouts=("siemens_xa_enhanced", "philips_enhanced"),
     ),
+    Row(
+        "oblique, other tissues: as written by the emulator",
+        phase="as written by the emulator",
+        phantom="oblique",
+    ),
+    Row(
+        "oblique, other tissues: radians, GE slope 0.001",
+        phase="radians, GE slope 0.001, signed",
+        phantom="oblique",
+    ),
+    Row(
+        "oblique, other tissues: Siemens 12-bit x 2 - 4096",
+        phase="Siemens 12-bit 0..4095 x 2 - 4096",
+        phantom="oblique",
+    ),
+    Row(
+        "oblique, other tissues: 12-bit magnitude + degrees",
+        phase="degrees, slope 0.1, intercept -180",
+        magnitude=_magnitude_12bit,
+        phantom="oblique",
+    ),
 )
 
 
@@ -316,15 +342,18 @@ class Cell:
     phase_unit: str
 
 
-def make_table_phantom():
-    from processing.phantom import make_phantom
+def make_table_phantom(kind: str = "axial"):
+    from processing.phantom import TissueParams, make_phantom
 
+    other = kind == "oblique"
     return make_phantom(
         PHANTOM["shape"],
         seed=PHANTOM["seed"],
         snr=PHANTOM["snr"],
         anatomy="ellipsoid",
         lesions=False,
+        oblique=other,
+        tissues={k: TissueParams(*v) for k, v in OTHER_TISSUES.items()} if other else None,
     )
 
 
@@ -344,10 +373,10 @@ def t1_bias(t1_ms: np.ndarray, truth, tissue: str) -> float:
 
 def run_cell(ph, row: Row, layout: str, workdir, seed: int) -> Cell:
     """Write the variant to ``workdir`` and take it the way ``synthmr process`` does:
-    ingest.read_paths -> ingest.classify_and_normalize -> processing.run."""
+    ingest.read_paths -> series.classify -> processing.run."""
     from pathlib import Path
 
-    from dicom_node import ingest
+    from dicom_node import ingest, series
     from processing.run import run
 
     folder = Path(workdir) / f"{layout}-{seed}"
@@ -358,9 +387,9 @@ def run_cell(ph, row: Row, layout: str, workdir, seed: int) -> Cell:
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
     (group,) = ingest.read_paths(paths)
-    outcome = ingest.classify_and_normalize(group)
+    outcome = series.classify(group.datasets)
     if outcome.acquisition is None:
-        kind = outcome.error.kind if outcome.error is not None else outcome.status
+        kind = outcome.error.kind if outcome.error is not None else outcome.state.value
         return Cell(row.name, layout, row.expect(layout), kind, None, None, outcome.reason, "")
     acq = outcome.acquisition
     t1 = run(acq, lean_settings()).maps.t1_ms
@@ -376,15 +405,22 @@ def run_cell(ph, row: Row, layout: str, workdir, seed: int) -> Cell:
     )
 
 
+def reference_row(row: Row) -> Row:
+    """The emulator's own series of the same phantom (what a rewrite must reproduce)."""
+    return next(
+        r for r in ROWS if r.phase == "as written by the emulator" and r.phantom == row.phantom
+    )
+
+
 def run_table(workdir, rows: Sequence[Row] = ROWS, layouts: Sequence[str] = LAYOUTS) -> list[Cell]:
-    ph = make_table_phantom()
+    phantoms = {kind: make_table_phantom(kind) for kind in dict.fromkeys(r.phantom for r in rows)}
     cells = []
     seed = 100
     for row in rows:
         for layout in layouts:
             if layout in row.layouts:
                 seed += 1
-                cells.append(run_cell(ph, row, layout, workdir, seed))
+                cells.append(run_cell(phantoms[row.phantom], row, layout, workdir, seed))
     return cells
 
 

@@ -3,7 +3,9 @@ corpus of other writers' header conventions through the node's path.
 
 Phantom (tests/other_writers.PHANTOM): ellipsoid brain 3 x 48 x 48, seed 11, no lesions,
 SNR 60 (noise SD per channel 100/60 of the fully relaxed PD-100 signal), TR 4000 ms, delays
-150/580/1900/3850 ms, TE 20/100 ms. ``pytest -s`` prints the table (convention x vendor).
+150/580/1900/3850 ms, TE 20/100 ms, default tissues (WM T1 600, GM 1100 ms); the "oblique"
+rows: the same, oblique (20 deg / 10 deg) with WM T1 780, GM T1 1350 ms
+(tests/other_writers.OTHER_TISSUES). ``pytest -s`` prints the table (convention x vendor).
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def test_every_convention_fits_within_1_percent_or_is_quarantined(table):
     print("\n" + ow.format_table(table))
     assert len(table) == sum(len(r.layouts) for r in ow.ROWS)
     by = {(c.row, c.layout): c for c in table}
-    assert ow.ROWS[0].name == "phase: as written by the emulator"
+    rows = {r.name: r for r in ow.ROWS}
     for c in table:
         where = f"{c.row} / {c.layout}"
         assert c.outcome == c.expected, f"{where}: {c.outcome} ({c.reason})"
@@ -126,7 +128,7 @@ def test_every_convention_fits_within_1_percent_or_is_quarantined(table):
         assert abs(c.wm_t1_bias) <= 0.01, f"{where}: WM T1 bias {c.wm_t1_bias:+.4f}"
         assert abs(c.gm_t1_bias) <= 0.01, f"{where}: GM T1 bias {c.gm_t1_bias:+.4f}"
         # the adapter adds nothing: the emulator's own series of that layout fits the same
-        ref = by[ow.ROWS[0].name, c.layout]
+        ref = by[ow.reference_row(rows[c.row]).name, c.layout]
         assert c.wm_t1_bias == pytest.approx(ref.wm_t1_bias, abs=1e-3), where
         assert c.gm_t1_bias == pytest.approx(ref.gm_t1_bias, abs=1e-3), where
 

@@ -24,18 +24,20 @@ from pydicom.dataset import Dataset
 
 from processing.results import SeriesResult
 
-from .common import (
-    ALL_MAPS,
-    ExportError,
-    ExportSettings,
-    MapKind,
-    SegType,
+from .geometry import (
     reference_images,
     slice_geometry,
 )
 from .mr_images import map_mr_images, synthetic_images
 from .parametric_map import parametric_maps
 from .segmentation import segmentation
+from .settings import (
+    ALL_MAPS,
+    ExportError,
+    ExportSettings,
+    MapKind,
+    SegType,
+)
 from .sr import report
 
 __all__ = [
@@ -64,8 +66,8 @@ def export_all(
     (no segmentation, no myelin) are skipped rather than failing the whole export.
     """
     settings = settings or ExportSettings()
-    geometry = slice_geometry(result, sources, settings)  # validates once, early
-    refs = sources  # each builder re-derives the geometry (Enhanced MR needs the originals)
+    geometry = slice_geometry(result, sources, settings)  # once; every builder gets it
+    refs = sources
     maps = tuple(m for m in settings.maps if m is not MapKind.MYPV or result.myelin is not None)
     if maps != settings.maps:
         from dataclasses import replace
@@ -73,10 +75,10 @@ def export_all(
         settings = replace(settings, maps=maps)
     out: list[Dataset] = []
     if settings.maps_as_parametric_map and settings.maps:
-        out += parametric_maps(result, refs, settings)
+        out += parametric_maps(result, refs, settings, geometry)
     if settings.maps_as_mr_images and settings.maps:
-        out += map_mr_images(result, refs, settings)
-    out += synthetic_images(result, refs, settings)
+        out += map_mr_images(result, refs, settings, geometry)
+    out += synthetic_images(result, refs, settings, geometry)
     seg = None
     if settings.export_segmentation and result.segmentation is not None:
         seg = segmentation(result, refs, settings, geometry)
