@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dicom_node import emulator, ingest
 from dicom_node.config import PhantomQCSettings
 from dicom_node.phantom_node import try_phantom
+from dicom_node.series import classify
 from processing import phantom_qc as pq
 from processing.phantoms import load_definition
 
@@ -81,11 +82,9 @@ def run_one(layout: str, slab: str, seed: int, tmp: Path) -> dict:
     ):
         ds.save_as(folder / f"IM_{i:05d}.dcm", enforce_file_format=True)
     (group,) = ingest.read_paths([folder], progress=False)
-    outcome = ingest.classify_and_normalize(group, None)
+    acq = classify(group.datasets).acquisition
     t0 = time.perf_counter()
-    ph = try_phantom(
-        outcome.acquisition, outcome.datasets, PhantomQCSettings(), lambda f, *a, **k: f(*a, **k)
-    )
+    ph = try_phantom(acq, group.datasets, PhantomQCSettings(), lambda f, *a, **k: f(*a, **k))
     total = time.perf_counter() - t0
     if ph is None or ph.result is None:
         return {"layout": layout, "slab": slab, "error": ph.reason if ph else "rule"}

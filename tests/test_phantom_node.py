@@ -44,11 +44,20 @@ def _write(acq, out: Path, layout: str, seed: int, patient: dict, study: dict, *
     return out
 
 
-def _normalize(folder: Path):
-    (group,) = ingest.read_paths([folder], progress=False)
-    outcome = ingest.classify_and_normalize(group, None)
-    assert outcome.acquisition is not None, outcome.reason
-    return outcome
+class _Series:
+    def __init__(self, folder: Path) -> None:
+        from dicom_node.series import classify
+
+        (group,) = ingest.read_paths([folder], progress=False)
+        self.datasets = group.datasets
+        self.series_uid = group.series_uid
+        cls = classify(group.datasets)
+        assert cls.acquisition is not None, cls.reason
+        self.acquisition = cls.acquisition
+
+
+def _normalize(folder: Path) -> _Series:
+    return _Series(folder)
 
 
 def _small_scan(seed: int, pose: pq.Pose, **kw) -> pq.PhantomScan:
@@ -111,15 +120,25 @@ def test_every_vendor_layout(tmp_path: Path, layout: str):
 
 @pytest.mark.slow
 def test_brain_with_phantom_description_is_a_brain_and_vice_versa(tmp_path: Path):
+    """Through dicom_node.series.run_series (the node's and `synthmr process`'s one path):
+    a brain under PHANTOM QC headers is segmented, a phantom under a patient's brain
+    headers is not."""
+    from dicom_node.config import load_settings
+    from dicom_node.registry import State
+    from dicom_node.series import folder_writer, run_series
     from processing.phantom import make_phantom
 
+    settings = load_settings(None, env={})
     brain = make_phantom((10, 128, 128), anatomy="ellipsoid", seed=5)
     folder = _write(brain.acq, tmp_path / "brain", "ge", 5, PHANTOM_PATIENT, PHANTOM_STUDY)
-    outcome = _normalize(folder)
-    assert matches_rule(outcome.datasets, PhantomQCSettings())[0]  # misleading headers
-    ph = try_phantom(outcome.acquisition, outcome.datasets, PhantomQCSettings(), _direct)
+    s = _normalize(folder)
+    assert matches_rule(s.datasets, PhantomQCSettings())[0]  # misleading headers
+    ph = try_phantom(s.acquisition, s.datasets, PhantomQCSettings(), _direct)
     assert ph is not None and ph.result is None and "not a 200 mm sphere" in ph.reason
-    # and a phantom sent as a patient brain study is still the phantom
+    out = run_series(s.datasets, settings, folder_writer(tmp_path / "out_brain"))
+    assert out.state == State.EXPORTED and out.phantom_qc is None
+    assert out.result.segmentation is not None and out.result.synthetic
+    # and a phantom sent as a patient's brain study is still the phantom
     scan = _small_scan(3, pq.Pose((0.0, 5.0, -8.0), (6.0, -4.0, 2.0)))
     folder = _write(
         scan.acq,
@@ -129,11 +148,12 @@ def test_brain_with_phantom_description_is_a_brain_and_vice_versa(tmp_path: Path
         {"PatientName": "DOE^JANE"},
         {"StudyDescription": "MRI BRAIN"},
     )
-    outcome = _normalize(folder)
-    assert not matches_rule(outcome.datasets, PhantomQCSettings())[0]
-    ph = try_phantom(outcome.acquisition, outcome.datasets, PhantomQCSettings(), _direct)
-    assert ph is not None and ph.result is not None
-    assert ph.result.segmentation is None and not ph.result.synthetic  # never segmented
+    s = _normalize(folder)
+    assert not matches_rule(s.datasets, PhantomQCSettings())[0]
+    out = run_series(s.datasets, settings, folder_writer(tmp_path / "out_ph"))
+    assert out.state == State.EXPORTED and out.phantom_qc is not None
+    assert out.result.segmentation is None and not out.result.synthetic  # never segmented
+    assert out.result.myelin is None
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -180,7 +200,7 @@ def test_cli_process_sr_dciodvfy_and_highdicom_readback(tmp_path: Path):
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "phantom nist-model130" in r.stdout
+    assert "phantom QC:" in r.stdout
     (js,) = (tmp_path / "out").rglob("phantom_qc.json")
     rep = json.loads(js.read_text())
     for key in ("phantom", "scanner", "acquired", "spheres", "linearity"):

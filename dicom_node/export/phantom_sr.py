@@ -22,26 +22,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from processing._version import __version__
 from processing.results import SeriesResult
 
-from .common import (
-    SCHEME,
-    UCUM_MS,
-    UCUM_ONE,
-    UCUM_PERCENT,
-    ExportError,
-    ExportSettings,
-    MapKind,
-    SliceGeometry,
-    add_private_provenance,
-    derive_uid,
-    highdicom_sources,
-    parameter_fingerprint,
-    provenance_text,
-    series_number_base,
-    slice_geometry,
-)
+from .common import UCUM_MS, UCUM_ONE, UCUM_PERCENT, series_number_base
+from .geometry import SliceGeometry, highdicom_sources, slice_geometry
 from .parametric_map import parametric_maps
 from .segmentation import SEG_SERIES_INDEX
+from .settings import SCHEME, ExportError, ExportSettings, MapKind
 from .sr import _algorithm, _finite, _light
+from .uids import add_private_provenance, derive_uid, parameter_fingerprint, provenance_text
 
 __all__ = ["MEASURED", "PHANTOM_MAPS", "export_phantom", "phantom_report", "phantom_segmentation"]
 
