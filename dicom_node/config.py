@@ -165,6 +165,9 @@ class Destination:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    #: parallel associations a series' outputs are pushed over (a PACS stores them
+    #: concurrently; 1 = one association, the most conservative)
+    associations: int = 2
 
 
 @dataclass(frozen=True)
@@ -435,6 +438,8 @@ def _validate(s: Settings, errors: list[str]) -> None:
         port_ok(d.port, f"{where}.port")
         if d.timeout_s <= 0:
             errors.append(f"{where}.timeout_s: must be > 0")
+        if not 1 <= d.associations <= 16:
+            errors.append(f"{where}.associations: must be 1..16")
         if d.tls:
             if d.ca_file:
                 file_ok(d.ca_file, f"{where}.ca_file")

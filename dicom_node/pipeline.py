@@ -134,9 +134,14 @@ def run_series_job(
     submit: Submit,
     metrics: NodeMetrics | None = None,
     timeout_s: float | None = None,
+    on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
 ) -> JobOutcome:
     """Run one series end to end up to the outbox files. Never raises: errors become a
-    FAILED/QUARANTINED/IGNORED outcome naming the stage and the reason."""
+    FAILED/QUARANTINED/IGNORED outcome naming the stage and the reason.
+
+    ``on_outputs(rows)`` gets each output series' ``(sop_uid, sop_class_uid, path)`` as
+    soon as its files are durable, before the next one is built (streamed push); when an
+    export fails later, what was handed over stays handed over (the series is FAILED)."""
     from dicom_node import vendors
 
     timings: dict[str, float] = {}
@@ -181,16 +186,22 @@ def run_series_job(
 
         stage = "export"
         t0 = time.perf_counter()
-        from dicom_node.export import export_all
+        from dicom_node.export import export_groups
 
-        out_ds = export_all(result, datasets, export_settings(settings.export))
-        paths = spool.store_outputs(
-            series_uid, ((str(ds.SOPInstanceUID), encode_part10(ds)) for ds in out_ds)
-        )
-        outputs = [
-            (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path))
-            for ds, path in zip(out_ds, paths, strict=True)
-        ]
+        outputs: list[tuple[str, str, str]] = []
+        # a group (an output series) at a time: stored durably, then handed to on_outputs
+        # (the node queues it for the push) while the next group is built and encoded
+        for group in export_groups(result, datasets, export_settings(settings.export)):
+            paths = spool.store_outputs(
+                series_uid, ((str(ds.SOPInstanceUID), encode_part10(ds)) for ds in group)
+            )
+            rows = [
+                (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path))
+                for ds, path in zip(group, paths, strict=True)
+            ]
+            outputs += rows
+            if on_outputs is not None:
+                on_outputs(rows)
         observe("export", t0)
         _keep_for_web(spool, series_uid, result, datasets)
     except Exception as exc:

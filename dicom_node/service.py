@@ -110,6 +110,9 @@ class Node:
         from processing import phase
 
         phase.warmup()  # normalization runs here, in the node process, not in the workers
+        # export runs here too: highdicom's import loads its standard tables (~1 s), not
+        # while the first series waits
+        import dicom_node.export  # noqa: F401
         self.workers.start()
         self.scp.start()
         self.completion.start()
@@ -247,6 +250,7 @@ class Node:
             self.workers.submit,
             self.metrics,
             timeout_s=self.settings.workers.job_timeout_s,
+            on_outputs=lambda rows: self._stream_outputs(series_uid, rows),
         )
         if self._stop.is_set():
             return  # shutting down: left PROCESSING, re-run (same output UIDs) at next start
@@ -254,14 +258,8 @@ class Node:
             self.workers.restart()
         if outcome.stage and outcome.state in (State.FAILED, State.QUARANTINED):
             self.metrics.processing_errors.labels(outcome.stage).inc()
-        rows = [
-            (d.name, sop, cls, path)
-            for sop, cls, path in outcome.outputs
-            for d in self.outbox.destinations.values()
-        ]
-        self.registry.finish_job(
-            job_id, series_uid, outcome.state, outcome.reason, outcome.missing, rows
-        )
+        # the outputs are in the outbox already (_stream_outputs): nothing more to queue
+        self.registry.finish_job(job_id, series_uid, outcome.state, outcome.reason, outcome.missing)
         self.metrics.jobs.labels(_JOB_RESULT[outcome.state]).inc()
         if outcome.fit_failed_fraction is not None:
             self.metrics.fit_failed_fraction.set(outcome.fit_failed_fraction)
@@ -279,7 +277,17 @@ class Node:
             timings_s=outcome.timings_s,
             processing_timings_s=outcome.processing_timings_s,
         )
+
+    def _stream_outputs(self, series_uid: str, outputs: list[tuple[str, str, str]]) -> None:
+        """An output series is durable: queue it for every destination and wake the push,
+        which sends it while the job encodes the next one."""
+        rows = [
+            (d.name, sop, cls, path)
+            for sop, cls, path in outputs
+            for d in self.outbox.destinations.values()
+        ]
         if rows:
+            self.registry.add_outbox(series_uid, rows)
             self.outbox.wake()
 
     def _housekeeping(self) -> None:
