@@ -8,6 +8,7 @@ where the time goes (normalize, fit, pd, segmentation, myelin, synthesis, enhanc
 export, push), from the registry's timestamps and the node's ``job_finished`` log line.
 
     python benchmarks/e2e_latency.py [--shape 30 256 256] [--layout ge] [--fast] [--repeat 3]
+    python benchmarks/e2e_latency.py --sequence qalas --shape 176 256 256 --layout siemens
 
 ``--repeat N``: N series (phantom seeds 5, 6, ...) one after the other into the same node
 and Orthanc; the figure is the median, every run's stage profile is printed. Outputs are
@@ -165,6 +166,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", type=int, nargs=3, default=(30, 256, 256), metavar=("Z", "Y", "X"))
     ap.add_argument("--layout", default="ge")
+    ap.add_argument(
+        "--sequence",
+        default="mdme",
+        choices=["mdme", "qalas"],
+        help="qalas: a 3D-QALAS series (1 mm isotropic; layouts of dicom_node.qalas_emulator)",
+    )
     ap.add_argument("--fast", action="store_true", help="segmentation/myelin/enhance off")
     ap.add_argument("--repeat", type=int, default=3, help="series sent one after the other")
     ap.add_argument("--timeout", type=float, default=900.0)
@@ -188,9 +195,24 @@ def main() -> None:
         tmp = Path(td)
         series: list[tuple[list[Path], str]] = []
         t = time.perf_counter()
+        if args.sequence == "qalas":
+            from dicom_node.qalas_emulator import write_qalas_series
+            from processing.qalas_phantom import make_qalas_phantom
         for rep in range(args.repeat):
-            ph = make_phantom(tuple(args.shape), seed=5 + rep, snr=50.0)
-            files = emulator.write_series(ph.acq, args.layout, tmp / f"series{rep}", seed=5 + rep)
+            if args.sequence == "qalas":
+                ph = make_qalas_phantom(
+                    tuple(args.shape),
+                    voxel_size_mm=(1.0, 1.0, 1.0),
+                    seed=5 + rep,
+                    snr=50.0,
+                    magnitude=True,
+                )
+                files = write_qalas_series(ph.acq, args.layout, tmp / f"series{rep}", seed=5 + rep)
+            else:
+                ph = make_phantom(tuple(args.shape), seed=5 + rep, snr=50.0)
+                files = emulator.write_series(
+                    ph.acq, args.layout, tmp / f"series{rep}", seed=5 + rep
+                )
             uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
             series.append((files, uid))
         print(
@@ -221,11 +243,20 @@ def main() -> None:
         try:
             wait_port(port, 120)
             # steady state: a tiny series first, so start-up warming is not in the figure
-            warm = emulator.write_series(
-                make_phantom((2, 32, 32), seed=6, anatomy="ellipsoid").acq,
-                args.layout,
-                tmp / "warm",
-            )
+            if args.sequence == "qalas":
+                warm = write_qalas_series(
+                    make_qalas_phantom((8, 32, 32), seed=6, anatomy="ellipsoid").acq,
+                    args.layout,
+                    tmp / "warm",
+                    seed=99,
+                )
+            else:
+                warm = emulator.write_series(
+                    make_phantom((2, 32, 32), seed=6, anatomy="ellipsoid").acq,
+                    args.layout,
+                    tmp / "warm",
+                    seed=99,
+                )
             _send(warm, port, send_env)
             warm_uid = str(pydicom.dcmread(warm[0], stop_before_pixels=True).SeriesInstanceUID)
             wait_for(lambda: _state(db, warm_uid) == "DELIVERED", 600, 0.2, "warm-up series")

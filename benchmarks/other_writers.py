@@ -7,7 +7,7 @@ Each cell: the emulator's series of the phantom in ``tests/other_writers.PHANTOM
 (ellipsoid brain 3 x 48 x 48, seed 11, no lesions, SNR 60, TR 4000 ms, delays
 150/580/1900/3850 ms, TE 20/100 ms) rewritten into one convention (phase unit and rescale,
 magnitude rescale, the tag holding the delay), written to disk and taken the way
-``synthmr process`` does (ingest.read_paths -> classify_and_normalize -> processing.run,
+``synthmr process`` does (ingest.read_paths -> series.classify -> processing.run,
 fit only). Printed: median signed T1 error over pure WM / pure GM in %, or
 ``QUARANTINED <kind>`` with the reasons listed below the table. ``!`` marks a cell whose
 outcome differs from the expected one (issue 13 done-when: none).

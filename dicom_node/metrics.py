@@ -159,7 +159,7 @@ class NodeMetrics:
             self.associations.labels(v)
         for v in ("stored", "rejected", "failed"):
             self.instances.labels(OTHER_AE, v)
-        for v in ("success", "failed", "ignored", "quarantined"):
+        for v in ("success", "failed", "ignored", "quarantined", "held"):
             self.jobs.labels(v)
         for v in ("pass", "warn", "fail"):
             self.qc_status.labels(v)

@@ -4,7 +4,9 @@ Series life::
 
     RECEIVING -> COMPLETE -> QUEUED -> PROCESSING -> EXPORTED -> DELIVERED
     or IGNORED (not MDME), QUARANTINED (grid incomplete; missing cells recorded),
-    FAILED (reason recorded; :meth:`Registry.retry` re-queues).
+    FAILED (reason recorded; :meth:`Registry.retry` re-queues),
+    HELD (QC failed: outputs written, their outbox rows HELD; :meth:`Registry.release_held`
+    sends them: HELD -> EXPORTED -> DELIVERED).
 
 Every state change is one transaction. One connection shared by the node's threads under
 a lock (SQLite serializes writers anyway); all writes happen in the node process.
@@ -23,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IllegalTransition", "OutboxItem", "Registry", "SeriesRow", "State"]
+__all__ = ["IllegalTransition", "OutboxItem", "Registry", "SeriesRow", "State", "series_timings"]
 
 
 class State(StrEnum):
@@ -36,9 +38,12 @@ class State(StrEnum):
     IGNORED = "IGNORED"
     QUARANTINED = "QUARANTINED"
     FAILED = "FAILED"
+    HELD = "HELD"
 
 
-FINAL_STATES = frozenset({State.DELIVERED, State.IGNORED, State.QUARANTINED, State.FAILED})
+FINAL_STATES = frozenset(
+    {State.DELIVERED, State.IGNORED, State.QUARANTINED, State.FAILED, State.HELD}
+)
 
 # Allowed transitions; FAILED/QUARANTINED may be retried (-> QUEUED), a late instance
 # re-opens a COMPLETE/QUARANTINED/IGNORED series (-> RECEIVING).
@@ -51,9 +56,11 @@ _ALLOWED: dict[State, set[State]] = {
         State.IGNORED,
         State.QUARANTINED,
         State.FAILED,
+        State.HELD,
         State.QUEUED,
     },
     State.EXPORTED: {State.DELIVERED, State.FAILED, State.QUEUED},
+    State.HELD: {State.EXPORTED, State.QUEUED, State.RECEIVING},
     State.DELIVERED: {State.QUEUED, State.RECEIVING},
     State.IGNORED: {State.QUEUED, State.RECEIVING},
     State.QUARANTINED: {State.QUEUED, State.RECEIVING},
@@ -494,9 +501,10 @@ class Registry:
         missing: list[str] | None = None,
         outbox: list[tuple[str, str, str, str]] | None = None,
     ) -> None:
-        """End a job: series -> ``new`` (EXPORTED, IGNORED, QUARANTINED, FAILED) and,
-        for EXPORTED, outbox rows ``(destination, sop_uid, sop_class_uid, path)``
-        (re-runs replace rows of the same SOP UID), all in one transaction."""
+        """End a job: series -> ``new`` (EXPORTED, HELD, IGNORED, QUARANTINED, FAILED) and,
+        for EXPORTED / HELD, outbox rows ``(destination, sop_uid, sop_class_uid, path)``,
+        PENDING / HELD (re-runs replace rows of the same SOP UID), in one transaction."""
+        row_state = "HELD" if new == State.HELD else "PENDING"
         now = time.time()
         with self._tx() as db:
             old, dt = self._set_state(
@@ -506,11 +514,11 @@ class Registry:
                 "UPDATE jobs SET state=?, finished_at=?, error=? WHERE id=?",
                 ("FAILED" if new == State.FAILED else "DONE", now, reason, job_id),
             )
-            self._upsert_outbox(db, series_uid, outbox or [], now)
+            self._upsert_outbox(db, series_uid, outbox or [], now, row_state)
             delivered = None
             if new == State.EXPORTED:
-                # outputs streamed to the outbox during the job may all be sent already:
-                # outbox_sent saw the series PROCESSING then, so it is delivered now
+                # outputs streamed to the outbox during the job (add_outbox) may all be sent
+                # already: outbox_sent saw the series PROCESSING then, so it is delivered now
                 n_rows, n_left = db.execute(
                     "SELECT COUNT(*), COALESCE(SUM(state!='SENT'), 0) FROM outbox"
                     " WHERE series_uid=?",
@@ -524,23 +532,28 @@ class Registry:
 
     @staticmethod
     def _upsert_outbox(
-        db: sqlite3.Connection, series_uid: str, rows: list[tuple[str, str, str, str]], now: float
+        db: sqlite3.Connection,
+        series_uid: str,
+        rows: list[tuple[str, str, str, str]],
+        now: float,
+        row_state: str = "PENDING",
     ) -> None:
         for dest, sop, cls, path in rows:
             db.execute(
                 "INSERT INTO outbox(series_uid, destination, sop_uid, sop_class_uid, path,"
-                " state, attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,'PENDING',0,?,?)"
+                " state, attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,0,?,?)"
                 " ON CONFLICT(destination, sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
-                " sop_class_uid=excluded.sop_class_uid, path=excluded.path, state='PENDING',"
-                " attempts=0, next_attempt_at=excluded.next_attempt_at, last_error=''",
-                (series_uid, dest, sop, cls, path, now, now),
+                " sop_class_uid=excluded.sop_class_uid, path=excluded.path,"
+                " state=excluded.state, attempts=0, next_attempt_at=excluded.next_attempt_at,"
+                " last_error=''",
+                (series_uid, dest, sop, cls, path, row_state, now, now),
             )
 
     def add_outbox(self, series_uid: str, rows: list[tuple[str, str, str, str]]) -> None:
-        """Queue ``(destination, sop_uid, sop_class_uid, path)`` rows of a series whose job
-        is still running (streamed outputs: pushed while the next group is encoded). The
-        series stays PROCESSING; :meth:`finish_job` then makes it EXPORTED, or DELIVERED
-        if every row was sent by then."""
+        """Queue PENDING ``(destination, sop_uid, sop_class_uid, path)`` rows of a series
+        whose job still runs (streamed outputs: pushed while the next group is encoded).
+        The series stays PROCESSING; :meth:`finish_job` then makes it EXPORTED, or
+        DELIVERED if every row was sent by then."""
         with self._tx() as db:
             self._upsert_outbox(db, series_uid, rows, time.time())
 
@@ -552,6 +565,20 @@ class Registry:
         if row.state not in FINAL_STATES and row.state != State.EXPORTED:
             raise IllegalTransition(f"series {series_uid} is {row.state}: nothing to retry")
         return self.enqueue(series_uid)
+
+    def release_held(self, series_uid: str, reason: str = "released by the operator") -> int:
+        """A HELD series -> EXPORTED with its HELD outbox rows PENDING (the outbox sends
+        them); return how many rows were released."""
+        with self._tx() as db:
+            old, dt = self._set_state(db, series_uid, State.EXPORTED, reason, expect={State.HELD})
+            cur = db.execute(
+                "UPDATE outbox SET state='PENDING', attempts=0, next_attempt_at=?"
+                " WHERE series_uid=? AND state='HELD'",
+                (time.time(), series_uid),
+            )
+            n = int(cur.rowcount)
+        self._notify(series_uid, old, State.EXPORTED, dt)
+        return n
 
     # ------------------------------------------------------------------ outbox
     def due_outbox(self, now: float | None = None, limit: int = 1000) -> list[OutboxItem]:
@@ -567,7 +594,7 @@ class Registry:
     def outbox_counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
-        out = {"PENDING": 0, "SENT": 0, "DEAD": 0}
+        out = {"PENDING": 0, "SENT": 0, "DEAD": 0, "HELD": 0}
         out.update({r[0]: int(r[1]) for r in rows})
         return out
 
@@ -751,3 +778,21 @@ class Registry:
 
     def stats(self) -> dict[str, Any]:
         return {"series": self.state_counts(), "outbox": self.outbox_counts()}
+
+
+def series_timings(timeline: list[tuple[str | None, str, float, str]]) -> dict[str, float]:
+    """Seconds from the first instance to the last COMPLETE, processed (job ended) and
+    DELIVERED transitions of a series' :meth:`Registry.timeline`."""
+    if not timeline:
+        return {}
+    t0 = timeline[0][2]
+    ends = {"EXPORTED", "FAILED", "IGNORED", "QUARANTINED", "HELD"}
+    out: dict[str, float] = {}
+    for old, new, at, _ in timeline:
+        if new in ("COMPLETE", "QUARANTINED") and old == "RECEIVING":
+            out["complete"] = at - t0
+        if old == "PROCESSING" and new in ends:
+            out["processed"] = at - t0
+        if new == "DELIVERED":
+            out["delivered"] = at - t0
+    return out

@@ -23,11 +23,13 @@ from dicom_node.completion import Completion
 from dicom_node.config import Settings, load_settings
 from dicom_node.logging import configure_logging, log_context, log_event
 from dicom_node.metrics import MetricsServer, NodeMetrics
-from dicom_node.pipeline import missing_cells, run_series_job
+from dicom_node.pipeline import run_series_job
 from dicom_node.push import Outbox
 from dicom_node.registry import FINAL_STATES, Registry, State
 from dicom_node.scp import StoreSCP, register_spooled
+from dicom_node.series import missing_cells
 from dicom_node.spool import Spool
+from dicom_node.vendors import expected_count
 from dicom_node.workers import Workers
 
 __all__ = ["Node", "main", "retry_series", "serve"]
@@ -39,15 +41,8 @@ _JOB_RESULT = {
     State.FAILED: "failed",
     State.IGNORED: "ignored",
     State.QUARANTINED: "quarantined",
+    State.HELD: "held",
 }
-
-
-def _expected_count(ds: Any) -> int | None:
-    try:
-        from dicom_node import vendors
-    except ImportError:
-        return None
-    return vendors.expected_count(ds)
 
 
 class Node:
@@ -61,7 +56,7 @@ class Node:
         self.registry = Registry(
             Path(settings.spool.path) / "registry.sqlite3", self._on_transition
         )
-        self.workers = Workers(settings.workers)
+        self.workers = Workers(settings.workers, settings.processing)
         self.completion = Completion(
             settings.completion,
             self.registry,
@@ -77,7 +72,7 @@ class Node:
             self.registry,
             self.metrics,
             on_instance=self.completion.instance_stored,
-            expected_count=_expected_count,
+            expected_count=lambda ds: expected_count(ds, self.settings.vendors),
         )
         self.outbox = Outbox(
             self.registry,
@@ -99,7 +94,9 @@ class Node:
         removed = self.spool.clean_tmp()
         recovered = self.registry.recover()
         # files acknowledged before a power loss took their (unsynced) registry rows
-        reregistered = register_spooled(self.spool, self.registry, _expected_count)
+        reregistered = register_spooled(
+            self.spool, self.registry, lambda ds: expected_count(ds, self.settings.vendors)
+        )
         log_event(
             log,
             "node_recovered",
@@ -113,6 +110,7 @@ class Node:
         # export runs here too: highdicom's import loads its standard tables (~1 s), not
         # while the first series waits
         import dicom_node.export  # noqa: F401
+
         self.workers.start()
         self.scp.start()
         self.completion.start()
@@ -242,6 +240,7 @@ class Node:
         if delay > 0 and self._stop.wait(delay):
             return  # stopping: the job stays PROCESSING and is re-queued at next start
         log_event(log, "job_started", series_uid=series_uid, job_id=job_id)
+        streamed: list[tuple[str, str, str, str]] = []
         outcome = run_series_job(
             series_uid,
             self.registry.instance_paths(series_uid),
@@ -250,7 +249,7 @@ class Node:
             self.workers.submit,
             self.metrics,
             timeout_s=self.settings.workers.job_timeout_s,
-            on_outputs=lambda rows: self._stream_outputs(series_uid, rows),
+            on_outputs=lambda rows: streamed.extend(self._stream_outputs(series_uid, rows)),
         )
         if self._stop.is_set():
             return  # shutting down: left PROCESSING, re-run (same output UIDs) at next start
@@ -258,8 +257,20 @@ class Node:
             self.workers.restart()
         if outcome.stage and outcome.state in (State.FAILED, State.QUARANTINED):
             self.metrics.processing_errors.labels(outcome.stage).inc()
-        # the outputs are in the outbox already (_stream_outputs): nothing more to queue
-        self.registry.finish_job(job_id, series_uid, outcome.state, outcome.reason, outcome.missing)
+        # streamed outputs are in the outbox already (_stream_outputs); held ones (QC gate)
+        # were not streamed and go in now, as HELD rows
+        rows = (
+            []
+            if streamed
+            else [
+                (d.name, sop, cls, path)
+                for sop, cls, path in outcome.outputs
+                for d in self.outbox.destinations.values()
+            ]
+        )
+        self.registry.finish_job(
+            job_id, series_uid, outcome.state, outcome.reason, outcome.missing, rows
+        )
         self.metrics.jobs.labels(_JOB_RESULT[outcome.state]).inc()
         if outcome.fit_failed_fraction is not None:
             self.metrics.fit_failed_fraction.set(outcome.fit_failed_fraction)
@@ -278,9 +289,11 @@ class Node:
             processing_timings_s=outcome.processing_timings_s,
         )
 
-    def _stream_outputs(self, series_uid: str, outputs: list[tuple[str, str, str]]) -> None:
+    def _stream_outputs(
+        self, series_uid: str, outputs: list[tuple[str, str, str]]
+    ) -> list[tuple[str, str, str, str]]:
         """An output series is durable: queue it for every destination and wake the push,
-        which sends it while the job encodes the next one."""
+        which sends it while the job encodes the next one. Returns the rows queued."""
         rows = [
             (d.name, sop, cls, path)
             for sop, cls, path in outputs
@@ -289,6 +302,7 @@ class Node:
         if rows:
             self.registry.add_outbox(series_uid, rows)
             self.outbox.wake()
+        return rows
 
     def _housekeeping(self) -> None:
         """Remove spool files of finished series older than the retention period."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from dicom_node.config import WorkerSettings
 from dicom_node.logging import log_event
+from processing.run import ProcessingSettings, warmup
 
 __all__ = [
     "BrokenProcessPool",
@@ -35,12 +36,11 @@ __all__ = [
 log = logging.getLogger("synthmr.workers")
 
 
-def warm_worker() -> None:
+def warm_worker(settings: ProcessingSettings | None = None) -> None:
     """Compile / load every numba kernel and the ONNX model in this process (worker
-    initializer): the whole pipeline runs once on a tiny phantom."""
-    from processing.run import warmup
-
-    warmup()
+    initializer): the whole pipeline runs once on a tiny phantom, with the node's
+    processing settings (its model, its stages)."""
+    warmup(settings)
 
 
 def numba_kernels() -> dict[str, Any]:
@@ -102,13 +102,16 @@ def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
             os._exit(0)
 
 
-def init_embedded_worker(parent_pid: int, warm_queue: Any = None) -> None:
-    """Initializer of the embedded pool: the orphan watchdog, then :func:`warm_worker`,
-    then this process's id on ``warm_queue`` (the node counts warm workers)."""
+def init_embedded_worker(
+    parent_pid: int, warm_queue: Any = None, settings: ProcessingSettings | None = None
+) -> None:
+    """Initializer of the embedded pool: the orphan watchdog, then :func:`warm_worker` with
+    the node's processing settings, then this process's id on ``warm_queue`` (the node
+    counts warm workers)."""
     threading.Thread(
         target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True
     ).start()
-    warm_worker()
+    warm_worker(settings)
     if warm_queue is not None:
         warm_queue.put(os.getpid())
 
@@ -120,8 +123,9 @@ def _ping() -> bool:
 class Workers:
     """A pool with ``submit(fn, *args) -> Future``."""
 
-    def __init__(self, cfg: WorkerSettings) -> None:
+    def __init__(self, cfg: WorkerSettings, processing: ProcessingSettings | None = None) -> None:
         self.cfg = cfg
+        self.processing = processing  # workers warm with the node's processing settings
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._client: Any = None
@@ -155,7 +159,7 @@ class Workers:
 
             self._client = Client(self.cfg.scheduler_address, timeout="30s")
             try:
-                self._client.run(warm_worker)
+                self._client.run(warm_worker, self.processing)
             except Exception as exc:  # warming is an optimisation only
                 log_event(log, "dask_warmup_failed", level=logging.WARNING, error=repr(exc))
             self._dask_warm = True
@@ -179,7 +183,7 @@ class Workers:
             max_workers=self.cfg.processes,
             mp_context=self._ctx,
             initializer=init_embedded_worker,
-            initargs=(os.getpid(), self._warm_queue),
+            initargs=(os.getpid(), self._warm_queue, self.processing),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:

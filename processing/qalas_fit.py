@@ -529,6 +529,295 @@ def _refit_all(samples, idx, pk, magnitude, lo, hi, out_p, out_rms, out_ok, n_ch
 
 
 # --------------------------------------------------------------------------------------
+# Fast path with B1 known: a fine (R1, B1) basis table, a 1-D variable-projection search
+# over R1 and one exact Gauss-Newton polish (full LM only if the polish does not settle).
+# --------------------------------------------------------------------------------------
+
+_TAB_N_R1 = 512
+_TAB_B1 = (0.5, 1.5, 41)  # 0.025 steps
+_COARSE = 8
+_POLISH_TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class QalasTable:
+    """basis ``[n_r1, n_b1, 2, 5]`` (u, v vectors), a_post ``[n_r1, n_b1]``, negative-sample
+    masks at the two e2 bounds ``[n_r1, n_b1, 2]`` (bit i = sample i negative), log R1."""
+
+    log_r1: np.ndarray
+    b1_lo: float
+    b1_step: float
+    basis: np.ndarray
+    a_post: np.ndarray
+    negmask: np.ndarray
+    gram: np.ndarray
+
+
+_TABLES: dict[tuple, QalasTable] = {}
+
+
+def qalas_table(protocol: QalasProtocol) -> QalasTable:
+    """The fast path's table for ``protocol`` (cached per protocol timing)."""
+    key = tuple(protocol.describe()[k] for k in sorted(protocol.describe()) if k != "source")
+    key = tuple(tuple(v) if isinstance(v, list) else v for v in key)
+    tab = _TABLES.get(key)
+    if tab is not None:
+        return tab
+    lr = np.linspace(
+        math.log(R1_BOUNDS_PER_S[0] * 1.0001), math.log(R1_BOUNDS_PER_S[1] / 1.0001), _TAB_N_R1
+    )
+    b1 = np.linspace(*_TAB_B1)
+    basis = np.empty((lr.size, b1.size, 2, N_SAMPLES))
+    a_post = np.empty((lr.size, b1.size))
+    negmask = np.zeros((lr.size, b1.size, 2), np.int64)
+    e2b = np.exp(-np.array(R2_BOUNDS_PER_S)[::-1] * 1e-3 * protocol.t2prep_ms)
+    _table_kernel(np.exp(lr) * 1e-3, b1, e2b, *protocol.kernel_args(), basis, a_post, negmask)
+    gram = np.stack(
+        [
+            (basis[:, :, 0] ** 2).sum(-1),
+            (basis[:, :, 0] * basis[:, :, 1]).sum(-1),
+            (basis[:, :, 1] ** 2).sum(-1),
+        ],
+        axis=-1,
+    )
+    tab = QalasTable(lr, float(b1[0]), float(b1[1] - b1[0]), basis, a_post, negmask, gram)
+    _TABLES[key] = tab
+    return tab
+
+
+@nb.njit(cache=True)
+def _table_kernel(r1, b1, e2b, starts, t_inv, tr, te, n, esp, alpha, kc, eta, basis, a_post, neg):
+    st = np.empty(6)
+    cen = np.empty((N_SAMPLES, 6))
+    for i in range(r1.shape[0]):
+        for j in range(b1.shape[0]):
+            cycle_maps(r1[i], b1[j], starts, t_inv, tr, te, n, esp, alpha, kc, eta, st, cen)
+            f = math.sin(b1[j] * alpha) / math.sin(alpha)
+            a_post[i, j] = st[0]
+            for k in range(N_SAMPLES):
+                gu = f * cen[k, 3]
+                gv = f * (cen[k, 0] * st[3] - cen[k, 3] * st[0])
+                basis[i, j, 0, k] = gu
+                basis[i, j, 1, k] = gv
+                for c in range(2):
+                    if gu + e2b[c] * gv < 0.0:
+                        neg[i, j, c] |= 1 << k
+
+
+@nb.njit(cache=True, inline="always")
+def _vp_cost(basis, gram, neg, i, jb, wb, y, yy, magnitude, e2lo, e2hi, out):
+    """VarPro cost at R1 index i (B1 interpolated; the Gram matrix interpolated too, which is
+    exact to second order: the polish removes the rest), best over the sign candidates.
+    out <- (cost, u, v, mask used)."""
+    best = np.inf
+    w0 = 1.0 - wb
+    guu = w0 * gram[i, jb, 0] + wb * gram[i, jb + 1, 0]
+    guv = w0 * gram[i, jb, 1] + wb * gram[i, jb + 1, 1]
+    gvv = w0 * gram[i, jb, 2] + wb * gram[i, jb + 1, 2]
+    det = guu * gvv - guv * guv
+    for c in range(2 if magnitude else 1):
+        m = neg[i, jb, c] if magnitude else 0
+        if c == 1 and m == neg[i, jb, 0]:
+            break
+        yu = 0.0
+        yv = 0.0
+        for k in range(N_SAMPLES):
+            yk = -y[k] if (m >> k) & 1 else y[k]
+            yu += (w0 * basis[i, jb, 0, k] + wb * basis[i, jb + 1, 0, k]) * yk
+            yv += (w0 * basis[i, jb, 1, k] + wb * basis[i, jb + 1, 1, k]) * yk
+        u = (gvv * yu - guv * yv) / det
+        v = (guu * yv - guv * yu) / det
+        if u > 0.0 and e2lo * u <= v <= e2hi * u:
+            cost = yy - (u * yu + v * yv)
+        else:
+            cost = yy
+            u = 0.0
+            v = 0.0
+            for t in range(2):
+                e2 = e2lo if t == 0 else e2hi
+                gg = guu + 2.0 * e2 * guv + e2 * e2 * gvv
+                gy = yu + e2 * yv
+                if gy > 0.0:
+                    cst = yy - gy * gy / gg
+                    if cst < cost:
+                        cost = cst
+                        u = gy / gg
+                        v = e2 * u
+        if cost < best:
+            best = cost
+            out[0] = cost
+            out[1] = u
+            out[2] = v
+            out[3] = m
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _polish(p, y, sg, mask, magnitude, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q, pbest):
+    """From the table estimate p with sign pattern mask: one exact Gauss-Newton step (B1
+    fixed), accepted when it is tiny (the error after it is ~ its square); else full LM.
+    Returns (cost, converged); p updated."""
+    for i in range(N_SAMPLES):
+        sg[i] = -1.0 if (mask >> i) & 1 else 1.0
+    _eval(p, y, sg, False, pk, st, cen, s, jac, h)
+    cost = h[0]
+    if math.isfinite(cost) and _solve_damped(h, 0.0, True, p, lo, hi, a, d):
+        step = 0.0
+        for k in range(3):
+            vk = min(max(p[k] + d[k], lo[k]), hi[k])
+            rel = abs(vk - p[k]) / (abs(p[k]) + 1e-30)
+            if rel > step:
+                step = rel
+            q[k] = vk
+        if step < _POLISH_TOL:
+            own = True
+            if magnitude:
+                for i in range(N_SAMPLES):
+                    if (s[i] < 0.0) != (sg[i] < 0.0):
+                        own = False  # the pattern is not the model's own: careful path
+            if own:
+                for k in range(3):
+                    p[k] = q[k]
+                return cost, True
+    if magnitude:
+        return _fit_magnitude(p, y, sg, True, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q, pbest)
+    return _lm(p, y, sg, True, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _fast_chunk(
+    samples, idx, start, stop, pk, log_r1, b1_lo, b1_step, basis, gram, a_post, neg,
+    magnitude, b1_fixed, lo, hi, out_p, out_rms, out_ok,
+):  # fmt: skip
+    te = pk[3]
+    e2lo = math.exp(-hi[2] * 1e-3 * te)
+    e2hi = math.exp(-lo[2] * 1e-3 * te)
+    nr = log_r1.shape[0]
+    nbt = basis.shape[1]
+    y = np.empty(N_SAMPLES)
+    sg = np.empty(N_SAMPLES)
+    st = np.empty(6)
+    cen = np.empty((N_SAMPLES, 6))
+    s = np.empty(N_SAMPLES)
+    jac = np.empty((N_SAMPLES, 4))
+    h = np.empty(15)
+    ht = np.empty(15)
+    a = np.empty((4, 5))
+    d = np.empty(4)
+    q = np.empty(4)
+    p = np.empty(4)
+    pbest = np.empty(4)
+    res = np.empty(4)
+    cst = np.empty(3)
+    p0 = np.empty(4)
+    p0s = np.empty(3)
+    for n in range(start, stop):
+        v = idx[n]
+        for i in range(N_SAMPLES):
+            y[i] = samples[v, i]
+        b1 = min(max(b1_fixed[n], lo[3]), hi[3])
+        x = (b1 - b1_lo) / b1_step
+        jb = min(max(int(x), 0), nbt - 2)
+        wb = min(max(x - jb, 0.0), 1.0)
+        yy = 0.0
+        for i in range(N_SAMPLES):
+            yy += y[i] * y[i]
+        # Coarse-to-fine search over the R1 index (steps 16, 4, 1).
+        ibest = 0
+        cbest = np.inf
+        for i in range(0, nr, 16):
+            _vp_cost(basis, gram, neg, i, jb, wb, y, yy, magnitude, e2lo, e2hi, res)
+            if res[0] < cbest:
+                cbest = res[0]
+                ibest = i
+        for stepi in (4, 1):
+            c0 = ibest
+            for t in range(-3, 4):
+                i = c0 + t * stepi
+                if t == 0 or i < 0 or i >= nr:
+                    continue
+                _vp_cost(basis, gram, neg, i, jb, wb, y, yy, magnitude, e2lo, e2hi, res)
+                if res[0] < cbest:
+                    cbest = res[0]
+                    ibest = i
+        ic = min(max(ibest, 1), nr - 2)
+        for t in range(3):
+            _vp_cost(basis, gram, neg, ic - 1 + t, jb, wb, y, yy, magnitude, e2lo, e2hi, res)
+            cst[t] = res[0]
+        den = cst[0] - 2.0 * cst[1] + cst[2]
+        frac = 0.5 * (cst[0] - cst[2]) / den if den > 0.0 else 0.0
+        frac = min(max(frac, -1.0), 1.0)
+        # Interpolate (u, v, A') between the two table rows bracketing the minimum.
+        ia = ic if frac >= 0.0 else ic - 1
+        w = frac if frac >= 0.0 else 1.0 + frac
+        _vp_cost(basis, gram, neg, ia, jb, wb, y, yy, magnitude, e2lo, e2hi, res)
+        u = (1.0 - w) * res[1]
+        vv = (1.0 - w) * res[2]
+        mask = int(res[3])
+        _vp_cost(basis, gram, neg, ia + 1, jb, wb, y, yy, magnitude, e2lo, e2hi, res)
+        u += w * res[1]
+        vv += w * res[2]
+        if w > 0.5:
+            mask = int(res[3])
+        e2 = vv / u if u > 0.0 else e2hi
+        e2 = min(max(e2, e2lo), e2hi)
+        ap0 = (1.0 - wb) * a_post[ia, jb] + wb * a_post[ia, jb + 1]
+        ap1 = (1.0 - wb) * a_post[ia + 1, jb] + wb * a_post[ia + 1, jb + 1]
+        ap = (1.0 - w) * ap0 + w * ap1
+        lr = log_r1[ia] + w * (log_r1[1] - log_r1[0])
+        p[0] = max(u - ap * vv, 1e-12)
+        p[1] = min(max(math.exp(lr), lo[1]), hi[1])
+        p[2] = min(max(-math.log(e2) / te * 1e3, lo[2]), hi[2])
+        p[3] = b1
+        p0s[0] = p[0]
+        p0s[1] = p[1]
+        p0s[2] = p[2]
+        cost, ok = _polish(
+            p, y, sg, mask, magnitude, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q, pbest
+        )
+        if magnitude:
+            # Near a zero crossing two sign patterns are plausible: try the other one too.
+            alt = -1
+            for r in (ia, ia + 1):
+                for c in range(2):
+                    if neg[r, jb, c] != mask:
+                        alt = neg[r, jb, c]
+            if alt >= 0:
+                for k in range(4):
+                    p0[k] = p[k]
+                p[0] = p0s[0]
+                p[1] = p0s[1]
+                p[2] = p0s[2]
+                cost2, ok2 = _polish(
+                    p, y, sg, alt, magnitude, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q, pbest
+                )
+                if cost2 < cost:
+                    cost = cost2
+                    ok = ok2
+                else:
+                    for k in range(4):
+                        p[k] = p0[k]
+        for k in range(4):
+            out_p[n, k] = p[k]
+        out_rms[n] = math.sqrt(max(cost, 0.0) / N_SAMPLES)
+        out_ok[n] = ok
+
+
+@nb.njit(cache=True, error_model="numpy", parallel=True)
+def _fast_all(
+    samples, idx, pk, log_r1, b1_lo, b1_step, basis, gram, a_post, neg, magnitude, b1_fixed,
+    lo, hi, out_p, out_rms, out_ok, n_chunks,
+):  # fmt: skip
+    n = idx.shape[0]
+    for c in nb.prange(n_chunks):
+        a = c * n // n_chunks
+        b = (c + 1) * n // n_chunks
+        _fast_chunk(
+            samples, idx[a:b], 0, b - a, pk, log_r1, b1_lo, b1_step, basis, gram, a_post, neg,
+            magnitude, b1_fixed[a:b], lo, hi, out_p[a:b], out_rms[a:b], out_ok[a:b],
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------
 
@@ -561,11 +850,14 @@ def fit_qalas_samples(
     b1_fixed: np.ndarray | None = None,
     idx: np.ndarray | None = None,
     grid: QalasGrid | None = None,
+    slow: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit ``samples [n_vox, 5]`` (float32/64); returns ``(par [n, 4], rms [n], ok [n])``
     with ``par = (M0, R1 [1/s], R2 [1/s], B1)`` for the voxels ``idx`` (default: all).
 
-    ``b1_fixed`` ``[len(idx)]``: fit with B1 fixed to these values.
+    ``b1_fixed`` ``[len(idx)]``: fit with B1 fixed to these values: the fast path (table
+    search over R1 + one exact Gauss-Newton polish; full LM where the polish does not
+    settle) unless ``slow`` (grid + LM, the reference).
     """
     samples = np.ascontiguousarray(samples)
     if samples.ndim != 2 or samples.shape[1] != N_SAMPLES:
@@ -574,8 +866,6 @@ def fit_qalas_samples(
         idx = np.arange(samples.shape[0], dtype=np.int64)
     idx = np.ascontiguousarray(idx, np.int64)
     n = idx.size
-    if grid is None:
-        grid = make_qalas_grid(protocol, magnitude=magnitude)
     bf = np.zeros(0) if b1_fixed is None else np.ascontiguousarray(b1_fixed, np.float64)
     if bf.size and bf.size != n:
         raise ValueError(f"b1_fixed: expected {n} values, got {bf.size}")
@@ -586,6 +876,26 @@ def fit_qalas_samples(
     if n == 0:
         return par, rms, ok
     pk = protocol.kernel_args()
+    if bf.size and not slow:
+        t = qalas_table(protocol)
+        tb = (
+            t.log_r1,
+            t.b1_lo,
+            t.b1_step,
+            t.basis,
+            t.gram,
+            t.a_post,
+            t.negmask,
+            bool(magnitude),
+            bf,
+        )
+        if n < _SERIAL_BELOW:
+            _fast_chunk(samples, idx, 0, n, pk, *tb, lo, hi, par, rms, ok)
+        else:
+            _fast_all(samples, idx, pk, *tb, lo, hi, par, rms, ok, _n_chunks(n))
+        return par, rms, ok
+    if grid is None:
+        grid = make_qalas_grid(protocol, magnitude=magnitude)
     g = (grid.basis, grid.gram, grid.a_post, grid.n_cand, grid.signs, grid.r1_per_s, grid.b1)
     if n < _SERIAL_BELOW:
         _fit_chunk(samples, idx, 0, n, pk, *g, bool(magnitude), bf, lo, hi, par, rms, ok)

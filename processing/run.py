@@ -204,6 +204,14 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
         dir_timing=dir_timing,
         csf_t1_ms=csf_t1 if settings.per_patient_flair else None,
     )
+    if qalas:
+        # 3D T1W for FreeSurfer/FastSurfer/SynthSeg users (processing.mprage defaults).
+        from processing.mprage import synthesize_mprage
+
+        try:
+            result.synthetic["MPRAGE"] = synthesize_mprage(maps)
+        except Exception as exc:  # optional output
+            warnings.append(f"synthetic MPRAGE failed: {exc}")
     if settings.mixture_contrasts and result.segmentation is not None:
         from processing import mixture
 
@@ -231,6 +239,7 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
             result.synthetic["FLAIR"],
             model_path=settings.model_path,
             threads=settings.onnx_threads,
+            csf_t1_ms=csf_t1,
         )
         if image is not None:
             result.synthetic[image.name] = image

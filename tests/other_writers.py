@@ -373,10 +373,10 @@ def t1_bias(t1_ms: np.ndarray, truth, tissue: str) -> float:
 
 def run_cell(ph, row: Row, layout: str, workdir, seed: int) -> Cell:
     """Write the variant to ``workdir`` and take it the way ``synthmr process`` does:
-    ingest.read_paths -> ingest.classify_and_normalize -> processing.run."""
+    ingest.read_paths -> series.classify -> processing.run."""
     from pathlib import Path
 
-    from dicom_node import ingest
+    from dicom_node import ingest, series
     from processing.run import run
 
     folder = Path(workdir) / f"{layout}-{seed}"
@@ -387,9 +387,9 @@ def run_cell(ph, row: Row, layout: str, workdir, seed: int) -> Cell:
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
     (group,) = ingest.read_paths(paths)
-    outcome = ingest.classify_and_normalize(group)
+    outcome = series.classify(group.datasets)
     if outcome.acquisition is None:
-        kind = outcome.error.kind if outcome.error is not None else outcome.status
+        kind = outcome.error.kind if outcome.error is not None else outcome.state.value
         return Cell(row.name, layout, row.expect(layout), kind, None, None, outcome.reason, "")
     acq = outcome.acquisition
     t1 = run(acq, lean_settings()).maps.t1_ms

@@ -150,9 +150,9 @@ def test_outbox_dead_letter_after_max_attempts(tmp_path: Path) -> None:
         reg, [Destination("down", "PACS", "127.0.0.1", free_port(), timeout_s=1)], retry, metrics
     )
     assert ob.run_once() == 0
-    assert reg.outbox_counts() == {"PENDING": 1, "SENT": 0, "DEAD": 0}
+    assert reg.outbox_counts() == {"PENDING": 1, "SENT": 0, "DEAD": 0, "HELD": 0}
     assert ob.run_once() == 0
-    assert reg.outbox_counts() == {"PENDING": 0, "SENT": 0, "DEAD": 1}
+    assert reg.outbox_counts() == {"PENDING": 0, "SENT": 0, "DEAD": 1, "HELD": 0}
     assert metrics.registry.get_sample_value("synthmr_outbox_dead_letter_total") == 1
     assert (
         metrics.registry.get_sample_value(

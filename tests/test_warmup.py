@@ -31,7 +31,7 @@ def test_no_compile_after_warmup(tmp_path) -> None:
     phantom (SNR 50, seed 5), written by the emulator, read and normalized as the node does,
     then the whole pipeline (default settings)."""
     pytest.importorskip("nilearn")
-    from dicom_node import emulator, ingest
+    from dicom_node import emulator, ingest, series
     from processing import phase, run
     from processing.phantom import make_phantom
 
@@ -42,7 +42,7 @@ def test_no_compile_after_warmup(tmp_path) -> None:
         ph = make_phantom((6, 64, 64), seed=5, snr=50.0)
         folder = tmp_path / f"{layout}_{magnitude_only}"
         emulator.write_series(ph.acq, layout, folder, with_phase=not magnitude_only)
-        outcome = ingest.classify_and_normalize(ingest.read_paths([folder])[0])
+        outcome = series.classify(ingest.read_paths([folder])[0].datasets)
         assert outcome.acquisition is not None, outcome.reason
         res = run.run(outcome.acquisition)
         assert not [w for w in res.warnings if "failed" in w], res.warnings
@@ -77,14 +77,14 @@ def test_no_compile_in_a_worker_after_its_warmup(tmp_path) -> None:
     the constructor's read-only arrays) never compiled: 18 s of "fit" on the first series.
     GE magnitude+phase, 6 x 64 x 64 phantom, SNR 50, seed 5."""
     pytest.importorskip("nilearn")
-    from dicom_node import emulator, ingest
+    from dicom_node import emulator, ingest, series
     from dicom_node.config import WorkerSettings
     from dicom_node.workers import Workers
     from processing.phantom import make_phantom
 
     ph = make_phantom((6, 64, 64), seed=5, snr=50.0)
     emulator.write_series(ph.acq, "ge", tmp_path, with_phase=True)
-    acq = ingest.classify_and_normalize(ingest.read_paths([tmp_path])[0]).acquisition
+    acq = series.classify(ingest.read_paths([tmp_path])[0].datasets).acquisition
     assert acq is not None
     workers = Workers(WorkerSettings(backend="embedded", processes=1))
     workers.start(wait_warm=True)

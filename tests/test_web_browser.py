@@ -6,7 +6,10 @@ page go to the test's temporary directory (and to $SYNTHMR_SCREENSHOTS when set)
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import pydicom
 import pytest
 
 from dicom_node.config import load_settings
+from dicom_node.logging import JsonFormatter
 from dicom_node.registry import State
 from dicom_node.seriesstore import load_series
 from dicom_node.service import Node
@@ -52,7 +56,13 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("webnode")
-    orth = make_orthanc(tmp / "orthanc")
+    orth = make_orthanc(tmp / "orthanc", start=False)
+    cfg_path = orth.workdir / "orthanc.json"
+    conf = json.loads(cfg_path.read_text())
+    conf.update(DicomAlwaysAllowFind=True, DicomAlwaysAllowGet=True)  # the node's C-FIND/C-GET
+    cfg_path.write_text(json.dumps(conf))
+    orth.start()
+    _earlier_visit_only_in_pacs(tmp / "visit1", orth)
     users = (
         f'[[web.users]]\nname = "otto"\nrole = "operator"\n'
         f'password_hash = "{hash_password(OPERATOR_PW)}"\n'
@@ -63,14 +73,63 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "[processing]\nenhance = false\n"
         f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
         f"port = {orth.dicom_port}\ntimeout_s = 10\n"
-        f'[web]\nenabled = true\naddress = "127.0.0.1"\nport = {free_port()}\n' + users,
+        f'[web]\nenabled = true\naddress = "127.0.0.1"\nport = {free_port()}\n'
+        'prior_sources = ["pacs"]\n' + users,
     )
+    root = logging.getLogger()
+    lines = _LogLines()
+    level = root.level
+    root.addHandler(lines)
+    root.setLevel(logging.INFO)
     node = Node(load_settings(cfg), str(cfg)).start()
     try:
-        yield Stack(node, orth, tmp)
+        stack = Stack(node, orth, tmp)
+        stack.log_lines = lines.lines
+        yield stack
     finally:
         node.stop()
         orth.stop()
+        root.removeHandler(lines)
+        root.setLevel(level)
+
+
+class _LogLines(logging.Handler):
+    """Every log line of the node while the module runs, formatted as the node writes them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+#: the earlier visit: same patient as the mdme_series fixture, two years before, a smaller
+#: brain (another phantom seed), known to PACS only (its SR was sent there directly)
+VISIT1_DATE = "20240101"
+
+
+def _earlier_visit_only_in_pacs(tmp: Path, orth: OrthancServer) -> dict[str, float]:
+    from dicom_node import emulator, vendors
+    from dicom_node.export import ExportSettings, export_all
+    from processing.phantom import make_phantom
+    from processing.run import ProcessingSettings, run
+
+    ph = make_phantom((2, 32, 32), seed=11, snr=50.0, anatomy="ellipsoid")
+    files = emulator.write_series(
+        ph.acq, "ge", tmp / "in", study={"StudyDate": VISIT1_DATE}, seed=11
+    )
+    ds = [pydicom.dcmread(f) for f in files]
+    result = run(vendors.normalize(ds), ProcessingSettings(enhance=False))
+    out = [d for d in export_all(result, ds, ExportSettings()) if d.Modality == "SR"]
+    assert len(out) == 1
+    path = tmp / "sr.dcm"
+    out[0].save_as(path, enforce_file_format=True)
+    sent = storescu([path], orth.dicom_port, called="ORTHANC", extra=["-R"])  # the SR's class
+    assert sent.returncode == 0, sent.stderr
+    assert len(orth.instances()) == 1
+    return dict(result.volumes_ml)
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +270,57 @@ def test_tuner_send_to_pacs_twice_replaces(delivered: str, stack: Stack, browser
     assert rows["DEAD"] == 0
     actions = [a["action"] for a in stack.node.registry.audit_log(delivered)]
     assert actions.count("send_tuned") == 2
+
+
+def test_report_shows_pacs_prior_and_dicom_report_is_valid(
+    delivered: str, stack: Stack, browser: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    from dicom_node.web.priors import pacs_priors
+
+    browser.get(f"{stack.base}/series/{delivered}/report")
+    table = browser.find_element(By.ID, "figures").text
+    assert VISIT1_DATE in table and "PACS pacs" in table, table
+    assert "mL/y" in table  # change per year from the two visits
+    assert "research use" in browser.find_element(By.CLASS_NAME, "synthetic-banner").text
+    wait_js(browser, "return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    screenshot(browser, stack.shots / "report.png")
+    # the values shown are the earlier SR's, read back from Orthanc
+    ident = load_series(stack.node.spool.root, delivered).meta["patient"]
+    priors = pacs_priors(ident, stack.node.settings, list(stack.node.settings.destinations))
+    visit1 = [p for p in priors if p["study_date"] == VISIT1_DATE]
+    assert len(visit1) == 1 and visit1[0]["figures"]["WM"] > 0
+    assert f"{visit1[0]['figures']['WM']:.1f}" in table
+    # the PDF and the Secondary Capture went through the outbox, Orthanc stores them, and
+    # dciodvfy finds no error
+    classes = {"1.2.840.10008.5.1.4.1.1.104.1": "pdf", "1.2.840.10008.5.1.4.1.1.7": "sc"}
+    found = {}
+    for iid in stack.orthanc.instances():
+        tags = stack.orthanc.rest(f"/instances/{iid}/simplified-tags")
+        if tags.get("SOPClassUID") in classes and tags.get("StudyDate") != VISIT1_DATE:
+            found[classes[tags["SOPClassUID"]]] = iid
+    assert set(found) == {"pdf", "sc"}, found
+    for kind, iid in found.items():
+        path = stack.tmp / f"report_{kind}.dcm"
+        import urllib.request
+
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{stack.orthanc.http_port}/instances/{iid}/file"
+        ) as r:
+            path.write_bytes(r.read())
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]
+        assert errors == [], (kind, errors)
+    pdf = pydicom.dcmread(stack.tmp / "report_pdf.dcm")
+    assert pdf.EncapsulatedDocument[:5] == b"%PDF-" and "research use" in pdf.DocumentTitle
+
+
+def test_patient_name_never_in_the_node_logs(delivered: str, stack: Stack) -> None:
+    """The pages show the patient's name (behind the login); the logs never do."""
+    name = str(pydicom.dcmread(sorted((stack.tmp / "visit1" / "in").glob("*.dcm"))[0]).PatientName)
+    lines = stack.log_lines
+    assert any(delivered in ln for ln in lines)  # the series was logged ...
+    assert any('"web_' in ln or "send_tuned" in ln for ln in lines)  # ... and the web actions
+    leaked = [ln for ln in lines if name in ln or name.replace("^", " ") in ln]
+    assert leaked == [], leaked[:3]

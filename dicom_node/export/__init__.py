@@ -24,18 +24,20 @@ from pydicom.dataset import Dataset
 
 from processing.results import SeriesResult
 
-from .common import (
-    ALL_MAPS,
-    ExportError,
-    ExportSettings,
-    MapKind,
-    SegType,
+from .geometry import (
     reference_images,
     slice_geometry,
 )
 from .mr_images import iter_synthetic_series, map_mr_images, synthetic_images
 from .parametric_map import parametric_maps
 from .segmentation import segmentation
+from .settings import (
+    ALL_MAPS,
+    ExportError,
+    ExportSettings,
+    MapKind,
+    SegType,
+)
 from .sr import report
 
 __all__ = [
@@ -74,18 +76,18 @@ def export_groups(
     maps, the map MR images, each synthetic contrast series, the SEG, the SR), so the node
     stores and pushes a group while the next is encoded."""
     settings = settings or ExportSettings()
-    geometry = slice_geometry(result, sources, settings)  # validates once, early
-    refs = sources  # each builder re-derives the geometry (Enhanced MR needs the originals)
+    geometry = slice_geometry(result, sources, settings)  # once; every builder gets it
+    refs = sources
     maps = tuple(m for m in settings.maps if m is not MapKind.MYPV or result.myelin is not None)
     if maps != settings.maps:
         from dataclasses import replace
 
         settings = replace(settings, maps=maps)
     if settings.maps_as_parametric_map and settings.maps:
-        yield parametric_maps(result, refs, settings)
+        yield parametric_maps(result, refs, settings, geometry)
     if settings.maps_as_mr_images and settings.maps:
-        yield map_mr_images(result, refs, settings)
-    yield from iter_synthetic_series(result, refs, settings)
+        yield map_mr_images(result, refs, settings, geometry)
+    yield from iter_synthetic_series(result, refs, settings, geometry)
     seg = None
     if settings.export_segmentation and result.segmentation is not None:
         seg = segmentation(result, refs, settings, geometry)

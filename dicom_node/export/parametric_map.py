@@ -14,18 +14,24 @@ from processing.results import SeriesResult
 
 from .common import (
     MAP_INFO,
-    ExportSettings,
-    MapKind,
-    SliceGeometry,
-    add_private_provenance,
-    derive_uid,
-    highdicom_sources,
     map_array,
-    parameter_fingerprint,
-    provenance_text,
     robust_window,
     series_number_base,
+)
+from .geometry import (
+    SliceGeometry,
+    highdicom_sources,
     slice_geometry,
+)
+from .settings import (
+    ExportSettings,
+    MapKind,
+)
+from .uids import (
+    add_private_provenance,
+    derive_uid,
+    parameter_fingerprint,
+    provenance_text,
 )
 
 __all__ = ["BRAIN", "add_frame_anatomy", "parametric_map", "parametric_maps"]
@@ -163,13 +169,16 @@ def parametric_map(
 
 
 def parametric_maps(
-    result: SeriesResult, sources: Sequence[Dataset], settings: ExportSettings
+    result: SeriesResult,
+    sources: Sequence[Dataset],
+    settings: ExportSettings,
+    geometry: SliceGeometry | None = None,
 ) -> list[Dataset]:
     """Every map in ``settings.maps`` as its own Parametric Map series.
 
     Series numbers: source + offset + index (0-based in ``settings.maps`` order).
     """
-    geometry = slice_geometry(result, sources, settings)
+    geometry = geometry or slice_geometry(result, sources, settings)
     fp = parameter_fingerprint(result, settings)
     base = series_number_base(geometry.refs[0], settings)
     return [

@@ -18,23 +18,29 @@ from processing.results import TISSUES, SeriesResult
 
 from .common import (
     PATIENT_STUDY_KEYWORDS,
-    SCHEME,
     UCUM_MS,
     UCUM_ONE,
     UCUM_PERCENT,
     UCUM_RATIO,
-    ExportError,
-    ExportSettings,
-    SliceGeometry,
-    add_private_provenance,
-    derive_uid,
-    model_hash,
-    parameter_fingerprint,
     series_number_base,
+)
+from .geometry import (
+    SliceGeometry,
     slice_geometry,
 )
 from .parametric_map import BRAIN
 from .segmentation import SEG_SERIES_INDEX, SEGMENT_CODES
+from .settings import (
+    SCHEME,
+    ExportError,
+    ExportSettings,
+)
+from .uids import (
+    add_private_provenance,
+    derive_uid,
+    model_hash,
+    parameter_fingerprint,
+)
 
 __all__ = ["GLOBAL_CODES", "flatten_qc", "qc_concept", "report"]
 

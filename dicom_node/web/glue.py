@@ -13,7 +13,7 @@ __all__ = ["start_web"]
 
 def start_web(node: Any) -> WebServer:
     """Start the web server of ``node`` (raises WebStartRefused for unsafe settings)."""
-    from dicom_node.pipeline import encode_part10, export_settings
+    from dicom_node.pipeline import encode_part10
 
     settings = node.settings
     registry = node.registry
@@ -51,7 +51,7 @@ def start_web(node: Any) -> WebServer:
         retry=retry,
         wake_outbox=node.outbox.wake,
         send_outputs=send_outputs,
-        export_settings=export_settings(settings.export),
+        export_settings=settings.export,
         priors=priors,
     )
     return WebServer(ctx).start()

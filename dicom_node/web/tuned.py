@@ -15,13 +15,11 @@ from dataclasses import replace
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicom_node.export.common import (
-    ExportSettings,
-    parameter_fingerprint,
-    series_number_base,
-    slice_geometry,
-)
+from dicom_node.export.common import series_number_base
+from dicom_node.export.geometry import slice_geometry
 from dicom_node.export.mr_images import synthetic_series
+from dicom_node.export.settings import ExportSettings
+from dicom_node.export.uids import parameter_fingerprint
 from dicom_node.seriesstore import StoredSeries
 from processing.results import SeriesResult
 from processing.synthesis import ContrastKind, ContrastSpec, SynthesisError, synthesize
