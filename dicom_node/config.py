@@ -26,7 +26,7 @@ from typing import Any
 from dicom_node.export.settings import ExportSettings
 from dicom_node.vendors.rules import VendorRules, load_rules
 from dicom_node.web.settings import WebSettings, WebUser, web_errors
-from processing.run import ProcessingSettings
+from processing.settings import ProcessingSettings
 from processing.synthesis import PRESETS
 
 __all__ = [
