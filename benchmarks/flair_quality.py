@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MS",
         help="FLAIR TI nulls this T1 instead of the phantom's CSF T1 (a mis-measured CSF)",
     )
+    ap.add_argument(
+        "--ti-from-pipeline",
+        action="store_true",
+        help="FLAIR TI as processing.run chooses it (null of the CSF T1 it measures)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
     ap.add_argument(
         "--update-card",
@@ -179,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     # nulls the series' CSF T1, here the phantom's (processing.run's estimate is within
     # ~1 %); --preset-ti: the preset's null of 4300 ms (TI ~2851).
     spec = PRESETS["FLAIR"]
-    if args.ti_null_t1:
+    if args.ti_from_pipeline:
+        from processing.run import ProcessingSettings, run
+
+        done = run(acq, ProcessingSettings(contrasts=("FLAIR",), enhance=False, myelin=False))
+        spec = dataclasses.replace(spec, ti_ms=float(done.synthetic["FLAIR"].ti_ms), null_t1_ms=())
+    elif args.ti_null_t1:
         spec = dataclasses.replace(spec, null_t1_ms=(float(args.ti_null_t1),))
     elif not args.preset_ti:
         spec = dataclasses.replace(spec, null_t1_ms=(float(truth.tissues["CSF"].t1_ms),))

@@ -182,6 +182,26 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """A scrypt hash for ``[[web.users]] password_hash`` (password from stdin, not argv)."""
+    import getpass
+
+    from dicom_node.web.settings import hash_password
+
+    if sys.stdin.isatty():
+        pw = getpass.getpass("password: ")
+        if pw != getpass.getpass("again: "):
+            print("error: the two passwords differ", file=sys.stderr)
+            return 1
+    else:
+        pw = sys.stdin.readline().rstrip("\n")
+    if len(pw) < 8:
+        print("error: use at least 8 characters", file=sys.stderr)
+        return 1
+    print(hash_password(pw))
+    return 0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from dicom_node import push
 
@@ -405,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile every numba kernel into the on-disk cache (run at install / image build)",
     )
     s.set_defaults(func=cmd_warmup)
+
+    s = sub.add_parser(
+        "hash-password", help="scrypt hash of a web user's password (read from stdin)"
+    )
+    s.set_defaults(func=cmd_hash_password)
 
     s = sub.add_parser("check-config", help="validate a configuration file and explain errors")
     s.add_argument("config", nargs="?", default=None)

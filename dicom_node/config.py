@@ -26,7 +26,7 @@ from typing import Any
 from dicom_node.export.settings import ExportSettings
 from dicom_node.vendors.rules import VendorRules, load_rules
 from dicom_node.web.settings import WebSettings, WebUser, web_errors
-from processing.run import ProcessingSettings
+from processing.settings import ProcessingSettings
 from processing.synthesis import PRESETS
 
 __all__ = [
@@ -130,6 +130,9 @@ class Destination:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    #: parallel associations a series' outputs are pushed over (a PACS stores them
+    #: concurrently; 1 = one association, the most conservative)
+    associations: int = 2
 
 
 @dataclass(frozen=True)
@@ -472,6 +475,8 @@ def _validate_destinations(s: Settings, errors: list[str]) -> None:
         _port_ok(errors, d.port, f"{where}.port")
         if d.timeout_s <= 0:
             errors.append(f"{where}.timeout_s: must be > 0")
+        if not 1 <= d.associations <= 16:
+            errors.append(f"{where}.associations: must be 1..16")
         if d.tls:
             if d.ca_file:
                 _file_ok(errors, d.ca_file, f"{where}.ca_file")

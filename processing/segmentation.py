@@ -882,6 +882,11 @@ def _refine_centres(
     ref = [cen[t] for t in names] + [non]
     new = {t: dict(cen[t]) for t in names}
     for k, t in enumerate(names):
+        if acq is not None and t == "CSF":
+            # 3D-QALAS barely constrains a CSF-like T2 (T2-prep 100 ms << T2) and, with a
+            # 4.5 s cycle, couples CSF's T1 and PD: the joint fit runs to its bounds (T1
+            # 8000 ms, PD 5-137 pu on phantoms). Keep the literature CSF centre.
+            continue
         pick = np.flatnonzero((out[:, k] >= _REFINE_MIN_FRACTION) & ~shell)
         if pick.size < _MIN_VOXELS_FOR_CENTRE:
             continue
