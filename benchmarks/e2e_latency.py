@@ -141,7 +141,7 @@ def main() -> None:
             files = emulator.write_series(ph.acq, args.layout, tmp / "series")
         uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
         print(
-            f"series: {args.layout} {tuple(args.shape)} magnitude+phase, {len(files)} files "
+            f"series: {args.sequence} {args.layout} {tuple(args.shape)}, {len(files)} files "
             f"(made in {time.perf_counter() - t:.1f} s)"
         )
 
