@@ -193,3 +193,32 @@ def test_public_bind_without_tls_or_users_refused(tmp_path: Path, users) -> None
         WebServer(
             WebContext(WebSettings(enabled=True, address="0.0.0.0", users=users), reg, tmp_path)
         )
+
+
+def test_public_bind_with_tls_and_users_is_accepted(tmp_path: Path, users) -> None:
+    cert, key = tmp_path / "web.crt", tmp_path / "web.key"
+    cert.write_text("x")
+    key.write_text("x")
+    h = users[1].password_hash
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f'[web]\nenabled = true\naddress = "0.0.0.0"\ntls_cert_file = "{cert}"\n'
+        f'tls_key_file = "{key}"\n[[web.users]]\nname = "otto"\nrole = "operator"\n'
+        f'password_hash = "{h}"\n'
+    )
+    assert [e for e in check_config(cfg) if e.startswith("web")] == []
+
+
+def test_hash_password_command(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "hash-password"],
+        input="a long passphrase\n", capture_output=True, text=True, cwd=root,
+        env=dict(os.environ, PYTHONPATH=str(root)), timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert verify_password("a long passphrase", out.stdout.strip())

@@ -300,7 +300,9 @@ def test_report_shows_pacs_prior_and_dicom_report_is_valid(
         tags = stack.orthanc.rest(f"/instances/{iid}/simplified-tags")
         if tags.get("SOPClassUID") in classes and tags.get("StudyDate") != VISIT1_DATE:
             found[classes[tags["SOPClassUID"]]] = iid
-    assert set(found) == {"pdf", "sc"}, found
+        if "T1WT2W" in tags.get("SeriesDescription", ""):  # the ratio as a Parametric Map
+            found["ratio_pm"] = iid
+    assert set(found) == {"pdf", "sc", "ratio_pm"}, found
     for kind, iid in found.items():
         path = stack.tmp / f"report_{kind}.dcm"
         import urllib.request

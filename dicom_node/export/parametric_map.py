@@ -14,6 +14,7 @@ from processing.results import SeriesResult
 
 from .common import (
     MAP_INFO,
+    MapInfo,
     map_array,
     robust_window,
     series_number_base,
@@ -100,10 +101,18 @@ def parametric_map(
     settings: ExportSettings,
     series_number: int,
     fingerprint: str,
+    *,
+    data: np.ndarray | None = None,
+    info: MapInfo | None = None,
+    name: str | None = None,
 ) -> Dataset:
-    """One map (float32 ``[z, y, x]``) as a highdicom ParametricMap, one frame per slice."""
-    info = MAP_INFO[kind]
-    data = map_array(result, kind)
+    """One map (float32 ``[z, y, x]``) as a highdicom ParametricMap, one frame per slice.
+
+    ``data``/``info``/``name`` export a derived map that is not a :class:`MapKind` (e.g. the
+    report's T1w/T2w ratio): its array, coded meaning and short name (labels, UIDs)."""
+    info = MAP_INFO[kind] if info is None else info
+    data = map_array(result, kind) if data is None else np.asarray(data, np.float32)
+    label = kind.value if name is None else name
     src_series = str(geometry.refs[0].SeriesInstanceUID)
     lo, hi = float(data.min()), float(data.max())
     if hi <= lo:
@@ -122,11 +131,9 @@ def parametric_map(
         source_images=highdicom_sources(geometry)[0],
         further_source_images=highdicom_sources(geometry)[1] or None,
         pixel_array=data,
-        series_instance_uid=derive_uid(
-            settings, src_series, fingerprint, "PM", kind.value, "series"
-        ),
+        series_instance_uid=derive_uid(settings, src_series, fingerprint, "PM", label, "series"),
         series_number=series_number,
-        sop_instance_uid=derive_uid(settings, src_series, fingerprint, "PM", kind.value, "sop"),
+        sop_instance_uid=derive_uid(settings, src_series, fingerprint, "PM", label, "sop"),
         instance_number=1,
         manufacturer=settings.manufacturer,
         manufacturer_model_name=settings.manufacturer_model_name,
@@ -144,7 +151,7 @@ def parametric_map(
         ],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_description=f"synthmr {info.description}"[:64],
-        content_label=f"{kind.value}MAP"[:16],
+        content_label=f"{label}MAP"[:16],
         plane_orientation=hd.PlaneOrientationSequence(
             coordinate_system="PATIENT", image_orientation=geometry.orientation
         ),
@@ -160,7 +167,7 @@ def parametric_map(
     )
     add_frame_anatomy(pm)
     ascending_frames(pm)
-    pm.SeriesDescription = f"synthmr {kind.value} map ({info.unit.value})"[:64]
+    pm.SeriesDescription = f"synthmr {label} map ({info.unit.value})"[:64]
     if settings.institution_name:
         pm.InstitutionName = settings.institution_name
     pm.ImageComments = provenance_text(result, settings)

@@ -22,7 +22,9 @@ from pydicom.uid import (
 
 from processing._version import __version__
 
-from .common import ExportSettings, copy_patient_study, derive_uid, now_da_tm, series_number_base
+from .common import copy_patient_study, now_da_tm, series_number_base
+from .settings import ExportSettings
+from .uids import derive_uid
 
 __all__ = ["REPORT_SERIES_OFFSET", "report_documents"]
 

@@ -516,9 +516,9 @@ def create_app(ctx: WebContext) -> Starlette:
             return Response(status_code=404)
         import asyncio
 
-        from processing.report import render_report
+        from dicom_node.web.reportdata import cached_render
 
-        pdf, png = await asyncio.to_thread(render_report, data)
+        pdf, png = await asyncio.to_thread(cached_render, ctx.spool_root, uid, data)
         body, mt = (pdf, "application/pdf") if fmt == "pdf" else (png, "image/png")
         return Response(body, media_type=mt)
 

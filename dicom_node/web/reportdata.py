@@ -50,19 +50,58 @@ def registry_priors(spool_root: Path, meta: dict[str, Any]) -> list[dict[str, An
     return out
 
 
-def _ratio(stored: StoredSeries) -> dict[str, float]:
-    from processing.synthesis import synthesize
-    from processing.t1t2ratio import t1w_t2w_ratio, tissue_medians
+def ratio_volume(stored: StoredSeries) -> np.ndarray:
+    """T1w/T2w ratio ``[z, y, x]`` of the preset T1W and T2W synthesized from the stored maps
+    (physical signals, so the display scale of either image does not enter)."""
+    from processing.synthesis import physical_signal, resolve_spec
+    from processing.t1t2ratio import t1w_t2w_ratio
 
     maps = stored.quant_maps()
+    t1w = physical_signal(maps, resolve_spec("T1W"))
+    t2w = physical_signal(maps, resolve_spec("T2W"))
+    return t1w_t2w_ratio(t1w, t2w, maps.mask)
+
+
+def cached_render(spool_root: Path, series_uid: str, data: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(PDF, PNG) of the report, rendered once per distinct content (priors may change it)."""
+    import hashlib
+
+    from processing.report import render_report
+
+    stored = load_series(spool_root, series_uid)
+    key = hashlib.sha256(
+        json.dumps(
+            {k: v for k, v in data.items() if k != "images"}, sort_keys=True, default=str
+        ).encode()
+    ).hexdigest()[:20]
+    if stored is not None:
+        pdf_p, png_p = stored.path / f"report-{key}.pdf", stored.path / f"report-{key}.png"
+        if pdf_p.is_file() and png_p.is_file():
+            return pdf_p.read_bytes(), png_p.read_bytes()
+    pdf, png = render_report(data)
+    if stored is not None:
+        for old in stored.path.glob("report-*"):
+            old.unlink(missing_ok=True)
+        pdf_p.write_bytes(pdf)
+        png_p.write_bytes(png)
+    return pdf, png
+
+
+def _ratio(stored: StoredSeries) -> dict[str, float]:
+    from processing.t1t2ratio import tissue_medians
+
+    cache = stored.path / "t1w_t2w.json"
+    try:
+        return {str(k): float(v) for k, v in json.loads(cache.read_text()).items()}
+    except (OSError, ValueError):
+        pass
     a = stored.arrays()
     fr = {t: a[f"frac_{t}"].astype(np.float32) / 255.0 for t in ("WM", "GM") if f"frac_{t}" in a}
     if not fr:
         return {}
-    t1w, t2w = synthesize(maps, "T1W"), synthesize(maps, "T2W")
-    # physical signal (image / scale): the ratio must not depend on the display scale
-    ratio = t1w_t2w_ratio(t1w.image / t1w.scale, t2w.image / t2w.scale, maps.mask)
-    return tissue_medians(ratio, fr)
+    medians = tissue_medians(ratio_volume(stored), fr)
+    cache.write_text(json.dumps(medians))
+    return medians
 
 
 def _key_images(stored: StoredSeries) -> list[tuple[str, np.ndarray]]:
@@ -161,12 +200,10 @@ def series_report_documents(
     """The report of a just-processed series as DICOM (pipeline hook): earlier visits from
     this node and, when ``[web] prior_sources`` names destinations, from PACS by C-FIND."""
     from dicom_node.export import reference_images
-    from dicom_node.export.common import parameter_fingerprint
     from dicom_node.export.report_page import report_documents
-    from dicom_node.pipeline import export_settings
+    from dicom_node.export.uids import parameter_fingerprint
     from dicom_node.web.priors import pacs_priors
     from dicom_node.web.tuned import stored_result
-    from processing.report import render_report
 
     web = settings.web
     dests = [d for d in settings.destinations if d.name in web.prior_sources]
@@ -179,8 +216,36 @@ def series_report_documents(
     )
     if data is None:
         return []
-    pdf, png = render_report(data)
-    xs = export_settings(settings.export)
+    pdf, png = cached_render(spool_root, series_uid, data)
+    xs = settings.export
     stored = load_series(spool_root, series_uid)
-    fp = parameter_fingerprint(stored_result(stored), xs)  # type: ignore[arg-type]
-    return report_documents(pdf, png, reference_images(sources)[0], xs, fp)
+    result = stored_result(stored)  # type: ignore[arg-type]
+    fp = parameter_fingerprint(result, xs)
+    docs = report_documents(pdf, png, reference_images(sources)[0], xs, fp)
+    return docs + [ratio_parametric_map(stored, result, sources, xs, fp)]  # type: ignore[arg-type]
+
+
+#: The T1w/T2w ratio's coded meaning (no DCM/SCT code exists for it).
+RATIO_INFO_ARGS = ("T1w_T2w_ratio", "T1w/T2w ratio of synthetic T1W and T2W (presets)")
+
+
+def ratio_parametric_map(
+    stored: StoredSeries, result: Any, sources: list[Any], xs: Any, fingerprint: str
+) -> Any:
+    """The T1w/T2w ratio as a Parametric Map (series number: report + 2)."""
+    from pydicom.sr.coding import Code
+
+    from dicom_node.export.common import SCHEME, UCUM_RATIO, MapInfo, MapKind, series_number_base
+    from dicom_node.export.geometry import slice_geometry
+    from dicom_node.export.parametric_map import parametric_map
+    from dicom_node.export.report_page import REPORT_SERIES_OFFSET
+
+    info = MapInfo(
+        *RATIO_INFO_ARGS, Code("T1WT2W", SCHEME, "T1w/T2w ratio"), UCUM_RATIO, "T1WT2WMAP"
+    )
+    geometry = slice_geometry(result, sources, xs)
+    number = series_number_base(geometry.refs[0], xs) + REPORT_SERIES_OFFSET + 2
+    return parametric_map(
+        result, MapKind.T1, geometry, xs, number, fingerprint,
+        data=ratio_volume(stored), info=info, name="T1WT2W",
+    )  # fmt: skip
