@@ -36,6 +36,8 @@ import numpy as np
 
 from processing.acquisition import Acquisition
 from processing.results import QuantMaps, TissueFractions
+from processing.segmentation import tissue_centres
+from processing.sequence_model import acquisition_jacobian
 from processing.signal import mdme_jacobian
 
 __all__ = [
@@ -94,8 +96,6 @@ def _tissue_medians(
                 vals = np.asarray(getattr(maps, q))[pure]
                 out[t][q] = _f(np.median(vals)) if n else float("nan")
         return out
-    from processing.segmentation import tissue_centres  # lazy: qc works without it
-
     cen = tissue_centres(maps, sel)
     for t in ("WM", "GM", "CSF"):
         out[t] = {
@@ -238,8 +238,6 @@ def _delay_residuals(
             acq.excitation_deg,
         )
     else:
-        from processing.sequence_model import acquisition_jacobian
-
         model, jac = acquisition_jacobian(acq, m0, t1, t2, b1v)
     samples = acq.samples().reshape(-1, ns)[idx].astype(np.float64)
     if acq.is_magnitude:  # restore the sign from the voxel's own fit
