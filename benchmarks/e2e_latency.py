@@ -109,6 +109,20 @@ class _PeakRss:
         self._thread.join()
 
 
+class _Kept:
+    """A folder that outlives the run (E2E_KEEP): the node log and registry to inspect."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> str:
+        Path(self.path).mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def _send(files: list[Path], port: int, env: dict[str, str]) -> None:
     r = subprocess.run(
         [require_tool("storescu"), "-aet", "SCANNER", "-aec", "SYNTHMR", "127.0.0.1", str(port)]
@@ -191,7 +205,8 @@ def main() -> None:
     from processing.phantom import make_phantom
 
     profiles: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory() as td:
+    keep = os.environ.get("E2E_KEEP")  # a folder: keep spool, node log, Orthanc there
+    with tempfile.TemporaryDirectory() if not keep else _Kept(keep) as td:
         tmp = Path(td)
         series: list[tuple[list[Path], str]] = []
         t = time.perf_counter()
