@@ -26,7 +26,7 @@ from typing import Any
 from dicom_node.export.settings import ExportSettings
 from dicom_node.vendors.rules import VendorRules, load_rules
 from dicom_node.web.settings import WebSettings, WebUser, web_errors
-from processing.run import ProcessingSettings
+from processing.settings import ProcessingSettings
 from processing.synthesis import PRESETS
 
 __all__ = [
@@ -130,6 +130,9 @@ class Destination:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    #: parallel associations a series' outputs are pushed over (a PACS stores them
+    #: concurrently; 1 = one association, the most conservative)
+    associations: int = 2
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,26 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class PhantomQCSettings:
+    """[phantom_qc]: which series are phantoms (rule, then content) and how to measure them.
+
+    A series is a phantom candidate when a ``patterns`` regex (case-insensitive) matches one
+    of ``fields``; it is a phantom only if its content also is (dicom_node.phantom_node).
+    """
+
+    enabled: bool = True
+    fields: tuple[str, ...] = ("PatientName", "StudyDescription")
+    patterns: tuple[str, ...] = ("PHANTOM", r"(?<![A-Z0-9])QC(?![A-Z0-9])")
+    phantom: str = "nist"
+    version: str = ""
+    certificate: str = ""
+    definitions_dir: str = ""
+    temperature_c: float | None = None
+    erosion_mm: float = 1.0
+    min_voxels: int = 10
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the node needs, typed once when the TOML is loaded. ``source`` is the
     file loaded (None = defaults only). ``processing`` goes to :func:`processing.run.run`,
@@ -182,6 +205,7 @@ class Settings:
         default_factory=lambda: load_rules(None), metadata={"convert": "vendor_rules"}
     )
     web: WebSettings = field(default_factory=WebSettings)
+    phantom_qc: PhantomQCSettings = field(default_factory=PhantomQCSettings)
     source: str | None = None
 
 
@@ -451,6 +475,8 @@ def _validate_destinations(s: Settings, errors: list[str]) -> None:
         _port_ok(errors, d.port, f"{where}.port")
         if d.timeout_s <= 0:
             errors.append(f"{where}.timeout_s: must be > 0")
+        if not 1 <= d.associations <= 16:
+            errors.append(f"{where}.associations: must be 1..16")
         if d.tls:
             if d.ca_file:
                 _file_ok(errors, d.ca_file, f"{where}.ca_file")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -104,8 +104,11 @@ def run_series_job(
     submit: Submit,
     metrics: NodeMetrics | None = None,
     timeout_s: float | None = None,
+    on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
 ) -> JobOutcome:
-    """Run one spooled series end to end up to the outbox files. Never raises."""
+    """Run one spooled series end to end up to the outbox files. Never raises.
+
+    ``on_outputs``: see :func:`dicom_node.series.run_series` (streamed push)."""
     try:
         datasets = load_datasets(paths)
     except Exception as exc:  # removed or corrupt spool file
@@ -114,7 +117,7 @@ def run_series_job(
         )
     if not datasets:
         return JobOutcome(State.FAILED, "no instances on disk for this series", stage="normalize")
-    return run_series(
+    outcome = run_series(
         datasets,
         settings,
         spool_writer(spool, series_uid),
@@ -123,4 +126,10 @@ def run_series_job(
         submit=submit,
         metrics=metrics,
         timeout_s=timeout_s,
+        on_outputs=on_outputs,
     )
+    if outcome.phantom_qc is not None:  # a QC phantom: into the scanner's QC history
+        from dicom_node.phantom_node import record_history
+
+        record_history(settings.spool.path, outcome.phantom_qc)
+    return outcome

@@ -30,14 +30,14 @@ import threading
 from datetime import datetime
 from typing import Any
 
-from pynetdicom import evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-__all__ = ["IDLE_WAIT_S", "make_server"]
+__all__ = ["IDLE_WAIT_S", "EventAE", "make_server"]
 
 #: Longest a reactor blocks without a signal: bounds the latency of the timers (ARTIM,
 #: network idle) that nothing signals. 10 wake-ups/s per idle thread instead of 1000.
@@ -216,16 +216,31 @@ class _EventAssociation(Association):
                 return
 
 
+def _make_event_driven(assoc: Association) -> None:
+    """Give a new (not yet started) association the event-driven reactors."""
+    assoc.__class__ = _EventAssociation
+    assoc._wake_event = threading.Event()  # type: ignore[attr-defined]
+    assoc.dul.__class__ = _EventDUL
+    assoc.dul._init_wake()  # type: ignore[attr-defined]
+
+
 class _EventRequestHandler(RequestHandler):
     """pynetdicom's handler; the new acceptor gets the event-driven reactors."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        assoc.__class__ = _EventAssociation
-        assoc._wake_event = threading.Event()  # type: ignore[attr-defined]
-        assoc.dul.__class__ = _EventDUL
-        assoc.dul._init_wake()  # type: ignore[attr-defined]
+        _make_event_driven(assoc)
         return assoc
+
+
+class EventAE(AE):
+    """An AE whose requested associations (``associate``) use the event-driven reactors:
+    each C-STORE's request goes out and its response is read without the 1 ms polls."""
+
+    def _create_socket(self, assoc: Association, *args: Any, **kwargs: Any) -> Any:
+        # called by AE.associate on the new association before its threads start
+        _make_event_driven(assoc)
+        return super()._create_socket(assoc, *args, **kwargs)
 
 
 def make_server(

@@ -514,17 +514,48 @@ class Registry:
                 "UPDATE jobs SET state=?, finished_at=?, error=? WHERE id=?",
                 ("FAILED" if new == State.FAILED else "DONE", now, reason, job_id),
             )
-            for dest, sop, cls, path in outbox or []:
-                db.execute(
-                    "INSERT INTO outbox(series_uid, destination, sop_uid, sop_class_uid, path,"
-                    " state, attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,0,?,?)"
-                    " ON CONFLICT(destination, sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
-                    " sop_class_uid=excluded.sop_class_uid, path=excluded.path,"
-                    " state=excluded.state, attempts=0, next_attempt_at=excluded.next_attempt_at,"
-                    " last_error=''",
-                    (series_uid, dest, sop, cls, path, row_state, now, now),
-                )
+            self._upsert_outbox(db, series_uid, outbox or [], now, row_state)
+            delivered = None
+            if new == State.EXPORTED:
+                # outputs streamed to the outbox during the job (add_outbox) may all be sent
+                # already: outbox_sent saw the series PROCESSING then, so it is delivered now
+                n_rows, n_left = db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(state!='SENT'), 0) FROM outbox"
+                    " WHERE series_uid=?",
+                    (series_uid,),
+                ).fetchone()
+                if n_rows and not n_left:
+                    delivered = self._set_state(db, series_uid, State.DELIVERED)
         self._notify(series_uid, old, new, dt)
+        if delivered is not None:
+            self._notify(series_uid, new, State.DELIVERED, delivered[1])
+
+    @staticmethod
+    def _upsert_outbox(
+        db: sqlite3.Connection,
+        series_uid: str,
+        rows: list[tuple[str, str, str, str]],
+        now: float,
+        row_state: str = "PENDING",
+    ) -> None:
+        for dest, sop, cls, path in rows:
+            db.execute(
+                "INSERT INTO outbox(series_uid, destination, sop_uid, sop_class_uid, path,"
+                " state, attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,0,?,?)"
+                " ON CONFLICT(destination, sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
+                " sop_class_uid=excluded.sop_class_uid, path=excluded.path,"
+                " state=excluded.state, attempts=0, next_attempt_at=excluded.next_attempt_at,"
+                " last_error=''",
+                (series_uid, dest, sop, cls, path, row_state, now, now),
+            )
+
+    def add_outbox(self, series_uid: str, rows: list[tuple[str, str, str, str]]) -> None:
+        """Queue PENDING ``(destination, sop_uid, sop_class_uid, path)`` rows of a series
+        whose job still runs (streamed outputs: pushed while the next group is encoded).
+        The series stays PROCESSING; :meth:`finish_job` then makes it EXPORTED, or
+        DELIVERED if every row was sent by then."""
+        with self._tx() as db:
+            self._upsert_outbox(db, series_uid, rows, time.time())
 
     def retry(self, series_uid: str) -> int:
         """Re-queue a FAILED / QUARANTINED / IGNORED / DELIVERED series; return the job id."""

@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node import vendors
 from dicom_node.config import Settings
-from dicom_node.export import ExportSettings, export_all
+from dicom_node.export import ExportSettings, export_groups
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import State
@@ -115,6 +115,8 @@ class JobOutcome:
     #: scalar QC figures of the series (processing.qc: residual_to_noise, b1_p1, ...)
     qc_figures: dict[str, float] = field(default_factory=dict)
     result: SeriesResult | None = None
+    #: a QC phantom: the phantom_qc.json content (dicom_node.phantom_node)
+    phantom_qc: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- classify
@@ -153,10 +155,12 @@ def classify(
     except vendors.NormalizationError as exc:
         if exc.kind == "not_mdme":
             return Classified(State.IGNORED, det.vendor, f"not an MDME series: {exc}", error=exc)
+        # phase_units: the phase images' unit is not decidable (never fitted with a guess)
+        what = "phase unusable" if exc.kind == "phase_units" else "grid incomplete or inconsistent"
         return Classified(
             State.QUARANTINED,
             det.vendor,
-            f"grid incomplete or inconsistent: {exc}",
+            f"{what}: {exc}",
             missing=_missing_text(exc),
             error=exc,
             expected_instances=expected,
@@ -229,6 +233,7 @@ def run_series(
     metrics: NodeMetrics | None = None,
     timeout_s: float | None = None,
     extra_outputs: Callable[[SeriesResult], list[Dataset]] | None = None,
+    on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
 ) -> JobOutcome:
     """Run one series end to end. Never raises: errors become a FAILED / QUARANTINED /
     IGNORED outcome naming the stage and the reason.
@@ -236,6 +241,10 @@ def run_series(
     ``submit``: run :func:`processing.run.run` there (None = in this process).
     ``extra_outputs(result)``: more output datasets (the node's one-page report), sent
     and QC-gated with the export's.
+    ``on_outputs(rows)``: streamed outputs. Each output series is written as soon as it
+    is built and its ``(sop_uid, sop_class_uid, path)`` handed over (the node pushes it
+    while the next is built); not for a series the QC gate holds (written at the end,
+    as before). When a later group fails, what was handed over stays (series FAILED).
     """
     timings: dict[str, float] = {}
 
@@ -263,6 +272,14 @@ def run_series(
 
         stage = "process"
         t0 = time.perf_counter()
+        from dicom_node.phantom_node import run_phantom_series
+
+        phantom = run_phantom_series(
+            cls.acquisition, datasets, settings, write, submit, timeout_s, series_uid, observe
+        )
+        if phantom is not None:  # a QC phantom: maps + sphere SEG + SR, no brain stages
+            phantom.vendor, phantom.summary, phantom.timings_s = vendor, cls.summary(), timings
+            return phantom
         result = _process(cls.acquisition, settings.processing, submit, timeout_s)
         observe("process", t0)
         # per-stage figures measured by processing.run (fit, pd, synthesis, ...)
@@ -270,7 +287,9 @@ def run_series(
 
         stage = "export"
         t0 = time.perf_counter()
-        outcome = _export_and_write(result, datasets, settings.export, write, extra_outputs)
+        outcome = _export_and_write(
+            result, datasets, settings.export, write, extra_outputs, on_outputs
+        )
         observe("export", t0)
     except Exception as exc:
         log_event(
@@ -311,25 +330,48 @@ def _export_and_write(
     settings: ExportSettings,
     write: Writer,
     extra_outputs: Callable[[SeriesResult], list[Dataset]] | None = None,
+    on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
 ) -> JobOutcome:
-    """Export, apply the QC gate, write; the outcome's state is EXPORTED or HELD."""
-    out_ds = export_all(result, sources, settings)
-    if extra_outputs is not None:
-        out_ds += extra_outputs(result)
+    """Export, apply the QC gate, write; the outcome's state is EXPORTED or HELD.
+
+    The gate is decided from the QC figures before anything is built; unless it holds
+    the series, every output series is written (and handed to ``on_outputs``) as soon as
+    it is built."""
     figures = _figures(result)
-    state, reason = State.EXPORTED, f"{len(out_ds)} instances exported"
-    if figures["qc_status"] == "fail":
-        qc_reason = _qc_reason(result.qc)
-        if settings.qc_fail == "send_marked":
-            mark_qc_fail(out_ds, qc_reason)
-            reason = f"{qc_reason}; {len(out_ds)} instances exported marked {QC_FAIL_MARK}"
-        else:
-            state = State.HELD
-            reason = (
-                f"{qc_reason}; {len(out_ds)} instances held, not sent"
-                " (`synthmr retry --release SERIES_UID` sends them)"
-            )
-    outputs = write(out_ds, result)
+    qc_reason = _qc_reason(result.qc) if figures["qc_status"] == "fail" else ""
+    hold = bool(qc_reason) and settings.qc_fail != "send_marked"
+    stream = on_outputs is not None and not hold
+    outputs: list[tuple[str, str, str]] = []
+    held: list[Dataset] = []
+
+    def emit(group: list[Dataset]) -> None:
+        if not group:
+            return
+        if qc_reason and not hold:
+            mark_qc_fail(group, qc_reason)
+        if not stream:
+            held.extend(group)
+            return
+        rows = write(group, result)
+        outputs.extend(rows)
+        on_outputs(rows)  # type: ignore[misc]
+
+    for group in export_groups(result, sources, settings):
+        emit(group)
+    if extra_outputs is not None:
+        emit(extra_outputs(result))
+    if not stream:
+        outputs = write(held, result)
+    n = len(outputs)
+    state, reason = State.EXPORTED, f"{n} instances exported"
+    if qc_reason and not hold:
+        reason = f"{qc_reason}; {n} instances exported marked {QC_FAIL_MARK}"
+    elif hold:
+        state = State.HELD
+        reason = (
+            f"{qc_reason}; {n} instances held, not sent"
+            " (`synthmr retry --release SERIES_UID` sends them)"
+        )
     return JobOutcome(state, reason, outputs=outputs, result=result, **figures)
 
 

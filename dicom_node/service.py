@@ -82,6 +82,9 @@ class Node:
             settings.node.ae_title,
         )
         self.metrics.attach_state(self._state_figures)
+        from dicom_node.qc_history import PhantomQCCollector
+
+        self.metrics.registry.register(PhantomQCCollector(self.registry.path))
         self.metrics_server: MetricsServer | None = None
         self.web: Any = None  # dicom_node.web.server.WebServer when [web] enabled
         self._stop = threading.Event()
@@ -107,6 +110,10 @@ class Node:
         from processing import phase
 
         phase.warmup()  # normalization runs here, in the node process, not in the workers
+        # export runs here too: highdicom's import loads its standard tables (~1 s), not
+        # while the first series waits
+        import dicom_node.export  # noqa: F401
+
         self.workers.start()
         self.scp.start()
         self.completion.start()
@@ -236,6 +243,7 @@ class Node:
         if delay > 0 and self._stop.wait(delay):
             return  # stopping: the job stays PROCESSING and is re-queued at next start
         log_event(log, "job_started", series_uid=series_uid, job_id=job_id)
+        streamed: list[tuple[str, str, str, str]] = []
         outcome = run_series_job(
             series_uid,
             self.registry.instance_paths(series_uid),
@@ -244,6 +252,7 @@ class Node:
             self.workers.submit,
             self.metrics,
             timeout_s=self.settings.workers.job_timeout_s,
+            on_outputs=lambda rows: streamed.extend(self._stream_outputs(series_uid, rows)),
         )
         if self._stop.is_set():
             return  # shutting down: left PROCESSING, re-run (same output UIDs) at next start
@@ -251,11 +260,17 @@ class Node:
             self.workers.restart()
         if outcome.stage and outcome.state in (State.FAILED, State.QUARANTINED):
             self.metrics.processing_errors.labels(outcome.stage).inc()
-        rows = [
-            (d.name, sop, cls, path)
-            for sop, cls, path in outcome.outputs
-            for d in self.outbox.destinations.values()
-        ]
+        # streamed outputs are in the outbox already (_stream_outputs); held ones (QC gate)
+        # were not streamed and go in now, as HELD rows
+        rows = (
+            []
+            if streamed
+            else [
+                (d.name, sop, cls, path)
+                for sop, cls, path in outcome.outputs
+                for d in self.outbox.destinations.values()
+            ]
+        )
         self.registry.finish_job(
             job_id, series_uid, outcome.state, outcome.reason, outcome.missing, rows
         )
@@ -276,8 +291,21 @@ class Node:
             timings_s=outcome.timings_s,
             processing_timings_s=outcome.processing_timings_s,
         )
+
+    def _stream_outputs(
+        self, series_uid: str, outputs: list[tuple[str, str, str]]
+    ) -> list[tuple[str, str, str, str]]:
+        """An output series is durable: queue it for every destination and wake the push,
+        which sends it while the job encodes the next one. Returns the rows queued."""
+        rows = [
+            (d.name, sop, cls, path)
+            for sop, cls, path in outputs
+            for d in self.outbox.destinations.values()
+        ]
         if rows:
+            self.registry.add_outbox(series_uid, rows)
             self.outbox.wake()
+        return rows
 
     def _housekeeping(self) -> None:
         """Remove spool files of finished series older than the retention period."""

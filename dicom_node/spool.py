@@ -22,6 +22,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,23 +289,28 @@ class Spool:
     def store_outputs(self, series_uid: str, items: Iterable[tuple[str, bytes]]) -> list[Path]:
         """Durably store a series' exported instances ``(sop_uid, data)`` in the outbox.
 
-        Each file is written to ``tmp/``, fsync'd and renamed into place; the series
+        Each file is written to ``tmp/``, fsync'd and renamed into place by a few threads
+        while the caller's generator encodes the next one (an fsync waits on the disk with
+        the GIL released, ~5 ms here, about what encoding an instance costs); the series
         directory is fsync'd once at the end, before this returns (the caller records the
-        outputs only then), instead of once per file as :meth:`write_atomic` does: a
-        300-instance series saves ~300 directory syncs.
+        outputs only then), instead of once per file as :meth:`write_atomic` does.
         """
         paths: list[Path] = []
         out_dir: Path | None = None
         new_dir = False
-        for sop_uid, data in items:
-            target = self._inside(self.instance_path("outbox", series_uid, sop_uid))
-            if out_dir is None:
-                out_dir = target.parent
-                new_dir = not out_dir.is_dir()
-                out_dir.mkdir(parents=True, exist_ok=True)
-            self._check_space(len(data))
-            self._write_file(target, data)
-            paths.append(target)
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="outbox-write") as pool:
+            writes = []
+            for sop_uid, data in items:
+                target = self._inside(self.instance_path("outbox", series_uid, sop_uid))
+                if out_dir is None:
+                    out_dir = target.parent
+                    new_dir = not out_dir.is_dir()
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                self._check_space(len(data))
+                writes.append(pool.submit(self._write_file, target, data))
+                paths.append(target)
+            for w in writes:
+                w.result()  # re-raises a write's error (disk full, I/O error)
         if out_dir is not None:
             _fsync_dir(out_dir)
             if new_dir:

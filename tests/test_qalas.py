@@ -203,9 +203,11 @@ def test_acquisition_carries_qalas_and_mdme_unchanged():
 
 @pytest.mark.slow
 def test_run_processes_a_3d_qalas_volume():
-    """processing.run on a 3D QALAS phantom (60x64x64, 3.6 mm isotropic, SNR 100, B1 = 1):
-    fit, PD, segmentation, synthesis and QC run on the 3D grid; ICV within 2 % and WM
-    within 3 % of the truth (GM +4 % and CSF -17 % are known gaps: see QALAS.md)."""
+    """processing.run on a 3D QALAS phantom (60x64x64, 3.6 mm isotropic, SNR 100, B1 = 1,
+    default tissues): fit, PD, segmentation, synthesis (incl. MPRAGE) and QC run on the 3D
+    grid; WM, GM and CSF volumes within 3 %, ICV within 2 %, BPF within 0.01 of the truth.
+    (The phantom's CSF equals the literature CSF centre the QALAS segmentation keeps: with
+    another CSF (3800/1500/98) CSF comes out 9 % low: processing/QALAS.md.)"""
     from processing.phantom import COMPARTMENTS
     from processing.qalas_phantom import make_qalas_phantom
     from processing.run import run
@@ -220,8 +222,11 @@ def test_run_processes_a_3d_qalas_volume():
     vv = ph.acq.voxel_volume_ml
     truth = {c: float(ph.truth.fractions[c].sum()) * vv for c in COMPARTMENTS}
     icv = sum(truth.values())
-    assert abs(result.volumes_ml["ICV"] / icv - 1) <= 0.02
-    assert abs(result.volumes_ml["WM"] / truth["WM"] - 1) <= 0.03
+    vol = result.volumes_ml
+    assert abs(vol["ICV"] / icv - 1) <= 0.02
+    for t in ("WM", "GM", "CSF"):
+        assert abs(vol[t] / truth[t] - 1) <= 0.03, (t, vol[t], truth[t])
+    assert abs(vol["BPF"] - (truth["WM"] + truth["GM"]) / icv) <= 0.01
 
 
 @pytest.mark.parametrize("magnitude", [False, True])

@@ -181,3 +181,32 @@ def test_spooled_file_without_a_row_is_registered_at_start(tmp_path: Path) -> No
     assert sorted(reg.instance_paths("1.2.3")) == sorted(str(p) for p in paths)
     assert reg.series("1.2.3").state == State.RECEIVING
     reg.close()
+
+
+@pytest.mark.parametrize("sent_before_finish", [2, 1])
+def test_streamed_outputs_deliver_whichever_ends_last(
+    tmp_path: Path, sent_before_finish: int
+) -> None:
+    """Outputs queued while the job runs (add_outbox) may be pushed before the job ends:
+    the series stays PROCESSING meanwhile and is DELIVERED when both the job has ended and
+    every row is sent, in either order."""
+    reg = Registry(tmp_path / "r.db")
+    _add(reg, "1.1", "1.1.1")
+    reg.transition("1.1", State.COMPLETE)
+    j = reg.enqueue("1.1")
+    reg.claim_job()
+    reg.add_outbox("1.1", [("pacs", "2.1", "1.2", "/o/1"), ("pacs", "2.2", "1.2", "/o/2")])
+    ids = [i.id for i in reg.due_outbox()]
+    assert len(ids) == 2
+    assert reg.outbox_sent(ids[:sent_before_finish]) == []
+    assert reg.series("1.1").state == State.PROCESSING
+    reg.finish_job(j, "1.1", State.EXPORTED, "2 instances exported")
+    if sent_before_finish == 2:
+        assert reg.series("1.1").state == State.DELIVERED
+    else:
+        assert reg.series("1.1").state == State.EXPORTED
+        assert reg.outbox_sent(ids[1:]) == ["1.1"]
+        assert reg.series("1.1").state == State.DELIVERED
+    states = [t[1] for t in reg.transitions_of("1.1")]
+    assert states[-2:] == ["EXPORTED", "DELIVERED"]
+    reg.close()

@@ -7,7 +7,7 @@ ImageType ``DERIVED\\SECONDARY\\SYNTHETIC\\<name>`` (maps: ``DERIVED\\PRIMARY\\T
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -247,6 +247,19 @@ def synthetic_images(
 
     Series numbers: source + offset + 100 + index, so maps (offset + index) never collide.
     """
+    return [
+        ds for series in iter_synthetic_series(result, sources, settings, geometry) for ds in series
+    ]
+
+
+def iter_synthetic_series(
+    result: SeriesResult,
+    sources: Sequence[Dataset],
+    settings: ExportSettings,
+    geometry: SliceGeometry | None = None,
+) -> Iterator[list[Dataset]]:
+    """:func:`synthetic_images` one contrast series at a time (the node stores and pushes
+    each while the next is built)."""
     names = list(result.synthetic) if settings.contrasts is None else list(settings.contrasts)
     missing = [n for n in names if n not in result.synthetic]
     if missing:
@@ -256,10 +269,8 @@ def synthetic_images(
     geometry = geometry or slice_geometry(result, sources, settings)
     fp = parameter_fingerprint(result, settings)
     base = series_number_base(geometry.refs[0], settings) + 100
-    out: list[Dataset] = []
     for i, name in enumerate(names):
-        out += synthetic_series(result, result.synthetic[name], geometry, settings, base + i, fp)
-    return out
+        yield synthetic_series(result, result.synthetic[name], geometry, settings, base + i, fp)
 
 
 def uint16_rescale(values: np.ndarray) -> tuple[np.ndarray, float, float]:
