@@ -33,6 +33,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     if getattr(args, "sequence", "mdme") == "qalas":
         return _simulate_qalas(args)
+    if getattr(args, "phantom", None):
+        from dicom_node.phantom_cli import cmd_simulate_phantom
+
+        return cmd_simulate_phantom(args)
 
     ph = make_phantom(
         args.shape,
@@ -121,6 +125,12 @@ def cmd_process(args: argparse.Namespace) -> int:
         if outcome.state not in (State.IGNORED, State.EXPORTED):
             failures += 1
         print(_process_line(group.series_uid, outcome, time.perf_counter() - t0, out))
+        if outcome.phantom_qc is not None:  # a QC phantom: its numbers beside the outputs
+            from dicom_node.phantom_node import write_phantom_json
+
+            print(
+                f"    phantom QC: {write_phantom_json(out / 'phantom_qc.json', outcome.phantom_qc)}"
+            )
         if outcome.state == State.EXPORTED and outcome.qc_status == "fail":
             print(f"    {outcome.reason}")
         for w in outcome.warnings:
@@ -454,7 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="mdme (2D MAGiC/QRAPMASTER) or qalas (3D-QALAS; vendors ge, siemens, "
         "philips, philips_enhanced)",
     )
+    from dicom_node.phantom_cli import add_qc_parser, add_simulate_arguments
+
+    add_simulate_arguments(s)
     s.set_defaults(func=cmd_simulate)
+    add_qc_parser(sub)
 
     s = sub.add_parser("send", help="C-STORE files to a DICOM node")
     s.add_argument("paths", nargs="+")

@@ -163,6 +163,26 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class PhantomQCSettings:
+    """[phantom_qc]: which series are phantoms (rule, then content) and how to measure them.
+
+    A series is a phantom candidate when a ``patterns`` regex (case-insensitive) matches one
+    of ``fields``; it is a phantom only if its content also is (dicom_node.phantom_node).
+    """
+
+    enabled: bool = True
+    fields: tuple[str, ...] = ("PatientName", "StudyDescription")
+    patterns: tuple[str, ...] = ("PHANTOM", r"(?<![A-Z0-9])QC(?![A-Z0-9])")
+    phantom: str = "nist"
+    version: str = ""
+    certificate: str = ""
+    definitions_dir: str = ""
+    temperature_c: float | None = None
+    erosion_mm: float = 1.0
+    min_voxels: int = 10
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the node needs, typed once when the TOML is loaded. ``source`` is the
     file loaded (None = defaults only). ``processing`` goes to :func:`processing.run.run`,
@@ -185,6 +205,7 @@ class Settings:
         default_factory=lambda: load_rules(None), metadata={"convert": "vendor_rules"}
     )
     web: WebSettings = field(default_factory=WebSettings)
+    phantom_qc: PhantomQCSettings = field(default_factory=PhantomQCSettings)
     source: str | None = None
 
 

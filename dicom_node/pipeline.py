@@ -117,7 +117,7 @@ def run_series_job(
         )
     if not datasets:
         return JobOutcome(State.FAILED, "no instances on disk for this series", stage="normalize")
-    return run_series(
+    outcome = run_series(
         datasets,
         settings,
         spool_writer(spool, series_uid),
@@ -128,3 +128,8 @@ def run_series_job(
         timeout_s=timeout_s,
         on_outputs=on_outputs,
     )
+    if outcome.phantom_qc is not None:  # a QC phantom: into the scanner's QC history
+        from dicom_node.phantom_node import record_history
+
+        record_history(settings.spool.path, outcome.phantom_qc)
+    return outcome

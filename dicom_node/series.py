@@ -115,6 +115,8 @@ class JobOutcome:
     #: scalar QC figures of the series (processing.qc: residual_to_noise, b1_p1, ...)
     qc_figures: dict[str, float] = field(default_factory=dict)
     result: SeriesResult | None = None
+    #: a QC phantom: the phantom_qc.json content (dicom_node.phantom_node)
+    phantom_qc: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- classify
@@ -153,10 +155,12 @@ def classify(
     except vendors.NormalizationError as exc:
         if exc.kind == "not_mdme":
             return Classified(State.IGNORED, det.vendor, f"not an MDME series: {exc}", error=exc)
+        # phase_units: the phase images' unit is not decidable (never fitted with a guess)
+        what = "phase unusable" if exc.kind == "phase_units" else "grid incomplete or inconsistent"
         return Classified(
             State.QUARANTINED,
             det.vendor,
-            f"grid incomplete or inconsistent: {exc}",
+            f"{what}: {exc}",
             missing=_missing_text(exc),
             error=exc,
             expected_instances=expected,
@@ -268,6 +272,14 @@ def run_series(
 
         stage = "process"
         t0 = time.perf_counter()
+        from dicom_node.phantom_node import run_phantom_series
+
+        phantom = run_phantom_series(
+            cls.acquisition, datasets, settings, write, submit, timeout_s, series_uid, observe
+        )
+        if phantom is not None:  # a QC phantom: maps + sphere SEG + SR, no brain stages
+            phantom.vendor, phantom.summary, phantom.timings_s = vendor, cls.summary(), timings
+            return phantom
         result = _process(cls.acquisition, settings.processing, submit, timeout_s)
         observe("process", t0)
         # per-stage figures measured by processing.run (fit, pd, synthesis, ...)

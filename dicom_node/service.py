@@ -82,6 +82,9 @@ class Node:
             settings.node.ae_title,
         )
         self.metrics.attach_state(self._state_figures)
+        from dicom_node.qc_history import PhantomQCCollector
+
+        self.metrics.registry.register(PhantomQCCollector(self.registry.path))
         self.metrics_server: MetricsServer | None = None
         self.web: Any = None  # dicom_node.web.server.WebServer when [web] enabled
         self._stop = threading.Event()

@@ -78,9 +78,13 @@ __all__ = [
     "measurable_range",
     "measure",
     "phantom_pd",
+    "protocol_of",
     "rotation_matrix",
+    "run_phantom",
+    "shape_check",
     "simulate_phantom",
     "sphere_rois",
+    "warmup",
 ]
 
 #: Largest single-voxel Cramer-Rao relative SD (at SNR 50) for a value to count as measurable:
@@ -472,11 +476,13 @@ class OuterFit:
     points: int
 
 
-def _support(maps: QuantMaps) -> np.ndarray:
-    """Signal support with the holes (walls, low-signal spheres) filled, per slice."""
-    sup = np.zeros(maps.mask.shape, bool)
+def _support(maps: QuantMaps | np.ndarray) -> np.ndarray:
+    """Signal support with the holes (walls, low-signal spheres) filled, per slice.
+    ``maps``: fitted maps (their mask) or a bool ``[z, y, x]`` signal mask."""
+    mask = maps.mask if isinstance(maps, QuantMaps) else np.asarray(maps, bool)
+    sup = np.zeros(mask.shape, bool)
     for z in range(sup.shape[0]):
-        m = ndi.binary_opening(maps.mask[z], iterations=1)
+        m = ndi.binary_opening(mask[z], iterations=1)
         lab, n = ndi.label(m)
         if n == 0:
             continue
@@ -645,7 +651,10 @@ def _features(maps: QuantMaps, support: np.ndarray) -> np.ndarray:
 
 
 def _lin_inv(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lin = np.asarray(affine, np.float64)[:3, :3]
+    """(linear part, its inverse): fresh C-contiguous writable copies, so the numba kernels
+    see one array type whatever the caller's affine is (a read-only view would compile a
+    second specialization)."""
+    lin = np.array(np.asarray(affine, np.float64)[:3, :3], order="C")
     return lin, np.linalg.inv(lin)
 
 
@@ -1270,6 +1279,125 @@ def _fit_roi_gaps(maps: QuantMaps, acq: Acquisition, rois: list[SphereROI]) -> Q
         a[extra] = getattr(more, name)[extra]
         merged[name] = a
     return replace(maps, **merged)
+
+
+def shape_check(acq: Acquisition, definition: PhantomDefinition) -> tuple[bool, str]:
+    """Cheap first content test on the raw signal (no fit): is the object a sphere of the
+    definition's radius? A head fails here in ~0.1 s."""
+    from processing.fit import background_mask
+
+    sup = _support(background_mask(acq))
+    fit = fit_outer_sphere(sup, np.asarray(acq.affine, np.float64))
+    r = definition.outer_radius_mm
+    if fit is None:
+        return False, "no signal"
+    if abs(fit.radius_mm - r) > _RADIUS_TOLERANCE * r or fit.rms_mm > _SHELL_RMS_MM:
+        return False, (
+            f"the object is not a {2 * r:.0f} mm sphere: best sphere through its outline has"
+            f" radius {fit.radius_mm:.1f} mm, RMS {fit.rms_mm:.1f} mm"
+        )
+    return True, f"outline: sphere radius {fit.radius_mm:.1f} mm, RMS {fit.rms_mm:.1f} mm"
+
+
+def protocol_of(acq: Acquisition) -> dict[str, Any]:
+    """The acquisition's timing, as :func:`analyze` wants it."""
+    return {
+        "delays_ms": [float(v) for v in acq.delays_ms],
+        "echo_times_ms": [float(v) for v in acq.echo_times_ms],
+        "tr_ms": float(acq.tr_ms),
+        "saturation_deg": float(acq.saturation_deg),
+        "excitation_deg": float(acq.excitation_deg),
+        "is_magnitude": bool(acq.is_magnitude),
+    }
+
+
+def run_phantom(
+    acq: Acquisition,
+    definition: PhantomDefinition,
+    *,
+    temperature_c: float | None = None,
+    erosion_mm: float = 1.0,
+    min_voxels: int = 10,
+) -> tuple[Any, str]:
+    """The phantom path of a series (in a worker): ``(SeriesResult, reason)`` when the
+    content is the phantom, ``(None, reason)`` when it is not (the caller then treats the
+    series as a brain). Fit without B1 smoothing (the fill's T1 is above the smoothing's
+    weight cut-off, so a per-voxel B1 is what the spheres get), no segmentation, myelin or
+    synthesis. ``result.maps.pd_pu`` is the fill-referenced PD."""
+    from dataclasses import replace
+
+    from processing._version import __version__
+    from processing.fit import fit_mdme
+    from processing.results import SeriesResult
+
+    t0 = time.perf_counter()
+    ok, why = shape_check(acq, definition)
+    if not ok:
+        return None, why
+    timings: dict[str, float] = {"phantom_shape": round(time.perf_counter() - t0, 4)}
+    t = time.perf_counter()
+    maps = fit_mdme(acq, b1_smoothing=False)
+    timings["fit"] = round(time.perf_counter() - t, 4)
+    t = time.perf_counter()
+    rep = analyze(
+        maps,
+        acq.affine,
+        definition,
+        protocol_of(acq),
+        temperature_c=temperature_c,
+        erosion_mm=erosion_mm,
+        min_voxels=min_voxels,
+        acq=acq,
+    )
+    timings["phantom_qc"] = round(time.perf_counter() - t, 4)
+    if not rep["recognised"]:
+        return None, rep["reason"]
+    labels = rep.pop("roi_labels")
+    pd = rep.pop("pd_map")
+    maps = replace(maps, pd_pu=pd)
+    n_mask = int(maps.mask.sum())
+    result = SeriesResult(
+        shape=acq.shape,
+        voxel_size_mm=acq.voxel_size_mm,
+        affine=np.asarray(acq.affine),
+        maps=maps,
+        timings_s=timings,
+        qc={
+            "status": "ok",
+            "fit_failed_fraction": float(maps.failed.sum()) / n_mask if n_mask else 0.0,
+            "phantom_explained": float(rep["pose"]["explained"]),
+        },
+        phantom_qc=rep,
+        phantom_rois=labels,
+        provenance={
+            "software": "synthmr",
+            "software_version": __version__,
+            "settings": {
+                "phantom": definition.name,
+                "phantom_version": definition.version,
+                "temperature_c": temperature_c,
+                "erosion_mm": erosion_mm,
+                "min_voxels": min_voxels,
+                "b1_smoothing": False,
+            },
+            "model_sha256": None,
+            "delay_source": acq.delay_source,
+            "acquisition": protocol_of(acq),
+        },
+    )
+    return result, rep["reason"]
+
+
+def warmup() -> None:
+    """Compile the pose-search kernel with the argument types :func:`detect_pose` passes
+    (called from :func:`processing.run.warmup`, so a node's first phantom does not wait)."""
+    affine = np.eye(4)
+    lin, _ = _lin_inv(affine)
+    feat = np.zeros((3, 2, 4, 4))
+    sup = np.ones((2, 4, 4), bool)
+    _region_cost(
+        feat, sup, np.zeros((1, 3)), lin, 1.0, 0.5, 1.0, np.ones(3), 32.0, np.zeros(3), np.zeros(3)
+    )
 
 
 # --------------------------------------------------------------------------------------
