@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
-import ssl
 import threading
 import time
 from collections import defaultdict
@@ -33,8 +31,9 @@ from dicom_node.config import Destination, RetrySettings
 from dicom_node.logging import log_context, log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import Registry
+from dicom_node.transport import make_client_ssl_context, set_tcp_nodelay
 
-__all__ = ["Outbox", "backoff_delay", "make_client_ssl_context", "send_files"]
+__all__ = ["Outbox", "backoff_delay", "send_files"]
 
 log = logging.getLogger("synthmr.push")
 
@@ -45,35 +44,12 @@ _MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association
 _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
 
-def make_client_ssl_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert:
-        ctx.load_cert_chain(cert, key or None)
-    return ctx
-
-
 def backoff_delay(attempts: int, retry: RetrySettings, rng: random.Random | None = None) -> float:
     """Seconds before the next attempt after ``attempts`` failures (>= 1):
     ``min(max_delay, base * 2**(attempts-1))`` spread by +-``jitter``."""
     rng = rng or random
     d = min(retry.max_delay_s, retry.base_delay_s * 2.0 ** max(0, attempts - 1))
     return max(0.0, d * (1.0 + rng.uniform(-retry.jitter, retry.jitter)))
-
-
-def set_tcp_nodelay(assoc: Any) -> None:
-    """Disable Nagle on an association's socket (pynetdicom leaves it on).
-
-    A C-STORE goes out as several P-DATA PDUs; with Nagle the last short one waits for the
-    peer's delayed ACK (~40 ms on Linux), which capped pushes to Orthanc at ~14 instances/s.
-    """
-    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:  # not a TCP socket: nothing to tune
-        pass
 
 
 def send_files(
