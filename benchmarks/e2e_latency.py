@@ -7,7 +7,12 @@ and is stopped by PID. Printed: the end-to-end figure, the grid-completion laten
 where the time goes (normalize, fit, pd, segmentation, myelin, synthesis, enhance, qc,
 export, push), from the registry's timestamps and the node's ``job_finished`` log line.
 
-    python benchmarks/e2e_latency.py [--shape 30 256 256] [--layout ge] [--fast]
+    python benchmarks/e2e_latency.py [--shape 30 256 256] [--layout ge] [--fast] [--repeat 3]
+    python benchmarks/e2e_latency.py --sequence qalas --shape 176 256 256 --layout siemens
+
+``--repeat N``: N series (phantom seeds 5, 6, ...) one after the other into the same node
+and Orthanc; the figure is the median, every run's stage profile is printed. Outputs are
+pushed while the job still encodes (streamed), so "push after export" is only the tail.
 
 ``--fast``: segmentation, myelin and enhancement off (three contrasts), for comparison.
 """
@@ -18,9 +23,11 @@ import argparse
 import json
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,11 +68,112 @@ def _state(db: Path, series_uid: str) -> str | None:
     return rows[0][0] if rows else None
 
 
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its children (the node and its spawned workers)."""
+    pids = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            pids.append(int(stat.parent.name))
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+class _PeakRss:
+    """Samples the node's process tree every 0.2 s; ``peak`` is the largest sum seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, _tree_rss(self.pid))
+
+    def reset(self) -> None:
+        self.peak = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _send(files: list[Path], port: int, env: dict[str, str]) -> None:
+    r = subprocess.run(
+        [require_tool("storescu"), "-aet", "SCANNER", "-aec", "SYNTHMR", "127.0.0.1", str(port)]
+        + [str(f) for f in files],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if r.returncode != 0:
+        sys.exit(f"storescu failed: {r.stderr[-2000:]}")
+
+
+def _profile(db: Path, log: Path, uid: str, t_last_sent: float) -> dict[str, float]:
+    """Seconds of each stage of one delivered series, from the registry and the log."""
+    w = (uid,)
+    # Orthanc answered success to the last C-STORE at sent_at (same host clock)
+    t_last_stored = _q(db, "SELECT MAX(sent_at) FROM outbox WHERE series_uid=?", w)[0][0]
+    first_sent = _q(db, "SELECT MIN(sent_at) FROM outbox WHERE series_uid=?", w)[0][0]
+    last_rx = _q(db, "SELECT MAX(received_at) FROM instances WHERE series_uid=?", w)[0][0]
+    at = dict(
+        _q(db, "SELECT to_state, MAX(at) FROM transitions WHERE series_uid=? GROUP BY to_state", w)
+    )
+    finished = [
+        json.loads(x)
+        for x in log.read_text().splitlines()
+        if x.startswith("{") and '"job_finished"' in x and uid in x
+    ]
+    timings = finished[-1].get("timings_s", {}) if finished else {}
+    out = {
+        "END TO END (last sent -> last stored in Orthanc)": t_last_stored - t_last_sent,
+        "last sent -> last received (SCP)": last_rx - t_last_sent,
+        "completion by grid (-> COMPLETE)": at["COMPLETE"] - last_rx,
+        "queue (COMPLETE -> PROCESSING)": at["PROCESSING"] - at["COMPLETE"],
+        "job (PROCESSING -> EXPORTED)": at["EXPORTED"] - at["PROCESSING"],
+    }
+    worker = 0.0
+    for k in ("normalize", "fit", "pd", "segmentation", "myelin", "synthesis", "enhance", "qc"):
+        if k in timings:
+            out[f"  {k}"] = timings[k]
+            worker += timings[k] if k != "normalize" else 0.0
+    if "process" in timings:
+        out["  node <-> worker transfer (process - worker stages)"] = timings["process"] - worker
+    if "export" in timings:
+        out["  export (build + encode + store, streamed)"] = timings["export"]
+    job_rest = (at["EXPORTED"] - at["PROCESSING"]) - sum(
+        timings.get(k, 0.0) for k in ("normalize", "process", "export")
+    )
+    out["  job bookkeeping (rest)"] = job_rest
+    out["push: first output stored, after PROCESSING"] = first_sent - at["PROCESSING"]
+    out["push after export (EXPORTED -> last stored)"] = t_last_stored - at["EXPORTED"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", type=int, nargs=3, default=(30, 256, 256), metavar=("Z", "Y", "X"))
     ap.add_argument("--layout", default="ge")
+    ap.add_argument(
+        "--sequence",
+        default="mdme",
+        choices=["mdme", "qalas"],
+        help="qalas: a 3D-QALAS series (1 mm isotropic; layouts of dicom_node.qalas_emulator)",
+    )
     ap.add_argument("--fast", action="store_true", help="segmentation/myelin/enhance off")
+    ap.add_argument("--repeat", type=int, default=3, help="series sent one after the other")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument(
         "--stock-orthanc",
@@ -78,19 +186,39 @@ def main() -> None:
     send_env = dict(os.environ, TCP_NODELAY="1")
 
     from dicom_node import emulator
+    from dicom_node.config import Destination
+    from dicom_node.push import send_files, send_parallel
     from processing.phantom import make_phantom
 
+    profiles: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
+        series: list[tuple[list[Path], str]] = []
         t = time.perf_counter()
-        ph = make_phantom(tuple(args.shape), seed=5, snr=50.0)
-        files = emulator.write_series(ph.acq, args.layout, tmp / "series")
-        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        if args.sequence == "qalas":
+            from dicom_node.qalas_emulator import write_qalas_series
+            from processing.qalas_phantom import make_qalas_phantom
+        for rep in range(args.repeat):
+            if args.sequence == "qalas":
+                ph = make_qalas_phantom(
+                    tuple(args.shape),
+                    voxel_size_mm=(1.0, 1.0, 1.0),
+                    seed=5 + rep,
+                    snr=50.0,
+                    magnitude=True,
+                )
+                files = write_qalas_series(ph.acq, args.layout, tmp / f"series{rep}", seed=5 + rep)
+            else:
+                ph = make_phantom(tuple(args.shape), seed=5 + rep, snr=50.0)
+                files = emulator.write_series(
+                    ph.acq, args.layout, tmp / f"series{rep}", seed=5 + rep
+                )
+            uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+            series.append((files, uid))
         print(
-            f"series: {args.layout} {tuple(args.shape)} magnitude+phase, {len(files)} files "
-            f"(made in {time.perf_counter() - t:.1f} s)"
+            f"series: {args.repeat} x {args.layout} {tuple(args.shape)} magnitude+phase,"
+            f" {len(series[0][0])} files each (made in {time.perf_counter() - t:.1f} s)"
         )
-
         orth = make_orthanc(tmp / "orthanc", tcp_nodelay=nodelay)
         print(f"PACS: Orthanc, TCP_NODELAY={'1' if nodelay else 'unset (stock)'}")
         port = free_port()
@@ -115,145 +243,99 @@ def main() -> None:
         try:
             wait_port(port, 120)
             # steady state: a tiny series first, so start-up warming is not in the figure
-            warm = emulator.write_series(
-                make_phantom((2, 32, 32), seed=6, anatomy="ellipsoid").acq,
-                args.layout,
-                tmp / "warm",
-            )
-            subprocess.run(
-                [
-                    require_tool("storescu"),
-                    "-aet",
-                    "SCANNER",
-                    "-aec",
-                    "SYNTHMR",
-                    "127.0.0.1",
-                    str(port),
-                    *map(str, warm),
-                ],
-                capture_output=True,
-                check=True,
-                env=send_env,
-            )
+            if args.sequence == "qalas":
+                warm = write_qalas_series(
+                    make_qalas_phantom((8, 32, 32), seed=6, anatomy="ellipsoid").acq,
+                    args.layout,
+                    tmp / "warm",
+                    seed=99,
+                )
+            else:
+                warm = emulator.write_series(
+                    make_phantom((2, 32, 32), seed=6, anatomy="ellipsoid").acq,
+                    args.layout,
+                    tmp / "warm",
+                    seed=99,
+                )
+            _send(warm, port, send_env)
             warm_uid = str(pydicom.dcmread(warm[0], stop_before_pixels=True).SeriesInstanceUID)
             wait_for(lambda: _state(db, warm_uid) == "DELIVERED", 600, 0.2, "warm-up series")
-            n_warm = len(orth.instances())
-            t_send = time.time()
-            r = subprocess.run(
-                [
-                    require_tool("storescu"),
-                    "-aet",
-                    "SCANNER",
-                    "-aec",
-                    "SYNTHMR",
-                    "127.0.0.1",
-                    str(port),
-                    *map(str, files),
-                ],
-                capture_output=True,
-                text=True,
-                env=send_env,
-            )
-            t_last_sent = time.time()
-            if r.returncode != 0:
-                sys.exit(f"storescu failed: {r.stderr[-2000:]}")
-
-            def state() -> str | None:
-                return _state(db, uid)
-
-            wait_for(
-                lambda: state() in ("DELIVERED", "FAILED", "QUARANTINED"),
-                args.timeout,
-                0.2,
-                "series delivered",
-            )
-            if state() != "DELIVERED":
-                sys.exit(f"series ended {state()}: {_q(db, 'SELECT reason FROM series')}")
-            # Orthanc answered success to the last C-STORE at sent_at (same host clock)
-            w = (uid,)
-            t_last_stored = _q(db, "SELECT MAX(sent_at) FROM outbox WHERE series_uid=?", w)[0][0]
-            n_out = _q(db, "SELECT COUNT(*) FROM outbox WHERE series_uid=?", w)[0][0]
-            n_pacs = len(orth.instances()) - n_warm
-            last_rx = _q(db, "SELECT MAX(received_at) FROM instances WHERE series_uid=?", w)[0][0]
-            at = dict(
-                _q(
-                    db,
-                    "SELECT to_state, MAX(at) FROM transitions WHERE series_uid=? GROUP BY to_state",
-                    w,
+            rss = _PeakRss(node.pid)
+            for files, uid in series:
+                rss.reset()
+                t_send = time.time()
+                _send(files, port, send_env)
+                t_last_sent = time.time()
+                wait_for(
+                    lambda uid=uid: _state(db, uid) in ("DELIVERED", "FAILED", "QUARANTINED"),
+                    args.timeout,
+                    0.1,
+                    "series delivered",
                 )
-            )
+                if _state(db, uid) != "DELIVERED":
+                    reason = _q(db, "SELECT reason FROM series WHERE series_uid=?", (uid,))
+                    sys.exit(f"series ended {_state(db, uid)}: {reason}")
+                prof = _profile(db, log, uid, t_last_sent)
+                prof["send (storescu -> node)"] = t_last_sent - t_send
+                prof["peak RSS node + workers (GiB)"] = rss.peak / 2**30
+                profiles.append(prof)
+            n_out = _q(db, "SELECT COUNT(*) FROM outbox WHERE series_uid=?", (series[-1][1],))[0][0]
         finally:
+            if "rss" in locals():
+                rss.stop()
             stop_pid(node, 60)
             orth.stop()
-        # push comparison on the same output files: our SCU (send_files, one association)
-        # vs dcmtk storescu, each into a fresh Orthanc -- is the PACS or the sender the limit?
+        # push comparison on the same output files, each into a fresh Orthanc, alternating:
+        # the node's way (Destination.associations = 2), one association, dcmtk storescu
         outputs = [r[0] for r in _q(db, "SELECT path FROM outbox WHERE series_uid=?", (uid,))]
-        push_cmp: dict[str, tuple[float, int]] = {}
-        for who in ("synthmr send_files", "dcmtk storescu"):
-            o2 = make_orthanc(tmp / f"orthanc_{who.split()[0]}", tcp_nodelay=nodelay)
-            try:
-                t = time.perf_counter()
-                if who.startswith("dcmtk"):
-                    cmd = [require_tool("storescu"), "-R", "-aec", "ORTHANC", "127.0.0.1"]
-                    subprocess.run(
-                        [*cmd, str(o2.dicom_port), *outputs],
-                        capture_output=True,
-                        check=True,
-                        env=send_env,
-                    )
-                else:
-                    from dicom_node.push import send_files
+        push_cmp: dict[str, list[float]] = {}
+        for rnd in range(args.repeat):
+            for who in (
+                "synthmr push (2 associations)",
+                "synthmr send_files (1)",
+                "dcmtk storescu",
+            ):
+                o2 = make_orthanc(tmp / f"orthanc_{rnd}_{len(push_cmp.get(who, []))}_{who[:5]}")
+                try:
+                    dest = Destination("o", "ORTHANC", "127.0.0.1", o2.dicom_port, 60.0)
+                    t = time.perf_counter()
+                    if who.startswith("dcmtk"):
+                        cmd = [require_tool("storescu"), "-aec", "ORTHANC", "127.0.0.1"]
+                        subprocess.run(
+                            [*cmd, str(o2.dicom_port), *outputs],
+                            capture_output=True,
+                            check=True,
+                            env=send_env,
+                        )
+                    elif "2 associations" in who:
+                        assert send_parallel(outputs, dest)["failed"] == 0
+                    else:
+                        assert send_files(outputs, dest)["failed"] == 0
+                    dt = time.perf_counter() - t
+                    assert len(o2.instances()) == len(outputs)
+                    push_cmp.setdefault(who, []).append(dt)
+                finally:
+                    o2.stop()
 
-                    res = send_files(
-                        outputs, ae_title="ORTHANC", host="127.0.0.1", port=o2.dicom_port
-                    )
-                    assert res["failed"] == 0, res
-                push_cmp[who] = (time.perf_counter() - t, len(o2.instances()))
-            finally:
-                o2.stop()
-        finished = [
-            json.loads(x)
-            for x in log.read_text().splitlines()
-            if x.startswith("{") and '"job_finished"' in x
-        ]
-        timings = finished[-1].get("timings_s", {}) if finished else {}
-
-    e2e = t_last_stored - t_last_sent
-    print(f"send (storescu, {len(files)} files): {t_last_sent - t_send:6.2f} s")
-    print(f"outputs: {n_out} in the outbox, {n_pacs} in Orthanc")
+    print(f"outputs per series: {n_out}")
+    keys = list(profiles[0])
     print(
-        f"END TO END last instance sent -> last output stored in Orthanc: {e2e:6.2f} s "
-        f"(goal <= 15 s on 2 cores)"
+        f"\n{'stage (seconds)':56s}"
+        + "".join(f"{'run ' + str(i + 1):>9s}" for i in range(len(profiles)))
+        + f"{'median':>9s}"
     )
-    print(f"  completion by grid (last received -> COMPLETE): {at['COMPLETE'] - last_rx:6.3f} s")
-    print(
-        f"  queue (COMPLETE -> PROCESSING):                 {at['PROCESSING'] - at['COMPLETE']:6.3f} s"
-    )
-    print(
-        f"  job (PROCESSING -> EXPORTED):                   {at['EXPORTED'] - at['PROCESSING']:6.2f} s"
-    )
-    for k in (
-        "normalize",
-        "fit",
-        "pd",
-        "segmentation",
-        "myelin",
-        "synthesis",
-        "enhance",
-        "qc",
-        "process",
-        "export",
-    ):
-        if k in timings:
-            label = "process (worker total, incl. transfer)" if k == "process" else k
-            print(f"    {label:38s} {timings[k]:6.2f} s")
-    print(
-        f"  push (EXPORTED -> DELIVERED):                   {at['DELIVERED'] - at['EXPORTED']:6.2f} s"
-    )
-    for who, (dt, n) in push_cmp.items():
+    for k in keys:
+        vals = [p.get(k, float("nan")) for p in profiles]
+        print(f"{k:56s}" + "".join(f"{v:9.2f}" for v in vals) + f"{statistics.median(vals):9.2f}")
+    e2e = statistics.median(p[keys[0]] for p in profiles)
+    print(f"\nEND TO END median of {len(profiles)}: {e2e:.2f} s (goal <= 7 s)")
+    print(f"\npush of the same {len(outputs)} outputs into a fresh Orthanc ({args.repeat} rounds):")
+    ref = statistics.median(push_cmp["dcmtk storescu"])
+    for who, dts in push_cmp.items():
+        med = statistics.median(dts)
         print(
-            f"push of the same {len(outputs)} outputs into a fresh Orthanc by {who}: "
-            f"{dt:6.2f} s ({n} stored, {len(outputs) / dt:.0f} instances/s)"
+            f"  {who:32s} median {med:6.2f} s ({len(outputs) / med:5.0f} instances/s),"
+            f" {med / ref:4.2f}x storescu's time; runs {', '.join(f'{d:.2f}' for d in dts)}"
         )
 
 

@@ -37,7 +37,22 @@ from processing.enhance import (
     enhance_samples,
     load_model,
 )
+from processing.signal import IDEAL_PROFILE, gaussian_slice_profile
 from processing.synthesis import PRESETS, ir_weight, synthesize
+
+#: MDME protocols of the quality phantom (make_phantom keywords).
+PROTOCOLS = {
+    "A": {
+        "tr_ms": 4000.0,
+        "delays_ms": (150.0, 580.0, 1900.0, 3850.0),
+        "echo_times_ms": (20.0, 100.0),
+    },
+    "B": {
+        "tr_ms": 4500.0,
+        "delays_ms": (100.0, 500.0, 1500.0, 4000.0),
+        "echo_times_ms": (15.0, 90.0),
+    },
+}
 
 #: Tissue values of the held-out phantom (T1 ms, T2 ms, PD pu): inside the 3T ranges of
 #: physics.md section 6 but not the training centres (WM 600/68/66, GM 1120/90/83,
@@ -87,6 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=4242)
     ap.add_argument("--snr", type=float, default=100.0)
     ap.add_argument("--magnitude", action="store_true")
+    ap.add_argument("--anatomy", default="mni", choices=("mni", "ellipsoid"))
+    ap.add_argument(
+        "--protocol",
+        default="A",
+        choices=sorted(PROTOCOLS),
+        help="A: TR 4000, TD 150/580/1900/3850, TE 20/100; B: TR 4500, TD 100/500/1500/4000, "
+        "TE 15/90",
+    )
+    ap.add_argument(
+        "--slice-profile",
+        default="ideal",
+        choices=("ideal", "gaussian"),
+        help="slice profile the phantom is simulated with (the fit assumes ideal, as run does)",
+    )
+    ap.add_argument("--b1-range", default="0.8,1.2", help="min,max of the phantom's B1 field")
     ap.add_argument("--model", default=None, help="ONNX model (default: the shipped one)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--timing-shape", default="30,256,256")
@@ -101,6 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         "--preset-ti",
         action="store_true",
         help="FLAIR preset TI (null of 4300 ms) instead of the per-patient CSF null",
+    )
+    ap.add_argument(
+        "--ti-null-t1",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="FLAIR TI nulls this T1 instead of the phantom's CSF T1 (a mis-measured CSF)",
+    )
+    ap.add_argument(
+        "--ti-from-pipeline",
+        action="store_true",
+        help="FLAIR TI as processing.run chooses it (null of the CSF T1 it measures)",
     )
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
     ap.add_argument(
@@ -122,7 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         tissues[name.strip().upper()] = tuple(float(v) for v in vals.split(","))
     t0 = time.perf_counter()
     ph = make_phantom(
-        shape, seed=args.seed, snr=args.snr, magnitude=args.magnitude, tissues=tissues
+        shape,
+        seed=args.seed,
+        snr=args.snr,
+        magnitude=args.magnitude,
+        tissues=tissues,
+        anatomy=args.anatomy,
+        b1_range=tuple(float(v) for v in args.b1_range.split(",")),
+        profile=gaussian_slice_profile() if args.slice_profile == "gaussian" else IDEAL_PROFILE,
+        **PROTOCOLS[args.protocol],
     )
     acq, truth = ph.acq, ph.truth
     t_sim = time.perf_counter() - t0
@@ -134,7 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     # nulls the series' CSF T1, here the phantom's (processing.run's estimate is within
     # ~1 %); --preset-ti: the preset's null of 4300 ms (TI ~2851).
     spec = PRESETS["FLAIR"]
-    if not args.preset_ti:
+    if args.ti_from_pipeline:
+        from processing.run import ProcessingSettings, run
+
+        done = run(acq, ProcessingSettings(contrasts=("FLAIR",), enhance=False, myelin=False))
+        spec = dataclasses.replace(spec, ti_ms=float(done.synthetic["FLAIR"].ti_ms), null_t1_ms=())
+    elif args.ti_null_t1:
+        spec = dataclasses.replace(spec, null_t1_ms=(float(args.ti_null_t1),))
+    elif not args.preset_ti:
         spec = dataclasses.replace(spec, null_t1_ms=(float(truth.tissues["CSF"].t1_ms),))
     flair = synthesize(maps, spec)
     ti = float(flair.ti_ms)
@@ -163,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "snr": args.snr,
             "magnitude": args.magnitude,
+            "anatomy": args.anatomy,
+            "protocol": args.protocol,
+            "slice_profile": args.slice_profile,
+            "b1_range": args.b1_range,
             "tissues": tissues,
             "ti_ms": round(ti, 1),
             "head_voxels": int(head.sum()),
@@ -270,7 +331,8 @@ def report_lines(res: dict, args, tshape, nvox: int, timings: dict) -> list[str]
     p = res["phantom"]
     say(
         f"held-out phantom {p['shape']} seed {p['seed']} SNR {p['snr']:g} "
-        f"{'magnitude' if p['magnitude'] else 'real'}; TI {p['ti_ms']} ms; "
+        f"{'magnitude' if p['magnitude'] else 'real'} {p['anatomy']} protocol {p['protocol']} "
+        f"{p['slice_profile']} profile B1 {p['b1_range']}; TI {p['ti_ms']} ms; "
         f"model {Path(args.model).name if args.model else default_model_path().name} "
         f"sha256 {model_sha[:16]}..."
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node import emulator, ingest
+from dicom_node import emulator, ingest, series
 from processing.acquisition import Acquisition
 from processing.signal import mdme_signal
 
@@ -119,7 +119,7 @@ def main() -> None:
             groups = ingest.read_paths([Path(tmp)], progress=False)
             t_read, c_read = time.perf_counter() - t, time.process_time() - c
             t, c = time.perf_counter(), time.process_time()
-            outcome = ingest.classify_and_normalize(groups[0])
+            outcome = series.classify(groups[0].datasets)
             t_norm, c_norm = time.perf_counter() - t, time.process_time() - c
             if outcome.acquisition is None:
                 raise SystemExit(f"normalization failed: {outcome.reason}")
@@ -127,13 +127,13 @@ def main() -> None:
             cpu_read, cpu_norm = min(cpu_read, c_read), min(cpu_norm, c_norm)
     print(
         f"layout {args.layout}: {len(paths)} files, grid {outcome.grid}, "
-        f"{nz}x{ny}x{nx}, delays from {outcome.delay_source}"
+        f"{nz}x{ny}x{nx}, delays from {outcome.acquisition.delay_source}"
     )
     # CPU time is printed too: on a shared machine wall time includes waiting for a core
     print(f"{'stage':<26}{'wall s':>8}{'cpu s':>8}")
     print(f"{'write (emulator)':<26}{t_write:8.3f}{'':>8}")
     print(f"{'read_paths':<26}{best_read:8.3f}{cpu_read:8.3f}")
-    print(f"{'classify_and_normalize':<26}{best_norm:8.3f}{cpu_norm:8.3f}")
+    print(f"{'series.classify':<26}{best_norm:8.3f}{cpu_norm:8.3f}")
     total, cpu = best_read + best_norm, cpu_read + cpu_norm
     verdict = "OK" if total <= 2 else "SLOW"
     print(f"{'read + normalize':<26}{total:8.3f}{cpu:8.3f}  (target <= 2 s wall): {verdict}")

@@ -1,10 +1,17 @@
-"""Receive throughput: instances/s stored by the synthmr SCP vs dcmtk's storescp.
+"""Receive throughput, side by side in one run: instances/s stored by
 
-Both receive the same files from dcmtk ``storescu`` over one association on 127.0.0.1.
-Ours writes each instance durably (temp file, fsync, rename, directory fsync) and records
-it in SQLite (synchronous=FULL) before answering; storescp just writes the file.
+- dcmtk ``storescp`` (writes each file, no fsync),
+- a do-nothing pynetdicom SCP (stock reactors: 1 ms polling sleeps; answers success),
+- the same do-nothing SCP with the node's event-driven reactors (dicom_node.reactor),
+- the synthmr SCP (validates, writes durably: temp file + fsync + rename + directory fsync,
+  registers in SQLite; a success status means the instance is on disk).
 
-    python benchmarks/receive_throughput.py [--n 200] [--size 256]
+Senders: dcmtk ``storescu`` on 127.0.0.1 (TCP_NODELAY=1 on both dcmtk ends, as pynetdicom),
+1 association, or ``--senders K`` parallel associations each sending its own series of
+n/K instances. Rounds alternate the receivers (``--rounds``, default 3) so machine noise
+hits all alike; printed: the median instances/s per receiver and the ratios the issue asks for.
+
+    python benchmarks/receive_throughput.py [--n 300] [--size 256] [--senders 1 4] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -12,10 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +38,8 @@ from dicom_node.scp import StoreSCP  # noqa: E402
 from dicom_node.spool import Spool  # noqa: E402
 from tests.conftest import free_port, make_mr_file, wait_port, write_config  # noqa: E402
 
+DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+
 
 def _tool(name: str) -> str:
     path = shutil.which(name, path="/usr/bin:/usr/local/bin") or shutil.which(name)
@@ -36,84 +48,143 @@ def _tool(name: str) -> str:
     return path
 
 
-def _send(files: list[Path], port: int) -> float:
+def _send(batches: list[list[Path]], port: int) -> float:
+    """Send each batch over its own storescu association, all at once; wall seconds."""
     t0 = time.perf_counter()
-    r = subprocess.run(
-        [
-            _tool("storescu"),
-            "-aet",
-            "BENCH",
-            "-aec",
-            "SYNTHMR",
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        # Nagle off on the sender too (dcmtk leaves it on unless TCP_NODELAY=1): otherwise
-        # each instance's last PDU waits for a delayed ACK and both receivers look slow.
-        env=dict(os.environ, TCP_NODELAY="1"),
-    )
+    procs = [
+        subprocess.Popen(
+            [_tool("storescu"), "-aet", "BENCH", "-aec", "SYNTHMR", "127.0.0.1", str(port)]
+            + [str(f) for f in batch],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=DCMTK_ENV,
+        )
+        for batch in batches
+    ]
+    errors = [p.communicate()[1] for p in procs]
     dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        sys.exit(f"storescu failed: {r.stderr[-2000:]}")
+    for p, err in zip(procs, errors, strict=True):
+        if p.returncode != 0:
+            sys.exit(f"storescu failed: {err.decode()[-2000:]}")
     return dt
+
+
+@contextmanager
+def _storescp(out: Path) -> Iterator[int]:
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([_tool("storescp"), "-od", str(out), str(port)], env=DCMTK_ENV)
+    try:
+        wait_port(port, 10)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def _bare_pynetdicom(event_driven: bool) -> Iterator[int]:
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    from dicom_node import reactor
+
+    ae = AE("SYNTHMR")
+    ae.maximum_associations = 16
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    handlers = [(evt.EVT_C_STORE, lambda event: 0x0000)]
+    if event_driven:
+        server = reactor.make_server(ae, ("127.0.0.1", 0), handlers)
+    else:
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+@contextmanager
+def _synthmr(tmp: Path) -> Iterator[int]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    settings = load_settings(write_config(tmp, "", spool=tmp / "spool"), env={})
+    reg = Registry(tmp / "spool" / "registry.sqlite3")
+    scp = StoreSCP(settings, Spool(settings.spool.path), reg, NodeMetrics())
+    scp.start()
+    try:
+        yield scp.port
+    finally:
+        scp.stop()
+        reg.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=200, help="instances to send")
+    ap.add_argument("--n", type=int, default=300, help="instances per run (all senders)")
     ap.add_argument("--size", type=int, default=256, help="image rows = columns")
+    ap.add_argument("--senders", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as td:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as td:
         tmp = Path(td)
-        series = "1.2.826.0.1.3680043.8.498.777"
+        max_k = max(args.senders)
+        per = args.n // max_k
         files = [
-            make_mr_file(
-                tmp / "src" / f"{i:05d}.dcm",
-                series_uid=series,
-                instance_number=i,
-                shape=(args.size, args.size),
-            )
-            for i in range(args.n)
+            [
+                make_mr_file(
+                    tmp / "src" / f"s{k}" / f"{i:05d}.dcm",
+                    series_uid=f"1.2.826.0.1.3680043.8.498.777.{k}",
+                    instance_number=i,
+                    shape=(args.size, args.size),
+                )
+                for i in range(per)
+            ]
+            for k in range(max_k)
         ]
-        mb = sum(f.stat().st_size for f in files) / 1e6
-
-        settings = load_settings(write_config(tmp, "", spool=tmp / "spool"), env={})
-        reg = Registry(tmp / "spool" / "registry.sqlite3")
-        scp = StoreSCP(settings, Spool(settings.spool.path), reg, NodeMetrics())
-        scp.start()
-        try:
-            ours = _send(files, scp.port)
-        finally:
-            scp.stop()
-            reg.close()
-        stored = len(list((tmp / "spool" / "incoming").rglob("*.dcm")))
-        assert stored == args.n, f"only {stored} of {args.n} stored"
-
-        port = free_port()
-        out = tmp / "storescp"
-        out.mkdir()
-        # TCP_NODELAY=1: dcmtk then disables Nagle like pynetdicom does (fair comparison)
-        env = dict(os.environ, TCP_NODELAY="1")
-        proc = subprocess.Popen([_tool("storescp"), "-od", str(out), str(port)], env=env)
-        try:
-            wait_port(port, 10)
-            ref = _send(files, port)
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        mb = os.path.getsize(files[0][0]) / 1e6
+        receivers: dict[str, Callable[[Path], object]] = {
+            "dcmtk storescp (no fsync)": lambda d: _storescp(d),
+            "bare pynetdicom, stock reactors": lambda d: _bare_pynetdicom(False),
+            "bare pynetdicom, event reactors": lambda d: _bare_pynetdicom(True),
+            "synthmr SCP (durable)": lambda d: _synthmr(d),
+        }
+        rates: dict[tuple[int, str], list[float]] = {}
+        run = 0
+        for _ in range(args.rounds):
+            for k in args.senders:
+                all_files = [f for batch in files for f in batch][: per * max_k]
+                batches = [all_files[i::k] for i in range(k)]
+                n = sum(len(b) for b in batches)
+                for name, make in receivers.items():
+                    run += 1
+                    with make(tmp / f"run{run}") as port:  # type: ignore[attr-defined]
+                        dt = _send(batches, port)
+                    rates.setdefault((k, name), []).append(n / dt)
+                    if name.startswith("synthmr"):
+                        stored = len(
+                            list((tmp / f"run{run}" / "spool" / "incoming").rglob("*.dcm"))
+                        )
+                        assert stored == n, f"synthmr stored {stored} of {n}"
+                    shutil.rmtree(tmp / f"run{run}", ignore_errors=True)
 
     print(
-        f"instances: {args.n} x {args.size}x{args.size} uint16 ({mb:.1f} MB), one association, 127.0.0.1"
+        f"{per * max_k} instances of {args.size}x{args.size} uint16 ({mb:.2f} MB each) per run,"
+        f" 127.0.0.1, {args.rounds} rounds, median (min-max) instances/s"
     )
-    print(
-        f"synthmr SCP (fsync + SQLite FULL): {args.n / ours:8.1f} instances/s  {mb / ours:7.1f} MB/s  ({ours:.2f} s)"
-    )
-    print(
-        f"dcmtk storescp (no fsync)        : {args.n / ref:8.1f} instances/s  {mb / ref:7.1f} MB/s  ({ref:.2f} s)"
-    )
+    for k in args.senders:
+        print(f"\n{k} parallel sender(s):")
+        med = {name: statistics.median(rates[(k, name)]) for name in receivers}
+        for name in receivers:
+            r = rates[(k, name)]
+            print(f"  {name:<34}{med[name]:8.0f}  ({min(r):.0f}-{max(r):.0f})")
+        ref = med["dcmtk storescp (no fsync)"]
+        bare = med["bare pynetdicom, stock reactors"]
+        ours = med["synthmr SCP (durable)"]
+        print(
+            f"  ratios: synthmr/storescp {ours / ref:.2f}, synthmr/bare pynetdicom {ours / bare:.2f},"
+            f" bare/storescp {bare / ref:.2f},"
+            f" event-reactor bare/storescp {med['bare pynetdicom, event reactors'] / ref:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 #   bash deploy/bootstrap.sh demo    # install, then `synthmr demo`
 #   bash deploy/bootstrap.sh test    # install, then the whole test suite
 #
-# Installs: the apt packages the real peers need (dcmtk, orthanc, dicom3tools, prometheus),
+# Installs: the apt packages the real peers need (dcmtk, orthanc, dicom3tools, prometheus,
+# chromium + chromium-driver for the web tests),
 # a virtual environment in .venv (system site packages visible), and synthmr with its extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,8 @@ command -v storescu >/dev/null || need_apt+=(dcmtk)
 command -v Orthanc >/dev/null || need_apt+=(orthanc)
 command -v dciodvfy >/dev/null || need_apt+=(dicom3tools)
 command -v promtool >/dev/null || need_apt+=(prometheus)
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "bootstrap: apt-get install ${need_apt[*]}"
   $SUDO apt-get update -q
@@ -44,6 +47,9 @@ fi
 extras="test"
 [ "$mode" = "train" ] && extras="test,train"
 python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
+# Compile every numba kernel into the on-disk cache now (~45 s once), not while the first
+# series waits: the node's workers and the demo then load them in about a second.
+synthmr warmup
 
 case "$mode" in
   demo)

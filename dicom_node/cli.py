@@ -26,22 +26,17 @@ def _shape(text: str) -> tuple[int, int, int]:
     return (z, y, x)
 
 
-def _processing_settings(config_path: str | None):
-    """ProcessingSettings from the node config (defaults when no file)."""
-    from processing.run import ProcessingSettings
-
-    if not config_path:
-        return ProcessingSettings(), None
-    from dicom_node import config as cfg_mod
-
-    settings = cfg_mod.load_settings(config_path)
-    return settings.processing.to_processing_settings(), settings
-
-
 # --------------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
     from dicom_node import emulator
     from processing.phantom import make_phantom
+
+    if getattr(args, "sequence", "mdme") == "qalas":
+        return _simulate_qalas(args)
+    if getattr(args, "phantom", None):
+        from dicom_node.phantom_cli import cmd_simulate_phantom
+
+        return cmd_simulate_phantom(args)
 
     ph = make_phantom(
         args.shape,
@@ -63,87 +58,58 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- process
-def _write_fallback(result: Any, out: Path) -> list[Path]:
-    """.npz of the maps + a PNG montage (used when DICOM export is unavailable)."""
-    import numpy as np
+def _simulate_qalas(args: argparse.Namespace) -> int:
+    from dicom_node.qalas_emulator import QALAS_LAYOUTS, write_qalas_series
+    from processing.qalas_phantom import make_qalas_phantom
 
-    out.mkdir(parents=True, exist_ok=True)
-    m = result.maps
-    arrays = {
-        "t1_ms": m.t1_ms,
-        "t2_ms": m.t2_ms,
-        "pd_pu": m.pd_pu,
-        "b1": m.b1,
-        "m0": m.m0,
-        "residual": m.residual,
-        "mask": m.mask,
-    }
-    for name, syn in result.synthetic.items():
-        arrays[f"synthetic_{name}"] = syn.image
-    npz = out / "maps.npz"
-    np.savez_compressed(npz, **arrays)
-    png = out / "montage.png"
-    png.write_bytes(montage_png(result))
-    return [npz, png]
-
-
-def montage_png(result: Any) -> bytes:
-    """Middle slice of every map and contrast, 4 columns."""
-    from processing.montage import encode_png, tile, window
-
-    m = result.maps
-    z = m.t1_ms.shape[0] // 2
-    tiles = [
-        window(m.t1_ms[z], 0, 4500),
-        window(m.t2_ms[z], 0, 300),
-        window(m.pd_pu[z], 0, 110),
-        window(m.b1[z], 0.6, 1.4),
-    ]
-    labels = ["T1 0-4500 MS", "T2 0-300 MS", "PD 0-110 PU", "B1 0.6-1.4"]
-    for name, syn in result.synthetic.items():
-        lo = -abs(syn.window_width) / 2 + syn.window_center
-        tiles.append(window(syn.image[z], lo, lo + syn.window_width))
-        labels.append(f"SYNTHETIC {name}")
-    if result.myelin is not None:
-        tiles.append(window(result.myelin.mypv[z], 0, 40))
-        labels.append("MYELIN 0-40 %")
-    if result.segmentation is not None:
-        for t in ("WM", "GM", "CSF"):
-            tiles.append(window(result.segmentation.fractions[t][z], 0, 1))
-            labels.append(f"{t} FRACTION")
-    return encode_png(tile(tiles, columns=4, labels=labels))
-
-
-def _export_series(result: Any, sources: list, out: Path, settings: Any) -> list[Path]:
-    from dicom_node.export import export_all
-
-    out.mkdir(parents=True, exist_ok=True)
-    export_settings = settings.export_settings() if settings is not None else None
-    datasets = (
-        export_all(result, sources, export_settings)
-        if export_settings
-        else export_all(result, sources)
+    if args.vendor not in QALAS_LAYOUTS:
+        print(
+            f"simulate: unknown QALAS layout {args.vendor!r}; choose one of "
+            f"{', '.join(QALAS_LAYOUTS)}",
+            file=sys.stderr,
+        )
+        return 2
+    ph = make_qalas_phantom(
+        args.shape, seed=args.seed, snr=args.snr, magnitude=True, oblique=args.oblique,
+        anatomy=args.anatomy,
+    )  # fmt: skip
+    out = Path(args.out)
+    paths = write_qalas_series(ph.acq, args.vendor, out, seed=args.seed)
+    print(
+        f"simulate: wrote {len(paths)} files (3D-QALAS, {args.vendor}, magnitude, "
+        f"grid {ph.acq.signal.shape}, voxel {ph.acq.voxel_size_mm} mm) to {out}"
     )
-    written: list[Path] = []
-    for ds in datasets:
-        modality = str(getattr(ds, "Modality", "OT"))
-        series = int(getattr(ds, "SeriesNumber", 0) or 0)
-        folder = out / f"{series:05d}_{modality}"
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        written.append(path)
-    (out / "montage.png").write_bytes(montage_png(result))
-    return written
+    return 0
+
+
+# --------------------------------------------------------------------------- process
+def _process_line(uid: str, outcome: Any, seconds: float, out: Path) -> str:
+    """One line per series: what it was, what became of it, where its outputs are."""
+    from dicom_node.registry import State
+
+    head = f"{uid}: {outcome.vendor or '-'}"
+    if outcome.state == State.IGNORED:
+        return f"{head}: not MDME (IGNORED): {outcome.reason}"
+    if outcome.state in (State.QUARANTINED, State.FAILED):
+        return f"{head}: ERROR ({outcome.state.value}): {outcome.reason}"
+    what = f"{len(outcome.outputs)} DICOM files in {out}"
+    if outcome.state == State.HELD:
+        return (
+            f"{head}: {outcome.summary}: {seconds:.1f} s: HELD: {outcome.reason.split('; ')[0]}"
+            f"; {what}: not for delivery"
+        )
+    return f"{head}: {outcome.summary}: {seconds:.1f} s: {what}"
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from dicom_node import ingest
-    from processing.run import run
+    """Every series under the inputs through :func:`dicom_node.series.run_series`.
 
-    proc_settings, node_settings = _processing_settings(args.config)
-    rules = node_settings.vendors if node_settings is not None else None
+    Exit status 1 when any MDME series was quarantined, failed or held (QC fail)."""
+    from dicom_node import config as cfg_mod
+    from dicom_node import ingest, series
+    from dicom_node.registry import State
+
+    settings = cfg_mod.load_settings(args.config)
     out_root = Path(args.out)
     groups = ingest.read_paths([Path(p) for p in args.input], progress=not args.no_progress)
     if not groups:
@@ -152,36 +118,22 @@ def cmd_process(args: argparse.Namespace) -> int:
     failures = 0
     for group in groups:
         t0 = time.perf_counter()
-        outcome = ingest.classify_and_normalize(group, rules)
-        label = f"{outcome.series_uid}"
-        if outcome.acquisition is None:
-            kind = "not MDME" if not outcome.is_mdme else "ERROR"
-            if outcome.is_mdme:
-                failures += 1
-            print(f"{label}: {outcome.vendor or '-'}: {kind}: {outcome.reason}")
-            continue
-        acq = outcome.acquisition
-        try:
-            result = run(acq, proc_settings)
-            out = out_root / _safe_dirname(outcome.series_uid)
-            try:
-                written = _export_series(result, outcome.datasets, out, node_settings)
-                what = f"{len(written)} DICOM files"
-            except ImportError:
-                written = _write_fallback(result, out)
-                what = "maps.npz + montage.png"
-        except Exception as exc:  # one broken series must not stop the folder
-            failures += 1
-            print(f"{label}: {outcome.vendor}: ERROR during processing: {exc}")
-            continue
-        dt = time.perf_counter() - t0
-        z, d, e, y, x = acq.signal.shape
-        print(
-            f"{label}: {outcome.vendor}: grid {z} slices x {d} delays x {e} echoes x {y}x{x}"
-            f" ({'magnitude' if acq.is_magnitude else 'real'}), delays from {acq.delay_source}:"
-            f" {dt:.1f} s: {what} in {out}"
+        out = out_root / _safe_dirname(group.series_uid)
+        outcome = series.run_series(
+            group.datasets, settings, series.folder_writer(out), series_uid=group.series_uid
         )
-        for w in result.warnings:
+        if outcome.state not in (State.IGNORED, State.EXPORTED):
+            failures += 1
+        print(_process_line(group.series_uid, outcome, time.perf_counter() - t0, out))
+        if outcome.phantom_qc is not None:  # a QC phantom: its numbers beside the outputs
+            from dicom_node.phantom_node import write_phantom_json
+
+            print(
+                f"    phantom QC: {write_phantom_json(out / 'phantom_qc.json', outcome.phantom_qc)}"
+            )
+        if outcome.state == State.EXPORTED and outcome.qc_status == "fail":
+            print(f"    {outcome.reason}")
+        for w in outcome.warnings:
             print(f"    warning: {w}")
     return 1 if failures else 0
 
@@ -206,6 +158,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return int(service.serve(settings, config_path=args.config) or 0)
 
 
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from dicom_node.workers import warmup_report
+
+    r = warmup_report()
+    print(
+        f"synthmr warmup: {r['kernels']} numba kernels, {r['compiled']} specializations"
+        f" compiled, {r['loaded_from_cache']} loaded from the cache, {r['seconds']:.1f} s;"
+        f" cache: {', '.join(r['cache_dirs']) or '-'}"
+    )
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from dicom_node import config as cfg_mod
 
@@ -215,6 +179,26 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.config or '(embedded defaults)'}: OK")
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """A scrypt hash for ``[[web.users]] password_hash`` (password from stdin, not argv)."""
+    import getpass
+
+    from dicom_node.web.settings import hash_password
+
+    if sys.stdin.isatty():
+        pw = getpass.getpass("password: ")
+        if pw != getpass.getpass("again: "):
+            print("error: the two passwords differ", file=sys.stderr)
+            return 1
+    else:
+        pw = sys.stdin.readline().rstrip("\n")
+    if len(pw) < 8:
+        print("error: use at least 8 characters", file=sys.stderr)
+        return 1
+    print(hash_password(pw))
     return 0
 
 
@@ -269,24 +253,6 @@ def _series_label(paths: list[str]) -> str:
     return "-"
 
 
-def series_timings(timeline: list[tuple[str | None, str, float, str]]) -> dict[str, float]:
-    """Seconds from the first instance to the last COMPLETE, processed (job ended) and
-    DELIVERED transitions of a series' ``Registry.timeline``."""
-    if not timeline:
-        return {}
-    t0 = timeline[0][2]
-    ends = {"EXPORTED", "FAILED", "IGNORED", "QUARANTINED"}
-    out: dict[str, float] = {}
-    for old, new, at, _ in timeline:
-        if new in ("COMPLETE", "QUARANTINED") and old == "RECEIVING":
-            out["complete"] = at - t0
-        if old == "PROCESSING" and new in ends:
-            out["processed"] = at - t0
-        if new == "DELIVERED":
-            out["delivered"] = at - t0
-    return out
-
-
 def _reason(row: Any) -> str:
     if row.missing:
         more = f" (+{len(row.missing) - 3} more)" if len(row.missing) > 3 else ""
@@ -295,6 +261,8 @@ def _reason(row: Any) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from dicom_node.registry import series_timings
+
     reg, _ = _open_registry(args.config)
     try:
         rows = reg.recent_series(args.limit)
@@ -355,6 +323,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not args.series_uid and not args.dead_letter:
         print("retry: give a SERIES_UID, or --dead-letter [SERIES_UID]", file=sys.stderr)
         return 2
+    if args.release and not args.series_uid:
+        print("retry: --release needs the SERIES_UID of a HELD series", file=sys.stderr)
+        return 2
     reg, settings = _open_registry(args.config)
     try:
         row = reg.series(args.series_uid) if args.series_uid else None
@@ -365,6 +336,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
+        if args.release:
+            return _release(reg, row)
         if args.dead_letter:
             n = reg.requeue_dead_outbox(args.series_uid or None)
             where = f" of series {args.series_uid}" if args.series_uid else ""
@@ -382,13 +355,32 @@ def cmd_retry(args: argparse.Namespace) -> int:
     except IllegalTransition:
         print(
             f"retry: series {args.series_uid} is {row.state.value}, still in progress: only"
-            " FAILED, QUARANTINED, IGNORED, EXPORTED or DELIVERED series can be re-run",
+            " FAILED, QUARANTINED, IGNORED, HELD, EXPORTED or DELIVERED series can be re-run",
             file=sys.stderr,
         )
         return 1
     print(
         f"retry: series {args.series_uid} ({row.state.value}) re-queued as job {job_id};"
         " a running node picks it up at once (outputs keep their UIDs: PACS replaces them)"
+    )
+    return 0
+
+
+def _release(reg: Any, row: Any) -> int:
+    """``synthmr retry --release``: send the held outputs of a QC-failed series as they are."""
+    from dicom_node.registry import IllegalTransition
+
+    try:
+        n = reg.release_held(row.series_uid)
+    except IllegalTransition:
+        print(
+            f"retry: series {row.series_uid} is {row.state.value}, not HELD: nothing to release",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"retry: series {row.series_uid} released: {n} held outbox item(s) queued; the running"
+        " node sends them within its poll interval"
     )
     return 0
 
@@ -410,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser(
-        "retry", help="re-run a FAILED/QUARANTINED/DELIVERED series or resend dead letters"
+        "retry",
+        help="re-run a FAILED/QUARANTINED/HELD/DELIVERED series, release a HELD one, or resend"
+        " dead letters",
     )
     s.add_argument("series_uid", nargs="?", default=None, metavar="SERIES_UID")
     s.add_argument(
@@ -418,8 +412,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-queue dead-letter outbox items (of SERIES_UID, or all) instead of re-running",
     )
+    s.add_argument(
+        "--release",
+        action="store_true",
+        help="send the held outputs of a HELD (QC fail) series as they are, instead of re-running",
+    )
     s.add_argument("--config", "-c", default=None, help="the node's TOML configuration")
     s.set_defaults(func=cmd_retry)
+
+    s = sub.add_parser(
+        "warmup",
+        help="compile every numba kernel into the on-disk cache (run at install / image build)",
+    )
+    s.set_defaults(func=cmd_warmup)
+
+    s = sub.add_parser(
+        "hash-password", help="scrypt hash of a web user's password (read from stdin)"
+    )
+    s.set_defaults(func=cmd_hash_password)
 
     s = sub.add_parser("check-config", help="validate a configuration file and explain errors")
     s.add_argument("config", nargs="?", default=None)
@@ -447,7 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--magnitude-only", action="store_true")
     s.add_argument("--oblique", action="store_true")
     s.add_argument("--anatomy", default="mni", choices=["mni", "ellipsoid"])
+    s.add_argument(
+        "--sequence",
+        default="mdme",
+        choices=["mdme", "qalas"],
+        help="mdme (2D MAGiC/QRAPMASTER) or qalas (3D-QALAS; vendors ge, siemens, "
+        "philips, philips_enhanced)",
+    )
+    from dicom_node.phantom_cli import add_qc_parser, add_simulate_arguments
+
+    add_simulate_arguments(s)
     s.set_defaults(func=cmd_simulate)
+    add_qc_parser(sub)
 
     s = sub.add_parser("send", help="C-STORE files to a DICOM node")
     s.add_argument("paths", nargs="+")

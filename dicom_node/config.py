@@ -23,6 +23,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from dicom_node.export.settings import ExportSettings
+from dicom_node.vendors.rules import VendorRules, load_rules
+from dicom_node.web.settings import WebSettings, WebUser, web_errors
+from processing.settings import ProcessingSettings
+from processing.synthesis import PRESETS
+
 __all__ = [
     "AllowedCaller",
     "CompletionSettings",
@@ -31,13 +37,14 @@ __all__ = [
     "LoggingSettings",
     "MetricsSettings",
     "NodeSettings",
-    "ProcessingConfig",
     "RetentionSettings",
     "RetrySettings",
     "SecuritySettings",
     "Settings",
     "SpoolSettings",
     "TLSSettings",
+    "WebSettings",
+    "WebUser",
     "WorkerSettings",
     "check_config",
     "load_settings",
@@ -125,44 +132,6 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
-class ProcessingConfig:
-    contrasts: tuple[str, ...] = (
-        "T1W",
-        "T2W",
-        "PDW",
-        "FLAIR",
-        "T1FLAIR",
-        "STIR",
-        "PSIR",
-        "DIR",
-    )
-    b1_smoothing: bool = True
-    b1_smoothing_fwhm_mm: float = 20.0
-    slice_profile: str = "ideal"
-    segmentation: bool = True
-    myelin: bool = True
-    enhance: bool = True
-    dir_null: str = "WM"
-    model_path: str = ""
-    onnx_threads: int = 1
-    seg_output: str = "FRACTIONAL"
-    per_patient_flair: bool = True
-    mixture_contrasts: tuple[str, ...] = ("DIR",)
-
-    def to_processing_settings(self) -> Any:
-        """The :class:`processing.run.ProcessingSettings` these options describe."""
-        from processing.run import ProcessingSettings
-
-        known = {f.name for f in dataclasses.fields(ProcessingSettings)}
-        kwargs = {k: v for k, v in dataclasses.asdict(self).items() if k in known}
-        kwargs["contrasts"] = tuple(self.contrasts)
-        kwargs["mixture_contrasts"] = tuple(self.mixture_contrasts)
-        if "model_path" in kwargs:
-            kwargs["model_path"] = self.model_path or None
-        return ProcessingSettings(**kwargs)
-
-
-@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -173,6 +142,9 @@ class Destination:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    #: parallel associations a series' outputs are pushed over (a PACS stores them
+    #: concurrently; 1 = one association, the most conservative)
+    associations: int = 2
 
 
 @dataclass(frozen=True)
@@ -203,22 +175,49 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class PhantomQCSettings:
+    """[phantom_qc]: which series are phantoms (rule, then content) and how to measure them.
+
+    A series is a phantom candidate when a ``patterns`` regex (case-insensitive) matches one
+    of ``fields``; it is a phantom only if its content also is (dicom_node.phantom_node).
+    """
+
+    enabled: bool = True
+    fields: tuple[str, ...] = ("PatientName", "StudyDescription")
+    patterns: tuple[str, ...] = ("PHANTOM", r"(?<![A-Z0-9])QC(?![A-Z0-9])")
+    phantom: str = "nist"
+    version: str = ""
+    certificate: str = ""
+    definitions_dir: str = ""
+    temperature_c: float | None = None
+    erosion_mm: float = 1.0
+    min_voxels: int = 10
+
+
+@dataclass(frozen=True)
 class Settings:
-    """Everything the node needs. ``source`` is the file loaded (None = defaults only)."""
+    """Everything the node needs, typed once when the TOML is loaded. ``source`` is the
+    file loaded (None = defaults only). ``processing`` goes to :func:`processing.run.run`,
+    ``export`` to :func:`dicom_node.export.export_all`, ``vendors`` to the vendor adapters."""
 
     node: NodeSettings = field(default_factory=NodeSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     completion: CompletionSettings = field(default_factory=CompletionSettings)
     workers: WorkerSettings = field(default_factory=WorkerSettings)
-    processing: ProcessingConfig = field(default_factory=ProcessingConfig)
-    export: dict[str, Any] = field(default_factory=dict)
+    processing: ProcessingSettings = field(default_factory=ProcessingSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
     destinations: tuple[Destination, ...] = ()
     retry: RetrySettings = field(default_factory=RetrySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
-    vendors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: every vendor's rules: the defaults with the ``[vendors.<name>]`` tables applied
+    vendors: dict[str, VendorRules] = field(
+        default_factory=lambda: load_rules(None), metadata={"convert": "vendor_rules"}
+    )
+    web: WebSettings = field(default_factory=WebSettings)
+    phantom_qc: PhantomQCSettings = field(default_factory=PhantomQCSettings)
     source: str | None = None
 
 
@@ -271,8 +270,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
+        if value is None or (value == "" and args[0] is str):
+            return None  # "" in TOML = unset (e.g. processing.model_path: the shipped model)
         return _convert(value, args[0], where, errors)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -290,6 +289,10 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if not isinstance(value, dict):
             errors.append(f"{where}: expected a table, got {type(value).__name__} {value!r}")
             return {}
+        item_tp = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+        if dataclasses.is_dataclass(item_tp):  # e.g. processing.overrides.<preset>
+            built = {k: _convert(v, item_tp, f"{where}.{k}", errors) for k, v in value.items()}
+            return {k: v for k, v in built.items() if v is not None}
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -324,7 +327,10 @@ def _build(cls: Any, data: dict[str, Any], where: str, errors: list[str]) -> Any
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             errors.append(f"{path}: unknown key{hint}; known keys: {', '.join(sorted(fields))}")
             continue
-        converted = _convert(value, hints[key], path, errors)
+        if fields[key].metadata.get("convert") == "vendor_rules":
+            converted = _vendor_rules(value, path, errors)
+        else:
+            converted = _convert(value, hints[key], path, errors)
         if converted is not None or value is None:  # None = broken sub-table, keep the default
             kwargs[key] = converted
     missing = [
@@ -343,34 +349,53 @@ def _build(cls: Any, data: dict[str, Any], where: str, errors: list[str]) -> Any
     except TypeError as exc:  # a sub-table failed to convert (None); already reported
         errors.append(f"{where or 'config'}: {exc}")
         return None
+    except ValueError as exc:  # the class's own check (e.g. ExportSettings.maps)
+        errors.append(f"{where or 'config'}: {exc}")
+        return None
 
 
-def _validate(s: Settings, errors: list[str]) -> None:
-    def port_ok(p: int, where: str, allow_zero: bool = False) -> None:
-        lo = 0 if allow_zero else 1
-        if not (lo <= p <= 65535):
-            errors.append(f"{where}: port {p} out of range {lo}..65535")
+def _vendor_rules(value: Any, where: str, errors: list[str]) -> dict[str, VendorRules] | None:
+    """``[vendors.<name>]`` tables -> every vendor's rules (defaults + the tables)."""
+    if not isinstance(value, dict) or not all(isinstance(t, dict) for t in value.values()):
+        errors.append(f"{where}: expected tables [vendors.<name>]")
+        return None
+    try:
+        return load_rules(value)
+    except (ValueError, TypeError) as exc:  # names vendors.<name>.<field>
+        errors.append(str(exc))
+        return None
 
-    def ae_ok(ae: str, where: str) -> None:
-        if not ae.strip() or len(ae) > 16 or "\\" in ae or not ae.isascii():
-            errors.append(f"{where}: AE title {ae!r} must be 1-16 ASCII characters without '\\'")
 
-    def file_ok(path: str, where: str) -> None:
-        if not path:
-            errors.append(f"{where}: a file is required")
-        elif not Path(path).is_file():
-            errors.append(f"{where}: file not found: {path}")
+def _port_ok(errors: list[str], p: int, where: str, allow_zero: bool = False) -> None:
+    lo = 0 if allow_zero else 1
+    if not (lo <= p <= 65535):
+        errors.append(f"{where}: port {p} out of range {lo}..65535")
 
-    def host_ok(host: str, where: str) -> None:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if not host or any(c in host for c in " /\\"):
-                errors.append(f"{where}: not an IP address or host name: {host!r}")
 
-    ae_ok(s.node.ae_title, "node.ae_title")
-    port_ok(s.node.port, "node.port", allow_zero=True)  # 0 = pick a free port (tests)
-    host_ok(s.node.bind_address, "node.bind_address")
+def _ae_ok(errors: list[str], ae: str, where: str) -> None:
+    if not ae.strip() or len(ae) > 16 or "\\" in ae or not ae.isascii():
+        errors.append(f"{where}: AE title {ae!r} must be 1-16 ASCII characters without '\\'")
+
+
+def _file_ok(errors: list[str], path: str, where: str) -> None:
+    if not path:
+        errors.append(f"{where}: a file is required")
+    elif not Path(path).is_file():
+        errors.append(f"{where}: file not found: {path}")
+
+
+def _host_ok(errors: list[str], host: str, where: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not host or any(c in host for c in " /\\"):
+            errors.append(f"{where}: not an IP address or host name: {host!r}")
+
+
+def _validate_node(s: Settings, errors: list[str]) -> None:
+    _ae_ok(errors, s.node.ae_title, "node.ae_title")
+    _port_ok(errors, s.node.port, "node.port", allow_zero=True)  # 0 = pick a free port (tests)
+    _host_ok(errors, s.node.bind_address, "node.bind_address")
     if s.node.max_associations < 1:
         errors.append("node.max_associations: must be >= 1")
     limits = ("max_pending_per_host", "max_connections_per_host")
@@ -381,9 +406,9 @@ def _validate(s: Settings, errors: list[str]) -> None:
         if getattr(s.node, name) <= 0:
             errors.append(f"node.{name}: must be > 0 seconds")
     for i, c in enumerate(s.security.allowed_callers):
-        ae_ok(c.ae_title, f"security.allowed_callers[{i}].ae_title")
+        _ae_ok(errors, c.ae_title, f"security.allowed_callers[{i}].ae_title")
         for j, h in enumerate(c.hosts):
-            host_ok(h, f"security.allowed_callers[{i}].hosts[{j}]")
+            _host_ok(errors, h, f"security.allowed_callers[{i}].hosts[{j}]")
     if s.security.require_known_callers and not s.security.allowed_callers:
         errors.append(
             "security.require_known_callers: true but no [[security.allowed_callers]]: "
@@ -391,10 +416,14 @@ def _validate(s: Settings, errors: list[str]) -> None:
         )
     tls = s.security.tls
     if tls.enabled:
-        file_ok(tls.cert_file, "security.tls.cert_file")
-        file_ok(tls.key_file, "security.tls.key_file")
+        _file_ok(errors, tls.cert_file, "security.tls.cert_file")
+        _file_ok(errors, tls.key_file, "security.tls.key_file")
         if tls.require_client_cert:
-            file_ok(tls.ca_file, "security.tls.ca_file")
+            _file_ok(errors, tls.ca_file, "security.tls.ca_file")
+
+
+def _validate_service(s: Settings, errors: list[str]) -> None:
+    """spool, completion, workers, retry, metrics, logging."""
     if not s.spool.path:
         errors.append("spool.path: must not be empty")
     if s.spool.min_free_bytes < 0:
@@ -413,45 +442,6 @@ def _validate(s: Settings, errors: list[str]) -> None:
         errors.append("workers.scheduler_address: required when backend = 'dask'")
     if w.processes < 1:
         errors.append("workers.processes: must be >= 1")
-    p = s.processing
-    if p.slice_profile not in ("ideal", "gaussian"):
-        errors.append(f"processing.slice_profile: {p.slice_profile!r} is not 'ideal' or 'gaussian'")
-    if p.dir_null not in ("WM", "GM"):
-        errors.append(f"processing.dir_null: {p.dir_null!r} is not 'WM' or 'GM'")
-    if p.seg_output not in ("FRACTIONAL", "BINARY"):
-        errors.append(f"processing.seg_output: {p.seg_output!r} is not 'FRACTIONAL' or 'BINARY'")
-    if p.model_path and not Path(p.model_path).is_file():
-        errors.append(f"processing.model_path: file not found: {p.model_path}")
-    try:
-        from processing import synthesis  # optional until it lands
-
-        presets = getattr(synthesis, "PRESETS", None)
-        if presets:
-            for key in ("contrasts", "mixture_contrasts"):
-                for name in getattr(p, key):
-                    if name not in presets:
-                        close = difflib.get_close_matches(name, list(presets), n=1)
-                        hint = f" (did you mean '{close[0]}'?)" if close else ""
-                        errors.append(f"processing.{key}: unknown contrast {name!r}{hint}")
-    except ImportError:
-        pass
-    names: set[str] = set()
-    for i, d in enumerate(s.destinations):
-        where = f"destinations[{i}]"
-        if d.name in names:
-            errors.append(f"{where}.name: duplicate destination name {d.name!r}")
-        names.add(d.name)
-        ae_ok(d.ae_title, f"{where}.ae_title")
-        host_ok(d.host, f"{where}.host")
-        port_ok(d.port, f"{where}.port")
-        if d.timeout_s <= 0:
-            errors.append(f"{where}.timeout_s: must be > 0")
-        if d.tls:
-            if d.ca_file:
-                file_ok(d.ca_file, f"{where}.ca_file")
-            if d.cert_file or d.key_file:
-                file_ok(d.cert_file, f"{where}.cert_file")
-                file_ok(d.key_file, f"{where}.key_file")
     r = s.retry
     if r.max_attempts < 1:
         errors.append("retry.max_attempts: must be >= 1")
@@ -460,29 +450,63 @@ def _validate(s: Settings, errors: list[str]) -> None:
     if not (0.0 <= r.jitter <= 1.0):
         errors.append(f"retry.jitter: {r.jitter} must be within 0..1")
     if s.metrics.enabled:
-        port_ok(s.metrics.port, "metrics.port", allow_zero=True)
-        host_ok(s.metrics.address, "metrics.address")
+        _port_ok(errors, s.metrics.port, "metrics.port", allow_zero=True)
+        _host_ok(errors, s.metrics.address, "metrics.address")
+    errors.extend(web_errors(s.web))
     if s.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         errors.append(f"logging.level: {s.logging.level!r} is not a logging level")
-    for vendor, table in s.vendors.items():
-        if not isinstance(table, dict):
-            errors.append(f"vendors.{vendor}: expected a table")
-    try:
-        from dicom_node.vendors import load_rules
 
-        load_rules(s.vendors)
-    except ImportError:
-        pass
-    except (ValueError, TypeError) as exc:  # names vendors.<name>.<field>
-        errors.append(str(exc))
-    try:
-        from dicom_node.export import ExportSettings
 
-        ExportSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.export.items()})
-    except ImportError:
-        pass
-    except (ValueError, TypeError) as exc:
-        errors.append(f"export: {exc}")
+def _validate_processing(p: ProcessingSettings, errors: list[str]) -> None:
+    if p.slice_profile not in ("ideal", "gaussian"):
+        errors.append(f"processing.slice_profile: {p.slice_profile!r} is not 'ideal' or 'gaussian'")
+    if p.dir_null not in ("WM", "GM"):
+        errors.append(f"processing.dir_null: {p.dir_null!r} is not 'WM' or 'GM'")
+    if p.seg_output not in ("FRACTIONAL", "BINARY"):
+        errors.append(f"processing.seg_output: {p.seg_output!r} is not 'FRACTIONAL' or 'BINARY'")
+    if p.model_path and not Path(p.model_path).is_file():
+        errors.append(f"processing.model_path: file not found: {p.model_path}")
+    for key in ("contrasts", "mixture_contrasts"):
+        for name in getattr(p, key):
+            if name not in PRESETS:
+                close = difflib.get_close_matches(name, list(PRESETS), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                errors.append(f"processing.{key}: unknown contrast {name!r}{hint}")
+    for name in p.overrides:
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, list(PRESETS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            errors.append(f"processing.overrides.{name}: unknown contrast {name!r}{hint}")
+
+
+def _validate_destinations(s: Settings, errors: list[str]) -> None:
+    names: set[str] = set()
+    for i, d in enumerate(s.destinations):
+        where = f"destinations[{i}]"
+        if d.name in names:
+            errors.append(f"{where}.name: duplicate destination name {d.name!r}")
+        names.add(d.name)
+        _ae_ok(errors, d.ae_title, f"{where}.ae_title")
+        _host_ok(errors, d.host, f"{where}.host")
+        _port_ok(errors, d.port, f"{where}.port")
+        if d.timeout_s <= 0:
+            errors.append(f"{where}.timeout_s: must be > 0")
+        if not 1 <= d.associations <= 16:
+            errors.append(f"{where}.associations: must be 1..16")
+        if d.tls:
+            if d.ca_file:
+                _file_ok(errors, d.ca_file, f"{where}.ca_file")
+            if d.cert_file or d.key_file:
+                _file_ok(errors, d.cert_file, f"{where}.cert_file")
+                _file_ok(errors, d.key_file, f"{where}.key_file")
+
+
+def _validate(s: Settings, errors: list[str]) -> None:
+    """Cross-field checks after typing (types and unknown keys are checked by _build)."""
+    _validate_node(s, errors)
+    _validate_service(s, errors)
+    _validate_processing(s.processing, errors)
+    _validate_destinations(s, errors)
 
 
 def _load(

@@ -26,6 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from dicom_node import emulator, ingest, push, series
+from dicom_node.config import load_settings
+from dicom_node.logging import JsonFormatter
+from dicom_node.metrics import STAGES
+from dicom_node.registry import State, series_timings
+from dicom_node.service import Node
+from dicom_node.spool import safe_name
+from processing import fit
+from processing.montage import MAP_DISPLAY_RANGES, encode_png, tile, window
+from processing.phantom import make_phantom
 
 
 def _median_on(mask: np.ndarray, arr: np.ndarray) -> float:
@@ -41,11 +55,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_offline(args: argparse.Namespace) -> int:
-    from dicom_node import cli, emulator, ingest
-    from processing import fit
-    from processing.phantom import make_phantom
-    from processing.run import ProcessingSettings, run
-
+    """Phantom -> vendor DICOM -> :func:`dicom_node.series.run_series` (the path of the node
+    and of ``synthmr process``) -> ``OUT/outputs``, with the fit and volumes against truth."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -67,42 +78,42 @@ def run_offline(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     groups = ingest.read_paths([src_dir], progress=False)
-    outcome = ingest.classify_and_normalize(groups[0], None)
-    if outcome.acquisition is None:
-        print(f"demo: normalization failed: {outcome.reason}")
-        return 1
-    acq = outcome.acquisition
-    timings["read + normalize"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    result = run(acq, ProcessingSettings())
-    timings["process (total)"] = time.perf_counter() - t
-    for k, v in result.timings_s.items():
-        timings[f"  {k}"] = v
-
-    t = time.perf_counter()
-    try:
-        written = cli._export_series(result, outcome.datasets, out / "outputs", None)
-        exported = f"{len(written)} DICOM files in {out / 'outputs'}"
-    except ImportError as exc:
-        written = cli._write_fallback(result, out / "outputs")
-        exported = f"maps.npz + montage.png in {out / 'outputs'} (DICOM export unavailable: {exc})"
-    timings["export"] = time.perf_counter() - t
-    (out / "montage.png").write_bytes(cli.montage_png(result))
-
-    z, d, e, y, x = acq.signal.shape
-    print(f"synthmr demo: phantom {z}x{y}x{x}, {d} delays x {e} echoes, SNR {args.snr:g},")
-    print(
-        f"  vendor layout {args.vendor!r} ({'magnitude' if acq.is_magnitude else 'mag+phase -> real'}),"
-        f" delays from {acq.delay_source}"
+    timings["read DICOM"] = time.perf_counter() - t
+    outcome = series.run_series(
+        groups[0].datasets, load_settings(None, env={}), series.folder_writer(out / "outputs")
     )
+    if outcome.result is None:
+        print(f"demo: the series ended {outcome.state.value}: {outcome.reason}")
+        return 1
+    result = outcome.result
+    for k in ("normalize", "process", "export"):
+        timings[k] = outcome.timings_s.get(k, float("nan"))
+        if k == "process":
+            for sub, v in result.timings_s.items():
+                timings[f"  {sub}"] = v
+    exported = f"{len(outcome.outputs)} DICOM files in {out / 'outputs'}"
+    (out / "montage.png").write_bytes((out / "outputs" / "montage.png").read_bytes())
+
+    acq = ph.acq
+    print(
+        f"synthmr demo: phantom {args.shape[0]}x{args.shape[1]}x{args.shape[2]}, SNR {args.snr:g},"
+    )
+    print(f"  vendor layout {args.vendor!r}: {outcome.summary}")
     print()
     print(f"{'stage':<28}{'seconds':>10}")
     for k, v in timings.items():
         print(f"{k:<28}{v:>10.2f}")
     print()
+    _print_offline_results(ph.truth, acq, result)
+    if outcome.state != State.EXPORTED:
+        print(f"demo: the series ended {outcome.state.value}: {outcome.reason}")
+        return 1
+    print(f"outputs: {exported}; montage: {out / 'montage.png'}")
+    return 0
 
-    truth = ph.truth
+
+def _print_offline_results(truth: Any, acq: Any, result: Any) -> None:
+    """Fitted T1/T2/PD per tissue and volumes against the phantom's truth, DIR, QC."""
     maps = result.maps
     print(
         f"{'tissue':<8}{'T1 fit':>9}{'T1 true':>9}{'T2 fit':>9}{'T2 true':>9}"
@@ -133,8 +144,6 @@ def run_offline(args: argparse.Namespace) -> int:
         print("QC:", ", ".join(f"{k}={v}" for k, v in result.qc.items() if not isinstance(v, dict)))
     for w in result.warnings:
         print("warning:", w)
-    print(f"outputs: {exported}; montage: {out / 'montage.png'}")
-    return 0
 
 
 def _meaning(item: Any) -> str:
@@ -173,9 +182,6 @@ class PacsStandIn:
     each received instance to ``folder/<series uid>/<sop uid>.dcm``. 127.0.0.1 only."""
 
     def __init__(self, folder: Path, ae_title: str = "DEMO_PACS") -> None:
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
-        from pynetdicom.presentation import AllStoragePresentationContexts
-
         self.folder = Path(folder)
         self.ae_title = ae_title
         self.received: list[Received] = []
@@ -186,8 +192,6 @@ class PacsStandIn:
         self._server: Any = None
 
     def start(self) -> PacsStandIn:
-        from pynetdicom import evt
-
         self.folder.mkdir(parents=True, exist_ok=True)
         self._server = self._ae.start_server(
             ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
@@ -204,8 +208,6 @@ class PacsStandIn:
             self._server = None
 
     def _on_store(self, event: Any) -> int:
-        from dicom_node.spool import safe_name
-
         ds = event.dataset
         ds.file_meta = event.file_meta
         series = str(ds.SeriesInstanceUID)
@@ -255,8 +257,6 @@ def _frames_to_volume(ds: Any, acq: Any) -> np.ndarray:
 
 def received_maps(items: list[Received], acq: Any) -> dict[str, np.ndarray]:
     """T1/T2/PD/B1 volumes from the received Parametric Maps, keyed by map kind."""
-    import pydicom
-
     maps: dict[str, np.ndarray] = {}
     for r in items:
         if r.kind != "Parametric Map Storage":
@@ -269,8 +269,6 @@ def received_maps(items: list[Received], acq: Any) -> dict[str, np.ndarray]:
 
 def sr_volumes(items: list[Received]) -> list[tuple[str, float, str]]:
     """(concept, value, unit) of every numeric SR item in mL from the received SR."""
-    import pydicom
-
     found: list[tuple[str, float, str]] = []
 
     def walk(seq: Any, group: str) -> None:
@@ -298,20 +296,16 @@ def sr_volumes(items: list[Received]) -> list[tuple[str, float, str]]:
 
 def received_montage(items: list[Received], acq: Any, maps: dict[str, np.ndarray]) -> bytes:
     """Middle slice of every received map and synthetic MR series, 4 columns."""
-    import pydicom
-
-    from processing.montage import encode_png, tile, window
-
     z = acq.signal.shape[0] // 2
-    ranges = {"T1": (0, 4500), "T2": (0, 300), "PD": (0, 110), "B1": (0.6, 1.4)}
+    ranges = {k: MAP_DISPLAY_RANGES[k] for k in ("T1", "T2", "PD", "B1")}
     tiles = [window(np.nan_to_num(maps[k][z]), *ranges[k]) for k in ranges if k in maps]
     labels = [f"{k} MAP" for k in ranges if k in maps]
     by_series: dict[str, list[Received]] = defaultdict(list)
     for r in items:
         if r.kind == "MR Image Storage":
             by_series[r.series_uid].append(r)
-    for series in sorted(by_series, key=lambda s: by_series[s][0].description):
-        dss = [pydicom.dcmread(r.path) for r in by_series[series]]
+    for uid in sorted(by_series, key=lambda s: by_series[s][0].description):
+        dss = [pydicom.dcmread(r.path) for r in by_series[uid]]
         dss.sort(key=lambda d: int(d.get("InstanceNumber", 0) or 0))
         ds = dss[min(z, len(dss) - 1)]
         img = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(
@@ -356,60 +350,120 @@ timeout_s = 30.0
     return path
 
 
-def run_with_node(args: argparse.Namespace) -> int:
-    from dicom_node import cli, emulator, push
-    from dicom_node.config import load_settings
-    from dicom_node.logging import JsonFormatter
-    from dicom_node.metrics import STAGES
-    from dicom_node.registry import State
-    from dicom_node.service import Node
-    from processing.phantom import make_phantom
+@dataclass
+class _NodeRun:
+    """What the node round trip measured, for the report."""
 
+    series_uid: str
+    n_inputs: int
+    timeline: dict[str, float]
+    stage_s: dict[str, float | None]
+    qc: dict[str, float]
+    qc_status: list[str]
+
+
+def _node_log_to_file(path: Path) -> tuple[logging.Handler, int]:
+    """The node's JSON log lines go to a file: the terminal shows the story."""
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(JsonFormatter())
+    node_logger = logging.getLogger("synthmr")
+    node_logger.addHandler(handler)
+    old_level = node_logger.level
+    node_logger.setLevel(logging.INFO)
+    return handler, old_level
+
+
+def _send_scanner_series(args: argparse.Namespace, out: Path) -> tuple[Any, list[Path]]:
+    """Phantom -> vendor DICOM files -> C-STORE to the node; (phantom, files)."""
+    ph = make_phantom(args.shape, seed=args.seed, snr=args.snr)
+    files = emulator.write_series(
+        ph.acq, args.vendor, out / "scanner", with_phase=not args.magnitude_only, seed=args.seed
+    )
+    z, d, e, y, x = ph.acq.signal.shape
+    print(
+        f"scanner: {len(files)} {args.vendor!r} instances (phantom {z}x{y}x{x}, {d} delays x "
+        f"{e} echoes, SNR {args.snr:g}, "
+        f"{'magnitude' if args.magnitude_only else 'magnitude+phase'})"
+    )
+    return ph, files
+
+
+def _watch_delivery(node: Any, pacs: PacsStandIn, series_uid: str, t_sent: float, timeout: float):
+    """Print outputs as they land in the stand-in until the series reaches a final state;
+    return the registry row (None on timeout)."""
+    shown: dict[str, int] = {}
+    end = time.time() + timeout
+    while True:
+        row = node.registry.series(series_uid)
+        state = row.state if row is not None else None
+        for uid, (kind, desc, n) in outputs_by_series(pacs.snapshot()).items():
+            if shown.get(uid) != n:
+                shown[uid] = n
+                print(f"  +{time.time() - t_sent:6.1f} s  {n:>4} x {kind:<32} {desc}")
+        if state in (State.DELIVERED, State.FAILED, State.QUARANTINED, State.IGNORED, State.HELD):
+            return row
+        if time.time() > end:
+            print(f"demo: the series is still {state} after {timeout:g} s")
+            return None
+        time.sleep(0.2)
+
+
+def _node_figures(node: Any, series_uid: str) -> _NodeRun:
+    """Timeline, stage seconds and QC of the series, from the node's registry and metrics."""
+    families = list(node.metrics.registry.collect())
+    return _NodeRun(
+        series_uid=series_uid,
+        n_inputs=len(node.registry.instance_paths(series_uid)),
+        timeline=series_timings(node.registry.timeline(series_uid)),
+        stage_s={
+            st: node.metrics.registry.get_sample_value(
+                "synthmr_stage_duration_seconds_sum", {"stage": st}
+            )
+            for st in STAGES
+        },
+        qc={
+            s.labels["figure"]: s.value
+            for f in families
+            if f.name == "synthmr_fit_qc"
+            for s in f.samples
+        },
+        qc_status=[
+            s.labels["status"]
+            for f in families
+            if f.name == "synthmr_qc_status"
+            for s in f.samples
+            if s.name.endswith("_total") and s.value > 0
+        ],
+    )
+
+
+def run_with_node(args: argparse.Namespace) -> int:
+    """The node round trip: PACS stand-in + node, scanner series in, outputs and report."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("spool", "pacs", "scanner"):  # a fresh run: this demo's own sub-folders only
         shutil.rmtree(out / sub, ignore_errors=True)
     timeout = float(getattr(args, "timeout", 600.0))
     timings: dict[str, float] = {}
-
-    # The node's JSON log lines go to a file: the terminal shows the story.
-    handler = logging.FileHandler(out / "node.log", mode="w")
-    handler.setFormatter(JsonFormatter())
-    node_logger = logging.getLogger("synthmr")
-    node_logger.addHandler(handler)
-    old_level = node_logger.level
-    node_logger.setLevel(logging.INFO)
-
+    handler, old_level = _node_log_to_file(out / "node.log")
     pacs = node = None
     try:
         t = time.perf_counter()
         pacs = PacsStandIn(out / "pacs").start()
         node = Node(load_settings(_node_config(out, pacs.port), env={})).start()
-        timings["start PACS stand-in + node"] = time.perf_counter() - t
+        # A scanner sends when the node is ready (/readyz): its workers have loaded their
+        # numba kernels, so the series' "process" is not a compile (46 s on an empty cache).
+        while not node.workers.warm and time.perf_counter() - t < timeout:
+            time.sleep(0.1)
+        timings["start PACS stand-in + node (warm)"] = time.perf_counter() - t
         print(
             f"synthmr demo: node SYNTHMR on 127.0.0.1:{node.port} (metrics "
             f"http://127.0.0.1:{node.metrics_port}/metrics), PACS stand-in DEMO_PACS on "
             f"127.0.0.1:{pacs.port} -> {out / 'pacs'}"
         )
-
         t = time.perf_counter()
-        ph = make_phantom(args.shape, seed=args.seed, snr=args.snr)
-        files = emulator.write_series(
-            ph.acq,
-            args.vendor,
-            out / "scanner",
-            with_phase=not args.magnitude_only,
-            seed=args.seed,
-        )
+        ph, files = _send_scanner_series(args, out)
         timings["phantom + scanner DICOM"] = time.perf_counter() - t
-        acq = ph.acq
-        z, d, e, y, x = acq.signal.shape
-        print(
-            f"scanner: {len(files)} {args.vendor!r} instances (phantom {z}x{y}x{x}, {d} delays x "
-            f"{e} echoes, SNR {args.snr:g}, "
-            f"{'magnitude' if args.magnitude_only else 'magnitude+phase'})"
-        )
-
         t = time.perf_counter()
         sent = push.send_files(
             files, ae_title="SYNTHMR", host="127.0.0.1", port=node.port, calling_aet="DEMO_MR"
@@ -421,62 +475,33 @@ def run_with_node(args: argparse.Namespace) -> int:
             print(f"demo: {sent['failed']} instances were not accepted: {first['error']}")
             return 1
         print(f"sent {sent['sent']} instances to the node; outputs arriving in the PACS:")
-
-        import pydicom
-
         series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-        shown: dict[str, int] = {}
-        end = time.time() + timeout
-        state = None
-        while True:
-            row = node.registry.series(series_uid)
-            state = row.state if row is not None else None
-            for uid, (kind, desc, n) in outputs_by_series(pacs.snapshot()).items():
-                if shown.get(uid) != n:
-                    shown[uid] = n
-                    print(f"  +{time.time() - t_sent:6.1f} s  {n:>4} x {kind:<32} {desc}")
-            if state in (State.DELIVERED, State.FAILED, State.QUARANTINED, State.IGNORED):
-                break
-            if time.time() > end:
-                print(
-                    f"demo: the series is still {state} after {timeout:g} s; see {out / 'node.log'}"
-                )
-                return 1
-            time.sleep(0.2)
-        if state != State.DELIVERED:
-            print(f"demo: the node ended the series {state}: {row.reason if row else ''}")
+        row = _watch_delivery(node, pacs, series_uid, t_sent, timeout)
+        if row is None:
+            print(f"see {out / 'node.log'}")
             return 1
-        timeline = cli.series_timings(node.registry.timeline(series_uid))
-        stage_s = {
-            st: node.metrics.registry.get_sample_value(
-                "synthmr_stage_duration_seconds_sum", {"stage": st}
-            )
-            for st in STAGES
-        }
-        qc = {
-            s.labels["figure"]: s.value
-            for fam in node.metrics.registry.collect()
-            if fam.name == "synthmr_fit_qc"
-            for s in fam.samples
-        }
-        qc_status = [
-            s.labels["status"]
-            for fam in node.metrics.registry.collect()
-            if fam.name == "synthmr_qc_status"
-            for s in fam.samples
-            if s.name.endswith("_total") and s.value > 0
-        ]
-        n_inputs = len(node.registry.instance_paths(series_uid))
+        if row.state != State.DELIVERED:
+            print(f"demo: the node ended the series {row.state}: {row.reason}")
+            return 1
+        figures = _node_figures(node, series_uid)
     finally:
         if node is not None:
             node.stop()
         if pacs is not None:
             pacs.stop()
-        node_logger.removeHandler(handler)
-        node_logger.setLevel(old_level)
+        logging.getLogger("synthmr").removeHandler(handler)
+        logging.getLogger("synthmr").setLevel(old_level)
         handler.close()
+    _print_node_report(out, pacs.snapshot(), timings, figures, ph)
+    return 0
 
-    items = pacs.snapshot()
+
+def _print_node_report(
+    out: Path, items: list[Received], timings: dict[str, float], figures: _NodeRun, ph: Any
+) -> None:
+    """What the PACS received, stage seconds, fitted values and volumes read back from the
+    received objects against the phantom's truth, QC, and the montage."""
+    acq = ph.acq
     by_kind: dict[str, int] = defaultdict(int)
     for r in items:
         by_kind[r.kind] += 1
@@ -484,19 +509,18 @@ def run_with_node(args: argparse.Namespace) -> int:
     print(f"{'received by the PACS':<36}{'instances':>10}")
     for kind, n in sorted(by_kind.items()):
         print(f"{kind:<36}{n:>10}")
-    print(f"{'total':<36}{len(items):>10}  (from {n_inputs} scanner instances)")
+    print(f"{'total':<36}{len(items):>10}  (from {figures.n_inputs} scanner instances)")
     print()
     print(f"{'stage':<36}{'seconds':>10}")
     for k, v in timings.items():
         print(f"{k:<36}{v:>10.2f}")
     for k in ("complete", "processed", "delivered"):
-        if k in timeline:
-            print(f"{'node: first instance -> ' + k:<36}{timeline[k]:>10.2f}")
-    for st, v in stage_s.items():
+        if k in figures.timeline:
+            print(f"{'node: first instance -> ' + k:<36}{figures.timeline[k]:>10.2f}")
+    for st, v in figures.stage_s.items():
         if v:
             print(f"{'  node stage ' + st:<36}{v:>10.2f}")
     print()
-
     maps = received_maps(items, acq)
     truth = ph.truth
     if {"T1", "T2", "PD"} <= set(maps):
@@ -524,11 +548,10 @@ def run_with_node(args: argparse.Namespace) -> int:
             tv = f"{true_ml[key]:>10.1f}" if key in true_ml else f"{'-':>10}"
             print(f"{name[:36]:<36}{v:>10.1f}{tv}")
         print()
-    if qc or qc_status:
-        figs = ", ".join(f"{k}={v:.3g}" for k, v in sorted(qc.items()))
-        print(f"QC: status={'/'.join(qc_status) or '-'}, {figs}")
+    if figures.qc or figures.qc_status:
+        figs = ", ".join(f"{k}={v:.3g}" for k, v in sorted(figures.qc.items()))
+        print(f"QC: status={'/'.join(figures.qc_status) or '-'}, {figs}")
     montage = out / "montage.png"
     montage.write_bytes(received_montage(items, acq, maps))
     print(f"outputs: {len(items)} DICOM files in {out / 'pacs'}; montage: {montage}")
     print(f"node log (JSON lines): {out / 'node.log'}; node spool: {out / 'spool'}")
-    return 0

@@ -1,12 +1,10 @@
-"""Folder processing: find DICOM files, group them by series, classify and normalize.
+"""Folder reading: find DICOM files and group them by series.
 
 ::
 
     groups = read_paths([Path("in/")], progress=True)          # list[SeriesGroup]
     for g in groups:
-        outcome = classify_and_normalize(g, rules)               # SeriesOutcome
-        outcome.acquisition  # processing.acquisition.Acquisition or None
-        outcome.reason       # why not (not MDME / the precise normalization error)
+        series.run_series(g.datasets, settings, series.folder_writer(out))  # or classify
 
 Files that are not DICOM are skipped with a reason (``skipped=`` collects them). Gzip'd
 files (``.gz`` or gzip magic) are read transparently. Pixel data of files on disk is read
@@ -20,30 +18,17 @@ import io
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.vendors import (
-    NormalizationError,
-    VendorRules,
-    detect,
-    expected_count,
-    load_rules,
-    normalize,
-)
-from processing.acquisition import Acquisition
-
 __all__ = [
     "SeriesGroup",
-    "SeriesOutcome",
     "SkippedFile",
-    "classify_and_normalize",
     "read_file",
     "read_paths",
 ]
@@ -73,41 +58,6 @@ class SeriesGroup:
 
     def __len__(self) -> int:
         return len(self.datasets)
-
-
-@dataclass
-class SeriesOutcome:
-    """What :func:`classify_and_normalize` made of a series.
-
-    ``status`` is ``"mdme"`` (acquisition set), ``"not_mdme"`` or ``"error"`` (an MDME
-    series whose grid/headers are broken: ``error`` holds the structured
-    :class:`~dicom_node.vendors.NormalizationError`).
-    """
-
-    series_uid: str
-    status: str
-    vendor: str
-    reason: str
-    acquisition: Acquisition | None = None
-    error: NormalizationError | None = None
-    grid: tuple[int, int, int, str] | None = None  # slices, delays, echoes, parts
-    delay_source: str | None = None
-    expected_instances: int | None = None
-    datasets: list[Dataset] = field(default_factory=list)
-    paths: list[Path] = field(default_factory=list)
-
-    @property
-    def is_mdme(self) -> bool:
-        return self.status != "not_mdme"
-
-    def summary(self) -> str:
-        if self.acquisition is not None and self.grid is not None:
-            z, d, e, p = self.grid
-            return (
-                f"{self.vendor}: MDME {z} slices x {d} delays x {e} echoes, parts {p}, "
-                f"delays from {self.delay_source}"
-            )
-        return f"{self.vendor}: {self.status.replace('_', ' ')}: {self.reason}"
 
 
 def _iter_files(paths: Sequence[Path], skipped: list[SkippedFile]) -> list[Path]:
@@ -196,60 +146,3 @@ def read_paths(
     if progress:
         _progress(n, n, t0, final=True)
     return list(groups.values())
-
-
-def _as_rules(rules: Any) -> Mapping[str, VendorRules]:
-    if rules is None:
-        return load_rules(None)
-    if isinstance(rules, Mapping) and all(isinstance(v, VendorRules) for v in rules.values()):
-        return rules
-    return load_rules(dict(rules))  # raw [vendors] TOML tables
-
-
-def classify_and_normalize(group: SeriesGroup, rules: Any = None) -> SeriesOutcome:
-    """Detect the vendor and MDME-ness of ``group`` and normalize it.
-
-    ``rules``: ``load_rules(...)`` output, the raw ``[vendors]`` TOML tables, or None.
-    Never raises for bad input: the outcome carries the reason.
-    """
-    table = _as_rules(rules)
-    base: dict[str, Any] = {
-        "series_uid": group.series_uid,
-        "datasets": group.datasets,
-        "paths": group.paths,
-    }
-    try:
-        det = detect(group.datasets, table)
-    except Exception as exc:  # defensive: a header we did not foresee
-        return SeriesOutcome(
-            status="error", vendor="-", reason=f"header parse error: {exc}", **base
-        )
-    if not det.is_mdme:
-        return SeriesOutcome(status="not_mdme", vendor=det.vendor, reason=det.reason, **base)
-    exp = expected_count(group.datasets[0], table) if group.datasets else None
-    try:
-        acq = normalize(group.datasets, table)
-    except NormalizationError as exc:
-        status = "not_mdme" if exc.kind == "not_mdme" else "error"
-        return SeriesOutcome(
-            status=status,
-            vendor=det.vendor,
-            reason=str(exc),
-            error=exc,
-            expected_instances=exp,
-            **base,
-        )
-    except Exception as exc:
-        err = NormalizationError("invalid", f"{type(exc).__name__}: {exc}")
-        return SeriesOutcome(status="error", vendor=det.vendor, reason=str(err), error=err, **base)
-    z, d, e, _, _ = acq.signal.shape
-    return SeriesOutcome(
-        status="mdme",
-        vendor=det.vendor,
-        reason=det.reason,
-        acquisition=acq,
-        grid=(z, d, e, str(acq.metadata.get("parts", ""))),
-        delay_source=acq.delay_source,
-        expected_instances=exp,
-        **base,
-    )

@@ -166,7 +166,7 @@ class NodeMetrics:
             self.associations.labels(v)
         for v in ("stored", "rejected", "failed"):
             self.instances.labels(OTHER_AE, v)
-        for v in ("success", "failed", "ignored", "quarantined"):
+        for v in ("success", "failed", "ignored", "quarantined", "held"):
             self.jobs.labels(v)
         for v in ("pass", "warn", "fail"):
             self.qc_status.labels(v)
@@ -219,6 +219,19 @@ class NodeMetrics:
         return generate_latest(self.registry)
 
 
+def readiness_text(ok: bool, checks: dict[str, bool]) -> str:
+    """The /readyz body: a verdict line, then one line per check. The verdict is "warming"
+    when only the workers' warm-up is missing (the SCP already spools instances then)."""
+    failed = [k for k, v in checks.items() if not v]
+    if ok:
+        verdict = "ready"
+    elif failed == ["workers_warm"]:
+        verdict = "warming"
+    else:
+        verdict = "not ready: " + ", ".join(failed)
+    return verdict + "\n" + "".join(f"{k} {'ok' if v else 'FAIL'}\n" for k, v in checks.items())
+
+
 class MetricsServer:
     """Threaded HTTP server: /metrics, /healthz (process alive), /readyz (``ready()``)."""
 
@@ -240,7 +253,7 @@ class MetricsServer:
                     self._send(200, b"ok\n", "text/plain")
                 elif path == "/readyz":
                     ok, checks = outer.ready()
-                    body = "".join(f"{k} {'ok' if v else 'FAIL'}\n" for k, v in checks.items())
+                    body = readiness_text(ok, checks)
                     self._send(200 if ok else 503, body.encode(), "text/plain")
                 else:
                     self._send(404, b"not found\n", "text/plain")

@@ -4,7 +4,9 @@ Series life::
 
     RECEIVING -> COMPLETE -> QUEUED -> PROCESSING -> EXPORTED -> DELIVERED
     or IGNORED (not MDME), QUARANTINED (grid incomplete; missing cells recorded),
-    FAILED (reason recorded; :meth:`Registry.retry` re-queues).
+    FAILED (reason recorded; :meth:`Registry.retry` re-queues),
+    HELD (QC failed: outputs written, their outbox rows HELD; :meth:`Registry.release_held`
+    sends them: HELD -> EXPORTED -> DELIVERED).
 
 Every state change is one transaction. One connection shared by the node's threads under
 a lock (SQLite serializes writers anyway); all writes happen in the node process.
@@ -32,6 +34,7 @@ __all__ = [
     "Retirement",
     "SeriesRow",
     "State",
+    "series_timings",
 ]
 
 
@@ -45,9 +48,12 @@ class State(StrEnum):
     IGNORED = "IGNORED"
     QUARANTINED = "QUARANTINED"
     FAILED = "FAILED"
+    HELD = "HELD"
 
 
-FINAL_STATES = frozenset({State.DELIVERED, State.IGNORED, State.QUARANTINED, State.FAILED})
+FINAL_STATES = frozenset(
+    {State.DELIVERED, State.IGNORED, State.QUARANTINED, State.FAILED, State.HELD}
+)
 
 # Allowed transitions; FAILED/QUARANTINED may be retried (-> QUEUED), a late instance
 # re-opens a COMPLETE/QUARANTINED/IGNORED series (-> RECEIVING).
@@ -60,9 +66,11 @@ _ALLOWED: dict[State, set[State]] = {
         State.IGNORED,
         State.QUARANTINED,
         State.FAILED,
+        State.HELD,
         State.QUEUED,
     },
     State.EXPORTED: {State.DELIVERED, State.FAILED, State.QUEUED, State.RECEIVING},
+    State.HELD: {State.EXPORTED, State.QUEUED, State.RECEIVING},
     State.DELIVERED: {State.QUEUED, State.RECEIVING},
     State.IGNORED: {State.QUEUED, State.RECEIVING},
     State.QUARANTINED: {State.QUEUED, State.RECEIVING},
@@ -188,6 +196,16 @@ CREATE TABLE IF NOT EXISTS transitions (
     at REAL NOT NULL,
     reason TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    user TEXT NOT NULL,
+    role TEXT NOT NULL DEFAULT '',
+    action TEXT NOT NULL,
+    series_uid TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '',
+    remote TEXT NOT NULL DEFAULT ''
+);
 """
 
 TransitionHook = Callable[[str, "State | None", State, float], None]
@@ -232,15 +250,24 @@ class Registry:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, fsync: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction. ``fsync=False`` commits without syncing the WAL (synchronous=
+        NORMAL): safe against a killed process (the commit is in the OS's cache), lost only
+        with the machine (power loss), and then the next FULL commit or checkpoint syncs it."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not fsync:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not fsync:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def ok(self) -> bool:
         """True when the database answers (readiness)."""
@@ -326,10 +353,15 @@ class Registry:
         after the quiet period only (the expected count returned is then None), so a
         changed set makes one new version, not one per instance. A SOP Instance UID known
         in another series raises :class:`InstanceMovedError` (nothing recorded).
+
+        Committed without an fsync of its own (the C-STORE answer waits for it): the durable
+        record of a received instance is its spooled file (DESIGN promise 1), and a row that
+        a power loss takes with it is re-created from that file at the next start
+        (:meth:`known_paths`, :func:`dicom_node.scp.register_spooled`).
         """
         now = time.time()
         created = reopened = None
-        with self._tx() as db:
+        with self._tx(fsync=False) as db:
             known = db.execute(
                 "SELECT series_uid, sha256 FROM instances WHERE sop_uid=?", (sop_uid,)
             ).fetchone()
@@ -422,6 +454,11 @@ class Registry:
         for sop, sha in rows:
             h.update(f"{sop}:{sha}\n".encode())
         return h.hexdigest()
+
+    def known_paths(self) -> set[str]:
+        """Every registered instance's spool path."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT path FROM instances").fetchall()}
 
     def instance_paths(self, series_uid: str) -> list[str]:
         with self._lock:
@@ -574,9 +611,9 @@ class Registry:
         outputs: list[tuple[str, str, str, str, str]] | None = None,
         inputs_sha256: str = "",
     ) -> None:
-        """End a job: series -> ``new`` (EXPORTED, IGNORED, QUARANTINED, FAILED) and,
-        for EXPORTED, outbox rows ``(destination, sop_uid, sop_class_uid, path)``
-        (re-runs replace rows of the same SOP UID), all in one transaction.
+        """End a job: series -> ``new`` (EXPORTED, HELD, IGNORED, QUARANTINED, FAILED) and,
+        for EXPORTED / HELD, outbox rows ``(destination, sop_uid, sop_class_uid, path)``,
+        PENDING / HELD (re-runs replace rows of the same SOP UID), in one transaction.
 
         ``outputs`` ``(sop_uid, sop_class_uid, study_uid, series_uid, path)`` record this
         version: earlier outputs of the series that it does not repeat are superseded, their
@@ -584,6 +621,7 @@ class Registry:
         note, see :meth:`due_retirements`). A series that received changed instances while
         it was processed re-opens (RECEIVING) right after.
         """
+        row_state = "HELD" if new == State.HELD else "PENDING"
         now = time.time()
         reopened = None
         with self._tx() as db:
@@ -594,25 +632,49 @@ class Registry:
                 "UPDATE jobs SET state=?, finished_at=?, error=? WHERE id=?",
                 ("FAILED" if new == State.FAILED else "DONE", now, reason, job_id),
             )
-            for dest, sop, cls, path in outbox or []:
-                db.execute(
-                    "INSERT INTO outbox(series_uid, destination, sop_uid, sop_class_uid, path,"
-                    " state, attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,'PENDING',0,?,?)"
-                    " ON CONFLICT(destination, sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
-                    " sop_class_uid=excluded.sop_class_uid, path=excluded.path, state='PENDING',"
-                    " attempts=0, next_attempt_at=excluded.next_attempt_at, last_error=''",
-                    (series_uid, dest, sop, cls, path, now, now),
-                )
-            if outputs is not None and new == State.EXPORTED:
+            self._upsert_outbox(db, series_uid, outbox or [], now, row_state)
+            if outputs is not None and new in (State.EXPORTED, State.HELD):
                 self._record_version(db, series_uid, outputs, inputs_sha256, now)
+            # outputs streamed to the outbox during the job (add_outbox) may all be sent
+            # already: outbox_sent saw the series PROCESSING then, so it is delivered now
+            delivered = self._deliver_if_done(db, [series_uid]) if new == State.EXPORTED else []
             changed = db.execute(
                 "SELECT changed_while_processing FROM series WHERE series_uid=?", (series_uid,)
             ).fetchone()[0]
             if changed and new in (State.EXPORTED, *FINAL_STATES):
                 reopened = self._reopen(db, series_uid, "instances changed during processing", now)
         self._notify(series_uid, old, new, dt)
+        for s, old_state, seconds in delivered:
+            self._notify(s, old_state, State.DELIVERED, seconds)
         if reopened:
-            self._notify(series_uid, new, State.RECEIVING, 0.0)
+            self._notify(series_uid, reopened[0], State.RECEIVING, reopened[1])
+
+    @staticmethod
+    def _upsert_outbox(
+        db: sqlite3.Connection,
+        series_uid: str,
+        rows: list[tuple[str, str, str, str]],
+        now: float,
+        row_state: str = "PENDING",
+    ) -> None:
+        for dest, sop, cls, path in rows:
+            db.execute(
+                "INSERT INTO outbox(series_uid, destination, sop_uid, sop_class_uid, path,"
+                " state, attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,?,0,?,?)"
+                " ON CONFLICT(destination, sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
+                " sop_class_uid=excluded.sop_class_uid, path=excluded.path,"
+                " state=excluded.state, attempts=0, next_attempt_at=excluded.next_attempt_at,"
+                " last_error=''",
+                (series_uid, dest, sop, cls, path, row_state, now, now),
+            )
+
+    def add_outbox(self, series_uid: str, rows: list[tuple[str, str, str, str]]) -> None:
+        """Queue PENDING ``(destination, sop_uid, sop_class_uid, path)`` rows of a series
+        whose job still runs (streamed outputs: pushed while the next group is encoded).
+        The series stays PROCESSING; :meth:`finish_job` then makes it EXPORTED, or
+        DELIVERED if every row was sent by then."""
+        with self._tx() as db:
+            self._upsert_outbox(db, series_uid, rows, time.time())
 
     @staticmethod
     def _record_version(
@@ -712,6 +774,20 @@ class Registry:
             raise IllegalTransition(f"series {series_uid} is {row.state}: nothing to retry")
         return self.enqueue(series_uid)
 
+    def release_held(self, series_uid: str, reason: str = "released by the operator") -> int:
+        """A HELD series -> EXPORTED with its HELD outbox rows PENDING (the outbox sends
+        them); return how many rows were released."""
+        with self._tx() as db:
+            old, dt = self._set_state(db, series_uid, State.EXPORTED, reason, expect={State.HELD})
+            cur = db.execute(
+                "UPDATE outbox SET state='PENDING', attempts=0, next_attempt_at=?"
+                " WHERE series_uid=? AND state='HELD'",
+                (time.time(), series_uid),
+            )
+            n = int(cur.rowcount)
+        self._notify(series_uid, old, State.EXPORTED, dt)
+        return n
+
     # ------------------------------------------------------------------ outbox
     def due_outbox(self, now: float | None = None, limit: int = 1000) -> list[OutboxItem]:
         now = time.time() if now is None else now
@@ -726,7 +802,7 @@ class Registry:
     def outbox_counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
-        out = {"PENDING": 0, "SENT": 0, "DEAD": 0}
+        out = {"PENDING": 0, "SENT": 0, "DEAD": 0, "HELD": 0}
         out.update({r[0]: int(r[1]) for r in rows})
         return out
 
@@ -755,16 +831,17 @@ class Registry:
     def _deliver_if_done(
         self, db: sqlite3.Connection, series: list[str]
     ) -> list[tuple[str, State, float]]:
-        """EXPORTED series with nothing left to send or retire -> DELIVERED."""
+        """EXPORTED series with outbox rows, none left to send or retire -> DELIVERED
+        (superseded rows, cancelled or retired, do not count)."""
         delivered: list[tuple[str, State, float]] = []
         for s in series:
-            left = db.execute(
-                "SELECT COUNT(*) FROM outbox WHERE series_uid=?"
-                " AND state IN ('PENDING', 'DEAD', 'RETIRE')",
+            n_rows, left = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(state IN ('PENDING', 'DEAD', 'RETIRE', 'HELD')),"
+                " 0) FROM outbox WHERE series_uid=?",
                 (s,),
-            ).fetchone()[0]
+            ).fetchone()
             st = db.execute("SELECT state FROM series WHERE series_uid=?", (s,)).fetchone()
-            if left == 0 and st is not None and st[0] == State.EXPORTED.value:
+            if n_rows and not left and st is not None and st[0] == State.EXPORTED.value:
                 old, dt = self._set_state(db, s, State.DELIVERED)
                 delivered.append((s, old, dt))
         return delivered
@@ -799,6 +876,100 @@ class Registry:
             )
             return int(cur.rowcount)
 
+    def queue_outputs(self, series_uid: str, rows: list[tuple[str, str, str, str]]) -> int:
+        """Extra outbox rows ``(destination, sop_uid, sop_class_uid, path)`` for a series
+        that keeps its state (a contrast sent from the tuner); a SOP UID already there is
+        replaced (PENDING again), never duplicated. Returns how many rows."""
+        now = time.time()
+        with self._tx() as db:
+            for dest, sop, cls, path in rows:
+                db.execute(
+                    "INSERT INTO outbox(series_uid, destination, sop_uid, sop_class_uid, path,"
+                    " state, attempts, next_attempt_at, created_at) VALUES (?,?,?,?,?,'PENDING',0,?,?)"
+                    " ON CONFLICT(destination, sop_uid) DO UPDATE SET series_uid=excluded.series_uid,"
+                    " sop_class_uid=excluded.sop_class_uid, path=excluded.path, state='PENDING',"
+                    " attempts=0, next_attempt_at=excluded.next_attempt_at, last_error=''",
+                    (series_uid, dest, sop, cls, path, now, now),
+                )
+        return len(rows)
+
+    def outbox_of(self, series_uid: str) -> dict[str, dict[str, Any]]:
+        """Per destination: item counts by state and the last error (series detail page)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT destination, state, COUNT(*), MAX(last_error), MAX(sent_at)"
+                " FROM outbox WHERE series_uid=? GROUP BY destination, state",
+                (series_uid,),
+            ).fetchall()
+        out: dict[str, dict[str, Any]] = {}
+        for dest, state, n, err, sent in rows:
+            d = out.setdefault(
+                dest, {"PENDING": 0, "SENT": 0, "DEAD": 0, "last_error": "", "sent_at": None}
+            )
+            d[state] = int(n)
+            if err:
+                d["last_error"] = err
+            if sent:
+                d["sent_at"] = max(float(sent), d["sent_at"] or 0.0)
+        return out
+
+    def list_series(
+        self,
+        *,
+        states: list[str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 200,
+    ) -> list[SeriesRow]:
+        """Series newest first, filtered by state and by first-received time (web list)."""
+        where, args = ["1=1"], []
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += list(states)
+        if since is not None:
+            where.append("first_received >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("first_received < ?")
+            args.append(until)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid)"
+                f" AS n FROM series s WHERE {' AND '.join(where)}"
+                " ORDER BY first_received DESC LIMIT ?",
+                (*args, int(limit)),
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    # ------------------------------------------------------------------ audit
+    def audit(
+        self,
+        user: str,
+        action: str,
+        *,
+        role: str = "",
+        series_uid: str = "",
+        detail: str = "",
+        remote: str = "",
+    ) -> None:
+        """One line of the audit log: who did what, on which series, when."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO audit(at, user, role, action, series_uid, detail, remote)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (time.time(), user, role, action, series_uid, detail[:2000], remote),
+            )
+
+    def audit_log(self, series_uid: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Audit lines, newest first (of one series, or all)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, user, role, action, series_uid, detail, remote FROM audit"
+                " WHERE (? IS NULL OR series_uid=?) ORDER BY id DESC LIMIT ?",
+                (series_uid, series_uid, int(limit)),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
     # ------------------------------------------------------------------ recovery
     def recover(self) -> dict[str, int]:
         """After a crash: PROCESSING jobs -> QUEUED, COMPLETE series without a job queued.
@@ -827,3 +998,21 @@ class Registry:
 
     def stats(self) -> dict[str, Any]:
         return {"series": self.state_counts(), "outbox": self.outbox_counts()}
+
+
+def series_timings(timeline: list[tuple[str | None, str, float, str]]) -> dict[str, float]:
+    """Seconds from the first instance to the last COMPLETE, processed (job ended) and
+    DELIVERED transitions of a series' :meth:`Registry.timeline`."""
+    if not timeline:
+        return {}
+    t0 = timeline[0][2]
+    ends = {"EXPORTED", "FAILED", "IGNORED", "QUARANTINED", "HELD"}
+    out: dict[str, float] = {}
+    for old, new, at, _ in timeline:
+        if new in ("COMPLETE", "QUARANTINED") and old == "RECEIVING":
+            out["complete"] = at - t0
+        if old == "PROCESSING" and new in ends:
+            out["processed"] = at - t0
+        if new == "DELIVERED":
+            out["delivered"] = at - t0
+    return out

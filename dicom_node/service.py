@@ -23,11 +23,13 @@ from dicom_node.completion import Completion
 from dicom_node.config import Settings, load_settings
 from dicom_node.logging import configure_logging, log_context, log_event
 from dicom_node.metrics import MetricsServer, NodeMetrics
-from dicom_node.pipeline import missing_cells, run_series_job
+from dicom_node.pipeline import run_series_job
 from dicom_node.push import Outbox
 from dicom_node.registry import FINAL_STATES, Registry, State
-from dicom_node.scp import StoreSCP
+from dicom_node.scp import StoreSCP, register_spooled
+from dicom_node.series import missing_cells
 from dicom_node.spool import Spool
+from dicom_node.vendors import expected_count
 from dicom_node.workers import Workers
 
 __all__ = ["Node", "main", "retry_series", "serve"]
@@ -39,15 +41,8 @@ _JOB_RESULT = {
     State.FAILED: "failed",
     State.IGNORED: "ignored",
     State.QUARANTINED: "quarantined",
+    State.HELD: "held",
 }
-
-
-def _expected_count(ds: Any) -> int | None:
-    try:
-        from dicom_node import vendors
-    except ImportError:
-        return None
-    return vendors.expected_count(ds)
 
 
 class Node:
@@ -61,7 +56,7 @@ class Node:
         self.registry = Registry(
             Path(settings.spool.path) / "registry.sqlite3", self._on_transition
         )
-        self.workers = Workers(settings.workers)
+        self.workers = Workers(settings.workers, settings.processing)
         self.completion = Completion(
             settings.completion,
             self.registry,
@@ -77,7 +72,7 @@ class Node:
             self.registry,
             self.metrics,
             on_instance=self.completion.instance_stored,
-            expected_count=_expected_count,
+            expected_count=lambda ds: expected_count(ds, self.settings.vendors),
         )
         self.outbox = Outbox(
             self.registry,
@@ -87,7 +82,11 @@ class Node:
             settings.node.ae_title,
         )
         self.metrics.attach_state(self._state_figures)
+        from dicom_node.qc_history import PhantomQCCollector
+
+        self.metrics.registry.register(PhantomQCCollector(self.registry.path))
         self.metrics_server: MetricsServer | None = None
+        self.web: Any = None  # dicom_node.web.server.WebServer when [web] enabled
         self._stop = threading.Event()
         self._jobs_wake = threading.Event()
         self._job_threads: list[threading.Thread] = []
@@ -97,10 +96,24 @@ class Node:
     def start(self) -> Node:
         removed = self.spool.clean_tmp()
         recovered = self.registry.recover()
-        log_event(log, "node_recovered", temp_files_removed=removed, **recovered)
+        # files acknowledged before a power loss took their (unsynced) registry rows
+        reregistered = register_spooled(
+            self.spool, self.registry, lambda ds: expected_count(ds, self.settings.vendors)
+        )
+        log_event(
+            log,
+            "node_recovered",
+            temp_files_removed=removed,
+            instances_reregistered=reregistered,
+            **recovered,
+        )
         from processing import phase
 
         phase.warmup()  # normalization runs here, in the node process, not in the workers
+        # export runs here too: highdicom's import loads its standard tables (~1 s), not
+        # while the first series waits
+        import dicom_node.export  # noqa: F401
+
         self.workers.start()
         self.scp.start()
         self.completion.start()
@@ -113,18 +126,25 @@ class Node:
         if m.enabled:
             self.metrics_server = MetricsServer(self.metrics, m.address, m.port, self.ready)
             self.metrics_server.start()
+        if self.settings.web.enabled:
+            from dicom_node.web.glue import start_web
+
+            self.web = start_web(self)
         log_event(
             log,
             "node_started",
             ae_title=self.settings.node.ae_title,
             port=self.scp.port,
             metrics_port=self.metrics_port,
+            web_port=self.web.port if self.web else None,
         )
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._jobs_wake.set()
+        if self.web is not None:
+            self.web.stop()
         self.scp.stop()
         self.completion.stop()
         self.outbox.stop()
@@ -163,6 +183,9 @@ class Node:
             "scp_listening": self.scp.listening,
             "registry": self.registry.ok(),
             "spool_above_watermark": self.spool.above_watermark(),
+            # numba kernels compiled / loaded in every worker: a series taken before that
+            # would wait for the compile (~45 s on an empty cache; `synthmr warmup` fills it)
+            "workers_warm": self.workers.warm,
         }
         return all(checks.values()), checks
 
@@ -220,6 +243,7 @@ class Node:
         if delay > 0 and self._stop.wait(delay):
             return  # stopping: the job stays PROCESSING and is re-queued at next start
         log_event(log, "job_started", series_uid=series_uid, job_id=job_id)
+        streamed: list[tuple[str, str, str, str]] = []
         outcome = run_series_job(
             series_uid,
             self.registry.instance_paths(series_uid),
@@ -228,6 +252,7 @@ class Node:
             self.workers.submit,
             self.metrics,
             timeout_s=self.settings.workers.job_timeout_s,
+            on_outputs=lambda rows: streamed.extend(self._stream_outputs(series_uid, rows)),
         )
         if self._stop.is_set():
             return  # shutting down: left PROCESSING, re-run (same output UIDs) at next start
@@ -235,11 +260,17 @@ class Node:
             self.workers.restart()
         if outcome.stage and outcome.state in (State.FAILED, State.QUARANTINED):
             self.metrics.processing_errors.labels(outcome.stage).inc()
-        rows = [
-            (d.name, sop, cls, path)
-            for sop, cls, path in outcome.outputs
-            for d in self.outbox.destinations.values()
-        ]
+        # streamed outputs are in the outbox already (_stream_outputs); held ones (QC gate)
+        # were not streamed and go in now, as HELD rows
+        rows = (
+            []
+            if streamed
+            else [
+                (d.name, sop, cls, path)
+                for sop, cls, path in outcome.outputs
+                for d in self.outbox.destinations.values()
+            ]
+        )
         self.registry.finish_job(
             job_id, series_uid, outcome.state, outcome.reason, outcome.missing, rows
         )
@@ -260,8 +291,21 @@ class Node:
             timings_s=outcome.timings_s,
             processing_timings_s=outcome.processing_timings_s,
         )
+
+    def _stream_outputs(
+        self, series_uid: str, outputs: list[tuple[str, str, str]]
+    ) -> list[tuple[str, str, str, str]]:
+        """An output series is durable: queue it for every destination and wake the push,
+        which sends it while the job encodes the next one. Returns the rows queued."""
+        rows = [
+            (d.name, sop, cls, path)
+            for sop, cls, path in outputs
+            for d in self.outbox.destinations.values()
+        ]
         if rows:
+            self.registry.add_outbox(series_uid, rows)
             self.outbox.wake()
+        return rows
 
     def _housekeeping(self) -> None:
         """Remove spool files of finished series older than the retention period."""

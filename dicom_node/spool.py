@@ -18,9 +18,11 @@ import io
 import os
 import re
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +206,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class GroupSync:
+    """Directory fsyncs shared by concurrent writers (group commit).
+
+    :meth:`sync` returns once an fsync of ``path`` *started after the call* has completed,
+    so the caller's earlier rename into ``path`` is durable. While one thread's fsync of a
+    directory runs, the others that renamed into it meanwhile wait and are all covered by
+    the next fsync: N associations storing into one series pay about one directory sync
+    per round instead of N.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        # per directory: [tickets issued, tickets covered by a completed fsync, busy]
+        self._state: dict[Path, list[Any]] = {}
+        #: fsyncs done (for benchmarks and tests: fewer than calls when writers overlap)
+        self.fsyncs = 0
+
+    def sync(self, path: Path) -> None:
+        with self._cond:
+            st = self._state.setdefault(path, [0, 0, False])
+            st[0] += 1
+            ticket = st[0]
+            while st[1] < ticket:
+                if st[2]:
+                    self._cond.wait()
+                    continue
+                st[2] = True
+                covered = st[0]  # every ticket issued so far renamed before this fsync
+                self._cond.release()
+                try:
+                    _fsync_dir(path)
+                finally:
+                    self._cond.acquire()
+                    st[2] = False
+                    self._cond.notify_all()
+                st[1] = max(st[1], covered)
+                self.fsyncs += 1
+            if not st[2] and st[0] == st[1]:
+                self._state.pop(path, None)  # idle: the table stays as small as the writers
+
+
 class Spool:
     """The on-disk store. ``min_free_bytes`` is the free-disk watermark."""
 
@@ -215,6 +258,7 @@ class Spool:
         self.outbox = self.root / "outbox"
         for d in (self.root, self.tmp, self.incoming, self.outbox):
             d.mkdir(parents=True, exist_ok=True)
+        self.dir_sync = GroupSync()
 
     # -- capacity
     def free_bytes(self) -> int:
@@ -242,7 +286,7 @@ class Spool:
         new_dir = not target.parent.is_dir()
         target.parent.mkdir(parents=True, exist_ok=True)
         self._write_file(target, data)
-        _fsync_dir(target.parent)
+        self.dir_sync.sync(target.parent)
         if new_dir:  # the new series directory's own entry must be durable too
             _fsync_dir(target.parent.parent)
         return target
@@ -294,23 +338,28 @@ class Spool:
     def store_outputs(self, series_uid: str, items: Iterable[tuple[str, bytes]]) -> list[Path]:
         """Durably store a series' exported instances ``(sop_uid, data)`` in the outbox.
 
-        Each file is written to ``tmp/``, fsync'd and renamed into place; the series
+        Each file is written to ``tmp/``, fsync'd and renamed into place by a few threads
+        while the caller's generator encodes the next one (an fsync waits on the disk with
+        the GIL released, ~5 ms here, about what encoding an instance costs); the series
         directory is fsync'd once at the end, before this returns (the caller records the
-        outputs only then), instead of once per file as :meth:`write_atomic` does: a
-        300-instance series saves ~300 directory syncs.
+        outputs only then), instead of once per file as :meth:`write_atomic` does.
         """
         paths: list[Path] = []
         out_dir: Path | None = None
         new_dir = False
-        for sop_uid, data in items:
-            target = self._inside(self.instance_path("outbox", series_uid, sop_uid))
-            if out_dir is None:
-                out_dir = target.parent
-                new_dir = not out_dir.is_dir()
-                out_dir.mkdir(parents=True, exist_ok=True)
-            self._check_space(len(data))
-            self._write_file(target, data)
-            paths.append(target)
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="outbox-write") as pool:
+            writes = []
+            for sop_uid, data in items:
+                target = self._inside(self.instance_path("outbox", series_uid, sop_uid))
+                if out_dir is None:
+                    out_dir = target.parent
+                    new_dir = not out_dir.is_dir()
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                self._check_space(len(data))
+                writes.append(pool.submit(self._write_file, target, data))
+                paths.append(target)
+            for w in writes:
+                w.result()  # re-raises a write's error (disk full, I/O error)
         if out_dir is not None:
             _fsync_dir(out_dir)
             if new_dir:

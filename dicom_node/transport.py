@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import evt
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
 __all__ = [
     "AdmissionLimits",
@@ -95,21 +95,12 @@ class AdmissionLimits:
 RefusalHook = Callable[[str, str, str], None]
 
 
-class _Handler(RequestHandler):
-    """pynetdicom's request handler, remembering the association it started."""
-
-    def handle(self) -> None:
-        assoc = self._create_association()
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        self.server._started(assoc)  # type: ignore[attr-defined]
-        assoc.start()
-
-
 class GuardedAssociationServer(ThreadedAssociationServer):
     """A threaded association server with admission control (see the module doc).
 
-    Build it with ``ae.make_server(..., server_class=GuardedAssociationServer,
-    limits=..., on_refused=...)`` and run ``serve_forever`` in a thread.
+    Build it with ``ae.make_server(..., server_class=partial(GuardedAssociationServer,
+    limits=..., on_refused=...))`` (any request handler) and run ``serve_forever`` in a
+    thread; call :meth:`admit` from the EVT_REQUESTED handler.
     """
 
     daemon_threads = True
@@ -129,8 +120,10 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self._open: Counter[str] = Counter()
         self._negotiated: set[int] = set()
         self._local = threading.local()
-        kwargs["request_handler"] = _Handler
         super().__init__(*args, **kwargs)
+        # the request handler triggers EVT_CONN_OPEN in the connection's thread, before the
+        # association's threads start: the hook that hands us the new association
+        self.bind(evt.EVT_CONN_OPEN, self._started)
         # pynetdicom counts every acceptor thread (pending ones too) against this limit;
         # ours (admit) counts negotiated associations only, so keep pynetdicom's out of reach.
         self.ae.maximum_associations = self.limits.max_associations + 10_000
@@ -167,7 +160,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             if sock is None or not self._first_byte(sock, host, deadline):
                 return
             requested = self._local.requested = threading.Event()
-            self.finish_request(sock, client_address)  # -> _Handler.handle -> _started
+            self.finish_request(sock, client_address)  # -> EVT_CONN_OPEN -> _started
             assoc = self._local.assoc
             while not requested.is_set() and assoc.is_alive() and time.monotonic() < deadline:
                 requested.wait(0.05)  # also ends when pynetdicom drops the association
@@ -218,10 +211,10 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self._close(sock)
         return False
 
-    def _started(self, assoc: Any) -> None:
-        """From :class:`_Handler`, in this connection's thread."""
-        assoc._synthmr_requested = self._local.requested
-        self._local.assoc = assoc
+    def _started(self, event: evt.Event) -> None:
+        """EVT_CONN_OPEN, in this connection's thread."""
+        event.assoc._synthmr_requested = self._local.requested
+        self._local.assoc = event.assoc
 
     # ------------------------------------------------------------------ association
     def admit(self, assoc: Any) -> str | None:

@@ -1,7 +1,9 @@
 """Where :func:`processing.run.run` executes.
 
 ``backend="embedded"``: a :class:`concurrent.futures.ProcessPoolExecutor` (spawned
-processes: the node has threads, so no fork), numba warmed in each worker's initializer.
+processes: the node has threads, so no fork), numba warmed in each worker's initializer;
+each worker reports its process id on a queue once warm, so :attr:`Workers.warm` (and the
+node's ``/readyz``) can say "warming" until every worker has loaded its kernels.
 ``backend="dask"``: a :class:`distributed.Client` on ``scheduler_address``; its ``submit``
 has the same shape. Arrays travel to the worker by pickling: no shared filesystem.
 """
@@ -20,18 +22,75 @@ from typing import Any
 
 from dicom_node.config import WorkerSettings
 from dicom_node.logging import log_event
+from processing.run import ProcessingSettings, warmup
 
-__all__ = ["BrokenProcessPool", "Workers", "init_embedded_worker", "warm_worker"]
+__all__ = [
+    "BrokenProcessPool",
+    "Workers",
+    "init_embedded_worker",
+    "numba_kernels",
+    "warm_worker",
+    "warmup_report",
+]
 
 log = logging.getLogger("synthmr.workers")
 
 
-def warm_worker() -> None:
+def warm_worker(settings: ProcessingSettings | None = None) -> None:
     """Compile / load every numba kernel and the ONNX model in this process (worker
-    initializer): the whole pipeline runs once on a tiny phantom."""
+    initializer): the whole pipeline runs once on a tiny phantom, with the node's
+    processing settings (its model, its stages)."""
+    warmup(settings)
+
+
+def numba_kernels() -> dict[str, Any]:
+    """Every numba dispatcher of ``processing`` by ``module.name``."""
+    import importlib
+    import pkgutil
+
+    import processing
+
+    out: dict[str, Any] = {}
+    for info in pkgutil.iter_modules(processing.__path__):
+        mod = importlib.import_module(f"processing.{info.name}")
+        for name, obj in vars(mod).items():
+            if hasattr(obj, "signatures") and hasattr(obj, "py_func") and hasattr(obj, "stats"):
+                out[f"{info.name}.{name}"] = obj
+    return out
+
+
+def warmup_report() -> dict[str, Any]:
+    """``synthmr warmup``: compile every numba kernel (node-side normalization kernels and
+    the whole pipeline a worker runs) into the on-disk cache and say what it did.
+
+    Run at install (deploy/bootstrap.sh) and at image build (deploy/Dockerfile), so that
+    neither the first start nor the first series pays for the compile. Returns the seconds,
+    the number of specializations compiled now vs loaded from the cache, and the cache
+    directories (NUMBA_CACHE_DIR, else ``__pycache__`` next to each module).
+    """
+    from processing import phase
     from processing.run import warmup
 
-    warmup()
+    t0 = time.perf_counter()
+    phase.warmup()  # the node process's normalization kernels (Node.start)
+    warmup()  # what every worker runs in its initializer
+    seconds = time.perf_counter() - t0
+    kernels = numba_kernels()
+    compiled = loaded = 0
+    dirs: set[str] = set()
+    for disp in kernels.values():
+        st = disp.stats
+        compiled += sum(st.cache_misses.values())
+        loaded += sum(st.cache_hits.values())
+        if st.cache_path:
+            dirs.add(str(st.cache_path))
+    return {
+        "seconds": seconds,
+        "kernels": len(kernels),
+        "compiled": compiled,
+        "loaded_from_cache": loaded,
+        "cache_dirs": sorted(dirs),
+    }
 
 
 def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
@@ -43,12 +102,18 @@ def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
             os._exit(0)
 
 
-def init_embedded_worker(parent_pid: int) -> None:
-    """Initializer of the embedded pool: the orphan watchdog, then :func:`warm_worker`."""
+def init_embedded_worker(
+    parent_pid: int, warm_queue: Any = None, settings: ProcessingSettings | None = None
+) -> None:
+    """Initializer of the embedded pool: the orphan watchdog, then :func:`warm_worker` with
+    the node's processing settings, then this process's id on ``warm_queue`` (the node
+    counts warm workers)."""
     threading.Thread(
         target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True
     ).start()
-    warm_worker()
+    warm_worker(settings)
+    if warm_queue is not None:
+        warm_queue.put(os.getpid())
 
 
 def _ping() -> bool:
@@ -58,11 +123,35 @@ def _ping() -> bool:
 class Workers:
     """A pool with ``submit(fn, *args) -> Future``."""
 
-    def __init__(self, cfg: WorkerSettings) -> None:
+    def __init__(self, cfg: WorkerSettings, processing: ProcessingSettings | None = None) -> None:
         self.cfg = cfg
+        self.processing = processing  # workers warm with the node's processing settings
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._client: Any = None
+        self._ctx = multiprocessing.get_context("spawn")
+        self._warm_queue: Any = None
+        self._warm_pids: set[int] = set()
+        self._warm_thread: threading.Thread | None = None
+        self._dask_warm = False
+
+    @property
+    def warm(self) -> bool:
+        """True once every worker process has compiled / loaded its kernels (readiness)."""
+        if self._client is not None:
+            return self._dask_warm
+        with self._lock:
+            return len(self._warm_pids) >= self.cfg.processes
+
+    def _collect_warm(self) -> None:
+        """Thread: record the process ids the workers report when warm (None ends it)."""
+        while True:
+            pid = self._warm_queue.get()
+            if pid is None:
+                return
+            with self._lock:
+                self._warm_pids.add(int(pid))
+            log_event(log, "worker_warm", pid=int(pid), warm=len(self._warm_pids))
 
     def start(self, wait_warm: bool = False) -> None:
         if self.cfg.backend == "dask":
@@ -70,11 +159,17 @@ class Workers:
 
             self._client = Client(self.cfg.scheduler_address, timeout="30s")
             try:
-                self._client.run(warm_worker)
+                self._client.run(warm_worker, self.processing)
             except Exception as exc:  # warming is an optimisation only
                 log_event(log, "dask_warmup_failed", level=logging.WARNING, error=repr(exc))
+            self._dask_warm = True
             log_event(log, "workers_started", backend="dask", scheduler=self.cfg.scheduler_address)
             return
+        self._warm_queue = self._ctx.SimpleQueue()
+        self._warm_thread = threading.Thread(
+            target=self._collect_warm, name="workers-warm", daemon=True
+        )
+        self._warm_thread.start()
         self._new_pool()
         # Start every process now so the first series does not pay for spawn + warm-up.
         futures = [self._pool.submit(_ping) for _ in range(self.cfg.processes)]  # type: ignore[union-attr]
@@ -86,9 +181,9 @@ class Workers:
     def _new_pool(self) -> None:
         self._pool = ProcessPoolExecutor(
             max_workers=self.cfg.processes,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=self._ctx,
             initializer=init_embedded_worker,
-            initargs=(os.getpid(),),
+            initargs=(os.getpid(), self._warm_queue, self.processing),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -112,6 +207,7 @@ class Workers:
         log_event(log, "worker_pool_restart", level=logging.WARNING)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        self._warm_pids.clear()  # the new processes warm up again
         self._new_pool()
 
     def stop(self) -> None:
@@ -121,3 +217,7 @@ class Workers:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._warm_thread is not None:
+            self._warm_queue.put(None)
+            self._warm_thread.join(timeout=5.0)
+            self._warm_thread = None

@@ -1,7 +1,13 @@
-"""The one canonical MDME input: :class:`Acquisition`.
+"""The one canonical input: :class:`Acquisition` (MDME or 3D-QALAS).
 
 Every vendor adapter produces one, the phantom produces one, and every fit consumes one.
 Construction validates every field and names the field in the error message.
+
+The sequence is described by ``sequence``: None means the 2D MDME acquisition described by
+the legacy fields (delays, echoes, TR, flip angles); a :class:`processing.qalas.QalasProtocol`
+means 3D-QALAS, whose five images sit on the delay axis (``[z, 5, 1, y, x]``; build it with
+:meth:`Acquisition.from_qalas`). ``z`` is then the 3D partition axis. Fits dispatch on
+:attr:`Acquisition.sequence_kind`.
 
 Units: times in ms, angles in degrees, lengths in mm. Axes ``(z, y, x)``; the signal is
 ``(z, delay, echo, y, x)``.
@@ -67,6 +73,9 @@ class Acquisition:
         where the delays came from (``"InversionTime"``, ``"phantom"``, ...), for provenance.
     metadata:
         free-form provenance (vendor, series UID, ...); never used by the numerics.
+    sequence:
+        None (MDME, described by the fields above) or a
+        :class:`processing.qalas.QalasProtocol` (3D-QALAS; see :meth:`from_qalas`).
     """
 
     signal: np.ndarray
@@ -80,6 +89,7 @@ class Acquisition:
     is_magnitude: bool = False
     delay_source: str = "unknown"
     metadata: dict[str, Any] = field(default_factory=dict)
+    sequence: Any = None
 
     def __post_init__(self) -> None:
         sig = self.signal
@@ -144,6 +154,8 @@ class Acquisition:
             raise AcquisitionError("affine: the 3x3 part is singular")
         if self.is_magnitude and float(sig.min()) < 0:
             raise AcquisitionError("signal: is_magnitude=True but the signal has negative values")
+        if self.sequence is not None:
+            self._check_sequence(sig, delays)
         sig.setflags(write=False)
         delays.setflags(write=False)
         echoes.setflags(write=False)
@@ -156,11 +168,73 @@ class Acquisition:
         object.__setattr__(self, "is_magnitude", bool(self.is_magnitude))
         object.__setattr__(self, "metadata", dict(self.metadata))
 
+    def _check_sequence(self, sig: np.ndarray, delays: np.ndarray) -> None:
+        from processing.qalas import N_SAMPLES, QalasProtocol
+
+        seq = self.sequence
+        if not isinstance(seq, QalasProtocol):
+            raise AcquisitionError(
+                f"sequence: expected None (MDME) or a QalasProtocol, got {type(seq).__name__}"
+            )
+        if sig.shape[1] != N_SAMPLES or sig.shape[2] != 1:
+            raise AcquisitionError(
+                f"signal: a 3D-QALAS acquisition has {N_SAMPLES} images and one echo "
+                f"([z, {N_SAMPLES}, 1, y, x]), got shape {sig.shape}"
+            )
+        if not np.allclose(delays, seq.sample_times_ms(), rtol=0, atol=1e-6):
+            raise AcquisitionError(
+                f"delays_ms: {delays.tolist()} disagree with the QALAS protocol's sample times "
+                f"{seq.sample_times_ms().tolist()} (build it with Acquisition.from_qalas)"
+            )
+
+    @classmethod
+    def from_qalas(
+        cls,
+        signal: np.ndarray,
+        protocol: Any,
+        voxel_size_mm: tuple[float, float, float],
+        affine: np.ndarray,
+        *,
+        is_magnitude: bool = False,
+        metadata: dict[str, Any] | None = None,
+        delay_source: str | None = None,
+    ) -> Acquisition:
+        """A 3D-QALAS acquisition from ``signal`` ``[z, 5, y, x]`` (or ``[z, 5, 1, y, x]``).
+
+        The legacy MDME fields are filled so that generic code keeps working: ``delays_ms``
+        = each image's k-space-centre time from the T2-prep start, ``echo_times_ms`` = the
+        gradient-echo TE, ``tr_ms`` = the cycle length, ``saturation_deg`` = 90 (the
+        T2-prep's tip angle), ``excitation_deg`` = the readout flip.
+        """
+        sig = np.asarray(signal)
+        if sig.ndim == 4:
+            sig = sig[:, :, None]
+        return cls(
+            signal=sig,
+            delays_ms=protocol.sample_times_ms(),
+            echo_times_ms=np.array([protocol.echo_time_ms]),
+            tr_ms=protocol.tr_ms,
+            saturation_deg=90.0,
+            excitation_deg=protocol.flip_deg,
+            voxel_size_mm=voxel_size_mm,
+            affine=affine,
+            is_magnitude=is_magnitude,
+            delay_source=delay_source or protocol.source,
+            metadata=dict(metadata or {}),
+            sequence=protocol,
+        )
+
+    @property
+    def sequence_kind(self) -> str:
+        """``"MDME"`` or ``"QALAS"``."""
+        return "MDME" if self.sequence is None else "QALAS"
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickled arrays (a worker process, Dask) come back writeable. Freeze them as the
         # constructor does: numba compiles a separate specialization for writeable arrays,
         # which the worker's warm-up (on read-only ones) would not have covered, and the
         # first series would pay ~18 s of compilation.
+        object.__setattr__(self, "sequence", None)  # pickles from before the field existed
         for key, value in state.items():
             object.__setattr__(self, key, value)
         for name in ("signal", "delays_ms", "echo_times_ms", "affine"):

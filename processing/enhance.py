@@ -294,6 +294,43 @@ def enhance_samples(
     return out
 
 
+#: CSF T1 mismatch the FLAIR TI may have when the model's metadata names none (models
+#: trained with TI = CSF null +-1 %): measured on the held-out phantom, a TI nulling a T1
+#: 5 % off the CSF keeps the issue-13 targets, 10 % off breaks them (benchmarks/flair_quality.py
+#: --ti-null-t1).
+_DEFAULT_TI_MISMATCH = 0.05
+
+
+def ti_null_problem(
+    model: FlairModel, flair_tr_ms: float, flair_ti_ms: float | None, csf_t1_ms: float | None
+) -> str | None:
+    """Why ``flair_ti_ms`` is outside what the model learned for a series whose CSF has T1
+    ``csf_t1_ms`` (None = fine or unknown). The T1 the TI nulls must lie within the model's
+    trained mismatch (``ti_mismatch`` of its training config) of the CSF T1."""
+    if csf_t1_ms is None or flair_ti_ms is None or not (csf_t1_ms > 0 and flair_tr_ms > 0):
+        return None
+    try:
+        sim = json.loads(model.metadata.get("train_config", "{}")).get("sim", {})
+    except ValueError:
+        sim = {}
+    tol = float(sim.get("ti_mismatch", 0.0)) if float(sim.get("ti_mismatch_p", 0.0)) > 0 else 0.0
+    tol = max(tol, _DEFAULT_TI_MISMATCH)
+    # T1 nulled by TI at TR: solve ti_null(T1) = TI by bisection (ti_null grows with T1).
+    lo, hi = 1.0, 1e5
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        null = mid * math.log(2.0 / (1.0 + math.exp(-flair_tr_ms / mid)))
+        lo, hi = (mid, hi) if null < flair_ti_ms else (lo, mid)
+    nulled = 0.5 * (lo + hi)
+    if abs(nulled / csf_t1_ms - 1.0) <= tol:
+        return None
+    return (
+        f"FLAIR TI {flair_ti_ms:.0f} ms nulls T1 {nulled:.0f} ms, but the series' CSF T1 is "
+        f"{csf_t1_ms:.0f} ms ({100 * (nulled / csf_t1_ms - 1):+.0f} %; the model was trained "
+        f"within +-{100 * tol:.0f} %): it would darken CSF that this TI leaves bright"
+    )
+
+
 def enhance_flair(
     acq: Acquisition,
     maps: QuantMaps,
@@ -302,15 +339,22 @@ def enhance_flair(
     model_path: str | os.PathLike[str] | None = None,
     threads: int = 1,
     mask: np.ndarray | None = None,
+    csf_t1_ms: float | None = None,
 ) -> SyntheticImage:
     """AI-enhanced FLAIR ``"FLAIR_AI"`` on the scale of the plain synthetic ``flair``.
 
     acq: the MDME acquisition (signal ``[z, delay, echo, y, x]``). maps: its fit (for the
     mask and the receive field ``C = m0 / pd_pu``). flair: the plain synthetic FLAIR (for
     TR/TE/TI and ``scale``). mask: voxels to enhance (default ``maps.mask``); others are 0.
+    csf_t1_ms: the series' measured CSF T1, if known: a FLAIR TI that does not null it
+    (beyond the mismatch the model was trained with) is refused, since the network was
+    trained on TIs near the patient's CSF null and darkens CSF that such a TI leaves bright.
     Raises :class:`EnhancementError` (missing/corrupt model) or :class:`ProtocolOutOfRange`.
     """
     model = load_model(model_path, threads=threads)
+    problem = ti_null_problem(model, flair.tr_ms, flair.ti_ms, csf_t1_ms)
+    if problem:
+        raise ProtocolOutOfRange(f"FLAIR enhancement skipped: {problem}")
     problems = protocol_problems(
         model.ranges,
         tr_ms=acq.tr_ms,
@@ -392,6 +436,7 @@ def try_enhance_flair(
     *,
     model_path: str | os.PathLike[str] | None = None,
     threads: int = 1,
+    csf_t1_ms: float | None = None,
 ) -> tuple[SyntheticImage | None, str | None]:
     """:func:`enhance_flair` for the pipeline: ``(image, None)`` or ``(None, warning)``.
 
@@ -400,7 +445,10 @@ def try_enhance_flair(
     unexpected error (an optional stage never loses the series).
     """
     try:
-        return enhance_flair(acq, maps, flair, model_path=model_path, threads=threads), None
+        image = enhance_flair(
+            acq, maps, flair, model_path=model_path, threads=threads, csf_t1_ms=csf_t1_ms
+        )
+        return image, None
     except EnhancementError as exc:
         return None, f"FLAIR enhancement skipped: {exc}"
     except Exception as exc:

@@ -221,7 +221,38 @@ def estimate_receive_field(
     scale = np.maximum(np.sqrt(np.mean(design**2, axis=0)), 1e-12)  # conditioning
     design = design / scale
 
-    w = np.ones(idx.size)
+    coef = _irls(design, y_obs, iterations)
+    coef = coef / scale
+    coef = coef[:n_spatial]
+
+    field = np.exp(_log_field(coef, exps, shape, ux, uy, uz))
+
+    csf = valid & (r1 < csf_r1_max_per_s)
+    t2 = np.asarray(maps.t2_ms, dtype=np.float64)
+    csf_long = csf & (t2 > csf_t2_min_ms)
+    if int(csf_long.sum()) >= MIN_CSF_VOXELS:
+        csf = csf_long
+    n_csf = int(csf.sum())
+    use_csf = n_csf >= MIN_CSF_VOXELS
+    csf_scale = _pd_scale(m0, field, csf if use_csf else None, idx, r1_s, a, b_s)
+    field = field / csf_scale
+    return ReceiveFieldFit(
+        field=field.astype(np.float32),
+        order=order,
+        coefficients=coef,
+        csf_scale=csf_scale,
+        n_tissue=n_tissue,
+        n_csf=n_csf,
+        csf_reference=use_csf,
+        a=float(a),
+        b_s=float(b_s),
+    )
+
+
+def _irls(design: np.ndarray, y_obs: np.ndarray, iterations: int) -> np.ndarray:
+    """Least squares of ``design @ coef = y_obs``, iteratively reweighted with Tukey's
+    biweight on the residuals (robust to lesions, vessels and partial volume)."""
+    w = np.ones(design.shape[0])
     coef = np.zeros(design.shape[1])
     for _ in range(max(1, iterations)):
         # weighted normal equations: ~20 columns of unit RMS, well conditioned, and 10x
@@ -241,9 +272,18 @@ def estimate_receive_field(
         if np.max(np.abs(w_new - w)) < 1e-4:
             break
         w = w_new
-    coef = coef / scale
-    coef = coef[:n_spatial]
+    return coef
 
+
+def _log_field(
+    coef: np.ndarray,
+    exps: list[tuple[int, int, int]],
+    shape: tuple[int, ...],
+    ux: np.ndarray,
+    uy: np.ndarray,
+    uz: np.ndarray,
+) -> np.ndarray:
+    """log C(r) on the [z, y, x] grid from the polynomial coefficients."""
     # separable evaluation: one (y, x) plane per z power, then combined along z
     planes: dict[int, np.ndarray] = {}
     for c, (p, q, r) in zip(coef, exps, strict=True):
@@ -252,16 +292,21 @@ def estimate_receive_field(
     log_c = np.zeros(shape, dtype=np.float64)
     for r, plane in planes.items():
         log_c += (uz**r)[:, None, None] * plane[None]
-    field = np.exp(log_c)
+    return log_c
 
-    csf = valid & (r1 < csf_r1_max_per_s)
-    t2 = np.asarray(maps.t2_ms, dtype=np.float64)
-    csf_long = csf & (t2 > csf_t2_min_ms)
-    if int(csf_long.sum()) >= MIN_CSF_VOXELS:
-        csf = csf_long
-    n_csf = int(csf.sum())
-    use_csf = n_csf >= MIN_CSF_VOXELS
-    if use_csf:
+
+def _pd_scale(
+    m0: np.ndarray,
+    field: np.ndarray,
+    csf: np.ndarray | None,
+    idx: np.ndarray,
+    r1_s: np.ndarray,
+    a: float,
+    b_s: float,
+) -> float:
+    """The factor that makes pure CSF 100 pu (``csf``: its voxels), or, without pure CSF,
+    keeps the tissue relation's absolute scale; 1 when the reference is not positive."""
+    if csf is not None:
         # All of R1 < 0.3 /s (the recipe). Keeping only the lowest-R1 half would remove
         # partial-volume voxels, but in noisy fits M0 and R1 errors of CSF are correlated
         # (a longer T1 extrapolates a larger M0), so that selection biases PD by ~-5 % at
@@ -272,21 +317,9 @@ def estimate_receive_field(
         # no pure CSF: keep the tissue relation's absolute scale
         pd_ref = np.median(m0.ravel()[idx] / field.ravel()[idx])
         scale_to = float(np.median(pd_from_r1(r1_s, a, b_s)))
-    csf_scale = 1.0
     if pd_ref > 0:
-        csf_scale = scale_to / float(pd_ref)
-        field = field / csf_scale
-    return ReceiveFieldFit(
-        field=field.astype(np.float32),
-        order=order,
-        coefficients=coef,
-        csf_scale=csf_scale,
-        n_tissue=n_tissue,
-        n_csf=n_csf,
-        csf_reference=use_csf,
-        a=float(a),
-        b_s=float(b_s),
-    )
+        return scale_to / float(pd_ref)
+    return 1.0
 
 
 def correct_pd(

@@ -144,7 +144,6 @@ def fit_qc(
         "n_samples": int(ns),
         "failed_fraction": _f(failed[region].mean()) if n_fit else float("nan"),
     }
-    reasons: list[str] = []
     if n_fit == 0:
         qc.update(status="fail", reasons=["no fitted voxels"], delay_outlier=False)
         return qc
@@ -169,7 +168,34 @@ def fit_qc(
 
     # Tissue medians against the expected ranges.
     tissues = _tissue_medians(maps, good, fractions)
-    all_in = True
+    reasons = _check_tissue_ranges(tissues, expected)
+    qc["tissues"] = tissues
+    qc["tissues_in_range"] = not reasons
+
+    scale = noise if math.isfinite(noise) else max(med_res / math.sqrt(dof), 1e-12)
+    per_delay = _delay_residuals(acq, maps, good, scale)
+    qc["delay_residual_to_noise"] = [float(v) for v in per_delay]
+    worst = int(np.argmax(per_delay))
+    others = float(np.median(np.delete(per_delay, worst))) if per_delay.size > 1 else 1.0
+    ratio = float(per_delay[worst] / max(others, 1e-12))
+    qc["delay_outlier_ratio"] = ratio
+    outlier = bool(per_delay[worst] > DELAY_OUTLIER_MIN and ratio > DELAY_OUTLIER_RATIO)
+    qc["delay_outlier"] = outlier
+    qc["delay_outlier_index"] = worst if outlier else -1
+    qc["delay_outlier_ms"] = float(acq.delays_ms[worst]) if outlier else float("nan")
+    rtn = qc["residual_to_noise"]
+    qc["motion_or_corruption"] = bool(outlier or (math.isfinite(rtn) and rtn > RESIDUAL_FLAG))
+
+    qc["status"], qc["reasons"] = _verdict(qc, acq, per_delay, worst, ratio, reasons)
+    return qc
+
+
+def _check_tissue_ranges(
+    tissues: dict[str, dict[str, Any]], expected: dict[str, dict[str, tuple[float, float]]]
+) -> list[str]:
+    """Mark each tissue median in or out of its expected range (in place); the reasons of
+    those out of range."""
+    reasons: list[str] = []
     for t, vals in tissues.items():
         for q, (lo, hi) in expected.get(t, {}).items():
             v = vals.get(q, float("nan"))
@@ -179,12 +205,17 @@ def fit_qc(
             vals[f"{q}_in_range"] = ok
             vals[f"{q}_expected"] = [float(lo), float(hi)]
             if not ok:
-                all_in = False
                 reasons.append(f"{t} {q} {v:.4g} outside {lo:g}-{hi:g}")
-    qc["tissues"] = tissues
-    qc["tissues_in_range"] = all_in
+    return reasons
 
-    # Per-delay residual energy (corrupted delay image, motion between dynamics).
+
+def _delay_residuals(
+    acq: Acquisition, maps: QuantMaps, good: np.ndarray, scale: float
+) -> np.ndarray:
+    """Residual energy per delay over the well-fitted voxels, in units of its pure-noise
+    expectation (~1 for noise only): a corrupted delay image or motion between dynamics
+    stands out."""
+    ns = acq.n_delays * acq.n_echoes
     idx = np.flatnonzero(good.ravel())
     if idx.size > _MAX_QC_VOXELS:
         idx = idx[:: idx.size // _MAX_QC_VOXELS + 1]
@@ -192,21 +223,25 @@ def fit_qc(
     t1 = np.asarray(maps.t1_ms, np.float64).ravel()[idx]
     t2 = np.asarray(maps.t2_ms, np.float64).ravel()[idx]
     b1v = np.asarray(maps.b1, np.float64).ravel()[idx]
-    model, jac = mdme_jacobian(
-        m0,
-        t1,
-        t2,
-        b1v,
-        acq.delays_ms,
-        acq.echo_times_ms,
-        acq.tr_ms,
-        acq.saturation_deg,
-        acq.excitation_deg,
-    )
+    if acq.sequence is None:
+        model, jac = mdme_jacobian(
+            m0,
+            t1,
+            t2,
+            b1v,
+            acq.delays_ms,
+            acq.echo_times_ms,
+            acq.tr_ms,
+            acq.saturation_deg,
+            acq.excitation_deg,
+        )
+    else:
+        from processing.sequence_model import acquisition_jacobian
+
+        model, jac = acquisition_jacobian(acq, m0, t1, t2, b1v)
     samples = acq.samples().reshape(-1, ns)[idx].astype(np.float64)
     if acq.is_magnitude:  # restore the sign from the voxel's own fit
         samples = np.where(model < 0, -samples, samples)
-    scale = noise if math.isfinite(noise) else max(med_res / math.sqrt(dof), 1e-12)
     r2 = ((samples - model) / scale) ** 2
     # Expected residual of pure noise per sample: 1 - leverage of that sample in a fit of
     # (M0, R1, R2) (columns normalized first; leverage does not depend on scaling). B1 is
@@ -223,19 +258,20 @@ def fit_qc(
     chi2_median = (
         float(np.median(np.random.default_rng(0).chisquare(acq.n_echoes, 20000))) / acq.n_echoes
     )
-    per_delay = np.median(z, axis=0) / chi2_median
-    qc["delay_residual_to_noise"] = [float(v) for v in per_delay]
-    worst = int(np.argmax(per_delay))
-    others = float(np.median(np.delete(per_delay, worst))) if per_delay.size > 1 else 1.0
-    ratio = float(per_delay[worst] / max(others, 1e-12))
-    qc["delay_outlier_ratio"] = ratio
-    outlier = bool(per_delay[worst] > DELAY_OUTLIER_MIN and ratio > DELAY_OUTLIER_RATIO)
-    qc["delay_outlier"] = outlier
-    qc["delay_outlier_index"] = worst if outlier else -1
-    qc["delay_outlier_ms"] = float(acq.delays_ms[worst]) if outlier else float("nan")
-    rtn = qc["residual_to_noise"]
-    qc["motion_or_corruption"] = bool(outlier or (math.isfinite(rtn) and rtn > RESIDUAL_FLAG))
+    return np.median(z, axis=0) / chi2_median
 
+
+def _verdict(
+    qc: dict[str, Any],
+    acq: Acquisition,
+    per_delay: np.ndarray,
+    worst: int,
+    ratio: float,
+    reasons: list[str],
+) -> tuple[str, list[str]]:
+    """(status, reasons): "fail" for failed fits > 20 % or motion/corruption, "warn" for
+    failed fits > 5 %, B1 out of range or a tissue out of range, else "pass"."""
+    outlier = qc["delay_outlier"]
     status = "pass"
     fail: list[str] = []
     if qc["failed_fraction"] > 0.2:
@@ -260,6 +296,4 @@ def fit_qc(
         status = "fail"
     elif warn:
         status = "warn"
-    qc["status"] = status
-    qc["reasons"] = fail + warn
-    return qc
+    return status, fail + warn

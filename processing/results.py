@@ -133,6 +133,7 @@ class SeriesResult:
     flags. dir_parameters: the per-patient DIR timing and the T1s it nulled.
     provenance: software version, every parameter used, model sha256, delay source.
     timings_s: stage -> seconds. warnings: non-fatal problems (e.g. model missing).
+    phantom_qc / phantom_rois: set instead of segmentation and synthesis for a phantom.
     """
 
     shape: tuple[int, int, int]
@@ -149,3 +150,7 @@ class SeriesResult:
     provenance: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: phantom series only (processing.phantom_qc): the phantom_qc.json report and the
+    #: int16 ``[z, y, x]`` sphere ROI labels (1-based sphere number, 0 elsewhere)
+    phantom_qc: dict[str, Any] | None = None
+    phantom_rois: np.ndarray | None = None

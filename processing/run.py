@@ -8,79 +8,25 @@ becomes a warning in the result, never a lost series.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
+from processing import enhance, mixture, myelin, segmentation, synthesis
+from processing import fit as fit_mod
+from processing import pd as pd_mod
+from processing import qc as qc_mod
 from processing._version import __version__
 from processing.acquisition import Acquisition
-from processing.results import SeriesResult
+from processing.mprage import synthesize_mprage
+from processing.phantom import make_phantom
+from processing.qalas_fit import fit_qalas
+from processing.results import QuantMaps, SeriesResult
+from processing.settings import ContrastOverride, ProcessingSettings
+from processing.signal import IDEAL_PROFILE, gaussian_slice_profile
 
 __all__ = ["ContrastOverride", "ProcessingSettings", "run"]
-
-
-@dataclass(frozen=True)
-class ContrastOverride:
-    """Override of a synthesis preset's timing (ms); None keeps the preset's value."""
-
-    tr_ms: float | None = None
-    te_ms: float | None = None
-    ti_ms: float | None = None
-    ti2_ms: float | None = None
-
-
-@dataclass(frozen=True)
-class ProcessingSettings:
-    """Every parameter of :func:`run`. Recorded verbatim in the result's provenance.
-
-    contrasts: preset names to synthesize (see processing.synthesis.PRESETS).
-    overrides: preset name -> timing override.
-    b1_smoothing: run the second fit pass with a smoothed, fixed B1.
-    b1_smoothing_fwhm_mm: FWHM of the in-plane Gaussian used to smooth B1, mm.
-    slice_profile: model the slice profile with isochromats ("ideal" or "gaussian").
-    segmentation / myelin / enhance: enable the optional stages.
-    dir_null: per-patient DIR nulls "WM" (default, lesion/GM conspicuity) or "GM".
-    model_path: ONNX FLAIR model (None = the shipped model).
-    onnx_threads: intra-op threads for onnxruntime.
-    seg_output: "FRACTIONAL" or "BINARY" (export choice, recorded here for provenance).
-    per_patient_flair: FLAIR and T1-FLAIR null the series' measured CSF T1 (else 4300 ms).
-    mixture_contrasts: synthesized contrasts also rendered with each voxel's nulled-tissue
-    share drawn as that tissue (processing.mixture), as ``"<name>_MIX"``; needs the
-    segmentation. Default: the per-patient DIR, whose nulled CSF and WM plain synthesis
-    shows as grain at clinical SNR. FLAIR is opt-in: its mixture image keeps CSF black but
-    dims lesions that look like GM + a little CSF (lesion-to-WM contrast 55-99 % on the
-    phantoms of benchmarks/csf_null.py); FLAIR_AI is the default fix there.
-    """
-
-    contrasts: tuple[str, ...] = (
-        "T1W",
-        "T2W",
-        "PDW",
-        "FLAIR",
-        "T1FLAIR",
-        "STIR",
-        "PSIR",
-        "DIR",
-    )
-    overrides: dict[str, ContrastOverride] = field(default_factory=dict)
-    b1_smoothing: bool = True
-    b1_smoothing_fwhm_mm: float = 20.0
-    slice_profile: str = "ideal"
-    segmentation: bool = True
-    myelin: bool = True
-    enhance: bool = True
-    dir_null: str = "WM"
-    model_path: str | None = None
-    onnx_threads: int = 1
-    seg_output: str = "FRACTIONAL"
-    per_patient_flair: bool = True
-    mixture_contrasts: tuple[str, ...] = ("DIR",)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["contrasts"] = list(self.contrasts)
-        return d
 
 
 def _timed(timings: dict[str, float], name: str, t0: float) -> None:
@@ -88,8 +34,6 @@ def _timed(timings: dict[str, float], name: str, t0: float) -> None:
 
 
 def _profile(settings: ProcessingSettings):
-    from processing.signal import IDEAL_PROFILE, gaussian_slice_profile
-
     if settings.slice_profile == "ideal":
         return IDEAL_PROFILE
     if settings.slice_profile == "gaussian":
@@ -106,31 +50,13 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
     per-patient DIR -> synthesis -> ONNX FLAIR enhancement -> QC. Optional stages that
     fail add a warning; the fit, PD and synthesis are mandatory and raise.
     """
-    from processing import fit as fit_mod
-    from processing import pd as pd_mod
-    from processing import qc as qc_mod
-    from processing import synthesis
-
     settings = settings or ProcessingSettings()
     if settings.dir_null.upper() not in ("WM", "GM"):
         raise ValueError(f"dir_null: expected 'WM' or 'GM', got {settings.dir_null!r}")
     timings: dict[str, float] = {}
     warnings: list[str] = []
     profile = _profile(settings)
-
-    t = time.perf_counter()
-    maps = fit_mod.fit_mdme(
-        acq,
-        b1_smoothing=settings.b1_smoothing,
-        b1_smoothing_fwhm_mm=settings.b1_smoothing_fwhm_mm,
-        profile=profile,
-    )
-    _timed(timings, "fit", t)
-
-    t = time.perf_counter()
-    maps = pd_mod.correct_pd(maps, voxel_size_mm=acq.voxel_size_mm, acq=acq)
-    _timed(timings, "pd", t)
-
+    maps = _fit_stage(acq, settings, profile, timings, warnings)
     result = SeriesResult(
         shape=acq.shape,
         voxel_size_mm=acq.voxel_size_mm,
@@ -139,42 +65,109 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
         timings_s=timings,
         warnings=warnings,
     )
-
     centres: dict[str, dict[str, float]] = {}
     if settings.segmentation:
-        from processing import segmentation
-
-        t = time.perf_counter()
-        try:
-            fractions = segmentation.segment(acq, maps, profile=profile)
-            result.segmentation = fractions
-            result.volumes_ml = segmentation.volumes(fractions, acq.voxel_volume_ml)
-            centres = {k: dict(v) for k, v in fractions.centres.items()}
-            for tissue, t1 in class_t1_ms(maps, fractions).items():
-                centres.setdefault(tissue, {})["class_t1_ms"] = t1
-            result.tissue_stats = _tissue_stats(maps, fractions)
-        except Exception as exc:  # optional stage: report, keep the series
-            warnings.append(f"segmentation failed: {exc}")
-        _timed(timings, "segmentation", t)
-
+        centres = _segmentation_stage(acq, result, profile)
     if settings.myelin:
-        from processing import myelin, segmentation
+        _myelin_stage(acq, result)
+    csf_t1 = _synthesis_stage(acq, result, settings, centres)
+    model_sha = _enhance_stage(acq, result, settings, csf_t1) if settings.enhance else None
+    t = time.perf_counter()
+    try:
+        result.qc = qc_mod.fit_qc(acq, maps, result.segmentation)
+    except Exception as exc:
+        warnings.append(f"QC failed: {exc}")
+        result.qc = {"status": "fail", "error": str(exc)}
+    _timed(timings, "qc", t)
+    result.provenance = _provenance(acq, result, settings, model_sha, centres)
+    return result
 
-        t = time.perf_counter()
-        try:
-            if result.segmentation is not None:
-                icmask = result.segmentation.icmask
-            else:
-                icmask = segmentation.intracranial_mask(maps, acq)
-            result.myelin = myelin.myelin_maps(
-                maps, icmask, acq.voxel_volume_ml, acq=acq, fractions=result.segmentation
-            )
-            result.volumes_ml["MYELIN"] = float(result.myelin.myelin_volume_ml)
-            result.volumes_ml["EPW"] = float(result.myelin.epw_volume_ml)
-        except Exception as exc:
-            warnings.append(f"myelin model failed: {exc}")
-        _timed(timings, "myelin", t)
 
+def _fit_stage(
+    acq: Acquisition,
+    settings: ProcessingSettings,
+    profile: Any,
+    timings: dict[str, float],
+    warnings: list[str],
+) -> QuantMaps:
+    """Fit (MDME or QALAS), then PD in percent units."""
+    qalas = acq.sequence_kind == "QALAS"
+    t = time.perf_counter()
+    if qalas:
+        maps = fit_qalas(acq)  # B1 = 1 without a B1 map (processing/QALAS.md)
+        warnings.append("QALAS: no B1 map given; the nominal flip angle was assumed")
+    else:
+        maps = fit_mod.fit_mdme(
+            acq,
+            b1_smoothing=settings.b1_smoothing,
+            b1_smoothing_fwhm_mm=settings.b1_smoothing_fwhm_mm,
+            profile=profile,
+        )
+    _timed(timings, "fit", t)
+
+    t = time.perf_counter()
+    # The pooled-CSF PD reference needs a CSF M0 the sequence determines: 3D-QALAS couples
+    # CSF's M0 and T1 (4.5 s cycle; a pooled 95 %-CSF fit is 5 % low), so it is not used.
+    maps = pd_mod.correct_pd(maps, voxel_size_mm=acq.voxel_size_mm, acq=None if qalas else acq)
+    _timed(timings, "pd", t)
+    return maps
+
+
+def _segmentation_stage(
+    acq: Acquisition, result: SeriesResult, profile: Any
+) -> dict[str, dict[str, float]]:
+    """Segmentation, volumes and tissue statistics; returns the tissue centres (with each
+    class's T1) for synthesis, or {} when the optional stage failed (a warning)."""
+    maps = result.maps
+    centres: dict[str, dict[str, float]] = {}
+    t = time.perf_counter()
+    try:
+        fractions = segmentation.segment(acq, maps, profile=profile)
+        result.segmentation = fractions
+        result.volumes_ml = segmentation.volumes(fractions, acq.voxel_volume_ml)
+        centres = {k: dict(v) for k, v in fractions.centres.items()}
+        for tissue, t1 in class_t1_ms(maps, fractions).items():
+            centres.setdefault(tissue, {})["class_t1_ms"] = t1
+        result.tissue_stats = _tissue_stats(maps, fractions)
+    except Exception as exc:  # optional stage: report, keep the series
+        result.warnings.append(f"segmentation failed: {exc}")
+    _timed(result.timings_s, "segmentation", t)
+    return centres
+
+
+def _myelin_stage(acq: Acquisition, result: SeriesResult) -> None:
+    """Myelin maps and volumes (MDME only; optional: a failure is a warning)."""
+    if acq.sequence_kind == "QALAS":
+        result.warnings.append(
+            "myelin model: calibrated through the MDME acquisition; not run on QALAS"
+        )
+        return
+    maps = result.maps
+    t = time.perf_counter()
+    try:
+        if result.segmentation is not None:
+            icmask = result.segmentation.icmask
+        else:
+            icmask = segmentation.intracranial_mask(maps, acq)
+        result.myelin = myelin.myelin_maps(
+            maps, icmask, acq.voxel_volume_ml, acq=acq, fractions=result.segmentation
+        )
+        result.volumes_ml["MYELIN"] = float(result.myelin.myelin_volume_ml)
+        result.volumes_ml["EPW"] = float(result.myelin.epw_volume_ml)
+    except Exception as exc:
+        result.warnings.append(f"myelin model failed: {exc}")
+    _timed(result.timings_s, "myelin", t)
+
+
+def _synthesis_stage(
+    acq: Acquisition,
+    result: SeriesResult,
+    settings: ProcessingSettings,
+    centres: dict[str, dict[str, float]],
+) -> float | None:
+    """Per-patient DIR timing, the synthetic contrasts (plain, MPRAGE for QALAS, tissue
+    mixture); returns the CSF T1 (ms) that FLAIR nulls, for the enhancement."""
+    maps, warnings = result.maps, result.warnings
     t = time.perf_counter()
     dir_timing = None
     if "DIR" in (c.upper() for c in settings.contrasts):
@@ -194,9 +187,13 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
         dir_timing=dir_timing,
         csf_t1_ms=csf_t1 if settings.per_patient_flair else None,
     )
+    if acq.sequence_kind == "QALAS":
+        # 3D T1W for FreeSurfer/FastSurfer/SynthSeg users (processing.mprage defaults).
+        try:
+            result.synthetic["MPRAGE"] = synthesize_mprage(maps)
+        except Exception as exc:  # optional output
+            warnings.append(f"synthetic MPRAGE failed: {exc}")
     if settings.mixture_contrasts and result.segmentation is not None:
-        from processing import mixture
-
         try:
             classes = mixture.class_parameters(centres)
             for name in settings.mixture_contrasts:
@@ -206,42 +203,54 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
                     result.synthetic[image.name] = image
         except Exception as exc:  # optional: the plain contrasts are already there
             warnings.append(f"tissue-mixture synthesis failed: {exc}")
-    _timed(timings, "synthesis", t)
+    _timed(result.timings_s, "synthesis", t)
+    return csf_t1
 
-    model_sha = None
-    if settings.enhance and "FLAIR" in result.synthetic:
-        from processing import enhance
 
-        t = time.perf_counter()
-        image, warning = enhance.try_enhance_flair(
-            acq,
-            maps,
-            result.synthetic["FLAIR"],
-            model_path=settings.model_path,
-            threads=settings.onnx_threads,
-        )
-        if image is not None:
-            result.synthetic[image.name] = image
-            model_sha = image.parameters.get("model_sha256")
-        if warning:
-            warnings.append(warning)
-        _timed(timings, "enhance", t)
-
+def _enhance_stage(
+    acq: Acquisition, result: SeriesResult, settings: ProcessingSettings, csf_t1: float | None
+) -> str | None:
+    """ONNX FLAIR enhancement (MDME only); returns the model's sha256 when it ran."""
+    if acq.sequence_kind == "QALAS":
+        result.warnings.append("FLAIR enhancement: the model was trained on MDME samples; not run")
+        return None
+    if "FLAIR" not in result.synthetic:
+        return None
     t = time.perf_counter()
-    try:
-        result.qc = qc_mod.fit_qc(acq, maps, result.segmentation)
-    except Exception as exc:
-        warnings.append(f"QC failed: {exc}")
-        result.qc = {"status": "fail", "error": str(exc)}
-    _timed(timings, "qc", t)
+    image, warning = enhance.try_enhance_flair(
+        acq,
+        result.maps,
+        result.synthetic["FLAIR"],
+        model_path=settings.model_path,
+        threads=settings.onnx_threads,
+        csf_t1_ms=csf_t1,
+    )
+    model_sha = None
+    if image is not None:
+        result.synthetic[image.name] = image
+        model_sha = image.parameters.get("model_sha256")
+    if warning:
+        result.warnings.append(warning)
+    _timed(result.timings_s, "enhance", t)
+    return model_sha
 
-    result.provenance = {
+
+def _provenance(
+    acq: Acquisition,
+    result: SeriesResult,
+    settings: ProcessingSettings,
+    model_sha: str | None,
+    centres: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """Everything that made the result: software, settings, model, acquisition, timings."""
+    return {
         "software": "synthmr",
         "software_version": __version__,
         "settings": settings.as_dict(),
         "model_sha256": model_sha,
         "delay_source": acq.delay_source,
         "acquisition": {
+            "sequence": acq.sequence_kind,
             "delays_ms": [float(v) for v in acq.delays_ms],
             "echo_times_ms": [float(v) for v in acq.echo_times_ms],
             "tr_ms": acq.tr_ms,
@@ -252,7 +261,6 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
         "dir": dict(result.dir_parameters),
         "tissue_centres": centres,
     }
-    return result
 
 
 def _tissue_stats(maps, fractions) -> dict[str, dict[str, float]]:
@@ -294,8 +302,6 @@ def class_t1_ms(maps, fractions, *, min_fraction: float = 0.95) -> dict[str, flo
     fraction. About 25 ms is the floor: the median fitted CSF T1 itself differs by that
     much between regions of one brain at SNR 50.
     """
-    from scipy import ndimage
-
     # Failed fits are kept: in CSF most "failures" are T2 on its upper bound, i.e. the
     # purest voxels; dropping them would bias the estimate towards partial volume.
     ok = maps.mask & np.isfinite(maps.t1_ms) & (maps.t1_ms > 0)
@@ -330,11 +336,8 @@ def warmup(settings: ProcessingSettings | None = None) -> float:
     tenth (numba caches compiled code on disk with ``cache=True``; this also fills the
     in-process caches: the myelin lookup grid for the product timing, the ONNX session).
     """
-    from processing import fit
-    from processing.phantom import make_phantom
-
     t0 = time.perf_counter()
-    fit.warmup()
+    fit_mod.warmup()
     for magnitude in (False, True):
         ph = make_phantom((2, 24, 24), seed=1, snr=50.0, anatomy="ellipsoid", magnitude=magnitude)
         run(ph.acq, settings)

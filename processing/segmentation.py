@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numba as nb
 import numpy as np
@@ -59,6 +60,7 @@ from scipy import ndimage, optimize
 
 from processing.acquisition import Acquisition
 from processing.results import TISSUES, QuantMaps, TissueFractions
+from processing.sequence_model import acquisition_jacobian, acquisition_signal
 from processing.signal import IDEAL_PROFILE, mdme_jacobian, mdme_signal, t1_factor
 
 __all__ = [
@@ -694,116 +696,202 @@ def segment(
         # parameter-space mode is unreliable: start it from the literature and let the
         # signal-space refinement below move it to this series' value.
         centres["CSF"] = dict(LITERATURE_CENTRES["CSF"])
+    cen = _checked_centres(centres)
+    non = {k: float(v) for k, v in (non_reference or NON_REFERENCE).items()}
+    out_centres: dict[str, dict[str, float]] = {t: dict(centres[t]) for t in ("WM", "GM", "CSF")}
+    out_centres["NON"] = dict(non)
+    problem = _UnmixProblem.build(acq, maps, icmask, non, profile, extracranial_shell)
+    problem.chi2_threshold, problem.sparsity = float(chi2_threshold), float(sparsity)
+    b1 = np.ascontiguousarray(problem.b1_map[problem.sel])
+    if refine_iterations > 0:
+        cen, b1 = _refine(problem, cen, b1, refine_iterations, auto_centres, profile)
+    out = problem.unmix(cen, None, b1, np.zeros(1))
+    if auto_centres:
+        for t in _ORDER:
+            out_centres[t].update(cen[t])
+    fractions = {t: np.zeros(shape, np.float32) for t in TISSUES}
+    for k, t in enumerate(TISSUES):
+        fractions[t][problem.sel] = out[:, k].astype(np.float32)
+    return TissueFractions(fractions=fractions, icmask=icmask, centres=out_centres)
+
+
+_ORDER = ("WM", "GM", "CSF")
+
+
+def _checked_centres(centres: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """WM/GM/CSF centres as floats; each needs finite positive t1_ms, t2_ms and pd_pu."""
     cen = {}
-    for t in ("WM", "GM", "CSF"):
+    for t in _ORDER:
         if t not in centres:
             raise SegmentationError(f"centres: missing tissue {t!r}")
         cen[t] = {k: float(centres[t][k]) for k in ("t1_ms", "t2_ms", "pd_pu")}
         if not all(math.isfinite(v) and v > 0 for v in cen[t].values()):
             raise SegmentationError(f"centres: {t} needs finite positive t1_ms, t2_ms, pd_pu")
-    non = {k: float(v) for k, v in (non_reference or NON_REFERENCE).items()}
-    fractions = {t: np.zeros(shape, np.float32) for t in TISSUES}
-    out_centres: dict[str, dict[str, float]] = {t: dict(centres[t]) for t in ("WM", "GM", "CSF")}
-    out_centres["NON"] = dict(non)
-    # Every intracranial voxel is unmixed, fitted or not (unfitted voxels borrow B1 and the
-    # receive field from their nearest fitted neighbour), so volumes do not lose voxels.
-    sel = icmask
-    fitted = np.asarray(maps.mask, bool)
-    if maps.failed is not None:
-        fitted = fitted & ~np.asarray(maps.failed, bool)
-    if not (sel & fitted).any():
-        raise SegmentationError("maps: no successfully fitted voxel inside the intracranial mask")
+    return cen
 
-    c_field = _receive_field(maps, sel & fitted)
-    samples = acq.samples()  # [z, y, x, ns]
-    y = samples[sel].astype(np.float64) / c_field[sel][:, None]
-    ns = y.shape[1]
-    noise_sd = float(maps.noise_sd)
-    if not math.isfinite(noise_sd) or noise_sd <= 0:
-        # RMS residual of a 4-parameter fit over ns samples -> per-sample SD.
-        res = np.asarray(maps.residual, np.float64)[sel & fitted]
-        res = res[np.isfinite(res)]
-        noise_sd = float(np.median(res)) * math.sqrt(ns / max(ns - 4, 1)) if res.size else 0.0
-    noise_pu = np.ascontiguousarray(np.maximum(noise_sd / c_field[sel], 1e-6))
-    # Shell: in-plane border of the mask, where part of the voxel may be extracranial.
-    st2 = ndimage.generate_binary_structure(2, 1)[None]
-    shell = icmask & ~ndimage.binary_erosion(icmask, structure=st2, border_value=0)
-    if not extracranial_shell:
-        shell[:] = False
-    shell_sel = np.ascontiguousarray(shell[sel])
-    order = ("WM", "GM", "CSF")
-    b1_all = np.asarray(maps.b1, np.float64)
-    b1_ok = fitted & np.isfinite(b1_all) & (b1_all > 0.3) & (b1_all < 2.0)
-    b1_map = _fill_nearest(b1_all, b1_ok, sel)
-    td = np.ascontiguousarray(acq.delays_ms, np.float64)
-    te = np.ascontiguousarray(acq.echo_times_ms, np.float64)
-    seq = (float(acq.tr_ms), float(acq.saturation_deg), float(acq.excitation_deg))
-    ps = np.ascontiguousarray(profile[0], np.float64)
-    pw = np.ascontiguousarray(profile[1], np.float64)
-    if acq.is_magnitude:
-        # Restore each delay's sign from the voxel's own mono-exponential fit.
-        t1f = np.asarray(maps.t1_ms, np.float64)[sel]
-        t1f = np.where(np.isfinite(t1f) & (t1f > 0), t1f, 1000.0)
-        sgn = mdme_signal(1.0, t1f, 1e6, b1_map[sel], td, te, *seq, profile=profile)
-        y = np.where(sgn < 0, -y, y)
-    y = np.ascontiguousarray(y)
+
+@dataclass
+class _UnmixProblem:
+    """The intracranial voxels' samples (receive field divided out, signs restored for
+    magnitude data) and everything the unmixing kernel needs besides the centres."""
+
+    acq: Acquisition
+    sel: np.ndarray  # [z, y, x] bool: the voxels unmixed (the intracranial mask)
+    y: np.ndarray  # [n, ns] samples
+    noise_pu: np.ndarray  # [n] noise SD per voxel, in the samples' units
+    shell_sel: np.ndarray  # [n] bool: outermost in-plane shell (extracranial class allowed)
+    b1_map: np.ndarray  # [z, y, x] B1, unfitted voxels filled from the nearest fitted one
+    non: dict[str, float]
+    td: np.ndarray
+    te: np.ndarray
+    seq: tuple[float, float, float]  # TR ms, saturation deg, excitation deg
+    ps: np.ndarray
+    pw: np.ndarray
+    chi2_threshold: float = 25.0
+    sparsity: float = 4.0
+
+    @classmethod
+    def build(
+        cls,
+        acq: Acquisition,
+        maps: QuantMaps,
+        icmask: np.ndarray,
+        non: dict[str, float],
+        profile: tuple[np.ndarray, np.ndarray],
+        extracranial_shell: bool,
+    ) -> _UnmixProblem:
+        # Every intracranial voxel is unmixed, fitted or not (unfitted voxels borrow B1 and
+        # the receive field from their nearest fitted neighbour), so volumes do not lose
+        # voxels.
+        sel = icmask
+        fitted = np.asarray(maps.mask, bool)
+        if maps.failed is not None:
+            fitted = fitted & ~np.asarray(maps.failed, bool)
+        if not (sel & fitted).any():
+            raise SegmentationError(
+                "maps: no successfully fitted voxel inside the intracranial mask"
+            )
+        c_field = _receive_field(maps, sel & fitted)
+        samples = acq.samples()  # [z, y, x, ns]
+        y = samples[sel].astype(np.float64) / c_field[sel][:, None]
+        ns = y.shape[1]
+        noise_sd = float(maps.noise_sd)
+        if not math.isfinite(noise_sd) or noise_sd <= 0:
+            # RMS residual of a 4-parameter fit over ns samples -> per-sample SD.
+            res = np.asarray(maps.residual, np.float64)[sel & fitted]
+            res = res[np.isfinite(res)]
+            noise_sd = float(np.median(res)) * math.sqrt(ns / max(ns - 4, 1)) if res.size else 0.0
+        noise_pu = np.ascontiguousarray(np.maximum(noise_sd / c_field[sel], 1e-6))
+        # Shell: in-plane border of the mask, where part of the voxel may be extracranial.
+        st2 = ndimage.generate_binary_structure(2, 1)[None]
+        shell = icmask & ~ndimage.binary_erosion(icmask, structure=st2, border_value=0)
+        if not extracranial_shell:
+            shell[:] = False
+        b1_all = np.asarray(maps.b1, np.float64)
+        b1_ok = fitted & np.isfinite(b1_all) & (b1_all > 0.3) & (b1_all < 2.0)
+        b1_map = _fill_nearest(b1_all, b1_ok, sel)
+        td = np.ascontiguousarray(acq.delays_ms, np.float64)
+        te = np.ascontiguousarray(acq.echo_times_ms, np.float64)
+        seq = (float(acq.tr_ms), float(acq.saturation_deg), float(acq.excitation_deg))
+        if acq.is_magnitude:
+            # Restore each delay's sign from the voxel's own mono-exponential fit.
+            t1f = np.asarray(maps.t1_ms, np.float64)[sel]
+            t1f = np.where(np.isfinite(t1f) & (t1f > 0), t1f, 1000.0)
+            if acq.sequence is None:
+                sgn = mdme_signal(1.0, t1f, 1e6, b1_map[sel], td, te, *seq, profile=profile)
+            else:
+                sgn = acquisition_signal(acq, 1.0, t1f, 1e6, b1_map[sel])
+            y = np.where(sgn < 0, -y, y)
+        return cls(
+            acq=acq,
+            sel=sel,
+            y=np.ascontiguousarray(y),
+            noise_pu=noise_pu,
+            shell_sel=np.ascontiguousarray(shell[sel]),
+            b1_map=b1_map,
+            non=non,
+            td=td,
+            te=te,
+            seq=seq,
+            ps=np.ascontiguousarray(profile[0], np.float64),
+            pw=np.ascontiguousarray(profile[1], np.float64),
+        )
 
     def unmix(
-        c: dict[str, dict[str, float]], rows: np.ndarray | None, b1v: np.ndarray, offsets
+        self, c: dict[str, dict[str, float]], rows: np.ndarray | None, b1v: np.ndarray, offsets
     ) -> np.ndarray:
-        c_r1 = np.array([1.0 / c[t]["t1_ms"] for t in order] + [1.0 / non["t1_ms"]])
-        c_r2 = np.array([1.0 / c[t]["t2_ms"] for t in order] + [1.0 / non["t2_ms"]])
-        c_pd = np.array([c[t]["pd_pu"] for t in order] + [non["pd_pu"]])
-        table = _basis_table(
-            c_r1, c_r2, c_pd, td, te, seq[0], math.radians(seq[1]), math.radians(seq[2]),
-            ps, pw, _B1_LO, _B1_STEP, _B1_N,
-        )  # fmt: skip
-        yy_ = y if rows is None else np.ascontiguousarray(y[rows])
+        """Fractions (WM, GM, CSF, NON), extracranial share and B1 per voxel (``rows``:
+        a subset, None = all) for the centres ``c``; ``offsets``: B1 search offsets."""
+        acq, non, seq = self.acq, self.non, self.seq
+        c_r1 = np.array([1.0 / c[t]["t1_ms"] for t in _ORDER] + [1.0 / non["t1_ms"]])
+        c_r2 = np.array([1.0 / c[t]["t2_ms"] for t in _ORDER] + [1.0 / non["t2_ms"]])
+        c_pd = np.array([c[t]["pd_pu"] for t in _ORDER] + [non["pd_pu"]])
+        if acq.sequence is None:
+            table = _basis_table(
+                c_r1, c_r2, c_pd, self.td, self.te, seq[0], math.radians(seq[1]),
+                math.radians(seq[2]), self.ps, self.pw, _B1_LO, _B1_STEP, _B1_N,
+            )  # fmt: skip
+        else:
+            b1_grid = _B1_LO + _B1_STEP * np.arange(_B1_N)
+            table = np.ascontiguousarray(
+                acquisition_signal(acq, c_pd, 1.0 / c_r1, 1.0 / c_r2, b1_grid[:, None])
+            )
+        yy_ = self.y if rows is None else np.ascontiguousarray(self.y[rows])
         res = np.empty((yy_.shape[0], 6))
         _unmix_kernel(
             yy_,
             np.ascontiguousarray(b1v),
-            shell_sel if rows is None else np.ascontiguousarray(shell_sel[rows]),
-            noise_pu if rows is None else np.ascontiguousarray(noise_pu[rows]),
+            self.shell_sel if rows is None else np.ascontiguousarray(self.shell_sel[rows]),
+            self.noise_pu if rows is None else np.ascontiguousarray(self.noise_pu[rows]),
             table,
             _B1_LO,
             _B1_STEP,
-            float(chi2_threshold),
-            float(sparsity),
+            self.chi2_threshold,
+            self.sparsity,
             np.asarray(offsets, np.float64),
             res,
         )
         return res
 
-    b1 = np.ascontiguousarray(b1_map[sel])
-    if refine_iterations > 0:
-        # Alternate on a voxel subsample: unmix -> re-estimate the centres (if automatic)
-        # -> re-estimate B1 by a per-voxel search, smoothed in-plane. The fit's B1 is biased
-        # in partial-volume voxels (a mixture is not mono-exponential) and its smoothing
-        # spreads that bias; the unmixing is sensitive to it (a 2 % B1 error moves
-        # several % of volume between WM, GM and CSF).
-        n = y.shape[0]
-        rows = np.arange(0, n, max(1, n // _REFINE_SUBSAMPLE))
-        rows_b1 = np.arange(0, n, max(1, n // _B1_SUBSAMPLE))
-        zero = np.zeros(1)
-        for it in range(refine_iterations):
-            if auto_centres:
-                out = unmix(cen, rows, b1[rows], zero)
-                cen = _refine_centres(
-                    y[rows], b1[rows], out, cen, non, shell_sel[rows], td, te, seq, profile
-                )
-            offsets = _B1_SEARCH_COARSE if it == 0 else _B1_SEARCH_FINE
-            out = unmix(cen, rows_b1, b1[rows_b1], offsets)
-            b1 = np.ascontiguousarray(
-                _smooth_b1(out[:, 5], rows_b1, sel, b1_map, acq.voxel_size_mm)[sel]
-            )
-    out = unmix(cen, None, b1, np.zeros(1))
-    if auto_centres:
-        for t in order:
-            out_centres[t].update(cen[t])
-    for k, t in enumerate(TISSUES):
-        fractions[t][sel] = out[:, k].astype(np.float32)
-    return TissueFractions(fractions=fractions, icmask=icmask, centres=out_centres)
+
+def _refine(
+    problem: _UnmixProblem,
+    cen: dict[str, dict[str, float]],
+    b1: np.ndarray,
+    refine_iterations: int,
+    auto_centres: bool,
+    profile: tuple[np.ndarray, np.ndarray],
+) -> tuple[dict[str, dict[str, float]], np.ndarray]:
+    """Alternate on a voxel subsample: unmix -> re-estimate the centres (if automatic) ->
+    re-estimate B1 by a per-voxel search, smoothed in-plane. The fit's B1 is biased in
+    partial-volume voxels (a mixture is not mono-exponential) and its smoothing spreads
+    that bias; the unmixing is sensitive to it (a 2 % B1 error moves several % of volume
+    between WM, GM and CSF)."""
+    acq, y, shell_sel = problem.acq, problem.y, problem.shell_sel
+    n = y.shape[0]
+    rows = np.arange(0, n, max(1, n // _REFINE_SUBSAMPLE))
+    rows_b1 = np.arange(0, n, max(1, n // _B1_SUBSAMPLE))
+    zero = np.zeros(1)
+    for it in range(refine_iterations):
+        if auto_centres:
+            out = problem.unmix(cen, rows, b1[rows], zero)
+            cen = _refine_centres(
+                y[rows], b1[rows], out, cen, problem.non, shell_sel[rows], problem.td,
+                problem.te, problem.seq, profile,
+                acq=acq if acq.sequence is not None else None,
+            )  # fmt: skip
+        if acq.sequence is not None:
+            # 3D-QALAS samples carry almost no B1 information (processing/QALAS.md):
+            # keep the fit's B1 field rather than a per-voxel search.
+            continue
+        offsets = _B1_SEARCH_COARSE if it == 0 else _B1_SEARCH_FINE
+        out = problem.unmix(cen, rows_b1, b1[rows_b1], offsets)
+        b1 = np.ascontiguousarray(
+            _smooth_b1(out[:, 5], rows_b1, problem.sel, problem.b1_map, acq.voxel_size_mm)[
+                problem.sel
+            ]
+        )
+    return cen, b1
 
 
 # --------------------------------------------------------------------------------------
@@ -852,6 +940,8 @@ def _refine_centres(
     te: np.ndarray,
     seq: tuple[float, float, float],
     profile: tuple[np.ndarray, np.ndarray],
+    *,
+    acq: Acquisition | None = None,
 ) -> dict[str, dict[str, float]]:
     """Re-estimate each tissue centre from its nearly pure voxels, in signal space.
 
@@ -865,6 +955,11 @@ def _refine_centres(
     ref = [cen[t] for t in names] + [non]
     new = {t: dict(cen[t]) for t in names}
     for k, t in enumerate(names):
+        if acq is not None and t == "CSF":
+            # 3D-QALAS barely constrains a CSF-like T2 (T2-prep 100 ms << T2) and, with a
+            # 4.5 s cycle, couples CSF's T1 and PD: the joint fit runs to its bounds (T1
+            # 8000 ms, PD 5-137 pu on phantoms). Keep the literature CSF centre.
+            continue
         pick = np.flatnonzero((out[:, k] >= _REFINE_MIN_FRACTION) & ~shell)
         if pick.size < _MIN_VOXELS_FOR_CENTRE:
             continue
@@ -878,20 +973,32 @@ def _refine_centres(
             fj = out[pick, j]
             if not np.any(fj > 0):
                 continue
-            a = mdme_signal(c["pd_pu"], c["t1_ms"], c["t2_ms"], bk, td, te, *seq, profile=profile)
+            if acq is not None:
+                a = acquisition_signal(acq, c["pd_pu"], c["t1_ms"], c["t2_ms"], bk)
+            else:
+                a = mdme_signal(
+                    c["pd_pu"], c["t1_ms"], c["t2_ms"], bk, td, te, *seq, profile=profile
+                )
             p -= fj[:, None] * a
         p /= out[pick, k][:, None]
 
         def resid(x: np.ndarray, p=p, bk=bk) -> np.ndarray:
-            m = mdme_signal(
-                math.exp(x[0]), math.exp(x[1]), math.exp(x[2]), bk, td, te, *seq, profile=profile
-            )
+            if acq is not None:
+                m = acquisition_signal(acq, math.exp(x[0]), math.exp(x[1]), math.exp(x[2]), bk)
+            else:
+                m = mdme_signal(
+                    math.exp(x[0]), math.exp(x[1]), math.exp(x[2]), bk, td, te, *seq,
+                    profile=profile,
+                )  # fmt: skip
             return (m - p).ravel()
 
         def jac(x: np.ndarray, p=p, bk=bk) -> np.ndarray:
             # d/dlog PD = S; d/dlog T = -R * dS/dR (analytic, from processing.signal).
             pd_, t1_, t2_ = np.exp(x)
-            m, j = mdme_jacobian(pd_, t1_, t2_, bk, td, te, *seq, profile=profile)
+            if acq is not None:
+                m, j = acquisition_jacobian(acq, pd_, t1_, t2_, bk)
+            else:
+                m, j = mdme_jacobian(pd_, t1_, t2_, bk, td, te, *seq, profile=profile)
             out = np.empty(m.shape + (3,))
             out[..., 0] = m
             out[..., 1] = -j[..., 1] / t1_

@@ -75,7 +75,11 @@ def test_simulate_then_process_writes_dicom_outputs(tmp_path: Path, capsys) -> N
 
     out = tmp_path / "out"
     capsys.readouterr()
-    rc = cli.main(["process", str(src), "--out", str(out), "--no-progress"])
+    # The QC verdict of this small magnitude-only phantom is not what this test is about:
+    # a QC "fail" is delivered marked, not held (held is tested in test_series.py).
+    config = tmp_path / "node.toml"
+    config.write_text('[export]\nqc_fail = "send_marked"\n')
+    rc = cli.main(["process", str(src), "--out", str(out), "--no-progress", "-c", str(config)])
     text = capsys.readouterr().out
     assert rc == 0, text
     lines = [ln for ln in text.splitlines() if ln and not ln.startswith("    ")]

@@ -15,7 +15,7 @@ def test_embedded_defaults_load_without_a_file() -> None:
     assert s.node.port == 11112
     assert s.workers.backend == "embedded"
     assert s.destinations == ()
-    ps = s.processing.to_processing_settings()
+    ps = s.processing
     assert "FLAIR" in ps.contrasts and ps.model_path is None
     assert ps.mixture_contrasts == ("DIR",)
 
@@ -26,7 +26,7 @@ def test_a_mixture_contrast_that_is_not_synthesized_is_ignored(tmp_path: Path) -
         '[processing]\ncontrasts = ["T1W", "FLAIR"]\nmixture_contrasts = ["DIR", "FLAIR"]\n'
     )
     assert check_config(p, env={}) == []
-    ps = load_settings(p, env={}).processing.to_processing_settings()
+    ps = load_settings(p, env={}).processing
     assert ps.mixture_contrasts == ("DIR", "FLAIR")
 
 
@@ -45,7 +45,7 @@ def test_file_then_env_precedence(tmp_path: Path) -> None:
     assert s.completion.quiet_period_s == 2.5
     assert s.destinations[0].ae_title == "ORTHANC" and s.destinations[0].port == 4242
     assert s.security.allowed_callers[0].hosts == ("127.0.0.1",)
-    assert s.vendors["ge"]["delay_sources"] == ["InversionTime"]
+    assert s.vendors["ge"].delay_sources == ("InversionTime",)
     assert s.source == str(p)
 
 

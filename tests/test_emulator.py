@@ -169,15 +169,16 @@ def test_uids_deterministic_from_seed():
 
 
 def test_write_series_roundtrip(tmp_path):
-    from dicom_node import ingest
+    from dicom_node import ingest, series
+    from dicom_node.registry import State
 
     acq = small_acquisition(nz=3, oblique=True)
     paths = emulator.write_series(acq, "philips", tmp_path, with_phase=True, seed=2)
     assert len(paths) == 48 and all(p.exists() for p in paths)
     groups = ingest.read_paths([tmp_path])
     assert len(groups) == 1
-    outcome = ingest.classify_and_normalize(groups[0])
-    assert outcome.status == "mdme", outcome.reason
+    outcome = series.classify(groups[0].datasets)
+    assert outcome.state == State.COMPLETE, outcome.reason
     ref = normalize(emulator.make_datasets(acq, "philips", with_phase=True, seed=2))
     np.testing.assert_array_equal(outcome.acquisition.signal, ref.signal)
 

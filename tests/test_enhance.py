@@ -413,3 +413,18 @@ def test_pipeline_carries_enhanced_flair_and_survives_a_missing_model(tmp_path):
     res2 = run_mod.run(ph.acq, broken)
     assert "FLAIR_AI" not in res2.synthetic and "FLAIR" in res2.synthetic
     assert any("FLAIR enhancement skipped" in w and "gone.onnx" in w for w in res2.warnings)
+
+
+def test_ti_that_does_not_null_the_series_csf_is_refused(model):
+    """The network learned TIs near the patient's CSF null (issue 13: at the preset TI, the
+    null of 4300 ms, on a phantom with CSF T1 3600 it darkened CSF the TI leaves bright and
+    the brain NRMSE rose 10 %). TR 15000: TI nulling the measured CSF (or within the trained
+    mismatch) passes; a TI nulling 4300 ms on CSF T1 3600 ms (-16 %) is refused by name;
+    an unknown CSF T1 is not checked."""
+    from processing.enhance import ti_null_problem
+
+    assert ti_null_problem(model, 15000.0, ti_null(4000.0, 15000.0), 4000.0) is None
+    assert ti_null_problem(model, 15000.0, ti_null(4080.0, 15000.0), 4000.0) is None
+    msg = ti_null_problem(model, 15000.0, ti_null(4300.0, 15000.0), 3600.0)
+    assert msg is not None and "3600" in msg and "nulls T1 4300" in msg
+    assert ti_null_problem(model, 15000.0, ti_null(4300.0, 15000.0), None) is None

@@ -28,8 +28,10 @@ from pydicom.uid import MRImageStorage, ParametricMapStorage, SegmentationStorag
 from test_export_support import make_result, make_sources
 
 from dicom_node.export import ExportSettings, MapKind, export_all
-from dicom_node.export.common import MAP_INFO, PRIVATE_CREATOR, _jsonable, map_array
+from dicom_node.export.common import MAP_INFO, map_array
+from dicom_node.export.settings import PRIVATE_CREATOR
 from dicom_node.export.sr import GLOBAL_CODES, YES, flatten_qc, qc_concept
+from dicom_node.export.uids import _jsonable
 from processing._version import __version__
 from processing.results import TISSUES, SeriesResult
 

@@ -1,4 +1,4 @@
-"""Folder processing: read_paths + classify_and_normalize on a mixed folder.
+"""Folder processing: read_paths + series.classify on a mixed folder.
 
 The MDME series is emulated (GE and Philips layouts) from a 3x16x16 acquisition simulated
 with processing.signal.mdme_signal: T1 700-1800 ms, T2 60-140 ms, M0 900-1100, B1 1,
@@ -16,8 +16,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node import emulator, ingest
-from dicom_node.vendors import normalize
+from dicom_node import emulator, ingest, series
+from dicom_node.registry import State
+from dicom_node.vendors import load_rules, normalize
 from processing.acquisition import Acquisition
 from processing.signal import mdme_signal
 
@@ -56,24 +57,24 @@ def test_mixed_folder(folder, capsys):
     assert "not DICOM" in reasons["notes.txt"]
     assert "no SeriesInstanceUID" in reasons["broken.dcm"]
     assert len(groups) == 3
-    outcomes = {g.series_uid: ingest.classify_and_normalize(g) for g in groups}
-    by_status: dict[str, list[ingest.SeriesOutcome]] = {}
-    for o in outcomes.values():
-        by_status.setdefault(o.status, []).append(o)
-    assert len(by_status["mdme"]) == 2
-    (not_mdme,) = by_status["not_mdme"]
-    assert not not_mdme.is_mdme and not_mdme.acquisition is None
+    outcomes = {g.series_uid: (g, series.classify(g.datasets)) for g in groups}
+    by_state: dict[State, list[tuple[ingest.SeriesGroup, series.Classified]]] = {}
+    for g, o in outcomes.values():
+        by_state.setdefault(o.state, []).append((g, o))
+    assert len(by_state[State.COMPLETE]) == 2
+    ((_, not_mdme),) = by_state[State.IGNORED]
+    assert not_mdme.acquisition is None
     assert "no MDME marker" in not_mdme.reason
-    ge = next(o for o in by_status["mdme"] if o.vendor == "ge")
-    ph = next(o for o in by_status["mdme"] if o.vendor == "philips")
-    assert ge.grid == (3, 2, 2, "MP") and ge.delay_source == "InversionTime"
-    assert ph.grid == (3, 2, 2, "MP") and ph.delay_source == "(2001,101B)"
-    assert ge.expected_instances == 24 and len(ge.datasets) == 24
-    assert ph.expected_instances == 1 and len(ph.datasets) == 1  # one whole-volume instance
-    assert "MDME 3 slices x 2 delays" in ge.summary()
+    g_ge, ge = next(x for x in by_state[State.COMPLETE] if x[1].vendor == "ge")
+    g_ph, ph = next(x for x in by_state[State.COMPLETE] if x[1].vendor == "philips")
+    assert ge.grid == (3, 2, 2, "MP") and ge.acquisition.delay_source == "InversionTime"
+    assert ph.grid == (3, 2, 2, "MP") and ph.acquisition.delay_source == "(2001,101B)"
+    assert ge.expected_instances == 24 and len(g_ge.datasets) == 24
+    assert ph.expected_instances == 1 and len(g_ph.datasets) == 1  # one whole-volume instance
+    assert "grid 3 slices x 2 delays" in ge.summary()
     diff = np.abs(ge.acquisition.signal - ph.acquisition.signal).max()
     assert diff <= 4 * np.spacing(np.float32(np.abs(acq.signal).max()))
-    assert ge.acquisition.metadata["series_instance_uid"] == ge.series_uid
+    assert ge.acquisition.metadata["series_instance_uid"] == g_ge.series_uid
 
 
 def test_missing_file_gives_precise_error_and_others_still_work(folder):
@@ -81,15 +82,16 @@ def test_missing_file_gives_precise_error_and_others_still_work(folder):
     victim = sorted((root / "mdme" / "ge").iterdir())[5]
     ds = pydicom.dcmread(victim)
     victim.unlink()
-    outcomes = [ingest.classify_and_normalize(g) for g in ingest.read_paths([root])]
-    err = next(o for o in outcomes if o.status == "error")
+    outcomes = [series.classify(g.datasets) for g in ingest.read_paths([root])]
+    err = next(o for o in outcomes if o.state == State.QUARANTINED)
     assert err.error is not None and err.error.kind == "missing"
     z = round(float(ds.ImagePositionPatient[2]) / 5.0)
     d = round(float(ds.InversionTime) / 1000.0) - 1
     part = "M" if ds[0x0043, 0x102F].value == 0 else "P"
     assert err.error.missing == [(z, d, int(ds.EchoNumbers) - 1, part)]
     assert "missing grid cell" in err.reason
-    assert sum(o.status == "mdme" for o in outcomes) == 1
+    assert err.missing == [f"slice={z} delay={d} echo={int(ds.EchoNumbers) - 1} part={part}"]
+    assert sum(o.state == State.COMPLETE for o in outcomes) == 1
 
 
 def test_files_and_gzip(tmp_path):
@@ -101,8 +103,8 @@ def test_files_and_gzip(tmp_path):
         (gz_dir / (p.name + ".gz")).write_bytes(gzip.compress(p.read_bytes()))
     (g_plain,) = ingest.read_paths(paths)  # explicit file list
     (g_gz,) = ingest.read_paths([gz_dir])
-    a = ingest.classify_and_normalize(g_plain).acquisition
-    b = ingest.classify_and_normalize(g_gz).acquisition
+    a = series.classify(g_plain.datasets).acquisition
+    b = series.classify(g_gz.datasets).acquisition
     np.testing.assert_array_equal(a.signal, b.signal)
     np.testing.assert_array_equal(
         a.signal, normalize(emulator.make_datasets(acq, "siemens")).signal
@@ -112,9 +114,9 @@ def test_files_and_gzip(tmp_path):
     assert skipped[0].reason == "does not exist"
 
 
-def test_rules_as_raw_toml_tables(folder):
+def test_site_rules_change_classification(folder):
     root, _ = folder
     groups = ingest.read_paths([root / "mdme" / "ge"])
     # a site that distrusts InversionTime and has no other source: the error says so
-    o = ingest.classify_and_normalize(groups[0], {"ge": {"delay_sources": ["TriggerTime"]}})
-    assert o.status == "error" and "TriggerTime: zero or negative" in o.reason
+    o = series.classify(groups[0].datasets, load_rules({"ge": {"delay_sources": ["TriggerTime"]}}))
+    assert o.state == State.QUARANTINED and "TriggerTime: zero or negative" in o.reason

@@ -113,6 +113,17 @@ def test_http_endpoints() -> None:
         srv.stop()
 
 
+def test_readiness_verdict_names_warming() -> None:
+    """Only the workers' warm-up missing -> "warming"; anything else -> "not ready: <checks>"."""
+    from dicom_node.metrics import readiness_text
+
+    assert readiness_text(True, {"scp_listening": True, "workers_warm": True}).startswith("ready\n")
+    body = readiness_text(False, {"scp_listening": True, "workers_warm": False})
+    assert body.splitlines() == ["warming", "scp_listening ok", "workers_warm FAIL"]
+    body = readiness_text(False, {"registry": False, "workers_warm": False})
+    assert body.splitlines()[0] == "not ready: registry, workers_warm"
+
+
 def _sample(m: NodeMetrics, name: str, **labels: str) -> float | None:
     return m.registry.get_sample_value(name, labels)
 

@@ -32,9 +32,9 @@ SEQ = {"delays_ms": TD, "echo_times_ms": TE, "tr_ms": TR}
 
 
 def test_calibration_reproduces_reference_tissues() -> None:
-    """Calibrated to WM 600/70/67 -> 30 % and GM 1100/90/82 -> 6 % (module docstring)."""
+    """Calibrated to WM 600/70/67 -> 30 % and GM 1100/90/82 -> 10 % (module docstring)."""
     wm = apparent_parameters(0.30, 0.0, **SEQ)
-    gm = apparent_parameters(0.06, 0.0, **SEQ)
+    gm = apparent_parameters(0.10, 0.0, **SEQ)
     water = apparent_parameters(0.0, 1.0, **SEQ)
     for got, want in (
         (wm, (600.0, 70.0, 67.0)),
@@ -140,3 +140,18 @@ def test_bad_input_names_the_problem() -> None:
         np.array([np.nan, 600.0]), np.array([70.0, 70.0]), np.array([67.0, 67.0]), **SEQ
     )
     assert np.isnan(my[0]) and my[1] == pytest.approx(0.30, abs=0.01) and fw[1] < 0.01
+
+
+def test_cortex_slower_than_the_anchor_stays_in_the_published_range() -> None:
+    """Issue 13: procedural phantom 4x64x64, SNR 50, GM 1200/95/85 and WM 620/72/69 (inside
+    physics.md's 3T ranges, away from the calibration tissues): pure GM MyPV within the 5-15 %
+    of adult cortex (the 6 % anchor gave ~3 %), pure WM within 25-32 %."""
+    tissues = {"WM": (620.0, 72.0, 69.0), "GM": (1200.0, 95.0, 85.0)}
+    ph = make_phantom((4, 64, 64), seed=4, snr=50.0, tissues=tissues, anatomy="ellipsoid")
+    maps = correct_pd(fit_mdme(ph.acq, b1_smoothing=True))
+    icm = intracranial_mask(maps, ph.acq)
+    fr = segment(ph.acq, maps, icmask=icm)
+    mm = myelin_maps(maps, icm, ph.acq.voxel_volume_ml, acq=ph.acq, fractions=fr)
+    med = {c: float(np.median(mm.mypv[ph.truth.pure_mask(c) & icm])) for c in ("WM", "GM")}
+    assert 5.0 <= med["GM"] <= 15.0, med
+    assert 25.0 <= med["WM"] <= 32.0, med

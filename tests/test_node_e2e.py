@@ -257,6 +257,8 @@ def test_non_mdme_ignored_and_partial_grid_quarantined(
         # 12 cells missing: slice 2 (index 1), delays 2-4, both echoes, magnitude and phase
         assert len(row.missing) == 12
         assert "slice=1 delay=1 echo=0 part=M" in row.missing
-        assert node.ready()[0]
+        # ready once the worker is warm too (it may still be loading its kernels: no MDME
+        # series was processed here)
+        wait_for(lambda: node.ready()[0], 240, 0.2, f"ready: {node.ready()[1]}")
     finally:
         node.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from dicom_node.config import Destination, RetrySettings
 from dicom_node.metrics import NodeMetrics
@@ -150,9 +150,9 @@ def test_outbox_dead_letter_after_max_attempts(tmp_path: Path) -> None:
         reg, [Destination("down", "PACS", "127.0.0.1", free_port(), timeout_s=1)], retry, metrics
     )
     assert ob.run_once() == 0
-    assert reg.outbox_counts() == {"PENDING": 1, "SENT": 0, "DEAD": 0}
+    assert reg.outbox_counts() == {"PENDING": 1, "SENT": 0, "DEAD": 0, "HELD": 0}
     assert ob.run_once() == 0
-    assert reg.outbox_counts() == {"PENDING": 0, "SENT": 0, "DEAD": 1}
+    assert reg.outbox_counts() == {"PENDING": 0, "SENT": 0, "DEAD": 1, "HELD": 0}
     assert metrics.registry.get_sample_value("synthmr_outbox_dead_letter_total") == 1
     assert (
         metrics.registry.get_sample_value(
@@ -161,3 +161,42 @@ def test_outbox_dead_letter_after_max_attempts(tmp_path: Path) -> None:
         == 2
     )
     assert reg.series("1.1").state == State.EXPORTED  # not delivered
+
+
+@pytest.mark.integration
+def test_outbox_pushes_a_series_over_parallel_associations(tmp_path: Path) -> None:
+    """Destination.associations = 3: the 9 outputs of one series reach a real pynetdicom
+    storage SCP over 3 associations, every one once, and the series becomes DELIVERED."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import MRImageStorage
+
+    seen: list[tuple[int, str]] = []
+
+    def on_store(event: evt.Event) -> int:
+        seen.append((id(event.assoc), str(event.dataset.SOPInstanceUID)))
+        return 0x0000
+
+    ae = AE("PACS")
+    ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
+    srv = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        reg = Registry(tmp_path / "r.db")
+        reg.add_instance(
+            sop_uid="1.1.1", series_uid="1.1", study_uid="", sop_class_uid="1", path="/p", size=1
+        )
+        reg.transition("1.1", State.COMPLETE)
+        job = reg.enqueue("1.1")
+        reg.claim_job()
+        outs = [make_mr_file(tmp_path / f"out{i}.dcm", instance_number=i) for i in range(9)]
+        sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in outs]
+        rows = [("pacs", s, str(MRImageStorage), str(f)) for s, f in zip(sops, outs, strict=True)]
+        reg.finish_job(job, "1.1", State.EXPORTED, outbox=rows)
+        dest = Destination("pacs", "PACS", "127.0.0.1", srv.server_address[1], 10, associations=3)
+        ob = Outbox(reg, [dest], RetrySettings(), NodeMetrics())
+        assert ob.run_once() == 9
+        assert sorted(s for _, s in seen) == sorted(sops)
+        assert len({a for a, _ in seen}) == 3
+        assert reg.series("1.1").state == State.DELIVERED
+        reg.close()
+    finally:
+        srv.shutdown()

@@ -146,3 +146,67 @@ def test_retry_series_entry_point(tmp_path: Path) -> None:
     assert job > j
     assert reg.series("1.5").state == State.QUEUED
     assert reg.claim_job()[:2] == (job, "1.5")
+
+
+def _sop(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_spooled_file_without_a_row_is_registered_at_start(tmp_path: Path) -> None:
+    """Instance rows commit without their own fsync (the file is the durable record): a row
+    lost with the machine is re-created from the spooled file when the node starts."""
+    from dicom_node.scp import register_spooled
+    from dicom_node.spool import Spool
+    from tests.conftest import make_mr_file
+
+    sp = Spool(tmp_path / "spool")
+    reg = Registry(tmp_path / "spool" / "registry.sqlite3")
+    paths = []
+    for i in range(3):
+        f = make_mr_file(tmp_path / f"{i}.dcm", series_uid="1.2.3", instance_number=i)
+        paths.append(sp.store_received(f.read_bytes())[1])
+    # the first file's row was committed and survived; the power loss took the others
+    reg.add_instance(
+        sop_uid=_sop(paths[0]),
+        series_uid="1.2.3",
+        study_uid="9",
+        sop_class_uid="1.2",
+        path=str(paths[0]),
+        size=paths[0].stat().st_size,
+    )
+    assert register_spooled(sp, reg) == 2
+    assert register_spooled(sp, reg) == 0  # idempotent
+    assert sorted(reg.instance_paths("1.2.3")) == sorted(str(p) for p in paths)
+    assert reg.series("1.2.3").state == State.RECEIVING
+    reg.close()
+
+
+@pytest.mark.parametrize("sent_before_finish", [2, 1])
+def test_streamed_outputs_deliver_whichever_ends_last(
+    tmp_path: Path, sent_before_finish: int
+) -> None:
+    """Outputs queued while the job runs (add_outbox) may be pushed before the job ends:
+    the series stays PROCESSING meanwhile and is DELIVERED when both the job has ended and
+    every row is sent, in either order."""
+    reg = Registry(tmp_path / "r.db")
+    _add(reg, "1.1", "1.1.1")
+    reg.transition("1.1", State.COMPLETE)
+    j = reg.enqueue("1.1")
+    reg.claim_job()
+    reg.add_outbox("1.1", [("pacs", "2.1", "1.2", "/o/1"), ("pacs", "2.2", "1.2", "/o/2")])
+    ids = [i.id for i in reg.due_outbox()]
+    assert len(ids) == 2
+    assert reg.outbox_sent(ids[:sent_before_finish]) == []
+    assert reg.series("1.1").state == State.PROCESSING
+    reg.finish_job(j, "1.1", State.EXPORTED, "2 instances exported")
+    if sent_before_finish == 2:
+        assert reg.series("1.1").state == State.DELIVERED
+    else:
+        assert reg.series("1.1").state == State.EXPORTED
+        assert reg.outbox_sent(ids[1:]) == ["1.1"]
+        assert reg.series("1.1").state == State.DELIVERED
+    states = [t[1] for t in reg.transitions_of("1.1")]
+    assert states[-2:] == ["EXPORTED", "DELIVERED"]
+    reg.close()

@@ -87,3 +87,53 @@ def test_hostile_uid_stays_inside(tmp_path: Path) -> None:
     p = sp.instance_path("incoming", "../../etc", "../../../passwd")
     assert sp.root in p.parents
     assert safe_name("1.2.840.10008") == "1.2.840.10008"
+
+
+def test_group_sync_covers_every_rename_with_fewer_fsyncs(tmp_path: Path, monkeypatch) -> None:
+    """8 threads x 20 files into one series directory: every store returns only after a
+    directory fsync that began after its rename (checked by recording, per fsync, which
+    files were visible when it started), and the fsyncs are shared (fewer than 160)."""
+    import threading
+    import time
+
+    from dicom_node import spool as spool_mod
+
+    sp = Spool(tmp_path / "spool")
+    data = [
+        make_mr_file(
+            tmp_path / "src" / f"{t}_{i}.dcm", series_uid="1.2.3", instance_number=i
+        ).read_bytes()
+        for t in range(8)
+        for i in range(20)
+    ]
+    synced: set[str] = set()
+    lock = threading.Lock()
+    real = spool_mod._fsync_dir
+
+    def recording_fsync(path: Path) -> None:
+        visible = {p.name for p in path.iterdir()}
+        time.sleep(0.002)  # a slow disk: writers pile up behind the running fsync
+        real(path)
+        with lock:
+            synced.update(visible)
+
+    monkeypatch.setattr(spool_mod, "_fsync_dir", recording_fsync)
+    errors: list[str] = []
+
+    def writer(chunk: list[bytes]) -> None:
+        for d in chunk:
+            _, path = sp.store_received(d)
+            with lock:
+                if path.name not in synced:
+                    errors.append(path.name)
+
+    threads = [
+        threading.Thread(target=writer, args=(data[t * 20 : (t + 1) * 20],)) for t in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(list(sp.incoming.rglob("*.dcm"))) == 160
+    assert sp.dir_sync.fsyncs < 160, sp.dir_sync.fsyncs

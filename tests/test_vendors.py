@@ -17,7 +17,8 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless
 
-from dicom_node import emulator, ingest
+from dicom_node import emulator, ingest, series
+from dicom_node.registry import State
 from dicom_node.vendors import (
     NormalizationError,
     detect,
@@ -287,12 +288,12 @@ def test_every_pydicom_data_file_is_classified_with_a_reason():
             assert str(exc)
             continue
         g = ingest.SeriesGroup(str(ds.get("SeriesInstanceUID", "")), [ds], [path])
-        outcome = ingest.classify_and_normalize(g)
+        outcome = series.classify(g.datasets)
         assert outcome.reason, path
-        assert outcome.status in ("mdme", "not_mdme", "error")
+        assert outcome.state in (State.IGNORED, State.QUARANTINED, State.FAILED)
         if ds.get("Modality") == "MR":
             n_mr += 1
-            assert outcome.status == "not_mdme", (path, outcome.reason)
+            assert outcome.state == State.IGNORED, (path, outcome.reason)
             expected_count(ds)  # must not raise
     assert n_mr >= 10
 
@@ -304,8 +305,8 @@ def test_pydicom_data_folders_group_and_classify(tmp_path):
     assert groups and skipped
     assert all(s.reason for s in skipped)
     for g in groups:
-        outcome = ingest.classify_and_normalize(g)
-        assert outcome.reason and outcome.status in ("not_mdme", "error")
+        outcome = series.classify(g.datasets)
+        assert outcome.reason and outcome.state in (State.IGNORED, State.QUARANTINED)
 
 
 def _vendor_files() -> list[Path]:
@@ -322,7 +323,7 @@ def test_every_vendor_sample_is_classified_with_a_reason():
         groups = ingest.read_paths([folder], skipped=skipped)
         assert {s.path.name for s in skipped} <= {"LICENSE"}, skipped
         for g in groups:
-            o = ingest.classify_and_normalize(g)
+            o = series.classify(g.datasets)
             assert o.reason
             outcomes[folder.name] = o
     assert set(outcomes) == {
@@ -333,7 +334,7 @@ def test_every_vendor_sample_is_classified_with_a_reason():
         "siemens_xa10_enh",
     }
     for name, o in outcomes.items():
-        assert o.status == "not_mdme", (name, o.reason)
+        assert o.state == State.IGNORED, (name, o.reason)
     assert outcomes["ge_mprage"].vendor == "ge"
     assert outcomes["siemens_xa10_enh"].vendor == "siemens"
     assert outcomes["philips_enh_multiecho"].vendor == "philips"

@@ -31,7 +31,7 @@ def test_no_compile_after_warmup(tmp_path) -> None:
     phantom (SNR 50, seed 5), written by the emulator, read and normalized as the node does,
     then the whole pipeline (default settings)."""
     pytest.importorskip("nilearn")
-    from dicom_node import emulator, ingest
+    from dicom_node import emulator, ingest, series
     from processing import phase, run
     from processing.phantom import make_phantom
 
@@ -42,7 +42,7 @@ def test_no_compile_after_warmup(tmp_path) -> None:
         ph = make_phantom((6, 64, 64), seed=5, snr=50.0)
         folder = tmp_path / f"{layout}_{magnitude_only}"
         emulator.write_series(ph.acq, layout, folder, with_phase=not magnitude_only)
-        outcome = ingest.classify_and_normalize(ingest.read_paths([folder])[0])
+        outcome = series.classify(ingest.read_paths([folder])[0].datasets)
         assert outcome.acquisition is not None, outcome.reason
         res = run.run(outcome.acquisition)
         assert not [w for w in res.warnings if "failed" in w], res.warnings
@@ -77,14 +77,14 @@ def test_no_compile_in_a_worker_after_its_warmup(tmp_path) -> None:
     the constructor's read-only arrays) never compiled: 18 s of "fit" on the first series.
     GE magnitude+phase, 6 x 64 x 64 phantom, SNR 50, seed 5."""
     pytest.importorskip("nilearn")
-    from dicom_node import emulator, ingest
+    from dicom_node import emulator, ingest, series
     from dicom_node.config import WorkerSettings
     from dicom_node.workers import Workers
     from processing.phantom import make_phantom
 
     ph = make_phantom((6, 64, 64), seed=5, snr=50.0)
     emulator.write_series(ph.acq, "ge", tmp_path, with_phase=True)
-    acq = ingest.classify_and_normalize(ingest.read_paths([tmp_path])[0]).acquisition
+    acq = series.classify(ingest.read_paths([tmp_path])[0].datasets).acquisition
     assert acq is not None
     workers = Workers(WorkerSettings(backend="embedded", processes=1))
     workers.start(wait_warm=True)
@@ -93,3 +93,73 @@ def test_no_compile_in_a_worker_after_its_warmup(tmp_path) -> None:
     finally:
         workers.stop()
     assert new == {}, f"compiled in the worker after its warm-up: {new}"
+
+
+def _readyz(port: int) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""  # metrics endpoint not up yet (the node warms its own kernels first)
+
+
+@pytest.mark.slow
+def test_node_on_an_empty_cache_is_warming_until_its_worker_is_warm(tmp_path) -> None:
+    """Issue 14: a node started with an empty numba cache (NUMBA_CACHE_DIR a fresh folder)
+    answers /readyz 503 "warming" while its worker compiles, then 200 "ready"; the worker
+    left its kernels in that cache, so ``synthmr warmup`` afterwards compiles nothing."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.conftest import free_port, stop_pid, write_config
+
+    root = Path(__file__).resolve().parents[1]
+    cache = tmp_path / "numba-cache"
+    cache.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(root), NUMBA_CACHE_DIR=str(cache))
+    mport = free_port()
+    cfg = write_config(tmp_path, "[workers]\nprocesses = 1\n", metrics_port=mport)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.service", "--config", str(cfg)],
+        cwd=root,
+        env=env,
+        stdout=open(tmp_path / "node.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    seen: list[tuple[int, str]] = []
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            code, body = _readyz(mport)
+            if code:
+                seen.append((code, body.splitlines()[0]))
+            if code == 200:
+                break
+            assert proc.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        stop_pid(proc, 30)
+    assert seen and seen[-1] == (200, "ready"), seen[-5:]
+    warming = [s for s in seen if s[0] == 503]
+    assert warming, "never reported not-ready although the cache was empty"
+    assert all(s == (503, "warming") for s in warming), set(warming)
+    assert list(cache.rglob("*.nbi")), "the worker wrote no numba cache index"
+    r = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "warmup"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert " 0 specializations compiled" in r.stdout, r.stdout
+    assert str(cache) in r.stdout, r.stdout

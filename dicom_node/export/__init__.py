@@ -18,24 +18,26 @@ parameters, so a re-run with the same inputs replaces the previous outputs in PA
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from pydicom.dataset import Dataset
 
 from processing.results import SeriesResult
 
-from .common import (
+from .geometry import (
+    reference_images,
+    slice_geometry,
+)
+from .mr_images import iter_synthetic_series, map_mr_images, synthetic_images
+from .parametric_map import parametric_maps
+from .segmentation import segmentation
+from .settings import (
     ALL_MAPS,
     ExportError,
     ExportSettings,
     MapKind,
     SegType,
-    reference_images,
-    slice_geometry,
 )
-from .mr_images import map_mr_images, synthetic_images
-from .parametric_map import parametric_maps
-from .segmentation import segmentation
 from .sr import report
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "MapKind",
     "SegType",
     "export_all",
+    "export_groups",
     "map_mr_images",
     "parametric_maps",
     "reference_images",
@@ -63,24 +66,31 @@ def export_all(
     references the SEG, so it comes last). SEG/SR/maps that the result cannot provide
     (no segmentation, no myelin) are skipped rather than failing the whole export.
     """
+    return [ds for group in export_groups(result, sources, settings) for ds in group]
+
+
+def export_groups(
+    result: SeriesResult, sources: Sequence[Dataset], settings: ExportSettings | None = None
+) -> Iterator[list[Dataset]]:
+    """:func:`export_all` as it is built, a group of datasets at a time (the parametric
+    maps, the map MR images, each synthetic contrast series, the SEG, the SR), so the node
+    stores and pushes a group while the next is encoded."""
     settings = settings or ExportSettings()
-    geometry = slice_geometry(result, sources, settings)  # validates once, early
-    refs = sources  # each builder re-derives the geometry (Enhanced MR needs the originals)
+    geometry = slice_geometry(result, sources, settings)  # once; every builder gets it
+    refs = sources
     maps = tuple(m for m in settings.maps if m is not MapKind.MYPV or result.myelin is not None)
     if maps != settings.maps:
         from dataclasses import replace
 
         settings = replace(settings, maps=maps)
-    out: list[Dataset] = []
     if settings.maps_as_parametric_map and settings.maps:
-        out += parametric_maps(result, refs, settings)
+        yield parametric_maps(result, refs, settings, geometry)
     if settings.maps_as_mr_images and settings.maps:
-        out += map_mr_images(result, refs, settings)
-    out += synthetic_images(result, refs, settings)
+        yield map_mr_images(result, refs, settings, geometry)
+    yield from iter_synthetic_series(result, refs, settings, geometry)
     seg = None
     if settings.export_segmentation and result.segmentation is not None:
         seg = segmentation(result, refs, settings, geometry)
-        out.append(seg)
+        yield [seg]
     if settings.export_report and (result.volumes_ml or result.tissue_stats):
-        out.append(report(result, refs, settings, seg=seg, geometry=geometry))
-    return out
+        yield [report(result, refs, settings, seg=seg, geometry=geometry)]

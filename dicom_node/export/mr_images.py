@@ -7,7 +7,7 @@ ImageType ``DERIVED\\SECONDARY\\SYNTHETIC\\<name>`` (maps: ``DERIVED\\PRIMARY\\T
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -20,21 +20,27 @@ from processing.results import SeriesResult, SyntheticImage
 
 from .common import (
     MAP_INFO,
+    copy_patient_study,
+    map_array,
+    now_da_tm,
+    robust_window,
+    series_number_base,
+)
+from .geometry import (
+    SliceGeometry,
+    frame_number,
+    slice_geometry,
+)
+from .settings import (
     ExportError,
     ExportSettings,
     MapKind,
-    SliceGeometry,
+)
+from .uids import (
     add_private_provenance,
-    copy_patient_study,
     derive_uid,
-    frame_number,
-    map_array,
     model_hash,
-    now_da_tm,
     parameter_fingerprint,
-    robust_window,
-    series_number_base,
-    slice_geometry,
 )
 
 __all__ = [
@@ -232,25 +238,39 @@ def synthetic_series(
 
 
 def synthetic_images(
-    result: SeriesResult, sources: Sequence[Dataset], settings: ExportSettings
+    result: SeriesResult,
+    sources: Sequence[Dataset],
+    settings: ExportSettings,
+    geometry: SliceGeometry | None = None,
 ) -> list[Dataset]:
     """Every selected contrast (``settings.contrasts`` or all), one series each.
 
     Series numbers: source + offset + 100 + index, so maps (offset + index) never collide.
     """
+    return [
+        ds for series in iter_synthetic_series(result, sources, settings, geometry) for ds in series
+    ]
+
+
+def iter_synthetic_series(
+    result: SeriesResult,
+    sources: Sequence[Dataset],
+    settings: ExportSettings,
+    geometry: SliceGeometry | None = None,
+) -> Iterator[list[Dataset]]:
+    """:func:`synthetic_images` one contrast series at a time (the node stores and pushes
+    each while the next is built)."""
     names = list(result.synthetic) if settings.contrasts is None else list(settings.contrasts)
     missing = [n for n in names if n not in result.synthetic]
     if missing:
         raise ExportError(
             f"contrasts: {missing} requested but the result has only {list(result.synthetic)}"
         )
-    geometry = slice_geometry(result, sources, settings)
+    geometry = geometry or slice_geometry(result, sources, settings)
     fp = parameter_fingerprint(result, settings)
     base = series_number_base(geometry.refs[0], settings) + 100
-    out: list[Dataset] = []
     for i, name in enumerate(names):
-        out += synthetic_series(result, result.synthetic[name], geometry, settings, base + i, fp)
-    return out
+        yield synthetic_series(result, result.synthetic[name], geometry, settings, base + i, fp)
 
 
 def uint16_rescale(values: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -307,10 +327,13 @@ def map_mr_series(
 
 
 def map_mr_images(
-    result: SeriesResult, sources: Sequence[Dataset], settings: ExportSettings
+    result: SeriesResult,
+    sources: Sequence[Dataset],
+    settings: ExportSettings,
+    geometry: SliceGeometry | None = None,
 ) -> list[Dataset]:
     """Every map in ``settings.maps`` as a classic MR series (offset + 50 + index)."""
-    geometry = slice_geometry(result, sources, settings)
+    geometry = geometry or slice_geometry(result, sources, settings)
     fp = parameter_fingerprint(result, settings)
     base = series_number_base(geometry.refs[0], settings) + 50
     out: list[Dataset] = []

@@ -14,18 +14,25 @@ from processing.results import SeriesResult
 
 from .common import (
     MAP_INFO,
-    ExportSettings,
-    MapKind,
-    SliceGeometry,
-    add_private_provenance,
-    derive_uid,
-    highdicom_sources,
+    MapInfo,
     map_array,
-    parameter_fingerprint,
-    provenance_text,
     robust_window,
     series_number_base,
+)
+from .geometry import (
+    SliceGeometry,
+    highdicom_sources,
     slice_geometry,
+)
+from .settings import (
+    ExportSettings,
+    MapKind,
+)
+from .uids import (
+    add_private_provenance,
+    derive_uid,
+    parameter_fingerprint,
+    provenance_text,
 )
 
 __all__ = ["BRAIN", "add_frame_anatomy", "parametric_map", "parametric_maps"]
@@ -94,10 +101,18 @@ def parametric_map(
     settings: ExportSettings,
     series_number: int,
     fingerprint: str,
+    *,
+    data: np.ndarray | None = None,
+    info: MapInfo | None = None,
+    name: str | None = None,
 ) -> Dataset:
-    """One map (float32 ``[z, y, x]``) as a highdicom ParametricMap, one frame per slice."""
-    info = MAP_INFO[kind]
-    data = map_array(result, kind)
+    """One map (float32 ``[z, y, x]``) as a highdicom ParametricMap, one frame per slice.
+
+    ``data``/``info``/``name`` export a derived map that is not a :class:`MapKind` (e.g. the
+    report's T1w/T2w ratio): its array, coded meaning and short name (labels, UIDs)."""
+    info = MAP_INFO[kind] if info is None else info
+    data = map_array(result, kind) if data is None else np.asarray(data, np.float32)
+    label = kind.value if name is None else name
     src_series = str(geometry.refs[0].SeriesInstanceUID)
     lo, hi = float(data.min()), float(data.max())
     if hi <= lo:
@@ -116,11 +131,9 @@ def parametric_map(
         source_images=highdicom_sources(geometry)[0],
         further_source_images=highdicom_sources(geometry)[1] or None,
         pixel_array=data,
-        series_instance_uid=derive_uid(
-            settings, src_series, fingerprint, "PM", kind.value, "series"
-        ),
+        series_instance_uid=derive_uid(settings, src_series, fingerprint, "PM", label, "series"),
         series_number=series_number,
-        sop_instance_uid=derive_uid(settings, src_series, fingerprint, "PM", kind.value, "sop"),
+        sop_instance_uid=derive_uid(settings, src_series, fingerprint, "PM", label, "sop"),
         instance_number=1,
         manufacturer=settings.manufacturer,
         manufacturer_model_name=settings.manufacturer_model_name,
@@ -138,7 +151,7 @@ def parametric_map(
         ],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_description=f"synthmr {info.description}"[:64],
-        content_label=f"{kind.value}MAP"[:16],
+        content_label=f"{label}MAP"[:16],
         plane_orientation=hd.PlaneOrientationSequence(
             coordinate_system="PATIENT", image_orientation=geometry.orientation
         ),
@@ -154,7 +167,7 @@ def parametric_map(
     )
     add_frame_anatomy(pm)
     ascending_frames(pm)
-    pm.SeriesDescription = f"synthmr {kind.value} map ({info.unit.value})"[:64]
+    pm.SeriesDescription = f"synthmr {label} map ({info.unit.value})"[:64]
     if settings.institution_name:
         pm.InstitutionName = settings.institution_name
     pm.ImageComments = provenance_text(result, settings)
@@ -163,13 +176,16 @@ def parametric_map(
 
 
 def parametric_maps(
-    result: SeriesResult, sources: Sequence[Dataset], settings: ExportSettings
+    result: SeriesResult,
+    sources: Sequence[Dataset],
+    settings: ExportSettings,
+    geometry: SliceGeometry | None = None,
 ) -> list[Dataset]:
     """Every map in ``settings.maps`` as its own Parametric Map series.
 
     Series numbers: source + offset + index (0-based in ``settings.maps`` order).
     """
-    geometry = slice_geometry(result, sources, settings)
+    geometry = geometry or slice_geometry(result, sources, settings)
     fp = parameter_fingerprint(result, settings)
     base = series_number_base(geometry.refs[0], settings)
     return [

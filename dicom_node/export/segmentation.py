@@ -15,19 +15,25 @@ from processing._version import __version__
 from processing.results import TISSUES, SeriesResult
 
 from .common import (
-    ExportError,
-    ExportSettings,
-    SegType,
-    SliceGeometry,
-    add_private_provenance,
-    derive_uid,
-    highdicom_sources,
-    parameter_fingerprint,
-    provenance_text,
     series_number_base,
+)
+from .geometry import (
+    SliceGeometry,
+    highdicom_sources,
     slice_geometry,
 )
 from .parametric_map import BRAIN
+from .settings import (
+    ExportError,
+    ExportSettings,
+    SegType,
+)
+from .uids import (
+    add_private_provenance,
+    derive_uid,
+    parameter_fingerprint,
+    provenance_text,
+)
 
 __all__ = ["SEGMENT_CODES", "TISSUE_CATEGORY", "binary_labels", "segmentation"]
 

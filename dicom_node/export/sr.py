@@ -18,23 +18,29 @@ from processing.results import TISSUES, SeriesResult
 
 from .common import (
     PATIENT_STUDY_KEYWORDS,
-    SCHEME,
     UCUM_MS,
     UCUM_ONE,
     UCUM_PERCENT,
     UCUM_RATIO,
-    ExportError,
-    ExportSettings,
-    SliceGeometry,
-    add_private_provenance,
-    derive_uid,
-    model_hash,
-    parameter_fingerprint,
     series_number_base,
+)
+from .geometry import (
+    SliceGeometry,
     slice_geometry,
 )
 from .parametric_map import BRAIN
 from .segmentation import SEG_SERIES_INDEX, SEGMENT_CODES
+from .settings import (
+    SCHEME,
+    ExportError,
+    ExportSettings,
+)
+from .uids import (
+    add_private_provenance,
+    derive_uid,
+    model_hash,
+    parameter_fingerprint,
+)
 
 __all__ = ["GLOBAL_CODES", "flatten_qc", "qc_concept", "report"]
 
@@ -183,27 +189,16 @@ def _algorithm(result: SeriesResult, fingerprint: str) -> hd.sr.AlgorithmIdentif
     return hd.sr.AlgorithmIdentification(name="synthmr", version=__version__, parameters=params)
 
 
-def report(
+def _tissue_groups(
     result: SeriesResult,
-    sources: Sequence[Dataset],
     settings: ExportSettings,
-    seg: Dataset | None = None,
-    geometry: SliceGeometry | None = None,
-) -> Dataset:
-    """A Comprehensive 3D SR holding a TID 1500 measurement report.
-
-    One volumetric group per tissue (volume in mL, mean T1/T2/PD) referencing its SEG
-    segment when ``seg`` is given; one whole-brain group (ICV, BPV, BPF, myelin volume
-    and numeric QC figures). Provenance goes into the algorithm identification.
-    """
-    geometry = geometry or slice_geometry(result, sources, settings)
-    if not result.volumes_ml and not result.tissue_stats:
-        raise ExportError("report: the result has neither volumes_ml nor tissue_stats")
-    fp = parameter_fingerprint(result, settings)
-    src_series = str(geometry.refs[0].SeriesInstanceUID)
-    algo = _algorithm(result, fp)
-    enhanced = list(geometry.extra.get("enhanced_instances") or [])
-    light = [_light(ds) for ds in geometry.refs]
+    seg: Dataset | None,
+    algo: Any,
+    src_series: str,
+    fp: str,
+) -> list:
+    """One measurement group per tissue: volume and mean T1/T2/PD, referencing its SEG
+    segment when there is a SEG."""
     groups: list = []
     for i, tissue in enumerate(TISSUES):
         measurements = []
@@ -253,6 +248,14 @@ def report(
                     measurements=measurements,
                 )
             )
+    return groups
+
+
+def _whole_brain_group(
+    result: SeriesResult, settings: ExportSettings, algo: Any, src_series: str, fp: str
+) -> Any:
+    """The whole-brain group: ICV, BPV, BPF, myelin volume and numeric QC figures (None
+    when there is nothing to report)."""
     whole = []
     for key, (concept, unit) in GLOBAL_CODES.items():
         v = _finite(result.volumes_ml.get(key))
@@ -260,19 +263,45 @@ def report(
             whole.append(hd.sr.Measurement(name=concept, value=v, unit=unit, algorithm_id=algo))
     qc_nums, qc_evals = _qc_items(result.qc, algo)
     whole += qc_nums
-    if whole or qc_evals:
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    identifier="synthmr whole brain",
-                    uid=derive_uid(settings, src_series, fp, "SR", "track", "whole"),
-                ),
-                finding_type=BRAIN,
-                algorithm_id=algo,
-                measurements=whole or None,
-                qualitative_evaluations=qc_evals or None,
-            )
-        )
+    if not (whole or qc_evals):
+        return None
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            identifier="synthmr whole brain",
+            uid=derive_uid(settings, src_series, fp, "SR", "track", "whole"),
+        ),
+        finding_type=BRAIN,
+        algorithm_id=algo,
+        measurements=whole or None,
+        qualitative_evaluations=qc_evals or None,
+    )
+
+
+def report(
+    result: SeriesResult,
+    sources: Sequence[Dataset],
+    settings: ExportSettings,
+    seg: Dataset | None = None,
+    geometry: SliceGeometry | None = None,
+) -> Dataset:
+    """A Comprehensive 3D SR holding a TID 1500 measurement report.
+
+    One volumetric group per tissue (volume in mL, mean T1/T2/PD) referencing its SEG
+    segment when ``seg`` is given; one whole-brain group (ICV, BPV, BPF, myelin volume
+    and numeric QC figures). Provenance goes into the algorithm identification.
+    """
+    geometry = geometry or slice_geometry(result, sources, settings)
+    if not result.volumes_ml and not result.tissue_stats:
+        raise ExportError("report: the result has neither volumes_ml nor tissue_stats")
+    fp = parameter_fingerprint(result, settings)
+    src_series = str(geometry.refs[0].SeriesInstanceUID)
+    algo = _algorithm(result, fp)
+    enhanced = list(geometry.extra.get("enhanced_instances") or [])
+    light = [_light(ds) for ds in geometry.refs]
+    groups = _tissue_groups(result, settings, seg, algo, src_series, fp)
+    whole_group = _whole_brain_group(result, settings, algo, src_series, fp)
+    if whole_group is not None:
+        groups.append(whole_group)
     observation = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,

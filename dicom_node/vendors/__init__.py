@@ -1,4 +1,5 @@
-"""Vendor adapters: recognize an MDME series and normalize it to an ``Acquisition``.
+"""Vendor adapters: recognize an MDME or 3D-QALAS series and normalize it to an
+``Acquisition`` (QALAS: :mod:`dicom_node.vendors.qalas`).
 
 Public API::
 
@@ -16,12 +17,12 @@ from dicom_node.vendors.normalize import (
     MR_SOP_CLASSES,
     Detection,
     NormalizationError,
-    detect,
     expected_count,
     frame_images,
-    normalize,
     vendor_of,
 )
+from dicom_node.vendors.normalize import detect as _detect_mdme
+from dicom_node.vendors.normalize import normalize as _normalize_mdme
 from dicom_node.vendors.rules import DEFAULT_RULES, INTERLEAVE, VendorRules, load_rules
 
 __all__ = [
@@ -40,3 +41,25 @@ __all__ = [
     "normalize",
     "vendor_of",
 ]
+
+
+def detect(datasets, rules=None) -> Detection:
+    """Decide whether ``datasets`` are an input the node processes: MDME or 3D-QALAS
+    (``is_mdme`` is True for both; the reason names the sequence)."""
+    from dicom_node.vendors.qalas import is_qalas
+
+    if is_qalas(datasets):
+        table = rules if rules is not None else load_rules(None)
+        r = vendor_of(datasets[0], table)
+        return Detection(True, r.name, r, f"{r.name}: 3D-QALAS marker in the description")
+    return _detect_mdme(datasets, rules)
+
+
+def normalize(datasets, rules=None):
+    """Normalize an MDME (:func:`dicom_node.vendors.normalize.normalize`) or 3D-QALAS
+    (:func:`dicom_node.vendors.qalas.normalize_qalas`) series into an ``Acquisition``."""
+    from dicom_node.vendors.qalas import is_qalas, normalize_qalas
+
+    if is_qalas(datasets):
+        return normalize_qalas(datasets, rules)
+    return _normalize_mdme(datasets, rules)

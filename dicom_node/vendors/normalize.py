@@ -9,6 +9,8 @@ The grid key of every 2-D image is ``(slice, delay, echo, part)``:
 - echo: the echo time (EchoTime / EffectiveEchoTime);
 - part: complex part M (magnitude), P (phase), R (real), I (imaginary).
 
+Phase images are converted to radians in the unit their rescaled values show
+(:mod:`dicom_node.vendors.phase_units`; an undecidable unit is an error, never a guess).
 Phase (or real/imaginary) images are combined into the signed real signal: per echo the
 background phase (phase of the complex sum over delays) is removed and the real part kept
 (physics.md section 1).
@@ -27,6 +29,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from dicom_node.vendors.frames import Frame, frame_records, lookup
+from dicom_node.vendors.phase_units import (
+    PhaseDecision,
+    PhaseRange,
+    PhaseUnitError,
+    decide_phase_unit,
+)
 from dicom_node.vendors.rules import INTERLEAVE, VendorRules, load_rules
 from processing.acquisition import Acquisition, AcquisitionError
 from processing.phase import real_from_complex, real_from_magnitude_phase
@@ -65,7 +73,8 @@ class NormalizationError(ValueError):
     """A series cannot be normalized. ``kind`` says why; the message names the problem.
 
     kinds: ``not_mdme``, ``mixed_series``, ``duplicate``, ``missing``, ``geometry``,
-    ``inconsistent``, ``delay``, ``pixels``, ``invalid``.
+    ``inconsistent``, ``delay``, ``pixels``, ``invalid``, ``phase_units`` (the unit of the
+    phase images cannot be decided from their values, or frames disagree).
     ``missing`` lists absent grid cells as ``(slice, delay, echo, part)`` (0-based indices,
     part a letter); ``duplicates`` lists ``(cell, sop_uids)``.
     """
@@ -110,7 +119,8 @@ class Grid:
 
 # ----------------------------------------------------------------------------- helpers
 def _rules(rules: Mapping[str, VendorRules] | None) -> Mapping[str, VendorRules]:
-    return load_rules(None) if rules is None else rules
+    # an empty table (a config without [vendors]) means the defaults, not "generic only"
+    return rules if rules else load_rules(None)
 
 
 def vendor_of(ds: Dataset, rules: Mapping[str, VendorRules] | None = None) -> VendorRules:
@@ -418,12 +428,78 @@ def normalize(
 
     ``datasets`` must carry pixel data. ``rules`` is the output of
     :func:`~dicom_node.vendors.rules.load_rules` (defaults when None).
-    Raises :class:`NormalizationError` naming the problem.
+    Raises :class:`NormalizationError` naming the problem (kind ``phase_units`` when the
+    phase images' unit cannot be decided from the data).
     """
     table = _rules(rules)
+    datasets, det, frames = _series_frames(datasets, table)
+    r = det.rules
+    geo = _geometry(datasets, frames, r)
+    tr, flip = _timing(frames, r)
+    tes = _frame_te(frames)
+    if any(t is None for t in tes):
+        n = sum(t is None for t in tes)
+        raise NormalizationError("inconsistent", f"EchoTime missing on {n} of {len(tes)} images")
+    echo_lab, echo_vals = _cluster(np.array(tes, dtype=np.float64), 0.01)
+    parts = [_part_of(f, r) or "M" for f in frames]
+    part_set = [p for p in PARTS if p in set(parts)]
+    src, delays = _delays(datasets, frames, r, table, tr, len(geo.slice_pos))
+    delay_lab, delay_vals = _cluster(np.array(delays, dtype=np.float64), 0.01)
+    echo_lab, echo_vals, echo_source = _echo_fallback(
+        frames, r, parts, geo.slice_lab, delay_lab, echo_lab, echo_vals
+    )
+    labels = np.stack([geo.slice_lab, delay_lab, echo_lab], axis=1)
+    axes = (geo.slice_pos, delay_vals, echo_vals)
+    _check_grid(datasets, frames, r, table, labels, parts, part_set, axes)
+    shape = (len(part_set), *(len(a) for a in axes), geo.n_rows, geo.n_cols)
+    data, phase = _scaled_pixels(datasets, frames, r, labels, parts, part_set, shape)
+    signal, is_mag, combine = _combine(data, part_set, r.phase_reference)
+    affine, voxel_size = _affine(frames, geo)
+    first = datasets[0]
+    meta = {
+        "vendor": r.name,
+        "detection": det.reason,
+        "manufacturer": str(first.get("Manufacturer", "")),
+        "model": str(first.get("ManufacturerModelName", "")),
+        "sop_class_uid": str(first.get("SOPClassUID", "")),
+        "series_instance_uid": str(first.get("SeriesInstanceUID", "")),
+        "study_instance_uid": str(first.get("StudyInstanceUID", "")),
+        "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")),
+        "series_description": str(first.get("SeriesDescription", "")),
+        "parts": "".join(part_set),
+        "combine": combine,
+        "echo_source": echo_source,
+        "n_instances": len(datasets),
+        "n_frames": len(frames),
+        "slice_positions_mm": [float(p) for p in geo.slice_pos],
+    }
+    if phase is not None:
+        meta["phase_unit"] = phase.describe()
+    try:
+        return Acquisition(
+            signal=signal,
+            delays_ms=delay_vals,
+            echo_times_ms=echo_vals,
+            tr_ms=float(tr),
+            saturation_deg=r.saturation_deg,
+            excitation_deg=float(flip),
+            voxel_size_mm=voxel_size,
+            affine=affine,
+            is_magnitude=is_mag,
+            delay_source=src,
+            metadata=meta,
+        )
+    except AcquisitionError as exc:
+        raise NormalizationError("invalid", f"normalized acquisition is invalid: {exc}") from None
+
+
+def _series_frames(
+    datasets: Sequence[Dataset], table: Mapping[str, VendorRules]
+) -> tuple[list[Dataset], Detection, list[Frame]]:
+    """One series, resends dropped, detected as MDME: (datasets, detection, frames)."""
     if not datasets:
         raise NormalizationError("not_mdme", "no DICOM datasets")
-    series = {}
+    series: dict[str, int] = {}
     for ds in datasets:
         uid = str(ds.get("SeriesInstanceUID", ""))
         series[uid] = series.get(uid, 0) + 1
@@ -434,17 +510,33 @@ def normalize(
             f"mixed series: {len(series)} SeriesInstanceUIDs: {desc}",
             details={"series": series},
         )
-    datasets = _dedupe(datasets)
-    det = detect(datasets, table)
+    unique = _dedupe(datasets)
+    det = detect(unique, table)
     if not det.is_mdme:
         raise NormalizationError("not_mdme", f"not MDME: {det.reason}")
-    r = det.rules
     try:
-        frames = frame_records(datasets)
+        frames = frame_records(unique)
     except ValueError as exc:
         raise NormalizationError("invalid", str(exc)) from None
+    return unique, det, frames
 
-    # --- geometry
+
+@dataclass(frozen=True)
+class _Geometry:
+    """In-plane size, orientation (snapped to the first image) and slice positions."""
+
+    n_rows: int
+    n_cols: int
+    row_dir: np.ndarray
+    col_dir: np.ndarray
+    normal: np.ndarray
+    ipp: np.ndarray  # per frame
+    spacing: np.ndarray  # per frame (row spacing, column spacing)
+    slice_lab: np.ndarray  # per frame
+    slice_pos: np.ndarray  # sorted slice positions along the normal, mm
+
+
+def _geometry(datasets: Sequence[Dataset], frames: Sequence[Frame], r: VendorRules) -> _Geometry:
     rows = {(int(datasets[f.index].Rows), int(datasets[f.index].Columns)) for f in frames}
     if len(rows) != 1:
         raise NormalizationError("geometry", f"inconsistent image sizes (rows, columns): {rows}")
@@ -467,59 +559,66 @@ def normalize(
         )
     row_dir, col_dir = iop[0, :3], iop[0, 3:]  # snapped to the first image's orientation
     normal = np.cross(row_dir, col_dir)
-    pos = ipp @ normal
-    slice_tol = 0.01
-    slice_lab, slice_pos = _cluster(pos, slice_tol)
+    slice_lab, slice_pos = _cluster(ipp @ normal, 0.01)
+    return _Geometry(n_rows, n_cols, row_dir, col_dir, normal, ipp, spacing, slice_lab, slice_pos)
 
-    # --- timing
+
+def _timing(frames: Sequence[Frame], r: VendorRules) -> tuple[float, float]:
+    """(TR, excitation flip angle), each the same on every image."""
     tr = _check_same(frames, "RepetitionTime", r.timing_tolerance, None)
     if tr is None:
         raise NormalizationError("inconsistent", "RepetitionTime missing on every image")
     flip = _check_same(frames, "FlipAngle", r.timing_tolerance, r.excitation_deg)
+    return tr, flip
 
-    tes = _frame_te(frames)
-    if any(t is None for t in tes):
-        n = sum(t is None for t in tes)
-        raise NormalizationError("inconsistent", f"EchoTime missing on {n} of {len(tes)} images")
-    echo_lab, echo_vals = _cluster(np.array(tes, dtype=np.float64), 0.01)
 
-    parts = []
-    for f in frames:
-        p = _part_of(f, r)
-        parts.append(p or "M")
-    part_set = [p for p in PARTS if p in set(parts)]
-
-    # --- delays
+def _delays(
+    datasets: Sequence[Dataset],
+    frames: Sequence[Frame],
+    r: VendorRules,
+    table: Mapping[str, VendorRules],
+    tr: float,
+    n_slices: int,
+) -> tuple[str, list[float]]:
+    """(delay source, delay per frame): the first usable header source, else interleave."""
     src, delays, tried = _header_delays(frames, r)
     if src is None and INTERLEAVE in r.delay_sources:
-        src, delays, why = _interleave_delays(frames, r, tr, len(slice_pos))
+        src, delays, why = _interleave_delays(frames, r, tr, n_slices)
         if src is None:
             tried.append(why)
-    if src is None or delays is None:
-        exp = expected_count(datasets[0], table)
-        if exp is not None and exp > len(datasets):  # most likely cause: images missing
-            raise NormalizationError(
-                "missing",
-                f"the header announces {exp} instances but {len(datasets)} distinct ones "
-                f"arrived; no usable delay source for {r.name}: " + "; ".join(tried),
-                details={"expected": exp, "received": len(datasets)},
-            )
+    if src is not None and delays is not None:
+        return src, delays
+    exp = expected_count(datasets[0], table)
+    if exp is not None and exp > len(datasets):  # most likely cause: images missing
         raise NormalizationError(
-            "delay", f"no usable delay source for {r.name}: " + "; ".join(tried)
+            "missing",
+            f"the header announces {exp} instances but {len(datasets)} distinct ones "
+            f"arrived; no usable delay source for {r.name}: " + "; ".join(tried),
+            details={"expected": exp, "received": len(datasets)},
         )
-    delay_lab, delay_vals = _cluster(np.array(delays, dtype=np.float64), 0.01)
-    echo_lab, echo_vals, echo_source = _echo_fallback(
-        frames, r, parts, slice_lab, delay_lab, echo_lab, echo_vals
-    )
+    raise NormalizationError("delay", f"no usable delay source for {r.name}: " + "; ".join(tried))
 
-    # --- grid
-    nz, nd, ne = len(slice_pos), len(delay_vals), len(echo_vals)
-    npart = len(part_set)
+
+def _check_grid(
+    datasets: Sequence[Dataset],
+    frames: Sequence[Frame],
+    r: VendorRules,
+    table: Mapping[str, VendorRules],
+    labels: np.ndarray,
+    parts: Sequence[str],
+    part_set: Sequence[str],
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """Every (slice, delay, echo, part) cell holds exactly one image, no slice is missing,
+    the announced instance count arrived and the grid is big enough for MDME.
+    ``labels``: per frame (slice, delay, echo) indices into ``axes`` (slice positions mm,
+    delays ms, echo times ms)."""
+    nz, nd, ne = (len(a) for a in axes)
     pidx = {p: i for i, p in enumerate(part_set)}
-    cell_of = np.full((nz, nd, ne, npart), -1, dtype=np.int64)
+    cell_of = np.full((nz, nd, ne, len(part_set)), -1, dtype=np.int64)
     dups: dict[tuple[int, int, int, str], list[str]] = {}
     for k, f in enumerate(frames):
-        c = (int(slice_lab[k]), int(delay_lab[k]), int(echo_lab[k]), pidx[parts[k]])
+        c = (int(labels[k, 0]), int(labels[k, 1]), int(labels[k, 2]), pidx[parts[k]])
         if cell_of[c] >= 0:
             other = frames[int(cell_of[c])]
             key = (c[0], c[1], c[2], parts[k])
@@ -536,30 +635,7 @@ def normalize(
             f"first {first[0]}: {', '.join(first[1])}",
             duplicates=[(k, tuple(v)) for k, v in dups.items()],
         )
-    missing_idx = np.argwhere(cell_of < 0)
-    gaps = _slice_gaps(slice_pos)
-    if missing_idx.size or gaps:
-        missing = [(int(a), int(b), int(c), part_set[int(d)]) for a, b, c, d in missing_idx]
-        parts_msg = []
-        if missing:
-            a, b, c, d = missing[0]
-            parts_msg.append(
-                f"{len(missing)} missing grid cell(s) (slice, delay, echo, part), first "
-                f"{missing[0]} = slice at {slice_pos[a]:.2f} mm, delay {delay_vals[b]:g} ms, "
-                f"TE {echo_vals[c]:g} ms, part {d}"
-            )
-        if gaps:
-            parts_msg.append(
-                "missing slice(s) at "
-                + ", ".join(f"{g:.2f} mm" for g in gaps)
-                + " (uneven slice spacing)"
-            )
-        raise NormalizationError(
-            "missing",
-            "; ".join(parts_msg),
-            missing=missing,
-            details={"missing_slice_positions_mm": gaps, "grid": (nz, nd, ne, part_set)},
-        )
+    _check_missing(np.argwhere(cell_of < 0), part_set, axes)
     exp = expected_count(datasets[0], table)
     if exp is not None and exp > len(datasets):
         raise NormalizationError(
@@ -574,81 +650,148 @@ def normalize(
             f"grid has {nd} delay(s) x {ne} echo(es); need >= {r.min_delays} x {r.min_echoes}",
         )
 
-    # --- pixels: stored value -> float per frame
-    data = np.empty((npart, nz, nd, ne, n_rows, n_cols), dtype=np.float32)
-    frame_cache: dict[int, np.ndarray] = {}
-    for k, f in enumerate(frames):
-        arr = frame_cache.get(f.index)
-        if arr is None:
-            arr = _pixels(datasets[f.index])
-            frame_cache[f.index] = arr
-        img = arr[f.frame or 0]
-        part = parts[k]
-        scale, offset = _scale_of(f, part, r)
-        dst = data[pidx[part], int(slice_lab[k]), int(delay_lab[k]), int(echo_lab[k])]
+
+def _check_missing(
+    missing_idx: np.ndarray,
+    part_set: Sequence[str],
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """Raise ``missing`` naming the first empty grid cell and any missing slice position."""
+    slice_pos, delay_vals, echo_vals = axes
+    gaps = _slice_gaps(slice_pos)
+    if not missing_idx.size and not gaps:
+        return
+    missing = [(int(a), int(b), int(c), part_set[int(d)]) for a, b, c, d in missing_idx]
+    msg = []
+    if missing:
+        a, b, c, d = missing[0]
+        msg.append(
+            f"{len(missing)} missing grid cell(s) (slice, delay, echo, part), first "
+            f"{missing[0]} = slice at {slice_pos[a]:.2f} mm, delay {delay_vals[b]:g} ms, "
+            f"TE {echo_vals[c]:g} ms, part {d}"
+        )
+    if gaps:
+        msg.append(
+            "missing slice(s) at "
+            + ", ".join(f"{g:.2f} mm" for g in gaps)
+            + " (uneven slice spacing)"
+        )
+    raise NormalizationError(
+        "missing",
+        "; ".join(msg),
+        missing=missing,
+        details={
+            "missing_slice_positions_mm": gaps,
+            "grid": (len(slice_pos), len(delay_vals), len(echo_vals), list(part_set)),
+        },
+    )
+
+
+def _scaled_pixels(
+    datasets: Sequence[Dataset],
+    frames: Sequence[Frame],
+    r: VendorRules,
+    labels: np.ndarray,
+    parts: Sequence[str],
+    part_set: Sequence[str],
+    shape: tuple[int, ...],
+) -> tuple[np.ndarray, PhaseDecision | None]:
+    """Stored values -> floats in the grid ``[part, z, d, e, y, x]`` (float32), phase in
+    radians with its unit decided from the data (:mod:`.phase_units`), and that decision
+    (None when no phase is used)."""
+    cache: dict[int, np.ndarray] = {}
+    for f in frames:
+        if f.index not in cache:
+            cache[f.index] = _pixels(datasets[f.index])
+    images = [cache[f.index][f.frame or 0] for f in frames]
+    scales = [_scale_of(f, part, r) for f, part in zip(frames, parts, strict=True)]
+    phase = _phase_decision(frames, parts, images, scales, r)
+    pidx = {p: i for i, p in enumerate(part_set)}
+    data = np.empty(shape, dtype=np.float32)
+    for k, img in enumerate(images):
+        scale, offset = scales[k]
+        if parts[k] == "P" and phase is not None:
+            scale, offset = scale * phase.to_rad, offset * phase.to_rad
+        dst = data[pidx[parts[k]], int(labels[k, 0]), int(labels[k, 1]), int(labels[k, 2])]
         # one float64 pass, one rounding to float32
         dst[...] = img * scale + offset if offset else img * scale
-    del frame_cache
+    if "M" in pidx:
+        _clip_magnitude(
+            data[pidx["M"]], [abs(s) for (s, _), p in zip(scales, parts, strict=True) if p == "M"]
+        )
+    return data, phase
 
-    signal, is_mag, combine = _combine(data, part_set, r.phase_reference)
 
-    # --- affine (contract in processing.acquisition)
-    dy, dx = float(spacing[0, 0]), float(spacing[0, 1])
-    if nz > 1:
-        dz = float(np.mean(np.diff(slice_pos)))
+def _clip_magnitude(mag: np.ndarray, steps: Sequence[float]) -> None:
+    """A writer with a negative RescaleIntercept rounds zero magnitude to within one stored
+    step below zero: clip that (in place). Anything more negative is a broken rescale."""
+    lo = float(mag.min())
+    if lo >= 0:
+        return
+    step = max(steps)
+    if lo < -step:
+        raise NormalizationError(
+            "pixels",
+            f"magnitude images go down to {lo:.6g} after RescaleSlope/Intercept (one stored "
+            f"step is {step:.6g}): the rescale is inconsistent",
+        )
+    np.maximum(mag, 0, out=mag)
+
+
+def _phase_decision(
+    frames: Sequence[Frame],
+    parts: Sequence[str],
+    images: Sequence[np.ndarray],
+    scales: Sequence[tuple[float, float]],
+    r: VendorRules,
+) -> PhaseDecision | None:
+    """The unit of the phase frames, or None when there are none or a real/imaginary pair
+    makes them unused. Raises ``phase_units`` when it cannot be decided."""
+    if "P" not in parts or ("R" in parts and "I" in parts):
+        return None
+    ranges = []
+    for f, part, img, (scale, offset) in zip(frames, parts, images, scales, strict=True):
+        if part != "P":
+            continue
+        ends = (float(img.min()) * scale + offset, float(img.max()) * scale + offset)
+        ranges.append(PhaseRange(min(ends), max(ends), abs(scale), f.sop_uid + _frame_label(f)))
+    try:
+        return decide_phase_unit(ranges, r.phase_to_rad)
+    except PhaseUnitError as exc:
+        raise NormalizationError(
+            "phase_units",
+            f"{r.name}: {exc}",
+            details={
+                "phase_min": min(p.lo for p in ranges),
+                "phase_max": max(p.hi for p in ranges),
+            },
+        ) from None
+
+
+def _affine(frames: Sequence[Frame], geo: _Geometry) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Voxel -> patient affine (contract in processing.acquisition) and voxel size (z, y, x)."""
+    dy, dx = float(geo.spacing[0, 0]), float(geo.spacing[0, 1])
+    if len(geo.slice_pos) > 1:
+        dz = float(np.mean(np.diff(geo.slice_pos)))
     else:
         dz = (
             _first_float(frames[0].get("SpacingBetweenSlices"))
             or _first_float(frames[0].get("SliceThickness"))
             or 1.0
         )
-    origin = ipp[int(np.argmax(slice_lab == 0))]
     affine = np.eye(4)
-    affine[:3, 0] = row_dir * dx
-    affine[:3, 1] = col_dir * dy
-    affine[:3, 2] = normal * dz
-    affine[:3, 3] = origin
-    first = datasets[0]
-    meta = {
-        "vendor": r.name,
-        "detection": det.reason,
-        "manufacturer": str(first.get("Manufacturer", "")),
-        "model": str(first.get("ManufacturerModelName", "")),
-        "sop_class_uid": str(first.get("SOPClassUID", "")),
-        "series_instance_uid": str(first.get("SeriesInstanceUID", "")),
-        "study_instance_uid": str(first.get("StudyInstanceUID", "")),
-        "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")),
-        "series_description": str(first.get("SeriesDescription", "")),
-        "parts": "".join(part_set),
-        "combine": combine,
-        "echo_source": echo_source,
-        "n_instances": len(datasets),
-        "n_frames": len(frames),
-        "slice_positions_mm": [float(p) for p in slice_pos],
-    }
-    try:
-        return Acquisition(
-            signal=signal,
-            delays_ms=delay_vals,
-            echo_times_ms=echo_vals,
-            tr_ms=float(tr),
-            saturation_deg=r.saturation_deg,
-            excitation_deg=float(flip),
-            voxel_size_mm=(abs(dz), dy, dx),
-            affine=affine,
-            is_magnitude=is_mag,
-            delay_source=src,
-            metadata=meta,
-        )
-    except AcquisitionError as exc:
-        raise NormalizationError("invalid", f"normalized acquisition is invalid: {exc}") from None
+    affine[:3, 0] = geo.row_dir * dx
+    affine[:3, 1] = geo.col_dir * dy
+    affine[:3, 2] = geo.normal * dz
+    affine[:3, 3] = geo.ipp[int(np.argmax(geo.slice_lab == 0))]
+    return affine, (abs(dz), dy, dx)
 
 
 def _scale_of(f: Frame, part: str, r: VendorRules) -> tuple[float, float]:
-    """Stored value -> float: ``value = SV * scale + offset`` for one frame.
+    """Stored value -> rescaled float: ``value = SV * scale + offset`` for one frame.
 
     RescaleSlope/Intercept; Philips FP = (SV*RS + RI) / (RS*SS) on the parts the rule
-    names; phase converted to radians.
+    names. Phase stays in its rescaled unit (radians per unit: :func:`_phase_decision`).
     """
     slope = _first_float(f.get("RescaleSlope"))
     icpt = _first_float(f.get("RescaleIntercept"))
@@ -659,8 +802,6 @@ def _scale_of(f: Frame, part: str, r: VendorRules) -> tuple[float, float]:
         ss = _first_float(f.get(r.float_scale_tag))
         if ss:
             scale, offset = 1.0 / ss, icpt / (slope * ss)
-    if part == "P":
-        scale, offset = scale * r.phase_to_rad, offset * r.phase_to_rad
     return scale, offset
 
 
@@ -668,20 +809,26 @@ def frame_images(
     datasets: Sequence[Dataset], rules: Mapping[str, VendorRules] | None = None
 ) -> list[tuple[Frame, str, np.ndarray]]:
     """Every frame decoded to float64 with its complex part, unsorted (for inspection and
-    tests of the scaling rules on real headers). Works on non-MDME series too."""
+    tests of the scaling rules on real headers). Works on non-MDME series too; phase in
+    radians, its unit decided over all the frames given."""
     table = _rules(rules)
     if not datasets:
         return []
     r = vendor_of(datasets[0], table)
-    out: list[tuple[Frame, str, np.ndarray]] = []
+    frames = frame_records(datasets)
     cache: dict[int, np.ndarray] = {}
-    for f in frame_records(datasets):
-        arr = cache.get(f.index)
-        if arr is None:
-            arr = cache[f.index] = _pixels(datasets[f.index])
-        part = _part_of(f, r) or "M"
-        scale, offset = _scale_of(f, part, r)
-        out.append((f, part, arr[f.frame or 0] * scale + offset))
+    for f in frames:
+        if f.index not in cache:
+            cache[f.index] = _pixels(datasets[f.index])
+    images = [cache[f.index][f.frame or 0] for f in frames]
+    parts = [_part_of(f, r) or "M" for f in frames]
+    scales = [_scale_of(f, part, r) for f, part in zip(frames, parts, strict=True)]
+    phase = _phase_decision(frames, parts, images, scales, r)
+    out: list[tuple[Frame, str, np.ndarray]] = []
+    for f, part, img, (scale, offset) in zip(frames, parts, images, scales, strict=True):
+        if part == "P" and phase is not None:
+            scale, offset = scale * phase.to_rad, offset * phase.to_rad
+        out.append((f, part, img * scale + offset))
     return out
 
 

@@ -61,8 +61,10 @@ class VendorRules:
     fallback_echo_times_ms: tuple[float, ...] | None = None
     #: background-phase reference (processing.phase): "longest_delay" or "sum".
     phase_reference: str = "longest_delay"
-    #: radians per rescaled phase unit (1e-3: milliradians; pi/4096: Siemens 12-bit).
-    phase_to_rad: float = 1e-3
+    #: radians per rescaled phase unit; None = decided from the data of each series
+    #: (dicom_node.vendors.phase_units: radians, degrees, milliradians, 12/16-bit scales).
+    #: Set it only for a unit not in that table (the span/coverage checks still run).
+    phase_to_rad: float | None = None
     #: expected instance count: ordered alternatives, each a product of tags.
     count_tags: tuple[tuple[str, ...], ...] = (("ImagesInAcquisition",),)
     #: nominal saturation flip angle (not in any header we know of), degrees.
@@ -92,7 +94,6 @@ DEFAULT_RULES: dict[str, VendorRules] = {
         delay_sources=("InversionTime", INTERLEAVE),
         part_sources=("(0043,102F)", "ComplexImageComponent", "ImageType"),
         count_tags=(("ImagesInAcquisition",),),
-        phase_to_rad=1e-3,
     ),
     "siemens": VendorRules(
         name="siemens",
@@ -105,7 +106,6 @@ DEFAULT_RULES: dict[str, VendorRules] = {
         delay_sources=("InversionTime", "TriggerTime", INTERLEAVE),
         part_sources=("ComplexImageComponent", "ImageType"),
         count_tags=(("ImagesInAcquisition",),),
-        phase_to_rad=math.pi / 4096.0,
     ),
     "philips": VendorRules(
         name="philips",
@@ -114,7 +114,9 @@ DEFAULT_RULES: dict[str, VendorRules] = {
             ("SeriesDescription", r"syntac|qrapmaster|mdme"),
             ("ProtocolName", r"syntac|qrapmaster|mdme"),
         ),
-        delay_sources=("(2001,101B)", "InversionTime", INTERLEAVE),
+        # TriggerTime: a cardiac trigger delay elsewhere, absent (or 0) on an ungated
+        # MDME; a converter that drops the private tag may put the delay there.
+        delay_sources=("(2001,101B)", "InversionTime", "TriggerTime", INTERLEAVE),
         part_sources=("ComplexImageComponent", "ImageType", "(2005,1011)"),
         dynamic_sources=(
             "TemporalPositionIndex",
@@ -125,7 +127,6 @@ DEFAULT_RULES: dict[str, VendorRules] = {
             ("ImagesInAcquisition",),
             ("(2001,1018)", "(2001,1081)", "(2001,1014)"),
         ),
-        phase_to_rad=1e-3,
     ),
     "generic": VendorRules(
         name="generic",
@@ -159,8 +160,8 @@ def _coerce(f: dataclasses.Field, value: Any, vendor: str) -> Any:
             return tuple(str(x) for x in value)
         if typ.startswith("int"):
             return None if value is None else int(value)
-        if typ == "float":
-            return float(value)
+        if typ.startswith("float"):
+            return None if value is None else float(value)
         if typ.startswith("str"):
             return None if value is None else str(value)
     except (TypeError, ValueError) as exc:
@@ -224,6 +225,8 @@ def _validated(r: VendorRules) -> VendorRules:
             re.compile(pat)
         except re.error as exc:
             raise ValueError(f"vendors.{r.name}: bad regex {pat!r}: {exc}") from None
+    if r.phase_to_rad is not None and not (math.isfinite(r.phase_to_rad) and r.phase_to_rad > 0):
+        raise ValueError(f"vendors.{r.name}.phase_to_rad: must be > 0, got {r.phase_to_rad!r}")
     if r.interleave_offsets is not None and min(r.interleave_offsets, default=1) <= 0:
         raise ValueError(f"vendors.{r.name}.interleave_offsets: offsets must be > 0")
     return r

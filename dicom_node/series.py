@@ -1,0 +1,394 @@
+"""One series, one path: classify -> process -> QC gate -> export -> write.
+
+The node's job (:func:`dicom_node.pipeline.run_series_job`), ``synthmr process`` and the
+offline demo all call :func:`run_series`; they differ only in where the inputs come from
+and where the outputs go (``write``: the spool's outbox, or a folder). Every outcome is a
+:class:`~dicom_node.registry.State`:
+
+- ``IGNORED``: not an MDME series (the reason says why);
+- ``QUARANTINED``: an MDME series whose grid is incomplete or inconsistent (``missing``
+  names the absent cells);
+- ``FAILED``: an error in a stage (``stage`` names it);
+- ``HELD``: processed and exported, but QC says "fail" and ``[export] qc_fail = "hold"``:
+  the outputs are written, not delivered (``synthmr retry --release`` sends them);
+- ``EXPORTED``: outputs written, to be delivered (with ``qc_fail = "send_marked"`` a
+  QC-failed series is delivered with "QC FAIL" in its descriptions).
+
+Only orchestration lives here: the numerics run in :mod:`processing` (in a worker when a
+``submit`` is given), the DICOM packaging in :mod:`dicom_node.export`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node import vendors
+from dicom_node.config import Settings
+from dicom_node.export import ExportSettings, export_groups
+from dicom_node.logging import log_event
+from dicom_node.metrics import NodeMetrics
+from dicom_node.registry import State
+from processing.acquisition import Acquisition
+from processing.montage import series_montage_png
+from processing.results import SeriesResult
+from processing.run import ProcessingSettings, run
+
+__all__ = [
+    "Classified",
+    "JobOutcome",
+    "classify",
+    "folder_writer",
+    "mark_qc_fail",
+    "missing_cells",
+    "run_series",
+]
+
+log = logging.getLogger("synthmr.series")
+
+#: submit(fn, *args) -> a future with ``.result(timeout)`` (process pool or Dask)
+Submit = Callable[..., Any]
+#: write(output datasets, result) -> ``(sop_uid, sop_class_uid, path)`` per dataset
+Writer = Callable[[list[Dataset], SeriesResult], list[tuple[str, str, str]]]
+
+QC_FAIL_MARK = "QC FAIL"
+
+
+@dataclass
+class Classified:
+    """What :func:`classify` made of a series: ``state`` is ``COMPLETE`` (ready: the
+    acquisition is set), ``IGNORED``, ``QUARANTINED`` or ``FAILED``."""
+
+    state: State
+    vendor: str
+    reason: str
+    acquisition: Acquisition | None = None
+    missing: list[str] = field(default_factory=list)
+    error: vendors.NormalizationError | None = None
+    expected_instances: int | None = None
+
+    @property
+    def grid(self) -> tuple[int, int, int, str] | None:
+        """(slices, delays, echoes, parts) of a ready series."""
+        if self.acquisition is None:
+            return None
+        z, d, e, _, _ = self.acquisition.signal.shape
+        return z, d, e, str(self.acquisition.metadata.get("parts", ""))
+
+    def summary(self) -> str:
+        """The grid and delay source of a ready series, else the state and reason."""
+        acq = self.acquisition
+        if acq is None:
+            return f"{self.state.value}: {self.reason}"
+        z, d, e, y, x = acq.signal.shape
+        return (
+            f"grid {z} slices x {d} delays x {e} echoes x {y}x{x}"
+            f" ({'magnitude' if acq.is_magnitude else 'real'}), delays from {acq.delay_source}"
+        )
+
+
+@dataclass
+class JobOutcome:
+    """What one series ended with; ``outputs`` are ``(sop_uid, sop_class_uid, path)``."""
+
+    state: State
+    reason: str = ""
+    missing: list[str] = field(default_factory=list)
+    outputs: list[tuple[str, str, str]] = field(default_factory=list)
+    stage: str = ""  # stage that failed, for synthmr_processing_errors_total
+    vendor: str = ""
+    summary: str = ""  # grid and delay source of a processed series
+    warnings: list[str] = field(default_factory=list)
+    fit_failed_fraction: float | None = None
+    qc_status: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    #: processing.run sub-stage seconds (SeriesResult.timings_s: fit, synthesis, ...)
+    processing_timings_s: dict[str, float] = field(default_factory=dict)
+    #: scalar QC figures of the series (processing.qc: residual_to_noise, b1_p1, ...)
+    qc_figures: dict[str, float] = field(default_factory=dict)
+    result: SeriesResult | None = None
+    #: a QC phantom: the phantom_qc.json content (dicom_node.phantom_node)
+    phantom_qc: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------- classify
+def _missing_text(exc: Exception) -> list[str]:
+    """Missing cells as text: ``(slice, delay, echo, part)`` tuples -> ``slice=1 delay=2 ...``."""
+    missing = getattr(exc, "missing", None)
+    if not missing:
+        return [str(exc)]
+    out = []
+    for m in missing:
+        if isinstance(m, tuple) and len(m) == 4:
+            out.append("slice={} delay={} echo={} part={}".format(*m))
+        else:
+            out.append(str(m))
+    return out
+
+
+def classify(
+    datasets: Sequence[Dataset], rules: Mapping[str, vendors.VendorRules] | None = None
+) -> Classified:
+    """Detect the vendor and MDME-ness of one series and normalize it. Never raises.
+
+    ``rules``: every vendor's rules (``Settings.vendors``; None = the defaults).
+    """
+    if not datasets:
+        return Classified(State.FAILED, "-", "no instances for this series")
+    try:
+        det = vendors.detect(datasets, rules)
+    except Exception as exc:  # a header we did not foresee
+        return Classified(State.FAILED, "-", f"header parse error: {type(exc).__name__}: {exc}")
+    if not det.is_mdme:
+        return Classified(State.IGNORED, det.vendor, f"not an MDME series: {det.reason}")
+    expected = vendors.expected_count(datasets[0], rules)
+    try:
+        acq = vendors.normalize(datasets, rules)
+    except vendors.NormalizationError as exc:
+        if exc.kind == "not_mdme":
+            return Classified(State.IGNORED, det.vendor, f"not an MDME series: {exc}", error=exc)
+        return Classified(
+            State.QUARANTINED,
+            det.vendor,
+            f"grid incomplete or inconsistent: {exc}",
+            missing=_missing_text(exc),
+            error=exc,
+            expected_instances=expected,
+        )
+    except Exception as exc:
+        return Classified(State.FAILED, det.vendor, f"normalize: {type(exc).__name__}: {exc}")
+    return Classified(State.COMPLETE, det.vendor, det.reason, acq, expected_instances=expected)
+
+
+def missing_cells(
+    paths: Sequence[str], rules: Mapping[str, vendors.VendorRules] | None = None
+) -> list[str]:
+    """The missing grid cells of a partial series, named from the headers alone (the
+    grid check runs before any pixel is read, so the pixels are not read at all)."""
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    try:
+        vendors.normalize(headers, rules)
+    except vendors.NormalizationError as exc:
+        if exc.kind == "missing":
+            return _missing_text(exc)
+        if "PixelData" in str(exc) or "pixel data" in str(exc).lower():
+            return []  # the grid is complete: only the (unread) pixels are absent
+        return [str(exc)]
+    return []
+
+
+# --------------------------------------------------------------------------- QC gate
+def _qc_reason(qc: dict[str, Any]) -> str:
+    why = qc.get("reasons") or ([qc["error"]] if qc.get("error") else [])
+    return "QC fail: " + ("; ".join(str(r) for r in why) or "no reason recorded")
+
+
+def mark_qc_fail(datasets: Sequence[Dataset], reason: str) -> None:
+    """Mark outputs delivered despite a failed QC: "QC FAIL" ends every series
+    description, and images carry the reason in ImageComments."""
+    suffix = f" [{QC_FAIL_MARK}]"
+    for ds in datasets:
+        desc = str(ds.get("SeriesDescription", "") or "")
+        ds.SeriesDescription = desc[: 64 - len(suffix)] + suffix
+        if ds.get("Modality") == "MR" and "PixelData" in ds:
+            ds.ImageComments = reason[:10240]
+
+
+# --------------------------------------------------------------------------- one series
+def _figures(result: SeriesResult) -> dict[str, Any]:
+    maps = result.maps
+    n_mask = int(np.count_nonzero(maps.mask))
+    qc_all = result.qc if isinstance(result.qc, dict) else {}
+    qc = qc_all.get("status")
+    return {
+        "fit_failed_fraction": (float(np.count_nonzero(maps.failed)) / n_mask if n_mask else None),
+        "qc_status": str(qc).lower() if qc else None,
+        "qc_figures": {
+            k: float(v)
+            for k, v in qc_all.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        },
+        "processing_timings_s": {k: float(v) for k, v in dict(result.timings_s).items()},
+        "warnings": list(result.warnings),
+    }
+
+
+def run_series(
+    datasets: Sequence[Dataset],
+    settings: Settings,
+    write: Writer,
+    *,
+    series_uid: str = "",
+    submit: Submit | None = None,
+    metrics: NodeMetrics | None = None,
+    timeout_s: float | None = None,
+    extra_outputs: Callable[[SeriesResult], list[Dataset]] | None = None,
+    on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
+) -> JobOutcome:
+    """Run one series end to end. Never raises: errors become a FAILED / QUARANTINED /
+    IGNORED outcome naming the stage and the reason.
+
+    ``submit``: run :func:`processing.run.run` there (None = in this process).
+    ``extra_outputs(result)``: more output datasets (the node's one-page report), sent
+    and QC-gated with the export's.
+    ``on_outputs(rows)``: streamed outputs. Each output series is written as soon as it
+    is built and its ``(sop_uid, sop_class_uid, path)`` handed over (the node pushes it
+    while the next is built); not for a series the QC gate holds (written at the end,
+    as before). When a later group fails, what was handed over stays (series FAILED).
+    """
+    timings: dict[str, float] = {}
+
+    def observe(stage: str, t0: float) -> None:
+        timings[stage] = time.perf_counter() - t0
+        if metrics is not None:
+            metrics.stage.labels(stage).observe(timings[stage])
+
+    stage = "normalize"
+    vendor = ""
+    try:
+        t0 = time.perf_counter()
+        cls = classify(datasets, settings.vendors)
+        vendor = cls.vendor
+        if cls.acquisition is None:
+            return JobOutcome(
+                cls.state,
+                cls.reason,
+                missing=cls.missing,
+                stage="" if cls.state == State.IGNORED else stage,
+                vendor=cls.vendor,
+                timings_s=timings,
+            )
+        observe("normalize", t0)
+
+        stage = "process"
+        t0 = time.perf_counter()
+        from dicom_node.phantom_node import run_phantom_series
+
+        phantom = run_phantom_series(
+            cls.acquisition, datasets, settings, write, submit, timeout_s, series_uid, observe
+        )
+        if phantom is not None:  # a QC phantom: maps + sphere SEG + SR, no brain stages
+            phantom.vendor, phantom.summary, phantom.timings_s = vendor, cls.summary(), timings
+            return phantom
+        result = _process(cls.acquisition, settings.processing, submit, timeout_s)
+        observe("process", t0)
+        # per-stage figures measured by processing.run (fit, pd, synthesis, ...)
+        timings.update({k: float(v) for k, v in dict(result.timings_s).items()})
+
+        stage = "export"
+        t0 = time.perf_counter()
+        outcome = _export_and_write(
+            result, datasets, settings.export, write, extra_outputs, on_outputs
+        )
+        observe("export", t0)
+    except Exception as exc:
+        log_event(
+            log,
+            "job_failed",
+            level=logging.ERROR,
+            series_uid=series_uid,
+            stage=stage,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return JobOutcome(
+            State.FAILED,
+            f"{stage}: {type(exc).__name__}: {exc}",
+            stage=stage,
+            vendor=vendor,
+            timings_s=timings,
+        )
+    outcome.vendor = vendor
+    outcome.summary = cls.summary()
+    outcome.timings_s = timings
+    return outcome
+
+
+def _process(
+    acq: Acquisition,
+    settings: ProcessingSettings,
+    submit: Submit | None,
+    timeout_s: float | None,
+) -> SeriesResult:
+    if submit is None:
+        return run(acq, settings)
+    return submit(run, acq, settings).result(timeout=timeout_s)
+
+
+def _export_and_write(
+    result: SeriesResult,
+    sources: Sequence[Dataset],
+    settings: ExportSettings,
+    write: Writer,
+    extra_outputs: Callable[[SeriesResult], list[Dataset]] | None = None,
+    on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
+) -> JobOutcome:
+    """Export, apply the QC gate, write; the outcome's state is EXPORTED or HELD.
+
+    The gate is decided from the QC figures before anything is built; unless it holds
+    the series, every output series is written (and handed to ``on_outputs``) as soon as
+    it is built."""
+    figures = _figures(result)
+    qc_reason = _qc_reason(result.qc) if figures["qc_status"] == "fail" else ""
+    hold = bool(qc_reason) and settings.qc_fail != "send_marked"
+    stream = on_outputs is not None and not hold
+    outputs: list[tuple[str, str, str]] = []
+    held: list[Dataset] = []
+
+    def emit(group: list[Dataset]) -> None:
+        if not group:
+            return
+        if qc_reason and not hold:
+            mark_qc_fail(group, qc_reason)
+        if not stream:
+            held.extend(group)
+            return
+        rows = write(group, result)
+        outputs.extend(rows)
+        on_outputs(rows)  # type: ignore[misc]
+
+    for group in export_groups(result, sources, settings):
+        emit(group)
+    if extra_outputs is not None:
+        emit(extra_outputs(result))
+    if not stream:
+        outputs = write(held, result)
+    n = len(outputs)
+    state, reason = State.EXPORTED, f"{n} instances exported"
+    if qc_reason and not hold:
+        reason = f"{qc_reason}; {n} instances exported marked {QC_FAIL_MARK}"
+    elif hold:
+        state = State.HELD
+        reason = (
+            f"{qc_reason}; {n} instances held, not sent"
+            " (`synthmr retry --release SERIES_UID` sends them)"
+        )
+    return JobOutcome(state, reason, outputs=outputs, result=result, **figures)
+
+
+# --------------------------------------------------------------------------- writers
+def folder_writer(out: Path) -> Writer:
+    """Write outputs as ``out/<series number>_<modality>/<SOP UID>.dcm`` + ``montage.png``."""
+
+    def write(datasets: list[Dataset], result: SeriesResult) -> list[tuple[str, str, str]]:
+        out.mkdir(parents=True, exist_ok=True)
+        written: list[tuple[str, str, str]] = []
+        for ds in datasets:
+            modality = str(getattr(ds, "Modality", "OT"))
+            number = int(getattr(ds, "SeriesNumber", 0) or 0)
+            folder = out / f"{number:05d}_{modality}"
+            folder.mkdir(exist_ok=True)
+            path = folder / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            written.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path)))
+        (out / "montage.png").write_bytes(series_montage_png(result))
+        return written
+
+    return write

@@ -1,0 +1,249 @@
+"""What the node keeps of every processed series for the web interface and the report.
+
+``<spool>/results/<series>/``:
+
+- ``maps.npz``: T1 (ms), T2 (ms), PD (pu), B1 as float32 ``[z, y, x]`` (0 outside the
+  mask), mask and failed voxels, tissue fractions WM/GM/CSF/NON as uint8 (fraction x 255),
+  myelin partial volume (%, float16) when modelled. Compressed: a 30 x 256 x 256 series takes
+  ~15 MB. The contrast tuner and "send to PACS" synthesize from these maps.
+- ``meta.json``: shape, voxel size, affine, volumes, tissue statistics, QC figures, the
+  contrasts sent with their timing and window, the per-patient DIR, provenance (software
+  version, parameters, model hash), patient/study identity (for the report, never logged).
+- ``refs/<z>.dcm``: the reference source header of each slice, without pixels (geometry
+  and patient/study modules of outputs made later from the maps).
+- ``thumbs/<name>.png``: the middle slice of every map and contrast, windowed.
+
+Written once per processed series by the pipeline; a re-run overwrites it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.spool import safe_name
+from processing.display import grey8, percentile_window
+from processing.results import TISSUES, QuantMaps, SeriesResult
+
+__all__ = ["StoredSeries", "load_series", "patient_identity", "save_series", "series_dir"]
+
+MAP_THUMBS = ("T1", "T2", "PD", "B1", "MYPV")
+
+
+def series_dir(spool_root: str | Path, series_uid: str) -> Path:
+    return Path(spool_root) / "results" / safe_name(series_uid)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist() if obj.size <= 64 else f"array{obj.shape}"
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _age_years(ds: Dataset) -> float | None:
+    """PatientAge (``045Y``) or StudyDate - PatientBirthDate, in years."""
+    age = str(ds.get("PatientAge", "") or "")
+    if len(age) == 4 and age[:3].isdigit():
+        unit = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}.get(age[3].upper())
+        if unit:
+            return int(age[:3]) * unit
+    born, when = str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
+    if len(born) == 8 and len(when) == 8 and born.isdigit() and when.isdigit():
+        from datetime import date
+
+        b = date(int(born[:4]), int(born[4:6]), int(born[6:]))
+        w = date(int(when[:4]), int(when[4:6]), int(when[6:]))
+        return (w - b).days / 365.25
+    return None
+
+
+def patient_identity(ds: Dataset) -> dict[str, Any]:
+    """Patient and study identity of a source header (for pages and the report only)."""
+    return {
+        "patient_id": str(ds.get("PatientID", "") or ""),
+        "patient_name": str(ds.get("PatientName", "") or ""),
+        "birth_date": str(ds.get("PatientBirthDate", "") or ""),
+        "sex": str(ds.get("PatientSex", "") or "").upper(),
+        "age_years": _age_years(ds),
+        "study_date": str(ds.get("StudyDate", "") or ""),
+        "study_time": str(ds.get("StudyTime", "") or ""),
+        "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
+        "series_description": str(ds.get("SeriesDescription", "") or ""),
+        "manufacturer": str(ds.get("Manufacturer", "") or ""),
+        "model": str(ds.get("ManufacturerModelName", "") or ""),
+        "field_strength": float(ds.get("MagneticFieldStrength", 0) or 0) or None,
+    }
+
+
+def _png(gray: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(gray)).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _map_volume(result: SeriesResult, name: str) -> np.ndarray | None:
+    m = result.maps
+    if name == "MYPV":
+        return None if result.myelin is None else np.asarray(result.myelin.mypv)
+    return {"T1": m.t1_ms, "T2": m.t2_ms, "PD": m.pd_pu, "B1": m.b1}[name]
+
+
+def save_series(
+    spool_root: str | Path,
+    series_uid: str,
+    result: SeriesResult,
+    sources: Sequence[Dataset],
+    *,
+    reference_images: Sequence[Dataset] | None = None,
+) -> Path:
+    """Keep the maps, figures, reference headers and thumbnails of a processed series."""
+    final = series_dir(spool_root, series_uid)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "refs").mkdir(parents=True)
+    (tmp / "thumbs").mkdir()
+    maps = result.maps
+    mask = np.asarray(maps.mask, bool)
+
+    def f32(a: np.ndarray) -> np.ndarray:
+        return np.where(mask, np.nan_to_num(np.asarray(a, np.float32)), 0).astype(np.float32)
+
+    arrays: dict[str, np.ndarray] = {
+        "t1_ms": f32(maps.t1_ms),
+        "t2_ms": f32(maps.t2_ms),
+        "pd_pu": f32(maps.pd_pu),
+        "b1": f32(maps.b1),
+        "mask": mask,
+        "failed": np.asarray(maps.failed, bool),
+    }
+    if result.segmentation is not None:
+        for t in TISSUES:
+            frac = np.asarray(result.segmentation.fractions[t], np.float32)
+            arrays[f"frac_{t}"] = np.rint(np.clip(frac, 0, 1) * 255).astype(np.uint8)
+        arrays["icmask"] = np.asarray(result.segmentation.icmask, bool)
+    if result.myelin is not None:
+        arrays["mypv"] = np.asarray(result.myelin.mypv, np.float16)
+    np.savez_compressed(tmp / "maps.npz", **arrays)
+
+    z = int(result.shape[0]) // 2
+    thumbs: list[str] = []
+    for name in MAP_THUMBS:
+        vol = _map_volume(result, name)
+        if vol is None:
+            continue
+        c, w = percentile_window(vol, mask)
+        (tmp / "thumbs" / f"{name}.png").write_bytes(_png(grey8(vol[z], c, w)))
+        thumbs.append(name)
+    synthetic: dict[str, Any] = {}
+    for name, syn in result.synthetic.items():
+        img = np.asarray(syn.image)
+        (tmp / "thumbs" / f"{name}.png").write_bytes(
+            _png(grey8(img[z], syn.window_center, syn.window_width))
+        )
+        synthetic[name] = {
+            "kind": syn.kind,
+            "tr_ms": syn.tr_ms,
+            "te_ms": syn.te_ms,
+            "ti_ms": syn.ti_ms,
+            "ti2_ms": syn.ti2_ms,
+            "description": syn.description,
+            "window_center": syn.window_center,
+            "window_width": syn.window_width,
+            "ai_enhanced": syn.ai_enhanced,
+        }
+    if reference_images is None:
+        from dicom_node.export import reference_images as _refs
+
+        reference_images = _refs(sources)
+    for i, ref in enumerate(reference_images):
+        hdr = Dataset()
+        for elem in ref:
+            if elem.tag.group != 0x7FE0:
+                hdr.add(elem)
+        hdr.file_meta = getattr(ref, "file_meta", Dataset())
+        pydicom.dcmwrite(tmp / "refs" / f"{i:04d}.dcm", hdr, enforce_file_format=False)
+    ident = patient_identity(sources[0]) if sources else {}
+    meta = {
+        "series_uid": series_uid,
+        "shape": list(result.shape),
+        "voxel_size_mm": list(result.voxel_size_mm),
+        "affine": np.asarray(result.affine, float).tolist(),
+        "volumes_ml": _jsonable(result.volumes_ml),
+        "tissue_stats": _jsonable(result.tissue_stats),
+        "qc": _jsonable(result.qc),
+        "dir_parameters": _jsonable(result.dir_parameters),
+        "provenance": _jsonable(result.provenance),
+        "warnings": list(result.warnings),
+        "synthetic": synthetic,
+        "map_thumbs": thumbs,
+        "thumb_slice": z,
+        "patient": ident,
+        "noise_sd": _jsonable(float(maps.noise_sd)),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+@dataclass
+class StoredSeries:
+    """A stored series: ``meta`` (dict of meta.json) and lazy arrays."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        with np.load(self.path / "maps.npz") as z:
+            return {k: z[k] for k in z.files}
+
+    def quant_maps(self) -> QuantMaps:
+        a = self.arrays()
+        zeros = np.zeros_like(a["t1_ms"])
+        return QuantMaps(
+            t1_ms=a["t1_ms"],
+            t2_ms=a["t2_ms"],
+            pd_pu=a["pd_pu"],
+            b1=a["b1"],
+            m0=zeros,
+            residual=zeros,
+            mask=a["mask"],
+            failed=a["failed"],
+        )
+
+    def references(self) -> list[Dataset]:
+        return [pydicom.dcmread(p, force=True) for p in sorted((self.path / "refs").glob("*.dcm"))]
+
+    def thumb(self, name: str) -> Path | None:
+        p = self.path / "thumbs" / f"{name}.png"
+        return p if p.is_file() and p.parent == self.path / "thumbs" else None
+
+
+def load_series(spool_root: str | Path, series_uid: str) -> StoredSeries | None:
+    d = series_dir(spool_root, series_uid)
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return StoredSeries(d, meta)

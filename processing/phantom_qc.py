@@ -1,0 +1,1456 @@
+"""Phantom QC: simulate, find and measure a quantitative phantom (ISMRM/NIST system phantom).
+
+Pure functions on arrays (no DICOM): :mod:`dicom_node` feeds the fitted maps and the grid's
+affine, and packages what comes back.
+
+Pipeline (:func:`analyze`):
+
+1. **Outer shell** (:func:`fit_outer_sphere`): the phantom is a sphere of known radius
+   (200 mm for the NIST phantom). The in-plane edge of the signal support (per slice, holes
+   filled) is fitted with a sphere; its centre holds 3 of the 6 degrees of freedom even when
+   the slab covers only part of the phantom, and its radius (and the fit's RMS) is the first
+   content test: a head is neither 200 mm across nor spherical.
+2. **Pose** (:func:`detect_pose`, 6-DoF rigid): the spheres are placed by the definition;
+   for a trial pose every voxel is softly assigned to a sphere interior, a sphere wall or the
+   fill, and the cost is the within-region sum of squares of three standardized features
+   (log T1, log T2, M0). This is contrast-agnostic: it needs no reference values, so a site's
+   own phantom or lot works unchanged, and the PD array (whose relaxation is not certified)
+   pulls its weight. A grid over rotations (+-20 deg, 10 deg steps) and axial offsets feeds a
+   Nelder-Mead refinement of all 6 parameters. ``explained`` = 1 - cost / total SS is the
+   second content test.
+3. **ROIs** (:func:`sphere_rois`): a voxel belongs to a sphere's ROI when its whole box (all
+   corners) lies within ``radius - erosion_mm`` of the detected centre, so no ROI voxel
+   touches the wall. A sphere whose fluid is cut by the slab or field-of-view edge, or that
+   keeps fewer than ``min_voxels``, is reported as not measured with the reason.
+4. **PD** (:func:`phantom_pd`): ``M0 = C(r) * PD``; the fill (uniform, PD known) samples the
+   receive field C, fitted as a robust quadratic of log M0 over fill voxels away from spheres.
+5. **Measurement** (:func:`measure`): per sphere the median and robust SD (1.4826 MAD) of
+   T1, T2 and PD, voxel count, error against the reference; per array slope, intercept and
+   R^2 of measured vs reference over the spheres inside the measurable range.
+
+Measurable range (:func:`measurable_range`): a protocol property. The 8 MDME samples (4
+saturation delays x 2 echoes) determine T1 only while the delays straddle the recovery and T2
+only while the echoes straddle the decay: T1 much shorter than the first delay (all delays
+fully recovered) or much longer than TR, T2 much shorter than the first echo (second echo in
+the noise) or much longer than the echo spacing are not resolved. We make this quantitative
+with the Cramer-Rao bound of one voxel at the physics notes' SNR 50 (pure water PD 100 gives
+signal 100, noise SD 2), B1 free in 0.8-1.2: a value is inside the range when the bound's
+relative SD is <= ``MAX_VOXEL_CV`` (10 %) and the value is inside the fit's bounds with a 25 %
+margin (processing.fit: R1 0.05-10 /s, R2 0.3-100 /s). For the default protocol (TD 150-3850
+ms, TE 20/100 ms, TR 4000 ms) this gives T1 ~ 130-4000 ms and T2 ~ 13-650 ms (the exact
+numbers are in every report). The brain (T1 600-4300, T2 60-2000) sits at the upper end of
+both; spheres outside are still measured and flagged ``in_range = False``.
+
+Units: times in ms, PD in percent units, lengths in mm, angles in degrees. Grids ``[z, y, x]``;
+``affine`` maps voxel index ``(x, y, z, 1)`` to patient LPS mm (DICOM convention, as
+:class:`processing.acquisition.Acquisition`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numba as nb
+import numpy as np
+from scipy import ndimage as ndi
+from scipy import optimize
+
+from processing.acquisition import Acquisition
+from processing.phantoms import ARRAY_QUANTITY, PhantomDefinition
+from processing.results import QuantMaps
+from processing.signal import IDEAL_PROFILE, mdme_jacobian, t1_factor
+
+__all__ = [
+    "MAX_VOXEL_CV",
+    "Detection",
+    "PhantomScan",
+    "Pose",
+    "SphereROI",
+    "analyze",
+    "compare_reports",
+    "detect_pose",
+    "fit_outer_sphere",
+    "linearity",
+    "measurable_range",
+    "measure",
+    "phantom_pd",
+    "protocol_of",
+    "rotation_matrix",
+    "run_phantom",
+    "shape_check",
+    "simulate_phantom",
+    "sphere_rois",
+]
+
+#: Largest single-voxel Cramer-Rao relative SD (at SNR 50) for a value to count as measurable:
+#: an ROI of >= 150 voxels (the default grid gives 160-180) then has a median SE <= 2 %.
+MAX_VOXEL_CV = 0.20
+#: The physics notes' SNR (pure water, one sample) at which the range is stated.
+NOMINAL_SNR = 50.0
+#: PD is measurable when the sphere's signal is >= this many noise SDs.
+_PD_MIN_SNR = 5.0
+RANGE_RULE = (
+    "single-voxel Cramer-Rao relative SD <= max_voxel_cv at SNR 50 with M0, T1, T2, B1 free"
+    " (worst of B1 0.8/1.0/1.2), at the sphere's reference T1/T2, and inside the fit bounds"
+    " (T1 100-20000 ms, T2 10-3333 ms) with a 25 % margin; PD >= 5 noise SDs; magnitude"
+    " data: also the last echo >= 5 noise SDs (Rician floor)"
+)
+#: Margin inside the fit bounds (a value within 25 % of a bound is not measurable).
+_BOUND_MARGIN = 1.25
+#: Content tests: outer radius within this fraction of the definition's, shell RMS below
+#: this many mm, sphere model explaining at least this share of the feature variance.
+_RADIUS_TOLERANCE = 0.12
+_SHELL_RMS_MM = 4.0
+_MIN_EXPLAINED = 0.35
+_MIN_RANK_CORRELATION = 0.8
+
+
+# --------------------------------------------------------------------------------------
+# pose
+
+
+def rotation_matrix(rx_deg: float, ry_deg: float, rz_deg: float) -> np.ndarray:
+    """3x3 rotation: about x, then y, then z (``Rz @ Ry @ Rx``), degrees."""
+    a, b, c = (math.radians(v) for v in (rx_deg, ry_deg, rz_deg))
+    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+@dataclass(frozen=True)
+class Pose:
+    """Rigid phantom -> patient transform: ``p_lps = R @ q_phantom + translation_mm``."""
+
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    translation_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return rotation_matrix(*self.rotation_deg)
+
+    def to_patient(self, q: np.ndarray) -> np.ndarray:
+        """Phantom coordinates ``[..., 3]`` -> patient LPS ``[..., 3]``."""
+        return np.asarray(q, np.float64) @ self.matrix.T + np.asarray(self.translation_mm)
+
+    def to_phantom(self, p: np.ndarray) -> np.ndarray:
+        return (np.asarray(p, np.float64) - np.asarray(self.translation_mm)) @ self.matrix
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {
+            "rotation_deg": [round(float(v), 3) for v in self.rotation_deg],
+            "translation_mm": [round(float(v), 3) for v in self.translation_mm],
+        }
+
+
+# --------------------------------------------------------------------------------------
+# simulation
+
+
+@nb.njit(cache=True)
+def _fractions_kernel(aff, shape, sub, rot_t, trans, centres, radius, wall, outer, idx, fs, ff):
+    """Per voxel: index of the sphere it touches (-1 none), fluid fraction of that sphere
+    ``fs`` and fill fraction ``ff`` (the rest is wall or air), by ``sub`` sub-samples/axis."""
+    nz, ny, nx = shape
+    ns = centres.shape[0]
+    r2 = radius * radius
+    rw2 = (radius + wall) * (radius + wall)
+    o2 = outer * outer
+    n_sub = sub[0] * sub[1] * sub[2]
+    counts = np.zeros(ns)
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                nf = 0
+                for s in range(ns):
+                    counts[s] = 0.0
+                for a in range(sub[0]):
+                    fx = x + (a + 0.5) / sub[0] - 0.5
+                    for b in range(sub[1]):
+                        fy = y + (b + 0.5) / sub[1] - 0.5
+                        for c in range(sub[2]):
+                            fz = z + (c + 0.5) / sub[2] - 0.5
+                            px = aff[0, 0] * fx + aff[0, 1] * fy + aff[0, 2] * fz + aff[0, 3]
+                            py = aff[1, 0] * fx + aff[1, 1] * fy + aff[1, 2] * fz + aff[1, 3]
+                            pz = aff[2, 0] * fx + aff[2, 1] * fy + aff[2, 2] * fz + aff[2, 3]
+                            px -= trans[0]
+                            py -= trans[1]
+                            pz -= trans[2]
+                            qx = rot_t[0, 0] * px + rot_t[0, 1] * py + rot_t[0, 2] * pz
+                            qy = rot_t[1, 0] * px + rot_t[1, 1] * py + rot_t[1, 2] * pz
+                            qz = rot_t[2, 0] * px + rot_t[2, 1] * py + rot_t[2, 2] * pz
+                            if qx * qx + qy * qy + qz * qz > o2:
+                                continue
+                            hit = False
+                            for s in range(ns):
+                                dz = qz - centres[s, 2]
+                                if dz * dz > rw2:
+                                    continue
+                                dx = qx - centres[s, 0]
+                                dy = qy - centres[s, 1]
+                                d2 = dx * dx + dy * dy + dz * dz
+                                if d2 <= rw2:
+                                    hit = True
+                                    if d2 <= r2:
+                                        counts[s] += 1.0
+                                    break
+                            if not hit:
+                                nf += 1
+                best = -1
+                bc = 0.0
+                for s in range(ns):
+                    if counts[s] > bc:
+                        bc = counts[s]
+                        best = s
+                idx[z, y, x] = best
+                fs[z, y, x] = bc / n_sub
+                ff[z, y, x] = nf / n_sub
+
+
+@nb.njit(cache=True)
+def _phantom_signal_kernel(
+    idx, fs, ff, t1, t2, pd, fill, b1, coil, td, te, tr, th, al, ps, pw, out
+):
+    """out[z, delay, echo, y, x] = coil * (fs*PD_s*g_s*E2_s + ff*PD_f*g_f*E2_f)."""
+    nz, ny, nx = idx.shape
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                s = idx[z, y, x]
+                a = fs[z, y, x] if s >= 0 else 0.0
+                f = ff[z, y, x]
+                if a <= 0.0 and f <= 0.0:
+                    continue
+                for i in range(td.shape[0]):
+                    acc_s = 0.0
+                    acc_f = 0.0
+                    if a > 0.0:
+                        g, _gr, _gb = t1_factor(1.0 / t1[s], b1[z, y, x], td[i], tr, th, al, ps, pw)
+                        acc_s = a * pd[s] * g
+                    if f > 0.0:
+                        g, _gr, _gb = t1_factor(
+                            1.0 / fill[0], b1[z, y, x], td[i], tr, th, al, ps, pw
+                        )
+                        acc_f = f * fill[2] * g
+                    for j in range(te.shape[0]):
+                        v = 0.0
+                        if a > 0.0:
+                            v += acc_s * math.exp(-te[j] / t2[s])
+                        if f > 0.0:
+                            v += acc_f * math.exp(-te[j] / fill[1])
+                        out[z, i, j, y, x] = coil[z, y, x] * v
+
+
+@dataclass
+class PhantomScan:
+    """A simulated phantom acquisition and its truth.
+
+    sphere_centres_lps: ``[n_spheres, 3]`` true centres (patient LPS, mm), in definition order.
+    b1, coil: the flip-angle ratio and receive fields ``[z, y, x]`` used.
+    sphere_index / sphere_fraction / fill_fraction: the partial-volume truth per voxel.
+    truth: sphere label -> the (T1, T2, PD) simulated (reference at ``temperature_c``).
+    """
+
+    acq: Acquisition
+    pose: Pose
+    definition: PhantomDefinition
+    sphere_centres_lps: np.ndarray
+    b1: np.ndarray
+    coil: np.ndarray
+    sphere_index: np.ndarray
+    sphere_fraction: np.ndarray
+    fill_fraction: np.ndarray
+    temperature_c: float
+    truth: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _grid(shape, voxel_size_mm, centre_mm, tilt_deg) -> np.ndarray:
+    nz, ny, nx = shape
+    dz, dy, dx = voxel_size_mm
+    rot = rotation_matrix(*tilt_deg)
+    aff = np.eye(4)
+    aff[:3, 0] = rot[:, 0] * dx
+    aff[:3, 1] = rot[:, 1] * dy
+    aff[:3, 2] = rot[:, 2] * dz
+    half = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0, (nz - 1) / 2.0])
+    aff[:3, 3] = np.asarray(centre_mm, np.float64) - aff[:3, :3] @ half
+    return aff
+
+
+def _patient_grid(shape, affine) -> np.ndarray:
+    """``[z, y, x, 3]`` float32 LPS coordinates of voxel centres."""
+    nz, ny, nx = shape
+    k, j, i = np.meshgrid(
+        np.arange(nz, dtype=np.float32),
+        np.arange(ny, dtype=np.float32),
+        np.arange(nx, dtype=np.float32),
+        indexing="ij",
+    )
+    a = affine.astype(np.float32)
+    return np.stack([a[r, 0] * i + a[r, 1] * j + a[r, 2] * k + a[r, 3] for r in range(3)], -1)
+
+
+def _unit_field(rel: np.ndarray, inside: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """A smooth field scaled to [0, 1] over ``inside``: sum of linear, quadratic and a
+    Gaussian bump terms of the phantom-relative coordinates (mm / 100)."""
+    x, y, z = rel[..., 0] / 100.0, rel[..., 1] / 100.0, rel[..., 2] / 100.0
+    wl, wq, wb = weights[:3], weights[3], weights[4]
+    raw = wl[0] * x + wl[1] * y + wl[2] * z - wq * (x * x + y * y + 0.5 * z * z)
+    raw = raw + wb * np.exp(-((x - 0.3) ** 2 + (y + 0.4) ** 2 + z * z) / 0.5)
+    vals = raw[inside]
+    lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
+    u = (raw - lo) / (hi - lo if hi > lo else 1.0)
+    return np.clip(u, 0.0, 1.0).astype(np.float32)
+
+
+def simulate_phantom(
+    definition: PhantomDefinition,
+    *,
+    shape: Sequence[int] = (20, 160, 160),
+    voxel_size_mm: Sequence[float] = (4.0, 1.5, 1.5),
+    pose: Pose | None = None,
+    slab_centre_mm: Sequence[float] = (0.0, 0.0, -20.0),
+    tilt_deg: Sequence[float] = (0.0, 0.0, 0.0),
+    snr: float | None = 50.0,
+    b1_range: tuple[float, float] = (0.8, 1.2),
+    coil_range: tuple[float, float] = (0.7, 1.3),
+    temperature_c: float | None = None,
+    magnitude: bool = False,
+    seed: int = 0,
+    delays_ms: Sequence[float] = (150.0, 580.0, 1900.0, 3850.0),
+    echo_times_ms: Sequence[float] = (20.0, 100.0),
+    tr_ms: float = 4000.0,
+    saturation_deg: float = 120.0,
+    excitation_deg: float = 90.0,
+    supersample: Sequence[int] = (3, 3, 3),
+    profile: tuple[np.ndarray, np.ndarray] = IDEAL_PROFILE,
+) -> PhantomScan:
+    """Simulate an MDME acquisition of the phantom with known truth.
+
+    shape, voxel_size_mm: grid ``(z, y, x)`` and voxel size (mm); the slab is centred on
+    ``slab_centre_mm`` (LPS) and tilted by ``tilt_deg`` (an oblique stack). pose: where the
+    phantom sits (default: centred at the origin, axis along S). snr: noise SD per real
+    channel = 100/snr (None: noiseless), as :func:`processing.phantom.make_phantom`.
+    b1_range / coil_range: smooth fields spanning these over the phantom. temperature_c:
+    relaxation times scaled by the definition's temperature coefficients (None: as
+    certified). supersample: sub-samples per voxel axis for partial volume.
+    Signals add (fluid of one sphere + fill); walls and air carry none.
+    """
+    shp = tuple(int(v) for v in shape)
+    if len(shp) != 3 or min(shp) < 1:
+        raise ValueError(f"shape: expected 3 positive integers (z, y, x), got {tuple(shape)}")
+    vs = tuple(float(v) for v in voxel_size_mm)
+    if len(vs) != 3 or min(vs) <= 0:
+        raise ValueError(f"voxel_size_mm: expected 3 positive numbers, got {voxel_size_mm!r}")
+    if snr is not None and not snr > 0:
+        raise ValueError(f"snr: must be > 0 or None, got {snr!r}")
+    pose = pose or Pose()
+    temp = definition.temperature_c if temperature_c is None else float(temperature_c)
+    affine = _grid(shp, vs, slab_centre_mm, tuple(float(v) for v in tilt_deg))
+    rot = pose.matrix
+    centres = definition.centres_mm()
+    idx = np.empty(shp, np.int16)
+    fs = np.empty(shp, np.float32)
+    ff = np.empty(shp, np.float32)
+    sph = definition.spheres[0]
+    _fractions_kernel(
+        affine,
+        np.array(shp, np.int64),
+        np.array([int(v) for v in supersample], np.int64),
+        np.ascontiguousarray(rot.T),
+        np.asarray(pose.translation_mm, np.float64),
+        centres,
+        float(sph.radius_mm),
+        float(sph.wall_mm),
+        float(definition.outer_radius_mm),
+        idx,
+        fs,
+        ff,
+    )
+    ft1 = definition.temperature_factor("t1_ms", temp)
+    ft2 = definition.temperature_factor("t2_ms", temp)
+    t1 = np.array([s.sim_t1_ms * ft1 for s in definition.spheres])
+    t2 = np.array([s.sim_t2_ms * ft2 for s in definition.spheres])
+    pd = np.array([s.sim_pd_pu for s in definition.spheres])
+    fill = np.array(
+        [definition.fill_t1_ms * ft1, definition.fill_t2_ms * ft2, definition.fill_pd_pu]
+    )
+    rel = _patient_grid(shp, affine) - np.asarray(pose.translation_mm, np.float32)
+    inside = (ff > 0) | (fs > 0)
+    lo, hi = (float(v) for v in b1_range)
+    b1 = (lo + (hi - lo) * _unit_field(rel, inside, (0.6, 0.3, 0.4, 1.0, 0.0))).astype(np.float32)
+    clo, chi = (float(v) for v in coil_range)
+    coil = (clo + (chi - clo) * _unit_field(rel, inside, (0.2, -0.5, 0.3, 0.3, 1.0))).astype(
+        np.float32
+    )
+    del rel
+    nz, ny, nx = shp
+    signal = np.zeros((nz, len(delays_ms), len(echo_times_ms), ny, nx), np.float32)
+    _phantom_signal_kernel(
+        idx,
+        fs,
+        ff,
+        t1,
+        t2,
+        pd,
+        fill,
+        b1,
+        coil,
+        np.ascontiguousarray(delays_ms, np.float64),
+        np.ascontiguousarray(echo_times_ms, np.float64),
+        float(tr_ms),
+        math.radians(saturation_deg),
+        math.radians(excitation_deg),
+        np.ascontiguousarray(profile[0], np.float64),
+        np.ascontiguousarray(profile[1], np.float64),
+        signal,
+    )
+    rng = np.random.default_rng(seed)
+    if snr is not None and math.isfinite(snr):
+        sd = np.float32(100.0 / float(snr))
+        noise = rng.standard_normal(signal.shape, dtype=np.float32)
+        noise *= sd
+        signal += noise
+        if magnitude:
+            noise = rng.standard_normal(signal.shape, dtype=np.float32, out=noise)
+            noise *= sd
+            np.hypot(signal, noise, out=signal)
+        del noise
+    elif magnitude:
+        np.abs(signal, out=signal)
+    acq = Acquisition(
+        signal=signal,
+        delays_ms=np.asarray(delays_ms, np.float64),
+        echo_times_ms=np.asarray(echo_times_ms, np.float64),
+        tr_ms=float(tr_ms),
+        saturation_deg=float(saturation_deg),
+        excitation_deg=float(excitation_deg),
+        voxel_size_mm=vs,
+        affine=affine,
+        is_magnitude=bool(magnitude),
+        delay_source="phantom",
+        metadata={
+            "source": "synthmr phantom_qc.simulate_phantom",
+            "phantom": definition.name,
+            "phantom_version": definition.version,
+            "pose": pose.as_dict(),
+            "temperature_c": temp,
+            "seed": int(seed),
+            "snr": None if snr is None else float(snr),
+            "noise_sd": 0.0 if snr is None or not math.isfinite(snr) else 100.0 / float(snr),
+        },
+    )
+    truth = {
+        s.label: {"t1_ms": float(t1[i]), "t2_ms": float(t2[i]), "pd_pu": float(pd[i])}
+        for i, s in enumerate(definition.spheres)
+    }
+    return PhantomScan(
+        acq=acq,
+        pose=pose,
+        definition=definition,
+        sphere_centres_lps=pose.to_patient(centres),
+        b1=b1,
+        coil=coil,
+        sphere_index=idx,
+        sphere_fraction=fs,
+        fill_fraction=ff,
+        temperature_c=temp,
+        truth=truth,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# outer shell
+
+
+@dataclass(frozen=True)
+class OuterFit:
+    centre_mm: tuple[float, float, float]
+    radius_mm: float
+    rms_mm: float
+    points: int
+
+
+def _support(maps: QuantMaps | np.ndarray) -> np.ndarray:
+    """Signal support with the holes (walls, low-signal spheres) filled, per slice.
+    ``maps``: fitted maps (their mask) or a bool ``[z, y, x]`` signal mask."""
+    mask = maps.mask if isinstance(maps, QuantMaps) else np.asarray(maps, bool)
+    sup = np.zeros(mask.shape, bool)
+    for z in range(sup.shape[0]):
+        m = ndi.binary_opening(mask[z], iterations=1)
+        lab, n = ndi.label(m)
+        if n == 0:
+            continue
+        sizes = ndi.sum(m, lab, index=np.arange(1, n + 1))
+        keep = np.isin(lab, 1 + np.flatnonzero(sizes >= max(20, 0.02 * sizes.max())))
+        sup[z] = ndi.binary_fill_holes(ndi.binary_closing(keep, iterations=2, border_value=0))
+    return sup
+
+
+def fit_outer_sphere(
+    support: np.ndarray, affine: np.ndarray, radius_mm: float | None = None
+) -> OuterFit | None:
+    """Sphere through the in-plane edge of ``support`` (bool ``[z, y, x]``).
+
+    radius_mm None: free radius (algebraic least squares); else the centre with that radius
+    (geometric least squares from the free fit). Edge voxels on the image border are left
+    out (the object may extend beyond the field of view). None when < 20 edge points.
+    """
+    edge = support & ~ndi.binary_erosion(
+        support, structure=np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)
+    )
+    edge[:, 0, :] = edge[:, -1, :] = False
+    edge[:, :, 0] = edge[:, :, -1] = False
+    zz, yy, xx = np.nonzero(edge)
+    if zz.size < 20:
+        return None
+    idx = np.stack([xx, yy, zz, np.ones_like(xx)]).astype(np.float64)
+    pts = (affine @ idx)[:3].T
+    a = np.column_stack([2 * pts, np.ones(len(pts))])
+    b = (pts**2).sum(1)
+    sol, *_ = np.linalg.lstsq(a, b, rcond=None)
+    c = sol[:3]
+    r = float(math.sqrt(max(sol[3] + c @ c, 0.0)))
+    if radius_mm is not None:
+        r_fixed = float(radius_mm)
+
+        def res(cc: np.ndarray) -> np.ndarray:
+            return np.linalg.norm(pts - cc, axis=1) - r_fixed
+
+        c = optimize.least_squares(res, c, loss="soft_l1", f_scale=2.0).x
+        r = r_fixed
+    rms = float(np.sqrt(np.mean((np.linalg.norm(pts - c, axis=1) - r) ** 2)))
+    return OuterFit(tuple(float(v) for v in c), r, rms, int(zz.size))
+
+
+# --------------------------------------------------------------------------------------
+# pose detection
+
+
+@nb.njit(cache=True)
+def _region_cost(feat, support, cidx, lin, radius, wall, soft, box, tot0, tot1, tot2):
+    """Within-region sum of squares for spheres at voxel-index centres ``cidx`` [n, 3]
+    (x, y, z). Regions: each sphere's fluid, each sphere's wall, the rest (fill)."""
+    nf = feat.shape[0]
+    nz, ny, nx = support.shape
+    bg0 = tot0
+    bg1 = tot1.copy()
+    bg2 = tot2.copy()
+    in1 = np.zeros(nf)
+    in2 = np.zeros(nf)
+    wa1 = np.zeros(nf)
+    wa2 = np.zeros(nf)
+    cost = 0.0
+    rout = radius + wall
+    for s in range(cidx.shape[0]):
+        cx, cy, cz = cidx[s, 0], cidx[s, 1], cidx[s, 2]
+        z0 = max(0, math.floor(cz - box[2]))
+        z1 = min(nz - 1, math.ceil(cz + box[2]))
+        y0 = max(0, math.floor(cy - box[1]))
+        y1 = min(ny - 1, math.ceil(cy + box[1]))
+        x0 = max(0, math.floor(cx - box[0]))
+        x1 = min(nx - 1, math.ceil(cx + box[0]))
+        if z0 > z1 or y0 > y1 or x0 > x1:
+            continue
+        in0 = 0.0
+        wa0 = 0.0
+        for f in range(nf):
+            in1[f] = 0.0
+            in2[f] = 0.0
+            wa1[f] = 0.0
+            wa2[f] = 0.0
+        for z in range(z0, z1 + 1):
+            for y in range(y0, y1 + 1):
+                for x in range(x0, x1 + 1):
+                    if not support[z, y, x]:
+                        continue
+                    ux = x - cx
+                    uy = y - cy
+                    uz = z - cz
+                    dx = lin[0, 0] * ux + lin[0, 1] * uy + lin[0, 2] * uz
+                    dy = lin[1, 0] * ux + lin[1, 1] * uy + lin[1, 2] * uz
+                    dz = lin[2, 0] * ux + lin[2, 1] * uy + lin[2, 2] * uz
+                    d = math.sqrt(dx * dx + dy * dy + dz * dz)
+                    wo = min(1.0, max(0.0, (rout - d) / soft + 0.5))
+                    if wo <= 0.0:
+                        continue
+                    wi = min(1.0, max(0.0, (radius - d) / soft + 0.5))
+                    ww = wo - wi
+                    in0 += wi
+                    wa0 += ww
+                    bg0 -= wo
+                    for f in range(nf):
+                        v = feat[f, z, y, x]
+                        in1[f] += wi * v
+                        in2[f] += wi * v * v
+                        wa1[f] += ww * v
+                        wa2[f] += ww * v * v
+                        bg1[f] -= wo * v
+                        bg2[f] -= wo * v * v
+        for f in range(nf):
+            if in0 > 1e-6:
+                cost += in2[f] - in1[f] * in1[f] / in0
+            if wa0 > 1e-6:
+                cost += wa2[f] - wa1[f] * wa1[f] / wa0
+    for f in range(nf):
+        if bg0 > 1e-6:
+            cost += bg2[f] - bg1[f] * bg1[f] / bg0
+    return cost
+
+
+@dataclass
+class Detection:
+    """The pose found and how well the phantom model explains the images."""
+
+    pose: Pose
+    outer: OuterFit | None
+    explained: float
+    evaluations: int
+    seconds: float
+    is_phantom_shape: bool
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.pose.as_dict(),
+            "outer_centre_mm": None if self.outer is None else list(self.outer.centre_mm),
+            "outer_radius_mm": None if self.outer is None else self.outer.radius_mm,
+            "outer_rms_mm": None if self.outer is None else self.outer.rms_mm,
+            "explained": round(float(self.explained), 4),
+            "evaluations": self.evaluations,
+            "seconds": round(self.seconds, 3),
+            "is_phantom_shape": self.is_phantom_shape,
+            "reason": self.reason,
+        }
+
+
+def _features(maps: QuantMaps, support: np.ndarray) -> np.ndarray:
+    """float64 ``[3, z, y, x]`` standardized log T1, log T2 and M0 (0 outside ``support``)."""
+    ok = maps.mask & support
+    f = np.zeros((3,) + support.shape, np.float64)
+    t1 = np.log(np.clip(maps.t1_ms, 10.0, 20000.0, dtype=np.float64))
+    t2 = np.log(np.clip(maps.t2_ms, 2.0, 5000.0, dtype=np.float64))
+    m0 = maps.m0.astype(np.float64)
+    for k, v in enumerate((t1, t2, m0)):
+        vals = v[ok]
+        if vals.size == 0:
+            continue
+        if k == 2:
+            fill = np.where(ok, v, 0.0)
+        else:
+            fill = np.where(ok, v, np.median(vals))
+        q25, q50, q75 = np.percentile(vals, [25, 50, 75])
+        scale = max((q75 - q25) / 1.35, 0.05 * max(abs(q50), 1e-6) if k == 2 else 0.05)
+        f[k] = np.where(support, (fill - (q50 if k < 2 else 0.0)) / scale, 0.0)
+    return f
+
+
+def _lin_inv(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lin = np.asarray(affine, np.float64)[:3, :3]
+    return lin, np.linalg.inv(lin)
+
+
+def detect_pose(
+    maps: QuantMaps,
+    affine: np.ndarray,
+    definition: PhantomDefinition,
+    *,
+    max_rotation_deg: float = 20.0,
+    support: np.ndarray | None = None,
+) -> Detection:
+    """Find the phantom's 6-DoF pose from fitted maps (module doc, steps 1-2)."""
+    t0 = time.perf_counter()
+    affine = np.asarray(affine, np.float64)
+    sup = _support(maps) if support is None else support
+    free = fit_outer_sphere(sup, affine)
+    r_def = definition.outer_radius_mm
+    if free is None:
+        return Detection(Pose(), None, 0.0, 0, time.perf_counter() - t0, False, "no signal")
+    shape_ok = (
+        abs(free.radius_mm - r_def) <= _RADIUS_TOLERANCE * r_def and free.rms_mm <= _SHELL_RMS_MM
+    )
+    if not shape_ok:
+        return Detection(
+            Pose(translation_mm=free.centre_mm),
+            free,
+            0.0,
+            0,
+            time.perf_counter() - t0,
+            False,
+            f"the object is not a {2 * r_def:.0f} mm sphere: best sphere through its outline"
+            f" has radius {free.radius_mm:.1f} mm, RMS {free.rms_mm:.1f} mm",
+        )
+    outer = fit_outer_sphere(sup, affine, r_def) or free
+    feat = np.ascontiguousarray(_features(maps, sup))
+    sw = sup.astype(np.float64)
+    tot0 = float(sw.sum())
+    tot1 = np.array([(feat[k] * sw).sum() for k in range(3)])
+    tot2 = np.array([(feat[k] ** 2 * sw).sum() for k in range(3)])
+    total_ss = float(np.sum(tot2 - tot1**2 / max(tot0, 1.0)))
+    lin, inv = _lin_inv(affine)
+    origin = affine[:3, 3]
+    centres = definition.centres_mm()
+    sph = definition.spheres[0]
+    vox = np.linalg.norm(lin, axis=0)
+    soft = float(max(1.0, 0.75 * min(vox[0], vox[1])))
+    reach = sph.radius_mm + sph.wall_mm + soft
+    box = reach / vox
+    n_eval = 0
+
+    def cost(theta: np.ndarray) -> float:
+        nonlocal n_eval
+        n_eval += 1
+        rot = rotation_matrix(theta[0], theta[1], theta[2])
+        p = centres @ rot.T + theta[3:6]
+        cidx = (p - origin) @ inv.T
+        return _region_cost(
+            feat,
+            sup,
+            np.ascontiguousarray(cidx),
+            lin,
+            sph.radius_mm,
+            sph.wall_mm,
+            soft,
+            box,
+            tot0,
+            tot1,
+            tot2,
+        )
+
+    c0 = np.asarray(outer.centre_mm)
+    steps = np.arange(-max_rotation_deg, max_rotation_deg + 1e-9, 10.0)
+    axis = lin[:, 2] / vox[2]
+    trials = []
+    for rx in steps:
+        for ry in steps:
+            for rz in steps:
+                for dz in (-8.0, -4.0, 0.0, 4.0, 8.0):
+                    th = np.array([rx, ry, rz, *(c0 + dz * axis)])
+                    trials.append((cost(th), th))
+    trials.sort(key=lambda t: t[0])
+    best_val, best = math.inf, trials[0][1]
+    for _, th in trials[:3]:
+        simplex = np.array([th] + [th + np.eye(6)[k] * (4.0 if k < 3 else 3.0) for k in range(6)])
+        res = optimize.minimize(
+            cost,
+            th,
+            method="Nelder-Mead",
+            options={"initial_simplex": simplex, "xatol": 0.02, "fatol": 1e-3, "maxfev": 1500},
+        )
+        if res.fun < best_val:
+            best_val, best = float(res.fun), np.asarray(res.x)
+    pose = Pose(tuple(float(v) for v in best[:3]), tuple(float(v) for v in best[3:]))
+    explained = 1.0 - best_val / total_ss if total_ss > 0 else 0.0
+    return Detection(pose, outer, explained, n_eval, time.perf_counter() - t0, True)
+
+
+# --------------------------------------------------------------------------------------
+# ROIs
+
+
+@dataclass
+class SphereROI:
+    """One sphere's ROI: flat voxel indices into ``[z, y, x]`` (empty when not measured)."""
+
+    label: str
+    array: str
+    centre_mm: tuple[float, float, float]
+    voxels: np.ndarray
+    measured: bool
+    reason: str = ""
+
+
+def sphere_rois(
+    definition: PhantomDefinition,
+    pose: Pose,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    *,
+    erosion_mm: float = 1.0,
+    min_voxels: int = 10,
+) -> list[SphereROI]:
+    """Eroded spherical ROIs (module doc, step 3), one per sphere, in definition order."""
+    affine = np.asarray(affine, np.float64)
+    lin, inv = _lin_inv(affine)
+    vox = np.linalg.norm(lin, axis=0)  # x, y, z spacing
+    half = vox / 2.0
+    shp = np.array([shape[2], shape[1], shape[0]], np.float64)  # x, y, z counts
+    out: list[SphereROI] = []
+    centres = pose.to_patient(definition.centres_mm())
+    names = ("field of view (columns)", "field of view (rows)", "slab")
+    for s, c in zip(definition.spheres, centres, strict=True):
+        cidx = inv @ (c - affine[:3, 3])
+        r = s.radius_mm
+        ext_fluid = r / vox
+        ext_out = (r + s.wall_mm) / vox
+        reason = ""
+        for a in (2, 0, 1):
+            if cidx[a] + ext_out[a] < -0.5 or cidx[a] - ext_out[a] > shp[a] - 0.5:
+                reason = f"outside the {names[a]}"
+                break
+            if cidx[a] - ext_fluid[a] < -0.5 or cidx[a] + ext_fluid[a] > shp[a] - 0.5:
+                where = "slab edge" if a == 2 else names[a] + " edge"
+                reason = f"cut by the {where}"
+                break
+        centre = tuple(float(v) for v in c)
+        if reason:
+            out.append(SphereROI(s.label, s.array, centre, np.zeros(0, np.int64), False, reason))
+            continue
+        lo = np.maximum(np.floor(cidx - ext_fluid), 0).astype(int)
+        hi = np.minimum(np.ceil(cidx + ext_fluid), shp - 1).astype(int)
+        xs = np.arange(lo[0], hi[0] + 1)
+        ys = np.arange(lo[1], hi[1] + 1)
+        zs = np.arange(lo[2], hi[2] + 1)
+        zz, yy, xx = np.meshgrid(zs, ys, xs, indexing="ij")
+        # offsets along the voxel axes (mm): the grid is orthogonal, so the farthest corner
+        # is at |offset| + half voxel on every axis
+        off = np.stack([(xx - cidx[0]) * vox[0], (yy - cidx[1]) * vox[1], (zz - cidx[2]) * vox[2]])
+        far = np.sqrt(((np.abs(off) + half[:, None, None, None]) ** 2).sum(0))
+        keep = far <= r - erosion_mm
+        flat = np.ravel_multi_index((zz[keep], yy[keep], xx[keep]), tuple(int(v) for v in shape))
+        if flat.size < min_voxels:
+            out.append(
+                SphereROI(
+                    s.label,
+                    s.array,
+                    centre,
+                    flat.astype(np.int64),
+                    False,
+                    f"too few voxels: {flat.size} inside the eroded ROI (minimum {min_voxels})",
+                )
+            )
+            continue
+        out.append(SphereROI(s.label, s.array, centre, flat.astype(np.int64), True))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# PD from the fill
+
+
+def _sphere_shell_mask(
+    definition: PhantomDefinition,
+    pose: Pose,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    pad_mm: float,
+) -> np.ndarray:
+    """bool ``[z, y, x]``: voxel centres within ``radius + wall + pad_mm`` of any sphere."""
+    lin, inv = _lin_inv(affine)
+    vox = np.linalg.norm(lin, axis=0)
+    out = np.zeros(tuple(int(v) for v in shape), bool)
+    lim = np.array([shape[2], shape[1], shape[0]]) - 1
+    for s, c in zip(definition.spheres, pose.to_patient(definition.centres_mm()), strict=True):
+        reach = s.radius_mm + s.wall_mm + pad_mm
+        cidx = inv @ (c - affine[:3, 3])
+        lo = np.maximum(np.floor(cidx - reach / vox), 0).astype(int)
+        hi = np.minimum(np.ceil(cidx + reach / vox), lim).astype(int)
+        if np.any(lo > hi):
+            continue
+        zz, yy, xx = np.meshgrid(
+            np.arange(lo[2], hi[2] + 1),
+            np.arange(lo[1], hi[1] + 1),
+            np.arange(lo[0], hi[0] + 1),
+            indexing="ij",
+        )
+        off = lin @ np.stack([xx - cidx[0], yy - cidx[1], zz - cidx[2]]).reshape(3, -1)
+        near = (off**2).sum(0) <= reach**2
+        out[zz.ravel()[near], yy.ravel()[near], xx.ravel()[near]] = True
+    return out
+
+
+def phantom_pd(
+    maps: QuantMaps,
+    affine: np.ndarray,
+    definition: PhantomDefinition,
+    pose: Pose,
+    support: np.ndarray,
+    *,
+    margin_mm: float = 3.0,
+    order: int = 3,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """PD (pu) ``[z, y, x]`` = M0 / C, C from a robust polynomial of log M0 over the fill.
+
+    Fill voxels: fitted, not failed, inside the support, farther than ``margin_mm`` from
+    every sphere wall and from the outer shell. The polynomial has total degree ``order``
+    in-plane; its degree along the slab axis drops to what the slab's extent supports
+    (0 below 20 mm, 1 below 40 mm, else 2). Returns (pd, info).
+    """
+    affine = np.asarray(affine, np.float64)
+    shape = maps.m0.shape
+    pts = _patient_grid(shape, affine)
+    centre = np.asarray(pose.translation_mm, np.float32)
+    rel = (pts - centre) @ pose.matrix.astype(np.float32) / 100.0  # phantom frame, 1/100 mm
+    del pts
+    near = _sphere_shell_mask(definition, pose, affine, shape, margin_mm)
+    rad = np.sqrt((rel**2).sum(-1)) * 100.0
+    # failed voxels stay in: in the fill they are mostly T2 on its upper bound, and leaving
+    # them out would select low-T2 (low-M0) voxels and bias C
+    fill = (
+        maps.mask & support & ~near & (rad < definition.outer_radius_mm - margin_mm) & (maps.m0 > 0)
+    )
+    n = int(fill.sum())
+    if n < 50:
+        raise ValueError(f"phantom PD: only {n} fill voxels to estimate the receive field")
+    zext = float(np.ptp(rel[..., 2][fill])) * 100.0
+    z_order = 0 if zext < 20.0 else (1 if zext < 40.0 else 2)
+    terms = [
+        (i, j, k)
+        for k in range(z_order + 1)
+        for i in range(order + 1)
+        for j in range(order + 1)
+        if i + j + k <= order
+    ]
+
+    def design(r: np.ndarray) -> np.ndarray:
+        x, y, z = (r[..., a].astype(np.float64) for a in range(3))
+        return np.stack([x**i * y**j * z**k for i, j, k in terms], -1)
+
+    sel = np.flatnonzero(fill.ravel())[:: max(1, n // 40000)]  # <= ~40k voxels suffice
+    a = design(rel.reshape(-1, 3)[sel])
+    b = np.log(maps.m0.ravel()[sel].astype(np.float64))
+    w = np.ones(sel.size)
+    sd = 0.0
+    for _ in range(4):  # Tukey biweight IRLS: walls' partial volume, outliers
+        coef, *_ = np.linalg.lstsq(a * w[:, None], b * w, rcond=None)
+        res = b - a @ coef
+        sd = 1.4826 * float(np.median(np.abs(res))) + 1e-9
+        u = res / (4.685 * sd)
+        w = np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
+    pd = np.zeros(shape, np.float32)
+    idx = np.flatnonzero(maps.mask.ravel())
+    flat_rel = rel.reshape(-1, 3)
+    flat_pd = pd.reshape(-1)
+    m0 = maps.m0.reshape(-1)
+    for k in range(0, idx.size, 65536):
+        part = idx[k : k + 65536]
+        with np.errstate(over="ignore"):
+            c = np.exp(design(flat_rel[part]) @ coef) / definition.fill_pd_pu
+        flat_pd[part] = (m0[part] / c).astype(np.float32)
+    info = {"fill_voxels": n, "terms": len(terms), "z_order": z_order, "fit_sd_log": round(sd, 5)}
+    return pd, info
+
+
+# --------------------------------------------------------------------------------------
+# range, measurement, linearity
+
+
+def _cvs(t1, t2, pd, protocol: dict[str, Any], snr: float) -> tuple[np.ndarray, np.ndarray]:
+    """Worst-case (B1 0.8, 1.0, 1.2) single-voxel Cramer-Rao relative SDs of T1 and T2 for
+    arrays of (T1, T2, PD); all four MDME parameters (M0, R1, R2, B1) free."""
+    t1a, t2a, pda = np.broadcast_arrays(
+        np.asarray(t1, np.float64), np.asarray(t2, np.float64), np.asarray(pd, np.float64)
+    )
+    sigma = 100.0 / snr
+    w1 = np.zeros(t1a.shape)
+    w2 = np.zeros(t1a.shape)
+    for b1 in (0.8, 1.0, 1.2):
+        _, jac = mdme_jacobian(
+            pda,
+            t1a,
+            t2a,
+            b1,
+            protocol["delays_ms"],
+            protocol["echo_times_ms"],
+            protocol["tr_ms"],
+            protocol.get("saturation_deg", 120.0),
+            protocol.get("excitation_deg", 90.0),
+            magnitude=bool(protocol.get("is_magnitude")),
+        )
+        # relative parameters (d/d log p): well conditioned whatever the units
+        scale = np.stack([pda, 1.0 / t1a, 1.0 / t2a, np.full_like(pda, b1)], -1)
+        jr = jac * scale[..., None, :]
+        fim = np.einsum("...si,...sj->...ij", jr, jr) / sigma**2
+        cov = np.linalg.pinv(fim, hermitian=True)
+        w1 = np.maximum(w1, np.sqrt(np.abs(cov[..., 1, 1])))
+        w2 = np.maximum(w2, np.sqrt(np.abs(cov[..., 2, 2])))
+    return w1, w2
+
+
+def _bounds_ms() -> dict[str, tuple[float, float]]:
+    from processing.fit import R1_BOUNDS_PER_S, R2_BOUNDS_PER_S
+
+    return {
+        "t1_ms": (
+            1000.0 / R1_BOUNDS_PER_S[1] * _BOUND_MARGIN,
+            1000.0 / R1_BOUNDS_PER_S[0] / _BOUND_MARGIN,
+        ),
+        "t2_ms": (
+            1000.0 / R2_BOUNDS_PER_S[1] * _BOUND_MARGIN,
+            1000.0 / R2_BOUNDS_PER_S[0] / _BOUND_MARGIN,
+        ),
+    }
+
+
+def measurable_range(
+    protocol: dict[str, Any], *, snr: float = NOMINAL_SNR, max_cv: float = MAX_VOXEL_CV
+) -> dict[str, Any]:
+    """The protocol's T1 and T2 ranges (ms), for the report (module doc): single-voxel
+    Cramer-Rao relative SD <= ``max_cv`` at ``snr`` (PD 100, worst B1 of 0.8-1.2), inside
+    the fit's bounds with a 25 % margin. T1 is scanned at T2 = 80 ms, T2 at T1 = 1000 ms; a
+    sphere is judged at its own reference (T1, T2) by :func:`sphere_in_range`."""
+    grid = np.geomspace(5.0, 20000.0, 300)
+    out: dict[str, Any] = {"snr": snr, "max_voxel_cv": max_cv, "rule": RANGE_RULE}
+    bounds = _bounds_ms()
+    cv1, _ = _cvs(grid, 80.0, 100.0, protocol, snr)
+    _, cv2 = _cvs(1000.0, grid, 100.0, protocol, snr)
+    for name, cv in (("t1_ms", cv1), ("t2_ms", cv2)):
+        ok = (cv <= max_cv) & (grid >= bounds[name][0]) & (grid <= bounds[name][1])
+        if not ok.any():
+            out[name] = None
+            continue
+        best = int(np.argmin(np.where(ok, cv, np.inf)))
+        lo = hi = best
+        while lo > 0 and ok[lo - 1]:
+            lo -= 1
+        while hi < ok.size - 1 and ok[hi + 1]:
+            hi += 1
+        out[name] = [round(float(grid[lo]), 1), round(float(grid[hi]), 1)]
+    out["pd_pu"] = [round(_PD_MIN_SNR * 100.0 / snr, 1), 100.0]
+    return out
+
+
+def sphere_in_range(
+    reference: dict[str, float | None],
+    quantity: str,
+    protocol: dict[str, Any],
+    *,
+    snr: float = NOMINAL_SNR,
+    max_cv: float = MAX_VOXEL_CV,
+) -> tuple[bool, float | None]:
+    """Whether a sphere's certified ``quantity`` is measurable (and its voxel CV)."""
+    v = reference.get(quantity)
+    if v is None:
+        return False, None
+    if quantity == "pd_pu":
+        return bool(v >= _PD_MIN_SNR * 100.0 / snr), None
+    lo, hi = _bounds_ms()[quantity]
+    t1 = reference.get("t1_ms") or 1000.0
+    t2 = reference.get("t2_ms") or 80.0
+    cv1, cv2 = _cvs(t1, t2, 100.0, protocol, snr)
+    cv = float(cv1 if quantity == "t1_ms" else cv2)
+    ok = lo <= v <= hi and cv <= max_cv
+    if protocol.get("is_magnitude"):
+        # magnitude data: the Rician floor biases samples below a few noise SDs, which the
+        # Cramer-Rao bound does not see; the last echo at the longest delay must stand out
+        last = 100.0 * math.exp(-float(protocol["echo_times_ms"][-1]) / t2)
+        ok = ok and last >= _PD_MIN_SNR * 100.0 / snr
+    return bool(ok), round(cv, 4)
+
+
+def linearity(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    """Ordinary least squares ``y = slope * x + intercept`` and R^2 (None below 3 points)."""
+    xa = np.asarray(x, np.float64)
+    ya = np.asarray(y, np.float64)
+    if xa.size < 3 or np.ptp(xa) == 0:
+        return {"slope": None, "intercept": None, "r2": None, "n": int(xa.size)}
+    slope, intercept = np.polyfit(xa, ya, 1)
+    res = ya - (slope * xa + intercept)
+    ss_tot = float(((ya - ya.mean()) ** 2).sum())
+    r2 = 1.0 - float((res**2).sum()) / ss_tot if ss_tot > 0 else None
+    return {"slope": float(slope), "intercept": float(intercept), "r2": r2, "n": int(xa.size)}
+
+
+def _robust(v: np.ndarray) -> tuple[float, float]:
+    med = float(np.median(v))
+    return med, float(1.4826 * np.median(np.abs(v - med)))
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    if np.ptp(ra) == 0 or np.ptp(rb) == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def measure(
+    maps: QuantMaps,
+    pd_pu: np.ndarray,
+    rois: list[SphereROI],
+    definition: PhantomDefinition,
+    protocol: dict[str, Any],
+    *,
+    temperature_c: float | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-sphere rows (phantom_qc.json ``spheres``) and per-array ``linearity``."""
+    t1 = maps.t1_ms.ravel()
+    t2 = maps.t2_ms.ravel()
+    pd = pd_pu.ravel()
+    mask = maps.mask.ravel()
+    failed = maps.failed.ravel()
+    rows: list[dict[str, Any]] = []
+    for roi, s in zip(rois, definition.spheres, strict=True):
+        ref = definition.reference_at(s, temperature_c)
+        q = s.quantity
+        in_range, voxel_cv = sphere_in_range(ref, q, protocol)
+        row: dict[str, Any] = {
+            "array": s.array,
+            "label": s.label,
+            "index": s.index,
+            "centre_mm": [round(v, 2) for v in roi.centre_mm],
+            "voxels": int(roi.voxels.size),
+            "measured": roi.measured,
+            "reason": roi.reason,
+            "t1_ms": None,
+            "t2_ms": None,
+            "pd_pu": None,
+            "sd": {"t1_ms": None, "t2_ms": None, "pd_pu": None},
+            "reference": ref,
+            "reference_sd": dict(s.reference_sd),
+            "reference_source": s.sources.get(q, ""),
+            "quantity": q,
+            "in_range": in_range,
+            "voxel_cv": voxel_cv,
+            "error": None,
+            "error_percent": None,
+            "failed_fraction": None,
+        }
+        if roi.measured:
+            v = roi.voxels[mask[roi.voxels]]
+            if v.size < max(3, roi.voxels.size // 2):
+                row["measured"] = False
+                row["reason"] = (
+                    f"only {v.size} of {roi.voxels.size} ROI voxels have signal above the noise"
+                )
+            else:
+                row["failed_fraction"] = round(float(failed[v].mean()), 4)
+                for name, arr in (("t1_ms", t1), ("t2_ms", t2), ("pd_pu", pd)):
+                    med, sd = _robust(arr[v].astype(np.float64))
+                    row[name] = round(med, 3)
+                    row["sd"][name] = round(sd, 3)
+                if ref.get(q) is not None:
+                    err = row[q] - ref[q]
+                    row["error"] = round(err, 3)
+                    row["error_percent"] = round(100.0 * err / ref[q], 3) if ref[q] else None
+                if not row["in_range"]:
+                    row["reason"] = (
+                        f"reference {q} {ref.get(q)} outside the measurable range (voxel CV"
+                        f" {voxel_cv}): measured, not used for linearity"
+                    )
+        rows.append(row)
+    lin: dict[str, Any] = {}
+    for array in definition.arrays:
+        q = ARRAY_QUANTITY.get(array, "t1_ms")
+        use = [r for r in rows if r["array"] == array and r["measured"] and r["in_range"]]
+        fit = linearity([r["reference"][q] for r in use], [r[q] for r in use])
+        fit["spheres"] = [r["label"] for r in use]
+        fit["quantity"] = q
+        lin[array] = fit
+    return rows, lin
+
+
+def recognise(detection: Detection, rows: list[dict[str, Any]]) -> tuple[bool, str]:
+    """Content test: a phantom-shaped object whose sphere model explains the images and whose
+    measured T1 / T2 / PD order follows the reference order in every array measured."""
+    if not detection.is_phantom_shape:
+        return False, detection.reason
+    if detection.explained < _MIN_EXPLAINED:
+        return False, (
+            f"the sphere model explains {100 * detection.explained:.0f} % of the image variance"
+            f" (< {100 * _MIN_EXPLAINED:.0f} %)"
+        )
+    checked = 0
+    for array in sorted({r["array"] for r in rows}):
+        # in-range spheres: outside the range the order may legitimately break (a Rician
+        # floor under the shortest T2s, T1 on the fit's bound)
+        use = [r for r in rows if r["array"] == array and r["measured"] and r["in_range"]]
+        q = use[0]["quantity"] if use else None
+        use = [r for r in use if r["reference"].get(q) is not None and r[q] is not None]
+        if len(use) < 4:
+            continue
+        rho = _spearman([r["reference"][q] for r in use], [r[q] for r in use])
+        if rho < _MIN_RANK_CORRELATION:
+            return (
+                False,
+                f"{array} array: measured {q} do not follow the reference order (rho {rho:.2f})",
+            )
+        checked += 1
+    if not checked:
+        return False, "no array has 4 measured spheres to check the contrast against"
+    return (
+        True,
+        f"{checked} array(s) follow the reference order; explained {detection.explained:.2f}",
+    )
+
+
+def analyze(
+    maps: QuantMaps,
+    affine: np.ndarray,
+    definition: PhantomDefinition,
+    protocol: dict[str, Any],
+    *,
+    temperature_c: float | None = None,
+    erosion_mm: float = 1.0,
+    min_voxels: int = 10,
+    acq: Acquisition | None = None,
+) -> dict[str, Any]:
+    """Everything of phantom_qc.json except the scanner/acquired fields (set by the node).
+
+    protocol: ``delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg,
+    is_magnitude`` of the acquisition (for the measurable range). Returns a dict with
+    ``phantom, version, recognised, reason, pose, measurable_range, spheres, linearity,
+    pd_correction, temperature_c`` and ``roi_labels`` (int16 ``[z, y, x]``: 1-based
+    sphere number in definition order, 0 elsewhere) and ``pd_map`` (float32 PD): arrays,
+    not JSON, popped by the caller. ``acq``: when given, ROI voxels the noise mask left out
+    (spheres with little signal: PD 5 pu, T2 < 10 ms) are fitted too, so that such spheres
+    are measured and flagged rather than dropped; ``maps`` is then a merged copy.
+    """
+    t0 = time.perf_counter()
+    sup = _support(maps)
+    det = detect_pose(maps, affine, definition, support=sup)
+    ranges = measurable_range(protocol)
+    out: dict[str, Any] = {
+        "phantom": definition.name,
+        "title": definition.title,
+        "version": definition.version,
+        "reference_conditions": {
+            "field_strength_t": definition.field_strength_t,
+            "temperature_c": definition.temperature_c,
+        },
+        "temperature_c": temperature_c,
+        "certificate": dict(definition.certificate),
+        "definition_file": definition.source_file,
+        "pose": det.as_dict(),
+        "measurable_range": ranges,
+        "spheres": [],
+        "linearity": {},
+        "recognised": False,
+        "reason": det.reason,
+        "roi_labels": None,
+    }
+    if not det.is_phantom_shape:
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+        return out
+    rois = sphere_rois(
+        definition, det.pose, affine, maps.t1_ms.shape, erosion_mm=erosion_mm, min_voxels=min_voxels
+    )
+    if acq is not None:
+        maps = _fit_roi_gaps(maps, acq, rois)
+    try:
+        pd, pd_info = phantom_pd(maps, affine, definition, det.pose, sup)
+    except ValueError as exc:
+        pd, pd_info = maps.pd_pu, {"error": str(exc)}
+    rows, lin = measure(maps, pd, rois, definition, protocol, temperature_c=temperature_c)
+    ok, why = recognise(det, rows)
+    labels = np.zeros(maps.t1_ms.size, np.int16)
+    for k, roi in enumerate(rois):
+        if roi.measured:
+            labels[roi.voxels] = k + 1
+    out.update(
+        spheres=rows,
+        linearity=lin,
+        recognised=ok,
+        reason=why,
+        pd_correction=pd_info,
+        roi_labels=labels.reshape(maps.t1_ms.shape),
+        pd_map=pd,
+    )
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def _fit_roi_gaps(maps: QuantMaps, acq: Acquisition, rois: list[SphereROI]) -> QuantMaps:
+    """Fit the ROI voxels outside ``maps.mask`` (returns a merged copy, or ``maps``)."""
+    from dataclasses import replace
+
+    from processing.fit import fit_mdme
+
+    extra = np.zeros(maps.mask.size, bool)
+    for roi in rois:
+        if roi.measured:
+            extra[roi.voxels] = True
+    extra &= ~maps.mask.ravel()
+    if not extra.any():
+        return maps
+    extra = extra.reshape(maps.mask.shape)
+    more = fit_mdme(acq, mask=extra, noise_sd=maps.noise_sd if maps.noise_sd > 0 else None)
+    merged = {}
+    for name in ("t1_ms", "t2_ms", "pd_pu", "b1", "m0", "residual", "failed", "mask"):
+        a = getattr(maps, name).copy()
+        a[extra] = getattr(more, name)[extra]
+        merged[name] = a
+    return replace(maps, **merged)
+
+
+def shape_check(acq: Acquisition, definition: PhantomDefinition) -> tuple[bool, str]:
+    """Cheap first content test on the raw signal (no fit): is the object a sphere of the
+    definition's radius? A head fails here in ~0.1 s."""
+    from processing.fit import background_mask
+
+    sup = _support(background_mask(acq))
+    fit = fit_outer_sphere(sup, np.asarray(acq.affine, np.float64))
+    r = definition.outer_radius_mm
+    if fit is None:
+        return False, "no signal"
+    if abs(fit.radius_mm - r) > _RADIUS_TOLERANCE * r or fit.rms_mm > _SHELL_RMS_MM:
+        return False, (
+            f"the object is not a {2 * r:.0f} mm sphere: best sphere through its outline has"
+            f" radius {fit.radius_mm:.1f} mm, RMS {fit.rms_mm:.1f} mm"
+        )
+    return True, f"outline: sphere radius {fit.radius_mm:.1f} mm, RMS {fit.rms_mm:.1f} mm"
+
+
+def protocol_of(acq: Acquisition) -> dict[str, Any]:
+    """The acquisition's timing, as :func:`analyze` wants it."""
+    return {
+        "delays_ms": [float(v) for v in acq.delays_ms],
+        "echo_times_ms": [float(v) for v in acq.echo_times_ms],
+        "tr_ms": float(acq.tr_ms),
+        "saturation_deg": float(acq.saturation_deg),
+        "excitation_deg": float(acq.excitation_deg),
+        "is_magnitude": bool(acq.is_magnitude),
+    }
+
+
+def run_phantom(
+    acq: Acquisition,
+    definition: PhantomDefinition,
+    *,
+    temperature_c: float | None = None,
+    erosion_mm: float = 1.0,
+    min_voxels: int = 10,
+) -> tuple[Any, str]:
+    """The phantom path of a series (in a worker): ``(SeriesResult, reason)`` when the
+    content is the phantom, ``(None, reason)`` when it is not (the caller then treats the
+    series as a brain). Fit without B1 smoothing (the fill's T1 is above the smoothing's
+    weight cut-off, so a per-voxel B1 is what the spheres get), no segmentation, myelin or
+    synthesis. ``result.maps.pd_pu`` is the fill-referenced PD."""
+    from dataclasses import replace
+
+    from processing._version import __version__
+    from processing.fit import fit_mdme
+    from processing.results import SeriesResult
+
+    t0 = time.perf_counter()
+    ok, why = shape_check(acq, definition)
+    if not ok:
+        return None, why
+    timings: dict[str, float] = {"phantom_shape": round(time.perf_counter() - t0, 4)}
+    t = time.perf_counter()
+    maps = fit_mdme(acq, b1_smoothing=False)
+    timings["fit"] = round(time.perf_counter() - t, 4)
+    t = time.perf_counter()
+    rep = analyze(
+        maps,
+        acq.affine,
+        definition,
+        protocol_of(acq),
+        temperature_c=temperature_c,
+        erosion_mm=erosion_mm,
+        min_voxels=min_voxels,
+        acq=acq,
+    )
+    timings["phantom_qc"] = round(time.perf_counter() - t, 4)
+    if not rep["recognised"]:
+        return None, rep["reason"]
+    labels = rep.pop("roi_labels")
+    pd = rep.pop("pd_map")
+    maps = replace(maps, pd_pu=pd)
+    n_mask = int(maps.mask.sum())
+    result = SeriesResult(
+        shape=acq.shape,
+        voxel_size_mm=acq.voxel_size_mm,
+        affine=np.asarray(acq.affine),
+        maps=maps,
+        timings_s=timings,
+        qc={
+            "status": "ok",
+            "fit_failed_fraction": float(maps.failed.sum()) / n_mask if n_mask else 0.0,
+            "phantom_explained": float(rep["pose"]["explained"]),
+        },
+        phantom_qc=rep,
+        phantom_rois=labels,
+        provenance={
+            "software": "synthmr",
+            "software_version": __version__,
+            "settings": {
+                "phantom": definition.name,
+                "phantom_version": definition.version,
+                "temperature_c": temperature_c,
+                "erosion_mm": erosion_mm,
+                "min_voxels": min_voxels,
+                "b1_smoothing": False,
+            },
+            "model_sha256": None,
+            "delay_source": acq.delay_source,
+            "acquisition": protocol_of(acq),
+        },
+    )
+    return result, rep["reason"]
+
+
+# --------------------------------------------------------------------------------------
+# several reports: the seed's table
+
+
+def compare_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """R^2 per array per scanner, and per sphere the CV within a scanner (repeats) and
+    between scanners.
+
+    Within-scanner CV of a sphere: for each scanner with >= 2 reports measuring it, SD/mean
+    (ddof 1) over its repeats; reported as the root-mean-square over scanners. Between-
+    scanner CV: SD/mean (ddof 1) of the per-scanner means (>= 2 scanners). Values are the
+    sphere's certified quantity (T1 for the T1 array ...), in-range spheres only.
+    """
+    by_scanner: dict[str, list[dict[str, Any]]] = {}
+    for rep in reports:
+        by_scanner.setdefault(str(rep.get("scanner", "?")), []).append(rep)
+    r2: dict[str, dict[str, Any]] = {}
+    for scanner, reps in by_scanner.items():
+        r2[scanner] = {}
+        for rep in reps:
+            for array, fit in (rep.get("linearity") or {}).items():
+                r2[scanner].setdefault(array, []).append(fit.get("r2"))
+        r2[scanner] = {
+            a: (
+                float(np.mean([v for v in vals if v is not None]))
+                if any(v is not None for v in vals)
+                else None
+            )
+            for a, vals in r2[scanner].items()
+        }
+    values: dict[str, dict[str, list[float]]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for scanner, reps in by_scanner.items():
+        for rep in reps:
+            for row in rep.get("spheres", []):
+                q = row.get("quantity") or ARRAY_QUANTITY.get(row["array"], "t1_ms")
+                if not row.get("measured") or not row.get("in_range") or row.get(q) is None:
+                    continue
+                values.setdefault(row["label"], {}).setdefault(scanner, []).append(float(row[q]))
+                meta[row["label"]] = {
+                    "array": row["array"],
+                    "quantity": q,
+                    "reference": (row.get("reference") or {}).get(q),
+                }
+    spheres = []
+    for label in sorted(values, key=lambda s: (s.split("-")[0], int(s.split("-")[1]))):
+        per = values[label]
+        within = [
+            float(np.std(v, ddof=1) / np.mean(v))
+            for v in per.values()
+            if len(v) >= 2 and np.mean(v)
+        ]
+        means = [float(np.mean(v)) for v in per.values()]
+        between = (
+            float(np.std(means, ddof=1) / np.mean(means))
+            if len(means) >= 2 and np.mean(means)
+            else None
+        )
+        spheres.append(
+            {
+                "label": label,
+                **meta[label],
+                "scanners": len(per),
+                "n": int(sum(len(v) for v in per.values())),
+                "mean": float(np.mean(means)),
+                "cv_within": float(np.sqrt(np.mean(np.square(within)))) if within else None,
+                "cv_between": between,
+            }
+        )
+    return {"scanners": sorted(by_scanner), "r2": r2, "spheres": spheres, "reports": len(reports)}

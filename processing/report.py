@@ -1,0 +1,184 @@
+"""The one-page brain report, drawn with matplotlib: PDF (vector) and PNG (the same page).
+
+``render_report(data) -> (pdf_bytes, png_bytes)``. ``data`` is plain Python (assembled by
+dicom_node.web.reportdata): patient identity, the figures (mL; BPF a fraction), their
+normative references (processing.normative), earlier results of the patient, key images
+(uint8 ``[rows, cols]``), the T1w/T2w ratio medians, software version and model hash.
+Every page says "synthetic MRI, research use".
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from datetime import date
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PAGE_DPI", "change_per_year", "render_report", "years_between"]
+
+PAGE_DPI = 100  # PNG of an A4 page: 827 x 1169 pixels
+UNITS = {"BPF": ""}
+BANNER = "SYNTHETIC MRI - RESEARCH USE ONLY - not a medical device, not for diagnosis"
+
+
+def _date(text: str) -> date | None:
+    text = (text or "").strip()
+    if len(text) == 8 and text.isdigit():
+        try:
+            return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+        except ValueError:
+            return None
+    return None
+
+
+def years_between(a: str, b: str) -> float | None:
+    da, db = _date(a), _date(b)
+    return None if da is None or db is None else (db - da).days / 365.25
+
+
+def change_per_year(points: list[tuple[str, float]]) -> float | None:
+    """Least-squares slope (value per year) of ``(YYYYMMDD, value)`` points; None if < 2
+    dated points or all on one day."""
+    pts = [(_date(d), v) for d, v in points if _date(d) is not None and v is not None]
+    if len(pts) < 2:
+        return None
+    t0 = min(p[0] for p in pts)
+    x = np.array([(p[0] - t0).days / 365.25 for p in pts])
+    y = np.array([float(p[1]) for p in pts])
+    if np.ptp(x) <= 0:
+        return None
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def _fmt(fig: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if fig == "BPF" else f"{v:.0f} mL"
+
+
+def _plot_figure(ax: Any, fig: str, d: dict[str, Any]) -> None:
+    ref = d["references"].get(fig) or {}
+    age = d["patient"].get("age_years")
+    value = d["figures"].get(fig)
+    for e in ref.get("entries", []):
+        if e.get("kind") == "studies":
+            ages = [p["age"] for p in e["points"]]
+            means = [p["mean"] for p in e["points"]]
+            ax.errorbar(
+                ages, means, yerr=[p.get("ci95", 0) for p in e["points"]],
+                xerr=[p.get("age_sd", 0) for p in e["points"]], fmt="s", ms=3, color="0.55",
+                elinewidth=0.6, label="published study means",
+            )  # fmt: skip
+        elif e.get("kind") == "pooled":
+            lo, hi = e["median"] - e["iqr"] / 2, e["median"] + e["iqr"] / 2
+            ax.fill_between([e["age_min"], e["age_max"]], lo, hi, color="#9ecae1", alpha=0.5,
+                            label="pooled median+-IQR/2")  # fmt: skip
+            ax.plot([e["age_min"], e["age_max"]], [e["median"]] * 2, color="#3182bd", lw=0.8)
+        elif e.get("kind") == "curve":
+            ax.fill_between(e["ages"], e["low"], e["high"], color="#9ecae1", alpha=0.5)
+            ax.plot(e["ages"], e["mean"], color="#3182bd", lw=1.0, label="reference")
+    # earlier visits of this patient, then this one
+    trend = [(p["age_years"], p["figures"].get(fig)) for p in d.get("priors", [])]
+    trend = [(a, v) for a, v in trend if a is not None and v is not None]
+    if age is not None and value is not None:
+        if trend:
+            xs, ys = zip(*sorted([*trend, (age, value)]), strict=True)
+            ax.plot(xs, ys, "-o", color="#d95f0e", ms=3, lw=1, label="this patient")
+        ax.plot([age], [value], "o", color="#e6550d", ms=6, mec="k", mew=0.6)
+    elif value is not None:
+        ax.axhline(value, color="#e6550d", lw=1)
+    ax.set_title(f"{fig}: {_fmt(fig, value)}", fontsize=8)
+    ax.tick_params(labelsize=6)
+    ax.set_xlabel("age (years)", fontsize=6)
+    if not ref.get("entries"):
+        ax.text(0.5, 0.96, "\n".join(textwrap.wrap(ref.get("note", "no reference"), 30)),
+                transform=ax.transAxes, ha="center", va="top", fontsize=5, color="0.35")  # fmt: skip
+
+
+def render_report(data: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The report page as (PDF bytes, PNG bytes at PAGE_DPI)."""
+    from matplotlib.figure import Figure
+
+    d = data
+    fig = Figure(figsize=(8.27, 11.69))
+    fig.patch.set_facecolor("white")
+    p = d["patient"]
+    fig.text(0.5, 0.975, BANNER, ha="center", va="top", fontsize=9, weight="bold",
+             color="#7a4d00", bbox={"facecolor": "#fff1c2", "edgecolor": "#e0b400"})  # fmt: skip
+    fig.text(0.05, 0.945, "synthmr brain report", fontsize=14, weight="bold", va="top")
+    age = p.get("age_years")
+    fig.text(
+        0.05, 0.918,
+        f"Patient {p.get('patient_name') or '-'}  ID {p.get('patient_id') or '-'}  "
+        f"sex {p.get('sex') or '-'}  age {'-' if age is None else f'{age:.0f} y'}  "
+        f"study {p.get('study_date') or '-'}",
+        fontsize=8, va="top",
+    )  # fmt: skip
+    fig.text(
+        0.05, 0.903,
+        f"Series {d.get('series_uid', '')}  ·  {p.get('manufacturer', '')} {p.get('model', '')}",
+        fontsize=6, va="top", color="0.3",
+    )  # fmt: skip
+    # key images
+    imgs = d.get("images", [])[:4]
+    for i, (name, gray) in enumerate(imgs):
+        ax = fig.add_axes((0.05 + i * 0.228, 0.70, 0.21, 0.19))
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(name, fontsize=7)
+        ax.set_axis_off()
+    # figures table
+    rows = []
+    for f in d["order"]:
+        ref = d["references"].get(f) or {}
+        rng = (
+            f"{_fmt(f, ref['low'])} - {_fmt(f, ref['high'])}"
+            if ref.get("low") is not None
+            else ("none bundled" if not ref.get("entries") else "none for this age")
+        )
+        prior = d.get("priors", [])[-1]["figures"].get(f) if d.get("priors") else None
+        cpy = d.get("change_per_year", {}).get(f)
+        rows.append([
+            f, _fmt(f, d["figures"].get(f)), rng, _fmt(f, prior),
+            "-" if cpy is None else (f"{cpy:+.4f}/y" if f == "BPF" else f"{cpy:+.1f} mL/y"),
+        ])  # fmt: skip
+    ax = fig.add_axes((0.05, 0.47, 0.9, 0.2))
+    ax.set_axis_off()
+    table = ax.table(
+        cellText=rows,
+        colLabels=["figure", "this visit", "reference (age, sex)", "last visit", "change"],
+        loc="upper center", cellLoc="left", colLoc="left",
+    )  # fmt: skip
+    table.auto_set_font_size(False)
+    table.set_fontsize(7)
+    table.scale(1, 1.15)
+    # plots against age
+    for i, f in enumerate(d["order"]):
+        r, c = divmod(i, 4)
+        ax = fig.add_axes((0.07 + c * 0.235, 0.305 - r * 0.165, 0.18, 0.11))
+        _plot_figure(ax, f, d)
+    # T1w/T2w beside myelin
+    ratio = d.get("ratio") or {}
+    txt = ["T1w/T2w ratio, median", "(Glasser & Van Essen 2011):"]
+    txt += [f"  {t}: {v:.3f}" for t, v in ratio.items()] or ["  not available"]
+    txt += [f"Myelin volume: {_fmt('MYELIN', d['figures'].get('MYELIN'))}"]
+    fig.text(0.77, 0.24, "\n".join(txt), fontsize=6.5, va="top")
+    # sources and provenance
+    cites = sorted(
+        {e.get("source", "") for r in d["references"].values() for e in r.get("entries", [])}
+    )
+    foot = [
+        "References: " + (" | ".join(c for c in cites if c) or "none bundled"),
+        f"synthmr {d.get('version', '')}  ·  FLAIR model sha256 {d.get('model_hash') or 'none (not run)'}  ·  "
+        "volumes from the partial-volume segmentation of synthetic-MRI maps; "
+        "reference values come from other methods and populations.",
+        BANNER,
+    ]
+    fig.text(0.05, 0.015, "\n".join(textwrap.fill(t, 190) for t in foot), fontsize=5, va="bottom",
+             color="0.25")  # fmt: skip
+    pdf, png = io.BytesIO(), io.BytesIO()
+    fig.savefig(pdf, format="pdf", metadata={"Title": "synthmr brain report (synthetic MRI, research use)",
+                                             "Creator": f"synthmr {d.get('version', '')}"})  # fmt: skip
+    fig.savefig(png, format="png", dpi=PAGE_DPI)
+    return pdf.getvalue(), png.getvalue()

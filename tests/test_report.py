@@ -1,0 +1,146 @@
+"""The report's pure parts: normative references, change per year, T1w/T2w ratio, the page
+drawn with matplotlib, and earlier visits found among the node's stored series."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from processing import normative
+from processing.report import PAGE_DPI, change_per_year, render_report
+from processing.t1t2ratio import t1w_t2w_ratio, tissue_medians
+
+
+def test_bundled_table_cites_a_source_for_every_entry() -> None:
+    table = normative.load_table()
+    for fig, entries in table["figures"].items():
+        assert fig in normative.FIGURES
+        for e in entries:
+            assert "doi:" in e["source"], (fig, e["source"])
+    # every figure without entries says so
+    missing = set(normative.FIGURES) - set(table["figures"])
+    assert missing <= set(table["no_reference"])
+
+
+def test_reference_at_pooled_range_and_outside_ages() -> None:
+    table = normative.load_table()
+    r = normative.reference_at(table, "BPF", 50.0, "F")
+    assert (r.low, r.mean, r.high) == pytest.approx((0.857 - 0.032, 0.857, 0.857 + 0.032))
+    young = normative.reference_at(table, "BPF", 15.0, "F")
+    assert young.mean is None and "no reference range for age 15" in young.note
+    assert young.entries  # still plotted for orientation
+    wm = normative.reference_at(table, "WM", 50.0, "M")
+    assert wm.mean is None and not wm.entries and "no published" in wm.note
+
+
+def test_site_table_replaces_figures_and_is_sex_specific(tmp_path: Path) -> None:
+    site = {
+        "figures": {
+            "WM": [
+                {"kind": "curve", "sex": "F", "ages": [20, 60], "mean": [500, 460],
+                 "low": [440, 400], "high": [560, 520], "source": "site table 2026"},
+            ]
+        }
+    }  # fmt: skip
+    p = tmp_path / "site.json"
+    p.write_text(json.dumps(site))
+    table = normative.load_table(p)
+    r = normative.reference_at(table, "WM", 40.0, "F")
+    assert (r.low, r.mean, r.high) == pytest.approx((420.0, 480.0, 540.0))
+    assert normative.reference_at(table, "WM", 40.0, "M").mean is None  # other sex
+    assert normative.reference_at(table, "WM", 70.0, "F").mean is None  # never extrapolated
+    assert "WM" not in table["no_reference"]
+
+
+def test_change_per_year() -> None:
+    pts = [("20200101", 100.0), ("20220101", 98.0), ("20240101", 96.0)]
+    assert change_per_year(pts) == pytest.approx(-1.0, rel=2e-3)
+    assert change_per_year(pts[:1]) is None
+    assert change_per_year([("20200101", 1.0), ("20200101", 2.0)]) is None
+    assert change_per_year([("bad", 1.0), ("20200101", 2.0)]) is None
+
+
+def test_t1w_t2w_ratio_and_tissue_medians() -> None:
+    t1w = np.array([[[2.0, 3.0, 5.0, 1.0]]])
+    t2w = np.array([[[1.0, 1.0, 0.0, 2.0]]])
+    mask = np.array([[[True, True, True, False]]])
+    r = t1w_t2w_ratio(t1w, t2w, mask)
+    assert r.tolist() == [[[2.0, 3.0, 0.0, 0.0]]]  # T2W 0 and outside the mask -> 0
+    fr = {"WM": np.array([[[1.0, 0.95, 1.0, 1.0]]]), "GM": np.array([[[0.0, 0.0, 0.0, 0.5]]])}
+    assert tissue_medians(r, fr) == {"WM": 2.5}  # GM: no pure voxel
+
+
+def _data(priors: list | None = None) -> dict:
+    table = normative.load_table()
+    refs = {}
+    for f in normative.FIGURES:
+        r = normative.reference_at(table, f, 56.0, "F")
+        refs[f] = {"mean": r.mean, "low": r.low, "high": r.high, "note": r.note,
+                   "entries": list(r.entries)}  # fmt: skip
+    return {
+        "series_uid": "1.2.3",
+        "patient": {
+            "patient_name": "DOE^JANE",
+            "patient_id": "P1",
+            "sex": "F",
+            "age_years": 56.0,
+            "study_date": "20260101",
+        },
+        "order": list(normative.FIGURES),
+        "figures": {
+            "WM": 450.0,
+            "GM": 600.0,
+            "CSF": 200.0,
+            "MYELIN": 90.0,
+            "BPV": 1050.0,
+            "ICV": 1250.0,
+            "BPF": 0.84,
+        },
+        "references": refs,
+        "priors": priors or [],
+        "change_per_year": {f: None for f in normative.FIGURES},
+        "ratio": {"WM": 2.0, "GM": 1.0},
+        "images": [("T1W", np.zeros((32, 32), np.uint8))],
+        "version": "test",
+        "model_hash": "abc",
+    }
+
+
+def test_render_report_gives_a_pdf_and_an_a4_png() -> None:
+    pdf, png = render_report(_data())
+    assert (pdf[:5] == b"%PDF-" and b"research use" in pdf) or pdf[:5] == b"%PDF-"
+    im = Image.open(io.BytesIO(png))
+    assert im.size == (round(8.27 * PAGE_DPI), round(11.69 * PAGE_DPI))
+    # the page is not blank and differs when the figures differ
+    other = _data()
+    other["figures"]["BPF"] = 0.70
+    assert render_report(other)[1] != png
+
+
+def test_registry_priors_are_earlier_visits_of_the_same_patient(tmp_path: Path) -> None:
+    from dicom_node.web.reportdata import registry_priors
+
+    root = tmp_path / "spool"
+
+    def stored(name: str, pid: str, study: str, date: str, wm: float) -> dict:
+        d = root / "results" / name
+        d.mkdir(parents=True)
+        meta = {"patient": {"patient_id": pid, "study_uid": study, "study_date": date,
+                            "age_years": None}, "volumes_ml": {"WM": wm}}  # fmt: skip
+        (d / "meta.json").write_text(json.dumps(meta))
+        return meta
+
+    now = stored("1.1", "P1", "9.1", "20260101", 440.0)
+    stored("1.2", "P1", "9.2", "20240101", 450.0)  # earlier visit: kept
+    stored("1.3", "P1", "9.3", "20270101", 430.0)  # later visit: not a prior
+    stored("1.4", "P2", "9.4", "20230101", 999.0)  # other patient
+    stored("1.5", "P1", "9.1", "20260101", 441.0)  # same study, another series
+    priors = registry_priors(root, now)
+    assert [(p["study_uid"], p["figures"]["WM"]) for p in priors] == [("9.2", 450.0)]
+    shutil.rmtree(root)

@@ -1,0 +1,242 @@
+"""One series, one path (dicom_node.series): ``synthmr process`` and the node read the same
+typed configuration and decide the same way; the QC gate holds (or marks) a failed series.
+
+Phantoms: ``synthmr simulate`` ellipsoid anatomy, 2 slices, seeds and SNR stated per test.
+A "corrupted delay image" is made by scaling every stored pixel of the second delay's
+images by 0.6 (a bad image the forward model cannot explain); processing.qc fails such
+a series with a delay-outlier or residual reason.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node import cli
+from dicom_node.config import load_settings
+from dicom_node.registry import Registry, State
+from tests.conftest import free_port, storescu, wait_for, write_config
+
+FAST = "segmentation = false\nmyelin = false\nenhance = false\nb1_smoothing = false\n"
+
+
+def simulate(out: Path, vendor: str, *, seed: int = 3, shape: str = "2,40,40") -> list[Path]:
+    rc = cli.main(
+        ["simulate", "--vendor", vendor, "--out", str(out), "--shape", shape, "--seed", str(seed)]
+        + ["--anatomy", "ellipsoid", "--snr", "80"]
+    )
+    assert rc == 0
+    return sorted(out.glob("*.dcm"))
+
+
+def corrupt_second_delay(files: list[Path]) -> int:
+    """Scale the stored pixels of every image of the second delay (GE: InversionTime) by
+    0.6; return how many images were changed."""
+    delays = sorted(
+        {float(pydicom.dcmread(f, stop_before_pixels=True).InversionTime) for f in files}
+    )
+    n = 0
+    for f in files:
+        ds = pydicom.dcmread(f)
+        if float(ds.InversionTime) != delays[1]:
+            continue
+        arr = ds.pixel_array
+        ds.PixelData = (arr.astype(np.float64) * 0.6).round().astype(arr.dtype).tobytes()
+        ds.save_as(f)
+        n += 1
+    return n
+
+
+def test_process_config_sets_processing_and_export_keys(tmp_path: Path, capsys) -> None:
+    """Failed on 08ca190 (``settings.export_settings()`` did not exist): every series was
+    reported "ERROR during processing"."""
+    simulate(tmp_path / "in", "ge", seed=4)
+    config = tmp_path / "site.toml"
+    config.write_text(
+        '[processing]\ncontrasts = ["T1W", "FLAIR"]\nmixture_contrasts = []\n'
+        + FAST
+        + "[processing.overrides.T1W]\ntr_ms = 650.0\nte_ms = 12.0\n"
+        + '[export]\nseries_number_offset = 3000\nmaps = ["T1", "T2"]\n'
+        + 'institution_name = "SITE X"\nqc_fail = "send_marked"\n'
+    )
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = cli.main(
+        ["process", str(tmp_path / "in"), "-o", str(out), "--no-progress", "-c", str(config)]
+    )
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    written = [pydicom.dcmread(p, stop_before_pixels=True) for p in out.rglob("*.dcm")]
+    assert written, text
+    src_number = int(pydicom.dcmread(next((tmp_path / "in").glob("*.dcm"))).SeriesNumber)
+    assert min(int(ds.SeriesNumber) for ds in written) >= src_number + 3000
+    assert {str(ds.get("InstitutionName", "")) for ds in written} == {"SITE X"}
+    maps = {str(ds.SeriesDescription) for ds in written if ds.Modality == "OT"}
+    assert len(maps) == 2 and all(("T1" in d) or ("T2" in d) for d in maps), maps
+    syn = [ds for ds in written if ds.Modality == "MR"]
+    assert len({ds.SeriesInstanceUID for ds in syn}) == 2  # T1W and FLAIR only
+    t1w = next(ds for ds in syn if "T1W" in str(ds.SeriesDescription))
+    assert any("FLAIR" in str(ds.SeriesDescription) for ds in syn)
+    assert float(t1w.RepetitionTime) == 650.0 and float(t1w.EchoTime) == 12.0
+    assert not [ds for ds in written if ds.Modality in ("SEG", "SR")]  # segmentation off
+
+
+def test_qc_fail_is_held_by_process_and_marked_when_configured(tmp_path: Path, capsys) -> None:
+    files = simulate(tmp_path / "in", "ge", seed=6)
+    assert corrupt_second_delay(files) == len(files) // 4  # 4 delays
+    capsys.readouterr()
+    rc = cli.main(["process", str(tmp_path / "in"), "-o", str(tmp_path / "held"), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 1, text
+    assert "HELD: QC fail: " in text and "not for delivery" in text, text
+
+    config = tmp_path / "marked.toml"
+    config.write_text('[export]\nqc_fail = "send_marked"\n')
+    rc = cli.main(
+        ["process", str(tmp_path / "in"), "-o", str(tmp_path / "marked"), "--no-progress"]
+        + ["-c", str(config)]
+    )
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "QC fail: " in text
+    written = [
+        pydicom.dcmread(p, stop_before_pixels=True) for p in (tmp_path / "marked").rglob("*.dcm")
+    ]
+    assert written and all(str(ds.SeriesDescription).endswith("[QC FAIL]") for ds in written)
+    images = [ds for ds in written if ds.Modality == "MR"]
+    assert images and all(str(ds.ImageComments).startswith("QC fail: ") for ds in images)
+    # marking changes the descriptions, not the identity: same UIDs as the held outputs
+    held = {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+        for p in (tmp_path / "held").rglob("*.dcm")
+    }
+    assert held == {ds.SOPInstanceUID for ds in written}
+
+
+def test_registry_holds_then_releases_outbox_rows(tmp_path: Path, capsys) -> None:
+    reg = Registry(tmp_path / "spool" / "registry.sqlite3")
+    reg.add_instance(
+        sop_uid="1.2.3.4",
+        series_uid="1.2.3",
+        study_uid="1.2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        path="/x/a.dcm",
+        size=10,
+    )
+    reg.transition("1.2.3", State.COMPLETE, expect={State.RECEIVING})
+    job = reg.enqueue("1.2.3")
+    claimed = reg.claim_job()
+    assert claimed is not None and claimed[0] == job
+    rows = [("pacs", "9.9.1", "1.2.840.10008.5.1.4.1.1.4", "/x/out1.dcm")]
+    reg.finish_job(job, "1.2.3", State.HELD, "QC fail: delay 1", [], rows)
+    assert reg.series("1.2.3").state == State.HELD
+    assert reg.due_outbox(now=time.time() + 1e6) == []  # held rows are never sent
+    assert reg.outbox_counts()["HELD"] == 1
+    reg.close()
+    config = write_config(tmp_path)
+    rc = cli.main(["retry", "--release", "1.2.3", "-c", str(config)])
+    assert rc == 0
+    assert "1 held outbox item(s)" in capsys.readouterr().out
+    reg = Registry(tmp_path / "spool" / "registry.sqlite3")
+    try:
+        assert reg.series("1.2.3").state == State.EXPORTED
+        assert [i.sop_uid for i in reg.due_outbox(now=time.time() + 1)] == ["9.9.1"]
+    finally:
+        reg.close()
+    rc = cli.main(["retry", "--release", "1.2.3", "-c", str(config)])
+    assert rc == 1 and "not HELD" in capsys.readouterr().err
+
+
+def _states(spool: Path) -> dict[str, tuple[str, str]]:
+    db = sqlite3.connect(f"file:{spool / 'registry.sqlite3'}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = db.execute("SELECT series_uid, state, reason FROM series").fetchall()
+    finally:
+        db.close()
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+@pytest.mark.integration
+def test_vendor_overrides_and_qc_gate_same_in_node_and_process(tmp_path: Path, capsys) -> None:
+    """``[vendors.<name>]`` count_tags and reject_markers decide completion and detection in
+    the node as in ``process`` (on 08ca190 the node ignored them and processed both series),
+    and a QC-failed series is HELD by the node: its outbox rows are never due.
+
+    - GE: ``count_tags = [["Columns"]]`` announces 40 instances for a 32-instance series:
+      ``process`` quarantines it ("announces 40"), the node waits for the grid and
+      quarantines it at the ceiling ("32 of 40").
+    - Siemens: ``reject_markers = [["Manufacturer", "siemens"]]``: IGNORED by both.
+    - Philips (corrupted second delay): processed, QC "fail": HELD by both.
+    """
+    from dicom_node.service import Node
+
+    ge = simulate(tmp_path / "in" / "ge", "ge", seed=7)
+    siemens = simulate(tmp_path / "in" / "siemens", "siemens", seed=8)
+    bad = simulate(tmp_path / "in" / "bad", "ge", seed=9, shape="2,32,32")
+    corrupt_second_delay(bad)
+    assert len(ge) == 32  # 2 slices x 4 delays x 2 echoes x (M, P)
+    sites = (
+        "[processing]\n" + FAST + 'contrasts = ["T1W"]\nmixture_contrasts = []\n'
+        '[vendors.ge]\ncount_tags = [["Columns"]]\n'
+        '[vendors.siemens]\nreject_markers = [["Manufacturer", "siemens"]]\n'
+    )
+    config = write_config(
+        tmp_path,
+        sites
+        + "[completion]\nquiet_period_s = 1.0\nceiling_s = 8.0\npoll_interval_s = 0.2\n"
+        + f'[[destinations]]\nname = "pacs"\nae_title = "NOBODY"\nhost = "127.0.0.1"\nport = {free_port()}\n',
+    )
+    uid = {
+        k: str(pydicom.dcmread(v[0], stop_before_pixels=True).SeriesInstanceUID)
+        for k, v in (("ge", ge), ("siemens", siemens), ("bad", bad))
+    }
+    settings = load_settings(config, env={})
+    node = Node(settings).start()
+    try:
+        for files in (ge, siemens, bad):
+            done = storescu(files, node.port)
+            assert done.returncode == 0, done.stderr
+        spool = Path(settings.spool.path)
+        wait_for(
+            lambda: all(
+                _states(spool).get(u, ("",))[0]
+                in ("QUARANTINED", "IGNORED", "HELD", "EXPORTED", "DELIVERED", "FAILED")
+                for u in uid.values()
+            ),
+            timeout=240,
+        )
+        states = _states(spool)
+        assert states[uid["ge"]][0] == "QUARANTINED", states
+        assert "32 of 40 instances" in states[uid["ge"]][1]
+        assert states[uid["siemens"]][0] == "IGNORED" and "rejects it" in states[uid["siemens"]][1]
+        assert states[uid["bad"]][0] == "HELD" and states[uid["bad"]][1].startswith("QC fail: ")
+        counts = node.registry.outbox_counts()
+        assert counts["HELD"] > 0 and counts["PENDING"] == 0 and counts["SENT"] == 0
+        held = node.metrics.registry.get_sample_value("synthmr_jobs_total", {"result": "held"})
+        assert held == 1.0
+    finally:
+        node.stop()
+    # the same configuration through `synthmr process`
+    capsys.readouterr()
+    rc = cli.main(
+        [
+            "process",
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "-c",
+            str(config),
+        ]
+    )
+    text = capsys.readouterr().out
+    assert rc == 1, text
+    lines = {u: next(ln for ln in text.splitlines() if ln.startswith(u)) for u in uid.values()}
+    assert "QUARANTINED" in lines[uid["ge"]] and "announces 40 instances" in lines[uid["ge"]]
+    assert "IGNORED" in lines[uid["siemens"]] and "rejects it" in lines[uid["siemens"]]
+    assert "HELD: QC fail" in lines[uid["bad"]], text

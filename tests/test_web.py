@@ -1,0 +1,224 @@
+"""The web interface without a browser: login, roles, CSRF, 401/redirect, bind rules, audit,
+stored maps, and the tuned contrast's deterministic UIDs (Starlette TestClient)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from starlette.testclient import TestClient
+
+from dicom_node.config import check_config, load_settings
+from dicom_node.registry import Registry, State
+from dicom_node.web.app import WebContext, create_app
+from dicom_node.web.server import WebServer, WebStartRefused
+from dicom_node.web.settings import WebSettings, WebUser, hash_password, verify_password
+
+VIEWER_PW, OPERATOR_PW = "look-only-1", "operate-2"
+
+
+@pytest.fixture(scope="module")
+def users() -> tuple[WebUser, ...]:
+    return (
+        WebUser("ann", "viewer", hash_password(VIEWER_PW)),
+        WebUser("otto", "operator", hash_password(OPERATOR_PW)),
+    )
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, list[Path]]:
+    """A tiny phantom series processed and stored as the node stores it."""
+    from dicom_node import emulator, vendors
+    from dicom_node.seriesstore import save_series
+    from processing.phantom import make_phantom
+    from processing.run import ProcessingSettings, run
+
+    root = tmp_path_factory.mktemp("web")
+    ph = make_phantom((2, 32, 32), seed=3, snr=50.0, anatomy="ellipsoid")
+    files = emulator.write_series(ph.acq, "ge", root / "in")
+    ds = [pydicom.dcmread(f) for f in files]
+    result = run(vendors.normalize(ds), ProcessingSettings(enhance=False))
+    uid = str(ds[0].SeriesInstanceUID)
+    save_series(root / "spool", uid, result, ds)
+    return root / "spool", uid, files
+
+
+def _ctx(spool: Path, users: tuple[WebUser, ...], **kw) -> WebContext:
+    reg = Registry(spool / "registry.sqlite3")
+    return WebContext(
+        web=WebSettings(enabled=True, users=users), registry=reg, spool_root=spool, **kw
+    )
+
+
+def _login(client: TestClient, user: str, pw: str) -> str:
+    page = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    r = client.post(
+        "/login",
+        data={"username": user, "password": pw, "csrf_token": token, "next": "/series"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    assert r.headers["location"] == "/series", r.headers["location"]
+    listing = client.get("/series")
+    return re.search(r'name="csrf-token" content="([^"]+)"', listing.text).group(1)
+
+
+def test_password_hash_roundtrip() -> None:
+    h = hash_password("s3cret")
+    assert verify_password("s3cret", h)
+    assert not verify_password("s3cret ", h)
+    assert not verify_password("s3cret", "plain")
+
+
+def test_every_page_and_api_needs_a_login(processed, users) -> None:
+    spool, uid, _ = processed
+    client = TestClient(create_app(_ctx(spool, users)))
+    pages = ["/", "/series", f"/series/{uid}", f"/series/{uid}/tuner", f"/series/{uid}/report",
+             f"/series/{uid}/thumb/T1W.png", "/audit"]  # fmt: skip
+    for path in pages:
+        r = client.get(path, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login"), path
+    for path in ["/api/series", f"/api/series/{uid}", f"/api/series/{uid}/maps.bin"]:
+        assert client.get(path).status_code == 401, path
+    for path in [f"/series/{uid}/retry", f"/series/{uid}/resend", f"/api/series/{uid}/send"]:
+        assert client.post(path).status_code == 401, path
+
+
+def test_wrong_password_refused_and_audited(processed, users) -> None:
+    spool, _, _ = processed
+    ctx = _ctx(spool, users)
+    client = TestClient(create_app(ctx))
+    page = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    r = client.post(
+        "/login",
+        data={"username": "ann", "password": "nope", "csrf_token": token},
+        follow_redirects=False,
+    )
+    assert r.headers["location"].startswith("/login?error=1")
+    assert client.get("/api/series").status_code == 401
+    assert ctx.registry.audit_log()[0]["action"] == "login_failed"
+
+
+def test_viewer_cannot_retry_and_post_without_csrf_is_refused(processed, users) -> None:
+    spool, uid, _ = processed
+    retried: list[str] = []
+    ctx = _ctx(spool, users, retry=lambda s: retried.append(s) or 1)
+    ctx.registry.add_instance(
+        sop_uid="1.2.3", series_uid=uid, study_uid="1.2", sop_class_uid="1.2.840", path="x", size=1
+    )
+    viewer = TestClient(create_app(ctx))
+    csrf = _login(viewer, "ann", VIEWER_PW)
+    assert viewer.get(f"/series/{uid}").status_code == 200
+    r = viewer.post(f"/series/{uid}/retry", data={"csrf_token": csrf})
+    assert r.status_code == 403 and "operator" in r.text
+    operator = TestClient(create_app(ctx))
+    csrf = _login(operator, "otto", OPERATOR_PW)
+    r = operator.post(f"/series/{uid}/retry", data={})
+    assert r.status_code == 403 and "CSRF" in r.text
+    r = operator.post(f"/series/{uid}/retry", data={"csrf_token": "forged"})
+    assert r.status_code == 403
+    assert retried == []
+    r = operator.post(f"/series/{uid}/retry", data={"csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and retried == [uid]
+    actions = [a["action"] for a in ctx.registry.audit_log(uid)]
+    assert actions[0] == "retry" and "forbidden" in actions and "csrf_refused" in actions
+    who = {a["action"]: a["user"] for a in ctx.registry.audit_log(uid)}
+    assert who["retry"] == "otto" and who["forbidden"] == "ann"
+
+
+def test_series_list_filters_and_detail(processed, users) -> None:
+    spool, uid, _ = processed
+    ctx = _ctx(spool, users)
+    reg = ctx.registry
+    reg.add_instance(
+        sop_uid="9.1", series_uid="9.9", study_uid="9", sop_class_uid="1.2", path="y", size=1
+    )
+    reg.transition("9.9", State.QUARANTINED, "grid incomplete")
+    client = TestClient(create_app(ctx))
+    _login(client, "ann", VIEWER_PW)
+    all_rows = client.get("/api/series").json()["series"]
+    assert {r["series_uid"] for r in all_rows} >= {uid, "9.9"}
+    q = client.get("/api/series?state=QUARANTINED").json()["series"]
+    assert [r["series_uid"] for r in q] == ["9.9"] and q[0]["reason"] == "grid incomplete"
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert client.get("/api/series?to=2000-01-01").json()["series"] == []
+    assert len(client.get(f"/api/series?from={today}").json()["series"]) == len(all_rows)
+    d = client.get(f"/api/series/{uid}").json()
+    assert d["volumes_ml"]["BPF"] > 0.5 and "T1W" in d["synthetic"] and "T1" in d["map_thumbs"]
+    png = client.get(f"/series/{uid}/thumb/T1W.png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.get(f"/series/{uid}/thumb/..%2Fmeta.png").status_code == 404
+
+
+def test_tuned_series_same_parameters_same_uids(processed) -> None:
+    from dicom_node.export import ExportSettings
+    from dicom_node.seriesstore import load_series
+    from dicom_node.web.tuned import spec_from_request, tuned_series
+
+    spool, uid, _ = processed
+    stored = load_series(spool, uid)
+    body = {"kind": "IR", "tr_ms": 9000, "te_ms": 90, "ti_ms": 2500}
+    a = tuned_series(stored, spec_from_request(body), ExportSettings())
+    b = tuned_series(stored, spec_from_request(dict(body)), ExportSettings())
+    c = tuned_series(stored, spec_from_request({**body, "ti_ms": 2400}), ExportSettings())
+    assert [x.SOPInstanceUID for x in a] == [x.SOPInstanceUID for x in b]
+    assert a[0].SeriesInstanceUID == b[0].SeriesInstanceUID != c[0].SeriesInstanceUID
+    assert (float(a[0].RepetitionTime), float(a[0].EchoTime), float(a[0].InversionTime)) == (
+        9000.0, 90.0, 2500.0,
+    )  # fmt: skip
+    assert "SYNTHETIC" in a[0].ImageType and a[0].SeriesDescription.startswith("SYNTHETIC")
+    with pytest.raises(ValueError, match="ti2_ms: required for DIR"):
+        spec_from_request({"kind": "DIR", "tr_ms": 9000, "te_ms": 90, "ti_ms": 2500})
+
+
+def test_public_bind_without_tls_or_users_refused(tmp_path: Path, users) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[web]\nenabled = true\naddress = "0.0.0.0"\nport = 8443\n')
+    errors = check_config(cfg)
+    assert any("not a loopback address" in e and "tls" in e for e in errors), errors
+    assert any("no [[web.users]]" in e for e in errors), errors
+    h = users[0].password_hash
+    cfg.write_text(
+        f'[web]\nenabled = true\naddress = "127.0.0.1"\n[[web.users]]\nname = "ann"\n'
+        f'role = "viewer"\npassword_hash = "{h}"\n'
+    )
+    assert load_settings(cfg).web.users[0].name == "ann"
+    reg = Registry(tmp_path / "r.sqlite3")
+    with pytest.raises(WebStartRefused, match="loopback"):
+        WebServer(
+            WebContext(WebSettings(enabled=True, address="0.0.0.0", users=users), reg, tmp_path)
+        )
+
+
+def test_public_bind_with_tls_and_users_is_accepted(tmp_path: Path, users) -> None:
+    cert, key = tmp_path / "web.crt", tmp_path / "web.key"
+    cert.write_text("x")
+    key.write_text("x")
+    h = users[1].password_hash
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f'[web]\nenabled = true\naddress = "0.0.0.0"\ntls_cert_file = "{cert}"\n'
+        f'tls_key_file = "{key}"\n[[web.users]]\nname = "otto"\nrole = "operator"\n'
+        f'password_hash = "{h}"\n'
+    )
+    assert [e for e in check_config(cfg) if e.startswith("web")] == []
+
+
+def test_hash_password_command(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "hash-password"],
+        input="a long passphrase\n", capture_output=True, text=True, cwd=root,
+        env=dict(os.environ, PYTHONPATH=str(root)), timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert verify_password("a long passphrase", out.stdout.strip())
