@@ -145,11 +145,14 @@ class Destination:
     #: parallel associations a series' outputs are pushed over (a PACS stores them
     #: concurrently; 1 = one association, the most conservative)
     associations: int = 2
+    #: send an IOCM rejection note (Key Object Selection) for outputs this destination
+    #: holds that a re-run with changed inputs superseded (false: leave them as they are)
+    reject_superseded: bool = True
 
 
 @dataclass(frozen=True)
 class RetrySettings:
-    max_attempts: int = 8
+    max_attempts: int = 24
     base_delay_s: float = 2.0
     max_delay_s: float = 300.0
     jitter: float = 0.2

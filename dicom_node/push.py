@@ -30,7 +30,7 @@ from dicom_node.config import Destination, RetrySettings
 from dicom_node.logging import log_context, log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.reactor import EventAE
-from dicom_node.registry import Registry
+from dicom_node.registry import Registry, Retirement
 from dicom_node.transport import make_client_ssl_context, set_tcp_nodelay
 
 __all__ = ["Outbox", "backoff_delay", "send_files", "send_parallel"]
@@ -218,6 +218,7 @@ class Outbox:
         metrics: NodeMetrics,
         calling_aet: str = "SYNTHMR",
         sender: Callable[..., dict[str, Any]] = send_files,
+        rejection_note: Callable[[Retirement], tuple[str, str, str]] | None = None,
     ) -> None:
         self.registry = registry
         self.destinations = {d.name: d for d in destinations}
@@ -225,6 +226,8 @@ class Outbox:
         self.metrics = metrics
         self.calling_aet = calling_aet
         self.sender = sender
+        #: builds and stores the IOCM note of a retirement: (sop_uid, sop_class_uid, path)
+        self.rejection_note = rejection_note
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -257,7 +260,9 @@ class Outbox:
             self._wake.clear()
 
     def run_once(self) -> int:
-        """Send every due item once; return how many were delivered."""
+        """Queue rejection notes of superseded outputs, then send every due item once;
+        return how many were delivered."""
+        self._retire()
         groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
         for item in self.registry.due_outbox():
             groups[(item.destination, item.series_uid)].append(item)
@@ -268,6 +273,36 @@ class Outbox:
             with log_context(series_uid=series_uid, destination=dest_name):
                 delivered += self._send_group(dest_name, series_uid, items)
         return delivered
+
+    def _retire(self) -> None:
+        """Superseded outputs a destination holds: a rejection note joins its outbox (sent
+        like any output; the series is DELIVERED only once it is), or none where the
+        destination says ``reject_superseded = false``."""
+        for ret in self.registry.due_retirements():
+            dest = self.destinations.get(ret.destination)
+            note = None
+            try:
+                if dest is not None and dest.reject_superseded and self.rejection_note:
+                    note = self.rejection_note(ret)
+            except Exception as exc:  # retried at the next pass
+                log_event(
+                    log,
+                    "rejection_note_failed",
+                    level=logging.ERROR,
+                    series_uid=ret.series_uid,
+                    destination=ret.destination,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                continue
+            self.registry.retired(ret, note)
+            log_event(
+                log,
+                "outputs_retired",
+                series_uid=ret.series_uid,
+                destination=ret.destination,
+                n=len(ret.instances),
+                rejection_note=note[0] if note else None,
+            )
 
     def _send_group(self, dest_name: str, series_uid: str, items: list[Any]) -> int:
         """One association for one (destination, series); return how many were delivered."""

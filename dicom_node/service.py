@@ -23,7 +23,7 @@ from dicom_node.completion import Completion
 from dicom_node.config import Settings, load_settings
 from dicom_node.logging import configure_logging, log_context, log_event
 from dicom_node.metrics import MetricsServer, NodeMetrics
-from dicom_node.pipeline import run_series_job
+from dicom_node.pipeline import output_records, run_series_job, write_rejection_note
 from dicom_node.push import Outbox
 from dicom_node.registry import FINAL_STATES, Registry, State
 from dicom_node.scp import StoreSCP, register_spooled
@@ -80,6 +80,9 @@ class Node:
             settings.retry,
             self.metrics,
             settings.node.ae_title,
+            rejection_note=lambda ret: write_rejection_note(
+                self.spool, self.registry.instance_paths(ret.series_uid), ret, self.settings
+            ),
         )
         self.metrics.attach_state(self._state_figures)
         from dicom_node.qc_history import PhantomQCCollector
@@ -272,7 +275,13 @@ class Node:
             ]
         )
         self.registry.finish_job(
-            job_id, series_uid, outcome.state, outcome.reason, outcome.missing, rows
+            job_id,
+            series_uid,
+            outcome.state,
+            outcome.reason,
+            outcome.missing,
+            rows,
+            outputs=self._records(outcome.outputs),
         )
         self.metrics.jobs.labels(_JOB_RESULT[outcome.state]).inc()
         if outcome.fit_failed_fraction is not None:
@@ -291,6 +300,14 @@ class Node:
             timings_s=outcome.timings_s,
             processing_timings_s=outcome.processing_timings_s,
         )
+
+    def _records(self, outputs: list[tuple[str, str, str]]) -> list[Any] | None:
+        """This version's outputs for the registry (None: unreadable, no versioning)."""
+        try:
+            return output_records(outputs)
+        except Exception as exc:
+            log_event(log, "output_records_failed", level=logging.ERROR, error=str(exc))
+            return None
 
     def _stream_outputs(
         self, series_uid: str, outputs: list[tuple[str, str, str]]
