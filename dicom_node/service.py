@@ -45,6 +45,11 @@ _JOB_RESULT = {
 }
 
 
+def _disk_full(reason: str) -> bool:
+    """A job that failed because the spool's file system is full (it is re-run later)."""
+    return "SpoolFullError" in reason or "[Errno 28]" in reason or "disk is full" in reason
+
+
 class Node:
     """One synthmr node. Not reusable after :meth:`stop`."""
 
@@ -185,7 +190,9 @@ class Node:
         checks = {
             "scp_listening": self.scp.listening,
             "registry": self.registry.ok(),
-            "spool_above_watermark": self.spool.above_watermark(),
+            # room for one more instance of the largest size accepted above the watermark:
+            # "ready" means the next C-STORE is not answered 0xA700
+            "spool_above_watermark": self.spool.has_room(self.settings.node.max_instance_bytes),
             # numba kernels compiled / loaded in every worker: a series taken before that
             # would wait for the compile (~45 s on an empty cache; `synthmr warmup` fills it)
             "workers_warm": self.workers.warm,
@@ -225,7 +232,10 @@ class Node:
         while not self._stop.is_set():
             claimed = None
             try:
-                claimed = self.registry.claim_job()
+                # a job needs room for its outputs: with the spool full it waits (a job that
+                # hit a full disk was deferred, and runs again once space returns)
+                if self.spool.has_room(self.settings.node.max_instance_bytes):
+                    claimed = self.registry.claim_job()
             except Exception:
                 log.exception("claim_failed")
             if claimed is None:
@@ -259,6 +269,12 @@ class Node:
         )
         if self._stop.is_set():
             return  # shutting down: left PROCESSING, re-run (same output UIDs) at next start
+        if outcome.state == State.FAILED and _disk_full(outcome.reason):
+            self.registry.defer_job(
+                job_id, series_uid, f"waiting for spool space: {outcome.reason}", time.time() + 5
+            )
+            log_event(log, "job_deferred", level=logging.WARNING, reason=outcome.reason)
+            return
         if outcome.state == State.FAILED and "BrokenProcessPool" in outcome.reason:
             self.workers.restart()
         if outcome.stage and outcome.state in (State.FAILED, State.QUARANTINED):

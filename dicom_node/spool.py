@@ -267,6 +267,11 @@ class Spool:
     def above_watermark(self) -> bool:
         return self.free_bytes() >= self.min_free_bytes
 
+    def has_room(self, n_bytes: int) -> bool:
+        """Whether ``n_bytes`` more still leave the watermark free (readiness counts one
+        instance of the largest size accepted; jobs wait for it before they start)."""
+        return self.free_bytes() - n_bytes >= self.min_free_bytes
+
     # -- paths
     def _inside(self, path: Path) -> Path:
         resolved = path.resolve()
@@ -345,21 +350,31 @@ class Spool:
         outputs only then), instead of once per file as :meth:`write_atomic` does.
         """
         paths: list[Path] = []
+        fresh: list[Path] = []  # files this call creates: removed again if it fails
         out_dir: Path | None = None
         new_dir = False
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="outbox-write") as pool:
-            writes = []
-            for sop_uid, data in items:
-                target = self._inside(self.instance_path("outbox", series_uid, sop_uid))
-                if out_dir is None:
-                    out_dir = target.parent
-                    new_dir = not out_dir.is_dir()
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                self._check_space(len(data))
-                writes.append(pool.submit(self._write_file, target, data))
-                paths.append(target)
-            for w in writes:
-                w.result()  # re-raises a write's error (disk full, I/O error)
+        try:
+            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="outbox-write") as pool:
+                writes = []
+                for sop_uid, data in items:
+                    target = self._inside(self.instance_path("outbox", series_uid, sop_uid))
+                    if out_dir is None:
+                        out_dir = target.parent
+                        new_dir = not out_dir.is_dir()
+                        out_dir.mkdir(parents=True, exist_ok=True)
+                    self._check_space(len(data))
+                    if not target.exists():
+                        fresh.append(target)
+                    writes.append(pool.submit(self._write_file, target, data))
+                    paths.append(target)
+                for w in writes:
+                    w.result()  # re-raises a write's error (disk full, I/O error)
+        except BaseException:
+            # a disk that filled up mid-series leaves no untracked partial outputs: the
+            # job is re-run when space returns and writes them again
+            for p in fresh:
+                p.unlink(missing_ok=True)
+            raise
         if out_dir is not None:
             _fsync_dir(out_dir)
             if new_dir:

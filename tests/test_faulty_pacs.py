@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +52,18 @@ def _orthanc_file(orth: OrthancServer, sop_uid: str) -> pydicom.Dataset | None:
 
 
 def _changed_copy(files: list[Path], out: Path) -> list[Path]:
-    """The same instances (same UIDs) with changed pixels: the scanner's corrected re-send."""
+    """The same instances (same UIDs) with changed pixels: the scanner's corrected re-send.
+    The centre 8 x 8 block is scaled by 0.9, each image's extremes kept (the phase images
+    still span their turn)."""
     out.mkdir(parents=True, exist_ok=True)
     changed = []
     for f in files:
         ds = pydicom.dcmread(f)
-        px = ds.pixel_array
-        ds.PixelData = (px.astype(np.int64) * 3 // 4).astype(px.dtype).tobytes()
+        px = ds.pixel_array.copy()
+        block = px[12:20, 12:20]
+        keep = (block == px.min()) | (block == px.max())
+        block[~keep] = (block[~keep].astype(np.float64) * 0.9).astype(px.dtype)
+        ds.PixelData = px.tobytes()
         ds.save_as(out / f.name, enforce_file_format=True)
         changed.append(out / f.name)
     return changed
@@ -121,3 +129,60 @@ def test_changed_rerun_gets_new_uids_and_retires_the_old_in_orthanc(
     finally:
         node.stop()
         orth.stop()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB file system (tmpfs) for the spool: it can really fill up."""
+    mnt = tmp_path / "smallfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)])
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(fs: Path, leave: int) -> Path:
+    """Fill ``fs`` up to ``leave`` free bytes with one file."""
+    filler = fs / "filler"
+    free = shutil.disk_usage(fs).free
+    with open(filler, "wb") as f:
+        f.write(bytes(max(0, free - leave)))
+    return filler
+
+
+def test_full_disk_mid_export_recovers_by_itself(
+    tmp_path: Path, small_fs: Path, mdme_series: list[Path]
+) -> None:
+    cfg = write_config(
+        tmp_path,
+        "[completion]\nquiet_period_s = 0.5\npoll_interval_s = 0.1\n"
+        "[workers]\ndebug_job_delay_s = 2.0\n",
+        spool=small_fs / "spool",
+    )
+    cfg.write_text(cfg.read_text().replace("[node]\n", "[node]\nmax_instance_bytes = 65536\n"))
+    node = Node(load_settings(cfg, env={})).start()
+    uid = _series_uid(mdme_series)
+    try:
+        assert storescu(mdme_series, node.port).returncode == 0
+        wait_for(lambda: node.registry.series(uid).state == State.PROCESSING, 120, 0.05, "job")
+        filler = _fill(small_fs, 40_000)  # room for the registry, not for ~33 outputs
+        wait_for(
+            lambda: "waiting for spool space" in node.registry.series(uid).reason,
+            300,
+            0.2,
+            "job deferred on the full disk",
+        )
+        assert node.registry.series(uid).state == State.QUEUED  # not FAILED for good
+        assert list(node.spool.outbox.rglob("*.dcm")) == []  # no partial outputs left
+        assert node.ready()[1]["spool_above_watermark"] is False  # /readyz says not ready
+        filler.unlink()  # space returns: the job runs again by itself
+        wait_for(lambda: node.registry.series(uid).state == State.EXPORTED, 300, 0.2, "EXPORTED")
+        live = node.registry.live_outputs(uid)
+        assert sorted(p.stem for p in node.spool.outbox.rglob("*.dcm")) == sorted(live)
+        assert node.ready()[1]["spool_above_watermark"] is True
+    finally:
+        node.stop()

@@ -62,6 +62,13 @@ def _tls_echo(port: int, pki: Path) -> subprocess.CompletedProcess[str]:  # noqa
     )
 
 
+def _timed_echo(port: int, pki: Path) -> float:  # noqa: F811
+    t0 = time.perf_counter()
+    r = _tls_echo(port, pki)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return time.perf_counter() - t0
+
+
 def test_silent_socket_does_not_delay_mutual_tls_echo(
     tmp_path: Path,
     pki: Path,  # noqa: F811
@@ -73,19 +80,15 @@ def test_silent_socket_does_not_delay_mutual_tls_echo(
         f'key_file = "{pki}/server.key"\nca_file = "{pki}/ca.crt"\nrequire_client_cert = true\n',
     )
     try:
-        t0 = time.perf_counter()
-        assert _tls_echo(scp.port, pki).returncode == 0
-        baseline = time.perf_counter() - t0
+        baseline = min(_timed_echo(scp.port, pki) for _ in range(3))
         silent_sockets.append(_silent(scp.port))
         time.sleep(0.2)  # the accept thread has taken the silent connection
-        t0 = time.perf_counter()
-        try:
-            r = _tls_echo(scp.port, pki)
+        try:  # the best of 3 (the machine is shared: one slow run is not a stall)
+            with_silent = min(_timed_echo(scp.port, pki) for _ in range(3))
         except subprocess.TimeoutExpired:
             pytest.fail("mutual-TLS echo blocked by a silent TCP connection (20 s)")
-        delay = time.perf_counter() - t0 - baseline
-        print(f"TLS echo: {baseline:.3f} s alone, +{delay:.3f} s beside a silent socket")
-        assert r.returncode == 0, r.stdout + r.stderr
+        delay = with_silent - baseline
+        print(f"TLS echo: {baseline:.3f} s alone, {delay:+.3f} s beside a silent socket")
         assert delay < 1.0
     finally:
         for sock in silent_sockets:
