@@ -216,7 +216,7 @@ def main() -> None:
             uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
             series.append((files, uid))
         print(
-            f"series: {args.repeat} x {args.layout} {tuple(args.shape)} magnitude+phase,"
+            f"series: {args.repeat} x {args.sequence} {args.layout} {tuple(args.shape)},"
             f" {len(series[0][0])} files each (made in {time.perf_counter() - t:.1f} s)"
         )
         orth = make_orthanc(tmp / "orthanc", tcp_nodelay=nodelay)

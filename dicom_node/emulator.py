@@ -361,6 +361,31 @@ def _enhanced(acq, layout, base, geo, sv_m, sv_p, q, parts, seed) -> list[Datase
         groups = [
             [(z, d, e, p) for p in parts for z in range(nz) for d in range(nd) for e in range(ne)]
         ]
+    shared = _enhanced_shared(acq, geo)
+    per_frame_modifier = xa and offsets is None  # InversionTimes differ per frame
+    if not per_frame_modifier:
+        shared.MRModifierSequence = DicomSequence([_modifier()])
+    dim_uid = _uid(base.SeriesInstanceUID, "dimensions")
+    out: list[Dataset] = []
+    for gi, cells in enumerate(groups):
+        ds = _enhanced_instance(acq, base, xa, parts, gi, len(groups), len(cells), dim_uid)
+        ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+        frames = [
+            _enhanced_frame(acq, base, geo, xa, offsets, rs, q, parts, c, per_frame_modifier)
+            for c in cells
+        ]
+        pix = [sv_m[z, d, e] if p == "M" else sv_p[z, d, e] for z, d, e, p in cells]
+        ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+        ds.PixelData = np.ascontiguousarray(np.stack(pix), dtype="<u2").tobytes()
+        _file_meta(ds)
+        out.append(ds)
+    return out
+
+
+def _enhanced_shared(acq, geo: dict) -> Dataset:
+    """The functional groups every frame shares: timing, pixel measures, orientation and
+    the remaining mandatory Enhanced MR macros."""
+    ne = acq.n_echoes
     shared = _item(
         MRTimingAndRelatedParametersSequence=DicomSequence(
             [
@@ -456,126 +481,133 @@ def _enhanced(acq, layout, base, geo, sv_m, sv_p, q, parts, seed) -> list[Datase
             )
         ]
     )
-    per_frame_modifier = xa and offsets is None  # InversionTimes differ per frame
-    if not per_frame_modifier:
-        shared.MRModifierSequence = DicomSequence([_modifier()])
-    dim_uid = _uid(base.SeriesInstanceUID, "dimensions")
-    out: list[Dataset] = []
-    for gi, cells in enumerate(groups):
-        ds = Dataset()
-        ds.update(base)
-        ds.SOPClassUID = ENHANCED_MR
-        ds.SOPInstanceUID = _uid(base.SeriesInstanceUID, "enh", gi)
-        ds.InstanceNumber = gi + 1
-        ds.ImagesInAcquisition = len(groups)
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "MIXED" if len(parts) > 1 else "M", "NONE"]
-        ds.ContentQualification = "PRODUCT"
-        ds.PixelPresentation = "MONOCHROME"
-        ds.VolumetricProperties = "VOLUME"
-        ds.VolumeBasedCalculationTechnique = "NONE"
-        ds.ComplexImageComponent = "MIXED" if len(parts) > 1 else "MAGNITUDE"
-        ds.AcquisitionContrast = "MIXED"
-        ds.AcquisitionDateTime = base.StudyDate + "090500"
-        ds.PulseSequenceName = "*mdme2d1" if xa else "SyntAc"
-        ds.EchoPulseSequence = "SPIN"
-        ds.NumberOfFrames = len(cells)
-        ds.PresentationLUTShape = "IDENTITY"
-        ds.LossyImageCompression = "00"
-        ds.MultipleSpinEcho = "YES"
-        ds.AcquisitionContextSequence = DicomSequence([])
-        ds.AcquisitionDuration = round(acq.tr_ms / 1000.0 * 64, 3)
-        ds.ApplicableSafetyStandardAgency = "IEC"
-        ds.MultiPlanarExcitation = "NO"
-        ds.PhaseContrast = "NO"
-        ds.TimeOfFlightContrast = "NO"
-        ds.SteadyStatePulseSequence = "NONE"
-        ds.EchoPlanarPulseSequence = "NO"
-        ds.SaturationRecovery = "YES"
-        ds.SpectrallySelectedSuppression = "NONE"
-        ds.OversamplingPhase = "NONE"
-        ds.GeometryOfKSpaceTraversal = "RECTILINEAR"
-        ds.SegmentedKSpaceTraversal = "PARTIAL"
-        ds.RectilinearPhaseEncodeReordering = "LINEAR"
-        ds.CardiacSynchronizationTechnique = "NONE"
-        ds.RespiratoryMotionCompensationTechnique = "NONE"
-        ds.KSpaceFiltering = "NONE"
-        ds.NumberOfKSpaceTrajectories = 1
-        ds.ResonantNucleus = "1H"
-        ds.ApplicableSafetyStandardDescription = "IEC 60601-2-33"
-        ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=dim_uid)])
-        ds.DimensionIndexSequence = DicomSequence(
-            [
-                _item(
-                    DimensionOrganizationUID=dim_uid,
-                    DimensionIndexPointer=ptr,
-                    FunctionalGroupPointer=grp,
-                    DimensionDescriptionLabel=label,
-                )
-                for ptr, grp, label in _DIMENSIONS
-            ]
-        )
-        ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
-        frames = []
-        pix = []
-        for z, d, e, p in cells:
-            delay = float(acq.delays_ms[d])
-            fg = Dataset()
-            fg.MREchoSequence = DicomSequence(
-                [_item(EffectiveEchoTime=float(acq.echo_times_ms[e]))]
+    return shared
+
+
+def _enhanced_instance(
+    acq, base: Dataset, xa: bool, parts, gi: int, n_groups: int, n_frames: int, dim_uid: str
+) -> Dataset:
+    """The instance-level attributes of one Enhanced MR instance (no frames yet)."""
+    ds = Dataset()
+    ds.update(base)
+    ds.SOPClassUID = ENHANCED_MR
+    ds.SOPInstanceUID = _uid(base.SeriesInstanceUID, "enh", gi)
+    ds.InstanceNumber = gi + 1
+    ds.ImagesInAcquisition = n_groups
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "MIXED" if len(parts) > 1 else "M", "NONE"]
+    ds.ContentQualification = "PRODUCT"
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.ComplexImageComponent = "MIXED" if len(parts) > 1 else "MAGNITUDE"
+    ds.AcquisitionContrast = "MIXED"
+    ds.AcquisitionDateTime = base.StudyDate + "090500"
+    ds.PulseSequenceName = "*mdme2d1" if xa else "SyntAc"
+    ds.EchoPulseSequence = "SPIN"
+    ds.NumberOfFrames = n_frames
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.MultipleSpinEcho = "YES"
+    ds.AcquisitionContextSequence = DicomSequence([])
+    ds.AcquisitionDuration = round(acq.tr_ms / 1000.0 * 64, 3)
+    ds.ApplicableSafetyStandardAgency = "IEC"
+    ds.MultiPlanarExcitation = "NO"
+    ds.PhaseContrast = "NO"
+    ds.TimeOfFlightContrast = "NO"
+    ds.SteadyStatePulseSequence = "NONE"
+    ds.EchoPlanarPulseSequence = "NO"
+    ds.SaturationRecovery = "YES"
+    ds.SpectrallySelectedSuppression = "NONE"
+    ds.OversamplingPhase = "NONE"
+    ds.GeometryOfKSpaceTraversal = "RECTILINEAR"
+    ds.SegmentedKSpaceTraversal = "PARTIAL"
+    ds.RectilinearPhaseEncodeReordering = "LINEAR"
+    ds.CardiacSynchronizationTechnique = "NONE"
+    ds.RespiratoryMotionCompensationTechnique = "NONE"
+    ds.KSpaceFiltering = "NONE"
+    ds.NumberOfKSpaceTrajectories = 1
+    ds.ResonantNucleus = "1H"
+    ds.ApplicableSafetyStandardDescription = "IEC 60601-2-33"
+    ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=dim_uid)])
+    ds.DimensionIndexSequence = DicomSequence(
+        [
+            _item(
+                DimensionOrganizationUID=dim_uid,
+                DimensionIndexPointer=ptr,
+                FunctionalGroupPointer=grp,
+                DimensionDescriptionLabel=label,
             )
-            word = "M" if p == "M" else "P"
-            fg.MRImageFrameTypeSequence = DicomSequence(
-                [
-                    _item(
-                        FrameType=["ORIGINAL", "PRIMARY", word, "NONE"],
-                        PixelPresentation="MONOCHROME",
-                        VolumetricProperties="VOLUME",
-                        VolumeBasedCalculationTechnique="NONE",
-                        ComplexImageComponent="MAGNITUDE" if p == "M" else "PHASE",
-                        AcquisitionContrast="UNKNOWN",
-                    )
-                ]
+            for ptr, grp, label in _DIMENSIONS
+        ]
+    )
+    return ds
+
+
+def _enhanced_frame(
+    acq,
+    base: Dataset,
+    geo: dict,
+    xa: bool,
+    offsets,
+    rs,
+    q: float,
+    parts,
+    cell,
+    per_frame_modifier: bool,
+) -> Dataset:
+    """The per-frame functional groups of one (slice, delay, echo, part) cell."""
+    z, d, e, p = cell
+    nz, nd, ne = acq.shape[0], acq.n_delays, acq.n_echoes
+    delay = float(acq.delays_ms[d])
+    fg = Dataset()
+    fg.MREchoSequence = DicomSequence([_item(EffectiveEchoTime=float(acq.echo_times_ms[e]))])
+    word = "M" if p == "M" else "P"
+    fg.MRImageFrameTypeSequence = DicomSequence(
+        [
+            _item(
+                FrameType=["ORIGINAL", "PRIMARY", word, "NONE"],
+                PixelPresentation="MONOCHROME",
+                VolumetricProperties="VOLUME",
+                VolumeBasedCalculationTechnique="NONE",
+                ComplexImageComponent="MAGNITUDE" if p == "M" else "PHASE",
+                AcquisitionContrast="UNKNOWN",
             )
-            dyn = (offsets[d] if offsets is not None else d + 1) if xa else d + 1
-            fg.FrameContentSequence = DicomSequence(
-                [
-                    _item(
-                        FrameAcquisitionDateTime=base.StudyDate + "090500",
-                        FrameReferenceDateTime=base.StudyDate + "090500",
-                        FrameAcquisitionDuration=acq.tr_ms,
-                        StackID="1",
-                        InStackPositionNumber=z + 1,
-                        TemporalPositionIndex=dyn,
-                        DimensionIndexValues=[z + 1, d + 1, e + 1, parts.index(p) + 1],
-                    )
-                ]
+        ]
+    )
+    dyn = (offsets[d] if offsets is not None else d + 1) if xa else d + 1
+    fg.FrameContentSequence = DicomSequence(
+        [
+            _item(
+                FrameAcquisitionDateTime=base.StudyDate + "090500",
+                FrameReferenceDateTime=base.StudyDate + "090500",
+                FrameAcquisitionDuration=acq.tr_ms,
+                StackID="1",
+                InStackPositionNumber=z + 1,
+                TemporalPositionIndex=dyn,
+                DimensionIndexValues=[z + 1, d + 1, e + 1, parts.index(p) + 1],
             )
-            fg.PlanePositionSequence = DicomSequence([_item(ImagePositionPatient=geo["ipp"][z])])
-            if p == "M":
-                slope, icpt = (q, 0.0) if xa else (float(rs[z, d]), 0.0)
-            elif xa:
-                slope = 4.096 / math.pi
-                icpt = -PHASE_OFFSET * slope
-            else:
-                slope, icpt = 1.0, -float(PHASE_OFFSET)
-            fg.PixelValueTransformationSequence = DicomSequence(
-                [_item(RescaleSlope=_ds(slope), RescaleIntercept=_ds(icpt), RescaleType="US")]
-            )
-            if per_frame_modifier:
-                fg.MRModifierSequence = DicomSequence([_modifier(delay)])
-            if not xa:
-                priv = Dataset()
-                _philips_private(priv, delay, nz, nd, ne, z, 1.0 / q if p == "M" else 1.0, p)
-                priv.TemporalPositionIdentifier = d + 1
-                fg.add_new(0x20050014, "LO", "Philips MR Imaging DD 005")
-                fg.add_new(0x2005140F, "SQ", DicomSequence([priv]))
-            frames.append(fg)
-            pix.append(sv_m[z, d, e] if p == "M" else sv_p[z, d, e])
-        ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
-        ds.PixelData = np.ascontiguousarray(np.stack(pix), dtype="<u2").tobytes()
-        _file_meta(ds)
-        out.append(ds)
-    return out
+        ]
+    )
+    fg.PlanePositionSequence = DicomSequence([_item(ImagePositionPatient=geo["ipp"][z])])
+    if p == "M":
+        slope, icpt = (q, 0.0) if xa else (float(rs[z, d]), 0.0)
+    elif xa:
+        slope = 4.096 / math.pi
+        icpt = -PHASE_OFFSET * slope
+    else:
+        slope, icpt = 1.0, -float(PHASE_OFFSET)
+    fg.PixelValueTransformationSequence = DicomSequence(
+        [_item(RescaleSlope=_ds(slope), RescaleIntercept=_ds(icpt), RescaleType="US")]
+    )
+    if per_frame_modifier:
+        fg.MRModifierSequence = DicomSequence([_modifier(delay)])
+    if not xa:
+        priv = Dataset()
+        _philips_private(priv, delay, nz, nd, ne, z, 1.0 / q if p == "M" else 1.0, p)
+        priv.TemporalPositionIdentifier = d + 1
+        fg.add_new(0x20050014, "LO", "Philips MR Imaging DD 005")
+        fg.add_new(0x2005140F, "SQ", DicomSequence([priv]))
+    return fg
 
 
 def write_series(

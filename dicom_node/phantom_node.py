@@ -163,20 +163,30 @@ def try_phantom(
     call: Callable[..., Any],
     series_uid: str = "",
 ) -> PhantomOutcome | None:
-    """Rule, then content. ``call(fn, *args, **kw)`` runs ``fn`` (in a worker for the node,
-    directly for ``synthmr process``). None when the rule does not match."""
-    if not qc_settings.enabled:
+    """Rule or outline, then content. ``call(fn, *args, **kw)`` runs ``fn`` (in a worker for
+    the node, directly for ``synthmr process``). None when neither the header rule nor the
+    outline says phantom, or the series is not MDME (phantom QC models the MDME signal)."""
+    if not qc_settings.enabled or getattr(acq, "sequence", None) is not None:
         return None
     from processing.phantom_qc import run_phantom, shape_check
 
     ok, why = matches_rule(datasets, qc_settings)
     definition = load_phantom_definition(qc_settings)
-    if not ok:
-        # the headers do not say phantom: look at the outline anyway (~0.1 s), so that a
-        # phantom sent with a misleading description is never segmented as a brain
-        shaped, _ = shape_check(acq, definition)
-        if not shaped:
+    # the outline test (~0.1 s, here, before any worker round trip): a head fails it; a
+    # phantom under a misleading description passes it, so it is never segmented as a brain
+    shaped, shape_why = shape_check(acq, definition)
+    if not shaped:
+        if not ok:
             return None
+        log_event(
+            log,
+            "phantom_candidate_rejected",
+            series_uid=series_uid,
+            rule=why,
+            reason=shape_why,
+        )
+        return PhantomOutcome(None, shape_why)
+    if not ok:
         why = "no header rule matched, but the outline is the phantom's"
     result, reason = call(
         run_phantom,
@@ -187,9 +197,7 @@ def try_phantom(
         min_voxels=qc_settings.min_voxels,
     )
     if result is None:
-        log_event(
-            log, "phantom_rule_matched_not_phantom", series_uid=series_uid, rule=why, reason=reason
-        )
+        log_event(log, "phantom_candidate_rejected", series_uid=series_uid, rule=why, reason=reason)
         return PhantomOutcome(None, reason)
     report = phantom_json(result.phantom_qc, datasets[0], series_uid)
     result.phantom_qc = report

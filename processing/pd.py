@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from processing import fit as fit_mod
 from processing.acquisition import Acquisition
 from processing.results import QuantMaps
 
@@ -379,8 +380,6 @@ def pooled_csf_pd(
     CSF (the R1/T2 region, denoised, eroded by one voxel in-plane) gives one high-SNR
     sample vector whose fit is nearly unbiased. Returns None when too few voxels.
     """
-    from processing import fit as fit_mod
-
     mask = np.asarray(maps.mask, bool)
     with np.errstate(divide="ignore", invalid="ignore"):
         r1 = np.where(mask, 1000.0 / np.asarray(maps.t1_ms, np.float64), np.inf)

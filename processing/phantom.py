@@ -583,40 +583,10 @@ def make_phantom(
     profile:
         slice profile ``(scales, weights)`` used to simulate (see processing.signal).
     """
-    shp = tuple(int(s) for s in shape)
-    if len(shp) != 3 or min(shp) < 1:
-        raise PhantomError(f"shape: expected 3 positive integers (z, y, x), got {tuple(shape)}")
-    if voxel_size_mm is None:
-        vs = (4.0, 230.0 / shp[1], 230.0 / shp[2])
-    else:
-        vs = tuple(float(v) for v in voxel_size_mm)
-        if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
-            raise PhantomError(f"voxel_size_mm: expected 3 positive numbers, got {voxel_size_mm!r}")
-    if snr is not None and not (snr > 0):
-        raise PhantomError(f"snr: must be > 0 (or None for no noise), got {snr!r}")
-    lo, hi = (float(v) for v in b1_range)
-    if not (0 < lo <= hi):
-        raise PhantomError(f"b1_range: expected 0 < min <= max, got {b1_range!r}")
-    clo, chi = (float(v) for v in coil_range)
-    if not (0 < clo <= chi):
-        raise PhantomError(f"coil_range: expected 0 < min <= max, got {coil_range!r}")
-    n_delays = len(delays_ms)
-    if corrupt_delay is not None and not (0 <= int(corrupt_delay) < n_delays):
-        raise PhantomError(
-            f"corrupt_delay: must be a delay index in [0, {n_delays}), got {corrupt_delay}"
-        )
-    if anatomy not in ("mni", "ellipsoid"):
-        raise PhantomError(f"anatomy: expected 'mni' or 'ellipsoid', got {anatomy!r}")
-    tis = _check_tissues(tissues)
-    if anatomy == "mni" and not mni_available():
-        warnings.warn(
-            "make_phantom: nilearn (with its MNI152 maps) or nibabel is not installed; using the "
-            "procedural 'ellipsoid' brain instead (pip install 'synthmr[phantom]' for MNI anatomy)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        anatomy = "ellipsoid"
-
+    shp, vs, anatomy, tis = _checked_arguments(
+        shape, voxel_size_mm, snr, b1_range, coil_range, len(delays_ms), corrupt_delay, anatomy,
+        tissues,
+    )  # fmt: skip
     rng = np.random.default_rng(seed)
     affine = _grid_affine(shp, vs, oblique)
     coords = _patient_coords(shp, affine)
@@ -624,45 +594,8 @@ def make_phantom(
         gm, wm, ic = _mni_fractions(coords, vs)
     else:
         gm, wm, ic = _ellipsoid_fractions(coords, vs)
-
-    # Fractions sum to 1 inside the head (intracranial fraction >= 0.5), 0 outside.
-    head = ic >= 0.5
-    gm = np.clip(gm, 0.0, None)
-    wm = np.clip(wm, 0.0, None)
-    tissue_sum = gm + wm
-    with np.errstate(divide="ignore", invalid="ignore"):
-        over = np.where(tissue_sum > ic, ic / tissue_sum, 1.0)  # interpolation can overshoot
-        gm, wm = gm * over, wm * over
-        inv_ic = np.where(head, 1.0 / np.maximum(ic, 1e-6), 0.0)
-    gm = (gm * inv_ic).astype(np.float32)
-    wm = (wm * inv_ic).astype(np.float32)
-    csf = np.where(head, np.clip(1.0 - gm - wm, 0.0, 1.0), 0.0).astype(np.float32)
-    les = np.zeros(shp, dtype=np.float32)
-    centres: list[tuple[float, float, float]] = []
-    if lesions:
-        share, centres = _place_lesions(rng, coords, wm, vs)
-        les = (share * wm).astype(np.float32)
-        wm = (wm - les).astype(np.float32)
-    # Drop sub-2 % tails (interpolation/atlas blur, not anatomy) so that ventricles hold
-    # pure CSF, then renormalize inside the head.
-    stack = np.stack([wm, gm, csf, les])
-    stack[stack < 0.02] = 0.0
-    tot = stack.sum(axis=0)
-    stack = np.where(head & (tot > 0), stack / np.where(tot > 0, tot, 1.0), 0.0).astype(np.float32)
-    fractions = dict(zip(COMPARTMENTS, stack, strict=True))
-
-    centre = _HEAD_CENTRE_LPS
-    b1u = _smooth_unit_field(
-        coords, head, centre + (10.0, -15.0, 5.0), 90.0, np.array([0.2, 0.0, 0.1])
-    )
-    b1 = (lo + (hi - lo) * b1u).astype(np.float32)
-    if coil:
-        cu = _smooth_unit_field(
-            coords, head, centre + (40.0, 110.0, 30.0), 160.0, np.array([0.0, 0.0, 0.0])
-        )
-        coil_map = (clo + (chi - clo) * cu).astype(np.float32)
-    else:
-        coil_map = np.ones(shp, dtype=np.float32)
+    fractions, head, centres = _compartments(rng, coords, vs, shp, gm, wm, ic, lesions)
+    b1, coil_map = _fields(coords, head, shp, b1_range, coil, coil_range)
 
     # truth maps of the dominant compartment
     stack = np.stack([fractions[c] for c in COMPARTMENTS])
@@ -678,7 +611,7 @@ def make_phantom(
 
     # signal: only head voxels carry signal
     nz, ny, nx = shp
-    signal = np.zeros((nz, n_delays, len(echo_times_ms), ny, nx), dtype=np.float32)
+    signal = np.zeros((nz, len(delays_ms), len(echo_times_ms), ny, nx), dtype=np.float32)
     _grid_kernel(
         np.ascontiguousarray(stack),
         np.ascontiguousarray(head),
@@ -697,26 +630,7 @@ def make_phantom(
         signal,
     )
 
-    corrupted = None
-    if corrupt_delay is not None:
-        k = int(corrupt_delay)
-        factor = float(rng.uniform(0.5, 0.8))
-        shift = int(rng.integers(2, 5)) * int(rng.choice([-1, 1]))
-        signal[:, k] = np.roll(signal[:, k] * factor, shift, axis=2)  # axis 2 of [z,e,y,x] = y
-        corrupted = {"delay_index": k, "scale": factor, "shift_voxels_y": shift}
-
-    if snr is not None and math.isfinite(snr):
-        sd = np.float32(100.0 / float(snr))
-        noise = rng.standard_normal(signal.shape, dtype=np.float32)
-        noise *= sd
-        signal += noise  # real channel (phase-corrected signal is real)
-        if magnitude:
-            noise = rng.standard_normal(signal.shape, dtype=np.float32, out=noise)
-            noise *= sd
-            np.hypot(signal, noise, out=signal)
-        del noise
-    elif magnitude:
-        np.abs(signal, out=signal)
+    corrupted = _corrupt_and_add_noise(rng, signal, corrupt_delay, snr, magnitude)
 
     acq = Acquisition(
         signal=signal,
@@ -754,6 +668,155 @@ def make_phantom(
         corrupted=corrupted,
     )
     return Phantom(acq=acq, truth=truth)
+
+
+def _checked_arguments(
+    shape: Sequence[int],
+    voxel_size_mm: Sequence[float] | None,
+    snr: float | None,
+    b1_range: tuple[float, float],
+    coil_range: tuple[float, float],
+    n_delays: int,
+    corrupt_delay: int | None,
+    anatomy: str,
+    tissues: Mapping[str, Any] | None,
+) -> tuple[tuple[int, ...], tuple[float, ...], str, dict[str, TissueParams]]:
+    """(grid, voxel size mm, anatomy, tissues) of :func:`make_phantom`'s arguments, or a
+    PhantomError naming the bad one."""
+    shp = tuple(int(s) for s in shape)
+    if len(shp) != 3 or min(shp) < 1:
+        raise PhantomError(f"shape: expected 3 positive integers (z, y, x), got {tuple(shape)}")
+    if voxel_size_mm is None:
+        vs = (4.0, 230.0 / shp[1], 230.0 / shp[2])
+    else:
+        vs = tuple(float(v) for v in voxel_size_mm)
+        if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
+            raise PhantomError(f"voxel_size_mm: expected 3 positive numbers, got {voxel_size_mm!r}")
+    if snr is not None and not (snr > 0):
+        raise PhantomError(f"snr: must be > 0 (or None for no noise), got {snr!r}")
+    lo, hi = (float(v) for v in b1_range)
+    if not (0 < lo <= hi):
+        raise PhantomError(f"b1_range: expected 0 < min <= max, got {b1_range!r}")
+    clo, chi = (float(v) for v in coil_range)
+    if not (0 < clo <= chi):
+        raise PhantomError(f"coil_range: expected 0 < min <= max, got {coil_range!r}")
+    if corrupt_delay is not None and not (0 <= int(corrupt_delay) < n_delays):
+        raise PhantomError(
+            f"corrupt_delay: must be a delay index in [0, {n_delays}), got {corrupt_delay}"
+        )
+    if anatomy not in ("mni", "ellipsoid"):
+        raise PhantomError(f"anatomy: expected 'mni' or 'ellipsoid', got {anatomy!r}")
+    tis = _check_tissues(tissues)
+    if anatomy == "mni" and not mni_available():
+        warnings.warn(
+            "make_phantom: nilearn (with its MNI152 maps) or nibabel is not installed; using the "
+            "procedural 'ellipsoid' brain instead (pip install 'synthmr[phantom]' for MNI anatomy)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        anatomy = "ellipsoid"
+
+    return shp, vs, anatomy, tis
+
+
+def _compartments(
+    rng: np.random.Generator,
+    coords: np.ndarray,
+    vs: tuple[float, ...],
+    shp: tuple[int, ...],
+    gm: np.ndarray,
+    wm: np.ndarray,
+    ic: np.ndarray,
+    lesions: bool,
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[float, float, float]]]:
+    """(fractions per compartment, head mask, lesion centres mm) from the atlas's GM, WM
+    and intracranial fractions, with lesions placed in WM."""
+    # Fractions sum to 1 inside the head (intracranial fraction >= 0.5), 0 outside.
+    head = ic >= 0.5
+    gm = np.clip(gm, 0.0, None)
+    wm = np.clip(wm, 0.0, None)
+    tissue_sum = gm + wm
+    with np.errstate(divide="ignore", invalid="ignore"):
+        over = np.where(tissue_sum > ic, ic / tissue_sum, 1.0)  # interpolation can overshoot
+        gm, wm = gm * over, wm * over
+        inv_ic = np.where(head, 1.0 / np.maximum(ic, 1e-6), 0.0)
+    gm = (gm * inv_ic).astype(np.float32)
+    wm = (wm * inv_ic).astype(np.float32)
+    csf = np.where(head, np.clip(1.0 - gm - wm, 0.0, 1.0), 0.0).astype(np.float32)
+    les = np.zeros(shp, dtype=np.float32)
+    centres: list[tuple[float, float, float]] = []
+    if lesions:
+        share, centres = _place_lesions(rng, coords, wm, vs)
+        les = (share * wm).astype(np.float32)
+        wm = (wm - les).astype(np.float32)
+    # Drop sub-2 % tails (interpolation/atlas blur, not anatomy) so that ventricles hold
+    # pure CSF, then renormalize inside the head.
+    stack = np.stack([wm, gm, csf, les])
+    stack[stack < 0.02] = 0.0
+    tot = stack.sum(axis=0)
+    stack = np.where(head & (tot > 0), stack / np.where(tot > 0, tot, 1.0), 0.0).astype(np.float32)
+    fractions = dict(zip(COMPARTMENTS, stack, strict=True))
+
+    return fractions, head, centres
+
+
+def _fields(
+    coords: np.ndarray,
+    head: np.ndarray,
+    shp: tuple[int, ...],
+    b1_range: tuple[float, float],
+    coil: bool,
+    coil_range: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth B1 (flip-angle ratio) and receive fields over the head."""
+    lo, hi = (float(v) for v in b1_range)
+    clo, chi = (float(v) for v in coil_range)
+    centre = _HEAD_CENTRE_LPS
+    b1u = _smooth_unit_field(
+        coords, head, centre + (10.0, -15.0, 5.0), 90.0, np.array([0.2, 0.0, 0.1])
+    )
+    b1 = (lo + (hi - lo) * b1u).astype(np.float32)
+    if coil:
+        cu = _smooth_unit_field(
+            coords, head, centre + (40.0, 110.0, 30.0), 160.0, np.array([0.0, 0.0, 0.0])
+        )
+        coil_map = (clo + (chi - clo) * cu).astype(np.float32)
+    else:
+        coil_map = np.ones(shp, dtype=np.float32)
+
+    return b1, coil_map
+
+
+def _corrupt_and_add_noise(
+    rng: np.random.Generator,
+    signal: np.ndarray,
+    corrupt_delay: int | None,
+    snr: float | None,
+    magnitude: bool,
+) -> dict[str, Any] | None:
+    """Corrupt one delay image (when asked) and add noise, in place; the corruption done."""
+    corrupted = None
+    if corrupt_delay is not None:
+        k = int(corrupt_delay)
+        factor = float(rng.uniform(0.5, 0.8))
+        shift = int(rng.integers(2, 5)) * int(rng.choice([-1, 1]))
+        signal[:, k] = np.roll(signal[:, k] * factor, shift, axis=2)  # axis 2 of [z,e,y,x] = y
+        corrupted = {"delay_index": k, "scale": factor, "shift_voxels_y": shift}
+
+    if snr is not None and math.isfinite(snr):
+        sd = np.float32(100.0 / float(snr))
+        noise = rng.standard_normal(signal.shape, dtype=np.float32)
+        noise *= sd
+        signal += noise  # real channel (phase-corrected signal is real)
+        if magnitude:
+            noise = rng.standard_normal(signal.shape, dtype=np.float32, out=noise)
+            noise *= sd
+            np.hypot(signal, noise, out=signal)
+        del noise
+    elif magnitude:
+        np.abs(signal, out=signal)
+
+    return corrupted
 
 
 def truth_quantmaps(

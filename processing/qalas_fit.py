@@ -652,10 +652,12 @@ def _vp_cost(basis, gram, neg, i, jb, wb, y, yy, magnitude, e2lo, e2hi, out):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _polish(p, y, sg, mask, magnitude, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q, pbest):
+def _polish(
+    p, y, sg, mask, magnitude, fallback, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q, pbest
+):
     """From the table estimate p with sign pattern mask: one exact Gauss-Newton step (B1
-    fixed), accepted when it is tiny (the error after it is ~ its square); else full LM.
-    Returns (cost, converged); p updated."""
+    fixed), accepted when it is tiny (the error after it is ~ its square); else full LM
+    (``fallback``) or (cost inf, False). Returns (cost, converged); p updated."""
     for i in range(N_SAMPLES):
         sg[i] = -1.0 if (mask >> i) & 1 else 1.0
     _eval(p, y, sg, False, pk, st, cen, s, jac, h)
@@ -678,6 +680,8 @@ def _polish(p, y, sg, mask, magnitude, lo, hi, pk, st, cen, s, jac, h, ht, a, d,
                 for k in range(3):
                     p[k] = q[k]
                 return cost, True
+    if not fallback:
+        return np.inf, False
     if magnitude:
         return _fit_magnitude(p, y, sg, True, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q, pbest)
     return _lm(p, y, sg, True, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q)
@@ -686,7 +690,7 @@ def _polish(p, y, sg, mask, magnitude, lo, hi, pk, st, cen, s, jac, h, ht, a, d,
 @nb.njit(cache=True, error_model="numpy")
 def _fast_chunk(
     samples, idx, start, stop, pk, log_r1, b1_lo, b1_step, basis, gram, a_post, neg,
-    magnitude, b1_fixed, lo, hi, out_p, out_rms, out_ok,
+    magnitude, b1_fixed, noise_var, lo, hi, out_p, out_rms, out_ok,
 ):  # fmt: skip
     te = pk[3]
     e2lo = math.exp(-hi[2] * 1e-3 * te)
@@ -771,31 +775,42 @@ def _fast_chunk(
         p0s[0] = p[0]
         p0s[1] = p[1]
         p0s[2] = p[2]
-        cost, ok = _polish(
-            p, y, sg, mask, magnitude, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q, pbest
-        )
+        alt = -1
         if magnitude:
-            # Near a zero crossing two sign patterns are plausible: try the other one too.
-            alt = -1
+            # Near a zero crossing two sign patterns are plausible: polish the other too.
             for r in (ia, ia + 1):
                 for c in range(2):
                     if neg[r, jb, c] != mask:
                         alt = neg[r, jb, c]
-            if alt >= 0:
-                for k in range(4):
-                    p0[k] = p[k]
+        cost, ok = _polish(
+            p, y, sg, mask, magnitude, alt < 0, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q, pbest
+        )
+        if alt >= 0 and not (ok and cost <= max(4.0 * N_SAMPLES * noise_var, 1e-12 * yy)):
+            # The first pattern did not settle, or settled with a misfit beyond noise (a
+            # false minimum of the wrong sign pattern): fit both carefully, keep the best.
+            if not ok:
                 p[0] = p0s[0]
                 p[1] = p0s[1]
                 p[2] = p0s[2]
-                cost2, ok2 = _polish(
-                    p, y, sg, alt, magnitude, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q, pbest
-                )
-                if cost2 < cost:
-                    cost = cost2
-                    ok = ok2
-                else:
-                    for k in range(4):
-                        p[k] = p0[k]
+                cost, ok = _polish(
+                    p, y, sg, mask, magnitude, True, lo, hi, pk, st, cen, s, jac, h, ht, a, d,
+                    q, pbest,
+                )  # fmt: skip
+            for k in range(4):
+                p0[k] = p[k]
+            p[0] = p0s[0]
+            p[1] = p0s[1]
+            p[2] = p0s[2]
+            cost2, ok2 = _polish(
+                p, y, sg, alt, magnitude, True, lo, hi, pk, st, cen, s, jac, h, ht, a, d, q,
+                pbest,
+            )  # fmt: skip
+            if cost2 < cost:
+                cost = cost2
+                ok = ok2
+            else:
+                for k in range(4):
+                    p[k] = p0[k]
         for k in range(4):
             out_p[n, k] = p[k]
         out_rms[n] = math.sqrt(max(cost, 0.0) / N_SAMPLES)
@@ -805,7 +820,7 @@ def _fast_chunk(
 @nb.njit(cache=True, error_model="numpy", parallel=True)
 def _fast_all(
     samples, idx, pk, log_r1, b1_lo, b1_step, basis, gram, a_post, neg, magnitude, b1_fixed,
-    lo, hi, out_p, out_rms, out_ok, n_chunks,
+    noise_var, lo, hi, out_p, out_rms, out_ok, n_chunks,
 ):  # fmt: skip
     n = idx.shape[0]
     for c in nb.prange(n_chunks):
@@ -813,7 +828,8 @@ def _fast_all(
         b = (c + 1) * n // n_chunks
         _fast_chunk(
             samples, idx[a:b], 0, b - a, pk, log_r1, b1_lo, b1_step, basis, gram, a_post, neg,
-            magnitude, b1_fixed[a:b], lo, hi, out_p[a:b], out_rms[a:b], out_ok[a:b],
+            magnitude, b1_fixed[a:b], noise_var, lo, hi, out_p[a:b], out_rms[a:b],
+            out_ok[a:b],
         )  # fmt: skip
 
 
@@ -851,13 +867,16 @@ def fit_qalas_samples(
     idx: np.ndarray | None = None,
     grid: QalasGrid | None = None,
     slow: bool = False,
+    noise_sd: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit ``samples [n_vox, 5]`` (float32/64); returns ``(par [n, 4], rms [n], ok [n])``
     with ``par = (M0, R1 [1/s], R2 [1/s], B1)`` for the voxels ``idx`` (default: all).
 
     ``b1_fixed`` ``[len(idx)]``: fit with B1 fixed to these values: the fast path (table
     search over R1 + one exact Gauss-Newton polish; full LM where the polish does not
-    settle) unless ``slow`` (grid + LM, the reference).
+    settle) unless ``slow`` (grid + LM, the reference). ``noise_sd`` (per sample; None =
+    noise-free) tells magnitude fits when a settled fit's misfit is suspicious enough to
+    also try the other sign pattern near a zero crossing.
     """
     samples = np.ascontiguousarray(samples)
     if samples.ndim != 2 or samples.shape[1] != N_SAMPLES:
@@ -888,6 +907,7 @@ def fit_qalas_samples(
             t.negmask,
             bool(magnitude),
             bf,
+            0.0 if noise_sd is None else float(noise_sd) ** 2,
         )
         if n < _SERIAL_BELOW:
             _fast_chunk(samples, idx, 0, n, pk, *tb, lo, hi, par, rms, ok)
@@ -1157,7 +1177,12 @@ def fit_qalas(
             else:
                 b1_given = np.ones(idx.size)
         par, rms, ok = fit_qalas_samples(
-            samples, protocol, magnitude=acq.is_magnitude, b1_fixed=b1_given, idx=idx
+            samples,
+            protocol,
+            magnitude=acq.is_magnitude,
+            b1_fixed=b1_given,
+            idx=idx,
+            noise_sd=float(noise_sd),
         )
     finally:
         nb.set_num_threads(old_threads)

@@ -36,6 +36,8 @@ import numpy as np
 
 from processing.acquisition import Acquisition
 from processing.results import QuantMaps, TissueFractions
+from processing.segmentation import tissue_centres
+from processing.sequence_model import acquisition_jacobian
 from processing.signal import mdme_jacobian
 
 __all__ = [
@@ -94,8 +96,6 @@ def _tissue_medians(
                 vals = np.asarray(getattr(maps, q))[pure]
                 out[t][q] = _f(np.median(vals)) if n else float("nan")
         return out
-    from processing.segmentation import tissue_centres  # lazy: qc works without it
-
     cen = tissue_centres(maps, sel)
     for t in ("WM", "GM", "CSF"):
         out[t] = {
@@ -155,7 +155,9 @@ def fit_qc(
     qc["noise_sd"] = _f(noise)
     med_res = float(np.median(np.asarray(maps.residual)[good])) if good.any() else float("nan")
     qc["median_residual"] = _f(med_res)
-    dof = max(ns - 4, 1) / ns
+    # Free parameters per voxel: MDME (M0, R1, R2, B1); 3D-QALAS fixes B1 (map or nominal).
+    n_free = 4 if acq.sequence is None else 3
+    dof = max(ns - n_free, 1) / ns
     qc["residual_to_noise"] = (
         _f(med_res / (noise * math.sqrt(dof))) if math.isfinite(noise) else float("nan")
     )
@@ -236,8 +238,6 @@ def _delay_residuals(
             acq.excitation_deg,
         )
     else:
-        from processing.sequence_model import acquisition_jacobian
-
         model, jac = acquisition_jacobian(acq, m0, t1, t2, b1v)
     samples = acq.samples().reshape(-1, ns)[idx].astype(np.float64)
     if acq.is_magnitude:  # restore the sign from the voxel's own fit
@@ -277,10 +277,16 @@ def _verdict(
     if qc["failed_fraction"] > 0.2:
         fail.append(f"{100 * qc['failed_fraction']:.1f} % of fits failed")
     if qc["motion_or_corruption"] and not outlier:
-        fail.append(
+        msg = (
             f"median residual {qc['residual_to_noise']:.2f} x noise: the model does not explain "
             "the data (motion, flow or a corrupted delay image)"
         )
+        if acq.sequence is None:
+            fail.append(msg)
+        else:
+            # 3D-QALAS fits with B1 fixed (often nominal: no map), which alone leaves a
+            # misfit of this size: report it, do not hold the series.
+            reasons.append(msg + "; with QALAS also a B1 different from the one assumed")
     if outlier:
         fail.append(
             f"delay {worst} ({acq.delays_ms[worst]:g} ms): residual {per_delay[worst]:.2f} x the "
