@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,17 @@ def _orthanc_file(orth: OrthancServer, sop_uid: str) -> pydicom.Dataset | None:
         return pydicom.dcmread(io.BytesIO(r.read()))
 
 
+def _sent(node: Node) -> dict[str, str]:
+    """SOP UID -> file of every output the node counts as sent and live (rejection notes
+    left out)."""
+    with node.registry._lock:
+        rows = node.registry._db.execute(
+            "SELECT sop_uid, path FROM outbox WHERE state='SENT'"
+            " AND sop_class_uid!='1.2.840.10008.5.1.4.1.1.88.59'"
+        ).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
 def _changed_copy(files: list[Path], out: Path) -> list[Path]:
     """The same instances (same UIDs) with changed pixels: the scanner's corrected re-send.
     The centre 8 x 8 block is scaled by 0.9, each image's extremes kept (the phase images
@@ -84,30 +96,35 @@ def test_changed_rerun_gets_new_uids_and_retires_the_old_in_orthanc(
     try:
         assert storescu(mdme_series, node.port).returncode == 0
         wait_for(lambda: node.registry.series(uid).state == State.DELIVERED, 300, 0.2, "first")
-        first = set(node.registry.live_outputs(uid))
+        first = set(_sent(node))
         assert first
         # the scanner re-sends the series with corrected pixels under the same UIDs
         changed = _changed_copy(mdme_series, tmp_path / "changed")
         assert storescu(changed, node.port).returncode == 0
-        wait_for(
-            lambda: (
-                node.registry.series(uid).revision == 1
-                and node.registry.series(uid).state == State.DELIVERED
-            ),
-            300,
-            0.2,
-            "second version delivered",
-        )
-        second = set(node.registry.live_outputs(uid))
-        assert second and not second & first  # every output of the new version: a new UID
+
+        def second_delivery() -> bool:
+            jobs = node.registry.transitions_of(uid).count(("QUEUED", "PROCESSING"))
+            return jobs >= 2 and node.registry.series(uid).state == State.DELIVERED
+
+        wait_for(second_delivery, 300, 0.2, "second version delivered")
+        seen = [node.registry.timeline(uid)]
+
+        def settled() -> bool:  # no state change for 3 s (every job the re-send started ran)
+            time.sleep(3.0)
+            seen.append(node.registry.timeline(uid))
+            return seen[-1] == seen[-2] and node.registry.series(uid).state == State.DELIVERED
+
+        wait_for(settled, 600, 0.0, "the node settled")
+        sent = _sent(node)
         # PACS holds what we sent under every live UID: no stale object under a live UID
-        outbox = {p.stem: p for p in (node.spool.outbox).rglob("*.dcm")}
-        for sop in second:
+        for sop, path in sent.items():
             held = _orthanc_file(orth, sop)
             assert held is not None, sop
-            sent = pydicom.dcmread(outbox[sop])
-            if "PixelData" in sent:
-                assert held.PixelData == sent.PixelData, sop
+            mine = pydicom.dcmread(path)
+            if "PixelData" in mine:
+                assert held.PixelData == mine.PixelData, f"PACS holds stale pixels under {sop}"
+        second = set(sent)
+        assert second and not second & first  # every output of the new version: a new UID
         # the old version is still in PACS, rejected by an IOCM note that lists all of it
         notes = []
         for iid in orth.instances():
@@ -133,10 +150,11 @@ def test_changed_rerun_gets_new_uids_and_retires_the_old_in_orthanc(
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 16 MiB file system (tmpfs) for the spool: it can really fill up."""
+    """A real 320 MiB file system (tmpfs) for the spool: it can really fill up (and holds
+    one instance of the default node.max_instance_bytes, 256 MiB, once emptied)."""
     mnt = tmp_path / "smallfs"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)])
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320m", "tmpfs", str(mnt)])
     if r.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
@@ -163,7 +181,6 @@ def test_full_disk_mid_export_recovers_by_itself(
         "[workers]\ndebug_job_delay_s = 2.0\n",
         spool=small_fs / "spool",
     )
-    cfg.write_text(cfg.read_text().replace("[node]\n", "[node]\nmax_instance_bytes = 65536\n"))
     node = Node(load_settings(cfg, env={})).start()
     uid = _series_uid(mdme_series)
     try:
