@@ -156,10 +156,12 @@ def classify(
     except vendors.NormalizationError as exc:
         if exc.kind == "not_mdme":
             return Classified(State.IGNORED, det.vendor, f"not an MDME series: {exc}", error=exc)
+        # phase_units: the phase images' unit is not decidable (never fitted with a guess)
+        what = "phase unusable" if exc.kind == "phase_units" else "grid incomplete or inconsistent"
         return Classified(
             State.QUARANTINED,
             det.vendor,
-            f"grid incomplete or inconsistent: {exc}",
+            f"{what}: {exc}",
             missing=_missing_text(exc),
             error=exc,
             expected_instances=expected,
