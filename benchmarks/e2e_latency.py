@@ -315,7 +315,7 @@ def main() -> None:
         e2e = statistics.median(p[keys[0]] for p in profiles)
         print(f"\nEND TO END median of {len(profiles)}: {e2e:.2f} s (goal <= 7 s)")
         # push comparison on the same output files, each into a fresh Orthanc, alternating:
-        # the node's way (Destination.associations = 2), one association, dcmtk storescu
+        # send_parallel (Destination.associations = 2), one association, dcmtk storescu
         outputs = [r[0] for r in _q(db, "SELECT path FROM outbox WHERE series_uid=?", (uid,))]
         push_cmp: dict[str, list[float]] = {}
         for rnd in range(args.repeat):
@@ -326,7 +326,9 @@ def main() -> None:
             ):
                 o2 = make_orthanc(tmp / f"orthanc_{rnd}_{len(push_cmp.get(who, []))}_{who[:5]}")
                 try:
-                    dest = Destination("o", "ORTHANC", "127.0.0.1", o2.dicom_port, 60.0)
+                    dest = Destination(
+                        "o", "ORTHANC", "127.0.0.1", o2.dicom_port, 60.0, associations=2
+                    )
                     t = time.perf_counter()
                     if who.startswith("dcmtk"):
                         cmd = [require_tool("storescu"), "-R", "-aec", "ORTHANC", "127.0.0.1"]
