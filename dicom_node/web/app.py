@@ -522,6 +522,59 @@ def create_app(ctx: WebContext) -> Starlette:
         body, mt = (pdf, "application/pdf") if fmt == "pdf" else (png, "image/png")
         return Response(body, media_type=mt)
 
+    def _qc_history() -> Any:
+        from dicom_node.qc_history import QCHistory
+
+        return QCHistory(Path(ctx.registry.path))
+
+    @guarded()
+    async def scanners_page(request: Request, sess: Session) -> Response:
+        """Phantom-QC history per scanner (dicom_node.qc_history): latest figures + a plot."""
+        from dicom_node.qc_history import array_errors
+
+        hist = _qc_history()
+        try:
+            latest = hist.latest()
+            counts: dict[str, int] = {}
+            for r in hist.reports():
+                counts[str(r.get("scanner") or "unknown")] = (
+                    counts.get(str(r.get("scanner") or "unknown"), 0) + 1
+                )
+        finally:
+            hist.close()
+        scanners = [
+            {"scanner": sc, "acquired": _fmt_time(ts), "n": counts.get(sc, 0),
+             "errors": array_errors(rep), "phantom": rep.get("phantom", ""),
+             "series_uid": rep.get("series_uid", "")}
+            for sc, ts, rep in sorted(latest)
+        ]  # fmt: skip
+        return page("scanners.html", request, sess, scanners=scanners)
+
+    @guarded()
+    async def scanner_plot(request: Request, sess: Session) -> Response:
+        from urllib.parse import unquote
+
+        from dicom_node.qc_history import _ts, array_errors
+        from processing.report import qc_history_png
+
+        scanner = unquote(request.path_params["scanner"])
+        hist = _qc_history()
+        try:
+            reports = hist.reports(scanner)
+        finally:
+            hist.close()
+        if not reports:
+            return Response(status_code=404)
+        series: dict[str, list[tuple[float, float]]] = {}
+        for rep in reports:
+            t = _ts(str(rep.get("acquired") or ""), 0.0)
+            for array, err in array_errors(rep).items():
+                series.setdefault(array, []).append((t, err))
+        import asyncio
+
+        png = await asyncio.to_thread(qc_history_png, series, f"phantom QC, scanner {scanner}")
+        return Response(png, media_type="image/png")
+
     @guarded(role="operator")
     async def audit_page(request: Request, sess: Session) -> Response:
         return page("audit.html", request, sess, lines=ctx.registry.audit_log(None, 500))
@@ -544,6 +597,8 @@ def create_app(ctx: WebContext) -> Starlette:
         Route("/series/{uid}/report", report_page),
         Route("/series/{uid}/report.{fmt}", report_file),
         Route("/audit", audit_page),
+        Route("/scanners", scanners_page),
+        Route("/scanners/{scanner}.png", scanner_plot),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return Starlette(routes=routes)
