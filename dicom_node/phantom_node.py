@@ -61,7 +61,8 @@ def matches_rule(datasets: Sequence[Dataset], qc_settings: Any) -> tuple[bool, s
         for pattern in qc_settings.patterns:
             try:
                 if re.search(pattern, value, flags=re.IGNORECASE):
-                    return True, f"{field_name} {value!r} matches {pattern!r}"
+                    # never the value itself: a patient name must not reach the logs
+                    return True, f"{field_name} matches {pattern!r}"
             except re.error as exc:
                 raise ValueError(
                     f"phantom_qc.patterns: {pattern!r} is not a regex: {exc}"
