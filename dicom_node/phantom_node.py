@@ -61,7 +61,8 @@ def matches_rule(datasets: Sequence[Dataset], qc_settings: Any) -> tuple[bool, s
         for pattern in qc_settings.patterns:
             try:
                 if re.search(pattern, value, flags=re.IGNORECASE):
-                    # never the value itself: a patient name must not reach the logs
+                    # the value itself stays out: it goes to the log, and the field may be
+                    # PatientName (patient names never appear in the node's logs)
                     return True, f"{field_name} matches {pattern!r}"
             except re.error as exc:
                 raise ValueError(
