@@ -200,6 +200,30 @@ def test_uids_deterministic_unique_and_parameter_dependent(result, sources, outp
     assert all(ds.SOPInstanceUID.startswith("1.2.999.") for ds in rooted)
 
 
+def _every_uid(ds: Dataset) -> list[tuple[str, str]]:
+    """(keyword, value) of every UI element, nested sequences included, in dataset order."""
+    return [(e.keyword, str(e.value)) for e in ds.iterall() if e.VR == "UI"]
+
+
+def test_two_exports_give_identical_uids_including_dimension_organization(result, sources):
+    """DESIGN promise 4: output UIDs deterministic, also the DimensionOrganizationUID that
+    highdicom draws at random unless the exporter pins it."""
+    first = export_all(result, sources, ExportSettings())
+    second = export_all(result, sources, ExportSettings())
+    assert [_every_uid(ds) for ds in first] == [_every_uid(ds) for ds in second]
+    dims = {
+        ds.SOPInstanceUID: ds.DimensionOrganizationSequence[0].DimensionOrganizationUID
+        for ds in first
+        if ds.SOPClassUID in (ParametricMapStorage, SegmentationStorage)
+    }
+    assert len(dims) == 9 and len(set(dims.values())) == 9  # 8 maps + SEG, one each
+    for ds in first:
+        if ds.SOPInstanceUID in dims:
+            index_uids = {item.DimensionOrganizationUID for item in ds.DimensionIndexSequence}
+            assert index_uids == {dims[ds.SOPInstanceUID]}
+            assert dims[ds.SOPInstanceUID].startswith(pydicom.uid.PYDICOM_ROOT_UID)
+
+
 def test_selection_change_keeps_existing_uids(result, sources, outputs):
     flair = {
         ds.SOPInstanceUID for ds in outputs if ds.SeriesDescription.startswith("SYNTHETIC FLAIR TR")

@@ -32,6 +32,7 @@ from .uids import (
     add_private_provenance,
     derive_uid,
     parameter_fingerprint,
+    pin_dimension_organization_uid,
     provenance_text,
 )
 
@@ -165,6 +166,8 @@ def parametric_map(
             spacing_between_slices=geometry.spacing_between_slices,
         ),
     )
+    dim_uid = derive_uid(settings, src_series, fingerprint, "PM", label, "dimensions")
+    pin_dimension_organization_uid(pm, dim_uid)
     add_frame_anatomy(pm)
     ascending_frames(pm)
     pm.SeriesDescription = f"synthmr {label} map ({info.unit.value})"[:64]

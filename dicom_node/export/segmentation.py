@@ -32,6 +32,7 @@ from .uids import (
     add_private_provenance,
     derive_uid,
     parameter_fingerprint,
+    pin_dimension_organization_uid,
     provenance_text,
 )
 
@@ -151,6 +152,7 @@ def segmentation(
         ),
         **kwargs,
     )
+    pin_dimension_organization_uid(seg, derive_uid(settings, src_series, fp, "SEG", "dimensions"))
     seg.SeriesDescription = f"synthmr tissue segmentation ({settings.seg_type.value})"
     if settings.institution_name:
         seg.InstitutionName = settings.institution_name

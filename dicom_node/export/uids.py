@@ -22,6 +22,7 @@ __all__ = [
     "derive_uid",
     "model_hash",
     "parameter_fingerprint",
+    "pin_dimension_organization_uid",
     "provenance_text",
     "source_digest",
 ]
@@ -99,6 +100,20 @@ def derive_uid(
         prefix=settings.uid_root,
         entropy_srcs=[str(source_series_uid), __version__, fingerprint, *map(str, parts)],
     )
+
+
+def pin_dimension_organization_uid(ds: Dataset, uid: str) -> None:
+    """Replace the DimensionOrganizationUID highdicom draws at random (a fresh one per call;
+    0.28 takes none) with ``uid`` (from :func:`derive_uid`), in the Dimension Organization
+    Sequence and in every Dimension Index item that carries it, so a re-export of the same
+    result gives identical datasets."""
+    items = list(ds.get("DimensionOrganizationSequence") or [])
+    drawn = {str(item.DimensionOrganizationUID) for item in items}
+    for item in items:
+        item.DimensionOrganizationUID = uid
+    for item in ds.get("DimensionIndexSequence") or []:
+        if str(item.get("DimensionOrganizationUID", "")) in drawn:
+            item.DimensionOrganizationUID = uid
 
 
 def model_hash(result: SeriesResult) -> str:
