@@ -109,6 +109,20 @@ class _PeakRss:
         self._thread.join()
 
 
+class _Kept:
+    """A folder that outlives the run (E2E_KEEP): the node log and registry to inspect."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> str:
+        Path(self.path).mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def _send(files: list[Path], port: int, env: dict[str, str]) -> None:
     r = subprocess.run(
         [require_tool("storescu"), "-aet", "SCANNER", "-aec", "SYNTHMR", "127.0.0.1", str(port)]
@@ -191,7 +205,8 @@ def main() -> None:
     from processing.phantom import make_phantom
 
     profiles: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory() as td:
+    keep = os.environ.get("E2E_KEEP")  # a folder: keep spool, node log, Orthanc there
+    with tempfile.TemporaryDirectory() if not keep else _Kept(keep) as td:
         tmp = Path(td)
         series: list[tuple[list[Path], str]] = []
         t = time.perf_counter()
@@ -285,8 +300,22 @@ def main() -> None:
                 rss.stop()
             stop_pid(node, 60)
             orth.stop()
+        print(f"outputs per series: {n_out}")
+        keys = list(profiles[0])
+        print(
+            f"\n{'stage (seconds)':56s}"
+            + "".join(f"{'run ' + str(i + 1):>9s}" for i in range(len(profiles)))
+            + f"{'median':>9s}"
+        )
+        for k in keys:
+            vals = [p.get(k, float("nan")) for p in profiles]
+            print(
+                f"{k:56s}" + "".join(f"{v:9.2f}" for v in vals) + f"{statistics.median(vals):9.2f}"
+            )
+        e2e = statistics.median(p[keys[0]] for p in profiles)
+        print(f"\nEND TO END median of {len(profiles)}: {e2e:.2f} s (goal <= 7 s)")
         # push comparison on the same output files, each into a fresh Orthanc, alternating:
-        # the node's way (Destination.associations = 2), one association, dcmtk storescu
+        # send_parallel (Destination.associations = 2), one association, dcmtk storescu
         outputs = [r[0] for r in _q(db, "SELECT path FROM outbox WHERE series_uid=?", (uid,))]
         push_cmp: dict[str, list[float]] = {}
         for rnd in range(args.repeat):
@@ -297,10 +326,12 @@ def main() -> None:
             ):
                 o2 = make_orthanc(tmp / f"orthanc_{rnd}_{len(push_cmp.get(who, []))}_{who[:5]}")
                 try:
-                    dest = Destination("o", "ORTHANC", "127.0.0.1", o2.dicom_port, 60.0)
+                    dest = Destination(
+                        "o", "ORTHANC", "127.0.0.1", o2.dicom_port, 60.0, associations=2
+                    )
                     t = time.perf_counter()
                     if who.startswith("dcmtk"):
-                        cmd = [require_tool("storescu"), "-aec", "ORTHANC", "127.0.0.1"]
+                        cmd = [require_tool("storescu"), "-R", "-aec", "ORTHANC", "127.0.0.1"]
                         subprocess.run(
                             [*cmd, str(o2.dicom_port), *outputs],
                             capture_output=True,
@@ -317,18 +348,6 @@ def main() -> None:
                 finally:
                     o2.stop()
 
-    print(f"outputs per series: {n_out}")
-    keys = list(profiles[0])
-    print(
-        f"\n{'stage (seconds)':56s}"
-        + "".join(f"{'run ' + str(i + 1):>9s}" for i in range(len(profiles)))
-        + f"{'median':>9s}"
-    )
-    for k in keys:
-        vals = [p.get(k, float("nan")) for p in profiles]
-        print(f"{k:56s}" + "".join(f"{v:9.2f}" for v in vals) + f"{statistics.median(vals):9.2f}")
-    e2e = statistics.median(p[keys[0]] for p in profiles)
-    print(f"\nEND TO END median of {len(profiles)}: {e2e:.2f} s (goal <= 7 s)")
     print(f"\npush of the same {len(outputs)} outputs into a fresh Orthanc ({args.repeat} rounds):")
     ref = statistics.median(push_cmp["dcmtk storescu"])
     for who, dts in push_cmp.items():

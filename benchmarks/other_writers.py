@@ -1,6 +1,7 @@
 """Other writers' header conventions x vendor layouts -> WM/GM T1 bias or quarantine.
 
-    PYTHONPATH=$PWD python benchmarks/other_writers.py            # the whole table (~1 min)
+    PYTHONPATH=$PWD python benchmarks/other_writers.py               # via synthmr process
+    PYTHONPATH=$PWD python benchmarks/other_writers.py --in-process  # same path, no CLI
     PYTHONPATH=$PWD python benchmarks/other_writers.py --rows phase
 
 Each cell: the emulator's series of the phantom in ``tests/other_writers.PHANTOM``
@@ -30,15 +31,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="", help="only rows whose name contains this text")
     ap.add_argument("--layouts", default=",".join(ow.LAYOUTS), help="comma-separated")
+    ap.add_argument("--in-process", action="store_true", help="skip the CLI and the export")
     args = ap.parse_args()
     rows = [r for r in ow.ROWS if args.rows in r.name]
     layouts = [s for s in args.layouts.split(",") if s]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="synthmr-writers-") as tmp:
-        cells = ow.run_table(tmp, rows, layouts)
+        run = ow.run_table if args.in_process else ow.run_table_cli
+        cells = run(tmp, rows, layouts)
+    how = "in process" if args.in_process else "synthmr process"
     print(
         f"phantom {ow.PHANTOM}: cells = WM/GM median signed T1 error "
-        f"({len(cells)} series, {time.perf_counter() - t0:.0f} s)"
+        f"({len(cells)} series through {how}, {time.perf_counter() - t0:.0f} s)"
     )
     print(ow.format_table(cells))
     wrong = [c for c in cells if c.outcome != c.expected]

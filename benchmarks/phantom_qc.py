@@ -12,7 +12,12 @@ vendor adapter and the node's phantom path (dicom_node.phantom_node.try_phantom)
 - largest per-sphere error over in-range spheres: T1 %, T2 %, PD pu; R^2 of T1 and T2;
 - spheres outside the measurable range: measured and flagged (count).
 
-    python benchmarks/phantom_qc.py [--layouts ge,siemens] [--seed 0]
+With ``--compare``: 3 simulated scanners x 3 repeats (scanner A: 20 C, B1 0.8-1.2, SNR 50;
+B: 17 C, B1 0.9-1.1, SNR 40; C: 24 C, B1 0.85-1.25, SNR 60; random poses; slab over the T1
+and T2 arrays) through the analysis, then the ``synthmr qc compare`` table, and the
+between-scanner CV the truth implies (temperature coefficient 1 %/C).
+
+    python benchmarks/phantom_qc.py [--layouts ge,siemens] [--seed 0] [--compare]
 """
 
 from __future__ import annotations
@@ -127,11 +132,55 @@ def run_one(layout: str, slab: str, seed: int, tmp: Path) -> dict:
     }
 
 
+def compare() -> None:
+    import statistics
+
+    from dicom_node.qc_history import format_compare
+    from processing.fit import fit_mdme
+
+    defn = load_definition("nist")
+    scanners = {
+        "A": (20.0, (0.8, 1.2), 50.0),
+        "B": (17.0, (0.9, 1.1), 40.0),
+        "C": (24.0, (0.85, 1.25), 60.0),
+    }
+    reports = []
+    for si, (name, (temp, b1, snr)) in enumerate(scanners.items()):
+        for k in range(3):
+            rng = np.random.default_rng(100 + 10 * si + k)
+            pose = pq.Pose(tuple(rng.uniform(-15, 15, 3)), tuple(rng.uniform(-20, 20, 3)))
+            scan = pq.simulate_phantom(
+                defn,
+                pose=pose,
+                slab_centre_mm=(0.0, 0.0, pose.translation_mm[2] - 20.0),
+                snr=snr,
+                b1_range=b1,
+                temperature_c=temp,
+                seed=100 + 10 * si + k,
+            )
+            maps = fit_mdme(scan.acq, b1_smoothing=False)
+            rep = pq.analyze(maps, scan.acq.affine, defn, pq.protocol_of(scan.acq), acq=scan.acq)
+            rep.pop("roi_labels")
+            rep.pop("pd_map")
+            rep["scanner"] = name
+            reports.append(rep)
+    print(format_compare(pq.compare_reports(reports)))
+    f = [1 + defn.t1_per_c * (t - 20.0) for t, _, _ in scanners.values()]
+    print(
+        f"truth: CV within 0 %, CV between {100 * statistics.stdev(f) / statistics.mean(f):.2f} %"
+        " (T1 and T2: the temperature factors 0.97 / 1.00 / 1.04)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layouts", default=",".join(emulator.VENDOR_LAYOUTS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare", action="store_true", help="3 scanners x 3 repeats table")
     args = ap.parse_args()
+    if args.compare:
+        compare()
+        return
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for i, layout in enumerate(args.layouts.split(",")):

@@ -5,8 +5,12 @@
 2. The expected count is unknown: complete after a quiet period that starts when the
    last association carrying the series was released (or aborted).
 3. Ceiling: a series still RECEIVING ``ceiling_s`` after its first instance is
-   QUARANTINED when its expected count is known (the missing cells are recorded), else
-   handed to processing, where normalization decides.
+   QUARANTINED when its expected count is known and not reached (the missing cells are
+   recorded), else handed to processing, where normalization decides.
+
+A series re-opened by new or changed instances after it was processed (``revision`` > 0)
+completes by rule 2 only, whatever its grid: a re-sent or corrected series makes one new
+version once the sender is done, not one job per instance that fills the grid again.
 """
 
 from __future__ import annotations
@@ -29,21 +33,23 @@ log = logging.getLogger("synthmr.completion")
 def decide(row: SeriesRow, now: float, cfg: CompletionSettings) -> tuple[str, str] | None:
     """Pure decision for one RECEIVING series: ``("complete"|"quarantine", why)`` or None."""
     exp = row.expected_count
-    if exp is not None and row.n_instances >= exp:
+    full = exp is not None and row.n_instances >= exp
+    if full and row.revision == 0:
         return "complete", f"grid full ({row.n_instances}/{exp} instances)"
     if now - row.first_received >= cfg.ceiling_s:
-        if exp is not None:
+        if exp is not None and not full:
             return "quarantine", (
                 f"incomplete after the {cfg.ceiling_s:g} s ceiling: {row.n_instances} of {exp} instances"
             )
-        return "complete", f"ceiling {cfg.ceiling_s:g} s reached (expected count unknown)"
+        return "complete", f"ceiling {cfg.ceiling_s:g} s reached"
     if (
-        exp is None
+        (exp is None or row.revision > 0)
         and row.last_released is not None
         and row.last_released >= row.last_received
         and now - row.last_released >= cfg.quiet_period_s
     ):
-        return "complete", f"quiet for {cfg.quiet_period_s:g} s after association release"
+        why = f"quiet for {cfg.quiet_period_s:g} s after association release"
+        return "complete", why + (f" (revision {row.revision})" if row.revision else "")
     return None
 
 

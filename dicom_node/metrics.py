@@ -108,6 +108,13 @@ class NodeMetrics:
         self.associations = Counter(
             "synthmr_associations", "Associations requested", ["result"], registry=r
         )
+        self.connections_refused = Counter(
+            "synthmr_connections_refused",
+            "Connections and associations refused, by reason (tls, pending_limit, host_limit,"
+            " setup_timeout, association_limit, called_ae, calling_ae, error)",
+            ["reason"],
+            registry=r,
+        )
         self.associations_active = Gauge(
             "synthmr_associations_active", "Associations currently open on the SCP", registry=r
         )

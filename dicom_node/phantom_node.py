@@ -61,7 +61,9 @@ def matches_rule(datasets: Sequence[Dataset], qc_settings: Any) -> tuple[bool, s
         for pattern in qc_settings.patterns:
             try:
                 if re.search(pattern, value, flags=re.IGNORECASE):
-                    return True, f"{field_name} {value!r} matches {pattern!r}"
+                    # the value itself stays out: it goes to the log, and the field may be
+                    # PatientName (patient names never appear in the node's logs)
+                    return True, f"{field_name} matches {pattern!r}"
             except re.error as exc:
                 raise ValueError(
                     f"phantom_qc.patterns: {pattern!r} is not a regex: {exc}"

@@ -16,16 +16,25 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from dicom_node.config import Settings
+from dicom_node.export.rejection import rejection_note
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
-from dicom_node.registry import State
+from dicom_node.registry import Retirement, State
 from dicom_node.series import JobOutcome, Submit, Writer, run_series
 from dicom_node.seriesstore import save_series
 from dicom_node.spool import Spool
 from dicom_node.web.reportdata import series_report_documents
 from processing.results import SeriesResult
 
-__all__ = ["JobOutcome", "encode_part10", "load_datasets", "run_series_job", "spool_writer"]
+__all__ = [
+    "JobOutcome",
+    "encode_part10",
+    "load_datasets",
+    "output_records",
+    "run_series_job",
+    "spool_writer",
+    "write_rejection_note",
+]
 
 log = logging.getLogger("synthmr.pipeline")
 
@@ -133,3 +142,32 @@ def run_series_job(
 
         record_history(settings.spool.path, outcome.phantom_qc)
     return outcome
+
+
+def output_records(outputs: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str, str, str]]:
+    """``(sop_uid, sop_class_uid, path)`` -> ``(sop_uid, sop_class_uid, study_uid,
+    series_uid, path)`` read from the written files' headers (the registry's record of a
+    version, which a later rejection note references)."""
+    records = []
+    for sop, cls, path in outputs:
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
+        )
+        records.append((sop, cls, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), path))
+    return records
+
+
+def write_rejection_note(
+    spool: Spool, source_paths: Sequence[str], retirement: Retirement, settings: Settings
+) -> tuple[str, str, str]:
+    """Build the IOCM rejection note of ``retirement`` and store it in the series' outbox
+    folder; return its ``(sop_uid, sop_class_uid, path)``. Patient and study attributes
+    come from the first source instance still spooled."""
+    source = Dataset()
+    if source_paths:
+        source = pydicom.dcmread(source_paths[0], stop_before_pixels=True)
+    note = rejection_note(retirement.instances, source, settings.export)
+    [path] = spool.store_outputs(
+        retirement.series_uid, [(str(note.SOPInstanceUID), encode_part10(note))]
+    )
+    return str(note.SOPInstanceUID), str(note.SOPClassUID), str(path)

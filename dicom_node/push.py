@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
-import ssl
 import threading
 import time
 from collections import defaultdict
@@ -25,16 +23,17 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
 from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.presentation import build_context
 
 from dicom_node.config import Destination, RetrySettings
 from dicom_node.logging import log_context, log_event
 from dicom_node.metrics import NodeMetrics
-from dicom_node.reactor import EventAE
-from dicom_node.registry import Registry
+from dicom_node.registry import Registry, Retirement
+from dicom_node.transport import make_client_ssl_context, set_tcp_nodelay
 
-__all__ = ["Outbox", "backoff_delay", "make_client_ssl_context", "send_files", "send_parallel"]
+__all__ = ["Outbox", "backoff_delay", "send_files", "send_parallel"]
 
 log = logging.getLogger("synthmr.push")
 
@@ -45,35 +44,12 @@ _MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association
 _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
 
-def make_client_ssl_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert:
-        ctx.load_cert_chain(cert, key or None)
-    return ctx
-
-
 def backoff_delay(attempts: int, retry: RetrySettings, rng: random.Random | None = None) -> float:
     """Seconds before the next attempt after ``attempts`` failures (>= 1):
     ``min(max_delay, base * 2**(attempts-1))`` spread by +-``jitter``."""
     rng = rng or random
     d = min(retry.max_delay_s, retry.base_delay_s * 2.0 ** max(0, attempts - 1))
     return max(0.0, d * (1.0 + rng.uniform(-retry.jitter, retry.jitter)))
-
-
-def set_tcp_nodelay(assoc: Any) -> None:
-    """Disable Nagle on an association's socket (pynetdicom leaves it on).
-
-    A C-STORE goes out as several P-DATA PDUs; with Nagle the last short one waits for the
-    peer's delayed ACK (~40 ms on Linux), which capped pushes to Orthanc at ~14 instances/s.
-    """
-    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:  # not a TCP socket: nothing to tune
-        pass
 
 
 def send_files(
@@ -122,7 +98,10 @@ def send_files(
     if not sendable:
         return _summary(results)
 
-    ae = EventAE(ae_title=calling_aet)
+    # pynetdicom's own requestor: with dicom_node.reactor.EventAE one of two parallel
+    # associations to Orthanc occasionally waited out the 60 s DIMSE timeout under load
+    # (cause not found yet), so the push keeps the stock 1 ms-polling DUL for now
+    ae = AE(ae_title=calling_aet)
     for t in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, t, dest.timeout_s)
     # Per SOP class: one context per transfer syntax the files use (an acceptor picks a
@@ -242,6 +221,7 @@ class Outbox:
         metrics: NodeMetrics,
         calling_aet: str = "SYNTHMR",
         sender: Callable[..., dict[str, Any]] = send_files,
+        rejection_note: Callable[[Retirement], tuple[str, str, str]] | None = None,
     ) -> None:
         self.registry = registry
         self.destinations = {d.name: d for d in destinations}
@@ -249,6 +229,8 @@ class Outbox:
         self.metrics = metrics
         self.calling_aet = calling_aet
         self.sender = sender
+        #: builds and stores the IOCM note of a retirement: (sop_uid, sop_class_uid, path)
+        self.rejection_note = rejection_note
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -281,7 +263,9 @@ class Outbox:
             self._wake.clear()
 
     def run_once(self) -> int:
-        """Send every due item once; return how many were delivered."""
+        """Queue rejection notes of superseded outputs, then send every due item once;
+        return how many were delivered."""
+        self._retire()
         groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
         for item in self.registry.due_outbox():
             groups[(item.destination, item.series_uid)].append(item)
@@ -292,6 +276,36 @@ class Outbox:
             with log_context(series_uid=series_uid, destination=dest_name):
                 delivered += self._send_group(dest_name, series_uid, items)
         return delivered
+
+    def _retire(self) -> None:
+        """Superseded outputs a destination holds: a rejection note joins its outbox (sent
+        like any output; the series is DELIVERED only once it is), or none where the
+        destination says ``reject_superseded = false``."""
+        for ret in self.registry.due_retirements():
+            dest = self.destinations.get(ret.destination)
+            note = None
+            try:
+                if dest is not None and dest.reject_superseded and self.rejection_note:
+                    note = self.rejection_note(ret)
+            except Exception as exc:  # retried at the next pass
+                log_event(
+                    log,
+                    "rejection_note_failed",
+                    level=logging.ERROR,
+                    series_uid=ret.series_uid,
+                    destination=ret.destination,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                continue
+            self.registry.retired(ret, note)
+            log_event(
+                log,
+                "outputs_retired",
+                series_uid=ret.series_uid,
+                destination=ret.destination,
+                n=len(ret.instances),
+                rejection_note=note[0] if note else None,
+            )
 
     def _send_group(self, dest_name: str, series_uid: str, items: list[Any]) -> int:
         """One association for one (destination, series); return how many were delivered."""

@@ -216,9 +216,11 @@ class _EventAssociation(Association):
                 return
 
 
-def _make_event_driven(assoc: Association) -> None:
-    """Give a new (not yet started) association the event-driven reactors."""
-    assoc.__class__ = _EventAssociation
+def _make_event_driven(assoc: Association, acceptor_reactor: bool = True) -> None:
+    """Give a new (not yet started) association the event-driven DUL and, for an
+    acceptor, the event-driven association reactor."""
+    if acceptor_reactor:
+        assoc.__class__ = _EventAssociation
     assoc._wake_event = threading.Event()  # type: ignore[attr-defined]
     assoc.dul.__class__ = _EventDUL
     assoc.dul._init_wake()  # type: ignore[attr-defined]
@@ -234,12 +236,16 @@ class _EventRequestHandler(RequestHandler):
 
 
 class EventAE(AE):
-    """An AE whose requested associations (``associate``) use the event-driven reactors:
-    each C-STORE's request goes out and its response is read without the 1 ms polls."""
+    """An AE whose requested associations (``associate``) use the event-driven DUL: each
+    C-STORE's request goes out and its response is read without the 1 ms polls."""
 
     def _create_socket(self, assoc: Association, *args: Any, **kwargs: Any) -> Any:
-        # called by AE.associate on the new association before its threads start
-        _make_event_driven(assoc)
+        # called by AE.associate on the new association before its threads start.
+        # Only the DUL: a requestor's own reactor must keep pynetdicom's timing. send_c_store
+        # pauses it (_reactor_checkpoint) but a reactor that has just passed the checkpoint
+        # can still take the C-STORE response off the queue; woken by every DUL event, ours
+        # sat in that window often enough under load to lose a response (60 s DIMSE timeout).
+        _make_event_driven(assoc, acceptor_reactor=False)
         return super()._create_socket(assoc, *args, **kwargs)
 
 

@@ -14,6 +14,7 @@ a lock (SQLite serializes writers anyway); all writes happen in the node process
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -25,7 +26,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IllegalTransition", "OutboxItem", "Registry", "SeriesRow", "State", "series_timings"]
+__all__ = [
+    "IllegalTransition",
+    "InstanceMovedError",
+    "OutboxItem",
+    "Registry",
+    "Retirement",
+    "SeriesRow",
+    "State",
+    "series_timings",
+]
 
 
 class State(StrEnum):
@@ -59,7 +69,7 @@ _ALLOWED: dict[State, set[State]] = {
         State.HELD,
         State.QUEUED,
     },
-    State.EXPORTED: {State.DELIVERED, State.FAILED, State.QUEUED},
+    State.EXPORTED: {State.DELIVERED, State.FAILED, State.QUEUED, State.RECEIVING},
     State.HELD: {State.EXPORTED, State.QUEUED, State.RECEIVING},
     State.DELIVERED: {State.QUEUED, State.RECEIVING},
     State.IGNORED: {State.QUEUED, State.RECEIVING},
@@ -70,6 +80,21 @@ _ALLOWED: dict[State, set[State]] = {
 
 class IllegalTransition(RuntimeError):
     """A state change that the series life does not allow."""
+
+
+class InstanceMovedError(ValueError):
+    """A known SOP Instance UID arrived in another series (a UID names one object)."""
+
+
+@dataclass(frozen=True)
+class Retirement:
+    """Outputs a destination holds that a newer version of their source series superseded:
+    ``instances`` are ``(sop_uid, sop_class_uid, study_uid, series_uid)``."""
+
+    destination: str
+    series_uid: str
+    outbox_ids: tuple[int, ...]
+    instances: tuple[tuple[str, str, str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -86,6 +111,8 @@ class SeriesRow:
     last_released: float | None
     state_since: float
     calling_ae: str
+    #: 0 for the first instance set; +1 each time changed instances re-open the series
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,6 +176,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE(destination, sop_uid)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS outputs (
+    sop_uid TEXT PRIMARY KEY,
+    source_series_uid TEXT NOT NULL,
+    inputs_sha256 TEXT NOT NULL DEFAULT '',
+    sop_class_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    superseded_at REAL
+);
+CREATE INDEX IF NOT EXISTS outputs_source ON outputs(source_series_uid);
 CREATE TABLE IF NOT EXISTS transitions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     series_uid TEXT NOT NULL,
@@ -186,7 +225,25 @@ class Registry:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._migrate()
         self.on_transition = on_transition
+
+    def _migrate(self) -> None:
+        """Columns added after the first release (an older registry gains them)."""
+        added = {
+            "instances": [("sha256", "TEXT NOT NULL DEFAULT ''")],
+            "series": [
+                ("revision", "INTEGER NOT NULL DEFAULT 0"),
+                ("changed_while_processing", "INTEGER NOT NULL DEFAULT 0"),
+            ],
+            "jobs": [("not_before", "REAL NOT NULL DEFAULT 0")],
+        }
+        with self._lock:
+            for table, columns in added.items():
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, decl in columns:
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -284,11 +341,18 @@ class Registry:
         size: int,
         calling_ae: str = "",
         expected_count: int | None = None,
+        sha256: str = "",
     ) -> tuple[int, int | None]:
-        """Record a stored instance (a re-sent SOP UID replaces its row).
+        """Record a stored instance; return (distinct instances, expected count for an
+        immediate completion).
 
-        Creates the series in RECEIVING; a late instance re-opens a series that was
-        COMPLETE or final (-> RECEIVING). Returns (distinct instances, expected count).
+        Creates the series in RECEIVING. A re-sent instance with the same content
+        (``sha256``) changes nothing: no re-open, no job. A new or changed instance re-opens
+        a series that was COMPLETE, EXPORTED or final (-> RECEIVING, ``revision`` + 1) or
+        marks a PROCESSING one to re-open when its job ends; a revised series completes
+        after the quiet period only (the expected count returned is then None), so a
+        changed set makes one new version, not one per instance. A SOP Instance UID known
+        in another series raises :class:`InstanceMovedError` (nothing recorded).
 
         Committed without an fsync of its own (the C-STORE answer waits for it): the durable
         record of a received instance is its spooled file (DESIGN promise 1), and a row that
@@ -298,8 +362,17 @@ class Registry:
         now = time.time()
         created = reopened = None
         with self._tx(fsync=False) as db:
+            known = db.execute(
+                "SELECT series_uid, sha256 FROM instances WHERE sop_uid=?", (sop_uid,)
+            ).fetchone()
+            if known is not None and known["series_uid"] != series_uid:
+                raise InstanceMovedError(
+                    f"SOP Instance UID {sop_uid} is already part of series {known['series_uid']}"
+                )
+            same = known is not None and bool(sha256) and known["sha256"] == sha256
             row = db.execute(
-                "SELECT state, expected_count FROM series WHERE series_uid=?", (series_uid,)
+                "SELECT state, expected_count, revision FROM series WHERE series_uid=?",
+                (series_uid,),
             ).fetchone()
             if row is None:
                 db.execute(
@@ -322,33 +395,65 @@ class Registry:
                     (series_uid, None, State.RECEIVING.value, now),
                 )
                 created = True
-            else:
+            elif not same:
                 state = State(row["state"])
-                if state in (State.COMPLETE, *FINAL_STATES):
-                    reopened = self._set_state(db, series_uid, State.RECEIVING, "late instance")
+                if state in (State.COMPLETE, State.EXPORTED, *FINAL_STATES):
+                    reopened = self._reopen(db, series_uid, "new or changed instance", now)
+                elif state == State.PROCESSING:
+                    db.execute(
+                        "UPDATE series SET changed_while_processing=1 WHERE series_uid=?",
+                        (series_uid,),
+                    )
                 db.execute(
                     "UPDATE series SET last_received=?,"
                     " expected_count=COALESCE(expected_count, ?) WHERE series_uid=?",
                     (now, expected_count, series_uid),
                 )
-            db.execute(
-                "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, size, received_at)"
-                " VALUES (?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET"
-                " series_uid=excluded.series_uid, sop_class_uid=excluded.sop_class_uid,"
-                " path=excluded.path, size=excluded.size, received_at=excluded.received_at",
-                (sop_uid, series_uid, sop_class_uid, path, size, now),
-            )
-            n = db.execute(
-                "SELECT COUNT(*) FROM instances WHERE series_uid=?", (series_uid,)
-            ).fetchone()[0]
-            exp = db.execute(
-                "SELECT expected_count FROM series WHERE series_uid=?", (series_uid,)
-            ).fetchone()[0]
+            if not same:
+                db.execute(
+                    "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, size,"
+                    " received_at, sha256) VALUES (?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE"
+                    " SET sop_class_uid=excluded.sop_class_uid, path=excluded.path,"
+                    " size=excluded.size, received_at=excluded.received_at,"
+                    " sha256=excluded.sha256",
+                    (sop_uid, series_uid, sop_class_uid, path, size, now, sha256),
+                )
+            r = db.execute(
+                "SELECT expected_count, revision, state, (SELECT COUNT(*) FROM instances"
+                " WHERE series_uid=?) FROM series WHERE series_uid=?",
+                (series_uid, series_uid),
+            ).fetchone()
         if created:
             self._notify(series_uid, None, State.RECEIVING, 0.0)
         if reopened:
             self._notify(series_uid, reopened[0], State.RECEIVING, reopened[1])
-        return int(n), exp
+        immediate = r[0] if r[1] == 0 and r[2] == State.RECEIVING.value else None
+        return int(r[3]), immediate
+
+    def _reopen(
+        self, db: sqlite3.Connection, series_uid: str, why: str, now: float
+    ) -> tuple[State, float]:
+        """-> RECEIVING as a new revision; its ceiling counts from now."""
+        old = self._set_state(db, series_uid, State.RECEIVING, why)
+        db.execute(
+            "UPDATE series SET revision=revision+1, first_received=?, last_released=NULL,"
+            " changed_while_processing=0 WHERE series_uid=?",
+            (now, series_uid),
+        )
+        return old
+
+    def inputs_sha256(self, series_uid: str) -> str:
+        """sha256 over the series' instances (SOP UID and content digest, sorted): what a
+        job of this series processes. Same instance set, same digest."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_uid, sha256 FROM instances WHERE series_uid=? ORDER BY sop_uid",
+                (series_uid,),
+            ).fetchall()
+        h = hashlib.sha256()
+        for sop, sha in rows:
+            h.update(f"{sop}:{sha}\n".encode())
+        return h.hexdigest()
 
     def known_paths(self) -> set[str]:
         """Every registered instance's spool path."""
@@ -406,6 +511,7 @@ class Registry:
             last_released=r["last_released"],
             state_since=r["state_since"],
             calling_ae=r["calling_ae"],
+            revision=int(r["revision"]),
         )
 
     def state_counts(self) -> dict[str, int]:
@@ -480,7 +586,9 @@ class Registry:
         """
         with self._tx() as db:
             r = db.execute(
-                "SELECT id, series_uid, created_at FROM jobs WHERE state='QUEUED' ORDER BY id LIMIT 1"
+                "SELECT id, series_uid, created_at FROM jobs WHERE state='QUEUED'"
+                " AND not_before<=? ORDER BY id LIMIT 1",
+                (time.time(),),
             ).fetchone()
             if r is None:
                 return None
@@ -500,12 +608,22 @@ class Registry:
         reason: str = "",
         missing: list[str] | None = None,
         outbox: list[tuple[str, str, str, str]] | None = None,
+        outputs: list[tuple[str, str, str, str, str]] | None = None,
+        inputs_sha256: str = "",
     ) -> None:
         """End a job: series -> ``new`` (EXPORTED, HELD, IGNORED, QUARANTINED, FAILED) and,
         for EXPORTED / HELD, outbox rows ``(destination, sop_uid, sop_class_uid, path)``,
-        PENDING / HELD (re-runs replace rows of the same SOP UID), in one transaction."""
+        PENDING / HELD (re-runs replace rows of the same SOP UID), in one transaction.
+
+        ``outputs`` ``(sop_uid, sop_class_uid, study_uid, series_uid, path)`` record this
+        version: earlier outputs of the series that it does not repeat are superseded, their
+        unsent outbox rows cancelled and their sent ones marked for retirement (a rejection
+        note, see :meth:`due_retirements`). A series that received changed instances while
+        it was processed re-opens (RECEIVING) right after.
+        """
         row_state = "HELD" if new == State.HELD else "PENDING"
         now = time.time()
+        reopened = None
         with self._tx() as db:
             old, dt = self._set_state(
                 db, series_uid, new, reason, missing, expect={State.PROCESSING}
@@ -515,20 +633,21 @@ class Registry:
                 ("FAILED" if new == State.FAILED else "DONE", now, reason, job_id),
             )
             self._upsert_outbox(db, series_uid, outbox or [], now, row_state)
-            delivered = None
-            if new == State.EXPORTED:
-                # outputs streamed to the outbox during the job (add_outbox) may all be sent
-                # already: outbox_sent saw the series PROCESSING then, so it is delivered now
-                n_rows, n_left = db.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(state!='SENT'), 0) FROM outbox"
-                    " WHERE series_uid=?",
-                    (series_uid,),
-                ).fetchone()
-                if n_rows and not n_left:
-                    delivered = self._set_state(db, series_uid, State.DELIVERED)
+            if outputs is not None and new in (State.EXPORTED, State.HELD):
+                self._record_version(db, series_uid, outputs, inputs_sha256, now)
+            # outputs streamed to the outbox during the job (add_outbox) may all be sent
+            # already: outbox_sent saw the series PROCESSING then, so it is delivered now
+            delivered = self._deliver_if_done(db, [series_uid]) if new == State.EXPORTED else []
+            changed = db.execute(
+                "SELECT changed_while_processing FROM series WHERE series_uid=?", (series_uid,)
+            ).fetchone()[0]
+            if changed and new in (State.EXPORTED, *FINAL_STATES):
+                reopened = self._reopen(db, series_uid, "instances changed during processing", now)
         self._notify(series_uid, old, new, dt)
-        if delivered is not None:
-            self._notify(series_uid, new, State.DELIVERED, delivered[1])
+        for s, old_state, seconds in delivered:
+            self._notify(s, old_state, State.DELIVERED, seconds)
+        if reopened:
+            self._notify(series_uid, reopened[0], State.RECEIVING, reopened[1])
 
     @staticmethod
     def _upsert_outbox(
@@ -556,6 +675,95 @@ class Registry:
         DELIVERED if every row was sent by then."""
         with self._tx() as db:
             self._upsert_outbox(db, series_uid, rows, time.time())
+
+    @staticmethod
+    def _record_version(
+        db: sqlite3.Connection,
+        series_uid: str,
+        outputs: list[tuple[str, str, str, str, str]],
+        inputs_sha256: str,
+        now: float,
+    ) -> None:
+        for sop, cls, study, out_series, path in outputs:
+            db.execute(
+                "INSERT INTO outputs(sop_uid, source_series_uid, inputs_sha256, sop_class_uid,"
+                " study_uid, series_uid, path, created_at) VALUES (?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(sop_uid) DO UPDATE SET path=excluded.path, superseded_at=NULL",
+                (sop, series_uid, inputs_sha256, cls, study, out_series, path, now),
+            )
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS live_version(sop_uid TEXT PRIMARY KEY)")
+        db.execute("DELETE FROM live_version")
+        db.executemany("INSERT OR IGNORE INTO live_version VALUES (?)", [(o[0],) for o in outputs])
+        stale = "SELECT sop_uid FROM outputs WHERE source_series_uid=? AND superseded_at IS NULL"
+        stale += " AND sop_uid NOT IN (SELECT sop_uid FROM live_version)"
+        gone = [r[0] for r in db.execute(stale, (series_uid,)).fetchall()]
+        for sop in gone:
+            db.execute("UPDATE outputs SET superseded_at=? WHERE sop_uid=?", (now, sop))
+            db.execute(
+                "UPDATE outbox SET state=CASE state WHEN 'SENT' THEN 'RETIRE' ELSE 'CANCELLED'"
+                " END WHERE sop_uid=? AND state IN ('PENDING', 'DEAD', 'SENT')",
+                (sop,),
+            )
+
+    def due_retirements(self) -> list[Retirement]:
+        """Superseded outputs that destinations hold, grouped by (destination, series)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT o.id, o.destination, o.series_uid, o.sop_uid, o.sop_class_uid,"
+                " p.study_uid, p.series_uid FROM outbox o JOIN outputs p ON p.sop_uid=o.sop_uid"
+                " WHERE o.state='RETIRE' ORDER BY o.id"
+            ).fetchall()
+        groups: dict[tuple[str, str], list[Any]] = {}
+        for r in rows:
+            groups.setdefault((r[1], r[2]), []).append(r)
+        return [
+            Retirement(dest, series, tuple(r[0] for r in rs), tuple(tuple(r[3:7]) for r in rs))
+            for (dest, series), rs in groups.items()
+        ]
+
+    def retired(self, retirement: Retirement, note: tuple[str, str, str] | None = None) -> None:
+        """The retirement's rows -> RETIRED; ``note`` ``(sop_uid, sop_class_uid, path)`` (the
+        rejection note) joins the outbox for that destination, in one transaction."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE outbox SET state='RETIRED' WHERE id=? AND state='RETIRE'",
+                [(i,) for i in retirement.outbox_ids],
+            )
+            if note is not None:
+                db.execute(
+                    "INSERT INTO outbox(series_uid, destination, sop_uid, sop_class_uid, path,"
+                    " state, attempts, next_attempt_at, created_at)"
+                    " VALUES (?,?,?,?,?,'PENDING',0,?,?) ON CONFLICT(destination, sop_uid)"
+                    " DO UPDATE SET state='PENDING', attempts=0, path=excluded.path",
+                    (retirement.series_uid, retirement.destination, *note, now, now),
+                )
+            delivered = self._deliver_if_done(db, [retirement.series_uid])
+        for s, old, dt in delivered:
+            self._notify(s, old, State.DELIVERED, dt)
+
+    def live_outputs(self, series_uid: str) -> list[str]:
+        """SOP UIDs of the series' current (not superseded) outputs."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_uid FROM outputs WHERE source_series_uid=? AND superseded_at IS NULL"
+                " ORDER BY sop_uid",
+                (series_uid,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def defer_job(self, job_id: int, series_uid: str, reason: str, not_before: float) -> None:
+        """A job that hit a transient condition (spool full): job and series back to
+        QUEUED, not claimed before ``not_before``, in one transaction."""
+        with self._tx() as db:
+            old, dt = self._set_state(
+                db, series_uid, State.QUEUED, reason, expect={State.PROCESSING}
+            )
+            db.execute(
+                "UPDATE jobs SET state='QUEUED', not_before=?, error=? WHERE id=?",
+                (not_before, reason, job_id),
+            )
+        self._notify(series_uid, old, State.QUEUED, dt)
 
     def retry(self, series_uid: str) -> int:
         """Re-queue a FAILED / QUARANTINED / IGNORED / DELIVERED series; return the job id."""
@@ -599,12 +807,13 @@ class Registry:
         return out
 
     def outbox_sent(self, ids: list[int]) -> list[str]:
-        """Mark items sent; return series that became DELIVERED (all items sent)."""
+        """Mark items sent; return series that became DELIVERED (nothing left to send or
+        retire). An item cancelled (superseded) while it was on its way must be retired."""
         now = time.time()
-        delivered: list[tuple[str, State, float]] = []
         with self._tx() as db:
             db.executemany(
-                "UPDATE outbox SET state='SENT', sent_at=?, last_error='' WHERE id=?",
+                "UPDATE outbox SET state=CASE state WHEN 'CANCELLED' THEN 'RETIRE' ELSE 'SENT'"
+                " END, sent_at=?, last_error='' WHERE id=?",
                 [(now, i) for i in ids],
             )
             q = ",".join("?" * len(ids))
@@ -614,17 +823,28 @@ class Registry:
                     f"SELECT DISTINCT series_uid FROM outbox WHERE id IN ({q})", ids
                 ).fetchall()
             ]
-            for s in series:
-                left = db.execute(
-                    "SELECT COUNT(*) FROM outbox WHERE series_uid=? AND state!='SENT'", (s,)
-                ).fetchone()[0]
-                st = db.execute("SELECT state FROM series WHERE series_uid=?", (s,)).fetchone()
-                if left == 0 and st is not None and st[0] == State.EXPORTED.value:
-                    old, dt = self._set_state(db, s, State.DELIVERED)
-                    delivered.append((s, old, dt))
+            delivered = self._deliver_if_done(db, series)
         for s, old, dt in delivered:
             self._notify(s, old, State.DELIVERED, dt)
         return [d[0] for d in delivered]
+
+    def _deliver_if_done(
+        self, db: sqlite3.Connection, series: list[str]
+    ) -> list[tuple[str, State, float]]:
+        """EXPORTED series with outbox rows, none left to send or retire -> DELIVERED
+        (superseded rows, cancelled or retired, do not count)."""
+        delivered: list[tuple[str, State, float]] = []
+        for s in series:
+            n_rows, left = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(state IN ('PENDING', 'DEAD', 'RETIRE', 'HELD')),"
+                " 0) FROM outbox WHERE series_uid=?",
+                (s,),
+            ).fetchone()
+            st = db.execute("SELECT state FROM series WHERE series_uid=?", (s,)).fetchone()
+            if n_rows and not left and st is not None and st[0] == State.EXPORTED.value:
+                old, dt = self._set_state(db, s, State.DELIVERED)
+                delivered.append((s, old, dt))
+        return delivered
 
     def outbox_failed(
         self, ids: list[int], error: str, next_attempt_at: float, max_attempts: int

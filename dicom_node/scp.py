@@ -1,20 +1,22 @@
 """The node's DICOM listener: C-ECHO and C-STORE into the durable spool.
 
-Association policy: the calling-AE allow-list (optionally per host), TLS through an
-``ssl.SSLContext``, a maximum number of associations. Handlers write the raw received
-bytes (no decode of pixel data) to the spool, record the instance, and return: no
-processing on the association's thread.
+Association policy: connection admission (TLS handshake and A-ASSOCIATE-RQ within a setup
+timeout, per-host limits: :mod:`dicom_node.transport`), the called AE title, the calling-AE
+allow-list (optionally per host), a maximum number of associations; every refusal is logged
+and counted. Handlers validate and write the raw received bytes (no decode of pixel data)
+to the spool, record the instance, and return: no processing on the association's thread.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -41,17 +43,17 @@ from dicom_node import reactor
 from dicom_node.config import AllowedCaller, Settings
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
-from dicom_node.push import set_tcp_nodelay
-from dicom_node.registry import Registry
-from dicom_node.spool import Spool, SpoolFullError, UnreadableDatasetError, read_header
+from dicom_node.registry import InstanceMovedError, Registry
+from dicom_node.spool import Spool, SpoolFullError, read_header
+from dicom_node.transport import (
+    AdmissionLimits,
+    GuardedAssociationServer,
+    make_server_ssl_context,
+    set_tcp_nodelay,
+)
+from dicom_node.validate import InvalidInstanceError
 
-__all__ = [
-    "TRANSFER_SYNTAXES",
-    "CallerPolicy",
-    "StoreSCP",
-    "make_server_ssl_context",
-    "register_spooled",
-]
+__all__ = ["TRANSFER_SYNTAXES", "CallerPolicy", "StoreSCP", "register_spooled"]
 
 log = logging.getLogger("synthmr.scp")
 
@@ -102,19 +104,6 @@ class CallerPolicy:
         return f"calling AE {ae!r} is not in the allow-list"
 
 
-def make_server_ssl_context(
-    cert: str, key: str, ca: str = "", require_client_cert: bool = False
-) -> ssl.SSLContext:
-    """TLS server context (TLS 1.2+); CERT_REQUIRED with ``ca`` for mutual TLS."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    if ca:
-        ctx.load_verify_locations(ca)
-    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
-    return ctx
-
-
 def register_spooled(
     spool: Spool,
     registry: Registry,
@@ -133,7 +122,7 @@ def register_spooled(
             continue
         try:
             header = read_header(path.read_bytes())
-        except (OSError, UnreadableDatasetError) as exc:
+        except (OSError, InvalidInstanceError) as exc:
             log_event(
                 log, "spooled_unreadable", level=logging.WARNING, path=str(path), reason=str(exc)
             )
@@ -144,15 +133,22 @@ def register_spooled(
                 expected = expected_count(header.dataset)
             except Exception:  # a vendor rule must not stop the start-up
                 expected = None
-        registry.add_instance(
-            sop_uid=header.sop_instance_uid,
-            series_uid=header.series_instance_uid,
-            study_uid=header.study_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            path=str(path),
-            size=path.stat().st_size,
-            expected_count=expected,
-        )
+        try:
+            registry.add_instance(
+                sop_uid=header.sop_instance_uid,
+                series_uid=header.series_instance_uid,
+                study_uid=header.study_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                path=str(path),
+                size=path.stat().st_size,
+                expected_count=expected,
+                sha256=header.content_sha256,
+            )
+        except InstanceMovedError as exc:
+            log_event(
+                log, "spooled_conflict", level=logging.WARNING, path=str(path), reason=str(exc)
+            )
+            continue
         n += 1
     return n
 
@@ -192,10 +188,9 @@ class StoreSCP:
         self._series_by_assoc: dict[int, set[str]] = {}
         self._active: set[int] = set()  # accepted associations not yet ended
         self._lock = threading.Lock()
-        self._server = None
+        self._server: GuardedAssociationServer | None = None
         n = settings.node
         ae = self.ae = AE(ae_title=n.ae_title)
-        ae.maximum_associations = n.max_associations
         ae.acse_timeout = n.acse_timeout_s
         ae.dimse_timeout = n.dimse_timeout_s
         ae.network_timeout = n.network_timeout_s
@@ -235,10 +230,23 @@ class StoreSCP:
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_CONN_CLOSE, self._on_end),
         ]
-        # pynetdicom's own server, with association threads that block instead of polling in
-        # 1 ms sleeps (dicom_node.reactor): ~2 ms less per C-STORE on loopback
+        limits = AdmissionLimits(
+            setup_timeout_s=n.setup_timeout_s,
+            max_pending_per_host=n.max_pending_per_host,
+            max_connections_per_host=n.max_connections_per_host,
+            max_associations=n.max_associations,
+        )
+        # pynetdicom's server with admission control (dicom_node.transport), its association
+        # threads blocking instead of polling in 1 ms sleeps (dicom_node.reactor): ~2 ms
+        # less per C-STORE on loopback
         self._server = reactor.make_server(
-            self.ae, (n.bind_address, n.port), handlers, ssl_context=ssl_context
+            self.ae,
+            (n.bind_address, n.port),
+            handlers,
+            ssl_context=ssl_context,
+            server_class=functools.partial(
+                GuardedAssociationServer, limits=limits, on_refused=self._refused_connection
+            ),
         )
         log_event(
             log,
@@ -270,18 +278,29 @@ class StoreSCP:
         )
 
     # ------------------------------------------------------------------ handlers
+    def _refused_connection(self, reason: str, host: str, detail: str) -> None:
+        self.metrics.connections_refused.labels(reason).inc()
+        log_event(
+            log, "connection_refused", level=logging.WARNING, reason=reason, host=host, why=detail
+        )
+
     def _on_requested(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
-        calling = rq.primitive.calling_ae_title if rq.primitive else rq.ae_title
-        reason = self.policy.check(str(calling), str(rq.address))
-        if reason is not None:
-            self.metrics.associations.labels("rejected").inc()
-            log_event(
-                log, "association_rejected", level=logging.WARNING, reason=reason, host=rq.address
-            )
-            # permanent, service-user, calling AE title not recognised
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-            event.assoc.kill()  # waits until the reject PDU is out, as pynetdicom's own path
+        calling = str(rq.primitive.calling_ae_title if rq.primitive else rq.ae_title).strip()
+        called = str(rq.primitive.called_ae_title if rq.primitive else "").strip()
+        # (result, source, reason) of A-ASSOCIATE-RJ, PS3.8 9.3.4
+        if self.settings.node.require_called_ae and called != self.settings.node.ae_title.strip():
+            kind, why, rj = "called_ae", f"called AE {called!r} is not this node", (1, 1, 7)
+        elif (why := self.policy.check(calling, str(rq.address))) is not None:
+            kind, rj = "calling_ae", (1, 1, 3)
+        elif self._server is not None and (why := self._server.admit(event.assoc)) is not None:
+            kind, rj = "association_limit", (2, 3, 2)  # transient, local limit exceeded
+        else:
+            return
+        self.metrics.associations.labels("rejected").inc()
+        self._refused_connection(kind, str(rq.address), f"{why} (calling AE {calling!r})")
+        event.assoc.acse.send_reject(*rj)
+        event.assoc.kill()  # waits until the reject PDU is out, as pynetdicom's own path
 
     def _on_accepted(self, event: evt.Event) -> None:
         set_tcp_nodelay(event.assoc)  # C-STORE responses go out at once (no Nagle wait)
@@ -294,68 +313,67 @@ class StoreSCP:
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
-    def _refuse(
-        self, calling: str, result: str, event_name: str, level: int, exc: Exception, status: int
-    ) -> int:
-        """Count, log and answer a C-STORE the spool could not keep."""
+    def _refuse(self, calling: str, result: str, exc: Exception, status: int) -> Dataset:
+        """Count, log and answer a C-STORE the node does not keep."""
         self.metrics.instance_received(calling, result)
         log_event(
             log,
-            event_name,
-            level=level,
+            f"store_{result}",
+            level=logging.ERROR if status == STATUS_OUT_OF_RESOURCES else logging.WARNING,
             status=f"0x{status:04X}",
             reason=str(exc),
             calling_ae=calling,
         )
-        return status
+        rsp = Dataset()
+        rsp.Status = status
+        rsp.ErrorComment = str(exc)[:64]  # LO
+        return rsp
 
-    def _on_store(self, event: evt.Event) -> int:
+    def _on_store(self, event: evt.Event) -> int | Dataset:
         t0 = time.perf_counter()
         calling = str(event.assoc.requestor.ae_title).strip()
+        n = self.settings.node
+        path = None
         try:
             data = event.encoded_dataset()
-            header, path = self.spool.store_received(data)
-        except SpoolFullError as exc:
-            return self._refuse(
-                calling, "rejected", "store_rejected", logging.ERROR, exc, STATUS_OUT_OF_RESOURCES
+            header, path = self.spool.store_received(
+                data, n.max_instance_bytes, n.max_inflated_bytes
             )
-        except UnreadableDatasetError as exc:
-            return self._refuse(
-                calling, "failed", "store_failed", logging.WARNING, exc, STATUS_CANNOT_UNDERSTAND
+            count, expected = self.registry.add_instance(
+                sop_uid=header.sop_instance_uid,
+                series_uid=header.series_instance_uid,
+                study_uid=header.study_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                path=str(path),
+                size=len(data),
+                calling_ae=calling,
+                expected_count=self._expected(header),
+                sha256=header.content_sha256,
             )
-        except OSError as exc:
-            return self._refuse(
-                calling, "rejected", "store_io_error", logging.ERROR, exc, STATUS_OUT_OF_RESOURCES
-            )
-        expected = None
-        if self.expected_count is not None:
-            try:
-                expected = self.expected_count(header.dataset)
-            except Exception as exc:  # a vendor rule must not fail the store
-                log_event(
-                    log,
-                    "expected_count_error",
-                    level=logging.WARNING,
-                    series_uid=header.series_instance_uid,
-                    reason=repr(exc),
-                )
-        n, exp = self.registry.add_instance(
-            sop_uid=header.sop_instance_uid,
-            series_uid=header.series_instance_uid,
-            study_uid=header.study_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            path=str(path),
-            size=len(data),
-            calling_ae=calling,
-            expected_count=expected,
-        )
+        except (SpoolFullError, OSError) as exc:
+            return self._refuse(calling, "rejected", exc, STATUS_OUT_OF_RESOURCES)
+        except InvalidInstanceError as exc:
+            return self._refuse(calling, "failed", exc, exc.status)
+        except InstanceMovedError as exc:
+            if path is not None:
+                path.unlink(missing_ok=True)
+            return self._refuse(calling, "failed", exc, STATUS_CANNOT_UNDERSTAND)
         with self._lock:
             self._series_by_assoc.setdefault(id(event.assoc), set()).add(header.series_instance_uid)
         self.metrics.instance_received(calling, "stored")
         self.metrics.stage.labels("receive").observe(time.perf_counter() - t0)
         if self.on_instance is not None:
-            self.on_instance(header.series_instance_uid, n, exp)
+            self.on_instance(header.series_instance_uid, count, expected)
         return STATUS_SUCCESS
+
+    def _expected(self, header: object) -> int | None:
+        if self.expected_count is None:
+            return None
+        try:
+            return self.expected_count(header.dataset)  # type: ignore[attr-defined]
+        except Exception as exc:  # a vendor rule must not fail the store
+            log_event(log, "expected_count_error", level=logging.WARNING, reason=repr(exc))
+            return None
 
     def _on_end(self, event: evt.Event) -> None:
         with self._lock:

@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset
 from dicom_node import vendors
 from dicom_node.config import Settings
 from dicom_node.export import ExportSettings, export_groups
+from dicom_node.export.uids import source_digest
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import State
@@ -155,10 +156,12 @@ def classify(
     except vendors.NormalizationError as exc:
         if exc.kind == "not_mdme":
             return Classified(State.IGNORED, det.vendor, f"not an MDME series: {exc}", error=exc)
+        # phase_units: the phase images' unit is not decidable (never fitted with a guess)
+        what = "phase unusable" if exc.kind == "phase_units" else "grid incomplete or inconsistent"
         return Classified(
             State.QUARANTINED,
             det.vendor,
-            f"grid incomplete or inconsistent: {exc}",
+            f"{what}: {exc}",
             missing=_missing_text(exc),
             error=exc,
             expected_instances=expected,
@@ -279,6 +282,8 @@ def run_series(
             phantom.vendor, phantom.summary, phantom.timings_s = vendor, cls.summary(), timings
             return phantom
         result = _process(cls.acquisition, settings.processing, submit, timeout_s)
+        # the inputs' content enters every output UID (changed inputs, new UIDs)
+        result.provenance["source_sha256"] = source_digest(datasets)
         observe("process", t0)
         # per-stage figures measured by processing.run (fit, pd, synthesis, ...)
         timings.update({k: float(v) for k, v in dict(result.timings_s).items()})

@@ -23,7 +23,7 @@ from dicom_node.completion import Completion
 from dicom_node.config import Settings, load_settings
 from dicom_node.logging import configure_logging, log_context, log_event
 from dicom_node.metrics import MetricsServer, NodeMetrics
-from dicom_node.pipeline import run_series_job
+from dicom_node.pipeline import output_records, run_series_job, write_rejection_note
 from dicom_node.push import Outbox
 from dicom_node.registry import FINAL_STATES, Registry, State
 from dicom_node.scp import StoreSCP, register_spooled
@@ -43,6 +43,11 @@ _JOB_RESULT = {
     State.QUARANTINED: "quarantined",
     State.HELD: "held",
 }
+
+
+def _disk_full(reason: str) -> bool:
+    """A job that failed because the spool's file system is full (it is re-run later)."""
+    return "SpoolFullError" in reason or "[Errno 28]" in reason or "disk is full" in reason
 
 
 class Node:
@@ -80,6 +85,9 @@ class Node:
             settings.retry,
             self.metrics,
             settings.node.ae_title,
+            rejection_note=lambda ret: write_rejection_note(
+                self.spool, self.registry.instance_paths(ret.series_uid), ret, self.settings
+            ),
         )
         self.metrics.attach_state(self._state_figures)
         from dicom_node.qc_history import PhantomQCCollector
@@ -182,7 +190,9 @@ class Node:
         checks = {
             "scp_listening": self.scp.listening,
             "registry": self.registry.ok(),
-            "spool_above_watermark": self.spool.above_watermark(),
+            # room for one more instance of the largest size accepted above the watermark:
+            # "ready" means the next C-STORE is not answered 0xA700
+            "spool_above_watermark": self.spool.has_room(self.settings.node.max_instance_bytes),
             # numba kernels compiled / loaded in every worker: a series taken before that
             # would wait for the compile (~45 s on an empty cache; `synthmr warmup` fills it)
             "workers_warm": self.workers.warm,
@@ -222,7 +232,10 @@ class Node:
         while not self._stop.is_set():
             claimed = None
             try:
-                claimed = self.registry.claim_job()
+                # a job needs room for its outputs: with the spool full it waits (a job that
+                # hit a full disk was deferred, and runs again once space returns)
+                if self.spool.has_room(self.settings.node.max_instance_bytes):
+                    claimed = self.registry.claim_job()
             except Exception:
                 log.exception("claim_failed")
             if claimed is None:
@@ -256,6 +269,12 @@ class Node:
         )
         if self._stop.is_set():
             return  # shutting down: left PROCESSING, re-run (same output UIDs) at next start
+        if outcome.state == State.FAILED and _disk_full(outcome.reason):
+            self.registry.defer_job(
+                job_id, series_uid, f"waiting for spool space: {outcome.reason}", time.time() + 5
+            )
+            log_event(log, "job_deferred", level=logging.WARNING, reason=outcome.reason)
+            return
         if outcome.state == State.FAILED and "BrokenProcessPool" in outcome.reason:
             self.workers.restart()
         if outcome.stage and outcome.state in (State.FAILED, State.QUARANTINED):
@@ -272,7 +291,13 @@ class Node:
             ]
         )
         self.registry.finish_job(
-            job_id, series_uid, outcome.state, outcome.reason, outcome.missing, rows
+            job_id,
+            series_uid,
+            outcome.state,
+            outcome.reason,
+            outcome.missing,
+            rows,
+            outputs=self._records(outcome.outputs),
         )
         self.metrics.jobs.labels(_JOB_RESULT[outcome.state]).inc()
         if outcome.fit_failed_fraction is not None:
@@ -291,6 +316,14 @@ class Node:
             timings_s=outcome.timings_s,
             processing_timings_s=outcome.processing_timings_s,
         )
+
+    def _records(self, outputs: list[tuple[str, str, str]]) -> list[Any] | None:
+        """This version's outputs for the registry (None: unreadable, no versioning)."""
+        try:
+            return output_records(outputs)
+        except Exception as exc:
+            log_event(log, "output_records_failed", level=logging.ERROR, error=str(exc))
+            return None
 
     def _stream_outputs(
         self, series_uid: str, outputs: list[tuple[str, str, str]]

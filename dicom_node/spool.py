@@ -29,6 +29,15 @@ from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from dicom_node.validate import (
+    InstanceTooLargeError,
+    InvalidInstanceError,
+    check_inflated_size,
+    check_instance,
+    meta_end,
+)
 
 __all__ = [
     "InstanceHeader",
@@ -46,7 +55,7 @@ class SpoolFullError(OSError):
     """Free space on the spool file system is below the configured watermark."""
 
 
-class UnreadableDatasetError(ValueError):
+class UnreadableDatasetError(InvalidInstanceError):
     """The received bytes are not a readable DICOM dataset (message says why)."""
 
 
@@ -60,6 +69,8 @@ class InstanceHeader:
     study_instance_uid: str
     modality: str
     transfer_syntax_uid: str
+    #: sha256 of the dataset's encoded bytes after the file meta (what the sender sent)
+    content_sha256: str = ""
     #: the parsed header (no pixel data), for vendor rules such as expected_count
     dataset: Any = field(default=None, compare=False, repr=False)
 
@@ -95,11 +106,32 @@ def _truncated_element(ds: pydicom.Dataset, size: int) -> str:
     return ""
 
 
-def read_header(data: bytes) -> InstanceHeader:
-    """Parse the identifying attributes from encoded DICOM bytes (Part 10, with file meta).
+def content_digest(data: bytes) -> str:
+    """sha256 of an encoded instance's dataset bytes (the file meta, which names the
+    receiving application, left out): an identical re-send has the same digest."""
+    return hashlib.sha256(memoryview(data)[meta_end(data) :]).hexdigest()
 
-    Raises :class:`UnreadableDatasetError` naming what is wrong.
+
+def read_header(
+    data: bytes,
+    *,
+    max_instance_bytes: int | None = None,
+    max_inflated_bytes: int | None = None,
+) -> InstanceHeader:
+    """Parse and validate encoded DICOM bytes (Part 10, with file meta).
+
+    Raises :class:`~dicom_node.validate.InvalidInstanceError` (its ``status`` is the C-STORE
+    answer): :class:`UnreadableDatasetError` when the bytes do not parse,
+    :class:`~dicom_node.validate.InstanceTooLargeError` beyond a size limit, others when the
+    object is inconsistent (see :func:`dicom_node.validate.check_instance`).
     """
+    if max_instance_bytes is not None and len(data) > max_instance_bytes:
+        raise InstanceTooLargeError(
+            f"instance of {len(data)} bytes exceeds node.max_instance_bytes {max_instance_bytes}"
+        )
+    start = meta_end(data)
+    if start and max_inflated_bytes is not None and _is_deflated(data, start):
+        check_inflated_size(data, start, max_inflated_bytes)
     try:
         # Read everything (pixel data included) so that a truncated instance is caught
         # here, before the success answer, rather than at normalization.
@@ -143,9 +175,12 @@ def read_header(data: bytes) -> InstanceHeader:
             raise UnreadableDatasetError(f"dataset has no {kw}")
     # A file cut at an element boundary parses cleanly: an image without its pixels is
     # the tell-tale (every image IOD with Rows requires one of the pixel data elements).
-    pixels = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-    if "Rows" in ds and not any(kw in ds for kw in pixels):
-        raise UnreadableDatasetError("dataset has no pixel data: image has Rows but no PixelData")
+    try:
+        check_instance(ds, tsyntax)
+    except InvalidInstanceError:
+        raise
+    except Exception as exc:  # an attribute pydicom cannot convert (bad VR, bad number)
+        raise InvalidInstanceError(f"image attributes: {type(exc).__name__}: {exc}") from exc
     return InstanceHeader(
         sop_instance_uid=values["SOPInstanceUID"],
         sop_class_uid=values["SOPClassUID"],
@@ -153,8 +188,14 @@ def read_header(data: bytes) -> InstanceHeader:
         study_instance_uid=values["StudyInstanceUID"],
         modality=values["Modality"],
         transfer_syntax_uid=tsyntax,
+        content_sha256=content_digest(data),
         dataset=ds,
     )
+
+
+def _is_deflated(data: bytes, start: int) -> bool:
+    """Whether the file meta names the deflated transfer syntax (read without pydicom)."""
+    return str(DeflatedExplicitVRLittleEndian).encode() in data[:start]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -226,6 +267,11 @@ class Spool:
     def above_watermark(self) -> bool:
         return self.free_bytes() >= self.min_free_bytes
 
+    def has_room(self, n_bytes: int) -> bool:
+        """Whether ``n_bytes`` more still leave the watermark free (readiness counts one
+        instance of the largest size accepted; jobs wait for it before they start)."""
+        return self.free_bytes() - n_bytes >= self.min_free_bytes
+
     # -- paths
     def _inside(self, path: Path) -> Path:
         resolved = path.resolve()
@@ -271,17 +317,25 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
 
-    def store_received(self, data: bytes) -> tuple[InstanceHeader, Path]:
+    def store_received(
+        self,
+        data: bytes,
+        max_instance_bytes: int | None = None,
+        max_inflated_bytes: int | None = None,
+    ) -> tuple[InstanceHeader, Path]:
         """Validate and durably store a received instance; return its header and path.
 
-        Raises :class:`UnreadableDatasetError` (nothing kept) or :class:`SpoolFullError`.
+        Raises :class:`~dicom_node.validate.InvalidInstanceError` (nothing kept) or
+        :class:`SpoolFullError`.
         """
         if not self.above_watermark():
             raise SpoolFullError(
                 f"spool free space {self.free_bytes()} B is below the watermark "
                 f"{self.min_free_bytes} B"
             )
-        header = read_header(data)
+        header = read_header(
+            data, max_instance_bytes=max_instance_bytes, max_inflated_bytes=max_inflated_bytes
+        )
         path = self.instance_path("incoming", header.series_instance_uid, header.sop_instance_uid)
         self.write_atomic(path, data)
         return header, path
@@ -296,21 +350,31 @@ class Spool:
         outputs only then), instead of once per file as :meth:`write_atomic` does.
         """
         paths: list[Path] = []
+        fresh: list[Path] = []  # files this call creates: removed again if it fails
         out_dir: Path | None = None
         new_dir = False
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="outbox-write") as pool:
-            writes = []
-            for sop_uid, data in items:
-                target = self._inside(self.instance_path("outbox", series_uid, sop_uid))
-                if out_dir is None:
-                    out_dir = target.parent
-                    new_dir = not out_dir.is_dir()
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                self._check_space(len(data))
-                writes.append(pool.submit(self._write_file, target, data))
-                paths.append(target)
-            for w in writes:
-                w.result()  # re-raises a write's error (disk full, I/O error)
+        try:
+            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="outbox-write") as pool:
+                writes = []
+                for sop_uid, data in items:
+                    target = self._inside(self.instance_path("outbox", series_uid, sop_uid))
+                    if out_dir is None:
+                        out_dir = target.parent
+                        new_dir = not out_dir.is_dir()
+                        out_dir.mkdir(parents=True, exist_ok=True)
+                    self._check_space(len(data))
+                    if not target.exists():
+                        fresh.append(target)
+                    writes.append(pool.submit(self._write_file, target, data))
+                    paths.append(target)
+                for w in writes:
+                    w.result()  # re-raises a write's error (disk full, I/O error)
+        except BaseException:
+            # a disk that filled up mid-series leaves no untracked partial outputs: the
+            # job is re-run when space returns and writes them again
+            for p in fresh:
+                p.unlink(missing_ok=True)
+            raise
         if out_dir is not None:
             _fsync_dir(out_dir)
             if new_dir:

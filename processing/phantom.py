@@ -597,38 +597,9 @@ def make_phantom(
     fractions, head, centres = _compartments(rng, coords, vs, shp, gm, wm, ic, lesions)
     b1, coil_map = _fields(coords, head, shp, b1_range, coil, coil_range)
 
-    # truth maps of the dominant compartment
-    stack = np.stack([fractions[c] for c in COMPARTMENTS])
-    dom = np.argmax(stack, axis=0)
-    label = np.where(head, dom, -1).astype(np.int8)
-    pure = head & (np.max(stack, axis=0) >= _PURE_FRACTION)
-    t1_tab = np.array([tis[c].t1_ms for c in COMPARTMENTS], np.float32)
-    t2_tab = np.array([tis[c].t2_ms for c in COMPARTMENTS], np.float32)
-    pd_tab = np.array([tis[c].pd_pu for c in COMPARTMENTS], np.float32)
-    t1_map = np.where(head, t1_tab[dom], 0.0).astype(np.float32)
-    t2_map = np.where(head, t2_tab[dom], 0.0).astype(np.float32)
-    pd_map = np.where(head, pd_tab[dom], 0.0).astype(np.float32)
-
-    # signal: only head voxels carry signal
-    nz, ny, nx = shp
-    signal = np.zeros((nz, len(delays_ms), len(echo_times_ms), ny, nx), dtype=np.float32)
-    _grid_kernel(
-        np.ascontiguousarray(stack),
-        np.ascontiguousarray(head),
-        t1_tab.astype(np.float64),
-        t2_tab.astype(np.float64),
-        pd_tab.astype(np.float64),
-        np.ascontiguousarray(b1),
-        np.ascontiguousarray(coil_map),
-        np.ascontiguousarray(delays_ms, np.float64),
-        np.ascontiguousarray(echo_times_ms, np.float64),
-        float(tr_ms),
-        math.radians(saturation_deg),
-        math.radians(excitation_deg),
-        np.ascontiguousarray(profile[0], np.float64),
-        np.ascontiguousarray(profile[1], np.float64),
-        signal,
-    )
+    stack, label, pure, (t1_map, t2_map, pd_map) = _truth_maps(fractions, head, tis)
+    protocol = (delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg)
+    signal = _mixture_signal(stack, head, tis, b1, coil_map, protocol, profile)
 
     corrupted = _corrupt_and_add_noise(rng, signal, corrupt_delay, snr, magnitude)
 
@@ -668,6 +639,59 @@ def make_phantom(
         corrupted=corrupted,
     )
     return Phantom(acq=acq, truth=truth)
+
+
+def _truth_maps(
+    fractions: dict[str, np.ndarray], head: np.ndarray, tis: Mapping[str, TissueParams]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(compartment stack, label, pure mask, (T1, T2, PD) of the dominant compartment)."""
+    stack = np.stack([fractions[c] for c in COMPARTMENTS])
+    dom = np.argmax(stack, axis=0)
+    label = np.where(head, dom, -1).astype(np.int8)
+    pure = head & (np.max(stack, axis=0) >= _PURE_FRACTION)
+    maps = []
+    for q in ("t1_ms", "t2_ms", "pd_pu"):
+        tab = np.array([getattr(tis[c], q) for c in COMPARTMENTS], np.float32)
+        maps.append(np.where(head, tab[dom], 0.0).astype(np.float32))
+    return stack, label, pure, (maps[0], maps[1], maps[2])
+
+
+def _mixture_signal(
+    stack: np.ndarray,
+    head: np.ndarray,
+    tis: Mapping[str, TissueParams],
+    b1: np.ndarray,
+    coil_map: np.ndarray,
+    protocol: tuple,
+    profile: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Noise-free partial-volume signal ``[z, delay, echo, y, x]``; only head voxels carry
+    signal. ``protocol``: (delays ms, echo times ms, TR ms, saturation deg, excitation deg)."""
+    delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg = protocol
+    nz, ny, nx = head.shape
+    signal = np.zeros((nz, len(delays_ms), len(echo_times_ms), ny, nx), dtype=np.float32)
+    tabs = [
+        np.array([getattr(tis[c], q) for c in COMPARTMENTS], np.float32).astype(np.float64)
+        for q in ("t1_ms", "t2_ms", "pd_pu")
+    ]
+    _grid_kernel(
+        np.ascontiguousarray(stack),
+        np.ascontiguousarray(head),
+        tabs[0],
+        tabs[1],
+        tabs[2],
+        np.ascontiguousarray(b1),
+        np.ascontiguousarray(coil_map),
+        np.ascontiguousarray(delays_ms, np.float64),
+        np.ascontiguousarray(echo_times_ms, np.float64),
+        float(tr_ms),
+        math.radians(saturation_deg),
+        math.radians(excitation_deg),
+        np.ascontiguousarray(profile[0], np.float64),
+        np.ascontiguousarray(profile[1], np.float64),
+        signal,
+    )
+    return signal
 
 
 def _checked_arguments(

@@ -84,6 +84,7 @@ __all__ = [
     "shape_check",
     "simulate_phantom",
     "sphere_rois",
+    "warmup",
 ]
 
 #: Largest single-voxel Cramer-Rao relative SD (at SNR 50) for a value to count as measurable:
@@ -650,7 +651,10 @@ def _features(maps: QuantMaps, support: np.ndarray) -> np.ndarray:
 
 
 def _lin_inv(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lin = np.asarray(affine, np.float64)[:3, :3]
+    """(linear part, its inverse): fresh C-contiguous writable copies, so the numba kernels
+    see one array type whatever the caller's affine is (a read-only view would compile a
+    second specialization)."""
+    lin = np.array(np.asarray(affine, np.float64)[:3, :3], order="C")
     return lin, np.linalg.inv(lin)
 
 
@@ -1382,6 +1386,18 @@ def run_phantom(
         },
     )
     return result, rep["reason"]
+
+
+def warmup() -> None:
+    """Compile the pose-search kernel with the argument types :func:`detect_pose` passes
+    (called from :func:`processing.run.warmup`, so a node's first phantom does not wait)."""
+    affine = np.eye(4)
+    lin, _ = _lin_inv(affine)
+    feat = np.zeros((3, 2, 4, 4))
+    sup = np.ones((2, 4, 4), bool)
+    _region_cost(
+        feat, sup, np.zeros((1, 3)), lin, 1.0, 0.5, 1.0, np.ones(3), 32.0, np.zeros(3), np.zeros(3)
+    )
 
 
 # --------------------------------------------------------------------------------------

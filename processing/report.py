@@ -182,3 +182,30 @@ def render_report(data: dict[str, Any]) -> tuple[bytes, bytes]:
                                              "Creator": f"synthmr {d.get('version', '')}"})  # fmt: skip
     fig.savefig(png, format="png", dpi=PAGE_DPI)
     return pdf.getvalue(), png.getvalue()
+
+
+def qc_history_png(series: dict[str, list[tuple[float, float]]], title: str) -> bytes:
+    """A phantom-QC history plot: per array (T1, T2, PD) the largest |error| of each phantom
+    against its acquisition time (unix seconds). PNG bytes."""
+    from datetime import UTC, datetime
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 2.6))
+    ax = fig.add_axes((0.09, 0.2, 0.7, 0.68))
+    for array, pts in sorted(series.items()):
+        if not pts:
+            continue
+        pts = sorted(pts)
+        ax.plot(
+            [datetime.fromtimestamp(t, UTC) for t, _ in pts], [v for _, v in pts], "-o", ms=3,
+            label=f"{array} ({'pu' if array.upper().startswith('PD') else '%'})",
+        )  # fmt: skip
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("largest |error|", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.autofmt_xdate()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()

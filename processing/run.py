@@ -338,6 +338,9 @@ def warmup(settings: ProcessingSettings | None = None) -> float:
     """
     t0 = time.perf_counter()
     fit_mod.warmup()
+    from processing import phantom_qc
+
+    phantom_qc.warmup()  # the phantom QC pose search (fit kernels are the ones above)
     for magnitude in (False, True):
         ph = make_phantom((2, 24, 24), seed=1, snr=50.0, anatomy="ellipsoid", magnitude=magnitude)
         run(ph.acq, settings)

@@ -379,13 +379,7 @@ def run_cell(ph, row: Row, layout: str, workdir, seed: int) -> Cell:
     from dicom_node import ingest, series
     from processing.run import run
 
-    folder = Path(workdir) / f"{layout}-{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, ds in enumerate(row.build(ph.acq, layout, seed)):
-        p = folder / f"IM_{i:05d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
+    paths = write_cell(ph, row, layout, Path(workdir) / f"{layout}-{seed}", seed)
     (group,) = ingest.read_paths(paths)
     outcome = series.classify(group.datasets)
     if outcome.acquisition is None:
@@ -410,6 +404,128 @@ def reference_row(row: Row) -> Row:
     return next(
         r for r in ROWS if r.phase == "as written by the emulator" and r.phantom == row.phantom
     )
+
+
+def write_cell(ph, row: Row, layout: str, folder, seed: int) -> list:
+    """The variant's files in ``folder`` (created); returns their paths."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(row.build(ph.acq, layout, seed)):
+        paths.append(folder / f"IM_{i:05d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def t1_map_from_output(out) -> np.ndarray:
+    """T1 (ms) [z, y, x] from the Parametric Map in a ``synthmr process`` output folder,
+    frames ordered along the slice normal."""
+    from pathlib import Path
+
+    import pydicom
+
+    for p in sorted(Path(out).rglob("*.dcm")):
+        ds = pydicom.dcmread(p)
+        if ds.SOPClassUID.name != "Parametric Map Storage" or "T1 map" not in str(
+            ds.SeriesDescription
+        ):
+            continue
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        iop = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
+        normal = np.cross(iop[:3], iop[3:])
+        pos = [
+            float(np.dot(np.array(fg.PlanePositionSequence[0].ImagePositionPatient, float), normal))
+            for fg in ds.PerFrameFunctionalGroupsSequence
+        ]
+        mapping = shared.RealWorldValueMappingSequence[0]
+        arr = ds.pixel_array.reshape(len(pos), ds.Rows, ds.Columns).astype(np.float64)
+        arr = arr * float(mapping.RealWorldValueSlope) + float(mapping.RealWorldValueIntercept)
+        return arr[np.argsort(pos)]
+    raise FileNotFoundError(f"no T1 parametric map under {out}")
+
+
+#: ``synthmr process`` config of :func:`run_table_cli`: the fit and the maps only
+LEAN_TOML = """[processing]
+contrasts = []
+segmentation = false
+myelin = false
+enhance = false
+mixture_contrasts = []
+"""
+
+
+def run_table_cli(
+    workdir, rows: Sequence[Row] = ROWS, layouts: Sequence[str] = LAYOUTS
+) -> list[Cell]:
+    """The table through the real command: every variant written under one folder, one
+    ``python -m dicom_node.cli process`` over it (:data:`LEAN_TOML`), then each series'
+    printed line (quarantine reason) or its exported T1 Parametric Map (bias)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    work = Path(workdir)
+    phantoms = {kind: make_table_phantom(kind) for kind in dict.fromkeys(r.phantom for r in rows)}
+    specs = []
+    seed = 100
+    for row in rows:
+        for layout in layouts:
+            if layout in row.layouts:
+                seed += 1
+                ph = phantoms[row.phantom]
+                paths = write_cell(ph, row, layout, work / "in" / f"{layout}-{seed}", seed)
+                uid = str(emulator_series_uid(paths[0]))
+                specs.append((row, layout, uid, ph))
+    cfg = work / "lean.toml"
+    cfg.write_text(LEAN_TOML)
+    out = work / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "process", str(work / "in"), "--out", str(out)]
+        + ["-c", str(cfg), "--no-progress"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = {ln.split(":", 1)[0]: ln for ln in proc.stdout.splitlines() if ln[:1] not in " "}
+    cells = []
+    for row, layout, uid, ph in specs:
+        line = lines.get(uid, f"{uid}: no line printed (exit {proc.returncode}): {proc.stderr}")
+        if "ERROR" in line:
+            reason = line.split(": ", 3)[-1]
+            kind = _kind_of(reason)
+            cells.append(Cell(row.name, layout, row.expect(layout), kind, None, None, reason, ""))
+            continue
+        t1 = t1_map_from_output(out / uid)
+        cells.append(
+            Cell(
+                row.name,
+                layout,
+                row.expect(layout),
+                "fit",
+                t1_bias(t1, ph.truth, "WM"),
+                t1_bias(t1, ph.truth, "GM"),
+                "",
+                "",
+            )
+        )
+    return cells
+
+
+def emulator_series_uid(path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _kind_of(reason: str) -> str:
+    """The NormalizationError kind a printed quarantine reason comes from."""
+    if "phase unit" in reason:
+        return "phase_units"
+    if "no usable delay source" in reason:
+        return "delay"
+    return "error"
 
 
 def run_table(workdir, rows: Sequence[Row] = ROWS, layouts: Sequence[str] = LAYOUTS) -> list[Cell]:

@@ -15,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pydicom
 import pytest
 
 from dicom_node.vendors import NormalizationError, load_rules, normalize
@@ -145,30 +143,6 @@ def test_magnitude_writers_match_the_emulators_magnitude(table):
 
 
 # ----------------------------------------------------------------------------- the CLI
-def _t1_map(out: Path) -> np.ndarray:
-    """T1 (ms) [z, y, x] from the Parametric Map in a ``synthmr process`` output folder,
-    frames ordered along the slice normal."""
-    for p in out.rglob("*.dcm"):
-        ds = pydicom.dcmread(p)
-        if ds.SOPClassUID.name == "Parametric Map Storage" and "T1 map" in ds.SeriesDescription:
-            iop = np.array(
-                ds.SharedFunctionalGroupsSequence[0]
-                .PlaneOrientationSequence[0]
-                .ImageOrientationPatient,
-                dtype=float,
-            )
-            normal = np.cross(iop[:3], iop[3:])
-            pos = [
-                float(np.dot(fg.PlanePositionSequence[0].ImagePositionPatient, normal))
-                for fg in ds.PerFrameFunctionalGroupsSequence
-            ]
-            mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
-            arr = ds.pixel_array.reshape(len(pos), ds.Rows, ds.Columns).astype(np.float64)
-            arr = arr * float(mapping.RealWorldValueSlope) + float(mapping.RealWorldValueIntercept)
-            return arr[np.argsort(pos)]
-    raise AssertionError(f"no T1 parametric map under {out}")
-
-
 @pytest.mark.slow
 def test_synthmr_process_fits_ge_radians_and_refuses_ambiguous_phase(tmp_path):
     """`synthmr process` on a folder holding the issue's GE series (phase already radians
@@ -198,9 +172,9 @@ def test_synthmr_process_fits_ge_radians_and_refuses_ambiguous_phase(tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text
     bad_line = next(ln for ln in text.splitlines() if ln.startswith(uids["bad"]))
-    assert "ERROR" in bad_line and "phase unit ambiguous" in bad_line, bad_line
+    assert "ERROR (QUARANTINED): phase unusable: siemens: phase unit ambiguous" in bad_line
     assert not (out / uids["bad"]).exists()
-    t1 = _t1_map(out / uids["ge"])
+    t1 = ow.t1_map_from_output(out / uids["ge"])
     for tissue in ("WM", "GM"):
         bias = ow.t1_bias(t1, ph.truth, tissue)
         assert abs(bias) <= 0.01, f"{tissue} T1 bias {bias:+.4f}"
@@ -227,5 +201,5 @@ def test_node_job_quarantines_an_undecidable_phase(tmp_path):
         "2.25.1", paths, load_settings(None, env={}), spool=None, submit=no_worker
     )
     assert outcome.state == State.QUARANTINED, outcome
-    assert "philips: phase unit inconsistent" in outcome.reason
+    assert outcome.reason.startswith("phase unusable: philips: phase unit inconsistent")
     assert "frames written in different units" in outcome.reason

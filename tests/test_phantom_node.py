@@ -432,7 +432,8 @@ def test_serve_phantom_to_orthanc_sr_maps_seg(tmp_path: Path):
         f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
         f"port = {orth.dicom_port}\ntimeout_s = 10\n"
     )
-    node = Node(load_settings(write_config(tmp_path, dest), env={})).start()
+    cfg = write_config(tmp_path, dest)
+    node = Node(load_settings(cfg, env={})).start()
     try:
         assert storescu(files, node.port).returncode == 0
         wait_for(lambda: node.registry.series(uid).state == State.DELIVERED, 400, 0.2, "DELIVERED")
@@ -468,6 +469,9 @@ def test_serve_phantom_to_orthanc_sr_maps_seg(tmp_path: Path):
         assert values["113063"] == pytest.approx(row["t1_ms"], abs=1e-9)
         assert values["113065"] == pytest.approx(row["t2_ms"], abs=1e-9)
         assert values["113058"] == pytest.approx(row["pd_pu"], abs=1e-9)
+    hist = _run_cli("qc", "history", "-c", str(cfg), "--scanner", "GE-0042", cwd=tmp_path)
+    assert hist.returncode == 0, hist.stderr
+    assert "GE-0042" in hist.stdout and ("T1" in hist.stdout or "T2" in hist.stdout)
     r2_lines = [ln for ln in metrics.splitlines() if ln.startswith("synthmr_phantom_qc_r2{")]
     for array, fit in rep["linearity"].items():
         if fit["r2"] is not None:

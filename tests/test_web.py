@@ -222,3 +222,35 @@ def test_hash_password_command(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert verify_password("a long passphrase", out.stdout.strip())
+
+
+def test_scanners_page_plots_the_phantom_qc_history(tmp_path: Path, users) -> None:
+    from dicom_node.qc_history import QCHistory
+
+    spool = tmp_path / "spool"
+    ctx = _ctx(spool, users)
+    hist = QCHistory(spool / "registry.sqlite3")
+
+    def report(uid: str, when: str, t1_err: float) -> dict:
+        return {
+            "series_uid": uid, "scanner": "SN-4711", "acquired": when, "phantom": "NIST",
+            "spheres": [
+                {"array": "T1", "quantity": "t1_ms", "measured": True, "in_range": True,
+                 "error_percent": t1_err},
+                {"array": "PD", "quantity": "pd_pu", "measured": True, "in_range": True,
+                 "error": -1.5},
+            ],
+        }  # fmt: skip
+
+    hist.record(report("1.1", "2026-10-01T08:00:00", 2.0))
+    hist.record(report("1.2", "2026-11-01T08:00:00", -3.5))
+    hist.close()
+    client = TestClient(create_app(ctx))
+    assert client.get("/scanners", follow_redirects=False).status_code == 303
+    _login(client, "ann", VIEWER_PW)
+    page = client.get("/scanners").text
+    assert "SN-4711" in page and "2 phantom series" in page
+    assert "<b>T1</b> 3.5 %" in page and "<b>PD</b> 1.5 pu" in page  # the last phantom's
+    png = client.get("/scanners/SN-4711.png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.get("/scanners/unknown.png").status_code == 404

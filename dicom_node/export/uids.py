@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ __all__ = [
     "model_hash",
     "parameter_fingerprint",
     "provenance_text",
+    "source_digest",
 ]
 
 
@@ -52,6 +54,25 @@ _SELECTION_FIELDS = frozenset(
         "qc_fail",  # delivery policy, not content
     }
 )
+
+
+def source_digest(datasets: Sequence[Dataset]) -> str:
+    """sha256 of the source instances as received: each one's SOP Instance UID and every
+    element's encoded value (pixel data included), in SOP UID order.
+
+    It joins the processing provenance, so it enters every output UID: the same instances
+    give the same UIDs (a re-run replaces), changed or added instances give new ones (a UID
+    names one unchanging object; the node retires the superseded version)."""
+    h = hashlib.sha256()
+    for ds in sorted(datasets, key=lambda d: str(d.get("SOPInstanceUID", ""))):
+        h.update(str(ds.get("SOPInstanceUID", "")).encode() + b"\0")
+        for tag in ds.keys():
+            value = ds.get_item(tag).value  # raw bytes when not yet decoded
+            h.update(int(tag).to_bytes(4, "little"))
+            h.update(
+                bytes(value) if isinstance(value, (bytes, bytearray)) else repr(value).encode()
+            )
+    return h.hexdigest()
 
 
 def parameter_fingerprint(result: SeriesResult, settings: ExportSettings) -> str:
