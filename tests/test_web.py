@@ -84,7 +84,8 @@ def test_every_page_and_api_needs_a_login(processed, users) -> None:
         assert r.status_code == 303 and r.headers["location"].startswith("/login"), path
     for path in ["/api/series", f"/api/series/{uid}", f"/api/series/{uid}/maps.bin"]:
         assert client.get(path).status_code == 401, path
-    for path in [f"/series/{uid}/retry", f"/series/{uid}/resend", f"/api/series/{uid}/send"]:
+    posts = ["retry", "resend", "release"]
+    for path in [*(f"/series/{uid}/{p}" for p in posts), f"/api/series/{uid}/send"]:
         assert client.post(path).status_code == 401, path
 
 
@@ -129,6 +130,50 @@ def test_viewer_cannot_retry_and_post_without_csrf_is_refused(processed, users) 
     assert actions[0] == "retry" and "forbidden" in actions and "csrf_refused" in actions
     who = {a["action"]: a["user"] for a in ctx.registry.audit_log(uid)}
     assert who["retry"] == "otto" and who["forbidden"] == "ann"
+
+
+def test_operator_releases_a_held_series_viewer_cannot(processed, users) -> None:
+    """The detail page's release button does what ``synthmr retry --release`` does."""
+    spool, _, _ = processed
+    ctx = _ctx(spool, users)
+    reg, held = ctx.registry, "8.8"
+    reg.add_instance(
+        sop_uid="8.1", series_uid=held, study_uid="8", sop_class_uid="1.2", path="z", size=1
+    )
+    reg.transition(held, State.COMPLETE, "all cells")
+    reg.enqueue(held)
+    job_id, _, _ = reg.claim_job()
+    outbox = [("PACS", "8.8.1", "1.2.840.10008.5.1.4.1.1.4", "out/8.8.1.dcm")]
+    reg.finish_job(job_id, held, State.HELD, "QC fail: held", outbox=outbox)
+    viewer = TestClient(create_app(ctx))
+    _login(viewer, "ann", VIEWER_PW)
+    assert "8.8" in [r["series_uid"] for r in viewer.get("/api/series?state=HELD").json()["series"]]
+    assert 'value="HELD"' in viewer.get("/series").text  # the state filter offers HELD
+    assert 'id="release"' not in viewer.get(f"/series/{held}").text
+    operator = TestClient(create_app(ctx))
+    csrf = _login(operator, "otto", OPERATOR_PW)
+    page = operator.get(f"/series/{held}").text
+    assert 'id="release"' in page and f'action="/series/{held}/release"' in page
+    assert operator.post(f"/series/{held}/release", data={}).status_code == 403  # no CSRF
+    viewer_csrf = _login(viewer, "ann", VIEWER_PW)
+    r = viewer.post(f"/series/{held}/release", data={"csrf_token": viewer_csrf})
+    assert r.status_code == 403 and "operator" in r.text
+    assert reg.series(held).state == State.HELD and reg.outbox_of(held)["PACS"]["HELD"] == 1
+    r = operator.post(f"/series/{held}/release", data={"csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and "released" in r.headers["location"]
+    assert reg.series(held).state == State.EXPORTED
+    assert (
+        reg.outbox_of(held)["PACS"]["PENDING"] == 1
+        and reg.outbox_of(held)["PACS"].get("HELD", 0) == 0
+    )
+    assert 'id="release"' not in operator.get(f"/series/{held}").text
+    r = operator.post(
+        f"/series/{held}/release", data={"csrf_token": csrf}, headers={"accept": "application/json"}
+    )
+    assert r.json()["message"].startswith("release refused")  # not HELD any more
+    audit = [(a["action"], a["user"]) for a in reg.audit_log(held)]
+    assert ("release", "otto") in audit and ("forbidden", "ann") in audit
+    assert ("csrf_refused", "otto") in audit
 
 
 def test_series_list_filters_and_detail(processed, users) -> None:

@@ -1,5 +1,5 @@
 """One series (``/series/{uid}``): thumbnails, volumes, QC, outbox, logs, and the operator
-buttons (retry, resend dead letters), each audited."""
+buttons (retry, resend dead letters, release a HELD series), each audited."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def _detail(w: WebApp, uid: str) -> dict[str, Any] | None:
         "audit": reg.audit_log(uid, 50),
         "missing": row.missing,
         "retryable": row.state in FINAL_STATES or row.state == State.EXPORTED,
+        "releasable": row.state == State.HELD,
     }
 
 
@@ -103,6 +104,21 @@ async def resend(w: WebApp, request: Request, sess: Session) -> Response:
     return _after_action(request, uid, msg)
 
 
+async def release(w: WebApp, request: Request, sess: Session) -> Response:
+    """What ``synthmr retry --release`` does: a HELD (QC-failed) series' outputs are sent as
+    they are (HELD -> EXPORTED, its HELD outbox rows PENDING)."""
+    uid = request.path_params["uid"]
+    try:
+        n = w.ctx.registry.release_held(uid)
+        w.ctx.wake_outbox()
+        msg = f"series released: {n} held outbox item(s) queued"
+    except (KeyError, IllegalTransition) as exc:
+        msg = f"release refused: {exc}"
+    w.audit(request, sess, "release", uid, msg)
+    log_event(log, "web_release", series_uid=uid, user=sess.user, result=msg)
+    return _after_action(request, uid, msg)
+
+
 def _after_action(request: Request, uid: str, msg: str) -> Response:
     if "application/json" in request.headers.get("accept", ""):
         return JSONResponse({"message": msg})
@@ -116,4 +132,5 @@ def routes(w: WebApp) -> list[Route]:
         w.route("/series/{uid}/thumb/{name}.png", thumb),
         w.route("/series/{uid}/retry", retry, role="operator", methods=["POST"]),
         w.route("/series/{uid}/resend", resend, role="operator", methods=["POST"]),
+        w.route("/series/{uid}/release", release, role="operator", methods=["POST"]),
     ]
