@@ -40,6 +40,7 @@ from tests.conftest import (  # noqa: E402
     free_port,
     make_orthanc,
     require_tool,
+    sqlite_rows,
     stop_pid,
     wait_for,
     wait_port,
@@ -52,12 +53,7 @@ FAST = (
 )
 
 
-def _q(db: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return list(con.execute(sql, args).fetchall())
-    finally:
-        con.close()
+_q = sqlite_rows
 
 
 def _state(db: Path, series_uid: str) -> str | None:

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 import urllib.request
@@ -70,6 +71,20 @@ def stop_pid(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
 
 
 # --------------------------------------------------------------------------- dcmtk
+def sqlite_rows(db: Path, sql: str, args: tuple = ()) -> list[tuple]:
+    """Rows of one query on an SQLite file opened read-only (a running node keeps writing)."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return list(con.execute(sql, args).fetchall())
+    finally:
+        con.close()
+
+
+def registry_rows(spool: Path, sql: str, args: tuple = ()) -> list[tuple]:
+    """Rows of one read-only query on the registry of the node whose spool is ``spool``."""
+    return sqlite_rows(spool / "registry.sqlite3", sql, args)
+
+
 def require_tool(name: str) -> str:
     """Path of a system tool. dcmtk and pynetdicom both install ``echoscu``/``storescu``;
     the system directories come first so that the real dcmtk binaries are used."""

@@ -27,6 +27,7 @@ from tests.conftest import (
     free_port,
     make_mr_file,
     make_orthanc,
+    registry_rows,
     require_tool,
     stop_pid,
     storescu,
@@ -63,11 +64,7 @@ def _db_state(spool: Path, series_uid: str) -> str | None:
 
 
 def _outbox_sops(spool: Path) -> set[str]:
-    db = sqlite3.connect(f"file:{spool / 'registry.sqlite3'}?mode=ro", uri=True, timeout=5)
-    try:
-        return {r[0] for r in db.execute("SELECT sop_uid FROM outbox")}
-    finally:
-        db.close()
+    return {r[0] for r in registry_rows(spool, "SELECT sop_uid FROM outbox")}
 
 
 def _orthanc_sops(orth: OrthancServer) -> list[str]:

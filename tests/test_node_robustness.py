@@ -18,7 +18,6 @@ import io
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from tests.conftest import (
     free_port,
     make_mr_file,
     make_orthanc,
+    registry_rows,
     require_tool,
     storescu,
     wait_for,
@@ -65,12 +65,7 @@ def _sop_uid(f: Path) -> str:
     return str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
 
 
-def _rows(spool: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    db = sqlite3.connect(f"file:{spool / 'registry.sqlite3'}?mode=ro", uri=True, timeout=5)
-    try:
-        return list(db.execute(sql, args).fetchall())
-    finally:
-        db.close()
+_rows = registry_rows
 
 
 def _dest(orth: OrthancServer, timeout_s: float = 5.0) -> str:

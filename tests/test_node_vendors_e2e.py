@@ -17,7 +17,6 @@ with segmentation, myelin and enhancement off (they do not change the node's beh
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +24,15 @@ import pydicom
 import pytest
 
 from dicom_node import emulator
-from tests.conftest import OrthancServer, free_port, make_orthanc, storescu, wait_for, write_config
+from tests.conftest import (
+    OrthancServer,
+    free_port,
+    make_orthanc,
+    registry_rows,
+    storescu,
+    wait_for,
+    write_config,
+)
 from tests.test_node_e2e import NodeProcess, _db_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,14 +55,6 @@ def orthanc_sop_classes(orth: OrthancServer) -> dict[str, str]:
         tags = orth.rest(f"/instances/{iid}/simplified-tags")
         out[str(tags["SOPInstanceUID"])] = str(tags["SOPClassUID"])
     return out
-
-
-def registry_rows(spool: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    db = sqlite3.connect(f"file:{spool / 'registry.sqlite3'}?mode=ro", uri=True, timeout=5)
-    try:
-        return list(db.execute(sql, args).fetchall())
-    finally:
-        db.close()
 
 
 def grid_latencies(spool: Path, series_uid: str) -> tuple[float, float]:

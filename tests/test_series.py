@@ -9,7 +9,6 @@ a series with a delay-outlier or residual reason.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from dicom_node import cli
 from dicom_node.config import load_settings
 from dicom_node.registry import Registry, State
-from tests.conftest import free_port, storescu, wait_for, write_config
+from tests.conftest import free_port, registry_rows, storescu, wait_for, write_config
 
 FAST = "segmentation = false\nmyelin = false\nenhance = false\nb1_smoothing = false\n"
 
@@ -153,11 +152,7 @@ def test_registry_holds_then_releases_outbox_rows(tmp_path: Path, capsys) -> Non
 
 
 def _states(spool: Path) -> dict[str, tuple[str, str]]:
-    db = sqlite3.connect(f"file:{spool / 'registry.sqlite3'}?mode=ro", uri=True, timeout=5)
-    try:
-        rows = db.execute("SELECT series_uid, state, reason FROM series").fetchall()
-    finally:
-        db.close()
+    rows = registry_rows(spool, "SELECT series_uid, state, reason FROM series")
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
