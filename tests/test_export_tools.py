@@ -159,12 +159,10 @@ def test_orthanc_files_every_output_under_the_source_study(files, orthanc: Ortha
     assert len(orthanc.instances()) == len(files)
 
 
-@pytest.mark.parametrize("layout", ["ge", "siemens", "philips"])
-def test_emulator_vendor_sources(layout, result):
-    from dicom_node.emulator import make_datasets
-
+def _flat_acquisition(result) -> Acquisition:
+    """A 2-delay x 2-echo complex acquisition of constant signal on the result's grid."""
     nz, ny, nx = result.shape
-    acq = Acquisition(
+    return Acquisition(
         signal=np.full((nz, 2, 2, ny, nx), 100.0, dtype=np.float32),
         delays_ms=np.array([150.0, 1500.0]),
         echo_times_ms=np.array([20.0, 100.0]),
@@ -175,6 +173,14 @@ def test_emulator_vendor_sources(layout, result):
         affine=result.affine,
         is_magnitude=False,
     )
+
+
+@pytest.mark.parametrize("layout", ["ge", "siemens", "philips"])
+def test_emulator_vendor_sources(layout, result):
+    from dicom_node.emulator import make_datasets
+
+    nz = result.shape[0]
+    acq = _flat_acquisition(result)
     sources = make_datasets(acq, layout, with_phase=True, patient={"PatientName": "Müller^Jürgen"})
     outs = export_all(result, sources, ExportSettings(maps=("T1",)))
     src_uids = {ds.SOPInstanceUID for ds in sources}
@@ -197,17 +203,8 @@ def test_emulator_vendor_sources(layout, result):
 def test_emulator_enhanced_sources(layout, result, tmp_path):
     from dicom_node.emulator import make_datasets
 
-    nz, ny, nx = result.shape
-    acq = Acquisition(
-        signal=np.full((nz, 2, 2, ny, nx), 100.0, dtype=np.float32),
-        delays_ms=np.array([150.0, 1500.0]),
-        echo_times_ms=np.array([20.0, 100.0]),
-        tr_ms=4000.0,
-        saturation_deg=120.0,
-        excitation_deg=90.0,
-        voxel_size_mm=tuple(result.voxel_size_mm),
-        affine=result.affine,
-    )
+    nz = result.shape[0]
+    acq = _flat_acquisition(result)
     sources = make_datasets(acq, layout, with_phase=True)
     outs = export_all(result, sources, ExportSettings(maps=("T1",)))
     mr = [ds for ds in outs if ds.SOPClassUID == MRImageStorage]
