@@ -187,6 +187,22 @@ def _mix_signal(my, fw, cst, td, te, tr, theta, alpha, b1, out):
 
 
 @nb.njit(cache=True)
+def _m0_projection(s, td, te, tr, theta, alpha, b1, r1, r2):
+    """``(num, den)`` of the least-squares M0 of samples ``s`` for fixed R1, R2 (1/ms):
+    M0 = num / den, and -num**2 / den is the cost with M0 eliminated."""
+    ne = te.shape[0]
+    num = 0.0
+    den = 0.0
+    for i in range(td.shape[0]):
+        g, _, _ = t1_factor(r1, b1, td[i], tr, theta, alpha, _NO_PROFILE_S, _NO_PROFILE_W)
+        for j in range(ne):
+            hv = g * math.exp(-r2 * te[j])
+            num += hv * s[i * ne + j]
+            den += hv * hv
+    return num, den
+
+
+@nb.njit(cache=True)
 def _fit_mono_one(s, td, te, tr, theta, alpha, b1, res):
     """Mono-exponential fit (M0, R1, R2) of samples s with B1 fixed. res <- (M0, R1/s, R2/s).
 
@@ -210,28 +226,14 @@ def _fit_mono_one(s, td, te, tr, theta, alpha, b1, res):
     r1 = 1e-3
     for q in range(48):
         r1q = 5e-5 * math.exp(q * math.log(2e2) / 47.0)
-        num = 0.0
-        den = 0.0
-        for i in range(nd):
-            g, _, _ = t1_factor(r1q, b1, td[i], tr, theta, alpha, _NO_PROFILE_S, _NO_PROFILE_W)
-            for j in range(ne):
-                hv = g * math.exp(-r2 * te[j])
-                num += hv * s[i * ne + j]
-                den += hv * hv
+        num, den = _m0_projection(s, td, te, tr, theta, alpha, b1, r1q, r2)
         cost = -num * num / den if den > 0 else 0.0
         if cost < best:
             best = cost
             r1 = r1q
     # Levenberg-Marquardt on (M0, R1, R2).
     p = np.empty(3)
-    num = 0.0
-    den = 0.0
-    for i in range(nd):
-        g, _, _ = t1_factor(r1, b1, td[i], tr, theta, alpha, _NO_PROFILE_S, _NO_PROFILE_W)
-        for j in range(ne):
-            hv = g * math.exp(-r2 * te[j])
-            num += hv * s[i * ne + j]
-            den += hv * hv
+    num, den = _m0_projection(s, td, te, tr, theta, alpha, b1, r1, r2)
     p[0] = num / den if den > 0 else 0.0
     p[1] = r1
     p[2] = r2
