@@ -97,52 +97,86 @@ def make_qalas_datasets(
     base.SeriesDescription = "3D QALAS (synthetic phantom)"
     base.ProtocolName = "3D_QALAS"
     base.MRAcquisitionType = "3D"
-    nz = acq.shape[0]
     times = [float(t) for t in proto.sample_times_ms()]
     with_timing = layout != "siemens"
-    out: list[Dataset] = []
     if layout in ("ge", "philips"):
-        n_total = 5 * nz
-        order = np.arange(n_total) + 1
-        if layout == "philips":
-            order = np.random.default_rng(seed + 3).permutation(n_total) + 1
-        idx = 0
-        for i in range(5):
-            for z in range(nz):
-                ds = Dataset()
-                ds.update(base)
-                ds.SOPClassUID = MR_IMAGE
-                ds.SOPInstanceUID = _uid(series_uid, i, z)
-                ds.InstanceNumber = int(order[idx])
-                ds.AcquisitionNumber = 1
-                ds.ImagesInAcquisition = n_total
-                ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "QALAS"]
-                ds.ScanningSequence = ["GR", "IR"]
-                ds.SequenceVariant = ["SK", "SP", "MP"]
-                ds.ScanOptions = "PPG"  # makes TriggerTime legal
-                ds.RepetitionTime = _ds(proto.pulse_spacing_ms)
-                ds.EchoTime = _ds(proto.echo_time_ms)
-                ds.EchoTrainLength = proto.n_pulses
-                ds.FlipAngle = _ds(proto.flip_deg)
-                ds.TemporalPositionIdentifier = i + 1
-                ds.NumberOfTemporalPositions = 5
-                if with_timing:
-                    ds.TriggerTime = _ds(times[i])
-                ds.SliceThickness = geo["dz"]
-                ds.SpacingBetweenSlices = geo["dz"]
-                ds.PixelSpacing = geo["spacing"]
-                ds.ImageOrientationPatient = geo["iop"]
-                ds.ImagePositionPatient = geo["ipp"][z]
-                ds.SliceLocation = _ds(geo["slice_loc"][z])
-                ds.RescaleSlope = _ds(q)
-                ds.RescaleIntercept = "0"
-                ds.RescaleType = "US"
-                ds.PixelData = np.ascontiguousarray(sv[z, i, 0], dtype="<u2").tobytes()
-                _file_meta(ds)
-                out.append(ds)
-                idx += 1
-        return out
-    # Enhanced MR: Siemens one instance per image (a concatenation), Philips one instance.
+        return _classic_images(
+            layout, base, series_uid, geo, sv, q, proto, times, with_timing, seed
+        )
+    return _enhanced_images(layout, base, series_uid, geo, sv, q, proto, times, with_timing)
+
+
+def _classic_images(
+    layout: str,
+    base: Dataset,
+    series_uid: str,
+    geo: dict[str, Any],
+    sv: np.ndarray,
+    q: float,
+    proto: Any,
+    times: list[float],
+    with_timing: bool,
+    seed: int,
+) -> list[Dataset]:
+    """GE / Philips classic MR: one instance per (image, slice), Philips in shuffled order."""
+    nz = sv.shape[0]
+    out: list[Dataset] = []
+    n_total = 5 * nz
+    order = np.arange(n_total) + 1
+    if layout == "philips":
+        order = np.random.default_rng(seed + 3).permutation(n_total) + 1
+    idx = 0
+    for i in range(5):
+        for z in range(nz):
+            ds = Dataset()
+            ds.update(base)
+            ds.SOPClassUID = MR_IMAGE
+            ds.SOPInstanceUID = _uid(series_uid, i, z)
+            ds.InstanceNumber = int(order[idx])
+            ds.AcquisitionNumber = 1
+            ds.ImagesInAcquisition = n_total
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "QALAS"]
+            ds.ScanningSequence = ["GR", "IR"]
+            ds.SequenceVariant = ["SK", "SP", "MP"]
+            ds.ScanOptions = "PPG"  # makes TriggerTime legal
+            ds.RepetitionTime = _ds(proto.pulse_spacing_ms)
+            ds.EchoTime = _ds(proto.echo_time_ms)
+            ds.EchoTrainLength = proto.n_pulses
+            ds.FlipAngle = _ds(proto.flip_deg)
+            ds.TemporalPositionIdentifier = i + 1
+            ds.NumberOfTemporalPositions = 5
+            if with_timing:
+                ds.TriggerTime = _ds(times[i])
+            ds.SliceThickness = geo["dz"]
+            ds.SpacingBetweenSlices = geo["dz"]
+            ds.PixelSpacing = geo["spacing"]
+            ds.ImageOrientationPatient = geo["iop"]
+            ds.ImagePositionPatient = geo["ipp"][z]
+            ds.SliceLocation = _ds(geo["slice_loc"][z])
+            ds.RescaleSlope = _ds(q)
+            ds.RescaleIntercept = "0"
+            ds.RescaleType = "US"
+            ds.PixelData = np.ascontiguousarray(sv[z, i, 0], dtype="<u2").tobytes()
+            _file_meta(ds)
+            out.append(ds)
+            idx += 1
+    return out
+
+
+def _enhanced_images(
+    layout: str,
+    base: Dataset,
+    series_uid: str,
+    geo: dict[str, Any],
+    sv: np.ndarray,
+    q: float,
+    proto: Any,
+    times: list[float],
+    with_timing: bool,
+) -> list[Dataset]:
+    """Enhanced MR: Siemens one instance per image (a concatenation), Philips one instance."""
+    nz = sv.shape[0]
+    out: list[Dataset] = []
     groups = [[(i, z) for z in range(nz)] for i in range(5)]
     if layout == "philips_enhanced":
         groups = [[(i, z) for i in range(5) for z in range(nz)]]

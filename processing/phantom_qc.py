@@ -308,6 +308,59 @@ def _unit_field(rel: np.ndarray, inside: np.ndarray, weights: Sequence[float]) -
     return np.clip(u, 0.0, 1.0).astype(np.float32)
 
 
+def _checked_grid(
+    shape: Sequence[int], voxel_size_mm: Sequence[float], snr: float | None
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The grid ``(z, y, x)`` and voxel size (mm) as numbers; an error names a bad one."""
+    shp = tuple(int(v) for v in shape)
+    if len(shp) != 3 or min(shp) < 1:
+        raise ValueError(f"shape: expected 3 positive integers (z, y, x), got {tuple(shape)}")
+    vs = tuple(float(v) for v in voxel_size_mm)
+    if len(vs) != 3 or min(vs) <= 0:
+        raise ValueError(f"voxel_size_mm: expected 3 positive numbers, got {voxel_size_mm!r}")
+    if snr is not None and not snr > 0:
+        raise ValueError(f"snr: must be > 0 or None, got {snr!r}")
+    return shp, vs
+
+
+def _smooth_fields(
+    shp: tuple[int, ...],
+    affine: np.ndarray,
+    pose: Pose,
+    inside: np.ndarray,
+    b1_range: tuple[float, float],
+    coil_range: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth B1 and receive fields ``[z, y, x]`` float32 spanning the given ranges
+    over the phantom (``inside``)."""
+    rel = _patient_grid(shp, affine) - np.asarray(pose.translation_mm, np.float32)
+    lo, hi = (float(v) for v in b1_range)
+    b1 = (lo + (hi - lo) * _unit_field(rel, inside, (0.6, 0.3, 0.4, 1.0, 0.0))).astype(np.float32)
+    clo, chi = (float(v) for v in coil_range)
+    coil = (clo + (chi - clo) * _unit_field(rel, inside, (0.2, -0.5, 0.3, 0.3, 1.0))).astype(
+        np.float32
+    )
+    return b1, coil
+
+
+def _add_noise(signal: np.ndarray, snr: float | None, magnitude: bool, seed: int) -> None:
+    """Add Gaussian noise of SD 100/snr per real channel to ``signal`` in place; for
+    magnitude data, take the modulus with a second (imaginary) noise channel."""
+    rng = np.random.default_rng(seed)
+    if snr is not None and math.isfinite(snr):
+        sd = np.float32(100.0 / float(snr))
+        noise = rng.standard_normal(signal.shape, dtype=np.float32)
+        noise *= sd
+        signal += noise
+        if magnitude:
+            noise = rng.standard_normal(signal.shape, dtype=np.float32, out=noise)
+            noise *= sd
+            np.hypot(signal, noise, out=signal)
+        del noise
+    elif magnitude:
+        np.abs(signal, out=signal)
+
+
 def simulate_phantom(
     definition: PhantomDefinition,
     *,
@@ -341,14 +394,7 @@ def simulate_phantom(
     certified). supersample: sub-samples per voxel axis for partial volume.
     Signals add (fluid of one sphere + fill); walls and air carry none.
     """
-    shp = tuple(int(v) for v in shape)
-    if len(shp) != 3 or min(shp) < 1:
-        raise ValueError(f"shape: expected 3 positive integers (z, y, x), got {tuple(shape)}")
-    vs = tuple(float(v) for v in voxel_size_mm)
-    if len(vs) != 3 or min(vs) <= 0:
-        raise ValueError(f"voxel_size_mm: expected 3 positive numbers, got {voxel_size_mm!r}")
-    if snr is not None and not snr > 0:
-        raise ValueError(f"snr: must be > 0 or None, got {snr!r}")
+    shp, vs = _checked_grid(shape, voxel_size_mm, snr)
     pose = pose or Pose()
     temp = definition.temperature_c if temperature_c is None else float(temperature_c)
     affine = _grid(shp, vs, slab_centre_mm, tuple(float(v) for v in tilt_deg))
@@ -380,15 +426,7 @@ def simulate_phantom(
     fill = np.array(
         [definition.fill_t1_ms * ft1, definition.fill_t2_ms * ft2, definition.fill_pd_pu]
     )
-    rel = _patient_grid(shp, affine) - np.asarray(pose.translation_mm, np.float32)
-    inside = (ff > 0) | (fs > 0)
-    lo, hi = (float(v) for v in b1_range)
-    b1 = (lo + (hi - lo) * _unit_field(rel, inside, (0.6, 0.3, 0.4, 1.0, 0.0))).astype(np.float32)
-    clo, chi = (float(v) for v in coil_range)
-    coil = (clo + (chi - clo) * _unit_field(rel, inside, (0.2, -0.5, 0.3, 0.3, 1.0))).astype(
-        np.float32
-    )
-    del rel
+    b1, coil = _smooth_fields(shp, affine, pose, (ff > 0) | (fs > 0), b1_range, coil_range)
     nz, ny, nx = shp
     signal = np.zeros((nz, len(delays_ms), len(echo_times_ms), ny, nx), np.float32)
     _phantom_signal_kernel(
@@ -410,19 +448,7 @@ def simulate_phantom(
         np.ascontiguousarray(profile[1], np.float64),
         signal,
     )
-    rng = np.random.default_rng(seed)
-    if snr is not None and math.isfinite(snr):
-        sd = np.float32(100.0 / float(snr))
-        noise = rng.standard_normal(signal.shape, dtype=np.float32)
-        noise *= sd
-        signal += noise
-        if magnitude:
-            noise = rng.standard_normal(signal.shape, dtype=np.float32, out=noise)
-            noise *= sd
-            np.hypot(signal, noise, out=signal)
-        del noise
-    elif magnitude:
-        np.abs(signal, out=signal)
+    _add_noise(signal, snr, magnitude, seed)
     acq = Acquisition(
         signal=signal,
         delays_ms=np.asarray(delays_ms, np.float64),

@@ -187,6 +187,74 @@ def _read_certificate(path: Path) -> dict[str, Any]:
         ) from None
 
 
+def _array_spheres(
+    path: Path,
+    ver: str,
+    array: str,
+    atab: dict[str, Any],
+    vtab: dict[str, Any],
+    cert: dict[str, Any],
+    geo: dict[str, Any],
+    radius: float,
+    wall: float,
+) -> list[Sphere]:
+    """The spheres of one array of version ``ver`` (a lot certificate's values override)."""
+    spheres: list[Sphere] = []
+    if array not in vtab:
+        raise PhantomDefinitionError(f"{path}: versions.{ver} has no [{array}] table")
+    vals = dict(vtab[array])
+    if array in cert:  # lot certificate overrides
+        vals.update(cert[array])
+    n = None
+    for q in _QUANTITIES:
+        if q in vals:
+            n = len(vals[q]) if n is None else n
+    if not n:
+        raise PhantomDefinitionError(f"{path}: versions.{ver}.{array}: no values")
+    xy = _layout(geo, n)
+    z = float(atab["plate_z_mm"])
+    quantity = str(atab.get("quantity", ARRAY_QUANTITY.get(array, "t1_ms")))
+    cols = {
+        q: _floats(path, f"versions.{ver}.{array}.{q}", vals[q], n)
+        for q in _QUANTITIES
+        if q in vals
+    }
+    sds = {
+        q: _floats(path, f"versions.{ver}.{array}.{q[:2]}_sd", vals[f"{q[:2]}_sd_{q[3:]}"], n)
+        for q in _QUANTITIES
+        if f"{q[:2]}_sd_{q[3:]}" in vals
+    }
+    if quantity not in cols:
+        raise PhantomDefinitionError(
+            f"{path}: versions.{ver}.{array}: the array certifies {quantity} but has no values"
+        )
+    for i in range(n):
+        ref = {q: (cols[q][i] if q in cols else None) for q in _QUANTITIES}
+        sd = {
+            q: (sds[q][i] if q in sds and math.isfinite(sds[q][i]) else None) for q in _QUANTITIES
+        }
+        src = {q: str(vals.get(f"source_{q[:2]}", "")) for q in _QUANTITIES if q in cols}
+        sim_t1 = ref["t1_ms"] if ref["t1_ms"] is not None else float(vals.get("sim_t1_ms", 1000))
+        sim_t2 = ref["t2_ms"] if ref["t2_ms"] is not None else float(vals.get("sim_t2_ms", 100))
+        sim_pd = ref["pd_pu"] if ref["pd_pu"] is not None else float(vals.get("sim_pd_pu", 100))
+        spheres.append(
+            Sphere(
+                array=str(array),
+                index=i + 1,
+                centre_mm=(xy[i][0], xy[i][1], z),
+                radius_mm=radius,
+                wall_mm=wall,
+                reference=ref,
+                reference_sd=sd,
+                sources=src,
+                sim_t1_ms=float(sim_t1),
+                sim_t2_ms=float(sim_t2),
+                sim_pd_pu=float(sim_pd),
+            )
+        )
+    return spheres
+
+
 def load_definition(
     name_or_path: str | Path = "nist",
     version: str | None = None,
@@ -235,61 +303,7 @@ def load_definition(
     fill = doc.get("fill", {})
     spheres: list[Sphere] = []
     for array, atab in arrays.items():
-        if array not in vtab:
-            raise PhantomDefinitionError(f"{path}: versions.{ver} has no [{array}] table")
-        vals = dict(vtab[array])
-        if array in cert:  # lot certificate overrides
-            vals.update(cert[array])
-        n = None
-        for q in _QUANTITIES:
-            if q in vals:
-                n = len(vals[q]) if n is None else n
-        if not n:
-            raise PhantomDefinitionError(f"{path}: versions.{ver}.{array}: no values")
-        xy = _layout(geo, n)
-        z = float(atab["plate_z_mm"])
-        quantity = str(atab.get("quantity", ARRAY_QUANTITY.get(array, "t1_ms")))
-        cols = {
-            q: _floats(path, f"versions.{ver}.{array}.{q}", vals[q], n)
-            for q in _QUANTITIES
-            if q in vals
-        }
-        sds = {
-            q: _floats(path, f"versions.{ver}.{array}.{q[:2]}_sd", vals[f"{q[:2]}_sd_{q[3:]}"], n)
-            for q in _QUANTITIES
-            if f"{q[:2]}_sd_{q[3:]}" in vals
-        }
-        if quantity not in cols:
-            raise PhantomDefinitionError(
-                f"{path}: versions.{ver}.{array}: the array certifies {quantity} but has no values"
-            )
-        for i in range(n):
-            ref = {q: (cols[q][i] if q in cols else None) for q in _QUANTITIES}
-            sd = {
-                q: (sds[q][i] if q in sds and math.isfinite(sds[q][i]) else None)
-                for q in _QUANTITIES
-            }
-            src = {q: str(vals.get(f"source_{q[:2]}", "")) for q in _QUANTITIES if q in cols}
-            sim_t1 = (
-                ref["t1_ms"] if ref["t1_ms"] is not None else float(vals.get("sim_t1_ms", 1000))
-            )
-            sim_t2 = ref["t2_ms"] if ref["t2_ms"] is not None else float(vals.get("sim_t2_ms", 100))
-            sim_pd = ref["pd_pu"] if ref["pd_pu"] is not None else float(vals.get("sim_pd_pu", 100))
-            spheres.append(
-                Sphere(
-                    array=str(array),
-                    index=i + 1,
-                    centre_mm=(xy[i][0], xy[i][1], z),
-                    radius_mm=radius,
-                    wall_mm=wall,
-                    reference=ref,
-                    reference_sd=sd,
-                    sources=src,
-                    sim_t1_ms=float(sim_t1),
-                    sim_t2_ms=float(sim_t2),
-                    sim_pd_pu=float(sim_pd),
-                )
-            )
+        spheres += _array_spheres(path, ver, array, atab, vtab, cert, geo, radius, wall)
     temp = doc.get("temperature", {})
     return PhantomDefinition(
         name=str(head["name"]),
