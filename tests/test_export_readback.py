@@ -25,7 +25,7 @@ import pytest
 from conftest import require_tool
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, ParametricMapStorage, SegmentationStorage
-from test_export_support import make_result, make_sources
+from test_export_support import dcmqi_to_nifti, make_result, make_sources
 
 from dicom_node.export import ExportSettings, MapKind, export_all
 from dicom_node.export.common import MAP_INFO, map_array
@@ -263,26 +263,14 @@ def test_real_pipeline_dcmqi_reads_maps_and_seg(real, tmp_path):
         out = tmp_path / kind.value
         out.mkdir()
         path = pms[kind][1]
-        r = subprocess.run(
-            [pm_exe, "--inputDICOM", str(path), "--outputDirectory", str(out), "-t", "nifti"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert r.returncode == 0, r.stdout + r.stderr
+        dcmqi_to_nifti(pm_exe, path, out)
         data, affine = nifti_zyx(out / "pmap.nii.gz")
         assert np.array_equal(data.astype(np.float32), map_array(real.result, kind)), kind
         np.testing.assert_allclose(affine, LPS_TO_RAS @ real.result.affine, atol=1e-3)
     ((_, seg_path),) = by_class(real, SegmentationStorage)
     out = tmp_path / "seg"
     out.mkdir()
-    r = subprocess.run(
-        [seg_exe, "--inputDICOM", str(seg_path), "--outputDirectory", str(out), "-t", "nifti"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    dcmqi_to_nifti(seg_exe, seg_path, out)
     meta = json.loads((out / "meta.json").read_text())
     assert [s[0]["SegmentLabel"] for s in meta["segmentAttributes"]] == list(TISSUES)
     for i, t in enumerate(TISSUES):

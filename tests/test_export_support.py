@@ -7,6 +7,8 @@ Built with code (no files): sources via pydicom, the result from a stated tissue
 from __future__ import annotations
 
 import random
+import subprocess
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -236,3 +238,15 @@ def make_result(nz: int = 3, ny: int = 32, nx: int = 32, seed: int = 1) -> Serie
             "fit": {"max_iter": 50},
         },
     )
+
+
+def dcmqi_to_nifti(exe: str, dicom: Path, out: Path) -> None:
+    """Convert one DICOM object with a dcmqi tool (paramap2itkimage, segimage2itkimage) into
+    NIfTI files in ``out``; the test fails with the tool's output if it fails."""
+    r = subprocess.run(
+        [exe, "--inputDICOM", str(dicom), "--outputDirectory", str(out), "-t", "nifti"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr

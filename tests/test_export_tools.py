@@ -16,7 +16,7 @@ import pytest
 from conftest import OrthancServer, require_tool
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, ParametricMapStorage, SegmentationStorage
-from test_export_support import PATIENT_NAME, STUDY_UID, make_result, make_sources
+from test_export_support import PATIENT_NAME, STUDY_UID, dcmqi_to_nifti, make_result, make_sources
 
 from dicom_node.export import ExportSettings, MapKind, export_all
 from dicom_node.export.common import map_array
@@ -100,13 +100,7 @@ def test_dcmqi_reads_parametric_maps_exactly(files, result, tmp_path):
     for p, kind in zip(pms, MapKind, strict=True):
         out = tmp_path / kind.value
         out.mkdir()
-        r = subprocess.run(
-            [exe, "--inputDICOM", str(p), "--outputDirectory", str(out), "-t", "nifti"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert r.returncode == 0, r.stdout + r.stderr
+        dcmqi_to_nifti(exe, p, out)
         data, affine = nifti_zyx(out / "pmap.nii.gz")
         assert data.dtype == np.float32
         assert np.array_equal(data, map_array(result, kind)), kind
@@ -119,13 +113,7 @@ def test_dcmqi_reads_fractional_seg_within_one_step(files, result, tmp_path):
 
     segs = [p for p in files if p.name.endswith("_SEG.dcm")]
     frac = next(p for p in segs if pydicom.dcmread(p).SegmentationType == "FRACTIONAL")
-    r = subprocess.run(
-        [exe, "--inputDICOM", str(frac), "--outputDirectory", str(tmp_path), "-t", "nifti"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    dcmqi_to_nifti(exe, frac, tmp_path)
     meta = json.loads((tmp_path / "meta.json").read_text())
     labels = [seg[0]["SegmentLabel"] for seg in meta["segmentAttributes"]]
     assert labels == list(TISSUES)
