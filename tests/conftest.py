@@ -25,6 +25,13 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+# The [processing] section of a node test that checks delivery, not images: three contrasts,
+# no segmentation, myelin, AI or B1 smoothing (seconds per series on a small phantom).
+FAST_PROCESSING = (
+    '[processing]\ncontrasts = ["T1W", "T2W", "FLAIR"]\nsegmentation = false\n'
+    "myelin = false\nenhance = false\nb1_smoothing = false\n"
+)
+
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
@@ -256,6 +263,19 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
     try:
         yield srv
     finally:
+        srv.stop()
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[OrthancServer]:
+    """The PACS a node delivers to: an Orthanc configured but not started (the test starts
+    it, or delivers while it is down); resumed if the test left it frozen, then stopped."""
+    srv = make_orthanc(tmp_path / "orthanc", start=False)
+    try:
+        yield srv
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            os.kill(srv.proc.pid, signal.SIGCONT)
         srv.stop()
 
 

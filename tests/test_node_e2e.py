@@ -13,7 +13,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -26,7 +25,6 @@ from tests.conftest import (
     OrthancServer,
     free_port,
     make_mr_file,
-    make_orthanc,
     registry_rows,
     require_tool,
     stop_pid,
@@ -111,26 +109,17 @@ class NodeProcess:
             stop_pid(self.proc, 30)
 
 
-@pytest.fixture
-def orthanc_pacs(tmp_path: Path) -> Iterator[OrthancServer]:
-    srv = make_orthanc(tmp_path / "orthanc", start=False)
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def test_delivered_to_orthanc_then_kill9_restart_no_loss_no_duplicates(
-    tmp_path: Path, orthanc_pacs: OrthancServer, mdme_series: list[Path]
+    tmp_path: Path, pacs: OrthancServer, mdme_series: list[Path]
 ) -> None:
     """Processing is interrupted by kill -9; after restart the job re-runs and Orthanc
     holds exactly one copy of each output (same UIDs). /metrics passes promtool."""
-    orthanc_pacs.start()
+    pacs.start()
     port, mport = free_port(), free_port()
     spool = tmp_path / "spool"
     cfg = write_config(
         tmp_path,
-        _dest(orthanc_pacs) + "[workers]\ndebug_job_delay_s = 3.0\n",
+        _dest(pacs) + "[workers]\ndebug_job_delay_s = 3.0\n",
         port=port,
         spool=spool,
         metrics_port=mport,
@@ -154,7 +143,7 @@ def test_delivered_to_orthanc_then_kill9_restart_no_loss_no_duplicates(
         assert list((spool / "tmp").iterdir()) == []
         expected = _outbox_sops(spool)
         assert len(expected) >= 3
-        sops = _orthanc_sops(orthanc_pacs)
+        sops = _orthanc_sops(pacs)
         assert sorted(sops) == sorted(expected)  # every output once, no duplicates
         # operations endpoints
         assert _http(mport, "/healthz")[0] == 200
@@ -182,11 +171,11 @@ def test_delivered_to_orthanc_then_kill9_restart_no_loss_no_duplicates(
 
 
 def test_pacs_down_retries_then_delivers_and_rerun_replaces(
-    tmp_path: Path, orthanc_pacs: OrthancServer, mdme_series: list[Path]
+    tmp_path: Path, pacs: OrthancServer, mdme_series: list[Path]
 ) -> None:
     cfg = write_config(
         tmp_path,
-        _dest(orthanc_pacs)
+        _dest(pacs)
         + "[retry]\nbase_delay_s = 0.3\nmax_delay_s = 1.0\nmax_attempts = 50\npoll_interval_s = 0.1\n",
     )
     node = Node(load_settings(cfg, env={})).start()
@@ -204,9 +193,9 @@ def test_pacs_down_retries_then_delivers_and_rerun_replaces(
         wait_for(lambda: failures() >= 2, 20, 0.1, "two failed push attempts")  # retried, no hang
         assert node.registry.series(uid).state == State.EXPORTED
         assert node.registry.outbox_counts()["PENDING"] > 0
-        orthanc_pacs.start()
+        pacs.start()
         wait_for(lambda: node.registry.series(uid).state == State.DELIVERED, 30, 0.1, "DELIVERED")
-        n = len(orthanc_pacs.instances())
+        n = len(pacs.instances())
         assert n == node.registry.outbox_counts()["SENT"] > 0
         # operator retry: the re-run exports the same UIDs, so PACS gets no duplicates
         node.registry.retry(uid)
@@ -220,7 +209,7 @@ def test_pacs_down_retries_then_delivers_and_rerun_replaces(
             0.1,
             "second delivery",
         )
-        assert len(orthanc_pacs.instances()) == n
+        assert len(pacs.instances()) == n
     finally:
         node.stop()
 

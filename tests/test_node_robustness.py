@@ -20,7 +20,6 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -35,11 +34,11 @@ from dicom_node.registry import Registry
 from dicom_node.scp import StoreSCP
 from dicom_node.spool import Spool
 from tests.conftest import (
+    FAST_PROCESSING,
     OrthancServer,
     echoscu,
     free_port,
     make_mr_file,
-    make_orthanc,
     registry_rows,
     require_tool,
     storescu,
@@ -50,11 +49,6 @@ from tests.test_node_e2e import NodeProcess, _db_state, _orthanc_sops
 from tests.test_scp_security import pki  # noqa: F401  (module fixture: throw-away CA)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-FAST_PROCESSING = (
-    '[processing]\ncontrasts = ["T1W", "T2W", "FLAIR"]\nsegmentation = false\n'
-    "myelin = false\nenhance = false\nb1_smoothing = false\n"
-)
 
 
 def _series_uid(files: list[Path]) -> str:
@@ -103,17 +97,6 @@ def _assert_delivered_once(spool: Path, orth: OrthancServer, uid: str) -> set[st
     files = list((spool / "outbox").rglob("*.dcm"))
     assert len(files) == len(expected)
     return expected
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[OrthancServer]:
-    srv = make_orthanc(tmp_path / "orthanc", start=False)
-    try:
-        yield srv
-    finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            os.kill(srv.proc.pid, signal.SIGCONT)  # in case a test left it frozen
-        srv.stop()
 
 
 # --------------------------------------------------------------------------- crashes

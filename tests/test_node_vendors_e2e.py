@@ -25,6 +25,7 @@ import pytest
 
 from dicom_node import emulator
 from tests.conftest import (
+    FAST_PROCESSING,
     OrthancServer,
     free_port,
     make_orthanc,
@@ -37,10 +38,6 @@ from tests.test_node_e2e import NodeProcess, _db_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-FAST_PROCESSING = (
-    '[processing]\ncontrasts = ["T1W", "T2W", "FLAIR"]\nsegmentation = false\n'
-    "myelin = false\nenhance = false\nb1_smoothing = false\n"
-)
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
