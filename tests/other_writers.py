@@ -371,6 +371,20 @@ def t1_bias(t1_ms: np.ndarray, truth, tissue: str) -> float:
     return float(np.median((t1_ms[pure] - truth.t1_ms[pure]) / truth.t1_ms[pure]))
 
 
+def fit_cell(ph, row: Row, layout: str, t1_ms: np.ndarray, phase_unit: str = "") -> Cell:
+    """The cell of a variant that was fitted: its WM and GM T1 bias against the truth."""
+    return Cell(
+        row.name,
+        layout,
+        row.expect(layout),
+        "fit",
+        t1_bias(t1_ms, ph.truth, "WM"),
+        t1_bias(t1_ms, ph.truth, "GM"),
+        "",
+        phase_unit,
+    )
+
+
 def run_cell(ph, row: Row, layout: str, workdir, seed: int) -> Cell:
     """Write the variant to ``workdir`` and take it the way ``synthmr process`` does:
     ingest.read_paths -> series.classify -> processing.run."""
@@ -387,16 +401,7 @@ def run_cell(ph, row: Row, layout: str, workdir, seed: int) -> Cell:
         return Cell(row.name, layout, row.expect(layout), kind, None, None, outcome.reason, "")
     acq = outcome.acquisition
     t1 = run(acq, lean_settings()).maps.t1_ms
-    return Cell(
-        row.name,
-        layout,
-        row.expect(layout),
-        "fit",
-        t1_bias(t1, ph.truth, "WM"),
-        t1_bias(t1, ph.truth, "GM"),
-        "",
-        str(acq.metadata.get("phase_unit", "")),
-    )
+    return fit_cell(ph, row, layout, t1, str(acq.metadata.get("phase_unit", "")))
 
 
 def reference_row(row: Row) -> Row:
@@ -497,19 +502,7 @@ def run_table_cli(
             kind = _kind_of(reason)
             cells.append(Cell(row.name, layout, row.expect(layout), kind, None, None, reason, ""))
             continue
-        t1 = t1_map_from_output(out / uid)
-        cells.append(
-            Cell(
-                row.name,
-                layout,
-                row.expect(layout),
-                "fit",
-                t1_bias(t1, ph.truth, "WM"),
-                t1_bias(t1, ph.truth, "GM"),
-                "",
-                "",
-            )
-        )
+        cells.append(fit_cell(ph, row, layout, t1_map_from_output(out / uid)))
     return cells
 
 
