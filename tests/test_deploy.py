@@ -51,6 +51,13 @@ def _tool(name: str) -> str:
     return path
 
 
+def _passes(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a checker; the test fails with its output unless it exits 0."""
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -189,10 +196,7 @@ def node(tmp_path: Path):
 @pytest.mark.integration
 def test_promtool_check_rules() -> None:
     promtool = _tool("promtool")
-    r = subprocess.run(
-        [promtool, "check", "rules", str(PROM / "alerts.yml")], capture_output=True, text=True
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = _passes([promtool, "check", "rules", str(PROM / "alerts.yml")])
     n_rules = len(_rule_exprs())
     assert f"SUCCESS: {n_rules} rules found" in r.stdout + r.stderr
 
@@ -200,25 +204,14 @@ def test_promtool_check_rules() -> None:
 @pytest.mark.integration
 def test_promtool_check_config() -> None:
     promtool = _tool("promtool")
-    r = subprocess.run(
-        [promtool, "check", "config", str(PROM / "prometheus.yml")],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    _passes([promtool, "check", "config", str(PROM / "prometheus.yml")])
 
 
 @pytest.mark.integration
 def test_alert_rules_unit_tests() -> None:
     """deploy/prometheus/alerts_test.yml: each alert fires on its scenario, and only then."""
     promtool = _tool("promtool")
-    r = subprocess.run(
-        [promtool, "test", "rules", str(PROM / "alerts_test.yml")],
-        capture_output=True,
-        text=True,
-        cwd=PROM,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    _passes([promtool, "test", "rules", str(PROM / "alerts_test.yml")], cwd=PROM)
     # Every alert of alerts.yml is exercised by at least one test case.
     tests = (PROM / "alerts_test.yml").read_text()
     untested = [a for a in _rule_exprs() if f"alertname: {a}\n" not in tests]
@@ -322,12 +315,7 @@ def test_real_prometheus_scrapes_node(node: _Node, tmp_path: Path) -> None:
         assert len(res) == 1 and float(res[0]["value"][1]) == 0.0
 
         # A C-ECHO association reaches the node and its counter reaches Prometheus.
-        echo = subprocess.run(
-            [_tool("echoscu"), "-aec", "SYNTHMR", "127.0.0.1", str(node.dicom_port)],
-            capture_output=True,
-            text=True,
-        )
-        assert echo.returncode == 0, echo.stdout + echo.stderr
+        _passes([_tool("echoscu"), "-aec", "SYNTHMR", "127.0.0.1", str(node.dicom_port)])
         deadline = time.monotonic() + 20
         accepted = 0.0
         while time.monotonic() < deadline and accepted < 1:
@@ -435,12 +423,7 @@ def test_grafana_dashboard_and_provisioning() -> None:
 @pytest.mark.integration
 def test_compose_schema() -> None:
     tool = _tool("check-jsonschema")
-    r = subprocess.run(
-        [tool, "--builtin-schema", "vendor.compose-spec", str(DEPLOY / "compose.yaml")],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    _passes([tool, "--builtin-schema", "vendor.compose-spec", str(DEPLOY / "compose.yaml")])
 
 
 def test_compose_wiring() -> None:
@@ -499,8 +482,7 @@ def _k8s_docs() -> list[dict[str, Any]]:
 def test_k8s_schema() -> None:
     tool = _tool("kubernetes-validate")
     files = [str(f) for f in sorted(K8S.glob("*.yaml")) if f.name != "kustomization.yaml"]
-    r = subprocess.run([tool, "--strict", *files], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = _passes([tool, "--strict", *files])
     assert r.stdout.count("passed") == len(_k8s_docs())
 
 
@@ -604,8 +586,7 @@ def _dockerfile() -> list[tuple[str, str]]:
 @pytest.mark.integration
 def test_hadolint() -> None:
     tool = _tool("hadolint")
-    r = subprocess.run([tool, str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    _passes([tool, str(DEPLOY / "Dockerfile")])
 
 
 def test_dockerfile_contract() -> None:
