@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -472,17 +473,10 @@ def run_table_cli(
     from pathlib import Path
 
     work = Path(workdir)
-    phantoms = {kind: make_table_phantom(kind) for kind in dict.fromkeys(r.phantom for r in rows)}
     specs = []
-    seed = 100
-    for row in rows:
-        for layout in layouts:
-            if layout in row.layouts:
-                seed += 1
-                ph = phantoms[row.phantom]
-                paths = write_cell(ph, row, layout, work / "in" / f"{layout}-{seed}", seed)
-                uid = str(emulator_series_uid(paths[0]))
-                specs.append((row, layout, uid, ph))
+    for ph, row, layout, seed in _table_cells(rows, layouts):
+        paths = write_cell(ph, row, layout, work / "in" / f"{layout}-{seed}", seed)
+        specs.append((row, layout, str(emulator_series_uid(paths[0])), ph))
     cfg = work / "lean.toml"
     cfg.write_text(LEAN_TOML)
     out = work / "out"
@@ -522,15 +516,23 @@ def _kind_of(reason: str) -> str:
 
 
 def run_table(workdir, rows: Sequence[Row] = ROWS, layouts: Sequence[str] = LAYOUTS) -> list[Cell]:
+    return [
+        run_cell(ph, row, layout, workdir, seed)
+        for ph, row, layout, seed in _table_cells(rows, layouts)
+    ]
+
+
+def _table_cells(
+    rows: Sequence[Row], layouts: Sequence[str]
+) -> Iterator[tuple[Any, Row, str, int]]:
+    """(phantom, row, layout, seed) of every cell of the table, seeds 101, 102, ... in order."""
     phantoms = {kind: make_table_phantom(kind) for kind in dict.fromkeys(r.phantom for r in rows)}
-    cells = []
     seed = 100
     for row in rows:
         for layout in layouts:
             if layout in row.layouts:
                 seed += 1
-                cells.append(run_cell(phantoms[row.phantom], row, layout, workdir, seed))
-    return cells
+                yield phantoms[row.phantom], row, layout, seed
 
 
 def format_table(cells: Sequence[Cell]) -> str:

@@ -58,6 +58,16 @@ def _passes(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProc
     return r
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process this test started: SIGTERM, SIGKILL after 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -371,12 +381,7 @@ def test_real_prometheus_scrapes_node(node: _Node, tmp_path: Path) -> None:
             time.sleep(0.5)
         assert states.get("SynthmrNodeDown") == "pending", states
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        _stop(proc)
         log.close()
 
 
@@ -664,10 +669,5 @@ def test_compose_orthanc_config_starts_real_orthanc(tmp_path: Path) -> None:
         modalities = _get_json(f"http://127.0.0.1:{http_port}/modalities")
         assert "synthmr" in modalities
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        _stop(proc)
         log.close()
