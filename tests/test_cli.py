@@ -46,28 +46,22 @@ def test_processing_imports_no_dicom_library() -> None:
     assert out.stdout.strip() == ""
 
 
+def _simulate(out: Path, vendor: str, shape: str, *extra: str) -> list[Path]:
+    """``synthmr simulate`` of an ellipsoid phantom into ``out``; its files, sorted."""
+    rc = cli.main(
+        ["simulate", "--vendor", vendor, "--out", str(out), "--shape", shape]
+        + ["--anatomy", "ellipsoid", *extra]
+    )
+    assert rc == 0
+    return sorted(out.glob("*.dcm"))
+
+
 def test_simulate_then_process_writes_dicom_outputs(tmp_path: Path, capsys) -> None:
     src = tmp_path / "in"
     # An MDME series (Philips classic, magnitude only, oblique) and a non-MDME file beside it.
-    rc = cli.main(
-        [
-            "simulate",
-            "--vendor",
-            "philips",
-            "--out",
-            str(src / "mdme"),
-            "--shape",
-            "2,40,40",
-            "--anatomy",
-            "ellipsoid",
-            "--magnitude-only",
-            "--oblique",
-            "--seed",
-            "5",
-        ]
+    files = _simulate(
+        src / "mdme", "philips", "2,40,40", "--magnitude-only", "--oblique", "--seed", "5"
     )
-    assert rc == 0
-    files = sorted((src / "mdme").glob("*.dcm"))
     assert len(files) == 2 * 8  # 2 slices x 4 delays x 2 echoes, magnitude only
     other = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small.dcm"))
     other.save_as(src / "other.dcm")
@@ -107,21 +101,7 @@ def test_simulate_then_process_writes_dicom_outputs(tmp_path: Path, capsys) -> N
 
 def test_process_reports_missing_cell_and_keeps_going(tmp_path: Path, capsys) -> None:
     src = tmp_path / "in"
-    rc = cli.main(
-        [
-            "simulate",
-            "--vendor",
-            "ge",
-            "--out",
-            str(src),
-            "--shape",
-            "2,24,24",
-            "--anatomy",
-            "ellipsoid",
-        ]
-    )
-    assert rc == 0
-    files = sorted(src.glob("*.dcm"))
+    files = _simulate(src, "ge", "2,24,24")
     victim = files[5]
     ds = pydicom.dcmread(victim, stop_before_pixels=True)
     victim.unlink()
