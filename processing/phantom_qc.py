@@ -361,6 +361,37 @@ def _add_noise(signal: np.ndarray, snr: float | None, magnitude: bool, seed: int
         np.abs(signal, out=signal)
 
 
+def _voxel_fractions(
+    definition: PhantomDefinition,
+    centres: np.ndarray,
+    shp: tuple[int, ...],
+    affine: np.ndarray,
+    pose: Pose,
+    supersample: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per voxel ``[z, y, x]``: the sphere index (int16), that sphere's fluid fraction and
+    the fill's fraction (float32), from ``supersample`` sub-samples per axis."""
+    idx = np.empty(shp, np.int16)
+    fs = np.empty(shp, np.float32)
+    ff = np.empty(shp, np.float32)
+    sph = definition.spheres[0]
+    _fractions_kernel(
+        affine,
+        np.array(shp, np.int64),
+        np.array([int(v) for v in supersample], np.int64),
+        np.ascontiguousarray(pose.matrix.T),
+        np.asarray(pose.translation_mm, np.float64),
+        centres,
+        float(sph.radius_mm),
+        float(sph.wall_mm),
+        float(definition.outer_radius_mm),
+        idx,
+        fs,
+        ff,
+    )
+    return idx, fs, ff
+
+
 def simulate_phantom(
     definition: PhantomDefinition,
     *,
@@ -398,26 +429,8 @@ def simulate_phantom(
     pose = pose or Pose()
     temp = definition.temperature_c if temperature_c is None else float(temperature_c)
     affine = _grid(shp, vs, slab_centre_mm, tuple(float(v) for v in tilt_deg))
-    rot = pose.matrix
     centres = definition.centres_mm()
-    idx = np.empty(shp, np.int16)
-    fs = np.empty(shp, np.float32)
-    ff = np.empty(shp, np.float32)
-    sph = definition.spheres[0]
-    _fractions_kernel(
-        affine,
-        np.array(shp, np.int64),
-        np.array([int(v) for v in supersample], np.int64),
-        np.ascontiguousarray(rot.T),
-        np.asarray(pose.translation_mm, np.float64),
-        centres,
-        float(sph.radius_mm),
-        float(sph.wall_mm),
-        float(definition.outer_radius_mm),
-        idx,
-        fs,
-        ff,
-    )
+    idx, fs, ff = _voxel_fractions(definition, centres, shp, affine, pose, supersample)
     ft1 = definition.temperature_factor("t1_ms", temp)
     ft2 = definition.temperature_factor("t2_ms", temp)
     t1 = np.array([s.sim_t1_ms * ft1 for s in definition.spheres])
