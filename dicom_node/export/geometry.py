@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
@@ -264,3 +265,22 @@ def highdicom_sources(geometry: SliceGeometry) -> tuple[list[Dataset], list[Data
     if not inst:
         return list(geometry.refs), []
     return [inst[0]], list(inst[1:])
+
+
+def plane_arguments(geometry: SliceGeometry) -> dict[str, Any]:
+    """``plane_orientation``, ``plane_positions`` and ``pixel_measures`` for highdicom's
+    PM/SEG constructors: every frame on the source's slice grid (patient LPS, mm)."""
+    return {
+        "plane_orientation": hd.PlaneOrientationSequence(
+            coordinate_system="PATIENT", image_orientation=geometry.orientation
+        ),
+        "plane_positions": [
+            hd.PlanePositionSequence(coordinate_system="PATIENT", image_position=p)
+            for p in geometry.positions
+        ],
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=geometry.pixel_spacing,
+            slice_thickness=geometry.slice_thickness,
+            spacing_between_slices=geometry.spacing_between_slices,
+        ),
+    }

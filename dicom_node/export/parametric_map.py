@@ -22,6 +22,7 @@ from .common import (
 from .geometry import (
     SliceGeometry,
     highdicom_sources,
+    plane_arguments,
     slice_geometry,
 )
 from .settings import (
@@ -153,18 +154,7 @@ def parametric_map(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_description=f"synthmr {info.description}"[:64],
         content_label=f"{label}MAP"[:16],
-        plane_orientation=hd.PlaneOrientationSequence(
-            coordinate_system="PATIENT", image_orientation=geometry.orientation
-        ),
-        plane_positions=[
-            hd.PlanePositionSequence(coordinate_system="PATIENT", image_position=p)
-            for p in geometry.positions
-        ],
-        pixel_measures=hd.PixelMeasuresSequence(
-            pixel_spacing=geometry.pixel_spacing,
-            slice_thickness=geometry.slice_thickness,
-            spacing_between_slices=geometry.spacing_between_slices,
-        ),
+        **plane_arguments(geometry),
     )
     dim_uid = derive_uid(settings, src_series, fingerprint, "PM", label, "dimensions")
     pin_dimension_organization_uid(pm, dim_uid)

@@ -23,7 +23,7 @@ from processing._version import __version__
 from processing.results import SeriesResult
 
 from .common import UCUM_MS, UCUM_ONE, UCUM_PERCENT, series_number_base
-from .geometry import SliceGeometry, highdicom_sources, slice_geometry
+from .geometry import SliceGeometry, highdicom_sources, plane_arguments, slice_geometry
 from .parametric_map import parametric_maps
 from .segmentation import SEG_SERIES_INDEX
 from .settings import SCHEME, ExportError, ExportSettings, MapKind
@@ -135,18 +135,7 @@ def phantom_segmentation(
         content_description="synthmr phantom sphere ROIs (eroded)"[:64],
         content_label="SYNTHMR_PHANTOM",
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        plane_orientation=hd.PlaneOrientationSequence(
-            coordinate_system="PATIENT", image_orientation=geometry.orientation
-        ),
-        plane_positions=[
-            hd.PlanePositionSequence(coordinate_system="PATIENT", image_position=p)
-            for p in geometry.positions
-        ],
-        pixel_measures=hd.PixelMeasuresSequence(
-            pixel_spacing=geometry.pixel_spacing,
-            slice_thickness=geometry.slice_thickness,
-            spacing_between_slices=geometry.spacing_between_slices,
-        ),
+        **plane_arguments(geometry),
     )
     seg.SeriesDescription = "synthmr phantom QC sphere ROIs"
     if settings.institution_name:

@@ -20,6 +20,7 @@ from .common import (
 from .geometry import (
     SliceGeometry,
     highdicom_sources,
+    plane_arguments,
     slice_geometry,
 )
 from .parametric_map import BRAIN
@@ -138,18 +139,7 @@ def segmentation(
         content_description="synthmr tissue partial volumes"[:64],
         content_label="SYNTHMR_TISSUE",
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        plane_orientation=hd.PlaneOrientationSequence(
-            coordinate_system="PATIENT", image_orientation=geometry.orientation
-        ),
-        plane_positions=[
-            hd.PlanePositionSequence(coordinate_system="PATIENT", image_position=p)
-            for p in geometry.positions
-        ],
-        pixel_measures=hd.PixelMeasuresSequence(
-            pixel_spacing=geometry.pixel_spacing,
-            slice_thickness=geometry.slice_thickness,
-            spacing_between_slices=geometry.spacing_between_slices,
-        ),
+        **plane_arguments(geometry),
         **kwargs,
     )
     pin_dimension_organization_uid(seg, derive_uid(settings, src_series, fp, "SEG", "dimensions"))
