@@ -618,10 +618,15 @@ def write_series(
 ) -> list[Path]:
     """Write :func:`make_datasets` to ``out_dir`` (created) as ``IM_00001.dcm`` ...; returns
     the paths. Keyword arguments go to :func:`make_datasets`."""
+    return write_datasets(make_datasets(acq, layout, **kw), out_dir)
+
+
+def write_datasets(datasets: Sequence[Dataset], out_dir: str | Path) -> list[Path]:
+    """Write ``datasets`` to ``out_dir`` (created) as ``IM_00001.dcm`` ...; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    for i, ds in enumerate(make_datasets(acq, layout, **kw)):
+    for i, ds in enumerate(datasets):
         p = out / f"IM_{i + 1:05d}.dcm"
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)

@@ -44,6 +44,7 @@ from dicom_node.emulator import (
     _geometry,
     _quantize,
     _uid,
+    write_datasets,
 )
 from processing.acquisition import Acquisition
 
@@ -261,14 +262,7 @@ def _enhanced_images(
 
 def write_qalas_series(acq: Acquisition, layout: str, out_dir: str | Path, **kw: Any) -> list[Path]:
     """Write :func:`make_qalas_datasets` to ``out_dir`` as ``IM_00001.dcm`` ...; returns paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    for i, ds in enumerate(make_qalas_datasets(acq, layout, **kw)):
-        p = out / f"IM_{i + 1:05d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
+    return write_datasets(make_qalas_datasets(acq, layout, **kw), out_dir)
 
 
 def layouts() -> Sequence[str]:
