@@ -476,7 +476,7 @@ def test_deploy_config_is_valid(tmp_path: Path) -> None:
     # users is refused, which is why the file ships it off
     assert s.web.address == "0.0.0.0" and s.web.port == 8080 and not s.web.enabled
     text = TOML_PATH.read_text()
-    assert text.count("enabled = false\naddress = \"0.0.0.0\"") == 1
+    assert text.count('enabled = false\naddress = "0.0.0.0"') == 1
     on = tmp_path / "web_on.toml"
     on.write_text(text.replace("enabled = false\naddress", "enabled = true\naddress"))
     errors = " ".join(check_config(on, env={}))
@@ -687,3 +687,23 @@ def test_compose_orthanc_config_starts_real_orthanc(tmp_path: Path) -> None:
     finally:
         _stop(proc)
         log.close()
+
+
+@pytest.mark.integration
+def test_healthcheck_commands_pass_on_a_live_node_and_fail_without_one(node: _Node) -> None:
+    """The Dockerfile HEALTHCHECK and the compose healthcheck, run as written (only the
+    port moved to the test node's), exit 0 against a live node and non-zero when nothing
+    answers: a healthcheck that always passes, or never does, would go unnoticed."""
+    stage_health = next(a for i, a in _dockerfile() if i == "HEALTHCHECK")
+    docker_cmd = json.loads(stage_health[stage_health.index("CMD") + 3 :].strip())
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    compose_cmd = compose["services"]["synthmr"]["healthcheck"]["test"]
+    assert docker_cmd[0] == compose_cmd[1] == "python" and compose_cmd[0] == "CMD"
+    cfg_port = str(_deploy_config()["metrics"]["port"])
+    dead_port = str(_free_port())
+    for cmd, env in ((docker_cmd, "SYNTHMR_METRICS__PORT"), (compose_cmd[1:], None)):
+        for port, ok in ((str(node.port), True), (dead_port, False)):
+            argv = [sys.executable, *[a.replace(cfg_port, port) for a in cmd[1:]]]
+            environ = {**os.environ, **({env: port} if env else {})}
+            r = subprocess.run(argv, capture_output=True, text=True, env=environ, timeout=30)
+            assert (r.returncode == 0) == ok, (cmd, port, r.stderr[-500:])
