@@ -23,7 +23,7 @@ from dicom_node.registry import Retirement, State
 from dicom_node.series import JobOutcome, Submit, Writer, run_series
 from dicom_node.seriesstore import save_series
 from dicom_node.spool import Spool
-from dicom_node.web.reportdata import series_report_documents
+from dicom_node.web.reportdata import start_series_report
 from processing.results import SeriesResult
 
 __all__ = [
@@ -74,11 +74,18 @@ def spool_writer(spool: Spool, series_uid: str) -> Writer:
 
 
 def _keep_for_web(
-    spool: Spool, series_uid: str, result: SeriesResult, datasets: list[Dataset], settings: Settings
-) -> list[Dataset]:
+    spool: Spool,
+    series_uid: str,
+    result: SeriesResult,
+    datasets: list[Dataset],
+    settings: Settings,
+    submit: Submit | None = None,
+) -> list[Dataset] | Callable[[], list[Dataset]]:
     """Keep maps, figures and thumbnails for the web interface (dicom_node.seriesstore) and
-    make the one-page report of a brain series (Encapsulated PDF + Secondary Capture).
-    A failure here is logged; the series is still delivered without them."""
+    make the one-page report of a brain series (Encapsulated PDF + Secondary Capture):
+    its page renders with ``submit`` (the worker) while the node exports, and the returned
+    function makes the documents. A failure here is logged; the series is still delivered
+    without them."""
     try:
         save_series(spool.root, series_uid, result, datasets)
     except Exception as exc:
@@ -92,9 +99,8 @@ def _keep_for_web(
         return []
     if not getattr(result, "volumes_ml", None) or getattr(result, "segmentation", None) is None:
         return []
-    try:
-        return series_report_documents(spool.root, series_uid, datasets, settings)
-    except Exception as exc:
+
+    def failed(exc: Exception) -> list[Dataset]:
         log_event(
             log,
             "report_failed",
@@ -103,6 +109,19 @@ def _keep_for_web(
             error=f"{type(exc).__name__}: {exc}",
         )
         return []
+
+    try:
+        finish = start_series_report(spool.root, series_uid, datasets, settings, submit)
+    except Exception as exc:
+        return failed(exc)
+
+    def documents() -> list[Dataset]:
+        try:
+            return finish()
+        except Exception as exc:
+            return failed(exc)
+
+    return documents
 
 
 def run_series_job(
@@ -130,7 +149,9 @@ def run_series_job(
         datasets,
         settings,
         spool_writer(spool, series_uid),
-        extra_outputs=lambda result: _keep_for_web(spool, series_uid, result, datasets, settings),
+        extra_outputs=lambda result: _keep_for_web(
+            spool, series_uid, result, datasets, settings, submit
+        ),
         series_uid=series_uid,
         submit=submit,
         metrics=metrics,

@@ -57,6 +57,8 @@ log = logging.getLogger("synthmr.series")
 
 #: submit(fn, *args) -> a future with ``.result(timeout)`` (process pool or Dask)
 Submit = Callable[..., Any]
+#: more outputs: the datasets, or a function that returns them (called after the export)
+Extra = list[Dataset] | Callable[[], list[Dataset]]
 #: write(output datasets, result) -> ``(sop_uid, sop_class_uid, path)`` per dataset
 Writer = Callable[[list[Dataset], SeriesResult], list[tuple[str, str, str]]]
 
@@ -233,7 +235,7 @@ def run_series(
     submit: Submit | None = None,
     metrics: NodeMetrics | None = None,
     timeout_s: float | None = None,
-    extra_outputs: Callable[[SeriesResult], list[Dataset]] | None = None,
+    extra_outputs: Callable[[SeriesResult], Extra] | None = None,
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
 ) -> JobOutcome:
     """Run one series end to end. Never raises: errors become a FAILED / QUARANTINED /
@@ -241,7 +243,8 @@ def run_series(
 
     ``submit``: run :func:`processing.run.run` there (None = in this process).
     ``extra_outputs(result)``: more output datasets (the node's one-page report), sent
-    and QC-gated with the export's.
+    and QC-gated with the export's; called before the export, it may return a function
+    that returns them after it.
     ``on_outputs(rows)``: streamed outputs. Each output series is written as soon as it
     is built and its ``(sop_uid, sop_class_uid, path)`` handed over (the node pushes it
     while the next is built); not for a series the QC gate holds (written at the end,
@@ -332,7 +335,7 @@ def _export_and_write(
     sources: Sequence[Dataset],
     settings: ExportSettings,
     write: Writer,
-    extra_outputs: Callable[[SeriesResult], list[Dataset]] | None = None,
+    extra_outputs: Callable[[SeriesResult], Extra] | None = None,
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
 ) -> JobOutcome:
     """Export, apply the QC gate, write; the outcome's state is EXPORTED or HELD.
@@ -359,10 +362,12 @@ def _export_and_write(
         outputs.extend(rows)
         on_outputs(rows)  # type: ignore[misc]
 
+    # the extra outputs start first: they may return a function that finishes them after
+    # the export (the node renders its report page in the worker meanwhile)
+    extra = extra_outputs(result) if extra_outputs is not None else []
     for group in export_groups(result, sources, settings):
         emit(group)
-    if extra_outputs is not None:
-        emit(extra_outputs(result))
+    emit(extra() if callable(extra) else extra)
     if not stream:
         outputs = write(held, result)
     n = len(outputs)
