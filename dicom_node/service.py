@@ -26,6 +26,7 @@ from dicom_node.metrics import MetricsServer, NodeMetrics
 from dicom_node.pipeline import output_records, run_series_job, write_rejection_note
 from dicom_node.push import Outbox
 from dicom_node.registry import FINAL_STATES, Registry, State
+from dicom_node.results_retention import prune_results
 from dicom_node.scp import StoreSCP, register_spooled
 from dicom_node.series import missing_cells
 from dicom_node.spool import Spool
@@ -343,7 +344,8 @@ class Node:
         return rows
 
     def _housekeeping(self) -> None:
-        """Remove spool files of finished series older than the retention period."""
+        """Remove spool files of finished series older than the retention period, and
+        stored results by ``[retention] results_days`` / ``results_max_gb``."""
         now = time.time()
         if now < self._housekeeping_at:
             return
@@ -353,6 +355,16 @@ class Node:
             if row.state_since < horizon and row.state in (State.DELIVERED, State.IGNORED):
                 self.spool.remove_series(row.series_uid, "incoming")
                 self.spool.remove_series(row.series_uid, "outbox")
+        ret = self.settings.retention
+        try:
+            removed = prune_results(
+                self.spool.root, self.registry, ret.results_days, ret.results_max_gb, now
+            )
+        except OSError as exc:  # a full or read-only disk must not stop the job loop
+            log_event(log, "results_retention_failed", level=logging.ERROR, error=str(exc))
+            removed = []
+        for _, reason in removed:
+            self.metrics.results_removed.labels(reason).inc()
 
 
 def retry_series(settings: Settings, series_uid: str) -> int:

@@ -299,3 +299,49 @@ def test_scanners_page_plots_the_phantom_qc_history(tmp_path: Path, users) -> No
     png = client.get("/scanners/SN-4711.png")
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get("/scanners/unknown.png").status_code == 404
+
+
+def test_report_page_says_where_no_reference_exists_and_takes_a_site_table(
+    processed, users, tmp_path: Path
+) -> None:
+    """A 12-year-old girl: the bundled table has no ICV range below 21 and no WM reference at
+    all, and the page says both; a site table (WM curve 5-18 y) then gives WM its range."""
+    import html
+    import json
+    import shutil
+
+    spool_src, uid, _ = processed
+    spool = tmp_path / "spool"
+    shutil.copytree(spool_src / "results", spool / "results")
+    meta_p = spool / "results" / uid / "meta.json"
+    meta = json.loads(meta_p.read_text())
+    meta["patient"].update(sex="F", age_years=12.0)
+    meta_p.write_text(json.dumps(meta))
+
+    def figure_rows(client: TestClient) -> dict[str, str]:
+        page = client.get(f"/series/{uid}/report")
+        assert page.status_code == 200
+        rows = re.findall(r"<tr><td>(\w+)</td>(.*?)</tr>", page.text, re.S)
+        return {fig: html.unescape(re.sub(r"<[^>]+>", " ", cells)) for fig, cells in rows}
+
+    client = TestClient(create_app(_ctx(spool, users)))
+    _login(client, "ann", VIEWER_PW)
+    rows = figure_rows(client)
+    assert "no reference range for age 12" in rows["ICV"]
+    assert "no published age reference for whole-brain WM" in rows["WM"]
+
+    site = tmp_path / "site.json"
+    site.write_text(json.dumps({"figures": {"WM": [
+        {"kind": "curve", "sex": "F", "ages": [5, 18], "mean": [380, 440], "low": [320, 380],
+         "high": [440, 500], "source": "Site children's table 2026 (local)"}]}}))  # fmt: skip
+    ctx = _ctx(spool, users)
+    ctx = WebContext(
+        web=WebSettings(enabled=True, users=users, reference_table=str(site)),
+        registry=ctx.registry, spool_root=spool,
+    )  # fmt: skip
+    client = TestClient(create_app(ctx))
+    _login(client, "ann", VIEWER_PW)
+    rows = figure_rows(client)
+    # 12 y: 380 + (7/13) * 60 = 412.3; limits 60 below and above
+    assert "352 – 472" in rows["WM"] and "Site children's table 2026" in rows["WM"]
+    assert "no reference range for age 12" in rows["ICV"]  # bundled figures stay
