@@ -143,9 +143,9 @@ class Destination:
     cert_file: str = ""
     key_file: str = ""
     #: parallel associations a series' outputs are pushed over (a PACS that stores them
-    #: concurrently takes them faster). Default 1: with 2 into Orthanc 1.10.1 on a loaded
-    #: 2-core machine one C-STORE response occasionally never came (DIMSE timeout, retry)
-    associations: int = 1
+    #: concurrently takes them faster). The response once lost under load with 2 was
+    #: pynetdicom's requestor pause race, closed in dicom_node.requestor
+    associations: int = 2
     #: send an IOCM rejection note (Key Object Selection) for outputs this destination
     #: holds that a re-run with changed inputs superseded (false: leave them as they are)
     reject_superseded: bool = True
