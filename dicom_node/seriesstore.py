@@ -12,6 +12,8 @@
 - ``refs/<z>.dcm``: the reference source header of each slice, without pixels (geometry
   and patient/study modules of outputs made later from the maps).
 - ``thumbs/<name>.png``: the middle slice of every map and contrast, windowed.
+- caches the web interface fills: ``t1w_t2w.json`` (ratio medians), ``report-<key>.pdf``/
+  ``.png`` (the rendered report), ``tuner_maps.bin`` (the tuner's maps).
 
 Written once per processed series by the pipeline; a re-run overwrites it.
 """
