@@ -48,8 +48,8 @@ def results_entries(spool_root: str | Path) -> list[ResultsEntry]:
     out = []
     for d in area.iterdir() if area.is_dir() else ():
         meta = d / "meta.json"
-        if not d.is_dir() or not meta.is_file():
-            continue  # a directory being written (no meta.json yet) is not ours to judge
+        if not d.is_dir() or not meta.is_file() or d.name.endswith(".tmp"):
+            continue  # a directory being written (save_series: <uid>.tmp) is not ours to judge
         try:
             uid = str(json.loads(meta.read_text("utf-8")).get("series_uid") or d.name)
             entry = ResultsEntry(d, uid, meta.stat().st_mtime, _size(d))

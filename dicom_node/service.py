@@ -113,6 +113,7 @@ class Node:
             log,
             "node_recovered",
             temp_files_removed=removed,
+            journal_files_restored=self.spool.replayed,
             instances_reregistered=reregistered,
             **recovered,
         )
@@ -163,6 +164,7 @@ class Node:
         self.workers.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self.spool.close()
         self.registry.close()
         log_event(log, "node_stopped")
 

@@ -64,9 +64,9 @@ def reference_at(
     entries = [e for e in every if _sex_ok(e, sex)]
     if every and not entries:  # sex-specific references only, and none for this sex
         sexes = sorted({str(e.get("sex")) for e in every})
-        note = f"the references for {figure} are by sex ({', '.join(sexes)}); patient sex "
+        note = f"the references for {figure} are by sex ({', '.join(sexes)}); none for "
         return ReferenceAt(
-            figure, None, None, None, note + f"{sex or 'unknown'}: none applies", tuple(every)
+            figure, None, None, None, note + f"patient sex {sex or 'unknown'}", tuple(every)
         )
     if not entries:
         note = (table.get("no_reference") or {}).get(

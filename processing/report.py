@@ -95,6 +95,7 @@ def _plot_figure(ax: Any, fig: str, d: dict[str, Any]) -> None:
         ax.plot([age], [value], "o", color="#e6550d", ms=6, mec="k", mew=0.6)
     elif value is not None:
         ax.axhline(value, color="#e6550d", lw=1)
+    ax.margins(y=0.12)  # the patient's point is never cut by the frame
     ax.set_title(f"{fig}: {_fmt(fig, value)}", fontsize=8)
     ax.tick_params(labelsize=6)
     ax.set_xlabel("age (years)", fontsize=6)

@@ -64,6 +64,38 @@ def test_jacobian_matches_finite_differences(protocol):
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_fixed_b1_basis_reproduces_the_model_and_its_r1_derivative(protocol):
+    """The fit's variable-projection basis (B1 known): u * gu + v * gv with u = M0 / (1 -
+    e2 A'), v = e2 u is the steady-state signal, and dgu, dgv are the R1 derivatives."""
+    import math
+
+    from processing.qalas import basis_fixed_b1
+
+    m0, t1, t2, b1 = _random_params(50, 5)
+    starts, t_inv, tr, te, n, esp, alpha, kc, eta = protocol.kernel_args()
+    gu, gv, dgu, dgv, hi_u, hi_v, lo_u, lo_v, unused = (np.empty(5) for _ in range(9))
+
+    def basis(r1, b, out_u, out_v, out_du, out_dv):
+        return basis_fixed_b1(
+            r1, math.log(math.cos(b * alpha)), math.sin(b * alpha) / math.sin(alpha), starts,
+            t_inv, tr, te, n, esp, kc, eta, out_u, out_v, out_du, out_dv,
+        )  # fmt: skip
+
+    for i in range(m0.size):
+        r1 = 1.0 / t1[i]
+        a_post, _ = basis(r1, b1[i], gu, gv, dgu, dgv)
+        e2 = math.exp(-te / t2[i])
+        u = m0[i] / (1.0 - e2 * a_post)
+        expected = qalas_signal(m0[i], t1[i], t2[i], b1[i], protocol)
+        np.testing.assert_allclose(u * gu + e2 * u * gv, expected, rtol=0, atol=1e-10 * m0[i])
+        h = 1e-6 * r1
+        basis(r1 + h, b1[i], hi_u, hi_v, unused, unused)
+        basis(r1 - h, b1[i], lo_u, lo_v, unused, unused)
+        assert np.abs((hi_u - lo_u) / (2 * h) - dgu).max() <= 1e-6 * np.abs(dgu).max()
+        assert np.abs((hi_v - lo_v) / (2 * h) - dgv).max() <= 1e-6 * np.abs(dgv).max()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_isochromat_simulation_agrees_with_steady_state(protocol):
     """Every pulse, 40 cycles from thermal equilibrium, vs the exact fixed point."""
     _, t1, t2, b1 = _random_params(24, 2)
