@@ -5,11 +5,13 @@ fit with a B1 map and the default fit (nominal B1); ``--run`` adds the whole 3D 
 (processing.run: fit, PD, segmentation, synthesis incl. MPRAGE, QC).
 
     PYTHONPATH=$PWD python benchmarks/qalas_fit.py [--shape 176 256 256] [--snr 50] [--run]
+        [--magnitude] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -25,6 +27,7 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=3, default=(176, 256, 256), help="z y x")
     ap.add_argument("--snr", type=float, default=50.0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--magnitude", action="store_true", help="magnitude images (default: real)")
     ap.add_argument("--b1-field", action="store_true", help="also time estimate_b1_field")
     ap.add_argument("--run", action="store_true", help="also time processing.run (whole job)")
     args = ap.parse_args()
@@ -41,7 +44,9 @@ def main() -> None:
     warmup()
     print(f"warmup (compile or cache load): {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
-    ph = make_qalas_phantom(tuple(args.shape), voxel_size_mm=(1.0, 1.0, 1.0), snr=args.snr)
+    ph = make_qalas_phantom(
+        tuple(args.shape), voxel_size_mm=(1.0, 1.0, 1.0), snr=args.snr, magnitude=args.magnitude
+    )
     print(f"phantom {tuple(args.shape)} 1 mm, SNR {args.snr}: {time.perf_counter() - t:.1f} s")
     acq, truth = ph.acq, ph.truth
     head = truth.head
@@ -65,15 +70,25 @@ def main() -> None:
         stages["b1_field (experimental)"] = time.perf_counter() - t
         print(f"B1 field: median |error| {np.median(np.abs(field - truth.b1)[head]):.4f}")
     t = time.perf_counter()
+    cpu = time.process_time()
     _, _, ok = fit_qalas_samples(
-        samples, acq.sequence, magnitude=acq.is_magnitude, b1_fixed=truth.b1.ravel()[idx], idx=idx
+        samples,
+        acq.sequence,
+        magnitude=acq.is_magnitude,
+        b1_fixed=truth.b1.ravel()[idx],
+        idx=idx,
+        noise_sd=noise,
     )
     stages["fit (B1 map)"] = time.perf_counter() - t
+    cpu = time.process_time() - cpu
     for k, v in stages.items():
         print(f"  stage {k:24s} {v:7.2f} s")
+    # The wall-clock figure is the goal's; on a shared machine the CPU-time figure (voxels
+    # per CPU-second of this process, all threads) says what an idle machine would give.
     print(
-        f"fit with a B1 map: {n / stages['fit (B1 map)']:,.0f} fitted voxels/s "
-        f"({nb.get_num_threads()} threads), converged {ok.mean():.4f}"
+        f"fit with a B1 map: {n / stages['fit (B1 map)']:,.0f} fitted voxels/s wall "
+        f"({nb.get_num_threads()} threads), {n / cpu:,.0f} voxels per CPU-second, "
+        f"converged {ok.mean():.4f}; load average {os.getloadavg()[0]:.2f}"
     )
     t = time.perf_counter()
     maps = fit_qalas(acq, head)

@@ -143,9 +143,9 @@ class Destination:
     cert_file: str = ""
     key_file: str = ""
     #: parallel associations a series' outputs are pushed over (a PACS that stores them
-    #: concurrently takes them faster). Default 1: with 2 into Orthanc 1.10.1 on a loaded
-    #: 2-core machine one C-STORE response occasionally never came (DIMSE timeout, retry)
-    associations: int = 1
+    #: concurrently takes them faster). The response once lost under load with 2 was
+    #: pynetdicom's requestor pause race, closed in dicom_node.requestor
+    associations: int = 2
     #: send an IOCM rejection note (Key Object Selection) for outputs this destination
     #: holds that a re-run with changed inputs superseded (false: leave them as they are)
     reject_superseded: bool = True
@@ -169,7 +169,12 @@ class MetricsSettings:
 
 @dataclass(frozen=True)
 class RetentionSettings:
+    """``days``: spool input/output files of DELIVERED/IGNORED series. ``results_days`` and
+    ``results_max_gb`` (0 = no limit): ``<spool>/results/`` (dicom_node.results_retention)."""
+
     days: float = 7.0
+    results_days: float = 90.0
+    results_max_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -432,6 +437,9 @@ def _validate_service(s: Settings, errors: list[str]) -> None:
         errors.append("spool.path: must not be empty")
     if s.spool.min_free_bytes < 0:
         errors.append("spool.min_free_bytes: must be >= 0")
+    for name in ("days", "results_days", "results_max_gb"):
+        if getattr(s.retention, name) < 0:
+            errors.append(f"retention.{name}: must be >= 0")
     c = s.completion
     if c.quiet_period_s < 0 or c.ceiling_s <= 0 or c.poll_interval_s <= 0:
         errors.append("completion: quiet_period_s >= 0, ceiling_s > 0 and poll_interval_s > 0")

@@ -141,6 +141,12 @@ class NodeMetrics:
         self.dead_letters = Counter(
             "synthmr_outbox_dead_letter", "Outbox items that exhausted their retries", registry=r
         )
+        self.results_removed = Counter(
+            "synthmr_results_removed",
+            "Stored results (<spool>/results/<series>) removed by retention, by reason (age, size)",
+            ["reason"],
+            registry=r,
+        )
         self.push = Counter(
             "synthmr_push", "Push attempts by destination", ["destination", "result"], registry=r
         )
@@ -170,6 +176,8 @@ class NodeMetrics:
             self.jobs.labels(v)
         for v in ("pass", "warn", "fail"):
             self.qc_status.labels(v)
+        for v in ("age", "size"):
+            self.results_removed.labels(v)
         for st in STAGES:
             self.stage.labels(st)
 

@@ -23,7 +23,6 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.presentation import build_context
 
@@ -31,6 +30,7 @@ from dicom_node.config import Destination, RetrySettings
 from dicom_node.logging import log_context, log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import Registry, Retirement
+from dicom_node.requestor import PushAE
 from dicom_node.transport import make_client_ssl_context, set_tcp_nodelay
 
 __all__ = ["Outbox", "backoff_delay", "send_files", "send_parallel"]
@@ -98,10 +98,9 @@ def send_files(
     if not sendable:
         return _summary(results)
 
-    # pynetdicom's own requestor: with dicom_node.reactor.EventAE one of two parallel
-    # associations to Orthanc occasionally waited out the 60 s DIMSE timeout under load
-    # (cause not found yet), so the push keeps the stock 1 ms-polling DUL for now
-    ae = AE(ae_title=calling_aet)
+    # PushAE: no 1 ms polls, and the association's reactor cannot take a C-STORE response
+    # from send_c_store (pynetdicom's pause race: see dicom_node.requestor)
+    ae = PushAE(ae_title=calling_aet)
     for t in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, t, dest.timeout_s)
     # Per SOP class: one context per transfer syntax the files use (an acceptor picks a

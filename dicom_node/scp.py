@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
@@ -151,6 +152,49 @@ def register_spooled(
             continue
         n += 1
     return n
+
+
+def _element(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element (group 2 of the file meta)."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", *tag, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", *tag, vr, len(value)) + value
+
+
+def _even(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def part10_bytes(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, body: bytes
+) -> bytes:
+    """Preamble, ``DICM``, file meta and ``body`` (the dataset as received): the bytes
+    pynetdicom's ``Event.encoded_dataset()`` returns, built without a pydicom dataset
+    (~20 µs instead of ~0.5 ms per instance)."""
+    meta = b"".join(
+        (
+            _element((2, 0x0001), b"OB", b"\x00\x01"),
+            _element((2, 0x0002), b"UI", _even(sop_class_uid, b"\x00")),
+            _element((2, 0x0003), b"UI", _even(sop_instance_uid, b"\x00")),
+            _element((2, 0x0010), b"UI", _even(transfer_syntax, b"\x00")),
+            _element((2, 0x0012), b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _element((2, 0x0013), b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    group_length = _element((2, 0x0000), b"UL", struct.pack("<I", len(meta)))
+    return b"".join((b"\x00" * 128, b"DICM", group_length, meta, body))
+
+
+def _received_bytes(event: evt.Event) -> bytes:
+    """The Part-10 bytes of a C-STORE request (see :func:`part10_bytes`)."""
+    rq = event.request
+    return part10_bytes(
+        str(rq.AffectedSOPClassUID),
+        str(rq.AffectedSOPInstanceUID),
+        str(event.context.transfer_syntax),
+        rq.DataSet.getvalue(),
+    )
 
 
 InstanceHook = Callable[[str, int, "int | None"], None]
@@ -335,7 +379,7 @@ class StoreSCP:
         n = self.settings.node
         path = None
         try:
-            data = event.encoded_dataset()
+            data = _received_bytes(event)
             header, path = self.spool.store_received(
                 data, n.max_instance_bytes, n.max_inflated_bytes
             )
@@ -356,7 +400,7 @@ class StoreSCP:
             return self._refuse(calling, "failed", exc, exc.status)
         except InstanceMovedError as exc:
             if path is not None:
-                path.unlink(missing_ok=True)
+                self.spool.discard_received(path)
             return self._refuse(calling, "failed", exc, STATUS_CANNOT_UNDERSTAND)
         with self._lock:
             self._series_by_assoc.setdefault(id(event.assoc), set()).add(header.series_instance_uid)

@@ -26,6 +26,7 @@ from dicom_node.metrics import MetricsServer, NodeMetrics
 from dicom_node.pipeline import output_records, run_series_job, write_rejection_note
 from dicom_node.push import Outbox
 from dicom_node.registry import FINAL_STATES, Registry, State
+from dicom_node.results_retention import prune_results
 from dicom_node.scp import StoreSCP, register_spooled
 from dicom_node.series import missing_cells
 from dicom_node.spool import Spool
@@ -112,6 +113,7 @@ class Node:
             log,
             "node_recovered",
             temp_files_removed=removed,
+            journal_files_restored=self.spool.replayed,
             instances_reregistered=reregistered,
             **recovered,
         )
@@ -162,6 +164,7 @@ class Node:
         self.workers.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self.spool.close()
         self.registry.close()
         log_event(log, "node_stopped")
 
@@ -341,7 +344,8 @@ class Node:
         return rows
 
     def _housekeeping(self) -> None:
-        """Remove spool files of finished series older than the retention period."""
+        """Remove spool files of finished series older than the retention period, and
+        stored results by ``[retention] results_days`` / ``results_max_gb``."""
         now = time.time()
         if now < self._housekeeping_at:
             return
@@ -351,6 +355,16 @@ class Node:
             if row.state_since < horizon and row.state in (State.DELIVERED, State.IGNORED):
                 self.spool.remove_series(row.series_uid, "incoming")
                 self.spool.remove_series(row.series_uid, "outbox")
+        ret = self.settings.retention
+        try:
+            removed = prune_results(
+                self.spool.root, self.registry, ret.results_days, ret.results_max_gb, now
+            )
+        except OSError as exc:  # a full or read-only disk must not stop the job loop
+            log_event(log, "results_retention_failed", level=logging.ERROR, error=str(exc))
+            removed = []
+        for _, reason in removed:
+            self.metrics.results_removed.labels(reason).inc()
 
 
 def retry_series(settings: Settings, series_uid: str) -> int:

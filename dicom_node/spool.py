@@ -5,9 +5,12 @@ Layout under the spool root::
     tmp/                      half-written files (removed at start-up)
     incoming/<series>/<sop>.dcm   received instances
     outbox/<series>/<sop>.dcm     exported instances waiting to be pushed
+    journal/ingest-<n>.log    received instances not yet checkpointed (dicom_node.journal)
 
-Every write goes to ``tmp/``, is fsync'd, renamed with :func:`os.replace` and the target
-directory is fsync'd, so a success answer means the file and its name are on disk.
+Every write goes to ``tmp/`` and is renamed into place with :func:`os.replace`. A received
+instance is on disk when its C-STORE is answered because it is in the ingest journal
+(group-committed ``fdatasync``; the spool file follows at the next checkpoint, or the
+journal's replay rewrites it after a crash); other writes fsync the file and its directory.
 File names come from sanitized UIDs: a name can never escape the spool.
 """
 
@@ -18,7 +21,6 @@ import io
 import os
 import re
 import shutil
-import threading
 import uuid
 import warnings
 from collections.abc import Iterable
@@ -31,6 +33,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from dicom_node.journal import IngestJournal
 from dicom_node.validate import (
     InstanceTooLargeError,
     InvalidInstanceError,
@@ -206,47 +209,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class GroupSync:
-    """Directory fsyncs shared by concurrent writers (group commit).
-
-    :meth:`sync` returns once an fsync of ``path`` *started after the call* has completed,
-    so the caller's earlier rename into ``path`` is durable. While one thread's fsync of a
-    directory runs, the others that renamed into it meanwhile wait and are all covered by
-    the next fsync: N associations storing into one series pay about one directory sync
-    per round instead of N.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        # per directory: [tickets issued, tickets covered by a completed fsync, busy]
-        self._state: dict[Path, list[Any]] = {}
-        #: fsyncs done (for benchmarks and tests: fewer than calls when writers overlap)
-        self.fsyncs = 0
-
-    def sync(self, path: Path) -> None:
-        with self._cond:
-            st = self._state.setdefault(path, [0, 0, False])
-            st[0] += 1
-            ticket = st[0]
-            while st[1] < ticket:
-                if st[2]:
-                    self._cond.wait()
-                    continue
-                st[2] = True
-                covered = st[0]  # every ticket issued so far renamed before this fsync
-                self._cond.release()
-                try:
-                    _fsync_dir(path)
-                finally:
-                    self._cond.acquire()
-                    st[2] = False
-                    self._cond.notify_all()
-                st[1] = max(st[1], covered)
-                self.fsyncs += 1
-            if not st[2] and st[0] == st[1]:
-                self._state.pop(path, None)  # idle: the table stays as small as the writers
-
-
 class Spool:
     """The on-disk store. ``min_free_bytes`` is the free-disk watermark."""
 
@@ -258,7 +220,9 @@ class Spool:
         self.outbox = self.root / "outbox"
         for d in (self.root, self.tmp, self.incoming, self.outbox):
             d.mkdir(parents=True, exist_ok=True)
-        self.dir_sync = GroupSync()
+        self.journal = IngestJournal(self.root)
+        #: received files a crash had left missing or partial, rewritten from the journal
+        self.replayed = self.journal.replay(self.write_atomic)
 
     # -- capacity
     def free_bytes(self) -> int:
@@ -291,7 +255,7 @@ class Spool:
         new_dir = not target.parent.is_dir()
         target.parent.mkdir(parents=True, exist_ok=True)
         self._write_file(target, data)
-        self.dir_sync.sync(target.parent)
+        _fsync_dir(target.parent)
         if new_dir:  # the new series directory's own entry must be durable too
             _fsync_dir(target.parent.parent)
         return target
@@ -303,15 +267,17 @@ class Spool:
                 f"{self.min_free_bytes} B"
             )
 
-    def _write_file(self, target: Path, data: bytes) -> None:
-        """Write ``data`` to ``tmp/``, fsync it and rename it to ``target`` (whose directory
-        exists); the caller fsyncs that directory."""
+    def _write_file(self, target: Path, data: bytes, fsync: bool = True) -> None:
+        """Write ``data`` to ``tmp/``, fsync it (unless ``fsync`` is false: the journal holds
+        it) and rename it to ``target`` (whose directory exists); the caller fsyncs that
+        directory."""
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -325,6 +291,11 @@ class Spool:
     ) -> tuple[InstanceHeader, Path]:
         """Validate and durably store a received instance; return its header and path.
 
+        Durable through the ingest journal: the file is renamed into place unsynced and
+        its bytes are appended to the journal, whose group-committed ``fdatasync`` has
+        completed when this returns (one flush shared by concurrent associations instead
+        of a file and a directory fsync each).
+
         Raises :class:`~dicom_node.validate.InvalidInstanceError` (nothing kept) or
         :class:`SpoolFullError`.
         """
@@ -337,8 +308,21 @@ class Spool:
             data, max_instance_bytes=max_instance_bytes, max_inflated_bytes=max_inflated_bytes
         )
         path = self.instance_path("incoming", header.series_instance_uid, header.sop_instance_uid)
-        self.write_atomic(path, data)
+        self._check_space(len(data))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_file(path, data, fsync=False)
+        self.journal.log_write(path, data)
         return header, path
+
+    def discard_received(self, path: Path) -> None:
+        """Remove a stored received file the node does not keep after all (a replay of the
+        journal does not bring it back)."""
+        path.unlink(missing_ok=True)
+        self.journal.log_delete(self._inside(path))
+
+    def close(self) -> None:
+        """Checkpoint the ingest journal (a clean stop leaves nothing to replay)."""
+        self.journal.close()
 
     def store_outputs(self, series_uid: str, items: Iterable[tuple[str, bytes]]) -> list[Path]:
         """Durably store a series' exported instances ``(sop_uid, data)`` in the outbox.
@@ -394,4 +378,6 @@ class Spool:
     def remove_series(self, series_uid: str, area: str = "incoming") -> None:
         base = {"incoming": self.incoming, "outbox": self.outbox}[area]
         d = self._inside(base / safe_name(series_uid))
+        if area == "incoming":
+            self.journal.checkpoint()  # no journal record left that would bring them back
         shutil.rmtree(d, ignore_errors=True)

@@ -5,7 +5,8 @@ processes: the node has threads, so no fork), numba warmed in each worker's init
 each worker reports its process id on a queue once warm, so :attr:`Workers.warm` (and the
 node's ``/readyz``) can say "warming" until every worker has loaded its kernels.
 ``backend="dask"``: a :class:`distributed.Client` on ``scheduler_address``; its ``submit``
-has the same shape. Arrays travel to the worker by pickling: no shared filesystem.
+has the same shape. Arrays travel to a Dask worker by pickling (no shared filesystem);
+to an embedded worker through tmpfs files (:mod:`dicom_node.handoff`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from dicom_node.config import WorkerSettings
+from dicom_node.handoff import remove_stale, submit_via_tmpfs
 from dicom_node.logging import log_event
 from processing.run import ProcessingSettings, warmup
 
@@ -165,6 +167,7 @@ class Workers:
             self._dask_warm = True
             log_event(log, "workers_started", backend="dask", scheduler=self.cfg.scheduler_address)
             return
+        remove_stale()  # hand-off files a killed node left in /dev/shm
         self._warm_queue = self._ctx.SimpleQueue()
         self._warm_thread = threading.Thread(
             target=self._collect_warm, name="workers-warm", daemon=True
@@ -193,10 +196,10 @@ class Workers:
             if self._pool is None:
                 raise RuntimeError("workers not started")
             try:
-                return self._pool.submit(fn, *args)
+                return submit_via_tmpfs(self._pool.submit, fn, *args)
             except BrokenProcessPool:
                 self._restart_locked()
-                return self._pool.submit(fn, *args)
+                return submit_via_tmpfs(self._pool.submit, fn, *args)
 
     def restart(self) -> None:
         """Replace a broken process pool (a worker died)."""

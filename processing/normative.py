@@ -60,7 +60,14 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
 def reference_at(
     table: dict[str, Any], figure: str, age: float | None, sex: str | None = None
 ) -> ReferenceAt:
-    entries = [e for e in (table.get("figures") or {}).get(figure, []) if _sex_ok(e, sex)]
+    every = list((table.get("figures") or {}).get(figure, []))
+    entries = [e for e in every if _sex_ok(e, sex)]
+    if every and not entries:  # sex-specific references only, and none for this sex
+        sexes = sorted({str(e.get("sex")) for e in every})
+        note = f"the references for {figure} are by sex ({', '.join(sexes)}); none for "
+        return ReferenceAt(
+            figure, None, None, None, note + f"patient sex {sex or 'unknown'}", tuple(every)
+        )
     if not entries:
         note = (table.get("no_reference") or {}).get(
             figure, f"no published reference for {figure} in the table"
@@ -76,15 +83,21 @@ def reference_at(
                     _interp(ages, [float(v) for v in e[k]], age) for k in ("mean", "low", "high")
                 )
                 return ReferenceAt(figure, m, lo, hi, e.get("source", ""), tuple(entries))
-    for e in entries:
-        if e.get("kind") == "pooled" and e["age_min"] <= age <= e["age_max"]:
-            m, iqr = float(e["median"]), float(e["iqr"])
-            return ReferenceAt(
-                figure, m, m - iqr / 2, m + iqr / 2,
-                f"age-pooled median and IQR, ages {e['age_min']}-{e['age_max']}: "
-                + e.get("source", ""),
-                tuple(entries),
-            )  # fmt: skip
+    for e in entries:  # then the first age-pooled entry covering the age (table order)
+        if e.get("kind") not in ("pooled", "group") or not e["age_min"] <= age <= e["age_max"]:
+            continue
+        if e["kind"] == "pooled":
+            m, half = float(e["median"]), float(e["iqr"]) / 2
+            what = "age-pooled median and IQR"
+        else:  # one healthy group: mean +- 1.96 SD holds 95 % of it if normally distributed
+            m, half = float(e["mean"]), 1.96 * float(e["sd"])
+            what = f"age-pooled healthy group mean +- 1.96 SD (sex {e.get('sex', 'any')})"
+        return ReferenceAt(
+            figure, m, m - half, m + half,
+            f"{what}, n={e.get('n', 'not given')}, ages {e['age_min']}-{e['age_max']}: "
+            + e.get("source", "") + (f" ({e['where']})" if e.get("where") else ""),
+            tuple(entries),
+        )  # fmt: skip
     return ReferenceAt(
         figure, None, None, None,
         f"no reference range for age {age:.0f} in the table (entries shown for orientation)",

@@ -265,6 +265,81 @@ def cycle_maps(r1, b1, starts, t_inv, tr, te_prep, n, esp, alpha, kc, eta, st, c
     _relax(st, r1, tr - t)
 
 
+@nb.njit(cache=True, inline="always")
+def _then(A, dA, B, dB, a, da, b, db):
+    """The accumulated map (A, B) and its R1 derivatives, followed by m -> a m + b."""
+    return a * A, da * A + a * dA, a * B + b, da * B + a * dB + db
+
+
+@nb.njit(cache=True, inline="always")
+def _relax_map(r1, t):
+    e = math.exp(-r1 * t)
+    return e, -t * e, 1.0 - e, t * e
+
+
+@nb.njit(cache=True, inline="always")
+def _train_map(k, r1, c, log_c, esp, e, q, dq):
+    """k readout pulses (per pulse m -> p m + q, p = c E) as one affine map and its R1
+    derivative: ``p^k`` and the geometric sum ``q (1 - p^k) / (1 - p)`` in closed form."""
+    if k == 0:
+        return 1.0, 0.0, 0.0, 0.0
+    p = c * e
+    pk = math.exp(k * (log_c - r1 * esp))
+    dpk = -k * esp * pk
+    om = 1.0 - p
+    s = (1.0 - pk) / om
+    ds = (s - k * pk / p) / om * (-esp * p)  # d/dR1 of (1 - p^k)/(1 - p)
+    return pk, dpk, q * s, dq * s + q * ds
+
+
+@nb.njit(cache=True)
+def basis_fixed_b1(r1, log_c, f, starts, t_inv, tr, te_prep, n, esp, kc, eta, gu, gv, dgu, dgv):
+    """The two linear basis vectors of the samples for a known B1, and their R1 derivatives.
+
+    With ``u = M0 / (1 - e2 A')`` and ``v = e2 u`` (``e2 = exp(-R2 TE_prep)``) the samples
+    are exactly ``u * gu + v * gv``: linear in (u, v), nonlinear in R1 only (variable
+    projection). r1 in 1/ms; ``log_c = log(cos(B1 alpha))``, ``f = sin(B1 alpha) /
+    sin(alpha)``. Fills gu, gv, dgu, dgv ``[5]`` (derivatives w.r.t. R1 [1/ms]); returns
+    ``(A', dA'/dR1)`` (M0 = u - A' v). Every readout train is one closed-form affine map
+    (:func:`_train_map`), so the cost is independent of the train length: 10 exponentials.
+    """
+    c = math.exp(log_c)
+    e = math.exp(-r1 * esp)
+    q = 1.0 - e
+    dq = esp * e
+    h0, dh0, h1, dh1 = _train_map(kc, r1, c, log_c, esp, e, q, dq)  # start -> centre pulse
+    t0, dt0, t1, dt1 = _train_map(n - kc, r1, c, log_c, esp, e, q, dq)  # centre -> end
+    A, dA, B, dB = 1.0, 0.0, 0.0, 0.0
+    t = te_prep
+    for i in range(5):
+        if i == 1:
+            a, da, b, db = _relax_map(r1, t_inv - t)
+            A, dA, B, dB = _then(A, dA, B, dB, a, da, b, db)
+            A, dA, B, dB = -eta * A, -eta * dA, -eta * B, -eta * dB
+            t = t_inv
+        a, da, b, db = _relax_map(r1, starts[i] - t)
+        A, dA, B, dB = _then(A, dA, B, dB, a, da, b, db)
+        A, dA, B, dB = _then(A, dA, B, dB, h0, dh0, h1, dh1)
+        gu[i] = A  # temporarily: the map to the centre pulse (A_i, B_i) -> gu, gv below
+        gv[i] = B
+        dgu[i] = dA
+        dgv[i] = dB
+        A, dA, B, dB = _then(A, dA, B, dB, t0, dt0, t1, dt1)
+        t = starts[i] + n * esp
+    a, da, b, db = _relax_map(r1, tr - t)
+    ap, dap, bp, dbp = _then(A, dA, B, dB, a, da, b, db)
+    for i in range(5):
+        ai = gu[i]
+        bi = gv[i]
+        dai = dgu[i]
+        dbi = dgv[i]
+        gu[i] = f * bi
+        gv[i] = f * (ai * bp - bi * ap)
+        dgu[i] = f * dbi
+        dgv[i] = f * (dai * bp + ai * dbp - dbi * ap - bi * dap)
+    return ap, dap
+
+
 @nb.njit(cache=True)
 def model_eval(m0, r1, r2, b1, starts, t_inv, tr, te_prep, n, esp, alpha, kc, eta, st, cen, s, jac):
     """Signal s[5] and Jacobian jac[5, 4] w.r.t. (M0, R1 [1/ms], R2 [1/ms], B1)."""

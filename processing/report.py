@@ -76,6 +76,12 @@ def _plot_figure(ax: Any, fig: str, d: dict[str, Any]) -> None:
             ax.fill_between([e["age_min"], e["age_max"]], lo, hi, color="#9ecae1", alpha=0.5,
                             label="pooled median+-IQR/2")  # fmt: skip
             ax.plot([e["age_min"], e["age_max"]], [e["median"]] * 2, color="#3182bd", lw=0.8)
+        elif e.get("kind") == "group":
+            lo, hi = e["mean"] - 1.96 * e["sd"], e["mean"] + 1.96 * e["sd"]
+            color = {"F": "#c994c7", "M": "#74c476"}.get(str(e.get("sex")), "#bdbdbd")
+            ax.fill_between([e["age_min"], e["age_max"]], lo, hi, color=color, alpha=0.35,
+                            label=f"group mean+-1.96 SD ({e.get('sex', 'any')})")  # fmt: skip
+            ax.plot([e["age_min"], e["age_max"]], [e["mean"]] * 2, color=color, lw=0.8)
         elif e.get("kind") == "curve":
             ax.fill_between(e["ages"], e["low"], e["high"], color="#9ecae1", alpha=0.5)
             ax.plot(e["ages"], e["mean"], color="#3182bd", lw=1.0, label="reference")
@@ -89,11 +95,13 @@ def _plot_figure(ax: Any, fig: str, d: dict[str, Any]) -> None:
         ax.plot([age], [value], "o", color="#e6550d", ms=6, mec="k", mew=0.6)
     elif value is not None:
         ax.axhline(value, color="#e6550d", lw=1)
+    ax.margins(y=0.12)  # the patient's point is never cut by the frame
     ax.set_title(f"{fig}: {_fmt(fig, value)}", fontsize=8)
     ax.tick_params(labelsize=6)
     ax.set_xlabel("age (years)", fontsize=6)
-    if not ref.get("entries"):
-        ax.text(0.5, 0.96, "\n".join(textwrap.wrap(ref.get("note", "no reference"), 30)),
+    if not ref.get("entries"):  # the first clause only: the full note is on the web page
+        short = ref.get("note", "no reference").split(":")[0].split(". ")[0]
+        ax.text(0.5, 0.96, "\n".join(textwrap.wrap(short, 30)),
                 transform=ax.transAxes, ha="center", va="top", fontsize=5, color="0.35")  # fmt: skip
 
 
@@ -158,6 +166,16 @@ def render_report(data: dict[str, Any]) -> tuple[bytes, bytes]:
         r, c = divmod(i, 4)
         ax = fig.add_axes((0.07 + c * 0.235, 0.305 - r * 0.165, 0.18, 0.11))
         _plot_figure(ax, f, d)
+    fig.text(
+        0.05, 0.48,
+        textwrap.fill(
+            "Bands: reference ranges of healthy groups at the ages they cover (pink women, green "
+            "men, blue both sexes; mean +- 1.96 SD, or median +- IQR/2). Grey squares: published "
+            "study means (bars: age SD, 95 % CI). Orange: this patient (line: earlier visits).",
+            150,
+        ),
+        fontsize=6, va="top", color="0.25",
+    )  # fmt: skip
     # T1w/T2w beside myelin
     ratio = d.get("ratio") or {}
     txt = ["T1w/T2w ratio, median", "(Glasser & Van Essen 2011):"]

@@ -442,6 +442,7 @@ def test_compose_wiring() -> None:
     ports = " ".join(node["ports"])
     assert f"{cfg['node']['port']}:{cfg['node']['port']}" in ports
     assert f":{cfg['metrics']['port']}:{cfg['metrics']['port']}" in ports
+    assert f":{cfg['web']['port']}:{cfg['web']['port']}" in ports  # the reading room
     # The config file is mounted where the image's CMD reads it, and the spool is a volume.
     assert "./synthmr.toml:/etc/synthmr/synthmr.toml:ro" in node["volumes"]
     named = [v.split(":")[0] for v in node["volumes"] if not v.startswith(".")]
@@ -464,13 +465,22 @@ def test_compose_wiring() -> None:
     assert dest["port"] == orthanc["DicomPort"]
 
 
-def test_deploy_config_is_valid() -> None:
+def test_deploy_config_is_valid(tmp_path: Path) -> None:
     from dicom_node.config import check_config, load_settings
 
     assert check_config(TOML_PATH, env={}) == []
     s = load_settings(TOML_PATH, env={})
     assert s.node.bind_address == "0.0.0.0" and s.metrics.address == "0.0.0.0"
     assert s.security.require_known_callers and s.security.allowed_callers
+    # the web listens where compose/k8s publish it once enabled; enabling it without TLS and
+    # users is refused, which is why the file ships it off
+    assert s.web.address == "0.0.0.0" and s.web.port == 8080 and not s.web.enabled
+    text = TOML_PATH.read_text()
+    assert text.count('enabled = false\naddress = "0.0.0.0"') == 1
+    on = tmp_path / "web_on.toml"
+    on.write_text(text.replace("enabled = false\naddress", "enabled = true\naddress"))
+    errors = " ".join(check_config(on, env={}))
+    assert "no [[web.users]]" in errors and "tls_cert_file and tls_key_file are required" in errors
 
 
 # --------------------------------------------------------------------------- Kubernetes
@@ -514,7 +524,13 @@ def test_k8s_wiring() -> None:
     assert cfg_vol["configMap"]["name"] == "synthmr-config"
     assert mounts[cfg_vol["name"]] == "/etc/synthmr" and "/etc/synthmr/synthmr.toml" in c["args"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"dicom": cfg["node"]["port"], "metrics": cfg["metrics"]["port"]}
+    assert ports == {
+        "dicom": cfg["node"]["port"], "metrics": cfg["metrics"]["port"], "web": cfg["web"]["port"]
+    }  # fmt: skip
+    # the reading room's TLS Secret is optional (the pod starts while [web] is off), and
+    # mounted apart from the ConfigMap
+    tls_vol = next(v for v in pod["volumes"] if v.get("secret"))
+    assert tls_vol["secret"]["optional"] is True and mounts[tls_vol["name"]] != "/etc/synthmr"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
@@ -523,7 +539,7 @@ def test_k8s_wiring() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     # Services: DICOM and metrics routed to named container ports that exist.
     svc = next(d for d in by_kind["Service"] if d["metadata"]["name"] == "synthmr")
-    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {"dicom", "metrics"}
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {"dicom", "metrics", "web"}
     labels = spec["template"]["metadata"]["labels"]
     for s in by_kind["Service"]:
         if s["metadata"]["name"].startswith("synthmr-dask"):
@@ -609,7 +625,7 @@ def test_dockerfile_contract() -> None:
     volumes = " ".join(a for i, a in stage if i == "VOLUME")
     assert any(cfg["spool"]["path"].startswith(v) for v in re.findall(r'"(/[^"]+)"', volumes))
     exposed = {int(p) for i, a in stage if i == "EXPOSE" for p in a.split()}
-    assert exposed == {cfg["node"]["port"], cfg["metrics"]["port"]}
+    assert exposed == {cfg["node"]["port"], cfg["metrics"]["port"], cfg["web"]["port"]}
     # Every COPY source of the build context exists.
     for i, a in ins:
         if i == "COPY" and not a.startswith("--from"):
@@ -671,3 +687,23 @@ def test_compose_orthanc_config_starts_real_orthanc(tmp_path: Path) -> None:
     finally:
         _stop(proc)
         log.close()
+
+
+@pytest.mark.integration
+def test_healthcheck_commands_pass_on_a_live_node_and_fail_without_one(node: _Node) -> None:
+    """The Dockerfile HEALTHCHECK and the compose healthcheck, run as written (only the
+    port moved to the test node's), exit 0 against a live node and non-zero when nothing
+    answers: a healthcheck that always passes, or never does, would go unnoticed."""
+    stage_health = next(a for i, a in _dockerfile() if i == "HEALTHCHECK")
+    docker_cmd = json.loads(stage_health[stage_health.index("CMD") + 3 :].strip())
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    compose_cmd = compose["services"]["synthmr"]["healthcheck"]["test"]
+    assert docker_cmd[0] == compose_cmd[1] == "python" and compose_cmd[0] == "CMD"
+    cfg_port = str(_deploy_config()["metrics"]["port"])
+    dead_port = str(_free_port())
+    for cmd, env in ((docker_cmd, "SYNTHMR_METRICS__PORT"), (compose_cmd[1:], None)):
+        for port, ok in ((str(node.port), True), (dead_port, False)):
+            argv = [sys.executable, *[a.replace(cfg_port, port) for a in cmd[1:]]]
+            environ = {**os.environ, **({env: port} if env else {})}
+            r = subprocess.run(argv, capture_output=True, text=True, env=environ, timeout=30)
+            assert (r.returncode == 0) == ok, (cmd, port, r.stderr[-500:])

@@ -134,6 +134,75 @@ def test_pacs_down_or_silent_never_hangs(tmp_path: Path) -> None:
     assert elapsed < 8, f"send_files took {elapsed:.1f} s against a silent peer"
 
 
+class _PreemptedCheckpoint(threading.Event):
+    """The association reactor's pause checkpoint, with the reactor thread losing the CPU
+    for ``delay_s`` right after every wait: pynetdicom's check-then-act window, held open."""
+
+    def __init__(self, reactor: threading.Thread, delay_s: float) -> None:
+        super().__init__()
+        self.reactor, self.delay_s = reactor, delay_s
+        self.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ok = super().wait(timeout)
+        if threading.current_thread() is self.reactor:
+            time.sleep(self.delay_s)
+        return ok
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("requestor", ["pynetdicom", "PushAE"])
+def test_the_reactor_never_takes_a_c_store_response(requestor: str, tmp_path: Path) -> None:
+    """A requestor's reactor thread preempted just after its pause checkpoint, and the
+    sender just after sending (as under load): pynetdicom's own association then takes the
+    C-STORE response off the queue and the sender waits out the DIMSE timeout;
+    dicom_node.requestor's never does."""
+    from pynetdicom import AE, build_context
+
+    from dicom_node.requestor import PushAE
+
+    files = [make_mr_file(tmp_path / f"{i}.dcm", instance_number=i) for i in range(4)]
+    port = free_port()
+    out = tmp_path / "received"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [require_tool("storescp"), "-aet", "PEER", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, 10)
+        ae = (AE if requestor == "pynetdicom" else PushAE)(ae_title="SYNTHMR")
+        ae.dimse_timeout = 1.5
+        ts = str(pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID)
+        ae.requested_contexts = [build_context(pydicom.dcmread(files[0]).SOPClassUID, ts)]
+        assoc = ae.associate("127.0.0.1", port, ae_title="PEER")
+        assert assoc.is_established
+        assoc._reactor_checkpoint = _PreemptedCheckpoint(assoc, delay_s=0.3)
+        send_msg = assoc.dimse.send_msg
+
+        def preempted_send(*args: object) -> None:  # the sender loses the CPU after sending
+            send_msg(*args)
+            time.sleep(0.5)
+
+        assoc.dimse.send_msg = preempted_send
+        time.sleep(0.1)  # the reactor is in its (preempted) turn
+        statuses = []
+        for f in files:
+            rsp = assoc.send_c_store(f) if assoc.is_established else None
+            statuses.append(int(rsp.Status) if rsp is not None and "Status" in rsp else None)
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+    finally:
+        stop_pid(proc)
+    if requestor == "pynetdicom":  # the race this test holds open is real
+        assert None in statuses, statuses
+    else:
+        assert statuses == [0, 0, 0, 0]
+        assert len(list(out.iterdir())) == 4
+
+
 def test_outbox_dead_letter_after_max_attempts(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "r.db")
     reg.add_instance(

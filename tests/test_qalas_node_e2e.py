@@ -1,8 +1,9 @@
 """3D-QALAS end to end: dcmtk ``storescu`` sends one emulated QALAS series per layout in
 ``qalas_emulator.QALAS_LAYOUTS`` to ``synthmr serve`` (a real subprocess); every output
-arrives in a real Orthanc. Completion by grid must hold for 3D: 5 x nz classic instances
-(ImagesInAcquisition), five multi-frame instances (a concatenation: InConcatenationTotal-
-Number) and one Enhanced MR instance holding all 5 x nz frames.
+arrives in a real Orthanc (the synthetic contrasts as multi-frame Enhanced MR). Completion
+by grid must hold for 3D: 5 x nz classic instances (ImagesInAcquisition), five multi-frame
+instances (a concatenation: InConcatenationTotalNumber) and one Enhanced MR instance
+holding all 5 x nz frames.
 
 Phantom: 8 x 32 x 32 ellipsoid anatomy (7.2 mm isotropic), seed 12, SNR 60, magnitude;
 segmentation, myelin and enhancement off.
@@ -16,6 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicom_node.export.enhanced_mr import ENHANCED_MR_IMAGE_STORAGE
 from dicom_node.qalas_emulator import QALAS_LAYOUTS, write_qalas_series
 from tests.conftest import free_port, make_orthanc, storescu, wait_for, write_config
 from tests.test_node_e2e import NodeProcess, _db_state
@@ -84,7 +86,8 @@ def test_every_qalas_layout_end_to_end_into_orthanc(tmp_path: Path) -> None:
             )
             kinds = Counter(expected.values())
             assert kinds[PARAMETRIC_MAP] >= 1, (layout, kinds)
-            assert len(expected) >= 3 * 8, (layout, kinds)  # contrasts x 8 partitions
+            # 3D: each synthetic contrast is one multi-frame Enhanced MR instance
+            assert kinds[ENHANCED_MR_IMAGE_STORAGE] >= 3, (layout, kinds)
             assert {s: in_pacs.get(s) for s in expected} == expected, layout
         for layout, uid in uids.items():
             complete_s, _ = grid_latencies(spool, uid)

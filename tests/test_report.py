@@ -22,7 +22,9 @@ def test_bundled_table_cites_a_source_for_every_entry() -> None:
     for fig, entries in table["figures"].items():
         assert fig in normative.FIGURES
         for e in entries:
-            assert "doi:" in e["source"], (fig, e["source"])
+            assert "doi:" in e["source"] or "https://" in e["source"], (fig, e["source"])
+            if e["kind"] == "group":  # a range needs its spread, its ages and its sex
+                assert e["sd"] > 0 and e["age_min"] < e["age_max"] and e["sex"] in "FM"
     # every figure without entries says so
     missing = set(normative.FIGURES) - set(table["figures"])
     assert missing <= set(table["no_reference"])
@@ -37,6 +39,25 @@ def test_reference_at_pooled_range_and_outside_ages() -> None:
     assert young.entries  # still plotted for orientation
     wm = normative.reference_at(table, "WM", 50.0, "M")
     assert wm.mean is None and not wm.entries and "no published" in wm.note
+
+
+def test_reference_at_group_by_sex_and_age() -> None:
+    """ICV: Yamada 2023 Table 1 (F 1393.2 +- 91.2 mL, ages 21-79; M 1538.2 +- 137.3, 21-92)."""
+    table = normative.load_table()
+    f = normative.reference_at(table, "ICV", 50.0, "F")
+    assert (f.low, f.mean, f.high) == pytest.approx(
+        (1393.2 - 1.96 * 91.2, 1393.2, 1393.2 + 1.96 * 91.2)
+    )
+    assert "doi:10.1007/s00330-023-09632-x" in f.note and "n=87" in f.note
+    m = normative.reference_at(table, "ICV", 85.0, "M")
+    assert m.mean == pytest.approx(1538.2)
+    old_f = normative.reference_at(table, "ICV", 85.0, "F")  # no woman of 80+ in the source
+    assert old_f.mean is None and "no reference range for age 85" in old_f.note
+    unknown = normative.reference_at(table, "BPV", 50.0, "")
+    assert unknown.mean is None and "by sex" in unknown.note and unknown.entries
+    assert normative.reference_at(table, "CSF", 30.0, "M").high == pytest.approx(
+        358.2 + 1.96 * 76.1
+    )
 
 
 def test_site_table_replaces_figures_and_is_sex_specific(tmp_path: Path) -> None:

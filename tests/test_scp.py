@@ -201,3 +201,34 @@ def test_release_marks_series_for_quiet_period(rig: Rig, tmp_path: Path) -> None
     row = rig.registry.series(uid)
     assert row.expected_count is None and row.state == State.RECEIVING
     assert row.last_released is not None and row.last_released >= row.last_received
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "tsyntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.5", "1.2.840.10008.1.2.1"),  # odd, odd, even
+        ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.3.45", "1.2.840.10008.1.2.5"),  # even, even
+    ],
+)
+def test_part10_bytes_match_pynetdicom_encoded_dataset(
+    sop_class: str, sop_instance: str, tsyntax: str
+) -> None:
+    """The hand-built file meta is byte for byte pynetdicom's (Event.encoded_dataset), and
+    pydicom reads it back: UIDs of odd and even length (NUL padding)."""
+    import io
+
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from dicom_node.scp import part10_bytes
+
+    body = b"\x08\x00\x60\x00\x02\x00\x00\x00MR"  # (0008,0060) CS "MR", implicit VR
+    ours = part10_bytes(sop_class, sop_instance, tsyntax, body)
+    meta = create_file_meta(
+        sop_class_uid=pydicom.uid.UID(sop_class),
+        sop_instance_uid=pydicom.uid.UID(sop_instance),
+        transfer_syntax=pydicom.uid.UID(tsyntax),
+    )
+    assert ours == b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + body
+    ds = pydicom.dcmread(io.BytesIO(ours), force=True)
+    assert ds.file_meta.MediaStorageSOPInstanceUID == sop_instance
+    assert ds.file_meta.TransferSyntaxUID == tsyntax

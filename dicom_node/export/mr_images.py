@@ -26,6 +26,7 @@ from .common import (
     robust_window,
     series_number_base,
 )
+from .enhanced_mr import enhanced_synthetic_series, is_3d
 from .geometry import (
     SliceGeometry,
     frame_number,
@@ -197,7 +198,9 @@ def synthetic_series(
     series_number: int,
     fingerprint: str,
 ) -> list[Dataset]:
-    """One synthetic contrast as a classic MR series (one instance per slice)."""
+    """One synthetic contrast as a classic MR series (one instance per slice), or, for a 3D
+    acquisition with ``settings.multiframe_3d``, one Enhanced MR instance
+    (:mod:`dicom_node.export.enhanced_mr`)."""
     img = np.asarray(syn.image, dtype=np.float32)
     if img.shape != tuple(result.shape):
         raise ExportError(
@@ -214,8 +217,14 @@ def synthetic_series(
         image_type.append("AI_ENHANCED")
     elif syn.parameters.get("method") == "tissue mixture":
         image_type.append("TISSUE_MIXTURE")
-    pixels = _to_int16_range(img, syn.signed)
     deriv = derivation_description(syn, result)
+    if settings.multiframe_3d and is_3d(geometry, result):
+        enhanced = enhanced_synthetic_series(
+            result, syn, geometry, settings, series_number, fingerprint,
+            description=desc, image_type=image_type, derivation_text=deriv,
+        )  # fmt: skip
+        return [enhanced]
+    pixels = _to_int16_range(img, syn.signed)
     out = []
     for z, ref in enumerate(geometry.refs):
         sop = derive_uid(settings, src_series, fingerprint, "MR", syn.name, "sop", str(z))

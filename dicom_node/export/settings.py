@@ -71,6 +71,10 @@ class ExportSettings:
     written but not sent; the series is HELD until ``synthmr retry --release``) or
     ``"send_marked"`` (sent, with "[QC FAIL]" ending every series description and the
     reason in the images' ImageComments). Delivery only: not part of the UID fingerprint.
+    multiframe_3d: synthetic contrasts of a 3D acquisition (MRAcquisitionType 3D, 3D-QALAS)
+    as one multi-frame Enhanced MR instance per contrast (True) or as classic MR, one
+    instance per slice (False: for a destination that does not accept Enhanced MR Image
+    Storage). 2D series are always classic. Packaging only: not part of the UID fingerprint.
     """
 
     series_number_offset: int = 1000
@@ -90,6 +94,7 @@ class ExportSettings:
     orientation_tolerance: float = 1e-4  # snap slice orientations that differ by less (GE)
     position_tolerance_mm: float = 0.5  # result affine vs source geometry
     qc_fail: str = "hold"
+    multiframe_3d: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.seg_type, SegType):
@@ -132,4 +137,8 @@ class ExportSettings:
         d = asdict(self)
         d["maps"] = [m.value for m in self.maps]
         d["seg_type"] = self.seg_type.value
+        if self.multiframe_3d:
+            # the default is left out, so existing configurations' outputs (whose private
+            # provenance block carries this dict) stay byte-identical
+            del d["multiframe_3d"]
         return d

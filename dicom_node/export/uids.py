@@ -53,6 +53,7 @@ _SELECTION_FIELDS = frozenset(
         "export_segmentation",
         "export_report",
         "qc_fail",  # delivery policy, not content
+        "multiframe_3d",  # packaging (classic or Enhanced MR), not content
     }
 )
 

@@ -19,6 +19,13 @@ class WebStartRefused(RuntimeError):
     """The [web] settings are unsafe or wrong (the message lists why)."""
 
 
+def _warm_imports() -> None:
+    try:
+        import processing.synthesis  # noqa: F401
+    except Exception:  # the page that needs it reports the problem
+        log.exception("web_warm_import_failed")
+
+
 class WebServer:
     def __init__(self, ctx: WebContext) -> None:
         problems = web_errors(ctx.web)
@@ -53,6 +60,9 @@ class WebServer:
             target=self._server.run, kwargs={"sockets": [sock]}, name="web", daemon=True
         )
         self._thread.start()
+        # The tuner and report pages import processing.synthesis (~1-2 s with numba on a
+        # busy machine): import it now, beside the server, not on a user's first click.
+        threading.Thread(target=_warm_imports, name="web-warm", daemon=True).start()
         logging.getLogger().addHandler(self.ctx.logs)
         log_event(log, "web_started", address=web.address, port=self.port, tls=web.tls)
         return self

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import struct
+import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from dicom_node.logging import log_event
@@ -59,21 +62,39 @@ async def tuner_page(w: WebApp, request: Request, sess: Session) -> Response:
     )
 
 
+#: the tuner's binary of a stored series, written on first request beside maps.npz
+TUNER_MAPS = "tuner_maps.bin"
+
+
+def tuner_maps_file(path: Path) -> Path:
+    """``<results>/<series>/tuner_maps.bin``, made once from maps.npz: header
+    ``<u4 nz, ny, nx, n_mask``, then T1, T2, PD inside the mask (float32, C order) and the
+    mask (uint8, nz*ny*nx). Written to a temporary name, then renamed (a concurrent request
+    never reads half a file)."""
+    out = path / TUNER_MAPS
+    if out.is_file():
+        return out
+    with np.load(path / "maps.npz") as z:  # only the arrays the tuner needs
+        mask = z["mask"].astype(bool)
+        nz, ny, nx = mask.shape
+        parts = [struct.pack("<4I", nz, ny, nx, int(mask.sum()))]
+        for k in ("t1_ms", "t2_ms", "pd_pu"):
+            parts.append(np.ascontiguousarray(z[k][mask], "<f4").tobytes())
+    parts.append(mask.astype(np.uint8).tobytes())
+    tmp = out.with_name(f".{TUNER_MAPS}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_bytes(b"".join(parts))
+    os.replace(tmp, out)
+    return out
+
+
 async def maps_bin(w: WebApp, request: Request, sess: Session) -> Response:
-    """T1, T2, PD inside the mask (float32, C order) and the mask (uint8), for the tuner:
-    header ``<u4 nz, ny, nx, n_mask``, then t1[n], t2[n], pd[n], mask[nz*ny*nx]."""
+    """The series' maps for the tuner (:func:`tuner_maps_file`)."""
     stored = load_series(w.ctx.spool_root, request.path_params["uid"])
     if stored is None:
         return JSONResponse({"error": "no stored maps"}, status_code=404)
-    a = stored.arrays()
-    mask = a["mask"].astype(bool)
-    nz, ny, nx = mask.shape
-    parts = [struct.pack("<4I", nz, ny, nx, int(mask.sum()))]
-    for k in ("t1_ms", "t2_ms", "pd_pu"):
-        parts.append(np.ascontiguousarray(a[k][mask], "<f4").tobytes())
-    parts.append(mask.astype(np.uint8).tobytes())
-    return Response(
-        b"".join(parts),
+    path = await asyncio.to_thread(tuner_maps_file, stored.path)
+    return FileResponse(
+        path,
         media_type="application/octet-stream",
         headers={"Cache-Control": "private, max-age=300"},
     )

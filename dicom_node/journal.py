@@ -1,0 +1,266 @@
+"""Ingest journal: the durable record of a received instance between its C-STORE answer
+and the spool checkpoint (DESIGN promise 1 with one disk flush per answer, shared).
+
+Storing a received file durably by itself costs two journal commits of the file system
+(fsync of the file, then of its directory after the rename): ~11 ms on the 2-core machine
+whose disk flush takes ~5 ms, so one sender could not pass ~90 instances/s. Here each
+instance is appended to a log file and the log is ``fdatasync``'d once for every append
+that came before the sync started (group commit: concurrent associations share a flush);
+the spool file itself is written and renamed into place without a sync of its own.
+
+Every so often (the log passed :attr:`IngestJournal.checkpoint_bytes`, or nothing was
+appended for :attr:`IngestJournal.idle_checkpoint_s`) a *checkpoint* switches to a new log,
+makes everything written so far durable with one ``syncfs`` of the spool's file system,
+and deletes the old log. After a crash, :meth:`IngestJournal.replay` (run when the spool
+opens) rewrites every logged file that is missing or differs, in log order, durably.
+
+Record layout (little endian): magic ``SMRJ``, kind (``W`` write, ``D`` delete), name
+length (u16), data length (u64), CRC-32 of name + data (u32), name (UTF-8 path relative to
+the spool root), data. A torn last record (a crash mid-append: never answered) fails its
+length or CRC check and ends the replay of that log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+__all__ = ["IngestJournal", "syncfs"]
+
+log = logging.getLogger("synthmr.journal")
+
+_HEAD = struct.Struct("<4scHQI")
+_MAGIC = b"SMRJ"
+
+
+def syncfs(path: Path) -> None:
+    """Flush every dirty page and the metadata of the file system holding ``path``
+    (Linux ``syncfs``; ``sync`` where it is missing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.syncfs
+        except (OSError, AttributeError):
+            os.sync()
+            return
+        if fn(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class IngestJournal:
+    """Append-only, group-committed log of spool writes under ``root / "journal"``.
+
+    ``write_file(path, data)`` is called by :meth:`replay` for each record to restore
+    (durably); paths in the log are relative to ``root``.
+    """
+
+    #: switch logs (and checkpoint) once the current one holds this many bytes
+    checkpoint_bytes = 256 << 20
+    #: checkpoint when nothing was appended for this long (a burst is over)
+    idle_checkpoint_s = 1.0
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / "journal"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._cond = threading.Condition()
+        self._fd: int | None = None
+        self._seq = 0  # number of the current log file
+        self._size = 0  # bytes in the current log
+        self._written = 0  # bytes appended, all logs (monotonic)
+        self._synced = 0  # bytes covered by a completed fdatasync
+        self._syncing = False
+        self._last_append = 0.0
+        self._checkpointing = threading.Lock()
+        self._timer: threading.Thread | None = None
+        #: fdatasyncs done (fewer than appends when writers overlap; for tests/benchmarks)
+        self.syncs = 0
+        self.checkpoints = 0
+
+    # ------------------------------------------------------------------ logs on disk
+    def _logs(self) -> list[tuple[int, Path]]:
+        out = []
+        for p in self.dir.glob("ingest-*.log"):
+            try:
+                out.append((int(p.stem.split("-", 1)[1]), p))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def _open_next(self) -> None:
+        """A new, empty current log whose directory entry is durable."""
+        logs = self._logs()
+        self._seq = max([self._seq, *(n for n, _ in logs)]) + 1
+        path = self.dir / f"ingest-{self._seq:08d}.log"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        _fsync_dir(self.dir)
+        self._size = 0
+
+    @staticmethod
+    def records(path: Path) -> Iterator[tuple[str, str, bytes]]:
+        """(kind, relative name, data) of each intact record of one log, in order."""
+        with open(path, "rb") as f:
+            while True:
+                head = f.read(_HEAD.size)
+                if len(head) < _HEAD.size:
+                    return
+                magic, kind, n_name, n_data, crc = _HEAD.unpack(head)
+                if magic != _MAGIC:
+                    return
+                name = f.read(n_name)
+                data = f.read(n_data)
+                if len(name) < n_name or len(data) < n_data:
+                    return
+                if zlib.crc32(data, zlib.crc32(name)) != crc:
+                    return
+                yield kind.decode("ascii", "replace"), name.decode("utf-8"), data
+
+    # ------------------------------------------------------------------ appending
+    def _relative(self, path: Path) -> bytes:
+        return str(path.relative_to(self.root)).encode("utf-8")
+
+    def _append(self, kind: bytes, path: Path, data: bytes, durable: bool) -> None:
+        name = self._relative(path)
+        head = _HEAD.pack(_MAGIC, kind, len(name), len(data), zlib.crc32(data, zlib.crc32(name)))
+        with self._cond:
+            if self._fd is None:
+                self._open_next()
+            assert self._fd is not None
+            for part in (head + name, data):
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            n = _HEAD.size + len(name) + len(data)
+            self._size += n
+            self._written += n
+            mine = self._written
+            self._last_append = time.monotonic()
+            while durable and self._synced < mine:
+                if self._syncing:
+                    self._cond.wait()
+                    continue
+                self._syncing = True
+                covered, fd = self._written, self._fd
+                self._cond.release()
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    self._cond.acquire()
+                    self._syncing = False
+                    self._cond.notify_all()
+                self._synced = max(self._synced, covered)
+                self.syncs += 1
+            full = self._size >= self.checkpoint_bytes
+        if full:
+            self.checkpoint()
+        else:
+            self._arm_timer()
+
+    def log_write(self, path: Path, data: bytes) -> None:
+        """Durably log that ``path`` (inside the root) holds ``data``; returns once an
+        ``fdatasync`` of the log that started after this append has completed."""
+        self._append(b"W", path, data, durable=True)
+
+    def log_delete(self, path: Path) -> None:
+        """Log that ``path`` was removed (so a replay does not bring it back); durable with
+        the next group commit or checkpoint."""
+        self._append(b"D", path, b"", durable=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _arm_timer(self) -> None:
+        with self._cond:
+            if self._timer is not None and self._timer.is_alive():
+                return
+            self._timer = threading.Thread(
+                target=self._idle_loop, name="journal-checkpoint", daemon=True
+            )
+            self._timer.start()
+
+    def _idle_loop(self) -> None:
+        while True:
+            time.sleep(self.idle_checkpoint_s / 4)
+            with self._cond:
+                idle = time.monotonic() - self._last_append
+                if self._fd is None:
+                    self._timer = None
+                    return
+            if idle >= self.idle_checkpoint_s:
+                try:
+                    self.checkpoint()
+                except OSError as exc:  # retried on the next turn; the log stays
+                    log.error("journal checkpoint failed: %s", exc)
+
+    def checkpoint(self) -> None:
+        """Make every spool write logged so far durable by itself, then drop those logs."""
+        with self._checkpointing:
+            with self._cond:
+                while self._syncing:
+                    self._cond.wait()
+                if self._fd is None and not self._logs():
+                    return
+                if self._fd is not None:
+                    if self._synced < self._written:
+                        # an appender may be waiting for this: it answers once synced
+                        os.fdatasync(self._fd)
+                        self._synced = self._written
+                        self.syncs += 1
+                        self._cond.notify_all()
+                    os.close(self._fd)
+                    self._fd = None
+                old = self._logs()
+            # Appends go on in a new log meanwhile: their files are not covered, they stay.
+            syncfs(self.root)
+            for _, path in old:
+                path.unlink(missing_ok=True)
+            self.checkpoints += 1
+
+    def close(self) -> None:
+        """Checkpoint (a clean stop leaves no log to replay)."""
+        self.checkpoint()
+
+    # ------------------------------------------------------------------ recovery
+    def replay(self, write_file: Callable[[Path, bytes], None]) -> int:
+        """After a crash: restore every logged file that is missing or differs, in log
+        order (deletions too); checkpoint; return how many files were rewritten."""
+        final: dict[str, bytes | None] = {}  # the last record of each name wins
+        for _, log_path in self._logs():
+            for kind, name, data in self.records(log_path):
+                final.pop(name, None)  # keep log order for the writes below
+                final[name] = None if kind == "D" else data
+        n = 0
+        for name, data in final.items():
+            target = (self.root / name).resolve()
+            if self.root not in target.parents:
+                continue  # never written by us: a log names paths inside the root
+            if data is None:
+                target.unlink(missing_ok=True)
+                continue
+            try:
+                same = target.stat().st_size == len(data) and target.read_bytes() == data
+            except OSError:
+                same = False
+            if not same:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_file(target, data)
+                n += 1
+        self.checkpoint()
+        return n
