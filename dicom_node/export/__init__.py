@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from processing.results import SeriesResult
@@ -69,6 +70,14 @@ def export_all(
     return [ds for group in export_groups(result, sources, settings) for ds in group]
 
 
+def _constant_b1(result: SeriesResult) -> bool:
+    """The B1 map is one value over the fitted voxels: assumed, not measured (3D-QALAS
+    without a B1 map series fits with the nominal flip angle, processing/QALAS.md). Its
+    Parametric Map would carry no information (the provenance records the assumption)."""
+    b1 = np.asarray(result.maps.b1)[np.asarray(result.maps.mask, bool)]
+    return b1.size > 0 and bool(np.all(b1 == b1[0]))
+
+
 def export_groups(
     result: SeriesResult, sources: Sequence[Dataset], settings: ExportSettings | None = None
 ) -> Iterator[list[Dataset]]:
@@ -78,7 +87,12 @@ def export_groups(
     settings = settings or ExportSettings()
     geometry = slice_geometry(result, sources, settings)  # once; every builder gets it
     refs = sources
-    maps = tuple(m for m in settings.maps if m is not MapKind.MYPV or result.myelin is not None)
+    maps = tuple(
+        m
+        for m in settings.maps
+        if (m is not MapKind.MYPV or result.myelin is not None)
+        and (m is not MapKind.B1 or not _constant_b1(result))
+    )
     if maps != settings.maps:
         from dataclasses import replace
 
