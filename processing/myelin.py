@@ -60,11 +60,13 @@ from processing.results import MyelinMaps, QuantMaps, TissueFractions
 from processing.signal import t1_factor
 
 __all__ = [
+    "CALIBRATION_DOMAIN",
     "DEFAULT_CONSTANTS",
     "MyelinConstants",
     "MyelinError",
     "apparent_parameters",
     "calibrate_constants",
+    "calibration_warnings",
     "fit_mono",
     "invert",
     "myelin_maps",
@@ -153,6 +155,56 @@ def calibrate_constants(
 
 #: Calibrated to WM 600/70/67 -> 30 % and GM 1100/90/82 -> 10 % (see module docstring).
 DEFAULT_CONSTANTS: MyelinConstants = calibrate_constants()
+
+#: The tissue values the constants represent: physics.md section 6's adult 3T MDME ranges
+#: (compiled from Hagiwara et al. Invest Radiol 2019;54:39, Warntjes et al. MRM
+#: 2008;60:320), per quantity (low, high) of the median of pure tissue. Inside them pure WM
+#: maps to MyPV 26.8-34.4 % (29.6 % at the project's 600/70/68) and pure cortical GM to
+#: 3.2-15 % (benchmarks/myelin_tissues.py prints the table). Outside, MyPV is an
+#: extrapolation of constants calibrated on adult MDME values, and the series says so
+#: (:func:`calibration_warnings`) instead of reporting it as if it were calibrated.
+CALIBRATION_DOMAIN: dict[str, dict[str, tuple[float, float]]] = {
+    "WM": {"t1_ms": (550.0, 650.0), "t2_ms": (60.0, 75.0), "pd_pu": (62.0, 70.0)},
+    "GM": {"t1_ms": (950.0, 1300.0), "t2_ms": (80.0, 100.0), "pd_pu": (78.0, 88.0)},
+}
+#: Segmentation fraction from which a voxel counts as pure tissue for that check.
+_PURE_FOR_CHECK = 0.9
+_MIN_PURE_VOXELS = 50
+
+
+def calibration_warnings(
+    maps: QuantMaps, fractions: TissueFractions | Mapping[str, np.ndarray]
+) -> list[str]:
+    """Why the series' pure WM / GM lie outside :data:`CALIBRATION_DOMAIN` (empty: inside).
+
+    Pure tissue: segmentation fraction >= 0.9, fitted and not failed; medians of T1, T2 and
+    PD per tissue (at least 50 voxels, else that tissue is not checked). A cluster outside
+    the domain is either tissue the adult calibration does not describe (immature or
+    diffusely diseased brain) or a scanner/sequence whose T1/T2/PD scale differs from MDME
+    (e.g. T1 ~25 % longer, as inversion-recovery T1 is): in both cases the MyPV numbers are
+    not calibrated, which the warning says.
+    """
+    fr = fractions.fractions if isinstance(fractions, TissueFractions) else fractions
+    ok = np.asarray(maps.mask, bool) & ~np.asarray(maps.failed, bool)
+    out = []
+    for tissue, limits in CALIBRATION_DOMAIN.items():
+        if tissue not in fr:
+            continue
+        pure = ok & (np.asarray(fr[tissue]) >= _PURE_FOR_CHECK)
+        if int(pure.sum()) < _MIN_PURE_VOXELS:
+            continue
+        for q, (lo, hi) in limits.items():
+            med = float(np.median(np.asarray(getattr(maps, q))[pure]))
+            if not lo <= med <= hi:
+                out.append(
+                    f"pure {tissue} {q} median {med:.1f} outside the calibrated {lo:.0f}-{hi:.0f}"
+                )
+    if out:
+        out.append(
+            "MyPV is extrapolated from constants calibrated on adult 3T MDME tissue values "
+            "(physics.md section 6); not a calibrated myelin measure for this series"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -681,7 +733,9 @@ def myelin_maps(
     voxel_volume_ml: one voxel's volume in mL.
     acq or (delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg): the sequence
         timing the lookup grid is simulated with (grids are cached per timing).
-    fractions: optional segmentation; its CSF fraction separates CSF from EPW.
+    fractions: optional segmentation; its CSF fraction separates CSF from EPW, and its
+        pure WM/GM are checked against :data:`CALIBRATION_DOMAIN`
+        (``calibration_warnings`` of the result; unchecked without it).
     constants: compartment constants (default :data:`DEFAULT_CONSTANTS`).
     """
     shape = np.shape(maps.t1_ms)
@@ -728,4 +782,5 @@ def myelin_maps(
         myelin_volume_ml=float(np.sum(mypv, dtype=np.float64) / 100.0 * vv),
         epw_volume_ml=float(np.sum(epw, dtype=np.float64) / 100.0 * vv),
         constants=constants.as_dict(),
+        calibration_warnings=[] if fractions is None else calibration_warnings(maps, fractions),
     )

@@ -152,6 +152,7 @@ def _myelin_stage(acq: Acquisition, result: SeriesResult) -> None:
         result.myelin = myelin.myelin_maps(
             maps, icmask, acq.voxel_volume_ml, acq=acq, fractions=result.segmentation
         )
+        result.warnings.extend(f"myelin model: {w}" for w in result.myelin.calibration_warnings)
         result.volumes_ml["MYELIN"] = float(result.myelin.myelin_volume_ml)
         result.volumes_ml["EPW"] = float(result.myelin.epw_volume_ml)
     except Exception as exc:

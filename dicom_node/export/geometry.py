@@ -26,6 +26,7 @@ __all__ = [
     "highdicom_sources",
     "reference_images",
     "slice_geometry",
+    "with_frame_number",
 ]
 
 
@@ -116,6 +117,14 @@ def frame_headers(ds: Dataset) -> list[Dataset]:
 def frame_number(ds: Dataset) -> int | None:
     """The source frame a reference header stands for (Enhanced MR), else None."""
     return getattr(ds, _FRAME_NUMBER_ATTR, None)
+
+
+def with_frame_number(ds: Dataset, number: int | None) -> Dataset:
+    """``ds`` remembering that it stands for frame ``number`` of its (Enhanced MR) instance:
+    a header read back from disk (dicom_node.seriesstore) gets its frame back this way."""
+    if number is not None:
+        object.__setattr__(ds, _FRAME_NUMBER_ATTR, int(number))
+    return ds
 
 
 def reference_images(sources: Sequence[Dataset]) -> list[Dataset]:
