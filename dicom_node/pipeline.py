@@ -8,6 +8,7 @@ Only the node's side lives here (spool in, spool out); the series path itself is
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,10 +83,40 @@ def _keep_for_web(
     submit: Submit | None = None,
 ) -> list[Dataset] | Callable[[], list[Dataset]]:
     """Keep maps, figures and thumbnails for the web interface (dicom_node.seriesstore) and
-    make the one-page report of a brain series (Encapsulated PDF + Secondary Capture):
-    its page renders with ``submit`` (the worker) while the node exports, and the returned
-    function makes the documents. A failure here is logged; the series is still delivered
-    without them."""
+    make the one-page report of a brain series (Encapsulated PDF + Secondary Capture).
+    With ``submit`` (the node's job) this runs on a thread while the job exports (storing
+    the maps is mostly zlib and numpy, which release the GIL; the page renders in the
+    worker) and the returned function waits for the documents. A failure here is logged;
+    the series is still delivered without them."""
+    if submit is None:
+        return _web_documents(spool, series_uid, result, datasets, settings, None)
+    box: list[list[Dataset] | Callable[[], list[Dataset]]] = []
+    thread = threading.Thread(
+        target=lambda: box.append(
+            _web_documents(spool, series_uid, result, datasets, settings, submit)
+        ),
+        name="report",
+        daemon=True,
+    )
+    thread.start()
+
+    def documents() -> list[Dataset]:
+        thread.join()
+        made = box[0] if box else []  # empty: the thread died (logged by threading)
+        return made() if callable(made) else made
+
+    return documents
+
+
+def _web_documents(
+    spool: Spool,
+    series_uid: str,
+    result: SeriesResult,
+    datasets: list[Dataset],
+    settings: Settings,
+    submit: Submit | None,
+) -> list[Dataset] | Callable[[], list[Dataset]]:
+    """:func:`_keep_for_web`'s work (never raises)."""
     try:
         save_series(spool.root, series_uid, result, datasets)
     except Exception as exc:
