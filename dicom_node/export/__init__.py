@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from processing.results import SeriesResult
@@ -71,11 +72,25 @@ def export_all(
     return [ds for group in export_groups(result, sources, settings) for ds in group]
 
 
+def _constant_b1(result: SeriesResult) -> bool:
+    """The B1 map is one value over the fitted voxels: assumed, not measured (3D-QALAS
+    without a B1 map series fits with the nominal flip angle, processing/QALAS.md). Its
+    Parametric Map would carry no information (the provenance records the assumption)."""
+    b1 = np.asarray(result.maps.b1)[np.asarray(result.maps.mask, bool)]
+    return b1.size > 0 and bool(np.all(b1 == b1[0]))
+
+
 def settings_for(result: SeriesResult, settings: ExportSettings | None) -> ExportSettings:
     """The settings every builder of this result gets: without the MYPV map when the
-    result has no myelin maps (the settings enter every output's provenance block)."""
+    result has no myelin maps, without the B1 map when B1 was assumed (one value over the
+    fit) (the settings enter every output's provenance block)."""
     settings = settings or ExportSettings()
-    maps = tuple(m for m in settings.maps if m is not MapKind.MYPV or result.myelin is not None)
+    maps = tuple(
+        m
+        for m in settings.maps
+        if (m is not MapKind.MYPV or result.myelin is not None)
+        and (m is not MapKind.B1 or not _constant_b1(result))
+    )
     if maps != settings.maps:
         from dataclasses import replace
 
