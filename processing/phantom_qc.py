@@ -100,9 +100,6 @@ __all__ = [
 #: the median of an ROI of >= 100 voxels (the default grid, 1.5 x 1.5 x 4 mm, gives ~100 in
 #: a 9 mm sphere eroded by 1 mm) then has an SE <= 1.25 x 0.16 / 10 = 2 %.
 MAX_VOXEL_CV = 0.16
-#: the ROI size MAX_VOXEL_CV is stated for; a sphere whose ROI holds n voxels is judged only
-#: when its voxel CV <= MAX_VOXEL_CV * sqrt(n / ROI_REFERENCE_VOXELS) (the same median SE)
-ROI_REFERENCE_VOXELS = 100
 #: The physics notes' SNR (pure water, one sample) at which the range is stated.
 NOMINAL_SNR = 50.0
 #: PD is measurable when the sphere's signal is >= this many noise SDs.
@@ -1456,7 +1453,6 @@ def measure(
             "reference_temperature": definition.value_at(s, q, temperature_c)[1],
             "quantity": q,
             "in_range": in_range,
-            "in_protocol_range": in_range,
             "voxel_cv": voxel_cv,
             "error": None,
             "error_percent": None,
@@ -1479,23 +1475,10 @@ def measure(
                     err = row[q] - ref[q]
                     row["error"] = round(err, 3)
                     row["error_percent"] = round(100.0 * err / ref[q], 3) if ref[q] else None
-                n = int(v.size)
                 if not row["in_range"]:
                     row["reason"] = (
                         f"reference {q} {ref.get(q)} outside the measurable range (voxel CV"
                         f" {voxel_cv}): measured, not used for linearity"
-                    )
-                elif voxel_cv is not None and voxel_cv > MAX_VOXEL_CV * math.sqrt(
-                    n / ROI_REFERENCE_VOXELS
-                ):
-                    # the range holds for an ROI of ROI_REFERENCE_VOXELS; a smaller one (a
-                    # small sphere, a coarse grid) cannot give the median to the same precision
-                    need = math.ceil(ROI_REFERENCE_VOXELS * (voxel_cv / MAX_VOXEL_CV) ** 2)
-                    row["in_range"] = False
-                    row["reason"] = (
-                        f"ROI of {n} voxels too small at voxel CV {voxel_cv} (median SE"
-                        f" {100 * 1.2533 * voxel_cv / math.sqrt(n):.1f} % > 2 %; needs >= {need}):"
-                        " measured, not used for linearity"
                     )
         rows.append(row)
     lin: dict[str, Any] = {}
