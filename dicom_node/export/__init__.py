@@ -29,7 +29,7 @@ from .geometry import (
     slice_geometry,
 )
 from .mr_images import iter_synthetic_series, map_mr_images, synthetic_images
-from .parametric_map import parametric_maps
+from .parametric_map import iter_parametric_maps, parametric_maps
 from .segmentation import segmentation
 from .settings import (
     ALL_MAPS,
@@ -73,7 +73,7 @@ def export_groups(
     result: SeriesResult, sources: Sequence[Dataset], settings: ExportSettings | None = None
 ) -> Iterator[list[Dataset]]:
     """:func:`export_all` as it is built, a group of datasets at a time (the parametric
-    maps, the map MR images, each synthetic contrast series, the SEG, the SR), so the node
+    maps one by one, the map MR images, each synthetic contrast series, the SEG, the SR), so the node
     stores and pushes a group while the next is encoded."""
     settings = settings or ExportSettings()
     geometry = slice_geometry(result, sources, settings)  # once; every builder gets it
@@ -84,7 +84,8 @@ def export_groups(
 
         settings = replace(settings, maps=maps)
     if settings.maps_as_parametric_map and settings.maps:
-        yield parametric_maps(result, refs, settings, geometry)
+        for pm in iter_parametric_maps(result, refs, settings, geometry):
+            yield [pm]  # each map its own series: built, stored and freed one at a time
     if settings.maps_as_mr_images and settings.maps:
         yield map_mr_images(result, refs, settings, geometry)
     yield from iter_synthetic_series(result, refs, settings, geometry)
