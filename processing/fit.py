@@ -1312,9 +1312,10 @@ def fit_mdme(
     """
     noise_sd, mask = _check_inputs(acq, mask, noise_sd)
     setup, grid = _setup(acq, profile, noise_sd, noise_floor)
-    samples = acq.samples().reshape(-1, acq.n_delays * acq.n_echoes)
     idx = np.flatnonzero(mask.ravel()).astype(np.int64)
     n = idx.size
+    # the kernels read sample rows through an index: the fitted voxels' rows, in order
+    samples, rows = acq.masked_samples(mask), np.arange(n, dtype=np.int64)
     out = FitOutput(np.zeros((n, 4)), np.zeros(n), np.zeros(n, dtype=np.bool_))
     old_threads = nb.get_num_threads()
     if n_threads is not None:
@@ -1325,17 +1326,17 @@ def fit_mdme(
     try:
         if n:
             if n < _SERIAL_BELOW:
-                _fit_chunk(samples, idx, 0, n, setup, grid, out)
+                _fit_chunk(samples, rows, 0, n, setup, grid, out)
             else:
-                _fit_all(samples, idx, setup, grid, out, _n_chunks(n))
+                _fit_all(samples, rows, setup, grid, out, _n_chunks(n))
         if b1_smoothing and n:
             out.par[:, 3] = _smoothed_b1(
                 out, idx, setup, acq.shape, acq.voxel_size_mm, b1_smoothing_fwhm_mm
             )
             if n < _SERIAL_BELOW:
-                _refit_chunk(samples, idx, 0, n, setup, out)
+                _refit_chunk(samples, rows, 0, n, setup, out)
             else:
-                _refit_all(samples, idx, setup, out, _n_chunks(n))
+                _refit_all(samples, rows, setup, out, _n_chunks(n))
             fix_b1 = True
     finally:
         nb.set_num_threads(old_threads)
