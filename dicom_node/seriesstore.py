@@ -10,7 +10,8 @@
   contrasts sent with their timing and window, the per-patient DIR, provenance (software
   version, parameters, model hash), patient/study identity (for the report, never logged).
 - ``refs/<z>.dcm``: the reference source header of each slice, without pixels (geometry
-  and patient/study modules of outputs made later from the maps).
+  and patient/study modules of outputs made later from the maps; for Enhanced MR sources
+  the frame each stands for is ``meta["ref_frames"]``).
 - ``thumbs/<name>.png``: the middle slice of every map and contrast, windowed.
 - caches the web interface fills: ``t1w_t2w.json`` (ratio medians), ``report-<key>.pdf``/
   ``.png`` (the rendered report), ``tuner_maps.bin`` (the tuner's maps).
@@ -32,7 +33,8 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.spool import safe_name
 from processing.display import grey8, percentile_window
@@ -196,11 +198,22 @@ def save_series(
         for elem in ref:
             if elem.tag.group != 0x7FE0:
                 hdr.add(elem)
-        hdr.file_meta = getattr(ref, "file_meta", Dataset())
+        # A header without pixels, always explicit VR little endian: the source's transfer
+        # syntax may be a compressed one, and an Enhanced MR frame header has no file meta.
+        meta_info = FileMetaDataset()
+        meta_info.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta_info.MediaStorageSOPClassUID = hdr.get("SOPClassUID", "")
+        meta_info.MediaStorageSOPInstanceUID = hdr.get("SOPInstanceUID", "")
+        hdr.file_meta = meta_info
         pydicom.dcmwrite(tmp / "refs" / f"{i:04d}.dcm", hdr, enforce_file_format=False)
     ident = patient_identity(sources[0]) if sources else {}
+    from dicom_node.export.geometry import frame_number
+
     meta = {
         "series_uid": series_uid,
+        # Enhanced MR sources: the frame each refs/<z>.dcm stands for (ReferencedFrameNumber
+        # of outputs made later from the maps); None per slice for single-frame sources
+        "ref_frames": [frame_number(r) for r in reference_images],
         "shape": list(result.shape),
         "voxel_size_mm": list(result.voxel_size_mm),
         "affine": np.asarray(result.affine, float).tolist(),
@@ -248,7 +261,12 @@ class StoredSeries:
         )
 
     def references(self) -> list[Dataset]:
-        return [pydicom.dcmread(p, force=True) for p in sorted((self.path / "refs").glob("*.dcm"))]
+        """The reference header of each slice, with its source frame number (Enhanced MR)."""
+        from dicom_node.export.geometry import with_frame_number
+
+        refs = [pydicom.dcmread(p, force=True) for p in sorted((self.path / "refs").glob("*.dcm"))]
+        frames = self.meta.get("ref_frames") or [None] * len(refs)
+        return [with_frame_number(r, n) for r, n in zip(refs, frames, strict=False)]
 
     def thumb(self, name: str) -> Path | None:
         p = self.path / "thumbs" / f"{name}.png"

@@ -124,31 +124,45 @@ def mixture_signal(
     contrast. classes: ``{class: {"t1_ms", "t2_ms", "pd_pu"}}`` (see :func:`class_parameters`).
     Magnitude contrasts return ``|S|`` (>= 0), PSIR the signed S; 0 outside maps.mask.
     """
+    mask, inside = _mixture_in_mask(maps, fractions, spec, classes)
+    out = np.zeros(mask.shape, np.float64)
+    out[mask] = inside
+    return out
+
+
+def _mixture_in_mask(
+    maps: QuantMaps,
+    fractions: TissueFractions,
+    spec: ContrastSpec,
+    classes: Mapping[str, Mapping[str, float]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask, S[mask])`` of :func:`mixture_signal`: only the mask's voxels are computed
+    and widened to float64 (outside the mask the signal is 0)."""
     spec = spec.resolved()
     mask = np.asarray(maps.mask, bool)
     if fractions.icmask.shape != mask.shape:
         raise SynthesisError(
             f"fractions shape {fractions.icmask.shape} does not match the maps {mask.shape}"
         )
-    t1 = np.asarray(maps.t1_ms, np.float64)
-    t2 = np.asarray(maps.t2_ms, np.float64)
-    pd = np.asarray(maps.pd_pu, np.float64)
-    ok = mask & np.isfinite(t1) & np.isfinite(t2) & np.isfinite(pd) & (t1 > 0) & (t2 > 0)
-    out = np.zeros(mask.shape, np.float64)
+    t1 = np.asarray(maps.t1_ms)[mask].astype(np.float64)
+    t2 = np.asarray(maps.t2_ms)[mask].astype(np.float64)
+    pd = np.asarray(maps.pd_pu)[mask].astype(np.float64)
+    ok = np.isfinite(t1) & np.isfinite(t2) & np.isfinite(pd) & (t1 > 0) & (t2 > 0)
+    out = np.zeros(t1.shape, np.float64)
     out[ok] = pd[ok] * signed_weight(spec, 1.0 / t1[ok], 1.0 / t2[ok])
 
-    inside = mask & np.asarray(fractions.icmask, bool)
+    inside = np.asarray(fractions.icmask, bool)[mask]
     sig = class_signals(spec, classes)
     nulled = nulled_classes(spec, classes)
     if nulled:
         share = np.zeros(int(inside.sum()), np.float64)
         drawn = np.zeros_like(share)
         for k in nulled:
-            f = np.asarray(fractions.fractions[k], np.float64)[inside]
+            f = np.asarray(fractions.fractions[k])[mask][inside].astype(np.float64)
             share += f
             drawn += f * sig[k]
         out[inside] = drawn + (1.0 - np.minimum(share, 1.0)) * out[inside]
-    return out if spec.kind is ContrastKind.PSIR else np.abs(out)
+    return mask, (out if spec.kind is ContrastKind.PSIR else np.abs(out))
 
 
 def synthesize_mixture(
@@ -164,9 +178,10 @@ def synthesize_mixture(
     spec = ContrastSpec(
         plain.name, ContrastKind(plain.kind), plain.tr_ms, plain.te_ms, plain.ti_ms, plain.ti2_ms
     )
-    phys = mixture_signal(maps, fractions, spec, classes)
+    mask, phys = _mixture_in_mask(maps, fractions, spec, classes)
     lo, hi = (-32768.0, 32767.0) if plain.signed else (0.0, 65535.0)
-    image = np.clip(np.rint(phys * plain.scale), lo, hi).astype(np.float32)
+    image = np.zeros(mask.shape, np.float32)  # 0 outside the mask, as rint(0 * scale)
+    image[mask] = np.clip(np.rint(phys * plain.scale), lo, hi).astype(np.float32)
     params = dict(plain.parameters)
     nulled = nulled_classes(spec, classes)
     params.update(

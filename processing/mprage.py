@@ -107,17 +107,17 @@ def synthesize_mprage(
     """Synthetic MPRAGE-like T1W image (magnitude; WM bright, CSF dark), 16-bit scaled as
     :func:`processing.synthesis.synthesize` (99.5th percentile in the mask -> 16000)."""
     mask = np.asarray(maps.mask, bool)
-    phys = np.zeros(mask.shape)
-    pd = np.asarray(maps.pd_pu, np.float64)[mask]
-    phys[mask] = np.abs(
+    # only the mask's voxels are computed (the image is 0 outside it)
+    pd = np.asarray(maps.pd_pu)[mask].astype(np.float64)
+    inside = np.abs(
         pd * mprage_signal(np.asarray(maps.t1_ms)[mask], np.asarray(maps.t2_ms)[mask], params)
     )
-    inside = phys[mask]
     if scale is None:
         ref = float(np.percentile(inside, 99.5)) if inside.size else 0.0
         scale = 16000.0 / ref if ref > 0 else 1.0
-    image = np.clip(np.rint(phys * scale), 0, 65535).astype(np.float32)
-    vals = image[mask]
+    vals = np.clip(np.rint(inside * scale), 0, 65535).astype(np.float32)
+    image = np.zeros(mask.shape, np.float32)
+    image[mask] = vals
     p1, p99 = (float(v) for v in np.percentile(vals, [1, 99])) if vals.size else (0.0, 1.0)
     desc = (
         f"SYNTHETIC MPRAGE TR{params.tr_ms:g} TI{params.ti_ms:g} FA{params.flip_deg:g} "

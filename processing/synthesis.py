@@ -473,23 +473,52 @@ def _weight(spec: ContrastSpec, r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
     return w if spec.kind is ContrastKind.PSIR else np.abs(w)
 
 
+@dataclass(frozen=True)
+class _MaskedMaps:
+    """The fitted voxels' rates and PD (float64 ``[n]``, n = voxels in ``mask``), extracted
+    once and shared by every contrast of :func:`synthesize_all`."""
+
+    mask: np.ndarray  # [z, y, x] bool
+    ok: np.ndarray  # [n] finite T1, T2, PD and T1, T2 > 0
+    r1: np.ndarray  # [n] 1/ms (0 where not ok)
+    r2: np.ndarray
+    pd: np.ndarray
+
+    @classmethod
+    def of(cls, maps: QuantMaps) -> _MaskedMaps:
+        if maps.t1_ms.shape != maps.mask.shape:
+            raise SynthesisError(
+                f"maps: t1_ms {maps.t1_ms.shape} and mask {maps.mask.shape} differ"
+            )
+        mask = np.asarray(maps.mask, bool)
+        # select first, then widen: only the mask's voxels are converted to float64
+        t1 = np.asarray(maps.t1_ms)[mask].astype(np.float64)
+        t2 = np.asarray(maps.t2_ms)[mask].astype(np.float64)
+        pd = np.asarray(maps.pd_pu)[mask].astype(np.float64)
+        ok = np.isfinite(t1) & np.isfinite(t2) & np.isfinite(pd) & (t1 > 0) & (t2 > 0)
+        r1 = np.where(ok, 1.0 / np.where(ok, t1, 1.0), 0.0)
+        r2 = np.where(ok, 1.0 / np.where(ok, t2, 1.0), 0.0)
+        return cls(mask, ok, r1, r2, pd)
+
+    def signal(self, spec: ContrastSpec) -> np.ndarray:
+        """PD times the weighting of ``spec`` (resolved), float64 ``[n]``."""
+        return np.where(self.ok, self.pd * _weight(spec, self.r1, self.r2), 0.0)
+
+
 def physical_signal(maps: QuantMaps, spec: ContrastSpec) -> np.ndarray:
     """PD (pu) times the contrast weighting, float64 ``[z, y, x]``; 0 outside the mask."""
-    spec = spec.resolved()
-    mask = np.asarray(maps.mask, bool)
-    t1 = np.asarray(maps.t1_ms, np.float64)[mask]
-    t2 = np.asarray(maps.t2_ms, np.float64)[mask]
-    pd = np.asarray(maps.pd_pu, np.float64)[mask]
-    ok = np.isfinite(t1) & np.isfinite(t2) & np.isfinite(pd) & (t1 > 0) & (t2 > 0)
-    r1 = np.where(ok, 1.0 / np.where(ok, t1, 1.0), 0.0)
-    r2 = np.where(ok, 1.0 / np.where(ok, t2, 1.0), 0.0)
-    out = np.zeros(mask.shape, np.float64)
-    out[mask] = np.where(ok, pd * _weight(spec, r1, r2), 0.0)
+    masked = _MaskedMaps.of(maps)
+    out = np.zeros(masked.mask.shape, np.float64)
+    out[masked.mask] = masked.signal(spec.resolved())
     return out
 
 
 def synthesize(
-    maps: QuantMaps, preset_or_spec: str | ContrastSpec, *, scale: float | None = None
+    maps: QuantMaps,
+    preset_or_spec: str | ContrastSpec,
+    *,
+    scale: float | None = None,
+    _masked: _MaskedMaps | None = None,
 ) -> SyntheticImage:
     """Synthesize one contrast.
 
@@ -502,18 +531,20 @@ def synthesize(
     spec = resolve_spec(preset_or_spec)
     if maps.t1_ms.shape != maps.mask.shape:
         raise SynthesisError(f"maps: t1_ms {maps.t1_ms.shape} and mask {maps.mask.shape} differ")
-    phys = physical_signal(maps, spec)
-    mask = np.asarray(maps.mask, bool)
+    # Only the mask's voxels are computed (outside it the image is 0, as rint(0 * scale)).
+    masked = _masked if _masked is not None else _MaskedMaps.of(maps)
+    mask = masked.mask
     signed = spec.kind is ContrastKind.PSIR
-    inside = phys[mask]
+    inside = masked.signal(spec.resolved())
     if scale is None:
         ref = float(np.percentile(np.abs(inside), SCALE_PERCENTILE)) if inside.size else 0.0
         scale = IMAGE_TARGET / ref if ref > 0 else 1.0
     elif not (math.isfinite(scale) and scale > 0):
         raise SynthesisError(f"scale: must be a finite number > 0, got {scale!r}")
     lo, hi = (-32768.0, 32767.0) if signed else (0.0, 65535.0)
-    image = np.clip(np.rint(phys * scale), lo, hi).astype(np.float32)
-    vals = image[mask]
+    vals = np.clip(np.rint(inside * scale), lo, hi).astype(np.float32)
+    image = np.zeros(mask.shape, np.float32)
+    image[mask] = vals
     if vals.size:
         if signed:
             half = max(float(np.percentile(np.abs(vals), 99.0)), 1.0)
@@ -568,6 +599,7 @@ def synthesize_all(
     override still wins).
     """
     out: dict[str, SyntheticImage] = {}
+    masked = _MaskedMaps.of(maps)
     for name in names:
         key = str(name).upper()
         base: str | ContrastSpec = name
@@ -581,5 +613,5 @@ def synthesize_all(
         spec = resolve_spec(
             base, _get_override(overrides, key) or _get_override(overrides, name) or None
         )
-        out[spec.name] = synthesize(maps, spec)
+        out[spec.name] = synthesize(maps, spec, _masked=masked)
     return out

@@ -345,3 +345,77 @@ def test_report_page_says_where_no_reference_exists_and_takes_a_site_table(
     # 12 y: 380 + (7/13) * 60 = 412.3; limits 60 below and above
     assert "352 – 472" in rows["WM"] and "Site children's table 2026" in rows["WM"]
     assert "no reference range for age 12" in rows["ICV"]  # bundled figures stay
+
+
+@pytest.mark.parametrize("layout", ["philips_enhanced", "siemens_xa_enhanced"])
+def test_enhanced_mr_source_tuned_series_references_its_frames(
+    layout: str, users, tmp_path: Path
+) -> None:
+    """An Enhanced MR source (one multi-frame file, or one per slice): the stored reference
+    headers keep their frame numbers, so a tuned contrast made later from the stored maps
+    names the source frame of each slice (ReferencedFrameNumber: the magnitude frame at
+    that position), passes dciodvfy, and the tuner and report pages serve the series."""
+    import subprocess
+
+    import numpy
+
+    from dicom_node import emulator, vendors
+    from dicom_node.export import ExportSettings
+    from dicom_node.seriesstore import load_series, save_series
+    from dicom_node.web.tuned import spec_from_request, tuned_series
+    from processing.phantom import make_phantom
+    from processing.run import ProcessingSettings, run
+    from tests.conftest import require_tool
+
+    ph = make_phantom((2, 32, 32), seed=3, snr=50.0, anatomy="ellipsoid")
+    files = emulator.write_series(ph.acq, layout, tmp_path / "in")
+    ds = [pydicom.dcmread(f) for f in files]
+    assert all("PerFrameFunctionalGroupsSequence" in d for d in ds)
+    result = run(vendors.normalize(ds), ProcessingSettings(enhance=False))
+    uid = str(ds[0].SeriesInstanceUID)
+    spool = tmp_path / "spool"
+    save_series(spool, uid, result, ds)
+    stored = load_series(spool, uid)
+    assert all(isinstance(n, int) for n in stored.meta["ref_frames"])
+
+    out = tuned_series(
+        stored, spec_from_request({"kind": "IR", "tr_ms": 9000, "te_ms": 90, "ti_ms": 2500}),
+        ExportSettings(),
+    )  # fmt: skip
+    assert len(out) == 2
+    by_uid = {str(d.SOPInstanceUID): d for d in ds}
+    for inst in out:
+        item = inst.SourceImageSequence[0]
+        src = by_uid[str(item.ReferencedSOPInstanceUID)]
+        frame = src.PerFrameFunctionalGroupsSequence[int(item.ReferencedFrameNumber) - 1]
+        assert frame.MRImageFrameTypeSequence[0].ComplexImageComponent == "MAGNITUDE"
+        pos = frame.PlanePositionSequence[0].ImagePositionPatient
+        numpy.testing.assert_allclose(
+            [float(v) for v in inst.ImagePositionPatient], [float(v) for v in pos], atol=1e-3
+        )
+    # the node's report of the series (PDF, SC, T1w/T2w PM) is made for it too (it was not:
+    # the stored reference headers of Enhanced MR frames could not be written)
+    from dicom_node.config import Settings
+    from dicom_node.web.reportdata import series_report_documents
+
+    docs = series_report_documents(spool, uid, ds, Settings())
+    assert [d.SOPClassUID.name for d in docs] == [
+        "Encapsulated PDF Storage", "Secondary Capture Image Storage", "Parametric Map Storage"
+    ]  # fmt: skip
+    for i, d in enumerate([out[0], *docs]):
+        path = tmp_path / f"out{i}.dcm"
+        d.save_as(path, enforce_file_format=True)
+        r = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+        errors = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
+        assert errors == [], (d.SOPClassUID.name, errors)
+
+    reg = Registry(spool / "registry.sqlite3")
+    client = TestClient(
+        create_app(WebContext(web=WebSettings(enabled=True, users=users), registry=reg,
+                              spool_root=spool))
+    )  # fmt: skip
+    _login(client, "ann", VIEWER_PW)
+    assert client.get(f"/series/{uid}/tuner").status_code == 200
+    maps = client.get(f"/api/series/{uid}/maps.bin")
+    assert maps.status_code == 200 and len(maps.content) > 2 * 32 * 32
+    assert client.get(f"/series/{uid}/report").status_code == 200
