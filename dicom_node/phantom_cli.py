@@ -40,10 +40,20 @@ def add_simulate_arguments(s: argparse.ArgumentParser) -> None:
         "--pose",
         type=_floats(6),
         default=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
-        help="RX,RY,RZ (deg, about x then y then z),TX,TY,TZ (mm, phantom centre in LPS)",
+        help="RX,RY,RZ (deg, about the patient's x then y then z, away from the placement"
+        " the phantom's manual gives: NIST plates coronal),TX,TY,TZ (mm, phantom centre, LPS)",
     )
     g.add_argument(
-        "--slab-centre", type=_floats(3), default=(0.0, 0.0, -20.0), help="slab centre LPS mm"
+        "--slab-centre",
+        type=_floats(3),
+        default=None,
+        help="slab centre LPS mm (default: midway between the T1 and T2 plates)",
+    )
+    g.add_argument(
+        "--slab-tilt",
+        type=_floats(3),
+        default=None,
+        help="slab axes rotation RX,RY,RZ deg (default: parallel to the plates)",
     )
     g.add_argument("--voxel", type=_floats(3), default=(4.0, 1.5, 1.5), help="Z,Y,X mm")
     g.add_argument("--temperature", type=float, default=None, help="phantom temperature, C")
@@ -55,7 +65,7 @@ def add_simulate_arguments(s: argparse.ArgumentParser) -> None:
 
 def cmd_simulate_phantom(args: argparse.Namespace) -> int:
     from dicom_node import emulator
-    from processing.phantom_qc import Pose, simulate_phantom
+    from processing.phantom_qc import placed, simulate_phantom
     from processing.phantoms import load_definition
 
     defn = load_definition(args.phantom, args.phantom_version)
@@ -64,8 +74,9 @@ def cmd_simulate_phantom(args: argparse.Namespace) -> int:
         defn,
         shape=shape,
         voxel_size_mm=args.voxel,
-        pose=Pose(tuple(args.pose[:3]), tuple(args.pose[3:])),
+        pose=placed(defn, args.pose[:3], args.pose[3:]),
         slab_centre_mm=args.slab_centre,
+        tilt_deg=args.slab_tilt,
         snr=args.snr,
         b1_range=tuple(args.b1_range),
         temperature_c=args.temperature,

@@ -15,16 +15,22 @@ Pipeline (:func:`analyze`):
    fill, and the cost is the within-region sum of squares of three standardized features
    (log T1, log T2, M0). This is contrast-agnostic: it needs no reference values, so a site's
    own phantom or lot works unchanged, and the PD array (whose relaxation is not certified)
-   pulls its weight. A grid over rotations (+-20 deg, 10 deg steps) and axial offsets feeds a
-   Nelder-Mead refinement of all 6 parameters. ``explained`` = 1 - cost / total SS is the
-   second content test.
-3. **ROIs** (:func:`sphere_rois`): a voxel belongs to a sphere's ROI when its whole box (all
-   corners) lies within ``radius - erosion_mm`` of the detected centre, so no ROI voxel
-   touches the wall. A sphere whose fluid is cut by the slab or field-of-view edge, or that
-   keeps fewer than ``min_voxels``, is reported as not measured with the reason.
-4. **PD** (:func:`phantom_pd`): ``M0 = C(r) * PD``; the fill (uniform, PD known) samples the
+   pulls its weight. A grid over rotations (+-20 deg, 10 deg steps, about the definition's
+   nominal placement: the NIST phantom's plates coronal, as its manual and NIST's own
+   PhantomViewer place it) and offsets along the slab normal feeds a Nelder-Mead refinement
+   of all 6 parameters. ``explained`` = 1 - cost / total SS (with every sphere where step 3
+   found it) is the second content test.
+3. **Each sphere itself** (:func:`refine_spheres`): a real phantom is not its drawing, so
+   after the rigid pose every sphere's own centre and fluid radius are searched (within
+   6 mm and 30 %) against its local contrast (fluid / wall / surrounding fill).
+4. **ROIs** (:func:`sphere_rois`): a voxel belongs to a sphere's ROI when its whole box (all
+   corners) lies within ``radius - erosion_mm`` of the sphere's found centre, with its found
+   radius, so no ROI voxel touches the wall. A sphere whose eroded ROI ball is cut by the
+   slab or field-of-view edge, or that keeps fewer than ``min_voxels``, is reported as not
+   measured with the reason.
+5. **PD** (:func:`phantom_pd`): ``M0 = C(r) * PD``; the fill (uniform, PD known) samples the
    receive field C, fitted as a robust quadratic of log M0 over fill voxels away from spheres.
-5. **Measurement** (:func:`measure`): per sphere the median and robust SD (1.4826 MAD) of
+6. **Measurement** (:func:`measure`): per sphere the median and robust SD (1.4826 MAD) of
    T1, T2 and PD, voxel count, error against the reference; per array slope, intercept and
    R^2 of measured vs reference over the spheres inside the measurable range.
 
@@ -78,7 +84,9 @@ __all__ = [
     "measurable_range",
     "measure",
     "phantom_pd",
+    "placed",
     "protocol_of",
+    "refine_spheres",
     "rotation_matrix",
     "run_phantom",
     "shape_check",
@@ -148,18 +156,38 @@ class Pose:
         }
 
 
+def euler_deg(matrix: np.ndarray) -> tuple[float, float, float]:
+    """The (rx, ry, rz) degrees :func:`rotation_matrix` turns into ``matrix``."""
+    from scipy.spatial.transform import Rotation
+
+    rx, ry, rz = Rotation.from_matrix(np.asarray(matrix, np.float64)).as_euler("xyz", True)
+    return float(rx), float(ry), float(rz)
+
+
+def placed(
+    definition: PhantomDefinition,
+    rotation_deg: Sequence[float] = (0.0, 0.0, 0.0),
+    translation_mm: Sequence[float] = (0.0, 0.0, 0.0),
+) -> Pose:
+    """The pose of a phantom placed as its manual says (``definition.nominal_rotation_deg``),
+    then rotated by ``rotation_deg`` about the patient axes (x, then y, then z) and moved to
+    ``translation_mm`` (its centre, LPS)."""
+    rot = rotation_matrix(*rotation_deg) @ rotation_matrix(*definition.nominal_rotation_deg)
+    return Pose(euler_deg(rot), tuple(float(v) for v in translation_mm))
+
+
 # --------------------------------------------------------------------------------------
 # simulation
 
 
 @nb.njit(cache=True)
-def _fractions_kernel(aff, shape, sub, rot_t, trans, centres, radius, wall, outer, idx, fs, ff):
+def _fractions_kernel(aff, shape, sub, rot_t, trans, centres, radii, walls, outer, idx, fs, ff):
     """Per voxel: index of the sphere it touches (-1 none), fluid fraction of that sphere
     ``fs`` and fill fraction ``ff`` (the rest is wall or air), by ``sub`` sub-samples/axis."""
     nz, ny, nx = shape
     ns = centres.shape[0]
-    r2 = radius * radius
-    rw2 = (radius + wall) * (radius + wall)
+    r2 = radii * radii
+    rw2 = (radii + walls) * (radii + walls)
     o2 = outer * outer
     n_sub = sub[0] * sub[1] * sub[2]
     counts = np.zeros(ns)
@@ -189,14 +217,14 @@ def _fractions_kernel(aff, shape, sub, rot_t, trans, centres, radius, wall, oute
                             hit = False
                             for s in range(ns):
                                 dz = qz - centres[s, 2]
-                                if dz * dz > rw2:
+                                if dz * dz > rw2[s]:
                                     continue
                                 dx = qx - centres[s, 0]
                                 dy = qy - centres[s, 1]
                                 d2 = dx * dx + dy * dy + dz * dz
-                                if d2 <= rw2:
+                                if d2 <= rw2[s]:
                                     hit = True
-                                    if d2 <= r2:
+                                    if d2 <= r2[s]:
                                         counts[s] += 1.0
                                     break
                             if not hit:
@@ -374,7 +402,6 @@ def _voxel_fractions(
     idx = np.empty(shp, np.int16)
     fs = np.empty(shp, np.float32)
     ff = np.empty(shp, np.float32)
-    sph = definition.spheres[0]
     _fractions_kernel(
         affine,
         np.array(shp, np.int64),
@@ -382,8 +409,8 @@ def _voxel_fractions(
         np.ascontiguousarray(pose.matrix.T),
         np.asarray(pose.translation_mm, np.float64),
         centres,
-        float(sph.radius_mm),
-        float(sph.wall_mm),
+        np.array([s.radius_mm for s in definition.spheres], np.float64),
+        np.array([s.wall_mm for s in definition.spheres], np.float64),
         float(definition.outer_radius_mm),
         idx,
         fs,
@@ -398,8 +425,9 @@ def simulate_phantom(
     shape: Sequence[int] = (20, 160, 160),
     voxel_size_mm: Sequence[float] = (4.0, 1.5, 1.5),
     pose: Pose | None = None,
-    slab_centre_mm: Sequence[float] = (0.0, 0.0, -20.0),
-    tilt_deg: Sequence[float] = (0.0, 0.0, 0.0),
+    slab_centre_mm: Sequence[float] | None = None,
+    tilt_deg: Sequence[float] | None = None,
+    slab_offset_mm: float | None = None,
     snr: float | None = 50.0,
     b1_range: tuple[float, float] = (0.8, 1.2),
     coil_range: tuple[float, float] = (0.7, 1.3),
@@ -417,8 +445,11 @@ def simulate_phantom(
     """Simulate an MDME acquisition of the phantom with known truth.
 
     shape, voxel_size_mm: grid ``(z, y, x)`` and voxel size (mm); the slab is centred on
-    ``slab_centre_mm`` (LPS) and tilted by ``tilt_deg`` (an oblique stack). pose: where the
-    phantom sits (default: centred at the origin, axis along S). snr: noise SD per real
+    ``slab_centre_mm`` (LPS; None: the point ``slab_offset_mm`` along the phantom's plate
+    axis, default midway between its two lowest plates) and its axes are rotated by
+    ``tilt_deg`` (None: the definition's nominal rotation, so the slices are parallel to the
+    plates of a phantom placed as its manual says; other values give an oblique stack).
+    pose: where the phantom sits (default: :func:`placed` at the origin). snr: noise SD per real
     channel = 100/snr (None: noiseless), as :func:`processing.phantom.make_phantom`.
     b1_range / coil_range: smooth fields spanning these over the phantom. temperature_c:
     relaxation times scaled by the definition's temperature coefficients (None: as
@@ -426,16 +457,24 @@ def simulate_phantom(
     Signals add (fluid of one sphere + fill); walls and air carry none.
     """
     shp, vs = _checked_grid(shape, voxel_size_mm, snr)
-    pose = pose or Pose()
+    pose = pose or placed(definition)
     temp = definition.temperature_c if temperature_c is None else float(temperature_c)
+    if tilt_deg is None:
+        tilt_deg = definition.nominal_rotation_deg
+    if slab_centre_mm is None:
+        if slab_offset_mm is None:
+            plates = sorted({s.centre_mm[2] for s in definition.spheres})
+            slab_offset_mm = sum(plates[:2]) / len(plates[:2])
+        slab_centre_mm = pose.to_patient(np.array([0.0, 0.0, float(slab_offset_mm)]))
     affine = _grid(shp, vs, slab_centre_mm, tuple(float(v) for v in tilt_deg))
     centres = definition.centres_mm()
     idx, fs, ff = _voxel_fractions(definition, centres, shp, affine, pose, supersample)
     ft1 = definition.temperature_factor("t1_ms", temp)
     ft2 = definition.temperature_factor("t2_ms", temp)
-    t1 = np.array([s.sim_t1_ms * ft1 for s in definition.spheres])
-    t2 = np.array([s.sim_t2_ms * ft2 for s in definition.spheres])
-    pd = np.array([s.sim_pd_pu for s in definition.spheres])
+    sim = [definition.simulated_at(s, temp) for s in definition.spheres]
+    t1 = np.array([v["t1_ms"] for v in sim])
+    t2 = np.array([v["t2_ms"] for v in sim])
+    pd = np.array([v["pd_pu"] for v in sim])
     fill = np.array(
         [definition.fill_t1_ms * ft1, definition.fill_t2_ms * ft2, definition.fill_pd_pu]
     )
@@ -572,9 +611,10 @@ def fit_outer_sphere(
 
 
 @nb.njit(cache=True)
-def _region_cost(feat, support, cidx, lin, radius, wall, soft, box, tot0, tot1, tot2):
+def _region_cost(feat, support, cidx, lin, radii, walls, soft, box, tot0, tot1, tot2):
     """Within-region sum of squares for spheres at voxel-index centres ``cidx`` [n, 3]
-    (x, y, z). Regions: each sphere's fluid, each sphere's wall, the rest (fill)."""
+    (x, y, z) with fluid radii ``radii`` and walls ``walls`` (mm, [n]). Regions: each
+    sphere's fluid, each sphere's wall, the rest (fill)."""
     nf = feat.shape[0]
     nz, ny, nx = support.shape
     bg0 = tot0
@@ -585,8 +625,9 @@ def _region_cost(feat, support, cidx, lin, radius, wall, soft, box, tot0, tot1, 
     wa1 = np.zeros(nf)
     wa2 = np.zeros(nf)
     cost = 0.0
-    rout = radius + wall
     for s in range(cidx.shape[0]):
+        radius = radii[s]
+        rout = radius + walls[s]
         cx, cy, cz = cidx[s, 0], cidx[s, 1], cidx[s, 2]
         z0 = max(0, math.floor(cz - box[2]))
         z1 = min(nz - 1, math.ceil(cz + box[2]))
@@ -653,14 +694,32 @@ class Detection:
     seconds: float
     is_phantom_shape: bool
     reason: str = ""
+    #: rotation (deg) about the patient axes away from the definition's nominal placement
+    deviation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: per sphere (definition order), after :func:`refine_spheres`: found centre (LPS mm,
+    #: ``[n, 3]``), fluid radius (mm, ``[n]``) and how far the centre moved from where the
+    #: rigid pose put it (mm); None before refinement
+    centres_lps: np.ndarray | None = None
+    radii_mm: np.ndarray | None = None
+    shift_mm: np.ndarray | None = None
+    refined: list[str] = field(default_factory=list)
+    #: ``explained`` of the rigid model alone (``explained`` is then the refined one's)
+    explained_rigid: float | None = None
+    refine_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             **self.pose.as_dict(),
+            "deviation_from_nominal_deg": [round(v, 3) for v in self.deviation_deg],
             "outer_centre_mm": None if self.outer is None else list(self.outer.centre_mm),
             "outer_radius_mm": None if self.outer is None else self.outer.radius_mm,
             "outer_rms_mm": None if self.outer is None else self.outer.rms_mm,
             "explained": round(float(self.explained), 4),
+            "explained_rigid": (
+                None if self.explained_rigid is None else round(float(self.explained_rigid), 4)
+            ),
+            "spheres_refined": len(self.refined),
+            "refine_seconds": round(self.refine_seconds, 3),
             "evaluations": self.evaluations,
             "seconds": round(self.seconds, 3),
             "is_phantom_shape": self.is_phantom_shape,
@@ -737,17 +796,20 @@ def detect_pose(
     lin, inv = _lin_inv(affine)
     origin = affine[:3, 3]
     centres = definition.centres_mm()
-    sph = definition.spheres[0]
+    radii = np.array([s.radius_mm for s in definition.spheres], np.float64)
+    walls = np.array([s.wall_mm for s in definition.spheres], np.float64)
     vox = np.linalg.norm(lin, axis=0)
     soft = float(max(1.0, 0.75 * min(vox[0], vox[1])))
-    reach = sph.radius_mm + sph.wall_mm + soft
+    reach = float((radii + walls).max()) + soft
     box = reach / vox
     n_eval = 0
+
+    nominal = rotation_matrix(*definition.nominal_rotation_deg)
 
     def cost(theta: np.ndarray) -> float:
         nonlocal n_eval
         n_eval += 1
-        rot = rotation_matrix(theta[0], theta[1], theta[2])
+        rot = rotation_matrix(theta[0], theta[1], theta[2]) @ nominal
         p = centres @ rot.T + theta[3:6]
         cidx = (p - origin) @ inv.T
         return _region_cost(
@@ -755,8 +817,8 @@ def detect_pose(
             sup,
             np.ascontiguousarray(cidx),
             lin,
-            sph.radius_mm,
-            sph.wall_mm,
+            radii,
+            walls,
             soft,
             box,
             tot0,
@@ -786,9 +848,219 @@ def detect_pose(
         )
         if res.fun < best_val:
             best_val, best = float(res.fun), np.asarray(res.x)
-    pose = Pose(tuple(float(v) for v in best[:3]), tuple(float(v) for v in best[3:]))
+    pose = Pose(euler_deg(rotation_matrix(*best[:3]) @ nominal), tuple(float(v) for v in best[3:]))
     explained = 1.0 - best_val / total_ss if total_ss > 0 else 0.0
-    return Detection(pose, outer, explained, n_eval, time.perf_counter() - t0, True)
+    det = Detection(pose, outer, explained, n_eval, time.perf_counter() - t0, True)
+    det.deviation_deg = tuple(float(v) for v in best[:3])
+    t_refine = time.perf_counter()
+    refine_spheres(det, feat, sup, affine, definition)
+    det.refine_seconds = time.perf_counter() - t_refine
+    if det.refined:  # how well the phantom as found (each sphere's place and size) explains
+        cidx = (det.centres_lps - origin) @ inv.T
+        found_radii = np.asarray(det.radii_mm, np.float64)
+        box_found = (float((found_radii + walls).max()) + soft) / vox
+        fc = _region_cost(
+            feat,
+            sup,
+            np.ascontiguousarray(cidx),
+            lin,
+            found_radii,
+            walls,
+            soft,
+            box_found,
+            tot0,
+            tot1,
+            tot2,
+        )
+        det.explained_rigid = det.explained
+        det.explained = max(det.explained, 1.0 - fc / total_ss if total_ss > 0 else 0.0)
+    det.seconds = time.perf_counter() - t0
+    return det
+
+
+@nb.njit(cache=True)
+def _local_cost(feat, support, cdom, rdom, excl, excl_r, c, lin, vox, radius, wall):
+    """Within-region sum of squares of the features in the ball of ``rdom`` mm about
+    ``cdom`` (voxel index x, y, z), voxels within ``excl_r`` mm of an ``excl`` centre (the
+    neighbours) left out. Regions: fluid (closer than ``radius`` to ``c``), wall (closer than
+    ``radius + wall``), the rest (local fill); a voxel's share of each follows its width
+    along the radial direction (partial volume of a box against a sphere's surface)."""
+    nf = feat.shape[0]
+    nz, ny, nx = support.shape
+    x0 = max(0, math.floor(cdom[0] - rdom / vox[0]))
+    x1 = min(nx - 1, math.ceil(cdom[0] + rdom / vox[0]))
+    y0 = max(0, math.floor(cdom[1] - rdom / vox[1]))
+    y1 = min(ny - 1, math.ceil(cdom[1] + rdom / vox[1]))
+    z0 = max(0, math.floor(cdom[2] - rdom / vox[2]))
+    z1 = min(nz - 1, math.ceil(cdom[2] + rdom / vox[2]))
+    s0 = np.zeros(3)
+    s1 = np.zeros((3, nf))
+    s2 = np.zeros((3, nf))
+    w = np.zeros(3)
+    for z in range(z0, z1 + 1):
+        for y in range(y0, y1 + 1):
+            for x in range(x0, x1 + 1):
+                if not support[z, y, x]:
+                    continue
+                ax = (x - cdom[0]) * vox[0]
+                ay = (y - cdom[1]) * vox[1]
+                az = (z - cdom[2]) * vox[2]
+                if ax * ax + ay * ay + az * az > rdom * rdom:
+                    continue
+                skip = False
+                for e in range(excl.shape[0]):
+                    ex = (x - excl[e, 0]) * vox[0]
+                    ey = (y - excl[e, 1]) * vox[1]
+                    ez = (z - excl[e, 2]) * vox[2]
+                    if ex * ex + ey * ey + ez * ez < excl_r[e] * excl_r[e]:
+                        skip = True
+                        break
+                if skip:
+                    continue
+                px = (x - c[0]) * vox[0]
+                py = (y - c[1]) * vox[1]
+                pz = (z - c[2]) * vox[2]
+                d = math.sqrt(px * px + py * py + pz * pz)
+                if d > 1e-6:
+                    width = (abs(px) * vox[0] + abs(py) * vox[1] + abs(pz) * vox[2]) / d
+                else:
+                    width = min(vox[0], min(vox[1], vox[2]))
+                width = max(width, 0.5)
+                fi = min(1.0, max(0.0, (radius - d) / width + 0.5))
+                fo = min(1.0, max(0.0, (radius + wall - d) / width + 0.5))
+                w[0] = fi
+                w[1] = fo - fi
+                w[2] = 1.0 - fo
+                for r in range(3):
+                    if w[r] <= 0.0:
+                        continue
+                    s0[r] += w[r]
+                    for f in range(nf):
+                        v = feat[f, z, y, x]
+                        s1[r, f] += w[r] * v
+                        s2[r, f] += w[r] * v * v
+    cost = 0.0
+    for r in range(3):
+        if s0[r] > 1e-6:
+            for f in range(nf):
+                cost += s2[r, f] - s1[r, f] * s1[r, f] / s0[r]
+    return cost
+
+
+#: Per-sphere refinement bounds: a sphere may sit this far (mm) from where the rigid pose
+#: puts it, and its fluid radius may differ from the definition's by this fraction.
+MAX_SPHERE_SHIFT_MM = 6.0
+MAX_RADIUS_CHANGE = 0.3
+
+
+def _refine_one(
+    k: int,
+    rigid: np.ndarray,
+    r_def: np.ndarray,
+    centres: np.ndarray,
+    radii: np.ndarray,
+    walls: np.ndarray,
+    feat: np.ndarray,
+    support: np.ndarray,
+    affine: np.ndarray,
+    max_shift_mm: float,
+    max_radius_change: float,
+) -> tuple[bool, np.ndarray, float]:
+    """One sphere's search (:func:`refine_spheres`) from its current estimate
+    (``centres[k]``, ``radii[k]``); the bounds count from the rigid position ``rigid[k]`` and
+    the definition's radius ``r_def[k]``. Returns (accepted, centre LPS, radius)."""
+    lin, inv = _lin_inv(affine)
+    vox = np.linalg.norm(lin, axis=0)
+    origin = affine[:3, 3]
+    shp = np.array([support.shape[2], support.shape[1], support.shape[0]], np.float64)
+    r0 = float(r_def[k])
+    cidx = inv @ (rigid[k] - origin)
+    ext = r0 / vox
+    if np.any(cidx - ext < -0.5) or np.any(cidx + ext > shp - 0.5):
+        return False, centres[k], float(radii[k])  # cut by or beyond the grid's edge
+    rdom = r0 * (1 + max_radius_change) + walls[k] + 2.0
+    cdom = np.ascontiguousarray(inv @ (centres[k] - origin))
+    near = np.linalg.norm(centres - centres[k], axis=1) < rdom + radii + walls
+    near[k] = False
+    excl = np.ascontiguousarray(((centres[near] - origin) @ inv.T).reshape(-1, 3))
+    excl_r = np.ascontiguousarray(radii[near] + walls[near] + 0.5)
+    base = np.concatenate([centres[k] - rigid[k], [radii[k] - r0]])
+
+    def cost(p: np.ndarray) -> float:
+        if np.linalg.norm(p[:3]) > max_shift_mm or abs(p[3]) > max_radius_change * r0:
+            return 1e30
+        c = np.ascontiguousarray(inv @ (rigid[k] + p[:3] - origin))
+        return _local_cost(
+            feat, support, cdom, rdom, excl, excl_r, c, lin, vox, r0 + p[3], walls[k]
+        )
+
+    steps = np.array([1.0, 1.0, 1.0, 0.5])
+    simplex = np.array([base] + [base + np.eye(4)[i] * steps[i] for i in range(4)])
+    res = optimize.minimize(
+        cost,
+        base,
+        method="Nelder-Mead",
+        options={"initial_simplex": simplex, "xatol": 0.1, "fatol": 0.5, "maxfev": 400},
+    )
+    p = np.asarray(res.x)
+    # a radius on its bound is kept (the smallest: a dark sphere whose fluid and wall look
+    # alike; the ROI is then the smaller, safe one); a centre on its bound is not found
+    if not res.fun < cost(base) or np.linalg.norm(p[:3]) > 0.98 * max_shift_mm:
+        return False, centres[k], float(radii[k])
+    return True, rigid[k] + p[:3], r0 + float(p[3])
+
+
+def refine_spheres(
+    det: Detection,
+    feat: np.ndarray,
+    support: np.ndarray,
+    affine: np.ndarray,
+    definition: PhantomDefinition,
+    *,
+    max_shift_mm: float = MAX_SPHERE_SHIFT_MM,
+    max_radius_change: float = MAX_RADIUS_CHANGE,
+    passes: int = 2,
+) -> None:
+    """Find every sphere's own centre and fluid radius after the rigid pose (in place:
+    ``det.centres_lps``, ``det.radii_mm``, ``det.shift_mm``, ``det.refined``).
+
+    A real phantom is not its drawing: spheres sit a few mm from their nominal places and
+    their size differs from the definition's. Per sphere whose fluid the grid holds, a
+    Nelder-Mead search over (centre, radius) minimizes :func:`_local_cost` in a ball around
+    the rigid position (neighbouring spheres left out), within ``max_shift_mm`` and
+    ``max_radius_change``. A sphere cut by the grid's edge, or whose search ends on a bound
+    or does not lower the cost, keeps the rigid position and the definition's radius. The
+    second pass leaves the neighbours out where the first found them (a neighbour larger or
+    moved towards the sphere would otherwise count as its fill).
+    """
+    rigid = det.pose.to_patient(definition.centres_mm())
+    centres = rigid.copy()
+    r_def = np.array([s.radius_mm for s in definition.spheres], np.float64)
+    radii = r_def.copy()
+    walls = np.array([s.wall_mm for s in definition.spheres], np.float64)
+    done: set[str] = set()
+    for _ in range(max(1, passes)):
+        for k, s in enumerate(definition.spheres):
+            ok, c_k, r_k = _refine_one(
+                k,
+                rigid,
+                r_def,
+                centres,
+                radii,
+                walls,
+                feat,
+                support,
+                affine,
+                max_shift_mm,
+                max_radius_change,
+            )
+            if ok:
+                centres[k], radii[k] = c_k, r_k
+                done.add(s.label)
+    det.refined = [s.label for s in definition.spheres if s.label in done]
+    det.centres_lps = centres
+    det.radii_mm = radii
+    det.shift_mm = np.linalg.norm(centres - rigid, axis=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -805,6 +1077,10 @@ class SphereROI:
     voxels: np.ndarray
     measured: bool
     reason: str = ""
+    #: the fluid radius the ROI was eroded from (mm) and the centre's distance from where
+    #: the rigid pose put the sphere (mm)
+    radius_mm: float = 0.0
+    shift_mm: float = 0.0
 
 
 def sphere_rois(
@@ -815,20 +1091,32 @@ def sphere_rois(
     *,
     erosion_mm: float = 1.0,
     min_voxels: int = 10,
+    centres_lps: np.ndarray | None = None,
+    radii_mm: np.ndarray | None = None,
 ) -> list[SphereROI]:
-    """Eroded spherical ROIs (module doc, step 3), one per sphere, in definition order."""
+    """Eroded spherical ROIs (module doc, step 3), one per sphere, in definition order.
+
+    centres_lps / radii_mm: each sphere's found centre and fluid radius
+    (:func:`refine_spheres`); None: where the rigid pose puts it, the definition's radius.
+    The ROI is eroded by ``erosion_mm`` from that radius."""
     affine = np.asarray(affine, np.float64)
     lin, inv = _lin_inv(affine)
     vox = np.linalg.norm(lin, axis=0)  # x, y, z spacing
     half = vox / 2.0
     shp = np.array([shape[2], shape[1], shape[0]], np.float64)  # x, y, z counts
     out: list[SphereROI] = []
-    centres = pose.to_patient(definition.centres_mm())
+    rigid = pose.to_patient(definition.centres_mm())
+    centres = rigid if centres_lps is None else np.asarray(centres_lps, np.float64)
+    radii = [s.radius_mm for s in definition.spheres] if radii_mm is None else radii_mm
+    shifts = np.linalg.norm(centres - rigid, axis=1)
     names = ("field of view (columns)", "field of view (rows)", "slab")
-    for s, c in zip(definition.spheres, centres, strict=True):
+    for k, (s, c) in enumerate(zip(definition.spheres, centres, strict=True)):
         cidx = inv @ (c - affine[:3, 3])
-        r = s.radius_mm
-        ext_fluid = r / vox
+        r = float(radii[k])
+        geo = {"radius_mm": round(r, 2), "shift_mm": round(float(shifts[k]), 2)}
+        # the eroded ROI ball must lie inside the grid: a slab edge through the sphere's
+        # outer erosion_mm leaves its ROI whole, deeper it does not
+        ext_fluid = max(r - erosion_mm, 0.0) / vox
         ext_out = (r + s.wall_mm) / vox
         reason = ""
         for a in (2, 0, 1):
@@ -841,7 +1129,9 @@ def sphere_rois(
                 break
         centre = tuple(float(v) for v in c)
         if reason:
-            out.append(SphereROI(s.label, s.array, centre, np.zeros(0, np.int64), False, reason))
+            out.append(
+                SphereROI(s.label, s.array, centre, np.zeros(0, np.int64), False, reason, **geo)
+            )
             continue
         lo = np.maximum(np.floor(cidx - ext_fluid), 0).astype(int)
         hi = np.minimum(np.ceil(cidx + ext_fluid), shp - 1).astype(int)
@@ -864,10 +1154,11 @@ def sphere_rois(
                     flat.astype(np.int64),
                     False,
                     f"too few voxels: {flat.size} inside the eroded ROI (minimum {min_voxels})",
+                    **geo,
                 )
             )
             continue
-        out.append(SphereROI(s.label, s.array, centre, flat.astype(np.int64), True))
+        out.append(SphereROI(s.label, s.array, centre, flat.astype(np.int64), True, **geo))
     return out
 
 
@@ -881,14 +1172,19 @@ def _sphere_shell_mask(
     affine: np.ndarray,
     shape: Sequence[int],
     pad_mm: float,
+    centres_lps: np.ndarray | None = None,
+    radii_mm: np.ndarray | None = None,
 ) -> np.ndarray:
-    """bool ``[z, y, x]``: voxel centres within ``radius + wall + pad_mm`` of any sphere."""
+    """bool ``[z, y, x]``: voxel centres within ``radius + wall + pad_mm`` of any sphere
+    (found centres and radii when given, else the rigid pose and the definition's)."""
     lin, inv = _lin_inv(affine)
     vox = np.linalg.norm(lin, axis=0)
     out = np.zeros(tuple(int(v) for v in shape), bool)
     lim = np.array([shape[2], shape[1], shape[0]]) - 1
-    for s, c in zip(definition.spheres, pose.to_patient(definition.centres_mm()), strict=True):
-        reach = s.radius_mm + s.wall_mm + pad_mm
+    centres = pose.to_patient(definition.centres_mm()) if centres_lps is None else centres_lps
+    radii = [s.radius_mm for s in definition.spheres] if radii_mm is None else radii_mm
+    for k, (s, c) in enumerate(zip(definition.spheres, centres, strict=True)):
+        reach = float(radii[k]) + s.wall_mm + pad_mm
         cidx = inv @ (c - affine[:3, 3])
         lo = np.maximum(np.floor(cidx - reach / vox), 0).astype(int)
         hi = np.minimum(np.ceil(cidx + reach / vox), lim).astype(int)
@@ -915,6 +1211,8 @@ def phantom_pd(
     *,
     margin_mm: float = 3.0,
     order: int = 3,
+    centres_lps: np.ndarray | None = None,
+    radii_mm: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """PD (pu) ``[z, y, x]`` = M0 / C, C from a robust polynomial of log M0 over the fill.
 
@@ -929,7 +1227,7 @@ def phantom_pd(
     centre = np.asarray(pose.translation_mm, np.float32)
     rel = (pts - centre) @ pose.matrix.astype(np.float32) / 100.0  # phantom frame, 1/100 mm
     del pts
-    near = _sphere_shell_mask(definition, pose, affine, shape, margin_mm)
+    near = _sphere_shell_mask(definition, pose, affine, shape, margin_mm, centres_lps, radii_mm)
     rad = np.sqrt((rel**2).sum(-1)) * 100.0
     # failed voxels stay in: in the fill they are mostly T2 on its upper bound, and leaving
     # them out would select low-T2 (low-M0) voxels and bias C
@@ -1137,6 +1435,8 @@ def measure(
             "index": s.index,
             "centre_mm": [round(v, 2) for v in roi.centre_mm],
             "voxels": int(roi.voxels.size),
+            "radius_mm": roi.radius_mm,
+            "shift_mm": roi.shift_mm,
             "measured": roi.measured,
             "reason": roi.reason,
             "t1_ms": None,
@@ -1146,6 +1446,7 @@ def measure(
             "reference": ref,
             "reference_sd": dict(s.reference_sd),
             "reference_source": s.sources.get(q, ""),
+            "reference_temperature": definition.value_at(s, q, temperature_c)[1],
             "quantity": q,
             "in_range": in_range,
             "voxel_cv": voxel_cv,
@@ -1270,12 +1571,27 @@ def analyze(
         out["seconds"] = round(time.perf_counter() - t0, 3)
         return out
     rois = sphere_rois(
-        definition, det.pose, affine, maps.t1_ms.shape, erosion_mm=erosion_mm, min_voxels=min_voxels
+        definition,
+        det.pose,
+        affine,
+        maps.t1_ms.shape,
+        erosion_mm=erosion_mm,
+        min_voxels=min_voxels,
+        centres_lps=det.centres_lps,
+        radii_mm=det.radii_mm,
     )
     if acq is not None:
         maps = _fit_roi_gaps(maps, acq, rois)
     try:
-        pd, pd_info = phantom_pd(maps, affine, definition, det.pose, sup)
+        pd, pd_info = phantom_pd(
+            maps,
+            affine,
+            definition,
+            det.pose,
+            sup,
+            centres_lps=det.centres_lps,
+            radii_mm=det.radii_mm,
+        )
     except ValueError as exc:
         pd, pd_info = maps.pd_pu, {"error": str(exc)}
     rows, lin = measure(maps, pd, rois, definition, protocol, temperature_c=temperature_c)
@@ -1434,8 +1750,22 @@ def warmup() -> None:
     lin, _ = _lin_inv(affine)
     feat = np.zeros((3, 2, 4, 4))
     sup = np.ones((2, 4, 4), bool)
+    one = np.ones(1)
     _region_cost(
-        feat, sup, np.zeros((1, 3)), lin, 1.0, 0.5, 1.0, np.ones(3), 32.0, np.zeros(3), np.zeros(3)
+        feat, sup, np.zeros((1, 3)), lin, one, one, 1.0, np.ones(3), 32.0, np.zeros(3), np.zeros(3)
+    )
+    _local_cost(
+        feat,
+        sup,
+        np.zeros(3),
+        2.0,
+        np.zeros((0, 3)),
+        np.zeros(0),
+        np.zeros(3),
+        lin,
+        np.ones(3),
+        1.0,
+        0.5,
     )
 
 

@@ -60,9 +60,14 @@ def _normalize(folder: Path) -> _Series:
     return _Series(folder)
 
 
+def _placed(rotation_deg, translation_mm) -> pq.Pose:
+    """The NIST phantom as its manual places it (plates coronal), then rotated and moved."""
+    return pq.placed(load_definition("nist"), rotation_deg, translation_mm)
+
+
 def _small_scan(seed: int, pose: pq.Pose, **kw) -> pq.PhantomScan:
-    """16 slices x 4 mm over the T1 and T2 arrays, 1.875 mm in-plane (240 mm FOV)."""
-    kw.setdefault("slab_centre_mm", (0.0, 0.0, -20.0))
+    """16 coronal slices x 4 mm over the T1 and T2 arrays (the slab centred midway between
+    them), 1.875 mm in-plane (240 mm FOV)."""
     return pq.simulate_phantom(
         load_definition("nist"),
         shape=(16, 128, 128),
@@ -96,7 +101,7 @@ def test_rule_default_and_configured():
 @pytest.mark.parametrize("layout", sorted(emulator.VENDOR_LAYOUTS))
 def test_every_vendor_layout(tmp_path: Path, layout: str):
     """Pose 20 mm off-centre, 15/-12/10 deg, slab cutting the T2 ring; SNR 50, B1 0.8-1.2."""
-    pose = pq.Pose((15.0, -12.0, 10.0), (-12.0, 16.0, 3.0))
+    pose = _placed((15.0, -12.0, 10.0), (-12.0, 16.0, 3.0))
     scan = _small_scan(7, pose)
     folder = _write(scan.acq, tmp_path / layout, layout, 7, PHANTOM_PATIENT, PHANTOM_STUDY)
     outcome = _normalize(folder)
@@ -117,6 +122,58 @@ def test_every_vendor_layout(tmp_path: Path, layout: str):
             assert r["reason"], s.label
     assert n_found >= 8
     assert ph.report["linearity"]["T1"]["r2"] >= 0.999
+
+
+def _check_found_and_measured(scan: pq.PhantomScan, report: dict, what) -> None:
+    """Every sphere the analysis measured sits within 2 mm of the truth and, inside the
+    measurable range, within 2 % T1 / 3 % T2 / 2 pu PD of it; >= 8 in range; R^2 T1."""
+    rows = {r["label"]: r for r in report["spheres"]}
+    n_found = 0
+    for s, c in zip(scan.definition.spheres, scan.sphere_centres_lps, strict=True):
+        r = rows[s.label]
+        if not r["measured"]:
+            assert r["reason"], s.label
+            continue
+        assert np.linalg.norm(np.array(r["centre_mm"]) - c) <= 2.0, (what, s.label)
+        if r["in_range"]:
+            n_found += 1
+            truth = scan.truth[s.label][s.quantity]
+            err = abs(r[s.quantity] - truth)
+            tol = {"t1_ms": 0.02 * truth, "t2_ms": 0.03 * truth, "pd_pu": 2.0}[s.quantity]
+            assert err <= tol, (what, s.label, r[s.quantity], truth)
+    assert n_found >= 8, what
+    assert report["linearity"]["T1"]["r2"] >= 0.999, what
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "row_name, layout",
+    [
+        ("magnitude 12-bit slope/intercept + phase degrees", "philips"),
+        ("phase: radians, GE slope 0.001, signed", "ge"),
+        ("magnitude only, 12-bit, slope per frame, intercept", "siemens"),
+        ("delay in per-frame InversionTimes (0018,9079)", "philips_enhanced"),
+    ],
+)
+def test_other_writers_and_oblique_slab(tmp_path: Path, row_name: str, layout: str):
+    """A phantom series rewritten into another writer's header convention
+    (tests/other_writers.py: 12-bit magnitude with a slope per frame, signed radians,
+    magnitude only, the delay in a per-frame tag), on an oblique slab (15 deg about x, 10
+    about y away from the plates), through the adapter and the node's phantom path."""
+    from tests.other_writers import ROWS
+
+    (row,) = [r for r in ROWS if r.name == row_name]
+    scan = _small_scan(5, _placed((6.0, -8.0, 5.0), (8.0, -10.0, 6.0)), tilt_deg=(-75.0, 10.0, 0))
+    folder = tmp_path / layout
+    folder.mkdir()
+    for i, ds in enumerate(row.build(scan.acq, layout, 5)):
+        for k, v in {**PHANTOM_PATIENT, **PHANTOM_STUDY}.items():
+            setattr(ds, k, v)
+        ds.save_as(folder / f"IM_{i + 1:05d}.dcm", enforce_file_format=True)
+    outcome = _normalize(folder)
+    ph = try_phantom(outcome.acquisition, outcome.datasets, PhantomQCSettings(), _direct)
+    assert ph is not None and ph.result is not None, ph and ph.reason
+    _check_found_and_measured(scan, ph.report, (row_name, layout))
 
 
 @pytest.mark.slow
@@ -140,7 +197,7 @@ def test_brain_with_phantom_description_is_a_brain_and_vice_versa(tmp_path: Path
     assert out.state == State.EXPORTED and out.phantom_qc is None
     assert out.result.segmentation is not None and out.result.synthetic
     # and a phantom sent as a patient's brain study is still the phantom
-    scan = _small_scan(3, pq.Pose((0.0, 5.0, -8.0), (6.0, -4.0, 2.0)))
+    scan = _small_scan(3, _placed((0.0, 5.0, -8.0), (6.0, -4.0, 2.0)))
     folder = _write(
         scan.acq,
         tmp_path / "ph",
@@ -287,13 +344,13 @@ def test_compare_three_scanners_against_truth(tmp_path: Path):
         for rep_i in range(3):
             seed = 10 * si + rep_i
             rng = np.random.default_rng(seed)
-            pose = pq.Pose(tuple(rng.uniform(-10, 10, 3)), tuple(rng.uniform(-12, 12, 3)))
+            pose = pq.placed(defn, rng.uniform(-10, 10, 3), rng.uniform(-12, 12, 3))
             scan = pq.simulate_phantom(
                 defn,
                 shape=(12, 128, 128),
                 voxel_size_mm=(4.0, 1.875, 1.875),
                 pose=pose,
-                slab_centre_mm=(0.0, 0.0, pose.translation_mm[2] - 40.0),
+                slab_offset_mm=-56.5,  # 12 slices centred on the T1 plate
                 snr=snr,
                 b1_range=b1,
                 temperature_c=temp,
@@ -318,9 +375,11 @@ def test_compare_three_scanners_against_truth(tmp_path: Path):
     table = pq.compare_reports(reports)
     t1_rows = [r for r in table["spheres"] if r["array"] == "T1"]
     assert len(t1_rows) >= 5
-    factors = [1 + defn.t1_per_c * (t - 20.0) for t, _, _ in scanners.values()]
-    truth_between = st.stdev(factors) / st.mean(factors)
     for row in t1_rows:
+        # the truth: the certified T1 at each scanner's temperature (the v2 T1 plate's table)
+        sphere = next(s for s in defn.spheres if s.label == row["label"])
+        truth = [defn.value_at(sphere, "t1_ms", t)[0] for t, _, _ in scanners.values()]
+        truth_between = st.stdev(truth) / st.mean(truth)
         # independently recomputed from the JSON values with the statistics module
         per = {}
         for rep in reports:
@@ -333,8 +392,16 @@ def test_compare_three_scanners_against_truth(tmp_path: Path):
             math.sqrt(sum(w * w for w in within) / len(within))
         )
         assert row["cv_between"] == pytest.approx(st.stdev(means) / st.mean(means))
-        # and against the truth: repeats agree to < 1.5 %, scanners differ as the truth does
-        assert row["cv_within"] < 0.015, row
+        # and against the truth: repeats agree as well as the noise allows (the median of n
+        # voxels of robust SD sd has SE 1.2533 sd / sqrt(n); x 2.5 for a CV from 3 x 3
+        # repeats), scanners differ as the truth does
+        se = [
+            1.2533 * s["sd"]["t1_ms"] / math.sqrt(s["voxels"]) / s["t1_ms"]
+            for rep in reports
+            for s in rep["spheres"]
+            if s["label"] == row["label"] and s["measured"] and s["in_range"]
+        ]
+        assert row["cv_within"] < max(0.015, 2.5 * st.mean(se)), (row, st.mean(se))
         assert abs(row["cv_between"] - truth_between) < 0.01, (row, truth_between)
     for scanner in scanners:
         assert table["r2"][scanner]["T1"] >= 0.999
@@ -417,7 +484,7 @@ def test_serve_phantom_to_orthanc_sr_maps_seg(tmp_path: Path):
     from tests.conftest import make_orthanc, storescu, wait_for, write_config
 
     orth = make_orthanc(tmp_path / "orthanc")
-    scan = _small_scan(11, pq.Pose((-6.0, 9.0, 12.0), (10.0, 8.0, -5.0)))
+    scan = _small_scan(11, _placed((-6.0, 9.0, 12.0), (10.0, 8.0, -5.0)))
     folder = _write(
         scan.acq,
         tmp_path / "series",

@@ -22,9 +22,10 @@ TOML). Units: times in ms, PD in percent units (pure water = 100).
 
 from __future__ import annotations
 
+import itertools
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,11 @@ class Sphere:
     sim_t1_ms: float
     sim_t2_ms: float
     sim_pd_pu: float
+    #: quantity -> (temperatures C ascending, this sphere's certified values there)
+    temperature_table: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(
+        default_factory=dict
+    )
+    temperature_source: str = ""
 
     @property
     def label(self) -> str:
@@ -98,6 +104,9 @@ class PhantomDefinition:
     t2_per_c: float = 0.0
     source_file: str = ""
     certificate: dict[str, Any] = field(default_factory=dict)
+    #: the pose rotation (deg, about x then y then z) of the phantom as the manual places
+    #: it; the pose search covers +-20 deg about it
+    nominal_rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @property
     def arrays(self) -> tuple[str, ...]:
@@ -118,13 +127,71 @@ class PhantomDefinition:
         per_c = self.t1_per_c if quantity == "t1_ms" else self.t2_per_c
         return float(1.0 + per_c * (float(temperature_c) - self.temperature_c))
 
+    def value_at(
+        self, sphere: Sphere, quantity: str, temperature_c: float | None
+    ) -> tuple[float | None, str]:
+        """The sphere's certified ``quantity`` at ``temperature_c`` and how it was found.
+
+        A temperature table (``[versions.<v>.<ARRAY>.temperature]``, applied as relative change
+        to the certified value, so a lot certificate keeps the table's temperature dependence)
+        is interpolated linearly between its two neighbouring temperatures (outside it: the
+        end segment, and the note says "extrapolated"); without a table the definition's
+        per-degree coefficient scales the value at the reference temperature. None: as
+        certified.
+        """
+        v = sphere.reference.get(quantity)
+        if v is None:
+            return None, ""
+        if temperature_c is None:
+            return float(v), "as certified"
+        t = float(temperature_c)
+        table = sphere.temperature_table.get(quantity)
+        if table is None:
+            note = f"coefficient {self.t1_per_c if quantity == 't1_ms' else self.t2_per_c}/C"
+            return float(v) * self.temperature_factor(quantity, t), note
+        temps, vals = table
+        if len(temps) == 1:
+            return float(vals[0]), "table (one temperature)"
+        k = int(np.clip(np.searchsorted(temps, t) - 1, 0, len(temps) - 2))
+        t0, t1 = temps[k], temps[k + 1]
+        w = (t - t0) / (t1 - t0)
+        out = float(vals[k] + w * (vals[k + 1] - vals[k]))
+        inside = temps[0] <= t <= temps[-1]
+        note = "table, interpolated" if inside else "table, EXTRAPOLATED"
+        return out, f"{note} {temps[0]:g}-{temps[-1]:g} C ({sphere.temperature_source})"
+
     def reference_at(self, sphere: Sphere, temperature_c: float | None = None) -> dict:
         """The sphere's reference values at ``temperature_c`` (None: as certified)."""
-        out: dict[str, float | None] = {}
+        return {q: self.value_at(sphere, q, temperature_c)[0] for q in _QUANTITIES}
+
+    def simulated_at(self, sphere: Sphere, temperature_c: float | None) -> dict[str, float]:
+        """What the emulator puts in the sphere at ``temperature_c``: the reference where
+        there is one (temperature tables included), else the ``sim_*`` value scaled by the
+        per-degree coefficient."""
+        sim = {"t1_ms": sphere.sim_t1_ms, "t2_ms": sphere.sim_t2_ms, "pd_pu": sphere.sim_pd_pu}
+        out = {}
         for q in _QUANTITIES:
-            v = sphere.reference.get(q)
-            out[q] = None if v is None else float(v) * self.temperature_factor(q, temperature_c)
+            v, _ = self.value_at(sphere, q, temperature_c)
+            out[q] = v if v is not None else sim[q] * self.temperature_factor(q, temperature_c)
         return out
+
+    def with_geometry(
+        self, centres_mm: np.ndarray, radius_mm: np.ndarray | float | None = None
+    ) -> PhantomDefinition:
+        """A copy whose spheres sit at ``centres_mm`` (``[n, 3]`` phantom mm) with fluid radii
+        ``radius_mm`` (None: unchanged): a phantom built differently from this definition
+        (the tests simulate one and analyse it with the shipped definition)."""
+        c = np.asarray(centres_mm, np.float64).reshape(len(self.spheres), 3)
+        r = (
+            [s.radius_mm for s in self.spheres]
+            if radius_mm is None
+            else np.broadcast_to(np.asarray(radius_mm, np.float64), (len(self.spheres),))
+        )
+        spheres = tuple(
+            replace(s, centre_mm=tuple(float(v) for v in c[i]), radius_mm=float(r[i]))
+            for i, s in enumerate(self.spheres)
+        )
+        return replace(self, spheres=spheres)
 
 
 def _builtin_dir() -> Path:
@@ -187,19 +254,79 @@ def _read_certificate(path: Path) -> dict[str, Any]:
         ) from None
 
 
+def _table_rows(path: Path, key: str, ttab: dict[str, Any], n: int) -> dict[str, np.ndarray]:
+    """quantity -> float64 ``[n_temperatures, n]`` of a temperature table."""
+    temps = _floats(path, f"{key}.temperatures_c", ttab.get("temperatures_c"))
+    if not temps or any(b <= a for a, b in itertools.pairwise(temps)):
+        raise PhantomDefinitionError(f"{path}: {key}.temperatures_c must be ascending")
+    rows = {}
+    for q in _QUANTITIES:
+        if q not in ttab:
+            continue
+        m = ttab[q]
+        if not isinstance(m, list) or len(m) != len(temps):
+            raise PhantomDefinitionError(
+                f"{path}: {key}.{q}: expected {len(temps)} rows (one per temperature)"
+            )
+        rows[q] = np.array([_floats(path, f"{key}.{q}", r, n) for r in m], np.float64)
+    return rows
+
+
+def _temperature_tables(
+    path: Path,
+    ver: str,
+    array: str,
+    vals: dict[str, Any],
+    versions: dict[str, Any],
+    cols: dict[str, list[float]],
+    ref_temp: float,
+    n: int,
+) -> tuple[dict[str, tuple[tuple[float, ...], np.ndarray]], str]:
+    """quantity -> (temperatures, ``[n_temperatures, n]`` values) of one array (module doc
+    of the TOML: an own table, or another version's as relative change)."""
+    ttab = vals.get("temperature")
+    if not isinstance(ttab, dict):
+        return {}, ""
+    key = f"versions.{ver}.{array}.temperature"
+    src = str(ttab.get("source", ""))
+    other = ttab.get("relative_to")
+    if other is not None:
+        ttab = versions.get(str(other), {}).get(array, {}).get("temperature")
+        key = f"versions.{other}.{array}.temperature"
+        if not isinstance(ttab, dict) or "relative_to" in ttab:
+            raise PhantomDefinitionError(
+                f"{path}: versions.{ver}.{array}.temperature.relative_to = {other!r}: that"
+                f" version has no own table for {array}"
+            )
+    rows = _table_rows(path, key, ttab, n)
+    temps = tuple(float(t) for t in ttab["temperatures_c"])
+    out = {}
+    for q, r in rows.items():
+        if q not in cols:
+            continue
+        # relative change: value(T) = value(ref) * table(T) / table(ref). For the table's
+        # own values this is the table; a version or a lot certificate with other values at
+        # the reference temperature keeps its values and the table's temperature dependence
+        at_ref = np.array([np.interp(ref_temp, temps, r[:, i]) for i in range(n)])
+        out[q] = (temps, np.asarray(cols[q])[None, :] * r / at_ref[None, :])
+    return out, src
+
+
 def _array_spheres(
     path: Path,
     ver: str,
     array: str,
     atab: dict[str, Any],
-    vtab: dict[str, Any],
+    versions: dict[str, Any],
     cert: dict[str, Any],
     geo: dict[str, Any],
     radius: float,
     wall: float,
+    ref_temp: float,
 ) -> list[Sphere]:
     """The spheres of one array of version ``ver`` (a lot certificate's values override)."""
     spheres: list[Sphere] = []
+    vtab = versions[ver]
     if array not in vtab:
         raise PhantomDefinitionError(f"{path}: versions.{ver} has no [{array}] table")
     vals = dict(vtab[array])
@@ -228,6 +355,7 @@ def _array_spheres(
         raise PhantomDefinitionError(
             f"{path}: versions.{ver}.{array}: the array certifies {quantity} but has no values"
         )
+    tables, tsrc = _temperature_tables(path, ver, array, vals, versions, cols, ref_temp, n)
     for i in range(n):
         ref = {q: (cols[q][i] if q in cols else None) for q in _QUANTITIES}
         sd = {
@@ -250,6 +378,11 @@ def _array_spheres(
                 sim_t1_ms=float(sim_t1),
                 sim_t2_ms=float(sim_t2),
                 sim_pd_pu=float(sim_pd),
+                temperature_table={
+                    q: (temps, tuple(float(v) for v in rows[:, i]))
+                    for q, (temps, rows) in tables.items()
+                },
+                temperature_source=tsrc,
             )
         )
     return spheres
@@ -297,21 +430,26 @@ def load_definition(
         raise PhantomDefinitionError(
             f"{path}: unknown version {ver!r}; the file has {sorted(versions)}"
         )
-    vtab = versions[ver]
     radius = float(geo["sphere_radius_mm"])
     wall = float(geo.get("wall_mm", 0.0))
     fill = doc.get("fill", {})
+    ref_temp = float(cert.get("temperature_c", head.get("temperature_c", 20.0)))
     spheres: list[Sphere] = []
     for array, atab in arrays.items():
-        spheres += _array_spheres(path, ver, array, atab, vtab, cert, geo, radius, wall)
+        spheres += _array_spheres(
+            path, ver, array, atab, versions, cert, geo, radius, wall, ref_temp
+        )
     temp = doc.get("temperature", {})
+    nominal = _floats(
+        path, "phantom.nominal_rotation_deg", head.get("nominal_rotation_deg", [0.0] * 3), 3
+    )
     return PhantomDefinition(
         name=str(head["name"]),
         title=str(head.get("title", head["name"])),
         version=str(ver),
         outer_radius_mm=float(head["outer_radius_mm"]),
         field_strength_t=float(head.get("field_strength_t", 3.0)),
-        temperature_c=float(cert.get("temperature_c", head.get("temperature_c", 20.0))),
+        temperature_c=ref_temp,
         spheres=tuple(spheres),
         fill_t1_ms=float(fill.get("t1_ms", 2700.0)),
         fill_t2_ms=float(fill.get("t2_ms", 2400.0)),
@@ -321,4 +459,5 @@ def load_definition(
         source_file=str(path),
         certificate={k: v for k, v in cert.items() if not isinstance(v, dict)}
         | ({"file": str(certificate)} if certificate else {}),
+        nominal_rotation_deg=(nominal[0], nominal[1], nominal[2]),
     )
