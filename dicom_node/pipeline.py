@@ -7,23 +7,30 @@ Only the node's side lives here (spool in, spool out); the series path itself is
 
 from __future__ import annotations
 
-import io
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
 
 from dicom_node.config import Settings
 from dicom_node.export.rejection import rejection_note
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import Retirement, State
-from dicom_node.series import JobOutcome, Submit, Writer, run_series
+from dicom_node.series import (
+    EncodedInstance,
+    JobOutcome,
+    Submit,
+    Writer,
+    encode_part10,
+    run_series,
+)
 from dicom_node.seriesstore import save_series
 from dicom_node.spool import Spool
-from dicom_node.web.reportdata import series_report_documents
+from dicom_node.web.reportdata import start_series_report
 from processing.results import SeriesResult
 
 __all__ = [
@@ -44,41 +51,72 @@ def load_datasets(paths: Sequence[str]) -> list[Dataset]:
     return [pydicom.dcmread(p) for p in paths]
 
 
-def encode_part10(ds: Dataset) -> bytes:
-    """Encode a dataset as a DICOM Part-10 file (adds file meta when missing)."""
-    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta = meta
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def spool_writer(spool: Spool, series_uid: str) -> Writer:
     """Write outputs as fsync'd Part-10 files in the spool's outbox folder of the series."""
 
-    def write(datasets: list[Dataset], result: SeriesResult) -> list[tuple[str, str, str]]:
-        paths = spool.store_outputs(
-            series_uid, ((str(ds.SOPInstanceUID), encode_part10(ds)) for ds in datasets)
-        )
-        return [
-            (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path))
-            for ds, path in zip(datasets, paths, strict=True)
+    def write(datasets: list[Any], result: SeriesResult) -> list[tuple[str, str, str]]:
+        # an EncodedInstance (built in the worker) is written as it is
+        ids = [
+            (ds.sop_uid, ds.sop_class_uid)
+            if isinstance(ds, EncodedInstance)
+            else (str(ds.SOPInstanceUID), str(ds.SOPClassUID))
+            for ds in datasets
         ]
+        paths = spool.store_outputs(
+            series_uid,
+            (
+                (sop, ds.data if isinstance(ds, EncodedInstance) else encode_part10(ds))
+                for (sop, _), ds in zip(ids, datasets, strict=True)
+            ),
+        )
+        return [(sop, cls, str(path)) for (sop, cls), path in zip(ids, paths, strict=True)]
 
     return write
 
 
 def _keep_for_web(
-    spool: Spool, series_uid: str, result: SeriesResult, datasets: list[Dataset], settings: Settings
-) -> list[Dataset]:
+    spool: Spool,
+    series_uid: str,
+    result: SeriesResult,
+    datasets: list[Dataset],
+    settings: Settings,
+    submit: Submit | None = None,
+) -> list[Dataset] | Callable[[], list[Dataset]]:
     """Keep maps, figures and thumbnails for the web interface (dicom_node.seriesstore) and
     make the one-page report of a brain series (Encapsulated PDF + Secondary Capture).
-    A failure here is logged; the series is still delivered without them."""
+    With ``submit`` (the node's job) this runs on a thread while the job exports (storing
+    the maps is mostly zlib and numpy, which release the GIL; the page renders in the
+    worker) and the returned function waits for the documents. A failure here is logged;
+    the series is still delivered without them."""
+    if submit is None:
+        return _web_documents(spool, series_uid, result, datasets, settings, None)
+    box: list[list[Dataset] | Callable[[], list[Dataset]]] = []
+    thread = threading.Thread(
+        target=lambda: box.append(
+            _web_documents(spool, series_uid, result, datasets, settings, submit)
+        ),
+        name="report",
+        daemon=True,
+    )
+    thread.start()
+
+    def documents() -> list[Dataset]:
+        thread.join()
+        made = box[0] if box else []  # empty: the thread died (logged by threading)
+        return made() if callable(made) else made
+
+    return documents
+
+
+def _web_documents(
+    spool: Spool,
+    series_uid: str,
+    result: SeriesResult,
+    datasets: list[Dataset],
+    settings: Settings,
+    submit: Submit | None,
+) -> list[Dataset] | Callable[[], list[Dataset]]:
+    """:func:`_keep_for_web`'s work (never raises)."""
     try:
         save_series(spool.root, series_uid, result, datasets)
     except Exception as exc:
@@ -92,9 +130,8 @@ def _keep_for_web(
         return []
     if not getattr(result, "volumes_ml", None) or getattr(result, "segmentation", None) is None:
         return []
-    try:
-        return series_report_documents(spool.root, series_uid, datasets, settings)
-    except Exception as exc:
+
+    def failed(exc: Exception) -> list[Dataset]:
         log_event(
             log,
             "report_failed",
@@ -103,6 +140,19 @@ def _keep_for_web(
             error=f"{type(exc).__name__}: {exc}",
         )
         return []
+
+    try:
+        finish = start_series_report(spool.root, series_uid, datasets, settings, submit)
+    except Exception as exc:
+        return failed(exc)
+
+    def documents() -> list[Dataset]:
+        try:
+            return finish()
+        except Exception as exc:
+            return failed(exc)
+
+    return documents
 
 
 def run_series_job(
@@ -130,7 +180,9 @@ def run_series_job(
         datasets,
         settings,
         spool_writer(spool, series_uid),
-        extra_outputs=lambda result: _keep_for_web(spool, series_uid, result, datasets, settings),
+        extra_outputs=lambda result: _keep_for_web(
+            spool, series_uid, result, datasets, settings, submit
+        ),
         series_uid=series_uid,
         submit=submit,
         metrics=metrics,

@@ -20,21 +20,26 @@ Only orchestration lives here: the numerics run in :mod:`processing` (in a worke
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from dicom_node import vendors
 from dicom_node.config import Settings
-from dicom_node.export import ExportSettings, export_groups
-from dicom_node.export.uids import source_digest
+from dicom_node.export import ExportSettings, export_groups, settings_for
+from dicom_node.export.common import series_number_base
+from dicom_node.export.geometry import SliceGeometry, slice_geometry
+from dicom_node.export.mr_images import synthetic_series
+from dicom_node.export.uids import parameter_fingerprint, source_digest
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import State
@@ -45,8 +50,11 @@ from processing.run import ProcessingSettings, run
 
 __all__ = [
     "Classified",
+    "EncodedInstance",
     "JobOutcome",
     "classify",
+    "encode_part10",
+    "encode_synthetic_series",
     "folder_writer",
     "mark_qc_fail",
     "missing_cells",
@@ -57,8 +65,22 @@ log = logging.getLogger("synthmr.series")
 
 #: submit(fn, *args) -> a future with ``.result(timeout)`` (process pool or Dask)
 Submit = Callable[..., Any]
-#: write(output datasets, result) -> ``(sop_uid, sop_class_uid, path)`` per dataset
-Writer = Callable[[list[Dataset], SeriesResult], list[tuple[str, str, str]]]
+
+
+class EncodedInstance(NamedTuple):
+    """An output already encoded as a Part-10 file (the worker built it)."""
+
+    sop_uid: str
+    sop_class_uid: str
+    data: bytes | memoryview
+    series_number: int
+    modality: str
+
+
+#: more outputs: the datasets, or a function that returns them (called after the export)
+Extra = list[Dataset] | Callable[[], list[Dataset]]
+#: write(outputs, result) -> ``(sop_uid, sop_class_uid, path)`` per output
+Writer = Callable[[list[Any], SeriesResult], list[tuple[str, str, str]]]
 
 QC_FAIL_MARK = "QC FAIL"
 
@@ -233,7 +255,7 @@ def run_series(
     submit: Submit | None = None,
     metrics: NodeMetrics | None = None,
     timeout_s: float | None = None,
-    extra_outputs: Callable[[SeriesResult], list[Dataset]] | None = None,
+    extra_outputs: Callable[[SeriesResult], Extra] | None = None,
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
 ) -> JobOutcome:
     """Run one series end to end. Never raises: errors become a FAILED / QUARANTINED /
@@ -241,7 +263,8 @@ def run_series(
 
     ``submit``: run :func:`processing.run.run` there (None = in this process).
     ``extra_outputs(result)``: more output datasets (the node's one-page report), sent
-    and QC-gated with the export's.
+    and QC-gated with the export's; called before the export, it may return a function
+    that returns them after it.
     ``on_outputs(rows)``: streamed outputs. Each output series is written as soon as it
     is built and its ``(sop_uid, sop_class_uid, path)`` handed over (the node pushes it
     while the next is built); not for a series the QC gate holds (written at the end,
@@ -296,7 +319,7 @@ def run_series(
         stage = "export"
         t0 = time.perf_counter()
         outcome = _export_and_write(
-            result, datasets, settings.export, write, extra_outputs, on_outputs
+            result, datasets, settings.export, write, extra_outputs, on_outputs, submit
         )
         observe("export", t0)
     except Exception as exc:
@@ -353,14 +376,17 @@ def _export_and_write(
     sources: Sequence[Dataset],
     settings: ExportSettings,
     write: Writer,
-    extra_outputs: Callable[[SeriesResult], list[Dataset]] | None = None,
+    extra_outputs: Callable[[SeriesResult], Extra] | None = None,
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
+    submit: Submit | None = None,
 ) -> JobOutcome:
     """Export, apply the QC gate, write; the outcome's state is EXPORTED or HELD.
 
     The gate is decided from the QC figures before anything is built; unless it holds
     the series, every output series is written (and handed to ``on_outputs``) as soon as
-    it is built."""
+    it is built. Streamed with a ``submit``: the synthetic contrast series are built and
+    encoded in the worker (one task each) while this process builds the maps, SEG, SR
+    and report; each is written as soon as it is back."""
     figures = _figures(result)
     qc_reason = _qc_reason(result.qc) if figures["qc_status"] == "fail" else ""
     hold = bool(qc_reason) and settings.qc_fail != "send_marked"
@@ -380,10 +406,29 @@ def _export_and_write(
         outputs.extend(rows)
         on_outputs(rows)  # type: ignore[misc]
 
-    for group in export_groups(result, sources, settings):
+    def emit_encoded(group: list[EncodedInstance]) -> None:
+        rows = write(group, result)
+        outputs.extend(rows)
+        on_outputs(rows)  # type: ignore[misc]
+
+    # the worker's share goes first (the synthetic series, then the report page the extra
+    # outputs may start: they may return a function that finishes them after the export)
+    geometry = slice_geometry(result, sources, settings)
+    away = (
+        _start_synthetic(result, geometry, settings, submit, qc_reason)
+        if stream and submit is not None
+        else None
+    )
+    extra = extra_outputs(result) if extra_outputs is not None else []
+    for group in export_groups(
+        result, sources, settings, synthetic=away is None, geometry=geometry
+    ):
         emit(group)
-    if extra_outputs is not None:
-        emit(extra_outputs(result))
+        while away and away[0].done():  # the worker's series that are ready, in order
+            emit_encoded(_encoded(away.pop(0).result()))
+    for task in away or []:
+        emit_encoded(_encoded(task.result()))
+    emit(extra() if callable(extra) else extra)
     if not stream:
         outputs = write(held, result)
     n = len(outputs)
@@ -399,6 +444,92 @@ def _export_and_write(
     return JobOutcome(state, reason, outputs=outputs, result=result, **figures)
 
 
+# --------------------------------------------------------------------------- encoding
+def encode_part10(ds: Dataset) -> bytes:
+    """Encode a dataset as a DICOM Part-10 file (adds file meta when missing)."""
+    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds.file_meta = meta
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+#: one encoded series from the worker: all files' bytes end to end (one array: it travels
+#: out of band, dicom_node.handoff) and per file (sop_uid, sop_class_uid, length,
+#: series_number, modality)
+EncodedSeries = tuple[np.ndarray, list[tuple[str, str, int, int, str]]]
+
+
+def encode_synthetic_series(
+    result: SeriesResult,
+    name: str,
+    geometry: SliceGeometry,
+    settings: ExportSettings,
+    series_number: int,
+    fingerprint: str,
+    qc_mark: str = "",
+) -> EncodedSeries:
+    """In the worker: one synthetic contrast as its classic MR series, encoded (what
+    :func:`dicom_node.export.iter_synthetic_series` builds for it, byte for byte)."""
+    group = synthetic_series(
+        result, result.synthetic[name], geometry, settings, series_number, fingerprint
+    )
+    if qc_mark:
+        mark_qc_fail(group, qc_mark)
+    blobs = [encode_part10(ds) for ds in group]
+    index = [
+        (str(ds.SOPInstanceUID), str(ds.SOPClassUID), len(b), int(ds.SeriesNumber), "MR")
+        for ds, b in zip(group, blobs, strict=True)
+    ]
+    return np.frombuffer(b"".join(blobs), dtype=np.uint8), index
+
+
+def _start_synthetic(
+    result: SeriesResult,
+    geometry: SliceGeometry,
+    settings: ExportSettings,
+    submit: Submit,
+    qc_mark: str,
+) -> list[Any] | None:
+    """Submit one :func:`encode_synthetic_series` per selected contrast (None: a selection
+    the result cannot meet, left to the in-process export to report)."""
+    settings = settings_for(result, settings)  # as export_groups gives its builders
+    names = list(result.synthetic) if settings.contrasts is None else list(settings.contrasts)
+    if any(n not in result.synthetic for n in names):
+        return None
+    base = series_number_base(geometry.refs[0], settings) + 100
+    fp = parameter_fingerprint(result, settings)
+    tasks = []
+    for i, name in enumerate(names):
+        # only what the MR builder reads: the worker gets one contrast, not every array
+        light = replace(
+            result,
+            maps=None,
+            synthetic={name: result.synthetic[name]},
+            segmentation=None,
+            myelin=None,
+            phantom_rois=None,
+        )
+        tasks.append(
+            submit(encode_synthetic_series, light, name, geometry, settings, base + i, fp, qc_mark)
+        )
+    return tasks
+
+
+def _encoded(series: EncodedSeries) -> list[EncodedInstance]:
+    data, index = series
+    view, out, at = memoryview(data), [], 0
+    for sop, cls, n, number, modality in index:
+        out.append(EncodedInstance(sop, cls, view[at : at + n], number, modality))
+        at += n
+    return out
+
+
 # --------------------------------------------------------------------------- writers
 def folder_writer(out: Path) -> Writer:
     """Write outputs as ``out/<series number>_<modality>/<SOP UID>.dcm`` + ``montage.png``."""
@@ -407,6 +538,13 @@ def folder_writer(out: Path) -> Writer:
         out.mkdir(parents=True, exist_ok=True)
         written: list[tuple[str, str, str]] = []
         for ds in datasets:
+            if isinstance(ds, EncodedInstance):
+                folder = out / f"{ds.series_number:05d}_{ds.modality}"
+                folder.mkdir(exist_ok=True)
+                path = folder / f"{ds.sop_uid}.dcm"
+                path.write_bytes(ds.data)
+                written.append((ds.sop_uid, ds.sop_class_uid, str(path)))
+                continue
             modality = str(getattr(ds, "Modality", "OT"))
             number = int(getattr(ds, "SeriesNumber", 0) or 0)
             folder = out / f"{number:05d}_{modality}"

@@ -36,13 +36,33 @@ BPV, above the 13.7 % (157 of 1148 mL) of Warntjes 2016's controls, whose WM MyP
 by partial volume the pure-tissue phantom does not have. Free water is CSF: T1 4300 ms,
 T2 2000 ms, PD 100 pu. See :class:`MyelinConstants` for every value.
 
-Measured (benchmarks/myelin_tissues.py, phantoms 6x128x128, SNR 50, fit + PD + segmentation;
-MNI and ellipsoid anatomy, real and magnitude data, five tissue sets): pure WM MyPV 28-29 %
-for WM T1 600-640 ms (22 % at 750 ms, 34 % at 560 ms), pure GM 5.8-14.5 % for GM T1
-980-1280 ms (4.9 % at 1350 ms), CSF 0 %. Model voxels with MyPV 0-35 % and free water
+Measured (benchmarks/myelin_tissues.py). Pure tissue, no fit: across physics.md section 6's
+adult 3T MDME ranges WM maps to MyPV 26.8-34.4 % (25-32 % for WM T1 600-650 ms; a WM at
+550 ms reads as more myelinated, 32.5-34.4 %) and cortical GM to 3.2-15 % (4.2-14.8 % with PD
+on the PD-R1 relation). Phantoms 6x128x128, SNR 50, fit + PD + segmentation, MNI and
+ellipsoid anatomy, real and magnitude: pure WM 28-29 % for WM T1 600-640 ms, pure GM
+5.8-14.5 % for GM T1 980-1280 ms, CSF 0 %. Model voxels with MyPV 0-35 % and free water
 0-30 % inside pure tissue, through the real fit at B1 0.85-1.15, come back within 0.1 pu;
 in a slice made only of mixtures (no pure tissue to anchor the fit's B1 smoothing) within
 ~2-2.6 pu.
+
+Tissue outside the calibration (issue 13's "off-centre" set, WM 750/60/70, GM
+1350/100/84). In this model myelin raises R1 and R2 and lowers PD. Both T1 are ~25 %
+longer than the references while PD barely moves; R1 carries the most weight, so the model
+reads less myelin: WM ~22-23 %, GM ~5 %. That is the right answer of the model *if* these
+are MDME T1 (immature or diffusely demyelinated tissue); it is the wrong one if the T1
+scale of the scanner/sequence differs (inversion-recovery T1 of WM is ~800-850 ms), and
+WM's R2 (60 ms: more myelin) disagrees with its R1 (less). The constants cannot tell
+these apart, so nothing is re-tuned: :func:`myelin_maps` checks the medians of the
+segmentation's pure WM and GM against :data:`CALIBRATION_DOMAIN` and returns
+``calibration_warnings`` (processing.run copies them into the series warnings) instead of
+presenting the numbers as calibrated.
+
+Whole-brain share: the phantoms give myelin 17-19 % of BPV against 13.7 % in Warntjes
+2016's controls. With WM at ~29 % and cortex at ~10 %, the share is set by the WM:GM
+volume ratio and by partial volume; the phantom slab through the ventricles holds more WM
+than a whole brain, and real WM MyPV maps include partial-volume and NON voxels the
+phantoms do not have. The share is reported, not calibrated.
 """
 
 from __future__ import annotations
@@ -60,11 +80,13 @@ from processing.results import MyelinMaps, QuantMaps, TissueFractions
 from processing.signal import t1_factor
 
 __all__ = [
+    "CALIBRATION_DOMAIN",
     "DEFAULT_CONSTANTS",
     "MyelinConstants",
     "MyelinError",
     "apparent_parameters",
     "calibrate_constants",
+    "calibration_warnings",
     "fit_mono",
     "invert",
     "myelin_maps",
@@ -153,6 +175,64 @@ def calibrate_constants(
 
 #: Calibrated to WM 600/70/67 -> 30 % and GM 1100/90/82 -> 10 % (see module docstring).
 DEFAULT_CONSTANTS: MyelinConstants = calibrate_constants()
+
+#: The tissue values the constants represent: physics.md section 6's adult 3T MDME ranges
+#: (compiled from Hagiwara et al. Invest Radiol 2019;54:39, Warntjes et al. MRM
+#: 2008;60:320), per quantity (low, high) of the median of pure tissue. Inside them pure WM
+#: maps to MyPV 26.8-34.4 % (29.6 % at the project's 600/70/68) and pure cortical GM to
+#: 3.2-15 % (benchmarks/myelin_tissues.py prints the table). Outside, MyPV is an
+#: extrapolation of constants calibrated on adult MDME values, and the series says so
+#: (:func:`calibration_warnings`) instead of reporting it as if it were calibrated.
+CALIBRATION_DOMAIN: dict[str, dict[str, tuple[float, float]]] = {
+    "WM": {"t1_ms": (550.0, 650.0), "t2_ms": (60.0, 75.0), "pd_pu": (62.0, 70.0)},
+    "GM": {"t1_ms": (950.0, 1300.0), "t2_ms": (80.0, 100.0), "pd_pu": (78.0, 88.0)},
+}
+#: Relative slack on each edge of the domain: the highest between-scanner CV of 3T MDME
+#: volunteers (Hagiwara et al. 2019, physics.md section 6): T1 3.15 %, T2 5.76 %, PD 3.21 %.
+#: A calibrated scanner may read that far from another; the measured PD also carries the
+#: receive-field correction's ~1-2 pu (processing.pd), which tripped the bare edges.
+CALIBRATION_SLACK: dict[str, float] = {"t1_ms": 0.0315, "t2_ms": 0.0576, "pd_pu": 0.0321}
+#: Segmentation fraction from which a voxel counts as pure tissue for that check.
+_PURE_FOR_CHECK = 0.9
+_MIN_PURE_VOXELS = 50
+
+
+def calibration_warnings(
+    maps: QuantMaps, fractions: TissueFractions | Mapping[str, np.ndarray]
+) -> list[str]:
+    """Why the series' pure WM / GM lie outside :data:`CALIBRATION_DOMAIN`, widened by
+    :data:`CALIBRATION_SLACK` on each edge (empty: inside).
+
+    Pure tissue: segmentation fraction >= 0.9, fitted and not failed; medians of T1, T2 and
+    PD per tissue (at least 50 voxels, else that tissue is not checked). A cluster outside
+    the domain is either tissue the adult calibration does not describe (immature or
+    diffusely diseased brain) or a scanner/sequence whose T1/T2/PD scale differs from MDME
+    (e.g. T1 ~25 % longer, as inversion-recovery T1 is): in both cases the MyPV numbers are
+    not calibrated, which the warning says.
+    """
+    fr = fractions.fractions if isinstance(fractions, TissueFractions) else fractions
+    ok = np.asarray(maps.mask, bool) & ~np.asarray(maps.failed, bool)
+    out = []
+    for tissue, limits in CALIBRATION_DOMAIN.items():
+        if tissue not in fr:
+            continue
+        pure = ok & (np.asarray(fr[tissue]) >= _PURE_FOR_CHECK)
+        if int(pure.sum()) < _MIN_PURE_VOXELS:
+            continue
+        for q, (lo, hi) in limits.items():
+            med = float(np.median(np.asarray(getattr(maps, q))[pure]))
+            slack = CALIBRATION_SLACK[q]
+            if not lo * (1 - slack) <= med <= hi * (1 + slack):
+                out.append(
+                    f"pure {tissue} {q} median {med:.1f} outside the calibrated {lo:.0f}-{hi:.0f}"
+                    f" (+-{100 * slack:.1f} %)"
+                )
+    if out:
+        out.append(
+            "MyPV is extrapolated from constants calibrated on adult 3T MDME tissue values "
+            "(physics.md section 6); not a calibrated myelin measure for this series"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -681,7 +761,9 @@ def myelin_maps(
     voxel_volume_ml: one voxel's volume in mL.
     acq or (delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg): the sequence
         timing the lookup grid is simulated with (grids are cached per timing).
-    fractions: optional segmentation; its CSF fraction separates CSF from EPW.
+    fractions: optional segmentation; its CSF fraction separates CSF from EPW, and its
+        pure WM/GM are checked against :data:`CALIBRATION_DOMAIN`
+        (``calibration_warnings`` of the result; unchecked without it).
     constants: compartment constants (default :data:`DEFAULT_CONSTANTS`).
     """
     shape = np.shape(maps.t1_ms)
@@ -728,4 +810,5 @@ def myelin_maps(
         myelin_volume_ml=float(np.sum(mypv, dtype=np.float64) / 100.0 * vv),
         epw_volume_ml=float(np.sum(epw, dtype=np.float64) / 100.0 * vv),
         constants=constants.as_dict(),
+        calibration_warnings=[] if fractions is None else calibration_warnings(maps, fractions),
     )

@@ -112,6 +112,9 @@ class MyelinMaps:
     mypv: myelin partial volume. epw: excess parenchymal water partial volume.
     myelin_volume_ml / epw_volume_ml: integrals over the intracranial mask.
     constants: the compartment constants used (documented in processing.myelin).
+    calibration_warnings: why the series' pure WM or GM lies outside the tissue values the
+    constants were calibrated on (processing.myelin.CALIBRATION_DOMAIN); empty when inside
+    or when no segmentation was given to check with.
     """
 
     mypv: np.ndarray
@@ -119,6 +122,7 @@ class MyelinMaps:
     myelin_volume_ml: float
     epw_volume_ml: float
     constants: dict[str, Any] = field(default_factory=dict)
+    calibration_warnings: list[str] = field(default_factory=list)
 
 
 @dataclass

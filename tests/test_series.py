@@ -235,3 +235,71 @@ def test_vendor_overrides_and_qc_gate_same_in_node_and_process(tmp_path: Path, c
     assert "QUARANTINED" in lines[uid["ge"]] and "announces 40 instances" in lines[uid["ge"]]
     assert "IGNORED" in lines[uid["siemens"]] and "rejects it" in lines[uid["siemens"]]
     assert "HELD: QC fail" in lines[uid["bad"]], text
+
+
+def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(tmp_path: Path) -> None:
+    """Streamed with a worker, the synthetic MR series are built and encoded there (a real
+    spawned process; arrays through dicom_node.handoff): every file equals the in-process
+    export's of the same result (not streamed) but for the wall-clock dates and times, and
+    each series arrives as one written group."""
+    import dataclasses
+    import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    from dicom_node.handoff import submit_via_tmpfs
+    from dicom_node.series import folder_writer, run_series
+    from processing.run import ProcessingSettings, run
+
+    files = simulate(tmp_path / "in", "ge", seed=4)
+    base = load_settings(None)
+    settings = dataclasses.replace(
+        base,
+        processing=ProcessingSettings(
+            contrasts=("T1W", "T2W", "FLAIR"), segmentation=False, myelin=False, enhance=False
+        ),
+    )
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    processed: list = []
+
+    def submit(fn, *args) -> Future:  # processing here, once (the same result both times)
+        if fn is run:
+            processed[:] = processed or [fn(*args)]
+            done: Future = Future()
+            done.set_result(processed[0])
+            return done
+        return submit_via_tmpfs(pool.submit, fn, *args)
+
+    groups: list[list[tuple[str, str, str]]] = []
+    try:
+        # fresh sources each time: the source digest (in every UID) reads them as received
+        here = run_series(
+            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
+            submit=submit,
+        )  # fmt: skip
+        away = run_series(
+            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
+            submit=submit, on_outputs=groups.append,
+        )  # fmt: skip
+    finally:
+        pool.shutdown()
+    assert here.state == away.state == State.EXPORTED, (here.reason, away.reason)
+    clock = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
+             "ContentDate", "ContentTime")  # fmt: skip
+
+    def mr_files(root: Path) -> dict[str, pydicom.Dataset]:
+        out = {}
+        for p in root.rglob("*.dcm"):
+            ds = pydicom.dcmread(p)
+            if ds.Modality == "MR":
+                for kw in clock:
+                    ds.pop(kw, None)
+                out[str(ds.SOPInstanceUID)] = ds
+        return out
+
+    a, b = mr_files(tmp_path / "here"), mr_files(tmp_path / "away")
+    assert len(a) == 3 * 2 and a.keys() == b.keys()  # 3 contrasts x 2 slices
+    for uid, ds in a.items():
+        assert ds == b[uid], uid
+    mr_groups = [g for g in groups if all(uid in b for uid, _, _ in g)]
+    assert sorted(len(g) for g in mr_groups) == [2, 2, 2]  # one written group per series
