@@ -33,11 +33,11 @@ Recipe per voxel (numba, ``parallel=True`` over voxel chunks, no allocation per 
    polish needs no sign pattern.
 4. Optional second pass: B1 is smoothed in-plane (Gaussian-weighted local quadratic fit,
    FWHM in mm, weights ``[T1 < 2500 ms] / misfit``: :func:`smooth_b1`) and ``(M0, R1, R2)``
-   are refitted with B1 fixed. Magnitude data with the noise floor then get a pooled
-   Gauss-Newton correction of that B1 (:func:`_pooled_b1`: each homogeneous voxel's
-   profile gradient and curvature in B1, summed over a 40 mm neighbourhood in 3-D) and
-   the refit again: the smooth of per-voxel magnitude B1 estimates was ~0.25 % low
-   (skewed estimates, partial volume), GM T1 +1 %; pooled, GM/WM T1 +0.1-0.95 % at SNR 60.
+   are refitted with B1 fixed. Magnitude data with the noise floor then get two pooled
+   Gauss-Newton corrections of that B1 (:func:`_pooled_b1`: each homogeneous voxel's
+   profile gradient and curvature in B1, summed over a 40 mm neighbourhood in 3-D), each
+   followed by the refit: the smooth of per-voxel magnitude B1 estimates was ~0.25 % low
+   (skewed estimates, partial volume), GM T1 +1 %; pooled, GM/WM T1 +0.03-0.98 % at SNR 60.
 
 Bounds: R1 0.05-10 /s, R2 0.3-100 /s, B1 0.5-1.5, M0 >= 0. ``failed`` marks voxels where LM
 did not converge, a parameter ended on a bound, or a value is not finite.
@@ -103,10 +103,11 @@ _RESTART_REL = 1e-6  # ... or, for noise-free data, > this x RMS signal
 _MAGNITUDE_B1_ROBUST = 2
 # ... and what bias the robust smooth leaves (~0.25 % low) is removed by pooled
 # Gauss-Newton steps on the summed cost (_pooled_b1); each costs a profile evaluation and a
-# refit (~0.5x the whole two-pass magnitude fit). One step: a second moved the pooled B1 by
-# < 0.05 % (the cost is nearly quadratic in B1 there) for ~30 % more time.
+# refit (~0.3x the whole two-pass magnitude fit). Two: at SNR 60 a second step moves B1
+# < 0.05 %, but at SNR 30 WM's smooth starts 0.7-1.4 % low (two-peaked estimates) and one
+# step leaves WM T1 +1.5-2.8 % (two: +1.2-1.7 %; benchmarks/magnitude_fit.py).
 # Steps are clipped: the smooth is already within a few % of the truth.
-_POOLED_B1_STEPS = 1
+_POOLED_B1_STEPS = 2
 _POOLED_B1_MAX_STEP = 0.05
 # Voxels pooled for B1: both log R1 and log R2 (3x3x3 median) change by less than this to
 # each face neighbour (_homogeneous). 0.05: 90 % of the kept MNI-phantom voxels are >= 95 %
