@@ -1365,6 +1365,7 @@ def _homogeneous(par: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int]) 
 
 def _pooled_b1(
     samples: np.ndarray,
+    rows: np.ndarray,
     out: FitOutput,
     idx: np.ndarray,
     setup: FitSetup,
@@ -1387,14 +1388,15 @@ def _pooled_b1(
     the Gauss-Newton step of the summed cost. The expected gradient of the
     Rician-expectation model at the true B1 is zero, so the step removes the estimate's
     bias instead of averaging it. ``[n]`` in, B1 ``[n]`` out (clipped to the bounds).
+    ``samples[rows[i]]`` are the samples of the voxel at flat index ``idx[i]``.
     """
     n = idx.size
     grad = np.zeros(n)
     curv = np.zeros(n)
     if n < _SERIAL_BELOW:
-        _b1_profile_chunk(samples, idx, 0, n, setup, out.par, grad, curv)
+        _b1_profile_chunk(samples, rows, 0, n, setup, out.par, grad, curv)
     else:
-        _b1_profile_all(samples, idx, setup, out.par, grad, curv, _n_chunks(n))
+        _b1_profile_all(samples, rows, setup, out.par, grad, curv, _n_chunks(n))
     wv = _b1_voxel_weights(out, setup) * _homogeneous(out.par, idx, shape)
     # Each voxel's own Gauss-Newton step g/h with weight w*h; their weighted local
     # quadratic fit (smooth_b1) is the pooled step that follows a curved bias of the smooth.
@@ -1508,9 +1510,10 @@ def fit_mdme(
     """
     noise_sd, mask = _check_inputs(acq, mask, noise_sd)
     setup, grid = _setup(acq, profile, noise_sd, noise_floor)
-    samples = acq.samples().reshape(-1, acq.n_delays * acq.n_echoes)
     idx = np.flatnonzero(mask.ravel()).astype(np.int64)
     n = idx.size
+    # the kernels read sample rows through an index: the fitted voxels' rows, in order
+    samples, rows = acq.masked_samples(mask), np.arange(n, dtype=np.int64)
     out = FitOutput(np.zeros((n, 4)), np.zeros(n), np.zeros(n, dtype=np.bool_))
     old_threads = nb.get_num_threads()
     if n_threads is not None:
@@ -1521,19 +1524,20 @@ def fit_mdme(
     try:
         if n:
             if n < _SERIAL_BELOW:
-                _fit_chunk(samples, idx, 0, n, setup, grid, out)
+                _fit_chunk(samples, rows, 0, n, setup, grid, out)
             else:
-                _fit_all(samples, idx, setup, grid, out, _n_chunks(n))
+                _fit_all(samples, rows, setup, grid, out, _n_chunks(n))
         if b1_smoothing and n:
             out.par[:, 3] = _smoothed_b1(
                 out, idx, setup, acq.shape, acq.voxel_size_mm, b1_smoothing_fwhm_mm
             )
-            _refit(samples, idx, setup, out)
+            _refit(samples, rows, setup, out)
             # Magnitude data with the noise floor: correct the smoothed B1 by pooled
             # Gauss-Newton steps on the neighbourhood's cost (_pooled_b1), refitting after each.
             for _ in range(_POOLED_B1_STEPS if setup.floor_sd > 0.0 else 0):
                 out.par[:, 3] = _pooled_b1(
                     samples,
+                    rows,
                     out,
                     idx,
                     setup,
@@ -1541,7 +1545,7 @@ def fit_mdme(
                     acq.voxel_size_mm,
                     _POOL_FWHM_FACTOR * b1_smoothing_fwhm_mm,
                 )
-                _refit(samples, idx, setup, out)
+                _refit(samples, rows, setup, out)
             fix_b1 = True
     finally:
         nb.set_num_threads(old_threads)

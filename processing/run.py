@@ -330,8 +330,8 @@ def _tissue_t1(centres: dict[str, dict[str, float]], tissue: str) -> float | Non
 
 
 def warmup(settings: ProcessingSettings | None = None) -> float:
-    """Compile every numba kernel and load the ONNX model by running the whole pipeline
-    once on a tiny simulated brain (2 x 24 x 24). Returns the seconds it took.
+    """Compile every numba kernel and load the ONNX model by running the whole pipeline once
+    on tiny simulated brains (MDME 2 x 24 x 24, real and magnitude; 3D-QALAS 8 x 32 x 32).
 
     Called at start-up (worker initializer) so the first real series is as fast as the
     tenth (numba caches compiled code on disk with ``cache=True``; this also fills the
@@ -345,4 +345,9 @@ def warmup(settings: ProcessingSettings | None = None) -> float:
     for magnitude in (False, True):
         ph = make_phantom((2, 24, 24), seed=1, snr=50.0, anatomy="ellipsoid", magnitude=magnitude)
         run(ph.acq, settings)
+    # and the 3D-QALAS path (its fit, forward model and segmentation kernels)
+    from processing.qalas_phantom import make_qalas_phantom
+
+    ph = make_qalas_phantom((8, 32, 32), seed=1, snr=50.0, anatomy="ellipsoid", magnitude=True)
+    run(ph.acq, settings)
     return time.perf_counter() - t0

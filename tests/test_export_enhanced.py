@@ -70,13 +70,24 @@ def test_each_3d_contrast_is_one_valid_enhanced_mr_with_the_classic_pixels(qalas
 
 
 def test_2d_acquisitions_stay_classic():
-    """An MDME (2D) result exports classic MR instances whatever multiframe_3d says."""
+    """An MDME (2D) result exports classic MR instances whatever multiframe_3d says, and
+    its (fitted, varying) B1 map as a Parametric Map."""
     from tests.test_export_support import make_result, make_sources
 
     result = make_result()
     sources = make_sources()
     out = export_all(result, sources, ExportSettings())
     assert not any(ds.SOPClassUID == ENHANCED_MR_IMAGE_STORAGE for ds in out)
+    assert any("B1 map" in str(ds.get("SeriesDescription", "")) for ds in out)
+
+
+def test_an_assumed_constant_b1_map_is_not_exported(qalas):
+    """QALAS without a B1 map series fits with B1 = 1 everywhere: no B1 Parametric Map
+    (the other maps are there)."""
+    result, sources, _ = qalas
+    descriptions = [str(ds.SeriesDescription) for ds in export_all(result, sources["ge"])]
+    assert not any("B1 map" in d for d in descriptions)
+    assert any("T1 map" in d for d in descriptions)
 
 
 def test_default_keeps_the_export_settings_dict_unchanged():

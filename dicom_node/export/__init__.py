@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from processing.results import SeriesResult
@@ -30,7 +31,7 @@ from .geometry import (
     slice_geometry,
 )
 from .mr_images import iter_synthetic_series, map_mr_images, synthetic_images
-from .parametric_map import parametric_maps
+from .parametric_map import iter_parametric_maps, parametric_maps
 from .segmentation import segmentation
 from .settings import (
     ALL_MAPS,
@@ -71,11 +72,25 @@ def export_all(
     return [ds for group in export_groups(result, sources, settings) for ds in group]
 
 
+def _constant_b1(result: SeriesResult) -> bool:
+    """The B1 map is one value over the fitted voxels: assumed, not measured (3D-QALAS
+    without a B1 map series fits with the nominal flip angle, processing/QALAS.md). Its
+    Parametric Map would carry no information (the provenance records the assumption)."""
+    b1 = np.asarray(result.maps.b1)[np.asarray(result.maps.mask, bool)]
+    return b1.size > 0 and bool(np.all(b1 == b1[0]))
+
+
 def settings_for(result: SeriesResult, settings: ExportSettings | None) -> ExportSettings:
     """The settings every builder of this result gets: without the MYPV map when the
-    result has no myelin maps (the settings enter every output's provenance block)."""
+    result has no myelin maps, without the B1 map when B1 was assumed (one value over the
+    fit) (the settings enter every output's provenance block)."""
     settings = settings or ExportSettings()
-    maps = tuple(m for m in settings.maps if m is not MapKind.MYPV or result.myelin is not None)
+    maps = tuple(
+        m
+        for m in settings.maps
+        if (m is not MapKind.MYPV or result.myelin is not None)
+        and (m is not MapKind.B1 or not _constant_b1(result))
+    )
     if maps != settings.maps:
         from dataclasses import replace
 
@@ -91,8 +106,8 @@ def export_groups(
     synthetic: bool = True,
     geometry: SliceGeometry | None = None,
 ) -> Iterator[list[Dataset]]:
-    """:func:`export_all` as it is built, a group of datasets at a time (the parametric
-    maps, the map MR images, each synthetic contrast series, the SEG, the SR), so the node
+    """:func:`export_all` as it is built, a group of datasets at a time (each parametric
+    map, the map MR images, each synthetic contrast series, the SEG, the SR), so the node
     stores and pushes a group while the next is encoded. ``synthetic=False``: without the
     synthetic contrast series (the node builds those in its worker meanwhile);
     ``geometry``: :func:`slice_geometry`'s, when the caller has it already."""
@@ -101,7 +116,8 @@ def export_groups(
     geometry = geometry or slice_geometry(result, sources, settings)
     refs = sources
     if settings.maps_as_parametric_map and settings.maps:
-        yield parametric_maps(result, refs, settings, geometry)
+        for pm in iter_parametric_maps(result, refs, settings, geometry):
+            yield [pm]  # each map its own series: built, stored and freed one at a time
     if settings.maps_as_mr_images and settings.maps:
         yield map_mr_images(result, refs, settings, geometry)
     if synthetic:

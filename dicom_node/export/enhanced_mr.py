@@ -151,6 +151,21 @@ def _per_frame(geometry: SliceGeometry, z: int, derivation: Dataset) -> Dataset:
     )
 
 
+_PER_FRAME_KEY = "enhanced_mr_per_frame"
+
+
+def _per_frame_items(geometry: SliceGeometry) -> list[Dataset]:
+    """The per-frame functional groups of every slice, built once per export and shared
+    by every contrast's instance (they depend on the geometry only; the items are only
+    read when the instances are encoded)."""
+    items = geometry.extra.get(_PER_FRAME_KEY)
+    if items is None:
+        derivation = _code("SYNTHETIC_MR", SCHEME, "Synthetic MR from quantitative maps")
+        items = [_per_frame(geometry, z, derivation) for z in range(len(geometry.refs))]
+        geometry.extra[_PER_FRAME_KEY] = items
+    return items
+
+
 def _referenced_series(geometry: SliceGeometry) -> DicomSequence:
     """Common Instance Reference: every source instance the frames reference."""
     seen: dict[str, str] = {}
@@ -252,11 +267,8 @@ def enhanced_synthetic_series(
     ds.DerivationDescription = derivation_text
     ds.AcquisitionContextSequence = DicomSequence([])
     # Multi-frame functional groups and dimensions: one stack, in-stack position = slice
-    derivation = _code("SYNTHETIC_MR", SCHEME, "Synthetic MR from quantitative maps")
     ds.SharedFunctionalGroupsSequence = DicomSequence([_shared_groups(geometry, syn, image_type)])
-    ds.PerFrameFunctionalGroupsSequence = DicomSequence(
-        [_per_frame(geometry, z, derivation) for z in range(img.shape[0])]
-    )
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(_per_frame_items(geometry))
     ds.NumberOfFrames = img.shape[0]
     ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=dim_uid)])
     ds.DimensionIndexSequence = DicomSequence(
