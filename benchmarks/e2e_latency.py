@@ -339,7 +339,6 @@ def main() -> None:
         print(
             f"\nEND TO END median of {len(profiles)}: {e2e:.2f} s, peak RSS {peak:.2f} GiB ({goal})"
         )
-        print(f"load average after the runs: {os.getloadavg()[0]:.2f} (1 min)")
         # push comparison on the same output files, each into a fresh Orthanc, alternating:
         # send_parallel (Destination.associations = 2), one association, dcmtk storescu
         outputs = [r[0] for r in _q(db, "SELECT path FROM outbox WHERE series_uid=?", (uid,))]

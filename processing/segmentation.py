@@ -785,8 +785,7 @@ class _UnmixProblem:
                 "maps: no successfully fitted voxel inside the intracranial mask"
             )
         c_field = _receive_field(maps, sel & fitted)
-        samples = acq.samples()  # [z, y, x, ns]
-        y = samples[sel].astype(np.float64) / c_field[sel][:, None]
+        y = acq.masked_samples(sel).astype(np.float64) / c_field[sel][:, None]
         ns = y.shape[1]
         noise_sd = float(maps.noise_sd)
         if not math.isfinite(noise_sd) or noise_sd <= 0:
