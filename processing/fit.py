@@ -37,7 +37,7 @@ Recipe per voxel (numba, ``parallel=True`` over voxel chunks, no allocation per 
    Gauss-Newton corrections of that B1 (:func:`_pooled_b1`: each homogeneous voxel's
    profile gradient and curvature in B1, summed over a 40 mm neighbourhood in 3-D), each
    followed by the refit: the smooth of per-voxel magnitude B1 estimates was ~0.25 % low
-   (skewed estimates, partial volume), GM T1 +1 %; pooled, GM/WM T1 +0.2-0.8 % at SNR 60.
+   (skewed estimates, partial volume), GM T1 +1 %; pooled, GM/WM T1 +0.03-0.98 % at SNR 60.
 
 Bounds: R1 0.05-10 /s, R2 0.3-100 /s, B1 0.5-1.5, M0 >= 0. ``failed`` marks voxels where LM
 did not converge, a parameter ended on a bound, or a value is not finite.
@@ -103,7 +103,10 @@ _RESTART_REL = 1e-6  # ... or, for noise-free data, > this x RMS signal
 _MAGNITUDE_B1_ROBUST = 2
 # ... and what bias the robust smooth leaves (~0.25 % low) is removed by pooled
 # Gauss-Newton steps on the summed cost (_pooled_b1); each costs a profile evaluation and a
-# refit. Steps are clipped: the smooth is already within a few % of the truth.
+# refit (~0.3x the whole two-pass magnitude fit). Two: at SNR 60 a second step moves B1
+# < 0.05 %, but at SNR 30 WM's smooth starts 0.7-1.4 % low (two-peaked estimates) and one
+# step leaves WM T1 +1.5-2.8 % (two: +1.2-1.7 %; benchmarks/magnitude_fit.py).
+# Steps are clipped: the smooth is already within a few % of the truth.
 _POOLED_B1_STEPS = 2
 _POOLED_B1_MAX_STEP = 0.05
 # Voxels pooled for B1: both log R1 and log R2 (3x3x3 median) change by less than this to
@@ -1338,11 +1341,16 @@ def _homogeneous(par: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int]) 
     neighbours differ by less than _HOMOGENEOUS_LOG_STEP in both.
     """
     keep = np.ones(idx.size, bool)
+    # Work in the fitted voxels' bounding box, float32 (the filters dominate the cost).
+    zyx = np.unravel_index(idx, shape)
+    box = tuple(slice(int(c.min()), int(c.max()) + 1) for c in zyx)
+    sub = tuple(c - b.start for c, b in zip(zyx, box, strict=True))
+    sub_shape = tuple(b.stop - b.start for b in box)
     for k in (1, 2):
-        v = np.zeros(shape)
-        v.ravel()[idx] = np.log(np.clip(par[:, k], 1e-3, None))
+        v = np.zeros(sub_shape, np.float32)
+        v[sub] = np.log(np.clip(par[:, k], 1e-3, None))
         med = ndimage.median_filter(v, size=3, mode="nearest")
-        step = np.zeros(shape)
+        step = np.zeros(sub_shape, np.float32)
         for ax in range(3):
             a = [slice(None)] * 3
             b = [slice(None)] * 3
@@ -1351,7 +1359,7 @@ def _homogeneous(par: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int]) 
             d = np.abs(med[tuple(a)] - med[tuple(b)])
             np.maximum(step[tuple(a)], d, out=step[tuple(a)])
             np.maximum(step[tuple(b)], d, out=step[tuple(b)])
-        keep &= step.ravel()[idx] < _HOMOGENEOUS_LOG_STEP
+        keep &= step[sub] < _HOMOGENEOUS_LOG_STEP
     return keep
 
 
