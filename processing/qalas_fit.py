@@ -679,7 +679,8 @@ def _scan_cost(rows, j, i, m, y, yy, e2lo, e2hi):
 @nb.njit(cache=True, error_model="numpy")
 def _vp_eval(theta, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv):
     """Projected cost at log R1 = theta (R1 in 1/s) for (sign-folded) data ys, and the
-    Gauss-Newton step in theta (Kaufman's approximation). Returns (cost, step, u, v, A')."""
+    Gauss-Newton step in theta (Kaufman's approximation). Returns (cost, step, u, v, A',
+    rd) with ``-2 rd`` the cost's derivative in theta."""
     starts, t_inv, tr, te, n, esp, _alpha, kc, eta = pk
     r1 = math.exp(theta) * 1e-3
     ap, _ = basis_fixed_b1(r1, log_c, f, starts, t_inv, tr, te, n, esp, kc, eta, gu, gv, dgu, dgv)
@@ -696,7 +697,7 @@ def _vp_eval(theta, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv):
         yv += gv[k] * ys[k]
     cost, u, v, eb = _project(guu, guv, gvv, yu, yv, yy, e2lo, e2hi)
     if not u > 0.0:
-        return cost, 0.0, u, v, ap
+        return cost, 0.0, u, v, ap, 0.0
     # d = d(model)/d theta at fixed (u, v); the step is (r . d) / |d projected off G|^2.
     du = 0.0
     dv = 0.0
@@ -718,7 +719,7 @@ def _vp_eval(theta, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv):
         rd = yd - u * gd
         pd2 = dd - gd * gd / gg
     step = rd / pd2 if pd2 > 0.0 else 0.0
-    return cost, step, u, v, ap
+    return cost, step, u, v, ap, rd
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -731,7 +732,7 @@ def _vp_fit(
     u, v, A', converged, the model's own sign pattern)."""
     for k in range(N_SAMPLES):
         ys[k] = -y[k] if (mask >> k) & 1 else y[k]
-    cost, step, u, v, ap = _vp_eval(theta, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv)
+    cost, step, u, v, ap, rd = _vp_eval(theta, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv)
     conv = False
     slack = 1e-13 * yy
     for _ in range(_VP_MAX_ITER):
@@ -744,7 +745,9 @@ def _vp_fit(
             break
         accepted = False
         for _half in range(12):
-            c2, s2, u2, v2, a2 = _vp_eval(t_new, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv)
+            c2, s2, u2, v2, a2, rd2 = _vp_eval(
+                t_new, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv
+            )
             if c2 <= cost + slack and u2 > 0.0:
                 accepted = True
                 break
@@ -753,7 +756,13 @@ def _vp_fit(
             conv = abs(t_new - theta) < 1e-5  # a flat floor: at the minimum to rounding
             break
         moved = abs(t_new - theta)
-        theta, cost, step, u, v, ap = t_new, c2, s2, u2, v2, a2
+        # Gauss-Newton drops the residual's curvature term: with a large residual (noise,
+        # a poor model) it converges slowly. Then take the secant step on the gradient
+        # (curvature from the last two gradients), which converges superlinearly anyway.
+        slope = (rd - rd2) / (t_new - theta)
+        if slope > 0.0 and abs(s2) > 0.25 * moved:
+            s2 = rd2 / slope
+        theta, cost, step, u, v, ap, rd = t_new, c2, s2, u2, v2, a2, rd2
         if moved < _VP_STEP_TOL:
             conv = True
             break
@@ -1276,7 +1285,7 @@ def fit_qalas(
 
 def warmup() -> None:
     """Compile (or load from the cache) the kernels: real and magnitude, serial and
-    parallel drivers, both passes."""
+    parallel drivers, both passes, float64 and (the fast path of fit_qalas) float32."""
     from processing.qalas import qalas_signal
 
     global _SERIAL_BELOW
@@ -1291,6 +1300,10 @@ def warmup() -> None:
                 y = np.abs(s) if magnitude else s
                 par, rms, ok = fit_qalas_samples(y, proto, magnitude=magnitude)
                 fit_qalas_samples(y, proto, magnitude=magnitude, b1_fixed=par[:, 3])
+                # fit_qalas passes float32 samples (Acquisition.samples): its own variant.
+                fit_qalas_samples(
+                    y.astype(np.float32), proto, magnitude=magnitude, b1_fixed=par[:, 3]
+                )
                 _refit(y, np.arange(4, dtype=np.int64), proto, magnitude, par, rms, ok)
     finally:
         _SERIAL_BELOW = saved
