@@ -14,7 +14,9 @@ emulator's DICOM writer, the vendor adapter and the node's phantom path
 - spheres inside the slab found / expected, largest centre error (mm);
 - ROI voxels touching the TRUE sphere wall (box not inside the true fluid sphere): must be 0;
 - largest per-sphere error over in-range spheres: T1 %, T2 %, PD pu; R^2 of T1 and T2;
-- spheres outside the measurable range: measured and flagged (count).
+- spheres counted ("in": reference in the measurable range and median precise enough) and
+  flagged, measured but not counted ("flag"), of which "impr." have their reference in range
+  but a median standard error above tolerance / 2 (processing.phantom_qc PRECISION_Z).
 
 With ``--compare``: 3 simulated scanners x 3 repeats (scanner A: 20 C, B1 0.8-1.2, SNR 50;
 B: 17 C, B1 0.9-1.1, SNR 40; C: 24 C, B1 0.85-1.25, SNR 60; random poses; slab over the T1
@@ -125,14 +127,16 @@ def run_one(layout: str, slab: str, seed: int, tmp: Path, different: bool = Fals
         if s.label in inside
     )
     errs = {"t1_ms": 0.0, "t2_ms": 0.0, "pd_pu": 0.0}
-    flagged = 0
+    flagged = imprecise = admitted = 0
     for s in scan.definition.spheres:
         r = rows[s.label]
         if not r["measured"]:
             continue
         if not r["in_range"]:
             flagged += 1
+            imprecise += bool(r["reference_in_range"])
             continue
+        admitted += 1
         truth = scan.truth[s.label][s.quantity]
         e = abs(r[s.quantity] - truth)
         errs[s.quantity] = max(errs[s.quantity], e if s.quantity == "pd_pu" else 100 * e / truth)
@@ -153,6 +157,8 @@ def run_one(layout: str, slab: str, seed: int, tmp: Path, different: bool = Fals
         "r2_t1": lin["T1"]["r2"],
         "r2_t2": lin["T2"]["r2"],
         "flagged": flagged,
+        "imprecise": imprecise,
+        "admitted": admitted,
     }
 
 
@@ -227,7 +233,8 @@ def main() -> None:
         f"{'layout':20} {'slab':4} {'detect s':>8} {'refine s':>8} {'refined':>7} {'total s':>7}"
         f" {'found':>6}"
         f" {'c.err mm':>8}"
-        f" {'wall':>4} {'T1 %':>6} {'T2 %':>6} {'PD pu':>6} {'R2 T1':>8} {'R2 T2':>8} {'flag':>4}"
+        f" {'wall':>4} {'T1 %':>6} {'T2 %':>6} {'PD pu':>6} {'R2 T1':>8} {'R2 T2':>8} {'in':>3} {'flag':>4}"
+        f" {'impr.':>5}"
     )
     print(hdr)
 
@@ -244,7 +251,8 @@ def main() -> None:
             f" {r['total_s']:7.2f}"
             f" {r['found']:>6} {r['centre_err_mm']:8.3f} {r['wall_voxels']:4d}"
             f" {r['t1_pct']:6.2f} {r['t2_pct']:6.2f} {r['pd_pu']:6.2f}"
-            f" {f(r['r2_t1'], '8.5f'):>8} {f(r['r2_t2'], '8.5f'):>8} {r['flagged']:4d}"
+            f" {f(r['r2_t1'], '8.5f'):>8} {f(r['r2_t2'], '8.5f'):>8} {r['admitted']:3d}"
+            f" {r['flagged']:4d} {r['imprecise']:5d}"
         )
     ok = [r for r in rows if "error" not in r]
     if ok:

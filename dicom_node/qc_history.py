@@ -224,4 +224,6 @@ def format_compare(table: dict[str, Any]) -> str:
             f" {row['mean']:>10.2f} {_f(cvw, '{:.2f}'):>12} {_f(cvb, '{:.2f}'):>13}"
             f" {row['scanners']:>8} {row['n']:>3}"
         )
+    for label, why in sorted((table.get("excluded") or {}).items()):
+        lines.append(f"{label:7} left out: {why} (a CV over some scans only would mislead)")
     return "\n".join(lines)

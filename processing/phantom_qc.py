@@ -48,6 +48,16 @@ numbers are in every report). Brain tissue (T1 600-1300, T2 60-130) sits inside,
 (T1 ~4300, T2 ~2000) beyond; spheres outside are still measured and flagged
 ``in_range = False``.
 
+In range, per sphere (:func:`measure`): ``in_range`` = the reference is inside the range above
+(``reference_in_range``, decided before measuring) AND the median is precise enough for the
+tolerance it is judged by (``TOLERANCE``: T1 2 %, T2 3 %, PD 2 pu): its standard error
+1.2533 x robust SD / sqrt(voxels) (``median_se``) is <= tolerance / ``PRECISION_Z`` (2, so
+noise alone carries the median beyond the tolerance in < 5 % of scans). The range says which
+values 8 samples can resolve; the gate says whether THIS ROI resolves it: a 7 mm sphere or a
+coarse grid holds fewer voxels, a sphere near the range's edge has a wide voxel spread. A
+sphere failing either is measured and flagged with the reason, never dropped. Content
+recognition (rank order) uses ``reference_in_range`` only.
+
 Units: times in ms, PD in percent units, lengths in mm, angles in degrees. Grids ``[z, y, x]``;
 ``affine`` maps voxel index ``(x, y, z, 1)`` to patient LPS mm (DICOM convention, as
 :class:`processing.acquisition.Acquisition`).
@@ -73,6 +83,8 @@ from processing.signal import IDEAL_PROFILE, mdme_jacobian, t1_factor
 
 __all__ = [
     "MAX_VOXEL_CV",
+    "PRECISION_Z",
+    "TOLERANCE",
     "Detection",
     "PhantomScan",
     "Pose",
@@ -110,6 +122,16 @@ RANGE_RULE = (
     " (T1 100-20000 ms, T2 10-3333 ms) with a 25 % margin; PD >= 5 noise SDs; magnitude"
     " data: also the last echo >= 5 noise SDs (Rician floor)"
 )
+#: The Done-when tolerance of a sphere's median per quantity: relative for T1/T2, pu for PD.
+TOLERANCE: dict[str, tuple[str, float]] = {
+    "t1_ms": ("rel", 0.02),
+    "t2_ms": ("rel", 0.03),
+    "pd_pu": ("abs", 2.0),
+}
+#: A sphere's median counts only when its standard error (1.2533 x robust SD / sqrt(voxels),
+#: the SE of the median of normal data) is <= tolerance / PRECISION_Z: with 2, noise alone
+#: carries the median beyond the tolerance in < 5 % of scans (two-sided normal 1.96).
+PRECISION_Z = 2.0
 #: Margin inside the fit bounds (a value within 25 % of a bound is not measurable).
 _BOUND_MARGIN = 1.25
 #: Content tests: outer radius within this fraction of the definition's, shell RMS below
@@ -1387,6 +1409,24 @@ def sphere_in_range(
     return bool(ok), round(cv, 4)
 
 
+def _median_se(
+    median: float | None, robust_sd: float | None, voxels: int, quantity: str
+) -> tuple[float | None, float]:
+    """Standard error of an ROI median and the largest the tolerance allows, both in the
+    tolerance's unit (fraction of the median for T1/T2, pu for PD): the median of ``voxels``
+    normal values of SD ``robust_sd`` has SE 1.2533 SD / sqrt(n) (asymptotic, pi/2 ratio)."""
+    kind, tol = TOLERANCE[quantity]
+    allowed = round(tol / PRECISION_Z, 4)
+    if median is None or robust_sd is None or voxels < 1:
+        return None, allowed
+    se = 1.2533 * robust_sd / math.sqrt(voxels)
+    if kind == "rel":
+        if median <= 0:
+            return None, allowed
+        se /= median
+    return round(se, 4), allowed
+
+
 def linearity(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     """Ordinary least squares ``y = slope * x + intercept`` and R^2 (None below 3 points)."""
     xa = np.asarray(x, np.float64)
@@ -1453,10 +1493,13 @@ def measure(
             "reference_temperature": definition.value_at(s, q, temperature_c)[1],
             "quantity": q,
             "in_range": in_range,
+            "reference_in_range": in_range,
             "voxel_cv": voxel_cv,
             "error": None,
             "error_percent": None,
             "failed_fraction": None,
+            "median_se": None,
+            "se_allowed": None,
         }
         if roi.measured:
             v = roi.voxels[mask[roi.voxels]]
@@ -1475,10 +1518,20 @@ def measure(
                     err = row[q] - ref[q]
                     row["error"] = round(err, 3)
                     row["error_percent"] = round(100.0 * err / ref[q], 3) if ref[q] else None
+                se, allowed = _median_se(row[q], row["sd"][q], v.size, q)
+                row["median_se"] = se
+                row["se_allowed"] = allowed
                 if not row["in_range"]:
                     row["reason"] = (
                         f"reference {q} {ref.get(q)} outside the measurable range (voxel CV"
                         f" {voxel_cv}): measured, not used for linearity"
+                    )
+                elif se is None or se > allowed:
+                    row["in_range"] = False
+                    row["reason"] = (
+                        f"imprecise median: {q} standard error {se} (robust SD"
+                        f" {row['sd'][q]}, {v.size} voxels) > {allowed} (tolerance /"
+                        f" {PRECISION_Z:g}): measured, not used for linearity"
                     )
         rows.append(row)
     lin: dict[str, Any] = {}
@@ -1504,9 +1557,14 @@ def recognise(detection: Detection, rows: list[dict[str, Any]]) -> tuple[bool, s
         )
     checked = 0
     for array in sorted({r["array"] for r in rows}):
-        # in-range spheres: outside the range the order may legitimately break (a Rician
-        # floor under the shortest T2s, T1 on the fit's bound)
-        use = [r for r in rows if r["array"] == array and r["measured"] and r["in_range"]]
+        # spheres whose reference is in range: outside it the order may legitimately break
+        # (a Rician floor under the shortest T2s, T1 on the fit's bound); the precision gate
+        # is not needed for an order (and would leave coarse grids too few spheres)
+        use = [
+            r
+            for r in rows
+            if r["array"] == array and r["measured"] and r.get("reference_in_range", r["in_range"])
+        ]
         q = use[0]["quantity"] if use else None
         use = [r for r in use if r["reference"].get(q) is not None and r[q] is not None]
         if len(use) < 4:
@@ -1784,7 +1842,11 @@ def compare_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Within-scanner CV of a sphere: for each scanner with >= 2 reports measuring it, SD/mean
     (ddof 1) over its repeats; reported as the root-mean-square over scanners. Between-
     scanner CV: SD/mean (ddof 1) of the per-scanner means (>= 2 scanners). Values are the
-    sphere's certified quantity (T1 for the T1 array ...), in-range spheres only.
+    sphere's certified quantity (T1 for the T1 array ...), for the spheres measured and in
+    range in EVERY report: the in-range rule includes the measured precision of the median
+    (:func:`measure`), so a sphere near its edge can pass on one scan and not on another; a
+    CV over the scans where it happened to pass would be biased low, so such a sphere is
+    left out of the table altogether (``excluded`` names it with the count).
     """
     by_scanner: dict[str, list[dict[str, Any]]] = {}
     for rep in reports:
@@ -1805,11 +1867,19 @@ def compare_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         }
     values: dict[str, dict[str, list[float]]] = {}
     meta: dict[str, dict[str, Any]] = {}
+    usable: dict[str, int] = {}
+    for rep in reports:
+        for row in rep.get("spheres", []):
+            q = row.get("quantity") or ARRAY_QUANTITY.get(row["array"], "t1_ms")
+            ok = row.get("measured") and row.get("in_range") and row.get(q) is not None
+            usable[row["label"]] = usable.get(row["label"], 0) + bool(ok)
+    everywhere = {label for label, n in usable.items() if n == len(reports)}
+    excluded = {label: n for label, n in usable.items() if 0 < n < len(reports)}
     for scanner, reps in by_scanner.items():
         for rep in reps:
             for row in rep.get("spheres", []):
                 q = row.get("quantity") or ARRAY_QUANTITY.get(row["array"], "t1_ms")
-                if not row.get("measured") or not row.get("in_range") or row.get(q) is None:
+                if row["label"] not in everywhere:
                     continue
                 values.setdefault(row["label"], {}).setdefault(scanner, []).append(float(row[q]))
                 meta[row["label"]] = {
@@ -1842,4 +1912,12 @@ def compare_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "cv_between": between,
             }
         )
-    return {"scanners": sorted(by_scanner), "r2": r2, "spheres": spheres, "reports": len(reports)}
+    return {
+        "scanners": sorted(by_scanner),
+        "r2": r2,
+        "spheres": spheres,
+        "reports": len(reports),
+        "excluded": {
+            label: f"in range in {n} of {len(reports)} reports" for label, n in excluded.items()
+        },
+    }

@@ -120,7 +120,7 @@ def test_every_vendor_layout(tmp_path: Path, layout: str):
             assert err <= tol, (layout, s.label, r[s.quantity], truth)
         elif not r["measured"]:
             assert r["reason"], s.label
-    assert n_found >= 8
+    _check_counts(ph.report, n_found, layout)
     assert ph.report["linearity"]["T1"]["r2"] >= 0.999
 
 
@@ -141,8 +141,27 @@ def _check_found_and_measured(scan: pq.PhantomScan, report: dict, what) -> None:
             err = abs(r[s.quantity] - truth)
             tol = {"t1_ms": 0.02 * truth, "t2_ms": 0.03 * truth, "pd_pu": 2.0}[s.quantity]
             assert err <= tol, (what, s.label, r[s.quantity], truth)
-    assert n_found >= 8, what
+    _check_counts(report, n_found, what)
     assert report["linearity"]["T1"]["r2"] >= 0.999, what
+
+
+def _check_counts(report: dict, n_admitted: int, what) -> None:
+    """How many spheres this coarse grid (4 x 1.875 x 1.875 mm, 16 slices) lets count.
+
+    >= 8 spheres whose reference is inside the measurable range are measured (the slab holds
+    T1-01..07 and T2-03..09 minus those it cuts). The precision gate (processing.phantom_qc
+    PRECISION_Z: SE of the median <= tolerance / 2, i.e. <= 1 % T1, 1.5 % T2) then admits
+    fewer: the eroded ROIs hold only ~40-70 voxels here (~100 on the 1.5 x 1.5 x 4 mm default
+    grid), so only spheres with a voxel CV below ~6-8 % pass. >= 4 are required: 3 are the
+    least a slope and R^2 need, and a fourth keeps R^2 >= 0.999 a real test of linearity
+    (tests/test_phantom_qc.py checks the finer grids). Every sphere left out says why."""
+    rows = report["spheres"]
+    ref_in = [r for r in rows if r["measured"] and r["reference_in_range"]]
+    assert len(ref_in) >= 8, (what, len(ref_in))
+    assert n_admitted >= 4, (what, n_admitted)
+    for r in ref_in:
+        if not r["in_range"]:
+            assert r["reason"].startswith("imprecise median"), (what, r["reason"])
 
 
 @pytest.mark.slow
@@ -373,8 +392,19 @@ def test_compare_three_scanners_against_truth(tmp_path: Path):
             files.append(path)
     reports = [json.loads(p.read_text()) for p in files]
     table = pq.compare_reports(reports)
+    # a sphere's in-range status includes its median's measured precision, so it may differ
+    # between scans: the table holds only spheres in range in all 9 reports and names the rest
+    admitted = {
+        lab: sum(
+            any(s["label"] == lab and s["measured"] and s["in_range"] for s in rep["spheres"])
+            for rep in reports
+        )
+        for lab in {s["label"] for rep in reports for s in rep["spheres"]}
+    }
+    assert {r["label"] for r in table["spheres"]} == {k for k, n in admitted.items() if n == 9}
+    assert set(table["excluded"]) == {k for k, n in admitted.items() if 0 < n < 9}
     t1_rows = [r for r in table["spheres"] if r["array"] == "T1"]
-    assert len(t1_rows) >= 5
+    assert len(t1_rows) >= 4, admitted
     for row in t1_rows:
         # the truth: the certified T1 at each scanner's temperature (the v2 T1 plate's table)
         sphere = next(s for s in defn.spheres if s.label == row["label"])
