@@ -355,9 +355,10 @@ class Registry:
         in another series raises :class:`InstanceMovedError` (nothing recorded).
 
         Committed without an fsync of its own (the C-STORE answer waits for it): the durable
-        record of a received instance is its spooled file (DESIGN promise 1), and a row that
-        a power loss takes with it is re-created from that file at the next start
-        (:meth:`known_paths`, :func:`dicom_node.scp.register_spooled`).
+        record of a received instance is its spooled file, made durable by the ingest
+        journal (DESIGN promise 1, :mod:`dicom_node.journal`), and a row that a power loss
+        takes with it is re-created from that file at the next start (:meth:`known_paths`,
+        :func:`dicom_node.scp.register_spooled`, after the journal's replay).
         """
         now = time.time()
         created = reopened = None

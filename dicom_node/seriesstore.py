@@ -21,10 +21,12 @@ Written once per processed series by the pipeline; a re-run overwrites it.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import shutil
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,14 @@ def _map_volume(result: SeriesResult, name: str) -> np.ndarray | None:
     return {"T1": m.t1_ms, "T2": m.t2_ms, "PD": m.pd_pu, "B1": m.b1}[name]
 
 
+def _write_npz(path: Path, arrays: Iterable[tuple[str, Callable[[], np.ndarray]]]) -> None:
+    """``np.savez_compressed`` of ``{name: make()}``, one array in memory at a time."""
+    with zipfile.ZipFile(path, mode="w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        for name, make in arrays:
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(make()), allow_pickle=False)
+
+
 def save_series(
     spool_root: str | Path,
     series_uid: str,
@@ -133,22 +143,25 @@ def save_series(
     def f32(a: np.ndarray) -> np.ndarray:
         return np.where(mask, np.nan_to_num(np.asarray(a, np.float32)), 0).astype(np.float32)
 
-    arrays: dict[str, np.ndarray] = {
-        "t1_ms": f32(maps.t1_ms),
-        "t2_ms": f32(maps.t2_ms),
-        "pd_pu": f32(maps.pd_pu),
-        "b1": f32(maps.b1),
-        "mask": mask,
-        "failed": np.asarray(maps.failed, bool),
-    }
+    def frac8(tissue: str) -> np.ndarray:
+        frac = np.asarray(result.segmentation.fractions[tissue], np.float32)  # type: ignore[union-attr]
+        return np.rint(np.clip(frac, 0, 1) * 255).astype(np.uint8)
+
+    # each array is made just before it is written (not all at once: ~250 MB at 40x512x512)
+    arrays: list[tuple[str, Callable[[], np.ndarray]]] = [
+        ("t1_ms", lambda: f32(maps.t1_ms)),
+        ("t2_ms", lambda: f32(maps.t2_ms)),
+        ("pd_pu", lambda: f32(maps.pd_pu)),
+        ("b1", lambda: f32(maps.b1)),
+        ("mask", lambda: mask),
+        ("failed", lambda: np.asarray(maps.failed, bool)),
+    ]
     if result.segmentation is not None:
-        for t in TISSUES:
-            frac = np.asarray(result.segmentation.fractions[t], np.float32)
-            arrays[f"frac_{t}"] = np.rint(np.clip(frac, 0, 1) * 255).astype(np.uint8)
-        arrays["icmask"] = np.asarray(result.segmentation.icmask, bool)
+        arrays += [(f"frac_{t}", functools.partial(frac8, t)) for t in TISSUES]
+        arrays.append(("icmask", lambda: np.asarray(result.segmentation.icmask, bool)))  # type: ignore[union-attr]
     if result.myelin is not None:
-        arrays["mypv"] = np.asarray(result.myelin.mypv, np.float16)
-    np.savez_compressed(tmp / "maps.npz", **arrays)
+        arrays.append(("mypv", lambda: np.asarray(result.myelin.mypv, np.float16)))  # type: ignore[union-attr]
+    _write_npz(tmp / "maps.npz", arrays)
 
     z = int(result.shape[0]) // 2
     thumbs: list[str] = []

@@ -381,7 +381,7 @@ def enhance_flair(
         coil = np.where(ok, coil, np.asarray(maps.receive_field, np.float64))
     m &= np.isfinite(coil) & (coil > 0)
 
-    samples = acq.samples()[m]  # [n, 8] for the masked voxels only
+    samples = acq.masked_samples(m)  # [n, 8] for the masked voxels only
     # The fit's B1 (smoothed in its second pass), held inside the trained range.
     b1_lo, b1_hi = model.ranges.get("b1", [0.7, 1.3])
     b1 = np.clip(np.nan_to_num(np.asarray(maps.b1, np.float64)[m], nan=1.0), b1_lo, b1_hi)

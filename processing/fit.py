@@ -37,7 +37,7 @@ Recipe per voxel (numba, ``parallel=True`` over voxel chunks, no allocation per 
    Gauss-Newton corrections of that B1 (:func:`_pooled_b1`: each homogeneous voxel's
    profile gradient and curvature in B1, summed over a 40 mm neighbourhood in 3-D), each
    followed by the refit: the smooth of per-voxel magnitude B1 estimates was ~0.25 % low
-   (skewed estimates, partial volume), GM T1 +1 %; pooled, GM/WM T1 +0.2-0.8 % at SNR 60.
+   (skewed estimates, partial volume), GM T1 +1 %; pooled, GM/WM T1 +0.03-0.98 % at SNR 60.
 
 Bounds: R1 0.05-10 /s, R2 0.3-100 /s, B1 0.5-1.5, M0 >= 0. ``failed`` marks voxels where LM
 did not converge, a parameter ended on a bound, or a value is not finite.
@@ -103,7 +103,10 @@ _RESTART_REL = 1e-6  # ... or, for noise-free data, > this x RMS signal
 _MAGNITUDE_B1_ROBUST = 2
 # ... and what bias the robust smooth leaves (~0.25 % low) is removed by pooled
 # Gauss-Newton steps on the summed cost (_pooled_b1); each costs a profile evaluation and a
-# refit. Steps are clipped: the smooth is already within a few % of the truth.
+# refit (~0.3x the whole two-pass magnitude fit). Two: at SNR 60 a second step moves B1
+# < 0.05 %, but at SNR 30 WM's smooth starts 0.7-1.4 % low (two-peaked estimates) and one
+# step leaves WM T1 +1.5-2.8 % (two: +1.2-1.7 %; benchmarks/magnitude_fit.py).
+# Steps are clipped: the smooth is already within a few % of the truth.
 _POOLED_B1_STEPS = 2
 _POOLED_B1_MAX_STEP = 0.05
 # Voxels pooled for B1: both log R1 and log R2 (3x3x3 median) change by less than this to
@@ -1338,11 +1341,16 @@ def _homogeneous(par: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int]) 
     neighbours differ by less than _HOMOGENEOUS_LOG_STEP in both.
     """
     keep = np.ones(idx.size, bool)
+    # Work in the fitted voxels' bounding box, float32 (the filters dominate the cost).
+    zyx = np.unravel_index(idx, shape)
+    box = tuple(slice(int(c.min()), int(c.max()) + 1) for c in zyx)
+    sub = tuple(c - b.start for c, b in zip(zyx, box, strict=True))
+    sub_shape = tuple(b.stop - b.start for b in box)
     for k in (1, 2):
-        v = np.zeros(shape)
-        v.ravel()[idx] = np.log(np.clip(par[:, k], 1e-3, None))
+        v = np.zeros(sub_shape, np.float32)
+        v[sub] = np.log(np.clip(par[:, k], 1e-3, None))
         med = ndimage.median_filter(v, size=3, mode="nearest")
-        step = np.zeros(shape)
+        step = np.zeros(sub_shape, np.float32)
         for ax in range(3):
             a = [slice(None)] * 3
             b = [slice(None)] * 3
@@ -1351,12 +1359,13 @@ def _homogeneous(par: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int]) 
             d = np.abs(med[tuple(a)] - med[tuple(b)])
             np.maximum(step[tuple(a)], d, out=step[tuple(a)])
             np.maximum(step[tuple(b)], d, out=step[tuple(b)])
-        keep &= step.ravel()[idx] < _HOMOGENEOUS_LOG_STEP
+        keep &= step[sub] < _HOMOGENEOUS_LOG_STEP
     return keep
 
 
 def _pooled_b1(
     samples: np.ndarray,
+    rows: np.ndarray,
     out: FitOutput,
     idx: np.ndarray,
     setup: FitSetup,
@@ -1379,14 +1388,15 @@ def _pooled_b1(
     the Gauss-Newton step of the summed cost. The expected gradient of the
     Rician-expectation model at the true B1 is zero, so the step removes the estimate's
     bias instead of averaging it. ``[n]`` in, B1 ``[n]`` out (clipped to the bounds).
+    ``samples[rows[i]]`` are the samples of the voxel at flat index ``idx[i]``.
     """
     n = idx.size
     grad = np.zeros(n)
     curv = np.zeros(n)
     if n < _SERIAL_BELOW:
-        _b1_profile_chunk(samples, idx, 0, n, setup, out.par, grad, curv)
+        _b1_profile_chunk(samples, rows, 0, n, setup, out.par, grad, curv)
     else:
-        _b1_profile_all(samples, idx, setup, out.par, grad, curv, _n_chunks(n))
+        _b1_profile_all(samples, rows, setup, out.par, grad, curv, _n_chunks(n))
     wv = _b1_voxel_weights(out, setup) * _homogeneous(out.par, idx, shape)
     # Each voxel's own Gauss-Newton step g/h with weight w*h; their weighted local
     # quadratic fit (smooth_b1) is the pooled step that follows a curved bias of the smooth.
@@ -1500,9 +1510,10 @@ def fit_mdme(
     """
     noise_sd, mask = _check_inputs(acq, mask, noise_sd)
     setup, grid = _setup(acq, profile, noise_sd, noise_floor)
-    samples = acq.samples().reshape(-1, acq.n_delays * acq.n_echoes)
     idx = np.flatnonzero(mask.ravel()).astype(np.int64)
     n = idx.size
+    # the kernels read sample rows through an index: the fitted voxels' rows, in order
+    samples, rows = acq.masked_samples(mask), np.arange(n, dtype=np.int64)
     out = FitOutput(np.zeros((n, 4)), np.zeros(n), np.zeros(n, dtype=np.bool_))
     old_threads = nb.get_num_threads()
     if n_threads is not None:
@@ -1513,19 +1524,20 @@ def fit_mdme(
     try:
         if n:
             if n < _SERIAL_BELOW:
-                _fit_chunk(samples, idx, 0, n, setup, grid, out)
+                _fit_chunk(samples, rows, 0, n, setup, grid, out)
             else:
-                _fit_all(samples, idx, setup, grid, out, _n_chunks(n))
+                _fit_all(samples, rows, setup, grid, out, _n_chunks(n))
         if b1_smoothing and n:
             out.par[:, 3] = _smoothed_b1(
                 out, idx, setup, acq.shape, acq.voxel_size_mm, b1_smoothing_fwhm_mm
             )
-            _refit(samples, idx, setup, out)
+            _refit(samples, rows, setup, out)
             # Magnitude data with the noise floor: correct the smoothed B1 by pooled
             # Gauss-Newton steps on the neighbourhood's cost (_pooled_b1), refitting after each.
             for _ in range(_POOLED_B1_STEPS if setup.floor_sd > 0.0 else 0):
                 out.par[:, 3] = _pooled_b1(
                     samples,
+                    rows,
                     out,
                     idx,
                     setup,
@@ -1533,7 +1545,7 @@ def fit_mdme(
                     acq.voxel_size_mm,
                     _POOL_FWHM_FACTOR * b1_smoothing_fwhm_mm,
                 )
-                _refit(samples, idx, setup, out)
+                _refit(samples, rows, setup, out)
             fix_b1 = True
     finally:
         nb.set_num_threads(old_threads)

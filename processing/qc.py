@@ -217,7 +217,6 @@ def _delay_residuals(
     """Residual energy per delay over the well-fitted voxels, in units of its pure-noise
     expectation (~1 for noise only): a corrupted delay image or motion between dynamics
     stands out."""
-    ns = acq.n_delays * acq.n_echoes
     idx = np.flatnonzero(good.ravel())
     if idx.size > _MAX_QC_VOXELS:
         idx = idx[:: idx.size // _MAX_QC_VOXELS + 1]
@@ -239,7 +238,9 @@ def _delay_residuals(
         )
     else:
         model, jac = acquisition_jacobian(acq, m0, t1, t2, b1v)
-    samples = acq.samples().reshape(-1, ns)[idx].astype(np.float64)
+    chosen = np.zeros(acq.shape, bool)
+    chosen.flat[idx] = True  # idx is ascending: the rows come in its order
+    samples = acq.masked_samples(chosen).astype(np.float64)
     if acq.is_magnitude:  # restore the sign from the voxel's own fit
         samples = np.where(model < 0, -samples, samples)
     r2 = ((samples - model) / scale) ** 2

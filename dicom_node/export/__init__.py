@@ -31,7 +31,7 @@ from .geometry import (
     slice_geometry,
 )
 from .mr_images import iter_synthetic_series, map_mr_images, synthetic_images
-from .parametric_map import parametric_maps
+from .parametric_map import iter_parametric_maps, parametric_maps
 from .segmentation import segmentation
 from .settings import (
     ALL_MAPS,
@@ -106,8 +106,8 @@ def export_groups(
     synthetic: bool = True,
     geometry: SliceGeometry | None = None,
 ) -> Iterator[list[Dataset]]:
-    """:func:`export_all` as it is built, a group of datasets at a time (the parametric
-    maps, the map MR images, each synthetic contrast series, the SEG, the SR), so the node
+    """:func:`export_all` as it is built, a group of datasets at a time (each parametric
+    map, the map MR images, each synthetic contrast series, the SEG, the SR), so the node
     stores and pushes a group while the next is encoded. ``synthetic=False``: without the
     synthetic contrast series (the node builds those in its worker meanwhile);
     ``geometry``: :func:`slice_geometry`'s, when the caller has it already."""
@@ -116,7 +116,8 @@ def export_groups(
     geometry = geometry or slice_geometry(result, sources, settings)
     refs = sources
     if settings.maps_as_parametric_map and settings.maps:
-        yield parametric_maps(result, refs, settings, geometry)
+        for pm in iter_parametric_maps(result, refs, settings, geometry):
+            yield [pm]  # each map its own series: built, stored and freed one at a time
     if settings.maps_as_mr_images and settings.maps:
         yield map_mr_images(result, refs, settings, geometry)
     if synthetic:

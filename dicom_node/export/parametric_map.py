@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -178,10 +178,19 @@ def parametric_maps(
 
     Series numbers: source + offset + index (0-based in ``settings.maps`` order).
     """
+    return list(iter_parametric_maps(result, sources, settings, geometry))
+
+
+def iter_parametric_maps(
+    result: SeriesResult,
+    sources: Sequence[Dataset],
+    settings: ExportSettings,
+    geometry: SliceGeometry | None = None,
+) -> Iterator[Dataset]:
+    """:func:`parametric_maps` one at a time (a 40 x 512 x 512 map is 42 MB of pixel data
+    plus highdicom's working copies: the node builds, stores and frees one after another)."""
     geometry = geometry or slice_geometry(result, sources, settings)
     fp = parameter_fingerprint(result, settings)
     base = series_number_base(geometry.refs[0], settings)
-    return [
-        parametric_map(result, kind, geometry, settings, base + i, fp)
-        for i, kind in enumerate(settings.maps)
-    ]
+    for i, kind in enumerate(settings.maps):
+        yield parametric_map(result, kind, geometry, settings, base + i, fp)
