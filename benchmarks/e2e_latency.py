@@ -337,8 +337,7 @@ def main() -> None:
         goal = "goal <= 60 s, peak RSS <= 6 GiB" if args.sequence == "qalas" else "goal <= 7 s"
         peak = max(p["peak RSS node + workers (GiB)"] for p in profiles)
         print(
-            f"\nEND TO END median of {len(profiles)}: {e2e:.2f} s, peak RSS {peak:.2f} GiB"
-            f" ({goal}); load average now {os.getloadavg()[0]:.1f}"
+            f"\nEND TO END median of {len(profiles)}: {e2e:.2f} s, peak RSS {peak:.2f} GiB ({goal})"
         )
         # push comparison on the same output files, each into a fresh Orthanc, alternating:
         # send_parallel (Destination.associations = 2), one association, dcmtk storescu

@@ -60,7 +60,7 @@ from scipy import ndimage, optimize
 
 from processing.acquisition import Acquisition
 from processing.results import TISSUES, QuantMaps, TissueFractions
-from processing.sequence_model import acquisition_jacobian, acquisition_signal
+from processing.sequence_model import acquisition_jacobian, acquisition_signal, single_thread
 from processing.signal import IDEAL_PROFILE, mdme_jacobian, mdme_signal, t1_factor
 
 __all__ = [
@@ -1081,16 +1081,8 @@ def _refine_csf_vertex(
 
     c0 = cen["CSF"]
     x0 = np.log([c0["pd_pu"], c0["t1_ms"], c0["t2_ms"]])
-    sol = optimize.minimize(
-        cost,
-        x0,
-        method="Nelder-Mead",
-        options={
-            "xatol": 2e-3,
-            "fatol": 1e-3 * rows.size,
-            "initial_simplex": x0 + 0.15 * np.vstack([np.zeros(3), np.eye(3)]),
-        },
-    )
+    with single_thread():  # ~200 small unmixings: parallel launches would dominate
+        sol = _nelder_mead(cost, x0, rows.size)
     lo, hi = np.log([5.0, 100.0, 10.0]), np.log([150.0, 8000.0, 5000.0])
     if not np.all(np.isfinite(sol.x)) or np.any(sol.x < lo) or np.any(sol.x > hi):
         return cen
@@ -1100,6 +1092,20 @@ def _refine_csf_vertex(
         pd_pu=float(pd_), t1_ms=float(t1_), t2_ms=float(t2_), n_voxels=float(rows.size)
     )
     return new
+
+
+def _nelder_mead(cost, x0: np.ndarray, n_voxels: int) -> optimize.OptimizeResult:
+    """Nelder-Mead in (log PD, log T1, log T2) from ``x0`` (15 % initial steps)."""
+    return optimize.minimize(
+        cost,
+        x0,
+        method="Nelder-Mead",
+        options={
+            "xatol": 2e-3,
+            "fatol": 1e-3 * n_voxels,
+            "initial_simplex": x0 + 0.15 * np.vstack([np.zeros(3), np.eye(3)]),
+        },
+    )
 
 
 def _smooth_b1(

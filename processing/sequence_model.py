@@ -10,6 +10,9 @@ Samples are ordered as :meth:`Acquisition.samples` (delay-major; QALAS: the 5 im
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numba as nb
 import numpy as np
 
@@ -17,7 +20,24 @@ from processing.acquisition import Acquisition
 from processing.qalas import N_SAMPLES, model_eval
 from processing.signal import IDEAL_PROFILE, mdme_jacobian, mdme_signal
 
-__all__ = ["acquisition_jacobian", "acquisition_signal"]
+__all__ = ["acquisition_jacobian", "acquisition_signal", "single_thread"]
+
+# Below this many voxels a parallel launch costs more than it saves (on a loaded 2-core
+# machine a launch waited ~30 ms for its threads: 7 s over the 200 small basis tables of
+# one segmentation).
+_PARALLEL_MIN_VOXELS = 20_000
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run numba parallel kernels in the calling thread (results are identical: the
+    chunks are independent); for many small calls."""
+    previous = nb.get_num_threads()
+    nb.set_num_threads(1)
+    try:
+        yield
+    finally:
+        nb.set_num_threads(previous)
 
 
 def acquisition_signal(
@@ -33,7 +53,12 @@ def acquisition_signal(
     shape = arrs[0].shape
     m0v, t1v, t2v, b1v = (np.ascontiguousarray(a.ravel()) for a in arrs)
     out = np.empty((m0v.size, N_SAMPLES))
-    _qalas_signal_parallel(m0v, 1.0 / t1v, 1.0 / t2v, b1v, *acq.sequence.kernel_args(), out)
+    args = (m0v, 1.0 / t1v, 1.0 / t2v, b1v, *acq.sequence.kernel_args(), out)
+    if m0v.size >= _PARALLEL_MIN_VOXELS:
+        _qalas_signal_parallel(*args)
+    else:
+        with single_thread():
+            _qalas_signal_parallel(*args)
     if magnitude:
         np.abs(out, out=out)
     return out.reshape(shape + (N_SAMPLES,))
