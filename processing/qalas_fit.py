@@ -29,9 +29,9 @@ linear in (u, v) and nonlinear in R1 alone (:func:`processing.qalas.basis_fixed_
 readout train one closed-form affine map, 10 exponentials per evaluation), so the fit is a
 1-D variable-projection problem in log R1: a 48-row coarse table scan (nearest B1 column,
 0.01 apart; magnitude: the sign patterns at the two e2 bounds) and a parabola give the
-start, then Gauss-Newton in log R1 (Kaufman's step, backtracking) with the exact model to a
-step < 1e-6, and the last step applied (quadratic convergence: noise-free round trip
-~1e-12). About 1 us per voxel and core.
+start, then Gauss-Newton in log R1 (Kaufman's step, backtracking; secant steps when a large
+residual slows it) with the exact model to a step < 1e-6, and the last step applied
+(quadratic convergence: noise-free round trip ~1e-12). About 1 us per voxel and core.
 
 Bounds: R1 0.05-10 /s, R2 0.3-100 /s, B1 0.5-1.5, M0 >= 0. ``failed`` marks voxels where LM
 did not converge, a parameter ended on a bound, or a value is not finite.
