@@ -46,7 +46,8 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
 
 
 def _stage(out: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)}\s+([0-9.]+)\s*$", out, re.MULTILINE)
+    # node mode prints "  node stage process", --offline "process"
+    m = re.search(rf"^\s*(?:node stage )?{re.escape(name)}\s+([0-9.]+)\s*$", out, re.MULTILINE)
     if m is None:
         sys.exit(f"no '{name}' line in the demo's output:\n{out[-3000:]}")
     return float(m.group(1))

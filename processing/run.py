@@ -331,7 +331,8 @@ def _tissue_t1(centres: dict[str, dict[str, float]], tissue: str) -> float | Non
 
 def warmup(settings: ProcessingSettings | None = None) -> float:
     """Compile every numba kernel and load the ONNX model by running the whole pipeline once
-    on tiny simulated brains (MDME 2 x 24 x 24, real and magnitude; 3D-QALAS 8 x 32 x 32).
+    on a tiny simulated brain (MDME 2 x 24 x 24, real and magnitude), then the 3D-QALAS
+    kernels on a few voxels.
 
     Called at start-up (worker initializer) so the first real series is as fast as the
     tenth (numba caches compiled code on disk with ``cache=True``; this also fills the
@@ -345,9 +346,10 @@ def warmup(settings: ProcessingSettings | None = None) -> float:
     for magnitude in (False, True):
         ph = make_phantom((2, 24, 24), seed=1, snr=50.0, anatomy="ellipsoid", magnitude=magnitude)
         run(ph.acq, settings)
-    # and the 3D-QALAS path (its fit, forward model and segmentation kernels)
-    from processing.qalas_phantom import make_qalas_phantom
+    # and the 3D-QALAS kernels (fit; the forward model of segmentation and QC): a whole
+    # QALAS run here doubled the start-up time of a loaded node
+    from processing import qalas_fit, sequence_model
 
-    ph = make_qalas_phantom((8, 32, 32), seed=1, snr=50.0, anatomy="ellipsoid", magnitude=True)
-    run(ph.acq, settings)
+    qalas_fit.warmup()
+    sequence_model.warmup()
     return time.perf_counter() - t0

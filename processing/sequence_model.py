@@ -20,7 +20,7 @@ from processing.acquisition import Acquisition
 from processing.qalas import N_SAMPLES, model_eval
 from processing.signal import IDEAL_PROFILE, mdme_jacobian, mdme_signal
 
-__all__ = ["acquisition_jacobian", "acquisition_signal", "single_thread"]
+__all__ = ["acquisition_jacobian", "acquisition_signal", "single_thread", "warmup"]
 
 # Below this many voxels a parallel launch costs more than it saves (on a loaded 2-core
 # machine a launch waited ~30 ms for its threads: 7 s over the 200 small basis tables of
@@ -94,3 +94,12 @@ def acquisition_jacobian(
     from processing.qalas import qalas_jacobian
 
     return qalas_jacobian(m0, t1_ms, t2_ms, b1, acq.sequence, magnitude=magnitude)
+
+
+def warmup() -> None:
+    """Compile (or load from the cache) the parallel QALAS forward model."""
+    from processing.qalas import QalasProtocol
+
+    one = np.ones(2)
+    out = np.empty((2, N_SAMPLES))
+    _qalas_signal_parallel(one, one / 1000.0, one / 80.0, one, *QalasProtocol().kernel_args(), out)
