@@ -19,7 +19,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -753,10 +753,30 @@ class Registry:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def defer_job(self, job_id: int, series_uid: str, reason: str, not_before: float) -> None:
+    def defer_job(
+        self,
+        job_id: int,
+        series_uid: str,
+        reason: str,
+        not_before: float,
+        drop_unsent: Iterable[str] = (),
+    ) -> list[str]:
         """A job that hit a transient condition (spool full): job and series back to
-        QUEUED, not claimed before ``not_before``, in one transaction."""
+        QUEUED, not claimed before ``not_before``, in one transaction. Outbox rows of
+        ``drop_unsent`` (SOP UIDs streamed by this job) that were not sent yet are deleted:
+        the re-run writes them again with the same UIDs. Returns the deleted rows' paths
+        (the caller removes those files)."""
+        dropped: list[str] = []
         with self._tx() as db:
+            for sop in drop_unsent:
+                rows = db.execute(
+                    "SELECT id, path FROM outbox WHERE series_uid=? AND sop_uid=?"
+                    " AND state='PENDING'",
+                    (series_uid, sop),
+                ).fetchall()
+                for row_id, path in rows:
+                    db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+                    dropped.append(str(path))
             old, dt = self._set_state(
                 db, series_uid, State.QUEUED, reason, expect={State.PROCESSING}
             )
@@ -765,6 +785,7 @@ class Registry:
                 (not_before, reason, job_id),
             )
         self._notify(series_uid, old, State.QUEUED, dt)
+        return dropped
 
     def retry(self, series_uid: str) -> int:
         """Re-queue a FAILED / QUARANTINED / IGNORED / DELIVERED series; return the job id."""

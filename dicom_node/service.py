@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -238,6 +239,7 @@ class Node:
                 # a job needs room for its outputs: with the spool full it waits (a job that
                 # hit a full disk was deferred, and runs again once space returns)
                 if self.spool.has_room(self.settings.node.max_instance_bytes):
+                    self.spool.ensure_reserve()
                     claimed = self.registry.claim_job()
             except Exception:
                 log.exception("claim_failed")
@@ -248,7 +250,12 @@ class Node:
                 continue
             job_id, series_uid, waited = claimed
             self.metrics.stage.labels("queue").observe(waited)
-            self._run_job(job_id, series_uid)
+            try:
+                self._run_job(job_id, series_uid)
+            except Exception:  # the job thread outlives any one job (it stays PROCESSING
+                # and is re-queued at the next start); log it and go on with the queue
+                log.exception("job_thread_error")
+                self._stop.wait(1.0)
 
     def _run_job(self, job_id: int, series_uid: str) -> None:
         with log_context(series_uid=series_uid, job_id=job_id):
@@ -260,6 +267,12 @@ class Node:
             return  # stopping: the job stays PROCESSING and is re-queued at next start
         log_event(log, "job_started", series_uid=series_uid, job_id=job_id)
         streamed: list[tuple[str, str, str, str]] = []
+        written: list[tuple[str, str, str]] = []  # streamed outputs, with or without rows
+
+        def on_outputs(outputs: list[tuple[str, str, str]]) -> None:
+            written.extend(outputs)
+            streamed.extend(self._stream_outputs(series_uid, outputs))
+
         outcome = run_series_job(
             series_uid,
             self.registry.instance_paths(series_uid),
@@ -268,15 +281,12 @@ class Node:
             self.workers.submit,
             self.metrics,
             timeout_s=self.settings.workers.job_timeout_s,
-            on_outputs=lambda rows: streamed.extend(self._stream_outputs(series_uid, rows)),
+            on_outputs=on_outputs,
         )
         if self._stop.is_set():
             return  # shutting down: left PROCESSING, re-run (same output UIDs) at next start
         if outcome.state == State.FAILED and _disk_full(outcome.reason):
-            self.registry.defer_job(
-                job_id, series_uid, f"waiting for spool space: {outcome.reason}", time.time() + 5
-            )
-            log_event(log, "job_deferred", level=logging.WARNING, reason=outcome.reason)
+            self._defer_on_full_disk(job_id, series_uid, outcome.reason, written)
             return
         if outcome.state == State.FAILED and "BrokenProcessPool" in outcome.reason:
             self.workers.restart()
@@ -327,6 +337,44 @@ class Node:
         except Exception as exc:
             log_event(log, "output_records_failed", level=logging.ERROR, error=str(exc))
             return None
+
+    def _defer_on_full_disk(
+        self,
+        job_id: int,
+        series_uid: str,
+        reason: str,
+        written: list[tuple[str, str, str]],
+    ) -> None:
+        """Put a job that met a full disk back in the queue, and remove the outputs it had
+        written so far and their unsent outbox rows (the re-run writes them again, same UIDs). The spool's reserve
+        is released first so the registry can commit; until it can, retry (the job thread
+        must survive whatever the disk does)."""
+        freed = self.spool.release_reserve()
+        while True:
+            try:
+                dropped = self.registry.defer_job(
+                    job_id,
+                    series_uid,
+                    f"waiting for spool space: {reason}",
+                    time.time() + 5,
+                    drop_unsent=[sop for sop, _, _ in written],
+                )
+                break
+            except sqlite3.OperationalError as exc:
+                log_event(log, "job_defer_failed", level=logging.ERROR, reason=str(exc))
+                if self._stop.wait(1.0):
+                    return  # left PROCESSING: re-queued at the next start
+        removed = {path for _, _, path in written} | set(dropped)
+        for path in removed:
+            Path(path).unlink(missing_ok=True)
+        log_event(
+            log,
+            "job_deferred",
+            level=logging.WARNING,
+            reason=reason,
+            reserve_released_bytes=freed,
+            outputs_removed=len(removed),
+        )
 
     def _stream_outputs(
         self, series_uid: str, outputs: list[tuple[str, str, str]]

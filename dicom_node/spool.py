@@ -225,6 +225,41 @@ class Spool:
         self.replayed = self.journal.replay(self.write_atomic)
 
     # -- capacity
+    #: bytes kept allocated in ``<spool>/reserve`` while the disk has room: released when
+    #: a job meets a full disk, so the registry can still record the deferral (SQLite's
+    #: WAL must grow to commit) and the node keeps working instead of losing its job thread
+    RESERVE_BYTES = 8 * 1024 * 1024
+
+    @property
+    def reserve(self) -> Path:
+        return self.root / "reserve"
+
+    def ensure_reserve(self) -> bool:
+        """Allocate the reserve file if it is missing and the disk has room for it twice
+        over; return whether it is in place."""
+        if self.reserve.exists():
+            return True
+        if self.free_bytes() < 2 * self.RESERVE_BYTES:
+            return False
+        fd = os.open(self.reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, self.RESERVE_BYTES)
+        except OSError:
+            os.close(fd)
+            self.reserve.unlink(missing_ok=True)
+            return False
+        os.close(fd)
+        return True
+
+    def release_reserve(self) -> int:
+        """Free the reserve (the disk is full); return the bytes freed."""
+        try:
+            n = self.reserve.stat().st_size
+            self.reserve.unlink()
+        except FileNotFoundError:
+            return 0
+        return n
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 

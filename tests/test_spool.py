@@ -194,3 +194,14 @@ def test_journal_checkpoints_when_idle(tmp_path: Path) -> None:
     assert len(list(sp.journal.dir.glob("*.log"))) == 1
     sp.close()
     assert list(sp.journal.dir.glob("*.log")) == []
+
+
+def test_reserve_is_allocated_with_room_and_freed_on_demand(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    assert not spool.reserve.exists()
+    assert spool.ensure_reserve() is True
+    assert spool.reserve.stat().st_blocks * 512 >= Spool.RESERVE_BYTES  # really allocated
+    assert spool.ensure_reserve() is True  # idempotent
+    assert spool.release_reserve() == Spool.RESERVE_BYTES
+    assert not spool.reserve.exists()
+    assert spool.release_reserve() == 0
