@@ -403,6 +403,8 @@ def test_compare_three_scanners_against_truth(tmp_path: Path):
     }
     assert {r["label"] for r in table["spheres"]} == {k for k, n in admitted.items() if n == 9}
     assert set(table["excluded"]) == {k for k, n in admitted.items() if 0 < n < 9}
+    # on this coarse grid (ROIs ~40-70 voxels) T1-02..05 are in range in all 9 reports
+    # (measured 2026-12); T1-01 (long T1, wide voxel spread) and T1-06 pass on some only
     t1_rows = [r for r in table["spheres"] if r["array"] == "T1"]
     assert len(t1_rows) >= 4, admitted
     for row in t1_rows:
