@@ -58,7 +58,8 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (created, renamed, removed files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -112,7 +113,7 @@ class IngestJournal:
         self._seq = max([self._seq, *(n for n, _ in logs)]) + 1
         path = self.dir / f"ingest-{self._seq:08d}.log"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._size = 0
 
     @staticmethod

@@ -33,7 +33,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from dicom_node.journal import IngestJournal
+from dicom_node.journal import IngestJournal, fsync_dir
 from dicom_node.validate import (
     InstanceTooLargeError,
     InvalidInstanceError,
@@ -201,14 +201,6 @@ def _is_deflated(data: bytes, start: int) -> bool:
     return str(DeflatedExplicitVRLittleEndian).encode() in data[:start]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Spool:
     """The on-disk store. ``min_free_bytes`` is the free-disk watermark."""
 
@@ -290,9 +282,9 @@ class Spool:
         new_dir = not target.parent.is_dir()
         target.parent.mkdir(parents=True, exist_ok=True)
         self._write_file(target, data)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         if new_dir:  # the new series directory's own entry must be durable too
-            _fsync_dir(target.parent.parent)
+            fsync_dir(target.parent.parent)
         return target
 
     def _check_space(self, n_bytes: int) -> None:
@@ -395,9 +387,9 @@ class Spool:
                 p.unlink(missing_ok=True)
             raise
         if out_dir is not None:
-            _fsync_dir(out_dir)
+            fsync_dir(out_dir)
             if new_dir:
-                _fsync_dir(out_dir.parent)
+                fsync_dir(out_dir.parent)
         return paths
 
     # -- housekeeping
