@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.coding import Code
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from processing.results import SeriesResult
 
@@ -82,6 +83,22 @@ def series_number_base(ref: Dataset, settings: ExportSettings) -> int:
 def now_da_tm() -> tuple[str, str]:
     now = _dt.datetime.now()
     return now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+
+
+def new_instance(ref: Dataset, sop_class: str, sop_uid: str) -> Dataset:
+    """A new Part-10 instance of ``sop_class``: file meta (Explicit VR Little Endian),
+    the patient and study attributes of ``ref``, SOP class/instance and creation date/time."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    copy_patient_study(ds, ref)
+    da, tm = now_da_tm()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
+    ds.InstanceCreationDate, ds.InstanceCreationTime = da, tm
+    return ds
 
 
 def map_array(result: SeriesResult, kind: MapKind) -> np.ndarray:

@@ -17,15 +17,14 @@ the Derivation Description, as for the classic outputs.
 from __future__ import annotations
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from processing._version import __version__
 from processing.results import SeriesResult, SyntheticImage
 
-from .common import copy_patient_study, now_da_tm
+from .common import new_instance
 from .geometry import SliceGeometry, frame_number
 from .settings import SCHEME, ExportError, ExportSettings
 from .uids import add_private_provenance, derive_uid
@@ -211,17 +210,8 @@ def enhanced_synthetic_series(
     series_uid = derive_uid(settings, src_series, fingerprint, "MR", syn.name, "series")
     sop_uid = derive_uid(settings, src_series, fingerprint, "MR", syn.name, "enhanced")
     dim_uid = derive_uid(settings, src_series, fingerprint, "MR", syn.name, "dimensions")
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_MR_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    copy_patient_study(ds, ref0)
-    da, tm = now_da_tm()
-    ds.SOPClassUID = ENHANCED_MR_IMAGE_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate, ds.InstanceCreationTime = da, tm
+    ds = new_instance(ref0, ENHANCED_MR_IMAGE_STORAGE, sop_uid)
+    da, tm = str(ds.InstanceCreationDate), str(ds.InstanceCreationTime)
     ds.Modality = "MR"
     if "Laterality" in ref0:
         ds.Laterality = ref0.Laterality

@@ -10,9 +10,9 @@ import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import MRImageStorage
 from pydicom.valuerep import DSfloat
 
 from processing._version import __version__
@@ -20,9 +20,8 @@ from processing.results import SeriesResult, SyntheticImage
 
 from .common import (
     MAP_INFO,
-    copy_patient_study,
     map_array,
-    now_da_tm,
+    new_instance,
     robust_window,
     series_number_base,
 )
@@ -75,17 +74,8 @@ def _base_instance(
     signed: bool,
 ) -> Dataset:
     """A classic MR instance with patient/study/frame-of-reference/geometry copied."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    copy_patient_study(ds, ref)
-    da, tm = now_da_tm()
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate, ds.InstanceCreationTime = da, tm
+    ds = new_instance(ref, MRImageStorage, sop_uid)
+    da, tm = str(ds.InstanceCreationDate), str(ds.InstanceCreationTime)
     # General series
     ds.Modality = "MR"
     # Laterality is Type 2C: copy it; absent for a known unpaired body part (head),

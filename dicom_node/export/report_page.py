@@ -12,17 +12,15 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     EncapsulatedPDFStorage,
-    ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
 
 from processing._version import __version__
 
-from .common import copy_patient_study, now_da_tm, series_number_base
+from .common import new_instance, series_number_base
 from .settings import ExportSettings
 from .uids import derive_uid
 
@@ -34,16 +32,8 @@ TITLE = "synthmr brain report (synthetic MRI, research use)"
 
 
 def _common(ref: Dataset, settings: ExportSettings, sop_class: str, sop_uid: str) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    copy_patient_study(ds, ref)
-    da, tm = now_da_tm()
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
-    ds.InstanceCreationDate, ds.InstanceCreationTime = da, tm
+    ds = new_instance(ref, sop_class, sop_uid)
+    da, tm = str(ds.InstanceCreationDate), str(ds.InstanceCreationTime)
     ds.ContentDate, ds.ContentTime = da, tm
     ds.SeriesDate, ds.SeriesTime = da, tm
     ds.Manufacturer = settings.manufacturer
