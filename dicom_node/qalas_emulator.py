@@ -42,7 +42,9 @@ from dicom_node.emulator import (
     _ds,
     _file_meta,
     _geometry,
+    _item,
     _quantize,
+    _shared_timing_geometry,
     _uid,
     write_datasets,
 )
@@ -63,13 +65,6 @@ _VENDOR = {
     "philips_enhanced": ("Philips", "Ingenia (emulated)"),
     "philips": ("Philips", "Ingenia (emulated)"),
 }
-
-
-def _item(**kw: Any) -> Dataset:
-    ds = Dataset()
-    for k, v in kw.items():
-        setattr(ds, k, v)
-    return ds
 
 
 def make_qalas_datasets(
@@ -204,33 +199,13 @@ def _enhanced_images(
             ds.ConcatenationFrameOffsetNumber = offset
             ds.SOPInstanceUIDOfConcatenationSource = _uid(series_uid, "concat-source")
         offset += len(frames)
-        shared = _item(
-            MRTimingAndRelatedParametersSequence=DicomSequence(
-                [
-                    _item(
-                        RepetitionTime=_ds(proto.pulse_spacing_ms),
-                        FlipAngle=_ds(proto.flip_deg),
-                        EchoTrainLength=proto.n_pulses,
-                        RFEchoTrainLength=1,
-                        GradientEchoTrainLength=proto.n_pulses,
-                    )
-                ]
-            ),
-            PixelMeasuresSequence=DicomSequence(
-                [
-                    _item(
-                        PixelSpacing=geo["spacing"],
-                        SliceThickness=geo["dz"],
-                        SpacingBetweenSlices=geo["dz"],
-                    )
-                ]
-            ),
-            PlaneOrientationSequence=DicomSequence([_item(ImageOrientationPatient=geo["iop"])]),
-            PixelValueTransformationSequence=DicomSequence(
-                [_item(RescaleSlope=_ds(q), RescaleIntercept="0", RescaleType="US")]
-            ),
-            MREchoSequence=DicomSequence([_item(EffectiveEchoTime=proto.echo_time_ms)]),
+        shared = _shared_timing_geometry(
+            geo, proto.pulse_spacing_ms, proto.flip_deg, proto.n_pulses, 1, proto.n_pulses
         )
+        shared.PixelValueTransformationSequence = DicomSequence(
+            [_item(RescaleSlope=_ds(q), RescaleIntercept="0", RescaleType="US")]
+        )
+        shared.MREchoSequence = DicomSequence([_item(EffectiveEchoTime=proto.echo_time_ms)])
         ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
         per = []
         for i, z in frames:
