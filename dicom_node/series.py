@@ -40,6 +40,7 @@ from dicom_node.export.common import series_number_base
 from dicom_node.export.geometry import SliceGeometry, slice_geometry
 from dicom_node.export.mr_images import synthetic_series
 from dicom_node.export.uids import parameter_fingerprint, source_digest
+from dicom_node.handoff import trim_heap
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import State
@@ -75,6 +76,8 @@ class EncodedInstance(NamedTuple):
     data: bytes | memoryview
     series_number: int
     modality: str
+    study_uid: str = ""
+    series_uid: str = ""
 
 
 #: more outputs: the datasets, or a function that returns them (called after the export)
@@ -140,6 +143,9 @@ class JobOutcome:
     result: SeriesResult | None = None
     #: a QC phantom: the phantom_qc.json content (dicom_node.phantom_node)
     phantom_qc: dict[str, Any] | None = None
+    #: (study_uid, series_uid) per written path, as the writer knew them (the registry's
+    #: record of the outputs; dicom_node.pipeline.output_records)
+    output_uids: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- classify
@@ -399,6 +405,7 @@ def _process(
         return run(acq, settings)
     future = submit(run, acq, settings)
     del acq  # the worker has its own (the hand-off file or the pickled task)
+    trim_heap()  # the sources' pixel data and the grid went back to the heap, not the system
     if meanwhile is not None:
         meanwhile()
     return future.result(timeout=timeout_s)
@@ -499,8 +506,8 @@ def encode_part10(ds: Dataset) -> bytes:
 
 #: one encoded series from the worker: all files' bytes end to end (one array: it travels
 #: out of band, dicom_node.handoff) and per file (sop_uid, sop_class_uid, length,
-#: series_number, modality)
-EncodedSeries = tuple[np.ndarray, list[tuple[str, str, int, int, str]]]
+#: series_number, modality, study_uid, series_uid)
+EncodedSeries = tuple[np.ndarray, list[tuple[str, str, int, int, str, str, str]]]
 
 
 def encode_synthetic_series(
@@ -521,7 +528,15 @@ def encode_synthetic_series(
         mark_qc_fail(group, qc_mark)
     blobs = [encode_part10(ds) for ds in group]
     index = [
-        (str(ds.SOPInstanceUID), str(ds.SOPClassUID), len(b), int(ds.SeriesNumber), "MR")
+        (
+            str(ds.SOPInstanceUID),
+            str(ds.SOPClassUID),
+            len(b),
+            int(ds.SeriesNumber),
+            "MR",
+            str(ds.StudyInstanceUID),
+            str(ds.SeriesInstanceUID),
+        )
         for ds, b in zip(group, blobs, strict=True)
     ]
     return np.frombuffer(b"".join(blobs), dtype=np.uint8), index
@@ -562,8 +577,8 @@ def _start_synthetic(
 def _encoded(series: EncodedSeries) -> list[EncodedInstance]:
     data, index = series
     view, out, at = memoryview(data), [], 0
-    for sop, cls, n, number, modality in index:
-        out.append(EncodedInstance(sop, cls, view[at : at + n], number, modality))
+    for sop, cls, n, number, modality, study, series in index:
+        out.append(EncodedInstance(sop, cls, view[at : at + n], number, modality, study, series))
         at += n
     return out
 
