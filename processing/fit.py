@@ -657,28 +657,6 @@ def _fit_chunk(samples, idx, start, stop, st, grid, out):
         out.ok[n] = ok
 
 
-@nb.njit(cache=True, error_model="numpy", parallel=True)
-def _fit_all(samples, idx, st, grid, out, n_chunks):
-    # A prange body cannot capture tuples (numba's parfor lowering takes arrays and scalars
-    # only): unpack the bundles here and rebuild them inside the loop (no copies).
-    td, te, tr, theta, alpha, ps, pw = st.proto
-    _, magnitude, noise_sd, floor_sd, lo, hi = st
-    gr1, gb1, gtab, gnorm, gcls = grid
-    par, rms, ok = out
-    n = idx.shape[0]
-    for c in nb.prange(n_chunks):
-        pr = Protocol(td, te, tr, theta, alpha, ps, pw)
-        _fit_chunk(
-            samples,
-            idx,
-            c * n // n_chunks,
-            (c + 1) * n // n_chunks,
-            FitSetup(pr, magnitude, noise_sd, floor_sd, lo, hi),
-            GridTable(gr1, gb1, gtab, gnorm, gcls),
-            FitOutput(par, rms, ok),
-        )
-
-
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _refit_chunk(samples, idx, start, stop, st, io):
     """Second pass (B1 fixed at io.par[:, 3]) from io.par, updated in place."""
@@ -783,42 +761,47 @@ def _b1_profile_chunk(samples, idx, start, stop, st, par, grad, curv):
             curv[n] = 0.0
 
 
+# The per-voxel passes share one driver (the chunk kernels above do the work).
+_FIRST_PASS = 0  # _fit_chunk: grid start, LM, restarts
+_REFIT_PASS = 1  # _refit_chunk: LM with B1 fixed at out.par[:, 3]
+_B1_PROFILE_PASS = 2  # _b1_profile_chunk: profile gradient and curvature in B1 -> grad, curv
+_NO_VALUES = np.empty(0)  # grad / curv of the passes that do not fill them
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _pass_chunk(which, samples, idx, start, stop, st, grid, out, grad, curv):
+    """Voxels start..stop-1 of pass ``which`` (_FIRST_PASS, _REFIT_PASS, _B1_PROFILE_PASS)."""
+    if which == _FIRST_PASS:
+        _fit_chunk(samples, idx, start, stop, st, grid, out)
+    elif which == _REFIT_PASS:
+        _refit_chunk(samples, idx, start, stop, st, out)
+    else:
+        _b1_profile_chunk(samples, idx, start, stop, st, out.par, grad, curv)
+
+
 @nb.njit(cache=True, error_model="numpy", parallel=True)
-def _b1_profile_all(samples, idx, st, par, grad, curv, n_chunks):
-    # Bundles unpacked and rebuilt around the prange, as in _fit_all.
+def _pass_all(which, samples, idx, st, grid, out, grad, curv, n_chunks):
+    """:func:`_pass_chunk` over all voxels, ``n_chunks`` chunks in parallel."""
+    # A prange body cannot capture tuples (numba's parfor lowering takes arrays and scalars
+    # only): unpack the bundles here and rebuild them inside the loop (no copies).
     td, te, tr, theta, alpha, ps, pw = st.proto
     _, magnitude, noise_sd, floor_sd, lo, hi = st
+    gr1, gb1, gtab, gnorm, gcls = grid
+    par, rms, ok = out
     n = idx.shape[0]
     for c in nb.prange(n_chunks):
         pr = Protocol(td, te, tr, theta, alpha, ps, pw)
-        _b1_profile_chunk(
+        _pass_chunk(
+            which,
             samples,
             idx,
             c * n // n_chunks,
             (c + 1) * n // n_chunks,
             FitSetup(pr, magnitude, noise_sd, floor_sd, lo, hi),
-            par,
+            GridTable(gr1, gb1, gtab, gnorm, gcls),
+            FitOutput(par, rms, ok),
             grad,
             curv,
-        )
-
-
-@nb.njit(cache=True, error_model="numpy", parallel=True)
-def _refit_all(samples, idx, st, io, n_chunks):
-    # Bundles unpacked and rebuilt around the prange, as in _fit_all.
-    td, te, tr, theta, alpha, ps, pw = st.proto
-    _, magnitude, noise_sd, floor_sd, lo, hi = st
-    par, rms, ok = io
-    n = idx.shape[0]
-    for c in nb.prange(n_chunks):
-        pr = Protocol(td, te, tr, theta, alpha, ps, pw)
-        _refit_chunk(
-            samples,
-            idx,
-            c * n // n_chunks,
-            (c + 1) * n // n_chunks,
-            FitSetup(pr, magnitude, noise_sd, floor_sd, lo, hi),
-            FitOutput(par, rms, ok),
         )
 
 
@@ -1369,6 +1352,7 @@ def _pooled_b1(
     out: FitOutput,
     idx: np.ndarray,
     setup: FitSetup,
+    grid: GridTable,
     shape: tuple[int, int, int],
     voxel_size_mm: tuple[float, float, float],
     fwhm_mm: float,
@@ -1393,10 +1377,7 @@ def _pooled_b1(
     n = idx.size
     grad = np.zeros(n)
     curv = np.zeros(n)
-    if n < _SERIAL_BELOW:
-        _b1_profile_chunk(samples, rows, 0, n, setup, out.par, grad, curv)
-    else:
-        _b1_profile_all(samples, rows, setup, out.par, grad, curv, _n_chunks(n))
+    _run_pass(_B1_PROFILE_PASS, samples, rows, setup, grid, out, grad, curv)
     wv = _b1_voxel_weights(out, setup) * _homogeneous(out.par, idx, shape)
     # Each voxel's own Gauss-Newton step g/h with weight w*h; their weighted local
     # quadratic fit (smooth_b1) is the pooled step that follows a curved bias of the smooth.
@@ -1523,15 +1504,12 @@ def fit_mdme(
     fix_b1 = False
     try:
         if n:
-            if n < _SERIAL_BELOW:
-                _fit_chunk(samples, rows, 0, n, setup, grid, out)
-            else:
-                _fit_all(samples, rows, setup, grid, out, _n_chunks(n))
+            _run_pass(_FIRST_PASS, samples, rows, setup, grid, out)
         if b1_smoothing and n:
             out.par[:, 3] = _smoothed_b1(
                 out, idx, setup, acq.shape, acq.voxel_size_mm, b1_smoothing_fwhm_mm
             )
-            _refit(samples, rows, setup, out)
+            _run_pass(_REFIT_PASS, samples, rows, setup, grid, out)
             # Magnitude data with the noise floor: correct the smoothed B1 by pooled
             # Gauss-Newton steps on the neighbourhood's cost (_pooled_b1), refitting after each.
             for _ in range(_POOLED_B1_STEPS if setup.floor_sd > 0.0 else 0):
@@ -1541,24 +1519,34 @@ def fit_mdme(
                     out,
                     idx,
                     setup,
+                    grid,
                     acq.shape,
                     acq.voxel_size_mm,
                     _POOL_FWHM_FACTOR * b1_smoothing_fwhm_mm,
                 )
-                _refit(samples, rows, setup, out)
+                _run_pass(_REFIT_PASS, samples, rows, setup, grid, out)
             fix_b1 = True
     finally:
         nb.set_num_threads(old_threads)
     return _to_maps(out, idx, setup, mask, fix_b1)
 
 
-def _refit(samples: np.ndarray, idx: np.ndarray, setup: FitSetup, out: FitOutput) -> None:
-    """Second pass (B1 fixed at out.par[:, 3]), in place; serial below _SERIAL_BELOW."""
+def _run_pass(
+    which: int,
+    samples: np.ndarray,
+    idx: np.ndarray,
+    setup: FitSetup,
+    grid: GridTable,
+    out: FitOutput,
+    grad: np.ndarray = _NO_VALUES,
+    curv: np.ndarray = _NO_VALUES,
+) -> None:
+    """Pass ``which`` over the voxels ``idx`` (in place); serial below _SERIAL_BELOW."""
     n = idx.size
     if n < _SERIAL_BELOW:
-        _refit_chunk(samples, idx, 0, n, setup, out)
+        _pass_chunk(which, samples, idx, 0, n, setup, grid, out, grad, curv)
     else:
-        _refit_all(samples, idx, setup, out, _n_chunks(n))
+        _pass_all(which, samples, idx, setup, grid, out, grad, curv, _n_chunks(n))
 
 
 def _inside(par: np.ndarray, lo: np.ndarray, hi: np.ndarray, check_b1: bool) -> np.ndarray:

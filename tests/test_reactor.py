@@ -1,0 +1,127 @@
+"""The SCP's shortcuts around pynetdicom (dicom_node.reactor) give pynetdicom's results."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from dicom_node import reactor
+from dicom_node.reactor import _SupportedContexts, c_store_rsp_command
+from dicom_node.scp import TRANSFER_SYNTAXES
+from tests.conftest import make_mr_file, storescu
+
+
+def _rsp(**kw: object) -> C_STORE:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = kw.get("mid", 7)
+    rsp.Status = kw.get("status", 0x0000)
+    for name, key in (
+        ("AffectedSOPClassUID", "cls"),
+        ("AffectedSOPInstanceUID", "inst"),
+        ("ErrorComment", "comment"),
+    ):
+        if kw.get(key) is not None:
+            setattr(rsp, name, kw[key])
+    return rsp
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"cls": "1.2.840.10008.5.1.4.1.1.4", "inst": "1.2.826.0.1.3680043.8.498.1234567"},
+        {"cls": "1.2.840.10008.5.1.4.1.1.4", "inst": "1.2.3"},  # odd length: NUL pad
+        {
+            "cls": "1.2.840.10008.5.1.4.1.1.4",
+            "inst": "1.2.34",
+            "status": 0xC000,
+            "comment": "cannot parse dataset: truncated",
+        },
+        {
+            "cls": "1.2.840.10008.5.1.4.1.1.4",
+            "inst": "1.2.34",
+            "status": 0xA700,
+            "comment": "odd",
+            "mid": 65535,
+        },
+        {},  # neither UID
+    ],
+)
+def test_c_store_rsp_command_is_pynetdicoms_encoding(kw: dict[str, object]) -> None:
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(_rsp(**kw))
+    (pdata,) = list(msg.encode_msg(1, 16382))
+    (context_id, pdv) = pdata.presentation_data_value_list[0]
+    assert context_id == 1
+    assert pdv[:1] == b"\x03"  # command, last fragment
+    assert c_store_rsp_command(_rsp(**kw)) == pdv[1:]
+
+
+def test_c_store_rsp_command_leaves_unusual_answers_to_pynetdicom() -> None:
+    rsp = _rsp(cls="1.2.3", inst="1.2.4", status=0xC000, comment="é")
+    assert c_store_rsp_command(rsp) is None
+    rsp = _rsp(cls="1.2.3", inst="1.2.4", status=0xC000)
+    rsp.OffendingElement = [0x00100010]
+    assert c_store_rsp_command(rsp) is None
+
+
+def test_supported_contexts_copy_equals_deepcopy_and_is_independent() -> None:
+    ae = AE()
+    for cx in AllStoragePresentationContexts[:20]:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    contexts = _SupportedContexts(ae.supported_contexts)
+    fast, slow = copy.deepcopy(contexts), copy.deepcopy(list(contexts))
+    assert [vars(c) for c in fast] == [vars(c) for c in slow]
+    fast[0]._transfer_syntax.append("1.2.3.4")
+    fast[0].context_id = 99
+    assert "1.2.3.4" not in contexts[0].transfer_syntax
+    assert contexts[0].context_id != 99
+
+
+def test_dcmtk_storescu_gets_the_directly_encoded_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a real association: every C-STORE answer goes out on the fast path, and dcmtk
+    reads each (success for the stored ones, the failure status for the refused one)."""
+    encoded: list[int] = []
+
+    def counting(rsp: C_STORE) -> bytes | None:
+        out = c_store_rsp_command(rsp)
+        encoded.append(int(rsp.Status))
+        return out
+
+    monkeypatch.setattr(reactor, "c_store_rsp_command", counting)
+    files = [
+        make_mr_file(
+            tmp_path / f"{i}.dcm", series_uid="1.2.826.0.1.3680043.8.498.5", instance_number=i
+        )
+        for i in range(3)
+    ]
+    refused = str(_uid_of(files[2]))  # dcmtk stops after a refusal
+
+    def on_store(event: evt.Event) -> int:
+        return 0xA700 if str(event.request.AffectedSOPInstanceUID) == refused else 0x0000
+
+    ae = AE("SYNTHMR")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    server = reactor.make_server(ae, ("127.0.0.1", 0), [(evt.EVT_C_STORE, on_store)])
+    try:
+        done = storescu(files, int(server.server_address[1]))
+    finally:
+        server.shutdown()
+    log = done.stdout + done.stderr
+    assert sorted(encoded) == [0x0000, 0x0000, 0xA700]
+    assert log.count("Received Store Response (Success)") == 2, log
+    assert "Received Store Response (Refused: OutOfResources)" in log, log
+
+
+def _uid_of(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
