@@ -70,7 +70,8 @@ def _t1_volume(outputs: list[pydicom.Dataset], acq) -> np.ndarray:
     (pm,) = [
         ds
         for ds in outputs
-        if ds.SOPClassUID == PARAMETRIC_MAP and str(ds.SeriesDescription).startswith("synthmr T1")
+        if ds.SOPClassUID == PARAMETRIC_MAP
+        and str(ds.get("ContentDescription", "")) == "synthmr T1 relaxation time"
     ]
     img = hd.pm.ParametricMap.from_dataset(pm)
     aff = np.asarray(acq.affine, dtype=float)[:, [2, 1, 0, 3]]
@@ -81,7 +82,8 @@ def _t1_volume(outputs: list[pydicom.Dataset], acq) -> np.ndarray:
 
 def _sr_parameters(outputs: list[pydicom.Dataset]) -> str:
     (sr,) = [ds for ds in outputs if ds.SOPClassUID == COMPREHENSIVE_3D_SR]
-    return str(sr)  # the algorithm parameters are text content items
+    # the algorithm parameters are TEXT content items
+    return "\n".join(str(e.value) for e in sr.iterall() if e.keyword == "TextValue")
 
 
 def test_qalas_uses_the_studys_b1_map_series_through_serve(tmp_path: Path) -> None:
