@@ -27,6 +27,7 @@ UIDs are deterministic from ``seed``. All patient/study data is fictional.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -43,11 +44,14 @@ from dicom_node.emulator import (
     _ds,
     _file_meta,
     _geometry,
+    _item,
     _quantize,
+    _shared_timing_geometry,
     _uid,
     write_datasets,
 )
 from processing.acquisition import Acquisition
+from processing.qalas import QalasProtocol
 
 __all__ = [
     "B1_MAP_VENDORS",
@@ -71,13 +75,6 @@ _VENDOR = {
     "philips_enhanced": ("Philips", "Ingenia (emulated)"),
     "philips": ("Philips", "Ingenia (emulated)"),
 }
-
-
-def _item(**kw: Any) -> Dataset:
-    ds = Dataset()
-    for k, v in kw.items():
-        setattr(ds, k, v)
-    return ds
 
 
 def make_qalas_datasets(
@@ -106,41 +103,53 @@ def make_qalas_datasets(
     base.SeriesDescription = "3D QALAS (synthetic phantom)"
     base.ProtocolName = "3D_QALAS"
     base.MRAcquisitionType = "3D"
-    times = [float(t) for t in proto.sample_times_ms()]
-    with_timing = layout != "siemens"
+    series = _Series(
+        layout=layout,
+        base=base,
+        uid=series_uid,
+        geo=geo,
+        sv=sv,
+        q=q,
+        proto=proto,
+        times=[float(t) for t in proto.sample_times_ms()],
+        with_timing=layout != "siemens",
+    )
     if layout in ("ge", "philips"):
-        return _classic_images(
-            layout, base, series_uid, geo, sv, q, proto, times, with_timing, seed
-        )
-    return _enhanced_images(layout, base, series_uid, geo, sv, q, proto, times, with_timing)
+        return _classic_images(series, seed)
+    return _enhanced_images(series)
 
 
-def _classic_images(
-    layout: str,
-    base: Dataset,
-    series_uid: str,
-    geo: dict[str, Any],
-    sv: np.ndarray,
-    q: float,
-    proto: Any,
-    times: list[float],
-    with_timing: bool,
-    seed: int,
-) -> list[Dataset]:
+@dataclass(frozen=True)
+class _Series:
+    """What every instance of one emulated QALAS series shares."""
+
+    layout: str
+    base: Dataset  # patient, study, series, equipment (emulator._base)
+    uid: str  # SeriesInstanceUID
+    geo: dict[str, Any]  # emulator._geometry
+    sv: np.ndarray  # quantized pixels [z, 5, 1, y, x] uint16
+    q: float  # their rescale slope
+    proto: QalasProtocol
+    times: list[float]  # each image's k-space-centre time, ms
+    with_timing: bool  # the layout stores the times
+
+
+def _classic_images(series: _Series, seed: int) -> list[Dataset]:
     """GE / Philips classic MR: one instance per (image, slice), Philips in shuffled order."""
-    nz = sv.shape[0]
+    geo, proto = series.geo, series.proto
+    nz = series.sv.shape[0]
     out: list[Dataset] = []
     n_total = 5 * nz
     order = np.arange(n_total) + 1
-    if layout == "philips":
+    if series.layout == "philips":
         order = np.random.default_rng(seed + 3).permutation(n_total) + 1
     idx = 0
     for i in range(5):
         for z in range(nz):
             ds = Dataset()
-            ds.update(base)
+            ds.update(series.base)
             ds.SOPClassUID = MR_IMAGE
-            ds.SOPInstanceUID = _uid(series_uid, i, z)
+            ds.SOPInstanceUID = _uid(series.uid, i, z)
             ds.InstanceNumber = int(order[idx])
             ds.AcquisitionNumber = 1
             ds.ImagesInAcquisition = n_total
@@ -154,48 +163,39 @@ def _classic_images(
             ds.FlipAngle = _ds(proto.flip_deg)
             ds.TemporalPositionIdentifier = i + 1
             ds.NumberOfTemporalPositions = 5
-            if with_timing:
-                ds.TriggerTime = _ds(times[i])
+            if series.with_timing:
+                ds.TriggerTime = _ds(series.times[i])
             ds.SliceThickness = geo["dz"]
             ds.SpacingBetweenSlices = geo["dz"]
             ds.PixelSpacing = geo["spacing"]
             ds.ImageOrientationPatient = geo["iop"]
             ds.ImagePositionPatient = geo["ipp"][z]
             ds.SliceLocation = _ds(geo["slice_loc"][z])
-            ds.RescaleSlope = _ds(q)
+            ds.RescaleSlope = _ds(series.q)
             ds.RescaleIntercept = "0"
             ds.RescaleType = "US"
-            ds.PixelData = np.ascontiguousarray(sv[z, i, 0], dtype="<u2").tobytes()
+            ds.PixelData = np.ascontiguousarray(series.sv[z, i, 0], dtype="<u2").tobytes()
             _file_meta(ds)
             out.append(ds)
             idx += 1
     return out
 
 
-def _enhanced_images(
-    layout: str,
-    base: Dataset,
-    series_uid: str,
-    geo: dict[str, Any],
-    sv: np.ndarray,
-    q: float,
-    proto: Any,
-    times: list[float],
-    with_timing: bool,
-) -> list[Dataset]:
+def _enhanced_images(series: _Series) -> list[Dataset]:
     """Enhanced MR: Siemens one instance per image (a concatenation), Philips one instance."""
-    nz = sv.shape[0]
+    geo, proto = series.geo, series.proto
+    nz = series.sv.shape[0]
     out: list[Dataset] = []
     groups = [[(i, z) for z in range(nz)] for i in range(5)]
-    if layout == "philips_enhanced":
+    if series.layout == "philips_enhanced":
         groups = [[(i, z) for i in range(5) for z in range(nz)]]
-    concat_uid = _uid(series_uid, "concatenation")
+    concat_uid = _uid(series.uid, "concatenation")
     offset = 0
     for g, frames in enumerate(groups):
         ds = Dataset()
-        ds.update(base)
+        ds.update(series.base)
         ds.SOPClassUID = ENHANCED_MR
-        ds.SOPInstanceUID = _uid(series_uid, "enh", g)
+        ds.SOPInstanceUID = _uid(series.uid, "enh", g)
         ds.InstanceNumber = g + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M_FFE", "NONE"]
         ds.ContentQualification = "PRODUCT"
@@ -210,35 +210,15 @@ def _enhanced_images(
             ds.InConcatenationNumber = g + 1
             ds.InConcatenationTotalNumber = len(groups)
             ds.ConcatenationFrameOffsetNumber = offset
-            ds.SOPInstanceUIDOfConcatenationSource = _uid(series_uid, "concat-source")
+            ds.SOPInstanceUIDOfConcatenationSource = _uid(series.uid, "concat-source")
         offset += len(frames)
-        shared = _item(
-            MRTimingAndRelatedParametersSequence=DicomSequence(
-                [
-                    _item(
-                        RepetitionTime=_ds(proto.pulse_spacing_ms),
-                        FlipAngle=_ds(proto.flip_deg),
-                        EchoTrainLength=proto.n_pulses,
-                        RFEchoTrainLength=1,
-                        GradientEchoTrainLength=proto.n_pulses,
-                    )
-                ]
-            ),
-            PixelMeasuresSequence=DicomSequence(
-                [
-                    _item(
-                        PixelSpacing=geo["spacing"],
-                        SliceThickness=geo["dz"],
-                        SpacingBetweenSlices=geo["dz"],
-                    )
-                ]
-            ),
-            PlaneOrientationSequence=DicomSequence([_item(ImageOrientationPatient=geo["iop"])]),
-            PixelValueTransformationSequence=DicomSequence(
-                [_item(RescaleSlope=_ds(q), RescaleIntercept="0", RescaleType="US")]
-            ),
-            MREchoSequence=DicomSequence([_item(EffectiveEchoTime=proto.echo_time_ms)]),
+        shared = _shared_timing_geometry(
+            geo, proto.pulse_spacing_ms, proto.flip_deg, proto.n_pulses, 1, proto.n_pulses
         )
+        shared.PixelValueTransformationSequence = DicomSequence(
+            [_item(RescaleSlope=_ds(series.q), RescaleIntercept="0", RescaleType="US")]
+        )
+        shared.MREchoSequence = DicomSequence([_item(EffectiveEchoTime=proto.echo_time_ms)])
         ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
         per = []
         for i, z in frames:
@@ -255,13 +235,13 @@ def _enhanced_images(
                 ),
                 PlanePositionSequence=DicomSequence([_item(ImagePositionPatient=geo["ipp"][z])]),
             )
-            if with_timing:
+            if series.with_timing:
                 item.CardiacSynchronizationSequence = DicomSequence(
-                    [_item(NominalCardiacTriggerDelayTime=times[i])]
+                    [_item(NominalCardiacTriggerDelayTime=series.times[i])]
                 )
             per.append(item)
         ds.PerFrameFunctionalGroupsSequence = DicomSequence(per)
-        pix = [sv[z, i, 0] for i, z in frames]
+        pix = [series.sv[z, i, 0] for i, z in frames]
         ds.PixelData = np.ascontiguousarray(np.stack(pix), dtype="<u2").tobytes()
         _file_meta(ds)
         out.append(ds)

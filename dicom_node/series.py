@@ -77,6 +77,8 @@ class EncodedInstance(NamedTuple):
     data: bytes | memoryview
     series_number: int
     modality: str
+    study_uid: str = ""
+    series_uid: str = ""
 
 
 #: more outputs: the datasets, or a function that returns them (called after the export)
@@ -144,6 +146,9 @@ class JobOutcome:
     result: SeriesResult | None = None
     #: a QC phantom: the phantom_qc.json content (dicom_node.phantom_node)
     phantom_qc: dict[str, Any] | None = None
+    #: (study_uid, series_uid) per written path, as the writer knew them (the registry's
+    #: record of the outputs; dicom_node.pipeline.output_records)
+    output_uids: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- classify
@@ -486,8 +491,8 @@ def encode_part10(ds: Dataset) -> bytes:
 
 #: one encoded series from the worker: all files' bytes end to end (one array: it travels
 #: out of band, dicom_node.handoff) and per file (sop_uid, sop_class_uid, length,
-#: series_number, modality)
-EncodedSeries = tuple[np.ndarray, list[tuple[str, str, int, int, str]]]
+#: series_number, modality, study_uid, series_uid)
+EncodedSeries = tuple[np.ndarray, list[tuple[str, str, int, int, str, str, str]]]
 
 
 def encode_synthetic_series(
@@ -508,7 +513,15 @@ def encode_synthetic_series(
         mark_qc_fail(group, qc_mark)
     blobs = [encode_part10(ds) for ds in group]
     index = [
-        (str(ds.SOPInstanceUID), str(ds.SOPClassUID), len(b), int(ds.SeriesNumber), "MR")
+        (
+            str(ds.SOPInstanceUID),
+            str(ds.SOPClassUID),
+            len(b),
+            int(ds.SeriesNumber),
+            "MR",
+            str(ds.StudyInstanceUID),
+            str(ds.SeriesInstanceUID),
+        )
         for ds, b in zip(group, blobs, strict=True)
     ]
     return np.frombuffer(b"".join(blobs), dtype=np.uint8), index
@@ -549,8 +562,8 @@ def _start_synthetic(
 def _encoded(series: EncodedSeries) -> list[EncodedInstance]:
     data, index = series
     view, out, at = memoryview(data), [], 0
-    for sop, cls, n, number, modality in index:
-        out.append(EncodedInstance(sop, cls, view[at : at + n], number, modality))
+    for sop, cls, n, number, modality, study, series in index:
+        out.append(EncodedInstance(sop, cls, view[at : at + n], number, modality, study, series))
         at += n
     return out
 

@@ -321,7 +321,7 @@ class Node:
             outcome.reason,
             outcome.missing,
             rows,
-            outputs=self._records(outcome.outputs),
+            outputs=self._records(outcome.outputs, outcome.output_uids),
         )
         self.metrics.jobs.labels(_JOB_RESULT[outcome.state]).inc()
         if outcome.state == State.IGNORED and outcome.reason.startswith(B1_MAP_REASON):
@@ -389,10 +389,12 @@ class Node:
                 hint=f"not applied automatically; `synthmr retry {uid}` re-processes with it",
             )
 
-    def _records(self, outputs: list[tuple[str, str, str]]) -> list[Any] | None:
+    def _records(
+        self, outputs: list[tuple[str, str, str]], known: dict[str, tuple[str, str]]
+    ) -> list[Any] | None:
         """This version's outputs for the registry (None: unreadable, no versioning)."""
         try:
-            return output_records(outputs)
+            return output_records(outputs, known)
         except Exception as exc:
             log_event(log, "output_records_failed", level=logging.ERROR, error=str(exc))
             return None

@@ -51,9 +51,14 @@ __all__ = [
     "PhantomError",
     "PhantomTruth",
     "TissueParams",
+    "add_noise",
+    "centred_grid_affine",
     "make_phantom",
     "mni_available",
+    "noise_metadata",
+    "patient_coords",
     "simulate_voxels",
+    "simulated_acquisition",
     "truth_quantmaps",
 ]
 
@@ -283,19 +288,29 @@ def _grid_affine(
     shape: tuple[int, int, int], voxel_size_mm: tuple[float, float, float], oblique: bool
 ) -> np.ndarray:
     """Axial grid centred on the head; oblique = 18 deg about L-R then 12 deg about A-P."""
+    rot = _rotation(18.0, 12.0) if oblique else np.eye(3)
+    return centred_grid_affine(shape, voxel_size_mm, rot, _HEAD_CENTRE_LPS)
+
+
+def centred_grid_affine(
+    shape: Sequence[int], voxel_size_mm: Sequence[float], rotation: np.ndarray, centre_lps: Any
+) -> np.ndarray:
+    """4x4 affine (voxel ``(x, y, z)`` index -> LPS mm) of a ``(z, y, x)`` grid whose axes are
+    the columns of the 3x3 ``rotation`` scaled by ``voxel_size_mm`` ``(z, y, x)`` and whose
+    middle sits at ``centre_lps`` (mm)."""
     nz, ny, nx = shape
     dz, dy, dx = voxel_size_mm
-    rot = _rotation(18.0, 12.0) if oblique else np.eye(3)
+    rot = rotation
     aff = np.eye(4)
     aff[:3, 0] = rot[:, 0] * dx
     aff[:3, 1] = rot[:, 1] * dy
     aff[:3, 2] = rot[:, 2] * dz
     half = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0, (nz - 1) / 2.0])
-    aff[:3, 3] = _HEAD_CENTRE_LPS - aff[:3, :3] @ half
+    aff[:3, 3] = np.asarray(centre_lps, np.float64) - aff[:3, :3] @ half
     return aff
 
 
-def _patient_coords(shape: tuple[int, int, int], affine: np.ndarray) -> list[np.ndarray]:
+def patient_coords(shape: Sequence[int], affine: np.ndarray) -> list[np.ndarray]:
     """LPS coordinates (px, py, pz) of every voxel, float32 ``[z, y, x]`` each."""
     nz, ny, nx = shape
     k = np.arange(nz, dtype=np.float32)[:, None, None]
@@ -596,7 +611,7 @@ def make_phantom(
     )  # fmt: skip
     rng = np.random.default_rng(seed)
     affine = _grid_affine(shp, vs, oblique)
-    coords = _patient_coords(shp, affine)
+    coords = patient_coords(shp, affine)
     if anatomy == "mni":
         gm, wm, ic = _mni_fractions(coords, vs)
     else:
@@ -610,26 +625,14 @@ def make_phantom(
 
     corrupted = _corrupt_and_add_noise(rng, signal, corrupt_delay, snr, magnitude)
 
-    acq = Acquisition(
-        signal=signal,
-        delays_ms=np.asarray(delays_ms, np.float64),
-        echo_times_ms=np.asarray(echo_times_ms, np.float64),
-        tr_ms=float(tr_ms),
-        saturation_deg=float(saturation_deg),
-        excitation_deg=float(excitation_deg),
-        voxel_size_mm=vs,
-        affine=affine,
-        is_magnitude=bool(magnitude),
-        delay_source="phantom",
-        metadata={
-            "source": "synthmr phantom",
-            "anatomy": anatomy,
-            "seed": int(seed),
-            "snr": None if snr is None else float(snr),
-            "noise_sd": 0.0 if snr is None or not math.isfinite(snr) else 100.0 / float(snr),
-            "oblique": bool(oblique),
-        },
-    )
+    metadata = {
+        "source": "synthmr phantom",
+        "anatomy": anatomy,
+        "seed": int(seed),
+        **noise_metadata(snr),
+        "oblique": bool(oblique),
+    }
+    acq = simulated_acquisition(signal, protocol, vs, affine, magnitude, metadata)
     truth = PhantomTruth(
         fractions=fractions,
         tissues=tis,
@@ -873,7 +876,16 @@ def _corrupt_and_add_noise(
         shift = int(rng.integers(2, 5)) * int(rng.choice([-1, 1]))
         signal[:, k] = np.roll(signal[:, k] * factor, shift, axis=2)  # axis 2 of [z,e,y,x] = y
         corrupted = {"delay_index": k, "scale": factor, "shift_voxels_y": shift}
+    add_noise(rng, signal, snr, magnitude)
+    return corrupted
 
+
+def add_noise(
+    rng: np.random.Generator, signal: np.ndarray, snr: float | None, magnitude: bool
+) -> None:
+    """Add Gaussian noise of SD 100/snr per real channel to the float32 ``signal`` in place
+    (None or inf: none); for magnitude data, take the modulus with a second (imaginary)
+    noise channel."""
     if snr is not None and math.isfinite(snr):
         sd = np.float32(100.0 / float(snr))
         noise = rng.standard_normal(signal.shape, dtype=np.float32)
@@ -887,7 +899,39 @@ def _corrupt_and_add_noise(
     elif magnitude:
         np.abs(signal, out=signal)
 
-    return corrupted
+
+def simulated_acquisition(
+    signal: np.ndarray,
+    protocol: tuple[Sequence[float], Sequence[float], float, float, float],
+    voxel_size_mm: tuple[float, float, float],
+    affine: np.ndarray,
+    magnitude: bool,
+    metadata: dict[str, Any],
+) -> Acquisition:
+    """The :class:`Acquisition` of a simulated MDME ``signal`` ``[z, delay, echo, y, x]``;
+    protocol: (delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg)."""
+    delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg = protocol
+    return Acquisition(
+        signal=signal,
+        delays_ms=np.asarray(delays_ms, np.float64),
+        echo_times_ms=np.asarray(echo_times_ms, np.float64),
+        tr_ms=float(tr_ms),
+        saturation_deg=float(saturation_deg),
+        excitation_deg=float(excitation_deg),
+        voxel_size_mm=voxel_size_mm,
+        affine=affine,
+        is_magnitude=bool(magnitude),
+        delay_source="phantom",
+        metadata=metadata,
+    )
+
+
+def noise_metadata(snr: float | None) -> dict[str, float | None]:
+    """``snr`` and the noise SD per real channel it gives (:func:`add_noise`), for metadata."""
+    return {
+        "snr": None if snr is None else float(snr),
+        "noise_sd": 0.0 if snr is None or not math.isfinite(snr) else 100.0 / float(snr),
+    }
 
 
 def truth_quantmaps(

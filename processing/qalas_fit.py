@@ -677,10 +677,9 @@ def _scan_cost(rows, j, i, m, y, yy, e2lo, e2hi):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _vp_eval(theta, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv):
-    """Projected cost at log R1 = theta (R1 in 1/s) for (sign-folded) data ys, and the
-    Gauss-Newton step in theta (Kaufman's approximation). Returns (cost, step, u, v, A',
-    rd) with ``-2 rd`` the cost's derivative in theta."""
+def _basis_sums(theta, ys, log_c, f, pk, gu, gv, dgu, dgv):
+    """The basis at log R1 = theta (R1 in 1/s) into gu, gv, dgu, dgv, and its Gram and data
+    sums. Returns (R1 in 1/ms, A', guu, guv, gvv, yu, yv) with ``yu = gu . ys``."""
     starts, t_inv, tr, te, n, esp, _alpha, kc, eta = pk
     r1 = math.exp(theta) * 1e-3
     ap, _ = basis_fixed_b1(r1, log_c, f, starts, t_inv, tr, te, n, esp, kc, eta, gu, gv, dgu, dgv)
@@ -695,6 +694,15 @@ def _vp_eval(theta, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv):
         gvv += gv[k] * gv[k]
         yu += gu[k] * ys[k]
         yv += gv[k] * ys[k]
+    return r1, ap, guu, guv, gvv, yu, yv
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _vp_eval(theta, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv):
+    """Projected cost at log R1 = theta (R1 in 1/s) for (sign-folded) data ys, and the
+    Gauss-Newton step in theta (Kaufman's approximation). Returns (cost, step, u, v, A',
+    rd) with ``-2 rd`` the cost's derivative in theta."""
+    r1, ap, guu, guv, gvv, yu, yv = _basis_sums(theta, ys, log_c, f, pk, gu, gv, dgu, dgv)
     cost, u, v, eb = _project(guu, guv, gvv, yu, yv, yy, e2lo, e2hi)
     if not u > 0.0:
         return cost, 0.0, u, v, ap, 0.0
@@ -772,22 +780,7 @@ def _vp_fit(
         theta = min(max(theta + min(max(step, -_VP_MAX_STEP), _VP_MAX_STEP), tlo), thi)
     # (u, v), the true cost and the model's own signs at the final theta (the residual
     # summed explicitly: no cancellation; |model| for magnitude data).
-    starts, t_inv, tr, te, n, esp, _alpha, kc, eta = pk
-    ap = basis_fixed_b1(
-        math.exp(theta) * 1e-3, log_c, f, starts, t_inv, tr, te, n, esp, kc, eta, gu, gv, dgu,
-        dgv,
-    )[0]  # fmt: skip
-    guu = 0.0
-    guv = 0.0
-    gvv = 0.0
-    yu = 0.0
-    yv = 0.0
-    for k in range(N_SAMPLES):
-        guu += gu[k] * gu[k]
-        guv += gu[k] * gv[k]
-        gvv += gv[k] * gv[k]
-        yu += gu[k] * ys[k]
-        yv += gv[k] * ys[k]
+    _, ap, guu, guv, gvv, yu, yv = _basis_sums(theta, ys, log_c, f, pk, gu, gv, dgu, dgv)
     u, v = _project(guu, guv, gvv, yu, yv, yy, e2lo, e2hi)[1:3]
     true_cost = 0.0
     own = 0
