@@ -815,13 +815,13 @@ def b1_field_on_grid(
     recovered from ``truth.b1`` over the head (exact up to float32 rounding)."""
     shp = tuple(int(s) for s in truth.b1.shape)
     centre = _HEAD_CENTRE_LPS + _B1_OFFSET_MM
-    u_ph = _unit_field_raw(_patient_coords(shp, phantom_affine), centre, _B1_SIGMA_MM, _B1_TILT)
+    u_ph = _unit_field_raw(patient_coords(shp, phantom_affine), centre, _B1_SIGMA_MM, _B1_TILT)
     head = truth.head
     if np.ptp(u_ph[head]) > 0:
         b, a = np.polyfit(u_ph[head].astype(np.float64), truth.b1[head].astype(np.float64), 1)
     else:
         b, a = 0.0, float(np.mean(truth.b1[head]))
-    coords = _patient_coords(tuple(int(s) for s in shape), np.asarray(affine, np.float64))
+    coords = patient_coords(tuple(int(s) for s in shape), np.asarray(affine, np.float64))
     values = (a + b * _unit_field_raw(coords, centre, _B1_SIGMA_MM, _B1_TILT)).astype(np.float32)
     # inside: the head grown by the margin, looked up at the nearest phantom voxel
     vox = float(np.min(np.linalg.norm(np.asarray(phantom_affine)[:3, :3], axis=0)))

@@ -27,9 +27,15 @@ from dicom_node.emulator import write_datasets
 from dicom_node.qalas_emulator import b1_map_grid, make_b1_map_datasets, make_qalas_datasets
 from dicom_node.seriesstore import load_series
 from processing.phantom import b1_field_on_grid
-from tests.conftest import free_port, make_orthanc, storescu, wait_for, write_config
+from tests.conftest import (
+    free_port,
+    make_orthanc,
+    registry_rows,
+    storescu,
+    wait_for,
+    write_config,
+)
 from tests.test_node_e2e import NodeProcess, _db_state
-from tests.test_node_vendors_e2e import registry_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
