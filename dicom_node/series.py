@@ -40,6 +40,7 @@ from dicom_node.export.common import series_number_base
 from dicom_node.export.geometry import SliceGeometry, slice_geometry
 from dicom_node.export.mr_images import synthetic_series
 from dicom_node.export.uids import parameter_fingerprint, source_digest
+from dicom_node.handoff import trim_heap
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import State
@@ -398,6 +399,7 @@ def _process(
         submit(run, acq, settings, b1_map) if b1_map is not None else submit(run, acq, settings)
     )
     del acq  # the worker has its own (the hand-off file or the pickled task)
+    trim_heap()  # the sources' pixel data and the grid went back to the heap, not the system
     return future.result(timeout=timeout_s)
 
 
