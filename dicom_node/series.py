@@ -44,7 +44,9 @@ from dicom_node.handoff import trim_heap
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import State
+from dicom_node.vendors.b1map import b1_series_info, is_b1_map_series
 from processing.acquisition import Acquisition
+from processing.b1map import B1Map
 from processing.montage import series_montage_png
 from processing.results import SeriesResult
 from processing.run import ProcessingSettings, run
@@ -86,6 +88,8 @@ Extra = list[Dataset] | Callable[[], list[Dataset]]
 Writer = Callable[[list[Any], SeriesResult], list[tuple[str, str, str]]]
 
 QC_FAIL_MARK = "QC FAIL"
+#: the reason of a B1-map series' IGNORED state starts with this
+B1_MAP_REASON = "B1 map"
 
 
 @dataclass
@@ -173,6 +177,15 @@ def classify(
     if not datasets:
         return Classified(State.FAILED, "-", "no instances for this series")
     try:
+        if is_b1_map_series(datasets):  # kept for a 3D-QALAS series of its study
+            info = b1_series_info(datasets)
+            what = "B1-map series" if info.has_map else "companion of a B1-map series"
+            return Classified(
+                State.IGNORED,
+                info.vendor,
+                f"{B1_MAP_REASON}: {what} ({info.description or 'no description'}), kept for"
+                " the 3D-QALAS fit of a series of the same study; not processed on its own",
+            )
         det = vendors.detect(datasets, rules)
     except Exception as exc:  # a header we did not foresee
         return Classified(State.FAILED, "-", f"header parse error: {type(exc).__name__}: {exc}")
@@ -263,9 +276,15 @@ def run_series(
     timeout_s: float | None = None,
     extra_outputs: Callable[[SeriesResult], Extra] | None = None,
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
+    b1_map: B1Map | None = None,
+    b1_notes: Sequence[str] = (),
 ) -> JobOutcome:
     """Run one series end to end. Never raises: errors become a FAILED / QUARANTINED /
     IGNORED outcome naming the stage and the reason.
+
+    ``b1_map``: the B1 map of a B1-map series of the same study (3D-QALAS; the node's
+    :mod:`dicom_node.b1match` finds it); ``b1_notes``: what the matching had to say (no
+    map, a map not usable), added to the result's warnings.
 
     ``submit``: run :func:`processing.run.run` there (None = in this process).
     ``extra_outputs(result)``: more output datasets (the node's one-page report), sent
@@ -327,7 +346,8 @@ def run_series(
                 early.append(exc)
 
         del acq
-        result = _process(cls, settings.processing, submit, timeout_s, meanwhile)
+        result = _process(cls, settings.processing, submit, timeout_s, b1_map, meanwhile)
+        result.warnings.extend(b1_notes)
         result.provenance["source_sha256"] = digest
         observe("process", t0)
         # per-stage figures measured by processing.run (fit, pd, synthesis, ...)
@@ -392,6 +412,7 @@ def _process(
     settings: ProcessingSettings,
     submit: Submit | None,
     timeout_s: float | None,
+    b1_map: B1Map | None = None,
     meanwhile: Callable[[], None] | None = None,
 ) -> SeriesResult:
     """Run the processing (in a worker when ``submit`` is given). The acquisition is
@@ -399,11 +420,15 @@ def _process(
     ``meanwhile``: node work that needs no result, done while the worker processes."""
     acq, cls.acquisition = cls.acquisition, None
     assert acq is not None
+    if acq.sequence_kind != "QALAS":
+        b1_map = None  # the MDME fit estimates B1 itself
     if submit is None:
         if meanwhile is not None:
             meanwhile()
-        return run(acq, settings)
-    future = submit(run, acq, settings)
+        return run(acq, settings, b1_map) if b1_map is not None else run(acq, settings)
+    future = (
+        submit(run, acq, settings, b1_map) if b1_map is not None else submit(run, acq, settings)
+    )
     del acq  # the worker has its own (the hand-off file or the pickled task)
     trim_heap()  # the sources' pixel data and the grid went back to the heap, not the system
     if meanwhile is not None:
