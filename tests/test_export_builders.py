@@ -77,3 +77,31 @@ def test_report_equals_highdicoms_checked_construction(result, layout):
     checked = report(result, sources, settings, seg=seg, check_references=True)
     assert differences(fast, checked) == []
     assert len(fast.ContentSequence) >= 3  # the tree is there: context, procedure, groups
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mr_slices_from_the_first_slice_equal_full_builds(result, layout, monkeypatch):
+    from dicom_node.export import map_mr_images, mr_images, synthetic_images
+
+    sources = _sources(layout, result)
+    if layout == "ge":  # one slice's reference differs in what the outputs copy
+        for ds in sources:
+            if (
+                abs(float(ds.ImagePositionPatient[2]) - float(sources[0].ImagePositionPatient[2]))
+                > 1
+            ):
+                ds.ReceiveCoilName = "OTHER COIL"
+                break
+    settings = settings_for(result, ExportSettings(maps=("T1", "B1")))
+    fast = synthetic_images(result, sources, settings) + map_mr_images(result, sources, settings)
+    with monkeypatch.context() as m:
+        m.setattr(mr_images, "_ref_signature", lambda ref: object())  # every slice in full
+        full = synthetic_images(result, sources, settings) + map_mr_images(
+            result, sources, settings
+        )
+    assert len(fast) == len(full) == result.shape[0] * (len(result.synthetic) + 2)
+    for a, b in zip(fast, full, strict=True):
+        assert differences(a, b) == [], (a.SeriesDescription, a.InstanceNumber)
+    assert len({str(ds.SOPInstanceUID) for ds in fast}) == len(fast)
+    coils = {str(ds.get("ReceiveCoilName", "")) for ds in fast}
+    assert ("OTHER COIL" in coils) == (layout == "ge")
