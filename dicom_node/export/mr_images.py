@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -32,6 +33,7 @@ from .geometry import (
     SliceGeometry,
     frame_number,
     slice_geometry,
+    with_frame_number,
 )
 from .settings import (
     ExportError,
@@ -48,6 +50,7 @@ from .uids import (
 __all__ = [
     "map_mr_images",
     "map_mr_series",
+    "mr_geometry",
     "synthetic_images",
     "synthetic_series",
     "uint16_rescale",
@@ -249,6 +252,32 @@ _REF_KEYWORDS: tuple[str, ...] = (
     "MRAcquisitionType",
     "RepetitionTime",
 )
+
+
+#: every attribute of a reference image the MR builders read (this module's and
+#: :mod:`.enhanced_mr`'s): what :func:`mr_geometry` keeps
+_MR_REF_KEYWORDS: tuple[str, ...] = (
+    *_REF_KEYWORDS,
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "AcquisitionDateTime",
+)
+
+
+def mr_geometry(geometry: SliceGeometry) -> SliceGeometry:
+    """``geometry`` with reference headers cut down to what the MR builders read, for a
+    worker that builds the synthetic series (each task pickles its geometry: the full
+    vendor headers cost ~10x more to send and receive). Same outputs (tests/
+    test_export_builders.py)."""
+    refs = []
+    for ref in geometry.refs:
+        slim = Dataset()
+        for kw in _MR_REF_KEYWORDS:
+            if kw in ref:
+                slim.add(ref[kw])
+        refs.append(with_frame_number(slim, frame_number(ref)))
+    return replace(geometry, refs=refs, extra={})
 
 
 def _ref_signature(ref: Dataset) -> tuple[tuple[str, str], ...]:
