@@ -14,6 +14,8 @@ export, push), from the registry's timestamps and the node's ``job_finished`` lo
 and Orthanc; the figure is the median, every run's stage profile is printed. Outputs are
 pushed while the job still encodes (streamed), so "push after export" is only the tail.
 
+``E2E_RSS_TRACE=file``: every RSS sample (time, node MiB, workers MiB) appended there.
+
 ``--fast``: segmentation, myelin and enhancement off (three contrasts), for comparison.
 """
 
@@ -64,8 +66,9 @@ def _state(db: Path, series_uid: str) -> str | None:
     return rows[0][0] if rows else None
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and its children (the node and its spawned workers)."""
+def _tree_rss_by_pid(pid: int) -> dict[int, int]:
+    """Resident bytes of ``pid`` and of each of its children (the node and its spawned
+    workers), by process id."""
     pids = [pid]
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -74,15 +77,20 @@ def _tree_rss(pid: int) -> int:
             continue
         if int(fields[1]) == pid:
             pids.append(int(stat.parent.name))
-    total = 0
+    out: dict[int, int] = {}
     for p in pids:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+                    out[p] = int(line.split()[1]) * 1024
         except OSError:
             pass
-    return total
+    return out
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its children (the node and its spawned workers)."""
+    return sum(_tree_rss_by_pid(pid).values())
 
 
 def _cpu_seconds(pid: int) -> tuple[float, float]:
@@ -107,19 +115,31 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 class _PeakRss:
-    """Samples the node's process tree every 0.2 s; ``peak`` is the largest sum seen."""
+    """Samples the node's process tree every 0.1 s; ``peak`` is the largest *sum* seen
+    (the peak of node + workers together, not the sum of each one's peak), ``node_peak``
+    and ``worker_peak`` each process's own largest (workers: the largest of any one).
+    With ``trace`` (a file), every sample is appended: time, node RSS, worker RSS."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+    def __init__(self, pid: int, trace: Path | None = None) -> None:
+        self.pid, self._stop, self.trace = pid, threading.Event(), trace
+        self.reset()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, _tree_rss(self.pid))
+        while not self._stop.wait(0.1):
+            by_pid = _tree_rss_by_pid(self.pid)
+            node = by_pid.pop(self.pid, 0)
+            workers = sum(by_pid.values())
+            self.peak = max(self.peak, node + workers)
+            self.node_peak = max(self.node_peak, node)
+            self.worker_peak = max([self.worker_peak, *by_pid.values()])
+            if self.trace is not None:
+                with open(self.trace, "a") as f:
+                    f.write(f"{time.time():.2f} {node / 2**20:.0f} {workers / 2**20:.0f}\n")
 
     def reset(self) -> None:
-        self.peak = 0
+        self.peak = self.node_peak = self.worker_peak = 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -292,7 +312,8 @@ def main() -> None:
             _send(warm, port, send_env)
             warm_uid = str(pydicom.dcmread(warm[0], stop_before_pixels=True).SeriesInstanceUID)
             wait_for(lambda: _state(db, warm_uid) == "DELIVERED", 600, 0.2, "warm-up series")
-            rss = _PeakRss(node.pid)
+            trace = os.environ.get("E2E_RSS_TRACE")  # a file: RSS samples over time
+            rss = _PeakRss(node.pid, Path(trace) if trace else None)
             for files, uid in series:
                 rss.reset()
                 cpu0 = _cpu_seconds(node.pid)
@@ -314,6 +335,8 @@ def main() -> None:
                 prof["CPU seconds, workers"] = cpu1[1] - cpu0[1]
                 prof["send (storescu -> node)"] = t_last_sent - t_send
                 prof["peak RSS node + workers (GiB)"] = rss.peak / 2**30
+                prof["  peak RSS node alone (GiB)"] = rss.node_peak / 2**30
+                prof["  peak RSS one worker alone (GiB)"] = rss.worker_peak / 2**30
                 profiles.append(prof)
             n_out = _q(db, "SELECT COUNT(*) FROM outbox WHERE series_uid=?", (series[-1][1],))[0][0]
         finally:

@@ -114,6 +114,21 @@ def crlb(m0: float, t1: float, t2: float, b1: float, sigma: float) -> dict[str, 
     return out
 
 
+def _bias_efficiency(q, t1: float, t2: float, bound: dict[str, float], b1: str) -> str:
+    """T1 and T2 of the converged voxels of ``q``: median bias, and efficiency against the
+    Rician bound (``b1 = "_b1known"``: with B1 known; ``""``: B1 free, and the Gaussian
+    approximation's efficiency too)."""
+    ok = ~q.failed.ravel()
+    parts = []
+    for name, fit, truth in (("T1", q.t1_ms.ravel()[ok], t1), ("T2", q.t2_ms.ravel()[ok], t2)):
+        rvar = (1.4826 * np.median(np.abs(fit - np.median(fit)))) ** 2
+        eff = f"eff {bound[f'{name}_rice{b1}'] / rvar:4.2f}"
+        if not b1:
+            eff += f" (gauss {bound[f'{name}_gauss'] / rvar:4.2f})"
+        parts.append(f"{name} bias {np.median(fit) / truth - 1:+6.2%} {eff}")
+    return ", ".join(parts)
+
+
 def efficiency(n: int, snr: float, t1: float, t2: float, pd: float) -> str:
     rng = np.random.default_rng(1)
     sigma = 100.0 / snr
@@ -139,27 +154,14 @@ def efficiency(n: int, snr: float, t1: float, t2: float, pd: float) -> str:
     cells = []
     for floor in (True, False):
         q = fit_mdme(acq, np.ones((1, 1, n), bool), noise_sd=sigma, noise_floor=floor)
-        ok = ~q.failed.ravel()
-        parts = []
-        for name, fit, truth in (("T1", q.t1_ms.ravel()[ok], t1), ("T2", q.t2_ms.ravel()[ok], t2)):
-            rvar = (1.4826 * np.median(np.abs(fit - np.median(fit)))) ** 2
-            parts.append(
-                f"{name} bias {np.median(fit) / truth - 1:+6.2%} "
-                f"eff {bound[f'{name}_rice'] / rvar:4.2f} (gauss {bound[f'{name}_gauss'] / rvar:4.2f})"
-            )
-        cells.append(("floor: " if floor else "|S|:   ") + ", ".join(parts))
+        cells.append(("floor: " if floor else "|S|:   ") + _bias_efficiency(q, t1, t2, bound, ""))
     # Two passes as processing.run fits (B1 smoothed and pooled over the uniform row, then
     # M0, T1, T2 refitted): against the bound with B1 known (M0, T1, T2 free).
     q = fit_mdme(acq, np.ones((1, 1, n), bool), noise_sd=sigma, b1_smoothing=True)
-    ok = ~q.failed.ravel()
-    parts = []
-    for name, fit, truth in (("T1", q.t1_ms.ravel()[ok], t1), ("T2", q.t2_ms.ravel()[ok], t2)):
-        rvar = (1.4826 * np.median(np.abs(fit - np.median(fit)))) ** 2
-        parts.append(
-            f"{name} bias {np.median(fit) / truth - 1:+6.2%} "
-            f"eff {bound[f'{name}_rice_b1known'] / rvar:4.2f}"
-        )
-    cells.append("2-pass: " + ", ".join(parts) + f" (B1 {np.median(q.b1.ravel()[ok]) - 1:+.2%})")
+    b1 = np.median(q.b1.ravel()[~q.failed.ravel()])
+    cells.append(
+        "2-pass: " + _bias_efficiency(q, t1, t2, bound, "_b1known") + f" (B1 {b1 - 1:+.2%})"
+    )
     return "\n      ".join(cells)
 
 

@@ -382,19 +382,21 @@ def _enhanced(acq, layout, base, geo, sv_m, sv_p, q, parts, seed) -> list[Datase
     return out
 
 
-def _enhanced_shared(acq, geo: dict) -> Dataset:
-    """The functional groups every frame shares: timing, pixel measures, orientation and
-    the remaining mandatory Enhanced MR macros."""
-    ne = acq.n_echoes
-    shared = _item(
+def _shared_timing_geometry(
+    geo: dict, tr_ms: float, flip_deg: float, echo_train: int, rf_train: int, gradient_train: int
+) -> Dataset:
+    """A shared functional groups item with the MR timing (RepetitionTime ``tr_ms``, FlipAngle,
+    the echo train lengths), pixel measures and plane orientation macros of ``geo``
+    (:func:`_geometry`): what the MDME and the QALAS Enhanced MR layouts have in common."""
+    return _item(
         MRTimingAndRelatedParametersSequence=DicomSequence(
             [
                 _item(
-                    RepetitionTime=_ds(acq.tr_ms),
-                    FlipAngle=_ds(acq.excitation_deg),
-                    EchoTrainLength=ne,
-                    RFEchoTrainLength=ne,
-                    GradientEchoTrainLength=0,
+                    RepetitionTime=_ds(tr_ms),
+                    FlipAngle=_ds(flip_deg),
+                    EchoTrainLength=echo_train,
+                    RFEchoTrainLength=rf_train,
+                    GradientEchoTrainLength=gradient_train,
                 )
             ]
         ),
@@ -409,6 +411,13 @@ def _enhanced_shared(acq, geo: dict) -> Dataset:
         ),
         PlaneOrientationSequence=DicomSequence([_item(ImageOrientationPatient=geo["iop"])]),
     )
+
+
+def _enhanced_shared(acq, geo: dict) -> Dataset:
+    """The functional groups every frame shares: timing, pixel measures, orientation and
+    the remaining mandatory Enhanced MR macros."""
+    ne = acq.n_echoes
+    shared = _shared_timing_geometry(geo, acq.tr_ms, acq.excitation_deg, ne, ne, 0)
     # the remaining mandatory Enhanced MR macros, shared by all frames
     shared.FrameAnatomySequence = DicomSequence(
         [

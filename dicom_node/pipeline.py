@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pydicom
@@ -51,8 +51,13 @@ def load_datasets(paths: Sequence[str]) -> list[Dataset]:
     return [pydicom.dcmread(p) for p in paths]
 
 
-def spool_writer(spool: Spool, series_uid: str) -> Writer:
-    """Write outputs as fsync'd Part-10 files in the spool's outbox folder of the series."""
+def spool_writer(
+    spool: Spool, series_uid: str, uids: dict[str, tuple[str, str]] | None = None
+) -> Writer:
+    """Write outputs as fsync'd Part-10 files in the spool's outbox folder of the series.
+
+    ``uids``: filled with ``path -> (study_uid, series_uid)`` of every output written
+    (:func:`output_records` then needs not read the files back)."""
 
     def write(datasets: list[Any], result: SeriesResult) -> list[tuple[str, str, str]]:
         # an EncodedInstance (built in the worker) is written as it is
@@ -69,6 +74,13 @@ def spool_writer(spool: Spool, series_uid: str) -> Writer:
                 for (sop, _), ds in zip(ids, datasets, strict=True)
             ),
         )
+        if uids is not None:
+            for ds, path in zip(datasets, paths, strict=True):
+                if isinstance(ds, EncodedInstance):
+                    if ds.study_uid and ds.series_uid:
+                        uids[str(path)] = (ds.study_uid, ds.series_uid)
+                else:
+                    uids[str(path)] = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
         return [(sop, cls, str(path)) for (sop, cls), path in zip(ids, paths, strict=True)]
 
     return write
@@ -164,10 +176,12 @@ def run_series_job(
     metrics: NodeMetrics | None = None,
     timeout_s: float | None = None,
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
+    b1_map: Any = None,
+    b1_notes: Sequence[str] = (),
 ) -> JobOutcome:
     """Run one spooled series end to end up to the outbox files. Never raises.
 
-    ``on_outputs``: see :func:`dicom_node.series.run_series` (streamed push)."""
+    ``on_outputs``, ``b1_map``, ``b1_notes``: see :func:`dicom_node.series.run_series`."""
     try:
         datasets = load_datasets(paths)
     except Exception as exc:  # removed or corrupt spool file
@@ -176,10 +190,11 @@ def run_series_job(
         )
     if not datasets:
         return JobOutcome(State.FAILED, "no instances on disk for this series", stage="normalize")
+    uids: dict[str, tuple[str, str]] = {}
     outcome = run_series(
         datasets,
         settings,
-        spool_writer(spool, series_uid),
+        spool_writer(spool, series_uid, uids),
         extra_outputs=lambda result: _keep_for_web(
             spool, series_uid, result, datasets, settings, submit
         ),
@@ -188,7 +203,10 @@ def run_series_job(
         metrics=metrics,
         timeout_s=timeout_s,
         on_outputs=on_outputs,
+        b1_map=b1_map,
+        b1_notes=b1_notes,
     )
+    outcome.output_uids = uids
     if outcome.phantom_qc is not None:  # a QC phantom: into the scanner's QC history
         from dicom_node.phantom_node import record_history
 
@@ -196,16 +214,27 @@ def run_series_job(
     return outcome
 
 
-def output_records(outputs: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str, str, str]]:
+def output_records(
+    outputs: Sequence[tuple[str, str, str]],
+    known: Mapping[str, tuple[str, str]] | None = None,
+) -> list[tuple[str, str, str, str, str]]:
     """``(sop_uid, sop_class_uid, path)`` -> ``(sop_uid, sop_class_uid, study_uid,
-    series_uid, path)`` read from the written files' headers (the registry's record of a
-    version, which a later rejection note references)."""
+    series_uid, path)`` (the registry's record of a version, which a later rejection note
+    references): from ``known`` (``path -> (study_uid, series_uid)``, what the writer
+    wrote, :func:`spool_writer`), else read from the written file's header."""
+    known = known or {}
     records = []
     for sop, cls, path in outputs:
-        ds = pydicom.dcmread(
-            path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
-        )
-        records.append((sop, cls, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), path))
+        if path in known:
+            study, series = known[path]
+        else:
+            ds = pydicom.dcmread(
+                path,
+                stop_before_pixels=True,
+                specific_tags=["StudyInstanceUID", "SeriesInstanceUID"],
+            )
+            study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+        records.append((sop, cls, study, series, path))
     return records
 
 

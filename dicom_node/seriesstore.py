@@ -141,7 +141,10 @@ def save_series(
     mask = np.asarray(maps.mask, bool)
 
     def f32(a: np.ndarray) -> np.ndarray:
-        return np.where(mask, np.nan_to_num(np.asarray(a, np.float32)), 0).astype(np.float32)
+        # one copy, zeroed in place (np.where(...).astype(...) made three of the volume)
+        out = np.nan_to_num(np.asarray(a, np.float32), copy=True)
+        out[~mask] = 0
+        return out
 
     def frac8(tissue: str) -> np.ndarray:
         frac = np.asarray(result.segmentation.fractions[tissue], np.float32)  # type: ignore[union-attr]
@@ -242,12 +245,14 @@ class StoredSeries:
     path: Path
     meta: dict[str, Any]
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def arrays(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The stored arrays, or only those of ``names`` that exist (each one is inflated
+        from the npz: at 40x512x512 all of them are ~260 MB)."""
         with np.load(self.path / "maps.npz") as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files if names is None or k in names}
 
     def quant_maps(self) -> QuantMaps:
-        a = self.arrays()
+        a = self.arrays(("t1_ms", "t2_ms", "pd_pu", "b1", "mask", "failed"))
         zeros = np.zeros_like(a["t1_ms"])
         return QuantMaps(
             t1_ms=a["t1_ms"],

@@ -51,9 +51,14 @@ __all__ = [
     "PhantomError",
     "PhantomTruth",
     "TissueParams",
+    "add_noise",
+    "centred_grid_affine",
     "make_phantom",
     "mni_available",
+    "noise_metadata",
+    "patient_coords",
     "simulate_voxels",
+    "simulated_acquisition",
     "truth_quantmaps",
 ]
 
@@ -283,19 +288,29 @@ def _grid_affine(
     shape: tuple[int, int, int], voxel_size_mm: tuple[float, float, float], oblique: bool
 ) -> np.ndarray:
     """Axial grid centred on the head; oblique = 18 deg about L-R then 12 deg about A-P."""
+    rot = _rotation(18.0, 12.0) if oblique else np.eye(3)
+    return centred_grid_affine(shape, voxel_size_mm, rot, _HEAD_CENTRE_LPS)
+
+
+def centred_grid_affine(
+    shape: Sequence[int], voxel_size_mm: Sequence[float], rotation: np.ndarray, centre_lps: Any
+) -> np.ndarray:
+    """4x4 affine (voxel ``(x, y, z)`` index -> LPS mm) of a ``(z, y, x)`` grid whose axes are
+    the columns of the 3x3 ``rotation`` scaled by ``voxel_size_mm`` ``(z, y, x)`` and whose
+    middle sits at ``centre_lps`` (mm)."""
     nz, ny, nx = shape
     dz, dy, dx = voxel_size_mm
-    rot = _rotation(18.0, 12.0) if oblique else np.eye(3)
+    rot = rotation
     aff = np.eye(4)
     aff[:3, 0] = rot[:, 0] * dx
     aff[:3, 1] = rot[:, 1] * dy
     aff[:3, 2] = rot[:, 2] * dz
     half = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0, (nz - 1) / 2.0])
-    aff[:3, 3] = _HEAD_CENTRE_LPS - aff[:3, :3] @ half
+    aff[:3, 3] = np.asarray(centre_lps, np.float64) - aff[:3, :3] @ half
     return aff
 
 
-def _patient_coords(shape: tuple[int, int, int], affine: np.ndarray) -> list[np.ndarray]:
+def patient_coords(shape: Sequence[int], affine: np.ndarray) -> list[np.ndarray]:
     """LPS coordinates (px, py, pz) of every voxel, float32 ``[z, y, x]`` each."""
     nz, ny, nx = shape
     k = np.arange(nz, dtype=np.float32)[:, None, None]
@@ -448,6 +463,15 @@ def _ellipsoid_fractions(
     return gm.astype(np.float32), wm.astype(np.float32), ic
 
 
+def _unit_field_raw(
+    coords: list[np.ndarray], centre: np.ndarray, sigma_mm: float, tilt: np.ndarray
+) -> np.ndarray:
+    """A Gaussian bump plus a linear tilt at LPS ``coords`` (before normalization)."""
+    d = [ci - float(c0) for ci, c0 in zip(coords, centre, strict=True)]
+    u = np.exp(-sum(di * di for di in d) / (2.0 * sigma_mm**2))
+    return u + sum(float(t) * di for t, di in zip(tilt, d, strict=True)) / 1000.0
+
+
 def _smooth_unit_field(
     coords: list[np.ndarray],
     head: np.ndarray,
@@ -456,9 +480,7 @@ def _smooth_unit_field(
     tilt: np.ndarray,
 ) -> np.ndarray:
     """A smooth field, min-max normalized to [0, 1] over the head voxels."""
-    d = [ci - float(c0) for ci, c0 in zip(coords, centre, strict=True)]
-    u = np.exp(-sum(di * di for di in d) / (2.0 * sigma_mm**2))
-    u = u + sum(float(t) * di for t, di in zip(tilt, d, strict=True)) / 1000.0
+    u = _unit_field_raw(coords, centre, sigma_mm, tilt)
     ref = u[head] if head.any() else u.ravel()
     lo, hi = float(ref.min()), float(ref.max())
     if hi - lo < 1e-12:
@@ -589,7 +611,7 @@ def make_phantom(
     )  # fmt: skip
     rng = np.random.default_rng(seed)
     affine = _grid_affine(shp, vs, oblique)
-    coords = _patient_coords(shp, affine)
+    coords = patient_coords(shp, affine)
     if anatomy == "mni":
         gm, wm, ic = _mni_fractions(coords, vs)
     else:
@@ -603,26 +625,14 @@ def make_phantom(
 
     corrupted = _corrupt_and_add_noise(rng, signal, corrupt_delay, snr, magnitude)
 
-    acq = Acquisition(
-        signal=signal,
-        delays_ms=np.asarray(delays_ms, np.float64),
-        echo_times_ms=np.asarray(echo_times_ms, np.float64),
-        tr_ms=float(tr_ms),
-        saturation_deg=float(saturation_deg),
-        excitation_deg=float(excitation_deg),
-        voxel_size_mm=vs,
-        affine=affine,
-        is_magnitude=bool(magnitude),
-        delay_source="phantom",
-        metadata={
-            "source": "synthmr phantom",
-            "anatomy": anatomy,
-            "seed": int(seed),
-            "snr": None if snr is None else float(snr),
-            "noise_sd": 0.0 if snr is None or not math.isfinite(snr) else 100.0 / float(snr),
-            "oblique": bool(oblique),
-        },
-    )
+    metadata = {
+        "source": "synthmr phantom",
+        "anatomy": anatomy,
+        "seed": int(seed),
+        **noise_metadata(snr),
+        "oblique": bool(oblique),
+    }
+    acq = simulated_acquisition(signal, protocol, vs, affine, magnitude, metadata)
     truth = PhantomTruth(
         fractions=fractions,
         tissues=tis,
@@ -784,6 +794,48 @@ def _compartments(
     return fractions, head, centres
 
 
+# the B1 field's bump (offset from the head centre, width) and tilt
+_B1_OFFSET_MM = (10.0, -15.0, 5.0)
+_B1_SIGMA_MM = 90.0
+_B1_TILT = np.array([0.2, 0.0, 0.1])
+
+
+def b1_field_on_grid(
+    truth: PhantomTruth,
+    phantom_affine: np.ndarray,
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+    margin_mm: float = 8.0,
+) -> np.ndarray:
+    """The phantom's smooth B1 field (the one its signal used) evaluated on another grid
+    (``shape`` ``[z, y, x]``, ``affine`` index -> LPS mm, any orientation): float32, 0
+    outside the head grown by ``margin_mm`` (a B1 map has no value outside the body).
+
+    The field is ``a + b u(p)`` with ``u`` the analytic bump + tilt; ``a``, ``b`` are
+    recovered from ``truth.b1`` over the head (exact up to float32 rounding)."""
+    shp = tuple(int(s) for s in truth.b1.shape)
+    centre = _HEAD_CENTRE_LPS + _B1_OFFSET_MM
+    u_ph = _unit_field_raw(patient_coords(shp, phantom_affine), centre, _B1_SIGMA_MM, _B1_TILT)
+    head = truth.head
+    if np.ptp(u_ph[head]) > 0:
+        b, a = np.polyfit(u_ph[head].astype(np.float64), truth.b1[head].astype(np.float64), 1)
+    else:
+        b, a = 0.0, float(np.mean(truth.b1[head]))
+    coords = patient_coords(tuple(int(s) for s in shape), np.asarray(affine, np.float64))
+    values = (a + b * _unit_field_raw(coords, centre, _B1_SIGMA_MM, _B1_TILT)).astype(np.float32)
+    # inside: the head grown by the margin, looked up at the nearest phantom voxel
+    vox = float(np.min(np.linalg.norm(np.asarray(phantom_affine)[:3, :3], axis=0)))
+    grown = ndi.binary_dilation(head, iterations=max(1, int(np.ceil(margin_mm / vox))))
+    inv = np.linalg.inv(np.asarray(phantom_affine, np.float64))
+    pts = np.stack([c.astype(np.float64).ravel() for c in coords])
+    idx = np.rint(inv[:3, :3] @ pts + inv[:3, 3:4]).astype(np.int64)  # (x, y, z)
+    ok = np.all((idx >= 0) & (idx < np.array(shp[::-1])[:, None]), axis=0)
+    inside = np.zeros(ok.shape, dtype=bool)
+    inside[ok] = grown[idx[2, ok], idx[1, ok], idx[0, ok]]
+    values[~inside.reshape(values.shape)] = 0.0
+    return values
+
+
 def _fields(
     coords: np.ndarray,
     head: np.ndarray,
@@ -796,9 +848,7 @@ def _fields(
     lo, hi = (float(v) for v in b1_range)
     clo, chi = (float(v) for v in coil_range)
     centre = _HEAD_CENTRE_LPS
-    b1u = _smooth_unit_field(
-        coords, head, centre + (10.0, -15.0, 5.0), 90.0, np.array([0.2, 0.0, 0.1])
-    )
+    b1u = _smooth_unit_field(coords, head, centre + _B1_OFFSET_MM, _B1_SIGMA_MM, _B1_TILT)
     b1 = (lo + (hi - lo) * b1u).astype(np.float32)
     if coil:
         cu = _smooth_unit_field(
@@ -826,7 +876,16 @@ def _corrupt_and_add_noise(
         shift = int(rng.integers(2, 5)) * int(rng.choice([-1, 1]))
         signal[:, k] = np.roll(signal[:, k] * factor, shift, axis=2)  # axis 2 of [z,e,y,x] = y
         corrupted = {"delay_index": k, "scale": factor, "shift_voxels_y": shift}
+    add_noise(rng, signal, snr, magnitude)
+    return corrupted
 
+
+def add_noise(
+    rng: np.random.Generator, signal: np.ndarray, snr: float | None, magnitude: bool
+) -> None:
+    """Add Gaussian noise of SD 100/snr per real channel to the float32 ``signal`` in place
+    (None or inf: none); for magnitude data, take the modulus with a second (imaginary)
+    noise channel."""
     if snr is not None and math.isfinite(snr):
         sd = np.float32(100.0 / float(snr))
         noise = rng.standard_normal(signal.shape, dtype=np.float32)
@@ -840,7 +899,39 @@ def _corrupt_and_add_noise(
     elif magnitude:
         np.abs(signal, out=signal)
 
-    return corrupted
+
+def simulated_acquisition(
+    signal: np.ndarray,
+    protocol: tuple[Sequence[float], Sequence[float], float, float, float],
+    voxel_size_mm: tuple[float, float, float],
+    affine: np.ndarray,
+    magnitude: bool,
+    metadata: dict[str, Any],
+) -> Acquisition:
+    """The :class:`Acquisition` of a simulated MDME ``signal`` ``[z, delay, echo, y, x]``;
+    protocol: (delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg)."""
+    delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg = protocol
+    return Acquisition(
+        signal=signal,
+        delays_ms=np.asarray(delays_ms, np.float64),
+        echo_times_ms=np.asarray(echo_times_ms, np.float64),
+        tr_ms=float(tr_ms),
+        saturation_deg=float(saturation_deg),
+        excitation_deg=float(excitation_deg),
+        voxel_size_mm=voxel_size_mm,
+        affine=affine,
+        is_magnitude=bool(magnitude),
+        delay_source="phantom",
+        metadata=metadata,
+    )
+
+
+def noise_metadata(snr: float | None) -> dict[str, float | None]:
+    """``snr`` and the noise SD per real channel it gives (:func:`add_noise`), for metadata."""
+    return {
+        "snr": None if snr is None else float(snr),
+        "noise_sd": 0.0 if snr is None or not math.isfinite(snr) else 100.0 / float(snr),
+    }
 
 
 def truth_quantmaps(

@@ -77,6 +77,13 @@ from scipy import ndimage as ndi
 from scipy import optimize
 
 from processing.acquisition import Acquisition
+from processing.phantom import (
+    add_noise,
+    centred_grid_affine,
+    noise_metadata,
+    patient_coords,
+    simulated_acquisition,
+)
 from processing.phantoms import ARRAY_QUANTITY, PhantomDefinition
 from processing.results import QuantMaps
 from processing.signal import IDEAL_PROFILE, mdme_jacobian, t1_factor
@@ -321,30 +328,9 @@ class PhantomScan:
     truth: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _grid(shape, voxel_size_mm, centre_mm, tilt_deg) -> np.ndarray:
-    nz, ny, nx = shape
-    dz, dy, dx = voxel_size_mm
-    rot = rotation_matrix(*tilt_deg)
-    aff = np.eye(4)
-    aff[:3, 0] = rot[:, 0] * dx
-    aff[:3, 1] = rot[:, 1] * dy
-    aff[:3, 2] = rot[:, 2] * dz
-    half = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0, (nz - 1) / 2.0])
-    aff[:3, 3] = np.asarray(centre_mm, np.float64) - aff[:3, :3] @ half
-    return aff
-
-
 def _patient_grid(shape, affine) -> np.ndarray:
     """``[z, y, x, 3]`` float32 LPS coordinates of voxel centres."""
-    nz, ny, nx = shape
-    k, j, i = np.meshgrid(
-        np.arange(nz, dtype=np.float32),
-        np.arange(ny, dtype=np.float32),
-        np.arange(nx, dtype=np.float32),
-        indexing="ij",
-    )
-    a = affine.astype(np.float32)
-    return np.stack([a[r, 0] * i + a[r, 1] * j + a[r, 2] * k + a[r, 3] for r in range(3)], -1)
+    return np.stack(patient_coords(shape, affine), -1)
 
 
 def _unit_field(rel: np.ndarray, inside: np.ndarray, weights: Sequence[float]) -> np.ndarray:
@@ -393,24 +379,6 @@ def _smooth_fields(
         np.float32
     )
     return b1, coil
-
-
-def _add_noise(signal: np.ndarray, snr: float | None, magnitude: bool, seed: int) -> None:
-    """Add Gaussian noise of SD 100/snr per real channel to ``signal`` in place; for
-    magnitude data, take the modulus with a second (imaginary) noise channel."""
-    rng = np.random.default_rng(seed)
-    if snr is not None and math.isfinite(snr):
-        sd = np.float32(100.0 / float(snr))
-        noise = rng.standard_normal(signal.shape, dtype=np.float32)
-        noise *= sd
-        signal += noise
-        if magnitude:
-            noise = rng.standard_normal(signal.shape, dtype=np.float32, out=noise)
-            noise *= sd
-            np.hypot(signal, noise, out=signal)
-        del noise
-    elif magnitude:
-        np.abs(signal, out=signal)
 
 
 def _voxel_fractions(
@@ -490,7 +458,8 @@ def simulate_phantom(
             plates = sorted({s.centre_mm[2] for s in definition.spheres})
             slab_offset_mm = sum(plates[:2]) / len(plates[:2])
         slab_centre_mm = pose.to_patient(np.array([0.0, 0.0, float(slab_offset_mm)]))
-    affine = _grid(shp, vs, slab_centre_mm, tuple(float(v) for v in tilt_deg))
+    rotation = rotation_matrix(*(float(v) for v in tilt_deg))
+    affine = centred_grid_affine(shp, vs, rotation, slab_centre_mm)
     centres = definition.centres_mm()
     idx, fs, ff = _voxel_fractions(definition, centres, shp, affine, pose, supersample)
     ft1 = definition.temperature_factor("t1_ms", temp)
@@ -524,29 +493,18 @@ def simulate_phantom(
         np.ascontiguousarray(profile[1], np.float64),
         signal,
     )
-    _add_noise(signal, snr, magnitude, seed)
-    acq = Acquisition(
-        signal=signal,
-        delays_ms=np.asarray(delays_ms, np.float64),
-        echo_times_ms=np.asarray(echo_times_ms, np.float64),
-        tr_ms=float(tr_ms),
-        saturation_deg=float(saturation_deg),
-        excitation_deg=float(excitation_deg),
-        voxel_size_mm=vs,
-        affine=affine,
-        is_magnitude=bool(magnitude),
-        delay_source="phantom",
-        metadata={
-            "source": "synthmr phantom_qc.simulate_phantom",
-            "phantom": definition.name,
-            "phantom_version": definition.version,
-            "pose": pose.as_dict(),
-            "temperature_c": temp,
-            "seed": int(seed),
-            "snr": None if snr is None else float(snr),
-            "noise_sd": 0.0 if snr is None or not math.isfinite(snr) else 100.0 / float(snr),
-        },
-    )
+    add_noise(np.random.default_rng(seed), signal, snr, magnitude)
+    protocol = (delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg)
+    metadata = {
+        "source": "synthmr phantom_qc.simulate_phantom",
+        "phantom": definition.name,
+        "phantom_version": definition.version,
+        "pose": pose.as_dict(),
+        "temperature_c": temp,
+        "seed": int(seed),
+        **noise_metadata(snr),
+    }
+    acq = simulated_acquisition(signal, protocol, vs, affine, magnitude, metadata)
     truth = {
         s.label: {"t1_ms": float(t1[i]), "t2_ms": float(t2[i]), "pd_pu": float(pd[i])}
         for i, s in enumerate(definition.spheres)

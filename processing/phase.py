@@ -53,13 +53,15 @@ def _rotate_real(re, im, use_sum, out_slice):
                 out_slice[d, y, x] = re[d, y, x] * c + im[d, y, x] * s
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, parallel=True)
 def _mp_kernel(mag, phase, use_sum, out):
-    # cos(p - bg) = cos(p)cos(bg) + sin(p)sin(bg): two float32 trig calls per sample
+    # cos(p - bg) = cos(p)cos(bg) + sin(p)sin(bg): two float32 trig calls per sample.
+    # Slices in parallel (each its own scratch; the same operations per sample as one
+    # thread): normalization runs in the node while the workers wait for it.
     nz, nd, ne, ny, nx = mag.shape
-    im = np.empty((nd, ny, nx), dtype=np.float64)
-    re = np.empty((nd, ny, nx), dtype=np.float64)
-    for z in range(nz):
+    for z in nb.prange(nz):
+        im = np.empty((nd, ny, nx), dtype=np.float64)
+        re = np.empty((nd, ny, nx), dtype=np.float64)
         for e in range(ne):
             for d in range(nd):
                 for y in range(ny):
@@ -71,12 +73,12 @@ def _mp_kernel(mag, phase, use_sum, out):
             _rotate_real(re, im, use_sum, out[z, :, e])
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, parallel=True)
 def _ri_kernel(real, imag, use_sum, out):
     nz, nd, ne, ny, nx = real.shape
-    im = np.empty((nd, ny, nx), dtype=np.float64)
-    re = np.empty((nd, ny, nx), dtype=np.float64)
-    for z in range(nz):
+    for z in nb.prange(nz):
+        im = np.empty((nd, ny, nx), dtype=np.float64)
+        re = np.empty((nd, ny, nx), dtype=np.float64)
         for e in range(ne):
             for d in range(nd):
                 for y in range(ny):
@@ -99,22 +101,41 @@ def _check(a: np.ndarray, b: np.ndarray, names: str, reference: str):
     return a, b, reference == "sum"
 
 
+def _output(like: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return np.empty_like(like)
+    if out.shape != like.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a C-contiguous float32 array of shape {like.shape}")
+    return out
+
+
 def real_from_magnitude_phase(
-    magnitude: np.ndarray, phase_rad: np.ndarray, reference: str = "longest_delay"
+    magnitude: np.ndarray,
+    phase_rad: np.ndarray,
+    reference: str = "longest_delay",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Signed real signal from magnitude and phase (radians), ``[z, delay, echo, y, x]``."""
+    """Signed real signal from magnitude and phase (radians), ``[z, delay, echo, y, x]``.
+
+    ``out``: where to write it; may be ``magnitude`` itself (each slice and echo is read
+    whole before it is written), which saves the signal's size at the node's peak."""
     mag, ph, use_sum = _check(magnitude, phase_rad, "magnitude/phase", reference)
-    out = np.empty_like(mag)
+    out = _output(mag, out)
     _mp_kernel(mag, ph, use_sum, out)
     return out
 
 
 def real_from_complex(
-    real: np.ndarray, imaginary: np.ndarray, reference: str = "longest_delay"
+    real: np.ndarray,
+    imaginary: np.ndarray,
+    reference: str = "longest_delay",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Signed real signal from real and imaginary images, ``[z, delay, echo, y, x]``."""
+    """Signed real signal from real and imaginary images, ``[z, delay, echo, y, x]``.
+
+    ``out``: as in :func:`real_from_magnitude_phase` (may be ``real``)."""
     re, im, use_sum = _check(real, imaginary, "real/imaginary", reference)
-    out = np.empty_like(re)
+    out = _output(re, out)
     _ri_kernel(re, im, use_sum, out)
     return out
 

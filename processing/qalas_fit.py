@@ -332,6 +332,28 @@ def _grid_start(y, gbasis, ggram, ga, gn, gsigns, gr1, gb1, e2lo, e2hi, te, p, s
     return bg, bc
 
 
+@nb.njit(cache=True)
+def _lm_work():
+    """Scratch arrays of one chunk's LM fits (allocated per chunk, not per voxel): samples
+    y, signs sg, cycle state st, cen, model s, Jacobian jac, normal equations h, ht, a, d,
+    trial q, parameters p, pbest."""
+    return (
+        np.empty(N_SAMPLES),
+        np.empty(N_SAMPLES),
+        np.empty(6),
+        np.empty((N_SAMPLES, 6)),
+        np.empty(N_SAMPLES),
+        np.empty((N_SAMPLES, 4)),
+        np.empty(15),
+        np.empty(15),
+        np.empty((4, 5)),
+        np.empty(4),
+        np.empty(4),
+        np.empty(4),
+        np.empty(4),
+    )
+
+
 @nb.njit(cache=True, error_model="numpy")
 def _fit_chunk(
     samples, idx, start, stop, pk, gbasis, ggram, ga, gn, gsigns, gr1, gb1, magnitude,
@@ -340,19 +362,7 @@ def _fit_chunk(
     te = pk[3]
     e2lo = math.exp(-hi[2] * 1e-3 * te)
     e2hi = math.exp(-lo[2] * 1e-3 * te)
-    y = np.empty(N_SAMPLES)
-    sg = np.empty(N_SAMPLES)
-    st = np.empty(6)
-    cen = np.empty((N_SAMPLES, 6))
-    s = np.empty(N_SAMPLES)
-    jac = np.empty((N_SAMPLES, 4))
-    h = np.empty(15)
-    ht = np.empty(15)
-    a = np.empty((4, 5))
-    d = np.empty(4)
-    q = np.empty(4)
-    p = np.empty(4)
-    pbest = np.empty(4)
+    y, sg, st, cen, s, jac, h, ht, a, d, q, p, pbest = _lm_work()
     p0 = np.empty(4)
     palt = np.empty(4)
     sg2 = np.empty(N_SAMPLES)
@@ -396,19 +406,7 @@ def _fit_chunk(
 @nb.njit(cache=True, error_model="numpy")
 def _refit_chunk(samples, idx, start, stop, pk, magnitude, lo, hi, out_p, out_rms, out_ok):
     """LM from out_p with B1 fixed (the second pass)."""
-    y = np.empty(N_SAMPLES)
-    sg = np.empty(N_SAMPLES)
-    st = np.empty(6)
-    cen = np.empty((N_SAMPLES, 6))
-    s = np.empty(N_SAMPLES)
-    jac = np.empty((N_SAMPLES, 4))
-    h = np.empty(15)
-    ht = np.empty(15)
-    a = np.empty((4, 5))
-    d = np.empty(4)
-    q = np.empty(4)
-    p = np.empty(4)
-    pbest = np.empty(4)
+    y, sg, st, cen, s, jac, h, ht, a, d, q, p, pbest = _lm_work()
     for n in range(start, stop):
         v = idx[n]
         for i in range(N_SAMPLES):
@@ -443,19 +441,7 @@ def _profile_chunk(
     te = pk[3]
     e2lo = math.exp(-hi[2] * 1e-3 * te)
     e2hi = math.exp(-lo[2] * 1e-3 * te)
-    y = np.empty(N_SAMPLES)
-    sg = np.empty(N_SAMPLES)
-    st = np.empty(6)
-    cen = np.empty((N_SAMPLES, 6))
-    s = np.empty(N_SAMPLES)
-    jac = np.empty((N_SAMPLES, 4))
-    h = np.empty(15)
-    ht = np.empty(15)
-    a = np.empty((4, 5))
-    d = np.empty(4)
-    q = np.empty(4)
-    p = np.empty(4)
-    pbest = np.empty(4)
+    y, sg, st, cen, s, jac, h, ht, a, d, q, p, pbest = _lm_work()
     p0 = np.empty(4)
     kmid = b1_values.shape[0] // 2
     for n in range(start, stop):
@@ -677,10 +663,9 @@ def _scan_cost(rows, j, i, m, y, yy, e2lo, e2hi):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _vp_eval(theta, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv):
-    """Projected cost at log R1 = theta (R1 in 1/s) for (sign-folded) data ys, and the
-    Gauss-Newton step in theta (Kaufman's approximation). Returns (cost, step, u, v, A',
-    rd) with ``-2 rd`` the cost's derivative in theta."""
+def _basis_sums(theta, ys, log_c, f, pk, gu, gv, dgu, dgv):
+    """The basis at log R1 = theta (R1 in 1/s) into gu, gv, dgu, dgv, and its Gram and data
+    sums. Returns (R1 in 1/ms, A', guu, guv, gvv, yu, yv) with ``yu = gu . ys``."""
     starts, t_inv, tr, te, n, esp, _alpha, kc, eta = pk
     r1 = math.exp(theta) * 1e-3
     ap, _ = basis_fixed_b1(r1, log_c, f, starts, t_inv, tr, te, n, esp, kc, eta, gu, gv, dgu, dgv)
@@ -695,6 +680,15 @@ def _vp_eval(theta, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv):
         gvv += gv[k] * gv[k]
         yu += gu[k] * ys[k]
         yv += gv[k] * ys[k]
+    return r1, ap, guu, guv, gvv, yu, yv
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _vp_eval(theta, ys, yy, log_c, f, pk, e2lo, e2hi, gu, gv, dgu, dgv):
+    """Projected cost at log R1 = theta (R1 in 1/s) for (sign-folded) data ys, and the
+    Gauss-Newton step in theta (Kaufman's approximation). Returns (cost, step, u, v, A',
+    rd) with ``-2 rd`` the cost's derivative in theta."""
+    r1, ap, guu, guv, gvv, yu, yv = _basis_sums(theta, ys, log_c, f, pk, gu, gv, dgu, dgv)
     cost, u, v, eb = _project(guu, guv, gvv, yu, yv, yy, e2lo, e2hi)
     if not u > 0.0:
         return cost, 0.0, u, v, ap, 0.0
@@ -772,22 +766,7 @@ def _vp_fit(
         theta = min(max(theta + min(max(step, -_VP_MAX_STEP), _VP_MAX_STEP), tlo), thi)
     # (u, v), the true cost and the model's own signs at the final theta (the residual
     # summed explicitly: no cancellation; |model| for magnitude data).
-    starts, t_inv, tr, te, n, esp, _alpha, kc, eta = pk
-    ap = basis_fixed_b1(
-        math.exp(theta) * 1e-3, log_c, f, starts, t_inv, tr, te, n, esp, kc, eta, gu, gv, dgu,
-        dgv,
-    )[0]  # fmt: skip
-    guu = 0.0
-    guv = 0.0
-    gvv = 0.0
-    yu = 0.0
-    yv = 0.0
-    for k in range(N_SAMPLES):
-        guu += gu[k] * gu[k]
-        guv += gu[k] * gv[k]
-        gvv += gv[k] * gv[k]
-        yu += gu[k] * ys[k]
-        yv += gv[k] * ys[k]
+    _, ap, guu, guv, gvv, yu, yv = _basis_sums(theta, ys, log_c, f, pk, gu, gv, dgu, dgv)
     u, v = _project(guu, guv, gvv, yu, yv, yy, e2lo, e2hi)[1:3]
     true_cost = 0.0
     own = 0

@@ -19,6 +19,7 @@ from processing import pd as pd_mod
 from processing import qc as qc_mod
 from processing._version import __version__
 from processing.acquisition import Acquisition
+from processing.b1map import B1Map, resample_b1_map
 from processing.mprage import synthesize_mprage
 from processing.phantom import make_phantom
 from processing.qalas_fit import fit_qalas
@@ -43,8 +44,17 @@ def _profile(settings: ProcessingSettings):
     )
 
 
-def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesResult:
-    """Process one MDME acquisition into a :class:`SeriesResult`.
+def run(
+    acq: Acquisition,
+    settings: ProcessingSettings | None = None,
+    b1_map: B1Map | None = None,
+) -> SeriesResult:
+    """Process one MDME or 3D-QALAS acquisition into a :class:`SeriesResult`.
+
+    b1_map: a measured B1 map of the same study (:class:`processing.b1map.B1Map`, any
+    grid); a 3D-QALAS fit fixes B1 to it, resampled onto the acquisition's grid (voxels it
+    does not cover keep the nominal B1 = 1, a warning says how many). Ignored for MDME,
+    whose fit estimates B1 itself.
 
     Stages: fit (numba) -> PD in percent units -> segmentation + volumes -> myelin ->
     per-patient DIR -> synthesis -> ONNX FLAIR enhancement -> QC. Optional stages that
@@ -56,7 +66,8 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
     timings: dict[str, float] = {}
     warnings: list[str] = []
     profile = _profile(settings)
-    maps = _fit_stage(acq, settings, profile, timings, warnings)
+    b1_used: dict[str, Any] = {}
+    maps = _fit_stage(acq, settings, profile, timings, warnings, b1_map, b1_used)
     result = SeriesResult(
         shape=acq.shape,
         voxel_size_mm=acq.voxel_size_mm,
@@ -80,6 +91,8 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
         result.qc = {"status": "fail", "error": str(exc)}
     _timed(timings, "qc", t)
     result.provenance = _provenance(acq, result, settings, model_sha, centres)
+    if b1_used:
+        result.provenance["b1_map"] = b1_used
     return result
 
 
@@ -89,13 +102,15 @@ def _fit_stage(
     profile: Any,
     timings: dict[str, float],
     warnings: list[str],
+    b1_map: B1Map | None = None,
+    b1_used: dict[str, Any] | None = None,
 ) -> QuantMaps:
-    """Fit (MDME or QALAS), then PD in percent units."""
+    """Fit (MDME or QALAS), then PD in percent units. ``b1_used`` receives what the
+    QALAS fit did about B1 (provenance)."""
     qalas = acq.sequence_kind == "QALAS"
     t = time.perf_counter()
     if qalas:
-        maps = fit_qalas(acq)  # B1 = 1 without a B1 map (processing/QALAS.md)
-        warnings.append("QALAS: no B1 map given; the nominal flip angle was assumed")
+        maps = _fit_qalas_b1(acq, b1_map, warnings, {} if b1_used is None else b1_used)
     else:
         maps = fit_mod.fit_mdme(
             acq,
@@ -110,6 +125,34 @@ def _fit_stage(
     # CSF's M0 and T1 (4.5 s cycle; a pooled 95 %-CSF fit is 5 % low), so it is not used.
     maps = pd_mod.correct_pd(maps, voxel_size_mm=acq.voxel_size_mm, acq=None if qalas else acq)
     _timed(timings, "pd", t)
+    return maps
+
+
+def _fit_qalas_b1(
+    acq: Acquisition, b1_map: B1Map | None, warnings: list[str], b1_used: dict[str, Any]
+) -> QuantMaps:
+    """The 3D-QALAS fit with B1 fixed to the measured map (resampled onto the acquisition
+    grid) or, without one, to the nominal B1 = 1 (processing/QALAS.md: the five samples do
+    not determine B1)."""
+    if b1_map is None:  # provenance unchanged (output UIDs of this path stay as they were)
+        warnings.append("QALAS: no B1 map given; the nominal flip angle was assumed")
+        return fit_qalas(acq)
+    grid = resample_b1_map(b1_map, acq.shape, np.asarray(acq.affine))
+    maps = fit_qalas(acq, b1_map=grid)
+    fitted = maps.mask
+    n_mask = int(np.count_nonzero(fitted))
+    uncovered = int(np.count_nonzero(fitted & ~np.isfinite(grid)))
+    share = uncovered / n_mask if n_mask else 0.0
+    b1_used.update({str(k): v for k, v in b1_map.source.items()})
+    b1_used["uncovered_fraction"] = round(share, 4)
+    uid = b1_map.source.get("series_uid", "?")
+    what = b1_map.source.get("description", "")
+    warnings.append(
+        f"QALAS: B1 fixed to the B1 map series {uid}"
+        + (f" ({what})" if what else "")
+        + f", resampled onto this grid; {100 * share:.1f} % of the fitted voxels lie"
+        " outside its coverage and used the nominal B1 = 1"
+    )
     return maps
 
 

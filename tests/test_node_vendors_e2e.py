@@ -18,6 +18,9 @@ with segmentation, myelin and enhancement off (they do not change the node's beh
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -71,6 +74,76 @@ def grid_latencies(spool: Path, series_uid: str) -> tuple[float, float]:
     return first_at("COMPLETE"), first_at("PROCESSING")
 
 
+@dataclass(frozen=True)
+class Delivered:
+    """Series sent to ``synthmr serve`` and delivered into a real Orthanc."""
+
+    spool: Path
+    uids: dict[str, str]  # layout -> SeriesInstanceUID
+    in_pacs: dict[str, str]  # every instance in Orthanc: SOP Instance UID -> SOP Class UID
+
+    def outbox(self, layout: str) -> dict[str, str]:
+        """The node's outputs for the series of ``layout``: SOP Instance -> SOP Class UID."""
+        sql = "SELECT sop_uid, sop_class_uid FROM outbox WHERE series_uid=?"
+        return dict(registry_rows(self.spool, sql, (self.uids[layout],)))
+
+    def complete_reason(self, layout: str) -> str:
+        """Why the series of ``layout`` became COMPLETE (the transition's reason)."""
+        sql = "SELECT reason FROM transitions WHERE series_uid=? AND to_state='COMPLETE'"
+        return str(registry_rows(self.spool, sql, (self.uids[layout],))[0][0])
+
+
+@contextmanager
+def delivered_into_orthanc(tmp_path: Path, series: dict[str, list[Path]]) -> Iterator[Delivered]:
+    """Start a real Orthanc and ``synthmr serve`` (quiet period 3 s, FAST_PROCESSING), send
+    each layout's files with dcmtk ``storescu`` in order and wait until every series is
+    DELIVERED (asserted); both servers stop on exit."""
+    orth = make_orthanc(tmp_path / "orthanc")
+    try:
+        port = free_port()
+        spool = tmp_path / "spool"
+        dest = (
+            f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
+            f"port = {orth.dicom_port}\ntimeout_s = 10\n"
+        )
+        cfg = write_config(
+            tmp_path,
+            dest
+            + FAST_PROCESSING
+            + "[completion]\nquiet_period_s = 3\nceiling_s = 600\npoll_interval_s = 0.2\n",
+            port=port,
+            spool=spool,
+        )
+        node = NodeProcess(cfg, tmp_path / "node.log", cli=True)
+        uids = {
+            layout: str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+            for layout, files in series.items()
+        }
+        assert len(set(uids.values())) == len(uids)
+        try:
+            node.start(port)
+            for layout, files in series.items():
+                # /usr/bin/storescu (dcmtk); -R: propose only the SOP classes of these files
+                r = storescu(files, port, extra=["-R"])
+                assert r.returncode == 0, f"{layout}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+            for layout, uid in uids.items():
+                wait_for(
+                    lambda uid=uid: _db_state(spool, uid) in ("DELIVERED", "FAILED", "QUARANTINED"),
+                    300,  # cold numba cache compiles on the first series
+                    0.2,
+                    f"{layout} delivered",
+                )
+                assert _db_state(spool, uid) == "DELIVERED", (
+                    layout,
+                    registry_rows(spool, "SELECT reason FROM series WHERE series_uid=?", (uid,)),
+                )
+            yield Delivered(spool, uids, orthanc_sop_classes(orth))
+        finally:
+            node.stop()
+    finally:
+        orth.stop()
+
+
 @pytest.fixture(scope="module")
 def vendor_series(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     from processing.phantom import make_phantom
@@ -86,51 +159,10 @@ def vendor_series(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Pa
 def test_every_vendor_flavour_end_to_end_into_orthanc(
     tmp_path: Path, vendor_series: dict[str, list[Path]]
 ) -> None:
-    orth = make_orthanc(tmp_path / "orthanc")
-    port = free_port()
-    spool = tmp_path / "spool"
-    dest = (
-        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
-        f"port = {orth.dicom_port}\ntimeout_s = 10\n"
-    )
-    cfg = write_config(
-        tmp_path,
-        dest
-        + FAST_PROCESSING
-        + "[completion]\nquiet_period_s = 3\nceiling_s = 600\npoll_interval_s = 0.2\n",
-        port=port,
-        spool=spool,
-    )
-    node = NodeProcess(cfg, tmp_path / "node.log", cli=True)
-    uids = {
-        layout: str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-        for layout, files in vendor_series.items()
-    }
-    assert len(set(uids.values())) == len(uids)
-    try:
-        node.start(port)
-        for layout, files in vendor_series.items():
-            # /usr/bin/storescu (dcmtk); -R: propose only the SOP classes of these files
-            r = storescu(files, port, extra=["-R"])
-            assert r.returncode == 0, f"{layout}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+    with delivered_into_orthanc(tmp_path, vendor_series) as run:
+        spool, uids, in_pacs = run.spool, run.uids, run.in_pacs
         for layout, uid in uids.items():
-            wait_for(
-                lambda uid=uid: _db_state(spool, uid) in ("DELIVERED", "FAILED", "QUARANTINED"),
-                300,  # cold numba cache compiles on the first series
-                0.2,
-                f"{layout} delivered",
-            )
-            assert _db_state(spool, uid) == "DELIVERED", (
-                layout,
-                registry_rows(spool, "SELECT reason FROM series WHERE series_uid=?", (uid,)),
-            )
-        in_pacs = orthanc_sop_classes(orth)
-        for layout, uid in uids.items():
-            expected = dict(
-                registry_rows(
-                    spool, "SELECT sop_uid, sop_class_uid FROM outbox WHERE series_uid=?", (uid,)
-                )
-            )
+            expected = run.outbox(layout)
             kinds = Counter(expected.values())
             # parametric maps, plus synthetic contrasts as MR (classic or Enhanced) images
             assert kinds[PARAMETRIC_MAP] >= 1, (layout, kinds)
@@ -151,14 +183,7 @@ def test_every_vendor_flavour_end_to_end_into_orthanc(
         # completion by grid, for every series: COMPLETE < 1 s after its last instance
         lat = {layout: grid_latencies(spool, uid) for layout, uid in uids.items()}
         print("grid completion latency (COMPLETE, PROCESSING) s:", lat)
-        reasons = {
-            layout: registry_rows(
-                spool,
-                "SELECT reason FROM transitions WHERE series_uid=? AND to_state='COMPLETE'",
-                (uid,),
-            )[0][0]
-            for layout, uid in uids.items()
-        }
+        reasons = {layout: run.complete_reason(layout) for layout in uids}
         for layout, (complete_s, _) in lat.items():
             if layout in NO_COUNT:
                 assert "quiet for 3 s" in reasons[layout], reasons[layout]
@@ -170,6 +195,3 @@ def test_every_vendor_flavour_end_to_end_into_orthanc(
         first = next(iter(lat))
         assert first not in NO_COUNT
         assert 0.0 <= lat[first][1] < 1.0, lat[first]
-    finally:
-        node.stop()
-        orth.stop()

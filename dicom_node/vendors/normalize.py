@@ -454,6 +454,7 @@ def normalize(
     shape = (len(part_set), *(len(a) for a in axes), geo.n_rows, geo.n_cols)
     data, phase = _scaled_pixels(datasets, frames, r, labels, parts, part_set, shape)
     signal, is_mag, combine = _combine(data, part_set, r.phase_reference)
+    del data  # the phase (or imaginary) part goes now; the signal is the other part
     affine, voxel_size = _affine(frames, geo)
     first = datasets[0]
     meta = {
@@ -695,10 +696,10 @@ def _scaled_pixels(
     parts: Sequence[str],
     part_set: Sequence[str],
     shape: tuple[int, ...],
-) -> tuple[np.ndarray, PhaseDecision | None]:
-    """Stored values -> floats in the grid ``[part, z, d, e, y, x]`` (float32), phase in
-    radians with its unit decided from the data (:mod:`.phase_units`), and that decision
-    (None when no phase is used)."""
+) -> tuple[list[np.ndarray], PhaseDecision | None]:
+    """Stored values -> floats in the grid ``[part][z, d, e, y, x]`` (one float32 array per
+    part, so that each can be freed on its own), phase in radians with its unit decided
+    from the data (:mod:`.phase_units`), and that decision (None when no phase is used)."""
     cache: dict[int, np.ndarray] = {}
     for f in frames:
         if f.index not in cache:
@@ -707,12 +708,12 @@ def _scaled_pixels(
     scales = [_scale_of(f, part, r) for f, part in zip(frames, parts, strict=True)]
     phase = _phase_decision(frames, parts, images, scales, r)
     pidx = {p: i for i, p in enumerate(part_set)}
-    data = np.empty(shape, dtype=np.float32)
+    data = [np.empty(shape[1:], dtype=np.float32) for _ in range(shape[0])]
     for k, img in enumerate(images):
         scale, offset = scales[k]
         if parts[k] == "P" and phase is not None:
             scale, offset = scale * phase.to_rad, offset * phase.to_rad
-        dst = data[pidx[parts[k]], int(labels[k, 0]), int(labels[k, 1]), int(labels[k, 2])]
+        dst = data[pidx[parts[k]]][int(labels[k, 0]), int(labels[k, 1]), int(labels[k, 2])]
         # one float64 pass, one rounding to float32
         dst[...] = img * scale + offset if offset else img * scale
     if "M" in pidx:
@@ -946,15 +947,18 @@ def _interleave_delays(
 
 
 def _combine(
-    data: np.ndarray, parts: Sequence[str], reference: str = "longest_delay"
+    data: Sequence[np.ndarray], parts: Sequence[str], reference: str = "longest_delay"
 ) -> tuple[np.ndarray, bool, str]:
-    """[part, z, d, e, y, x] -> signal [z, d, e, y, x], is_magnitude, description."""
+    """[part][z, d, e, y, x] -> signal [z, d, e, y, x], is_magnitude, description. The
+    signal is written over the real (magnitude) part: no third array of the grid's size."""
     ip = {p: i for i, p in enumerate(parts)}
     if "R" in ip and "I" in ip:
-        out = real_from_complex(data[ip["R"]], data[ip["I"]], reference)
+        re = data[ip["R"]]
+        out = real_from_complex(re, data[ip["I"]], reference, out=re)
         return out, False, f"real/imaginary -> real (background phase: {reference})"
     if "M" in ip and "P" in ip:
-        out = real_from_magnitude_phase(data[ip["M"]], data[ip["P"]], reference)
+        mag = data[ip["M"]]
+        out = real_from_magnitude_phase(mag, data[ip["P"]], reference, out=mag)
         return out, False, f"magnitude/phase -> real (background phase: {reference})"
     if "M" in ip:
         return data[ip["M"]], True, "magnitude"

@@ -75,7 +75,9 @@ def ratio_volume(stored: StoredSeries) -> np.ndarray:
     maps = stored.quant_maps()
     t1w = physical_signal(maps, resolve_spec("T1W"))
     t2w = physical_signal(maps, resolve_spec("T2W"))
-    ratio = t1w_t2w_ratio(t1w, t2w, maps.mask)
+    mask = maps.mask
+    del maps  # the maps go before the ratio's temporaries come (the node's export peak)
+    ratio = t1w_t2w_ratio(t1w, t2w, mask)
     ratio.flags.writeable = False
     if key is not None:
         with _last_ratio_lock:
@@ -125,11 +127,17 @@ def _ratio(stored: StoredSeries) -> dict[str, float]:
         return {str(k): float(v) for k, v in json.loads(cache.read_text()).items()}
     except (OSError, ValueError):
         pass
-    a = stored.arrays()
-    fr = {t: a[f"frac_{t}"].astype(np.float32) / 255.0 for t in ("WM", "GM") if f"frac_{t}" in a}
-    if not fr:
-        return {}
-    medians = tissue_medians(ratio_volume(stored), fr)
+    # only the two fractions, read after the ratio volume: not every stored array at once
+    names = [f"frac_{t}" for t in ("WM", "GM")]
+    with np.load(stored.path / "maps.npz") as z:
+        if not any(n in z.files for n in names):
+            return {}
+    ratio = ratio_volume(stored)
+    a = stored.arrays(names)
+    fr = {
+        t: a.pop(f"frac_{t}").astype(np.float32) / 255.0 for t in ("WM", "GM") if f"frac_{t}" in a
+    }
+    medians = tissue_medians(ratio, fr)
     cache.write_text(json.dumps(medians))
     return medians
 
