@@ -335,7 +335,18 @@ def run_series(
         # From here on the sources give headers only (export, report): their pixel data
         # (the acquisition's size again) goes, the acquisition once the worker has it.
         drop_pixel_data(datasets)
-        result = _process(cls, settings.processing, submit, timeout_s, b1_map)
+        acq = cls.acquisition
+        grid = SeriesResult(acq.shape, acq.voxel_size_mm, np.asarray(acq.affine), None)  # type: ignore[arg-type]
+        early: list[Any] = []  # the slice geometry, made while the worker processes
+
+        def meanwhile() -> None:
+            try:
+                early.append(slice_geometry(grid, datasets, settings.export))
+            except Exception as exc:  # raised again where the export needs it
+                early.append(exc)
+
+        del acq
+        result = _process(cls, settings.processing, submit, timeout_s, b1_map, meanwhile)
         result.warnings.extend(b1_notes)
         result.provenance["source_sha256"] = digest
         observe("process", t0)
@@ -345,7 +356,14 @@ def run_series(
         stage = "export"
         t0 = time.perf_counter()
         outcome = _export_and_write(
-            result, datasets, settings.export, write, extra_outputs, on_outputs, submit
+            result,
+            datasets,
+            settings.export,
+            write,
+            extra_outputs,
+            on_outputs,
+            submit,
+            geometry=early[0] if early and _same_grid(grid, result) else None,
         )
         observe("export", t0)
     except Exception as exc:
@@ -380,26 +398,41 @@ def drop_pixel_data(datasets: Sequence[Dataset]) -> None:
         ds.__dict__.pop("_pixel_array", None)
 
 
+def _same_grid(grid: SeriesResult, result: SeriesResult) -> bool:
+    """Whether ``result`` has the shape, voxel size and affine the early geometry used."""
+    return (
+        tuple(grid.shape) == tuple(result.shape)
+        and tuple(grid.voxel_size_mm) == tuple(result.voxel_size_mm)
+        and np.array_equal(grid.affine, np.asarray(result.affine))
+    )
+
+
 def _process(
     cls: Classified,
     settings: ProcessingSettings,
     submit: Submit | None,
     timeout_s: float | None,
     b1_map: B1Map | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> SeriesResult:
     """Run the processing (in a worker when ``submit`` is given). The acquisition is
-    taken from ``cls``: once handed to the worker the node keeps no copy of it."""
+    taken from ``cls``: once handed to the worker the node keeps no copy of it.
+    ``meanwhile``: node work that needs no result, done while the worker processes."""
     acq, cls.acquisition = cls.acquisition, None
     assert acq is not None
     if acq.sequence_kind != "QALAS":
         b1_map = None  # the MDME fit estimates B1 itself
     if submit is None:
+        if meanwhile is not None:
+            meanwhile()
         return run(acq, settings, b1_map) if b1_map is not None else run(acq, settings)
     future = (
         submit(run, acq, settings, b1_map) if b1_map is not None else submit(run, acq, settings)
     )
     del acq  # the worker has its own (the hand-off file or the pickled task)
     trim_heap()  # the sources' pixel data and the grid went back to the heap, not the system
+    if meanwhile is not None:
+        meanwhile()
     return future.result(timeout=timeout_s)
 
 
@@ -411,8 +444,11 @@ def _export_and_write(
     extra_outputs: Callable[[SeriesResult], Extra] | None = None,
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
     submit: Submit | None = None,
+    *,
+    geometry: SliceGeometry | Exception | None = None,
 ) -> JobOutcome:
     """Export, apply the QC gate, write; the outcome's state is EXPORTED or HELD.
+    ``geometry``: :func:`slice_geometry`'s (or its error), made while the worker ran.
 
     The gate is decided from the QC figures before anything is built; unless it holds
     the series, every output series is written (and handed to ``on_outputs``) as soon as
@@ -445,7 +481,9 @@ def _export_and_write(
 
     # the worker's share goes first (the synthetic series, then the report page the extra
     # outputs may start: they may return a function that finishes them after the export)
-    geometry = slice_geometry(result, sources, settings)
+    if isinstance(geometry, Exception):
+        raise geometry
+    geometry = geometry or slice_geometry(result, sources, settings)
     away = (
         _start_synthetic(result, geometry, settings, submit, qc_reason)
         if stream and submit is not None

@@ -10,16 +10,14 @@ classic and Enhanced MR vendor layouts.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from export_canon import differences
-from test_export_support import make_result, make_sources
+from test_export_support import flat_acquisition, make_result, make_sources
 
 from dicom_node.export import ExportSettings, report, segmentation, settings_for
 from dicom_node.export.geometry import slice_geometry
 from dicom_node.export.parametric_map import iter_parametric_maps, parametric_map
 from dicom_node.export.uids import parameter_fingerprint
-from processing.acquisition import Acquisition
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +30,7 @@ def _sources(layout: str, result):
         return make_sources()
     from dicom_node.emulator import make_datasets
 
-    nz, ny, nx = result.shape
-    acq = Acquisition(
-        signal=np.full((nz, 2, 2, ny, nx), 100.0, dtype=np.float32),
-        delays_ms=np.array([150.0, 1500.0]),
-        echo_times_ms=np.array([20.0, 100.0]),
-        tr_ms=4000.0,
-        saturation_deg=120.0,
-        excitation_deg=90.0,
-        voxel_size_mm=tuple(result.voxel_size_mm),
-        affine=result.affine,
-        is_magnitude=False,
-    )
-    return make_datasets(acq, layout, with_phase=True)
+    return make_datasets(flat_acquisition(result), layout, with_phase=True)
 
 
 LAYOUTS = ["stated", "ge", "philips_enhanced", "siemens_xa_enhanced"]
