@@ -21,28 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from export_canon import digest
-from test_export_support import make_result, make_sources
+from test_export_support import flat_acquisition, make_result, make_sources
 
 from dicom_node.export import ExportSettings, export_all, report, segmentation
-
-
-def _flat_acquisition(result):  # as tests/test_export_tools.py
-    import numpy as np
-
-    from processing.acquisition import Acquisition
-
-    nz, ny, nx = result.shape
-    return Acquisition(
-        signal=np.full((nz, 2, 2, ny, nx), 100.0, dtype=np.float32),
-        delays_ms=np.array([150.0, 1500.0]),
-        echo_times_ms=np.array([20.0, 100.0]),
-        tr_ms=4000.0,
-        saturation_deg=120.0,
-        excitation_deg=90.0,
-        voxel_size_mm=tuple(result.voxel_size_mm),
-        affine=result.affine,
-        is_magnitude=False,
-    )
 
 
 def main() -> None:
@@ -51,7 +32,7 @@ def main() -> None:
     result = make_result()
     cases = {"stated": make_sources()}
     for layout in ("ge", "siemens", "philips_enhanced", "siemens_xa_enhanced"):
-        cases[layout] = make_datasets(_flat_acquisition(result), layout, with_phase=True)
+        cases[layout] = make_datasets(flat_acquisition(result), layout, with_phase=True)
     for name, sources in cases.items():
         outs = export_all(result, sources, ExportSettings(maps_as_mr_images=True))
         outs.append(segmentation(result, sources, ExportSettings(seg_type="BINARY")))
