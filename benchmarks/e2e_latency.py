@@ -195,11 +195,15 @@ def _profile(db: Path, log: Path, uid: str, t_last_sent: float) -> dict[str, flo
         "queue (COMPLETE -> PROCESSING)": at["PROCESSING"] - at["COMPLETE"],
         "job (PROCESSING -> EXPORTED)": at["EXPORTED"] - at["PROCESSING"],
     }
-    worker = 0.0
     for k in ("normalize", "fit", "pd", "segmentation", "myelin", "synthesis", "enhance", "qc"):
         if k in timings:
             out[f"  {k}"] = timings[k]
-            worker += timings[k] if k != "normalize" else 0.0
+    # myelin + qc run on a thread beside synthesis + enhance (processing.run): the longer
+    # side counts
+    t = {k: timings.get(k, 0.0) for k in ("myelin", "qc", "synthesis", "enhance")}
+    worker = sum(timings.get(k, 0.0) for k in ("fit", "pd", "segmentation")) + max(
+        t["myelin"] + t["qc"], t["synthesis"] + t["enhance"]
+    )
     if "process" in timings:
         out["  node <-> worker transfer (process - worker stages)"] = timings["process"] - worker
     if "export" in timings:
@@ -361,6 +365,10 @@ def main() -> None:
         peak = max(p["peak RSS node + workers (GiB)"] for p in profiles)
         print(
             f"\nEND TO END median of {len(profiles)}: {e2e:.2f} s, peak RSS {peak:.2f} GiB ({goal})"
+        )
+        load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+        print(
+            f"load average (1, 5, 15 min) at the end of the runs: {load} on {os.cpu_count()} CPUs"
         )
         # push comparison on the same output files, each into a fresh Orthanc, alternating:
         # send_parallel (Destination.associations = 2), one association, dcmtk storescu
