@@ -1,6 +1,6 @@
 """``run(acq, settings) -> SeriesResult``: every processing stage, in order.
 
-fit -> pd -> segmentation -> myelin -> synthesis (incl. per-patient DIR) -> enhance -> qc.
+fit -> pd -> segmentation -> myelin -> qc -> synthesis (incl. per-patient DIR) -> enhance.
 Each stage is timed; a failure of an optional stage (segmentation, myelin, enhancement)
 becomes a warning in the result, never a lost series.
 """
@@ -46,8 +46,8 @@ def _profile(settings: ProcessingSettings):
 def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesResult:
     """Process one MDME acquisition into a :class:`SeriesResult`.
 
-    Stages: fit (numba) -> PD in percent units -> segmentation + volumes -> myelin ->
-    per-patient DIR -> synthesis -> ONNX FLAIR enhancement -> QC. Optional stages that
+    Stages: fit (numba) -> PD in percent units -> segmentation + volumes -> myelin -> QC ->
+    per-patient DIR -> synthesis -> ONNX FLAIR enhancement. Optional stages that
     fail add a warning; the fit, PD and synthesis are mandatory and raise.
     """
     settings = settings or ProcessingSettings()
@@ -70,8 +70,8 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
         centres = _segmentation_stage(acq, result, profile)
     if settings.myelin:
         _myelin_stage(acq, result)
-    csf_t1 = _synthesis_stage(acq, result, settings, centres)
-    model_sha = _enhance_stage(acq, result, settings, csf_t1) if settings.enhance else None
+    # QC reads the maps, the fractions and the samples only: it runs before the contrasts
+    # exist, so its temporaries do not add to theirs (the worker's peak at 40 x 512 x 512)
     t = time.perf_counter()
     try:
         result.qc = qc_mod.fit_qc(acq, maps, result.segmentation)
@@ -79,6 +79,8 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
         warnings.append(f"QC failed: {exc}")
         result.qc = {"status": "fail", "error": str(exc)}
     _timed(timings, "qc", t)
+    csf_t1 = _synthesis_stage(acq, result, settings, centres)
+    model_sha = _enhance_stage(acq, result, settings, csf_t1) if settings.enhance else None
     result.provenance = _provenance(acq, result, settings, model_sha, centres)
     return result
 
