@@ -5,7 +5,7 @@
 
 Cases: the stated model of tests/test_export_support.py (3 x 32 x 32) with the stated
 sources and with the scanner emulator's GE, Siemens, Philips Enhanced and Siemens XA
-Enhanced layouts; every output kind (8 Parametric Maps, maps as MR, synthetic contrasts,
+Enhanced layouts, and GE marked 3D (Enhanced MR synthetic series); every output kind (8 Parametric Maps, maps as MR, synthetic contrasts,
 SEG FRACTIONAL and BINARY, SR with and without SEG). One line per output: SOP class,
 series number, instance number and tests/export_canon.py's digest (every attribute, nested,
 pixel data included; creation/content/series dates and times and the file meta's
@@ -21,28 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from export_canon import digest
-from test_export_support import make_result, make_sources
+from test_export_support import flat_acquisition, make_result, make_sources
 
 from dicom_node.export import ExportSettings, export_all, report, segmentation
-
-
-def _flat_acquisition(result):  # as tests/test_export_tools.py
-    import numpy as np
-
-    from processing.acquisition import Acquisition
-
-    nz, ny, nx = result.shape
-    return Acquisition(
-        signal=np.full((nz, 2, 2, ny, nx), 100.0, dtype=np.float32),
-        delays_ms=np.array([150.0, 1500.0]),
-        echo_times_ms=np.array([20.0, 100.0]),
-        tr_ms=4000.0,
-        saturation_deg=120.0,
-        excitation_deg=90.0,
-        voxel_size_mm=tuple(result.voxel_size_mm),
-        affine=result.affine,
-        is_magnitude=False,
-    )
 
 
 def main() -> None:
@@ -51,7 +32,11 @@ def main() -> None:
     result = make_result()
     cases = {"stated": make_sources()}
     for layout in ("ge", "siemens", "philips_enhanced", "siemens_xa_enhanced"):
-        cases[layout] = make_datasets(_flat_acquisition(result), layout, with_phase=True)
+        cases[layout] = make_datasets(flat_acquisition(result), layout, with_phase=True)
+    # a 3D acquisition: the synthetic contrasts as one Enhanced MR instance each
+    cases["ge 3D"] = make_datasets(flat_acquisition(result), "ge", with_phase=True)
+    for ds in cases["ge 3D"]:
+        ds.MRAcquisitionType = "3D"
     for name, sources in cases.items():
         outs = export_all(result, sources, ExportSettings(maps_as_mr_images=True))
         outs.append(segmentation(result, sources, ExportSettings(seg_type="BINARY")))

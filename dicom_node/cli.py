@@ -74,12 +74,49 @@ def _simulate_qalas(args: argparse.Namespace) -> int:
         anatomy=args.anatomy,
     )  # fmt: skip
     out = Path(args.out)
+    if getattr(args, "b1_map", None) and args.b1_map_voxel <= 0:
+        print("simulate: --b1-map-voxel must be > 0", file=sys.stderr)
+        return 2
     paths = write_qalas_series(ph.acq, args.vendor, out, seed=args.seed)
     print(
         f"simulate: wrote {len(paths)} files (3D-QALAS, {args.vendor}, magnitude, "
         f"grid {ph.acq.signal.shape}, voxel {ph.acq.voxel_size_mm} mm) to {out}"
     )
+    b1_vendor = getattr(args, "b1_map", None)
+    if b1_vendor:
+        _simulate_b1_map(ph, args, b1_vendor, paths[0], out / "b1map")
     return 0
+
+
+def _simulate_b1_map(ph: Any, args: argparse.Namespace, vendor: str, qalas_file: Path,
+                     out: Path) -> None:  # fmt: skip
+    """The B1-map series of the QALAS phantom's study, on a coarse oblique grid."""
+    import pydicom
+
+    from dicom_node.qalas_emulator import (
+        b1_map_grid,
+        make_b1_map_datasets,
+        write_b1_map_series,
+    )
+    from processing.phantom import b1_field_on_grid
+
+    if vendor == "auto":
+        vendor = {"ge": "ge", "siemens": "siemens"}.get(args.vendor, "philips")
+    import numpy as np
+
+    ref = pydicom.dcmread(qalas_file, stop_before_pixels=True)
+    shape, affine = b1_map_grid(ph.acq, voxel_mm=args.b1_map_voxel)
+    values = b1_field_on_grid(ph.truth, np.asarray(ph.acq.affine), shape, affine)
+    datasets = make_b1_map_datasets(
+        values, affine, vendor,
+        study={"StudyInstanceUID": str(ref.StudyInstanceUID)},
+        frame_of_reference_uid=str(ref.FrameOfReferenceUID), seed=args.seed,
+    )  # fmt: skip
+    paths = write_b1_map_series(datasets, out)
+    print(
+        f"simulate: wrote {len(paths)} files (B1 map, {vendor} convention, grid {shape},"
+        f" {args.b1_map_voxel:g} mm oblique) to {out}"
+    )
 
 
 # --------------------------------------------------------------------------- process
@@ -463,6 +500,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["mdme", "qalas"],
         help="mdme (2D MAGiC/QRAPMASTER) or qalas (3D-QALAS; vendors ge, siemens, "
         "philips, philips_enhanced)",
+    )
+    s.add_argument(
+        "--b1-map",
+        nargs="?",
+        const="auto",
+        default=None,
+        choices=["auto", "siemens", "philips", "ge", "unknown"],
+        help="qalas: also write the study's B1-map series (in OUT/b1map) in a vendor's "
+        "convention (default: the QALAS vendor's; 'unknown': a unit the node must refuse)",
+    )
+    s.add_argument(
+        "--b1-map-voxel", type=float, default=6.0, help="B1-map voxel size, mm (default 6)"
     )
     from dicom_node.phantom_cli import add_qc_parser, add_simulate_arguments
 

@@ -120,6 +120,10 @@ class CompletionSettings:
     quiet_period_s: float = 10.0
     ceiling_s: float = 600.0
     poll_interval_s: float = 0.5
+    #: a complete 3D-QALAS series waits this long (after its last instance, or after the
+    #: last instance of a B1-map series of its study still being received + the quiet
+    #: period) for a B1-map series of the same study, then is fitted without one
+    b1_map_wait_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -443,6 +447,8 @@ def _validate_service(s: Settings, errors: list[str]) -> None:
     c = s.completion
     if c.quiet_period_s < 0 or c.ceiling_s <= 0 or c.poll_interval_s <= 0:
         errors.append("completion: quiet_period_s >= 0, ceiling_s > 0 and poll_interval_s > 0")
+    if c.b1_map_wait_s < 0:
+        errors.append("completion.b1_map_wait_s: must be >= 0")
     if c.ceiling_s < c.quiet_period_s:
         errors.append(
             f"completion.ceiling_s ({c.ceiling_s}) must be >= quiet_period_s ({c.quiet_period_s})"

@@ -181,10 +181,12 @@ def run_series_job(
     metrics: NodeMetrics | None = None,
     timeout_s: float | None = None,
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
+    b1_map: Any = None,
+    b1_notes: Sequence[str] = (),
 ) -> JobOutcome:
     """Run one spooled series end to end up to the outbox files. Never raises.
 
-    ``on_outputs``: see :func:`dicom_node.series.run_series` (streamed push)."""
+    ``on_outputs``, ``b1_map``, ``b1_notes``: see :func:`dicom_node.series.run_series`."""
     try:
         datasets = load_datasets(paths)
     except Exception as exc:  # removed or corrupt spool file
@@ -206,6 +208,8 @@ def run_series_job(
         metrics=metrics,
         timeout_s=timeout_s,
         on_outputs=on_outputs,
+        b1_map=b1_map,
+        b1_notes=b1_notes,
     )
     outcome.output_uids = uids
     if outcome.phantom_qc is not None:  # a QC phantom: into the scanner's QC history

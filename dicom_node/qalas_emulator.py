@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,14 @@ from dicom_node.emulator import (
 from processing.acquisition import Acquisition
 from processing.qalas import QalasProtocol
 
-__all__ = ["QALAS_LAYOUTS", "make_qalas_datasets", "write_qalas_series"]
+__all__ = [
+    "B1_MAP_VENDORS",
+    "QALAS_LAYOUTS",
+    "b1_map_grid",
+    "make_b1_map_datasets",
+    "make_qalas_datasets",
+    "write_qalas_series",
+]
 
 QALAS_LAYOUTS: dict[str, str] = {
     "ge": "GE classic MR, one series of 5 x nz images; TriggerTime = centre time",
@@ -248,3 +256,136 @@ def write_qalas_series(acq: Acquisition, layout: str, out_dir: str | Path, **kw:
 def layouts() -> Sequence[str]:
     """QALAS layout names, for CLIs."""
     return list(QALAS_LAYOUTS)
+
+
+# --------------------------------------------------------------------------- B1 maps
+#: B1-map series as each vendor exports it (dicom_node/vendors/b1map.py has the rules)
+B1_MAP_VENDORS: dict[str, str] = {
+    "siemens": "tfl_b1map: an anatomical series and a flip-angle-map series (deg x 10, "
+    "nominal 80 deg in FlipAngle)",
+    "philips": "DREAM: one series, STE magnitude images and B1 map images (percent)",
+    "ge": "B1 Map: one series of B1 map images (percent)",
+    "unknown": "another manufacturer's B1 map (unit unknown: the node must not use it)",
+}
+_B1_MANUFACTURER = {
+    "siemens": ("SIEMENS", "MAGNETOM Vida (emulated)"),
+    "philips": ("Philips", "Ingenia (emulated)"),
+    "ge": ("GE MEDICAL SYSTEMS", "SIGNA Premier (emulated)"),
+    "unknown": ("ACME Imaging", "Model X (emulated)"),
+}
+_TFL_NOMINAL_DEG = 80.0
+
+
+def b1_map_grid(
+    acq: Acquisition, voxel_mm: float = 6.0, oblique: bool = True
+) -> tuple[tuple[int, int, int], np.ndarray]:
+    """A coarse B1-map grid ``(shape [z, y, x], affine)`` over the field of view of
+    ``acq`` (all of it, corners included), tilted 25 deg / -10 deg against it when ``oblique``."""
+    from processing.phantom import _rotation
+
+    aff = np.asarray(acq.affine, dtype=np.float64)
+    dims = np.array(acq.shape[::-1], dtype=np.float64)  # x, y, z
+    centre = aff[:3, :3] @ ((dims - 1) / 2.0) + aff[:3, 3]
+    rot = _rotation(25.0, -10.0) if oblique else np.eye(3)
+    # the QALAS box's corners (voxel edges) in the tilted frame: the map covers them all
+    corners = np.array([[cx, cy, cz] for cx in (-0.5, dims[0] - 0.5)
+                        for cy in (-0.5, dims[1] - 0.5) for cz in (-0.5, dims[2] - 0.5)])  # fmt: skip
+    world = corners @ aff[:3, :3].T + aff[:3, 3] - centre
+    ext = 2.0 * np.max(np.abs(world @ rot), axis=0)  # along the tilted axes, mm
+    n = np.maximum(np.ceil(ext / voxel_mm) + 1, 2).astype(int)  # x, y, z
+    out = np.eye(4)
+    for i in range(3):
+        out[:3, i] = rot[:, i] * voxel_mm
+    out[:3, 3] = centre - out[:3, :3] @ ((n - 1) / 2.0)
+    return (int(n[2]), int(n[1]), int(n[0])), out
+
+
+def make_b1_map_datasets(
+    values: np.ndarray,
+    affine: np.ndarray,
+    vendor: str,
+    *,
+    study: Mapping[str, str],
+    frame_of_reference_uid: str,
+    patient: Mapping[str, str] | None = None,
+    seed: int = 0,
+) -> list[Dataset]:
+    """A B1-map acquisition of flip-angle ratios ``values`` ``[z, y, x]`` (0 = outside
+    the body) on ``affine`` as ``vendor`` exports it (:data:`B1_MAP_VENDORS`); classic
+    MR images, Siemens as two series. ``frame_of_reference_uid``: the QALAS series' (one
+    patient coordinate system)."""
+    if vendor not in B1_MAP_VENDORS:
+        raise EmulatorError(
+            f"unknown B1-map vendor {vendor!r}; choose one of {list(B1_MAP_VENDORS)}"
+        )
+    vals = np.asarray(values, dtype=np.float64)
+    grid = SimpleNamespace(shape=vals.shape, affine=np.asarray(affine, dtype=np.float64))
+    geo = _geometry(grid)  # type: ignore[arg-type]
+    body = vals > 0
+    anat = np.where(body, 800.0, 0.0) * np.clip(vals, 0, 2)  # a FLASH-like magnitude
+    if vendor == "siemens":
+        # flip angle x 10 at the nominal 80 deg preparation: 1.0 -> 800
+        series = [("anatomical", anat, 1.0, ["ORIGINAL", "PRIMARY", "M", "ND"],
+                   "anatomical image"),
+                  ("map", vals * 10.0 * _TFL_NOMINAL_DEG, 1.0,
+                   ["ORIGINAL", "PRIMARY", "FLIP ANGLE MAP", "ND"],
+                   "flip angle map, TraRefAmpl: 251.3 V")]  # fmt: skip
+        groups = [[series[0]], [series[1]]]
+    elif vendor == "philips":
+        groups = [[("ste", anat, 1.0, ["ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"], ""),
+                   ("map", vals * 100.0, 0.1, ["ORIGINAL", "PRIMARY", "B1 MAP", "B1",
+                                               "UNSPECIFIED"], "")]]  # fmt: skip
+    else:  # ge, unknown: percent, recognised by the description only
+        groups = [[("map", vals * 100.0, 0.1, ["ORIGINAL", "PRIMARY", "OTHER"], "")]]
+    manufacturer, model = _B1_MANUFACTURER[vendor]
+    out: list[Dataset] = []
+    for g, images in enumerate(groups):
+        series_uid = _uid("synthmr-b1-series", seed, vendor, g, vals.shape)
+        base = _base(grid, vendor, series_uid, dict(study), dict(patient or {}))  # type: ignore[arg-type]
+        base.Manufacturer, base.ManufacturerModelName = manufacturer, model
+        base.FrameOfReferenceUID = frame_of_reference_uid
+        base.SeriesNumber = 3 + g
+        base.SeriesTime = base.AcquisitionTime = f"0902{g:02d}"
+        if vendor == "siemens":
+            base.SeriesDescription = base.ProtocolName = "tfl_b1map"
+            base.SequenceName = "*tfl2d1_16"
+            base.FlipAngle = _ds(_TFL_NOMINAL_DEG)
+        elif vendor == "philips":
+            base.SeriesDescription = base.ProtocolName = "B1map_DREAM"
+            base.FlipAngle = _ds(_TFL_NOMINAL_DEG / 2)
+        else:
+            base.SeriesDescription = base.ProtocolName = "B1 Map"
+            base.FlipAngle = "10"
+        n_inst = len(images) * vals.shape[0]
+        idx = 0
+        for kind, data, slope, image_type, comments in images:
+            stored = np.clip(np.rint(data / slope), 0, 65535).astype("<u2")
+            for z in range(vals.shape[0]):
+                ds = Dataset()
+                ds.update(base)
+                ds.SOPClassUID = MR_IMAGE
+                ds.SOPInstanceUID = _uid(series_uid, kind, z)
+                ds.InstanceNumber = idx + 1
+                ds.ImagesInAcquisition = n_inst
+                ds.ImageType = image_type
+                if comments:
+                    ds.ImageComments = comments
+                ds.ScanningSequence, ds.SequenceVariant = "GR", "SP"
+                ds.RepetitionTime, ds.EchoTime = "5000", "2.0"
+                ds.SliceThickness = ds.SpacingBetweenSlices = geo["dz"]
+                ds.PixelSpacing = geo["spacing"]
+                ds.ImageOrientationPatient = geo["iop"]
+                ds.ImagePositionPatient = geo["ipp"][z]
+                ds.SliceLocation = _ds(geo["slice_loc"][z])
+                if slope != 1.0:
+                    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = _ds(slope), "0", "US"
+                ds.PixelData = np.ascontiguousarray(stored[z]).tobytes()
+                _file_meta(ds)
+                out.append(ds)
+                idx += 1
+    return out
+
+
+def write_b1_map_series(datasets: Sequence[Dataset], out_dir: str | Path) -> list[Path]:
+    """Write B1-map datasets to ``out_dir`` (``IM_00001.dcm`` ...); returns the paths."""
+    return write_datasets(list(datasets), out_dir)

@@ -149,6 +149,7 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     series_uid TEXT NOT NULL REFERENCES series(series_uid),
@@ -494,6 +495,16 @@ class Registry:
                 "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid)"
                 f" AS n FROM series s WHERE state IN ({q}) ORDER BY first_received",
                 [s.value for s in states],
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def series_of_study(self, study_uid: str) -> list[SeriesRow]:
+        """Every series of one study, oldest first (B1-map matching)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid)"
+                " AS n FROM series s WHERE study_uid=? ORDER BY first_received",
+                (study_uid,),
             ).fetchall()
         return [self._row(r) for r in rows]
 

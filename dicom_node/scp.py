@@ -45,7 +45,7 @@ from dicom_node.config import AllowedCaller, Settings
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import InstanceMovedError, Registry
-from dicom_node.spool import Spool, SpoolFullError, read_header
+from dicom_node.spool import InstanceHeader, Spool, SpoolFullError, read_header
 from dicom_node.transport import (
     AdmissionLimits,
     GuardedAssociationServer,
@@ -231,6 +231,7 @@ class StoreSCP:
         self._label_callers()
         self._series_by_assoc: dict[int, set[str]] = {}
         self._active: set[int] = set()  # accepted associations not yet ended
+        self._expected_by_series: dict[str, int | None] = {}  # insertion order: oldest first
         self._lock = threading.Lock()
         self._server: GuardedAssociationServer | None = None
         n = settings.node
@@ -410,14 +411,30 @@ class StoreSCP:
             self.on_instance(header.series_instance_uid, count, expected)
         return STATUS_SUCCESS
 
-    def _expected(self, header: object) -> int | None:
+    #: series whose expected count this SCP remembers (the most recent ones)
+    EXPECTED_CACHE_SERIES = 256
+
+    def _expected(self, header: InstanceHeader) -> int | None:
+        """The vendor rule's expected instance count of the header's series, from the
+        first instance of the series this SCP stored (the rule reads a series-level count;
+        the registry keeps the first it gets): the rule and the dataset it needs are not
+        parsed again for every instance."""
         if self.expected_count is None:
             return None
+        series = header.series_instance_uid
+        with self._lock:
+            if series in self._expected_by_series:
+                return self._expected_by_series[series]
         try:
-            return self.expected_count(header.dataset)  # type: ignore[attr-defined]
+            expected = self.expected_count(header.dataset)
         except Exception as exc:  # a vendor rule must not fail the store
             log_event(log, "expected_count_error", level=logging.WARNING, reason=repr(exc))
             return None
+        with self._lock:
+            self._expected_by_series[series] = expected
+            while len(self._expected_by_series) > self.EXPECTED_CACHE_SERIES:
+                self._expected_by_series.pop(next(iter(self._expected_by_series)))
+        return expected
 
     def _on_end(self, event: evt.Event) -> None:
         with self._lock:

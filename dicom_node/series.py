@@ -38,13 +38,15 @@ from dicom_node.config import Settings
 from dicom_node.export import ExportSettings, export_groups, settings_for
 from dicom_node.export.common import series_number_base
 from dicom_node.export.geometry import SliceGeometry, slice_geometry
-from dicom_node.export.mr_images import synthetic_series
+from dicom_node.export.mr_images import mr_geometry, synthetic_series
 from dicom_node.export.uids import parameter_fingerprint, source_digest
 from dicom_node.handoff import trim_heap
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import State
+from dicom_node.vendors.b1map import b1_series_info, is_b1_map_series
 from processing.acquisition import Acquisition
+from processing.b1map import B1Map
 from processing.montage import series_montage_png
 from processing.results import SeriesResult
 from processing.run import ProcessingSettings, run
@@ -86,6 +88,8 @@ Extra = list[Dataset] | Callable[[], list[Dataset]]
 Writer = Callable[[list[Any], SeriesResult], list[tuple[str, str, str]]]
 
 QC_FAIL_MARK = "QC FAIL"
+#: the reason of a B1-map series' IGNORED state starts with this
+B1_MAP_REASON = "B1 map"
 
 
 @dataclass
@@ -173,6 +177,15 @@ def classify(
     if not datasets:
         return Classified(State.FAILED, "-", "no instances for this series")
     try:
+        if is_b1_map_series(datasets):  # kept for a 3D-QALAS series of its study
+            info = b1_series_info(datasets)
+            what = "B1-map series" if info.has_map else "companion of a B1-map series"
+            return Classified(
+                State.IGNORED,
+                info.vendor,
+                f"{B1_MAP_REASON}: {what} ({info.description or 'no description'}), kept for"
+                " the 3D-QALAS fit of a series of the same study; not processed on its own",
+            )
         det = vendors.detect(datasets, rules)
     except Exception as exc:  # a header we did not foresee
         return Classified(State.FAILED, "-", f"header parse error: {type(exc).__name__}: {exc}")
@@ -263,9 +276,15 @@ def run_series(
     timeout_s: float | None = None,
     extra_outputs: Callable[[SeriesResult], Extra] | None = None,
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
+    b1_map: B1Map | None = None,
+    b1_notes: Sequence[str] = (),
 ) -> JobOutcome:
     """Run one series end to end. Never raises: errors become a FAILED / QUARANTINED /
     IGNORED outcome naming the stage and the reason.
+
+    ``b1_map``: the B1 map of a B1-map series of the same study (3D-QALAS; the node's
+    :mod:`dicom_node.b1match` finds it); ``b1_notes``: what the matching had to say (no
+    map, a map not usable), added to the result's warnings.
 
     ``submit``: run :func:`processing.run.run` there (None = in this process).
     ``extra_outputs(result)``: more output datasets (the node's one-page report), sent
@@ -316,7 +335,19 @@ def run_series(
         # From here on the sources give headers only (export, report): their pixel data
         # (the acquisition's size again) goes, the acquisition once the worker has it.
         drop_pixel_data(datasets)
-        result = _process(cls, settings.processing, submit, timeout_s)
+        acq = cls.acquisition
+        grid = SeriesResult(acq.shape, acq.voxel_size_mm, np.asarray(acq.affine), None)  # type: ignore[arg-type]
+        early: list[Any] = []  # the slice geometry, made while the worker processes
+
+        def meanwhile() -> None:
+            try:
+                early.append(slice_geometry(grid, datasets, settings.export))
+            except Exception as exc:  # raised again where the export needs it
+                early.append(exc)
+
+        del acq
+        result = _process(cls, settings.processing, submit, timeout_s, b1_map, meanwhile)
+        result.warnings.extend(b1_notes)
         result.provenance["source_sha256"] = digest
         observe("process", t0)
         # per-stage figures measured by processing.run (fit, pd, synthesis, ...)
@@ -325,7 +356,14 @@ def run_series(
         stage = "export"
         t0 = time.perf_counter()
         outcome = _export_and_write(
-            result, datasets, settings.export, write, extra_outputs, on_outputs, submit
+            result,
+            datasets,
+            settings.export,
+            write,
+            extra_outputs,
+            on_outputs,
+            submit,
+            geometry=early[0] if early and _same_grid(grid, result) else None,
         )
         observe("export", t0)
     except Exception as exc:
@@ -360,21 +398,41 @@ def drop_pixel_data(datasets: Sequence[Dataset]) -> None:
         ds.__dict__.pop("_pixel_array", None)
 
 
+def _same_grid(grid: SeriesResult, result: SeriesResult) -> bool:
+    """Whether ``result`` has the shape, voxel size and affine the early geometry used."""
+    return (
+        tuple(grid.shape) == tuple(result.shape)
+        and tuple(grid.voxel_size_mm) == tuple(result.voxel_size_mm)
+        and np.array_equal(grid.affine, np.asarray(result.affine))
+    )
+
+
 def _process(
     cls: Classified,
     settings: ProcessingSettings,
     submit: Submit | None,
     timeout_s: float | None,
+    b1_map: B1Map | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> SeriesResult:
     """Run the processing (in a worker when ``submit`` is given). The acquisition is
-    taken from ``cls``: once handed to the worker the node keeps no copy of it."""
+    taken from ``cls``: once handed to the worker the node keeps no copy of it.
+    ``meanwhile``: node work that needs no result, done while the worker processes."""
     acq, cls.acquisition = cls.acquisition, None
     assert acq is not None
+    if acq.sequence_kind != "QALAS":
+        b1_map = None  # the MDME fit estimates B1 itself
     if submit is None:
-        return run(acq, settings)
-    future = submit(run, acq, settings)
+        if meanwhile is not None:
+            meanwhile()
+        return run(acq, settings, b1_map) if b1_map is not None else run(acq, settings)
+    future = (
+        submit(run, acq, settings, b1_map) if b1_map is not None else submit(run, acq, settings)
+    )
     del acq  # the worker has its own (the hand-off file or the pickled task)
     trim_heap()  # the sources' pixel data and the grid went back to the heap, not the system
+    if meanwhile is not None:
+        meanwhile()
     return future.result(timeout=timeout_s)
 
 
@@ -386,8 +444,11 @@ def _export_and_write(
     extra_outputs: Callable[[SeriesResult], Extra] | None = None,
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
     submit: Submit | None = None,
+    *,
+    geometry: SliceGeometry | Exception | None = None,
 ) -> JobOutcome:
     """Export, apply the QC gate, write; the outcome's state is EXPORTED or HELD.
+    ``geometry``: :func:`slice_geometry`'s (or its error), made while the worker ran.
 
     The gate is decided from the QC figures before anything is built; unless it holds
     the series, every output series is written (and handed to ``on_outputs``) as soon as
@@ -420,7 +481,9 @@ def _export_and_write(
 
     # the worker's share goes first (the synthetic series, then the report page the extra
     # outputs may start: they may return a function that finishes them after the export)
-    geometry = slice_geometry(result, sources, settings)
+    if isinstance(geometry, Exception):
+        raise geometry
+    geometry = geometry or slice_geometry(result, sources, settings)
     away = (
         _start_synthetic(result, geometry, settings, submit, qc_reason)
         if stream and submit is not None
@@ -519,6 +582,7 @@ def _start_synthetic(
         return None
     base = series_number_base(geometry.refs[0], settings) + 100
     fp = parameter_fingerprint(result, settings)
+    geometry = mr_geometry(geometry)  # each task pickles it: only what the builder reads
     tasks = []
     for i, name in enumerate(names):
         # only what the MR builder reads: the worker gets one contrast, not every array

@@ -20,16 +20,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dicom_node.b1match import B1Match, match_b1_map, qalas_series_processed_before
 from dicom_node.completion import Completion
 from dicom_node.config import Settings, load_settings
 from dicom_node.logging import configure_logging, log_context, log_event
 from dicom_node.metrics import MetricsServer, NodeMetrics
-from dicom_node.pipeline import output_records, run_series_job, write_rejection_note
+from dicom_node.pipeline import (
+    load_datasets,
+    output_records,
+    run_series_job,
+    write_rejection_note,
+)
 from dicom_node.push import Outbox
 from dicom_node.registry import FINAL_STATES, Registry, State
 from dicom_node.results_retention import prune_results
 from dicom_node.scp import StoreSCP, register_spooled
-from dicom_node.series import missing_cells
+from dicom_node.series import B1_MAP_REASON, missing_cells
 from dicom_node.spool import Spool
 from dicom_node.vendors import expected_count
 from dicom_node.workers import Workers
@@ -265,6 +271,9 @@ class Node:
         delay = self.settings.workers.debug_job_delay_s
         if delay > 0 and self._stop.wait(delay):
             return  # stopping: the job stays PROCESSING and is re-queued at next start
+        b1 = self._b1_match(job_id, series_uid)
+        if b1 is not None and b1.wait_until is not None:
+            return  # deferred: a B1-map series of the study may still come
         log_event(log, "job_started", series_uid=series_uid, job_id=job_id)
         streamed: list[tuple[str, str, str, str]] = []
         written: list[tuple[str, str, str]] = []  # streamed outputs, with or without rows
@@ -282,6 +291,8 @@ class Node:
             self.metrics,
             timeout_s=self.settings.workers.job_timeout_s,
             on_outputs=on_outputs,
+            b1_map=b1.b1_map if b1 is not None else None,
+            b1_notes=b1.notes if b1 is not None else (),
         )
         if self._stop.is_set():
             return  # shutting down: left PROCESSING, re-run (same output UIDs) at next start
@@ -313,6 +324,8 @@ class Node:
             outputs=self._records(outcome.outputs, outcome.output_uids),
         )
         self.metrics.jobs.labels(_JOB_RESULT[outcome.state]).inc()
+        if outcome.state == State.IGNORED and outcome.reason.startswith(B1_MAP_REASON):
+            self._late_b1_map(series_uid)
         if outcome.fit_failed_fraction is not None:
             self.metrics.fit_failed_fraction.set(outcome.fit_failed_fraction)
         if outcome.qc_status in ("pass", "warn", "fail"):
@@ -329,6 +342,52 @@ class Node:
             timings_s=outcome.timings_s,
             processing_timings_s=outcome.processing_timings_s,
         )
+
+    def _b1_match(self, job_id: int, series_uid: str) -> B1Match | None:
+        """The B1 map for a 3D-QALAS series (None: not QALAS). While one may still come
+        the job is deferred in the registry (returned with ``wait_until``)."""
+        c = self.settings.completion
+        try:
+            found = match_b1_map(
+                self.registry, series_uid, c.b1_map_wait_s, c.quiet_period_s, time.time(),
+                load_datasets,
+            )  # fmt: skip
+        except Exception as exc:  # matching must not cost the series: fit without
+            log_event(log, "b1_match_failed", level=logging.WARNING, error=str(exc))
+            return B1Match(notes=[f"QALAS: B1-map matching failed ({exc}); nominal B1"])
+        if found is None or found.wait_until is None:
+            if found is not None:
+                uid = found.b1_map.source.get("series_uid") if found.b1_map else None
+                log_event(log, "b1_map_matched", b1_series_uid=uid, notes=found.notes)
+            return found
+        self.registry.defer_job(
+            job_id,
+            series_uid,
+            "3D-QALAS: waiting for a B1-map series of the same study"
+            + (f" ({found.waiting_for} still being received)" if found.waiting_for else ""),
+            found.wait_until,
+        )
+        log_event(
+            log, "b1_map_wait", until=found.wait_until, b1_series_uid=found.waiting_for or None
+        )
+        self._jobs_wake.set()
+        return found
+
+    def _late_b1_map(self, b1_series_uid: str) -> None:
+        """A B1-map series whose study's QALAS series was processed already: say so."""
+        try:
+            late = qalas_series_processed_before(self.registry, b1_series_uid)
+        except Exception:
+            return
+        for uid in late:
+            log_event(
+                log,
+                "b1_map_after_qalas",
+                level=logging.WARNING,
+                b1_series_uid=b1_series_uid,
+                qalas_series_uid=uid,
+                hint=f"not applied automatically; `synthmr retry {uid}` re-processes with it",
+            )
 
     def _records(
         self, outputs: list[tuple[str, str, str]], known: dict[str, tuple[str, str]]

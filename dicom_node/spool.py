@@ -33,6 +33,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from dicom_node.header_scan import scan_header
 from dicom_node.journal import IngestJournal, fsync_dir
 from dicom_node.validate import (
     InstanceTooLargeError,
@@ -74,8 +75,18 @@ class InstanceHeader:
     transfer_syntax_uid: str
     #: sha256 of the dataset's encoded bytes after the file meta (what the sender sent)
     content_sha256: str = ""
-    #: the parsed header (no pixel data), for vendor rules such as expected_count
-    dataset: Any = field(default=None, compare=False, repr=False)
+    #: the parsed dataset, or None until :attr:`dataset` parses ``encoded``
+    parsed: Any = field(default=None, compare=False, repr=False)
+    #: the Part-10 bytes, when they were checked without pydicom (parsed on demand)
+    encoded: bytes = field(default=b"", compare=False, repr=False)
+
+    @property
+    def dataset(self) -> Any:
+        """The pydicom dataset, for vendor rules such as expected_count (parsed on first
+        use when the fast path checked the instance)."""
+        if self.parsed is None and self.encoded:
+            object.__setattr__(self, "parsed", pydicom.dcmread(io.BytesIO(self.encoded)))
+        return self.parsed
 
 
 def safe_name(uid: str) -> str:
@@ -135,6 +146,18 @@ def read_header(
     start = meta_end(data)
     if start and max_inflated_bytes is not None and _is_deflated(data, start):
         check_inflated_size(data, start, max_inflated_bytes)
+    scanned = scan_header(data, start) if start else None
+    if scanned is not None:  # a valid native little endian instance, checked without pydicom
+        return InstanceHeader(
+            sop_instance_uid=scanned.sop_instance_uid,
+            sop_class_uid=scanned.sop_class_uid,
+            series_instance_uid=scanned.series_instance_uid,
+            study_instance_uid=scanned.study_instance_uid,
+            modality=scanned.modality,
+            transfer_syntax_uid=scanned.transfer_syntax_uid,
+            content_sha256=content_digest(data),
+            encoded=data,
+        )
     try:
         # Read everything (pixel data included) so that a truncated instance is caught
         # here, before the success answer, rather than at normalization.
@@ -192,7 +215,7 @@ def read_header(
         modality=values["Modality"],
         transfer_syntax_uid=tsyntax,
         content_sha256=content_digest(data),
-        dataset=ds,
+        parsed=ds,
     )
 
 

@@ -42,7 +42,7 @@ from scipy import ndimage as ndi
 
 from processing.acquisition import Acquisition
 from processing.results import QuantMaps
-from processing.signal import IDEAL_PROFILE, t1_factor
+from processing.signal import IDEAL_PROFILE, kernel_protocol, t1_factor
 
 __all__ = [
     "COMPARTMENTS",
@@ -251,25 +251,11 @@ def simulate_voxels(
         raise PhantomError("t1_ms/t2_ms: relaxation times must be > 0 ms")
     b1v = np.ascontiguousarray(np.broadcast_to(np.asarray(b1, np.float64), (n,)))
     coilv = np.ascontiguousarray(np.broadcast_to(np.asarray(coil, np.float64), (n,)))
-    td = np.ascontiguousarray(delays_ms, np.float64)
-    te = np.ascontiguousarray(echo_times_ms, np.float64)
-    out = np.empty((n, td.size, te.size))
-    _mixture_kernel(
-        frac,
-        t1,
-        t2,
-        pd,
-        b1v,
-        coilv,
-        td,
-        te,
-        float(tr_ms),
-        math.radians(saturation_deg),
-        math.radians(excitation_deg),
-        np.ascontiguousarray(profile[0], np.float64),
-        np.ascontiguousarray(profile[1], np.float64),
-        out,
+    proto = kernel_protocol(
+        delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg, profile
     )
+    out = np.empty((n, proto[0].size, proto[1].size))
+    _mixture_kernel(frac, t1, t2, pd, b1v, coilv, *proto, out)
     return out
 
 
@@ -463,6 +449,15 @@ def _ellipsoid_fractions(
     return gm.astype(np.float32), wm.astype(np.float32), ic
 
 
+def _unit_field_raw(
+    coords: list[np.ndarray], centre: np.ndarray, sigma_mm: float, tilt: np.ndarray
+) -> np.ndarray:
+    """A Gaussian bump plus a linear tilt at LPS ``coords`` (before normalization)."""
+    d = [ci - float(c0) for ci, c0 in zip(coords, centre, strict=True)]
+    u = np.exp(-sum(di * di for di in d) / (2.0 * sigma_mm**2))
+    return u + sum(float(t) * di for t, di in zip(tilt, d, strict=True)) / 1000.0
+
+
 def _smooth_unit_field(
     coords: list[np.ndarray],
     head: np.ndarray,
@@ -471,9 +466,7 @@ def _smooth_unit_field(
     tilt: np.ndarray,
 ) -> np.ndarray:
     """A smooth field, min-max normalized to [0, 1] over the head voxels."""
-    d = [ci - float(c0) for ci, c0 in zip(coords, centre, strict=True)]
-    u = np.exp(-sum(di * di for di in d) / (2.0 * sigma_mm**2))
-    u = u + sum(float(t) * di for t, di in zip(tilt, d, strict=True)) / 1000.0
+    u = _unit_field_raw(coords, centre, sigma_mm, tilt)
     ref = u[head] if head.any() else u.ravel()
     lo, hi = float(ref.min()), float(ref.max())
     if hi - lo < 1e-12:
@@ -670,9 +663,8 @@ def _mixture_signal(
 ) -> np.ndarray:
     """Noise-free partial-volume signal ``[z, delay, echo, y, x]``; only head voxels carry
     signal. ``protocol``: (delays ms, echo times ms, TR ms, saturation deg, excitation deg)."""
-    delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg = protocol
     nz, ny, nx = head.shape
-    signal = np.zeros((nz, len(delays_ms), len(echo_times_ms), ny, nx), dtype=np.float32)
+    signal = np.zeros((nz, len(protocol[0]), len(protocol[1]), ny, nx), dtype=np.float32)
     tabs = [
         np.array([getattr(tis[c], q) for c in COMPARTMENTS], np.float32).astype(np.float64)
         for q in ("t1_ms", "t2_ms", "pd_pu")
@@ -685,13 +677,7 @@ def _mixture_signal(
         tabs[2],
         np.ascontiguousarray(b1),
         np.ascontiguousarray(coil_map),
-        np.ascontiguousarray(delays_ms, np.float64),
-        np.ascontiguousarray(echo_times_ms, np.float64),
-        float(tr_ms),
-        math.radians(saturation_deg),
-        math.radians(excitation_deg),
-        np.ascontiguousarray(profile[0], np.float64),
-        np.ascontiguousarray(profile[1], np.float64),
+        *kernel_protocol(*protocol, profile),
         signal,
     )
     return signal
@@ -787,6 +773,48 @@ def _compartments(
     return fractions, head, centres
 
 
+# the B1 field's bump (offset from the head centre, width) and tilt
+_B1_OFFSET_MM = (10.0, -15.0, 5.0)
+_B1_SIGMA_MM = 90.0
+_B1_TILT = np.array([0.2, 0.0, 0.1])
+
+
+def b1_field_on_grid(
+    truth: PhantomTruth,
+    phantom_affine: np.ndarray,
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+    margin_mm: float = 8.0,
+) -> np.ndarray:
+    """The phantom's smooth B1 field (the one its signal used) evaluated on another grid
+    (``shape`` ``[z, y, x]``, ``affine`` index -> LPS mm, any orientation): float32, 0
+    outside the head grown by ``margin_mm`` (a B1 map has no value outside the body).
+
+    The field is ``a + b u(p)`` with ``u`` the analytic bump + tilt; ``a``, ``b`` are
+    recovered from ``truth.b1`` over the head (exact up to float32 rounding)."""
+    shp = tuple(int(s) for s in truth.b1.shape)
+    centre = _HEAD_CENTRE_LPS + _B1_OFFSET_MM
+    u_ph = _unit_field_raw(patient_coords(shp, phantom_affine), centre, _B1_SIGMA_MM, _B1_TILT)
+    head = truth.head
+    if np.ptp(u_ph[head]) > 0:
+        b, a = np.polyfit(u_ph[head].astype(np.float64), truth.b1[head].astype(np.float64), 1)
+    else:
+        b, a = 0.0, float(np.mean(truth.b1[head]))
+    coords = patient_coords(tuple(int(s) for s in shape), np.asarray(affine, np.float64))
+    values = (a + b * _unit_field_raw(coords, centre, _B1_SIGMA_MM, _B1_TILT)).astype(np.float32)
+    # inside: the head grown by the margin, looked up at the nearest phantom voxel
+    vox = float(np.min(np.linalg.norm(np.asarray(phantom_affine)[:3, :3], axis=0)))
+    grown = ndi.binary_dilation(head, iterations=max(1, int(np.ceil(margin_mm / vox))))
+    inv = np.linalg.inv(np.asarray(phantom_affine, np.float64))
+    pts = np.stack([c.astype(np.float64).ravel() for c in coords])
+    idx = np.rint(inv[:3, :3] @ pts + inv[:3, 3:4]).astype(np.int64)  # (x, y, z)
+    ok = np.all((idx >= 0) & (idx < np.array(shp[::-1])[:, None]), axis=0)
+    inside = np.zeros(ok.shape, dtype=bool)
+    inside[ok] = grown[idx[2, ok], idx[1, ok], idx[0, ok]]
+    values[~inside.reshape(values.shape)] = 0.0
+    return values
+
+
 def _fields(
     coords: np.ndarray,
     head: np.ndarray,
@@ -799,9 +827,7 @@ def _fields(
     lo, hi = (float(v) for v in b1_range)
     clo, chi = (float(v) for v in coil_range)
     centre = _HEAD_CENTRE_LPS
-    b1u = _smooth_unit_field(
-        coords, head, centre + (10.0, -15.0, 5.0), 90.0, np.array([0.2, 0.0, 0.1])
-    )
+    b1u = _smooth_unit_field(coords, head, centre + _B1_OFFSET_MM, _B1_SIGMA_MM, _B1_TILT)
     b1 = (lo + (hi - lo) * b1u).astype(np.float32)
     if coil:
         cu = _smooth_unit_field(

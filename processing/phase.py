@@ -53,13 +53,15 @@ def _rotate_real(re, im, use_sum, out_slice):
                 out_slice[d, y, x] = re[d, y, x] * c + im[d, y, x] * s
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, parallel=True)
 def _mp_kernel(mag, phase, use_sum, out):
-    # cos(p - bg) = cos(p)cos(bg) + sin(p)sin(bg): two float32 trig calls per sample
+    # cos(p - bg) = cos(p)cos(bg) + sin(p)sin(bg): two float32 trig calls per sample.
+    # Slices in parallel (each its own scratch; the same operations per sample as one
+    # thread): normalization runs in the node while the workers wait for it.
     nz, nd, ne, ny, nx = mag.shape
-    im = np.empty((nd, ny, nx), dtype=np.float64)
-    re = np.empty((nd, ny, nx), dtype=np.float64)
-    for z in range(nz):
+    for z in nb.prange(nz):
+        im = np.empty((nd, ny, nx), dtype=np.float64)
+        re = np.empty((nd, ny, nx), dtype=np.float64)
         for e in range(ne):
             for d in range(nd):
                 for y in range(ny):
@@ -71,12 +73,12 @@ def _mp_kernel(mag, phase, use_sum, out):
             _rotate_real(re, im, use_sum, out[z, :, e])
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, parallel=True)
 def _ri_kernel(real, imag, use_sum, out):
     nz, nd, ne, ny, nx = real.shape
-    im = np.empty((nd, ny, nx), dtype=np.float64)
-    re = np.empty((nd, ny, nx), dtype=np.float64)
-    for z in range(nz):
+    for z in nb.prange(nz):
+        im = np.empty((nd, ny, nx), dtype=np.float64)
+        re = np.empty((nd, ny, nx), dtype=np.float64)
         for e in range(ne):
             for d in range(nd):
                 for y in range(ny):

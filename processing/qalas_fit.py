@@ -332,6 +332,28 @@ def _grid_start(y, gbasis, ggram, ga, gn, gsigns, gr1, gb1, e2lo, e2hi, te, p, s
     return bg, bc
 
 
+@nb.njit(cache=True)
+def _lm_work():
+    """Scratch arrays of one chunk's LM fits (allocated per chunk, not per voxel): samples
+    y, signs sg, cycle state st, cen, model s, Jacobian jac, normal equations h, ht, a, d,
+    trial q, parameters p, pbest."""
+    return (
+        np.empty(N_SAMPLES),
+        np.empty(N_SAMPLES),
+        np.empty(6),
+        np.empty((N_SAMPLES, 6)),
+        np.empty(N_SAMPLES),
+        np.empty((N_SAMPLES, 4)),
+        np.empty(15),
+        np.empty(15),
+        np.empty((4, 5)),
+        np.empty(4),
+        np.empty(4),
+        np.empty(4),
+        np.empty(4),
+    )
+
+
 @nb.njit(cache=True, error_model="numpy")
 def _fit_chunk(
     samples, idx, start, stop, pk, gbasis, ggram, ga, gn, gsigns, gr1, gb1, magnitude,
@@ -340,19 +362,7 @@ def _fit_chunk(
     te = pk[3]
     e2lo = math.exp(-hi[2] * 1e-3 * te)
     e2hi = math.exp(-lo[2] * 1e-3 * te)
-    y = np.empty(N_SAMPLES)
-    sg = np.empty(N_SAMPLES)
-    st = np.empty(6)
-    cen = np.empty((N_SAMPLES, 6))
-    s = np.empty(N_SAMPLES)
-    jac = np.empty((N_SAMPLES, 4))
-    h = np.empty(15)
-    ht = np.empty(15)
-    a = np.empty((4, 5))
-    d = np.empty(4)
-    q = np.empty(4)
-    p = np.empty(4)
-    pbest = np.empty(4)
+    y, sg, st, cen, s, jac, h, ht, a, d, q, p, pbest = _lm_work()
     p0 = np.empty(4)
     palt = np.empty(4)
     sg2 = np.empty(N_SAMPLES)
@@ -396,19 +406,7 @@ def _fit_chunk(
 @nb.njit(cache=True, error_model="numpy")
 def _refit_chunk(samples, idx, start, stop, pk, magnitude, lo, hi, out_p, out_rms, out_ok):
     """LM from out_p with B1 fixed (the second pass)."""
-    y = np.empty(N_SAMPLES)
-    sg = np.empty(N_SAMPLES)
-    st = np.empty(6)
-    cen = np.empty((N_SAMPLES, 6))
-    s = np.empty(N_SAMPLES)
-    jac = np.empty((N_SAMPLES, 4))
-    h = np.empty(15)
-    ht = np.empty(15)
-    a = np.empty((4, 5))
-    d = np.empty(4)
-    q = np.empty(4)
-    p = np.empty(4)
-    pbest = np.empty(4)
+    y, sg, st, cen, s, jac, h, ht, a, d, q, p, pbest = _lm_work()
     for n in range(start, stop):
         v = idx[n]
         for i in range(N_SAMPLES):
@@ -443,19 +441,7 @@ def _profile_chunk(
     te = pk[3]
     e2lo = math.exp(-hi[2] * 1e-3 * te)
     e2hi = math.exp(-lo[2] * 1e-3 * te)
-    y = np.empty(N_SAMPLES)
-    sg = np.empty(N_SAMPLES)
-    st = np.empty(6)
-    cen = np.empty((N_SAMPLES, 6))
-    s = np.empty(N_SAMPLES)
-    jac = np.empty((N_SAMPLES, 4))
-    h = np.empty(15)
-    ht = np.empty(15)
-    a = np.empty((4, 5))
-    d = np.empty(4)
-    q = np.empty(4)
-    p = np.empty(4)
-    pbest = np.empty(4)
+    y, sg, st, cen, s, jac, h, ht, a, d, q, p, pbest = _lm_work()
     p0 = np.empty(4)
     kmid = b1_values.shape[0] // 2
     for n in range(start, stop):

@@ -1,12 +1,13 @@
 """``run(acq, settings) -> SeriesResult``: every processing stage, in order.
 
-fit -> pd -> segmentation -> myelin -> qc -> synthesis (incl. per-patient DIR) -> enhance.
+fit -> pd -> segmentation -> myelin -> synthesis (incl. per-patient DIR) -> enhance -> qc.
 Each stage is timed; a failure of an optional stage (segmentation, myelin, enhancement)
 becomes a warning in the result, never a lost series.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from processing import pd as pd_mod
 from processing import qc as qc_mod
 from processing._version import __version__
 from processing.acquisition import Acquisition
+from processing.b1map import B1Map, resample_b1_map
 from processing.mprage import synthesize_mprage
 from processing.phantom import make_phantom
 from processing.qalas_fit import fit_qalas
@@ -43,11 +45,20 @@ def _profile(settings: ProcessingSettings):
     )
 
 
-def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesResult:
-    """Process one MDME acquisition into a :class:`SeriesResult`.
+def run(
+    acq: Acquisition,
+    settings: ProcessingSettings | None = None,
+    b1_map: B1Map | None = None,
+) -> SeriesResult:
+    """Process one MDME or 3D-QALAS acquisition into a :class:`SeriesResult`.
 
-    Stages: fit (numba) -> PD in percent units -> segmentation + volumes -> myelin -> QC ->
-    per-patient DIR -> synthesis -> ONNX FLAIR enhancement. Optional stages that
+    b1_map: a measured B1 map of the same study (:class:`processing.b1map.B1Map`, any
+    grid); a 3D-QALAS fit fixes B1 to it, resampled onto the acquisition's grid (voxels it
+    does not cover keep the nominal B1 = 1, a warning says how many). Ignored for MDME,
+    whose fit estimates B1 itself.
+
+    Stages: fit (numba) -> PD in percent units -> segmentation + volumes -> myelin ->
+    per-patient DIR -> synthesis -> ONNX FLAIR enhancement -> QC. Optional stages that
     fail add a warning; the fit, PD and synthesis are mandatory and raise.
     """
     settings = settings or ProcessingSettings()
@@ -56,7 +67,8 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
     timings: dict[str, float] = {}
     warnings: list[str] = []
     profile = _profile(settings)
-    maps = _fit_stage(acq, settings, profile, timings, warnings)
+    b1_used: dict[str, Any] = {}
+    maps = _fit_stage(acq, settings, profile, timings, warnings, b1_map, b1_used)
     result = SeriesResult(
         shape=acq.shape,
         voxel_size_mm=acq.voxel_size_mm,
@@ -68,20 +80,22 @@ def run(acq: Acquisition, settings: ProcessingSettings | None = None) -> SeriesR
     centres: dict[str, dict[str, float]] = {}
     if settings.segmentation:
         centres = _segmentation_stage(acq, result, profile)
-    if settings.myelin:
-        _myelin_stage(acq, result)
-    # QC reads the maps, the fractions and the samples only: it runs before the contrasts
-    # exist, so its temporaries do not add to theirs (the worker's peak at 40 x 512 x 512)
-    t = time.perf_counter()
+    # After the segmentation, myelin + QC (a thread) and synthesis + enhancement (here)
+    # need nothing of each other: they overlap on the second core. Each side keeps its own
+    # warnings and timings, merged afterwards in the sequential order (myelin, synthesis,
+    # enhance, qc), so the result is the same as one after the other.
+    side = _MyelinAndQC(acq, result, settings.myelin)
+    side.start()
+    n_before = len(warnings)
     try:
-        result.qc = qc_mod.fit_qc(acq, maps, result.segmentation)
-    except Exception as exc:
-        warnings.append(f"QC failed: {exc}")
-        result.qc = {"status": "fail", "error": str(exc)}
-    _timed(timings, "qc", t)
-    csf_t1 = _synthesis_stage(acq, result, settings, centres)
-    model_sha = _enhance_stage(acq, result, settings, csf_t1) if settings.enhance else None
+        csf_t1 = _synthesis_stage(acq, result, settings, centres)
+        model_sha = _enhance_stage(acq, result, settings, csf_t1) if settings.enhance else None
+    finally:
+        side.join()
+    side.merge_into(result, n_before)
     result.provenance = _provenance(acq, result, settings, model_sha, centres)
+    if b1_used:
+        result.provenance["b1_map"] = b1_used
     return result
 
 
@@ -91,13 +105,15 @@ def _fit_stage(
     profile: Any,
     timings: dict[str, float],
     warnings: list[str],
+    b1_map: B1Map | None = None,
+    b1_used: dict[str, Any] | None = None,
 ) -> QuantMaps:
-    """Fit (MDME or QALAS), then PD in percent units."""
+    """Fit (MDME or QALAS), then PD in percent units. ``b1_used`` receives what the
+    QALAS fit did about B1 (provenance)."""
     qalas = acq.sequence_kind == "QALAS"
     t = time.perf_counter()
     if qalas:
-        maps = fit_qalas(acq)  # B1 = 1 without a B1 map (processing/QALAS.md)
-        warnings.append("QALAS: no B1 map given; the nominal flip angle was assumed")
+        maps = _fit_qalas_b1(acq, b1_map, warnings, {} if b1_used is None else b1_used)
     else:
         maps = fit_mod.fit_mdme(
             acq,
@@ -112,6 +128,34 @@ def _fit_stage(
     # CSF's M0 and T1 (4.5 s cycle; a pooled 95 %-CSF fit is 5 % low), so it is not used.
     maps = pd_mod.correct_pd(maps, voxel_size_mm=acq.voxel_size_mm, acq=None if qalas else acq)
     _timed(timings, "pd", t)
+    return maps
+
+
+def _fit_qalas_b1(
+    acq: Acquisition, b1_map: B1Map | None, warnings: list[str], b1_used: dict[str, Any]
+) -> QuantMaps:
+    """The 3D-QALAS fit with B1 fixed to the measured map (resampled onto the acquisition
+    grid) or, without one, to the nominal B1 = 1 (processing/QALAS.md: the five samples do
+    not determine B1)."""
+    if b1_map is None:  # provenance unchanged (output UIDs of this path stay as they were)
+        warnings.append("QALAS: no B1 map given; the nominal flip angle was assumed")
+        return fit_qalas(acq)
+    grid = resample_b1_map(b1_map, acq.shape, np.asarray(acq.affine))
+    maps = fit_qalas(acq, b1_map=grid)
+    fitted = maps.mask
+    n_mask = int(np.count_nonzero(fitted))
+    uncovered = int(np.count_nonzero(fitted & ~np.isfinite(grid)))
+    share = uncovered / n_mask if n_mask else 0.0
+    b1_used.update({str(k): v for k, v in b1_map.source.items()})
+    b1_used["uncovered_fraction"] = round(share, 4)
+    uid = b1_map.source.get("series_uid", "?")
+    what = b1_map.source.get("description", "")
+    warnings.append(
+        f"QALAS: B1 fixed to the B1 map series {uid}"
+        + (f" ({what})" if what else "")
+        + f", resampled onto this grid; {100 * share:.1f} % of the fitted voxels lie"
+        " outside its coverage and used the nominal B1 = 1"
+    )
     return maps
 
 
@@ -137,12 +181,60 @@ def _segmentation_stage(
     return centres
 
 
-def _myelin_stage(acq: Acquisition, result: SeriesResult) -> None:
-    """Myelin maps and volumes (MDME only; optional: a failure is a warning)."""
+class _MyelinAndQC(threading.Thread):
+    """The myelin stage (when enabled), then the QC, on a thread of their own; their
+    warnings and timings wait in ``warnings`` / ``timings`` for :meth:`merge_into`."""
+
+    def __init__(self, acq: Acquisition, result: SeriesResult, with_myelin: bool) -> None:
+        super().__init__(name="myelin-qc", daemon=True)
+        self.acq, self.result, self.with_myelin = acq, result, with_myelin
+        self.myelin_warnings: list[str] = []
+        self.qc_warnings: list[str] = []
+        self.timings: dict[str, float] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        acq, result = self.acq, self.result
+        try:
+            if self.with_myelin:
+                _myelin_stage(acq, result, self.myelin_warnings, self.timings)
+            t = time.perf_counter()
+            try:
+                result.qc = qc_mod.fit_qc(acq, result.maps, result.segmentation)
+            except Exception as exc:
+                self.qc_warnings.append(f"QC failed: {exc}")
+                result.qc = {"status": "fail", "error": str(exc)}
+            _timed(self.timings, "qc", t)
+        except BaseException as exc:  # raised again in the caller's thread
+            self.error = exc
+
+    def merge_into(self, result: SeriesResult, n_before: int) -> None:
+        """Warnings and timings as if the stages had run one after the other: myelin's
+        before synthesis's (which came after ``n_before``), QC's last."""
+        if self.error is not None:
+            raise self.error
+        result.warnings[n_before:n_before] = self.myelin_warnings
+        result.warnings.extend(self.qc_warnings)
+        timings = result.timings_s
+        later = {k: timings.pop(k) for k in list(timings) if k in ("synthesis", "enhance")}
+        if "myelin" in self.timings:
+            timings["myelin"] = self.timings["myelin"]
+        timings.update(later)
+        timings["qc"] = self.timings["qc"]
+
+
+def _myelin_stage(
+    acq: Acquisition,
+    result: SeriesResult,
+    warnings: list[str] | None = None,
+    timings: dict[str, float] | None = None,
+) -> None:
+    """Myelin maps and volumes (MDME only; optional: a failure is a warning).
+    ``warnings`` / ``timings``: where its warnings and seconds go (default the result's)."""
+    warnings = result.warnings if warnings is None else warnings
+    timings = result.timings_s if timings is None else timings
     if acq.sequence_kind == "QALAS":
-        result.warnings.append(
-            "myelin model: calibrated through the MDME acquisition; not run on QALAS"
-        )
+        warnings.append("myelin model: calibrated through the MDME acquisition; not run on QALAS")
         return
     maps = result.maps
     t = time.perf_counter()
@@ -154,12 +246,12 @@ def _myelin_stage(acq: Acquisition, result: SeriesResult) -> None:
         result.myelin = myelin.myelin_maps(
             maps, icmask, acq.voxel_volume_ml, acq=acq, fractions=result.segmentation
         )
-        result.warnings.extend(f"myelin model: {w}" for w in result.myelin.calibration_warnings)
+        warnings.extend(f"myelin model: {w}" for w in result.myelin.calibration_warnings)
         result.volumes_ml["MYELIN"] = float(result.myelin.myelin_volume_ml)
         result.volumes_ml["EPW"] = float(result.myelin.epw_volume_ml)
     except Exception as exc:
-        result.warnings.append(f"myelin model failed: {exc}")
-    _timed(result.timings_s, "myelin", t)
+        warnings.append(f"myelin model failed: {exc}")
+    _timed(timings, "myelin", t)
 
 
 def _synthesis_stage(

@@ -14,6 +14,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from processing.acquisition import Acquisition
 from processing.results import (
     MyelinMaps,
     QuantMaps,
@@ -237,6 +238,23 @@ def make_result(nz: int = 3, ny: int = 32, nx: int = 32, seed: int = 1) -> Serie
             "delay_source": "InversionTime",
             "fit": {"max_iter": 50},
         },
+    )
+
+
+def flat_acquisition(result: SeriesResult) -> Acquisition:
+    """A 2-delay x 2-echo complex acquisition of constant signal on the result's grid (the
+    source series an emulator layout writes for the export tests)."""
+    nz, ny, nx = result.shape
+    return Acquisition(
+        signal=np.full((nz, 2, 2, ny, nx), 100.0, dtype=np.float32),
+        delays_ms=np.array([150.0, 1500.0]),
+        echo_times_ms=np.array([20.0, 100.0]),
+        tr_ms=4000.0,
+        saturation_deg=120.0,
+        excitation_deg=90.0,
+        voxel_size_mm=tuple(result.voxel_size_mm),
+        affine=result.affine,
+        is_magnitude=False,
     )
 
 

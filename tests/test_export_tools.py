@@ -16,11 +16,17 @@ import pytest
 from conftest import OrthancServer, require_tool
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, ParametricMapStorage, SegmentationStorage
-from test_export_support import PATIENT_NAME, STUDY_UID, dcmqi_to_nifti, make_result, make_sources
+from test_export_support import (
+    PATIENT_NAME,
+    STUDY_UID,
+    dcmqi_to_nifti,
+    flat_acquisition,
+    make_result,
+    make_sources,
+)
 
 from dicom_node.export import ExportSettings, MapKind, export_all
 from dicom_node.export.common import map_array
-from processing.acquisition import Acquisition
 from processing.results import TISSUES
 
 pytestmark = pytest.mark.integration
@@ -147,28 +153,12 @@ def test_orthanc_files_every_output_under_the_source_study(files, orthanc: Ortha
     assert len(orthanc.instances()) == len(files)
 
 
-def _flat_acquisition(result) -> Acquisition:
-    """A 2-delay x 2-echo complex acquisition of constant signal on the result's grid."""
-    nz, ny, nx = result.shape
-    return Acquisition(
-        signal=np.full((nz, 2, 2, ny, nx), 100.0, dtype=np.float32),
-        delays_ms=np.array([150.0, 1500.0]),
-        echo_times_ms=np.array([20.0, 100.0]),
-        tr_ms=4000.0,
-        saturation_deg=120.0,
-        excitation_deg=90.0,
-        voxel_size_mm=tuple(result.voxel_size_mm),
-        affine=result.affine,
-        is_magnitude=False,
-    )
-
-
 @pytest.mark.parametrize("layout", ["ge", "siemens", "philips"])
 def test_emulator_vendor_sources(layout, result):
     from dicom_node.emulator import make_datasets
 
     nz = result.shape[0]
-    acq = _flat_acquisition(result)
+    acq = flat_acquisition(result)
     sources = make_datasets(acq, layout, with_phase=True, patient={"PatientName": "Müller^Jürgen"})
     outs = export_all(result, sources, ExportSettings(maps=("T1",)))
     src_uids = {ds.SOPInstanceUID for ds in sources}
@@ -192,7 +182,7 @@ def test_emulator_enhanced_sources(layout, result, tmp_path):
     from dicom_node.emulator import make_datasets
 
     nz = result.shape[0]
-    acq = _flat_acquisition(result)
+    acq = flat_acquisition(result)
     sources = make_datasets(acq, layout, with_phase=True)
     outs = export_all(result, sources, ExportSettings(maps=("T1",)))
     mr = [ds for ds in outs if ds.SOPClassUID == MRImageStorage]

@@ -303,3 +303,54 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(tmp_path
         assert ds == b[uid], uid
     mr_groups = [g for g in groups if all(uid in b for uid, _, _ in g)]
     assert sorted(len(g) for g in mr_groups) == [2, 2, 2]  # one written group per series
+
+
+def test_slice_geometry_is_made_once_while_the_worker_processes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The node makes the outputs' slice geometry (reference headers, positions) after
+    handing the acquisition to the worker and before it waits for the result, and the
+    export uses that one (not made a second time); the outputs are the same."""
+    import dataclasses
+    from concurrent.futures import Future
+
+    from dicom_node import series
+    from processing.run import ProcessingSettings
+
+    files = simulate(tmp_path / "in", "ge", seed=4)
+    settings = dataclasses.replace(
+        load_settings(None),
+        processing=ProcessingSettings(
+            contrasts=("T1W",), segmentation=False, myelin=False, enhance=False
+        ),
+    )
+    events: list[str] = []
+    made = series.slice_geometry
+
+    def geometry(*args):
+        events.append("geometry")
+        return made(*args)
+
+    class Pending(Future):
+        def result(self, timeout=None):
+            events.append("wait for the worker")
+            return super().result(timeout)
+
+    def submit(fn, *args) -> Future:
+        f = Pending()
+        f.set_result(fn(*args))
+        return f
+
+    monkeypatch.setattr(series, "slice_geometry", geometry)
+    out = series.run_series(
+        [pydicom.dcmread(p) for p in files], settings, series.folder_writer(tmp_path / "out"),
+        submit=submit,
+    )  # fmt: skip
+    assert out.state == State.EXPORTED, out.reason
+    assert events == ["geometry", "wait for the worker"]
+    # T1W (2 slices) and the quantitative maps: same as without a worker
+    monkeypatch.setattr(series, "slice_geometry", made)
+    here = series.run_series(
+        [pydicom.dcmread(p) for p in files], settings, series.folder_writer(tmp_path / "here")
+    )
+    assert sorted(u for u, _, _ in here.outputs) == sorted(u for u, _, _ in out.outputs)

@@ -186,6 +186,11 @@ def _algorithm(result: SeriesResult, fingerprint: str) -> hd.sr.AlgorithmIdentif
     for key in ("delay_source", "vendor"):
         if key in result.provenance:
             params.append(f"{key}={result.provenance[key]}")
+    b1 = result.provenance.get("b1_map")
+    if isinstance(b1, dict) and b1.get("series_uid"):
+        params.append(f"b1_map_series_uid={b1['series_uid']}")
+    elif (result.provenance.get("acquisition") or {}).get("sequence") == "QALAS":
+        params.append("b1_map=none (nominal B1 = 1 assumed)")
     return hd.sr.AlgorithmIdentification(name="synthmr", version=__version__, parameters=params)
 
 
