@@ -38,7 +38,7 @@ from dicom_node.config import Settings
 from dicom_node.export import ExportSettings, export_groups, settings_for
 from dicom_node.export.common import series_number_base
 from dicom_node.export.geometry import SliceGeometry, slice_geometry
-from dicom_node.export.mr_images import synthetic_series
+from dicom_node.export.mr_images import mr_geometry, synthetic_series
 from dicom_node.export.uids import parameter_fingerprint, source_digest
 from dicom_node.handoff import trim_heap
 from dicom_node.logging import log_event
@@ -582,6 +582,7 @@ def _start_synthetic(
         return None
     base = series_number_base(geometry.refs[0], settings) + 100
     fp = parameter_fingerprint(result, settings)
+    geometry = mr_geometry(geometry)  # each task pickles it: only what the builder reads
     tasks = []
     for i, name in enumerate(names):
         # only what the MR builder reads: the worker gets one contrast, not every array

@@ -177,3 +177,83 @@ def test_run_fixes_b1_to_the_map_and_names_it(phantom, b1_grid):
             errs.append(abs(float(np.median(res.maps.t1_ms[pure])) / t1 - 1))
         assert errs[0] < errs[1], (comp, errs)
         assert errs[0] <= 0.01, (comp, errs)
+
+
+# --------------------------------------------------------------------------- matching
+def _register(reg, tmp_path, datasets, name):
+    """Write and register a series' files (RECEIVING) as the SCP would."""
+    from dicom_node.emulator import write_datasets
+
+    paths = write_datasets(datasets, tmp_path / name)
+    for ds, p in zip(datasets, paths, strict=True):
+        reg.add_instance(
+            sop_uid=str(ds.SOPInstanceUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            study_uid=str(ds.StudyInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            path=str(p),
+            size=p.stat().st_size,
+        )
+
+
+def _finish(reg, series_uid, state):
+    reg.transition(series_uid, State.COMPLETE)
+    reg.enqueue(series_uid)
+    job_id, _, _ = reg.claim_job()
+    reg.finish_job(job_id, series_uid, state, "test")
+
+
+def test_matching_waits_then_takes_the_same_frame_of_reference(tmp_path, phantom, b1_grid):
+    """A QALAS series with no B1 map yet waits (until its last instance + b1_map_wait_s);
+    a B1 map of another FrameOfReferenceUID is named and not used; one of the same frame
+    of reference is used; a B1 map processed after its QALAS series is reported late."""
+    import pydicom
+
+    from dicom_node.b1match import match_b1_map, qalas_series_processed_before
+    from dicom_node.qalas_emulator import make_qalas_datasets
+    from dicom_node.registry import Registry
+
+    def load(paths):
+        return [pydicom.dcmread(p) for p in paths]
+
+    _shape, affine, values = b1_grid
+    qalas = make_qalas_datasets(phantom.acq, "ge", seed=3)
+    study = {"StudyInstanceUID": str(qalas[0].StudyInstanceUID)}
+    reg = Registry(tmp_path / "registry.sqlite3")
+    try:
+        _register(reg, tmp_path, qalas, "qalas")
+        uid = str(qalas[0].SeriesInstanceUID)
+        row = reg.series(uid)
+        wait = match_b1_map(reg, uid, 10.0, 2.0, row.last_received + 1.0, load)
+        assert wait is not None and wait.wait_until == pytest.approx(row.last_received + 10.0)
+        other_for = make_b1_map_datasets(
+            values, affine, "philips", study=study, frame_of_reference_uid="2.25.999", seed=1
+        )
+        _register(reg, tmp_path, other_for, "b1_other_for")
+        # a B1-map series still being received extends the wait by its quiet period
+        b1_row = reg.series(str(other_for[0].SeriesInstanceUID))
+        pending = match_b1_map(reg, uid, 10.0, 2.0, row.last_received + 11.0, load)
+        assert pending.wait_until == pytest.approx(b1_row.last_received + 12.0)
+        _finish(reg, str(other_for[0].SeriesInstanceUID), State.IGNORED)
+        late = row.last_received + 100.0
+        none = match_b1_map(reg, uid, 10.0, 2.0, late, load)
+        assert none.wait_until is None and none.b1_map is None
+        assert any("FrameOfReferenceUID" in n for n in none.notes), none.notes
+        assert any("synthmr retry" in n for n in none.notes), none.notes
+        same_for = make_b1_map_datasets(
+            values, affine, "siemens", study=study,
+            frame_of_reference_uid=str(qalas[0].FrameOfReferenceUID), seed=2,
+        )  # fmt: skip
+        _register(reg, tmp_path, same_for, "b1_same_for")
+        for s in {str(ds.SeriesInstanceUID) for ds in same_for}:
+            _finish(reg, s, State.IGNORED)
+        found = match_b1_map(reg, uid, 10.0, 2.0, late, load)
+        fa_uid = next(
+            str(ds.SeriesInstanceUID) for ds in same_for if "FLIP ANGLE MAP" in list(ds.ImageType)
+        )
+        assert found.b1_map is not None and found.b1_map.source["series_uid"] == fa_uid
+        assert qalas_series_processed_before(reg, fa_uid) == []
+        _finish(reg, uid, State.EXPORTED)
+        assert qalas_series_processed_before(reg, fa_uid) == [uid]
+    finally:
+        reg.close()
