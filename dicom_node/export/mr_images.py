@@ -15,7 +15,6 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import MRImageStorage
-from pydicom.valuerep import DSfloat
 
 from processing._version import __version__
 from processing.results import SeriesResult, SyntheticImage
@@ -23,10 +22,14 @@ from processing.results import SeriesResult, SyntheticImage
 from .common import (
     MAP_INFO,
     PATIENT_STUDY_KEYWORDS,
+    decimal_string,
     map_array,
     new_instance,
     robust_window,
     series_number_base,
+    set_equipment,
+    set_mr_series,
+    set_pixel_module_16,
 )
 from .enhanced_mr import enhanced_synthetic_series, is_3d
 from .geometry import (
@@ -57,9 +60,7 @@ __all__ = [
 ]
 
 
-def _ds(value: float) -> DSfloat:
-    """A DS value that fits the 16-character limit."""
-    return DSfloat(float(value), auto_format=True)
+_ds = decimal_string
 
 
 _SCANNING_SEQUENCE = {"SE": "SE", "IR": "IR", "PSIR": "IR", "DIR": "IR", "GRE": "GR"}
@@ -80,36 +81,17 @@ def _base_instance(
 ) -> Dataset:
     """A classic MR instance with patient/study/frame-of-reference/geometry copied."""
     ds = new_instance(ref, MRImageStorage, sop_uid)
-    da, tm = str(ds.InstanceCreationDate), str(ds.InstanceCreationTime)
-    # General series
-    ds.Modality = "MR"
+    set_mr_series(ds, ref, series_uid, series_number, series_description)
     # Laterality is Type 2C: copy it; absent for a known unpaired body part (head),
     # else empty (unknown) - dciodvfy flags both other choices
     if "Laterality" in ref:
         ds.Laterality = ref.Laterality
     elif not ref.get("BodyPartExamined"):
         ds.Laterality = ""
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = series_description[:64]
-    ds.SeriesDate, ds.SeriesTime = da, tm
-    ds.PatientPosition = ref.get("PatientPosition", "")  # Type 2C for MR
-    for kw in ("BodyPartExamined", "ProtocolName"):
-        if kw in ref:
-            setattr(ds, kw, ref[kw].value)
-    # Frame of reference
-    ds.FrameOfReferenceUID = ref.FrameOfReferenceUID
-    ds.PositionReferenceIndicator = ref.get("PositionReferenceIndicator", "")
-    # Equipment: this software made the instance
-    ds.Manufacturer = settings.manufacturer
-    ds.ManufacturerModelName = settings.manufacturer_model_name
-    ds.DeviceSerialNumber = settings.device_serial_number
-    ds.SoftwareVersions = f"synthmr {__version__}"
-    if settings.institution_name:
-        ds.InstitutionName = settings.institution_name
+    set_equipment(ds, settings)
     # General image
     ds.InstanceNumber = z + 1
-    ds.ContentDate, ds.ContentTime = da, tm
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.ImageType = image_type
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
@@ -130,14 +112,7 @@ def _base_instance(
     ds.SequenceVariant = "NONE"
     ds.ScanOptions = ""
     ds.EchoTrainLength = ""
-    # Image pixel
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1 if signed else 0
+    set_pixel_module_16(ds, pixels.shape[0], pixels.shape[1], signed)
     _set_pixels(ds, pixels, signed)
     return ds
 
