@@ -5,7 +5,7 @@
 
 Cases: the stated model of tests/test_export_support.py (3 x 32 x 32) with the stated
 sources and with the scanner emulator's GE, Siemens, Philips Enhanced and Siemens XA
-Enhanced layouts; every output kind (8 Parametric Maps, maps as MR, synthetic contrasts,
+Enhanced layouts, and GE marked 3D (Enhanced MR synthetic series); every output kind (8 Parametric Maps, maps as MR, synthetic contrasts,
 SEG FRACTIONAL and BINARY, SR with and without SEG). One line per output: SOP class,
 series number, instance number and tests/export_canon.py's digest (every attribute, nested,
 pixel data included; creation/content/series dates and times and the file meta's
@@ -33,6 +33,10 @@ def main() -> None:
     cases = {"stated": make_sources()}
     for layout in ("ge", "siemens", "philips_enhanced", "siemens_xa_enhanced"):
         cases[layout] = make_datasets(flat_acquisition(result), layout, with_phase=True)
+    # a 3D acquisition: the synthetic contrasts as one Enhanced MR instance each
+    cases["ge 3D"] = make_datasets(flat_acquisition(result), "ge", with_phase=True)
+    for ds in cases["ge 3D"]:
+        ds.MRAcquisitionType = "3D"
     for name, sources in cases.items():
         outs = export_all(result, sources, ExportSettings(maps_as_mr_images=True))
         outs.append(segmentation(result, sources, ExportSettings(seg_type="BINARY")))

@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--senders", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as td:
         tmp = Path(td)
         max_k = max(args.senders)
@@ -201,6 +202,12 @@ def main() -> None:
         f" 127.0.0.1, {args.rounds} rounds, median (min-max) instances/s"
     )
     flush = statistics.median(flushes)
+    load_after = os.getloadavg()
+    print(
+        f"load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load_before)},"
+        f" after {'/'.join(f'{x:.2f}' for x in load_after)} (2 cores: above ~1 the timings"
+        " are inflated)"
+    )
     print(
         f"disk flush (4 KiB append + fdatasync): {flush:.2f} ms median ->"
         f" at most {1e3 / flush:.0f} durable answers/s to one synchronous sender"

@@ -70,7 +70,9 @@ class NodeSettings:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 30.0
     network_timeout_s: float = 60.0
-    max_pdu: int = 16382
+    #: largest PDU the SCP accepts (announced to the sender): a 256x256 image fits in one
+    #: instead of 8 PDUs of 16 KiB, each of which pynetdicom decodes and dispatches in Python
+    max_pdu: int = 262144
     #: a connection must finish its TLS handshake and send its A-ASSOCIATE-RQ within this
     setup_timeout_s: float = 10.0
     #: connections of one host not yet associated (silent or slow peers) beyond this are closed

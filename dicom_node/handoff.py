@@ -139,17 +139,21 @@ def submit_via_tmpfs(
     the returned future holds ``fn``'s result (or its exception)."""
     owner = os.getpid()
     task = pack((fn, args), owner)
-    outer: Future[Any] = Future()
+    outer = _Linked()
     try:
         inner = submit(call_packed, task, owner)
     except BaseException:
         if task[1]:
             Path(task[1]).unlink(missing_ok=True)
         raise
+    outer.inner = inner
 
     def done(f: Future[Any]) -> None:
         if task[1]:
             Path(task[1]).unlink(missing_ok=True)  # a worker that died before reading it
+        if f.cancelled():  # taken back before a worker started it (_Linked.cancel)
+            Future.cancel(outer)
+            return
         try:
             outer.set_result(unpack(f.result()))
         except BaseException as exc:
@@ -157,6 +161,18 @@ def submit_via_tmpfs(
 
     inner.add_done_callback(done)
     return outer
+
+
+class _Linked(Future):  # type: ignore[type-arg]
+    """The caller's side of a hand-off task: :meth:`cancel` takes the task back from the
+    pool while no worker has started it (the node then does it itself)."""
+
+    inner: Future[Any] | None = None
+
+    def cancel(self) -> bool:
+        inner = self.inner
+        # the inner future's callback (``done`` above) cancels this one
+        return inner is not None and inner.cancel() and self.cancelled()
 
 
 def remove_stale() -> int:

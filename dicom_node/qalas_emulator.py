@@ -267,11 +267,8 @@ B1_MAP_VENDORS: dict[str, str] = {
     "ge": "B1 Map: one series of B1 map images (percent)",
     "unknown": "another manufacturer's B1 map (unit unknown: the node must not use it)",
 }
-_B1_MANUFACTURER = {
-    "siemens": ("SIEMENS", "MAGNETOM Vida (emulated)"),
-    "philips": ("Philips", "Ingenia (emulated)"),
-    "ge": ("GE MEDICAL SYSTEMS", "SIGNA Premier (emulated)"),
-    "unknown": ("ACME Imaging", "Model X (emulated)"),
+_B1_MANUFACTURER = {v: _VENDOR[v] for v in ("siemens", "philips", "ge")} | {
+    "unknown": ("ACME Imaging", "Model X (emulated)")
 }
 _TFL_NOMINAL_DEG = 80.0
 

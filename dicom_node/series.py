@@ -24,6 +24,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,7 +39,7 @@ from dicom_node.config import Settings
 from dicom_node.export import ExportSettings, export_groups, settings_for
 from dicom_node.export.common import series_number_base
 from dicom_node.export.geometry import SliceGeometry, slice_geometry
-from dicom_node.export.mr_images import synthetic_series
+from dicom_node.export.mr_images import mr_geometry, synthetic_series
 from dicom_node.export.uids import parameter_fingerprint, source_digest
 from dicom_node.handoff import trim_heap
 from dicom_node.logging import log_event
@@ -494,10 +495,16 @@ def _export_and_write(
         result, sources, settings, synthetic=away is None, geometry=geometry
     ):
         emit(group)
-        while away and away[0].done():  # the worker's series that are ready, in order
-            emit_encoded(_encoded(away.pop(0).result()))
-    for task in away or []:
-        emit_encoded(_encoded(task.result()))
+        while away and away[0].future.done():  # the worker's series that are ready, in order
+            emit_encoded(_encoded(away.pop(0).future.result()))
+    # The node's own groups are done: a series no worker has started yet is taken back from
+    # the end of the queue and encoded here (the worker goes on from the front).
+    while away:
+        if not away[0].future.done() and _take_back(away[-1].future):
+            task = away.pop()
+            emit_encoded(_encoded(encode_synthetic_series(*task.args)))
+        else:
+            emit_encoded(_encoded(away.pop(0).future.result()))
     emit(extra() if callable(extra) else extra)
     if not stream:
         outputs = write(held, result)
@@ -567,13 +574,27 @@ def encode_synthetic_series(
     return np.frombuffer(b"".join(blobs), dtype=np.uint8), index
 
 
+class _Away(NamedTuple):
+    """One synthetic series given to the worker: its future and the arguments of
+    :func:`encode_synthetic_series` (to encode it here if taken back)."""
+
+    future: Any
+    args: tuple[Any, ...]
+
+
+def _take_back(future: Any) -> bool:
+    """Cancel a worker task no worker has started (a hand-off or process-pool future);
+    False when it runs or ran, or for a future that cannot say (Dask)."""
+    return isinstance(future, Future) and future.cancel()
+
+
 def _start_synthetic(
     result: SeriesResult,
     geometry: SliceGeometry,
     settings: ExportSettings,
     submit: Submit,
     qc_mark: str,
-) -> list[Any] | None:
+) -> list[_Away] | None:
     """Submit one :func:`encode_synthetic_series` per selected contrast (None: a selection
     the result cannot meet, left to the in-process export to report)."""
     settings = settings_for(result, settings)  # as export_groups gives its builders
@@ -582,6 +603,7 @@ def _start_synthetic(
         return None
     base = series_number_base(geometry.refs[0], settings) + 100
     fp = parameter_fingerprint(result, settings)
+    geometry = mr_geometry(geometry)  # each task pickles it: only what the builder reads
     tasks = []
     for i, name in enumerate(names):
         # only what the MR builder reads: the worker gets one contrast, not every array
@@ -593,9 +615,8 @@ def _start_synthetic(
             myelin=None,
             phantom_rois=None,
         )
-        tasks.append(
-            submit(encode_synthetic_series, light, name, geometry, settings, base + i, fp, qc_mark)
-        )
+        args = (light, name, geometry, settings, base + i, fp, qc_mark)
+        tasks.append(_Away(submit(encode_synthetic_series, *args), args))
     return tasks
 
 

@@ -62,7 +62,7 @@ from scipy import ndimage
 
 from processing.acquisition import Acquisition
 from processing.results import QuantMaps
-from processing.signal import IDEAL_PROFILE, rician_mean_scalar, t1_factor
+from processing.signal import IDEAL_PROFILE, kernel_protocol, rician_mean_scalar, t1_factor
 
 __all__ = [
     "B1_BOUNDS",
@@ -1268,13 +1268,14 @@ def _setup(
     """The kernels' view of the protocol, bounds, noise and the (R1, B1) grid."""
     ps, pw = _check_profile(profile)
     proto = Protocol(
-        np.ascontiguousarray(acq.delays_ms, np.float64),
-        np.ascontiguousarray(acq.echo_times_ms, np.float64),
-        float(acq.tr_ms),
-        math.radians(acq.saturation_deg),
-        math.radians(acq.excitation_deg),
-        ps,
-        pw,
+        *kernel_protocol(
+            acq.delays_ms,
+            acq.echo_times_ms,
+            acq.tr_ms,
+            acq.saturation_deg,
+            acq.excitation_deg,
+            (ps, pw),
+        )
     )
     grid = make_grid(
         acq.delays_ms,

@@ -42,7 +42,7 @@ from scipy import ndimage as ndi
 
 from processing.acquisition import Acquisition
 from processing.results import QuantMaps
-from processing.signal import IDEAL_PROFILE, t1_factor
+from processing.signal import IDEAL_PROFILE, kernel_protocol, t1_factor
 
 __all__ = [
     "COMPARTMENTS",
@@ -251,25 +251,11 @@ def simulate_voxels(
         raise PhantomError("t1_ms/t2_ms: relaxation times must be > 0 ms")
     b1v = np.ascontiguousarray(np.broadcast_to(np.asarray(b1, np.float64), (n,)))
     coilv = np.ascontiguousarray(np.broadcast_to(np.asarray(coil, np.float64), (n,)))
-    td = np.ascontiguousarray(delays_ms, np.float64)
-    te = np.ascontiguousarray(echo_times_ms, np.float64)
-    out = np.empty((n, td.size, te.size))
-    _mixture_kernel(
-        frac,
-        t1,
-        t2,
-        pd,
-        b1v,
-        coilv,
-        td,
-        te,
-        float(tr_ms),
-        math.radians(saturation_deg),
-        math.radians(excitation_deg),
-        np.ascontiguousarray(profile[0], np.float64),
-        np.ascontiguousarray(profile[1], np.float64),
-        out,
+    proto = kernel_protocol(
+        delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg, profile
     )
+    out = np.empty((n, proto[0].size, proto[1].size))
+    _mixture_kernel(frac, t1, t2, pd, b1v, coilv, *proto, out)
     return out
 
 
@@ -677,9 +663,8 @@ def _mixture_signal(
 ) -> np.ndarray:
     """Noise-free partial-volume signal ``[z, delay, echo, y, x]``; only head voxels carry
     signal. ``protocol``: (delays ms, echo times ms, TR ms, saturation deg, excitation deg)."""
-    delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg = protocol
     nz, ny, nx = head.shape
-    signal = np.zeros((nz, len(delays_ms), len(echo_times_ms), ny, nx), dtype=np.float32)
+    signal = np.zeros((nz, len(protocol[0]), len(protocol[1]), ny, nx), dtype=np.float32)
     tabs = [
         np.array([getattr(tis[c], q) for c in COMPARTMENTS], np.float32).astype(np.float64)
         for q in ("t1_ms", "t2_ms", "pd_pu")
@@ -692,13 +677,7 @@ def _mixture_signal(
         tabs[2],
         np.ascontiguousarray(b1),
         np.ascontiguousarray(coil_map),
-        np.ascontiguousarray(delays_ms, np.float64),
-        np.ascontiguousarray(echo_times_ms, np.float64),
-        float(tr_ms),
-        math.radians(saturation_deg),
-        math.radians(excitation_deg),
-        np.ascontiguousarray(profile[0], np.float64),
-        np.ascontiguousarray(profile[1], np.float64),
+        *kernel_protocol(*protocol, profile),
         signal,
     )
     return signal

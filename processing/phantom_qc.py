@@ -86,7 +86,7 @@ from processing.phantom import (
 )
 from processing.phantoms import ARRAY_QUANTITY, PhantomDefinition
 from processing.results import QuantMaps
-from processing.signal import IDEAL_PROFILE, mdme_jacobian, t1_factor
+from processing.signal import IDEAL_PROFILE, kernel_protocol, mdme_jacobian, t1_factor
 
 __all__ = [
     "MAX_VOXEL_CV",
@@ -474,6 +474,7 @@ def simulate_phantom(
     b1, coil = _smooth_fields(shp, affine, pose, (ff > 0) | (fs > 0), b1_range, coil_range)
     nz, ny, nx = shp
     signal = np.zeros((nz, len(delays_ms), len(echo_times_ms), ny, nx), np.float32)
+    protocol = (delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg)
     _phantom_signal_kernel(
         idx,
         fs,
@@ -484,17 +485,10 @@ def simulate_phantom(
         fill,
         b1,
         coil,
-        np.ascontiguousarray(delays_ms, np.float64),
-        np.ascontiguousarray(echo_times_ms, np.float64),
-        float(tr_ms),
-        math.radians(saturation_deg),
-        math.radians(excitation_deg),
-        np.ascontiguousarray(profile[0], np.float64),
-        np.ascontiguousarray(profile[1], np.float64),
+        *kernel_protocol(*protocol, profile),
         signal,
     )
     add_noise(np.random.default_rng(seed), signal, snr, magnitude)
-    protocol = (delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg)
     metadata = {
         "source": "synthmr phantom_qc.simulate_phantom",
         "phantom": definition.name,

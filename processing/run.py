@@ -7,6 +7,7 @@ becomes a warning in the result, never a lost series.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -79,17 +80,19 @@ def run(
     centres: dict[str, dict[str, float]] = {}
     if settings.segmentation:
         centres = _segmentation_stage(acq, result, profile)
-    if settings.myelin:
-        _myelin_stage(acq, result)
-    csf_t1 = _synthesis_stage(acq, result, settings, centres)
-    model_sha = _enhance_stage(acq, result, settings, csf_t1) if settings.enhance else None
-    t = time.perf_counter()
+    # After the segmentation, myelin + QC (a thread) and synthesis + enhancement (here)
+    # need nothing of each other: they overlap on the second core. Each side keeps its own
+    # warnings and timings, merged afterwards in the sequential order (myelin, synthesis,
+    # enhance, qc), so the result is the same as one after the other.
+    side = _MyelinAndQC(acq, result, settings.myelin)
+    side.start()
+    n_before = len(warnings)
     try:
-        result.qc = qc_mod.fit_qc(acq, maps, result.segmentation)
-    except Exception as exc:
-        warnings.append(f"QC failed: {exc}")
-        result.qc = {"status": "fail", "error": str(exc)}
-    _timed(timings, "qc", t)
+        csf_t1 = _synthesis_stage(acq, result, settings, centres)
+        model_sha = _enhance_stage(acq, result, settings, csf_t1) if settings.enhance else None
+    finally:
+        side.join()
+    side.merge_into(result, n_before)
     result.provenance = _provenance(acq, result, settings, model_sha, centres)
     if b1_used:
         result.provenance["b1_map"] = b1_used
@@ -178,12 +181,60 @@ def _segmentation_stage(
     return centres
 
 
-def _myelin_stage(acq: Acquisition, result: SeriesResult) -> None:
-    """Myelin maps and volumes (MDME only; optional: a failure is a warning)."""
+class _MyelinAndQC(threading.Thread):
+    """The myelin stage (when enabled), then the QC, on a thread of their own; their
+    warnings and timings wait in ``warnings`` / ``timings`` for :meth:`merge_into`."""
+
+    def __init__(self, acq: Acquisition, result: SeriesResult, with_myelin: bool) -> None:
+        super().__init__(name="myelin-qc", daemon=True)
+        self.acq, self.result, self.with_myelin = acq, result, with_myelin
+        self.myelin_warnings: list[str] = []
+        self.qc_warnings: list[str] = []
+        self.timings: dict[str, float] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        acq, result = self.acq, self.result
+        try:
+            if self.with_myelin:
+                _myelin_stage(acq, result, self.myelin_warnings, self.timings)
+            t = time.perf_counter()
+            try:
+                result.qc = qc_mod.fit_qc(acq, result.maps, result.segmentation)
+            except Exception as exc:
+                self.qc_warnings.append(f"QC failed: {exc}")
+                result.qc = {"status": "fail", "error": str(exc)}
+            _timed(self.timings, "qc", t)
+        except BaseException as exc:  # raised again in the caller's thread
+            self.error = exc
+
+    def merge_into(self, result: SeriesResult, n_before: int) -> None:
+        """Warnings and timings as if the stages had run one after the other: myelin's
+        before synthesis's (which came after ``n_before``), QC's last."""
+        if self.error is not None:
+            raise self.error
+        result.warnings[n_before:n_before] = self.myelin_warnings
+        result.warnings.extend(self.qc_warnings)
+        timings = result.timings_s
+        later = {k: timings.pop(k) for k in list(timings) if k in ("synthesis", "enhance")}
+        if "myelin" in self.timings:
+            timings["myelin"] = self.timings["myelin"]
+        timings.update(later)
+        timings["qc"] = self.timings["qc"]
+
+
+def _myelin_stage(
+    acq: Acquisition,
+    result: SeriesResult,
+    warnings: list[str] | None = None,
+    timings: dict[str, float] | None = None,
+) -> None:
+    """Myelin maps and volumes (MDME only; optional: a failure is a warning).
+    ``warnings`` / ``timings``: where its warnings and seconds go (default the result's)."""
+    warnings = result.warnings if warnings is None else warnings
+    timings = result.timings_s if timings is None else timings
     if acq.sequence_kind == "QALAS":
-        result.warnings.append(
-            "myelin model: calibrated through the MDME acquisition; not run on QALAS"
-        )
+        warnings.append("myelin model: calibrated through the MDME acquisition; not run on QALAS")
         return
     maps = result.maps
     t = time.perf_counter()
@@ -195,12 +246,12 @@ def _myelin_stage(acq: Acquisition, result: SeriesResult) -> None:
         result.myelin = myelin.myelin_maps(
             maps, icmask, acq.voxel_volume_ml, acq=acq, fractions=result.segmentation
         )
-        result.warnings.extend(f"myelin model: {w}" for w in result.myelin.calibration_warnings)
+        warnings.extend(f"myelin model: {w}" for w in result.myelin.calibration_warnings)
         result.volumes_ml["MYELIN"] = float(result.myelin.myelin_volume_ml)
         result.volumes_ml["EPW"] = float(result.myelin.epw_volume_ml)
     except Exception as exc:
-        result.warnings.append(f"myelin model failed: {exc}")
-    _timed(result.timings_s, "myelin", t)
+        warnings.append(f"myelin model failed: {exc}")
+    _timed(timings, "myelin", t)
 
 
 def _synthesis_stage(

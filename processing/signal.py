@@ -25,6 +25,7 @@ phantom.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba as nb
 import numpy as np
@@ -151,6 +152,28 @@ def _prep(m0, t1_ms, t2_ms, b1):
     )
 
 
+def kernel_protocol(
+    delays_ms: Any,
+    echo_times_ms: Any,
+    tr_ms: float,
+    saturation_deg: float,
+    excitation_deg: float,
+    profile: tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, float, float, float, np.ndarray, np.ndarray]:
+    """An MDME protocol as the numba kernels take it: ``(td, te, tr, theta, alpha, ps, pw)``,
+    delays and echo times float64 ms, TR ms, saturation and excitation angles in radians,
+    slice-profile scales and weights float64."""
+    return (
+        np.ascontiguousarray(delays_ms, np.float64),
+        np.ascontiguousarray(echo_times_ms, np.float64),
+        float(tr_ms),
+        math.radians(saturation_deg),
+        math.radians(excitation_deg),
+        np.ascontiguousarray(profile[0], np.float64),
+        np.ascontiguousarray(profile[1], np.float64),
+    )
+
+
 def mdme_jacobian(
     m0,
     t1_ms,
@@ -172,27 +195,13 @@ def mdme_jacobian(
     derivatives with respect to ``(M0, R1 [1/ms], R2 [1/ms], B1)``.
     """
     shape, m0v, r1v, r2v, b1v = _prep(m0, t1_ms, t2_ms, b1)
-    td = np.ascontiguousarray(delays_ms, dtype=np.float64)
-    te = np.ascontiguousarray(echo_times_ms, dtype=np.float64)
-    ns = td.size * te.size
+    proto = kernel_protocol(
+        delays_ms, echo_times_ms, tr_ms, saturation_deg, excitation_deg, profile
+    )
+    ns = proto[0].size * proto[1].size
     out = np.empty((m0v.size, ns))
     jac = np.empty((m0v.size, ns, 4))
-    _signal_kernel(
-        m0v,
-        r1v,
-        r2v,
-        b1v,
-        td,
-        te,
-        float(tr_ms),
-        math.radians(saturation_deg),
-        math.radians(excitation_deg),
-        np.ascontiguousarray(profile[0], np.float64),
-        np.ascontiguousarray(profile[1], np.float64),
-        bool(magnitude),
-        out,
-        jac,
-    )
+    _signal_kernel(m0v, r1v, r2v, b1v, *proto, bool(magnitude), out, jac)
     return out.reshape(shape + (ns,)), jac.reshape(shape + (ns, 4))
 
 

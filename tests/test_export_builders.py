@@ -63,3 +63,67 @@ def test_report_equals_highdicoms_checked_construction(result, layout):
     checked = report(result, sources, settings, seg=seg, check_references=True)
     assert differences(fast, checked) == []
     assert len(fast.ContentSequence) >= 3  # the tree is there: context, procedure, groups
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mr_slices_from_the_first_slice_equal_full_builds(result, layout, monkeypatch):
+    from dicom_node.export import map_mr_images, mr_images, synthetic_images
+
+    sources = _sources(layout, result)
+    if layout == "ge":  # one slice's reference differs in what the outputs copy
+        for ds in sources:
+            if (
+                abs(float(ds.ImagePositionPatient[2]) - float(sources[0].ImagePositionPatient[2]))
+                > 1
+            ):
+                ds.ReceiveCoilName = "OTHER COIL"
+                break
+    settings = settings_for(result, ExportSettings(maps=("T1", "B1")))
+    fast = synthetic_images(result, sources, settings) + map_mr_images(result, sources, settings)
+    with monkeypatch.context() as m:
+        m.setattr(mr_images, "_ref_signature", lambda ref: object())  # every slice in full
+        full = synthetic_images(result, sources, settings) + map_mr_images(
+            result, sources, settings
+        )
+    assert len(fast) == len(full) == result.shape[0] * (len(result.synthetic) + 2)
+    for a, b in zip(fast, full, strict=True):
+        assert differences(a, b) == [], (a.SeriesDescription, a.InstanceNumber)
+    assert len({str(ds.SOPInstanceUID) for ds in fast}) == len(fast)
+    coils = {str(ds.get("ReceiveCoilName", "")) for ds in fast}
+    assert ("OTHER COIL" in coils) == (layout == "ge")
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "ge 3D"])
+def test_worker_geometry_gives_the_same_synthetic_series(result, layout):
+    """The node sends its worker mr_geometry (reference headers cut down): the encoded
+    series must be what the full geometry gives."""
+    from io import BytesIO
+
+    import pydicom
+
+    from dicom_node.export.mr_images import mr_geometry, synthetic_series
+    from dicom_node.series import encode_synthetic_series
+
+    sources = _sources(layout.split()[0], result)
+    if layout.endswith("3D"):  # a 3D acquisition: one Enhanced MR instance per contrast
+        for ds in sources:
+            ds.MRAcquisitionType = "3D"
+    settings = settings_for(result, ExportSettings())
+    geometry = slice_geometry(result, sources, settings)
+    fp = parameter_fingerprint(result, settings)
+    for name, syn in result.synthetic.items():
+        full = synthetic_series(result, syn, geometry, settings, 1100, fp)
+        data, index = encode_synthetic_series(
+            result, name, mr_geometry(geometry), settings, 1100, fp
+        )
+        assert len(index) == len(full) == (1 if layout.endswith("3D") else result.shape[0])
+        at = 0
+        for ds, (sop, _, n, _, _, study, series) in zip(full, index, strict=True):
+            back = pydicom.dcmread(BytesIO(data[at : at + n].tobytes()))
+            at += n
+            assert (sop, study, series) == (
+                ds.SOPInstanceUID,
+                ds.StudyInstanceUID,
+                ds.SeriesInstanceUID,
+            )
+            assert differences(back, ds) == [], (name, ds.get("InstanceNumber"))

@@ -203,16 +203,23 @@ def test_the_reactor_never_takes_a_c_store_response(requestor: str, tmp_path: Pa
         assert len(list(out.iterdir())) == 4
 
 
-def test_outbox_dead_letter_after_max_attempts(tmp_path: Path) -> None:
-    reg = Registry(tmp_path / "r.db")
+def _exported_series(db: Path, outbox: list[tuple[str, str, str, str]]) -> Registry:
+    """A registry whose series 1.1 (one instance) went through a job to EXPORTED with these
+    outbox rows ``(destination, SOP Instance UID, SOP Class UID, file)``."""
+    reg = Registry(db)
     reg.add_instance(
         sop_uid="1.1.1", series_uid="1.1", study_uid="", sop_class_uid="1", path="/p", size=1
     )
     reg.transition("1.1", State.COMPLETE)
     job = reg.enqueue("1.1")
     reg.claim_job()
+    reg.finish_job(job, "1.1", State.EXPORTED, outbox=outbox)
+    return reg
+
+
+def test_outbox_dead_letter_after_max_attempts(tmp_path: Path) -> None:
     f = make_mr_file(tmp_path / "out.dcm")
-    reg.finish_job(job, "1.1", State.EXPORTED, outbox=[("down", "9.1", "1.2", str(f))])
+    reg = _exported_series(tmp_path / "r.db", [("down", "9.1", "1.2", str(f))])
     metrics = NodeMetrics()
     retry = RetrySettings(max_attempts=2, base_delay_s=0.0, max_delay_s=0.0, jitter=0.0)
     ob = Outbox(
@@ -249,17 +256,10 @@ def test_outbox_pushes_a_series_over_parallel_associations(tmp_path: Path) -> No
     ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
     srv = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
-        reg = Registry(tmp_path / "r.db")
-        reg.add_instance(
-            sop_uid="1.1.1", series_uid="1.1", study_uid="", sop_class_uid="1", path="/p", size=1
-        )
-        reg.transition("1.1", State.COMPLETE)
-        job = reg.enqueue("1.1")
-        reg.claim_job()
         outs = [make_mr_file(tmp_path / f"out{i}.dcm", instance_number=i) for i in range(9)]
         sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in outs]
         rows = [("pacs", s, str(MRImageStorage), str(f)) for s, f in zip(sops, outs, strict=True)]
-        reg.finish_job(job, "1.1", State.EXPORTED, outbox=rows)
+        reg = _exported_series(tmp_path / "r.db", rows)
         dest = Destination("pacs", "PACS", "127.0.0.1", srv.server_address[1], 10, associations=3)
         ob = Outbox(reg, [dest], RetrySettings(), NodeMetrics())
         assert ob.run_once() == 9

@@ -354,3 +354,72 @@ def test_slice_geometry_is_made_once_while_the_worker_processes(
         [pydicom.dcmread(p) for p in files], settings, series.folder_writer(tmp_path / "here")
     )
     assert sorted(u for u, _, _ in here.outputs) == sorted(u for u, _, _ in out.outputs)
+
+
+def test_synthetic_series_no_worker_started_are_encoded_by_the_node(tmp_path: Path) -> None:
+    """With the only worker busy (a 4 s task in front), the node, done with its own
+    groups, takes back the synthetic series no worker has started and encodes them itself:
+    those futures end cancelled, and every file equals the in-process export's but for
+    the wall-clock dates and times."""
+    import dataclasses
+    import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    from dicom_node.handoff import submit_via_tmpfs
+    from dicom_node.series import encode_synthetic_series, folder_writer, run_series
+    from processing.run import ProcessingSettings, run
+
+    files = simulate(tmp_path / "in", "ge", seed=4)
+    settings = dataclasses.replace(
+        load_settings(None),
+        processing=ProcessingSettings(
+            contrasts=("T1W", "T2W", "FLAIR"), segmentation=False, myelin=False, enhance=False
+        ),
+    )
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    pool.submit(time.sleep, 0).result()  # the process is up
+    processed: list = []
+    encodings: list[Future] = []
+
+    def submit(fn, *args) -> Future:
+        if fn is run:
+            processed[:] = processed or [fn(*args)]
+            done: Future = Future()
+            done.set_result(processed[0])
+            pool.submit(time.sleep, 4.0)  # the worker is busy when the export starts
+            return done
+        f = submit_via_tmpfs(pool.submit, fn, *args)
+        if fn is encode_synthetic_series:
+            encodings.append(f)
+        return f
+
+    try:
+        here = run_series(
+            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
+            submit=lambda fn, *a: submit(fn, *a) if fn is run else None,
+        )  # fmt: skip
+        away = run_series(
+            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
+            submit=submit, on_outputs=lambda rows: None,
+        )  # fmt: skip
+    finally:
+        pool.shutdown()
+    assert here.state == away.state == State.EXPORTED, (here.reason, away.reason)
+    assert len(encodings) == 3 and sum(f.cancelled() for f in encodings) >= 2
+    clock = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
+             "ContentDate", "ContentTime")  # fmt: skip
+
+    def mr_files(root: Path) -> dict[str, pydicom.Dataset]:
+        out = {}
+        for p in root.rglob("*.dcm"):
+            ds = pydicom.dcmread(p)
+            if ds.Modality == "MR":
+                for kw in clock:
+                    ds.pop(kw, None)
+                out[str(ds.SOPInstanceUID)] = ds
+        return out
+
+    a, b = mr_files(tmp_path / "here"), mr_files(tmp_path / "away")
+    assert len(a) == 3 * 2 and a.keys() == b.keys()
+    for uid, ds in a.items():
+        assert ds == b[uid], uid

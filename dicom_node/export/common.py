@@ -18,7 +18,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.valuerep import DSfloat
 
+from processing._version import __version__
 from processing.results import SeriesResult
 
 from .settings import SCHEME, ExportError, ExportSettings, MapKind
@@ -27,11 +29,15 @@ __all__ = [
     "MAP_INFO",
     "PATIENT_STUDY_KEYWORDS",
     "copy_patient_study",
+    "decimal_string",
     "first_or",
     "map_array",
     "now_da_tm",
     "robust_window",
     "series_number_base",
+    "set_equipment",
+    "set_mr_series",
+    "set_pixel_module_16",
 ]
 
 PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
@@ -99,6 +105,51 @@ def new_instance(ref: Dataset, sop_class: str, sop_uid: str) -> Dataset:
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = da, tm
     return ds
+
+
+def decimal_string(value: float) -> DSfloat:
+    """A DS value that fits the 16-character limit."""
+    return DSfloat(float(value), auto_format=True)
+
+
+def set_equipment(ds: Dataset, settings: ExportSettings) -> None:
+    """General Equipment: this software made the instance."""
+    ds.Manufacturer = settings.manufacturer
+    ds.ManufacturerModelName = settings.manufacturer_model_name
+    ds.DeviceSerialNumber = settings.device_serial_number
+    ds.SoftwareVersions = f"synthmr {__version__}"
+    if settings.institution_name:
+        ds.InstitutionName = settings.institution_name
+
+
+def set_mr_series(
+    ds: Dataset, ref: Dataset, series_uid: str, series_number: int, description: str
+) -> None:
+    """General Series (an MR series started when the instance was created), Frame of
+    Reference and the patient position / body part / protocol of ``ref`` (Laterality,
+    which the classic and enhanced IODs treat differently, is the caller's)."""
+    ds.Modality = "MR"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = description[:64]
+    ds.SeriesDate, ds.SeriesTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    ds.PatientPosition = ref.get("PatientPosition", "")  # Type 2C for MR
+    for kw in ("BodyPartExamined", "ProtocolName"):
+        if kw in ref:
+            setattr(ds, kw, ref[kw].value)
+    ds.FrameOfReferenceUID = ref.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = ref.get("PositionReferenceIndicator", "")
+
+
+def set_pixel_module_16(ds: Dataset, rows: int, columns: int, signed: bool) -> None:
+    """Image Pixel module of 16-bit grey images (signed: two's complement)."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(rows), int(columns)
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if signed else 0
 
 
 def map_array(result: SeriesResult, kind: MapKind) -> np.ndarray:

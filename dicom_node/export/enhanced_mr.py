@@ -19,12 +19,10 @@ from __future__ import annotations
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import DSfloat
 
-from processing._version import __version__
 from processing.results import SeriesResult, SyntheticImage
 
-from .common import new_instance
+from .common import decimal_string, new_instance, set_equipment, set_mr_series, set_pixel_module_16
 from .geometry import SliceGeometry, frame_number
 from .settings import SCHEME, ExportError, ExportSettings
 from .uids import add_private_provenance, derive_uid
@@ -59,8 +57,7 @@ def _contrast(syn: SyntheticImage) -> str:
     return _CONTRAST.get(syn.name.upper(), "UNKNOWN")
 
 
-def _ds(value: float) -> DSfloat:
-    return DSfloat(float(value), auto_format=True)
+_ds = decimal_string
 
 
 def _item(**kw: object) -> Dataset:
@@ -211,29 +208,13 @@ def enhanced_synthetic_series(
     sop_uid = derive_uid(settings, src_series, fingerprint, "MR", syn.name, "enhanced")
     dim_uid = derive_uid(settings, src_series, fingerprint, "MR", syn.name, "dimensions")
     ds = new_instance(ref0, ENHANCED_MR_IMAGE_STORAGE, sop_uid)
-    da, tm = str(ds.InstanceCreationDate), str(ds.InstanceCreationTime)
-    ds.Modality = "MR"
+    set_mr_series(ds, ref0, series_uid, series_number, description)
     if "Laterality" in ref0:
         ds.Laterality = ref0.Laterality
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = description[:64]
-    ds.SeriesDate, ds.SeriesTime = da, tm
-    ds.PatientPosition = ref0.get("PatientPosition", "")
-    for kw in ("BodyPartExamined", "ProtocolName"):
-        if kw in ref0:
-            setattr(ds, kw, ref0[kw].value)
-    ds.FrameOfReferenceUID = ref0.FrameOfReferenceUID
-    ds.PositionReferenceIndicator = ref0.get("PositionReferenceIndicator", "")
-    ds.Manufacturer = settings.manufacturer
-    ds.ManufacturerModelName = settings.manufacturer_model_name
-    ds.DeviceSerialNumber = settings.device_serial_number
-    ds.SoftwareVersions = f"synthmr {__version__}"
-    if settings.institution_name:
-        ds.InstitutionName = settings.institution_name
+    set_equipment(ds, settings)
     # Enhanced MR Image module (DERIVED: the acquisition attributes are not required)
     ds.InstanceNumber = 1
-    ds.ContentDate, ds.ContentTime = da, tm
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     if ref0.get("AcquisitionDateTime"):
         ds.AcquisitionDateTime = ref0.AcquisitionDateTime
     # Enhanced MR Image Type has exactly 4 values and value 2 is PRIMARY (the classic
@@ -298,14 +279,7 @@ def enhanced_synthetic_series(
             )
         ]
     )
-    # Image pixel
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = int(img.shape[1]), int(img.shape[2])
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1 if syn.signed else 0
+    set_pixel_module_16(ds, img.shape[1], img.shape[2], syn.signed)
     lo, hi = (-32768, 32767) if syn.signed else (0, 65535)
     pixels = np.clip(np.rint(np.where(np.isfinite(img), img, 0)), lo, hi)
     ds.PixelData = pixels.astype("<i2" if syn.signed else "<u2").tobytes()

@@ -6,30 +6,37 @@ ImageType ``DERIVED\\SECONDARY\\SYNTHETIC\\<name>`` (maps: ``DERIVED\\PRIMARY\\T
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import MRImageStorage
-from pydicom.valuerep import DSfloat
 
 from processing._version import __version__
 from processing.results import SeriesResult, SyntheticImage
 
 from .common import (
     MAP_INFO,
+    PATIENT_STUDY_KEYWORDS,
+    decimal_string,
     map_array,
     new_instance,
     robust_window,
     series_number_base,
+    set_equipment,
+    set_mr_series,
+    set_pixel_module_16,
 )
 from .enhanced_mr import enhanced_synthetic_series, is_3d
 from .geometry import (
     SliceGeometry,
     frame_number,
     slice_geometry,
+    with_frame_number,
 )
 from .settings import (
     ExportError,
@@ -46,15 +53,14 @@ from .uids import (
 __all__ = [
     "map_mr_images",
     "map_mr_series",
+    "mr_geometry",
     "synthetic_images",
     "synthetic_series",
     "uint16_rescale",
 ]
 
 
-def _ds(value: float) -> DSfloat:
-    """A DS value that fits the 16-character limit."""
-    return DSfloat(float(value), auto_format=True)
+_ds = decimal_string
 
 
 _SCANNING_SEQUENCE = {"SE": "SE", "IR": "IR", "PSIR": "IR", "DIR": "IR", "GRE": "GR"}
@@ -75,45 +81,21 @@ def _base_instance(
 ) -> Dataset:
     """A classic MR instance with patient/study/frame-of-reference/geometry copied."""
     ds = new_instance(ref, MRImageStorage, sop_uid)
-    da, tm = str(ds.InstanceCreationDate), str(ds.InstanceCreationTime)
-    # General series
-    ds.Modality = "MR"
+    set_mr_series(ds, ref, series_uid, series_number, series_description)
     # Laterality is Type 2C: copy it; absent for a known unpaired body part (head),
     # else empty (unknown) - dciodvfy flags both other choices
     if "Laterality" in ref:
         ds.Laterality = ref.Laterality
     elif not ref.get("BodyPartExamined"):
         ds.Laterality = ""
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = series_description[:64]
-    ds.SeriesDate, ds.SeriesTime = da, tm
-    ds.PatientPosition = ref.get("PatientPosition", "")  # Type 2C for MR
-    for kw in ("BodyPartExamined", "ProtocolName"):
-        if kw in ref:
-            setattr(ds, kw, ref[kw].value)
-    # Frame of reference
-    ds.FrameOfReferenceUID = ref.FrameOfReferenceUID
-    ds.PositionReferenceIndicator = ref.get("PositionReferenceIndicator", "")
-    # Equipment: this software made the instance
-    ds.Manufacturer = settings.manufacturer
-    ds.ManufacturerModelName = settings.manufacturer_model_name
-    ds.DeviceSerialNumber = settings.device_serial_number
-    ds.SoftwareVersions = f"synthmr {__version__}"
-    if settings.institution_name:
-        ds.InstitutionName = settings.institution_name
+    set_equipment(ds, settings)
     # General image
     ds.InstanceNumber = z + 1
-    ds.ContentDate, ds.ContentTime = da, tm
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.ImageType = image_type
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
-    src = Dataset()
-    src.ReferencedSOPClassUID = ref.SOPClassUID
-    src.ReferencedSOPInstanceUID = ref.SOPInstanceUID
-    if frame_number(ref) is not None:  # Enhanced MR source: the frame of this slice
-        src.ReferencedFrameNumber = frame_number(ref)
-    ds.SourceImageSequence = DicomSequence([src])
+    ds.SourceImageSequence = DicomSequence([_source_item(ref)])
     # Image plane
     ds.PixelSpacing = [_ds(v) for v in geometry.pixel_spacing]
     ds.ImageOrientationPatient = [_ds(v) for v in geometry.orientation]
@@ -130,22 +112,8 @@ def _base_instance(
     ds.SequenceVariant = "NONE"
     ds.ScanOptions = ""
     ds.EchoTrainLength = ""
-    # Image pixel
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1 if signed else 0
-    dtype = np.dtype("<i2") if signed else np.dtype("<u2")
-    arr = np.ascontiguousarray(pixels.astype(dtype))
-    ds.PixelData = arr.tobytes()
-    ds["PixelData"].VR = "OW"
-    ds.SmallestImagePixelValue = int(arr.min())
-    ds.LargestImagePixelValue = int(arr.max())
-    ds["SmallestImagePixelValue"].VR = "SS" if signed else "US"
-    ds["LargestImagePixelValue"].VR = "SS" if signed else "US"
+    set_pixel_module_16(ds, pixels.shape[0], pixels.shape[1], signed)
+    _set_pixels(ds, pixels, signed)
     return ds
 
 
@@ -215,12 +183,11 @@ def synthetic_series(
         )  # fmt: skip
         return [enhanced]
     pixels = _to_int16_range(img, syn.signed)
-    out = []
-    for z, ref in enumerate(geometry.refs):
-        sop = derive_uid(settings, src_series, fingerprint, "MR", syn.name, "sop", str(z))
+
+    def build(z: int, sop: str) -> Dataset:
         ds = _base_instance(
-            ref, geometry, z, settings, series_uid, sop, series_number, desc, image_type,
-            pixels[z], syn.signed,
+            geometry.refs[z], geometry, z, settings, series_uid, sop, series_number, desc,
+            image_type, pixels[z], syn.signed,
         )  # fmt: skip
         ds.ScanningSequence = _SCANNING_SEQUENCE.get(syn.kind.upper(), "RM")
         ds.RepetitionTime = _ds(syn.tr_ms)
@@ -232,8 +199,129 @@ def synthetic_series(
         ds.WindowWidth = _ds(max(float(syn.window_width), 1.0))
         ds.ImageComments = f"Synthetic image (not acquired); {deriv}"[:10240]
         add_private_provenance(ds, result, settings)
-        out.append(ds)
+        return ds
+
+    return _slices(
+        geometry,
+        lambda z: derive_uid(settings, src_series, fingerprint, "MR", syn.name, "sop", str(z)),
+        build,
+        pixels,
+        syn.signed,
+    )
+
+
+#: what an MR output copies from its slice's reference image: slices whose references
+#: agree on these are the same instance apart from the per-slice attributes (_next_slice)
+_REF_KEYWORDS: tuple[str, ...] = (
+    *PATIENT_STUDY_KEYWORDS,
+    "Laterality",
+    "BodyPartExamined",
+    "PatientPosition",
+    "ProtocolName",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "MagneticFieldStrength",
+    "ImagingFrequency",
+    "ImagedNucleus",
+    "ReceiveCoilName",
+    "MRAcquisitionType",
+    "RepetitionTime",
+)
+
+
+#: every attribute of a reference image the MR builders read (this module's and
+#: :mod:`.enhanced_mr`'s): what :func:`mr_geometry` keeps
+_MR_REF_KEYWORDS: tuple[str, ...] = (
+    *_REF_KEYWORDS,
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "AcquisitionDateTime",
+)
+
+
+def mr_geometry(geometry: SliceGeometry) -> SliceGeometry:
+    """``geometry`` with reference headers cut down to what the MR builders read, for a
+    worker that builds the synthetic series (each task pickles its geometry: the full
+    vendor headers cost ~10x more to send and receive). Same outputs (tests/
+    test_export_builders.py)."""
+    refs = []
+    for ref in geometry.refs:
+        slim = Dataset()
+        for kw in _MR_REF_KEYWORDS:
+            if kw in ref:
+                slim.add(ref[kw])
+        refs.append(with_frame_number(slim, frame_number(ref)))
+    return replace(geometry, refs=refs, extra={})
+
+
+def _ref_signature(ref: Dataset) -> tuple[tuple[str, str], ...]:
+    return tuple((kw, str(ref[kw].value)) for kw in _REF_KEYWORDS if kw in ref)
+
+
+def _slices(
+    geometry: SliceGeometry,
+    sop_uid: Callable[[int], str],
+    build: Callable[[int, str], Dataset],
+    pixels: np.ndarray,
+    signed: bool,
+) -> list[Dataset]:
+    """One instance per slice: ``build(z, sop_uid)`` for the first slice (and for any whose
+    reference image differs in what the instances copy from it), the others from that
+    one's elements with their own position, reference, number and pixels (the same
+    datasets as ``build`` gives, at a fraction of the cost: tests/test_export_builders.py)."""
+    out: list[Dataset] = []
+    template: Dataset | None = None
+    signature: tuple[tuple[str, str], ...] = ()
+    for z, ref in enumerate(geometry.refs):
+        sop = sop_uid(z)
+        here = _ref_signature(ref)
+        if template is None or here != signature:
+            template, signature = build(z, sop), here
+            out.append(template)
+        else:
+            out.append(_next_slice(template, geometry, z, sop, pixels[z], signed))
     return out
+
+
+def _next_slice(
+    template: Dataset, geometry: SliceGeometry, z: int, sop: str, pixels: np.ndarray, signed: bool
+) -> Dataset:
+    """:func:`_base_instance`'s per-slice attributes on a copy of ``template``'s elements
+    (own elements: setting an attribute changes its element in place)."""
+    ds = Dataset()
+    for elem in template:
+        ds.add(copy.copy(elem))
+    ds.file_meta = copy.deepcopy(template.file_meta)
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.SOPInstanceUID = sop
+    ds.InstanceNumber = z + 1
+    ds.SourceImageSequence = DicomSequence([_source_item(geometry.refs[z])])
+    ds.ImagePositionPatient = [_ds(v) for v in geometry.positions[z]]
+    normal = np.cross(geometry.orientation[:3], geometry.orientation[3:])
+    ds.SliceLocation = _ds(np.dot(geometry.positions[z], normal))
+    _set_pixels(ds, pixels, signed)
+    return ds
+
+
+def _source_item(ref: Dataset) -> Dataset:
+    src = Dataset()
+    src.ReferencedSOPClassUID = ref.SOPClassUID
+    src.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+    if frame_number(ref) is not None:  # Enhanced MR source: the frame of this slice
+        src.ReferencedFrameNumber = frame_number(ref)
+    return src
+
+
+def _set_pixels(ds: Dataset, pixels: np.ndarray, signed: bool) -> None:
+    dtype = np.dtype("<i2") if signed else np.dtype("<u2")
+    arr = np.ascontiguousarray(pixels.astype(dtype))
+    ds.PixelData = arr.tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.SmallestImagePixelValue = int(arr.min())
+    ds.LargestImagePixelValue = int(arr.max())
+    ds["SmallestImagePixelValue"].VR = "SS" if signed else "US"
+    ds["LargestImagePixelValue"].VR = "SS" if signed else "US"
 
 
 def synthetic_images(
@@ -298,9 +386,9 @@ def map_mr_series(
     src_series = str(geometry.refs[0].SeriesInstanceUID)
     series_uid = derive_uid(settings, src_series, fingerprint, "MRMAP", kind.value, "series")
     desc = f"synthmr {kind.value} map ({info.unit.value})"
-    out = []
-    for z, ref in enumerate(geometry.refs):
-        sop = derive_uid(settings, src_series, fingerprint, "MRMAP", kind.value, "sop", str(z))
+
+    def build(z: int, sop: str) -> Dataset:
+        ref = geometry.refs[z]
         ds = _base_instance(
             ref, geometry, z, settings, series_uid, sop, series_number, desc,
             ["DERIVED", "PRIMARY", info.image_type_token], stored[z], False,
@@ -321,8 +409,15 @@ def map_mr_series(
             f"real value = stored * {slope:g} + {intercept:g}"
         )
         add_private_provenance(ds, result, settings)
-        out.append(ds)
-    return out
+        return ds
+
+    return _slices(
+        geometry,
+        lambda z: derive_uid(settings, src_series, fingerprint, "MRMAP", kind.value, "sop", str(z)),
+        build,
+        stored,
+        False,
+    )
 
 
 def map_mr_images(

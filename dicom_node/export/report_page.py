@@ -20,7 +20,7 @@ from pydicom.uid import (
 
 from processing._version import __version__
 
-from .common import new_instance, series_number_base
+from .common import new_instance, series_number_base, set_equipment
 from .settings import ExportSettings
 from .uids import derive_uid
 
@@ -36,12 +36,7 @@ def _common(ref: Dataset, settings: ExportSettings, sop_class: str, sop_uid: str
     da, tm = str(ds.InstanceCreationDate), str(ds.InstanceCreationTime)
     ds.ContentDate, ds.ContentTime = da, tm
     ds.SeriesDate, ds.SeriesTime = da, tm
-    ds.Manufacturer = settings.manufacturer
-    ds.ManufacturerModelName = settings.manufacturer_model_name
-    ds.DeviceSerialNumber = settings.device_serial_number
-    ds.SoftwareVersions = f"synthmr {__version__}"
-    if settings.institution_name:
-        ds.InstitutionName = settings.institution_name
+    set_equipment(ds, settings)
     ds.ConversionType = "WSD"  # workstation
     ds.InstanceNumber = 1
     ds.BurnedInAnnotation = "YES"

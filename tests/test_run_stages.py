@@ -1,0 +1,96 @@
+"""processing.run after the segmentation: myelin + QC run on a thread while synthesis +
+enhancement run in the caller, and the result reads as if they had run one after the
+other (warnings and timings in stage order). Phantom: ellipsoid 2 x 24 x 24, seed 1,
+SNR 50 (what the worker's warm-up runs)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from processing import run as run_mod
+from processing.phantom import make_phantom
+from processing.run import ProcessingSettings, run
+
+
+@pytest.fixture(scope="module")
+def acq():
+    return make_phantom((2, 24, 24), seed=1, snr=50.0, anatomy="ellipsoid").acq
+
+
+def test_myelin_runs_while_the_synthesis_runs(acq, monkeypatch) -> None:
+    """The myelin stage waits (up to 20 s) for the synthesis to have started: one after the
+    other it would wait in vain and fail."""
+    synthesis_started = threading.Event()
+    synthesize = run_mod.synthesis.synthesize_all
+    myelin_maps = run_mod.myelin.myelin_maps
+
+    def synthesize_all(*args, **kwargs):
+        synthesis_started.set()
+        return synthesize(*args, **kwargs)
+
+    def myelin_after_synthesis(*args, **kwargs):
+        if not synthesis_started.wait(20.0):
+            raise RuntimeError("the synthesis did not start while myelin ran")
+        return myelin_maps(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod.synthesis, "synthesize_all", synthesize_all)
+    monkeypatch.setattr(run_mod.myelin, "myelin_maps", myelin_after_synthesis)
+    result = run(acq, ProcessingSettings(enhance=False))
+    assert not [w for w in result.warnings if "myelin model failed" in w], result.warnings
+    assert result.myelin is not None and "MYELIN" in result.volumes_ml
+    assert result.qc.get("status") in ("pass", "warn", "fail") and "error" not in result.qc
+
+
+def test_warnings_and_timings_in_stage_order(acq, monkeypatch) -> None:
+    """Myelin and QC fail (each a warning) on the thread, the synthesis adds a warning
+    later than both: the result lists myelin's, then the synthesis's, then QC's, and the
+    timings in stage order."""
+
+    def myelin_fails(*args, **kwargs):
+        raise RuntimeError("no myelin here")
+
+    def qc_fails(*args, **kwargs):
+        raise RuntimeError("no QC here")
+
+    stage = run_mod._synthesis_stage
+    both_failed = threading.Event()
+
+    def synthesis_last(acq, result, *args):
+        out = stage(acq, result, *args)
+        both_failed.wait(20.0)  # the thread's warnings exist before this one
+        result.warnings.append("synthesis done")
+        return out
+
+    def qc_fails_then_signals(*args, **kwargs):
+        both_failed.set()
+        qc_fails()
+
+    monkeypatch.setattr(run_mod.myelin, "myelin_maps", myelin_fails)
+    monkeypatch.setattr(run_mod.qc_mod, "fit_qc", qc_fails_then_signals)
+    monkeypatch.setattr(run_mod, "_synthesis_stage", synthesis_last)
+    result = run(acq, ProcessingSettings(enhance=False))
+    mine = [w for w in result.warnings if w.startswith(("myelin model", "synthesis", "QC"))]
+    assert mine == [
+        "myelin model failed: no myelin here",
+        "synthesis done",
+        "QC failed: no QC here",
+    ]
+    assert result.qc == {"status": "fail", "error": "no QC here"}
+    assert list(result.timings_s)[-3:] == ["myelin", "synthesis", "qc"], result.timings_s
+
+
+class _Stop(BaseException):
+    pass
+
+
+def test_an_error_on_the_thread_is_raised_by_run(acq, monkeypatch) -> None:
+    """What the stages do not turn into a warning (a BaseException) reaches run's caller."""
+
+    def qc_stops(*args, **kwargs):
+        raise _Stop("stop")
+
+    monkeypatch.setattr(run_mod.qc_mod, "fit_qc", qc_stops)
+    with pytest.raises(_Stop):
+        run(acq, ProcessingSettings(enhance=False))
