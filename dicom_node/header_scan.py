@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
 
-__all__ = ["ScannedHeader", "scan_header"]
+__all__ = ["scan_header"]
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -67,16 +66,6 @@ _WANTED = {
 }
 
 
-@dataclass(frozen=True)
-class ScannedHeader:
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    modality: str
-    transfer_syntax_uid: str
-
-
 class _Unusual(Exception):
     """Not the plain case: the caller takes pydicom's path."""
 
@@ -121,17 +110,19 @@ def _meta(data: bytes, start: int) -> tuple[str, str]:
     return found.get(0x0010, ""), found.get(0x0002, "")
 
 
-def _skip_items(data: bytes, pos: int, end: int, explicit: bool, depth: int) -> int:
-    """Walk the items of an undefined-length sequence from ``pos``; return the offset after
-    its sequence delimiter."""
-    while True:
+def _skip_items(
+    data: bytes, pos: int, end: int, explicit: bool, depth: int, delimited: bool
+) -> int:
+    """Walk a sequence's items from ``pos``: up to its sequence delimiter (``delimited``,
+    undefined length) or exactly to ``end`` (defined length); return the offset after it."""
+    while delimited or pos < end:
         if pos + 8 > end:
             raise _Unusual
         group, elem = _HEAD.unpack_from(data, pos)
         length = _U32.unpack_from(data, pos + 4)[0]
         tag = group << 16 | elem
         pos += 8
-        if tag == _SEQ_END:
+        if delimited and tag == _SEQ_END:
             return pos
         if tag != _ITEM:
             raise _Unusual
@@ -143,6 +134,9 @@ def _skip_items(data: bytes, pos: int, end: int, explicit: bool, depth: int) -> 
             # a defined-length item: its elements must fill it exactly
             _walk(data, pos, pos + length, explicit, depth + 1, None)
             pos += length
+    if pos != end:
+        raise _Unusual
+    return pos
 
 
 def _walk(
@@ -190,7 +184,7 @@ def _walk(
                 # encapsulated pixel data (pydicom's path checks the fragments), or UN
                 # holding an implicit VR sequence
                 raise _Unusual
-            pos = _skip_items(data, pos, end, explicit, depth)
+            pos = _skip_items(data, pos, end, explicit, depth, delimited=True)
             if found is not None and tag in _WANTED:
                 raise _Unusual
             continue
@@ -201,32 +195,11 @@ def _walk(
                 raise _Unusual
             found[tag] = (vr, pos, length)
         elif explicit and vr == b"SQ" and length:
-            _skip_defined_sequence(data, pos, pos + length, explicit, depth)
+            _skip_items(data, pos, pos + length, explicit, depth, delimited=False)
         pos += length
     if until_item_end or pos != end:
         raise _Unusual
     return pos
-
-
-def _skip_defined_sequence(data: bytes, pos: int, end: int, explicit: bool, depth: int) -> None:
-    """A defined-length sequence's items must fill it exactly."""
-    while pos < end:
-        if pos + 8 > end:
-            raise _Unusual
-        group, elem = _HEAD.unpack_from(data, pos)
-        length = _U32.unpack_from(data, pos + 4)[0]
-        if group << 16 | elem != _ITEM:
-            raise _Unusual
-        pos += 8
-        if length == _UNDEFINED:
-            pos = _walk(data, pos, end, explicit, depth + 1, None, until_item_end=True)
-        else:
-            if pos + length > end:
-                raise _Unusual
-            _walk(data, pos, pos + length, explicit, depth + 1, None)
-            pos += length
-    if pos != end:
-        raise _Unusual
 
 
 def _us(data: bytes, at: tuple[bytes, int, int] | None, default: int | None) -> int | None:
@@ -238,16 +211,17 @@ def _us(data: bytes, at: tuple[bytes, int, int] | None, default: int | None) -> 
     return int(_U16.unpack_from(data, pos)[0])
 
 
-def scan_header(data: bytes, start: int) -> ScannedHeader | None:
+def scan_header(data: bytes, start: int) -> dict[str, str] | None:
     """The identity of a valid native little endian instance (Part 10 bytes whose dataset
-    starts at ``start``), or None: see the module's docstring."""
+    starts at ``start``) as :class:`dicom_node.spool.InstanceHeader` fields (the five
+    attributes and ``transfer_syntax_uid``), or None: see the module's docstring."""
     try:
         return _scan(data, start)
     except (_Unusual, struct.error, IndexError, ValueError):
         return None
 
 
-def _scan(data: bytes, start: int) -> ScannedHeader | None:
+def _scan(data: bytes, start: int) -> dict[str, str] | None:
     if start <= 144:
         return None
     ts, meta_class = _meta(data, start)
@@ -289,11 +263,11 @@ def _scan(data: bytes, start: int) -> ScannedHeader | None:
         expected = math.ceil(rows * cols * samples * frames * bits / 8)
         if pixels[2] not in (expected, expected + 1):
             return None
-    return ScannedHeader(
-        sop_instance_uid=values[_SOP_INSTANCE],
-        sop_class_uid=values[_SOP_CLASS],
-        series_instance_uid=values[_SERIES],
-        study_instance_uid=values[_STUDY],
-        modality=values[_MODALITY],
-        transfer_syntax_uid=ts,
-    )
+    return {
+        "sop_instance_uid": values[_SOP_INSTANCE],
+        "sop_class_uid": values[_SOP_CLASS],
+        "series_instance_uid": values[_SERIES],
+        "study_instance_uid": values[_STUDY],
+        "modality": values[_MODALITY],
+        "transfer_syntax_uid": ts,
+    }

@@ -172,8 +172,6 @@ class _EventAssociation(Association):
 
     def _run_reactor(self) -> None:
         # pynetdicom 3.0.4 Association._run_reactor, time.sleep(0.001) -> _wake_event.wait
-        from pynetdicom.association import LOGGER
-
         self._is_paused = False
         served = False
         while not self._kill:
@@ -190,33 +188,10 @@ class _EventAssociation(Association):
                 self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
                 served = True  # another message may be queued: look again at once
 
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                LOGGER.info("Association Released")
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
+            after = end_of_turn(self)
+            if after == "stop":
                 return
-
-            if self.acse.is_aborted():
-                log_msg = "Association Aborted"
-                if self.acse.is_aborted("a-p-abort"):
-                    log_msg += " (A-P-ABORT)"
-                LOGGER.info(log_msg)
-                self.dul.receive_pdu(wait=False)
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
-
-            if not self.dul.is_alive():
-                self.kill()
-                return
-
-            if self.dul.idle_timer_expired():
-                LOGGER.error("Network timeout reached")
+            if after == "idle":  # network timeout
                 if self.network_timeout_response == "A-RELEASE":
                     self._is_paused = True
                     self._reactor_checkpoint.wait()
@@ -226,6 +201,42 @@ class _EventAssociation(Association):
                     self.abort()
                 self.kill()
                 return
+
+
+def end_of_turn(assoc: Association) -> str:
+    """What pynetdicom 3.0.4's ``Association._run_reactor`` checks after each look at the
+    DIMSE queue, for the acceptor and requestor reactors here: a requested release is
+    answered and an abort noted (both end the association), a dead DUL ends it; returns
+    "stop" (ended and killed), "idle" (network timeout: the caller releases or aborts) or
+    ""."""
+    from pynetdicom.association import LOGGER
+
+    if assoc.is_established and assoc.acse.is_release_requested():
+        assoc.acse.send_release(is_response=True)
+        LOGGER.info("Association Released")
+        assoc.is_released = True
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_RELEASED, {})
+        assoc.kill()
+        return "stop"
+    if assoc.acse.is_aborted():
+        log_msg = "Association Aborted"
+        if assoc.acse.is_aborted("a-p-abort"):
+            log_msg += " (A-P-ABORT)"
+        LOGGER.info(log_msg)
+        assoc.dul.receive_pdu(wait=False)
+        assoc.is_aborted = True
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_ABORTED, {})
+        assoc.kill()
+        return "stop"
+    if not assoc.dul.is_alive():
+        assoc.kill()
+        return "stop"
+    if assoc.dul.idle_timer_expired():
+        LOGGER.error("Network timeout reached")
+        return "idle"
+    return ""
 
 
 def _command_element(tag: int, value: bytes) -> bytes:

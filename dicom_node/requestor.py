@@ -36,7 +36,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 
-from dicom_node.reactor import IDLE_WAIT_S, _EventDUL, _make_event_driven
+from dicom_node.reactor import IDLE_WAIT_S, _EventDUL, _make_event_driven, end_of_turn
 
 __all__ = ["PushAE"]
 
@@ -90,38 +90,11 @@ class _RequestorAssociation(Association):
 
     def _turn(self) -> str:
         """One look at what the peer sent; "stop", "idle" (network timeout) or ""."""
-        from pynetdicom.association import LOGGER
-
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:
             self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
             self._wake_event.set()  # another message may be queued: look again at once
-        if self.is_established and self.acse.is_release_requested():
-            self.acse.send_release(is_response=True)
-            LOGGER.info("Association Released")
-            self.is_released = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_RELEASED, {})
-            self.kill()
-            return "stop"
-        if self.acse.is_aborted():
-            log_msg = "Association Aborted"
-            if self.acse.is_aborted("a-p-abort"):
-                log_msg += " (A-P-ABORT)"
-            LOGGER.info(log_msg)
-            self.dul.receive_pdu(wait=False)
-            self.is_aborted = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_ABORTED, {})
-            self.kill()
-            return "stop"
-        if not self.dul.is_alive():
-            self.kill()
-            return "stop"
-        if self.dul.idle_timer_expired():
-            LOGGER.error("Network timeout reached")
-            return "idle"
-        return ""
+        return end_of_turn(self)
 
 
 #: bytes of P-DATA-TF PDUs written to the socket at once by :class:`_DirectDIMSE`

@@ -148,16 +148,7 @@ def read_header(
         check_inflated_size(data, start, max_inflated_bytes)
     scanned = scan_header(data, start) if start else None
     if scanned is not None:  # a valid native little endian instance, checked without pydicom
-        return InstanceHeader(
-            sop_instance_uid=scanned.sop_instance_uid,
-            sop_class_uid=scanned.sop_class_uid,
-            series_instance_uid=scanned.series_instance_uid,
-            study_instance_uid=scanned.study_instance_uid,
-            modality=scanned.modality,
-            transfer_syntax_uid=scanned.transfer_syntax_uid,
-            content_sha256=content_digest(data),
-            encoded=data,
-        )
+        return InstanceHeader(**scanned, content_sha256=content_digest(data), encoded=data)
     try:
         # Read everything (pixel data included) so that a truncated instance is caught
         # here, before the success answer, rather than at normalization.
