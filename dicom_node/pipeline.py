@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import Settings
 from dicom_node.export.rejection import rejection_note
+from dicom_node.handoff import trim_heap
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import Retirement, State
@@ -81,6 +82,9 @@ def spool_writer(
                         uids[str(path)] = (ds.study_uid, ds.series_uid)
                 else:
                     uids[str(path)] = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+        # a group's temporaries (frames, encoded bytes: mostly under glibc's mmap threshold)
+        # went back to the heap: give them to the system before the next group is built
+        trim_heap()
         return [(sop, cls, str(path)) for (sop, cls), path in zip(ids, paths, strict=True)]
 
     return write
@@ -131,6 +135,7 @@ def _web_documents(
     """:func:`_keep_for_web`'s work (never raises)."""
     try:
         save_series(spool.root, series_uid, result, datasets)
+        trim_heap()
     except Exception as exc:
         log_event(
             log,

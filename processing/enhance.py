@@ -374,12 +374,18 @@ def enhance_flair(
         raise EnhancementError(f"FLAIR image shape {flair.image.shape} does not match {shape}")
     # Receive field C = m0 / PD (signal units per pu), from the very PD the plain FLAIR used,
     # so both images share one scale; processing.pd's field fills voxels with PD = 0.
+    # Only the mask's voxels (flat C order): whole-volume float64 copies were ~250 MB of
+    # the worker's peak at 40 x 512 x 512.
     with np.errstate(divide="ignore", invalid="ignore"):
-        coil = np.asarray(maps.m0, np.float64) / np.asarray(maps.pd_pu, np.float64)
+        coil = np.asarray(maps.m0)[m].astype(np.float64) / np.asarray(maps.pd_pu)[m].astype(
+            np.float64
+        )
     if maps.receive_field is not None:
         ok = np.isfinite(coil) & (coil > 0)
-        coil = np.where(ok, coil, np.asarray(maps.receive_field, np.float64))
-    m &= np.isfinite(coil) & (coil > 0)
+        coil = np.where(ok, coil, np.asarray(maps.receive_field)[m].astype(np.float64))
+    good = np.isfinite(coil) & (coil > 0)
+    m[m] = good  # narrowed to the voxels with a usable coil; coil[good] are its values
+    coil = coil[good]
 
     samples = acq.masked_samples(m)  # [n, 8] for the masked voxels only
     # The fit's B1 (smoothed in its second pass), held inside the trained range.
@@ -397,7 +403,7 @@ def enhance_flair(
     img = np.zeros(shape, dtype=np.float32)
     hi = 32767.0 if flair.signed else 65535.0
     # Rounded like processing.synthesis, so both series share one integer scale.
-    img[m] = np.clip(np.rint(signal / coil[m] * flair.scale), 0.0, hi).astype(np.float32)
+    img[m] = np.clip(np.rint(signal / coil * flair.scale), 0.0, hi).astype(np.float32)
 
     ti = round(float(flair.ti_ms))
     params = dict(flair.parameters)
