@@ -1,6 +1,7 @@
 """Receive throughput, side by side in one run: instances/s stored by
 
-- dcmtk ``storescp`` (writes each file, no fsync),
+- dcmtk ``storescp`` (writes each file, no fsync; one association at a time, as started
+  here without ``--fork``: parallel senders wait in turn),
 - a do-nothing pynetdicom SCP (stock reactors: 1 ms polling sleeps; answers success),
 - the same do-nothing SCP with the node's event-driven reactors (dicom_node.reactor),
 - the synthmr SCP (validates, writes the file, appends it to the ingest journal and answers

@@ -427,7 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synthmr", description="Open synthetic-MRI DICOM node.")
     p.add_argument("--version", action="version", version=f"synthmr {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_node_commands(sub)
+    _add_offline_commands(sub)
+    return p
 
+
+def _add_node_commands(sub: Any) -> None:
+    """serve, status, retry, warmup, hash-password, check-config: running and operating a node."""
     s = sub.add_parser("serve", help="run the DICOM node (SCP, workers, outbox, metrics)")
     s.add_argument("--config", "-c", default=None, help="TOML configuration file")
     s.set_defaults(func=cmd_serve)
@@ -472,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="?", default=None)
     s.set_defaults(func=cmd_check_config)
 
+
+def _add_offline_commands(sub: Any) -> None:
+    """process, simulate, qc, send, demo: work without a running node."""
     s = sub.add_parser("process", help="process DICOM folders/files offline")
     s.add_argument("input", nargs="+", help="folders (recursive) or files")
     s.add_argument("--out", "-o", required=True, help="output folder (one sub-folder per series)")
@@ -549,7 +558,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=600.0, help="seconds to wait for delivery (node mode)"
     )
     s.set_defaults(func=cmd_demo)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,11 @@ from processing.results import QuantMaps, SeriesResult
 from processing.settings import ContrastOverride, ProcessingSettings
 from processing.signal import IDEAL_PROFILE, gaussian_slice_profile
 
-__all__ = ["ContrastOverride", "ProcessingSettings", "run"]
+__all__ = ["CONCURRENT_MAX_VOXELS", "ContrastOverride", "ProcessingSettings", "run"]
+
+#: Grids up to this many voxels run myelin + QC on a thread beside synthesis + enhancement
+#: (the second core); larger ones run them one after the other, which bounds the memory.
+CONCURRENT_MAX_VOXELS = 1 << 22
 
 
 def _timed(timings: dict[str, float], name: str, t0: float) -> None:
@@ -84,14 +88,22 @@ def run(
     # need nothing of each other: they overlap on the second core. Each side keeps its own
     # warnings and timings, merged afterwards in the sequential order (myelin, synthesis,
     # enhance, qc), so the result is the same as one after the other.
+    # On a large grid the two sides' temporaries together would set the worker's peak
+    # memory (40 x 512 x 512: ~0.4 GB over the sequential order), so there myelin + QC run
+    # first, in this thread, while the result holds no synthetic contrasts yet.
     side = _MyelinAndQC(acq, result, settings.myelin)
-    side.start()
+    concurrent = int(np.prod(acq.shape)) <= CONCURRENT_MAX_VOXELS
+    if concurrent:
+        side.start()
+    else:
+        side.run()
     n_before = len(warnings)
     try:
         csf_t1 = _synthesis_stage(acq, result, settings, centres)
         model_sha = _enhance_stage(acq, result, settings, csf_t1) if settings.enhance else None
     finally:
-        side.join()
+        if concurrent:
+            side.join()
     side.merge_into(result, n_before)
     result.provenance = _provenance(acq, result, settings, model_sha, centres)
     if b1_used:

@@ -94,3 +94,39 @@ def test_an_error_on_the_thread_is_raised_by_run(acq, monkeypatch) -> None:
     monkeypatch.setattr(run_mod.qc_mod, "fit_qc", qc_stops)
     with pytest.raises(_Stop):
         run(acq, ProcessingSettings(enhance=False))
+
+
+def test_a_large_grid_runs_myelin_and_qc_first_with_the_same_result(acq, monkeypatch) -> None:
+    """Above CONCURRENT_MAX_VOXELS (lowered here to 1) myelin + QC run before the synthesis
+    in the caller's thread: no thread is started, the synthesis sees the myelin done, and
+    maps, contrasts, warnings and stage order equal the concurrent run's."""
+    import numpy as np
+
+    concurrent = run(acq, ProcessingSettings(enhance=False))
+    monkeypatch.setattr(run_mod, "CONCURRENT_MAX_VOXELS", 1)
+    stage = run_mod._synthesis_stage
+    seen: dict[str, object] = {}
+
+    def synthesis_records(acq, result, *args):
+        seen["thread"] = threading.current_thread()
+        seen["myelin_done"] = result.myelin is not None and result.qc is not None
+        return stage(acq, result, *args)
+
+    monkeypatch.setattr(run_mod, "_synthesis_stage", synthesis_records)
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def record_start(self):
+        started.append(self.name)
+        return start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", record_start)
+    sequential = run(acq, ProcessingSettings(enhance=False))
+    assert "myelin-qc" not in started
+    assert seen["thread"] is threading.main_thread() and seen["myelin_done"]
+    assert sequential.warnings == concurrent.warnings
+    assert list(sequential.timings_s) == list(concurrent.timings_s)
+    assert sequential.volumes_ml == concurrent.volumes_ml
+    for name, image in concurrent.synthetic.items():
+        assert np.array_equal(sequential.synthetic[name].image, image.image), name
+    assert np.array_equal(sequential.myelin.mypv, concurrent.myelin.mypv)
