@@ -114,7 +114,7 @@ def test_fast_c_store_request_equals_pynetdicoms_primitive(inst: str) -> None:
         from pynetdicom.pdu_primitives import P_DATA
 
         p = P_DATA()
-        p.presentation_data_value_list = [(cx, data)]
+        p.presentation_data_value_list = [[cx, data]]
         if msg.decode_msg(p):
             theirs = msg.message_to_primitive()
     assert theirs is not None and len(pdvs) == 4
@@ -131,7 +131,7 @@ def test_fast_c_store_request_equals_pynetdicoms_primitive(inst: str) -> None:
     ):
         assert getattr(ours, name) == getattr(theirs, name), name
     assert ours.DataSet.getvalue() == theirs.DataSet.getvalue()
-    assert ours.context_id == theirs.context_id == 5
+    assert ours._context_id == theirs._context_id == 5
     assert ours.is_valid_request
 
 
