@@ -149,9 +149,9 @@ def cpu_per_step(result, sources, a) -> None:
         args = [(result, nm, light, settings, 1100 + i, fp) for i, nm in enumerate(names)]
         series, both = best(lambda: [encode_synthetic_series(*x) for x in args])
         blobs = [
-            (f"{k}.{j}", data[at : at + n])
+            (f"{k}.{j}", data[at : at + entry[2]])
             for k, (data, index) in enumerate(series)
-            for j, at, n in zip(range(len(index)), _offsets(index), (e[2] for e in index))
+            for j, (at, entry) in enumerate(zip(_offsets(index), index, strict=True))
         ]
         _, stored = best(store(blobs))
         n = len(blobs)
