@@ -94,40 +94,60 @@ def test_mr_slices_from_the_first_slice_equal_full_builds(result, layout, monkey
     assert ("OTHER COIL" in coils) == (layout == "ge")
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, "ge 3D"])
-def test_worker_geometry_gives_the_same_synthetic_series(result, layout):
-    """The node sends its worker mr_geometry (reference headers cut down): the encoded
-    series must be what the full geometry gives."""
+@pytest.mark.parametrize("layout", [*LAYOUTS, "ge 3D", "ge qc"])
+def test_worker_geometry_gives_the_same_synthetic_series(result, layout, monkeypatch):
+    """The node sends its worker mr_geometry (reference headers cut down) and the worker
+    splices each slice into the first one's bytes (dicom_node.export.part10): the encoded
+    series must be byte for byte what encoding the full geometry's datasets gives (the
+    clock held still; "ge": one slice's reference differs in what the outputs copy, so
+    the series is spliced from two whole slices; "qc": marked QC FAIL)."""
     from io import BytesIO
 
     import pydicom
 
+    from dicom_node.export import common
     from dicom_node.export.mr_images import mr_geometry, synthetic_series
-    from dicom_node.series import encode_synthetic_series
+    from dicom_node.export.part10 import encode_part10
+    from dicom_node.series import encode_synthetic_series, mark_qc_fail
 
+    monkeypatch.setattr(common, "now_da_tm", lambda: ("20260102", "030405"))
     sources = _sources(layout.split()[0], result)
     if layout.endswith("3D"):  # a 3D acquisition: one Enhanced MR instance per contrast
         for ds in sources:
             ds.MRAcquisitionType = "3D"
+    if layout == "ge":  # every image of one slice position
+        z_mid = float(sources[len(sources) // 2].ImagePositionPatient[2])
+        for ds in sources:
+            if abs(float(ds.ImagePositionPatient[2]) - z_mid) < 0.01:
+                ds.ReceiveCoilName = "OTHER COIL"
+    qc_mark = "QC fail: test" if layout.endswith("qc") else ""
     settings = settings_for(result, ExportSettings())
     geometry = slice_geometry(result, sources, settings)
     fp = parameter_fingerprint(result, settings)
+    coils = set()
     for name, syn in result.synthetic.items():
         full = synthetic_series(result, syn, geometry, settings, 1100, fp)
+        if qc_mark:
+            mark_qc_fail(full, qc_mark)
         data, index = encode_synthetic_series(
-            result, name, mr_geometry(geometry), settings, 1100, fp
+            result, name, mr_geometry(geometry), settings, 1100, fp, qc_mark
         )
         assert len(index) == len(full) == (1 if layout.endswith("3D") else result.shape[0])
         at = 0
         for ds, (sop, _, n, _, _, study, series) in zip(full, index, strict=True):
-            back = pydicom.dcmread(BytesIO(data[at : at + n].tobytes()))
+            encoded = data[at : at + n].tobytes()
             at += n
             assert (sop, study, series) == (
                 ds.SOPInstanceUID,
                 ds.StudyInstanceUID,
                 ds.SeriesInstanceUID,
             )
+            assert encoded == encode_part10(ds), (name, ds.get("InstanceNumber"))
+            back = pydicom.dcmread(BytesIO(encoded))
             assert differences(back, ds) == [], (name, ds.get("InstanceNumber"))
+            coils.add(str(back.get("ReceiveCoilName", "")))
+            assert ("QC FAIL" in back.SeriesDescription) == bool(qc_mark)
+    assert ("OTHER COIL" in coils) == (layout == "ge")
 
 
 def _awkward_fractions(result, empty: bool) -> None:
