@@ -20,7 +20,6 @@ Only orchestration lives here: the numerics run in :mod:`processing` (in a worke
 
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import time
@@ -32,15 +31,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, SegmentationStorage
+from pydicom.dataset import Dataset
+from pydicom.uid import SegmentationStorage
 
 from dicom_node import vendors
 from dicom_node.config import Settings
 from dicom_node.export import ExportSettings, export_groups, settings_for
 from dicom_node.export.common import series_number_base
 from dicom_node.export.geometry import SliceGeometry, slice_geometry
-from dicom_node.export.mr_images import mr_geometry, synthetic_series
+from dicom_node.export.mr_images import encoded_synthetic_series, mr_geometry
+from dicom_node.export.part10 import encode_part10
 from dicom_node.export.uids import parameter_fingerprint, source_digest
 from dicom_node.handoff import trim_heap
 from dicom_node.logging import log_event
@@ -763,20 +763,6 @@ def _export_and_write(
 
 
 # --------------------------------------------------------------------------- encoding
-def encode_part10(ds: Dataset) -> bytes:
-    """Encode a dataset as a DICOM Part-10 file (adds file meta when missing)."""
-    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta = meta
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
 #: one encoded series from the worker: all files' bytes end to end (one array: it travels
 #: out of band, dicom_node.handoff) and per file (sop_uid, sop_class_uid, length,
 #: series_number, modality, study_uid, series_uid)
@@ -794,25 +780,23 @@ def encode_synthetic_series(
 ) -> EncodedSeries:
     """In the worker: one synthetic contrast as its classic MR series, encoded (what
     :func:`dicom_node.export.iter_synthetic_series` builds for it, byte for byte)."""
-    group = synthetic_series(
-        result, result.synthetic[name], geometry, settings, series_number, fingerprint
-    )
-    if qc_mark:
-        mark_qc_fail(group, qc_mark)
-    blobs = [encode_part10(ds) for ds in group]
+    group = encoded_synthetic_series(
+        result, result.synthetic[name], geometry, settings, series_number, fingerprint,
+        mark=(lambda datasets: mark_qc_fail(datasets, qc_mark)) if qc_mark else None,
+    )  # fmt: skip
     index = [
         (
-            str(ds.SOPInstanceUID),
-            str(ds.SOPClassUID),
-            len(b),
-            int(ds.SeriesNumber),
+            one.sop_uid,
+            str(one.template.SOPClassUID),
+            len(one.data),
+            int(one.template.SeriesNumber),
             "MR",
-            str(ds.StudyInstanceUID),
-            str(ds.SeriesInstanceUID),
+            str(one.template.StudyInstanceUID),
+            str(one.template.SeriesInstanceUID),
         )
-        for ds, b in zip(group, blobs, strict=True)
+        for one in group
     ]
-    return np.frombuffer(b"".join(blobs), dtype=np.uint8), index
+    return np.frombuffer(b"".join(one.data for one in group), dtype=np.uint8), index
 
 
 class _Away(NamedTuple):
