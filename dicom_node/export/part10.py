@@ -54,7 +54,7 @@ def encode_part10(ds: Dataset) -> bytes:
             write_data_element(fp, ds[tag], charset)
             cache.setdefault(key, fp.getvalue())
         return data
-    if not frozen and not any(tag in ds for tag in _PIXEL_TAGS):
+    if not frozen and not any(_bulk(ds, tag) for tag in _PIXEL_TAGS):
         return _dcmwrite(ds)
     return _encode_in_runs(ds, {tag: [cache[key]] for tag, cache in frozen.items()}, charset)
 
@@ -103,6 +103,20 @@ def _frozen_elements(ds: Dataset) -> dict[BaseTag, dict[str, bytes]]:
 #: the bulk pixel data elements, written by :func:`_encode_in_runs` as their bytes
 _PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
 _BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW"}
+
+
+#: pixel data from this size on is worth writing in runs (below, pydicom's ~5 copies cost
+#: less than taking the dataset apart)
+_BULK_BYTES = 4 << 20
+
+
+def _bulk(ds: Dataset, tag: int) -> bool:
+    elem = ds.get_item(tag) if tag in ds else None
+    return (
+        isinstance(elem, DataElement)
+        and isinstance(elem.value, bytes)
+        and len(elem.value) >= _BULK_BYTES
+    )
 
 
 def _buffer() -> DicomBytesIO:
