@@ -283,8 +283,10 @@ class AcceptorPool:
         self._lock = threading.Lock()
         self._stopping = False
         self._started_at: dict[int, float] = {}
-        #: CPU seconds the helpers spent from accepting to stopping (benchmarks)
+        #: CPU seconds the helpers spent from accepting to stopping, and before (start-up,
+        #: imports) (benchmarks)
         self.helper_cpu_s = 0.0
+        self.helper_startup_cpu_s = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -332,6 +334,7 @@ class AcceptorPool:
             done = self._control(h, "stop", timeout_s=15.0)
             if isinstance(done, tuple) and h.pid:
                 self.helper_cpu_s += float(done[1]) - h.cpu_at_ready_s
+                self.helper_startup_cpu_s += h.cpu_at_ready_s
         for h in helpers:
             try:
                 h.proc.wait(10)

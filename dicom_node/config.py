@@ -85,10 +85,11 @@ class NodeSettings:
     #: a deflated instance that inflates beyond this is refused (decompression bombs)
     max_inflated_bytes: int = 64 << 20
     #: processes that accept associations on the node's port (pynetdicom runs each
-    #: association in Python threads under one GIL: parallel senders need more than one);
-    #: the extra ones store into the same spool and record through the node process
-    #: (dicom_node.acceptors). 1 = the node process alone; TLS always uses 1.
-    acceptor_processes: int = 2
+    #: association in Python threads under one GIL); the extra ones store into the same
+    #: spool and record through the node process (dicom_node.acceptors). 1 = the node
+    #: process alone (TLS always): on the 2-core machine a second one cost more CPU per
+    #: instance than it gained (benchmarks/receive_throughput.py prints the A/B)
+    acceptor_processes: int = 1
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,13 @@ class Rig:
         )
 
 
-def _rig(tmp_path: Path, extra: str = "", min_free: int = 0) -> Iterator[Rig]:
+def _rig(tmp_path: Path, extra: str = "", min_free: int = 0, node: str = "") -> Iterator[Rig]:
+    """``node``: extra lines of the [node] section."""
     from dicom_node import vendors
 
-    settings: Settings = load_settings(write_config(tmp_path, extra), env={})
+    config = write_config(tmp_path, extra)
+    config.write_text(config.read_text().replace("[node]\n", f"[node]\n{node}", 1))
+    settings: Settings = load_settings(config, env={})
     spool = Spool(settings.spool.path, min_free)
     reg = Registry(Path(settings.spool.path) / "r.db")
     metrics = NodeMetrics()
@@ -240,7 +243,7 @@ def test_parallel_senders_spread_over_acceptor_processes(tmp_path: Path) -> None
     series is refused in another whichever process receives it."""
     import time
 
-    rig_iter = _rig(tmp_path, "", min_free=0)
+    rig_iter = _rig(tmp_path, node="acceptor_processes = 2\n")
     rig = next(rig_iter)
     try:
         pool = rig.scp._pool
