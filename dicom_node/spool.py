@@ -16,6 +16,7 @@ File names come from sanitized UIDs: a name can never escape the spool.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import os
@@ -24,7 +25,6 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,42 @@ class InstanceHeader:
         if self.parsed is None and self.encoded:
             object.__setattr__(self, "parsed", pydicom.dcmread(io.BytesIO(self.encoded)))
         return self.parsed
+
+
+def _libc_syncfs() -> Any:
+    """libc's ``syncfs`` (Linux), or None."""
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    except OSError:
+        return None
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def sync_file_system(path: Path) -> bool:
+    """Flush every written file of the file system holding ``path`` and wait for it
+    (``syncfs(2)``: data, metadata and a journal commit; write errors are reported since
+    Linux 5.8). False where the call does not exist (the caller fsyncs file by file)."""
+    if _SYNCFS is None:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    return True
+
+
+def fsync_path(path: Path) -> None:
+    """fsync one written file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def safe_name(uid: str) -> str:
@@ -380,32 +416,34 @@ class Spool:
     def store_outputs(self, series_uid: str, items: Iterable[tuple[str, bytes]]) -> list[Path]:
         """Durably store a series' exported instances ``(sop_uid, data)`` in the outbox.
 
-        Each file is written to ``tmp/``, fsync'd and renamed into place by a few threads
-        while the caller's generator encodes the next one (an fsync waits on the disk with
-        the GIL released, ~5 ms here, about what encoding an instance costs); the series
-        directory is fsync'd once at the end, before this returns (the caller records the
-        outputs only then), instead of once per file as :meth:`write_atomic` does.
+        The files are written to ``tmp/`` and renamed into place unsynced, then made
+        durable together before this returns (the caller records the outputs only then):
+        one ``syncfs`` of the spool's file system (the files' data, their renames and the
+        series directory in one journal commit; ~0.03 ms of CPU per file where an fsync
+        each cost ~0.3 ms and ~6 ms of waiting) and an fsync of the directory; an fsync
+        per file where ``syncfs`` does not exist.
         """
         paths: list[Path] = []
         fresh: list[Path] = []  # files this call creates: removed again if it fails
         out_dir: Path | None = None
         new_dir = False
         try:
-            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="outbox-write") as pool:
-                writes = []
-                for sop_uid, data in items:
-                    target = self._inside(self.instance_path("outbox", series_uid, sop_uid))
-                    if out_dir is None:
-                        out_dir = target.parent
-                        new_dir = not out_dir.is_dir()
-                        out_dir.mkdir(parents=True, exist_ok=True)
-                    self._check_space(len(data))
-                    if not target.exists():
-                        fresh.append(target)
-                    writes.append(pool.submit(self._write_file, target, data))
-                    paths.append(target)
-                for w in writes:
-                    w.result()  # re-raises a write's error (disk full, I/O error)
+            for sop_uid, data in items:
+                # a safe name cannot leave the outbox (instance_path): the directory is
+                # checked once
+                target = self.instance_path("outbox", series_uid, sop_uid)
+                if out_dir is None:
+                    out_dir = self._inside(target.parent)
+                    new_dir = not out_dir.is_dir()
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                self._check_space(len(data))
+                if not target.exists():
+                    fresh.append(target)
+                self._write_file(target, data, fsync=False)
+                paths.append(target)
+            if out_dir is not None and not sync_file_system(out_dir):
+                for p in paths:
+                    fsync_path(p)
         except BaseException:
             # a disk that filled up mid-series leaves no untracked partial outputs: the
             # job is re-run when space returns and writes them again

@@ -53,7 +53,8 @@ def _rotate_real(re, im, use_sum, out_slice):
                 out_slice[d, y, x] = re[d, y, x] * c + im[d, y, x] * s
 
 
-@nb.njit(cache=True, parallel=True)
+# nogil: runs in the node process, whose receive threads must keep running meanwhile
+@nb.njit(cache=True, parallel=True, nogil=True)
 def _mp_kernel(mag, phase, use_sum, out):
     # cos(p - bg) = cos(p)cos(bg) + sin(p)sin(bg): two float32 trig calls per sample.
     # Slices in parallel (each its own scratch; the same operations per sample as one
@@ -73,7 +74,8 @@ def _mp_kernel(mag, phase, use_sum, out):
             _rotate_real(re, im, use_sum, out[z, :, e])
 
 
-@nb.njit(cache=True, parallel=True)
+# nogil: runs in the node process, whose receive threads must keep running meanwhile
+@nb.njit(cache=True, parallel=True, nogil=True)
 def _ri_kernel(real, imag, use_sum, out):
     nz, nd, ne, ny, nx = real.shape
     for z in nb.prange(nz):

@@ -144,6 +144,22 @@ def test_render_report_gives_a_pdf_and_an_a4_png() -> None:
     assert render_report(other)[1] != png
 
 
+def test_page_png_renderer_gives_matplotlibs_pixels() -> None:
+    """The page's PNG is drawn by an Agg renderer that sets each text's font size once
+    instead of before every glyph (processing.report._agg_canvas_class): the same pixels
+    as matplotlib's own renderer, for the page and for rotated, non-antialiased and
+    accented text."""
+    from processing.report import _page_figure, _page_png
+
+    fig = _page_figure(_data())
+    fig.text(0.3, 0.5, "rotated: Å ø µ 1.96", rotation=33, fontsize=11, style="italic")
+    fig.text(0.6, 0.5, "not antialiased", antialiased=False, fontsize=8, weight="bold")
+    ours = np.asarray(Image.open(io.BytesIO(_page_png(fig))))
+    stock = np.asarray(Image.open(io.BytesIO(_page_png(fig, stock_renderer=True))))
+    assert ours.shape == stock.shape and (stock < 128).any()
+    assert np.array_equal(ours, stock)
+
+
 def test_registry_priors_are_earlier_visits_of_the_same_patient(tmp_path: Path) -> None:
     from dicom_node.web.reportdata import registry_priors
 

@@ -423,3 +423,113 @@ def test_synthetic_series_no_worker_started_are_encoded_by_the_node(tmp_path: Pa
     assert len(a) == 3 * 2 and a.keys() == b.keys()
     for uid, ds in a.items():
         assert ds == b[uid], uid
+
+
+class _HandingOver:
+    """A stand-in for the node's pool (:class:`dicom_node.workers.Workers`) that can hand
+    parts over: ``submit_streamed`` runs the task on a thread here; ``crash`` makes the
+    task end as a killed worker's does (BrokenProcessPool) after its part was handed over;
+    ``provenance`` is merged into the handed-over part (what a late stage would change)."""
+
+    streaming = True
+
+    def __init__(self, crash: bool = False, provenance: dict | None = None) -> None:
+        self.crash, self.provenance = crash, provenance or {}
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        f: Future = Future()
+        f.set_result(fn(*args))
+        return f
+
+    def submit_streamed(self, fn, *args):
+        import queue
+        import threading
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        from dicom_node.workers import StreamedTask
+
+        events: queue.Queue = queue.Queue()
+        future: Future = Future()
+
+        def on_ready(stage, part) -> None:
+            part.provenance.update(self.provenance)
+            events.put((stage, part))
+
+        def task() -> None:
+            try:
+                result = fn(*args, on_ready=on_ready)
+                if self.crash:
+                    raise BrokenProcessPool("a worker was killed")
+                future.set_result(result)
+            except BaseException as exc:
+                future.set_exception(exc)
+            events.put(("done", future))
+
+        threading.Thread(target=task, daemon=True).start()
+        return StreamedTask(future, events, lambda: None)
+
+
+@pytest.mark.parametrize("case", ["hit", "miss", "crash"])
+def test_outputs_built_while_the_worker_runs(tmp_path: Path, case: str) -> None:
+    """The worker hands the maps and segmentation over before its later stages; the node
+    builds their outputs meanwhile. hit: every file equals the in-process run's but for the
+    clock, the early ones delivered first, in one group, after the worker finished; miss (a
+    later stage changed the provenance the early outputs were built with): none of them is
+    kept or delivered, the outputs are the in-process run's; crash (the worker dies after
+    handing over): FAILED naming the broken pool (the node restarts it and the series is
+    retried), nothing delivered, nothing left in the output folder."""
+    import dataclasses
+
+    from dicom_node.series import folder_writer, run_series
+    from processing.run import ProcessingSettings
+
+    files = simulate(tmp_path / "in", "ge", seed=4, shape="2,48,48")
+    settings = dataclasses.replace(
+        load_settings(None),
+        processing=ProcessingSettings(contrasts=("T1W", "FLAIR"), myelin=False, enhance=False),
+    )
+    pool = _HandingOver(
+        crash=case == "crash", provenance={"dir": {"x": 1}} if case == "miss" else None
+    )
+    groups: list = []
+    away = run_series(
+        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
+        submit=pool.submit, on_outputs=groups.append,
+    )  # fmt: skip
+    if case == "crash":
+        assert away.state == State.FAILED and "BrokenProcessPool" in away.reason, away.reason
+        assert away.stage == "process" and groups == []
+        assert not list((tmp_path / "away").rglob("*.dcm"))
+        return
+    assert away.state == State.EXPORTED, away.reason
+    here = run_series(
+        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here")
+    )
+    assert here.state == State.EXPORTED and len(here.outputs) == len(away.outputs)
+    clock = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
+             "ContentDate", "ContentTime")  # fmt: skip
+
+    def files_by_uid(root: Path) -> dict[str, pydicom.Dataset]:
+        out = {}
+        for p in root.rglob("*.dcm"):
+            ds = pydicom.dcmread(p)
+            for kw in clock:
+                ds.pop(kw, None)
+            for item in ds.get("ContributingEquipmentSequence", []):
+                item.pop("ContributionDateTime", None)
+            out[str(ds.SOPInstanceUID)] = ds
+        return out
+
+    a, b = files_by_uid(tmp_path / "here"), files_by_uid(tmp_path / "away")
+    assert a.keys() == b.keys() and len(a) > 10
+    for uid, ds in a.items():
+        assert ds == b[uid], uid
+    kinds = [pydicom.dcmread(p, stop_before_pixels=True).Modality for _, _, p in groups[0]]
+    if case == "hit":  # 7 parametric maps (no MYPV without myelin) and the SEG, at once
+        assert away.timings_s["export_early"] > 0
+        assert kinds == ["OT"] * 7 + ["SEG"], kinds
+    else:  # built again from the final result: one map per group, as without a worker
+        assert kinds == ["OT"], kinds

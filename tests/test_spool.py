@@ -60,6 +60,35 @@ def test_store_outputs_writes_every_instance_durably_in_place(tmp_path: Path) ->
     assert sp.store_outputs("1.2.9", []) == []
 
 
+def test_store_outputs_are_durable_before_it_returns(tmp_path: Path, monkeypatch) -> None:
+    """One syncfs of the spool's file system once every file is in place (or, where
+    syncfs does not exist, an fsync per file), then the directory's fsync."""
+    import os
+
+    from dicom_node import spool as spool_module
+
+    sp = Spool(tmp_path / "spool")
+    items = [(f"1.2.3.{i}", bytes([i]) * 100) for i in range(5)]
+    out_dir = sp.outbox / "1.2.9"
+    calls: list[tuple[str, int]] = []
+
+    def syncfs(fd: int) -> int:  # the real one, recording what was on disk by then
+        calls.append(("syncfs", len(list(out_dir.glob("*.dcm")))))
+        return real_syncfs(fd) if real_syncfs is not None else 0
+
+    real_syncfs = spool_module._SYNCFS
+    real_fsync = os.fsync
+    monkeypatch.setattr(spool_module, "_SYNCFS", syncfs)
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", fd)) or real_fsync(fd))
+    sp.store_outputs("1.2.9", iter(items))
+    assert calls[0] == ("syncfs", 5)  # after every file is in place, before any fsync
+    assert [c for c, _ in calls[1:]] == ["fsync", "fsync"]  # the series dir, the outbox
+    calls.clear()
+    monkeypatch.setattr(spool_module, "_SYNCFS", None)  # no syncfs: each file, then the dir
+    sp.store_outputs("1.2.10", iter(items))
+    assert [c for c, _ in calls] == ["fsync"] * (5 + 2)
+
+
 def test_store_outputs_refuses_below_the_watermark(tmp_path: Path) -> None:
     sp = Spool(tmp_path / "spool", min_free_bytes=1 << 62)
     with pytest.raises(SpoolFullError, match="watermark"):

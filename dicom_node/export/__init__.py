@@ -19,6 +19,7 @@ parameters, so a re-run with the same inputs replaces the previous outputs in PA
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -105,25 +106,37 @@ def export_groups(
     *,
     synthetic: bool = True,
     geometry: SliceGeometry | None = None,
+    part: Literal["all", "early", "late"] = "all",
+    seg: Dataset | None = None,
 ) -> Iterator[list[Dataset]]:
     """:func:`export_all` as it is built, a group of datasets at a time (each parametric
     map, the map MR images, each synthetic contrast series, the SEG, the SR), so the node
     stores and pushes a group while the next is encoded. ``synthetic=False``: without the
     synthetic contrast series (the node builds those in its worker meanwhile);
-    ``geometry``: :func:`slice_geometry`'s, when the caller has it already."""
+    ``geometry``: :func:`slice_geometry`'s, when the caller has it already.
+
+    ``part``: ``"early"``, only what needs nothing but the maps, the segmentation and the
+    provenance (the parametric maps but MYPV, the SEG), which the node builds while its
+    worker still computes the rest; ``"late"``: everything else, with ``seg`` the SEG the
+    early part built (the SR references it)."""
     settings = settings_for(result, settings)
     # once; every builder gets it
     geometry = geometry or slice_geometry(result, sources, settings)
     refs = sources
+    early = None if part == "all" else [k for k in settings.maps if k is not MapKind.MYPV]
     if settings.maps_as_parametric_map and settings.maps:
-        for pm in iter_parametric_maps(result, refs, settings, geometry):
+        kinds = early if part != "late" else [k for k in settings.maps if k not in early]
+        for pm in iter_parametric_maps(result, refs, settings, geometry, kinds):
             yield [pm]  # each map its own series: built, stored and freed one at a time
+    if part == "early":
+        if settings.export_segmentation and result.segmentation is not None:
+            yield [segmentation(result, refs, settings, geometry)]
+        return
     if settings.maps_as_mr_images and settings.maps:
         yield map_mr_images(result, refs, settings, geometry)
     if synthetic:
         yield from iter_synthetic_series(result, refs, settings, geometry)
-    seg = None
-    if settings.export_segmentation and result.segmentation is not None:
+    if part == "all" and settings.export_segmentation and result.segmentation is not None:
         seg = segmentation(result, refs, settings, geometry)
         yield [seg]
     if settings.export_report and (result.volumes_ml or result.tissue_stats):

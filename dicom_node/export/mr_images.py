@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import MRImageStorage
 
 from processing._version import __version__
@@ -119,9 +120,13 @@ def _base_instance(
 
 
 def _to_int16_range(image: np.ndarray, signed: bool) -> np.ndarray:
+    """The stored values of a float image: rounded, clipped to the 16-bit range (non-finite
+    values 0), as little-endian int16 / uint16 (three passes over one copy)."""
     lo, hi = (-32768, 32767) if signed else (0, 65535)
-    img = np.where(np.isfinite(image), image, 0)
-    return np.clip(np.rint(img), lo, hi)
+    img = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
+    np.rint(img, out=img)
+    np.clip(img, lo, hi, out=img)
+    return img.astype(np.dtype("<i2") if signed else np.dtype("<u2"))
 
 
 def derivation_description(syn: SyntheticImage, result: SeriesResult) -> str:
@@ -313,15 +318,18 @@ def mr_geometry(geometry: SliceGeometry) -> SliceGeometry:
     return replace(geometry, refs=refs, extra={})
 
 
-def _ref_signature(ref: Dataset) -> tuple[tuple[str, str], ...]:
-    return tuple((kw, str(ref[kw].value)) for kw in _REF_KEYWORDS if kw in ref)
+_REF_TAGS: tuple[BaseTag, ...] = tuple(Tag(kw) for kw in _REF_KEYWORDS)
+
+
+def _ref_signature(ref: Dataset) -> tuple[tuple[int, str], ...]:
+    return tuple((tag, str(elem.value)) for tag in _REF_TAGS if (elem := ref.get(tag)) is not None)
 
 
 def _slice_order(plan: _SlicePlan) -> Iterator[tuple[int, str, bool]]:
     """``(z, sop_uid, whole)`` per slice; ``whole``: build it in full (the first slice, and
     any whose reference image differs from the previous one's in what the instances copy
     from it); the others are the previous whole one with their own per-slice attributes."""
-    signature: tuple[tuple[str, str], ...] | None = None
+    signature: tuple[tuple[int, str], ...] | None = None
     for z, ref in enumerate(plan.geometry.refs):
         here = _ref_signature(ref)
         yield z, plan.sop_uid(z), signature is None or here != signature
@@ -406,7 +414,7 @@ def _source_item(ref: Dataset) -> Dataset:
 
 def _set_pixels(ds: Dataset, pixels: np.ndarray, signed: bool) -> None:
     dtype = np.dtype("<i2") if signed else np.dtype("<u2")
-    arr = np.ascontiguousarray(pixels.astype(dtype))
+    arr = np.ascontiguousarray(pixels, dtype=dtype)
     ds.PixelData = arr.tobytes()
     ds["PixelData"].VR = "OW"
     ds.SmallestImagePixelValue = int(arr.min())

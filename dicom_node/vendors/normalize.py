@@ -709,13 +709,24 @@ def _scaled_pixels(
     phase = _phase_decision(frames, parts, images, scales, r)
     pidx = {p: i for i, p in enumerate(part_set)}
     data = [np.empty(shape[1:], dtype=np.float32) for _ in range(shape[0])]
+    # one float64 image, reused: a new temporary per image (512 KB at 256 x 256, above
+    # malloc's mmap threshold) page-faulted afresh each time, most of the stage's CPU
+    work = np.empty(shape[-2:], dtype=np.float64)
     for k, img in enumerate(images):
         scale, offset = scales[k]
         if parts[k] == "P" and phase is not None:
             scale, offset = scale * phase.to_rad, offset * phase.to_rad
         dst = data[pidx[parts[k]]][int(labels[k, 0]), int(labels[k, 1]), int(labels[k, 2])]
         # one float64 pass, one rounding to float32
-        dst[...] = img * scale + offset if offset else img * scale
+        if img.dtype.kind in "iu" and img.shape == work.shape:
+            # integers * a float are computed in float64 either way: the same operations
+            # as the expression below, into the reused buffer
+            np.multiply(img, scale, out=work)
+            if offset:
+                np.add(work, offset, out=work)
+            dst[...] = work
+        else:
+            dst[...] = img * scale + offset if offset else img * scale
     if "M" in pidx:
         _clip_magnitude(
             data[pidx["M"]], [abs(s) for (s, _), p in zip(scales, parts, strict=True) if p == "M"]
