@@ -18,6 +18,7 @@ from test_export_support import flat_acquisition, make_result, make_sources
 from dicom_node.export import ExportSettings, report, segmentation, settings_for
 from dicom_node.export.geometry import slice_geometry
 from dicom_node.export.parametric_map import iter_parametric_maps, parametric_map
+from dicom_node.export.part10 import encode_part10
 from dicom_node.export.uids import parameter_fingerprint
 
 
@@ -53,10 +54,25 @@ def test_maps_from_the_first_maps_dataset_equal_highdicoms(result, layout):
     # and the maps do not share anything that one of them changes
     assert len({str(pm.SOPInstanceUID) for pm in fast}) == len(fast)
     assert len({str(pm.SeriesNumber) for pm in fast}) == len(fast)
+    # their shared per-frame groups are encoded once (dicom_node.export.part10.freeze):
+    # the same bytes as pydicom's own encoding of each map, twice over (cache filled, used)
+    for _ in range(2):
+        for pm in fast:
+            assert encode_part10(pm) == _pydicom_part10(pm), pm.SeriesDescription
+
+
+def _pydicom_part10(ds) -> bytes:
+    from io import BytesIO
+
+    import pydicom
+
+    buf = BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_report_equals_highdicoms_checked_construction(result, layout):
+def test_report_equals_highdicoms_checked_construction(result, layout, monkeypatch):
     sources = _sources(layout, result)
     settings = settings_for(result, ExportSettings())
     seg = segmentation(result, sources, settings)
@@ -64,6 +80,14 @@ def test_report_equals_highdicoms_checked_construction(result, layout):
     checked = report(result, sources, settings, seg=seg, check_references=True)
     assert differences(fast, checked) == []
     assert len(fast.ContentSequence) >= 3  # the tree is there: context, procedure, groups
+    # the node's Part-10 encoding is pydicom's, byte for byte, also where it writes the
+    # pixel data as it is (from 4 MB on: here from any size)
+    from dicom_node.export import part10
+
+    for bulk_bytes in (part10._BULK_BYTES, 0):
+        monkeypatch.setattr(part10, "_BULK_BYTES", bulk_bytes)
+        for ds in (seg, fast):
+            assert encode_part10(ds) == _pydicom_part10(ds)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

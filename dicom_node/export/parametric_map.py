@@ -29,6 +29,7 @@ from .geometry import (
     plane_arguments,
     slice_geometry,
 )
+from .part10 import freeze
 from .settings import (
     ExportSettings,
     MapKind,
@@ -203,6 +204,8 @@ def _template_of(pm: Dataset, geometry: SliceGeometry) -> _Template:
             for f in pm.PerFrameFunctionalGroupsSequence
         ]
     )
+    # every map of the export shares it, unchanged (_from_template): encoded once
+    freeze(ds.PerFrameFunctionalGroupsSequence)
     return _Template(ds, frame_z)
 
 

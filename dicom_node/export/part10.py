@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
+import weakref
 from collections.abc import Iterable
 
 import pydicom
@@ -20,15 +22,18 @@ from pydicom.charset import default_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
-__all__ = ["SliceEncoder", "encode_part10"]
+__all__ = ["SliceEncoder", "encode_part10", "freeze"]
 
 
 def encode_part10(ds: Dataset) -> bytes:
-    """Encode a dataset as a DICOM Part-10 file (adds file meta when missing)."""
+    """Encode a dataset as a DICOM Part-10 file (adds file meta when missing): pydicom's
+    bytes, with the pixel data copied once instead of ~5 times and the sequences
+    :func:`freeze` marked encoded once (:func:`_encode_in_runs`)."""
     if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -36,9 +41,139 @@ def encode_part10(ds: Dataset) -> bytes:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds.file_meta = meta
+    read = ds.original_encoding != (None, None)  # from a file: raw elements, own encoding
+    if read or ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
+        return _dcmwrite(ds)
+    frozen = _frozen_elements(ds) if _FROZEN else {}
+    charset = ds.get("SpecificCharacterSet", default_encoding)
+    key = str(charset)
+    if any(key not in cache for cache in frozen.values()):
+        data = _dcmwrite(ds)  # also corrects the ambiguous VRs in the sequences
+        for tag, cache in frozen.items():
+            fp = _buffer()
+            write_data_element(fp, ds[tag], charset)
+            cache.setdefault(key, fp.getvalue())
+        return data
+    if not frozen and not any(_bulk(ds, tag) for tag in _PIXEL_TAGS):
+        return _dcmwrite(ds)
+    return _encode_in_runs(ds, {tag: [cache[key]] for tag, cache in frozen.items()}, charset)
+
+
+def _dcmwrite(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
+
+
+#: id(sequence) -> (a weak reference to it, its encoding per character set)
+_FROZEN: dict[int, tuple[weakref.ref, dict[str, bytes]]] = {}
+_FROZEN_LOCK = threading.Lock()
+
+
+def freeze(value: DicomSequence) -> None:
+    """Promise that the sequence ``value`` (shared by several outputs, e.g. the Parametric
+    Maps' per-frame functional groups: a few hundred items) is not changed any more, so
+    that :func:`encode_part10` encodes it once and reuses its bytes (as long as it lives).
+    """
+    key = id(value)
+
+    def forget(_: weakref.ref, key: int = key) -> None:
+        with _FROZEN_LOCK:
+            _FROZEN.pop(key, None)
+
+    with _FROZEN_LOCK:
+        _FROZEN[key] = (weakref.ref(value, forget), {})
+
+
+def _frozen_elements(ds: Dataset) -> dict[BaseTag, dict[str, bytes]]:
+    """The top-level elements of ``ds`` whose value is a frozen sequence: tag -> the
+    sequence's encodings (after the SOP Instance UID: the file meta is made from the rest)."""
+    out = {}
+    for tag in ds.keys():
+        if tag <= 0x00080018:
+            continue
+        elem = ds.get_item(tag)
+        if isinstance(elem, DataElement) and elem.VR == "SQ":
+            entry = _FROZEN.get(id(elem.value))
+            if entry is not None and entry[0]() is elem.value:
+                out[tag] = entry[1]
+    return out
+
+
+#: the bulk pixel data elements, written by :func:`_encode_in_runs` as their bytes
+_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+_BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW"}
+
+
+#: pixel data from this size on is worth writing in runs (below, pydicom's ~5 copies cost
+#: less than taking the dataset apart)
+_BULK_BYTES = 4 << 20
+
+
+def _bulk(ds: Dataset, tag: int) -> bool:
+    elem = ds.get_item(tag) if tag in ds else None
+    return (
+        isinstance(elem, DataElement)
+        and isinstance(elem.value, bytes)
+        and len(elem.value) >= _BULK_BYTES
+    )
+
+
+def _buffer() -> DicomBytesIO:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    return fp
+
+
+def _encode_in_runs(
+    ds: Dataset, ready: dict[BaseTag, list[bytes]], charset: str | list[str]
+) -> bytes:
+    """:func:`pydicom.dcmwrite`'s bytes of ``ds`` (Explicit VR Little Endian) with the
+    elements of ``ready`` taken as they are (encoded frozen sequences) and the pixel data
+    written as its header and its bytes: the dataset in runs between them (the first run,
+    with the file meta, by dcmwrite; the others by its ``write_dataset``), after the
+    ambiguous VRs of all the rest were corrected in one piece, as dcmwrite does."""
+    rest = Dataset()
+    for tag in ds.keys():
+        if tag not in ready:
+            rest.add(ds.get_item(tag))
+    correct_ambiguous_vr(rest, True)
+    if "PixelData" in rest:  # what dcmwrite sets for an uncompressed syntax
+        rest["PixelData"].is_undefined_length = False
+    ready = dict(ready)
+    for tag in _PIXEL_TAGS:
+        elem = rest.get_item(tag) if tag in rest else None
+        if (
+            isinstance(elem, DataElement)
+            and elem.VR in _BULK_VRS
+            and isinstance(elem.value, bytes)
+            and len(elem.value) % 2 == 0
+            and not elem.is_undefined_length
+        ):
+            head = struct.pack(
+                "<HH2sHI", tag >> 16, tag & 0xFFFF, elem.VR.encode(), 0, len(elem.value)
+            )
+            ready[BaseTag(tag)] = [head, elem.value]
+            del rest[tag]
+    cuts = sorted(ready)
+    runs: list[Dataset] = [Dataset() for _ in range(len(cuts) + 1)]
+    at = 0
+    for tag in sorted(rest.keys()):
+        while at < len(cuts) and tag > cuts[at]:
+            at += 1
+        runs[at].add(rest.get_item(tag))
+    first = runs[0]
+    first.file_meta = ds.file_meta
+    if getattr(ds, "preamble", None) is not None:
+        first.preamble = ds.preamble
+    parts = [_dcmwrite(first)]
+    for tag, run in zip(cuts, runs[1:], strict=True):
+        parts += ready[tag]
+        if len(run):
+            fp = _buffer()
+            write_dataset(fp, run, parent_encoding=charset)
+            parts.append(fp.getvalue())
+    return b"".join(parts)
 
 
 #: explicit VR little endian: the VRs with a 4-byte length (after 2 reserved bytes)
