@@ -249,9 +249,9 @@ def _draw_table(fig: Any, cells: list[list[str]]) -> None:
 
 
 #: :func:`_agg_canvas_class`'s remembered text shaping and extents (see there); emptied
-#: when it grows past _TEXT_MEMO_LIMIT entries.
+#: when it reaches _TEXT_MEMO_LIMIT entries (a page adds ~230, ~2 KB each: at most ~8 MB).
 _TEXT_MEMO: dict[tuple[Any, ...], Any] = {}
-_TEXT_MEMO_LIMIT = 20_000
+_TEXT_MEMO_LIMIT = 4000
 
 
 def _remember(key: tuple[Any, ...], value: Any) -> None:
