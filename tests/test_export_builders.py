@@ -72,7 +72,7 @@ def _pydicom_part10(ds) -> bytes:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_report_equals_highdicoms_checked_construction(result, layout):
+def test_report_equals_highdicoms_checked_construction(result, layout, monkeypatch):
     sources = _sources(layout, result)
     settings = settings_for(result, ExportSettings())
     seg = segmentation(result, sources, settings)
@@ -80,9 +80,14 @@ def test_report_equals_highdicoms_checked_construction(result, layout):
     checked = report(result, sources, settings, seg=seg, check_references=True)
     assert differences(fast, checked) == []
     assert len(fast.ContentSequence) >= 3  # the tree is there: context, procedure, groups
-    # the node's Part-10 encoding (pixel data written as it is) is pydicom's, byte for byte
-    for ds in (seg, fast):
-        assert encode_part10(ds) == _pydicom_part10(ds)
+    # the node's Part-10 encoding is pydicom's, byte for byte, also where it writes the
+    # pixel data as it is (from 4 MB on: here from any size)
+    from dicom_node.export import part10
+
+    for bulk_bytes in (part10._BULK_BYTES, 0):
+        monkeypatch.setattr(part10, "_BULK_BYTES", bulk_bytes)
+        for ds in (seg, fast):
+            assert encode_part10(ds) == _pydicom_part10(ds)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -51,10 +51,64 @@ def corrupt_second_delay(files: list[Path]) -> int:
     return n
 
 
-def test_process_config_sets_processing_and_export_keys(tmp_path: Path, capsys) -> None:
+#: what the node writes with the wall-clock time (differs between two exports of one result)
+CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
+         "ContentDate", "ContentTime")  # fmt: skip
+
+
+def mr_files(root: Path) -> dict[str, pydicom.Dataset]:
+    """Every MR image below ``root`` by SOP Instance UID, without the CLOCK attributes."""
+    out = {}
+    for p in root.rglob("*.dcm"):
+        ds = pydicom.dcmread(p)
+        if ds.Modality == "MR":
+            for kw in CLOCK:
+                ds.pop(kw, None)
+            out[str(ds.SOPInstanceUID)] = ds
+    return out
+
+
+@pytest.fixture(scope="module")
+def ge_seed4(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """``simulate --vendor ge`` 2 x 40 x 40, seed 4, SNR 80 (read only by the tests)."""
+    return simulate(tmp_path_factory.mktemp("ge_seed4"), "ge", seed=4)
+
+
+def _settings(*contrasts: str):  # type: ignore[no-untyped-def]
+    """The defaults with these contrasts, no segmentation, myelin or enhancement."""
+    import dataclasses
+
+    from processing.run import ProcessingSettings
+
+    return dataclasses.replace(
+        load_settings(None),
+        processing=ProcessingSettings(
+            contrasts=contrasts, segmentation=False, myelin=False, enhance=False
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def spawned_worker():  # type: ignore[no-untyped-def]
+    """One spawned worker process (as the node's), shared by the worker tests: spawning
+    and importing the pipeline costs seconds each time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    pool.submit(time.sleep, 0).result()  # the process is up
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+
+
+def test_process_config_sets_processing_and_export_keys(
+    tmp_path: Path, capsys, ge_seed4: list[Path]
+) -> None:
     """Failed on 08ca190 (``settings.export_settings()`` did not exist): every series was
     reported "ERROR during processing"."""
-    simulate(tmp_path / "in", "ge", seed=4)
+    source = ge_seed4[0].parent
     config = tmp_path / "site.toml"
     config.write_text(
         '[processing]\ncontrasts = ["T1W", "FLAIR"]\nmixture_contrasts = []\n'
@@ -65,14 +119,12 @@ def test_process_config_sets_processing_and_export_keys(tmp_path: Path, capsys) 
     )
     out = tmp_path / "out"
     capsys.readouterr()
-    rc = cli.main(
-        ["process", str(tmp_path / "in"), "-o", str(out), "--no-progress", "-c", str(config)]
-    )
+    rc = cli.main(["process", str(source), "-o", str(out), "--no-progress", "-c", str(config)])
     text = capsys.readouterr().out
     assert rc == 0, text
     written = [pydicom.dcmread(p, stop_before_pixels=True) for p in out.rglob("*.dcm")]
     assert written, text
-    src_number = int(pydicom.dcmread(next((tmp_path / "in").glob("*.dcm"))).SeriesNumber)
+    src_number = int(pydicom.dcmread(ge_seed4[0]).SeriesNumber)
     assert min(int(ds.SeriesNumber) for ds in written) >= src_number + 3000
     assert {str(ds.get("InstitutionName", "")) for ds in written} == {"SITE X"}
     maps = {str(ds.SeriesDescription) for ds in written if ds.Modality == "OT"}
@@ -237,29 +289,22 @@ def test_vendor_overrides_and_qc_gate_same_in_node_and_process(tmp_path: Path, c
     assert "HELD: QC fail" in lines[uid["bad"]], text
 
 
-def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(tmp_path: Path) -> None:
+def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(
+    tmp_path: Path, ge_seed4: list[Path], spawned_worker
+) -> None:
     """Streamed with a worker, the synthetic MR series are built and encoded there (a real
     spawned process; arrays through dicom_node.handoff): every file equals the in-process
     export's of the same result (not streamed) but for the wall-clock dates and times, and
     each series arrives as one written group."""
-    import dataclasses
-    import multiprocessing
-    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures import Future
 
     from dicom_node.handoff import submit_via_tmpfs
     from dicom_node.series import folder_writer, run_series
-    from processing.run import ProcessingSettings, run
+    from processing.run import run
 
-    files = simulate(tmp_path / "in", "ge", seed=4)
-    base = load_settings(None)
-    settings = dataclasses.replace(
-        base,
-        processing=ProcessingSettings(
-            contrasts=("T1W", "T2W", "FLAIR"), segmentation=False, myelin=False, enhance=False
-        ),
-    )
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-
+    files = ge_seed4
+    settings = _settings("T1W", "T2W", "FLAIR")
+    pool = spawned_worker
     processed: list = []
 
     def submit(fn, *args) -> Future:  # processing here, once (the same result both times)
@@ -271,32 +316,16 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(tmp_path
         return submit_via_tmpfs(pool.submit, fn, *args)
 
     groups: list[list[tuple[str, str, str]]] = []
-    try:
-        # fresh sources each time: the source digest (in every UID) reads them as received
-        here = run_series(
-            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
-            submit=submit,
-        )  # fmt: skip
-        away = run_series(
-            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
-            submit=submit, on_outputs=groups.append,
-        )  # fmt: skip
-    finally:
-        pool.shutdown()
+    # fresh sources each time: the source digest (in every UID) reads them as received
+    here = run_series(
+        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
+        submit=submit,
+    )  # fmt: skip
+    away = run_series(
+        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
+        submit=submit, on_outputs=groups.append,
+    )  # fmt: skip
     assert here.state == away.state == State.EXPORTED, (here.reason, away.reason)
-    clock = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
-             "ContentDate", "ContentTime")  # fmt: skip
-
-    def mr_files(root: Path) -> dict[str, pydicom.Dataset]:
-        out = {}
-        for p in root.rglob("*.dcm"):
-            ds = pydicom.dcmread(p)
-            if ds.Modality == "MR":
-                for kw in clock:
-                    ds.pop(kw, None)
-                out[str(ds.SOPInstanceUID)] = ds
-        return out
-
     a, b = mr_files(tmp_path / "here"), mr_files(tmp_path / "away")
     assert len(a) == 3 * 2 and a.keys() == b.keys()  # 3 contrasts x 2 slices
     for uid, ds in a.items():
@@ -306,24 +335,17 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(tmp_path
 
 
 def test_slice_geometry_is_made_once_while_the_worker_processes(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, ge_seed4: list[Path]
 ) -> None:
     """The node makes the outputs' slice geometry (reference headers, positions) after
     handing the acquisition to the worker and before it waits for the result, and the
     export uses that one (not made a second time); the outputs are the same."""
-    import dataclasses
     from concurrent.futures import Future
 
     from dicom_node import series
-    from processing.run import ProcessingSettings
 
-    files = simulate(tmp_path / "in", "ge", seed=4)
-    settings = dataclasses.replace(
-        load_settings(None),
-        processing=ProcessingSettings(
-            contrasts=("T1W",), segmentation=False, myelin=False, enhance=False
-        ),
-    )
+    files = ge_seed4
+    settings = _settings("T1W")
     events: list[str] = []
     made = series.slice_geometry
 
@@ -356,28 +378,23 @@ def test_slice_geometry_is_made_once_while_the_worker_processes(
     assert sorted(u for u, _, _ in here.outputs) == sorted(u for u, _, _ in out.outputs)
 
 
-def test_synthetic_series_no_worker_started_are_encoded_by_the_node(tmp_path: Path) -> None:
+def test_synthetic_series_no_worker_started_are_encoded_by_the_node(
+    tmp_path: Path, ge_seed4: list[Path], spawned_worker
+) -> None:
     """With the only worker busy (a 4 s task in front), the node, done with its own
     groups, takes back the synthetic series no worker has started and encodes them itself:
     those futures end cancelled, and every file equals the in-process export's but for
     the wall-clock dates and times."""
-    import dataclasses
-    import multiprocessing
-    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures import Future
 
     from dicom_node.handoff import submit_via_tmpfs
     from dicom_node.series import encode_synthetic_series, folder_writer, run_series
-    from processing.run import ProcessingSettings, run
+    from processing.run import run
 
-    files = simulate(tmp_path / "in", "ge", seed=4)
-    settings = dataclasses.replace(
-        load_settings(None),
-        processing=ProcessingSettings(
-            contrasts=("T1W", "T2W", "FLAIR"), segmentation=False, myelin=False, enhance=False
-        ),
-    )
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    pool.submit(time.sleep, 0).result()  # the process is up
+    files = ge_seed4
+    settings = _settings("T1W", "T2W", "FLAIR")
+    pool = spawned_worker
+    pool.submit(time.sleep, 0).result()  # the worker is idle (no task of another test left)
     processed: list = []
     encodings: list[Future] = []
 
@@ -393,32 +410,17 @@ def test_synthetic_series_no_worker_started_are_encoded_by_the_node(tmp_path: Pa
             encodings.append(f)
         return f
 
-    try:
-        here = run_series(
-            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
-            submit=lambda fn, *a: submit(fn, *a) if fn is run else None,
-        )  # fmt: skip
-        away = run_series(
-            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
-            submit=submit, on_outputs=lambda rows: None,
-        )  # fmt: skip
-    finally:
-        pool.shutdown()
+    here = run_series(
+        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
+        submit=lambda fn, *a: submit(fn, *a) if fn is run else None,
+    )  # fmt: skip
+    away = run_series(
+        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
+        submit=submit, on_outputs=lambda rows: None,
+    )  # fmt: skip
+    pool.submit(time.sleep, 0).result()  # the busy task and every encoding are over
     assert here.state == away.state == State.EXPORTED, (here.reason, away.reason)
     assert len(encodings) == 3 and sum(f.cancelled() for f in encodings) >= 2
-    clock = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
-             "ContentDate", "ContentTime")  # fmt: skip
-
-    def mr_files(root: Path) -> dict[str, pydicom.Dataset]:
-        out = {}
-        for p in root.rglob("*.dcm"):
-            ds = pydicom.dcmread(p)
-            if ds.Modality == "MR":
-                for kw in clock:
-                    ds.pop(kw, None)
-                out[str(ds.SOPInstanceUID)] = ds
-        return out
-
     a, b = mr_files(tmp_path / "here"), mr_files(tmp_path / "away")
     assert len(a) == 3 * 2 and a.keys() == b.keys()
     for uid, ds in a.items():
