@@ -720,17 +720,19 @@ def _export_and_write(
         outputs.extend(rows)
         on_outputs(rows)  # type: ignore[misc]
 
-    # the worker's share goes first (the synthetic series, then the report page the extra
-    # outputs may start: they may return a function that finishes them after the export)
     if isinstance(geometry, Exception):
         raise geometry
     geometry = geometry or slice_geometry(result, sources, settings)
+    # The extra outputs' chain (the node's web store on a thread, then the report page
+    # rendered in the worker, after the synthetic series it was given first) is the
+    # longest of what is left: it starts first. They may return a function that finishes
+    # them after the export.
+    extra = extra_outputs(result) if extra_outputs is not None else []
     away = (
         _start_synthetic(result, geometry, settings, submit, qc_reason)
         if stream and submit is not None
         else None
     )
-    extra = extra_outputs(result) if extra_outputs is not None else []
     for group in export_groups(
         result, sources, settings, synthetic=away is None, geometry=geometry,
         part="all" if early is None else "late", seg=early.seg if early else None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import struct
-import threading
 import weakref
 from collections.abc import Iterable
 
@@ -23,7 +22,6 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_dataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
@@ -66,31 +64,36 @@ def _dcmwrite(ds: Dataset) -> bytes:
 
 
 #: id(sequence) -> (a weak reference to it, its encoding per character set)
+#: (single dict operations, atomic under the GIL: no lock, which a weak reference's
+#: callback run by the garbage collector inside a locked block would wait on forever)
 _FROZEN: dict[int, tuple[weakref.ref, dict[str, bytes]]] = {}
-_FROZEN_LOCK = threading.Lock()
 
 
-def freeze(value: DicomSequence) -> None:
-    """Promise that the sequence ``value`` (shared by several outputs, e.g. the Parametric
+def freeze(elem: DataElement) -> None:
+    """Promise that the sequence of ``elem`` (shared by several outputs, e.g. the Parametric
     Maps' per-frame functional groups: a few hundred items) is not changed any more, so
     that :func:`encode_part10` encodes it once and reuses its bytes (as long as it lives).
     """
+    value = elem.value
     key = id(value)
 
     def forget(_: weakref.ref, key: int = key) -> None:
-        with _FROZEN_LOCK:
-            _FROZEN.pop(key, None)
+        _FROZEN.pop(key, None)
 
-    with _FROZEN_LOCK:
-        _FROZEN[key] = (weakref.ref(value, forget), {})
+    _FROZEN_TAGS.add(elem.tag)
+    _FROZEN[key] = (weakref.ref(value, forget), {})
+
+
+#: the tags of the elements :func:`freeze` was given (where to look for frozen sequences)
+_FROZEN_TAGS: set[BaseTag] = set()
 
 
 def _frozen_elements(ds: Dataset) -> dict[BaseTag, dict[str, bytes]]:
     """The top-level elements of ``ds`` whose value is a frozen sequence: tag -> the
     sequence's encodings (after the SOP Instance UID: the file meta is made from the rest)."""
     out = {}
-    for tag in ds.keys():
-        if tag <= 0x00080018:
+    for tag in list(_FROZEN_TAGS):
+        if tag <= 0x00080018 or tag not in ds:
             continue
         elem = ds.get_item(tag)
         if isinstance(elem, DataElement) and elem.VR == "SQ":
