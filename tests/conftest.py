@@ -13,7 +13,10 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -379,3 +382,97 @@ def scp_rig(tmp_path: Path) -> Iterator[ScpRig]:
     """``store_scp`` with the default configuration (no quiet-period loop)."""
     with store_scp(tmp_path) as rig:
         yield rig
+
+
+# --------------------------------------------------------------------------- cold start
+#: the test that needs a node started on an empty numba cache (tests/test_warmup.py)
+COLD_START_TEST = "test_warmup.py::test_node_on_an_empty_cache_is_warming_until_its_worker_is_warm"
+
+
+@dataclass
+class ColdStart:
+    """A node started on an empty numba cache (NUMBA_CACHE_DIR a fresh folder, one worker)
+    and what its /readyz answered, polled every 0.5 s until 200, the node's exit or 600 s;
+    then the node is stopped and, if it got ready, ``synthmr warmup`` run on that cache.
+    ``done`` is set when all that ended."""
+
+    cache: Path
+    env: dict[str, str]
+    log: Path
+    seen: list[tuple[int, str]] = field(default_factory=list)
+    exited: str | None = None  # the end of the node's log if it exited on its own
+    warmup: subprocess.CompletedProcess[str] | None = None  # `synthmr warmup` afterwards
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""  # metrics endpoint not up yet (the node warms its own kernels first)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cold_start_node(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ColdStart | None]:
+    """Started when the session starts if COLD_START_TEST is selected: compiling every
+    kernel takes its node a minute or more of one core, which the tests running meanwhile
+    would otherwise leave idle (2 cores); the test reads the outcome. None when not
+    selected."""
+    if not any(item.nodeid.endswith(COLD_START_TEST) for item in request.session.items):
+        yield None
+        return
+    root = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("cold_start")
+    cache = tmp / "numba-cache"
+    cache.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(root), NUMBA_CACHE_DIR=str(cache))
+    mport = free_port()
+    cfg = write_config(tmp, "[workers]\nprocesses = 1\n", metrics_port=mport)
+    cold = ColdStart(cache, env, tmp / "node.log")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.service", "--config", str(cfg)],
+        cwd=root,
+        env=env,
+        stdout=open(cold.log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+    def poll() -> None:
+        try:
+            deadline = time.time() + 600
+            while time.time() < deadline:
+                code, body = _readyz(mport)
+                if code:
+                    cold.seen.append((code, body.splitlines()[0]))
+                if code == 200:
+                    break
+                if proc.poll() is not None:
+                    cold.exited = cold.log.read_text()[-3000:]
+                    break
+                time.sleep(0.5)
+            stop_pid(proc, 30)
+            if cold.seen and cold.seen[-1][0] == 200:
+                cold.warmup = subprocess.run(
+                    [sys.executable, "-m", "dicom_node.cli", "warmup"],
+                    cwd=root,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
+        finally:
+            stop_pid(proc, 30)
+            cold.done.set()
+
+    poller = threading.Thread(target=poll, name="cold-start-readyz", daemon=True)
+    poller.start()
+    try:
+        yield cold
+    finally:
+        stop_pid(proc, 30)
+        poller.join(700)

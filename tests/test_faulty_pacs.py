@@ -109,8 +109,8 @@ def test_changed_rerun_gets_new_uids_and_retires_the_old_in_orthanc(
         wait_for(second_delivery, 300, 0.2, "second version delivered")
         seen = [node.registry.timeline(uid)]
 
-        def settled() -> bool:  # no state change for 3 s (every job the re-send started ran)
-            time.sleep(3.0)
+        def settled() -> bool:  # no state change for 2 s, two quiet periods (every job
+            time.sleep(2.0)  # the re-send started ran)
             seen.append(node.registry.timeline(uid))
             return seen[-1] == seen[-2] and node.registry.series(uid).state == State.DELIVERED
 

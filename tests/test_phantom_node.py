@@ -97,12 +97,25 @@ def test_rule_default_and_configured():
     assert not matches_rule([ds], PhantomQCSettings(enabled=False))[0]
 
 
+@pytest.fixture(scope="module")
+def off_centre_scan() -> pq.PhantomScan:
+    """Pose 20 mm off-centre, 15/-12/10 deg, slab cutting the T2 ring; SNR 50, B1 0.8-1.2,
+    seed 7 (one simulation for every layout)."""
+    return _small_scan(7, _placed((15.0, -12.0, 10.0), (-12.0, 16.0, 3.0)))
+
+
+@pytest.fixture(scope="module")
+def oblique_slab_scan() -> pq.PhantomScan:
+    """An oblique slab (15 deg about x, 10 about y away from the plates), seed 5 (one
+    simulation for every writer's convention)."""
+    return _small_scan(5, _placed((6.0, -8.0, 5.0), (8.0, -10.0, 6.0)), tilt_deg=(-75.0, 10.0, 0))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(emulator.VENDOR_LAYOUTS))
-def test_every_vendor_layout(tmp_path: Path, layout: str):
+def test_every_vendor_layout(tmp_path: Path, layout: str, off_centre_scan: pq.PhantomScan):
     """Pose 20 mm off-centre, 15/-12/10 deg, slab cutting the T2 ring; SNR 50, B1 0.8-1.2."""
-    pose = _placed((15.0, -12.0, 10.0), (-12.0, 16.0, 3.0))
-    scan = _small_scan(7, pose)
+    scan = off_centre_scan
     folder = _write(scan.acq, tmp_path / layout, layout, 7, PHANTOM_PATIENT, PHANTOM_STUDY)
     outcome = _normalize(folder)
     ph = try_phantom(outcome.acquisition, outcome.datasets, PhantomQCSettings(), _direct)
@@ -174,7 +187,9 @@ def _check_counts(report: dict, n_admitted: int, what) -> None:
         ("delay in per-frame InversionTimes (0018,9079)", "philips_enhanced"),
     ],
 )
-def test_other_writers_and_oblique_slab(tmp_path: Path, row_name: str, layout: str):
+def test_other_writers_and_oblique_slab(
+    tmp_path: Path, row_name: str, layout: str, oblique_slab_scan: pq.PhantomScan
+):
     """A phantom series rewritten into another writer's header convention
     (tests/other_writers.py: 12-bit magnitude with a slope per frame, signed radians,
     magnitude only, the delay in a per-frame tag), on an oblique slab (15 deg about x, 10
@@ -182,7 +197,7 @@ def test_other_writers_and_oblique_slab(tmp_path: Path, row_name: str, layout: s
     from tests.other_writers import ROWS
 
     (row,) = [r for r in ROWS if r.name == row_name]
-    scan = _small_scan(5, _placed((6.0, -8.0, 5.0), (8.0, -10.0, 6.0)), tilt_deg=(-75.0, 10.0, 0))
+    scan = oblique_slab_scan
     folder = tmp_path / layout
     folder.mkdir()
     for i, ds in enumerate(row.build(scan.acq, layout, 5)):

@@ -95,71 +95,27 @@ def test_no_compile_in_a_worker_after_its_warmup(tmp_path) -> None:
     assert new == {}, f"compiled in the worker after its warm-up: {new}"
 
 
-def _readyz(port: int) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return 0, ""  # metrics endpoint not up yet (the node warms its own kernels first)
-
-
 @pytest.mark.slow
-def test_node_on_an_empty_cache_is_warming_until_its_worker_is_warm(tmp_path) -> None:
+def test_node_on_an_empty_cache_is_warming_until_its_worker_is_warm(cold_start_node) -> None:
     """Issue 14: a node started with an empty numba cache (NUMBA_CACHE_DIR a fresh folder)
     answers /readyz 503 "warming" while its worker compiles, then 200 "ready"; the worker
-    left its kernels in that cache, so ``synthmr warmup`` afterwards compiles nothing."""
-    import os
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    left its kernels in that cache, so ``synthmr warmup`` afterwards compiles nothing.
 
-    from tests.conftest import free_port, stop_pid, write_config
-
-    root = Path(__file__).resolve().parents[1]
-    cache = tmp_path / "numba-cache"
-    cache.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(root), NUMBA_CACHE_DIR=str(cache))
-    mport = free_port()
-    cfg = write_config(tmp_path, "[workers]\nprocesses = 1\n", metrics_port=mport)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dicom_node.service", "--config", str(cfg)],
-        cwd=root,
-        env=env,
-        stdout=open(tmp_path / "node.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
-    seen: list[tuple[int, str]] = []
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            code, body = _readyz(mport)
-            if code:
-                seen.append((code, body.splitlines()[0]))
-            if code == 200:
-                break
-            assert proc.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
-            time.sleep(0.5)
-    finally:
-        stop_pid(proc, 30)
+    The node is started when the session starts (tests/conftest.py ``cold_start_node``),
+    so its minute of compiling runs beside the other tests; here its answers are read."""
+    cold = cold_start_node
+    assert cold is not None  # the fixture starts the node whenever this test is selected
+    assert cold.done.wait(1300), "the cold-start node and its warmup ran for over 1300 s"
+    assert cold.exited is None, cold.exited
+    seen = cold.seen
     assert seen and seen[-1] == (200, "ready"), seen[-5:]
     warming = [s for s in seen if s[0] == 503]
     assert warming, "never reported not-ready although the cache was empty"
     assert all(s == (503, "warming") for s in warming), set(warming)
+    cache = cold.cache
     assert list(cache.rglob("*.nbi")), "the worker wrote no numba cache index"
-    r = subprocess.run(
-        [sys.executable, "-m", "dicom_node.cli", "warmup"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = cold.warmup  # `synthmr warmup` with that cache, run once the node was ready
+    assert r is not None
     assert r.returncode == 0, r.stderr[-3000:]
     assert " 0 specializations compiled" in r.stdout, r.stdout
     assert str(cache) in r.stdout, r.stdout
