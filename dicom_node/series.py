@@ -36,7 +36,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from dicom_node import vendors
 from dicom_node.config import Settings
-from dicom_node.export import ExportSettings, export_groups, settings_for
+from dicom_node.export import ExportSettings, export_groups, settings_for, without_arrays
 from dicom_node.export.common import series_number_base
 from dicom_node.export.geometry import SliceGeometry, slice_geometry
 from dicom_node.export.mr_images import mr_geometry, synthetic_series
@@ -279,9 +279,14 @@ def run_series(
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
     b1_map: B1Map | None = None,
     b1_notes: Sequence[str] = (),
+    release: bool = False,
 ) -> JobOutcome:
     """Run one series end to end. Never raises: errors become a FAILED / QUARANTINED /
     IGNORED outcome naming the stage and the reason.
+
+    ``release``: the export frees each of the result's arrays once the outputs that need
+    it are built (the node's job; :func:`dicom_node.export.export_groups`); the outcome's
+    ``result`` then holds the figures, not the arrays.
 
     ``b1_map``: the B1 map of a B1-map series of the same study (3D-QALAS; the node's
     :mod:`dicom_node.b1match` finds it); ``b1_notes``: what the matching had to say (no
@@ -365,6 +370,7 @@ def run_series(
             on_outputs,
             submit,
             geometry=early[0] if early and _same_grid(grid, result) else None,
+            release=release,
         )
         observe("export", t0)
     except Exception as exc:
@@ -447,9 +453,11 @@ def _export_and_write(
     submit: Submit | None = None,
     *,
     geometry: SliceGeometry | Exception | None = None,
+    release: bool = False,
 ) -> JobOutcome:
     """Export, apply the QC gate, write; the outcome's state is EXPORTED or HELD.
     ``geometry``: :func:`slice_geometry`'s (or its error), made while the worker ran.
+    ``release``: see :func:`run_series`.
 
     The gate is decided from the QC figures before anything is built; unless it holds
     the series, every output series is written (and handed to ``on_outputs``) as soon as
@@ -490,13 +498,23 @@ def _export_and_write(
         if stream and submit is not None
         else None
     )
-    extra = extra_outputs(result) if extra_outputs is not None else []
+    # the extra outputs (the web store on a thread) get their own references to the arrays:
+    # each array goes when both they and the export are done with it
+    extra = (
+        extra_outputs(_arrays_copy(result) if release else result)
+        if extra_outputs is not None
+        else []
+    )
+    if release and away is not None:  # the tasks have their contrasts; the node needs none
+        result.synthetic = {k: without_arrays(v) for k, v in result.synthetic.items()}
     for group in export_groups(
-        result, sources, settings, synthetic=away is None, geometry=geometry
+        result, sources, settings, synthetic=away is None, geometry=geometry, release=release
     ):
         emit(group)
         while away and away[0].future.done():  # the worker's series that are ready, in order
             emit_encoded(_encoded(away.pop(0).future.result()))
+        if release and away:
+            away[:] = [_forget_started(a) for a in away]
     # The node's own groups are done: a series no worker has started yet is taken back from
     # the end of the queue and encoded here (the worker goes on from the front).
     while away:
@@ -580,6 +598,29 @@ class _Away(NamedTuple):
 
     future: Any
     args: tuple[Any, ...]
+
+
+def _forget_started(task: _Away) -> _Away:
+    """``task`` without its arguments once no worker can give it back (it runs or ran; a
+    Dask future is never taken back): its contrast's memory can go."""
+    f = task.future
+    started = getattr(f, "started", None)  # a hand-off future (dicom_node.handoff)
+    if not isinstance(f, Future) or (started() if started else f.running() or f.done()):
+        return task._replace(args=())
+    return task
+
+
+def _arrays_copy(result: SeriesResult) -> SeriesResult:
+    """A shallow copy of ``result`` whose containers of arrays are its own (the same
+    arrays): the original may let go of its arrays while this copy still reads them."""
+    seg = result.segmentation
+    return replace(
+        result,
+        maps=replace(result.maps),
+        synthetic=dict(result.synthetic),
+        segmentation=replace(seg, fractions=dict(seg.fractions)) if seg is not None else None,
+        myelin=replace(result.myelin) if result.myelin is not None else None,
+    )
 
 
 def _take_back(future: Any) -> bool:

@@ -247,7 +247,9 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(tmp_path
     from concurrent.futures import Future, ProcessPoolExecutor
 
     from dicom_node.handoff import submit_via_tmpfs
+    from dicom_node.pipeline import run_series_job
     from dicom_node.series import folder_writer, run_series
+    from dicom_node.spool import Spool
     from processing.run import ProcessingSettings, run
 
     files = simulate(tmp_path / "in", "ge", seed=4)
@@ -277,31 +279,38 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(tmp_path
             [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
             submit=submit,
         )  # fmt: skip
-        away = run_series(
-            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
-            submit=submit, on_outputs=groups.append,
+        # the node's job: the spool's writer, the web store beside the export, and each
+        # array released once exported (release=True)
+        away = run_series_job(
+            "1.2.3", [str(p) for p in files], settings, Spool(tmp_path / "spool"), submit,
+            on_outputs=groups.append,
         )  # fmt: skip
     finally:
         pool.shutdown()
     assert here.state == away.state == State.EXPORTED, (here.reason, away.reason)
+    assert away.result is not None and away.result.maps.t1_ms is None  # released
     clock = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
              "ContentDate", "ContentTime")  # fmt: skip
 
-    def mr_files(root: Path) -> dict[str, pydicom.Dataset]:
+    def by_uid(root: Path) -> dict[str, pydicom.Dataset]:
         out = {}
         for p in root.rglob("*.dcm"):
             ds = pydicom.dcmread(p)
-            if ds.Modality == "MR":
+            if ds.Modality in ("MR", "OT"):  # synthetic series, Parametric Maps
                 for kw in clock:
                     ds.pop(kw, None)
+                for item in ds.get("ContributingEquipmentSequence", []):
+                    item.pop("ContributionDateTime", None)
                 out[str(ds.SOPInstanceUID)] = ds
         return out
 
-    a, b = mr_files(tmp_path / "here"), mr_files(tmp_path / "away")
-    assert len(a) == 3 * 2 and a.keys() == b.keys()  # 3 contrasts x 2 slices
+    a, b = by_uid(tmp_path / "here"), by_uid(tmp_path / "spool" / "outbox")
+    assert len(a) > 3 * 2 and a.keys() == b.keys()  # 3 contrasts x 2 slices, the maps
     for uid, ds in a.items():
-        assert ds == b[uid], uid
-    mr_groups = [g for g in groups if all(uid in b for uid, _, _ in g)]
+        if ds != b[uid]:
+            diff = [e for e in ds if e.tag not in b[uid] or b[uid][e.tag] != e]
+            raise AssertionError(f"{uid} {ds.Modality}: {[str(e)[:300] for e in diff]}")
+    mr_groups = [g for g in groups if all(b[uid].Modality == "MR" for uid, _, _ in g)]
     assert sorted(len(g) for g in mr_groups) == [2, 2, 2]  # one written group per series
 
 
