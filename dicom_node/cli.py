@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -187,7 +188,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- node
+def _no_numpy_hugepages() -> None:
+    """Stop numpy asking for transparent huge pages (madvise) on every array >= 4 MB, in the
+    node and in the workers it spawns (the environment variable is read at numpy's import).
+
+    With THP in ``madvise`` mode and a page cache that fragments memory (a node that spools
+    files), each first touch of such an array can wait for the kernel to compact memory:
+    measured here, the first fill of normalization's 2 x 63 MB grid took 0.5-1.0 s CPU
+    instead of 0.06 s, and a worker's 30 x 256 x 256 job 0.3-0.9 s of system time instead
+    of < 0.2 s (user time unchanged). ``NUMPY_MADVISE_HUGEPAGE=1`` in the environment keeps
+    numpy's default."""
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+    if os.environ["NUMPY_MADVISE_HUGEPAGE"] == "0" and "numpy" in sys.modules:
+        np = sys.modules["numpy"]
+        (getattr(np, "_core", None) or np.core).multiarray._set_madvise_hugepage(False)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _no_numpy_hugepages()
     from dicom_node import config as cfg_mod
     from dicom_node import service
 

@@ -24,15 +24,19 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import select
 import socket
 import ssl
 import struct
 import threading
 from datetime import datetime
+from io import BytesIO
 from typing import Any
 
-from pynetdicom import AE, evt
+from pydicom import config as pydicom_config
+from pydicom.uid import UID
+from pynetdicom import AE, _config, evt
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
     standard_dimse_sent_handler,
@@ -277,10 +281,108 @@ def c_store_rsp_command(rsp: C_STORE) -> bytes | None:
     return _command_element(0x0000, struct.pack("<I", len(body))) + body
 
 
+#: a conformant UID (PS3.5 9.1): what pynetdicom's UID checks accept without a word
+_CONFORMANT_UID = re.compile(rb"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_C_STORE_RQ = 0x0001
+_NO_DATASET = 0x0101
+
+
+def parse_c_store_rq_command(raw: bytes) -> dict[int, bytes] | None:
+    """The elements (element number -> value) of an encoded C-STORE-RQ command set
+    (implicit VR little endian, group 0000), or None when it is anything else or carries
+    anything unusual (another command, an unknown element, a non-conformant UID, a dataset
+    type of "none"): pynetdicom's own decoding then handles the message as it always does."""
+    values: dict[int, bytes] = {}
+    pos, end = 0, len(raw)
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, element, length = struct.unpack_from("<HHI", raw, pos)
+        pos += 8
+        if group != 0 or element not in _C_STORE_RQ_ELEMENTS or end - pos < length:
+            return None
+        values[element] = raw[pos : pos + length]
+        pos += length
+    try:
+        for element in (0x0100, 0x0110, 0x0700, 0x0800):
+            if len(values[element]) != 2:
+                return None
+        if struct.unpack("<H", values[0x0100])[0] != _C_STORE_RQ:
+            return None
+        if struct.unpack("<H", values[0x0800])[0] == _NO_DATASET:
+            return None
+        if struct.unpack("<H", values[0x0700])[0] not in (0, 1, 2):
+            return None
+        for element in (0x0002, 0x1000):
+            uid = values[element].rstrip(b"\x00 ")
+            if not 0 < len(uid) <= 64 or not _CONFORMANT_UID.fullmatch(uid):
+                return None
+            values[element] = uid
+    except KeyError:
+        return None
+    if 0x1030 in values or 0x1031 in values:
+        return None  # a C-MOVE sub-operation: rare, pynetdicom's path
+    return values
+
+
+#: the command elements a C-STORE-RQ may carry (PS3.7 9.3.1.1), group length included
+_C_STORE_RQ_ELEMENTS = frozenset(
+    (0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031)
+)
+
+
 class _EventDIMSE(DIMSEServiceProvider):
-    """Sends a C-STORE response's command set encoded directly (:func:`c_store_rsp_command`)
-    when nothing listens for the encoded message (``EVT_DIMSE_SENT``): the response is
-    most of the CPU a C-STORE costs pynetdicom besides decoding the request."""
+    """Decodes a C-STORE request and encodes its response without pydicom datasets.
+
+    pynetdicom decodes each request's command set into a pydicom dataset and copies it into
+    the C-STORE primitive through validating setters (11 UID constructions, each a regex
+    check, per C-STORE), and encodes the response through two datasets: together most of
+    the CPU a C-STORE costs pynetdicom. Here a plain C-STORE-RQ (:func:`parse_c_store_rq_command`)
+    becomes the same primitive directly, its dataset fragments joined once; the response's
+    command set is encoded directly (:func:`c_store_rsp_command`). Both only when nothing
+    listens for the decoded or encoded message (``EVT_DIMSE_RECV``/``EVT_DIMSE_SENT``);
+    anything else goes pynetdicom's way."""
+
+    _fast_request: tuple[int, dict[int, bytes], list[bytes]] | None = None
+
+    def receive_primitive(self, primitive: Any) -> None:
+        pdvs = primitive.presentation_data_value_list
+        if self._fast_request is None:
+            if self.message is not None or not self._start_fast(primitive):
+                super().receive_primitive(primitive)
+                return
+            pdvs = pdvs[1:]  # the command set, taken by _start_fast
+        assert self._fast_request is not None
+        context_id, command, fragments = self._fast_request
+        for pdv_context, data in pdvs:
+            if pdv_context != context_id or data[0] & 1:  # must be the same dataset
+                self._fast_request = None
+                self.dul.event_queue.put("Evt19")  # invalid message: abort, as pynetdicom
+                return
+            fragments.append(data[1:])
+            if data[0] & 2:
+                self._fast_request = None
+                self.msg_queue.put((context_id, _c_store_primitive(context_id, command, fragments)))
+                return
+
+    def _start_fast(self, primitive: Any) -> bool:
+        """Take a P-DATA that opens a plain C-STORE-RQ (its whole command set in the first
+        fragment) onto the fast path; False leaves it to pynetdicom."""
+        pdvs = primitive.presentation_data_value_list
+        if (
+            not isinstance(primitive, P_DATA)
+            or not pdvs
+            or pdvs[0][1][:1] != b"\x03"  # command set, last fragment
+            or _config.STORE_RECV_CHUNKED_DATASET
+            or self.assoc.get_handlers(evt.EVT_DIMSE_RECV)
+        ):
+            return False
+        context_id, data = pdvs[0]
+        command = parse_c_store_rq_command(data[1:])
+        if command is None:
+            return False
+        self._fast_request = (context_id, command, [])
+        return True
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         encoded = None
@@ -293,6 +395,23 @@ class _EventDIMSE(DIMSEServiceProvider):
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
         self.dul.send_pdu(pdata)
+
+
+def _c_store_primitive(
+    context_id: int, command: dict[int, bytes], fragments: list[bytes]
+) -> C_STORE:
+    """The C-STORE request primitive pynetdicom's ``message_to_primitive`` makes of a plain
+    C-STORE-RQ (values checked by :func:`parse_c_store_rq_command`)."""
+    rq = C_STORE()
+    rq._message_id = struct.unpack("<H", command[0x0110])[0]
+    rq._priority = struct.unpack("<H", command[0x0700])[0]
+    ignore = pydicom_config.IGNORE  # conformant already: no second regex check
+    rq._affected_sop_class_uid = UID(command[0x0002].decode("ascii"), ignore)
+    rq._affected_sop_instance_uid = UID(command[0x1000].decode("ascii"), ignore)
+    # one copy of the dataset; BytesIO shares it (getvalue() returns the same bytes)
+    rq._dataset = BytesIO(b"".join(fragments))
+    rq._context_id = context_id
+    return rq
 
 
 def _make_event_driven(assoc: Association, acceptor_reactor: bool = True) -> None:

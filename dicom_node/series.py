@@ -20,8 +20,8 @@ Only orchestration lives here: the numerics run in :mod:`processing` (in a worke
 
 from __future__ import annotations
 
-import io
 import logging
+import queue
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -31,15 +31,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.uid import SegmentationStorage
 
 from dicom_node import vendors
 from dicom_node.config import Settings
 from dicom_node.export import ExportSettings, export_groups, settings_for, without_arrays
 from dicom_node.export.common import series_number_base
 from dicom_node.export.geometry import SliceGeometry, slice_geometry
-from dicom_node.export.mr_images import mr_geometry, synthetic_series
+from dicom_node.export.mr_images import encoded_synthetic_series, mr_geometry
+from dicom_node.export.part10 import encode_part10
 from dicom_node.export.uids import parameter_fingerprint, source_digest
 from dicom_node.handoff import trim_heap
 from dicom_node.logging import log_event
@@ -50,7 +51,7 @@ from processing.acquisition import Acquisition
 from processing.b1map import B1Map
 from processing.montage import series_montage_png
 from processing.results import SeriesResult
-from processing.run import ProcessingSettings, run
+from processing.run import CONCURRENT_MAX_VOXELS, ProcessingSettings, run
 
 __all__ = [
     "Classified",
@@ -286,13 +287,17 @@ def run_series(
 
     ``release``: the export frees each of the result's arrays once the outputs that need
     it are built (the node's job; :func:`dicom_node.export.export_groups`); the outcome's
-    ``result`` then holds the figures, not the arrays.
+    ``result`` then holds the figures, not the arrays (a ``write`` must not read them).
 
     ``b1_map``: the B1 map of a B1-map series of the same study (3D-QALAS; the node's
     :mod:`dicom_node.b1match` finds it); ``b1_notes``: what the matching had to say (no
     map, a map not usable), added to the result's warnings.
 
-    ``submit``: run :func:`processing.run.run` there (None = in this process).
+    ``submit``: run :func:`processing.run.run` there (None = in this process). When it is
+    the node's :meth:`dicom_node.workers.Workers.submit` (the embedded pool), the worker
+    hands over the maps and segmentation as soon as they are done and this process builds
+    and writes their outputs while the worker goes on (:func:`_process_and_export_early`);
+    they are delivered once the QC gate and the final provenance allow it.
     ``extra_outputs(result)``: more output datasets (the node's one-page report), sent
     and QC-gated with the export's; called before the export, it may return a function
     that returns them after it.
@@ -301,97 +306,320 @@ def run_series(
     while the next is built); not for a series the QC gate holds (written at the end,
     as before). When a later group fails, what was handed over stays (series FAILED).
     """
-    timings: dict[str, float] = {}
-
-    def observe(stage: str, t0: float) -> None:
-        timings[stage] = time.perf_counter() - t0
-        if metrics is not None:
-            metrics.stage.labels(stage).observe(timings[stage])
-
-    stage = "normalize"
-    vendor = ""
+    job = _Job(settings, write, series_uid, submit, metrics, timeout_s)
+    job.release = release
     try:
-        t0 = time.perf_counter()
-        cls = classify(datasets, settings.vendors)
-        vendor = cls.vendor
+        cls = job.classify(datasets)
         if cls.acquisition is None:
-            return JobOutcome(
-                cls.state,
-                cls.reason,
-                missing=cls.missing,
-                stage="" if cls.state == State.IGNORED else stage,
-                vendor=cls.vendor,
-                timings_s=timings,
-            )
-        observe("normalize", t0)
+            return job.outcome_unprocessed(cls)
+        phantom = job.phantom(cls, datasets)
+        if phantom is not None:  # a QC phantom: maps + sphere SEG + SR, no brain stages
+            return phantom
+        outcome = job.process_and_export(cls, datasets, extra_outputs, on_outputs, b1_map, b1_notes)
+    except Exception as exc:
+        return job.failed(exc)
+    return job.finish(outcome, cls)
 
-        stage = "process"
+
+class _Job:
+    """:func:`run_series`'s stages (classify, phantom, process, export), each timed into
+    ``timings`` (and the node's metrics) under its name; ``stage`` names the one running
+    (the FAILED outcome's stage)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        write: Writer,
+        series_uid: str,
+        submit: Submit | None,
+        metrics: NodeMetrics | None,
+        timeout_s: float | None,
+    ) -> None:
+        self.settings, self.write, self.series_uid = settings, write, series_uid
+        self.submit, self.metrics, self.timeout_s = submit, metrics, timeout_s
+        self.timings: dict[str, float] = {}
+        self.stage = "normalize"
+        self.vendor = ""
+        self.summary = ""
+        self.t0 = time.perf_counter()
+        self.release = False  # run_series(release=...)
+
+    def observe(self, stage: str, t0: float) -> None:
+        self.timings[stage] = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.stage.labels(stage).observe(self.timings[stage])
+
+    def classify(self, datasets: Sequence[Dataset]) -> Classified:
         t0 = time.perf_counter()
+        cls = classify(datasets, self.settings.vendors)
+        self.vendor = cls.vendor
+        if cls.acquisition is not None:
+            self.observe("normalize", t0)
+            self.summary = cls.summary()
+        return cls
+
+    def outcome_unprocessed(self, cls: Classified) -> JobOutcome:
+        return JobOutcome(
+            cls.state,
+            cls.reason,
+            missing=cls.missing,
+            stage="" if cls.state == State.IGNORED else self.stage,
+            vendor=cls.vendor,
+            timings_s=self.timings,
+        )
+
+    def phantom(self, cls: Classified, datasets: Sequence[Dataset]) -> JobOutcome | None:
+        """A QC phantom's own path (None: not a phantom)."""
         from dicom_node.phantom_node import run_phantom_series
 
+        self.stage, self.t0 = "process", time.perf_counter()
+        s = self.settings
         phantom = run_phantom_series(
-            cls.acquisition, datasets, settings, write, submit, timeout_s, series_uid, observe
-        )
-        if phantom is not None:  # a QC phantom: maps + sphere SEG + SR, no brain stages
-            phantom.vendor, phantom.summary, phantom.timings_s = vendor, cls.summary(), timings
-            return phantom
-        summary = cls.summary()
+            cls.acquisition, datasets, s, self.write, self.submit, self.timeout_s,
+            self.series_uid, self.observe,
+        )  # fmt: skip
+        if phantom is not None:
+            phantom.vendor, phantom.summary, phantom.timings_s = (
+                self.vendor, self.summary, self.timings,
+            )  # fmt: skip
+        return phantom
+
+    def process_and_export(
+        self,
+        cls: Classified,
+        datasets: Sequence[Dataset],
+        extra_outputs: Callable[[SeriesResult], Extra] | None,
+        on_outputs: Callable[[list[tuple[str, str, str]]], None] | None,
+        b1_map: B1Map | None,
+        b1_notes: Sequence[str],
+    ) -> JobOutcome:
+        """Hand the acquisition to processing and export the result (the early part
+        while the worker still runs, when it can hand parts over)."""
         # the inputs' content enters every output UID (changed inputs, new UIDs)
         digest = source_digest(datasets)
         # From here on the sources give headers only (export, report): their pixel data
         # (the acquisition's size again) goes, the acquisition once the worker has it.
         drop_pixel_data(datasets)
         acq = cls.acquisition
+        assert acq is not None
         grid = SeriesResult(acq.shape, acq.voxel_size_mm, np.asarray(acq.affine), None)  # type: ignore[arg-type]
         early: list[Any] = []  # the slice geometry, made while the worker processes
 
         def meanwhile() -> None:
             try:
-                early.append(slice_geometry(grid, datasets, settings.export))
+                early.append(slice_geometry(grid, datasets, self.settings.export))
             except Exception as exc:  # raised again where the export needs it
                 early.append(exc)
 
+        def geometry(result: SeriesResult) -> SliceGeometry | Exception | None:
+            return early[0] if early and _same_grid(grid, result) else None
+
+        streamed = _streamed_submit(self.submit, acq, self.settings.processing)
         del acq
-        result = _process(cls, settings.processing, submit, timeout_s, b1_map, meanwhile)
+        if streamed is not None:
+            return _process_and_export_early(
+                self, cls, datasets, digest, b1_map, b1_notes, meanwhile, geometry,
+                streamed, extra_outputs, on_outputs,
+            )  # fmt: skip
+        result = _process(
+            cls, self.settings.processing, self.submit, self.timeout_s, b1_map, meanwhile
+        )
+        self.processed(result, digest, b1_notes)
+        self.stage, t0 = "export", time.perf_counter()
+        outcome = _export_and_write(
+            result, datasets, self.settings.export, self.write, extra_outputs, on_outputs,
+            self.submit, geometry=geometry(result), release=self.release,
+        )  # fmt: skip
+        self.observe("export", t0)
+        return outcome
+
+    def processed(self, result: SeriesResult, digest: str, b1_notes: Sequence[str]) -> None:
+        """The node's additions to a finished result, and the process stage's timings."""
         result.warnings.extend(b1_notes)
         result.provenance["source_sha256"] = digest
-        observe("process", t0)
+        self.observe("process", self.t0)
         # per-stage figures measured by processing.run (fit, pd, synthesis, ...)
-        timings.update({k: float(v) for k, v in dict(result.timings_s).items()})
+        self.timings.update({k: float(v) for k, v in dict(result.timings_s).items()})
 
-        stage = "export"
-        t0 = time.perf_counter()
-        outcome = _export_and_write(
-            result,
-            datasets,
-            settings.export,
-            write,
-            extra_outputs,
-            on_outputs,
-            submit,
-            geometry=early[0] if early and _same_grid(grid, result) else None,
-            release=release,
-        )
-        observe("export", t0)
-    except Exception as exc:
+    def failed(self, exc: Exception) -> JobOutcome:
         log_event(
             log,
             "job_failed",
             level=logging.ERROR,
-            series_uid=series_uid,
-            stage=stage,
+            series_uid=self.series_uid,
+            stage=self.stage,
             error=f"{type(exc).__name__}: {exc}",
         )
         return JobOutcome(
             State.FAILED,
-            f"{stage}: {type(exc).__name__}: {exc}",
-            stage=stage,
-            vendor=vendor,
-            timings_s=timings,
+            f"{self.stage}: {type(exc).__name__}: {exc}",
+            stage=self.stage,
+            vendor=self.vendor,
+            timings_s=self.timings,
         )
-    outcome.vendor = vendor
-    outcome.summary = summary
-    outcome.timings_s = timings
+
+    def finish(self, outcome: JobOutcome, cls: Classified) -> JobOutcome:
+        outcome.vendor = self.vendor
+        outcome.summary = self.summary
+        outcome.timings_s = self.timings
+        return outcome
+
+
+#: a stand-in for the myelin maps while the worker still computes them: the export's
+#: selection (the MYPV map, which enters every output's settings block) looks only at
+#: whether the result will have them
+_MYELIN_EXPECTED: Any = object()
+
+
+def process_handing_over(
+    acq: Acquisition,
+    settings: ProcessingSettings,
+    b1_map: B1Map | None,
+    *,
+    on_ready: Callable[[str, SeriesResult], None],
+) -> SeriesResult:
+    """In the worker: :func:`processing.run.run`, handing the maps and the segmentation
+    over (``on_ready``) as soon as they are done; the result it returns leaves them out
+    (the node has them already: each array crosses once)."""
+    result = run(acq, settings, b1_map, on_ready=on_ready)
+    return replace(result, maps=None, segmentation=None)  # type: ignore[arg-type]
+
+
+def _streamed_submit(
+    submit: Submit | None, acq: Acquisition, settings: ProcessingSettings
+) -> Callable[..., Any] | None:
+    """The node pool's ``submit_streamed`` (:class:`dicom_node.workers.Workers`) when the
+    series can use it, else None. Not above :data:`CONCURRENT_MAX_VOXELS`: there the
+    node's early outputs would be built while the worker holds its own peak (40 x 512 x
+    512: the node's ~0.5 GB of export temporaries on top of it)."""
+    owner = getattr(submit, "__self__", None)
+    if not getattr(owner, "streaming", False):
+        return None
+    if int(np.prod(acq.shape)) > CONCURRENT_MAX_VOXELS:
+        return None
+    return owner.submit_streamed  # type: ignore[union-attr]
+
+
+class _EarlyOutputs:
+    """The outputs built from the worker's early part (``export_groups(part="early")``:
+    the parametric maps but MYPV, the SEG), written but not delivered: they count only
+    if the final result has the provenance and export settings they were built with and
+    QC does not mark the series (:meth:`matches`), else they are removed (:meth:`discard`)
+    and built again from the final result."""
+
+    def __init__(self, write: Writer, settings: ExportSettings, myelin_expected: bool) -> None:
+        self.write, self.settings, self.myelin_expected = write, settings, myelin_expected
+        self.rows: list[tuple[str, str, str]] = []
+        self.seg: Dataset | None = None
+        self.used: ExportSettings | None = None
+        self.fingerprint = ""
+        self.error: Exception | None = None
+        self.seconds = 0.0
+
+    def build(
+        self,
+        part: SeriesResult,
+        sources: Sequence[Dataset],
+        geometry: SliceGeometry | Exception | None,
+    ) -> None:
+        """Build and write the early outputs of ``part`` (never raises: an error leaves
+        them to the final export, which meets it again if it is real)."""
+        t0 = time.perf_counter()
+        spec = replace(part, myelin=_MYELIN_EXPECTED if self.myelin_expected else None)
+        try:
+            if isinstance(geometry, Exception):
+                raise geometry
+            self.used = settings_for(spec, self.settings)
+            self.fingerprint = parameter_fingerprint(spec, self.used)
+            for group in export_groups(spec, sources, self.settings, geometry=geometry,
+                                       part="early"):  # fmt: skip
+                if group and group[0].SOPClassUID == SegmentationStorage:
+                    self.seg = group[0]
+                self.rows.extend(self.write(group, part))
+        except Exception as exc:
+            self.error = exc
+            log_event(log, "early_export_failed", level=logging.WARNING, error=repr(exc))
+        self.seconds = time.perf_counter() - t0
+
+    def matches(self, result: SeriesResult, settings: ExportSettings) -> bool:
+        """Whether the early outputs are what the final ``result`` would give."""
+        if self.error is not None or self.used is None:
+            return False
+        final = settings_for(result, settings)
+        return (
+            final.as_dict() == self.used.as_dict()
+            and parameter_fingerprint(result, final) == self.fingerprint
+        )
+
+    def discard(self) -> None:
+        """Remove what was written (never delivered: a speculation that missed)."""
+        for _, _, path in self.rows:
+            Path(path).unlink(missing_ok=True)
+        self.rows, self.seg = [], None
+
+
+def _process_and_export_early(
+    job: _Job,
+    cls: Classified,
+    datasets: Sequence[Dataset],
+    digest: str,
+    b1_map: B1Map | None,
+    b1_notes: Sequence[str],
+    meanwhile: Callable[[], None],
+    geometry: Callable[[SeriesResult], SliceGeometry | Exception | None],
+    submit_streamed: Callable[..., Any],
+    extra_outputs: Callable[[SeriesResult], Extra] | None,
+    on_outputs: Callable[[list[tuple[str, str, str]]], None] | None,
+) -> JobOutcome:
+    """Process in the worker, which hands the maps and segmentation over once done
+    (:func:`process_handing_over`): their outputs are built and written here while the
+    worker computes the rest, delivered with the others once QC and the final provenance
+    allow it (:func:`_export_and_write`)."""
+    acq, cls.acquisition = cls.acquisition, None
+    assert acq is not None
+    myelin_expected = bool(job.settings.processing.myelin) and acq.sequence_kind != "QALAS"
+    if acq.sequence_kind != "QALAS":
+        b1_map = None  # the MDME fit estimates B1 itself
+    task = submit_streamed(process_handing_over, acq, job.settings.processing, b1_map)
+    del acq  # the worker has its own (the hand-off file)
+    trim_heap()
+    early = _EarlyOutputs(job.write, job.settings.export, myelin_expected)
+    part: SeriesResult | None = None
+    try:
+        meanwhile()
+        deadline = None if job.timeout_s is None else time.monotonic() + job.timeout_s
+        done: Future[Any] | None = None
+        while done is None or part is None:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                stage, obj = task.events.get(timeout=wait)
+            except queue.Empty:
+                raise TimeoutError(f"processing took more than {job.timeout_s} s") from None
+            if stage == "done":
+                done = obj
+                obj.result()  # the worker's error (a crash: BrokenProcessPool)
+            elif isinstance(obj, Exception):
+                raise obj  # a part that could not be read
+            else:
+                part = obj
+                part.provenance["source_sha256"] = digest
+                early.build(part, datasets, geometry(part))
+        result = done.result()
+    except BaseException:
+        early.discard()
+        raise
+    finally:
+        task.close()
+    result.maps, result.segmentation = part.maps, part.segmentation
+    del part
+    job.processed(result, digest, b1_notes)
+    job.timings["export_early"] = early.seconds
+    job.stage, t0 = "export", time.perf_counter()
+    outcome = _export_and_write(
+        result, datasets, job.settings.export, job.write, extra_outputs, on_outputs,
+        job.submit, geometry=geometry(result), early=early, release=job.release,
+    )  # fmt: skip
+    job.observe("export", t0)
     return outcome
 
 
@@ -453,11 +681,14 @@ def _export_and_write(
     submit: Submit | None = None,
     *,
     geometry: SliceGeometry | Exception | None = None,
+    early: _EarlyOutputs | None = None,
     release: bool = False,
 ) -> JobOutcome:
     """Export, apply the QC gate, write; the outcome's state is EXPORTED or HELD.
     ``geometry``: :func:`slice_geometry`'s (or its error), made while the worker ran.
-    ``release``: see :func:`run_series`.
+    ``early``: outputs written while the worker ran; delivered first (not built again)
+    when they are what this result gives unmarked, else removed. ``release``: see
+    :func:`run_series`.
 
     The gate is decided from the QC figures before anything is built; unless it holds
     the series, every output series is written (and handed to ``on_outputs``) as soon as
@@ -470,6 +701,16 @@ def _export_and_write(
     stream = on_outputs is not None and not hold
     outputs: list[tuple[str, str, str]] = []
     held: list[Dataset] = []
+    marked = bool(qc_reason) and not hold
+    if early is not None and (marked or not early.matches(result, settings)):
+        if early.rows or early.error is not None:
+            log_event(log, "early_export_missed", level=logging.INFO, outputs=len(early.rows))
+        early.discard()
+        early = None
+    if early is not None:  # the QC gate allows them now: delivered first
+        outputs.extend(early.rows)
+        if stream and early.rows:
+            on_outputs(list(early.rows))  # type: ignore[misc]
 
     def emit(group: list[Dataset]) -> None:
         if not group:
@@ -488,28 +729,32 @@ def _export_and_write(
         outputs.extend(rows)
         on_outputs(rows)  # type: ignore[misc]
 
-    # the worker's share goes first (the synthetic series, then the report page the extra
-    # outputs may start: they may return a function that finishes them after the export)
     if isinstance(geometry, Exception):
         raise geometry
     geometry = geometry or slice_geometry(result, sources, settings)
-    away = (
-        _start_synthetic(result, geometry, settings, submit, qc_reason)
-        if stream and submit is not None
-        else None
-    )
-    # the extra outputs (the web store on a thread) get their own references to the arrays:
-    # each array goes when both they and the export are done with it
+    # The extra outputs' chain (the node's web store on a thread, then the report page
+    # rendered in the worker, after the synthetic series it was given first) is the
+    # longest of what is left: it starts first. They may return a function that finishes
+    # them after the export.
+    # (with ``release`` they get their own references to the arrays: each array goes when
+    # both they and the export are done with it)
     extra = (
         extra_outputs(_arrays_copy(result) if release else result)
         if extra_outputs is not None
         else []
     )
+    away = (
+        _start_synthetic(result, geometry, settings, submit, qc_reason)
+        if stream and submit is not None
+        else None
+    )
     if release and away is not None:  # the tasks have their contrasts; the node needs none
         result.synthetic = {k: without_arrays(v) for k, v in result.synthetic.items()}
     for group in export_groups(
-        result, sources, settings, synthetic=away is None, geometry=geometry, release=release
-    ):
+        result, sources, settings, synthetic=away is None, geometry=geometry,
+        part="all" if early is None else "late", seg=early.seg if early else None,
+        release=release,
+    ):  # fmt: skip
         emit(group)
         while away and away[0].future.done():  # the worker's series that are ready, in order
             emit_encoded(_encoded(away.pop(0).future.result()))
@@ -525,7 +770,7 @@ def _export_and_write(
             emit_encoded(_encoded(away.pop(0).future.result()))
     emit(extra() if callable(extra) else extra)
     if not stream:
-        outputs = write(held, result)
+        outputs.extend(write(held, result))
     n = len(outputs)
     state, reason = State.EXPORTED, f"{n} instances exported"
     if qc_reason and not hold:
@@ -540,20 +785,6 @@ def _export_and_write(
 
 
 # --------------------------------------------------------------------------- encoding
-def encode_part10(ds: Dataset) -> bytes:
-    """Encode a dataset as a DICOM Part-10 file (adds file meta when missing)."""
-    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta = meta
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
 #: one encoded series from the worker: all files' bytes end to end (one array: it travels
 #: out of band, dicom_node.handoff) and per file (sop_uid, sop_class_uid, length,
 #: series_number, modality, study_uid, series_uid)
@@ -571,25 +802,23 @@ def encode_synthetic_series(
 ) -> EncodedSeries:
     """In the worker: one synthetic contrast as its classic MR series, encoded (what
     :func:`dicom_node.export.iter_synthetic_series` builds for it, byte for byte)."""
-    group = synthetic_series(
-        result, result.synthetic[name], geometry, settings, series_number, fingerprint
-    )
-    if qc_mark:
-        mark_qc_fail(group, qc_mark)
-    blobs = [encode_part10(ds) for ds in group]
+    group = encoded_synthetic_series(
+        result, result.synthetic[name], geometry, settings, series_number, fingerprint,
+        mark=(lambda datasets: mark_qc_fail(datasets, qc_mark)) if qc_mark else None,
+    )  # fmt: skip
     index = [
         (
-            str(ds.SOPInstanceUID),
-            str(ds.SOPClassUID),
-            len(b),
-            int(ds.SeriesNumber),
+            one.sop_uid,
+            str(one.template.SOPClassUID),
+            len(one.data),
+            int(one.template.SeriesNumber),
             "MR",
-            str(ds.StudyInstanceUID),
-            str(ds.SeriesInstanceUID),
+            str(one.template.StudyInstanceUID),
+            str(one.template.SeriesInstanceUID),
         )
-        for ds, b in zip(group, blobs, strict=True)
+        for one in group
     ]
-    return np.frombuffer(b"".join(blobs), dtype=np.uint8), index
+    return np.frombuffer(b"".join(one.data for one in group), dtype=np.uint8), index
 
 
 class _Away(NamedTuple):

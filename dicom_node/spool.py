@@ -16,6 +16,7 @@ File names come from sanitized UIDs: a name can never escape the spool.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import os
@@ -23,8 +24,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,42 @@ class InstanceHeader:
         if self.parsed is None and self.encoded:
             object.__setattr__(self, "parsed", pydicom.dcmread(io.BytesIO(self.encoded)))
         return self.parsed
+
+
+def _libc_syncfs() -> Any:
+    """libc's ``syncfs`` (Linux), or None."""
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    except OSError:
+        return None
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def sync_file_system(path: Path) -> bool:
+    """Flush every written file of the file system holding ``path`` and wait for it
+    (``syncfs(2)``: data, metadata and a journal commit; write errors are reported since
+    Linux 5.8). False where the call does not exist (the caller fsyncs file by file)."""
+    if _SYNCFS is None:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    return True
+
+
+def fsync_path(path: Path) -> None:
+    """fsync one written file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def safe_name(uid: str) -> str:
@@ -218,7 +254,13 @@ def _is_deflated(data: bytes, start: int) -> bool:
 class Spool:
     """The on-disk store. ``min_free_bytes`` is the free-disk watermark."""
 
-    def __init__(self, root: str | os.PathLike[str], min_free_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        min_free_bytes: int = 0,
+        journal_owner: str = "",
+        replay: bool = True,
+    ) -> None:
         self.root = Path(root).resolve()
         self.min_free_bytes = int(min_free_bytes)
         self.tmp = self.root / "tmp"
@@ -226,9 +268,13 @@ class Spool:
         self.outbox = self.root / "outbox"
         for d in (self.root, self.tmp, self.incoming, self.outbox):
             d.mkdir(parents=True, exist_ok=True)
-        self.journal = IngestJournal(self.root)
+        self.journal = IngestJournal(self.root, journal_owner)
         #: received files a crash had left missing or partial, rewritten from the journal
-        self.replayed = self.journal.replay(self.write_atomic)
+        #: (every process's logs: only the node process replays, before acceptors start)
+        self.replayed = self.journal.replay(self.write_atomic) if replay else 0
+        #: checkpoints of the other processes' journals (dicom_node.acceptors), run with
+        #: this one's wherever no journal record may outlive a removal
+        self.peer_checkpoints: list[Callable[[], None]] = []
 
     # -- capacity
     #: bytes kept allocated in ``<spool>/reserve`` while the disk has room: released when
@@ -286,7 +332,9 @@ class Spool:
 
     def instance_path(self, area: str, series_uid: str, sop_uid: str) -> Path:
         base = {"incoming": self.incoming, "outbox": self.outbox}[area]
-        return self._inside(base / safe_name(series_uid) / f"{safe_name(sop_uid)}.dcm")
+        # no resolve() (a realpath walk, ~0.1 ms per received instance): a safe name is
+        # digits and dots starting with a digit, or "x" + hex, so it cannot leave ``base``
+        return base / safe_name(series_uid) / f"{safe_name(sop_uid)}.dcm"
 
     # -- writing
     def write_atomic(self, target: Path, data: bytes) -> Path:
@@ -368,32 +416,34 @@ class Spool:
     def store_outputs(self, series_uid: str, items: Iterable[tuple[str, bytes]]) -> list[Path]:
         """Durably store a series' exported instances ``(sop_uid, data)`` in the outbox.
 
-        Each file is written to ``tmp/``, fsync'd and renamed into place by a few threads
-        while the caller's generator encodes the next one (an fsync waits on the disk with
-        the GIL released, ~5 ms here, about what encoding an instance costs); the series
-        directory is fsync'd once at the end, before this returns (the caller records the
-        outputs only then), instead of once per file as :meth:`write_atomic` does.
+        The files are written to ``tmp/`` and renamed into place unsynced, then made
+        durable together before this returns (the caller records the outputs only then):
+        one ``syncfs`` of the spool's file system (the files' data, their renames and the
+        series directory in one journal commit; ~0.03 ms of CPU per file where an fsync
+        each cost ~0.3 ms and ~6 ms of waiting) and an fsync of the directory; an fsync
+        per file where ``syncfs`` does not exist.
         """
         paths: list[Path] = []
         fresh: list[Path] = []  # files this call creates: removed again if it fails
         out_dir: Path | None = None
         new_dir = False
         try:
-            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="outbox-write") as pool:
-                writes = []
-                for sop_uid, data in items:
-                    target = self._inside(self.instance_path("outbox", series_uid, sop_uid))
-                    if out_dir is None:
-                        out_dir = target.parent
-                        new_dir = not out_dir.is_dir()
-                        out_dir.mkdir(parents=True, exist_ok=True)
-                    self._check_space(len(data))
-                    if not target.exists():
-                        fresh.append(target)
-                    writes.append(pool.submit(self._write_file, target, data))
-                    paths.append(target)
-                for w in writes:
-                    w.result()  # re-raises a write's error (disk full, I/O error)
+            for sop_uid, data in items:
+                # a safe name cannot leave the outbox (instance_path): the directory is
+                # checked once
+                target = self.instance_path("outbox", series_uid, sop_uid)
+                if out_dir is None:
+                    out_dir = self._inside(target.parent)
+                    new_dir = not out_dir.is_dir()
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                self._check_space(len(data))
+                if not target.exists():
+                    fresh.append(target)
+                self._write_file(target, data, fsync=False)
+                paths.append(target)
+            if out_dir is not None and not sync_file_system(out_dir):
+                for p in paths:
+                    fsync_path(p)
         except BaseException:
             # a disk that filled up mid-series leaves no untracked partial outputs: the
             # job is re-run when space returns and writes them again
@@ -421,4 +471,6 @@ class Spool:
         d = self._inside(base / safe_name(series_uid))
         if area == "incoming":
             self.journal.checkpoint()  # no journal record left that would bring them back
+            for checkpoint in self.peer_checkpoints:
+                checkpoint()
         shutil.rmtree(d, ignore_errors=True)

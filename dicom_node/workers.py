@@ -11,24 +11,29 @@ to an embedded worker through tmpfs files (:mod:`dicom_node.handoff`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
+import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, NamedTuple
 
 from dicom_node.config import WorkerSettings
-from dicom_node.handoff import remove_stale, submit_via_tmpfs
+from dicom_node.handoff import pack, remove, remove_stale, submit_via_tmpfs, unpack
 from dicom_node.logging import log_event
 from processing.run import ProcessingSettings, warmup
 
 __all__ = [
     "BrokenProcessPool",
+    "StreamedTask",
     "Workers",
+    "hand_over",
     "init_embedded_worker",
     "numba_kernels",
     "warm_worker",
@@ -104,12 +109,38 @@ def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
             os._exit(0)
 
 
+#: in a worker: (the node's partial-results queue, the node's pid), set by the initializer
+_CHANNEL: tuple[Any, int] | None = None
+
+
+def hand_over(token: str, stage: str, part: Any) -> None:
+    """In a worker: send ``part`` of the streamed task ``token`` to the node now, before
+    the task returns (its arrays in a tmpfs file of their own, :mod:`dicom_node.handoff`;
+    the node maps it and can drop it independently of the task's result)."""
+    if _CHANNEL is None:
+        raise RuntimeError("hand_over: not in an embedded worker with a partial channel")
+    channel, node_pid = _CHANNEL
+    channel.put((token, stage, pack(part, node_pid)))  # SimpleQueue: in the pipe on return
+
+
+def _run_streamed(token: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """In a worker: ``fn(*args, on_ready=...)``, whose ``on_ready(stage, part)`` hands
+    parts over to the node (:func:`hand_over`) before ``fn`` returns."""
+    return fn(*args, on_ready=functools.partial(hand_over, token))
+
+
 def init_embedded_worker(
-    parent_pid: int, warm_queue: Any = None, settings: ProcessingSettings | None = None
+    parent_pid: int,
+    warm_queue: Any = None,
+    settings: ProcessingSettings | None = None,
+    partial_queue: Any = None,
 ) -> None:
     """Initializer of the embedded pool: the orphan watchdog, then :func:`warm_worker` with
     the node's processing settings, then this process's id on ``warm_queue`` (the node
-    counts warm workers)."""
+    counts warm workers). ``partial_queue``: where :func:`hand_over` sends parts."""
+    global _CHANNEL
+    if partial_queue is not None:
+        _CHANNEL = (partial_queue, parent_pid)
     threading.Thread(
         target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True
     ).start()
@@ -120,6 +151,18 @@ def init_embedded_worker(
 
 def _ping() -> bool:
     return True
+
+
+class StreamedTask(NamedTuple):
+    """A task submitted with :meth:`Workers.submit_streamed`.
+
+    ``events`` receives ``(stage, part)`` for each part the task hands over (unpacked; an
+    exception instead when one could not be read), then ``("done", future)`` when the
+    task ends. ``close()``: no more parts wanted (later ones are discarded)."""
+
+    future: Future[Any]
+    events: queue.Queue[tuple[str, Any]]
+    close: Callable[[], None]
 
 
 class Workers:
@@ -136,6 +179,9 @@ class Workers:
         self._warm_pids: set[int] = set()
         self._warm_thread: threading.Thread | None = None
         self._dask_warm = False
+        self._partial_queue: Any = None
+        self._partial_thread: threading.Thread | None = None
+        self._streams: dict[str, queue.Queue[tuple[str, Any]]] = {}
 
     @property
     def warm(self) -> bool:
@@ -155,6 +201,53 @@ class Workers:
                 self._warm_pids.add(int(pid))
             log_event(log, "worker_warm", pid=int(pid), warm=len(self._warm_pids))
 
+    @property
+    def streaming(self) -> bool:
+        """Whether :meth:`submit_streamed` is available (the embedded pool; a Dask worker
+        only returns its result)."""
+        return self._partial_queue is not None
+
+    def _collect_partials(self) -> None:
+        """Thread: route each part a worker hands over to its task's events (None ends)."""
+        while True:
+            item = self._partial_queue.get()
+            if item is None:
+                return
+            token, stage, packed = item
+            with self._lock:
+                events = self._streams.get(token)
+            if events is None:  # the task was given up: only its files to remove
+                remove(packed[1])
+                continue
+            try:
+                events.put((stage, unpack(packed)))
+            except Exception as exc:  # a removed or short file: the job says why
+                events.put((stage, exc))
+
+    def submit_streamed(self, fn: Callable[..., Any], *args: Any) -> StreamedTask:
+        """Submit ``fn(*args, on_ready=...)``: in the worker, each ``on_ready(stage, part)``
+        call hands ``part`` to this process at once, before ``fn`` returns (for the node
+        to start on it); see :class:`StreamedTask`."""
+        if not self.streaming:
+            raise RuntimeError("submit_streamed: only with the embedded pool")
+        token = uuid.uuid4().hex
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        with self._lock:
+            self._streams[token] = events
+        try:
+            future = self.submit(_run_streamed, token, fn, *args)
+        except BaseException:
+            with self._lock:
+                self._streams.pop(token, None)
+            raise
+        future.add_done_callback(lambda f: events.put(("done", f)))
+
+        def close() -> None:
+            with self._lock:
+                self._streams.pop(token, None)
+
+        return StreamedTask(future, events, close)
+
     def start(self, wait_warm: bool = False) -> None:
         if self.cfg.backend == "dask":
             from distributed import Client
@@ -173,6 +266,11 @@ class Workers:
             target=self._collect_warm, name="workers-warm", daemon=True
         )
         self._warm_thread.start()
+        self._partial_queue = self._ctx.SimpleQueue()
+        self._partial_thread = threading.Thread(
+            target=self._collect_partials, name="workers-partials", daemon=True
+        )
+        self._partial_thread.start()
         self._new_pool()
         # Start every process now so the first series does not pay for spawn + warm-up.
         futures = [self._pool.submit(_ping) for _ in range(self.cfg.processes)]  # type: ignore[union-attr]
@@ -186,7 +284,7 @@ class Workers:
             max_workers=self.cfg.processes,
             mp_context=self._ctx,
             initializer=init_embedded_worker,
-            initargs=(os.getpid(), self._warm_queue, self.processing),
+            initargs=(os.getpid(), self._warm_queue, self.processing, self._partial_queue),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -224,3 +322,8 @@ class Workers:
             self._warm_queue.put(None)
             self._warm_thread.join(timeout=5.0)
             self._warm_thread = None
+        if self._partial_thread is not None:
+            self._partial_queue.put(None)
+            self._partial_thread.join(timeout=5.0)
+            self._partial_thread = None
+            self._partial_queue = None

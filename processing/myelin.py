@@ -381,7 +381,8 @@ def _fit_mono_one(s, td, te, tr, theta, alpha, b1, res):
     res[2] = p[2] * 1e3
 
 
-@nb.njit(cache=True, parallel=True)
+# nogil: myelin runs on a thread beside synthesis + enhancement (processing.run)
+@nb.njit(cache=True, parallel=True, nogil=True)
 def _grid_kernel(b1_axis, my_axis, fw_axis, cst, td, te, tr, theta, alpha, out):
     """out[b, i, j] = apparent (log R1, log R2, PD) of mixture (my_axis[i], fw_axis[j])
     simulated at B1 = b1_axis[b] and fitted mono-exponentially with that B1 fixed."""
@@ -518,7 +519,8 @@ def fit_mono(
     return out.reshape(s.shape[:-1] + (3,))
 
 
-@nb.njit(cache=True, parallel=True)
+# nogil: myelin runs on a thread beside synthesis + enhancement (processing.run)
+@nb.njit(cache=True, parallel=True, nogil=True)
 def _fit_mono_batch(flat, b1v, td, te, tr, th, al, out):
     for n in nb.prange(flat.shape[0]):
         _fit_mono_one(flat[n], td, te, tr, th, al, b1v[n], out[n])
@@ -605,7 +607,8 @@ def _interp(grid, ib, wb, dmy, dfw, my, fw, val, dval_my, dval_fw):
         dval_fw[c] = ((1 - tx) * (v01 - v00) + tx * (v11 - v10)) / dfw
 
 
-@nb.njit(cache=True, parallel=True)
+# nogil: myelin runs on a thread beside synthesis + enhancement (processing.run)
+@nb.njit(cache=True, parallel=True, nogil=True)
 def _invert_kernel(meas, b1, grid, b1_lo, db1, dmy, dfw, my_max, wts, out):
     """meas[n, 3] = (log R1, log R2, PD fraction), b1[n] -> out[n, 2] = (MyPV, FWPV)."""
     n = meas.shape[0]

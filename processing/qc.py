@@ -288,22 +288,31 @@ def _delay_chi2_numpy(
 _MAX_KERNEL_ECHOES = 8
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
+def _normalized_columns(jac, n, jn):
+    """jn[k, i] = the (M0, R1, R2) column i of ``jac[n, k, 4]`` over its norm (max 1e-300,
+    summed in numpy's order: sequential in k); shared by both kernels below."""
+    ns = jac.shape[1]
+    for i in range(3):
+        acc = jac[n, 0, i] * jac[n, 0, i]
+        for k in range(1, ns):
+            acc += jac[n, k, i] * jac[n, k, i]
+        norm = math.sqrt(acc)
+        if norm < 1e-300:  # np.maximum: NaN stays NaN
+            norm = 1e-300
+        for k in range(ns):
+            jn[k, i] = jac[n, k, i] / norm
+
+
+# nogil: the QC runs on a thread beside synthesis + enhancement (processing.run)
+@nb.njit(cache=True, nogil=True)
 def _normalized_gram(jac, gram):
-    """gram[n] = Jn^T Jn + 1e-9 I of the (M0, R1, R2) columns of ``jac[n, k, 4]``, each
-    column divided by its norm (max 1e-300), summed in numpy's order (sequential in k)."""
+    """gram[n] = Jn^T Jn + 1e-9 I of the normalized (M0, R1, R2) columns of ``jac[n, k, 4]``
+    (:func:`_normalized_columns`)."""
     nv, ns = jac.shape[0], jac.shape[1]
     jn = np.empty((ns, 3))
     for n in range(nv):
-        for i in range(3):
-            acc = jac[n, 0, i] * jac[n, 0, i]
-            for k in range(1, ns):
-                acc += jac[n, k, i] * jac[n, k, i]
-            norm = math.sqrt(acc)
-            if norm < 1e-300:  # np.maximum: NaN stays NaN
-                norm = 1e-300
-            for k in range(ns):
-                jn[k, i] = jac[n, k, i] / norm
+        _normalized_columns(jac, n, jn)
         for i in range(3):
             for j in range(3):
                 acc = 0.0
@@ -312,7 +321,7 @@ def _normalized_gram(jac, gram):
                 gram[n, i, j] = acc + (1e-9 if i == j else 0.0)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def _delay_chi2(samples, model, jac, inv, scale, magnitude, z):
     """z[n, d]: mean over echoes of ((sample - model) / scale)^2 / clip(1 - leverage,
     0.05, 1), leverage = jn_k^T inv jn_k with the normalized columns of ``jac``; the same
@@ -323,15 +332,7 @@ def _delay_chi2(samples, model, jac, inv, scale, magnitude, z):
     jn = np.empty((ns, 3))
     q = np.empty(ns)
     for n in range(nv):
-        for i in range(3):
-            acc = jac[n, 0, i] * jac[n, 0, i]
-            for k in range(1, ns):
-                acc += jac[n, k, i] * jac[n, k, i]
-            norm = math.sqrt(acc)
-            if norm < 1e-300:
-                norm = 1e-300
-            for k in range(ns):
-                jn[k, i] = jac[n, k, i] / norm
+        _normalized_columns(jac, n, jn)
         for k in range(ns):
             lev = 0.0
             for i in range(3):

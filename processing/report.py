@@ -9,7 +9,9 @@ Every page says "synthetic MRI, research use".
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import textwrap
 from datetime import date
 from typing import Any
@@ -111,7 +113,16 @@ def _plot_figure(ax: Any, fig: str, d: dict[str, Any]) -> None:
 
 
 def render_report(data: dict[str, Any]) -> tuple[bytes, bytes]:
-    """The report page as (PDF bytes, PNG bytes at PAGE_DPI)."""
+    """The report page as (PDF bytes, PNG bytes at PAGE_DPI): one figure, drawn twice."""
+    fig = _page_figure(data)
+    pdf = io.BytesIO()
+    fig.savefig(pdf, format="pdf", metadata={"Title": "synthmr brain report (synthetic MRI, research use)",
+                                             "Creator": f"synthmr {data.get('version', '')}"})  # fmt: skip
+    return pdf.getvalue(), _page_png(fig)
+
+
+def _page_figure(data: dict[str, Any]) -> Any:
+    """The report page as a matplotlib Figure (A4)."""
     from matplotlib.figure import Figure
 
     d = data
@@ -156,16 +167,9 @@ def render_report(data: dict[str, Any]) -> tuple[bytes, bytes]:
             f, _fmt(f, d["figures"].get(f)), rng, _fmt(f, prior),
             "-" if cpy is None else (f"{cpy:+.4f}/y" if f == "BPF" else f"{cpy:+.1f} mL/y"),
         ])  # fmt: skip
-    ax = fig.add_axes((0.05, 0.47, 0.9, 0.2))
-    ax.set_axis_off()
-    table = ax.table(
-        cellText=rows,
-        colLabels=["figure", "this visit", "reference (age, sex)", "last visit", "change"],
-        loc="upper center", cellLoc="left", colLoc="left",
-    )  # fmt: skip
-    table.auto_set_font_size(False)
-    table.set_fontsize(7)
-    table.scale(1, 1.15)
+    _draw_table(
+        fig, [["figure", "this visit", "reference (age, sex)", "last visit", "change"], *rows]
+    )
     # plots against age
     for i, f in enumerate(d["order"]):
         r, c = divmod(i, 4)
@@ -200,13 +204,170 @@ def render_report(data: dict[str, Any]) -> tuple[bytes, bytes]:
     ]
     fig.text(0.05, 0.015, "\n".join(textwrap.fill(t, 190) for t in foot), fontsize=5, va="bottom",
              color="0.25")  # fmt: skip
-    pdf, png = io.BytesIO(), io.BytesIO()
-    fig.savefig(pdf, format="pdf", metadata={"Title": "synthmr brain report (synthetic MRI, research use)",
-                                             "Creator": f"synthmr {d.get('version', '')}"})  # fmt: skip
+    return fig
+
+
+def _page_png(fig: Any, stock_renderer: bool = False) -> bytes:
+    """PNG of ``fig`` at PAGE_DPI; drawn with :func:`_agg_canvas_class`'s renderer unless
+    ``stock_renderer`` (matplotlib's own, for the test that compares the two)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas_class = FigureCanvasAgg if stock_renderer else _agg_canvas_class()
+    canvas_class(fig)
+    png = io.BytesIO()
     # zlib level 1: the page is mostly flat white, so the PNG barely grows while its
     # encoding costs a fraction of the default level's
     fig.savefig(png, format="png", dpi=PAGE_DPI, pil_kwargs={"compress_level": 1})
-    return pdf.getvalue(), png.getvalue()
+    return png.getvalue()
+
+
+#: The figures table: left, top, width, row height (figure fractions), as matplotlib's
+#: table placed it on the page.
+_TABLE = (0.05, 0.666, 0.9, 0.0164)
+
+
+def _draw_table(fig: Any, cells: list[list[str]]) -> None:
+    """A ruled table of text (first row: the header), drawn as plain texts and one set of
+    lines: matplotlib's Table measures and positions every cell on each draw (about a
+    tenth of the page's CPU); here the geometry is fixed, as the table's was."""
+    from matplotlib.collections import LineCollection
+
+    left, top, width, row_h = _TABLE
+    col_w = width / len(cells[0])
+    for i, row in enumerate(cells):
+        for j, text in enumerate(row):
+            fig.text(left + (j + 0.1) * col_w, top - (i + 0.5) * row_h, text, fontsize=7,
+                     va="center", ha="left")  # fmt: skip
+    bottom = top - len(cells) * row_h
+    rules = [
+        [(left, top - i * row_h), (left + width, top - i * row_h)] for i in range(len(cells) + 1)
+    ]
+    rules += [
+        [(left + j * col_w, top), (left + j * col_w, bottom)] for j in range(len(cells[0]) + 1)
+    ]
+    fig.add_artist(LineCollection(rules, colors="k", linewidths=1.0, transform=fig.transFigure))
+
+
+#: :func:`_agg_canvas_class`'s remembered text shaping and extents (see there); emptied
+#: when it reaches _TEXT_MEMO_LIMIT entries (a page adds ~230, ~2 KB each: at most ~8 MB).
+_TEXT_MEMO: dict[tuple[Any, ...], Any] = {}
+_TEXT_MEMO_LIMIT = 4000
+
+
+def _remember(key: tuple[Any, ...], value: Any) -> None:
+    if len(_TEXT_MEMO) >= _TEXT_MEMO_LIMIT:
+        _TEXT_MEMO.clear()
+    _TEXT_MEMO[key] = value
+
+
+@functools.cache
+def _agg_canvas_class() -> type:
+    """matplotlib's Agg canvas for the page, drawing the same pixels with less CPU:
+
+    - text is drawn glyph by glyph as matplotlib >= 3.11 does, but the font size is set
+      once per text instead of before every glyph (FreeType drops its hinting data on each
+      size change, which made text about a third of the PNG's CPU);
+    - a text's shaping (glyphs and positions) and its measured extent are remembered
+      between pages, keyed by everything they depend on (the font object, which carries
+      its files, fallbacks and hinting/kerning factors; the size; the dpi; the hinting
+      flags; features and language; the string): most of a page's strings (headings,
+      tick labels, the banner and the references) are the same on every page.
+
+    tests/test_report.py compares the pixels with matplotlib's own renderer, also for a
+    page drawn after another. Older matplotlib (no per-glyph text drawing in Python) keeps
+    its own canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg, get_hinting_flag
+    from matplotlib.ft2font import RenderMode
+
+    if not hasattr(RendererAgg, "_draw_text_glyphs_and_boxes"):
+        return FigureCanvasAgg
+
+    class PageRendererAgg(RendererAgg):
+        def get_text_width_height_descent(self, s, prop, ismath):  # type: ignore[no-untyped-def]
+            if ismath:
+                return super().get_text_width_height_descent(s, prop, ismath)
+            font = self._prepare_font(prop)
+            flags = get_hinting_flag()
+            key = ("extent", font, prop.get_size_in_points(), self.dpi, flags, s)
+            extent = _TEXT_MEMO.get(key)
+            if extent is None:  # matplotlib's computation
+                font.set_text(s, 0.0, flags=flags)
+                w, h = font.get_width_height()  # width and height of unrotated string
+                extent = (w / 64.0, h / 64.0, font.get_descent() / 64.0)
+                _remember(key, extent)
+            return extent
+
+        def draw_text(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):  # type: ignore[no-untyped-def]
+            if ismath:
+                return super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
+            font = self._prepare_font(prop)
+            flags = get_hinting_flag()
+            features = mtext.get_fontfeatures() if mtext is not None else None
+            language = mtext.get_language() if mtext is not None else None
+            size = prop.get_size_in_points()
+            key = ("layout", font, size, self.dpi, flags, features, language, s)
+            items = _TEXT_MEMO.get(key)
+            if items is None:  # matplotlib's computation
+                items = [
+                    (item.ft_object, item.glyph_index, item.x, item.y)
+                    for item in font._layout(s, flags=flags, features=features, language=language)
+                ]
+                _remember(key, items)
+            self._draw_text_glyphs_and_boxes(
+                gc, x, y, angle, ((f, size, g, 0, 1, gx, gy) for f, g, gx, gy in items), []
+            )
+            return None
+
+        def _draw_text_glyphs_and_boxes(  # type: ignore[no-untyped-def]
+            self, gc, x, y, angle, glyphs, boxes
+        ):
+            if boxes:  # mathtext (rules, several sizes): matplotlib's own
+                return super()._draw_text_glyphs_and_boxes(gc, x, y, angle, glyphs, boxes)
+            # y is downwards; matplotlib's computation, with the per-glyph invariants
+            # (size, rotation matrix) set once
+            cos = math.cos(math.radians(angle))
+            sin = math.sin(math.radians(angle))
+            load_flags = get_hinting_flag()
+            antialiased = gc.get_antialiased()
+            mode = RenderMode.NORMAL if antialiased else RenderMode.MONO
+            sized: set[tuple[int, float]] = set()
+            matrices: dict[tuple[float, float], Any] = {}
+            for font, size, glyph_index, slant, extend, dx, dy in glyphs:  # dy is upwards
+                if (id(font), size) not in sized:
+                    font.set_size(size, self.dpi)
+                    sized.add((id(font), size))
+                matrix = matrices.get((slant, extend))
+                if matrix is None:
+                    matrix = matrices[(slant, extend)] = (
+                        (0x10000 * np.array([[cos, -sin], [sin, cos]])
+                         @ [[extend, extend * slant], [0, 1]]).round().astype(int)
+                    )  # fmt: skip
+                font._set_transform(
+                    matrix,
+                    [round(0x40 * (x + dx * cos - dy * sin)),
+                     # FreeType's y is upwards
+                     round(0x40 * (self.height - y + dx * sin + dy * cos))],
+                )  # fmt: skip
+                bitmap = font._render_glyph(glyph_index, load_flags, mode)
+                buffer = bitmap.buffer
+                if not antialiased:
+                    buffer *= 0xFF
+                # draw_text_image's y is downwards & the bitmap bottom side
+                self._renderer.draw_text_image(
+                    buffer, bitmap.left, int(self.height) - bitmap.top + buffer.shape[0], 0, gc
+                )
+            return None
+
+    class PageCanvasAgg(FigureCanvasAgg):
+        def get_renderer(self):  # type: ignore[no-untyped-def]
+            w, h = self.get_width_height(physical=True)
+            key = w, h, self.figure.dpi
+            if self._lastKey != key:
+                self.renderer = PageRendererAgg(w, h, self.figure.dpi)
+                self._lastKey = key
+            return self.renderer
+
+    return PageCanvasAgg
 
 
 def qc_history_png(series: dict[str, list[tuple[float, float]]], title: str) -> bytes:

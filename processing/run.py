@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -28,11 +30,14 @@ from processing.results import QuantMaps, SeriesResult
 from processing.settings import ContrastOverride, ProcessingSettings
 from processing.signal import IDEAL_PROFILE, gaussian_slice_profile
 
-__all__ = ["CONCURRENT_MAX_VOXELS", "ContrastOverride", "ProcessingSettings", "run"]
+__all__ = ["CONCURRENT_MAX_VOXELS", "ContrastOverride", "OnReady", "ProcessingSettings", "run"]
 
 #: Grids up to this many voxels run myelin + QC on a thread beside synthesis + enhancement
 #: (the second core); larger ones run them one after the other, which bounds the memory.
 CONCURRENT_MAX_VOXELS = 1 << 22
+
+#: on_ready(stage, part): a part of the result is final (see :func:`run`)
+OnReady = Callable[[str, SeriesResult], None]
 
 
 def _timed(timings: dict[str, float], name: str, t0: float) -> None:
@@ -53,6 +58,8 @@ def run(
     acq: Acquisition,
     settings: ProcessingSettings | None = None,
     b1_map: B1Map | None = None,
+    *,
+    on_ready: OnReady | None = None,
 ) -> SeriesResult:
     """Process one MDME or 3D-QALAS acquisition into a :class:`SeriesResult`.
 
@@ -64,6 +71,14 @@ def run(
     Stages: fit (numba) -> PD in percent units -> segmentation + volumes -> myelin ->
     per-patient DIR -> synthesis -> ONNX FLAIR enhancement -> QC. Optional stages that
     fail add a warning; the fit, PD and synthesis are mandatory and raise.
+
+    on_ready: called once, with ``"segmentation"``, after the segmentation and the
+    per-patient DIR timing, before the later stages start: a result with the maps, the
+    segmentation, volumes, tissue statistics and DIR parameters as they will be returned,
+    and the provenance as it will be *if* the FLAIR enhancement runs (a model that loads
+    is assumed to run; :func:`expected_model_sha256`). The caller (the node) can export
+    what depends only on these while the later stages run, and compare the final
+    provenance before it delivers them. Nothing the later stages do changes these arrays.
     """
     settings = settings or ProcessingSettings()
     if settings.dir_null.upper() not in ("WM", "GM"):
@@ -84,6 +99,12 @@ def run(
     centres: dict[str, dict[str, float]] = {}
     if settings.segmentation:
         centres = _segmentation_stage(acq, result, profile)
+    t = time.perf_counter()
+    dir_warnings: list[str] = []  # reported with the synthesis's, as before the split
+    dir_timing = _dir_stage(result, settings, centres, dir_warnings)
+    dir_seconds = time.perf_counter() - t
+    if on_ready is not None:
+        on_ready("segmentation", _ready_part(acq, result, settings, centres, b1_used))
     # After the segmentation, myelin + QC (a thread) and synthesis + enhancement (here)
     # need nothing of each other: they overlap on the second core. Each side keeps its own
     # warnings and timings, merged afterwards in the sequential order (myelin, synthesis,
@@ -99,16 +120,52 @@ def run(
         side.run()
     n_before = len(warnings)
     try:
-        csf_t1 = _synthesis_stage(acq, result, settings, centres)
+        csf_t1 = _synthesis_stage(
+            acq, result, settings, centres, dir_timing, dir_seconds, dir_warnings
+        )
         model_sha = _enhance_stage(acq, result, settings, csf_t1) if settings.enhance else None
     finally:
         if concurrent:
             side.join()
     side.merge_into(result, n_before)
-    result.provenance = _provenance(acq, result, settings, model_sha, centres)
-    if b1_used:
-        result.provenance["b1_map"] = b1_used
+    result.provenance = _provenance(acq, result, settings, model_sha, centres, b1_used)
     return result
+
+
+def expected_model_sha256(acq: Acquisition, settings: ProcessingSettings) -> str | None:
+    """The model sha256 the provenance will record if the FLAIR enhancement runs: that of
+    the configured model when it is enabled for this acquisition and loads (a protocol
+    outside its trained range still skips it: the caller compares the final provenance)."""
+    if not settings.enhance or acq.sequence_kind == "QALAS":
+        return None
+    if "FLAIR" not in (c.upper() for c in settings.contrasts):
+        return None
+    try:
+        return enhance.load_model(settings.model_path, threads=settings.onnx_threads).sha256
+    except Exception:  # the stage itself will say why (a warning)
+        return None
+
+
+def _ready_part(
+    acq: Acquisition,
+    result: SeriesResult,
+    settings: ProcessingSettings,
+    centres: dict[str, dict[str, float]],
+    b1_used: dict[str, Any],
+) -> SeriesResult:
+    """What :func:`run` hands to ``on_ready`` after the segmentation: the result so far
+    (its dicts copied: the later stages add to them) with the expected provenance."""
+    model_sha = expected_model_sha256(acq, settings)
+    return replace(
+        result,
+        synthetic={},
+        volumes_ml=dict(result.volumes_ml),
+        tissue_stats=dict(result.tissue_stats),
+        dir_parameters=dict(result.dir_parameters),
+        provenance=_provenance(acq, result, settings, model_sha, centres, b1_used),
+        timings_s=dict(result.timings_s),
+        warnings=list(result.warnings),
+    )
 
 
 def _fit_stage(
@@ -266,26 +323,44 @@ def _myelin_stage(
     _timed(timings, "myelin", t)
 
 
+def _dir_stage(
+    result: SeriesResult,
+    settings: ProcessingSettings,
+    centres: dict[str, dict[str, float]],
+    warnings: list[str],
+) -> Any:
+    """The per-patient DIR timing (when DIR is a configured contrast; None: not asked or
+    failed, a warning in ``warnings``); its parameters go into the result (and so the
+    provenance)."""
+    if "DIR" not in (c.upper() for c in settings.contrasts):
+        return None
+    wm, gm, csf = (_tissue_t1(centres, t) for t in ("WM", "GM", "CSF"))
+    try:
+        dir_timing = synthesis.per_patient_dir(
+            result.maps, wm, csf, null=settings.dir_null.upper(), gm_t1_ms=gm
+        )
+    except Exception as exc:
+        warnings.append(f"per-patient DIR failed, using the preset DIR: {exc}")
+        return None
+    result.dir_parameters = dir_timing.as_dict()
+    return dir_timing
+
+
 def _synthesis_stage(
     acq: Acquisition,
     result: SeriesResult,
     settings: ProcessingSettings,
     centres: dict[str, dict[str, float]],
+    dir_timing: Any,
+    dir_seconds: float = 0.0,
+    dir_warnings: list[str] | None = None,
 ) -> float | None:
-    """Per-patient DIR timing, the synthetic contrasts (plain, MPRAGE for QALAS, tissue
-    mixture); returns the CSF T1 (ms) that FLAIR nulls, for the enhancement."""
+    """The synthetic contrasts (plain, MPRAGE for QALAS, tissue mixture) with the
+    per-patient DIR timing of :func:`_dir_stage` (its seconds and warnings count as the
+    synthesis's); returns the CSF T1 (ms) that FLAIR nulls, for the enhancement."""
     maps, warnings = result.maps, result.warnings
-    t = time.perf_counter()
-    dir_timing = None
-    if "DIR" in (c.upper() for c in settings.contrasts):
-        wm, gm, csf = (_tissue_t1(centres, t) for t in ("WM", "GM", "CSF"))
-        try:
-            dir_timing = synthesis.per_patient_dir(
-                maps, wm, csf, null=settings.dir_null.upper(), gm_t1_ms=gm
-            )
-            result.dir_parameters = dir_timing.as_dict()
-        except Exception as exc:
-            warnings.append(f"per-patient DIR failed, using the preset DIR: {exc}")
+    t = time.perf_counter() - dir_seconds
+    warnings.extend(dir_warnings or ())
     csf_t1 = dir_timing.csf_t1_ms if dir_timing is not None else _tissue_t1(centres, "CSF")
     result.synthetic = synthesis.synthesize_all(
         maps,
@@ -348,9 +423,10 @@ def _provenance(
     settings: ProcessingSettings,
     model_sha: str | None,
     centres: dict[str, dict[str, float]],
+    b1_used: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything that made the result: software, settings, model, acquisition, timings."""
-    return {
+    provenance = {
         "software": "synthmr",
         "software_version": __version__,
         "settings": settings.as_dict(),
@@ -368,6 +444,9 @@ def _provenance(
         "dir": dict(result.dir_parameters),
         "tissue_centres": centres,
     }
+    if b1_used:
+        provenance["b1_map"] = b1_used
+    return provenance
 
 
 def _tissue_stats(maps, fractions) -> dict[str, dict[str, float]]:

@@ -64,7 +64,8 @@ def acquisition_signal(
     return out.reshape(shape + (N_SAMPLES,))
 
 
-@nb.njit(cache=True, parallel=True)
+# nogil: called from the QC thread beside synthesis + enhancement (processing.run)
+@nb.njit(cache=True, parallel=True, nogil=True)
 def _qalas_signal_parallel(m0, r1, r2, b1, starts, t_inv, tr, te_prep, n, esp, alpha, kc, eta, out):
     """``processing.qalas.qalas_signal`` for many voxels: the same per-voxel model
     (``model_eval``, identical values), in parallel chunks and without the [n, 5, 4]

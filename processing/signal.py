@@ -111,7 +111,8 @@ def t1_factor(
     return g, gr, gb
 
 
-@nb.njit(cache=True)
+# nogil: called from the QC thread beside synthesis + enhancement (processing.run)
+@nb.njit(cache=True, nogil=True)
 def _signal_kernel(
     m0, r1, r2, b1, td, te, tr, theta, alpha, prof_scale, prof_weight, magnitude, out, jac
 ):

@@ -15,8 +15,9 @@ import sqlite3
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +290,92 @@ def mdme_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
     ph = make_phantom((2, 32, 32), seed=3, snr=50.0, anatomy="ellipsoid")
     return emulator.write_series(ph.acq, "ge", tmp_path_factory.mktemp("mdme_ge"))
+
+
+# --------------------------------------------------------------------------- SCP rig
+@dataclass
+class ScpRig:
+    """The node's receive path without the node: a started StoreSCP on a free port with its
+    spool, registry, metrics and series completion (``completed``: series it completed)."""
+
+    scp: Any  # dicom_node.scp.StoreSCP
+    spool: Any  # dicom_node.spool.Spool
+    registry: Any  # dicom_node.registry.Registry
+    metrics: Any  # dicom_node.metrics.NodeMetrics
+    completion: Any  # dicom_node.completion.Completion
+    completed: list[str] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return int(self.scp.port)
+
+    def count(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels`` (other labels,
+        e.g. calling_ae, are summed over)."""
+        return sum(
+            s.value
+            for fam in self.metrics.registry.collect()
+            for s in fam.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+
+@contextmanager
+def store_scp(
+    tmp_path: Path,
+    extra: str = "",
+    *,
+    min_free: int = 0,
+    on_complete: Callable[[ScpRig, str], None] | None = None,
+    run_completion: bool = False,
+) -> Iterator[ScpRig]:
+    """Start the node's StoreSCP the way ``dicom_node.service.Node`` wires it (completion by
+    grid from the C-STORE handler, vendors' expected counts), configured by
+    ``write_config(tmp_path, extra)``; the spool refuses below ``min_free`` free bytes.
+    ``on_complete(rig, series_uid)`` runs for a completed series before ``rig.completed``
+    records it; ``run_completion`` also starts the quiet-period poll loop."""
+    from dicom_node import vendors
+    from dicom_node.completion import Completion
+    from dicom_node.config import load_settings
+    from dicom_node.metrics import NodeMetrics
+    from dicom_node.registry import Registry
+    from dicom_node.scp import StoreSCP
+    from dicom_node.spool import Spool
+
+    settings = load_settings(write_config(tmp_path, extra), env={})
+    spool = Spool(settings.spool.path, min_free)
+    reg = Registry(Path(settings.spool.path) / "registry.sqlite3")
+    metrics = NodeMetrics()
+    rig = ScpRig(None, spool, reg, metrics, None)
+
+    def completed(series_uid: str) -> None:
+        if on_complete is not None:
+            on_complete(rig, series_uid)
+        rig.completed.append(series_uid)  # after on_complete: a test that sees it sees both
+
+    rig.completion = Completion(settings.completion, reg, metrics, completed)
+    rig.scp = StoreSCP(
+        settings,
+        spool,
+        reg,
+        metrics,
+        on_instance=rig.completion.instance_stored,
+        expected_count=vendors.expected_count,
+    )
+    rig.scp.start()
+    if run_completion:
+        rig.completion.start()
+    try:
+        yield rig
+    finally:
+        if run_completion:
+            rig.completion.stop()
+        rig.scp.stop()
+        reg.close()
+
+
+@pytest.fixture
+def scp_rig(tmp_path: Path) -> Iterator[ScpRig]:
+    """``store_scp`` with the default configuration (no quiet-period loop)."""
+    with store_scp(tmp_path) as rig:
+        yield rig

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,10 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
-from dicom_node.completion import Completion
-from dicom_node.config import load_settings
-from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import Registry
 from dicom_node.scp import StoreSCP
 from dicom_node.spool import Spool
-from tests.conftest import make_mr_file, storescu, wait_for, write_config
+from tests.conftest import ScpRig, make_mr_file, store_scp, storescu, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -44,39 +42,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def rig(tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = load_settings(
-        write_config(tmp_path, "[completion]\nquiet_period_s = 0.5\npoll_interval_s = 0.05\n"),
-        env={},
-    )
-    spool = Spool(s.spool.path)
-    reg = Registry(Path(s.spool.path) / "registry.sqlite3")
-    metrics = NodeMetrics()
-    jobs: list[str] = []
+def rig(tmp_path: Path) -> Iterator[tuple[StoreSCP, Registry, Spool, list[str]]]:
+    """The receive path (tests.conftest.store_scp), quiet period 0.5 s; a completed series
+    is enqueued as a job as the node's _on_complete does, without processing."""
 
-    def enqueue(series_uid: str) -> None:  # the node's _on_complete, without processing
-        reg.enqueue(series_uid)
-        jobs.append(series_uid)
+    def enqueue(rig: ScpRig, series_uid: str) -> None:
+        rig.registry.enqueue(series_uid)
 
-    from dicom_node import vendors
-
-    comp = Completion(s.completion, reg, metrics, on_complete=enqueue)
-    scp = StoreSCP(
-        s,
-        spool,
-        reg,
-        metrics,
-        on_instance=comp.instance_stored,
-        expected_count=vendors.expected_count,
-    )
-    scp.start()
-    comp.start()
-    try:
-        yield scp, reg, spool, jobs
-    finally:
-        comp.stop()
-        scp.stop()
-        reg.close()
+    cfg = "[completion]\nquiet_period_s = 0.5\npoll_interval_s = 0.05\n"
+    with store_scp(tmp_path, cfg, on_complete=enqueue, run_completion=True) as r:
+        yield r.scp, r.registry, r.spool, r.completed
 
 
 # ----------------------------------------------------------------------- broken pixels

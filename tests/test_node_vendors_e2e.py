@@ -18,7 +18,7 @@ with segmentation, myelin and enhancement off (they do not change the node's beh
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +81,7 @@ class Delivered:
     spool: Path
     uids: dict[str, str]  # layout -> SeriesInstanceUID
     in_pacs: dict[str, str]  # every instance in Orthanc: SOP Instance UID -> SOP Class UID
+    orthanc: OrthancServer  # still running inside the ``with``
 
     def outbox(self, layout: str) -> dict[str, str]:
         """The node's outputs for the series of ``layout``: SOP Instance -> SOP Class UID."""
@@ -94,23 +95,33 @@ class Delivered:
 
 
 @contextmanager
-def delivered_into_orthanc(tmp_path: Path, series: dict[str, list[Path]]) -> Iterator[Delivered]:
-    """Start a real Orthanc and ``synthmr serve`` (quiet period 3 s, FAST_PROCESSING), send
+def delivered_into_orthanc(
+    tmp_path: Path,
+    series: dict[str, list[Path]],
+    processing: str = FAST_PROCESSING,
+    *,
+    completion: str = "quiet_period_s = 3\n",
+    not_delivered: Collection[str] = (),
+) -> Iterator[Delivered]:
+    """Start a real Orthanc and ``synthmr serve`` (``processing``: its [processing] section;
+    ``completion``: lines of its [completion] section, default a 3 s quiet period), send
     each layout's files with dcmtk ``storescu`` in order and wait until every series is
-    DELIVERED (asserted); both servers stop on exit."""
+    DELIVERED (asserted), but for the layouts in ``not_delivered`` (sent, not waited for,
+    not in ``uids``); both servers stop on exit."""
     orth = make_orthanc(tmp_path / "orthanc")
     try:
         port = free_port()
         spool = tmp_path / "spool"
         dest = (
             f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
-            f"port = {orth.dicom_port}\ntimeout_s = 10\n"
+            f"port = {orth.dicom_port}\ntimeout_s = 20\n"
         )
         cfg = write_config(
             tmp_path,
             dest
-            + FAST_PROCESSING
-            + "[completion]\nquiet_period_s = 3\nceiling_s = 600\npoll_interval_s = 0.2\n",
+            + processing
+            + "[completion]\nceiling_s = 600\npoll_interval_s = 0.2\n"
+            + completion,
             port=port,
             spool=spool,
         )
@@ -118,6 +129,7 @@ def delivered_into_orthanc(tmp_path: Path, series: dict[str, list[Path]]) -> Ite
         uids = {
             layout: str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
             for layout, files in series.items()
+            if layout not in not_delivered
         }
         assert len(set(uids.values())) == len(uids)
         try:
@@ -129,7 +141,7 @@ def delivered_into_orthanc(tmp_path: Path, series: dict[str, list[Path]]) -> Ite
             for layout, uid in uids.items():
                 wait_for(
                     lambda uid=uid: _db_state(spool, uid) in ("DELIVERED", "FAILED", "QUARANTINED"),
-                    300,  # cold numba cache compiles on the first series
+                    400,  # cold numba cache compiles on the first series
                     0.2,
                     f"{layout} delivered",
                 )
@@ -137,7 +149,7 @@ def delivered_into_orthanc(tmp_path: Path, series: dict[str, list[Path]]) -> Ite
                     layout,
                     registry_rows(spool, "SELECT reason FROM series WHERE series_uid=?", (uid,)),
                 )
-            yield Delivered(spool, uids, orthanc_sop_classes(orth))
+            yield Delivered(spool, uids, orthanc_sop_classes(orth), orth)
         finally:
             node.stop()
     finally:

@@ -27,15 +27,8 @@ from dicom_node.emulator import write_datasets
 from dicom_node.qalas_emulator import b1_map_grid, make_b1_map_datasets, make_qalas_datasets
 from dicom_node.seriesstore import load_series
 from processing.phantom import b1_field_on_grid
-from tests.conftest import (
-    free_port,
-    make_orthanc,
-    registry_rows,
-    storescu,
-    wait_for,
-    write_config,
-)
-from tests.test_node_e2e import NodeProcess, _db_state
+from tests.conftest import registry_rows
+from tests.test_node_vendors_e2e import delivered_into_orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -119,38 +112,12 @@ def test_qalas_uses_the_studys_b1_map_series_through_serve(tmp_path: Path) -> No
     files_b1 = write_datasets(b1_series, tmp_path / "in" / "b1")
     uid_a, uid_b = str(with_b1[0].SeriesInstanceUID), str(without_b1[0].SeriesInstanceUID)
 
-    orth = make_orthanc(tmp_path / "orthanc")
-    port = free_port()
-    spool = tmp_path / "spool"
-    dest = (
-        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
-        f"port = {orth.dicom_port}\ntimeout_s = 20\n"
-    )
-    cfg = write_config(
-        tmp_path,
-        dest
-        + PROCESSING
-        + "[completion]\nquiet_period_s = 2\nceiling_s = 600\npoll_interval_s = 0.2\n"
-        "b1_map_wait_s = 6\n",
-        port=port,
-        spool=spool,
-    )
-    node = NodeProcess(cfg, tmp_path / "node.log", cli=True)
-    try:
-        node.start(port)
-        for files in (files_a, files_b1, files_b):  # the B1 map after its QALAS series
-            r = storescu(files, port, extra=["-R"])
-            assert r.returncode == 0, f"{r.stdout[-2000:]}{r.stderr[-2000:]}"
-        for uid in (uid_a, uid_b):
-            wait_for(
-                lambda uid=uid: _db_state(spool, uid) in ("DELIVERED", "FAILED", "QUARANTINED"),
-                400,
-                0.3,
-                f"{uid} delivered",
-            )
-            assert _db_state(spool, uid) == "DELIVERED", registry_rows(
-                spool, "SELECT reason FROM series WHERE series_uid=?", (uid,)
-            )
+    series = {"qalas_a": files_a, "b1": files_b1, "qalas_b": files_b}  # B1 after its QALAS
+    completion = "quiet_period_s = 2\nb1_map_wait_s = 6\n"
+    with delivered_into_orthanc(
+        tmp_path, series, PROCESSING, completion=completion, not_delivered={"b1"}
+    ) as run:
+        spool, orth = run.spool, run.orthanc
         # the B1-map series are kept, not processed, not quarantined
         for b1_uid in {str(ds.SeriesInstanceUID) for ds in b1_series}:
             state, reason = registry_rows(
@@ -182,6 +149,3 @@ def test_qalas_uses_the_studys_b1_map_series_through_serve(tmp_path: Path) -> No
             err_b = float(np.median(t1_b[pure])) / truth - 1
             assert abs(err_a) <= 0.01, (comp, err_a, err_b)
             assert abs(err_a) < abs(err_b), (comp, err_a, err_b)
-    finally:
-        node.stop()
-        orth.stop()

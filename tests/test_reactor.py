@@ -7,12 +7,17 @@ from pathlib import Path
 
 import pytest
 from pynetdicom import AE, evt
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_node import reactor
-from dicom_node.reactor import _SupportedContexts, c_store_rsp_command
+from dicom_node.reactor import (
+    _c_store_primitive,
+    _SupportedContexts,
+    c_store_rsp_command,
+    parse_c_store_rq_command,
+)
 from dicom_node.scp import TRANSFER_SYNTAXES
 from tests.conftest import make_mr_file, storescu
 
@@ -81,6 +86,64 @@ def test_supported_contexts_copy_equals_deepcopy_and_is_independent() -> None:
     fast[0].context_id = 99
     assert "1.2.3.4" not in contexts[0].transfer_syntax
     assert contexts[0].context_id != 99
+
+
+def _encoded_rq(inst: str, priority: int = 2, **extra: object) -> list[tuple[int, bytes]]:
+    """(context ID, PDV) of a C-STORE-RQ as pynetdicom's requestor sends it (64 KiB PDUs)."""
+    from io import BytesIO
+
+    rq = C_STORE()
+    rq.MessageID = 7
+    rq.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    rq.AffectedSOPInstanceUID = inst
+    rq.Priority = priority
+    for name, value in extra.items():
+        setattr(rq, name, value)
+    rq.DataSet = BytesIO(bytes(range(256)) * 700)  # 3 data fragments
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(rq)
+    return [pdv for p in msg.encode_msg(5, 65536) for pdv in p.presentation_data_value_list]
+
+
+@pytest.mark.parametrize("inst", ["1.2.826.0.1.3680043.8.498.1234567", "1.2.3"])
+def test_fast_c_store_request_equals_pynetdicoms_primitive(inst: str) -> None:
+    pdvs = _encoded_rq(inst, priority=1)
+    msg = DIMSEMessage()
+    theirs = None
+    for cx, data in pdvs:
+        from pynetdicom.pdu_primitives import P_DATA
+
+        p = P_DATA()
+        p.presentation_data_value_list = [[cx, data]]
+        if msg.decode_msg(p):
+            theirs = msg.message_to_primitive()
+    assert theirs is not None and len(pdvs) == 4
+    command = parse_c_store_rq_command(pdvs[0][1][1:])
+    assert command is not None
+    ours = _c_store_primitive(5, command, [data[1:] for _, data in pdvs[1:]])
+    for name in (
+        "MessageID",
+        "Priority",
+        "AffectedSOPClassUID",
+        "AffectedSOPInstanceUID",
+        "MoveOriginatorApplicationEntityTitle",
+        "MoveOriginatorMessageID",
+    ):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.DataSet.getvalue() == theirs.DataSet.getvalue()
+    assert ours._context_id == theirs._context_id == 5
+    assert ours.is_valid_request
+
+
+@pytest.mark.parametrize(
+    "inst, extra",
+    [
+        ("1.2.03", {}),  # non-conformant UID (leading zero): pynetdicom warns, its path
+        ("1.2.3", {"MoveOriginatorApplicationEntityTitle": "MOVER", "MoveOriginatorMessageID": 3}),
+    ],
+)
+def test_unusual_c_store_requests_take_pynetdicoms_path(inst: str, extra: dict) -> None:
+    assert parse_c_store_rq_command(_encoded_rq(inst, **extra)[0][1][1:]) is None
 
 
 def test_dcmtk_storescu_gets_the_directly_encoded_answers(

@@ -4,7 +4,6 @@ watermark, compressed transfer syntaxes, reload of the allow-list."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -12,83 +11,25 @@ import pytest
 from pydicom.uid import RLELossless
 from pynetdicom import AE
 
-from dicom_node.completion import Completion
-from dicom_node.config import AllowedCaller, Settings, load_settings
-from dicom_node.metrics import NodeMetrics
-from dicom_node.registry import Registry, State
-from dicom_node.scp import StoreSCP
-from dicom_node.spool import Spool
-from tests.conftest import echoscu, make_mr_file, storescu, write_config
+from dicom_node.config import AllowedCaller
+from dicom_node.registry import State
+from tests.conftest import ScpRig, echoscu, make_mr_file, store_scp, storescu
 
 pytestmark = pytest.mark.integration
-
-
-@dataclasses.dataclass
-class Rig:
-    scp: StoreSCP
-    spool: Spool
-    registry: Registry
-    metrics: NodeMetrics
-    completion: Completion
-    completed: list[str]
-
-    @property
-    def port(self) -> int:
-        return self.scp.port
-
-    def count(self, name: str, **labels: str) -> float:
-        """Sum of the samples of ``name`` whose labels include ``labels`` (other labels,
-        e.g. calling_ae, are summed over)."""
-        return sum(
-            s.value
-            for fam in self.metrics.registry.collect()
-            for s in fam.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-        )
-
-
-def _rig(tmp_path: Path, extra: str = "", min_free: int = 0) -> Iterator[Rig]:
-    from dicom_node import vendors
-
-    settings: Settings = load_settings(write_config(tmp_path, extra), env={})
-    spool = Spool(settings.spool.path, min_free)
-    reg = Registry(Path(settings.spool.path) / "r.db")
-    metrics = NodeMetrics()
-    done: list[str] = []
-    comp = Completion(settings.completion, reg, metrics, done.append)
-    scp = StoreSCP(
-        settings,
-        spool,
-        reg,
-        metrics,
-        on_instance=comp.instance_stored,
-        expected_count=vendors.expected_count,
-    )
-    scp.start()
-    try:
-        yield Rig(scp, spool, reg, metrics, comp, done)
-    finally:
-        scp.stop()
-        reg.close()
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    yield from _rig(tmp_path)
 
 
 ALLOW = '[security]\nrequire_known_callers = true\n[[security.allowed_callers]]\nae_title = "SCANNER"\nhosts = ["127.0.0.1"]\n'
 
 
-def test_echo(rig: Rig) -> None:
-    r = echoscu(rig.port)
+def test_echo(scp_rig: ScpRig) -> None:
+    r = echoscu(scp_rig.port)
     assert r.returncode == 0, r.stderr
     assert "Received Echo Response (Success)" in r.stdout + r.stderr
-    assert rig.count("synthmr_associations_total", result="accepted") == 1
+    assert scp_rig.count("synthmr_associations_total", result="accepted") == 1
 
 
 def test_unknown_ae_and_wrong_host_rejected(tmp_path: Path) -> None:
-    for rig in _rig(tmp_path, ALLOW):
+    with store_scp(tmp_path, ALLOW) as rig:
         assert echoscu(rig.port, calling="SCANNER").returncode == 0
         r = echoscu(rig.port, calling="INTRUDER")
         assert r.returncode != 0
@@ -119,27 +60,27 @@ def test_unknown_ae_and_wrong_host_rejected(tmp_path: Path) -> None:
 
 
 def test_series_stored_durably_and_completes_on_full_grid(
-    rig: Rig, mdme_series: list[Path]
+    scp_rig: ScpRig, mdme_series: list[Path]
 ) -> None:
-    r = storescu(mdme_series, rig.port)
+    r = storescu(mdme_series, scp_rig.port)
     assert r.returncode == 0, r.stdout + r.stderr
     # every acknowledged instance is on disk, byte for byte (storescu succeeded => all acked)
     for f in mdme_series:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
-        p = rig.spool.instance_path("incoming", ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        p = scp_rig.spool.instance_path("incoming", ds.SeriesInstanceUID, ds.SOPInstanceUID)
         assert p.is_file()
         assert pydicom.dcmread(p).PixelData == pydicom.dcmread(f).PixelData
     series_uid = str(pydicom.dcmread(mdme_series[0], stop_before_pixels=True).SeriesInstanceUID)
-    row = rig.registry.series(series_uid)
+    row = scp_rig.registry.series(series_uid)
     assert row.n_instances == len(mdme_series) == row.expected_count
     # complete on the full grid, from the C-STORE handler: no quiet period, no poll loop ran
-    assert row.state == State.COMPLETE and rig.completed == [series_uid]
+    assert row.state == State.COMPLETE and scp_rig.completed == [series_uid]
     assert "grid full" in row.reason
-    assert rig.count("synthmr_instances_received_total", result="stored") == len(mdme_series)
+    assert scp_rig.count("synthmr_instances_received_total", result="stored") == len(mdme_series)
 
 
 def test_garbage_gets_failure_status_and_node_keeps_running(
-    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    scp_rig: ScpRig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pynetdicom import _config
 
@@ -152,7 +93,7 @@ def test_garbage_gets_failure_status_and_node_keeps_running(
     bad.write_bytes(raw[:meta_end] + b"\x08\x00\x16\x00UI\xff\xff" + b"\xde\xad" * 50)
     ae = AE(ae_title="SCANNER")
     ae.add_requested_context(pydicom.uid.MRImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", rig.port, ae_title="SYNTHMR")
+    assoc = ae.associate("127.0.0.1", scp_rig.port, ae_title="SYNTHMR")
     assert assoc.is_established
     rsp = assoc.send_c_store(bad)
     assert 0xC000 <= int(rsp.Status) <= 0xCFFF
@@ -164,15 +105,15 @@ def test_garbage_gets_failure_status_and_node_keeps_running(
     rsp2 = assoc.send_c_store(good)  # same association still works
     assert int(rsp2.Status) == 0
     assoc.release()
-    assert len(list(rig.spool.incoming.rglob("*.dcm"))) == 1  # the bad one was not kept
-    assert list(rig.spool.tmp.iterdir()) == []
-    assert rig.count("synthmr_instances_received_total", result="failed") == 2
-    assert echoscu(rig.port).returncode == 0
+    assert len(list(scp_rig.spool.incoming.rglob("*.dcm"))) == 1  # the bad one was not kept
+    assert list(scp_rig.spool.tmp.iterdir()) == []
+    assert scp_rig.count("synthmr_instances_received_total", result="failed") == 2
+    assert echoscu(scp_rig.port).returncode == 0
 
 
 def test_watermark_answers_a700(tmp_path: Path) -> None:
     f = make_mr_file(tmp_path / "x.dcm")
-    for rig in _rig(tmp_path, min_free=1 << 62):
+    with store_scp(tmp_path, min_free=1 << 62) as rig:
         r = storescu([f], rig.port)
         out = (r.stdout + r.stderr).lower()
         assert "outofresources" in out or "0xa700" in out, out
@@ -180,25 +121,25 @@ def test_watermark_answers_a700(tmp_path: Path) -> None:
         assert rig.count("synthmr_instances_received_total", result="rejected") == 1
 
 
-def test_compressed_transfer_syntax_kept_as_sent(rig: Rig, tmp_path: Path) -> None:
+def test_compressed_transfer_syntax_kept_as_sent(scp_rig: ScpRig, tmp_path: Path) -> None:
     f = make_mr_file(tmp_path / "rle.dcm", shape=(16, 16))
     ds = pydicom.dcmread(f)
     ds.compress(RLELossless)
     ds.save_as(f, enforce_file_format=True)
-    r = storescu([f], rig.port, extra=["-xr"])  # propose RLE lossless
+    r = storescu([f], scp_rig.port, extra=["-xr"])  # propose RLE lossless
     assert r.returncode == 0, r.stdout + r.stderr
     assert "RLE Lossless -> RLE Lossless" in r.stdout + r.stderr
-    p = rig.spool.instance_path("incoming", ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    p = scp_rig.spool.instance_path("incoming", ds.SeriesInstanceUID, ds.SOPInstanceUID)
     stored = pydicom.dcmread(p)
     assert stored.file_meta.TransferSyntaxUID == RLELossless
     assert (stored.pixel_array == ds.pixel_array).all()
 
 
-def test_release_marks_series_for_quiet_period(rig: Rig, tmp_path: Path) -> None:
+def test_release_marks_series_for_quiet_period(scp_rig: ScpRig, tmp_path: Path) -> None:
     f = make_mr_file(tmp_path / "a.dcm")
-    assert storescu([f], rig.port).returncode == 0
+    assert storescu([f], scp_rig.port).returncode == 0
     uid = str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID)
-    row = rig.registry.series(uid)
+    row = scp_rig.registry.series(uid)
     assert row.expected_count is None and row.state == State.RECEIVING
     assert row.last_released is not None and row.last_released >= row.last_received
 
@@ -232,3 +173,63 @@ def test_part10_bytes_match_pynetdicom_encoded_dataset(
     ds = pydicom.dcmread(io.BytesIO(ours), force=True)
     assert ds.file_meta.MediaStorageSOPInstanceUID == sop_instance
     assert ds.file_meta.TransferSyntaxUID == tsyntax
+
+
+def test_parallel_senders_spread_over_acceptor_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[node] acceptor_processes = 2: parallel associations land in both processes; every
+    instance is stored and registered once, counted, and a SOP Instance UID stored in one
+    series is refused in another whichever process receives it."""
+    import subprocess
+    import time
+
+    from dicom_node import config
+    from tests.conftest import require_tool
+
+    load = config.load_settings
+
+    def two_acceptors(*args: object, **kw: object) -> config.Settings:
+        s = load(*args, **kw)  # type: ignore[arg-type]
+        return dataclasses.replace(s, node=dataclasses.replace(s.node, acceptor_processes=2))
+
+    monkeypatch.setattr(config, "load_settings", two_acceptors)
+    with store_scp(tmp_path) as rig:
+        pool = rig.scp._pool
+        assert pool is not None
+        deadline = time.monotonic() + 60
+        while not pool.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        series = [
+            [
+                make_mr_file(
+                    tmp_path / f"s{k}" / f"{i}.dcm", series_uid=f"1.2.3.{k}", instance_number=i
+                )
+                for i in range(8)
+            ]
+            for k in range(4)
+        ]
+        for _ in range(2):  # 4 at a time (max_pending_per_host); the re-sends change nothing
+            senders = [
+                subprocess.Popen(
+                    [require_tool("storescu"), "-aet", "SCANNER", "-aec", "SYNTHMR", "127.0.0.1"]
+                    + [str(rig.port), *map(str, files)]
+                )
+                for files in series
+            ]
+            assert [p.wait(60) for p in senders] == [0] * 4
+        assert pool.helper_associations() >= 1  # the helper took some
+        for k in range(4):
+            row = rig.registry.series(f"1.2.3.{k}")
+            assert row is not None and row.n_instances == 8
+        assert len(list(rig.spool.incoming.rglob("*.dcm"))) == 32
+        assert rig.count("synthmr_instances_received_total", result="stored") == 64
+        moved = make_mr_file(
+            tmp_path / "moved.dcm",
+            series_uid="1.2.3.9",
+            sop_uid=str(pydicom.dcmread(series[0][0], stop_before_pixels=True).SOPInstanceUID),
+        )
+        for _ in range(2):  # each attempt may land in either process
+            r = storescu([moved], rig.port)
+            assert "Received Store Response (Success)" not in r.stdout + r.stderr
+        assert rig.registry.series("1.2.3.9") is None

@@ -13,16 +13,12 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_node.config import load_settings
-from dicom_node.metrics import NodeMetrics
-from dicom_node.registry import Registry
-from dicom_node.scp import StoreSCP
-from dicom_node.spool import Spool
 from tests.conftest import (
     echoscu,
     free_port,
     require_tool,
     stop_pid,
+    store_scp,
     wait_for,
     wait_port,
     write_config,
@@ -100,26 +96,18 @@ def _tls_echo(port: int, pki: Path, with_client_cert: bool) -> subprocess.Comple
 
 
 def test_mutual_tls_with_dcmtk(tmp_path: Path, pki: Path) -> None:
-    cfg = write_config(
-        tmp_path,
+    tls = (
         f'[security.tls]\nenabled = true\ncert_file = "{pki}/server.crt"\n'
-        f'key_file = "{pki}/server.key"\nca_file = "{pki}/ca.crt"\nrequire_client_cert = true\n',
+        f'key_file = "{pki}/server.key"\nca_file = "{pki}/ca.crt"\nrequire_client_cert = true\n'
     )
-    s = load_settings(cfg, env={})
-    reg = Registry(tmp_path / "r.db")
-    scp = StoreSCP(s, Spool(s.spool.path), reg, NodeMetrics())
-    scp.start()
-    try:
-        ok = _tls_echo(scp.port, pki, with_client_cert=True)
+    with store_scp(tmp_path, tls) as rig:
+        ok = _tls_echo(rig.port, pki, with_client_cert=True)
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert "Received Echo Response (Success)" in ok.stdout + ok.stderr
-        anon = _tls_echo(scp.port, pki, with_client_cert=False)  # no client certificate
+        anon = _tls_echo(rig.port, pki, with_client_cert=False)  # no client certificate
         assert anon.returncode != 0
-        plain = echoscu(scp.port)  # no TLS at all
+        plain = echoscu(rig.port)  # no TLS at all
         assert plain.returncode != 0
-    finally:
-        scp.stop()
-        reg.close()
 
 
 def test_sighup_reloads_allow_list_keeping_associations(tmp_path: Path) -> None:

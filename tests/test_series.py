@@ -51,10 +51,67 @@ def corrupt_second_delay(files: list[Path]) -> int:
     return n
 
 
-def test_process_config_sets_processing_and_export_keys(tmp_path: Path, capsys) -> None:
+#: what the node writes with the wall-clock time (differs between two exports of one result)
+CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
+         "ContentDate", "ContentTime")  # fmt: skip
+
+
+def mr_files(root: Path, modalities: tuple[str, ...] = ("MR",)) -> dict[str, pydicom.Dataset]:
+    """Every MR image (or instance of ``modalities``) below ``root`` by SOP Instance UID,
+    without the CLOCK attributes."""
+    out = {}
+    for p in root.rglob("*.dcm"):
+        ds = pydicom.dcmread(p)
+        if ds.Modality in modalities:
+            for kw in CLOCK:
+                ds.pop(kw, None)
+            for item in ds.get("ContributingEquipmentSequence", []):
+                item.pop("ContributionDateTime", None)
+            out[str(ds.SOPInstanceUID)] = ds
+    return out
+
+
+@pytest.fixture(scope="module")
+def ge_seed4(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """``simulate --vendor ge`` 2 x 40 x 40, seed 4, SNR 80 (read only by the tests)."""
+    return simulate(tmp_path_factory.mktemp("ge_seed4"), "ge", seed=4)
+
+
+def _settings(*contrasts: str):  # type: ignore[no-untyped-def]
+    """The defaults with these contrasts, no segmentation, myelin or enhancement."""
+    import dataclasses
+
+    from processing.run import ProcessingSettings
+
+    return dataclasses.replace(
+        load_settings(None),
+        processing=ProcessingSettings(
+            contrasts=contrasts, segmentation=False, myelin=False, enhance=False
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def spawned_worker():  # type: ignore[no-untyped-def]
+    """One spawned worker process (as the node's), shared by the worker tests: spawning
+    and importing the pipeline costs seconds each time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    pool.submit(time.sleep, 0).result()  # the process is up
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+
+
+def test_process_config_sets_processing_and_export_keys(
+    tmp_path: Path, capsys, ge_seed4: list[Path]
+) -> None:
     """Failed on 08ca190 (``settings.export_settings()`` did not exist): every series was
     reported "ERROR during processing"."""
-    simulate(tmp_path / "in", "ge", seed=4)
+    source = ge_seed4[0].parent
     config = tmp_path / "site.toml"
     config.write_text(
         '[processing]\ncontrasts = ["T1W", "FLAIR"]\nmixture_contrasts = []\n'
@@ -65,14 +122,12 @@ def test_process_config_sets_processing_and_export_keys(tmp_path: Path, capsys) 
     )
     out = tmp_path / "out"
     capsys.readouterr()
-    rc = cli.main(
-        ["process", str(tmp_path / "in"), "-o", str(out), "--no-progress", "-c", str(config)]
-    )
+    rc = cli.main(["process", str(source), "-o", str(out), "--no-progress", "-c", str(config)])
     text = capsys.readouterr().out
     assert rc == 0, text
     written = [pydicom.dcmread(p, stop_before_pixels=True) for p in out.rglob("*.dcm")]
     assert written, text
-    src_number = int(pydicom.dcmread(next((tmp_path / "in").glob("*.dcm"))).SeriesNumber)
+    src_number = int(pydicom.dcmread(ge_seed4[0]).SeriesNumber)
     assert min(int(ds.SeriesNumber) for ds in written) >= src_number + 3000
     assert {str(ds.get("InstitutionName", "")) for ds in written} == {"SITE X"}
     maps = {str(ds.SeriesDescription) for ds in written if ds.Modality == "OT"}
@@ -237,31 +292,24 @@ def test_vendor_overrides_and_qc_gate_same_in_node_and_process(tmp_path: Path, c
     assert "HELD: QC fail" in lines[uid["bad"]], text
 
 
-def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(tmp_path: Path) -> None:
+def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(
+    tmp_path: Path, ge_seed4: list[Path], spawned_worker
+) -> None:
     """Streamed with a worker, the synthetic MR series are built and encoded there (a real
     spawned process; arrays through dicom_node.handoff): every file equals the in-process
     export's of the same result (not streamed) but for the wall-clock dates and times, and
     each series arrives as one written group."""
-    import dataclasses
-    import multiprocessing
-    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures import Future
 
     from dicom_node.handoff import submit_via_tmpfs
     from dicom_node.pipeline import run_series_job
     from dicom_node.series import folder_writer, run_series
     from dicom_node.spool import Spool
-    from processing.run import ProcessingSettings, run
+    from processing.run import run
 
-    files = simulate(tmp_path / "in", "ge", seed=4)
-    base = load_settings(None)
-    settings = dataclasses.replace(
-        base,
-        processing=ProcessingSettings(
-            contrasts=("T1W", "T2W", "FLAIR"), segmentation=False, myelin=False, enhance=False
-        ),
-    )
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-
+    files = ge_seed4
+    settings = _settings("T1W", "T2W", "FLAIR")
+    pool = spawned_worker
     processed: list = []
 
     def submit(fn, *args) -> Future:  # processing here, once (the same result both times)
@@ -273,66 +321,40 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(tmp_path
         return submit_via_tmpfs(pool.submit, fn, *args)
 
     groups: list[list[tuple[str, str, str]]] = []
-    try:
-        # fresh sources each time: the source digest (in every UID) reads them as received
-        here = run_series(
-            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
-            submit=submit,
-        )  # fmt: skip
-        # the node's job: the spool's writer, the web store beside the export, and each
-        # array released once exported (release=True)
-        away = run_series_job(
-            "1.2.3", [str(p) for p in files], settings, Spool(tmp_path / "spool"), submit,
-            on_outputs=groups.append,
-        )  # fmt: skip
-    finally:
-        pool.shutdown()
+    # fresh sources each time: the source digest (in every UID) reads them as received
+    here = run_series(
+        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
+        submit=submit,
+    )  # fmt: skip
+    # the node's job: the spool's writer, the web store beside the export, and each array
+    # released once exported (run_series(release=True))
+    away = run_series_job(
+        "1.2.3", [str(p) for p in files], settings, Spool(tmp_path / "spool"), submit,
+        on_outputs=groups.append,
+    )  # fmt: skip
     assert here.state == away.state == State.EXPORTED, (here.reason, away.reason)
     assert away.result is not None and away.result.maps.t1_ms is None  # released
-    clock = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
-             "ContentDate", "ContentTime")  # fmt: skip
-
-    def by_uid(root: Path) -> dict[str, pydicom.Dataset]:
-        out = {}
-        for p in root.rglob("*.dcm"):
-            ds = pydicom.dcmread(p)
-            if ds.Modality in ("MR", "OT"):  # synthetic series, Parametric Maps
-                for kw in clock:
-                    ds.pop(kw, None)
-                for item in ds.get("ContributingEquipmentSequence", []):
-                    item.pop("ContributionDateTime", None)
-                out[str(ds.SOPInstanceUID)] = ds
-        return out
-
-    a, b = by_uid(tmp_path / "here"), by_uid(tmp_path / "spool" / "outbox")
+    a = mr_files(tmp_path / "here", ("MR", "OT"))  # synthetic series, Parametric Maps
+    b = mr_files(tmp_path / "spool" / "outbox", ("MR", "OT"))
     assert len(a) > 3 * 2 and a.keys() == b.keys()  # 3 contrasts x 2 slices, the maps
     for uid, ds in a.items():
-        if ds != b[uid]:
-            diff = [e for e in ds if e.tag not in b[uid] or b[uid][e.tag] != e]
-            raise AssertionError(f"{uid} {ds.Modality}: {[str(e)[:300] for e in diff]}")
+        assert ds == b[uid], uid
     mr_groups = [g for g in groups if all(b[uid].Modality == "MR" for uid, _, _ in g)]
     assert sorted(len(g) for g in mr_groups) == [2, 2, 2]  # one written group per series
 
 
 def test_slice_geometry_is_made_once_while_the_worker_processes(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, ge_seed4: list[Path]
 ) -> None:
     """The node makes the outputs' slice geometry (reference headers, positions) after
     handing the acquisition to the worker and before it waits for the result, and the
     export uses that one (not made a second time); the outputs are the same."""
-    import dataclasses
     from concurrent.futures import Future
 
     from dicom_node import series
-    from processing.run import ProcessingSettings
 
-    files = simulate(tmp_path / "in", "ge", seed=4)
-    settings = dataclasses.replace(
-        load_settings(None),
-        processing=ProcessingSettings(
-            contrasts=("T1W",), segmentation=False, myelin=False, enhance=False
-        ),
-    )
+    files = ge_seed4
+    settings = _settings("T1W")
     events: list[str] = []
     made = series.slice_geometry
 
@@ -365,28 +387,23 @@ def test_slice_geometry_is_made_once_while_the_worker_processes(
     assert sorted(u for u, _, _ in here.outputs) == sorted(u for u, _, _ in out.outputs)
 
 
-def test_synthetic_series_no_worker_started_are_encoded_by_the_node(tmp_path: Path) -> None:
+def test_synthetic_series_no_worker_started_are_encoded_by_the_node(
+    tmp_path: Path, ge_seed4: list[Path], spawned_worker
+) -> None:
     """With the only worker busy (a 4 s task in front), the node, done with its own
     groups, takes back the synthetic series no worker has started and encodes them itself:
     those futures end cancelled, and every file equals the in-process export's but for
     the wall-clock dates and times."""
-    import dataclasses
-    import multiprocessing
-    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures import Future
 
     from dicom_node.handoff import submit_via_tmpfs
     from dicom_node.series import encode_synthetic_series, folder_writer, run_series
-    from processing.run import ProcessingSettings, run
+    from processing.run import run
 
-    files = simulate(tmp_path / "in", "ge", seed=4)
-    settings = dataclasses.replace(
-        load_settings(None),
-        processing=ProcessingSettings(
-            contrasts=("T1W", "T2W", "FLAIR"), segmentation=False, myelin=False, enhance=False
-        ),
-    )
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    pool.submit(time.sleep, 0).result()  # the process is up
+    files = ge_seed4
+    settings = _settings("T1W", "T2W", "FLAIR")
+    pool = spawned_worker
+    pool.submit(time.sleep, 0).result()  # the worker is idle (no task of another test left)
     processed: list = []
     encodings: list[Future] = []
 
@@ -402,33 +419,128 @@ def test_synthetic_series_no_worker_started_are_encoded_by_the_node(tmp_path: Pa
             encodings.append(f)
         return f
 
-    try:
-        here = run_series(
-            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
-            submit=lambda fn, *a: submit(fn, *a) if fn is run else None,
-        )  # fmt: skip
-        away = run_series(
-            [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
-            submit=submit, on_outputs=lambda rows: None,
-        )  # fmt: skip
-    finally:
-        pool.shutdown()
+    here = run_series(
+        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
+        submit=lambda fn, *a: submit(fn, *a) if fn is run else None,
+    )  # fmt: skip
+    away = run_series(
+        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
+        submit=submit, on_outputs=lambda rows: None,
+    )  # fmt: skip
+    pool.submit(time.sleep, 0).result()  # the busy task and every encoding are over
     assert here.state == away.state == State.EXPORTED, (here.reason, away.reason)
     assert len(encodings) == 3 and sum(f.cancelled() for f in encodings) >= 2
-    clock = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
-             "ContentDate", "ContentTime")  # fmt: skip
-
-    def mr_files(root: Path) -> dict[str, pydicom.Dataset]:
-        out = {}
-        for p in root.rglob("*.dcm"):
-            ds = pydicom.dcmread(p)
-            if ds.Modality == "MR":
-                for kw in clock:
-                    ds.pop(kw, None)
-                out[str(ds.SOPInstanceUID)] = ds
-        return out
-
     a, b = mr_files(tmp_path / "here"), mr_files(tmp_path / "away")
     assert len(a) == 3 * 2 and a.keys() == b.keys()
     for uid, ds in a.items():
         assert ds == b[uid], uid
+
+
+class _HandingOver:
+    """A stand-in for the node's pool (:class:`dicom_node.workers.Workers`) that can hand
+    parts over: ``submit_streamed`` runs the task on a thread here; ``crash`` makes the
+    task end as a killed worker's does (BrokenProcessPool) after its part was handed over;
+    ``provenance`` is merged into the handed-over part (what a late stage would change)."""
+
+    streaming = True
+
+    def __init__(self, crash: bool = False, provenance: dict | None = None) -> None:
+        self.crash, self.provenance = crash, provenance or {}
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        f: Future = Future()
+        f.set_result(fn(*args))
+        return f
+
+    def submit_streamed(self, fn, *args):
+        import queue
+        import threading
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        from dicom_node.workers import StreamedTask
+
+        events: queue.Queue = queue.Queue()
+        future: Future = Future()
+
+        def on_ready(stage, part) -> None:
+            part.provenance.update(self.provenance)
+            events.put((stage, part))
+
+        def task() -> None:
+            try:
+                result = fn(*args, on_ready=on_ready)
+                if self.crash:
+                    raise BrokenProcessPool("a worker was killed")
+                future.set_result(result)
+            except BaseException as exc:
+                future.set_exception(exc)
+            events.put(("done", future))
+
+        threading.Thread(target=task, daemon=True).start()
+        return StreamedTask(future, events, lambda: None)
+
+
+@pytest.mark.parametrize("case", ["hit", "miss", "crash"])
+def test_outputs_built_while_the_worker_runs(tmp_path: Path, case: str) -> None:
+    """The worker hands the maps and segmentation over before its later stages; the node
+    builds their outputs meanwhile. hit: every file equals the in-process run's but for the
+    clock, the early ones delivered first, in one group, after the worker finished; miss (a
+    later stage changed the provenance the early outputs were built with): none of them is
+    kept or delivered, the outputs are the in-process run's; crash (the worker dies after
+    handing over): FAILED naming the broken pool (the node restarts it and the series is
+    retried), nothing delivered, nothing left in the output folder."""
+    import dataclasses
+
+    from dicom_node.series import folder_writer, run_series
+    from processing.run import ProcessingSettings
+
+    files = simulate(tmp_path / "in", "ge", seed=4, shape="2,48,48")
+    settings = dataclasses.replace(
+        load_settings(None),
+        processing=ProcessingSettings(contrasts=("T1W", "FLAIR"), myelin=False, enhance=False),
+    )
+    pool = _HandingOver(
+        crash=case == "crash", provenance={"dir": {"x": 1}} if case == "miss" else None
+    )
+    groups: list = []
+    away = run_series(
+        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
+        submit=pool.submit, on_outputs=groups.append,
+    )  # fmt: skip
+    if case == "crash":
+        assert away.state == State.FAILED and "BrokenProcessPool" in away.reason, away.reason
+        assert away.stage == "process" and groups == []
+        assert not list((tmp_path / "away").rglob("*.dcm"))
+        return
+    assert away.state == State.EXPORTED, away.reason
+    here = run_series(
+        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here")
+    )
+    assert here.state == State.EXPORTED and len(here.outputs) == len(away.outputs)
+    clock = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
+             "ContentDate", "ContentTime")  # fmt: skip
+
+    def files_by_uid(root: Path) -> dict[str, pydicom.Dataset]:
+        out = {}
+        for p in root.rglob("*.dcm"):
+            ds = pydicom.dcmread(p)
+            for kw in clock:
+                ds.pop(kw, None)
+            for item in ds.get("ContributingEquipmentSequence", []):
+                item.pop("ContributionDateTime", None)
+            out[str(ds.SOPInstanceUID)] = ds
+        return out
+
+    a, b = files_by_uid(tmp_path / "here"), files_by_uid(tmp_path / "away")
+    assert a.keys() == b.keys() and len(a) > 10
+    for uid, ds in a.items():
+        assert ds == b[uid], uid
+    kinds = [pydicom.dcmread(p, stop_before_pixels=True).Modality for _, _, p in groups[0]]
+    if case == "hit":  # 7 parametric maps (no MYPV without myelin) and the SEG, at once
+        assert away.timings_s["export_early"] > 0
+        assert kinds == ["OT"] * 7 + ["SEG"], kinds
+    else:  # built again from the final result: one map per group, as without a worker
+        assert kinds == ["OT"], kinds

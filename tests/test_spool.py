@@ -60,6 +60,35 @@ def test_store_outputs_writes_every_instance_durably_in_place(tmp_path: Path) ->
     assert sp.store_outputs("1.2.9", []) == []
 
 
+def test_store_outputs_are_durable_before_it_returns(tmp_path: Path, monkeypatch) -> None:
+    """One syncfs of the spool's file system once every file is in place (or, where
+    syncfs does not exist, an fsync per file), then the directory's fsync."""
+    import os
+
+    from dicom_node import spool as spool_module
+
+    sp = Spool(tmp_path / "spool")
+    items = [(f"1.2.3.{i}", bytes([i]) * 100) for i in range(5)]
+    out_dir = sp.outbox / "1.2.9"
+    calls: list[tuple[str, int]] = []
+
+    def syncfs(fd: int) -> int:  # the real one, recording what was on disk by then
+        calls.append(("syncfs", len(list(out_dir.glob("*.dcm")))))
+        return real_syncfs(fd) if real_syncfs is not None else 0
+
+    real_syncfs = spool_module._SYNCFS
+    real_fsync = os.fsync
+    monkeypatch.setattr(spool_module, "_SYNCFS", syncfs)
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", fd)) or real_fsync(fd))
+    sp.store_outputs("1.2.9", iter(items))
+    assert calls[0] == ("syncfs", 5)  # after every file is in place, before any fsync
+    assert [c for c, _ in calls[1:]] == ["fsync", "fsync"]  # the series dir, the outbox
+    calls.clear()
+    monkeypatch.setattr(spool_module, "_SYNCFS", None)  # no syncfs: each file, then the dir
+    sp.store_outputs("1.2.10", iter(items))
+    assert [c for c, _ in calls] == ["fsync"] * (5 + 2)
+
+
 def test_store_outputs_refuses_below_the_watermark(tmp_path: Path) -> None:
     sp = Spool(tmp_path / "spool", min_free_bytes=1 << 62)
     with pytest.raises(SpoolFullError, match="watermark"):
@@ -173,6 +202,38 @@ def test_journal_replay_restores_acknowledged_files_lost_with_the_page_cache(
         assert p.read_bytes() == f.read_bytes()
     assert not stored[5].exists()
     assert len(list(reopened.incoming.rglob("*.dcm"))) == 5
+    assert list(reopened.journal.dir.iterdir()) == []
+
+
+def test_journals_of_acceptor_processes_are_their_own_and_all_replayed(tmp_path: Path) -> None:
+    """Two processes storing into one spool (dicom_node.acceptors): a checkpoint of one
+    leaves the other's log alone; the node's replay at start-up restores from both."""
+    root = tmp_path / "spool"
+    node = Spool(root)
+    helper = Spool(root, journal_owner="p1.", replay=False)
+    for sp in (node, helper):
+        sp.journal.idle_checkpoint_s = 1e9
+    files = [
+        make_mr_file(tmp_path / "src" / f"{i}.dcm", series_uid="1.2.3", instance_number=i)
+        for i in range(4)
+    ]
+    stored = [
+        sp.store_received(f.read_bytes())[1]
+        for sp, f in zip([node, helper] * 2, files, strict=True)
+    ]
+    (helper_log,) = [p for _, p in helper.journal._logs()]
+    assert helper_log.name == "ingest-p1.00000001.log"
+    assert [p for _, p in node.journal._logs()] != [helper_log]
+    node.journal.checkpoint()
+    assert helper_log.exists()  # still the helper's: its appends go on
+    helper.store_received(files[3].read_bytes())  # a re-send, after the node's checkpoint
+    for p in stored:
+        p.unlink()  # a power loss: no file reached the disk
+    reopened = Spool(root)
+    assert reopened.replayed == 2  # the helper's two; the node's were checkpointed
+    assert sorted(p.name for p in reopened.incoming.rglob("*.dcm")) == sorted(
+        p.name for p in stored[1::2]
+    )
     assert list(reopened.journal.dir.iterdir()) == []
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import fields, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -114,6 +114,8 @@ def export_groups(
     *,
     synthetic: bool = True,
     geometry: SliceGeometry | None = None,
+    part: Literal["all", "early", "late"] = "all",
+    seg: Dataset | None = None,
     release: bool = False,
 ) -> Iterator[list[Dataset]]:
     """:func:`export_all` as it is built, a group of datasets at a time (each parametric
@@ -121,17 +123,29 @@ def export_groups(
     stores and pushes a group while the next is encoded. ``synthetic=False``: without the
     synthetic contrast series (the node builds those in its worker meanwhile);
     ``geometry``: :func:`slice_geometry`'s, when the caller has it already.
-    ``release``: ``result`` lets go of each array once the groups that read it are
-    handed over (the maps after the map series, the fractions after the SEG): the node's
-    job frees its memory as it goes (40 x 512 x 512: ~40 MB a volume). The result then
-    keeps only its figures; nobody may read its arrays afterwards."""
+
+    ``part``: ``"early"``, only what needs nothing but the maps, the segmentation and the
+    provenance (the parametric maps but MYPV, the SEG), which the node builds while its
+    worker still computes the rest; ``"late"``: everything else, with ``seg`` the SEG the
+    early part built (the SR references it).
+
+    ``release`` (not with ``"early"``): ``result`` lets go of each array once the groups
+    that read it are handed over (the maps after the map series, the fractions after the
+    SEG): the node's job frees its memory as it goes (40 x 512 x 512: ~40 MB a volume).
+    The result then keeps only its figures; nobody may read its arrays afterwards."""
     settings = settings_for(result, settings)
     # once; every builder gets it
     geometry = geometry or slice_geometry(result, sources, settings)
     refs = sources
+    early = None if part == "all" else [k for k in settings.maps if k is not MapKind.MYPV]
     if settings.maps_as_parametric_map and settings.maps:
-        for pm in iter_parametric_maps(result, refs, settings, geometry):
+        kinds = early if part != "late" else [k for k in settings.maps if k not in early]
+        for pm in iter_parametric_maps(result, refs, settings, geometry, kinds):
             yield [pm]  # each map its own series: built, stored and freed one at a time
+    if part == "early":
+        if settings.export_segmentation and result.segmentation is not None:
+            yield [segmentation(result, refs, settings, geometry)]
+        return
     if settings.maps_as_mr_images and settings.maps:
         yield map_mr_images(result, refs, settings, geometry)
     if synthetic:
@@ -140,12 +154,10 @@ def export_groups(
         result.maps = without_arrays(result.maps)
         if result.myelin is not None:
             result.myelin = without_arrays(result.myelin)
-    seg = None
-    if settings.export_segmentation and result.segmentation is not None:
+    if part == "all" and settings.export_segmentation and result.segmentation is not None:
         seg = segmentation(result, refs, settings, geometry)
         yield [seg]
     if release and result.segmentation is not None:
-        fractions = result.segmentation
-        result.segmentation = replace(without_arrays(fractions), fractions={})
+        result.segmentation = replace(without_arrays(result.segmentation), fractions={})
     if settings.export_report and (result.volumes_ml or result.tissue_stats):
         yield [report(result, refs, settings, seg=seg, geometry=geometry)]

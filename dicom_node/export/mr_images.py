@@ -10,10 +10,12 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import MRImageStorage
 
 from processing._version import __version__
@@ -38,6 +40,7 @@ from .geometry import (
     slice_geometry,
     with_frame_number,
 )
+from .part10 import SliceEncoder, encode_part10
 from .settings import (
     ExportError,
     ExportSettings,
@@ -51,6 +54,8 @@ from .uids import (
 )
 
 __all__ = [
+    "EncodedSlice",
+    "encoded_synthetic_series",
     "map_mr_images",
     "map_mr_series",
     "mr_geometry",
@@ -90,20 +95,15 @@ def _base_instance(
         ds.Laterality = ""
     set_equipment(ds, settings)
     # General image
-    ds.InstanceNumber = z + 1
     ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.ImageType = image_type
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
-    ds.SourceImageSequence = DicomSequence([_source_item(ref)])
     # Image plane
     ds.PixelSpacing = [_ds(v) for v in geometry.pixel_spacing]
     ds.ImageOrientationPatient = [_ds(v) for v in geometry.orientation]
-    ds.ImagePositionPatient = [_ds(v) for v in geometry.positions[z]]
     ds.SliceThickness = _ds(geometry.slice_thickness)
     ds.SpacingBetweenSlices = _ds(geometry.spacing_between_slices)
-    normal = np.cross(geometry.orientation[:3], geometry.orientation[3:])
-    ds.SliceLocation = _ds(np.dot(geometry.positions[z], normal))
     # MR image module
     for kw in ("MagneticFieldStrength", "ImagingFrequency", "ImagedNucleus", "ReceiveCoilName"):
         if kw in ref:
@@ -113,14 +113,20 @@ def _base_instance(
     ds.ScanOptions = ""
     ds.EchoTrainLength = ""
     set_pixel_module_16(ds, pixels.shape[0], pixels.shape[1], signed)
-    _set_pixels(ds, pixels, signed)
+    # instance number, source reference, position, pixels
+    for elem in _slice_attributes(geometry, z, sop_uid, pixels, signed):
+        ds.add(elem)
     return ds
 
 
 def _to_int16_range(image: np.ndarray, signed: bool) -> np.ndarray:
+    """The stored values of a float image: rounded, clipped to the 16-bit range (non-finite
+    values 0), as little-endian int16 / uint16 (three passes over one copy)."""
     lo, hi = (-32768, 32767) if signed else (0, 65535)
-    img = np.where(np.isfinite(image), image, 0)
-    return np.clip(np.rint(img), lo, hi)
+    img = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
+    np.rint(img, out=img)
+    np.clip(img, lo, hi, out=img)
+    return img.astype(np.dtype("<i2") if signed else np.dtype("<u2"))
 
 
 def derivation_description(syn: SyntheticImage, result: SeriesResult) -> str:
@@ -148,6 +154,37 @@ def derivation_description(syn: SyntheticImage, result: SeriesResult) -> str:
     return text[:1024]  # ST
 
 
+class EncodedSlice(NamedTuple):
+    """One output instance as its Part-10 bytes, with the dataset it shares everything but
+    the per-slice attributes with (its series, study and SOP class)."""
+
+    sop_uid: str
+    data: bytes
+    template: Dataset
+
+
+class _SlicePlan(NamedTuple):
+    """What makes the instances of one classic MR series (:func:`_slices`)."""
+
+    geometry: SliceGeometry
+    sop_uid: Callable[[int], str]
+    build: Callable[[int, str], Dataset]  # a whole instance: (z, sop_uid) -> dataset
+    pixels: np.ndarray  # [z, y, x], the stored values
+    signed: bool
+
+
+def _series_uids(
+    settings: ExportSettings, geometry: SliceGeometry, fingerprint: str, kind: str, name: str
+) -> tuple[str, Callable[[int], str]]:
+    """The series instance UID of an output MR series and its SOP instance UID per slice."""
+    src_series = str(geometry.refs[0].SeriesInstanceUID)
+
+    def sop_uid(z: int) -> str:
+        return derive_uid(settings, src_series, fingerprint, kind, name, "sop", str(z))
+
+    return derive_uid(settings, src_series, fingerprint, kind, name, "series"), sop_uid
+
+
 def synthetic_series(
     result: SeriesResult,
     syn: SyntheticImage,
@@ -159,13 +196,46 @@ def synthetic_series(
     """One synthetic contrast as a classic MR series (one instance per slice), or, for a 3D
     acquisition with ``settings.multiframe_3d``, one Enhanced MR instance
     (:mod:`dicom_node.export.enhanced_mr`)."""
+    plan = _synthetic_plan(result, syn, geometry, settings, series_number, fingerprint)
+    return [plan] if isinstance(plan, Dataset) else _slices(plan)
+
+
+def encoded_synthetic_series(
+    result: SeriesResult,
+    syn: SyntheticImage,
+    geometry: SliceGeometry,
+    settings: ExportSettings,
+    series_number: int,
+    fingerprint: str,
+    mark: Callable[[list[Dataset]], None] | None = None,
+) -> list[EncodedSlice]:
+    """:func:`synthetic_series` encoded, byte for byte what encoding its datasets gives, at
+    a fraction of the cost (:class:`.part10.SliceEncoder`). ``mark``: applied to the
+    datasets before they are encoded; it must set the same attributes on every slice of a
+    series (it sees only each run's first slice)."""
+    plan = _synthetic_plan(result, syn, geometry, settings, series_number, fingerprint)
+    if isinstance(plan, Dataset):
+        if mark is not None:
+            mark([plan])
+        return [EncodedSlice(str(plan.SOPInstanceUID), encode_part10(plan), plan)]
+    return _encoded_slices(plan, mark)
+
+
+def _synthetic_plan(
+    result: SeriesResult,
+    syn: SyntheticImage,
+    geometry: SliceGeometry,
+    settings: ExportSettings,
+    series_number: int,
+    fingerprint: str,
+) -> _SlicePlan | Dataset:
+    """:func:`synthetic_series`'s slices to make, or its one Enhanced MR instance."""
     img = np.asarray(syn.image, dtype=np.float32)
     if img.shape != tuple(result.shape):
         raise ExportError(
             f"synthetic {syn.name}: image shape {img.shape} != result shape {result.shape}"
         )
-    src_series = str(geometry.refs[0].SeriesInstanceUID)
-    series_uid = derive_uid(settings, src_series, fingerprint, "MR", syn.name, "series")
+    series_uid, sop_uid = _series_uids(settings, geometry, fingerprint, "MR", syn.name)
     desc = syn.description or f"SYNTHETIC {syn.name} TR{syn.tr_ms:g} TE{syn.te_ms:g}"
     if not desc.upper().startswith(("SYNTHETIC", "SYNTHMR")):
         desc = "SYNTHETIC " + desc
@@ -177,11 +247,10 @@ def synthetic_series(
         image_type.append("TISSUE_MIXTURE")
     deriv = derivation_description(syn, result)
     if settings.multiframe_3d and is_3d(geometry, result):
-        enhanced = enhanced_synthetic_series(
+        return enhanced_synthetic_series(
             result, syn, geometry, settings, series_number, fingerprint,
             description=desc, image_type=image_type, derivation_text=deriv,
         )  # fmt: skip
-        return [enhanced]
     pixels = _to_int16_range(img, syn.signed)
 
     def build(z: int, sop: str) -> Dataset:
@@ -201,13 +270,7 @@ def synthetic_series(
         add_private_provenance(ds, result, settings)
         return ds
 
-    return _slices(
-        geometry,
-        lambda z: derive_uid(settings, src_series, fingerprint, "MR", syn.name, "sop", str(z)),
-        build,
-        pixels,
-        syn.signed,
-    )
+    return _SlicePlan(geometry, sop_uid, build, pixels, syn.signed)
 
 
 #: what an MR output copies from its slice's reference image: slices whose references
@@ -255,45 +318,68 @@ def mr_geometry(geometry: SliceGeometry) -> SliceGeometry:
     return replace(geometry, refs=refs, extra={})
 
 
-def _ref_signature(ref: Dataset) -> tuple[tuple[str, str], ...]:
-    return tuple((kw, str(ref[kw].value)) for kw in _REF_KEYWORDS if kw in ref)
+_REF_TAGS: tuple[BaseTag, ...] = tuple(Tag(kw) for kw in _REF_KEYWORDS)
 
 
-def _slices(
-    geometry: SliceGeometry,
-    sop_uid: Callable[[int], str],
-    build: Callable[[int, str], Dataset],
-    pixels: np.ndarray,
-    signed: bool,
-) -> list[Dataset]:
-    """One instance per slice: ``build(z, sop_uid)`` for the first slice (and for any whose
-    reference image differs in what the instances copy from it), the others from that
-    one's elements with their own position, reference, number and pixels (the same
-    datasets as ``build`` gives, at a fraction of the cost: tests/test_export_builders.py)."""
-    out: list[Dataset] = []
-    template: Dataset | None = None
-    signature: tuple[tuple[str, str], ...] = ()
-    for z, ref in enumerate(geometry.refs):
-        sop = sop_uid(z)
+def _ref_signature(ref: Dataset) -> tuple[tuple[int, str], ...]:
+    return tuple((tag, str(elem.value)) for tag in _REF_TAGS if (elem := ref.get(tag)) is not None)
+
+
+def _slice_order(plan: _SlicePlan) -> Iterator[tuple[int, str, bool]]:
+    """``(z, sop_uid, whole)`` per slice; ``whole``: build it in full (the first slice, and
+    any whose reference image differs from the previous one's in what the instances copy
+    from it); the others are the previous whole one with their own per-slice attributes."""
+    signature: tuple[tuple[int, str], ...] | None = None
+    for z, ref in enumerate(plan.geometry.refs):
         here = _ref_signature(ref)
-        if template is None or here != signature:
-            template, signature = build(z, sop), here
+        yield z, plan.sop_uid(z), signature is None or here != signature
+        signature = here
+
+
+def _slices(plan: _SlicePlan) -> list[Dataset]:
+    """One instance per slice (:func:`_slice_order`): the same datasets as building each
+    in full gives, at a fraction of the cost (tests/test_export_builders.py)."""
+    out: list[Dataset] = []
+    template = Dataset()
+    for z, sop, whole in _slice_order(plan):
+        if whole:
+            template = plan.build(z, sop)
             out.append(template)
         else:
-            out.append(_next_slice(template, geometry, z, sop, pixels[z], signed))
+            varying = _slice_attributes(plan.geometry, z, sop, plan.pixels[z], plan.signed)
+            out.append(_next_slice(template, varying))
     return out
 
 
-def _next_slice(
-    template: Dataset, geometry: SliceGeometry, z: int, sop: str, pixels: np.ndarray, signed: bool
+def _encoded_slices(
+    plan: _SlicePlan, mark: Callable[[list[Dataset]], None] | None
+) -> list[EncodedSlice]:
+    """:func:`_slices`, encoded: each slice after a whole one is spliced into that one's
+    bytes (:class:`.part10.SliceEncoder`)."""
+    out: list[EncodedSlice] = []
+    template, encoder = Dataset(), None
+    for z, sop, whole in _slice_order(plan):
+        varying = _slice_attributes(plan.geometry, z, sop, plan.pixels[z], plan.signed)
+        if whole or encoder is None:
+            template = plan.build(z, sop)
+            if mark is not None:
+                mark([template])
+            encoder = SliceEncoder(template, varying)
+            data = encoder.full
+        elif encoder.spliceable:
+            data = encoder.encode(varying)
+        else:  # not expected: the splice of the whole slice differed from its encoding
+            data = encode_part10(_next_slice(template, varying))
+        out.append(EncodedSlice(sop, data, template))
+    return out
+
+
+def _slice_attributes(
+    geometry: SliceGeometry, z: int, sop: str, pixels: np.ndarray, signed: bool
 ) -> Dataset:
-    """:func:`_base_instance`'s per-slice attributes on a copy of ``template``'s elements
-    (own elements: setting an attribute changes its element in place)."""
+    """The attributes in which the slices of one MR series differ (a dataset of their own):
+    SOP instance, instance number, source image, position, slice location and pixels."""
     ds = Dataset()
-    for elem in template:
-        ds.add(copy.copy(elem))
-    ds.file_meta = copy.deepcopy(template.file_meta)
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
     ds.SOPInstanceUID = sop
     ds.InstanceNumber = z + 1
     ds.SourceImageSequence = DicomSequence([_source_item(geometry.refs[z])])
@@ -301,6 +387,19 @@ def _next_slice(
     normal = np.cross(geometry.orientation[:3], geometry.orientation[3:])
     ds.SliceLocation = _ds(np.dot(geometry.positions[z], normal))
     _set_pixels(ds, pixels, signed)
+    return ds
+
+
+def _next_slice(template: Dataset, varying: Dataset) -> Dataset:
+    """``template``'s elements (copies: setting an attribute changes its element in place)
+    with ``varying``'s (:func:`_slice_attributes`) instead of its own."""
+    ds = Dataset()
+    for elem in template:
+        ds.add(copy.copy(elem))
+    ds.file_meta = copy.deepcopy(template.file_meta)
+    ds.file_meta.MediaStorageSOPInstanceUID = varying.SOPInstanceUID
+    for elem in varying:
+        ds.add(elem)
     return ds
 
 
@@ -315,7 +414,7 @@ def _source_item(ref: Dataset) -> Dataset:
 
 def _set_pixels(ds: Dataset, pixels: np.ndarray, signed: bool) -> None:
     dtype = np.dtype("<i2") if signed else np.dtype("<u2")
-    arr = np.ascontiguousarray(pixels.astype(dtype))
+    arr = np.ascontiguousarray(pixels, dtype=dtype)
     ds.PixelData = arr.tobytes()
     ds["PixelData"].VR = "OW"
     ds.SmallestImagePixelValue = int(arr.min())
@@ -383,8 +482,7 @@ def map_mr_series(
     data = map_array(result, kind)
     stored, slope, intercept = uint16_rescale(data)
     center, width = robust_window(data, np.asarray(result.maps.mask, dtype=bool))
-    src_series = str(geometry.refs[0].SeriesInstanceUID)
-    series_uid = derive_uid(settings, src_series, fingerprint, "MRMAP", kind.value, "series")
+    series_uid, sop_uid = _series_uids(settings, geometry, fingerprint, "MRMAP", kind.value)
     desc = f"synthmr {kind.value} map ({info.unit.value})"
 
     def build(z: int, sop: str) -> Dataset:
@@ -411,13 +509,7 @@ def map_mr_series(
         add_private_provenance(ds, result, settings)
         return ds
 
-    return _slices(
-        geometry,
-        lambda z: derive_uid(settings, src_series, fingerprint, "MRMAP", kind.value, "sop", str(z)),
-        build,
-        stored,
-        False,
-    )
+    return _slices(_SlicePlan(geometry, sop_uid, build, stored, False))
 
 
 def map_mr_images(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import NamedTuple
 
 import highdicom as hd
@@ -29,6 +29,7 @@ from .geometry import (
     plane_arguments,
     slice_geometry,
 )
+from .part10 import freeze
 from .settings import (
     ExportSettings,
     MapKind,
@@ -203,6 +204,8 @@ def _template_of(pm: Dataset, geometry: SliceGeometry) -> _Template:
             for f in pm.PerFrameFunctionalGroupsSequence
         ]
     )
+    # every map of the export shares it, unchanged (_from_template): encoded once
+    freeze(ds["PerFrameFunctionalGroupsSequence"])
     return _Template(ds, frame_z)
 
 
@@ -320,12 +323,15 @@ def iter_parametric_maps(
     sources: Sequence[Dataset],
     settings: ExportSettings,
     geometry: SliceGeometry | None = None,
+    kinds: Collection[MapKind] | None = None,
 ) -> Iterator[Dataset]:
     """:func:`parametric_maps` one at a time (a 40 x 512 x 512 map is 42 MB of pixel data
-    plus highdicom's working copies: the node builds, stores and frees one after another)."""
+    plus highdicom's working copies: the node builds, stores and frees one after another).
+    ``kinds``: only these of ``settings.maps`` (each keeps its series number)."""
     geometry = geometry or slice_geometry(result, sources, settings)
     fp = parameter_fingerprint(result, settings)
     base = series_number_base(geometry.refs[0], settings)
     for i, kind in enumerate(settings.maps):
-        yield parametric_map(result, kind, geometry, settings, base + i, fp, reuse=True)
+        if kinds is None or kind in kinds:
+            yield parametric_map(result, kind, geometry, settings, base + i, fp, reuse=True)
     geometry.extra.pop(_TEMPLATE_KEY, None)
