@@ -299,11 +299,13 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(
     spawned process; arrays through dicom_node.handoff): every file equals the in-process
     export's of the same result (not streamed) but for the wall-clock dates and times, and
     each series arrives as one written group."""
+    import copy
     from concurrent.futures import Future
 
     from dicom_node.handoff import submit_via_tmpfs
     from dicom_node.pipeline import run_series_job
     from dicom_node.series import folder_writer, run_series
+    from dicom_node.seriesstore import save_series, series_dir
     from dicom_node.spool import Spool
     from processing.run import run
 
@@ -326,6 +328,7 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(
         [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
         submit=submit,
     )  # fmt: skip
+    kept = copy.deepcopy(processed[0])  # the node's job releases the result's arrays
     # the node's job: the spool's writer, the web store beside the export, and each array
     # released once exported (run_series(release=True))
     away = run_series_job(
@@ -340,6 +343,16 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(
     for uid, ds in a.items():
         assert ds == b[uid], uid
     mr_groups = [g for g in groups if all(b[uid].Modality == "MR" for uid, _, _ in g)]
+    # the web store of the node's job (made from its copy of the arrays) is the one the
+    # whole result gives
+    ref = save_series(tmp_path / "ref", "1.2.3", kept, [pydicom.dcmread(p) for p in files])
+    stored = series_dir(tmp_path / "spool", "1.2.3")
+    for name in sorted(p.name for p in (ref / "thumbs").iterdir()):
+        assert (stored / "thumbs" / name).read_bytes() == (ref / "thumbs" / name).read_bytes()
+    with np.load(ref / "maps.npz") as want, np.load(stored / "maps.npz") as got:
+        assert sorted(want.files) == sorted(got.files)
+        for k in want.files:
+            np.testing.assert_array_equal(got[k], want[k])
     assert sorted(len(g) for g in mr_groups) == [2, 2, 2]  # one written group per series
 
 
