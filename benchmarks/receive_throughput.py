@@ -223,8 +223,8 @@ def main() -> None:
                         self1, senders = time.process_time(), _children_cpu() - children0
                     # storescp's and the helpers' CPU arrive when they are reaped (end of
                     # the with); the helpers' start-up is left out
-                    other = _children_cpu() - children0 - senders - _helper_startup_cpu[0]
-                    cpu.setdefault((k, name), []).append((self1 - self0 + other) / n * 1e3)
+                    others = _children_cpu() - children0 - senders - _helper_startup_cpu[0]
+                    cpu.setdefault((k, name), []).append((self1 - self0 + others) / n * 1e3)
                     rates.setdefault((k, name), []).append(n / dt)
                     if name == "synthmr SCP (durable)":
                         with_ckpt = "synthmr incl. journal checkpoint"
