@@ -6,7 +6,13 @@
 - the same do-nothing SCP with the node's event-driven reactors (dicom_node.reactor),
 - the synthmr SCP (validates, writes the file, appends it to the ingest journal and answers
   once a group-committed fdatasync of the journal covers it: a success status means the
-  instance is on disk; registers in SQLite).
+  instance is on disk; registers in SQLite), as configured by default (``[node]
+  acceptor_processes``, dicom_node.acceptors: 1) and with the other choice (2 processes
+  accepting; or 1 if the default is more).
+
+Each receiver's CPU time per instance is printed too (all its processes, from the first
+connection to the last answer; the senders' CPU apart): less sensitive than instances/s to
+what else runs on the machine.
 
 Also printed: the disk's flush time (append + fdatasync, median of 20) on the spool's file
 system, which bounds a durable receiver with one synchronous sender (storescu waits for
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -111,17 +118,35 @@ def _bare_pynetdicom(event_driven: bool) -> Iterator[int]:
         server.shutdown()
 
 
+#: start-up CPU seconds (imports) of the helper processes (acceptors) of the receiver that
+#: ran last: their whole CPU time arrives with RUSAGE_CHILDREN when they are reaped
+_helper_startup_cpu = [0.0]
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 @contextmanager
-def _synthmr(tmp: Path) -> Iterator[int]:
+def _synthmr(tmp: Path, processes: int | None = None) -> Iterator[int]:
     tmp.mkdir(parents=True, exist_ok=True)
-    settings = load_settings(write_config(tmp, "", spool=tmp / "spool"), env={})
+    extra = "" if processes is None else f"acceptor_processes = {processes}\n"
+    config = write_config(tmp, "", spool=tmp / "spool").read_text()
+    config = config.replace("[node]\n", "[node]\n" + extra, 1)
+    (tmp / "node.toml").write_text(config)
+    settings = load_settings(tmp / "node.toml", env={})
     reg = Registry(tmp / "spool" / "registry.sqlite3")
     scp = StoreSCP(settings, Spool(settings.spool.path), reg, NodeMetrics())
     scp.start()
+    deadline = time.monotonic() + 60
+    while scp._pool is not None and not scp._pool.ready() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the helpers import pynetdicom
     try:
         yield scp.port
     finally:
         scp.stop()
+        _helper_startup_cpu[0] = scp.helper_startup_cpu_s
         scp.spool.close()  # the journal checkpoint (timed by the caller)
         reg.close()
 
@@ -168,13 +193,19 @@ def main() -> None:
             for k in range(max_k)
         ]
         mb = os.path.getsize(files[0][0]) / 1e6
+        default_processes = load_settings(write_config(tmp, ""), env={}).node.acceptor_processes
         receivers: dict[str, Callable[[Path], object]] = {
             "dcmtk storescp (no fsync)": lambda d: _storescp(d),
             "bare pynetdicom, stock reactors": lambda d: _bare_pynetdicom(False),
             "bare pynetdicom, event reactors": lambda d: _bare_pynetdicom(True),
             "synthmr SCP (durable)": lambda d: _synthmr(d),
         }
+        other = 2 if default_processes == 1 else 1
+        receivers[f"synthmr SCP, {other} acceptor process{'es' if other > 1 else ''}"] = lambda d: (
+            _synthmr(d, other)
+        )
         rates: dict[tuple[int, str], list[float]] = {}
+        cpu: dict[tuple[int, str], list[float]] = {}
         flushes: list[float] = []
         run = 0
         for _ in range(args.rounds):
@@ -184,11 +215,18 @@ def main() -> None:
                 n = sum(len(b) for b in batches)
                 for name, make in receivers.items():
                     run += 1
+                    _helper_startup_cpu[0] = 0.0
                     with make(tmp / f"run{run}") as port:  # type: ignore[attr-defined]
+                        children0, self0 = _children_cpu(), time.process_time()
                         t0 = time.perf_counter()
                         dt = _send(batches, port)
+                        self1, senders = time.process_time(), _children_cpu() - children0
+                    # storescp's and the helpers' CPU arrive when they are reaped (end of
+                    # the with); the helpers' start-up is left out
+                    others = _children_cpu() - children0 - senders - _helper_startup_cpu[0]
+                    cpu.setdefault((k, name), []).append((self1 - self0 + others) / n * 1e3)
                     rates.setdefault((k, name), []).append(n / dt)
-                    if name.startswith("synthmr"):
+                    if name == "synthmr SCP (durable)":
                         with_ckpt = "synthmr incl. journal checkpoint"
                         rates.setdefault((k, with_ckpt), []).append(n / (time.perf_counter() - t0))
                         flushes.append(_flush_ms(tmp))
@@ -219,7 +257,9 @@ def main() -> None:
         med = {name: statistics.median(rates[(k, name)]) for name in names}
         for name in names:
             r = rates[(k, name)]
-            print(f"  {name:<34}{med[name]:8.0f}  ({min(r):.0f}-{max(r):.0f})")
+            c = cpu.get((k, name))
+            ms = f"   CPU {statistics.median(c):.2f} ms/instance" if c else ""
+            print(f"  {name:<34}{med[name]:8.0f}  ({min(r):.0f}-{max(r):.0f}){ms}")
         ref = med["dcmtk storescp (no fsync)"]
         bare = med["bare pynetdicom, stock reactors"]
         ours = med["synthmr SCP (durable)"]

@@ -27,7 +27,6 @@ from dicom_node.export.settings import ExportSettings
 from dicom_node.vendors.rules import VendorRules, load_rules
 from dicom_node.web.settings import WebSettings, WebUser, web_errors
 from processing.settings import ProcessingSettings
-from processing.synthesis import PRESETS
 
 __all__ = [
     "AllowedCaller",
@@ -85,6 +84,12 @@ class NodeSettings:
     max_instance_bytes: int = 256 << 20
     #: a deflated instance that inflates beyond this is refused (decompression bombs)
     max_inflated_bytes: int = 64 << 20
+    #: processes that accept associations on the node's port (pynetdicom runs each
+    #: association in Python threads under one GIL); the extra ones store into the same
+    #: spool and record through the node process (dicom_node.acceptors). 1 = the node
+    #: process alone (TLS always): on the 2-core machine a second one cost more CPU per
+    #: instance than it gained (benchmarks/receive_throughput.py prints the A/B)
+    acceptor_processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -413,6 +418,8 @@ def _validate_node(s: Settings, errors: list[str]) -> None:
     _host_ok(errors, s.node.bind_address, "node.bind_address")
     if s.node.max_associations < 1:
         errors.append("node.max_associations: must be >= 1")
+    if not 1 <= s.node.acceptor_processes <= 16:
+        errors.append("node.acceptor_processes: must be 1 to 16")
     limits = ("max_pending_per_host", "max_connections_per_host")
     for name in (*limits, "max_instance_bytes", "max_inflated_bytes"):
         if getattr(s.node, name) < 1:
@@ -486,6 +493,10 @@ def _validate_processing(p: ProcessingSettings, errors: list[str]) -> None:
         errors.append(f"processing.seg_output: {p.seg_output!r} is not 'FRACTIONAL' or 'BINARY'")
     if p.model_path and not Path(p.model_path).is_file():
         errors.append(f"processing.model_path: file not found: {p.model_path}")
+    # here, not at the top: scipy's import (~0.7 s) is not paid by what only reads settings
+    # (an acceptor process, dicom_node.acceptors)
+    from processing.synthesis import PRESETS
+
     for key in ("contrasts", "mixture_contrasts"):
         for name in getattr(p, key):
             if name not in PRESETS:

@@ -79,8 +79,11 @@ class IngestJournal:
     #: checkpoint when nothing was appended for this long (a burst is over)
     idle_checkpoint_s = 1.0
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owner: str = "") -> None:
         self.root = root
+        #: the logs of this journal are ``ingest-<owner><seq>.log``: every process that
+        #: stores into the spool (dicom_node.acceptors) appends to and checkpoints its own
+        self.owner = owner
         self.dir = root / "journal"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._cond = threading.Condition()
@@ -98,20 +101,30 @@ class IngestJournal:
         self.checkpoints = 0
 
     # ------------------------------------------------------------------ logs on disk
-    def _logs(self) -> list[tuple[int, Path]]:
+    def _logs(self, every_owner: bool = False) -> list[tuple[int, Path]]:
+        """This journal's logs in order (``every_owner``: all processes' logs, each
+        owner's in order, for the replay)."""
         out = []
+        prefix = f"ingest-{self.owner}"
         for p in self.dir.glob("ingest-*.log"):
+            if every_owner:
+                owner, _, seq = p.stem[len("ingest-") :].rpartition(".")
+                key: tuple[str, str] = (owner, seq)
+            elif p.stem.startswith(prefix):
+                key = ("", p.stem[len(prefix) :])
+            else:
+                continue
             try:
-                out.append((int(p.stem.split("-", 1)[1]), p))
+                out.append((key[0], int(key[1]), p))
             except ValueError:
                 continue
-        return sorted(out)
+        return [(seq, p) for _, seq, p in sorted(out)]
 
     def _open_next(self) -> None:
         """A new, empty current log whose directory entry is durable."""
         logs = self._logs()
         self._seq = max([self._seq, *(n for n, _ in logs)]) + 1
-        path = self.dir / f"ingest-{self._seq:08d}.log"
+        path = self.dir / f"ingest-{self.owner}{self._seq:08d}.log"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         fsync_dir(self.dir)
         self._size = 0
@@ -243,7 +256,8 @@ class IngestJournal:
         """After a crash: restore every logged file that is missing or differs, in log
         order (deletions too); checkpoint; return how many files were rewritten."""
         final: dict[str, bytes | None] = {}  # the last record of each name wins
-        for _, log_path in self._logs():
+        replayed = self._logs(every_owner=True)
+        for _, log_path in replayed:
             for kind, name, data in self.records(log_path):
                 final.pop(name, None)  # keep log order for the writes below
                 final[name] = None if kind == "D" else data
@@ -264,4 +278,6 @@ class IngestJournal:
                 write_file(target, data)
                 n += 1
         self.checkpoint()
+        for _, log_path in replayed:  # other processes' logs (each file rewritten durably)
+            log_path.unlink(missing_ok=True)
         return n

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -41,7 +42,6 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from dicom_node import reactor
-from dicom_node.config import AllowedCaller, Settings
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registry import InstanceMovedError, Registry
@@ -53,6 +53,9 @@ from dicom_node.transport import (
     set_tcp_nodelay,
 )
 from dicom_node.validate import InvalidInstanceError
+
+if TYPE_CHECKING:  # settings only read here: an acceptor process does not import config
+    from dicom_node.config import AllowedCaller, Settings
 
 __all__ = ["TRANSFER_SYNTAXES", "CallerPolicy", "StoreSCP", "register_spooled"]
 
@@ -234,6 +237,13 @@ class StoreSCP:
         self._expected_by_series: dict[str, int | None] = {}  # insertion order: oldest first
         self._lock = threading.Lock()
         self._server: GuardedAssociationServer | None = None
+        #: the server class (an acceptor process sets its own: dicom_node.acceptors)
+        self.server_class: Any = GuardedAssociationServer
+        self._pool: Any = None  # dicom_node.acceptors.AcceptorPool with acceptor_processes > 1
+        #: CPU seconds the acceptor processes spent accepting, and starting, known after
+        #: stop (benchmarks)
+        self.helper_cpu_s = 0.0
+        self.helper_startup_cpu_s = 0.0
         n = settings.node
         ae = self.ae = AE(ae_title=n.ae_title)
         ae.acse_timeout = n.acse_timeout_s
@@ -290,9 +300,16 @@ class StoreSCP:
             handlers,
             ssl_context=ssl_context,
             server_class=functools.partial(
-                GuardedAssociationServer, limits=limits, on_refused=self._refused_connection
+                self.server_class, limits=limits, on_refused=self._refused_connection
             ),
         )
+        helpers = n.acceptor_processes > 1 and not tls.enabled
+        if helpers and self.server_class is GuardedAssociationServer:
+            from dicom_node.acceptors import AcceptorPool
+
+            self._pool = AcceptorPool(self, self._server, n.acceptor_processes)
+            self._pool.start()
+            self.spool.peer_checkpoints.append(self._pool.checkpoint_all)
         log_event(
             log,
             "scp_listening",
@@ -303,6 +320,12 @@ class StoreSCP:
         )
 
     def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+            self.helper_cpu_s = self._pool.helper_cpu_s
+            self.helper_startup_cpu_s = self._pool.helper_startup_cpu_s
+            self.spool.peer_checkpoints.remove(self._pool.checkpoint_all)
+            self._pool = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -314,6 +337,14 @@ class StoreSCP:
         )
         self._label_callers()
         self.settings = settings
+        if self._pool is not None:
+            self._pool.reload(settings)
+
+    def publish_active(self) -> None:
+        """The associations_active gauge: this process's and the acceptor processes'."""
+        remote = self._pool.remote_active() if self._pool is not None else 0
+        with self._lock:
+            self.metrics.associations_active.set(len(self._active) + remote)
 
     def _label_callers(self) -> None:
         """An enforced allow-list bounds the calling_ae metric label to its titles."""
@@ -353,7 +384,7 @@ class StoreSCP:
         with self._lock:
             self._series_by_assoc[id(event.assoc)] = set()
             self._active.add(id(event.assoc))
-            self.metrics.associations_active.set(len(self._active))
+        self.publish_active()
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
@@ -392,7 +423,7 @@ class StoreSCP:
                 path=str(path),
                 size=len(data),
                 calling_ae=calling,
-                expected_count=self._expected(header),
+                expected_count=self._expected(header, data),
                 sha256=header.content_sha256,
             )
         except (SpoolFullError, OSError) as exc:
@@ -414,7 +445,7 @@ class StoreSCP:
     #: series whose expected count this SCP remembers (the most recent ones)
     EXPECTED_CACHE_SERIES = 256
 
-    def _expected(self, header: InstanceHeader) -> int | None:
+    def _expected(self, header: InstanceHeader, data: bytes) -> int | None:
         """The vendor rule's expected instance count of the header's series, from the
         first instance of the series this SCP stored (the rule reads a series-level count;
         the registry keeps the first it gets): the rule and the dataset it needs are not
@@ -426,7 +457,7 @@ class StoreSCP:
             if series in self._expected_by_series:
                 return self._expected_by_series[series]
         try:
-            expected = self.expected_count(header.dataset)
+            expected = self._expected_uncached(header, data)
         except Exception as exc:  # a vendor rule must not fail the store
             log_event(log, "expected_count_error", level=logging.WARNING, reason=repr(exc))
             return None
@@ -436,12 +467,17 @@ class StoreSCP:
                 self._expected_by_series.pop(next(iter(self._expected_by_series)))
         return expected
 
+    def _expected_uncached(self, header: InstanceHeader, data: bytes) -> int | None:
+        """The vendor rule run on the instance (``data``: its Part-10 bytes)."""
+        assert self.expected_count is not None
+        return self.expected_count(header.dataset)
+
     def _on_end(self, event: evt.Event) -> None:
         with self._lock:
             series = self._series_by_assoc.pop(id(event.assoc), None)
             # RELEASED/ABORTED and CONN_CLOSE both fire: the set makes this idempotent.
             self._active.discard(id(event.assoc))
-            self.metrics.associations_active.set(len(self._active))
+        self.publish_active()
         if series:
             self.registry.mark_released(sorted(series))
             if self.on_release is not None:

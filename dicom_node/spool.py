@@ -24,7 +24,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,7 +254,13 @@ def _is_deflated(data: bytes, start: int) -> bool:
 class Spool:
     """The on-disk store. ``min_free_bytes`` is the free-disk watermark."""
 
-    def __init__(self, root: str | os.PathLike[str], min_free_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        min_free_bytes: int = 0,
+        journal_owner: str = "",
+        replay: bool = True,
+    ) -> None:
         self.root = Path(root).resolve()
         self.min_free_bytes = int(min_free_bytes)
         self.tmp = self.root / "tmp"
@@ -262,9 +268,13 @@ class Spool:
         self.outbox = self.root / "outbox"
         for d in (self.root, self.tmp, self.incoming, self.outbox):
             d.mkdir(parents=True, exist_ok=True)
-        self.journal = IngestJournal(self.root)
+        self.journal = IngestJournal(self.root, journal_owner)
         #: received files a crash had left missing or partial, rewritten from the journal
-        self.replayed = self.journal.replay(self.write_atomic)
+        #: (every process's logs: only the node process replays, before acceptors start)
+        self.replayed = self.journal.replay(self.write_atomic) if replay else 0
+        #: checkpoints of the other processes' journals (dicom_node.acceptors), run with
+        #: this one's wherever no journal record may outlive a removal
+        self.peer_checkpoints: list[Callable[[], None]] = []
 
     # -- capacity
     #: bytes kept allocated in ``<spool>/reserve`` while the disk has room: released when
@@ -461,4 +471,6 @@ class Spool:
         d = self._inside(base / safe_name(series_uid))
         if area == "incoming":
             self.journal.checkpoint()  # no journal record left that would bring them back
+            for checkpoint in self.peer_checkpoints:
+                checkpoint()
         shutil.rmtree(d, ignore_errors=True)

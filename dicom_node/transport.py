@@ -135,20 +135,58 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])
+        refusal = self.count_connection(host)
+        if refusal is None:
+            return True
+        self._refused(refusal[0], host, refusal[1])
+        return False  # socketserver closes the socket
+
+    # ------------------------------------------------------------------ the counts
+    # (one place, so that acceptor processes can keep them in the node process:
+    # dicom_node.acceptors overrides these four with calls to it)
+    def count_connection(self, host: str) -> tuple[str, str] | None:
+        """A new connection of ``host``: counted (None), or (kind, reason) refused."""
         lim = self.limits
         with self._admission:
             if self._pending[host] >= lim.max_pending_per_host:
-                reason = f"{self._pending[host]} connections of this host not yet associated"
-                kind = "pending_limit"
-            elif self._open[host] >= lim.max_connections_per_host:
-                reason = f"{self._open[host]} connections of this host open"
-                kind = "host_limit"
-            else:
-                self._pending[host] += 1
-                self._open[host] += 1
-                return True
-        self._refused(kind, host, reason)
-        return False  # socketserver closes the socket
+                return (
+                    "pending_limit",
+                    f"{self._pending[host]} connections of this host not yet associated",
+                )
+            if self._open[host] >= lim.max_connections_per_host:
+                return "host_limit", f"{self._open[host]} connections of this host open"
+            self._pending[host] += 1
+            self._open[host] += 1
+            return None
+
+    def count_setup_done(self, host: str) -> None:
+        """A connection of ``host`` is associated (or given up): no longer pending."""
+        with self._admission:
+            self._pending[host] -= 1
+
+    def count_closed(self, host: str, pending: bool, assoc_key: Any) -> None:
+        """A connection of ``host`` ended (``pending``: before its setup was done)."""
+        with self._admission:
+            self._pending[host] -= int(pending)
+            self._open[host] -= 1
+            if assoc_key is not None:
+                self._negotiated.discard(assoc_key)
+            for count in (self._pending, self._open):
+                if count[host] <= 0:
+                    del count[host]
+
+    def count_closed_association(self, assoc_key: Any) -> None:
+        """Forget a negotiated association (its acceptor process is gone)."""
+        with self._admission:
+            self._negotiated.discard(assoc_key)
+
+    def count_association(self, assoc_key: Any) -> str | None:
+        """A negotiated association: counted (None), or why it is refused."""
+        with self._admission:
+            if len(self._negotiated) >= self.limits.max_associations:
+                return f"{len(self._negotiated)} associations open (max_associations)"
+            self._negotiated.add(assoc_key)
+        return None
 
     # ------------------------------------------------------------------ connection thread
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -168,22 +206,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 self._refused("setup_timeout", host, "no complete A-ASSOCIATE-RQ in time")
                 assoc.kill()
                 self._close(sock)
-            with self._admission:
-                self._pending[host] -= 1
-                pending = False
+            self.count_setup_done(host)
+            pending = False
             assoc.join()
         except Exception as exc:  # a broken peer must never take the server down
             self._refused("error", host, f"{type(exc).__name__}: {exc}")
             self._close(request)
         finally:
-            with self._admission:
-                self._pending[host] -= int(pending)
-                self._open[host] -= 1
-                if assoc is not None:
-                    self._negotiated.discard(id(assoc))
-                for count in (self._pending, self._open):
-                    if count[host] <= 0:
-                        del count[host]
+            self.count_closed(host, pending, None if assoc is None else self.assoc_key(assoc))
 
     def _handshake(self, raw: socket.socket, host: str, deadline: float) -> socket.socket | None:
         if self.ssl_context is None:
@@ -222,11 +252,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         flag = getattr(assoc, "_synthmr_requested", None)
         if flag is not None:
             flag.set()
-        with self._admission:
-            if len(self._negotiated) >= self.limits.max_associations:
-                return f"{len(self._negotiated)} associations open (max_associations)"
-            self._negotiated.add(id(assoc))
-        return None
+        return self.count_association(self.assoc_key(assoc))
+
+    @staticmethod
+    def assoc_key(assoc: Any) -> Any:
+        """The association's key in the count of negotiated associations."""
+        return id(assoc)
 
     def _refused(self, reason: str, host: str, detail: str) -> None:
         if self.on_refused is not None:

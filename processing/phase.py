@@ -19,6 +19,7 @@ output the same shape, float32.
 from __future__ import annotations
 
 import math
+import threading
 
 import numba as nb
 import numpy as np
@@ -26,6 +27,12 @@ import numpy as np
 __all__ = ["PHASE_REFERENCES", "real_from_complex", "real_from_magnitude_phase"]
 
 PHASE_REFERENCES = ("longest_delay", "sum")
+
+# The kernels release the GIL (the node's receive threads run meanwhile) and are parallel
+# over slices: two normalizations at once (two job threads) would launch two parallel
+# regions concurrently, which numba's workqueue threading layer (where neither OpenMP nor
+# TBB is installed) does not survive; one at a time costs nothing, each uses every core.
+_KERNEL_LOCK = threading.Lock()
 
 
 @nb.njit(cache=True)
@@ -123,7 +130,8 @@ def real_from_magnitude_phase(
     whole before it is written), which saves the signal's size at the node's peak."""
     mag, ph, use_sum = _check(magnitude, phase_rad, "magnitude/phase", reference)
     out = _output(mag, out)
-    _mp_kernel(mag, ph, use_sum, out)
+    with _KERNEL_LOCK:
+        _mp_kernel(mag, ph, use_sum, out)
     return out
 
 
@@ -138,7 +146,8 @@ def real_from_complex(
     ``out``: as in :func:`real_from_magnitude_phase` (may be ``real``)."""
     re, im, use_sum = _check(real, imaginary, "real/imaginary", reference)
     out = _output(re, out)
-    _ri_kernel(re, im, use_sum, out)
+    with _KERNEL_LOCK:
+        _ri_kernel(re, im, use_sum, out)
     return out
 
 

@@ -248,13 +248,34 @@ def _draw_table(fig: Any, cells: list[list[str]]) -> None:
     fig.add_artist(LineCollection(rules, colors="k", linewidths=1.0, transform=fig.transFigure))
 
 
+#: :func:`_agg_canvas_class`'s remembered text shaping and extents (see there); emptied
+#: when it reaches _TEXT_MEMO_LIMIT entries (a page adds ~230, ~2 KB each: at most ~8 MB).
+_TEXT_MEMO: dict[tuple[Any, ...], Any] = {}
+_TEXT_MEMO_LIMIT = 4000
+
+
+def _remember(key: tuple[Any, ...], value: Any) -> None:
+    if len(_TEXT_MEMO) >= _TEXT_MEMO_LIMIT:
+        _TEXT_MEMO.clear()
+    _TEXT_MEMO[key] = value
+
+
 @functools.cache
 def _agg_canvas_class() -> type:
-    """matplotlib's Agg canvas, with text drawn glyph by glyph as matplotlib >= 3.11 does
-    but setting the font size once per text instead of before every glyph: FreeType
-    drops its hinting data on each size change, which made text about a third of the
-    PNG's CPU. The pixels are matplotlib's (tests/test_report.py compares them). Older
-    matplotlib (no per-glyph text drawing in Python) keeps its own canvas."""
+    """matplotlib's Agg canvas for the page, drawing the same pixels with less CPU:
+
+    - text is drawn glyph by glyph as matplotlib >= 3.11 does, but the font size is set
+      once per text instead of before every glyph (FreeType drops its hinting data on each
+      size change, which made text about a third of the PNG's CPU);
+    - a text's shaping (glyphs and positions) and its measured extent are remembered
+      between pages, keyed by everything they depend on (the font object, which carries
+      its files, fallbacks and hinting/kerning factors; the size; the dpi; the hinting
+      flags; features and language; the string): most of a page's strings (headings,
+      tick labels, the banner and the references) are the same on every page.
+
+    tests/test_report.py compares the pixels with matplotlib's own renderer, also for a
+    page drawn after another. Older matplotlib (no per-glyph text drawing in Python) keeps
+    its own canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg, get_hinting_flag
     from matplotlib.ft2font import RenderMode
 
@@ -262,6 +283,41 @@ def _agg_canvas_class() -> type:
         return FigureCanvasAgg
 
     class PageRendererAgg(RendererAgg):
+        def get_text_width_height_descent(self, s, prop, ismath):  # type: ignore[no-untyped-def]
+            if ismath:
+                return super().get_text_width_height_descent(s, prop, ismath)
+            font = self._prepare_font(prop)
+            flags = get_hinting_flag()
+            key = ("extent", font, prop.get_size_in_points(), self.dpi, flags, s)
+            extent = _TEXT_MEMO.get(key)
+            if extent is None:  # matplotlib's computation
+                font.set_text(s, 0.0, flags=flags)
+                w, h = font.get_width_height()  # width and height of unrotated string
+                extent = (w / 64.0, h / 64.0, font.get_descent() / 64.0)
+                _remember(key, extent)
+            return extent
+
+        def draw_text(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):  # type: ignore[no-untyped-def]
+            if ismath:
+                return super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
+            font = self._prepare_font(prop)
+            flags = get_hinting_flag()
+            features = mtext.get_fontfeatures() if mtext is not None else None
+            language = mtext.get_language() if mtext is not None else None
+            size = prop.get_size_in_points()
+            key = ("layout", font, size, self.dpi, flags, features, language, s)
+            items = _TEXT_MEMO.get(key)
+            if items is None:  # matplotlib's computation
+                items = [
+                    (item.ft_object, item.glyph_index, item.x, item.y)
+                    for item in font._layout(s, flags=flags, features=features, language=language)
+                ]
+                _remember(key, items)
+            self._draw_text_glyphs_and_boxes(
+                gc, x, y, angle, ((f, size, g, 0, 1, gx, gy) for f, g, gx, gy in items), []
+            )
+            return None
+
         def _draw_text_glyphs_and_boxes(  # type: ignore[no-untyped-def]
             self, gc, x, y, angle, glyphs, boxes
         ):

@@ -7,7 +7,7 @@ shape (2, 24, 24), seed 3, SNR 40, complex data); processing.run.run with enhanc
 job runs, not what it computes).
 
 1. The job run through ``Workers(backend="dask")`` returns maps bitwise equal to the same job
-   run through ``Workers(backend="embedded")`` (a spawned process pool).
+   run through ``Workers(backend="embedded")`` (a spawned process pool) and in process.
 2. A worker process is killed (SIGKILL, os.kill by PID) in the middle of a job: the scheduler
    reruns the job on a live worker and the result is again bitwise equal.
 """
@@ -102,6 +102,10 @@ def test_dask_equals_embedded(acq: Any, embedded_result: Any, dask_workers: Any)
     _assert_same_maps(result, embedded_result)
     # It did run on a cluster worker, not in this process.
     assert isinstance(fut, distributed.Future)
+    # and equals the job run in this process (was tests/test_workers.py's
+    # test_dask_backend_same_shape, which started a cluster of its own for this check)
+    local = run(acq, _settings())
+    np.testing.assert_array_equal(result.maps.t1_ms, local.maps.t1_ms)
 
 
 def test_worker_killed_mid_job_is_retried(

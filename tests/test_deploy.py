@@ -194,12 +194,21 @@ class _Node:
             self.proc.stderr.close()
 
 
-@pytest.fixture
-def node(tmp_path: Path):
-    n = _Node(tmp_path)
+@pytest.fixture(scope="module")
+def _module_node(tmp_path_factory: pytest.TempPathFactory):
+    n = _Node(tmp_path_factory.mktemp("node"))
     n.start()
     yield n
     n.stop()
+
+
+@pytest.fixture
+def node(_module_node: _Node) -> _Node:
+    """One node for the module's tests (a start costs seconds); started again if a test
+    stopped it (the Prometheus test stops it last, to see the alert)."""
+    if _module_node.proc is None or _module_node.proc.poll() is not None:
+        _module_node.start()
+    return _module_node
 
 
 # --------------------------------------------------------------------------- Prometheus
@@ -261,6 +270,26 @@ def test_every_dashboard_and_rule_metric_exists_on_node_metrics(node: _Node) -> 
     assert len(used) >= 14, sorted(used)  # the fixed metric list of the node
     missing = {m: where for m, where in used.items() if m not in exposed}
     assert not missing, f"metrics used but not exposed by the node: {missing}"
+
+
+@pytest.mark.integration
+def test_healthcheck_commands_pass_on_a_live_node_and_fail_without_one(node: _Node) -> None:
+    """The Dockerfile HEALTHCHECK and the compose healthcheck, run as written (only the
+    port moved to the test node's), exit 0 against a live node and non-zero when nothing
+    answers: a healthcheck that always passes, or never does, would go unnoticed."""
+    stage_health = next(a for i, a in _dockerfile() if i == "HEALTHCHECK")
+    docker_cmd = json.loads(stage_health[stage_health.index("CMD") + 3 :].strip())
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    compose_cmd = compose["services"]["synthmr"]["healthcheck"]["test"]
+    assert docker_cmd[0] == compose_cmd[1] == "python" and compose_cmd[0] == "CMD"
+    cfg_port = str(_deploy_config()["metrics"]["port"])
+    dead_port = str(_free_port())
+    for cmd, env in ((docker_cmd, "SYNTHMR_METRICS__PORT"), (compose_cmd[1:], None)):
+        for port, ok in ((str(node.port), True), (dead_port, False)):
+            argv = [sys.executable, *[a.replace(cfg_port, port) for a in cmd[1:]]]
+            environ = {**os.environ, **({env: port} if env else {})}
+            r = subprocess.run(argv, capture_output=True, text=True, env=environ, timeout=30)
+            assert (r.returncode == 0) == ok, (cmd, port, r.stderr[-500:])
 
 
 @pytest.mark.integration
@@ -687,23 +716,3 @@ def test_compose_orthanc_config_starts_real_orthanc(tmp_path: Path) -> None:
     finally:
         _stop(proc)
         log.close()
-
-
-@pytest.mark.integration
-def test_healthcheck_commands_pass_on_a_live_node_and_fail_without_one(node: _Node) -> None:
-    """The Dockerfile HEALTHCHECK and the compose healthcheck, run as written (only the
-    port moved to the test node's), exit 0 against a live node and non-zero when nothing
-    answers: a healthcheck that always passes, or never does, would go unnoticed."""
-    stage_health = next(a for i, a in _dockerfile() if i == "HEALTHCHECK")
-    docker_cmd = json.loads(stage_health[stage_health.index("CMD") + 3 :].strip())
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    compose_cmd = compose["services"]["synthmr"]["healthcheck"]["test"]
-    assert docker_cmd[0] == compose_cmd[1] == "python" and compose_cmd[0] == "CMD"
-    cfg_port = str(_deploy_config()["metrics"]["port"])
-    dead_port = str(_free_port())
-    for cmd, env in ((docker_cmd, "SYNTHMR_METRICS__PORT"), (compose_cmd[1:], None)):
-        for port, ok in ((str(node.port), True), (dead_port, False)):
-            argv = [sys.executable, *[a.replace(cfg_port, port) for a in cmd[1:]]]
-            environ = {**os.environ, **({env: port} if env else {})}
-            r = subprocess.run(argv, capture_output=True, text=True, env=environ, timeout=30)
-            assert (r.returncode == 0) == ok, (cmd, port, r.stderr[-500:])

@@ -146,18 +146,23 @@ def test_render_report_gives_a_pdf_and_an_a4_png() -> None:
 
 def test_page_png_renderer_gives_matplotlibs_pixels() -> None:
     """The page's PNG is drawn by an Agg renderer that sets each text's font size once
-    instead of before every glyph (processing.report._agg_canvas_class): the same pixels
-    as matplotlib's own renderer, for the page and for rotated, non-antialiased and
-    accented text."""
+    instead of before every glyph and remembers text shaping and extents between pages
+    (processing.report._agg_canvas_class): the same pixels as matplotlib's own renderer,
+    for the page and for rotated, non-antialiased and accented text, on a first page and
+    on a later one whose strings were all seen before."""
     from processing.report import _page_figure, _page_png
+
+    def pixels(png: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(png)))
 
     fig = _page_figure(_data())
     fig.text(0.3, 0.5, "rotated: Å ø µ 1.96", rotation=33, fontsize=11, style="italic")
     fig.text(0.6, 0.5, "not antialiased", antialiased=False, fontsize=8, weight="bold")
-    ours = np.asarray(Image.open(io.BytesIO(_page_png(fig))))
-    stock = np.asarray(Image.open(io.BytesIO(_page_png(fig, stock_renderer=True))))
-    assert ours.shape == stock.shape and (stock < 128).any()
-    assert np.array_equal(ours, stock)
+    fig.text(0.1, 0.45, "1250 mL", fontsize=13)  # also in the table, at 7 pt
+    stock = pixels(_page_png(fig, stock_renderer=True))
+    assert (stock < 128).any()
+    assert np.array_equal(pixels(_page_png(fig)), stock)
+    assert np.array_equal(pixels(_page_png(fig)), stock)  # every string remembered
 
 
 def test_registry_priors_are_earlier_visits_of_the_same_patient(tmp_path: Path) -> None:

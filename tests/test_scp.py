@@ -173,3 +173,63 @@ def test_part10_bytes_match_pynetdicom_encoded_dataset(
     ds = pydicom.dcmread(io.BytesIO(ours), force=True)
     assert ds.file_meta.MediaStorageSOPInstanceUID == sop_instance
     assert ds.file_meta.TransferSyntaxUID == tsyntax
+
+
+def test_parallel_senders_spread_over_acceptor_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[node] acceptor_processes = 2: parallel associations land in both processes; every
+    instance is stored and registered once, counted, and a SOP Instance UID stored in one
+    series is refused in another whichever process receives it."""
+    import subprocess
+    import time
+
+    from dicom_node import config
+    from tests.conftest import require_tool
+
+    load = config.load_settings
+
+    def two_acceptors(*args: object, **kw: object) -> config.Settings:
+        s = load(*args, **kw)  # type: ignore[arg-type]
+        return dataclasses.replace(s, node=dataclasses.replace(s.node, acceptor_processes=2))
+
+    monkeypatch.setattr(config, "load_settings", two_acceptors)
+    with store_scp(tmp_path) as rig:
+        pool = rig.scp._pool
+        assert pool is not None
+        deadline = time.monotonic() + 60
+        while not pool.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        series = [
+            [
+                make_mr_file(
+                    tmp_path / f"s{k}" / f"{i}.dcm", series_uid=f"1.2.3.{k}", instance_number=i
+                )
+                for i in range(8)
+            ]
+            for k in range(4)
+        ]
+        for _ in range(2):  # 4 at a time (max_pending_per_host); the re-sends change nothing
+            senders = [
+                subprocess.Popen(
+                    [require_tool("storescu"), "-aet", "SCANNER", "-aec", "SYNTHMR", "127.0.0.1"]
+                    + [str(rig.port), *map(str, files)]
+                )
+                for files in series
+            ]
+            assert [p.wait(60) for p in senders] == [0] * 4
+        assert pool.helper_associations() >= 1  # the helper took some
+        for k in range(4):
+            row = rig.registry.series(f"1.2.3.{k}")
+            assert row is not None and row.n_instances == 8
+        assert len(list(rig.spool.incoming.rglob("*.dcm"))) == 32
+        assert rig.count("synthmr_instances_received_total", result="stored") == 64
+        moved = make_mr_file(
+            tmp_path / "moved.dcm",
+            series_uid="1.2.3.9",
+            sop_uid=str(pydicom.dcmread(series[0][0], stop_before_pixels=True).SOPInstanceUID),
+        )
+        for _ in range(2):  # each attempt may land in either process
+            r = storescu([moved], rig.port)
+            assert "Received Store Response (Success)" not in r.stdout + r.stderr
+        assert rig.registry.series("1.2.3.9") is None

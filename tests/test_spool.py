@@ -205,6 +205,38 @@ def test_journal_replay_restores_acknowledged_files_lost_with_the_page_cache(
     assert list(reopened.journal.dir.iterdir()) == []
 
 
+def test_journals_of_acceptor_processes_are_their_own_and_all_replayed(tmp_path: Path) -> None:
+    """Two processes storing into one spool (dicom_node.acceptors): a checkpoint of one
+    leaves the other's log alone; the node's replay at start-up restores from both."""
+    root = tmp_path / "spool"
+    node = Spool(root)
+    helper = Spool(root, journal_owner="p1.", replay=False)
+    for sp in (node, helper):
+        sp.journal.idle_checkpoint_s = 1e9
+    files = [
+        make_mr_file(tmp_path / "src" / f"{i}.dcm", series_uid="1.2.3", instance_number=i)
+        for i in range(4)
+    ]
+    stored = [
+        sp.store_received(f.read_bytes())[1]
+        for sp, f in zip([node, helper] * 2, files, strict=True)
+    ]
+    (helper_log,) = [p for _, p in helper.journal._logs()]
+    assert helper_log.name == "ingest-p1.00000001.log"
+    assert [p for _, p in node.journal._logs()] != [helper_log]
+    node.journal.checkpoint()
+    assert helper_log.exists()  # still the helper's: its appends go on
+    helper.store_received(files[3].read_bytes())  # a re-send, after the node's checkpoint
+    for p in stored:
+        p.unlink()  # a power loss: no file reached the disk
+    reopened = Spool(root)
+    assert reopened.replayed == 2  # the helper's two; the node's were checkpointed
+    assert sorted(p.name for p in reopened.incoming.rglob("*.dcm")) == sorted(
+        p.name for p in stored[1::2]
+    )
+    assert list(reopened.journal.dir.iterdir()) == []
+
+
 def test_journal_checkpoints_when_idle(tmp_path: Path) -> None:
     """After a burst the log is checkpointed (files synced, log deleted) by itself."""
     import time

@@ -330,14 +330,15 @@ def test_patient_name_never_in_the_node_logs(delivered: str, stack: Stack) -> No
     assert leaked == [], leaked[:3]
 
 
-def test_pages_of_a_30_slice_series_load_and_are_timed(
+def test_pages_of_a_stored_series_load_and_are_timed(
     browser: Any, tmp_path: Path, record_property: Any
 ) -> None:
-    """The issue's load-time figure, measured here on a 30 x 256 x 256 series (the same code
-    as benchmarks/web_page_load.py, which prints it against the 1 s goal). Not asserted:
-    timings belong to the benchmark; this checks every page gets ready and the numbers
-    exist, and prints them (pytest -s) for the record."""
-    server, uid, _ = serve_stored_phantom(tmp_path, (30, 256, 256), {"PatientSex": "F"})
+    """The page timing of benchmarks/web_page_load.py (same code), which prints the issue's
+    load-time figure for a 30 x 256 x 256 series against the 1 s goal. Not asserted:
+    timings belong to the benchmark; this checks every page of a stored brain series
+    (6 x 64 x 64 here: the size changes the numbers, not whether the pages get ready) gets
+    ready and the numbers exist, and prints them (pytest -s)."""
+    server, uid, _ = serve_stored_phantom(tmp_path, (6, 64, 64), {"PatientSex": "F"})
     try:
         base = f"http://127.0.0.1:{server.port}"
         login(browser, base, "bench", "bench")
@@ -351,5 +352,5 @@ def test_pages_of_a_30_slice_series_load_and_are_timed(
     for name, t in times.items():
         assert t["first"] > 0 and t["ready"] > 0 and t["load"] > 0, (name, t)
         record_property(f"{name}_ready_ms", round(t["ready"]))
-        print(f"30-slice {name}: first {t['first']:.0f} ms, later {t['ready']:.0f} ms"
+        print(f"6-slice {name}: first {t['first']:.0f} ms, later {t['ready']:.0f} ms"
               f" (load average {load:.1f})")  # fmt: skip

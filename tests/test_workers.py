@@ -1,5 +1,6 @@
-"""workers: the embedded process pool and the Dask backend run processing.run.run on an
-Acquisition that travels to the worker (no shared filesystem), with the same result."""
+"""workers: the embedded process pool runs processing.run.run on an Acquisition that travels
+to the worker (no shared filesystem), with the same result; the Dask backend's equality
+(to the embedded pool and to the in-process run) is tests/test_dask_backend.py's."""
 
 from __future__ import annotations
 
@@ -97,27 +98,3 @@ def test_workers_exit_when_the_node_is_killed(tmp_path) -> None:
     finally:
         if node.poll() is None:
             node.kill()
-
-
-@pytest.mark.slow
-def test_dask_backend_same_shape(acq) -> None:
-    distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(
-        n_workers=1,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        silence_logs=40,
-    )
-    try:
-        w = Workers(WorkerSettings(backend="dask", scheduler_address=cluster.scheduler_address))
-        w.start()
-        try:
-            remote = w.submit(run, acq, SETTINGS).result(timeout=300)
-        finally:
-            w.stop()
-    finally:
-        cluster.close()
-    local = run(acq, SETTINGS)
-    np.testing.assert_array_equal(remote.maps.t1_ms, local.maps.t1_ms)

@@ -205,7 +205,7 @@ def _template_of(pm: Dataset, geometry: SliceGeometry) -> _Template:
         ]
     )
     # every map of the export shares it, unchanged (_from_template): encoded once
-    freeze(ds.PerFrameFunctionalGroupsSequence)
+    freeze(ds["PerFrameFunctionalGroupsSequence"])
     return _Template(ds, frame_z)
 
 

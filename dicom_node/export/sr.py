@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import highdicom as hd
+import highdicom.sr.templates as _hd_templates
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -40,6 +42,16 @@ from .uids import (
     derive_uid,
     model_hash,
     parameter_fingerprint,
+)
+
+# highdicom's Image Library entry looks up its image's SOP class in the standard's IOD
+# tables for each referenced image (30 slices: ~1/4 of the SR's build). Both look-ups are
+# pure functions of the SOP Class UID: remembered (the same SR, bytes unchanged).
+_hd_templates.does_iod_have_pixel_data = functools.lru_cache(maxsize=64)(
+    _hd_templates.does_iod_have_pixel_data
+)
+_hd_templates._get_coded_modality = functools.lru_cache(maxsize=64)(
+    _hd_templates._get_coded_modality
 )
 
 __all__ = ["GLOBAL_CODES", "flatten_qc", "qc_concept", "report"]

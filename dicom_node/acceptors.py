@@ -1,0 +1,515 @@
+"""Acceptor processes: the node's port served by more than one Python process.
+
+pynetdicom runs every association in Python threads, so one process decodes, validates and
+stores the C-STOREs of all parallel senders under one GIL (~2 ms of CPU each on the 2-core
+machine: one core's worth). With ``[node] acceptor_processes = N`` the node process starts
+N - 1 helpers (``python -m dicom_node.acceptors``) that accept on the *same* listening
+socket (inherited; non-blocking, so whichever process is free takes the next connection)
+and run the same :class:`~dicom_node.scp.StoreSCP` handlers, with these differences:
+
+* each writes received files into the shared spool with the same durability: its own
+  ingest journal (``journal/ingest-p<k>.<seq>.log``, group-committed within the process)
+  answers success only once the instance is on disk; the node process replays every
+  process's logs at start-up, before helpers exist, and asks them to checkpoint before it
+  removes a series (:attr:`dicom_node.spool.Spool.peer_checkpoints`);
+* everything that decides the series' state goes to the node process over a pipe, as one
+  call per instance that the C-STORE answer waits for: ``Registry.add_instance`` (a SOP
+  Instance UID known in another series is refused whichever process got it), the
+  completion hook, ``mark_released``; so do the admission counts (per host, and
+  ``max_associations`` across all processes) and the metrics;
+* TLS is served by the node process alone (a TLS session cannot be handed over).
+
+A helper exits as soon as the node process is gone (its control pipe closes), and the node
+starts a new one if a helper dies while it runs. kill -9 of the node during a burst loses
+no acknowledged instance: the helper's answer waited for its journal's fdatasync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from dicom_node.registry import InstanceMovedError
+from dicom_node.scp import StoreSCP
+from dicom_node.spool import InstanceHeader
+from dicom_node.transport import GuardedAssociationServer
+
+if TYPE_CHECKING:
+    from dicom_node.config import Settings
+
+__all__ = ["AcceptorPool"]
+
+log = logging.getLogger("synthmr.acceptors")
+
+#: metrics a helper may update in the node process (by name, through _RemoteMetrics)
+_REMOTE_METRICS = frozenset(("stage", "associations", "connections_refused", "instances"))
+
+
+# ====================================================================== helper process side
+class _Link:
+    """A helper's pipe to the node process: calls (answered; the caller waits) and notes.
+
+    One call at a time per helper: the node process answers in order."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def call(self, op: str, *args: Any) -> Any:
+        with self._lock:
+            self._conn.send((op, args, True))
+            kind, value = self._conn.recv()
+        if kind == "ok":
+            return value
+        if kind == "moved":
+            raise InstanceMovedError(value)
+        raise RuntimeError(f"node process: {value}")
+
+    def note(self, op: str, *args: Any) -> None:
+        with self._lock:
+            self._conn.send((op, args, False))
+
+
+class _RemoteRegistry:
+    """The two registry writes of the receive path, done by the node process."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+
+    def add_instance(self, **fields: Any) -> tuple[int, int | None]:
+        count, expected = self._link.call("add_instance", fields)
+        return int(count), expected
+
+    def mark_released(self, series_uids: list[str]) -> None:
+        self._link.call("mark_released", list(series_uids))
+
+
+class _RemoteMetric:
+    def __init__(self, link: _Link, name: str, labels: tuple[str, ...] = ()) -> None:
+        self._link, self._name, self._labels = link, name, labels
+
+    def labels(self, *labels: str) -> _RemoteMetric:
+        return _RemoteMetric(self._link, self._name, tuple(str(x) for x in labels))
+
+    def _send(self, method: str, *args: float) -> None:
+        # counts are updated before the helper goes on (a test or a scrape that follows
+        # the answer sees them); the per-instance timing histogram need not wait
+        send = self._link.note if self._name == "stage" else self._link.call
+        send("metric", self._name, self._labels, method, args)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._send("inc", amount)
+
+    def observe(self, value: float) -> None:
+        self._send("observe", value)
+
+    def set(self, value: float) -> None:
+        self._send("set", value)
+
+
+class _RemoteMetrics:
+    """The NodeMetrics surface StoreSCP uses, updated in the node process."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+
+    def instance_received(self, calling_ae: str, result: str) -> None:
+        if result != "stored":  # a stored one was counted with its add_instance call
+            self._link.call("instance_received", calling_ae, result)
+
+    def set_allowed_callers(self, ae_titles: Any) -> None:
+        pass  # the node process labels the callers (same allow-list)
+
+    def __getattr__(self, name: str) -> _RemoteMetric:
+        return _RemoteMetric(self._link, name)
+
+
+class _HelperServer(GuardedAssociationServer):
+    """The association server of a helper: accepts on the inherited listening socket; the
+    admission counts live in the node process."""
+
+    def __init__(
+        self, *args: Any, link: _Link, listen_socket: socket.socket, **kwargs: Any
+    ) -> None:
+        self._link = link
+        self._shared = listen_socket
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        self.socket.close()
+        self.socket = self._shared
+        self.server_address = self._shared.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # listening already (the node process's socket)
+
+    def count_connection(self, host: str) -> tuple[str, str] | None:
+        refusal = self._link.call("count_connection", host)
+        return None if refusal is None else (str(refusal[0]), str(refusal[1]))
+
+    def count_setup_done(self, host: str) -> None:
+        self._link.call("count_setup_done", host)
+
+    def count_closed(self, host: str, pending: bool, assoc_key: Any) -> None:
+        self._link.call("count_closed", host, pending, assoc_key)
+
+    def count_association(self, assoc_key: Any) -> str | None:
+        reason = self._link.call("count_association", assoc_key)
+        return None if reason is None else str(reason)
+
+    @staticmethod
+    def assoc_key(assoc: Any) -> Any:
+        return f"{os.getpid()}:{id(assoc)}"
+
+
+class _HelperSCP(StoreSCP):
+    """The node's SCP in a helper: the vendor rule (which needs the processing imports,
+    seconds of start-up) runs in the node process, once per series and helper."""
+
+    link: _Link
+
+    def _expected_uncached(self, header: InstanceHeader, data: bytes) -> int | None:
+        return self.link.call("expected_count", data)  # type: ignore[no-any-return]
+
+
+def _light_settings(settings: Any) -> SimpleNamespace:
+    """What a helper reads of the settings, as plain objects: unpickling the Settings
+    themselves would import dicom_node.config and, through it, the processing stack."""
+    sec = settings.security
+    return SimpleNamespace(
+        node=SimpleNamespace(**dataclasses.asdict(settings.node)),
+        spool=SimpleNamespace(**dataclasses.asdict(settings.spool)),
+        security=SimpleNamespace(
+            require_known_callers=sec.require_known_callers,
+            allowed_callers=tuple(
+                SimpleNamespace(ae_title=c.ae_title, hosts=tuple(c.hosts))
+                for c in sec.allowed_callers
+            ),
+            tls=SimpleNamespace(**dataclasses.asdict(sec.tls)),
+        ),
+    )
+
+
+def _helper_main(index: int, listen_fd: int, conn_fd: int, ctl_fd: int) -> None:
+    """A helper process: serve associations until told to stop or the node is gone."""
+    ctl = Connection(ctl_fd)
+    init = ctl.recv()
+    from dicom_node.logging import configure_logging
+
+    if init["log_level"]:
+        configure_logging(init["log_level"], init["json_lines"])
+    settings = init["settings"]
+    link = _Link(Connection(conn_fd))
+    listen = socket.socket(fileno=listen_fd)
+
+    from dicom_node.spool import Spool
+
+    spool = Spool(
+        settings.spool.path,
+        settings.spool.min_free_bytes,
+        journal_owner=f"p{index}.",
+        replay=False,
+    )
+    scp = _HelperSCP(
+        settings,
+        spool,
+        _RemoteRegistry(link),  # type: ignore[arg-type]
+        _RemoteMetrics(link),  # type: ignore[arg-type]
+        expected_count=(lambda ds: None) if init["vendor_rule"] else None,
+    )
+    scp.link = link
+    scp.server_class = functools.partial(_HelperServer, link=link, listen_socket=listen)
+    scp.start()
+    link.note("ready", os.getpid(), time.process_time())
+    while True:
+        try:
+            op, arg = ctl.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # the node process is gone: so is this one, at once
+        if op == "checkpoint":
+            spool.journal.checkpoint()
+        elif op == "reload":
+            scp.reload(arg)
+        elif op == "stop":
+            scp.stop()
+            spool.close()
+            ctl.send(("done", time.process_time()))
+            return
+        ctl.send("done")
+
+
+# ====================================================================== node process side
+@dataclass
+class _Helper:
+    index: int
+    proc: subprocess.Popen[bytes]
+    conn: Connection
+    ctl: Connection
+    ctl_lock: threading.Lock = field(default_factory=threading.Lock)
+    pid: int = 0
+    cpu_at_ready_s: float = 0.0  # its CPU time when it began to accept (start-up done)
+    active: int = 0  # its open associations (the associations_active gauge sums them)
+    pending: Counter[str] = field(default_factory=Counter)
+    open: Counter[str] = field(default_factory=Counter)
+    assocs: set[Any] = field(default_factory=set)
+    associations: int = 0  # negotiated so far (tests)
+
+
+class AcceptorPool:
+    """The node process's side: starts the helpers and serves their calls."""
+
+    #: a helper that died is restarted, but not more often than this
+    RESTART_MIN_INTERVAL_S = 5.0
+
+    def __init__(self, scp: StoreSCP, server: GuardedAssociationServer, processes: int) -> None:
+        self.scp = scp
+        self.server = server
+        self.processes = processes
+        self._helpers: dict[int, _Helper] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._started_at: dict[int, float] = {}
+        #: CPU seconds the helpers spent from accepting to stopping, and before (start-up,
+        #: imports) (benchmarks)
+        self.helper_cpu_s = 0.0
+        self.helper_startup_cpu_s = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        # whichever process is free accepts; the others get EAGAIN and go back to select
+        self.server.socket.setblocking(False)
+        for index in range(1, self.processes):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        conn_here, conn_there = socket.socketpair()
+        ctl_here, ctl_there = socket.socketpair()
+        listen_fd = self.server.socket.fileno()
+        fds = (listen_fd, conn_there.fileno(), ctl_there.fileno())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.acceptors", str(index), *map(str, fds)],
+            pass_fds=fds,
+            env=dict(os.environ, PYTHONPATH=_import_path()),
+        )
+        conn_there.close()
+        ctl_there.close()
+        helper = _Helper(index, proc, Connection(conn_here.detach()), Connection(ctl_here.detach()))
+        root = logging.getLogger()
+        from dicom_node.logging import JsonFormatter
+
+        helper.ctl.send(
+            {
+                "settings": _light_settings(self.scp.settings),
+                "vendor_rule": self.scp.expected_count is not None,
+                "log_level": logging.getLevelName(root.level) if root.handlers else "",
+                "json_lines": any(isinstance(h.formatter, JsonFormatter) for h in root.handlers),
+            }
+        )
+        with self._lock:
+            self._helpers[index] = helper
+            self._started_at[index] = time.monotonic()
+        threading.Thread(
+            target=self._serve, args=(helper,), name=f"acceptor-{index}", daemon=True
+        ).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            helpers = list(self._helpers.values())
+        for h in helpers:
+            done = self._control(h, "stop", timeout_s=15.0)
+            if isinstance(done, tuple) and h.pid:
+                self.helper_cpu_s += float(done[1]) - h.cpu_at_ready_s
+                self.helper_startup_cpu_s += h.cpu_at_ready_s
+        for h in helpers:
+            try:
+                h.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                h.proc.kill()
+                h.proc.wait()
+            h.ctl.close()
+
+    # ------------------------------------------------------------------ control
+    def _control(self, helper: _Helper, op: str, arg: Any = None, timeout_s: float = 30.0) -> Any:
+        """Send ``op`` to a helper and return its answer (None if it is gone or silent)."""
+        with helper.ctl_lock:
+            try:
+                helper.ctl.send((op, arg))
+                if helper.ctl.poll(timeout_s):
+                    return helper.ctl.recv()
+                else:
+                    log.error(
+                        "acceptor %d did not answer %s in %.0f s", helper.index, op, timeout_s
+                    )
+            except (EOFError, OSError):
+                pass  # gone: nothing of it is left to checkpoint or stop
+        return None
+
+    def checkpoint_all(self) -> None:
+        """Every helper's journal checkpointed (no record of theirs outlives a removal)."""
+        with self._lock:
+            helpers = list(self._helpers.values())
+        for h in helpers:
+            self._control(h, "checkpoint")
+
+    def reload(self, settings: Settings) -> None:
+        with self._lock:
+            helpers = list(self._helpers.values())
+        for h in helpers:
+            self._control(h, "reload", _light_settings(settings))
+
+    def ready(self) -> bool:
+        """Every helper is accepting."""
+        with self._lock:
+            helpers = list(self._helpers.values())
+        return len(helpers) == self.processes - 1 and all(h.pid for h in helpers)
+
+    def helper_associations(self) -> int:
+        """Associations the helpers negotiated so far."""
+        with self._lock:
+            return sum(h.associations for h in self._helpers.values())
+
+    def remote_active(self) -> int:
+        with self._lock:
+            return sum(h.active for h in self._helpers.values())
+
+    # ------------------------------------------------------------------ calls
+    def _serve(self, helper: _Helper) -> None:
+        while True:
+            try:
+                op, args, answer = helper.conn.recv()
+            except (EOFError, OSError):
+                break
+            try:
+                reply: tuple[str, Any] = ("ok", self._handle(helper, op, args))
+            except InstanceMovedError as exc:
+                reply = ("moved", str(exc))
+            except Exception as exc:  # the helper answers the C-STORE with a failure
+                log.exception("acceptor %d: %s failed", helper.index, op)
+                reply = ("error", f"{type(exc).__name__}: {exc}")
+            if answer:
+                try:
+                    helper.conn.send(reply)
+                except OSError:
+                    break
+        self._gone(helper)
+
+    def _handle(self, helper: _Helper, op: str, args: tuple[Any, ...]) -> Any:
+        scp, server = self.scp, self.server
+        if op == "add_instance":
+            fields = args[0]
+            count, expected = scp.registry.add_instance(**fields)
+            scp.metrics.instance_received(fields.get("calling_ae", ""), "stored")
+            if scp.on_instance is not None:
+                scp.on_instance(fields["series_uid"], count, expected)
+            return count, expected
+        if op == "mark_released":
+            scp.registry.mark_released(args[0])
+            if scp.on_release is not None:
+                scp.on_release(args[0])
+            return None
+        if op == "metric":
+            name, labels, method, values = args
+            if name == "associations_active":
+                helper.active = int(values[0])
+                scp.publish_active()
+            elif name in _REMOTE_METRICS and method in ("inc", "observe"):
+                metric = getattr(scp.metrics, name)
+                getattr(metric.labels(*labels) if labels else metric, method)(*values)
+            return None
+        if op == "instance_received":
+            scp.metrics.instance_received(*args)
+            return None
+        if op == "count_connection":
+            refusal = server.count_connection(args[0])
+            if refusal is None:
+                helper.open[args[0]] += 1
+                helper.pending[args[0]] += 1
+            return refusal
+        if op == "count_setup_done":
+            server.count_setup_done(args[0])
+            helper.pending[args[0]] -= 1
+            return None
+        if op == "count_closed":
+            host, pending, key = args
+            server.count_closed(host, pending, key)
+            helper.open[host] -= 1
+            helper.pending[host] -= int(pending)
+            helper.assocs.discard(key)
+            return None
+        if op == "count_association":
+            reason = server.count_association(args[0])
+            if reason is None:
+                helper.assocs.add(args[0])
+                helper.associations += 1
+            return reason
+        if op == "expected_count":
+            if scp.expected_count is None:
+                return None
+            import pydicom
+
+            dataset = pydicom.dcmread(io.BytesIO(args[0]), force=True)
+            return scp.expected_count(dataset)
+        if op == "ready":
+            helper.pid, helper.cpu_at_ready_s = int(args[0]), float(args[1])
+            log.info("acceptor process %d (pid %d) accepting", helper.index, helper.pid)
+            return None
+        raise ValueError(f"unknown call {op!r}")
+
+    def _gone(self, helper: _Helper) -> None:
+        """A helper's pipe closed: give back what it held; restart it unless stopping."""
+        for host in list(helper.open):
+            for i in range(helper.open[host]):
+                self.server.count_closed(host, i < helper.pending[host], None)
+        for key in helper.assocs:
+            self.server.count_closed_association(key)
+        helper.active = 0
+        self.scp.publish_active()
+        with self._lock:
+            if self._stopping or self._helpers.get(helper.index) is not helper:
+                return
+            del self._helpers[helper.index]
+            wait = self._started_at[helper.index] + self.RESTART_MIN_INTERVAL_S - time.monotonic()
+        code = helper.proc.wait()
+        log.error("acceptor process %d exited (code %s): restarting it", helper.index, code)
+        if wait > 0:
+            time.sleep(wait)
+        with self._lock:
+            if self._stopping:
+                return
+        self._spawn(helper.index)
+
+
+def _import_path() -> str:
+    """PYTHONPATH for a helper: this package's root first (the node's own code)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rest = os.environ.get("PYTHONPATH", "")
+    return root + (os.pathsep + rest if rest else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="synthmr acceptor process (started by the node)")
+    ap.add_argument("index", type=int)
+    ap.add_argument("listen_fd", type=int)
+    ap.add_argument("conn_fd", type=int)
+    ap.add_argument("ctl_fd", type=int)
+    a = ap.parse_args(argv)
+    _helper_main(a.index, a.listen_fd, a.conn_fd, a.ctl_fd)
+
+
+if __name__ == "__main__":
+    main()
