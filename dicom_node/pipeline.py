@@ -105,11 +105,12 @@ def _keep_for_web(
     worker) and the returned function waits for the documents. A failure here is logged;
     the series is still delivered without them."""
     if submit is None:
-        return _web_documents(spool, series_uid, result, datasets, settings, None)
+        return _web_documents(spool, series_uid, [result], datasets, settings, None)
     box: list[list[Dataset] | Callable[[], list[Dataset]]] = []
+    held = [result]  # emptied once stored: the report that follows needs none of its arrays
     thread = threading.Thread(
         target=lambda: box.append(
-            _web_documents(spool, series_uid, result, datasets, settings, submit)
+            _web_documents(spool, series_uid, held, datasets, settings, submit)
         ),
         name="report",
         daemon=True,
@@ -127,14 +128,20 @@ def _keep_for_web(
 def _web_documents(
     spool: Spool,
     series_uid: str,
-    result: SeriesResult,
+    held: list[SeriesResult],
     datasets: list[Dataset],
     settings: Settings,
     submit: Submit | None,
 ) -> list[Dataset] | Callable[[], list[Dataset]]:
-    """:func:`_keep_for_web`'s work (never raises)."""
+    """:func:`_keep_for_web`'s work (never raises); ``held`` (the result) is emptied once
+    the series is stored, so its arrays can go while the report is made."""
+    result = held.pop()
+    report = bool(getattr(result, "volumes_ml", None)) and (
+        getattr(result, "segmentation", None) is not None
+    )
     try:
         save_series(spool.root, series_uid, result, datasets)
+        del result
         trim_heap()
     except Exception as exc:
         log_event(
@@ -145,7 +152,7 @@ def _web_documents(
             error=f"{type(exc).__name__}: {exc}",
         )
         return []
-    if not getattr(result, "volumes_ml", None) or getattr(result, "segmentation", None) is None:
+    if not report:
         return []
 
     def failed(exc: Exception) -> list[Dataset]:
@@ -210,6 +217,7 @@ def run_series_job(
         on_outputs=on_outputs,
         b1_map=b1_map,
         b1_notes=b1_notes,
+        release=True,  # the node frees each array once exported (the outcome's figures stay)
     )
     outcome.output_uids = uids
     if outcome.phantom_qc is not None:  # a QC phantom: into the scanner's QC history

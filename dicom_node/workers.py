@@ -22,11 +22,10 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from dicom_node.config import WorkerSettings
-from dicom_node.handoff import pack, remove_stale, submit_via_tmpfs, unpack
+from dicom_node.handoff import pack, remove, remove_stale, submit_via_tmpfs, unpack
 from dicom_node.logging import log_event
 from processing.run import ProcessingSettings, warmup
 
@@ -217,9 +216,8 @@ class Workers:
             token, stage, packed = item
             with self._lock:
                 events = self._streams.get(token)
-            if events is None:  # the task was given up: only its file to remove
-                if packed[1]:
-                    Path(packed[1]).unlink(missing_ok=True)
+            if events is None:  # the task was given up: only its files to remove
+                remove(packed[1])
                 continue
             try:
                 events.put((stage, unpack(packed)))
