@@ -452,7 +452,7 @@ _UID_CHECK_CACHE = 4096
 
 
 def _memoize_uid_checks() -> None:
-    """Remember the result of pydicom's and pynetdicom's UID value checks per string.
+    """Remember the result of pydicom's and pynetdicom's UID checks per string.
 
     Negotiating storescu's 128 proposed presentation contexts builds ~1500 UIDs, each
     checked by regular expressions (pydicom's ``UID()`` and pynetdicom's ``set_uid``): ~4 ms
@@ -491,6 +491,23 @@ def _memoize_uid_checks() -> None:
 
         pynetdicom_ui._synthmr_memo = True  # type: ignore[attr-defined]
         _config.VALIDATORS["UI"] = pynetdicom_ui
+
+    # ``UID.is_valid`` (a property: regex per call) is asked twice more per proposed transfer
+    # syntax and per set_uid: ~5800 times for storescu's request
+    uid_is_valid = UID.__dict__["is_valid"]
+    if not getattr(uid_is_valid.fget, "_synthmr_memo", False):
+        original_fget = uid_is_valid.fget
+
+        @functools.lru_cache(maxsize=_UID_CHECK_CACHE)
+        def _is_valid_cached(value: str) -> bool:
+            return bool(original_fget(value))
+
+        def is_valid(self: UID) -> bool:
+            return _is_valid_cached(str(self))
+
+        is_valid._synthmr_memo = True  # type: ignore[attr-defined]
+        is_valid.__doc__ = original_fget.__doc__
+        UID.is_valid = property(is_valid)  # type: ignore[method-assign,assignment]
 
 
 class _EventRequestHandler(RequestHandler):
