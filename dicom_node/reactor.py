@@ -22,6 +22,7 @@ new acceptor these two classes before its threads start.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import re
@@ -35,6 +36,7 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import config as pydicom_config
+from pydicom import valuerep
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom._handlers import (
@@ -444,6 +446,70 @@ class _SupportedContexts(list):  # type: ignore[type-arg]
         return copies
 
 
+#: distinct UID strings whose check results are kept (a hostile peer's random UIDs only
+#: evict entries: bounded memory)
+_UID_CHECK_CACHE = 4096
+
+
+def _memoize_uid_checks() -> None:
+    """Remember the result of pydicom's and pynetdicom's UID checks per string.
+
+    Negotiating storescu's 128 proposed presentation contexts builds ~1500 UIDs, each
+    checked by regular expressions (pydicom's ``UID()`` and pynetdicom's ``set_uid``): ~4 ms
+    of an association's ~8 ms of request decoding and negotiation, the same few hundred
+    strings every time. Both checks are pure functions of the string (pynetdicom's also of
+    ``_config.ENFORCE_UID_CONFORMANCE``, part of the key), so remembering them changes no
+    result, warning or rejection: a malformed UID fails exactly as before. Idempotent."""
+    pydicom_check = valuerep.VALIDATORS["UI"]
+    if not getattr(pydicom_check, "_synthmr_memo", False):
+
+        @functools.lru_cache(maxsize=_UID_CHECK_CACHE)
+        def _pydicom_cached(vr: str, value: str | bytes) -> tuple[bool, str]:
+            return pydicom_check(vr, value)
+
+        def pydicom_ui(vr: str, value: Any) -> tuple[bool, str]:
+            if type(value) in (str, bytes):  # exact types: a UID (str subclass) is keyed by str
+                return _pydicom_cached(vr, value)
+            if isinstance(value, str):
+                return _pydicom_cached(vr, str(value))
+            return pydicom_check(vr, value)
+
+        pydicom_ui._synthmr_memo = True  # type: ignore[attr-defined]
+        valuerep.VALIDATORS["UI"] = pydicom_ui
+
+    pynetdicom_check = _config.VALIDATORS["UI"]
+    if not getattr(pynetdicom_check, "_synthmr_memo", False):
+
+        @functools.lru_cache(maxsize=_UID_CHECK_CACHE)
+        def _pynetdicom_cached(value: str, enforce: bool) -> tuple[bool, str]:
+            return pynetdicom_check(UID(value))
+
+        def pynetdicom_ui(value: Any) -> tuple[bool, str]:
+            if isinstance(value, str):
+                return _pynetdicom_cached(str(value), bool(_config.ENFORCE_UID_CONFORMANCE))
+            return pynetdicom_check(value)
+
+        pynetdicom_ui._synthmr_memo = True  # type: ignore[attr-defined]
+        _config.VALIDATORS["UI"] = pynetdicom_ui
+
+    # ``UID.is_valid`` (a property: regex per call) is asked twice more per proposed transfer
+    # syntax and per set_uid: ~5800 times for storescu's request
+    uid_is_valid = UID.__dict__["is_valid"]
+    if not getattr(uid_is_valid.fget, "_synthmr_memo", False):
+        original_fget = uid_is_valid.fget
+
+        @functools.lru_cache(maxsize=_UID_CHECK_CACHE)
+        def _is_valid_cached(value: str) -> bool:
+            return bool(original_fget(value))
+
+        def is_valid(self: UID) -> bool:
+            return _is_valid_cached(str(self))
+
+        is_valid._synthmr_memo = True  # type: ignore[attr-defined]
+        is_valid.__doc__ = original_fget.__doc__
+        UID.is_valid = property(is_valid)  # type: ignore[method-assign,assignment]
+
+
 class _EventRequestHandler(RequestHandler):
     """pynetdicom's handler; the new acceptor gets the event-driven reactors."""
 
@@ -498,6 +564,7 @@ def make_server(
     """``ae.start_server(address, block=False, ...)`` with the event-driven reactors.
 
     Registered with the AE like its own servers (``ae.shutdown()`` stops it)."""
+    _memoize_uid_checks()
     server = ae.make_server(
         address,
         ssl_context=ssl_context,

@@ -188,3 +188,23 @@ def _uid_of(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_memoized_uid_checks_answer_as_before() -> None:
+    """The remembered UID checks (negotiation speed) give pydicom's and pynetdicom's
+    verdicts, asked twice (the second answer comes from the cache)."""
+    from pydicom import valuerep
+    from pydicom.uid import UID
+    from pynetdicom import _config
+    from pynetdicom.utils import set_uid
+
+    cases = {"1.2.840.10008.1.2.1": True, "1.2.03": False, "1.2.a": False, "1." + "1" * 70: False}
+    reactor._memoize_uid_checks()
+    reactor._memoize_uid_checks()  # idempotent: no wrapper around the wrapper
+    for _ in range(2):
+        for value, valid in cases.items():
+            assert UID(value, 0).is_valid is valid
+            assert valuerep.VALIDATORS["UI"]("UI", value)[0] is valid
+            assert _config.VALIDATORS["UI"](UID(value, 0))[0] is (len(value) <= 64)
+    with pytest.raises(ValueError, match="must not exceed 64"):
+        set_uid("1." + "1" * 70, "Abstract Syntax Name")

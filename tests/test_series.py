@@ -533,14 +533,12 @@ def test_outputs_built_while_the_worker_runs(tmp_path: Path, case: str) -> None:
         [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here")
     )
     assert here.state == State.EXPORTED and len(here.outputs) == len(away.outputs)
-    clock = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
-             "ContentDate", "ContentTime")  # fmt: skip
 
     def files_by_uid(root: Path) -> dict[str, pydicom.Dataset]:
         out = {}
         for p in root.rglob("*.dcm"):
             ds = pydicom.dcmread(p)
-            for kw in clock:
+            for kw in CLOCK:
                 ds.pop(kw, None)
             for item in ds.get("ContributingEquipmentSequence", []):
                 item.pop("ContributionDateTime", None)
