@@ -8,6 +8,7 @@ Only the node's side lives here (spool in, spool out); the series path itself is
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from dicom_node.export.rejection import rejection_note
 from dicom_node.handoff import trim_heap
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
+from dicom_node.prefetch import CachedFile, file_key
 from dicom_node.registry import Retirement, State
 from dicom_node.series import (
     EncodedInstance,
@@ -47,9 +49,21 @@ __all__ = [
 log = logging.getLogger("synthmr.pipeline")
 
 
-def load_datasets(paths: Sequence[str]) -> list[Dataset]:
-    """Read spool files fully (pixels included)."""
-    return [pydicom.dcmread(p) for p in paths]
+def load_datasets(
+    paths: Sequence[str], cached: Mapping[str, CachedFile] | None = None
+) -> list[Dataset]:
+    """Read spool files fully (pixels included). ``cached``: datasets read ahead
+    (:mod:`dicom_node.prefetch`), used when the file is still the one that was read."""
+    if not cached:
+        return [pydicom.dcmread(p) for p in paths]
+    datasets = []
+    for p in paths:
+        hit = cached.get(p)
+        if hit is not None and hit[0] == file_key(os.stat(p)):
+            datasets.append(hit[1])
+        else:  # not read ahead, or replaced since (a re-sent instance)
+            datasets.append(pydicom.dcmread(p))
+    return datasets
 
 
 def spool_writer(
@@ -190,12 +204,15 @@ def run_series_job(
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
     b1_map: Any = None,
     b1_notes: Sequence[str] = (),
+    cached: Mapping[str, CachedFile] | None = None,
 ) -> JobOutcome:
     """Run one spooled series end to end up to the outbox files. Never raises.
 
-    ``on_outputs``, ``b1_map``, ``b1_notes``: see :func:`dicom_node.series.run_series`."""
+    ``on_outputs``, ``b1_map``, ``b1_notes``: see :func:`dicom_node.series.run_series`;
+    ``cached``: see :func:`load_datasets`."""
     try:
-        datasets = load_datasets(paths)
+        datasets = load_datasets(paths, cached)
+        cached = None  # the job's list holds them now
     except Exception as exc:  # removed or corrupt spool file
         return JobOutcome(
             State.FAILED, f"normalize: {type(exc).__name__}: {exc}", stage="normalize"
