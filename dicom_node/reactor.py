@@ -33,7 +33,7 @@ import struct
 import threading
 from datetime import datetime
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom import config as pydicom_config
 from pydicom import valuerep
@@ -52,7 +52,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 __all__ = ["IDLE_WAIT_S", "EventAE", "make_server"]
@@ -510,11 +510,36 @@ def _memoize_uid_checks() -> None:
         UID.is_valid = property(is_valid)  # type: ignore[method-assign,assignment]
 
 
+#: most bytes one ``recv`` asks for: a peer's PDU length does not size an allocation
+RECV_CHUNK = 256 * 1024
+
+
+class _BulkRecvSocket(AssociationSocket):
+    """pynetdicom's association socket, reading a PDU in large ``recv`` calls.
+
+    pynetdicom 3.0.4's ``AssociationSocket.recv`` asks for 4096 bytes at a time: a 128 KiB
+    instance costs ~35 ``recv`` calls and as many copies into the PDU's buffer under the
+    GIL. Same contract (blocks until ``nr_bytes`` are read; returns what came before the
+    peer closed; socket errors and timeouts propagate); each call asks for at most
+    :data:`RECV_CHUNK` bytes, so memory grows only with the bytes that arrive, as before."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        bytestream = bytearray()
+        while len(bytestream) < nr_bytes:
+            chunk = sock.recv(min(nr_bytes - len(bytestream), RECV_CHUNK))
+            if not chunk:  # the connection is broken: what we have so far
+                return bytestream
+            bytestream += chunk
+        return bytestream
+
+
 class _EventRequestHandler(RequestHandler):
     """pynetdicom's handler; the new acceptor gets the event-driven reactors."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        assoc.dul.socket.__class__ = _BulkRecvSocket  # type: ignore[union-attr]
         _make_event_driven(assoc)
         _unbind_log_handlers(assoc)
         return assoc

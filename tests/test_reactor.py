@@ -208,3 +208,26 @@ def test_memoized_uid_checks_answer_as_before() -> None:
             assert _config.VALIDATORS["UI"](UID(value, 0))[0] is (len(value) <= 64)
     with pytest.raises(ValueError, match="must not exceed 64"):
         set_uid("1." + "1" * 70, "Abstract Syntax Name")
+
+
+def test_bulk_recv_reads_whole_pdu_and_stops_at_close() -> None:
+    """The acceptor's socket reads a PDU longer than one ``recv`` chunk whole, and returns
+    what came before the peer closed (pynetdicom's contract: Evt17 follows)."""
+    import socket
+    import threading
+
+    from dicom_node.reactor import RECV_CHUNK, _BulkRecvSocket
+
+    ours, peer = socket.socketpair()
+    wrapped = object.__new__(_BulkRecvSocket)
+    wrapped.socket = ours
+    payload = bytes(range(256)) * (RECV_CHUNK // 128 + 3)  # > 2 chunks
+    sender = threading.Thread(target=lambda: (peer.sendall(payload + b"tail"), peer.close()))
+    sender.start()
+    try:
+        assert wrapped.recv(len(payload)) == payload
+        assert wrapped.recv(100) == b"tail"  # closed after 4 of 100 bytes
+        assert wrapped.recv(6) == b""
+    finally:
+        sender.join()
+        ours.close()
