@@ -17,7 +17,8 @@ The job's critical path is normalize + process + export + bookkeeping (+ the pus
 the parametric maps and SEG are built by the node while the worker still runs (the
 "early part", overlapped: inside "process"), and delivered once the worker's QC is in.
 
-``E2E_RSS_TRACE=file``: every RSS sample (time, node MiB, workers MiB) appended there.
+``E2E_RSS_TRACE=file``: every RSS sample (time, node MiB, workers MiB, then ``pid:MiB`` of
+each child process) appended there.
 
 ``--fast``: segmentation, myelin and enhancement off (three contrasts), for comparison.
 """
@@ -139,7 +140,8 @@ class _PeakRss:
             self.worker_peak = max([self.worker_peak, *by_pid.values()])
             if self.trace is not None:
                 with open(self.trace, "a") as f:
-                    f.write(f"{time.time():.2f} {node / 2**20:.0f} {workers / 2**20:.0f}\n")
+                    each = " ".join(f"{p}:{v / 2**20:.0f}" for p, v in by_pid.items())
+                    f.write(f"{time.time():.2f} {node / 2**20:.0f} {workers / 2**20:.0f} {each}\n")
 
     def reset(self) -> None:
         self.peak = self.node_peak = self.worker_peak = 0

@@ -90,6 +90,9 @@ class NodeSettings:
     #: process alone (TLS always): on the 2-core machine a second one cost more CPU per
     #: instance than it gained (benchmarks/receive_throughput.py prints the A/B)
     acceptor_processes: int = 1
+    #: file bytes of received series the node parses ahead of their job, all series together
+    #: (dicom_node.prefetch); a series that does not fit is read by its job. 0 = off
+    prefetch_max_bytes: int = 256 << 20
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,18 @@ samples) and its SeriesResult (~200 MB of maps, contrasts and fractions) that is
 copies through the kernel and most of the "node <-> worker transfer" of the job profile.
 
 Here the task is pickled with protocol 5 and every contiguous buffer of at least
-:data:`SPILL_MIN_BYTES` (the numpy arrays) goes *out of band*: written once into one file
-in ``/dev/shm`` (memory, not disk); the other side maps that file copy-on-write and the
-arrays it unpickles sit on the mapped pages (no second copy), and the file is removed. The pickle itself, with the small values, still travels the
-pipe. Only for the embedded pool (a shared machine): the Dask backend keeps pickling. Where
+:data:`SPILL_MIN_BYTES` (the numpy arrays) goes *out of band*: written once into a file of
+its own in ``/dev/shm`` (memory, not disk); the other side maps each file copy-on-write and
+the arrays it unpickles sit on the mapped pages (no second copy), and the files are
+removed. One file per array, so each array's memory goes back to the system as soon as
+that array is dropped (40 x 512 x 512: the node frees each map and contrast once exported,
+not the whole ~1 GB result at the end of the job). The pickle itself, with the small
+values, still travels the pipe. Only for the embedded pool (a shared machine): the Dask backend keeps pickling. Where
 ``/dev/shm`` lacks room for twice the arrays (a container's default 64 MB) a task goes
 through the pipe as before.
 
 Files are named ``synthmr-handoff-<node pid>-<random>.bin``; the reader removes each, the
-node also removes its task file when the task ends (a worker that died before reading
+node also removes its task files when the task ends (a worker that died before reading
 it) and, at start, the files of node processes that are gone (:func:`remove_stale`).
 """
 
@@ -37,10 +40,10 @@ __all__ = ["SPILL_MIN_BYTES", "remove_stale", "submit_via_tmpfs"]
 #: buffers from this size go through the file (smaller ones stay in the pickle)
 SPILL_MIN_BYTES = 1 << 20
 _PREFIX = "synthmr-handoff-"
-_ALIGN = 64  # each array starts on a cache line (numba and SIMD like aligned data)
 
-#: (pickle bytes, file path or None, byte length of each out-of-band buffer)
-Packed = tuple[bytes, str | None, list[int]]
+#: (pickle bytes, one file path per out-of-band buffer (empty: all in the pickle),
+#: byte length of each out-of-band buffer)
+Packed = tuple[bytes, list[str], list[int]]
 
 
 def _directory() -> Path:
@@ -51,7 +54,7 @@ def _directory() -> Path:
 
 
 def pack(obj: Any, owner_pid: int) -> Packed:
-    """Pickle ``obj``; its large contiguous buffers go to one tmpfs file."""
+    """Pickle ``obj``; each of its large contiguous buffers goes to a tmpfs file."""
     spilled: list[pickle.PickleBuffer] = []
 
     def out_of_band(buf: pickle.PickleBuffer) -> bool:
@@ -62,52 +65,59 @@ def pack(obj: Any, owner_pid: int) -> Packed:
 
     data = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
     if not spilled:
-        return data, None, []
+        return data, [], []
     directory = _directory()
-    total = sum(b.raw().nbytes + _ALIGN for b in spilled)
+    total = sum(b.raw().nbytes for b in spilled)
     try:
         st = os.statvfs(directory)
         room = st.f_bavail * st.f_frsize
     except OSError:
         room = 0
     if room < 2 * total:  # a small /dev/shm (a container's 64 MB): through the pipe
-        return pickle.dumps(obj, protocol=5), None, []
-    path = directory / f"{_PREFIX}{owner_pid}-{uuid.uuid4().hex}.bin"
+        return pickle.dumps(obj, protocol=5), [], []
+    paths: list[str] = []
     sizes = []
     try:
-        with open(path, "wb") as f:
-            for buf in spilled:
-                raw = buf.raw()
-                sizes.append(raw.nbytes)
+        for buf in spilled:
+            raw = buf.raw()
+            path = directory / f"{_PREFIX}{owner_pid}-{uuid.uuid4().hex}.bin"
+            paths.append(str(path))
+            with open(path, "wb") as f:
                 f.write(raw)
-                f.write(bytes(-raw.nbytes % _ALIGN))  # the next array starts aligned
+            sizes.append(raw.nbytes)
     except OSError:  # filled up meanwhile: through the pipe
-        path.unlink(missing_ok=True)
-        return pickle.dumps(obj, protocol=5), None, []
+        remove(paths)
+        return pickle.dumps(obj, protocol=5), [], []
     except BaseException:
-        path.unlink(missing_ok=True)
+        remove(paths)
         raise
-    return data, str(path), sizes
+    return data, paths, sizes
+
+
+def remove(paths: list[str]) -> None:
+    """Remove hand-off files (those that exist)."""
+    for p in paths:
+        Path(p).unlink(missing_ok=True)
 
 
 def unpack(packed: Packed) -> Any:
-    """The object :func:`pack` packed; removes its file."""
-    data, path, sizes = packed
-    if path is None:
+    """The object :func:`pack` packed; removes its files."""
+    data, paths, sizes = packed
+    if not paths:
         return pickle.loads(data)
+    buffers = []
     try:
-        with open(path, "rb") as f:
-            # copy-on-write map of the tmpfs pages: no copy, arrays writable; the memory
-            # is freed when the last array on it goes (the file is removed already)
-            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+        for path, n in zip(paths, sizes, strict=True):
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < n:
+                    raise EOFError(f"hand-off file {path} is shorter than its pickle says")
+                # copy-on-write map of the tmpfs pages: no copy, arrays writable (page
+                # aligned); the memory is freed when the array on it goes (the file is
+                # removed already)
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            buffers.append(memoryview(mapped)[:n])
     finally:
-        Path(path).unlink(missing_ok=True)
-    buffers, at = [], 0
-    for n in sizes:
-        if at + n > len(view):
-            raise EOFError(f"hand-off file {path} is shorter than its pickle says")
-        buffers.append(view[at : at + n])
-        at += n + (-n % _ALIGN)
+        remove(paths)
     return pickle.loads(data, buffers=buffers)
 
 
@@ -143,14 +153,15 @@ def submit_via_tmpfs(
     try:
         inner = submit(call_packed, task, owner)
     except BaseException:
-        if task[1]:
-            Path(task[1]).unlink(missing_ok=True)
+        remove(task[1])
         raise
     outer.inner = inner
 
     def done(f: Future[Any]) -> None:
-        if task[1]:
-            Path(task[1]).unlink(missing_ok=True)  # a worker that died before reading it
+        remove(task[1])  # a worker that died before reading them
+        # outer -> inner -> this callback -> outer is a reference cycle: broken here, so the
+        # result's arrays go as soon as the caller drops them, not at the next full gc
+        outer.inner = None
         if f.cancelled():  # taken back before a worker started it (_Linked.cancel)
             Future.cancel(outer)
             return
@@ -170,9 +181,14 @@ class _Linked(Future):  # type: ignore[type-arg]
     inner: Future[Any] | None = None
 
     def cancel(self) -> bool:
-        inner = self.inner
+        inner = self.inner  # None once the task ended
         # the inner future's callback (``done`` above) cancels this one
         return inner is not None and inner.cancel() and self.cancelled()
+
+    def started(self) -> bool:
+        """A worker runs or ran it: it can no longer be taken back."""
+        inner = self.inner
+        return inner is None or inner.running() or inner.done()
 
 
 def remove_stale() -> int:

@@ -8,6 +8,7 @@ Only the node's side lives here (spool in, spool out); the series path itself is
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from dicom_node.export.rejection import rejection_note
 from dicom_node.handoff import trim_heap
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
+from dicom_node.prefetch import CachedFile, file_key
 from dicom_node.registry import Retirement, State
 from dicom_node.series import (
     EncodedInstance,
@@ -47,9 +49,21 @@ __all__ = [
 log = logging.getLogger("synthmr.pipeline")
 
 
-def load_datasets(paths: Sequence[str]) -> list[Dataset]:
-    """Read spool files fully (pixels included)."""
-    return [pydicom.dcmread(p) for p in paths]
+def load_datasets(
+    paths: Sequence[str], cached: Mapping[str, CachedFile] | None = None
+) -> list[Dataset]:
+    """Read spool files fully (pixels included). ``cached``: datasets read ahead
+    (:mod:`dicom_node.prefetch`), used when the file is still the one that was read."""
+    if not cached:
+        return [pydicom.dcmread(p) for p in paths]
+    datasets = []
+    for p in paths:
+        hit = cached.get(p)
+        if hit is not None and hit[0] == file_key(os.stat(p)):
+            datasets.append(hit[1])
+        else:  # not read ahead, or replaced since (a re-sent instance)
+            datasets.append(pydicom.dcmread(p))
+    return datasets
 
 
 def spool_writer(
@@ -105,11 +119,12 @@ def _keep_for_web(
     worker) and the returned function waits for the documents. A failure here is logged;
     the series is still delivered without them."""
     if submit is None:
-        return _web_documents(spool, series_uid, result, datasets, settings, None)
+        return _web_documents(spool, series_uid, [result], datasets, settings, None)
     box: list[list[Dataset] | Callable[[], list[Dataset]]] = []
+    held = [result]  # emptied once stored: the report that follows needs none of its arrays
     thread = threading.Thread(
         target=lambda: box.append(
-            _web_documents(spool, series_uid, result, datasets, settings, submit)
+            _web_documents(spool, series_uid, held, datasets, settings, submit)
         ),
         name="report",
         daemon=True,
@@ -127,14 +142,20 @@ def _keep_for_web(
 def _web_documents(
     spool: Spool,
     series_uid: str,
-    result: SeriesResult,
+    held: list[SeriesResult],
     datasets: list[Dataset],
     settings: Settings,
     submit: Submit | None,
 ) -> list[Dataset] | Callable[[], list[Dataset]]:
-    """:func:`_keep_for_web`'s work (never raises)."""
+    """:func:`_keep_for_web`'s work (never raises); ``held`` (the result) is emptied once
+    the series is stored, so its arrays can go while the report is made."""
+    result = held.pop()
+    report = bool(getattr(result, "volumes_ml", None)) and (
+        getattr(result, "segmentation", None) is not None
+    )
     try:
         save_series(spool.root, series_uid, result, datasets)
+        del result
         trim_heap()
     except Exception as exc:
         log_event(
@@ -145,7 +166,7 @@ def _web_documents(
             error=f"{type(exc).__name__}: {exc}",
         )
         return []
-    if not getattr(result, "volumes_ml", None) or getattr(result, "segmentation", None) is None:
+    if not report:
         return []
 
     def failed(exc: Exception) -> list[Dataset]:
@@ -183,12 +204,15 @@ def run_series_job(
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
     b1_map: Any = None,
     b1_notes: Sequence[str] = (),
+    cached: Mapping[str, CachedFile] | None = None,
 ) -> JobOutcome:
     """Run one spooled series end to end up to the outbox files. Never raises.
 
-    ``on_outputs``, ``b1_map``, ``b1_notes``: see :func:`dicom_node.series.run_series`."""
+    ``on_outputs``, ``b1_map``, ``b1_notes``: see :func:`dicom_node.series.run_series`;
+    ``cached``: see :func:`load_datasets`."""
     try:
-        datasets = load_datasets(paths)
+        datasets = load_datasets(paths, cached)
+        cached = None  # the job's list holds them now
     except Exception as exc:  # removed or corrupt spool file
         return JobOutcome(
             State.FAILED, f"normalize: {type(exc).__name__}: {exc}", stage="normalize"
@@ -210,6 +234,7 @@ def run_series_job(
         on_outputs=on_outputs,
         b1_map=b1_map,
         b1_notes=b1_notes,
+        release=True,  # the node frees each array once exported (the outcome's figures stay)
     )
     outcome.output_uids = uids
     if outcome.phantom_qc is not None:  # a QC phantom: into the scanner's QC history

@@ -22,6 +22,7 @@ new acceptor these two classes before its threads start.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import re
@@ -32,9 +33,10 @@ import struct
 import threading
 from datetime import datetime
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom import config as pydicom_config
+from pydicom import valuerep
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom._handlers import (
@@ -50,7 +52,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 __all__ = ["IDLE_WAIT_S", "EventAE", "make_server"]
@@ -444,11 +446,100 @@ class _SupportedContexts(list):  # type: ignore[type-arg]
         return copies
 
 
+#: distinct UID strings whose check results are kept (a hostile peer's random UIDs only
+#: evict entries: bounded memory)
+_UID_CHECK_CACHE = 4096
+
+
+def _memoize_uid_checks() -> None:
+    """Remember the result of pydicom's and pynetdicom's UID checks per string.
+
+    Negotiating storescu's 128 proposed presentation contexts builds ~1500 UIDs, each
+    checked by regular expressions (pydicom's ``UID()`` and pynetdicom's ``set_uid``): ~4 ms
+    of an association's ~8 ms of request decoding and negotiation, the same few hundred
+    strings every time. Both checks are pure functions of the string (pynetdicom's also of
+    ``_config.ENFORCE_UID_CONFORMANCE``, part of the key), so remembering them changes no
+    result, warning or rejection: a malformed UID fails exactly as before. Idempotent."""
+    pydicom_check = valuerep.VALIDATORS["UI"]
+    if not getattr(pydicom_check, "_synthmr_memo", False):
+
+        @functools.lru_cache(maxsize=_UID_CHECK_CACHE)
+        def _pydicom_cached(vr: str, value: str | bytes) -> tuple[bool, str]:
+            return pydicom_check(vr, value)
+
+        def pydicom_ui(vr: str, value: Any) -> tuple[bool, str]:
+            if type(value) in (str, bytes):  # exact types: a UID (str subclass) is keyed by str
+                return _pydicom_cached(vr, value)
+            if isinstance(value, str):
+                return _pydicom_cached(vr, str(value))
+            return pydicom_check(vr, value)
+
+        pydicom_ui._synthmr_memo = True  # type: ignore[attr-defined]
+        valuerep.VALIDATORS["UI"] = pydicom_ui
+
+    pynetdicom_check = _config.VALIDATORS["UI"]
+    if not getattr(pynetdicom_check, "_synthmr_memo", False):
+
+        @functools.lru_cache(maxsize=_UID_CHECK_CACHE)
+        def _pynetdicom_cached(value: str, enforce: bool) -> tuple[bool, str]:
+            return pynetdicom_check(UID(value))
+
+        def pynetdicom_ui(value: Any) -> tuple[bool, str]:
+            if isinstance(value, str):
+                return _pynetdicom_cached(str(value), bool(_config.ENFORCE_UID_CONFORMANCE))
+            return pynetdicom_check(value)
+
+        pynetdicom_ui._synthmr_memo = True  # type: ignore[attr-defined]
+        _config.VALIDATORS["UI"] = pynetdicom_ui
+
+    # ``UID.is_valid`` (a property: regex per call) is asked twice more per proposed transfer
+    # syntax and per set_uid: ~5800 times for storescu's request
+    uid_is_valid = UID.__dict__["is_valid"]
+    if not getattr(uid_is_valid.fget, "_synthmr_memo", False):
+        original_fget = uid_is_valid.fget
+
+        @functools.lru_cache(maxsize=_UID_CHECK_CACHE)
+        def _is_valid_cached(value: str) -> bool:
+            return bool(original_fget(value))
+
+        def is_valid(self: UID) -> bool:
+            return _is_valid_cached(str(self))
+
+        is_valid._synthmr_memo = True  # type: ignore[attr-defined]
+        is_valid.__doc__ = original_fget.__doc__
+        UID.is_valid = property(is_valid)  # type: ignore[method-assign,assignment]
+
+
+#: most bytes one ``recv`` asks for: a peer's PDU length does not size an allocation
+RECV_CHUNK = 256 * 1024
+
+
+class _BulkRecvSocket(AssociationSocket):
+    """pynetdicom's association socket, reading a PDU in large ``recv`` calls.
+
+    pynetdicom 3.0.4's ``AssociationSocket.recv`` asks for 4096 bytes at a time: a 128 KiB
+    instance costs ~35 ``recv`` calls and as many copies into the PDU's buffer under the
+    GIL. Same contract (blocks until ``nr_bytes`` are read; returns what came before the
+    peer closed; socket errors and timeouts propagate); each call asks for at most
+    :data:`RECV_CHUNK` bytes, so memory grows only with the bytes that arrive, as before."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        bytestream = bytearray()
+        while len(bytestream) < nr_bytes:
+            chunk = sock.recv(min(nr_bytes - len(bytestream), RECV_CHUNK))
+            if not chunk:  # the connection is broken: what we have so far
+                return bytestream
+            bytestream += chunk
+        return bytestream
+
+
 class _EventRequestHandler(RequestHandler):
     """pynetdicom's handler; the new acceptor gets the event-driven reactors."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        assoc.dul.socket.__class__ = _BulkRecvSocket  # type: ignore[union-attr]
         _make_event_driven(assoc)
         _unbind_log_handlers(assoc)
         return assoc
@@ -498,6 +589,7 @@ def make_server(
     """``ae.start_server(address, block=False, ...)`` with the event-driven reactors.
 
     Registered with the AE like its own servers (``ae.shutdown()`` stops it)."""
+    _memoize_uid_checks()
     server = ae.make_server(
         address,
         ssl_context=ssl_context,

@@ -36,7 +36,7 @@ from pydicom.uid import SegmentationStorage
 
 from dicom_node import vendors
 from dicom_node.config import Settings
-from dicom_node.export import ExportSettings, export_groups, settings_for
+from dicom_node.export import ExportSettings, export_groups, settings_for, without_arrays
 from dicom_node.export.common import series_number_base
 from dicom_node.export.geometry import SliceGeometry, slice_geometry
 from dicom_node.export.mr_images import encoded_synthetic_series, mr_geometry
@@ -280,9 +280,15 @@ def run_series(
     on_outputs: Callable[[list[tuple[str, str, str]]], None] | None = None,
     b1_map: B1Map | None = None,
     b1_notes: Sequence[str] = (),
+    release: bool = False,
 ) -> JobOutcome:
     """Run one series end to end. Never raises: errors become a FAILED / QUARANTINED /
     IGNORED outcome naming the stage and the reason.
+
+    ``release``: the export frees each of the result's arrays once the outputs that need
+    it are built (the node's job; :func:`dicom_node.export.export_groups`); the outcome's
+    ``result`` then holds the figures, not the arrays (a ``write`` must not read them),
+    and ``extra_outputs`` gets a copy with what the web store reads (:func:`_web_copy`).
 
     ``b1_map``: the B1 map of a B1-map series of the same study (3D-QALAS; the node's
     :mod:`dicom_node.b1match` finds it); ``b1_notes``: what the matching had to say (no
@@ -302,6 +308,7 @@ def run_series(
     as before). When a later group fails, what was handed over stays (series FAILED).
     """
     job = _Job(settings, write, series_uid, submit, metrics, timeout_s)
+    job.release = release
     try:
         cls = job.classify(datasets)
         if cls.acquisition is None:
@@ -336,6 +343,7 @@ class _Job:
         self.vendor = ""
         self.summary = ""
         self.t0 = time.perf_counter()
+        self.release = False  # run_series(release=...)
 
     def observe(self, stage: str, t0: float) -> None:
         self.timings[stage] = time.perf_counter() - t0
@@ -421,7 +429,7 @@ class _Job:
         self.stage, t0 = "export", time.perf_counter()
         outcome = _export_and_write(
             result, datasets, self.settings.export, self.write, extra_outputs, on_outputs,
-            self.submit, geometry=geometry(result),
+            self.submit, geometry=geometry(result), release=self.release,
         )  # fmt: skip
         self.observe("export", t0)
         return outcome
@@ -610,7 +618,7 @@ def _process_and_export_early(
     job.stage, t0 = "export", time.perf_counter()
     outcome = _export_and_write(
         result, datasets, job.settings.export, job.write, extra_outputs, on_outputs,
-        job.submit, geometry=geometry(result), early=early,
+        job.submit, geometry=geometry(result), early=early, release=job.release,
     )  # fmt: skip
     job.observe("export", t0)
     return outcome
@@ -675,11 +683,13 @@ def _export_and_write(
     *,
     geometry: SliceGeometry | Exception | None = None,
     early: _EarlyOutputs | None = None,
+    release: bool = False,
 ) -> JobOutcome:
     """Export, apply the QC gate, write; the outcome's state is EXPORTED or HELD.
     ``geometry``: :func:`slice_geometry`'s (or its error), made while the worker ran.
     ``early``: outputs written while the worker ran; delivered first (not built again)
-    when they are what this result gives unmarked, else removed.
+    when they are what this result gives unmarked, else removed. ``release``: see
+    :func:`run_series`.
 
     The gate is decided from the QC figures before anything is built; unless it holds
     the series, every output series is written (and handed to ``on_outputs``) as soon as
@@ -727,19 +737,32 @@ def _export_and_write(
     # rendered in the worker, after the synthetic series it was given first) is the
     # longest of what is left: it starts first. They may return a function that finishes
     # them after the export.
-    extra = extra_outputs(result) if extra_outputs is not None else []
+    # (with ``release`` they get their own references to the arrays: each array goes when
+    # both they and the export are done with it)
+    extra = (
+        extra_outputs(_web_copy(result) if release else result) if extra_outputs is not None else []
+    )
     away = (
         _start_synthetic(result, geometry, settings, submit, qc_reason)
         if stream and submit is not None
         else None
     )
+    if release and away is not None:  # the tasks have their contrasts; the node needs none
+        result.synthetic = {k: without_arrays(v) for k, v in result.synthetic.items()}
+    if release:  # never exported (the web store has what it keeps)
+        result.maps = replace(result.maps, m0=None, receive_field=None)
+        if result.myelin is not None:
+            result.myelin = replace(result.myelin, epw=None)
     for group in export_groups(
         result, sources, settings, synthetic=away is None, geometry=geometry,
         part="all" if early is None else "late", seg=early.seg if early else None,
+        release=release,
     ):  # fmt: skip
         emit(group)
         while away and away[0].future.done():  # the worker's series that are ready, in order
             emit_encoded(_encoded(away.pop(0).future.result()))
+        if release and away:
+            away[:] = [_forget_started(a) for a in away]
     # The node's own groups are done: a series no worker has started yet is taken back from
     # the end of the queue and encoded here (the worker goes on from the front).
     while away:
@@ -807,6 +830,46 @@ class _Away(NamedTuple):
 
     future: Any
     args: tuple[Any, ...]
+
+
+def _forget_started(task: _Away) -> _Away:
+    """``task`` without its arguments once no worker can give it back (it runs or ran; a
+    Dask future is never taken back): its contrast's memory can go."""
+    f = task.future
+    started = getattr(f, "started", None)  # a hand-off future (dicom_node.handoff)
+    if not isinstance(f, Future) or (started() if started else f.running() or f.done()):
+        return task._replace(args=())
+    return task
+
+
+def _web_copy(result: SeriesResult) -> SeriesResult:
+    """A shallow copy of ``result`` for the web store (:func:`dicom_node.seriesstore.
+    save_series`) with containers of its own: the original may let go of its arrays while
+    the store still reads this copy's. Only what the store reads: the T1/T2/PD/B1 maps,
+    mask and failed voxels, fractions, myelin partial volume, and of each contrast its
+    middle slice (its thumbnail; the rest of that volume is zeros never written, so it
+    takes no memory: 40 x 512 x 512, 10 contrasts, 1 MB instead of 400 MB)."""
+    seg = result.segmentation
+    maps = replace(result.maps, m0=None, residual=None, receive_field=None)
+    myelin = replace(result.myelin, epw=None) if result.myelin is not None else None
+    return replace(
+        result,
+        maps=maps,
+        synthetic={
+            k: replace(v, image=_middle_slice(v.image)) for k, v in result.synthetic.items()
+        },
+        segmentation=replace(seg, fractions=dict(seg.fractions)) if seg is not None else None,
+        myelin=myelin,
+    )
+
+
+def _middle_slice(volume: np.ndarray) -> np.ndarray:
+    """``volume``'s middle slice (``[z // 2]``) in a zero volume of its shape (``np.zeros``:
+    pages never touched are never resident)."""
+    out = np.zeros(volume.shape, volume.dtype)
+    z = volume.shape[0] // 2
+    out[z] = volume[z]
+    return out
 
 
 def _take_back(future: Any) -> bool:

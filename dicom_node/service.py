@@ -31,6 +31,7 @@ from dicom_node.pipeline import (
     run_series_job,
     write_rejection_note,
 )
+from dicom_node.prefetch import SeriesPrefetch
 from dicom_node.push import Outbox
 from dicom_node.registry import FINAL_STATES, Registry, State
 from dicom_node.results_retention import prune_results
@@ -51,6 +52,10 @@ _JOB_RESULT = {
     State.QUARANTINED: "quarantined",
     State.HELD: "held",
 }
+
+
+#: a series in these states keeps its read-ahead datasets (dicom_node.prefetch) for its job
+_PREFETCH_KEPT = frozenset({State.RECEIVING, State.COMPLETE, State.QUEUED, State.PROCESSING})
 
 
 def _disk_full(reason: str) -> bool:
@@ -79,12 +84,21 @@ class Node:
                 self.registry.instance_paths(s), self.settings.vendors
             ),
         )
+        # the series' files are parsed while it arrives; its job takes them (_run_job_logged)
+        self.prefetch = SeriesPrefetch(
+            self.registry.instance_paths, settings.node.prefetch_max_bytes
+        )
+
+        def on_instance(series_uid: str, n: int, expected: int | None) -> None:
+            self.prefetch.instance_stored(series_uid, n, expected)
+            self.completion.instance_stored(series_uid, n, expected)
+
         self.scp = StoreSCP(
             settings,
             self.spool,
             self.registry,
             self.metrics,
-            on_instance=self.completion.instance_stored,
+            on_instance=on_instance,
             expected_count=lambda ds: expected_count(ds, self.settings.vendors),
         )
         self.outbox = Outbox(
@@ -132,6 +146,7 @@ class Node:
         import dicom_node.export  # noqa: F401
 
         self.workers.start()
+        self.prefetch.start()
         self.scp.start()
         self.completion.start()
         for i in range(self.settings.workers.processes):
@@ -164,6 +179,7 @@ class Node:
             self.web.stop()
         self.scp.stop()
         self.completion.stop()
+        self.prefetch.stop()
         self.outbox.stop()
         for t in self._job_threads:
             # A job still running stays PROCESSING and is re-queued at the next start.
@@ -221,6 +237,10 @@ class Node:
 
     def _on_transition(self, series_uid: str, old: State | None, new: State, dt: float) -> None:
         self.metrics.transitions.labels(new.value).inc()
+        if new == State.RECEIVING:
+            self.prefetch.reopen(series_uid)
+        elif new not in _PREFETCH_KEPT:  # quarantined, failed, ...: no job takes it
+            self.prefetch.drop(series_uid)
         if new == State.DELIVERED:
             row = self.registry.series(series_uid)
             if row is not None:
@@ -293,6 +313,7 @@ class Node:
             on_outputs=on_outputs,
             b1_map=b1.b1_map if b1 is not None else None,
             b1_notes=b1.notes if b1 is not None else (),
+            cached=self.prefetch.take(series_uid),
         )
         if self._stop.is_set():
             return  # shutting down: left PROCESSING, re-run (same output UIDs) at next start

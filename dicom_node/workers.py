@@ -22,11 +22,10 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from dicom_node.config import WorkerSettings
-from dicom_node.handoff import pack, remove_stale, submit_via_tmpfs, unpack
+from dicom_node.handoff import pack, remove, remove_stale, submit_via_tmpfs, unpack
 from dicom_node.logging import log_event
 from processing.run import ProcessingSettings, warmup
 
@@ -208,18 +207,30 @@ class Workers:
         only returns its result)."""
         return self._partial_queue is not None
 
-    def _collect_partials(self) -> None:
+    def _open_partial_channel(self) -> None:
+        """A new queue for the parts workers hand over, and its reader thread. A new pool
+        gets a new one: a worker killed while it wrote to the old queue may hold its lock
+        for good (that queue's reader is left blocked, a daemon thread)."""
+        self._partial_queue = self._ctx.SimpleQueue()
+        self._partial_thread = threading.Thread(
+            target=self._collect_partials,
+            args=(self._partial_queue,),
+            name="workers-partials",
+            daemon=True,
+        )
+        self._partial_thread.start()
+
+    def _collect_partials(self, channel: Any) -> None:
         """Thread: route each part a worker hands over to its task's events (None ends)."""
         while True:
-            item = self._partial_queue.get()
+            item = channel.get()
             if item is None:
                 return
             token, stage, packed = item
             with self._lock:
                 events = self._streams.get(token)
-            if events is None:  # the task was given up: only its file to remove
-                if packed[1]:
-                    Path(packed[1]).unlink(missing_ok=True)
+            if events is None:  # the task was given up: only its files to remove
+                remove(packed[1])
                 continue
             try:
                 events.put((stage, unpack(packed)))
@@ -268,11 +279,7 @@ class Workers:
             target=self._collect_warm, name="workers-warm", daemon=True
         )
         self._warm_thread.start()
-        self._partial_queue = self._ctx.SimpleQueue()
-        self._partial_thread = threading.Thread(
-            target=self._collect_partials, name="workers-partials", daemon=True
-        )
-        self._partial_thread.start()
+        self._open_partial_channel()
         self._new_pool()
         # Start every process now so the first series does not pay for spawn + warm-up.
         futures = [self._pool.submit(_ping) for _ in range(self.cfg.processes)]  # type: ignore[union-attr]
@@ -311,6 +318,8 @@ class Workers:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._warm_pids.clear()  # the new processes warm up again
+        if self._partial_queue is not None:
+            self._open_partial_channel()
         self._new_pool()
 
     def stop(self) -> None:

@@ -1,7 +1,8 @@
-"""handoff: arrays between the node and an embedded worker through a tmpfs file."""
+"""handoff: arrays between the node and an embedded worker through tmpfs files."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -15,6 +16,14 @@ from dicom_node import handoff
 
 def _files() -> set[Path]:
     return set(handoff._directory().glob(f"{handoff._PREFIX}{os.getpid()}-*.bin"))
+
+
+def _mapped() -> int:
+    """Hand-off files of this process still mapped (0 where /proc is missing)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return 0
+    return sum(f"{handoff._PREFIX}{os.getpid()}-" in line for line in maps.read_text().splitlines())
 
 
 def _double(arrays: dict[str, np.ndarray], note: str) -> dict[str, object]:
@@ -44,6 +53,17 @@ def test_round_trip_through_a_spawned_pool_leaves_no_file() -> None:
         out = handoff.submit_via_tmpfs(pool.submit, _double, arrays, "n").result(timeout=120)
         with pytest.raises(ValueError, match="bad input named here"):
             handoff.submit_via_tmpfs(pool.submit, _fail, arrays).result(timeout=120)
+        # a result's arrays go when the caller drops them, not at the next full gc (no
+        # reference cycle through the futures keeps them mapped)
+        gc.disable()
+        try:
+            n_out = _mapped()  # out's arrays
+            again = handoff.submit_via_tmpfs(pool.submit, _double, arrays, "m").result(120)
+            assert _mapped() > n_out or n_out == 0
+            del again
+            assert _mapped() == n_out
+        finally:
+            gc.enable()
     assert out["note"] == "n"
     for k, v in before.items():
         np.testing.assert_array_equal(arrays[k], v)  # the node's arrays are untouched
@@ -53,17 +73,36 @@ def test_round_trip_through_a_spawned_pool_leaves_no_file() -> None:
     assert not _files()
 
 
-def test_big_buffers_go_through_a_file_small_ones_stay_in_the_pickle() -> None:
+def test_big_buffers_go_through_files_small_ones_stay_in_the_pickle() -> None:
     arrays = _arrays()
-    data, path, sizes = handoff.pack(arrays, os.getpid())
-    assert path is not None and Path(path).is_file()
+    data, paths, sizes = handoff.pack(arrays, os.getpid())
+    assert len(paths) == 2 and all(Path(p).is_file() for p in paths)  # one file per array
     assert sorted(sizes) == sorted([arrays["big"].nbytes, arrays["odd"].nbytes])
     assert len(data) < 400_000  # the signal (295 KB) travels in band, the rest does not
-    back = handoff.unpack((data, path, sizes))
-    assert not Path(path).exists()
+    back = handoff.unpack((data, paths, sizes))
+    assert not any(Path(p).exists() for p in paths)
     for k, v in arrays.items():
         np.testing.assert_array_equal(back[k], v)
-        assert back[k].ctypes.data % 64 == 0 or k == "signal"  # spilled ones aligned
+        assert back[k].ctypes.data % 4096 == 0 or k == "signal"  # spilled ones page aligned
+
+
+def test_each_array_unmaps_when_dropped() -> None:
+    """The node frees each exported array's memory: its own mapping goes with it."""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("no /proc")
+    arrays = _arrays()
+    data, paths, sizes = handoff.pack(arrays, os.getpid())
+    names = [Path(p).name for p in paths]
+
+    def mapped() -> int:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+        return sum(any(n in line for n in names) for line in lines)
+
+    back = handoff.unpack((data, paths, sizes))
+    assert mapped() == 2
+    del back["big"]
+    assert mapped() == 1
+    np.testing.assert_array_equal(back["odd"], arrays["odd"])
 
 
 def test_a_small_shm_falls_back_to_the_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,9 +110,9 @@ def test_a_small_shm_falls_back_to_the_pipe(monkeypatch: pytest.MonkeyPatch) -> 
         f_bavail, f_frsize = 16, 4096  # 64 KB free
 
     monkeypatch.setattr(handoff.os, "statvfs", lambda _: Tiny())
-    data, path, sizes = handoff.pack(_arrays(), os.getpid())
-    assert path is None and sizes == []
-    np.testing.assert_array_equal(handoff.unpack((data, path, sizes))["odd"], _arrays()["odd"])
+    data, paths, sizes = handoff.pack(_arrays(), os.getpid())
+    assert paths == [] and sizes == []
+    np.testing.assert_array_equal(handoff.unpack((data, paths, sizes))["odd"], _arrays()["odd"])
 
 
 def test_files_of_a_gone_node_are_removed_at_start() -> None:

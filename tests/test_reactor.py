@@ -188,3 +188,46 @@ def _uid_of(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_memoized_uid_checks_answer_as_before() -> None:
+    """The remembered UID checks (negotiation speed) give pydicom's and pynetdicom's
+    verdicts, asked twice (the second answer comes from the cache)."""
+    from pydicom import valuerep
+    from pydicom.uid import UID
+    from pynetdicom import _config
+    from pynetdicom.utils import set_uid
+
+    cases = {"1.2.840.10008.1.2.1": True, "1.2.03": False, "1.2.a": False, "1." + "1" * 70: False}
+    reactor._memoize_uid_checks()
+    reactor._memoize_uid_checks()  # idempotent: no wrapper around the wrapper
+    for _ in range(2):
+        for value, valid in cases.items():
+            assert UID(value, 0).is_valid is valid
+            assert valuerep.VALIDATORS["UI"]("UI", value)[0] is valid
+            assert _config.VALIDATORS["UI"](UID(value, 0))[0] is (len(value) <= 64)
+    with pytest.raises(ValueError, match="must not exceed 64"):
+        set_uid("1." + "1" * 70, "Abstract Syntax Name")
+
+
+def test_bulk_recv_reads_whole_pdu_and_stops_at_close() -> None:
+    """The acceptor's socket reads a PDU longer than one ``recv`` chunk whole, and returns
+    what came before the peer closed (pynetdicom's contract: Evt17 follows)."""
+    import socket
+    import threading
+
+    from dicom_node.reactor import RECV_CHUNK, _BulkRecvSocket
+
+    ours, peer = socket.socketpair()
+    wrapped = object.__new__(_BulkRecvSocket)
+    wrapped.socket = ours
+    payload = bytes(range(256)) * (RECV_CHUNK // 128 + 3)  # > 2 chunks
+    sender = threading.Thread(target=lambda: (peer.sendall(payload + b"tail"), peer.close()))
+    sender.start()
+    try:
+        assert wrapped.recv(len(payload)) == payload
+        assert wrapped.recv(100) == b"tail"  # closed after 4 of 100 bytes
+        assert wrapped.recv(6) == b""
+    finally:
+        sender.join()
+        ours.close()

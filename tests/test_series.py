@@ -56,14 +56,17 @@ CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTi
          "ContentDate", "ContentTime")  # fmt: skip
 
 
-def mr_files(root: Path) -> dict[str, pydicom.Dataset]:
-    """Every MR image below ``root`` by SOP Instance UID, without the CLOCK attributes."""
+def mr_files(root: Path, modalities: tuple[str, ...] = ("MR",)) -> dict[str, pydicom.Dataset]:
+    """Every MR image (or instance of ``modalities``) below ``root`` by SOP Instance UID,
+    without the CLOCK attributes."""
     out = {}
     for p in root.rglob("*.dcm"):
         ds = pydicom.dcmread(p)
-        if ds.Modality == "MR":
+        if ds.Modality in modalities:
             for kw in CLOCK:
                 ds.pop(kw, None)
+            for item in ds.get("ContributingEquipmentSequence", []):
+                item.pop("ContributionDateTime", None)
             out[str(ds.SOPInstanceUID)] = ds
     return out
 
@@ -296,10 +299,14 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(
     spawned process; arrays through dicom_node.handoff): every file equals the in-process
     export's of the same result (not streamed) but for the wall-clock dates and times, and
     each series arrives as one written group."""
+    import copy
     from concurrent.futures import Future
 
     from dicom_node.handoff import submit_via_tmpfs
+    from dicom_node.pipeline import run_series_job
     from dicom_node.series import folder_writer, run_series
+    from dicom_node.seriesstore import save_series, series_dir
+    from dicom_node.spool import Spool
     from processing.run import run
 
     files = ge_seed4
@@ -321,16 +328,31 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(
         [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
         submit=submit,
     )  # fmt: skip
-    away = run_series(
-        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
-        submit=submit, on_outputs=groups.append,
+    kept = copy.deepcopy(processed[0])  # the node's job releases the result's arrays
+    # the node's job: the spool's writer, the web store beside the export, and each array
+    # released once exported (run_series(release=True))
+    away = run_series_job(
+        "1.2.3", [str(p) for p in files], settings, Spool(tmp_path / "spool"), submit,
+        on_outputs=groups.append,
     )  # fmt: skip
     assert here.state == away.state == State.EXPORTED, (here.reason, away.reason)
-    a, b = mr_files(tmp_path / "here"), mr_files(tmp_path / "away")
-    assert len(a) == 3 * 2 and a.keys() == b.keys()  # 3 contrasts x 2 slices
+    assert away.result is not None and away.result.maps.t1_ms is None  # released
+    a = mr_files(tmp_path / "here", ("MR", "OT"))  # synthetic series, Parametric Maps
+    b = mr_files(tmp_path / "spool" / "outbox", ("MR", "OT"))
+    assert len(a) > 3 * 2 and a.keys() == b.keys()  # 3 contrasts x 2 slices, the maps
     for uid, ds in a.items():
         assert ds == b[uid], uid
-    mr_groups = [g for g in groups if all(uid in b for uid, _, _ in g)]
+    mr_groups = [g for g in groups if all(b[uid].Modality == "MR" for uid, _, _ in g)]
+    # the web store of the node's job (made from its copy of the arrays) is the one the
+    # whole result gives
+    ref = save_series(tmp_path / "ref", "1.2.3", kept, [pydicom.dcmread(p) for p in files])
+    stored = series_dir(tmp_path / "spool", "1.2.3")
+    for name in sorted(p.name for p in (ref / "thumbs").iterdir()):
+        assert (stored / "thumbs" / name).read_bytes() == (ref / "thumbs" / name).read_bytes()
+    with np.load(ref / "maps.npz") as want, np.load(stored / "maps.npz") as got:
+        assert sorted(want.files) == sorted(got.files)
+        for k in want.files:
+            np.testing.assert_array_equal(got[k], want[k])
     assert sorted(len(g) for g in mr_groups) == [2, 2, 2]  # one written group per series
 
 
@@ -511,14 +533,12 @@ def test_outputs_built_while_the_worker_runs(tmp_path: Path, case: str) -> None:
         [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here")
     )
     assert here.state == State.EXPORTED and len(here.outputs) == len(away.outputs)
-    clock = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTime",
-             "ContentDate", "ContentTime")  # fmt: skip
 
     def files_by_uid(root: Path) -> dict[str, pydicom.Dataset]:
         out = {}
         for p in root.rglob("*.dcm"):
             ds = pydicom.dcmread(p)
-            for kw in clock:
+            for kw in CLOCK:
                 ds.pop(kw, None)
             for item in ds.get("ContributingEquipmentSequence", []):
                 item.pop("ContributionDateTime", None)

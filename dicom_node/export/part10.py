@@ -15,14 +15,15 @@ import io
 import struct
 import weakref
 from collections.abc import Iterable
+from typing import Any
 
 import pydicom
-from pydicom.charset import default_encoding
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_dataset
-from pydicom.tag import BaseTag
+from pydicom.tag import BaseTag, ItemDelimiterTag, ItemTag, SequenceDelimiterTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 __all__ = ["SliceEncoder", "encode_part10", "freeze"]
@@ -52,9 +53,67 @@ def encode_part10(ds: Dataset) -> bytes:
             write_data_element(fp, ds[tag], charset)
             cache.setdefault(key, fp.getvalue())
         return data
-    if not frozen and not any(_bulk(ds, tag) for tag in _PIXEL_TAGS):
+    ready = {tag: [cache[key]] for tag, cache in frozen.items()}
+    trees = [BaseTag(t) for t in _TREE_TAGS if t in ds and t not in ready]
+    if trees:
+        # the ambiguous VRs of the whole dataset at once, as dcmwrite does first; the
+        # trees are then written without pydicom's correction again at every level
+        correct_ambiguous_vr(ds, True)
+        for tag in trees:
+            fp = _buffer()
+            _write_sequence_element(fp, ds[tag], charset)
+            ready[tag] = [fp.getvalue()]
+    if not ready and not any(_bulk(ds, tag) for tag in _PIXEL_TAGS):
         return _dcmwrite(ds)
-    return _encode_in_runs(ds, {tag: [cache[key]] for tag, cache in frozen.items()}, charset)
+    return _encode_in_runs(ds, ready, charset)
+
+
+#: sequences of hundreds of nested items (an SR's content tree, the functional groups of
+#: a multi-frame image), which :func:`_write_sequence_element` writes: pydicom's
+#: ``write_dataset`` corrects the ambiguous VRs of every item again at every level of a
+#: tree (~1/3 of an SR's encoding)
+_TREE_TAGS = (0x0040A730, 0x52009229, 0x52009230)
+
+
+def _write_sequence_element(fp: DicomBytesIO, elem: DataElement, charset: Any) -> None:
+    """pydicom's ``write_data_element`` of a sequence (explicit VR little endian), its
+    items written by :func:`_write_item_elements` (no VR correction: done already)."""
+    encodings = convert_encodings(charset or [default_encoding])
+    body = _buffer()
+    if not elem.is_empty:
+        for item in elem.value:
+            body.write_tag(ItemTag)
+            inner = _buffer()
+            _write_item_elements(inner, item, encodings)
+            if getattr(item, "is_undefined_length_sequence_item", False):
+                body.write_UL(0xFFFFFFFF)
+                body.write(inner.getvalue())
+                body.write_tag(ItemDelimiterTag)
+                body.write_UL(0)
+            else:
+                body.write_UL(inner.tell())
+                body.write(inner.getvalue())
+    fp.write_tag(elem.tag)
+    fp.write(b"SQ")
+    fp.write_US(0)
+    fp.write_UL(0xFFFFFFFF if elem.is_undefined_length else body.tell())
+    fp.write(body.getvalue())
+    if elem.is_undefined_length:
+        fp.write_tag(SequenceDelimiterTag)
+        fp.write_UL(0)
+
+
+def _write_item_elements(fp: DicomBytesIO, item: Dataset, parent_encoding: Any) -> None:
+    """pydicom's ``write_dataset`` of a sequence item, minus its VR correction."""
+    charset = item.get("SpecificCharacterSet", parent_encoding)
+    for tag in sorted(item.keys()):
+        if tag.element == 0 and tag.group > 6:  # no group lengths, as pydicom
+            continue
+        elem = item[tag]
+        if elem.VR == "SQ" and not elem.is_raw:
+            _write_sequence_element(fp, elem, charset)
+        else:
+            write_data_element(fp, elem, charset)
 
 
 def _dcmwrite(ds: Dataset) -> bytes:
