@@ -56,13 +56,15 @@ CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "SeriesDate", "SeriesTi
          "ContentDate", "ContentTime")  # fmt: skip
 
 
-def mr_files(root: Path, modalities: tuple[str, ...] = ("MR",)) -> dict[str, pydicom.Dataset]:
-    """Every MR image (or instance of ``modalities``) below ``root`` by SOP Instance UID,
-    without the CLOCK attributes."""
+def mr_files(
+    root: Path, modalities: tuple[str, ...] | None = ("MR",)
+) -> dict[str, pydicom.Dataset]:
+    """Every MR image (or instance of ``modalities``; None: every instance) below ``root`` by
+    SOP Instance UID, without the CLOCK attributes."""
     out = {}
     for p in root.rglob("*.dcm"):
         ds = pydicom.dcmread(p)
-        if ds.Modality in modalities:
+        if modalities is None or ds.Modality in modalities:
             for kw in CLOCK:
                 ds.pop(kw, None)
             for item in ds.get("ContributingEquipmentSequence", []):
@@ -534,18 +536,7 @@ def test_outputs_built_while_the_worker_runs(tmp_path: Path, case: str) -> None:
     )
     assert here.state == State.EXPORTED and len(here.outputs) == len(away.outputs)
 
-    def files_by_uid(root: Path) -> dict[str, pydicom.Dataset]:
-        out = {}
-        for p in root.rglob("*.dcm"):
-            ds = pydicom.dcmread(p)
-            for kw in CLOCK:
-                ds.pop(kw, None)
-            for item in ds.get("ContributingEquipmentSequence", []):
-                item.pop("ContributionDateTime", None)
-            out[str(ds.SOPInstanceUID)] = ds
-        return out
-
-    a, b = files_by_uid(tmp_path / "here"), files_by_uid(tmp_path / "away")
+    a, b = mr_files(tmp_path / "here", None), mr_files(tmp_path / "away", None)
     assert a.keys() == b.keys() and len(a) > 10
     for uid, ds in a.items():
         assert ds == b[uid], uid
