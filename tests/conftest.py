@@ -405,12 +405,19 @@ class ColdStart:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def _readyz(port: int) -> tuple[int, str]:
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET ``http://127.0.0.1:{port}{path}``: (status, body), error statuses included;
+    raises OSError when nothing answers."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+def _readyz(port: int) -> tuple[int, str]:
+    try:
+        return http_get(port, "/readyz")
     except OSError:
         return 0, ""  # metrics endpoint not up yet (the node warms its own kernels first)
 

@@ -18,12 +18,14 @@ def _files() -> set[Path]:
     return set(handoff._directory().glob(f"{handoff._PREFIX}{os.getpid()}-*.bin"))
 
 
-def _mapped() -> int:
-    """Hand-off files of this process still mapped (0 where /proc is missing)."""
+def _mapped(*names: str) -> int:
+    """Mappings of hand-off files named by one of ``names`` (by default any of this
+    process's) still in /proc/self/maps (0 where /proc is missing)."""
     maps = Path("/proc/self/maps")
     if not maps.exists():
         return 0
-    return sum(f"{handoff._PREFIX}{os.getpid()}-" in line for line in maps.read_text().splitlines())
+    names = names or (f"{handoff._PREFIX}{os.getpid()}-",)
+    return sum(any(n in line for n in names) for line in maps.read_text().splitlines())
 
 
 def _double(arrays: dict[str, np.ndarray], note: str) -> dict[str, object]:
@@ -93,15 +95,10 @@ def test_each_array_unmaps_when_dropped() -> None:
     arrays = _arrays()
     data, paths, sizes = handoff.pack(arrays, os.getpid())
     names = [Path(p).name for p in paths]
-
-    def mapped() -> int:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-        return sum(any(n in line for n in names) for line in lines)
-
     back = handoff.unpack((data, paths, sizes))
-    assert mapped() == 2
+    assert _mapped(*names) == 2
     del back["big"]
-    assert mapped() == 1
+    assert _mapped(*names) == 1
     np.testing.assert_array_equal(back["odd"], arrays["odd"])
 
 

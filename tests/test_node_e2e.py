@@ -11,8 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -24,6 +22,7 @@ from dicom_node.service import Node
 from tests.conftest import (
     OrthancServer,
     free_port,
+    http_get,
     make_mr_file,
     registry_rows,
     require_tool,
@@ -69,14 +68,6 @@ def _orthanc_sops(orth: OrthancServer) -> list[str]:
     return [
         orth.rest(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in orth.instances()
     ]
-
-
-def _http(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 class NodeProcess:
@@ -146,10 +137,10 @@ def test_delivered_to_orthanc_then_kill9_restart_no_loss_no_duplicates(
         sops = _orthanc_sops(pacs)
         assert sorted(sops) == sorted(expected)  # every output once, no duplicates
         # operations endpoints
-        assert _http(mport, "/healthz")[0] == 200
-        code, body = _http(mport, "/readyz")
+        assert http_get(mport, "/healthz")[0] == 200
+        code, body = http_get(mport, "/readyz")
         assert code == 200 and "scp_listening ok" in body
-        code, metrics = _http(mport, "/metrics")
+        code, metrics = http_get(mport, "/metrics")
         assert code == 200
         assert 'synthmr_series_transitions_total{state="DELIVERED"} 1.0' in metrics
         assert 'synthmr_jobs_total{result="success"} 1.0' in metrics

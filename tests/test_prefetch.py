@@ -18,7 +18,7 @@ from dicom_node.pipeline import load_datasets
 from dicom_node.prefetch import SeriesPrefetch
 from dicom_node.registry import State
 from dicom_node.series import JobOutcome
-from tests.conftest import make_mr_file, write_config
+from tests.conftest import make_mr_file, wait_for, write_config
 
 
 def _series(folder: Path, n: int) -> tuple[str, list[str]]:
@@ -31,13 +31,6 @@ def _series(folder: Path, n: int) -> tuple[str, list[str]]:
     return uid, paths
 
 
-def _wait(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "prefetch did not read the series in time"
-        time.sleep(0.02)
-
-
 def test_cached_datasets_used_and_replaced_instance_reread(tmp_path: Path) -> None:
     uid, paths = _series(tmp_path / "in", 4)
     prefetch = SeriesPrefetch(lambda s: paths if s == uid else [], 1 << 20)
@@ -45,7 +38,7 @@ def test_cached_datasets_used_and_replaced_instance_reread(tmp_path: Path) -> No
     try:
         for i in range(1, 5):
             prefetch.instance_stored(uid, i, 4)
-        _wait(lambda: prefetch.read_files == 4)
+        wait_for(lambda: prefetch.read_files == 4, 10.0, 0.02, "prefetch to read the series")
         assert prefetch.cached_bytes() == sum(os.path.getsize(p) for p in paths)
         # the sender re-sends instance 2 with other pixels (the spool renames a new file in)
         new = pydicom.dcmread(paths[1])
@@ -113,7 +106,7 @@ def test_node_job_takes_the_cache_and_quarantine_drops_it(
                 )
                 node.scp.on_instance(uid, n, expected)  # the SCP's hook after each store
             series[name] = (uid, paths)
-        _wait(lambda: node.prefetch.read_files == 4)
+        wait_for(lambda: node.prefetch.read_files == 4, 10.0, 0.02, "prefetch to read the series")
         (a, a_paths), (b, _) = series["a"], series["b"]
         node.registry.transition(a, State.COMPLETE, reason="test")
         node.registry.enqueue(a)
