@@ -109,13 +109,12 @@ class IngestJournal:
         for p in self.dir.glob("ingest-*.log"):
             if every_owner:
                 owner, _, seq = p.stem[len("ingest-") :].rpartition(".")
-                key: tuple[str, str] = (owner, seq)
             elif p.stem.startswith(prefix):
-                key = ("", p.stem[len(prefix) :])
+                owner, seq = "", p.stem[len(prefix) :]
             else:
                 continue
             try:
-                out.append((key[0], int(key[1]), p))
+                out.append((owner, int(seq), p))
             except ValueError:
                 continue
         return [(seq, p) for _, seq, p in sorted(out)]
