@@ -31,8 +31,9 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["IngestJournal", "syncfs"]
+__all__ = ["IngestJournal", "sync_file_system", "syncfs"]
 
 log = logging.getLogger("synthmr.journal")
 
@@ -40,22 +41,38 @@ _HEAD = struct.Struct("<4scHQI")
 _MAGIC = b"SMRJ"
 
 
-def syncfs(path: Path) -> None:
-    """Flush every dirty page and the metadata of the file system holding ``path``
-    (Linux ``syncfs``; ``sync`` where it is missing)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _libc_syncfs() -> Any:
+    """libc's ``syncfs`` (Linux), or None; looked up once."""
     try:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = libc.syncfs
-        except (OSError, AttributeError):
-            os.sync()
-            return
-        if fn(fd) != 0:
+        return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    except OSError:
+        return None
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def sync_file_system(path: Path) -> bool:
+    """Flush every written file of the file system holding ``path`` and wait for it
+    (``syncfs(2)``: data, metadata and a journal commit; write errors are reported since
+    Linux 5.8). False where the call does not exist (the caller falls back)."""
+    if _SYNCFS is None:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"syncfs({path}): {os.strerror(err)}")
     finally:
         os.close(fd)
+    return True
+
+
+def syncfs(path: Path) -> None:
+    """Flush every dirty page and the metadata of the file system holding ``path``
+    (Linux ``syncfs``; ``sync`` where it is missing)."""
+    if not sync_file_system(path):
+        os.sync()
 
 
 def fsync_dir(path: Path) -> None:
@@ -109,13 +126,12 @@ class IngestJournal:
         for p in self.dir.glob("ingest-*.log"):
             if every_owner:
                 owner, _, seq = p.stem[len("ingest-") :].rpartition(".")
-                key: tuple[str, str] = (owner, seq)
             elif p.stem.startswith(prefix):
-                key = ("", p.stem[len(prefix) :])
+                owner, seq = "", p.stem[len(prefix) :]
             else:
                 continue
             try:
-                out.append((key[0], int(key[1]), p))
+                out.append((owner, int(seq), p))
             except ValueError:
                 continue
         return [(seq, p) for _, seq, p in sorted(out)]

@@ -54,8 +54,7 @@ def load_datasets(
 ) -> list[Dataset]:
     """Read spool files fully (pixels included). ``cached``: datasets read ahead
     (:mod:`dicom_node.prefetch`), used when the file is still the one that was read."""
-    if not cached:
-        return [pydicom.dcmread(p) for p in paths]
+    cached = cached or {}
     datasets = []
     for p in paths:
         hit = cached.get(p)

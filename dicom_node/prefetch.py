@@ -76,7 +76,7 @@ class SeriesPrefetch:
         self._refused: dict[str, None] = {}
         self._total = 0
         self._thread: threading.Thread | None = None
-        #: files read / served from the cache / re-read at the job (figures for tests, logs)
+        #: files this thread read and cached (a figure for tests and benchmarks)
         self.read_files = 0
 
     # ------------------------------------------------------------------ lifecycle

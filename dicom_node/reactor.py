@@ -287,6 +287,10 @@ def c_store_rsp_command(rsp: C_STORE) -> bytes | None:
 _CONFORMANT_UID = re.compile(rb"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _C_STORE_RQ = 0x0001
 _NO_DATASET = 0x0101
+#: the command elements a C-STORE-RQ may carry (PS3.7 9.3.1.1), group length included
+_C_STORE_RQ_ELEMENTS = frozenset(
+    (0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031)
+)
 
 
 def parse_c_store_rq_command(raw: bytes) -> dict[int, bytes] | None:
@@ -325,12 +329,6 @@ def parse_c_store_rq_command(raw: bytes) -> dict[int, bytes] | None:
     if 0x1030 in values or 0x1031 in values:
         return None  # a C-MOVE sub-operation: rare, pynetdicom's path
     return values
-
-
-#: the command elements a C-STORE-RQ may carry (PS3.7 9.3.1.1), group length included
-_C_STORE_RQ_ELEMENTS = frozenset(
-    (0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031)
-)
 
 
 class _EventDIMSE(DIMSEServiceProvider):

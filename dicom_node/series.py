@@ -307,8 +307,7 @@ def run_series(
     while the next is built); not for a series the QC gate holds (written at the end,
     as before). When a later group fails, what was handed over stays (series FAILED).
     """
-    job = _Job(settings, write, series_uid, submit, metrics, timeout_s)
-    job.release = release
+    job = _Job(settings, write, series_uid, submit, metrics, timeout_s, release)
     try:
         cls = job.classify(datasets)
         if cls.acquisition is None:
@@ -319,7 +318,7 @@ def run_series(
         outcome = job.process_and_export(cls, datasets, extra_outputs, on_outputs, b1_map, b1_notes)
     except Exception as exc:
         return job.failed(exc)
-    return job.finish(outcome, cls)
+    return job.finish(outcome)
 
 
 class _Job:
@@ -335,15 +334,16 @@ class _Job:
         submit: Submit | None,
         metrics: NodeMetrics | None,
         timeout_s: float | None,
+        release: bool,
     ) -> None:
         self.settings, self.write, self.series_uid = settings, write, series_uid
         self.submit, self.metrics, self.timeout_s = submit, metrics, timeout_s
+        self.release = release  # run_series(release=...)
         self.timings: dict[str, float] = {}
         self.stage = "normalize"
         self.vendor = ""
         self.summary = ""
         self.t0 = time.perf_counter()
-        self.release = False  # run_series(release=...)
 
     def observe(self, stage: str, t0: float) -> None:
         self.timings[stage] = time.perf_counter() - t0
@@ -459,7 +459,7 @@ class _Job:
             timings_s=self.timings,
         )
 
-    def finish(self, outcome: JobOutcome, cls: Classified) -> JobOutcome:
+    def finish(self, outcome: JobOutcome) -> JobOutcome:
         outcome.vendor = self.vendor
         outcome.summary = self.summary
         outcome.timings_s = self.timings

@@ -16,7 +16,6 @@ File names come from sanitized UIDs: a name can never escape the spool.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import io
 import os
@@ -34,7 +33,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicom_node.header_scan import scan_header
-from dicom_node.journal import IngestJournal, fsync_dir
+from dicom_node.journal import IngestJournal, fsync_dir, sync_file_system
 from dicom_node.validate import (
     InstanceTooLargeError,
     InvalidInstanceError,
@@ -87,33 +86,6 @@ class InstanceHeader:
         if self.parsed is None and self.encoded:
             object.__setattr__(self, "parsed", pydicom.dcmread(io.BytesIO(self.encoded)))
         return self.parsed
-
-
-def _libc_syncfs() -> Any:
-    """libc's ``syncfs`` (Linux), or None."""
-    try:
-        return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
-    except OSError:
-        return None
-
-
-_SYNCFS = _libc_syncfs()
-
-
-def sync_file_system(path: Path) -> bool:
-    """Flush every written file of the file system holding ``path`` and wait for it
-    (``syncfs(2)``: data, metadata and a journal commit; write errors are reported since
-    Linux 5.8). False where the call does not exist (the caller fsyncs file by file)."""
-    if _SYNCFS is None:
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _SYNCFS(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-    return True
 
 
 def fsync_path(path: Path) -> None:

@@ -328,7 +328,7 @@ def _dir_stage(
     settings: ProcessingSettings,
     centres: dict[str, dict[str, float]],
     warnings: list[str],
-) -> Any:
+) -> synthesis.DirTiming | None:
     """The per-patient DIR timing (when DIR is a configured contrast; None: not asked or
     failed, a warning in ``warnings``); its parameters go into the result (and so the
     provenance)."""
@@ -351,16 +351,16 @@ def _synthesis_stage(
     result: SeriesResult,
     settings: ProcessingSettings,
     centres: dict[str, dict[str, float]],
-    dir_timing: Any,
-    dir_seconds: float = 0.0,
-    dir_warnings: list[str] | None = None,
+    dir_timing: synthesis.DirTiming | None,
+    dir_seconds: float,
+    dir_warnings: list[str],
 ) -> float | None:
     """The synthetic contrasts (plain, MPRAGE for QALAS, tissue mixture) with the
     per-patient DIR timing of :func:`_dir_stage` (its seconds and warnings count as the
     synthesis's); returns the CSF T1 (ms) that FLAIR nulls, for the enhancement."""
     maps, warnings = result.maps, result.warnings
     t = time.perf_counter() - dir_seconds
-    warnings.extend(dir_warnings or ())
+    warnings.extend(dir_warnings)
     csf_t1 = dir_timing.csf_t1_ms if dir_timing is not None else _tissue_t1(centres, "CSF")
     result.synthetic = synthesis.synthesize_all(
         maps,

@@ -65,7 +65,7 @@ def test_store_outputs_are_durable_before_it_returns(tmp_path: Path, monkeypatch
     syncfs does not exist, an fsync per file), then the directory's fsync."""
     import os
 
-    from dicom_node import spool as spool_module
+    from dicom_node import journal as journal_module
 
     sp = Spool(tmp_path / "spool")
     items = [(f"1.2.3.{i}", bytes([i]) * 100) for i in range(5)]
@@ -76,15 +76,15 @@ def test_store_outputs_are_durable_before_it_returns(tmp_path: Path, monkeypatch
         calls.append(("syncfs", len(list(out_dir.glob("*.dcm")))))
         return real_syncfs(fd) if real_syncfs is not None else 0
 
-    real_syncfs = spool_module._SYNCFS
+    real_syncfs = journal_module._SYNCFS
     real_fsync = os.fsync
-    monkeypatch.setattr(spool_module, "_SYNCFS", syncfs)
+    monkeypatch.setattr(journal_module, "_SYNCFS", syncfs)
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", fd)) or real_fsync(fd))
     sp.store_outputs("1.2.9", iter(items))
     assert calls[0] == ("syncfs", 5)  # after every file is in place, before any fsync
     assert [c for c, _ in calls[1:]] == ["fsync", "fsync"]  # the series dir, the outbox
     calls.clear()
-    monkeypatch.setattr(spool_module, "_SYNCFS", None)  # no syncfs: each file, then the dir
+    monkeypatch.setattr(journal_module, "_SYNCFS", None)  # no syncfs: each file, then the dir
     sp.store_outputs("1.2.10", iter(items))
     assert [c for c, _ in calls] == ["fsync"] * (5 + 2)
 
