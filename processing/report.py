@@ -330,12 +330,14 @@ def _agg_canvas_class() -> type:
             load_flags = get_hinting_flag()
             antialiased = gc.get_antialiased()
             mode = RenderMode.NORMAL if antialiased else RenderMode.MONO
-            sized: set[tuple[int, float]] = set()
+            # the size is set again only where it changes from the glyph before: mathtext
+            # mixes sizes of one font (x^2 y), and a font's set_size also sets its fallbacks'
+            sized: tuple[int, float] | None = None
             matrices: dict[tuple[float, float], Any] = {}
             for font, size, glyph_index, slant, extend, dx, dy in glyphs:  # dy is upwards
-                if (id(font), size) not in sized:
+                if sized != (id(font), size):
                     font.set_size(size, self.dpi)
-                    sized.add((id(font), size))
+                    sized = (id(font), size)
                 matrix = matrices.get((slant, extend))
                 if matrix is None:
                     matrix = matrices[(slant, extend)] = (

@@ -165,6 +165,20 @@ def test_page_png_renderer_gives_matplotlibs_pixels() -> None:
     assert np.array_equal(pixels(_page_png(fig)), stock)  # every string remembered
 
 
+def test_page_png_renderer_sets_each_glyphs_size_as_matplotlib() -> None:
+    """Mathtext without rules (no fraction bar, no root) is drawn by the page renderer's
+    glyph loop too: a superscript between two normal-size glyphs of the same font (x, 2,
+    y) must not keep the superscript's size for the glyph after it."""
+    from matplotlib.figure import Figure
+
+    from processing.report import _page_png
+
+    fig = Figure(figsize=(3.0, 1.0))
+    fig.text(0.1, 0.4, r"$x^{2} y_{k} z$", fontsize=14)
+    stock = np.asarray(Image.open(io.BytesIO(_page_png(fig, stock_renderer=True))))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(_page_png(fig)))), stock)
+
+
 def test_registry_priors_are_earlier_visits_of_the_same_patient(tmp_path: Path) -> None:
     from dicom_node.web.reportdata import registry_priors
 
