@@ -239,3 +239,35 @@ def test_fractional_seg_equals_highdicoms_from_floats(monkeypatch, empty):
             if f.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 1
         ]
         assert wm == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("charset", "name", "written"),
+    [
+        ("", "DOE^JANE", None),  # present but empty (many scanners): the default repertoire
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎", ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+        ("ISO_IR 192", "Müller^Jörg", "ISO_IR 192"),
+    ],
+)
+def test_parametric_map_seg_and_sr_take_the_sources_character_set(result, charset, name, written):
+    """Sources whose Specific Character Set is empty, or whose first value is empty (the
+    default repertoire with code extensions, PS3.3 C.12.1.1.2: ``\\ISO 2022 IR 87`` from
+    Japanese sites) are valid DICOM that highdicom refuses ("'' is not a valid
+    SpecificCharacterSetValues": no map, SEG or SR at all); the outputs say the same
+    character set and keep the patient's name."""
+    from io import BytesIO
+
+    import pydicom
+
+    sources = make_sources()
+    for ds in sources:
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+    settings = settings_for(result, ExportSettings(maps=("T1",)))
+    seg = segmentation(result, sources, settings)
+    outputs = [*iter_parametric_maps(result, sources, settings), seg]
+    outputs.append(report(result, sources, settings, seg=seg))
+    for ds in outputs:
+        back = pydicom.dcmread(BytesIO(encode_part10(ds)))
+        assert back.get("SpecificCharacterSet") == written, back.Modality
+        assert str(back.PatientName) == name, back.Modality
