@@ -271,3 +271,42 @@ def test_parametric_map_seg_and_sr_take_the_sources_character_set(result, charse
         back = pydicom.dcmread(BytesIO(encode_part10(ds)))
         assert back.get("SpecificCharacterSet") == written, back.Modality
         assert str(back.PatientName) == name, back.Modality
+
+
+def test_part10_writes_items_decoded_from_a_file_as_pydicom():
+    """A content tree (written by dicom_node.export.part10 itself, not by pydicom's
+    write_dataset) may hold an item decoded from a file: pydicom writes such an item's
+    elements as they were read (a value's trailing spaces, a private element) and so must
+    the node's encoding."""
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    def part10(ds: Dataset) -> bytes:
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        return _pydicom_part10(ds)
+
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "1", "DCM", "AB  "
+    code.add_new(0x00090010, "LO", "ACME")
+    code.add_new(0x00091010, "LO", "PRIVATE ")
+    holder = Dataset()
+    holder.SOPClassUID, holder.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.22", "1.2.3"
+    holder.ConceptNameCodeSequence = [code]
+
+    def document() -> Dataset:
+        read = pydicom.dcmread(BytesIO(part10(holder)))
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.22", "1.2.3.4"
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", "Müller^Jörg"
+        container = Dataset()
+        container.ValueType = "CONTAINER"
+        container.ConceptNameCodeSequence = read.ConceptNameCodeSequence  # as read
+        ds.ContentSequence = [container]
+        return ds
+
+    assert encode_part10(document()) == part10(document())
