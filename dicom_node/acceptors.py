@@ -247,7 +247,7 @@ def _helper_main(index: int, listen_fd: int, conn_fd: int, ctl_fd: int) -> None:
         elif op == "stop":
             scp.stop()
             spool.close()
-            ctl.send(("done", time.process_time()))
+            ctl.send(("done", time.process_time(), spool.journal.syncs))
             return
         ctl.send("done")
 
@@ -287,6 +287,8 @@ class AcceptorPool:
         #: imports) (benchmarks)
         self.helper_cpu_s = 0.0
         self.helper_startup_cpu_s = 0.0
+        #: fdatasyncs of the helpers' ingest journals, known after stop (benchmarks)
+        self.helper_journal_syncs = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -335,6 +337,7 @@ class AcceptorPool:
             if isinstance(done, tuple) and h.pid:
                 self.helper_cpu_s += float(done[1]) - h.cpu_at_ready_s
                 self.helper_startup_cpu_s += h.cpu_at_ready_s
+                self.helper_journal_syncs += int(done[2])
         for h in helpers:
             try:
                 h.proc.wait(10)

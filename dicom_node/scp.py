@@ -244,6 +244,7 @@ class StoreSCP:
         #: stop (benchmarks)
         self.helper_cpu_s = 0.0
         self.helper_startup_cpu_s = 0.0
+        self.helper_journal_syncs = 0
         n = settings.node
         ae = self.ae = AE(ae_title=n.ae_title)
         ae.acse_timeout = n.acse_timeout_s
@@ -324,6 +325,7 @@ class StoreSCP:
             self._pool.stop()
             self.helper_cpu_s = self._pool.helper_cpu_s
             self.helper_startup_cpu_s = self._pool.helper_startup_cpu_s
+            self.helper_journal_syncs = self._pool.helper_journal_syncs
             self.spool.peer_checkpoints.remove(self._pool.checkpoint_all)
             self._pool = None
         if self._server is not None:
