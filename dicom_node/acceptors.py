@@ -398,8 +398,16 @@ class AcceptorPool:
             }
         )
         with self._lock:
-            self._helpers[index] = helper
-            self._started_at[index] = time.monotonic()
+            stopping = self._stopping
+            if not stopping:
+                self._helpers[index] = helper
+                self._started_at[index] = time.monotonic()
+        if stopping:  # a restart racing with stop(), which has taken its list already
+            proc.kill()
+            proc.wait()
+            helper.ctl.close()
+            helper.conn.close()
+            return
         threading.Thread(
             target=self._serve, args=(helper,), name=f"acceptor-{index}", daemon=True
         ).start()
@@ -463,7 +471,22 @@ class AcceptorPool:
         with self._lock:
             helpers = list(self._helpers.values())
         for h in helpers:
-            self._control(h, "checkpoint")
+            if self._control(h, "checkpoint") is None and h.proc.poll() is not None:
+                with self._lock:  # dead, and _gone has not checkpointed for it yet
+                    if self._helpers.get(h.index) is h:
+                        self._checkpoint_for(h.index)
+
+    def _checkpoint_for(self, index: int) -> None:
+        """Checkpoint the journal of helper ``index``, which is dead (it appends no more):
+        the files it renamed into place are in the page cache, which a process's death
+        does not lose, so one syncfs makes them durable and its logs can go. Else a
+        series removed before its successor runs would come back at the next start."""
+        from dicom_node.journal import IngestJournal
+
+        try:
+            IngestJournal(self.scp.spool.root, f"p{index}.").checkpoint()
+        except OSError as exc:  # its logs stay: the next start replays them
+            log.error("journal of dead acceptor %d not checkpointed: %s", index, exc)
 
     def reload(self, settings: Settings) -> None:
         with self._lock:
@@ -588,12 +611,13 @@ class AcceptorPool:
         with self._lock:
             helper.connections = 0
         self.scp.publish_active()
+        code = helper.proc.wait()
         with self._lock:
             if self._stopping or self._helpers.get(helper.index) is not helper:
                 return
+            self._checkpoint_for(helper.index)  # before it is forgotten (checkpoint_all)
             del self._helpers[helper.index]
             wait = self._started_at[helper.index] + self.RESTART_MIN_INTERVAL_S - time.monotonic()
-        code = helper.proc.wait()
         log.error("acceptor process %d exited (code %s): restarting it", helper.index, code)
         if wait > 0:
             time.sleep(wait)
