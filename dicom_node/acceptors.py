@@ -334,6 +334,8 @@ class _Helper:
     pending: Counter[str] = field(default_factory=Counter)
     open: Counter[str] = field(default_factory=Counter)
     assocs: set[Any] = field(default_factory=set)
+    #: series it stored instances of and has not released since (its associations')
+    unreleased: set[str] = field(default_factory=set)
     associations: int = 0  # negotiated so far (tests)
 
 
@@ -536,11 +538,13 @@ class AcceptorPool:
         if op == "add_instance":
             fields = args[0]
             count, expected = scp.registry.add_instance(**fields)
+            helper.unreleased.add(fields["series_uid"])
             scp.metrics.instance_received(fields.get("calling_ae", ""), "stored")
             if scp.on_instance is not None:
                 scp.on_instance(fields["series_uid"], count, expected)
             return count, expected
         if op == "mark_released":
+            helper.unreleased.difference_update(args[0])
             scp.registry.mark_released(args[0])
             if scp.on_release is not None:
                 scp.on_release(args[0])
@@ -602,6 +606,17 @@ class AcceptorPool:
 
     def _gone(self, helper: _Helper) -> None:
         """A helper's pipe closed: give back what it held; restart it unless stopping."""
+        with self._lock:
+            stopping = self._stopping
+        if helper.unreleased and not stopping:
+            # its associations ended with it, as an abort: the series they carried start
+            # their quiet period (completion), as after an abort in this process
+            series = sorted(helper.unreleased)
+            helper.unreleased.clear()
+            try:
+                self._handle(helper, "mark_released", (series,))
+            except Exception:
+                log.exception("acceptor %d: releasing %s failed", helper.index, series)
         for host in list(helper.open):
             for i in range(helper.open[host]):
                 self.server.count_closed(host, i < helper.pending[host], None)
