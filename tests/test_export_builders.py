@@ -239,3 +239,74 @@ def test_fractional_seg_equals_highdicoms_from_floats(monkeypatch, empty):
             if f.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 1
         ]
         assert wm == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("charset", "name", "written"),
+    [
+        ("", "DOE^JANE", None),  # present but empty (many scanners): the default repertoire
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎", ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+        ("ISO_IR 192", "Müller^Jörg", "ISO_IR 192"),
+    ],
+)
+def test_parametric_map_seg_and_sr_take_the_sources_character_set(result, charset, name, written):
+    """Sources whose Specific Character Set is empty, or whose first value is empty (the
+    default repertoire with code extensions, PS3.3 C.12.1.1.2: ``\\ISO 2022 IR 87`` from
+    Japanese sites) are valid DICOM that highdicom refuses ("'' is not a valid
+    SpecificCharacterSetValues": no map, SEG or SR at all); the outputs say the same
+    character set and keep the patient's name."""
+    from io import BytesIO
+
+    import pydicom
+
+    sources = make_sources()
+    for ds in sources:
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+    settings = settings_for(result, ExportSettings(maps=("T1",)))
+    seg = segmentation(result, sources, settings)
+    outputs = [*iter_parametric_maps(result, sources, settings), seg]
+    outputs.append(report(result, sources, settings, seg=seg))
+    for ds in outputs:
+        back = pydicom.dcmread(BytesIO(encode_part10(ds)))
+        assert back.get("SpecificCharacterSet") == written, back.Modality
+        assert str(back.PatientName) == name, back.Modality
+
+
+def test_part10_writes_items_decoded_from_a_file_as_pydicom():
+    """A content tree (written by dicom_node.export.part10 itself, not by pydicom's
+    write_dataset) may hold an item decoded from a file: pydicom writes such an item's
+    elements as they were read (a value's trailing spaces, a private element) and so must
+    the node's encoding."""
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    def part10(ds: Dataset) -> bytes:
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        return _pydicom_part10(ds)
+
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "1", "DCM", "AB  "
+    code.add_new(0x00090010, "LO", "ACME")
+    code.add_new(0x00091010, "LO", "PRIVATE ")
+    holder = Dataset()
+    holder.SOPClassUID, holder.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.22", "1.2.3"
+    holder.ConceptNameCodeSequence = [code]
+
+    def document() -> Dataset:
+        read = pydicom.dcmread(BytesIO(part10(holder)))
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.22", "1.2.3.4"
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", "Müller^Jörg"
+        container = Dataset()
+        container.ValueType = "CONTAINER"
+        container.ConceptNameCodeSequence = read.ConceptNameCodeSequence  # as read
+        ds.ContentSequence = [container]
+        return ds
+
+    assert encode_part10(document()) == part10(document())

@@ -105,6 +105,11 @@ def _write_sequence_element(fp: DicomBytesIO, elem: DataElement, charset: Any) -
 
 def _write_item_elements(fp: DicomBytesIO, item: Dataset, parent_encoding: Any) -> None:
     """pydicom's ``write_dataset`` of a sequence item, minus its VR correction."""
+    if item.original_encoding != (None, None):
+        # decoded from a file: pydicom writes its elements as they were read (raw values,
+        # trailing spaces and all), the ambiguous VRs corrected where the encoding changes
+        write_dataset(fp, item, parent_encoding=parent_encoding)
+        return
     charset = item.get("SpecificCharacterSet", parent_encoding)
     for tag in sorted(item.keys()):
         if tag.element == 0 and tag.group > 6:  # no group lengths, as pydicom
