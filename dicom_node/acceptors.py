@@ -409,6 +409,7 @@ class AcceptorPool:
             proc.wait()
             helper.ctl.close()
             helper.conn.close()
+            helper.channel.close()
             return
         threading.Thread(
             target=self._serve, args=(helper,), name=f"acceptor-{index}", daemon=True
@@ -622,9 +623,10 @@ class AcceptorPool:
         for key in helper.assocs:
             self.server.count_closed_association(key)
         helper.active = 0
-        helper.channel.close()
         with self._lock:
+            helper.pid = 0  # hand_over passes it by
             helper.connections = 0
+        helper.channel.close()
         self.scp.publish_active()
         code = helper.proc.wait()
         with self._lock:
