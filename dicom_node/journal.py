@@ -168,8 +168,7 @@ class IngestJournal:
     def _relative(self, path: Path) -> bytes:
         return str(path.relative_to(self.root)).encode("utf-8")
 
-    def _append(self, kind: bytes, path: Path, data: bytes, durable: bool) -> None:
-        name = self._relative(path)
+    def _append(self, kind: bytes, name: bytes, data: bytes, durable: bool) -> None:
         head = _HEAD.pack(_MAGIC, kind, len(name), len(data), zlib.crc32(data, zlib.crc32(name)))
         with self._cond:
             if self._fd is None:
@@ -208,12 +207,17 @@ class IngestJournal:
     def log_write(self, path: Path, data: bytes) -> None:
         """Durably log that ``path`` (inside the root) holds ``data``; returns once an
         ``fdatasync`` of the log that started after this append has completed."""
-        self._append(b"W", path, data, durable=True)
+        self._append(b"W", self._relative(path), data, durable=True)
+
+    def log_write_relative(self, name: str, data: bytes) -> None:
+        """:meth:`log_write` of the file ``name`` (relative to the root, ``/``-separated:
+        the receive path builds it without pathlib)."""
+        self._append(b"W", name.encode("utf-8"), data, durable=True)
 
     def log_delete(self, path: Path) -> None:
         """Log that ``path`` was removed (so a replay does not bring it back); durable with
         the next group commit or checkpoint."""
-        self._append(b"D", path, b"", durable=False)
+        self._append(b"D", self._relative(path), b"", durable=False)
 
     # ------------------------------------------------------------------ checkpoints
     def _arm_timer(self) -> None:

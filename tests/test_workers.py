@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,3 +99,29 @@ def test_workers_exit_when_the_node_is_killed(tmp_path) -> None:
     finally:
         if node.poll() is None:
             node.kill()
+
+
+def _warm_slowly(settings: object) -> None:
+    """A worker initializer that takes as long as a numba compile on a loaded machine."""
+    time.sleep(600)
+
+
+def test_stop_does_not_wait_for_a_worker_still_warming() -> None:
+    """Workers.stop while a worker is still in its initializer (SIGTERM soon after start,
+    on a machine where the compile takes a minute) ends in bounded time, and the task
+    queued behind the warm-up ends too (so its job thread is released; the series stays
+    PROCESSING and is re-run at the next start)."""
+    w = Workers(WorkerSettings(backend="embedded", processes=1), warm=_warm_slowly)
+    w.start(wait_warm=False)
+    pids = list(w._pool._processes)  # type: ignore[union-attr]
+    task = w.submit(int, "7")
+    stopper = threading.Thread(target=w.stop, daemon=True)
+    stopper.start()
+    stopper.join(120)
+    left = [p for p in pids if _alive(p)]
+    for p in left:  # do not leak them from the test either
+        os.kill(p, signal.SIGKILL)
+    assert not stopper.is_alive(), "Workers.stop waited for the initializer"
+    assert not left, f"workers {left} outlived stop"
+    assert task.done() and (task.cancelled() or task.exception() is not None)
+    assert not w.warm

@@ -105,6 +105,11 @@ def _write_sequence_element(fp: DicomBytesIO, elem: DataElement, charset: Any) -
 
 def _write_item_elements(fp: DicomBytesIO, item: Dataset, parent_encoding: Any) -> None:
     """pydicom's ``write_dataset`` of a sequence item, minus its VR correction."""
+    if item.original_encoding != (None, None):
+        # decoded from a file: pydicom writes its elements as they were read (raw values,
+        # trailing spaces and all), the ambiguous VRs corrected where the encoding changes
+        write_dataset(fp, item, parent_encoding=parent_encoding)
+        return
     charset = item.get("SpecificCharacterSet", parent_encoding)
     for tag in sorted(item.keys()):
         if tag.element == 0 and tag.group > 6:  # no group lengths, as pydicom
@@ -304,6 +309,12 @@ class SliceEncoder:
     def encode(self, varying: Dataset) -> bytes:
         """The Part-10 bytes of the template with ``varying``'s elements instead of its own
         (only when :attr:`spliceable`; else encode the whole dataset)."""
+        if frozenset(varying.keys()) != self._tags:  # an element would be lost or missing
+            got = set(varying.keys())
+            raise ValueError(
+                f"slice splice: per-instance elements {sorted(got - self._tags)} are not "
+                f"the template's, {sorted(self._tags - got)} are missing"
+            )
         sop = self._element(DataElement(_MEDIA_SOP_INSTANCE, "UI", varying.SOPInstanceUID))
         meta = [sop if tag == _MEDIA_SOP_INSTANCE else data for tag, data in self._meta]
         parts: list[bytes] = [self._meta_head, struct.pack("<I", sum(map(len, meta))), *meta]
