@@ -309,6 +309,12 @@ class SliceEncoder:
     def encode(self, varying: Dataset) -> bytes:
         """The Part-10 bytes of the template with ``varying``'s elements instead of its own
         (only when :attr:`spliceable`; else encode the whole dataset)."""
+        if frozenset(varying.keys()) != self._tags:  # an element would be lost or missing
+            got = set(varying.keys())
+            raise ValueError(
+                f"slice splice: per-instance elements {sorted(got - self._tags)} are not "
+                f"the template's, {sorted(self._tags - got)} are missing"
+            )
         sop = self._element(DataElement(_MEDIA_SOP_INSTANCE, "UI", varying.SOPInstanceUID))
         meta = [sop if tag == _MEDIA_SOP_INSTANCE else data for tag, data in self._meta]
         parts: list[bytes] = [self._meta_head, struct.pack("<I", sum(map(len, meta))), *meta]
