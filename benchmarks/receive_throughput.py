@@ -14,6 +14,10 @@ Each receiver's CPU time per instance is printed too (all its processes, from th
 connection to the last answer; the senders' CPU apart): less sensitive than instances/s to
 what else runs on the machine.
 
+For synthmr, the journal's fdatasyncs per instance are printed (group commit: below 1 when
+parallel senders share a flush) and its own CPU: synthmr's CPU per instance less the bare
+SCP's with the same (event) reactors.
+
 Also printed: the disk's flush time (append + fdatasync, median of 20) on the spool's file
 system, which bounds a durable receiver with one synchronous sender (storescu waits for
 each answer) at 1/flush instances/s whatever the CPU does, and synthmr's rate including
@@ -121,6 +125,8 @@ def _bare_pynetdicom(event_driven: bool) -> Iterator[int]:
 #: start-up CPU seconds (imports) of the helper processes (acceptors) of the receiver that
 #: ran last: their whole CPU time arrives with RUSAGE_CHILDREN when they are reaped
 _helper_startup_cpu = [0.0]
+#: fdatasyncs of the ingest journals (all processes) of the synthmr receiver that ran last
+_journal_syncs = [0]
 
 
 def _children_cpu() -> float:
@@ -147,6 +153,7 @@ def _synthmr(tmp: Path, processes: int | None = None) -> Iterator[int]:
     finally:
         scp.stop()
         _helper_startup_cpu[0] = scp.helper_startup_cpu_s
+        _journal_syncs[0] = scp.spool.journal.syncs + scp.helper_journal_syncs  # before close
         scp.spool.close()  # the journal checkpoint (timed by the caller)
         reg.close()
 
@@ -206,6 +213,7 @@ def main() -> None:
         )
         rates: dict[tuple[int, str], list[float]] = {}
         cpu: dict[tuple[int, str], list[float]] = {}
+        syncs: dict[tuple[int, str], list[float]] = {}
         flushes: list[float] = []
         run = 0
         for _ in range(args.rounds):
@@ -226,6 +234,9 @@ def main() -> None:
                     others = _children_cpu() - children0 - senders - _helper_startup_cpu[0]
                     cpu.setdefault((k, name), []).append((self1 - self0 + others) / n * 1e3)
                     rates.setdefault((k, name), []).append(n / dt)
+                    if name.startswith("synthmr"):
+                        syncs.setdefault((k, name), []).append(_journal_syncs[0] / n)
+                        _journal_syncs[0] = 0
                     if name == "synthmr SCP (durable)":
                         with_ckpt = "synthmr incl. journal checkpoint"
                         rates.setdefault((k, with_ckpt), []).append(n / (time.perf_counter() - t0))
@@ -259,7 +270,15 @@ def main() -> None:
             r = rates[(k, name)]
             c = cpu.get((k, name))
             ms = f"   CPU {statistics.median(c):.2f} ms/instance" if c else ""
+            if (k, name) in syncs:
+                ms += f", journal syncs/instance {statistics.median(syncs[(k, name)]):.2f}"
             print(f"  {name:<34}{med[name]:8.0f}  ({min(r):.0f}-{max(r):.0f}){ms}")
+        own = statistics.median(cpu[(k, "synthmr SCP (durable)")]) - statistics.median(
+            cpu[(k, "bare pynetdicom, event reactors")]
+        )
+        print(
+            f"  synthmr's own CPU (beyond the bare SCP with event reactors): {own:.2f} ms/instance"
+        )
         ref = med["dcmtk storescp (no fsync)"]
         bare = med["bare pynetdicom, stock reactors"]
         ours = med["synthmr SCP (durable)"]

@@ -244,6 +244,7 @@ class StoreSCP:
         #: stop (benchmarks)
         self.helper_cpu_s = 0.0
         self.helper_startup_cpu_s = 0.0
+        self.helper_journal_syncs = 0
         n = settings.node
         ae = self.ae = AE(ae_title=n.ae_title)
         ae.acse_timeout = n.acse_timeout_s
@@ -291,6 +292,13 @@ class StoreSCP:
             max_connections_per_host=n.max_connections_per_host,
             max_associations=n.max_associations,
         )
+        helpers = n.acceptor_processes > 1 and not tls.enabled
+        helpers = helpers and self.server_class is GuardedAssociationServer
+        server_class = self.server_class
+        if helpers:  # it accepts and hands connections to the acceptor processes
+            from dicom_node.acceptors import AcceptorPool, DispatchingServer
+
+            server_class = DispatchingServer
         # pynetdicom's server with admission control (dicom_node.transport), its association
         # threads blocking instead of polling in 1 ms sleeps (dicom_node.reactor): ~2 ms
         # less per C-STORE on loopback
@@ -300,13 +308,10 @@ class StoreSCP:
             handlers,
             ssl_context=ssl_context,
             server_class=functools.partial(
-                self.server_class, limits=limits, on_refused=self._refused_connection
+                server_class, limits=limits, on_refused=self._refused_connection
             ),
         )
-        helpers = n.acceptor_processes > 1 and not tls.enabled
-        if helpers and self.server_class is GuardedAssociationServer:
-            from dicom_node.acceptors import AcceptorPool
-
+        if helpers:
             self._pool = AcceptorPool(self, self._server, n.acceptor_processes)
             self._pool.start()
             self.spool.peer_checkpoints.append(self._pool.checkpoint_all)
@@ -324,6 +329,7 @@ class StoreSCP:
             self._pool.stop()
             self.helper_cpu_s = self._pool.helper_cpu_s
             self.helper_startup_cpu_s = self._pool.helper_startup_cpu_s
+            self.helper_journal_syncs = self._pool.helper_journal_syncs
             self.spool.peer_checkpoints.remove(self._pool.checkpoint_all)
             self._pool = None
         if self._server is not None:

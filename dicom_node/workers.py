@@ -134,17 +134,19 @@ def init_embedded_worker(
     warm_queue: Any = None,
     settings: ProcessingSettings | None = None,
     partial_queue: Any = None,
+    warm: Callable[[ProcessingSettings | None], None] = warm_worker,
 ) -> None:
-    """Initializer of the embedded pool: the orphan watchdog, then :func:`warm_worker` with
-    the node's processing settings, then this process's id on ``warm_queue`` (the node
-    counts warm workers). ``partial_queue``: where :func:`hand_over` sends parts."""
+    """Initializer of the embedded pool: the orphan watchdog, then ``warm`` (default
+    :func:`warm_worker`) with the node's processing settings, then this process's id on
+    ``warm_queue`` (the node counts warm workers). ``partial_queue``: where
+    :func:`hand_over` sends parts."""
     global _CHANNEL
     if partial_queue is not None:
         _CHANNEL = (partial_queue, parent_pid)
     threading.Thread(
         target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True
     ).start()
-    warm_worker(settings)
+    warm(settings)
     if warm_queue is not None:
         warm_queue.put(os.getpid())
 
@@ -166,11 +168,21 @@ class StreamedTask(NamedTuple):
 
 
 class Workers:
-    """A pool with ``submit(fn, *args) -> Future``."""
+    """A pool with ``submit(fn, *args) -> Future``. ``warm``: what each embedded worker runs
+    in its initializer (a module-level function of the settings; tests slow it down)."""
 
-    def __init__(self, cfg: WorkerSettings, processing: ProcessingSettings | None = None) -> None:
+    #: seconds :meth:`stop` lets a warm worker finish before it is terminated
+    STOP_GRACE_S = 5.0
+
+    def __init__(
+        self,
+        cfg: WorkerSettings,
+        processing: ProcessingSettings | None = None,
+        warm: Callable[[ProcessingSettings | None], None] = warm_worker,
+    ) -> None:
         self.cfg = cfg
         self.processing = processing  # workers warm with the node's processing settings
+        self._warm_fn = warm
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._client: Any = None
@@ -293,7 +305,13 @@ class Workers:
             max_workers=self.cfg.processes,
             mp_context=self._ctx,
             initializer=init_embedded_worker,
-            initargs=(os.getpid(), self._warm_queue, self.processing, self._partial_queue),
+            initargs=(
+                os.getpid(),
+                self._warm_queue,
+                self.processing,
+                self._partial_queue,
+                self._warm_fn,
+            ),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -326,15 +344,55 @@ class Workers:
         if self._client is not None:
             self._client.close()
             self._client = None
+        terminated = False
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            terminated = self._stop_pool(self._pool)
             self._pool = None
+        # A terminated worker may have died holding a queue's write lock: a sentinel put
+        # could then block for good, so the readers (daemon threads) are left blocked.
         if self._warm_thread is not None:
-            self._warm_queue.put(None)
-            self._warm_thread.join(timeout=5.0)
+            if not terminated:
+                self._warm_queue.put(None)
+                self._warm_thread.join(timeout=5.0)
             self._warm_thread = None
         if self._partial_thread is not None:
-            self._partial_queue.put(None)
-            self._partial_thread.join(timeout=5.0)
+            if not terminated:
+                self._partial_queue.put(None)
+                self._partial_thread.join(timeout=5.0)
             self._partial_thread = None
             self._partial_queue = None
+
+    def _stop_pool(self, pool: ProcessPoolExecutor) -> bool:
+        """Shut ``pool`` down in bounded time; True when a process had to be terminated.
+
+        A worker still in its initializer (compiling numba: a minute on a cold cache and a
+        loaded machine) is terminated at once, and a warm one still busy after
+        :attr:`STOP_GRACE_S` too: ``shutdown(wait=True)`` would wait for either. Nothing
+        is lost: the futures end (cancelled, or BrokenProcessPool), and a series whose job
+        was running stays PROCESSING and is re-run at the next start (Node.stop)."""
+        processes = dict(pool._processes or {})  # type: ignore[attr-defined]
+        manager = pool._executor_manager_thread  # type: ignore[attr-defined]
+        with self._lock:
+            cold = [p for pid, p in processes.items() if pid not in self._warm_pids]
+        for proc in cold:
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + self.STOP_GRACE_S
+        busy = []
+        for proc in processes.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                busy.append(proc)
+                proc.terminate()
+        for proc in busy:
+            proc.join(5.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if manager is not None:
+            manager.join(timeout=5.0)  # it sets the futures' outcome, then ends
+        if cold or busy:
+            log_event(
+                log, "workers_terminated", level=logging.WARNING, warming=len(cold), busy=len(busy)
+            )
+        return bool(cold or busy)

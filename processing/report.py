@@ -27,10 +27,15 @@ UNITS = {"BPF": ""}
 #: axes on each draw (about a fifth of the page's CPU, twice: PDF and PNG); our axes have no
 #: top ticks, so the auto-placement would put the title here anyway.
 _TITLE_Y = 1.0
+#: Texts that carry data (a patient name, a device, a reference's source) are drawn as
+#: written: matplotlib would parse a pair of "$" in them as mathtext (an unknown command
+#: fails the whole page; a known one drops the "$" and changes the text).
+_AS_WRITTEN: dict[str, Any] = {"parse_math": False}
 BANNER = "SYNTHETIC MRI - RESEARCH USE ONLY - not a medical device, not for diagnosis"
 
 
 def _date(text: str) -> date | None:
+    """A DICOM date (DA, ``YYYYMMDD``) as a date; None if it is not a valid one."""
     text = (text or "").strip()
     if len(text) == 8 and text.isdigit():
         try:
@@ -41,6 +46,8 @@ def _date(text: str) -> date | None:
 
 
 def years_between(a: str, b: str) -> float | None:
+    """Years (of 365.25 days) from date ``a`` to date ``b`` (DA, ``YYYYMMDD``; negative
+    when ``b`` is earlier); None if either is not a valid date."""
     da, db = _date(a), _date(b)
     return None if da is None or db is None else (db - da).days / 365.25
 
@@ -60,12 +67,15 @@ def change_per_year(points: list[tuple[str, float]]) -> float | None:
 
 
 def _fmt(fig: str, v: float | None) -> str:
+    """Figure ``fig``'s value as the page shows it: BPF a fraction, the others in mL."""
     if v is None:
         return "-"
     return f"{v:.3f}" if fig == "BPF" else f"{v:.0f} mL"
 
 
 def _plot_figure(ax: Any, fig: str, d: dict[str, Any]) -> None:
+    """Figure ``fig`` (its name, e.g. "WM") against age in years on ``ax``: the reference
+    entries, the patient's earlier visits and this one."""
     ref = d["references"].get(fig) or {}
     age = d["patient"].get("age_years")
     value = d["figures"].get(fig)
@@ -103,13 +113,14 @@ def _plot_figure(ax: Any, fig: str, d: dict[str, Any]) -> None:
     elif value is not None:
         ax.axhline(value, color="#e6550d", lw=1)
     ax.margins(y=0.12)  # the patient's point is never cut by the frame
-    ax.set_title(f"{fig}: {_fmt(fig, value)}", fontsize=8, y=_TITLE_Y)
+    ax.set_title(f"{fig}: {_fmt(fig, value)}", fontsize=8, y=_TITLE_Y, **_AS_WRITTEN)
     ax.tick_params(labelsize=6)
     ax.set_xlabel("age (years)", fontsize=6)
     if not ref.get("entries"):  # the first clause only: the full note is on the web page
         short = ref.get("note", "no reference").split(":")[0].split(". ")[0]
         ax.text(0.5, 0.96, "\n".join(textwrap.wrap(short, 30)),
-                transform=ax.transAxes, ha="center", va="top", fontsize=5, color="0.35")  # fmt: skip
+                transform=ax.transAxes, ha="center", va="top", fontsize=5, color="0.35",
+                **_AS_WRITTEN)  # fmt: skip
 
 
 def render_report(data: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -138,19 +149,19 @@ def _page_figure(data: dict[str, Any]) -> Any:
         f"Patient {p.get('patient_name') or '-'}  ID {p.get('patient_id') or '-'}  "
         f"sex {p.get('sex') or '-'}  age {'-' if age is None else f'{age:.0f} y'}  "
         f"study {p.get('study_date') or '-'}",
-        fontsize=8, va="top",
+        fontsize=8, va="top", **_AS_WRITTEN,
     )  # fmt: skip
     fig.text(
         0.05, 0.903,
         f"Series {d.get('series_uid', '')}  ·  {p.get('manufacturer', '')} {p.get('model', '')}",
-        fontsize=6, va="top", color="0.3",
+        fontsize=6, va="top", color="0.3", **_AS_WRITTEN,
     )  # fmt: skip
     # key images
     imgs = d.get("images", [])[:4]
     for i, (name, gray) in enumerate(imgs):
         ax = fig.add_axes((0.05 + i * 0.228, 0.70, 0.21, 0.19))
         ax.imshow(gray, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(name, fontsize=7, y=_TITLE_Y)
+        ax.set_title(name, fontsize=7, y=_TITLE_Y, **_AS_WRITTEN)
         ax.set_axis_off()
     # figures table
     rows = []
@@ -190,7 +201,7 @@ def _page_figure(data: dict[str, Any]) -> Any:
     txt = ["T1w/T2w ratio, median", "(Glasser & Van Essen 2011):"]
     txt += [f"  {t}: {v:.3f}" for t, v in ratio.items()] or ["  not available"]
     txt += [f"Myelin volume: {_fmt('MYELIN', d['figures'].get('MYELIN'))}"]
-    fig.text(0.77, 0.24, "\n".join(txt), fontsize=6.5, va="top")
+    fig.text(0.77, 0.24, "\n".join(txt), fontsize=6.5, va="top", **_AS_WRITTEN)
     # sources and provenance
     cites = sorted(
         {e.get("source", "") for r in d["references"].values() for e in r.get("entries", [])}
@@ -203,7 +214,7 @@ def _page_figure(data: dict[str, Any]) -> Any:
         BANNER,
     ]
     fig.text(0.05, 0.015, "\n".join(textwrap.fill(t, 190) for t in foot), fontsize=5, va="bottom",
-             color="0.25")  # fmt: skip
+             color="0.25", **_AS_WRITTEN)  # fmt: skip
     return fig
 
 
@@ -237,7 +248,7 @@ def _draw_table(fig: Any, cells: list[list[str]]) -> None:
     for i, row in enumerate(cells):
         for j, text in enumerate(row):
             fig.text(left + (j + 0.1) * col_w, top - (i + 0.5) * row_h, text, fontsize=7,
-                     va="center", ha="left")  # fmt: skip
+                     va="center", ha="left", **_AS_WRITTEN)  # fmt: skip
     bottom = top - len(cells) * row_h
     rules = [
         [(left, top - i * row_h), (left + width, top - i * row_h)] for i in range(len(cells) + 1)
@@ -255,6 +266,7 @@ _TEXT_MEMO_LIMIT = 4000
 
 
 def _remember(key: tuple[Any, ...], value: Any) -> None:
+    """Put one shaping or extent in the memo (emptied first when it is full)."""
     if len(_TEXT_MEMO) >= _TEXT_MEMO_LIMIT:
         _TEXT_MEMO.clear()
     _TEXT_MEMO[key] = value
@@ -330,12 +342,14 @@ def _agg_canvas_class() -> type:
             load_flags = get_hinting_flag()
             antialiased = gc.get_antialiased()
             mode = RenderMode.NORMAL if antialiased else RenderMode.MONO
-            sized: set[tuple[int, float]] = set()
+            # the size is set again only where it changes from the glyph before: mathtext
+            # mixes sizes of one font (x^2 y), and a font's set_size also sets its fallbacks'
+            sized: tuple[int, float] | None = None
             matrices: dict[tuple[float, float], Any] = {}
             for font, size, glyph_index, slant, extend, dx, dy in glyphs:  # dy is upwards
-                if (id(font), size) not in sized:
+                if sized != (id(font), size):
                     font.set_size(size, self.dpi)
-                    sized.add((id(font), size))
+                    sized = (id(font), size)
                 matrix = matrices.get((slant, extend))
                 if matrix is None:
                     matrix = matrices[(slant, extend)] = (

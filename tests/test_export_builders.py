@@ -239,3 +239,111 @@ def test_fractional_seg_equals_highdicoms_from_floats(monkeypatch, empty):
             if f.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 1
         ]
         assert wm == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("charset", "name", "written"),
+    [
+        ("", "DOE^JANE", None),  # present but empty (many scanners): the default repertoire
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎", ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+        ("ISO_IR 192", "Müller^Jörg", "ISO_IR 192"),
+    ],
+)
+def test_parametric_map_seg_and_sr_take_the_sources_character_set(result, charset, name, written):
+    """Sources whose Specific Character Set is empty, or whose first value is empty (the
+    default repertoire with code extensions, PS3.3 C.12.1.1.2: ``\\ISO 2022 IR 87`` from
+    Japanese sites) are valid DICOM that highdicom refuses ("'' is not a valid
+    SpecificCharacterSetValues": no map, SEG or SR at all); the outputs say the same
+    character set and keep the patient's name."""
+    from io import BytesIO
+
+    import pydicom
+
+    sources = make_sources()
+    for ds in sources:
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+    settings = settings_for(result, ExportSettings(maps=("T1",)))
+    seg = segmentation(result, sources, settings)
+    outputs = [*iter_parametric_maps(result, sources, settings), seg]
+    outputs.append(report(result, sources, settings, seg=seg))
+    for ds in outputs:
+        back = pydicom.dcmread(BytesIO(encode_part10(ds)))
+        assert back.get("SpecificCharacterSet") == written, back.Modality
+        assert str(back.PatientName) == name, back.Modality
+
+
+def test_part10_writes_items_decoded_from_a_file_as_pydicom():
+    """A content tree (written by dicom_node.export.part10 itself, not by pydicom's
+    write_dataset) may hold an item decoded from a file: pydicom writes such an item's
+    elements as they were read (a value's trailing spaces, a private element) and so must
+    the node's encoding."""
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    def part10(ds: Dataset) -> bytes:
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        return _pydicom_part10(ds)
+
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "1", "DCM", "AB  "
+    code.add_new(0x00090010, "LO", "ACME")
+    code.add_new(0x00091010, "LO", "PRIVATE ")
+    holder = Dataset()
+    holder.SOPClassUID, holder.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.22", "1.2.3"
+    holder.ConceptNameCodeSequence = [code]
+
+    def document() -> Dataset:
+        read = pydicom.dcmread(BytesIO(part10(holder)))
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.22", "1.2.3.4"
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", "Müller^Jörg"
+        container = Dataset()
+        container.ValueType = "CONTAINER"
+        container.ConceptNameCodeSequence = read.ConceptNameCodeSequence  # as read
+        ds.ContentSequence = [container]
+        return ds
+
+    assert encode_part10(document()) == part10(document())
+
+
+def test_slice_encoder_refuses_other_per_instance_elements():
+    """A slice whose per-instance elements are not the template's: an element the plan
+    has no place for would be left out of the bytes without a word; it is refused, naming
+    the elements."""
+    from pydicom.dataset import Dataset
+
+    from dicom_node.export.part10 import SliceEncoder
+
+    def instance(sop: str, number: int) -> Dataset:
+        ds = Dataset()
+        ds.SOPInstanceUID, ds.InstanceNumber = sop, number
+        return ds
+
+    template = instance("1.2.3.1", 1)
+    template.SOPClassUID, template.PatientName = "1.2.840.10008.5.1.4.1.1.4", "DOE^J"
+    encoder = SliceEncoder(template, instance("1.2.3.1", 1))
+    assert encoder.spliceable
+    assert encoder.encode(instance("1.2.3.2", 2)) == encode_part10(
+        _with(template, instance("1.2.3.2", 2))
+    )
+    extra = instance("1.2.3.3", 3)
+    extra.ImageComments = "slice 3 only"
+    with pytest.raises(ValueError, match=r"\(0020,4000\)"):
+        encoder.encode(extra)
+
+
+def _with(template, varying):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    for elem in template:
+        ds.add(elem)
+    for elem in varying:
+        ds.add(elem)
+    return ds

@@ -165,6 +165,38 @@ def test_page_png_renderer_gives_matplotlibs_pixels() -> None:
     assert np.array_equal(pixels(_page_png(fig)), stock)  # every string remembered
 
 
+def test_page_png_renderer_sets_each_glyphs_size_as_matplotlib() -> None:
+    """Mathtext without rules (no fraction bar, no root) is drawn by the page renderer's
+    glyph loop too: a superscript between two normal-size glyphs of the same font (x, 2,
+    y) must not keep the superscript's size for the glyph after it."""
+    from matplotlib.figure import Figure
+
+    from processing.report import _page_png
+
+    fig = Figure(figsize=(3.0, 1.0))
+    fig.text(0.1, 0.4, r"$x^{2} y_{k} z$", fontsize=14)
+    stock = np.asarray(Image.open(io.BytesIO(_page_png(fig, stock_renderer=True))))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(_page_png(fig)))), stock)
+
+
+def test_report_page_shows_dollar_signs_in_data_as_written() -> None:
+    """Texts from the data (a patient name, a device, an image name, a reference's source)
+    are drawn as written: matplotlib would parse a pair of "$" as mathtext, which fails on
+    an unknown command (no page at all) or silently drops the "$" and sets the rest in
+    italics."""
+    from processing.report import _page_figure
+
+    data = _data()
+    data["patient"]["patient_name"] = r"DOE$\MU$^JANE"
+    data["patient"]["manufacturer"] = "ACME $5$"
+    data["images"] = [("T1W $x$", np.zeros((8, 8), np.uint8))]
+    pdf, png = render_report(data)  # matplotlib: ValueError, Unknown symbol: \MU
+    assert pdf[:5] == b"%PDF-" and png[:4] == b"\x89PNG"
+    fig = _page_figure(data)
+    texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_text")) if "$" in t.get_text()]
+    assert len(texts) >= 3 and all(not t.get_parse_math() for t in texts)
+
+
 def test_registry_priors_are_earlier_visits_of_the_same_patient(tmp_path: Path) -> None:
     from dicom_node.web.reportdata import registry_priors
 

@@ -541,8 +541,9 @@ def test_outputs_built_while_the_worker_runs(tmp_path: Path, case: str) -> None:
     for uid, ds in a.items():
         assert ds == b[uid], uid
     kinds = [pydicom.dcmread(p, stop_before_pixels=True).Modality for _, _, p in groups[0]]
-    if case == "hit":  # 7 parametric maps (no MYPV without myelin) and the SEG, at once
+    if case == "hit":  # 7 parametric maps (no MYPV without myelin), the SEG and the
+        # synthetic series (T1W, FLAIR: 2 slices each), at once
         assert away.timings_s["export_early"] > 0
-        assert kinds == ["OT"] * 7 + ["SEG"], kinds
+        assert kinds == ["OT"] * 7 + ["SEG"] + ["MR"] * 4, kinds
     else:  # built again from the final result: one map per group, as without a worker
         assert kinds == ["OT"], kinds

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,8 +29,9 @@ def acq():  # 2 x 16 x 16 ellipsoid phantom, SNR 50
 
 
 def test_embedded_pool_matches_in_process(acq) -> None:
-    """Also streamed (Workers.submit_streamed): the maps arrive as a part of their own
-    before the task returns the rest (without them), and no hand-off file is left."""
+    """Also streamed (Workers.submit_streamed): the maps, the segmentation (without the
+    maps) and the synthetic contrasts arrive as parts of their own before the task
+    returns the rest (without them), and no hand-off file is left."""
     from dicom_node.handoff import _directory
     from dicom_node.series import process_handing_over
 
@@ -38,7 +40,7 @@ def test_embedded_pool_matches_in_process(acq) -> None:
     try:
         remote = w.submit(run, acq, SETTINGS).result(timeout=300)
         task = w.submit_streamed(process_handing_over, acq, SETTINGS, None)
-        events = [task.events.get(timeout=300) for _ in range(2)]
+        events = [task.events.get(timeout=300) for _ in range(4)]
         task.close()
     finally:
         w.stop()
@@ -46,11 +48,13 @@ def test_embedded_pool_matches_in_process(acq) -> None:
     np.testing.assert_array_equal(remote.maps.t1_ms, local.maps.t1_ms)
     assert remote.maps.mask.any()
     parts = dict(events)
-    assert sorted(parts) == ["done", "segmentation"]
-    np.testing.assert_array_equal(parts["segmentation"].maps.t1_ms, local.maps.t1_ms)
+    assert sorted(parts) == ["done", "maps", "segmentation", "synthesis"]
+    np.testing.assert_array_equal(parts["maps"].maps.t1_ms, local.maps.t1_ms)
+    assert parts["segmentation"].maps is None
     rest = parts["done"].result()
-    assert rest.maps is None and rest.synthetic.keys() == local.synthetic.keys()
-    np.testing.assert_array_equal(rest.synthetic["T1W"].image, local.synthetic["T1W"].image)
+    handed = parts["synthesis"].synthetic
+    assert rest.maps is None and rest.synthetic == {} and list(handed) == ["T1W"]
+    np.testing.assert_array_equal(handed["T1W"].image, local.synthetic["T1W"].image)
     assert not list(_directory().glob(f"synthmr-handoff-{os.getpid()}-*"))
 
 
@@ -98,3 +102,29 @@ def test_workers_exit_when_the_node_is_killed(tmp_path) -> None:
     finally:
         if node.poll() is None:
             node.kill()
+
+
+def _warm_slowly(settings: object) -> None:
+    """A worker initializer that takes as long as a numba compile on a loaded machine."""
+    time.sleep(600)
+
+
+def test_stop_does_not_wait_for_a_worker_still_warming() -> None:
+    """Workers.stop while a worker is still in its initializer (SIGTERM soon after start,
+    on a machine where the compile takes a minute) ends in bounded time, and the task
+    queued behind the warm-up ends too (so its job thread is released; the series stays
+    PROCESSING and is re-run at the next start)."""
+    w = Workers(WorkerSettings(backend="embedded", processes=1), warm=_warm_slowly)
+    w.start(wait_warm=False)
+    pids = list(w._pool._processes)  # type: ignore[union-attr]
+    task = w.submit(int, "7")
+    stopper = threading.Thread(target=w.stop, daemon=True)
+    stopper.start()
+    stopper.join(120)
+    left = [p for p in pids if _alive(p)]
+    for p in left:  # do not leak them from the test either
+        os.kill(p, signal.SIGKILL)
+    assert not stopper.is_alive(), "Workers.stop waited for the initializer"
+    assert not left, f"workers {left} outlived stop"
+    assert task.done() and (task.cancelled() or task.exception() is not None)
+    assert not w.warm

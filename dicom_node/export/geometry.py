@@ -23,6 +23,7 @@ __all__ = [
     "SliceGeometry",
     "frame_headers",
     "frame_number",
+    "highdicom_charset",
     "highdicom_sources",
     "reference_images",
     "slice_geometry",
@@ -278,6 +279,24 @@ def highdicom_sources(geometry: SliceGeometry) -> tuple[list[Dataset], list[Data
     if not inst:
         return list(geometry.refs), []
     return [inst[0]], list(inst[1:])
+
+
+def highdicom_charset(geometry: SliceGeometry) -> dict[str, Any]:
+    """``specific_character_set`` for highdicom's PM/SEG/SR constructors where the source's
+    cannot be taken as it is: highdicom refuses an empty value, which DICOM reads as the
+    default repertoire (written by many scanners; then none is given), and an empty first
+    of several values, the default repertoire with code extensions (PS3.3 C.12.1.1.2, e.g.
+    ``\\ISO 2022 IR 87`` from Japanese sites; then written out as ``ISO 2022 IR 6``).
+    Otherwise nothing: highdicom copies the source's own."""
+    value = geometry.refs[0].get("SpecificCharacterSet") if geometry.refs else None
+    if value is None:
+        return {}
+    values = [value] if isinstance(value, str) else [str(v) for v in value]
+    if not any(v.strip() for v in values):
+        return {"specific_character_set": None}
+    if len(values) > 1 and not values[0].strip():
+        return {"specific_character_set": ["ISO 2022 IR 6", *values[1:]]}
+    return {}
 
 
 def plane_arguments(geometry: SliceGeometry) -> dict[str, Any]:

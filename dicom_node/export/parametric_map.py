@@ -25,6 +25,7 @@ from .common import (
 )
 from .geometry import (
     SliceGeometry,
+    highdicom_charset,
     highdicom_sources,
     plane_arguments,
     slice_geometry,
@@ -297,6 +298,7 @@ def _highdicom_map(
         content_description=f"synthmr {info.description}"[:64],
         content_label=f"{label}MAP"[:16],
         **plane_arguments(geometry),
+        **highdicom_charset(geometry),
     )
     dim_uid = derive_uid(settings, src_series, fingerprint, "PM", label, "dimensions")
     pin_dimension_organization_uid(pm, dim_uid)

@@ -20,6 +20,7 @@ from .common import (
 )
 from .geometry import (
     SliceGeometry,
+    highdicom_charset,
     highdicom_sources,
     plane_arguments,
     slice_geometry,
@@ -228,6 +229,7 @@ def segmentation(
         content_label="SYNTHMR_TISSUE",
         transfer_syntax_uid=ExplicitVRLittleEndian,
         **plane_arguments(geometry),
+        **highdicom_charset(geometry),
         **kwargs,
     )
     pin_dimension_organization_uid(seg, derive_uid(settings, src_series, fp, "SEG", "dimensions"))

@@ -28,6 +28,7 @@ from .common import (
 )
 from .geometry import (
     SliceGeometry,
+    highdicom_charset,
     slice_geometry,
 )
 from .parametric_map import BRAIN
@@ -367,6 +368,7 @@ def report(
         is_complete=True,
         is_final=False,
         is_verified=False,
+        **highdicom_charset(geometry),
     )
     sr.ContentSequence = root.ContentSequence
     sr.SeriesDescription = "synthmr volumes and tissue report (synthetic MRI)"
