@@ -401,7 +401,7 @@ def qc_history_png(series: dict[str, list[tuple[float, float]]], title: str) -> 
             [datetime.fromtimestamp(t, UTC) for t, _ in pts], [v for _, v in pts], "-o", ms=3,
             label=f"{array} ({'pu' if array.upper().startswith('PD') else '%'})",
         )  # fmt: skip
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, **_AS_WRITTEN)  # names a scanner
     ax.set_ylabel("largest |error|", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
