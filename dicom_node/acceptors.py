@@ -3,9 +3,12 @@
 pynetdicom runs every association in Python threads, so one process decodes, validates and
 stores the C-STOREs of all parallel senders under one GIL (~2 ms of CPU each on the 2-core
 machine: one core's worth). With ``[node] acceptor_processes = N`` the node process starts
-N - 1 helpers (``python -m dicom_node.acceptors``) that accept on the *same* listening
-socket (inherited; non-blocking, so whichever process is free takes the next connection)
-and run the same :class:`~dicom_node.scp.StoreSCP` handlers, with these differences:
+N - 1 helpers (``python -m dicom_node.acceptors``) that run the same
+:class:`~dicom_node.scp.StoreSCP` handlers. The node process accepts every connection and
+hands it (its socket, over a Unix socket: ``SCM_RIGHTS``) to the process with the fewest
+connections, itself included: 4 parallel senders on 2 processes are served 2 and 2 (when
+both processes accepted on a shared socket, whichever was free first, splits of 3 to 1 were
+common and the busier process's GIL set the pace). The helpers differ in these ways:
 
 * each writes received files into the shared spool with the same durability: its own
   ingest journal (``journal/ingest-p<k>.<seq>.log``, group-committed within the process)
@@ -63,14 +66,20 @@ _REMOTE_METRICS = frozenset(("stage", "associations", "connections_refused", "in
 class _Link:
     """A helper's pipe to the node process: calls (answered; the caller waits) and notes.
 
-    One call at a time per helper: the node process answers in order."""
+    One call at a time per helper: the node process answers in order. Deferred notes
+    (:meth:`defer`) travel with the next call: the per-instance timing rides on the next
+    instance's ``add_instance`` instead of waking the node process once more."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
+        self._deferred: list[tuple[str, tuple[Any, ...]]] = []
 
     def call(self, op: str, *args: Any) -> Any:
         with self._lock:
+            if self._deferred:
+                self._conn.send(("notes", (self._deferred,), False))
+                self._deferred = []
             self._conn.send((op, args, True))
             kind, value = self._conn.recv()
         if kind == "ok":
@@ -82,6 +91,11 @@ class _Link:
     def note(self, op: str, *args: Any) -> None:
         with self._lock:
             self._conn.send((op, args, False))
+
+    def defer(self, op: str, *args: Any) -> None:
+        """A note sent with the next call (order kept)."""
+        with self._lock:
+            self._deferred.append((op, args))
 
 
 class _RemoteRegistry:
@@ -107,8 +121,8 @@ class _RemoteMetric:
 
     def _send(self, method: str, *args: float) -> None:
         # counts are updated before the helper goes on (a test or a scrape that follows
-        # the answer sees them); the per-instance timing histogram need not wait
-        send = self._link.note if self._name == "stage" else self._link.call
+        # the answer sees them); the per-instance timing travels with the next call
+        send = self._link.defer if self._name == "stage" else self._link.call
         send("metric", self._name, self._labels, method, args)
 
     def inc(self, amount: float = 1.0) -> None:
@@ -138,24 +152,44 @@ class _RemoteMetrics:
         return _RemoteMetric(self._link, name)
 
 
+class _HandedOver(OSError):
+    """get_request's way to tell socketserver that there is nothing to serve here (the
+    connection went to another process): socketserver skips a request on OSError."""
+
+
 class _HelperServer(GuardedAssociationServer):
-    """The association server of a helper: accepts on the inherited listening socket; the
-    admission counts live in the node process."""
+    """The association server of a helper: its connections come from the node process
+    (:class:`DispatchingServer`) over ``channel``; the admission counts live in the node
+    process."""
 
     def __init__(
-        self, *args: Any, link: _Link, listen_socket: socket.socket, **kwargs: Any
+        self,
+        *args: Any,
+        link: _Link,
+        channel: socket.socket,
+        address: tuple[str, int],
+        **kwargs: Any,
     ) -> None:
         self._link = link
-        self._shared = listen_socket
+        self._channel = channel
+        self._address = address
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
         self.socket.close()
-        self.socket = self._shared
-        self.server_address = self._shared.getsockname()
+        self.socket = self._channel  # serve_forever waits until it is readable
+        self.server_address = self._address
 
     def server_activate(self) -> None:
-        pass  # listening already (the node process's socket)
+        pass  # the node process listens
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """A connection the node process accepted and handed over."""
+        msg, fds, _, _ = socket.recv_fds(self._channel, 1024, 1)
+        if not fds:
+            raise _HandedOver("the node process closed the channel")
+        host, _, port = msg.decode("utf-8").rpartition(" ")
+        return socket.socket(fileno=fds[0]), (host, int(port))
 
     def count_connection(self, host: str) -> tuple[str, str] | None:
         refusal = self._link.call("count_connection", host)
@@ -204,7 +238,7 @@ def _light_settings(settings: Any) -> SimpleNamespace:
     )
 
 
-def _helper_main(index: int, listen_fd: int, conn_fd: int, ctl_fd: int) -> None:
+def _helper_main(index: int, channel_fd: int, conn_fd: int, ctl_fd: int) -> None:
     """A helper process: serve associations until told to stop or the node is gone."""
     ctl = Connection(ctl_fd)
     init = ctl.recv()
@@ -214,7 +248,7 @@ def _helper_main(index: int, listen_fd: int, conn_fd: int, ctl_fd: int) -> None:
         configure_logging(init["log_level"], init["json_lines"])
     settings = init["settings"]
     link = _Link(Connection(conn_fd))
-    listen = socket.socket(fileno=listen_fd)
+    channel = socket.socket(fileno=channel_fd)
 
     from dicom_node.spool import Spool
 
@@ -232,7 +266,9 @@ def _helper_main(index: int, listen_fd: int, conn_fd: int, ctl_fd: int) -> None:
         expected_count=(lambda ds: None) if init["vendor_rule"] else None,
     )
     scp.link = link
-    scp.server_class = functools.partial(_HelperServer, link=link, listen_socket=listen)
+    scp.server_class = functools.partial(
+        _HelperServer, link=link, channel=channel, address=tuple(init["address"])
+    )
     scp.start()
     link.note("ready", os.getpid(), time.process_time())
     while True:
@@ -253,12 +289,55 @@ def _helper_main(index: int, listen_fd: int, conn_fd: int, ctl_fd: int) -> None:
 
 
 # ====================================================================== node process side
+class DispatchingServer(GuardedAssociationServer):
+    """The node process's association server with acceptor processes: it accepts every
+    connection and serves it or hands it to a helper (:meth:`AcceptorPool.hand_over`),
+    whichever process has the fewest connections."""
+
+    pool: AcceptorPool | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._local_lock = threading.Lock()
+        self.local_connections = 0  # connections this process serves now
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        pool = self.pool
+        with self._local_lock:
+            local = self.local_connections
+        if pool is not None and pool.hand_over(sock, address, local):
+            sock.close()  # the helper holds its own copy
+            raise _HandedOver("served by an acceptor process")
+        with self._local_lock:
+            self.local_connections += 1
+        return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if super().verify_request(request, client_address):
+            return True
+        self._local_done()
+        return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._local_done()
+
+    def _local_done(self) -> None:
+        with self._local_lock:
+            self.local_connections -= 1
+
+
 @dataclass
 class _Helper:
     index: int
     proc: subprocess.Popen[bytes]
     conn: Connection
     ctl: Connection
+    channel: socket.socket  # connections handed over (SCM_RIGHTS)
+    connections: int = 0  # handed over and not yet closed or refused
     ctl_lock: threading.Lock = field(default_factory=threading.Lock)
     pid: int = 0
     cpu_at_ready_s: float = 0.0  # its CPU time when it began to accept (start-up done)
@@ -266,6 +345,8 @@ class _Helper:
     pending: Counter[str] = field(default_factory=Counter)
     open: Counter[str] = field(default_factory=Counter)
     assocs: set[Any] = field(default_factory=set)
+    #: series it stored instances of and has not released since (its associations')
+    unreleased: set[str] = field(default_factory=set)
     associations: int = 0  # negotiated so far (tests)
 
 
@@ -292,16 +373,16 @@ class AcceptorPool:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        # whichever process is free accepts; the others get EAGAIN and go back to select
-        self.server.socket.setblocking(False)
+        if isinstance(self.server, DispatchingServer):
+            self.server.pool = self
         for index in range(1, self.processes):
             self._spawn(index)
 
     def _spawn(self, index: int) -> None:
         conn_here, conn_there = socket.socketpair()
         ctl_here, ctl_there = socket.socketpair()
-        listen_fd = self.server.socket.fileno()
-        fds = (listen_fd, conn_there.fileno(), ctl_there.fileno())
+        channel_here, channel_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fds = (channel_there.fileno(), conn_there.fileno(), ctl_there.fileno())
         proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_node.acceptors", str(index), *map(str, fds)],
             pass_fds=fds,
@@ -309,21 +390,38 @@ class AcceptorPool:
         )
         conn_there.close()
         ctl_there.close()
-        helper = _Helper(index, proc, Connection(conn_here.detach()), Connection(ctl_here.detach()))
+        channel_there.close()
+        helper = _Helper(
+            index,
+            proc,
+            Connection(conn_here.detach()),
+            Connection(ctl_here.detach()),
+            channel_here,
+        )
         root = logging.getLogger()
         from dicom_node.logging import JsonFormatter
 
         helper.ctl.send(
             {
                 "settings": _light_settings(self.scp.settings),
+                "address": list(self.server.server_address[:2]),
                 "vendor_rule": self.scp.expected_count is not None,
                 "log_level": logging.getLevelName(root.level) if root.handlers else "",
                 "json_lines": any(isinstance(h.formatter, JsonFormatter) for h in root.handlers),
             }
         )
         with self._lock:
-            self._helpers[index] = helper
-            self._started_at[index] = time.monotonic()
+            stopping = self._stopping
+            if not stopping:
+                self._helpers[index] = helper
+                self._started_at[index] = time.monotonic()
+        if stopping:  # a restart racing with stop(), which has taken its list already
+            proc.kill()
+            proc.wait()
+            helper.ctl.close()
+            helper.conn.close()
+            helper.channel.close()
+            return
         threading.Thread(
             target=self._serve, args=(helper,), name=f"acceptor-{index}", daemon=True
         ).start()
@@ -345,6 +443,26 @@ class AcceptorPool:
                 h.proc.kill()
                 h.proc.wait()
             h.ctl.close()
+            h.channel.close()
+
+    def hand_over(self, sock: socket.socket, address: Any, local: int) -> bool:
+        """Give a connection just accepted to the ready helper with the fewest connections
+        if it has fewer than this process (``local``); False: serve it here."""
+        with self._lock:
+            ready = [h for h in self._helpers.values() if h.pid and not self._stopping]
+            helper = min(ready, key=lambda h: (h.connections, h.index), default=None)
+            if helper is None or helper.connections >= local:
+                return False
+            helper.connections += 1
+        try:
+            socket.send_fds(
+                helper.channel, [f"{address[0]} {address[1]}".encode()], [sock.fileno()]
+            )
+        except OSError:  # the helper is gone: serve it here
+            with self._lock:
+                helper.connections -= 1
+            return False
+        return True
 
     # ------------------------------------------------------------------ control
     def _control(self, helper: _Helper, op: str, arg: Any = None, timeout_s: float = 30.0) -> Any:
@@ -367,7 +485,22 @@ class AcceptorPool:
         with self._lock:
             helpers = list(self._helpers.values())
         for h in helpers:
-            self._control(h, "checkpoint")
+            if self._control(h, "checkpoint") is None and h.proc.poll() is not None:
+                with self._lock:  # dead, and _gone has not checkpointed for it yet
+                    if self._helpers.get(h.index) is h:
+                        self._checkpoint_for(h.index)
+
+    def _checkpoint_for(self, index: int) -> None:
+        """Checkpoint the journal of helper ``index``, which is dead (it appends no more):
+        the files it renamed into place are in the page cache, which a process's death
+        does not lose, so one syncfs makes them durable and its logs can go. Else a
+        series removed before its successor runs would come back at the next start."""
+        from dicom_node.journal import IngestJournal
+
+        try:
+            IngestJournal(self.scp.spool.root, f"p{index}.").checkpoint()
+        except OSError as exc:  # its logs stay: the next start replays them
+            log.error("journal of dead acceptor %d not checkpointed: %s", index, exc)
 
     def reload(self, settings: Settings) -> None:
         with self._lock:
@@ -413,14 +546,20 @@ class AcceptorPool:
 
     def _handle(self, helper: _Helper, op: str, args: tuple[Any, ...]) -> Any:
         scp, server = self.scp, self.server
+        if op == "notes":
+            for note_op, note_args in args[0]:
+                self._handle(helper, note_op, note_args)
+            return None
         if op == "add_instance":
             fields = args[0]
             count, expected = scp.registry.add_instance(**fields)
+            helper.unreleased.add(fields["series_uid"])
             scp.metrics.instance_received(fields.get("calling_ae", ""), "stored")
             if scp.on_instance is not None:
                 scp.on_instance(fields["series_uid"], count, expected)
             return count, expected
         if op == "mark_released":
+            helper.unreleased.difference_update(args[0])
             scp.registry.mark_released(args[0])
             if scp.on_release is not None:
                 scp.on_release(args[0])
@@ -442,6 +581,8 @@ class AcceptorPool:
             if refusal is None:
                 helper.open[args[0]] += 1
                 helper.pending[args[0]] += 1
+            else:
+                self._connection_done(helper)
             return refusal
         if op == "count_setup_done":
             server.count_setup_done(args[0])
@@ -453,6 +594,7 @@ class AcceptorPool:
             helper.open[host] -= 1
             helper.pending[host] -= int(pending)
             helper.assocs.discard(key)
+            self._connection_done(helper)
             return None
         if op == "count_association":
             reason = server.count_association(args[0])
@@ -473,21 +615,41 @@ class AcceptorPool:
             return None
         raise ValueError(f"unknown call {op!r}")
 
+    def _connection_done(self, helper: _Helper) -> None:
+        with self._lock:
+            helper.connections = max(0, helper.connections - 1)
+
     def _gone(self, helper: _Helper) -> None:
         """A helper's pipe closed: give back what it held; restart it unless stopping."""
+        with self._lock:
+            stopping = self._stopping
+        if helper.unreleased and not stopping:
+            # its associations ended with it, as an abort: the series they carried start
+            # their quiet period (completion), as after an abort in this process
+            series = sorted(helper.unreleased)
+            helper.unreleased.clear()
+            try:
+                self._handle(helper, "mark_released", (series,))
+            except Exception:
+                log.exception("acceptor %d: releasing %s failed", helper.index, series)
         for host in list(helper.open):
             for i in range(helper.open[host]):
                 self.server.count_closed(host, i < helper.pending[host], None)
         for key in helper.assocs:
             self.server.count_closed_association(key)
         helper.active = 0
+        with self._lock:
+            helper.pid = 0  # hand_over passes it by
+            helper.connections = 0
+        helper.channel.close()
         self.scp.publish_active()
+        code = helper.proc.wait()
         with self._lock:
             if self._stopping or self._helpers.get(helper.index) is not helper:
                 return
+            self._checkpoint_for(helper.index)  # before it is forgotten (checkpoint_all)
             del self._helpers[helper.index]
             wait = self._started_at[helper.index] + self.RESTART_MIN_INTERVAL_S - time.monotonic()
-        code = helper.proc.wait()
         log.error("acceptor process %d exited (code %s): restarting it", helper.index, code)
         if wait > 0:
             time.sleep(wait)
@@ -507,11 +669,11 @@ def _import_path() -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="synthmr acceptor process (started by the node)")
     ap.add_argument("index", type=int)
-    ap.add_argument("listen_fd", type=int)
+    ap.add_argument("channel_fd", type=int)
     ap.add_argument("conn_fd", type=int)
     ap.add_argument("ctl_fd", type=int)
     a = ap.parse_args(argv)
-    _helper_main(a.index, a.listen_fd, a.conn_fd, a.ctl_fd)
+    _helper_main(a.index, a.channel_fd, a.conn_fd, a.ctl_fd)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
+import shutil
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
@@ -31,9 +33,9 @@ from dicom_node.series import (
     encode_part10,
     run_series,
 )
-from dicom_node.seriesstore import save_series
+from dicom_node.seriesstore import PendingSeries, save_series
 from dicom_node.spool import Spool
-from dicom_node.web.reportdata import start_series_report
+from dicom_node.web.reportdata import early_ratio, remember_ratio, start_series_report
 from processing.results import SeriesResult
 
 __all__ = [
@@ -103,93 +105,142 @@ def spool_writer(
     return write
 
 
-def _keep_for_web(
-    spool: Spool,
-    series_uid: str,
-    result: SeriesResult,
-    datasets: list[Dataset],
-    settings: Settings,
-    submit: Submit | None = None,
-) -> list[Dataset] | Callable[[], list[Dataset]]:
-    """Keep maps, figures and thumbnails for the web interface (dicom_node.seriesstore) and
-    make the one-page report of a brain series (Encapsulated PDF + Secondary Capture).
-    With ``submit`` (the node's job) this runs on a thread while the job exports (storing
-    the maps is mostly zlib and numpy, which release the GIL; the page renders in the
-    worker) and the returned function waits for the documents. A failure here is logged;
-    the series is still delivered without them."""
-    if submit is None:
-        return _web_documents(spool, series_uid, [result], datasets, settings, None)
-    box: list[list[Dataset] | Callable[[], list[Dataset]]] = []
-    held = [result]  # emptied once stored: the report that follows needs none of its arrays
-    thread = threading.Thread(
-        target=lambda: box.append(
-            _web_documents(spool, series_uid, held, datasets, settings, submit)
-        ),
-        name="report",
-        daemon=True,
-    )
-    thread.start()
+class _WebKeeper:
+    """The node job's ``extra_outputs`` (:func:`dicom_node.series.run_series`): keep maps,
+    figures and thumbnails for the web interface (:mod:`dicom_node.seriesstore`) and make
+    the one-page report of a brain series (Encapsulated PDF + Secondary Capture, the
+    T1w/T2w ratio map). A failure here is logged; the series is still delivered without
+    them.
 
-    def documents() -> list[Dataset]:
-        thread.join()
-        made = box[0] if box else []  # empty: the thread died (logged by threading)
-        return made() if callable(made) else made
+    With ``submit`` (the node's job) the work runs on a thread of its own while the job
+    goes on: the parts the worker hands over early (:meth:`early`) are stored as they
+    come (the maps while the worker segments, then the fractions and the T1w/T2w ratio
+    the report needs), and once the result is in (:meth:`__call__`) the store is finished
+    and the page is rendered in the worker while the job exports; the returned function
+    waits for the documents."""
 
-    return documents
+    def __init__(
+        self,
+        spool: Spool,
+        series_uid: str,
+        datasets: list[Dataset],
+        settings: Settings,
+        submit: Submit | None,
+    ) -> None:
+        self.spool, self.series_uid, self.datasets = spool, series_uid, datasets
+        self.settings, self.submit = settings, submit
+        self.pending = PendingSeries(spool.root, series_uid, datasets)
+        self.thread: ThreadPoolExecutor | None = None
+        self.stored: set[str] = set()  # the parts stored early ("maps", "segmentation")
+        self.ratio: np.ndarray | None = None
+        self.error = ""
 
+    def _later(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        if self.thread is None:
+            self.thread = ThreadPoolExecutor(1, thread_name_prefix="report")
+        return self.thread.submit(fn, *args)
 
-def _web_documents(
-    spool: Spool,
-    series_uid: str,
-    held: list[SeriesResult],
-    datasets: list[Dataset],
-    settings: Settings,
-    submit: Submit | None,
-) -> list[Dataset] | Callable[[], list[Dataset]]:
-    """:func:`_keep_for_web`'s work (never raises); ``held`` (the result) is emptied once
-    the series is stored, so its arrays can go while the report is made."""
-    result = held.pop()
-    report = bool(getattr(result, "volumes_ml", None)) and (
-        getattr(result, "segmentation", None) is not None
-    )
-    try:
-        save_series(spool.root, series_uid, result, datasets)
-        del result
-        trim_heap()
-    except Exception as exc:
-        log_event(
-            log,
-            "series_store_failed",
-            level=logging.WARNING,
-            series_uid=series_uid,
-            error=f"{type(exc).__name__}: {exc}",
-        )
-        return []
-    if not report:
-        return []
+    def early(self, stage: str, part: SeriesResult) -> None:
+        """A part of the result (:func:`processing.run.run`'s ``on_ready``), stored on the
+        thread while the worker goes on."""
+        if self.submit is not None and stage in ("maps", "segmentation"):
+            self._later(self._store_part, stage, part)
 
-    def failed(exc: Exception) -> list[Dataset]:
-        log_event(
-            log,
-            "report_failed",
-            level=logging.WARNING,
-            series_uid=series_uid,
-            error=f"{type(exc).__name__}: {exc}",
-        )
-        return []
-
-    try:
-        finish = start_series_report(spool.root, series_uid, datasets, settings, submit)
-    except Exception as exc:
-        return failed(exc)
-
-    def documents() -> list[Dataset]:
+    def _store_part(self, stage: str, part: SeriesResult) -> None:
+        if self.error or (stage == "segmentation" and "maps" not in self.stored):
+            return
         try:
-            return finish()
+            if stage == "maps":
+                self.pending.add_maps(part)
+            else:
+                self.pending.add_segmentation(part)
+                if part.segmentation is not None and part.volumes_ml:
+                    self.ratio = early_ratio(
+                        part.maps, part.segmentation.fractions, self.pending.tmp
+                    )
+            self.stored.add(stage)
+        except Exception as exc:  # the final store starts again from the whole result
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def __call__(self, result: SeriesResult) -> list[Dataset] | Callable[[], list[Dataset]]:
+        if self.submit is None:
+            return self._documents([result])
+        held = [result]  # emptied once stored: the report that follows needs none of its arrays
+        made = self._later(self._documents, held)
+        assert self.thread is not None
+        self.thread.shutdown(wait=False)  # the thread ends after this last task
+
+        def documents() -> list[Dataset]:
+            out = made.result()
+            return out() if callable(out) else out
+
+        return documents
+
+    def abandon(self) -> None:
+        """The job ended without a result: remove what was stored early."""
+        if self.thread is not None:
+            self.thread.shutdown(wait=True)
+        shutil.rmtree(self.pending.tmp, ignore_errors=True)
+
+    def _store(self, result: SeriesResult) -> None:
+        if self.stored == {"maps", "segmentation"}:
+            path = self.pending.finish(result)
+            if self.ratio is not None:  # the report's ratio, computed from these maps
+                remember_ratio(path / "maps.npz", self.ratio)
+                self.ratio = None
+            return
+        if self.error:
+            log_event(log, "series_store_early_failed", level=logging.INFO, error=self.error)
+        save_series(self.spool.root, self.series_uid, result, self.datasets)
+
+    def _documents(self, held: list[SeriesResult]) -> list[Dataset] | Callable[[], list[Dataset]]:
+        """The store and the report (never raises); ``held`` (the result) is emptied once
+        the series is stored, so its arrays can go while the report is made."""
+        series_uid = self.series_uid
+        result = held.pop()
+        report = bool(getattr(result, "volumes_ml", None)) and (
+            getattr(result, "segmentation", None) is not None
+        )
+        try:
+            self._store(result)
+            del result
+            trim_heap()
+        except Exception as exc:
+            log_event(
+                log,
+                "series_store_failed",
+                level=logging.WARNING,
+                series_uid=series_uid,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return []
+        if not report:
+            return []
+
+        def failed(exc: Exception) -> list[Dataset]:
+            log_event(
+                log,
+                "report_failed",
+                level=logging.WARNING,
+                series_uid=series_uid,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return []
+
+        try:
+            finish = start_series_report(
+                self.spool.root, series_uid, self.datasets, self.settings, self.submit
+            )
         except Exception as exc:
             return failed(exc)
 
-    return documents
+        def documents() -> list[Dataset]:
+            try:
+                return finish()
+            except Exception as exc:
+                return failed(exc)
+
+        return documents
 
 
 def run_series_job(
@@ -219,13 +270,12 @@ def run_series_job(
     if not datasets:
         return JobOutcome(State.FAILED, "no instances on disk for this series", stage="normalize")
     uids: dict[str, tuple[str, str]] = {}
+    web = _WebKeeper(spool, series_uid, datasets, settings, submit)
     outcome = run_series(
         datasets,
         settings,
         spool_writer(spool, series_uid, uids),
-        extra_outputs=lambda result: _keep_for_web(
-            spool, series_uid, result, datasets, settings, submit
-        ),
+        extra_outputs=web,
         series_uid=series_uid,
         submit=submit,
         metrics=metrics,
@@ -236,6 +286,8 @@ def run_series_job(
         release=True,  # the node frees each array once exported (the outcome's figures stay)
     )
     outcome.output_uids = uids
+    if outcome.state not in (State.EXPORTED, State.HELD):
+        web.abandon()
     if outcome.phantom_qc is not None:  # a QC phantom: into the scanner's QC history
         from dicom_node.phantom_node import record_history
 

@@ -52,6 +52,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass, attempt
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
@@ -103,6 +105,20 @@ class _EventDUL(DULServiceProvider):
             self._wake()
         return super().stop_dul() if stopping else False
 
+    def _may_write_directly(self) -> bool:
+        """True in this DUL's own thread (a request served on the lean path) when a PDU
+        may go out now instead of through the queue: established (Sta6), nothing queued
+        before it, no listener for the PDU object or the state-machine turn skipped."""
+        assoc = self.assoc
+        return (
+            threading.current_thread() is self
+            and self.socket is not None
+            and self.state_machine.current_state == "Sta6"
+            and not self.to_provider_queue.queue
+            and not assoc.get_handlers(evt.EVT_PDU_SENT)
+            and not assoc.get_handlers(evt.EVT_FSM_TRANSITION)
+        )
+
     def _wait_for_work(self) -> None:
         """Block until the peer sent data, a primitive was queued, or IDLE_WAIT_S."""
         sock = self.socket.socket if self.socket is not None else None
@@ -121,6 +137,96 @@ class _EventDUL(DULServiceProvider):
                     pass
             except OSError:
                 pass
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom 3.0.4's ``DULServiceProvider._read_pdu_data`` (same events on the same
+        errors), with the lean path: in Sta6 a P-DATA-TF goes from the received bytes to
+        the DIMSE provider without a PDU object, a state-machine turn or a queue (what the
+        state machine's DT-2 does with it, PS3.8 9.2), when nothing listens for those steps
+        (:meth:`_lean_receive`)."""
+        from pynetdicom.dul import LOGGER
+
+        sock = self.socket
+        if not isinstance(sock, _BulkRecvSocket):  # a requestor's: pynetdicom's own
+            super()._read_pdu_data()
+            return
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError) as exc:
+            LOGGER.error("Connection closed before the entire PDU was received")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(header) != 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv_exact(pdu_length, self._recv_limit())
+        except (OSError, TimeoutError) as exc:
+            LOGGER.error("Connection closed before the entire PDU was received")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            LOGGER.error(
+                f"The received PDU is shorter than expected ({6 + len(body)} of "
+                f"{6 + pdu_length} bytes received)"
+            )
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type == 0x04 and self._lean_receive(body):
+            return
+        try:
+            pdu, event = self._decode_pdu(header + body)
+            self.event_queue.put(event)
+        except Exception as exc:
+            LOGGER.error("Unable to decode the received PDU data")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
+
+    _prealloc_limit = 0
+
+    def _recv_limit(self) -> int:
+        """The longest PDU read into one preallocated buffer: the maximum we negotiated
+        (a longer one, which a peer must not send, is read as it arrives)."""
+        if not self._prealloc_limit:
+            acceptor = getattr(self.assoc, "acceptor", None)
+            limit = getattr(acceptor, "maximum_length", 0) or 0
+            self._prealloc_limit = max(int(limit), 16384) + 6
+        return self._prealloc_limit
+
+    def _lean_receive(self, body: bytearray) -> bool:
+        """Hand a received P-DATA-TF's PDVs to the DIMSE provider directly, as the state
+        machine would (Sta6 + Evt10 -> DT-2 -> Sta6); False (nothing done) when this is not
+        that plain case: another state, events already queued, a listener for the steps
+        skipped (EVT_DATA_RECV, EVT_PDU_RECV, EVT_FSM_TRANSITION), or PDV items that
+        pynetdicom's decoder should judge."""
+        assoc = self.assoc
+        dimse = assoc.dimse
+        if (
+            not isinstance(dimse, _EventDIMSE)
+            or self.state_machine.current_state != "Sta6"
+            or self.event_queue.queue
+            or assoc.get_handlers(evt.EVT_DATA_RECV)
+            or assoc.get_handlers(evt.EVT_PDU_RECV)
+            or assoc.get_handlers(evt.EVT_FSM_TRANSITION)
+        ):
+            return False
+        pdvs = split_pdv_items(body)
+        if pdvs is None:
+            return False
+        self._idle_timer.restart()  # before a handler may run in this thread
+        dimse.receive_pdvs(pdvs)
+        if dimse.msg_queue.queue:  # a message for the association thread (no FSM turn)
+            assoc._wake_event.set()  # type: ignore[attr-defined]
+        return True
 
     def run_reactor(self) -> None:
         # pynetdicom 3.0.4 DULServiceProvider.run_reactor, time.sleep -> _wait_for_work
@@ -172,9 +278,118 @@ class _EventDUL(DULServiceProvider):
 
 
 class _EventAssociation(Association):
-    """An acceptor whose reactor waits for the DUL's signal instead of sleeping 1 ms."""
+    """An acceptor whose reactor waits for the DUL's signal instead of sleeping 1 ms.
+
+    The lean path: a plain C-STORE request (:class:`_EventDIMSE`) is served in the DUL
+    thread that decoded it (:meth:`_serve_in_dul`) when this reactor has nothing queued
+    or in hand: no hand-over to this thread and back for the response (two wake-ups per
+    instance). The handler runs as pynetdicom runs it (``_serve_request``); its response
+    still goes out only after it returns. What must not block the DUL thread is handed
+    to this reactor: a blocking abort or a kill (they wait for the DUL to stop), a
+    release (it waits for the peer's answer, read by the DUL)."""
 
     _wake_event: threading.Event
+    #: this reactor has a message in hand (or is taking one off the queue)
+    _taking = False
+    #: a request is being served in the DUL thread
+    _serving_in_dul = False
+    #: what a handler in the DUL thread asked for, done by this reactor: "abort", "kill",
+    #: "release" or ""
+    _deferred = ""
+
+    def _in_dul_thread(self) -> bool:
+        return threading.current_thread() is self.dul
+
+    # ``_is_paused`` tells ``release`` and the send_* methods that this reactor stands at
+    # its checkpoint; ``_serve_request`` sets it around a handler, which must not change
+    # it when the DUL thread serves (the reactor may be parked meanwhile).
+    @property  # type: ignore[override]
+    def _is_paused(self) -> bool:
+        return bool(self.__dict__.get("_is_paused", False))
+
+    @_is_paused.setter
+    def _is_paused(self, value: bool) -> None:
+        if not self._in_dul_thread():
+            self.__dict__["_is_paused"] = value
+
+    def _may_serve_in_dul(self, context_id: int) -> bool:
+        """May the DUL thread serve a request now (same order and outcome as this reactor)?"""
+        return (
+            not self._taking
+            and not self._deferred
+            and self.is_established
+            and not self._sent_release
+            and self._reactor_checkpoint.is_set()
+            and context_id in self._accepted_cx
+            and not self.dimse.msg_queue.queue
+        )
+
+    def _serve_in_dul(self, msg: C_STORE, context_id: int) -> None:
+        """Serve a plain C-STORE request (:func:`_c_store_primitive`) in the DUL thread:
+        pynetdicom 3.0.4's ``_serve_request`` for a C-STORE, the storage service class's
+        SCP being :class:`_LeanStorageSCP` when pynetdicom would pick StorageServiceClass."""
+        self._serving_in_dul = True
+        try:
+            class_uid: str = msg._affected_sop_class_uid  # type: ignore[attr-defined]
+            try:
+                class_uid = self.acceptor.accepted_common_extended[class_uid][0]
+            except KeyError:
+                pass
+            if _config.UNRESTRICTED_STORAGE_SERVICE:
+                class_uid = "1.2.840.10008.5.1.4.1.1.1"
+            service_class = uid_to_service_class(class_uid)
+            if service_class is not StorageServiceClass:
+                self._serve_request(msg, context_id)
+                return
+            context = self._accepted_cx[context_id]
+            try:
+                self.dimse.cancel_req = {}
+                _LeanStorageSCP(self).SCP(msg, context)
+                self.dimse.cancel_req = {}
+            except Exception as exc:
+                from pynetdicom.association import LOGGER
+
+                LOGGER.exception(exc)
+                self.abort()
+        finally:
+            self._serving_in_dul = False
+            if self._deferred:
+                self._wake_event.set()
+
+    def _abort_blocking(self, block: bool = True) -> None:
+        if block and self._in_dul_thread():
+            # the A-ABORT is queued now; the waiting part (kill) is this reactor's
+            super()._abort_blocking(False)
+            self._deferred = self._deferred or "abort"
+            return
+        super()._abort_blocking(block)
+
+    def kill(self) -> None:
+        if self._in_dul_thread():
+            self._deferred = self._deferred or "kill"
+            self.is_established = False
+            return
+        super().kill()
+
+    def release(self) -> None:
+        if self._in_dul_thread():
+            self._deferred = self._deferred or "release"
+            return
+        super().release()
+
+    def _run_deferred(self) -> bool:
+        """Do what a handler in the DUL thread asked for; True when the reactor ends."""
+        action, self._deferred = self._deferred, ""
+        if action == "release":
+            self.release()
+            return False
+        self.kill()
+        if action == "abort":
+            try:
+                cast(AssociationSocket, self.dul.socket)._shutdown_socket()
+            except Exception:
+                pass
+        return True
 
     def _run_reactor(self) -> None:
         # pynetdicom 3.0.4 Association._run_reactor, time.sleep(0.001) -> _wake_event.wait
@@ -185,15 +400,23 @@ class _EventAssociation(Association):
                 self._wake_event.wait(IDLE_WAIT_S)
                 self._wake_event.clear()
             served = False
+            if self._deferred and not self._serving_in_dul and self._run_deferred():
+                return
             self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
 
-            context_id, msg = self.dimse.get_msg(block=False)
-            if msg:
-                self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
-                served = True  # another message may be queued: look again at once
+            self._taking = True
+            try:
+                context_id, msg = self.dimse.get_msg(block=False)
+                if msg:
+                    self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
+                    served = True  # another message may be queued: look again at once
+            finally:
+                self._taking = False
 
+            if self._serving_in_dul:
+                continue  # the handler in the DUL thread is this association's turn
             after = end_of_turn(self)
             if after == "stop":
                 return
@@ -207,6 +430,30 @@ class _EventAssociation(Association):
                     self.abort()
                 self.kill()
                 return
+
+
+class _LeanStorageSCP(StorageServiceClass):
+    """pynetdicom 3.0.4's ``StorageServiceClass.SCP`` for a plain C-STORE request
+    (:func:`_c_store_primitive`, its values checked): the response takes the request's
+    Message ID and UIDs as they are instead of checking each UID again (~0.1 ms)."""
+
+    def SCP(self, req: C_STORE, context: PresentationContext) -> None:
+        rsp = C_STORE()
+        rsp._message_id = req._message_id  # type: ignore[attr-defined]
+        rsp._message_id_being_responded_to = req._message_id  # type: ignore[attr-defined]
+        rsp._affected_sop_instance_uid = req._affected_sop_instance_uid  # type: ignore[attr-defined]
+        rsp._affected_sop_class_uid = req._affected_sop_class_uid  # type: ignore[attr-defined]
+        cx_id = cast(int, context.context_id)
+        with attempt(rsp, self.dimse, cx_id, self.assoc) as ctx:
+            ctx.error_msg = "Exception in handler bound to 'evt.EVT_C_STORE'"
+            ctx.error_status = 0xC211
+            rsp_status = evt.trigger(
+                ctx.assoc, evt.EVT_C_STORE, {"request": req, "context": context.as_tuple}
+            )
+        if not ctx.success or not self.assoc.is_established:
+            return
+        rsp = self.validate_status(cast(Any, rsp_status), rsp)
+        self.dimse.send_msg(rsp, cx_id)
 
 
 def end_of_turn(assoc: Association) -> str:
@@ -343,42 +590,61 @@ class _EventDIMSE(DIMSEServiceProvider):
     listens for the decoded or encoded message (``EVT_DIMSE_RECV``/``EVT_DIMSE_SENT``);
     anything else goes pynetdicom's way."""
 
-    _fast_request: tuple[int, dict[int, bytes], list[bytes]] | None = None
+    _fast_request: tuple[int, dict[int, bytes], list[Any]] | None = None
 
     def receive_primitive(self, primitive: Any) -> None:
-        pdvs = primitive.presentation_data_value_list
+        """A P-DATA from the state machine (DT-2): pynetdicom's path or the fast one."""
+        if not isinstance(primitive, P_DATA) or not all(
+            len(data) for _, data in primitive.presentation_data_value_list
+        ):
+            super().receive_primitive(primitive)
+            return
+        self._receive(
+            [(cx, data[0], data[1:]) for cx, data in primitive.presentation_data_value_list],
+            primitive,
+        )
+
+    def receive_pdvs(self, pdvs: list[tuple[int, int, Any]]) -> None:
+        """The PDVs of a P-DATA-TF from the lean path (:func:`split_pdv_items`)."""
+        self._receive(pdvs, None)
+
+    def _receive(self, pdvs: list[tuple[int, int, Any]], primitive: P_DATA | None) -> None:
+        """``pdvs``: (context ID, message control header, fragment) of one P-DATA."""
         if self._fast_request is None:
-            if self.message is not None or not self._start_fast(primitive):
-                super().receive_primitive(primitive)
+            if self.message is not None or not self._start_fast(pdvs):
+                super().receive_primitive(primitive if primitive is not None else _p_data(pdvs))
                 return
             pdvs = pdvs[1:]  # the command set, taken by _start_fast
         assert self._fast_request is not None
         context_id, command, fragments = self._fast_request
-        for pdv_context, data in pdvs:
-            if pdv_context != context_id or data[0] & 1:  # must be the same dataset
+        for pdv_context, control, fragment in pdvs:
+            if pdv_context != context_id or control & 1:  # must be the same dataset
                 self._fast_request = None
                 self.dul.event_queue.put("Evt19")  # invalid message: abort, as pynetdicom
                 return
-            fragments.append(data[1:])
-            if data[0] & 2:
+            fragments.append(fragment)
+            if control & 2:
                 self._fast_request = None
-                self.msg_queue.put((context_id, _c_store_primitive(context_id, command, fragments)))
+                request = _c_store_primitive(context_id, command, fragments)
+                assoc = self.assoc
+                if isinstance(assoc, _EventAssociation) and assoc._may_serve_in_dul(context_id):
+                    assoc._serve_in_dul(request, context_id)
+                else:
+                    self.msg_queue.put((context_id, request))
                 return
 
-    def _start_fast(self, primitive: Any) -> bool:
+    def _start_fast(self, pdvs: list[tuple[int, int, Any]]) -> bool:
         """Take a P-DATA that opens a plain C-STORE-RQ (its whole command set in the first
         fragment) onto the fast path; False leaves it to pynetdicom."""
-        pdvs = primitive.presentation_data_value_list
         if (
-            not isinstance(primitive, P_DATA)
-            or not pdvs
-            or pdvs[0][1][:1] != b"\x03"  # command set, last fragment
+            not pdvs
+            or pdvs[0][1] != 0x03  # command set, last fragment
             or _config.STORE_RECV_CHUNKED_DATASET
             or self.assoc.get_handlers(evt.EVT_DIMSE_RECV)
         ):
             return False
-        context_id, data = pdvs[0]
-        command = parse_c_store_rq_command(data[1:])
+        context_id, _, fragment = pdvs[0]
+        command = parse_c_store_rq_command(bytes(fragment))
         if command is None:
             return False
         self._fast_request = (context_id, command, [])
@@ -392,14 +658,56 @@ class _EventDIMSE(DIMSEServiceProvider):
         if encoded is None or (max_pdu and len(encoded) + 6 > max_pdu):
             super().send_msg(primitive, context_id)
             return
+        dul = self.dul
+        if isinstance(dul, _EventDUL) and dul._may_write_directly():
+            # the lean path (a request served in the DUL thread): the P-DATA-TF's bytes
+            # written now, as the state machine's DT-1 would write them after a queue turn
+            dul.socket.send(p_data_tf(context_id, 0x03, encoded))  # type: ignore[union-attr]
+            return
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
-        self.dul.send_pdu(pdata)
+        dul.send_pdu(pdata)
 
 
-def _c_store_primitive(
-    context_id: int, command: dict[int, bytes], fragments: list[bytes]
-) -> C_STORE:
+_PDU_HEADER = struct.Struct(">BBL")
+_PDV_HEADER = struct.Struct(">LBB")
+
+
+def split_pdv_items(body: bytes | bytearray) -> list[tuple[int, int, memoryview]] | None:
+    """The PDV items of a P-DATA-TF's ``body`` (after the 6-byte PDU header, PS3.8 9.3.5.1)
+    as (context ID, message control header, fragment) with the fragment a view into
+    ``body`` (no copy); None when an item is malformed or empty (pynetdicom's decoder then
+    decides, as before)."""
+    view = memoryview(body)
+    items = []
+    pos, end = 0, len(body)
+    while pos < end:
+        if end - pos < 6:
+            return None
+        item_length, context_id, control = _PDV_HEADER.unpack_from(body, pos)
+        if item_length < 2 or pos + 4 + item_length > end:
+            return None
+        items.append((context_id, control, view[pos + 6 : pos + 4 + item_length]))
+        pos += 4 + item_length
+    return items
+
+
+def p_data_tf(context_id: int, control: int, fragment: bytes) -> bytes:
+    """A P-DATA-TF PDU carrying one PDV: what pynetdicom's ``P_DATA_TF.encode`` gives."""
+    item = _PDV_HEADER.pack(len(fragment) + 2, context_id, control)
+    return _PDU_HEADER.pack(0x04, 0, len(item) + len(fragment)) + item + fragment
+
+
+def _p_data(pdvs: list[tuple[int, int, Any]]) -> P_DATA:
+    """The P-DATA primitive of split PDVs (pynetdicom's path)."""
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [
+        [cx, bytes((control,)) + bytes(fragment)] for cx, control, fragment in pdvs
+    ]
+    return primitive
+
+
+def _c_store_primitive(context_id: int, command: dict[int, bytes], fragments: list[Any]) -> C_STORE:
     """The C-STORE request primitive pynetdicom's ``message_to_primitive`` makes of a plain
     C-STORE-RQ (values checked by :func:`parse_c_store_rq_command`)."""
     rq = C_STORE()
@@ -530,6 +838,26 @@ class _BulkRecvSocket(AssociationSocket):
                 return bytestream
             bytestream += chunk
         return bytestream
+
+    def recv_exact(self, nr_bytes: int, prealloc_limit: int) -> bytearray:
+        """:meth:`recv`, reading straight into one buffer of ``nr_bytes`` (no chunk copies)
+        when that is at most ``prealloc_limit`` (a length we negotiated, not any length a
+        peer writes)."""
+        if nr_bytes > prealloc_limit:
+            return self.recv(nr_bytes)
+        sock = cast(socket.socket, self.socket)
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < nr_bytes:
+            got = sock.recv_into(view[filled:], min(nr_bytes - filled, RECV_CHUNK))
+            if not got:  # the connection is broken: what we have so far
+                view.release()
+                del buffer[filled:]
+                return buffer
+            filled += got
+        view.release()
+        return buffer
 
 
 class _EventRequestHandler(RequestHandler):

@@ -28,7 +28,14 @@ classes of a new association are swapped before its threads start.
 
 from __future__ import annotations
 
+import select
+import ssl
+import struct
 import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -38,7 +45,14 @@ from pynetdicom.pdu import P_DATA_TF
 
 from dicom_node.reactor import IDLE_WAIT_S, _EventDUL, _make_event_driven, end_of_turn
 
-__all__ = ["PushAE"]
+__all__ = [
+    "Part10Error",
+    "Part10Meta",
+    "PushAE",
+    "part10_meta",
+    "read_part10_meta",
+    "send_c_store_bytes",
+]
 
 
 class _RequestorAssociation(Association):
@@ -141,13 +155,21 @@ class _DirectDIMSE(DIMSEServiceProvider):
 
 
 class _RequestorDUL(_EventDUL):
-    """The event-driven DUL whose own sends take the lock :class:`_DirectDIMSE` holds."""
+    """The event-driven DUL whose own sends take the lock :class:`_DirectDIMSE` holds,
+    and whose socket reads take ``_read_lock``: :func:`send_c_store_bytes` holds it while
+    it reads a C-STORE response itself (readiness is checked under the lock, so the DUL
+    never starts a read of bytes that the sender takes)."""
 
     _send_lock: threading.Lock
+    _read_lock: threading.Lock
 
     def _send(self, pdu: Any) -> None:
         with self._send_lock:
             super()._send(pdu)
+
+    def _is_transport_event(self) -> bool:
+        with self._read_lock:
+            return bool(super()._is_transport_event())
 
 
 def make_requestor(assoc: Association) -> None:
@@ -159,6 +181,7 @@ def make_requestor(assoc: Association) -> None:
     assoc._reactor_busy = False  # type: ignore[attr-defined]
     assoc.dul.__class__ = _RequestorDUL
     assoc.dul._send_lock = threading.Lock()  # type: ignore[attr-defined]
+    assoc.dul._read_lock = threading.Lock()  # type: ignore[attr-defined]
     assoc.dimse.__class__ = _DirectDIMSE
 
 
@@ -169,3 +192,240 @@ class PushAE(AE):
         # AE.associate calls this on the new association before its threads start
         make_requestor(assoc)
         return super()._create_socket(assoc, *args, **kwargs)
+
+
+# ---------------------------------------------------------------- C-STORE of a file's bytes
+class Part10Error(ValueError):
+    """A file whose Part-10 header (preamble, DICM, group 0002) this reader cannot walk."""
+
+
+@dataclass(frozen=True)
+class Part10Meta:
+    """What a C-STORE needs from a Part-10 file's meta group; ``offset``: where the data
+    set starts (the bytes sent as they are)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    offset: int
+
+
+_META_TAGS = {0x0002: "sop_class_uid", 0x0003: "sop_instance_uid", 0x0010: "transfer_syntax_uid"}
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+
+
+def part10_meta(head: bytes | memoryview) -> Part10Meta:
+    """The meta group of a Part-10 file (always explicit VR little endian, PS3.10 7.1)
+    from its first bytes: 128-byte preamble, "DICM", then group 0002 elements until the
+    first element of another group. Raises :class:`Part10Error` when ``head`` is not one
+    (or ends inside the meta group: read more)."""
+    if len(head) < 132 or bytes(head[128:132]) != b"DICM":
+        raise Part10Error("no DICM prefix")
+    pos, found = 132, {}
+    while True:
+        if pos + 8 > len(head):
+            raise Part10Error("file meta truncated")
+        group, elem = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            break
+        vr = bytes(head[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > len(head):
+                raise Part10Error("file meta truncated")
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            start = pos + 8
+        if length == 0xFFFFFFFF or start + length > len(head):
+            raise Part10Error("file meta truncated or of undefined length")
+        if elem in _META_TAGS:
+            raw = bytes(head[start : start + length])
+            found[_META_TAGS[elem]] = raw.rstrip(b"\x00 ").decode("ascii")
+        pos = start + length
+    if len(found) != 3:
+        missing = sorted(set(_META_TAGS.values()) - set(found))
+        raise Part10Error(f"file meta lacks {', '.join(missing)}")
+    return Part10Meta(offset=pos, **found)
+
+
+def read_part10_meta(path: str | Path, head_bytes: int = 4096) -> Part10Meta:
+    """:func:`part10_meta` of a file, reading only its head (more if the meta is longer)."""
+    with open(path, "rb") as f:
+        head = f.read(head_bytes)
+        while True:
+            try:
+                return part10_meta(head)
+            except Part10Error:
+                more = f.read(len(head))
+                if not more or len(head) > (1 << 20):
+                    raise
+                head += more
+
+
+def _command_element(elem: int, value: bytes) -> bytes:
+    """One element of group 0000 (implicit VR little endian, PS3.7 6.3.1)."""
+    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def c_store_rq_command(sop_class_uid: str, sop_instance_uid: str, message_id: int) -> bytes:
+    """The encoded command set of a C-STORE request with a data set (PS3.7 9.3.1.1):
+    what pynetdicom builds through a pydicom Dataset, in a few ``struct.pack`` calls.
+    Priority LOW (2), as pynetdicom's ``send_c_store`` sends it."""
+    body = b"".join(
+        (
+            _command_element(0x0002, _uid_value(sop_class_uid)),
+            _command_element(0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
+            _command_element(0x0110, struct.pack("<H", message_id & 0xFFFF)),
+            _command_element(0x0700, struct.pack("<H", 0x0002)),
+            _command_element(0x0800, struct.pack("<H", 0x0001)),  # a data set follows
+            _command_element(0x1000, _uid_value(sop_instance_uid)),
+        )
+    )
+    return _command_element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _p_data_pdus(
+    context_id: int, control: int, payload: bytes | memoryview, max_pdu: int
+) -> Iterator[bytes | memoryview]:
+    """P-DATA-TF PDUs (PS3.8 9.3.5) carrying ``payload`` in one PDV each, the last one
+    flagged (``control``: 1 command, 0 data set; 2 is added to the last fragment), as
+    header and fragment pieces to be joined."""
+    step = max(1, max_pdu - 6) if max_pdu else max(1, len(payload))
+    n = len(payload)
+    starts = range(0, n, step) if n else range(1)
+    for start in starts:
+        chunk = payload[start : start + step]
+        last = start + step >= n
+        yield struct.pack(
+            ">BBIIBB", 0x04, 0x00, len(chunk) + 6, len(chunk) + 2, context_id, control | (2 * last)
+        )
+        yield chunk
+
+
+class StoreResponse:
+    """The parts of a C-STORE response the push looks at (PS3.7 9.3.1.2)."""
+
+    __slots__ = ("MessageIDBeingRespondedTo", "Status")
+
+    def __init__(self, message_id: int | None, status: int | None) -> None:
+        self.MessageIDBeingRespondedTo = message_id
+        self.Status = status
+
+
+def _recv_exact(raw: Any, n: int, deadline: float) -> bytes | None:
+    """``n`` bytes from the socket, or None: closed, or nothing by ``deadline``."""
+    buf = bytearray()
+    while len(buf) < n:
+        if not (isinstance(raw, ssl.SSLSocket) and raw.pending()):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([raw], [], [], left)[0]:
+                return None
+        chunk = raw.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _read_store_response(raw: Any, timeout_s: float) -> StoreResponse | int | None:
+    """Read one DIMSE response command set (P-DATA-TF PDUs) from the socket: the response,
+    the type of another PDU that came instead (an abort, a release request), or None
+    (closed, timed out, malformed)."""
+    deadline = time.monotonic() + timeout_s
+    command = bytearray()
+    while True:
+        head = _recv_exact(raw, 6, deadline)
+        if head is None:
+            return None
+        pdu_type, _, length = struct.unpack(">BBI", head)
+        body = _recv_exact(raw, length, deadline)
+        if body is None:
+            return None
+        if pdu_type != 0x04:
+            return pdu_type
+        pos, last = 0, False
+        while pos + 6 <= length:
+            (item_length,) = struct.unpack_from(">I", body, pos)
+            control = body[pos + 5]
+            if not control & 0x01:  # a data set fragment: no C-STORE response has one
+                return None
+            command += body[pos + 6 : pos + 4 + item_length]
+            last = bool(control & 0x02)
+            pos += 4 + item_length
+        if last:
+            break
+    values: dict[int, int] = {}
+    pos = 0
+    while pos + 8 <= len(command):
+        _, elem, vl = struct.unpack_from("<HHI", command, pos)
+        if elem in (0x0100, 0x0120, 0x0800, 0x0900) and vl == 2:
+            values[elem] = struct.unpack_from("<H", command, pos + 8)[0]
+        pos += 8 + vl
+    if values.get(0x0100) != 0x8001 or values.get(0x0800, 0x0101) != 0x0101:
+        return None  # not a C-STORE response, or one with a data set
+    return StoreResponse(values.get(0x0120), values.get(0x0900))
+
+
+def send_c_store_bytes(
+    assoc: Association,
+    context_id: int,
+    meta: Part10Meta,
+    dataset: bytes | memoryview,
+    message_id: int,
+) -> Any:
+    """Send one C-STORE request whose data set is ``dataset`` (already encoded in the
+    presentation context's transfer syntax, e.g. a Part-10 file's bytes after its meta)
+    over an established :class:`PushAE` association, and wait for the response.
+
+    The command set is encoded here and the P-DATA-TF PDUs are written from this thread
+    (``_BATCH_BYTES`` per socket write, under the DUL's send lock, as DT-1 would in Sta6):
+    no pydicom Dataset, no pynetdicom message or PDU objects. The response is read from
+    the socket here too, under the DUL's read lock (:class:`_RequestorDUL`), with the
+    reactor kept out as in :class:`_RequestorAssociation`. Returns the response, or None
+    when none came in the DIMSE timeout or something else did (the association is then
+    aborted)."""
+    dul = assoc.dul
+    command = c_store_rq_command(meta.sop_class_uid, meta.sop_instance_uid, message_id)
+    max_pdu = int(assoc.acceptor.maximum_length or 0)
+    timeout = assoc.dimse_timeout or 60.0
+    rsp: StoreResponse | int | None = None
+    assoc._reactor_checkpoint.clear()
+    try:
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        with dul._read_lock:  # type: ignore[attr-defined]
+            if dul.state_machine.current_state != "Sta6" or dul.to_provider_queue.queue:
+                return None  # going down: nothing may be sent
+            raw = dul.socket.socket  # type: ignore[union-attr]
+            pieces = [*_p_data_pdus(context_id, 0x01, command, max_pdu)]
+            size = sum(len(p) for p in pieces)
+            try:
+                with dul._send_lock:  # type: ignore[attr-defined]
+                    for piece in _p_data_pdus(context_id, 0x00, dataset, max_pdu):
+                        pieces.append(piece)
+                        size += len(piece)
+                        if size >= _BATCH_BYTES:
+                            raw.sendall(b"".join(pieces))
+                            pieces, size = [], 0
+                    if pieces:
+                        raw.sendall(b"".join(pieces))
+                # the response, read here: no DUL turn, no pynetdicom PDU, message or
+                # pydicom Dataset for a few dozen bytes
+                rsp = _read_store_response(raw, timeout)
+            except OSError:
+                rsp = None
+            dul._idle_timer.restart()  # the DUL saw no traffic: this exchange was some
+    finally:
+        assoc._reactor_checkpoint.set()
+    if isinstance(rsp, StoreResponse):
+        return rsp
+    # timed out, closed, malformed, or the peer aborted / asked to release mid-exchange:
+    # this association is finished (the items are sent again, on a new one)
+    assoc.abort()
+    return None

@@ -292,6 +292,13 @@ class StoreSCP:
             max_connections_per_host=n.max_connections_per_host,
             max_associations=n.max_associations,
         )
+        helpers = n.acceptor_processes > 1 and not tls.enabled
+        helpers = helpers and self.server_class is GuardedAssociationServer
+        server_class = self.server_class
+        if helpers:  # it accepts and hands connections to the acceptor processes
+            from dicom_node.acceptors import AcceptorPool, DispatchingServer
+
+            server_class = DispatchingServer
         # pynetdicom's server with admission control (dicom_node.transport), its association
         # threads blocking instead of polling in 1 ms sleeps (dicom_node.reactor): ~2 ms
         # less per C-STORE on loopback
@@ -301,13 +308,10 @@ class StoreSCP:
             handlers,
             ssl_context=ssl_context,
             server_class=functools.partial(
-                self.server_class, limits=limits, on_refused=self._refused_connection
+                server_class, limits=limits, on_refused=self._refused_connection
             ),
         )
-        helpers = n.acceptor_processes > 1 and not tls.enabled
-        if helpers and self.server_class is GuardedAssociationServer:
-            from dicom_node.acceptors import AcceptorPool
-
+        if helpers:
             self._pool = AcceptorPool(self, self._server, n.acceptor_processes)
             self._pool.start()
             self.spool.peer_checkpoints.append(self._pool.checkpoint_all)

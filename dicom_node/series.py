@@ -20,6 +20,7 @@ Only orchestration lives here: the numerics run in :mod:`processing` (in a worke
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import time
@@ -466,6 +467,9 @@ class _Job:
         return outcome
 
 
+#: the parts a streamed worker hands over (:func:`process_handing_over`), in order
+_PARTS = ("maps", "segmentation", "synthesis")
+
 #: a stand-in for the myelin maps while the worker still computes them: the export's
 #: selection (the MYPV map, which enters every output's settings block) looks only at
 #: whether the result will have them
@@ -479,11 +483,22 @@ def process_handing_over(
     *,
     on_ready: Callable[[str, SeriesResult], None],
 ) -> SeriesResult:
-    """In the worker: :func:`processing.run.run`, handing the maps and the segmentation
-    over (``on_ready``) as soon as they are done; the result it returns leaves them out
-    (the node has them already: each array crosses once)."""
-    result = run(acq, settings, b1_map, on_ready=on_ready)
-    return replace(result, maps=None, segmentation=None)  # type: ignore[arg-type]
+    """In the worker: :func:`processing.run.run`, handing the maps, the segmentation and
+    the synthetic contrasts over (``on_ready``) as soon as each is done; neither the parts
+    nor the result it returns repeat what was handed over before (the node has it
+    already: each array crosses once; the segmentation part comes without the maps)."""
+    handed: set[str] = set()
+
+    def hand(stage: str, part: SeriesResult) -> None:
+        if stage == "segmentation":
+            part = replace(part, maps=None)  # type: ignore[arg-type]
+        elif stage == "synthesis":
+            handed.update(part.synthetic)
+        on_ready(stage, part)
+
+    result = run(acq, settings, b1_map, on_ready=hand)
+    rest = {k: v for k, v in result.synthetic.items() if k not in handed}
+    return replace(result, maps=None, segmentation=None, synthetic=rest)  # type: ignore[arg-type]
 
 
 def _streamed_submit(
@@ -502,8 +517,9 @@ def _streamed_submit(
 
 
 class _EarlyOutputs:
-    """The outputs built from the worker's early part (``export_groups(part="early")``:
-    the parametric maps but MYPV, the SEG), written but not delivered: they count only
+    """The outputs built from the worker's early parts (``export_groups(part="early")``:
+    the parametric maps but MYPV, the SEG; then the synthetic contrast series of the
+    synthesis part but the enhancement's), written but not delivered: they count only
     if the final result has the provenance and export settings they were built with and
     QC does not mark the series (:meth:`matches`), else they are removed (:meth:`discard`)
     and built again from the final result."""
@@ -516,6 +532,10 @@ class _EarlyOutputs:
         self.fingerprint = ""
         self.error: Exception | None = None
         self.seconds = 0.0
+        #: contrast name -> series number of the synthetic series built early, and their rows
+        self.synthetic: dict[str, int] = {}
+        self.synthetic_rows: list[tuple[str, str, str]] = []
+        self._part: SeriesResult | None = None  # the segmentation part (what a write gets)
 
     def build(
         self,
@@ -537,26 +557,90 @@ class _EarlyOutputs:
                 if group and group[0].SOPClassUID == SegmentationStorage:
                     self.seg = group[0]
                 self.rows.extend(self.write(group, part))
+            self._part = part
         except Exception as exc:
             self.error = exc
             log_event(log, "early_export_failed", level=logging.WARNING, error=repr(exc))
-        self.seconds = time.perf_counter() - t0
+        self.seconds += time.perf_counter() - t0
 
-    def matches(self, result: SeriesResult, settings: ExportSettings) -> bool:
+    def plan_synthetic(
+        self, part: SeriesResult, geometry: SliceGeometry | Exception | None
+    ) -> list[Callable[[], None]]:
+        """One step per synthetic contrast series of the synthesis ``part``, in export
+        order: each encodes and writes its series (what :func:`encode_synthetic_series`
+        gives the final export, with the settings and fingerprint of the early maps) and
+        never raises (an error leaves the rest to the final export). No step when the
+        early maps failed (their settings and fingerprint are unknown)."""
+        if self.used is None or self.error is not None or not isinstance(geometry, SliceGeometry):
+            return []
+        used, fp = self.used, self.fingerprint
+        numbers = _synthetic_numbers(part, geometry, used)
+        light = replace(part, maps=None, segmentation=None, myelin=None, phantom_rois=None)
+        mr = mr_geometry(geometry)
+        failed: list[Exception] = []
+
+        def step(name: str, number: int) -> None:
+            if failed:
+                return
+            t0 = time.perf_counter()
+            try:
+                group = _encoded(encode_synthetic_series(light, name, mr, used, number, fp))
+                rows = self.write(group, self._part or part)  # type: ignore[arg-type]
+                self.synthetic[name] = number
+                self.synthetic_rows.extend(rows)
+                self.rows.extend(rows)
+            except Exception as exc:
+                failed.append(exc)
+                log_event(log, "early_export_failed", level=logging.WARNING, error=repr(exc))
+            self.seconds += time.perf_counter() - t0
+
+        return [
+            functools.partial(step, name, number)
+            for name, number in numbers.items()
+            if name in part.synthetic
+        ]
+
+    def matches(
+        self, result: SeriesResult, settings: ExportSettings, geometry: SliceGeometry
+    ) -> bool:
         """Whether the early outputs are what the final ``result`` would give."""
         if self.error is not None or self.used is None:
             return False
         final = settings_for(result, settings)
-        return (
-            final.as_dict() == self.used.as_dict()
-            and parameter_fingerprint(result, final) == self.fingerprint
-        )
+        if final.as_dict() != self.used.as_dict():
+            return False
+        if parameter_fingerprint(result, final) != self.fingerprint:
+            return False
+        if self.synthetic:  # the same series numbers as the final export gives them
+            numbers = _synthetic_numbers(result, geometry, final)
+            return all(numbers.get(k) == n for k, n in self.synthetic.items())
+        return True
 
     def discard(self) -> None:
         """Remove what was written (never delivered: a speculation that missed)."""
         for _, _, path in self.rows:
             Path(path).unlink(missing_ok=True)
         self.rows, self.seg = [], None
+        self.synthetic, self.synthetic_rows = {}, []
+
+    def discard_synthetic(self) -> None:
+        """Remove the synthetic series built early (the final export builds every one)."""
+        gone = {path for _, _, path in self.synthetic_rows}
+        for path in gone:
+            Path(path).unlink(missing_ok=True)
+        self.rows = [r for r in self.rows if r[2] not in gone]
+        self.synthetic, self.synthetic_rows = {}, []
+
+
+def _synthetic_numbers(
+    result: SeriesResult, geometry: SliceGeometry, settings: ExportSettings
+) -> dict[str, int]:
+    """Series number of each selected synthetic contrast, as :func:`_start_synthetic` and
+    :func:`dicom_node.export.iter_synthetic_series` number them (``settings``: as
+    :func:`settings_for` gives them)."""
+    names = list(result.synthetic) if settings.contrasts is None else list(settings.contrasts)
+    base = series_number_base(geometry.refs[0], settings) + 100
+    return {name: base + i for i, name in enumerate(names)}
 
 
 def _process_and_export_early(
@@ -585,34 +669,57 @@ def _process_and_export_early(
     del acq  # the worker has its own (the hand-off file)
     trim_heap()
     early = _EarlyOutputs(job.write, job.settings.export, myelin_expected)
-    part: SeriesResult | None = None
+    # the extra outputs' own early work (the node's web store): given each part as it comes
+    on_part: Callable[[str, SeriesResult], None] | None = getattr(extra_outputs, "early", None)
+    parts: dict[str, SeriesResult] = {}
     try:
         meanwhile()
         deadline = None if job.timeout_s is None else time.monotonic() + job.timeout_s
         done: Future[Any] | None = None
-        while done is None or part is None:
+        # the synthetic series still to encode here, one at a time between the events:
+        # those left when the worker is done go to the final export (the QC gate is open)
+        steps: list[Callable[[], None]] = []
+        # the worker hands over "maps", "segmentation", "synthesis" (in that order), then
+        # returns; its result may come before the last parts (another channel)
+        while done is None or len(parts) < len(_PARTS):
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                stage, obj = task.events.get(timeout=wait)
+                stage, obj = (
+                    task.events.get(timeout=wait) if not steps else task.events.get_nowait()
+                )
             except queue.Empty:
+                if steps:
+                    steps.pop(0)()
+                    continue
                 raise TimeoutError(f"processing took more than {job.timeout_s} s") from None
             if stage == "done":
                 done = obj
                 obj.result()  # the worker's error (a crash: BrokenProcessPool)
-            elif isinstance(obj, Exception):
+                continue
+            if isinstance(obj, Exception):
                 raise obj  # a part that could not be read
-            else:
-                part = obj
-                part.provenance["source_sha256"] = digest
-                early.build(part, datasets, geometry(part))
+            parts[stage] = obj
+            if stage != "maps":
+                obj.provenance["source_sha256"] = digest
+            if stage == "segmentation":
+                obj.maps = parts["maps"].maps  # not sent twice
+            if on_part is not None:
+                on_part(stage, obj)
+            if stage == "segmentation":
+                early.build(obj, datasets, geometry(obj))
+            elif stage == "synthesis":
+                steps = early.plan_synthetic(obj, geometry(obj))
         result = done.result()
     except BaseException:
         early.discard()
         raise
     finally:
         task.close()
+    part = parts.pop("segmentation")
     result.maps, result.segmentation = part.maps, part.segmentation
-    del part
+    # the contrasts handed over first, in their order, then the enhancement's
+    result.synthetic = {**parts.pop("synthesis").synthetic, **result.synthetic}
+    del part, parts
     job.processed(result, digest, b1_notes)
     job.timings["export_early"] = early.seconds
     job.stage, t0 = "export", time.perf_counter()
@@ -703,7 +810,10 @@ def _export_and_write(
     outputs: list[tuple[str, str, str]] = []
     held: list[Dataset] = []
     marked = bool(qc_reason) and not hold
-    if early is not None and (marked or not early.matches(result, settings)):
+    if isinstance(geometry, Exception):
+        raise geometry
+    geometry = geometry or slice_geometry(result, sources, settings)
+    if early is not None and (marked or not early.matches(result, settings, geometry)):
         if early.rows or early.error is not None:
             log_event(log, "early_export_missed", level=logging.INFO, outputs=len(early.rows))
         early.discard()
@@ -730,9 +840,6 @@ def _export_and_write(
         outputs.extend(rows)
         on_outputs(rows)  # type: ignore[misc]
 
-    if isinstance(geometry, Exception):
-        raise geometry
-    geometry = geometry or slice_geometry(result, sources, settings)
     # The extra outputs' chain (the node's web store on a thread, then the report page
     # rendered in the worker, after the synthetic series it was given first) is the
     # longest of what is left: it starts first. They may return a function that finishes
@@ -742,11 +849,14 @@ def _export_and_write(
     extra = (
         extra_outputs(_web_copy(result) if release else result) if extra_outputs is not None else []
     )
+    done_early = early.synthetic if early is not None else {}
     away = (
-        _start_synthetic(result, geometry, settings, submit, qc_reason)
+        _start_synthetic(result, geometry, settings, submit, qc_reason, done_early)
         if stream and submit is not None
         else None
     )
+    if away is None and early is not None and early.synthetic:
+        early.discard_synthetic()  # never delivered yet: the export below builds them all
     if release and away is not None:  # the tasks have their contrasts; the node needs none
         result.synthetic = {k: without_arrays(v) for k, v in result.synthetic.items()}
     if release:  # never exported (the web store has what it keeps)
@@ -884,18 +994,21 @@ def _start_synthetic(
     settings: ExportSettings,
     submit: Submit,
     qc_mark: str,
+    done: Mapping[str, int] | None = None,
 ) -> list[_Away] | None:
-    """Submit one :func:`encode_synthetic_series` per selected contrast (None: a selection
-    the result cannot meet, left to the in-process export to report)."""
+    """Submit one :func:`encode_synthetic_series` per selected contrast but those ``done``
+    (built early, by name: their series number) (None: a selection the result cannot
+    meet, left to the in-process export to report)."""
     settings = settings_for(result, settings)  # as export_groups gives its builders
-    names = list(result.synthetic) if settings.contrasts is None else list(settings.contrasts)
-    if any(n not in result.synthetic for n in names):
+    numbers = _synthetic_numbers(result, geometry, settings)
+    if any(n not in result.synthetic for n in numbers):
         return None
-    base = series_number_base(geometry.refs[0], settings) + 100
     fp = parameter_fingerprint(result, settings)
     geometry = mr_geometry(geometry)  # each task pickles it: only what the builder reads
     tasks = []
-    for i, name in enumerate(names):
+    for name, number in numbers.items():
+        if done and done.get(name) == number:
+            continue
         # only what the MR builder reads: the worker gets one contrast, not every array
         light = replace(
             result,
@@ -905,7 +1018,7 @@ def _start_synthetic(
             myelin=None,
             phantom_rois=None,
         )
-        args = (light, name, geometry, settings, base + i, fp, qc_mark)
+        args = (light, name, geometry, settings, number, fp, qc_mark)
         tasks.append(_Away(submit(encode_synthetic_series, *args), args))
     return tasks
 

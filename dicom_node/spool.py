@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import re
 import shutil
@@ -240,6 +241,10 @@ class Spool:
         self.outbox = self.root / "outbox"
         for d in (self.root, self.tmp, self.incoming, self.outbox):
             d.mkdir(parents=True, exist_ok=True)
+        self._root_str, self._tmp_str = str(self.root), str(self.tmp)
+        #: names of the received files' temp files: unique per process (O_EXCL checks it)
+        self._tmp_seq = itertools.count()
+        self._pid = os.getpid()
         self.journal = IngestJournal(self.root, journal_owner)
         #: received files a crash had left missing or partial, rewritten from the journal
         #: (every process's logs: only the node process replays, before acceptors start)
@@ -360,20 +365,36 @@ class Spool:
         Raises :class:`~dicom_node.validate.InvalidInstanceError` (nothing kept) or
         :class:`SpoolFullError`.
         """
-        if not self.above_watermark():
-            raise SpoolFullError(
-                f"spool free space {self.free_bytes()} B is below the watermark "
-                f"{self.min_free_bytes} B"
-            )
         header = read_header(
             data, max_instance_bytes=max_instance_bytes, max_inflated_bytes=max_inflated_bytes
         )
-        path = self.instance_path("incoming", header.series_instance_uid, header.sop_instance_uid)
-        self._check_space(len(data))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._write_file(path, data, fsync=False)
-        self.journal.log_write(path, data)
-        return header, path
+        self._check_space(len(data))  # one statvfs: the watermark with this instance
+        # paths as strings (no pathlib per instance); a safe name cannot leave incoming/
+        series_dir = safe_name(header.series_instance_uid)
+        relative = f"incoming/{series_dir}/{safe_name(header.sop_instance_uid)}.dcm"
+        target = f"{self._root_str}/{relative}"
+        tmp = f"{self._tmp_str}/{self._pid}-{next(self._tmp_seq)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            try:
+                os.replace(tmp, target)
+            except FileNotFoundError:  # the series' first instance: its directory is new
+                os.makedirs(f"{self._root_str}/incoming/{series_dir}", exist_ok=True)
+                os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        self.journal.log_write_relative(relative, data)
+        return header, Path(target)
 
     def discard_received(self, path: Path) -> None:
         """Remove a stored received file the node does not keep after all (a replay of the

@@ -72,13 +72,19 @@ def run(
     per-patient DIR -> synthesis -> ONNX FLAIR enhancement -> QC. Optional stages that
     fail add a warning; the fit, PD and synthesis are mandatory and raise.
 
-    on_ready: called once, with ``"segmentation"``, after the segmentation and the
-    per-patient DIR timing, before the later stages start: a result with the maps, the
-    segmentation, volumes, tissue statistics and DIR parameters as they will be returned,
-    and the provenance as it will be *if* the FLAIR enhancement runs (a model that loads
-    is assumed to run; :func:`expected_model_sha256`). The caller (the node) can export
-    what depends only on these while the later stages run, and compare the final
-    provenance before it delivers them. Nothing the later stages do changes these arrays.
+    on_ready(stage, part): parts of the result handed over as soon as they are final, so
+    the caller (the node) can work on them while the later stages run. Nothing the later
+    stages do changes a part's arrays. In order:
+
+    - ``"maps"``, after PD: a result with the maps only (no provenance yet);
+    - ``"segmentation"``, after the segmentation and the per-patient DIR timing: the maps,
+      the segmentation, volumes, tissue statistics and DIR parameters as they will be
+      returned, and the provenance as it will be *if* the FLAIR enhancement runs (a model
+      that loads is assumed to run; :func:`expected_model_sha256`): the caller exports
+      what depends only on these and compares the final provenance before it delivers;
+    - ``"synthesis"``, after the synthesis (before the enhancement): the synthetic
+      contrasts as they will be returned (the enhancement only adds its own), with the
+      same expected provenance; no maps or segmentation.
     """
     settings = settings or ProcessingSettings()
     if settings.dir_null.upper() not in ("WM", "GM"):
@@ -96,6 +102,8 @@ def run(
         timings_s=timings,
         warnings=warnings,
     )
+    if on_ready is not None:
+        on_ready("maps", replace(result, timings_s={}, warnings=[], provenance={}))
     centres: dict[str, dict[str, float]] = {}
     if settings.segmentation:
         centres = _segmentation_stage(acq, result, profile)
@@ -103,8 +111,10 @@ def run(
     dir_warnings: list[str] = []  # reported with the synthesis's, as before the split
     dir_timing = _dir_stage(result, settings, centres, dir_warnings)
     dir_seconds = time.perf_counter() - t
+    ready = None
     if on_ready is not None:
-        on_ready("segmentation", _ready_part(acq, result, settings, centres, b1_used))
+        ready = _ready_part(acq, result, settings, centres, b1_used)
+        on_ready("segmentation", ready)
     # After the segmentation, myelin + QC (a thread) and synthesis + enhancement (here)
     # need nothing of each other: they overlap on the second core. Each side keeps its own
     # warnings and timings, merged afterwards in the sequential order (myelin, synthesis,
@@ -123,6 +133,19 @@ def run(
         csf_t1 = _synthesis_stage(
             acq, result, settings, centres, dir_timing, dir_seconds, dir_warnings
         )
+        if on_ready is not None and ready is not None:
+            # the contrasts so far, with the provenance the segmentation part expected
+            on_ready(
+                "synthesis",
+                replace(
+                    ready,
+                    maps=None,  # type: ignore[arg-type]
+                    segmentation=None,
+                    synthetic=dict(result.synthetic),
+                    provenance=dict(ready.provenance),
+                ),
+            )
+            ready = None
         model_sha = _enhance_stage(acq, result, settings, csf_t1) if settings.enhance else None
     finally:
         if concurrent:

@@ -310,3 +310,40 @@ def test_part10_writes_items_decoded_from_a_file_as_pydicom():
         return ds
 
     assert encode_part10(document()) == part10(document())
+
+
+def test_slice_encoder_refuses_other_per_instance_elements():
+    """A slice whose per-instance elements are not the template's: an element the plan
+    has no place for would be left out of the bytes without a word; it is refused, naming
+    the elements."""
+    from pydicom.dataset import Dataset
+
+    from dicom_node.export.part10 import SliceEncoder
+
+    def instance(sop: str, number: int) -> Dataset:
+        ds = Dataset()
+        ds.SOPInstanceUID, ds.InstanceNumber = sop, number
+        return ds
+
+    template = instance("1.2.3.1", 1)
+    template.SOPClassUID, template.PatientName = "1.2.840.10008.5.1.4.1.1.4", "DOE^J"
+    encoder = SliceEncoder(template, instance("1.2.3.1", 1))
+    assert encoder.spliceable
+    assert encoder.encode(instance("1.2.3.2", 2)) == encode_part10(
+        _with(template, instance("1.2.3.2", 2))
+    )
+    extra = instance("1.2.3.3", 3)
+    extra.ImageComments = "slice 3 only"
+    with pytest.raises(ValueError, match=r"\(0020,4000\)"):
+        encoder.encode(extra)
+
+
+def _with(template, varying):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    for elem in template:
+        ds.add(elem)
+    for elem in varying:
+        ds.add(elem)
+    return ds

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -26,6 +27,7 @@ from tests.conftest import (
     stop_pid,
     wait_port,
 )
+from tests.test_scp_security import pki  # noqa: F401  (module fixture: throw-away CA)
 
 
 def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
@@ -247,6 +249,7 @@ def test_outbox_pushes_a_series_over_parallel_associations(tmp_path: Path) -> No
     from pynetdicom.sop_class import MRImageStorage
 
     seen: list[tuple[int, str]] = []
+    connections: list[int] = []
 
     def on_store(event: evt.Event) -> int:
         seen.append((id(event.assoc), str(event.dataset.SOPInstanceUID)))
@@ -254,18 +257,100 @@ def test_outbox_pushes_a_series_over_parallel_associations(tmp_path: Path) -> No
 
     ae = AE("PACS")
     ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
-    srv = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    handlers = [
+        (evt.EVT_C_STORE, on_store),
+        (evt.EVT_CONN_OPEN, lambda event: connections.append(id(event.assoc))),
+    ]
+    srv = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
     try:
-        outs = [make_mr_file(tmp_path / f"out{i}.dcm", instance_number=i) for i in range(9)]
+        outs = [make_mr_file(tmp_path / f"out{i}.dcm", instance_number=i) for i in range(12)]
         sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in outs]
         rows = [("pacs", s, str(MRImageStorage), str(f)) for s, f in zip(sops, outs, strict=True)]
-        reg = _exported_series(tmp_path / "r.db", rows)
+        reg = _exported_series(tmp_path / "r.db", rows[:9])
         dest = Destination("pacs", "PACS", "127.0.0.1", srv.server_address[1], 10, associations=3)
         ob = Outbox(reg, [dest], RetrySettings(), NodeMetrics())
         assert ob.run_once() == 9
-        assert sorted(s for _, s in seen) == sorted(sops)
+        assert sorted(s for _, s in seen) == sorted(sops[:9])
         assert len({a for a, _ in seen}) == 3
         assert reg.series("1.1").state == State.DELIVERED
+        # a later batch (the next output series released) rides the open associations
+        reg.add_outbox("1.1", rows[9:])
+        assert ob.run_once() == 3
+        assert sorted(s for _, s in seen) == sorted(sops)
+        assert len(connections) == 3
+        ob.stop()  # closes them
         reg.close()
     finally:
         srv.shutdown()
+
+
+def test_c_store_command_set_is_pynetdicoms(tmp_path: Path) -> None:
+    """The directly encoded C-STORE-RQ command set is byte for byte the one pynetdicom
+    encodes, and the Part-10 reader finds what pydicom finds (and where the data set
+    starts: the bytes after it are what pydicom would encode)."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from dicom_node.requestor import c_store_rq_command, read_part10_meta
+
+    f = make_mr_file(tmp_path / "a.dcm")  # odd-length UIDs are padded
+    ds = pydicom.dcmread(f)
+    meta = read_part10_meta(f)
+    assert (meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid) == (
+        ds.file_meta.MediaStorageSOPClassUID,
+        ds.file_meta.MediaStorageSOPInstanceUID,
+        ds.file_meta.TransferSyntaxUID,
+    )
+    assert f.read_bytes()[meta.offset :] == encode(ds, False, True)
+    for msg_id in (1, 7, 65535):
+        req = C_STORE()
+        req.MessageID, req.Priority = msg_id, 2
+        req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        req.DataSet = BytesIO(b"\x00")
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        assert c_store_rq_command(ds.SOPClassUID, ds.SOPInstanceUID, msg_id) == encode(
+            msg.command_set, True, True
+        )
+
+
+@pytest.mark.integration
+def test_push_over_tls_to_dcmtk(tmp_path: Path, pki: Path) -> None:  # noqa: F811
+    """Destination tls = true: files of many PDUs (and TLS records) each go out, and their
+    responses come back, over dcmtk storescp +tls verifying our client certificate."""
+    from dicom_node.push import send_parallel
+
+    files = [
+        make_mr_file(tmp_path / f"{i}.dcm", instance_number=i, shape=(256, 256)) for i in range(3)
+    ]
+    out = tmp_path / "received"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [require_tool("storescp"), "+tls", f"{pki}/server.key", f"{pki}/server.crt"]
+        + ["-pw", "+cf", f"{pki}/ca.crt", "-aet", "PEER", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, 10)
+        dest = Destination(
+            "tls",
+            "PEER",
+            "127.0.0.1",
+            port,
+            10,
+            tls=True,
+            ca_file=f"{pki}/ca.crt",
+            cert_file=f"{pki}/client.crt",
+            key_file=f"{pki}/client.key",
+            associations=2,
+        )
+        res = send_parallel(files, dest)
+    finally:
+        stop_pid(proc)
+    assert res["sent"] == 3 and res["failed"] == 0, res
+    assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in out.iterdir()} == {
+        str(pydicom.dcmread(f).SOPInstanceUID) for f in files
+    }

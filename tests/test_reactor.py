@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -231,3 +233,343 @@ def test_bulk_recv_reads_whole_pdu_and_stops_at_close() -> None:
     finally:
         sender.join()
         ours.close()
+
+
+# --------------------------------------------------------------------------- the lean path
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+class _Recorder:
+    """An SCP with the event reactors recording each C-STORE: (SOP instance UID, data set
+    bytes, served in a DUL thread: the lean path)."""
+
+    def __init__(self, max_pdu: int = 16384) -> None:
+        self.stored: list[tuple[str, bytes, bool]] = []
+        self.gate: dict[str, object] = {}  # SOP instance UID -> threading.Event to wait on
+        ae = AE("SYNTHMR")
+        ae.maximum_pdu_size = max_pdu
+        ae.add_supported_context(MR, TRANSFER_SYNTAXES)
+        ae.add_supported_context("1.2.840.10008.1.1")
+        self.server = reactor.make_server(
+            ae, ("127.0.0.1", 0), [(evt.EVT_C_STORE, self.on_store), (evt.EVT_C_ECHO, self.on_echo)]
+        )
+        self.echo_threads: list[bool] = []
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def on_store(self, event: evt.Event) -> int:
+        import threading
+
+        uid = str(event.request.AffectedSOPInstanceUID)
+        gate = self.gate.get(uid)
+        if gate is not None:
+            assert gate.wait(10)  # type: ignore[attr-defined]
+        in_dul = isinstance(threading.current_thread(), reactor._EventDUL)
+        self.stored.append((uid, event.request.DataSet.getvalue(), in_dul))
+        return 0x0000
+
+    def on_echo(self, event: evt.Event) -> int:
+        import threading
+
+        self.echo_threads.append(isinstance(threading.current_thread(), reactor._EventDUL))
+        return 0x0000
+
+
+@pytest.fixture(scope="module")
+def _recording_server() -> Iterator[_Recorder]:
+    rec = _Recorder()
+    try:
+        yield rec
+    finally:
+        rec.server.shutdown()
+
+
+@pytest.fixture
+def recorder(_recording_server: _Recorder) -> _Recorder:
+    """The module's recording SCP, its records emptied."""
+    _recording_server.stored.clear()
+    _recording_server.echo_threads.clear()
+    _recording_server.gate.clear()
+    return _recording_server
+
+
+def _requestor(port: int, max_pdu: int = 16384) -> Association:
+    ae = AE("SCANNER")
+    ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 20
+    ae.maximum_pdu_size = max_pdu
+    ae.add_requested_context(MR, "1.2.840.10008.1.2.1")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="SYNTHMR")
+    assert assoc.is_established
+    return assoc
+
+
+def _command(uid: str, msg_id: int) -> bytes:
+    """The encoded command set of a C-STORE-RQ for ``uid`` (pynetdicom's encoding)."""
+    from io import BytesIO
+
+    rq = C_STORE()
+    rq.MessageID = msg_id
+    rq.AffectedSOPClassUID = MR
+    rq.AffectedSOPInstanceUID = uid
+    rq.Priority = 2
+    rq.DataSet = BytesIO(b"\x00" * 4)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(rq)
+    return b"".join(
+        data[1:]
+        for p in msg.encode_msg(1, 0)
+        for _, data in p.presentation_data_value_list
+        if data[0] & 1
+    )
+
+
+def _pdu(context_id: int, *pdvs: tuple[int, bytes]) -> bytes:
+    """A P-DATA-TF with the PDVs (message control header, fragment) given."""
+    import struct
+
+    items = b"".join(
+        struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
+        for control, fragment in pdvs
+    )
+    return struct.pack(">BBL", 4, 0, len(items)) + items
+
+
+def _send_raw(assoc: Association, pdus: list[bytes]) -> C_STORE:
+    """Write ``pdus`` on the association's socket as they are and wait for the answer
+    (the requestor's reactor paused, as pynetdicom's own send_c_store does)."""
+    import time
+
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    try:
+        for pdu in pdus:
+            assoc.dul.socket.socket.sendall(pdu)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    assert isinstance(rsp, C_STORE), rsp
+    return rsp
+
+
+def _mr_context(assoc: Association) -> int:
+    return next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == MR)
+
+
+#: how each C-STORE's command set (c) and data set (d) are cut into PDVs and PDUs:
+#: (name, [[(control, (part, start, end)), ...PDVs of a PDU], ...PDUs], lean path expected)
+_LAYOUTS = [
+    ("command and data PDVs in one PDU", [[(3, "c", 0, None), (0, "d", 0, 1000), (2, "d", 1000, None)]], True),
+    ("data fragmented across PDUs", [[(3, "c", 0, None)], [(0, "d", 0, 7000)], [(0, "d", 7000, 7001)], [(2, "d", 7001, None)]], True),
+    ("first data fragment beside the command", [[(3, "c", 0, None), (0, "d", 0, 5000)], [(2, "d", 5000, None)]], True),
+    ("empty last data fragment", [[(3, "c", 0, None)], [(0, "d", 0, None)], [(2, "d", 0, 0)]], True),
+    ("command in two PDUs", [[(1, "c", 0, 20)], [(3, "c", 20, None), (2, "d", 0, None)]], False),
+    ("command in two PDVs of one PDU", [[(1, "c", 0, 20), (3, "c", 20, None)], [(2, "d", 0, None)]], False),
+]  # fmt: skip
+
+
+def test_lean_path_stores_every_pdv_layout_as_sent(recorder: _Recorder) -> None:
+    """C-STORE requests cut into PDVs and PDUs in every way PS3.8 allows reach the handler
+    whole, one after the other on one association; the plain ones on the lean path (DUL
+    thread), a command set in several fragments on pynetdicom's path."""
+    assoc = _requestor(recorder.port)
+    cx = _mr_context(assoc)
+    data = bytes(range(256)) * 60  # 15 KiB
+    try:
+        for i, (name, layout, _) in enumerate(_LAYOUTS):
+            uid = f"1.2.826.0.1.3680043.8.498.{i + 1}"
+            parts = {"c": _command(uid, i + 1), "d": data[i:]}
+            pdus = [_pdu(cx, *[(ctl, parts[p][a:b]) for ctl, p, a, b in pdvs]) for pdvs in layout]
+            rsp = _send_raw(assoc, pdus)
+            assert rsp.Status == 0 and rsp.MessageIDBeingRespondedTo == i + 1, name
+            assert str(rsp.AffectedSOPInstanceUID) == uid, name
+    finally:
+        assoc.release()
+    assert [(u, d) for u, d, _ in recorder.stored] == [
+        (f"1.2.826.0.1.3680043.8.498.{i + 1}", data[i:]) for i in range(len(_LAYOUTS))
+    ]
+    assert [lean for *_, lean in recorder.stored] == [lean for *_, lean in _LAYOUTS]
+
+
+@pytest.mark.parametrize("over", [0, 1000])
+def test_lean_path_reads_pdus_at_and_over_the_negotiated_maximum(
+    recorder: _Recorder, over: int
+) -> None:
+    """A PDU exactly as long as our maximum PDU length is read into one buffer; a longer one
+    (a peer must not send it; pynetdicom accepts it) is read as it arrives, just as well."""
+    assoc = _requestor(recorder.port)
+    cx = _mr_context(assoc)
+    limit = assoc.acceptor.maximum_length
+    assert limit == 16384
+    data = bytes(range(251)) * 200
+    first = limit - 6 + over  # fragment filling the PDU to the byte (+ over)
+    uid = "1.2.826.0.1.3680043.8.498.77"
+    pdus = [
+        _pdu(cx, (3, _command(uid, 5))),
+        _pdu(cx, (0, data[:first])),
+        _pdu(cx, (2, data[first:])),
+    ]
+    assert len(pdus[1]) == limit + 6 + over
+    try:
+        assert _send_raw(assoc, pdus).Status == 0
+    finally:
+        assoc.release()
+    assert recorder.stored == [(uid, data, True)]
+
+
+def test_lean_path_answers_only_after_the_handler_returns(recorder: _Recorder) -> None:
+    """Served in the DUL thread, a C-STORE's success still leaves only once the handler
+    returned (DESIGN promise 1: the success means the instance is stored)."""
+    import threading
+
+    from pydicom.dataset import Dataset
+
+    uid = "1.2.826.0.1.3680043.8.498.88"
+    gate = recorder.gate[uid] = threading.Event()
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientName = MR, uid, "LEAN^GATE"
+    ds.file_meta = Dataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    assoc = _requestor(recorder.port)
+    answers: list[Dataset] = []
+    sender = threading.Thread(target=lambda: answers.append(assoc.send_c_store(ds)))
+    sender.start()
+    try:
+        sender.join(0.5)
+        assert sender.is_alive() and not answers and not recorder.stored  # handler waits
+        gate.set()
+        sender.join(20)
+        assert answers and answers[0].Status == 0
+        assert [(u, lean) for u, _, lean in recorder.stored] == [(uid, True)]
+    finally:
+        gate.set()
+        sender.join(20)
+        assoc.release()
+
+
+def test_c_echo_among_c_stores_on_one_association(recorder: _Recorder) -> None:
+    """A C-ECHO between C-STOREs goes pynetdicom's way (association thread); the C-STOREs
+    before and after it the lean way, answered in order."""
+    from pydicom.dataset import Dataset
+
+    assoc = _requestor(recorder.port)
+    uids = [f"1.2.826.0.1.3680043.8.498.9{i}" for i in range(4)]
+    try:
+        for i, uid in enumerate(uids):
+            ds = Dataset()
+            ds.SOPClassUID, ds.SOPInstanceUID = MR, uid
+            ds.file_meta = Dataset()
+            ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+            assert assoc.send_c_store(ds).Status == 0
+            if i % 2 == 0:
+                assert assoc.send_c_echo().Status == 0
+    finally:
+        assoc.release()
+    assert [(u, lean) for u, _, lean in recorder.stored] == [(u, True) for u in uids]
+    assert recorder.echo_threads == [False, False]
+
+
+def _wait_ended(server: object, assoc: Association) -> None:
+    """Both ends of ``assoc`` (written to raw, its reactor paused) end, the acceptor's DUL
+    thread too."""
+    import threading
+    import time
+
+    assoc._reactor_checkpoint.set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        duls = [t for t in threading.enumerate() if isinstance(t, reactor._EventDUL)]
+        if not assoc.is_alive() and not server.active_associations and not duls:  # type: ignore[attr-defined]
+            return
+        time.sleep(0.05)
+    raise AssertionError("the association did not end")
+
+
+def test_abort_in_the_middle_of_a_data_set(recorder: _Recorder) -> None:
+    """A peer's A-ABORT after part of a data set: nothing reaches the handler, the
+    association's threads end, and the next association stores as usual."""
+    import struct
+
+    assoc = _requestor(recorder.port)
+    cx = _mr_context(assoc)
+    uid = "1.2.826.0.1.3680043.8.498.66"
+    assoc._reactor_checkpoint.clear()
+    sock = assoc.dul.socket.socket
+    sock.sendall(_pdu(cx, (3, _command(uid, 1)), (0, b"\x01" * 3000)))
+    sock.sendall(struct.pack(">BBLBBBB", 7, 0, 4, 0, 0, 0, 0))  # A-ABORT, service user
+    _wait_ended(recorder.server, assoc)
+    assert recorder.stored == []
+    again = _requestor(recorder.port)
+    try:
+        assert (
+            _send_raw(again, [_pdu(_mr_context(again), (3, _command(uid, 2)), (2, b"ok"))]).Status
+            == 0
+        )
+    finally:
+        again.release()
+    assert recorder.stored == [(uid, b"ok", True)]
+
+
+def test_pdv_of_another_context_mid_data_set_aborts(recorder: _Recorder) -> None:
+    """A data fragment under another presentation context in the middle of a data set is
+    an invalid message: the SCP aborts the association (as pynetdicom does)."""
+    assoc = _requestor(recorder.port)
+    cx = _mr_context(assoc)
+    other = next(c.context_id for c in assoc.accepted_contexts if c.context_id != cx)
+    assoc._reactor_checkpoint.clear()
+    sock = assoc.dul.socket.socket
+    sock.sendall(_pdu(cx, (3, _command("1.2.826.0.1.3680043.8.498.55", 1)), (0, b"\x01" * 100)))
+    sock.sendall(_pdu(other, (2, b"\x02" * 100)))
+    _wait_ended(recorder.server, assoc)
+    assert assoc.is_aborted
+    assert recorder.stored == []
+
+
+def test_failure_outside_the_handler_on_the_lean_path_aborts_without_deadlock(
+    recorder: _Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom aborts (blocking: it waits for the DUL to stop) when serving a request
+    fails outside the handler; on the lean path that wait is the association thread's,
+    not the DUL thread's own: the association ends instead of hanging."""
+
+    def broken(self: object, status: object, rsp: C_STORE) -> C_STORE:
+        raise RuntimeError("status check failed")
+
+    monkeypatch.setattr(reactor._LeanStorageSCP, "validate_status", broken)
+    assoc = _requestor(recorder.port)
+    cx = _mr_context(assoc)
+    assoc._reactor_checkpoint.clear()
+    uid = "1.2.826.0.1.3680043.8.498.44"
+    assoc.dul.socket.socket.sendall(_pdu(cx, (3, _command(uid, 1)), (2, b"\x01\x02")))
+    _wait_ended(recorder.server, assoc)
+    assert assoc.is_aborted
+    assert [(u, lean) for u, _, lean in recorder.stored] == [(uid, True)]
+
+
+def test_dcmtk_storescu_over_small_pdus(tmp_path: Path) -> None:
+    """dcmtk's storescu against a 4 KiB maximum PDU (each instance in 5 PDUs or more):
+    every instance arrives whole on the lean path."""
+    rec = _Recorder(max_pdu=4096)
+    files = [
+        make_mr_file(
+            tmp_path / f"{i}.dcm",
+            series_uid="1.2.826.0.1.3680043.8.498.6",
+            instance_number=i,
+            shape=(96, 96),
+        )
+        for i in range(3)
+    ]
+    try:
+        done = storescu(files, rec.port)
+    finally:
+        rec.server.shutdown()
+    assert done.returncode == 0, done.stdout + done.stderr
+    import pydicom
+
+    for path, (uid, data, lean) in zip(files, rec.stored, strict=True):
+        ds = pydicom.dcmread(path)
+        assert uid == str(ds.SOPInstanceUID) and lean
+        assert len(data) > 4 * 4096 and data.endswith(ds.PixelData), uid

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -233,3 +234,68 @@ def test_parallel_senders_spread_over_acceptor_processes(
             r = storescu([moved], rig.port)
             assert "Received Store Response (Success)" not in r.stdout + r.stderr
         assert rig.registry.series("1.2.3.9") is None
+        _helper_killed_mid_association(rig, pool, tmp_path)
+        # a restart that spawns its helper after stop() took its list of helpers does not
+        # leave that helper running (with the node's port open) once the node stopped
+        pool.stop()
+        pool._spawn(1)
+        late = pool._helpers.get(1)
+        assert late is None or late.proc.wait(10) is not None
+
+
+def _helper_killed_mid_association(rig: ScpRig, pool: Any, tmp_path: Path) -> None:
+    """A helper killed (-9) in the middle of an association, its journal holding records
+    (here one written in its name, as it writes them: a real one is checkpointed 1 s after
+    its last instance). Its association counts as aborted (the series it carried starts
+    its quiet period, as after an abort in the node process), and the node checkpoints its
+    journal before it forgets it, so that a series removed before the new helper runs
+    (checkpoint_all cannot ask a dead process) leaves no record that a replay at the next
+    start would bring back."""
+    import os
+    import signal
+    import time
+
+    from pynetdicom.sop_class import MRImageStorage
+
+    from dicom_node.journal import IngestJournal
+    from dicom_node.spool import Spool
+
+    pool.RESTART_MIN_INTERVAL_S = 3600.0  # the removal comes before the new helper
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(MRImageStorage)
+    in_node, carried = [], None
+    for k in range(20):  # hold the node process's associations until one lands in the helper
+        before = pool.helper_associations()
+        assoc = ae.associate("127.0.0.1", rig.port, ae_title="SYNTHMR")
+        assert assoc.is_established
+        if pool.helper_associations() == before:
+            in_node.append(assoc)
+            continue
+        carried = f"1.2.3.7.{k}"
+        f = make_mr_file(tmp_path / "carried.dcm", series_uid=carried)
+        assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
+        break
+    assert carried is not None
+    victim = make_mr_file(tmp_path / "victim.dcm", series_uid="1.2.3.8")
+    in_its_name = Spool(rig.spool.root, journal_owner="p1.", replay=False)
+    in_its_name.journal.idle_checkpoint_s = 1e9
+    _, path = in_its_name.store_received(victim.read_bytes())
+    helper = pool._helpers[1]
+    os.kill(helper.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while pool._helpers.get(1) is helper and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool._helpers.get(1) is not helper
+    row = rig.registry.series(carried)
+    assert row is not None and row.last_released is not None
+    rig.spool.remove_series("1.2.3.8")
+    assert not path.exists()
+    logged = [
+        name
+        for log in rig.spool.journal.dir.glob("ingest-*.log")
+        for kind, name, _ in IngestJournal.records(log)
+        if kind == "W"
+    ]
+    assert str(path.relative_to(rig.spool.root)) not in logged
+    for assoc in in_node:
+        assoc.release()

@@ -16,6 +16,7 @@ from pynetdicom.sop_class import Verification
 from tests.conftest import (
     echoscu,
     free_port,
+    make_mr_file,
     require_tool,
     stop_pid,
     store_scp,
@@ -104,6 +105,18 @@ def test_mutual_tls_with_dcmtk(tmp_path: Path, pki: Path) -> None:
         ok = _tls_echo(rig.port, pki, with_client_cert=True)
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert "Received Echo Response (Success)" in ok.stdout + ok.stderr
+        # a C-STORE over TLS (the lean receive path reads and answers on the TLS socket)
+        mr = make_mr_file(tmp_path / "tls.dcm", shape=(96, 96))
+        store = [require_tool("storescu"), "-v", "-aet", "SCANNER", "-aec", "SYNTHMR", "+tls"]
+        store += [str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
+        stored = subprocess.run(
+            [*store, "127.0.0.1", str(rig.port), str(mr)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert "Received Store Response (Success)" in stored.stdout + stored.stderr
+        assert len(list(rig.spool.incoming.rglob("*.dcm"))) == 1
         anon = _tls_echo(rig.port, pki, with_client_cert=False)  # no client certificate
         assert anon.returncode != 0
         plain = echoscu(rig.port)  # no TLS at all

@@ -419,3 +419,45 @@ def test_enhanced_mr_source_tuned_series_references_its_frames(
     maps = client.get(f"/api/series/{uid}/maps.bin")
     assert maps.status_code == 200 and len(maps.content) > 2 * 32 * 32
     assert client.get(f"/series/{uid}/report").status_code == 200
+
+
+def test_series_stored_in_parts_as_at_once(tmp_path: Path) -> None:
+    """The node's job stores a series in parts as the worker hands them over (maps, then
+    segmentation with the report's T1w/T2w ratio, then the rest): every stored array,
+    thumbnail and meta.json equals save_series's in one go, and the ratio volume and
+    tissue medians the report reads are those made from the stored maps."""
+    import json
+
+    import numpy as np
+
+    from dicom_node import emulator, vendors
+    from dicom_node.seriesstore import PendingSeries, load_series, save_series
+    from dicom_node.web import reportdata
+    from processing.phantom import make_phantom
+    from processing.run import ProcessingSettings, run
+
+    ph = make_phantom((2, 32, 32), seed=3, snr=50.0, anatomy="ellipsoid")
+    ds = [pydicom.dcmread(f) for f in emulator.write_series(ph.acq, "ge", tmp_path / "in")]
+    result = run(vendors.normalize(ds), ProcessingSettings(enhance=False))
+    assert result.segmentation is not None and result.myelin is not None
+    uid = str(ds[0].SeriesInstanceUID)
+    once = load_series(save_series(tmp_path / "once", uid, result, ds).parents[1], uid)
+    pending = PendingSeries(tmp_path / "parts", uid, ds)
+    pending.add_maps(result)
+    pending.add_segmentation(result)
+    ratio = reportdata.early_ratio(result.maps, result.segmentation.fractions, pending.tmp)
+    parts = load_series(pending.finish(result).parents[1], uid)
+    a, b = once.arrays(), parts.arrays()
+    assert list(a) == list(b) and "mypv" in a and "frac_WM" in a
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert once.meta == parts.meta
+    thumbs = sorted(p.name for p in (once.path / "thumbs").iterdir())
+    assert thumbs == sorted(p.name for p in (parts.path / "thumbs").iterdir())
+    for name in thumbs:
+        assert (once.path / "thumbs" / name).read_bytes() == (
+            parts.path / "thumbs" / name
+        ).read_bytes(), name
+    np.testing.assert_array_equal(ratio, reportdata.ratio_volume(once))
+    medians = json.loads((parts.path / "t1w_t2w.json").read_text())
+    assert medians and medians == reportdata._ratio(once)

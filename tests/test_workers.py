@@ -29,8 +29,9 @@ def acq():  # 2 x 16 x 16 ellipsoid phantom, SNR 50
 
 
 def test_embedded_pool_matches_in_process(acq) -> None:
-    """Also streamed (Workers.submit_streamed): the maps arrive as a part of their own
-    before the task returns the rest (without them), and no hand-off file is left."""
+    """Also streamed (Workers.submit_streamed): the maps, the segmentation (without the
+    maps) and the synthetic contrasts arrive as parts of their own before the task
+    returns the rest (without them), and no hand-off file is left."""
     from dicom_node.handoff import _directory
     from dicom_node.series import process_handing_over
 
@@ -39,7 +40,7 @@ def test_embedded_pool_matches_in_process(acq) -> None:
     try:
         remote = w.submit(run, acq, SETTINGS).result(timeout=300)
         task = w.submit_streamed(process_handing_over, acq, SETTINGS, None)
-        events = [task.events.get(timeout=300) for _ in range(2)]
+        events = [task.events.get(timeout=300) for _ in range(4)]
         task.close()
     finally:
         w.stop()
@@ -47,11 +48,13 @@ def test_embedded_pool_matches_in_process(acq) -> None:
     np.testing.assert_array_equal(remote.maps.t1_ms, local.maps.t1_ms)
     assert remote.maps.mask.any()
     parts = dict(events)
-    assert sorted(parts) == ["done", "segmentation"]
-    np.testing.assert_array_equal(parts["segmentation"].maps.t1_ms, local.maps.t1_ms)
+    assert sorted(parts) == ["done", "maps", "segmentation", "synthesis"]
+    np.testing.assert_array_equal(parts["maps"].maps.t1_ms, local.maps.t1_ms)
+    assert parts["segmentation"].maps is None
     rest = parts["done"].result()
-    assert rest.maps is None and rest.synthetic.keys() == local.synthetic.keys()
-    np.testing.assert_array_equal(rest.synthetic["T1W"].image, local.synthetic["T1W"].image)
+    handed = parts["synthesis"].synthetic
+    assert rest.maps is None and rest.synthetic == {} and list(handed) == ["T1W"]
+    np.testing.assert_array_equal(handed["T1W"].image, local.synthetic["T1W"].image)
     assert not list(_directory().glob(f"synthmr-handoff-{os.getpid()}-*"))
 
 

@@ -15,6 +15,7 @@ from dicom_node.seriesstore import StoredSeries, load_series
 from processing import normative
 from processing._version import __version__
 from processing.report import change_per_year, years_between
+from processing.results import QuantMaps
 
 __all__ = ["KEY_IMAGES", "build_report_data", "registry_priors", "report_data"]
 
@@ -61,9 +62,6 @@ def ratio_volume(stored: StoredSeries) -> np.ndarray:
     """T1w/T2w ratio ``[z, y, x]`` of the preset T1W and T2W synthesized from the stored maps
     (physical signals, so the display scale of either image does not enter). Read-only:
     the array is shared with the next caller for the same stored maps."""
-    from processing.synthesis import physical_signal, resolve_spec
-    from processing.t1t2ratio import t1w_t2w_ratio
-
     maps_file = stored.path / "maps.npz"
     try:
         key = (str(maps_file), maps_file.stat().st_mtime_ns)
@@ -72,17 +70,73 @@ def ratio_volume(stored: StoredSeries) -> np.ndarray:
     with _last_ratio_lock:
         if key is not None and key in _last_ratio:
             return _last_ratio[key]
-    maps = stored.quant_maps()
+    ratio = ratio_of_maps([stored.quant_maps()])
+    if key is not None:
+        remember_ratio(maps_file, ratio)
+    return ratio
+
+
+def ratio_of_maps(held: list[QuantMaps]) -> np.ndarray:
+    """T1w/T2w ratio (read-only) of the maps in ``held`` (as the store keeps them:
+    float32, 0 outside the mask); the list is emptied: the maps go before the ratio's
+    temporaries come (the node's export peak)."""
+    from processing.synthesis import physical_signal, resolve_spec
+    from processing.t1t2ratio import t1w_t2w_ratio
+
+    maps = held.pop()
     t1w = physical_signal(maps, resolve_spec("T1W"))
     t2w = physical_signal(maps, resolve_spec("T2W"))
     mask = maps.mask
-    del maps  # the maps go before the ratio's temporaries come (the node's export peak)
+    del maps
     ratio = t1w_t2w_ratio(t1w, t2w, mask)
     ratio.flags.writeable = False
-    if key is not None:
-        with _last_ratio_lock:
-            _last_ratio.clear()
-            _last_ratio[key] = ratio
+    return ratio
+
+
+def remember_ratio(maps_file: Path, ratio: np.ndarray) -> None:
+    """Keep ``ratio`` as :func:`ratio_volume`'s answer for the stored ``maps_file`` as it
+    is now (the node's job computed it from the maps before they were stored)."""
+    try:
+        key = (str(maps_file), maps_file.stat().st_mtime_ns)
+    except OSError:
+        return
+    with _last_ratio_lock:
+        _last_ratio.clear()
+        _last_ratio[key] = ratio
+
+
+def early_ratio(maps: QuantMaps, fractions: dict[str, np.ndarray], folder: Path) -> np.ndarray:
+    """What the report needs of the maps and the segmentation, made as soon as they exist
+    (the node's job, while its worker goes on): the T1w/T2w ratio volume (returned: for
+    :func:`remember_ratio` once the series is stored) and its tissue medians, cached as
+    ``folder/t1w_t2w.json`` (``folder``: the series' store being written,
+    :class:`dicom_node.seriesstore.PendingSeries`). The figures :func:`_ratio` would make
+    from the stored maps: computed from the same float32 and uint8 values."""
+    from dicom_node.seriesstore import fraction_u8, masked_f32
+    from processing.t1t2ratio import tissue_medians
+
+    mask = np.asarray(maps.mask, bool)
+    t1 = masked_f32(maps.t1_ms, mask)
+    zeros = np.zeros_like(t1)  # as StoredSeries.quant_maps gives them
+    stored = QuantMaps(
+        t1_ms=t1,
+        t2_ms=masked_f32(maps.t2_ms, mask),
+        pd_pu=masked_f32(maps.pd_pu, mask),
+        b1=masked_f32(maps.b1, mask),
+        m0=zeros,
+        residual=zeros,
+        mask=mask,
+        failed=np.asarray(maps.failed, bool),
+    )
+    del t1
+    ratio = ratio_of_maps([stored])
+    fr = {
+        t: fraction_u8(fractions[t]).astype(np.float32) / 255.0
+        for t in ("WM", "GM")
+        if t in fractions
+    }
+    if fr:
+        (folder / "t1w_t2w.json").write_text(json.dumps(tissue_medians(ratio, fr)))
     return ratio
 
 
@@ -273,6 +327,13 @@ def start_series_report(
         from processing.report import render_report
 
         rendering = submit(render_report, data)
+    # the ratio map while the page renders
+    xs = settings.export
+    stored = load_series(spool_root, series_uid)
+    result = stored_result(stored, mask_only=True)  # type: ignore[arg-type]
+    fp = parameter_fingerprint(result, xs)
+    ratio_map = ratio_parametric_map(stored, result, sources, xs, fp)  # type: ignore[arg-type]
+    del stored, result
 
     def finish() -> list[Any]:
         def rendered(_: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -280,12 +341,8 @@ def start_series_report(
 
         render = rendered if rendering is not None else None
         pdf, png = cached_render(spool_root, series_uid, data, render)
-        xs = settings.export
-        stored = load_series(spool_root, series_uid)
-        result = stored_result(stored)  # type: ignore[arg-type]
-        fp = parameter_fingerprint(result, xs)
         docs = report_documents(pdf, png, reference_images(sources)[0], xs, fp)
-        return docs + [ratio_parametric_map(stored, result, sources, xs, fp)]  # type: ignore[arg-type]
+        return [*docs, ratio_map]
 
     return finish
 

@@ -21,7 +21,7 @@ from dicom_node.export.mr_images import synthetic_series
 from dicom_node.export.settings import ExportSettings
 from dicom_node.export.uids import parameter_fingerprint
 from dicom_node.seriesstore import StoredSeries
-from processing.results import SeriesResult
+from processing.results import QuantMaps, SeriesResult
 from processing.synthesis import ContrastKind, ContrastSpec, SynthesisError, synthesize
 
 __all__ = ["TUNED_SERIES_OFFSET", "spec_from_request", "stored_result", "tuned_series"]
@@ -64,14 +64,21 @@ def spec_from_request(body: dict) -> ContrastSpec:
     return spec.resolved()
 
 
-def stored_result(stored: StoredSeries) -> SeriesResult:
-    """A SeriesResult carrying the stored maps, geometry and provenance (no contrasts)."""
+def stored_result(stored: StoredSeries, *, mask_only: bool = False) -> SeriesResult:
+    """A SeriesResult carrying the stored maps, geometry and provenance (no contrasts).
+    ``mask_only``: of the maps only the mask (the others None, not inflated from the
+    store: what a map of other data and the fingerprint need)."""
     m = stored.meta
+    if mask_only:
+        mask = stored.arrays(("mask",))["mask"]
+        maps = QuantMaps(*(None,) * 6, mask=mask, failed=None)  # type: ignore[arg-type]
+    else:
+        maps = stored.quant_maps()
     return SeriesResult(
         shape=tuple(m["shape"]),  # type: ignore[arg-type]
         voxel_size_mm=tuple(m["voxel_size_mm"]),  # type: ignore[arg-type]
         affine=np.asarray(m["affine"], float),
-        maps=stored.quant_maps(),
+        maps=maps,
         volumes_ml=dict(m.get("volumes_ml") or {}),
         provenance=dict(m.get("provenance") or {}),
     )
