@@ -299,27 +299,41 @@ class IngestJournal:
         """After a crash: restore every logged file that is missing or differs, in log
         order (deletions too); checkpoint; return how many files were rewritten."""
         final: dict[str, bytes | None] = {}  # the last record of each name wins
+        # each process's last write of a name: the logs are replayed process by process,
+        # not in time order, so of two processes' writes of one name (a corrected re-send
+        # received by the other) the one replayed last need not be the newer
+        written: dict[str, dict[str, bytes]] = {}
         replayed = self._logs(every_owner=True)
         for _, log_path in replayed:
+            owner = log_path.stem[len("ingest-") :].rpartition(".")[0]
             for kind, name, data in self.records(log_path):
                 final.pop(name, None)  # keep log order for the writes below
                 final[name] = None if kind == "D" else data
+                if kind == "D":
+                    written.get(name, {}).pop(owner, None)
+                else:
+                    written.setdefault(name, {})[owner] = data
         n = 0
         for name, data in final.items():
             target = (self.root / name).resolve()
             if self.root not in target.parents:
                 continue  # never written by us: a log names paths inside the root
+            versions = list(written.get(name, {}).values())
+            try:
+                size = target.stat().st_size
+                # a file that holds one process's last write of it was renamed into place
+                # by that process (last, when it survived): it is left as it is
+                same = any(len(v) == size for v in versions) and target.read_bytes() in versions
+            except OSError:
+                same = False
+            if same:
+                continue
             if data is None:
                 target.unlink(missing_ok=True)
                 continue
-            try:
-                same = target.stat().st_size == len(data) and target.read_bytes() == data
-            except OSError:
-                same = False
-            if not same:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_file(target, data)
-                n += 1
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_file(target, data)
+            n += 1
         self.checkpoint()
         for _, log_path in replayed:  # other processes' logs (each file rewritten durably)
             log_path.unlink(missing_ok=True)

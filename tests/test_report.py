@@ -197,6 +197,15 @@ def test_report_page_shows_dollar_signs_in_data_as_written() -> None:
     assert len(texts) >= 3 and all(not t.get_parse_math() for t in texts)
 
 
+def test_qc_history_plot_titles_a_scanner_name_as_written() -> None:
+    """The scanner's name in the phantom-QC plot's title is drawn as written (a pair of "$"
+    in it failed the plot: matplotlib parsed it as mathtext)."""
+    from processing.report import qc_history_png
+
+    png = qc_history_png({"T1": [(1.7e9, 1.5), (1.71e9, 2.0)]}, r"phantom QC, scanner A$\x$")
+    assert Image.open(io.BytesIO(png)).size == (700, 260)
+
+
 def test_registry_priors_are_earlier_visits_of_the_same_patient(tmp_path: Path) -> None:
     from dicom_node.web.reportdata import registry_priors
 
