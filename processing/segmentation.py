@@ -51,15 +51,14 @@ Volumes follow West et al. 2012: BPV = WM + GM + NON, ICV = BPV + CSF, BPF = BPV
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import numba as nb
 import numpy as np
 from scipy import ndimage, optimize
 
+from processing._threads import CONCURRENT_MAX_VOXELS, both
 from processing.acquisition import Acquisition
 from processing.results import TISSUES, QuantMaps, TissueFractions
 from processing.sequence_model import acquisition_jacobian, acquisition_signal, single_thread
@@ -106,47 +105,6 @@ _REFINE_SUBSAMPLE = 25_000
 
 class SegmentationError(ValueError):
     """Invalid input to the segmentation; the message names the problem."""
-
-
-#: Grids up to this many voxels run independent numpy/scipy steps of the segmentation
-#: on two threads (the second core); larger ones run them one after the other, which bounds
-#: the worker's peak memory (as processing.run.CONCURRENT_MAX_VOXELS).
-_CONCURRENT_MAX_VOXELS = 1 << 22
-
-_A = TypeVar("_A")
-_B = TypeVar("_B")
-
-
-def _both(first: Callable[[], _A], second: Callable[[], _B], concurrent: bool) -> tuple[_A, _B]:
-    """``(first(), second())``; with ``concurrent``, ``first`` runs on a thread of its own
-    meanwhile. Both must be numpy/scipy only (they release the GIL in their loops): numba's
-    workqueue threading layer does not survive two parallel regions at once. An exception
-    of either is raised here, ``first``'s first."""
-    if not concurrent:
-        a = first()
-        return a, second()
-    box: list[Any] = []
-
-    def work() -> None:
-        try:
-            box.append((True, first()))
-        except BaseException as exc:  # raised again in the caller's thread
-            box.append((False, exc))
-
-    thread = threading.Thread(target=work, name="segmentation-side", daemon=True)
-    thread.start()
-    try:
-        b = second()
-    except BaseException:
-        thread.join()
-        if not box[0][0]:
-            raise box[0][1] from None
-        raise
-    thread.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value, b
 
 
 def _check_maps(maps: QuantMaps) -> tuple[int, int, int]:
@@ -551,9 +509,11 @@ def _gram(a, yv, cols, m, gram, rhs):
 
 @nb.njit(cache=True)
 def _unmix_one(
-    yv, a, shell_v, sig2, chi2_thr, sparsity, cols, gram, rhs, f3, f4, kkt, vec, idx, res
+    yv, a, shell_v, sig2, chi2_thr, sparsity, cols, gram, rhs, f3, f4, kkt, vec, idx, res, best
 ):
-    """Unmix one voxel's signed samples ``yv`` on basis ``a``. res <- WM GM CSF NON rms.
+    """Unmix one voxel's signed samples ``yv`` on basis ``a``. res <- WM GM CSF NON rms,
+    only when the three-class squared residual is below ``best`` (the B1 search keeps
+    nothing else: the NON test is skipped for a B1 that is not kept).
 
     Returns the three-class squared residual (the B1 search criterion).
     """
@@ -572,6 +532,8 @@ def _unmix_one(
     _gram(a, yv, cols, m3, gram, rhs)
     f3[:] = 0.0
     r3 = _simplex_ls(gram, rhs, yy, m3, f3, kkt, vec, idx, pen)
+    if not r3 < best:
+        return r3
     res[0] = f3[0]
     res[1] = f3[1]
     res[2] = f3[2]
@@ -626,7 +588,7 @@ def _unmix_kernel(y, b1, shell, noise, table, b1_lo, db, chi2_thr, sparsity, b1_
                 _fill_basis(table, b1_lo, db, bv, a)
                 r3 = _unmix_one(
                     y[v], a, shell[v], sig2, chi2_thr, sparsity, cols, gram, rhs, f3, f4, kkt,
-                    vec, idx, res,
+                    vec, idx, res, best,
                 )  # fmt: skip
                 rr[c] = r3
                 if r3 < best:
@@ -773,10 +735,10 @@ def segment(
             found["CSF"] = dict(LITERATURE_CENTRES["CSF"])
             return found, _checked_centres(found)
 
-        (centres, cen), problem = _both(
+        (centres, cen), problem = both(
             estimate,
             lambda: _UnmixProblem.build(acq, maps, icm, non, profile, extracranial_shell),
-            concurrent=icmask.size <= _CONCURRENT_MAX_VOXELS,
+            concurrent=icmask.size <= CONCURRENT_MAX_VOXELS,
         )
     else:
         cen = _checked_centres(centres)
@@ -1197,10 +1159,10 @@ def _smooth_b1(
     den[at] = 1.0
     sig = (0.0, _B1_SMOOTH_SIGMA_MM / voxel_size_mm[1], _B1_SMOOTH_SIGMA_MM / voxel_size_mm[2])
     # the two filters release the GIL: one on a second thread (the same values)
-    num_b, den_b = _both(
+    num_b, den_b = both(
         lambda: ndimage.gaussian_filter(num, sig, mode="constant", truncate=3.0),
         lambda: ndimage.gaussian_filter(den, sig, mode="constant", truncate=3.0),
-        concurrent=sel.size <= _CONCURRENT_MAX_VOXELS,
+        concurrent=sel.size <= CONCURRENT_MAX_VOXELS,
     )
     ok = den_b > 1e-3 * den_b.max()
     in_box = sel[box]
