@@ -66,14 +66,20 @@ _REMOTE_METRICS = frozenset(("stage", "associations", "connections_refused", "in
 class _Link:
     """A helper's pipe to the node process: calls (answered; the caller waits) and notes.
 
-    One call at a time per helper: the node process answers in order."""
+    One call at a time per helper: the node process answers in order. Deferred notes
+    (:meth:`defer`) travel with the next call: the per-instance timing rides on the next
+    instance's ``add_instance`` instead of waking the node process once more."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
+        self._deferred: list[tuple[str, tuple[Any, ...]]] = []
 
     def call(self, op: str, *args: Any) -> Any:
         with self._lock:
+            if self._deferred:
+                self._conn.send(("notes", (self._deferred,), False))
+                self._deferred = []
             self._conn.send((op, args, True))
             kind, value = self._conn.recv()
         if kind == "ok":
@@ -85,6 +91,11 @@ class _Link:
     def note(self, op: str, *args: Any) -> None:
         with self._lock:
             self._conn.send((op, args, False))
+
+    def defer(self, op: str, *args: Any) -> None:
+        """A note sent with the next call (order kept)."""
+        with self._lock:
+            self._deferred.append((op, args))
 
 
 class _RemoteRegistry:
@@ -110,8 +121,8 @@ class _RemoteMetric:
 
     def _send(self, method: str, *args: float) -> None:
         # counts are updated before the helper goes on (a test or a scrape that follows
-        # the answer sees them); the per-instance timing histogram need not wait
-        send = self._link.note if self._name == "stage" else self._link.call
+        # the answer sees them); the per-instance timing travels with the next call
+        send = self._link.defer if self._name == "stage" else self._link.call
         send("metric", self._name, self._labels, method, args)
 
     def inc(self, amount: float = 1.0) -> None:
@@ -535,6 +546,10 @@ class AcceptorPool:
 
     def _handle(self, helper: _Helper, op: str, args: tuple[Any, ...]) -> Any:
         scp, server = self.scp, self.server
+        if op == "notes":
+            for note_op, note_args in args[0]:
+                self._handle(helper, note_op, note_args)
+            return None
         if op == "add_instance":
             fields = args[0]
             count, expected = scp.registry.add_instance(**fields)

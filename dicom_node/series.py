@@ -20,6 +20,7 @@ Only orchestration lives here: the numerics run in :mod:`processing` (in a worke
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import time
@@ -562,33 +563,42 @@ class _EarlyOutputs:
             log_event(log, "early_export_failed", level=logging.WARNING, error=repr(exc))
         self.seconds += time.perf_counter() - t0
 
-    def build_synthetic(
+    def plan_synthetic(
         self, part: SeriesResult, geometry: SliceGeometry | Exception | None
-    ) -> None:
-        """Encode and write the synthetic contrast series of the synthesis ``part`` (what
-        :func:`encode_synthetic_series` gives the final export, with the settings and
-        fingerprint of the early maps); never raises: an error leaves them to the final
-        export."""
+    ) -> list[Callable[[], None]]:
+        """One step per synthetic contrast series of the synthesis ``part``, in export
+        order: each encodes and writes its series (what :func:`encode_synthetic_series`
+        gives the final export, with the settings and fingerprint of the early maps) and
+        never raises (an error leaves the rest to the final export). No step when the
+        early maps failed (their settings and fingerprint are unknown)."""
         if self.used is None or self.error is not None or not isinstance(geometry, SliceGeometry):
-            return
-        t0 = time.perf_counter()
-        try:
-            numbers = _synthetic_numbers(part, geometry, self.used)
-            light = replace(part, maps=None, segmentation=None, myelin=None, phantom_rois=None)
-            mr = mr_geometry(geometry)
-            for name, number in numbers.items():
-                if name not in part.synthetic:
-                    continue
-                group = _encoded(
-                    encode_synthetic_series(light, name, mr, self.used, number, self.fingerprint)
-                )
+            return []
+        used, fp = self.used, self.fingerprint
+        numbers = _synthetic_numbers(part, geometry, used)
+        light = replace(part, maps=None, segmentation=None, myelin=None, phantom_rois=None)
+        mr = mr_geometry(geometry)
+        failed: list[Exception] = []
+
+        def step(name: str, number: int) -> None:
+            if failed:
+                return
+            t0 = time.perf_counter()
+            try:
+                group = _encoded(encode_synthetic_series(light, name, mr, used, number, fp))
                 rows = self.write(group, self._part or part)  # type: ignore[arg-type]
                 self.synthetic[name] = number
                 self.synthetic_rows.extend(rows)
                 self.rows.extend(rows)
-        except Exception as exc:
-            log_event(log, "early_export_failed", level=logging.WARNING, error=repr(exc))
-        self.seconds += time.perf_counter() - t0
+            except Exception as exc:
+                failed.append(exc)
+                log_event(log, "early_export_failed", level=logging.WARNING, error=repr(exc))
+            self.seconds += time.perf_counter() - t0
+
+        return [
+            functools.partial(step, name, number)
+            for name, number in numbers.items()
+            if name in part.synthetic
+        ]
 
     def matches(
         self, result: SeriesResult, settings: ExportSettings, geometry: SliceGeometry
@@ -666,13 +676,21 @@ def _process_and_export_early(
         meanwhile()
         deadline = None if job.timeout_s is None else time.monotonic() + job.timeout_s
         done: Future[Any] | None = None
+        # the synthetic series still to encode here, one at a time between the events:
+        # those left when the worker is done go to the final export (the QC gate is open)
+        steps: list[Callable[[], None]] = []
         # the worker hands over "maps", "segmentation", "synthesis" (in that order), then
         # returns; its result may come before the last parts (another channel)
         while done is None or len(parts) < len(_PARTS):
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                stage, obj = task.events.get(timeout=wait)
+                stage, obj = (
+                    task.events.get(timeout=wait) if not steps else task.events.get_nowait()
+                )
             except queue.Empty:
+                if steps:
+                    steps.pop(0)()
+                    continue
                 raise TimeoutError(f"processing took more than {job.timeout_s} s") from None
             if stage == "done":
                 done = obj
@@ -690,7 +708,7 @@ def _process_and_export_early(
             if stage == "segmentation":
                 early.build(obj, datasets, geometry(obj))
             elif stage == "synthesis":
-                early.build_synthetic(obj, geometry(obj))
+                steps = early.plan_synthetic(obj, geometry(obj))
         result = done.result()
     except BaseException:
         early.discard()

@@ -400,10 +400,15 @@ def enhance_flair(
         flair_ti_ms=float(flair.ti_ms),  # checked non-None above
         b1=b1,
     )
+    del samples, b1  # [n, 8] and [n]: not needed for the image (the worker's peak)
     img = np.zeros(shape, dtype=np.float32)
     hi = 32767.0 if flair.signed else 65535.0
-    # Rounded like processing.synthesis, so both series share one integer scale.
-    img[m] = np.clip(np.rint(signal / coil * flair.scale), 0.0, hi).astype(np.float32)
+    # Rounded like processing.synthesis, so both series share one integer scale. In place
+    # on ``signal`` (the same values as clip(rint(signal / coil * scale)), no temporaries).
+    np.divide(signal, coil, out=signal)
+    signal *= flair.scale
+    np.clip(np.rint(signal, out=signal), 0.0, hi, out=signal)
+    img[m] = signal
 
     ti = round(float(flair.ti_ms))
     params = dict(flair.parameters)

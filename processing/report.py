@@ -35,6 +35,7 @@ BANNER = "SYNTHETIC MRI - RESEARCH USE ONLY - not a medical device, not for diag
 
 
 def _date(text: str) -> date | None:
+    """A DICOM date (DA, ``YYYYMMDD``) as a date; None if it is not a valid one."""
     text = (text or "").strip()
     if len(text) == 8 and text.isdigit():
         try:
@@ -45,6 +46,8 @@ def _date(text: str) -> date | None:
 
 
 def years_between(a: str, b: str) -> float | None:
+    """Years (of 365.25 days) from date ``a`` to date ``b`` (DA, ``YYYYMMDD``; negative
+    when ``b`` is earlier); None if either is not a valid date."""
     da, db = _date(a), _date(b)
     return None if da is None or db is None else (db - da).days / 365.25
 
@@ -64,12 +67,15 @@ def change_per_year(points: list[tuple[str, float]]) -> float | None:
 
 
 def _fmt(fig: str, v: float | None) -> str:
+    """Figure ``fig``'s value as the page shows it: BPF a fraction, the others in mL."""
     if v is None:
         return "-"
     return f"{v:.3f}" if fig == "BPF" else f"{v:.0f} mL"
 
 
 def _plot_figure(ax: Any, fig: str, d: dict[str, Any]) -> None:
+    """Figure ``fig`` (its name, e.g. "WM") against age in years on ``ax``: the reference
+    entries, the patient's earlier visits and this one."""
     ref = d["references"].get(fig) or {}
     age = d["patient"].get("age_years")
     value = d["figures"].get(fig)
@@ -260,6 +266,7 @@ _TEXT_MEMO_LIMIT = 4000
 
 
 def _remember(key: tuple[Any, ...], value: Any) -> None:
+    """Put one shaping or extent in the memo (emptied first when it is full)."""
     if len(_TEXT_MEMO) >= _TEXT_MEMO_LIMIT:
         _TEXT_MEMO.clear()
     _TEXT_MEMO[key] = value
@@ -394,7 +401,7 @@ def qc_history_png(series: dict[str, list[tuple[float, float]]], title: str) -> 
             [datetime.fromtimestamp(t, UTC) for t, _ in pts], [v for _, v in pts], "-o", ms=3,
             label=f"{array} ({'pu' if array.upper().startswith('PD') else '%'})",
         )  # fmt: skip
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, **_AS_WRITTEN)  # names a scanner
     ax.set_ylabel("largest |error|", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -9,6 +9,7 @@ a series with a delay-outlier or residual reason.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -455,12 +456,15 @@ class _HandingOver:
     """A stand-in for the node's pool (:class:`dicom_node.workers.Workers`) that can hand
     parts over: ``submit_streamed`` runs the task on a thread here; ``crash`` makes the
     task end as a killed worker's does (BrokenProcessPool) after its part was handed over;
-    ``provenance`` is merged into the handed-over part (what a late stage would change)."""
+    ``provenance`` is merged into the handed-over part (what a late stage would change);
+    ``done_after``: the task's end is reported only once it is set (a worker still busy)."""
 
     streaming = True
 
-    def __init__(self, crash: bool = False, provenance: dict | None = None) -> None:
-        self.crash, self.provenance = crash, provenance or {}
+    def __init__(
+        self, crash: bool = False, provenance: dict | None = None, done_after=None
+    ) -> None:
+        self.crash, self.provenance, self.done_after = crash, provenance or {}, done_after
 
     def submit(self, fn, *args):
         from concurrent.futures import Future
@@ -492,6 +496,8 @@ class _HandingOver:
                 future.set_result(result)
             except BaseException as exc:
                 future.set_exception(exc)
+            if self.done_after is not None:
+                self.done_after.wait(60)
             events.put(("done", future))
 
         threading.Thread(target=task, daemon=True).start()
@@ -517,12 +523,25 @@ def test_outputs_built_while_the_worker_runs(tmp_path: Path, case: str) -> None:
         load_settings(None),
         processing=ProcessingSettings(contrasts=("T1W", "FLAIR"), myelin=False, enhance=False),
     )
+    # hit: the worker ends only once the node has written the synthetic series it handed
+    # over (4 MR files), so that all are built early
+    written_mr = threading.Event() if case == "hit" else None
     pool = _HandingOver(
-        crash=case == "crash", provenance={"dir": {"x": 1}} if case == "miss" else None
+        crash=case == "crash",
+        provenance={"dir": {"x": 1}} if case == "miss" else None,
+        done_after=written_mr,
     )
+    write = folder_writer(tmp_path / "away")
+
+    def counting(group, result):
+        rows = write(group, result)
+        if written_mr is not None and len(mr_files(tmp_path / "away")) == 4:
+            written_mr.set()
+        return rows
+
     groups: list = []
     away = run_series(
-        [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
+        [pydicom.dcmread(p) for p in files], settings, counting,
         submit=pool.submit, on_outputs=groups.append,
     )  # fmt: skip
     if case == "crash":

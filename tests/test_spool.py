@@ -237,6 +237,28 @@ def test_journals_of_acceptor_processes_are_their_own_and_all_replayed(tmp_path:
     assert list(reopened.journal.dir.iterdir()) == []
 
 
+def test_replay_keeps_the_newer_version_another_process_wrote(tmp_path: Path) -> None:
+    """A corrected instance (same UIDs, other content) re-sent moments after the first
+    version, each version received by another process (dicom_node.acceptors): the logs
+    are replayed process by process, not in time order, so the helper's older version
+    came after the node's newer one. After a kill -9 the spool file holds the newer
+    version (renamed last): the replay leaves it so (the answer of either was a success)."""
+    root = tmp_path / "spool"
+    node = Spool(root)
+    helper = Spool(root, journal_owner="p1.", replay=False)
+    for sp in (node, helper):
+        sp.journal.idle_checkpoint_s = 1e9
+    first, corrected = (
+        make_mr_file(tmp_path / name, series_uid="1.2.3", sop_uid="1.2.3.4", description=name)
+        for name in ("first", "corrected")
+    )
+    _, path = helper.store_received(first.read_bytes())  # the first version: a helper
+    assert node.store_received(corrected.read_bytes())[1] == path  # then the node
+    reopened = Spool(root)  # both processes killed: the node starts again
+    assert path.read_bytes() == corrected.read_bytes()
+    assert reopened.replayed == 0
+
+
 def test_journal_checkpoints_when_idle(tmp_path: Path) -> None:
     """After a burst the log is checkpointed (files synced, log deleted) by itself."""
     import time
