@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -249,7 +250,7 @@ def main() -> None:
 
     from dicom_node import emulator
     from dicom_node.config import Destination
-    from dicom_node.push import send_files, send_parallel
+    from dicom_node.push import send_parallel
     from processing.phantom import make_phantom
 
     profiles: list[dict[str, float]] = []
@@ -378,20 +379,16 @@ def main() -> None:
             f"load average (1, 5, 15 min) at the end of the runs: {load} on {os.cpu_count()} CPUs"
         )
         # push comparison on the same output files, each into a fresh Orthanc, alternating:
-        # send_parallel (Destination.associations = 2), one association, dcmtk storescu
+        # send_parallel over 1..4 associations (Destination.associations, default 2),
+        # dcmtk storescu; CPU per instance of the sender and of Orthanc (same 2 cores)
         outputs = [r[0] for r in _q(db, "SELECT path FROM outbox WHERE series_uid=?", (uid,))]
-        push_cmp: dict[str, list[float]] = {}
+        push_cmp: dict[str, list[tuple[float, float, float]]] = {}
+        whos = [f"synthmr push ({k} association{'s' * (k > 1)})" for k in (2, 1, 3, 4)]
         for rnd in range(args.repeat):
-            for who in (
-                "synthmr push (2 associations)",
-                "synthmr send_files (1)",
-                "dcmtk storescu",
-            ):
-                o2 = make_orthanc(tmp / f"orthanc_{rnd}_{len(push_cmp.get(who, []))}_{who[:5]}")
+            for who in (*whos, "dcmtk storescu"):
+                o2 = make_orthanc(tmp / f"orthanc_{rnd}_{len(push_cmp.get(who, []))}_{who[:16]}")
                 try:
-                    dest = Destination(
-                        "o", "ORTHANC", "127.0.0.1", o2.dicom_port, 60.0, associations=2
-                    )
+                    orthanc_cpu0, own0 = _pid_cpu(o2.proc.pid), _own_cpu()
                     t = time.perf_counter()
                     if who.startswith("dcmtk"):
                         cmd = [require_tool("storescu"), "-R", "-aec", "ORTHANC", "127.0.0.1"]
@@ -401,24 +398,49 @@ def main() -> None:
                             check=True,
                             env=send_env,
                         )
-                    elif "2 associations" in who:
-                        assert send_parallel(outputs, dest)["failed"] == 0
                     else:
-                        assert send_files(outputs, dest)["failed"] == 0
+                        k = int(who.split("(")[1].split()[0])
+                        dest = Destination(
+                            "o", "ORTHANC", "127.0.0.1", o2.dicom_port, 60.0, associations=k
+                        )
+                        assert send_parallel(outputs, dest)["failed"] == 0
                     dt = time.perf_counter() - t
+                    sender_cpu = _own_cpu() - own0
                     assert len(o2.instances()) == len(outputs)
-                    push_cmp.setdefault(who, []).append(dt)
+                    orthanc_cpu = _pid_cpu(o2.proc.pid) - orthanc_cpu0
+                    push_cmp.setdefault(who, []).append((dt, sender_cpu, orthanc_cpu))
                 finally:
                     o2.stop()
 
-    print(f"\npush of the same {len(outputs)} outputs into a fresh Orthanc ({args.repeat} rounds):")
-    ref = statistics.median(push_cmp["dcmtk storescu"])
-    for who, dts in push_cmp.items():
-        med = statistics.median(dts)
+    n = len(outputs)
+    print(f"\npush of the same {n} outputs into a fresh Orthanc ({args.repeat} rounds):")
+    ref = statistics.median(r[0] for r in push_cmp["dcmtk storescu"])
+    for who, runs in push_cmp.items():
+        med = statistics.median(r[0] for r in runs)
+        cpu_s = statistics.median(r[1] for r in runs) * 1000 / n
+        cpu_o = statistics.median(r[2] for r in runs) * 1000 / n
         print(
-            f"  {who:32s} median {med:6.2f} s ({len(outputs) / med:5.0f} instances/s),"
-            f" {med / ref:4.2f}x storescu's time; runs {', '.join(f'{d:.2f}' for d in dts)}"
+            f"  {who:30s} median {med:6.2f} s ({n / med:4.0f}/s), {med / ref:4.2f}x storescu's"
+            f" time; CPU ms/instance sender {cpu_s:4.2f}, Orthanc {cpu_o:4.2f};"
+            f" runs {', '.join(f'{r[0]:.2f}' for r in runs)}"
         )
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"load average (1, 5, 15 min) after the push comparison: {load}")
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process (every thread) and its finished children (storescu)."""
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _pid_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by one process (Orthanc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

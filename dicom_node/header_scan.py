@@ -27,6 +27,14 @@ _IMPLICIT_LE = "1.2.840.10008.1.2"
 _LONG_VRS = frozenset(
     (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 )
+#: every other explicit VR: a 2-byte length (any two upper-case letters, as before: an
+#: unknown VR is pydicom's to judge)
+_SHORT_VRS = (
+    frozenset(
+        bytes((a, b)) for a in range(ord("A"), ord("Z") + 1) for b in range(ord("A"), ord("Z") + 1)
+    )
+    - _LONG_VRS
+)
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
@@ -152,48 +160,56 @@ def _walk(
     top level (``found`` given) keep the wanted attributes as (VR, offset, length)."""
     if depth > 16:
         raise _Unusual
+    # the loop runs once per element of every received instance (hundreds in a vendor's
+    # header), under the GIL: bound methods and sets, one unpack per element header
+    explicit_head, u32, implicit_head = (
+        _EXPLICIT.unpack_from,
+        _U32.unpack_from,
+        _IMPLICIT.unpack_from,
+    )
+    long_vrs, short_vrs, wanted = _LONG_VRS, _SHORT_VRS, _WANTED
+    top = found is not None
     last_tag = -1
     while pos < end:
         if pos + 8 > end:
             raise _Unusual
-        group, elem = _HEAD.unpack_from(data, pos)
+        if explicit:
+            group, elem, vr, length = explicit_head(data, pos)
+        else:
+            group, elem, length = implicit_head(data, pos)
+            vr = b""
         tag = group << 16 | elem
         if until_item_end and tag == _ITEM_END:
             return pos + 8
-        if tag <= last_tag or group == 0xFFFE or (found is not None and group == 0x0002):
+        if tag <= last_tag or group == 0xFFFE or (top and group == 0x0002):
             raise _Unusual  # out of order, a stray delimiter, file meta in the dataset
         last_tag = tag
-        if explicit:
-            vr = data[pos + 4 : pos + 6]
-            if vr in _LONG_VRS:
-                if pos + 12 > end:
-                    raise _Unusual
-                length = _U32.unpack_from(data, pos + 8)[0]
-                pos += 12
-            elif vr.isalpha() and vr.isupper():
-                length = _U16.unpack_from(data, pos + 6)[0]
-                pos += 8
-            else:
-                raise _Unusual
-        else:
-            vr = b""
-            length = _U32.unpack_from(data, pos + 4)[0]
+        if not explicit:
             pos += 8
+        elif vr in long_vrs:
+            if pos + 12 > end:
+                raise _Unusual
+            length = u32(data, pos + 8)[0]
+            pos += 12
+        elif vr in short_vrs:
+            pos += 8
+        else:
+            raise _Unusual
         if length == _UNDEFINED:
             if (explicit and vr != b"SQ") or tag == _PIXEL_DATA:
                 # encapsulated pixel data (pydicom's path checks the fragments), or UN
                 # holding an implicit VR sequence
                 raise _Unusual
             pos = _skip_items(data, pos, end, explicit, depth, delimited=True)
-            if found is not None and tag in _WANTED:
+            if top and tag in wanted:
                 raise _Unusual
             continue
         if pos + length > end:
             raise _Unusual
-        if found is not None and tag in _WANTED:
-            if explicit and vr not in _WANTED[tag]:
+        if top and tag in wanted:
+            if explicit and vr not in wanted[tag]:
                 raise _Unusual
-            found[tag] = (vr, pos, length)
+            found[tag] = (vr, pos, length)  # type: ignore[index]
         elif explicit and vr == b"SQ" and length:
             _skip_items(data, pos, pos + length, explicit, depth, delimited=False)
         pos += length

@@ -224,6 +224,7 @@ class Registry:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._synchronous_full = True  # the connection's mode now (_tx switches it)
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         self._migrate()
@@ -256,19 +257,18 @@ class Registry:
         NORMAL): safe against a killed process (the commit is in the OS's cache), lost only
         with the machine (power loss), and then the next FULL commit or checkpoint syncs it."""
         with self._lock:
-            if not fsync:
-                self._db.execute("PRAGMA synchronous=NORMAL")
+            # the mode is switched only when it changes: consecutive receive-path
+            # transactions (one per instance) run without two PRAGMAs each
+            if fsync != self._synchronous_full:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+                self._synchronous_full = fsync
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            finally:
-                if not fsync:
-                    self._db.execute("PRAGMA synchronous=FULL")
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def ok(self) -> bool:
         """True when the database answers (readiness)."""
@@ -372,10 +372,15 @@ class Registry:
                     f"SOP Instance UID {sop_uid} is already part of series {known['series_uid']}"
                 )
             same = known is not None and bool(sha256) and known["sha256"] == sha256
+            # the series' count comes with it: what the answer needs is known without a
+            # query after the writes unless the series re-opens (rare)
             row = db.execute(
-                "SELECT state, expected_count, revision FROM series WHERE series_uid=?",
-                (series_uid,),
+                "SELECT state, expected_count, revision,"
+                " (SELECT COUNT(*) FROM instances WHERE series_uid=?) FROM series"
+                " WHERE series_uid=?",
+                (series_uid, series_uid),
             ).fetchone()
+            after: tuple[Any, ...] | None = None  # (expected, revision, state, count)
             if row is None:
                 db.execute(
                     "INSERT INTO series(series_uid, study_uid, state, expected_count,"
@@ -397,6 +402,7 @@ class Registry:
                     (series_uid, None, State.RECEIVING.value, now),
                 )
                 created = True
+                after = (expected_count, 0, State.RECEIVING.value, 1)
             elif not same:
                 state = State(row["state"])
                 if state in (State.COMPLETE, State.EXPORTED, *FINAL_STATES):
@@ -411,6 +417,11 @@ class Registry:
                     " expected_count=COALESCE(expected_count, ?) WHERE series_uid=?",
                     (now, expected_count, series_uid),
                 )
+                if reopened is None:
+                    expected = row[1] if row[1] is not None else expected_count
+                    after = (expected, row[2], row[0], row[3] + int(known is None))
+            else:
+                after = (row[1], row[2], row[0], row[3])
             if not same:
                 db.execute(
                     "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, size,"
@@ -420,11 +431,14 @@ class Registry:
                     " sha256=excluded.sha256",
                     (sop_uid, series_uid, sop_class_uid, path, size, now, sha256),
                 )
-            r = db.execute(
-                "SELECT expected_count, revision, state, (SELECT COUNT(*) FROM instances"
-                " WHERE series_uid=?) FROM series WHERE series_uid=?",
-                (series_uid, series_uid),
-            ).fetchone()
+            r = (
+                after
+                or db.execute(
+                    "SELECT expected_count, revision, state, (SELECT COUNT(*) FROM instances"
+                    " WHERE series_uid=?) FROM series WHERE series_uid=?",
+                    (series_uid, series_uid),
+                ).fetchone()
+            )
         if created:
             self._notify(series_uid, None, State.RECEIVING, 0.0)
         if reopened:

@@ -28,6 +28,8 @@ classes of a new association are swapped before its threads start.
 
 from __future__ import annotations
 
+import select
+import ssl
 import struct
 import threading
 import time
@@ -153,13 +155,21 @@ class _DirectDIMSE(DIMSEServiceProvider):
 
 
 class _RequestorDUL(_EventDUL):
-    """The event-driven DUL whose own sends take the lock :class:`_DirectDIMSE` holds."""
+    """The event-driven DUL whose own sends take the lock :class:`_DirectDIMSE` holds,
+    and whose socket reads take ``_read_lock``: :func:`send_c_store_bytes` holds it while
+    it reads a C-STORE response itself (readiness is checked under the lock, so the DUL
+    never starts a read of bytes that the sender takes)."""
 
     _send_lock: threading.Lock
+    _read_lock: threading.Lock
 
     def _send(self, pdu: Any) -> None:
         with self._send_lock:
             super()._send(pdu)
+
+    def _is_transport_event(self) -> bool:
+        with self._read_lock:
+            return bool(super()._is_transport_event())
 
 
 def make_requestor(assoc: Association) -> None:
@@ -171,6 +181,7 @@ def make_requestor(assoc: Association) -> None:
     assoc._reactor_busy = False  # type: ignore[attr-defined]
     assoc.dul.__class__ = _RequestorDUL
     assoc.dul._send_lock = threading.Lock()  # type: ignore[attr-defined]
+    assoc.dul._read_lock = threading.Lock()  # type: ignore[attr-defined]
     assoc.dimse.__class__ = _DirectDIMSE
 
 
@@ -297,6 +308,70 @@ def _p_data_pdus(
         yield chunk
 
 
+class StoreResponse:
+    """The parts of a C-STORE response the push looks at (PS3.7 9.3.1.2)."""
+
+    __slots__ = ("MessageIDBeingRespondedTo", "Status")
+
+    def __init__(self, message_id: int | None, status: int | None) -> None:
+        self.MessageIDBeingRespondedTo = message_id
+        self.Status = status
+
+
+def _recv_exact(raw: Any, n: int, deadline: float) -> bytes | None:
+    """``n`` bytes from the socket, or None: closed, or nothing by ``deadline``."""
+    buf = bytearray()
+    while len(buf) < n:
+        if not (isinstance(raw, ssl.SSLSocket) and raw.pending()):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([raw], [], [], left)[0]:
+                return None
+        chunk = raw.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _read_store_response(raw: Any, timeout_s: float) -> StoreResponse | int | None:
+    """Read one DIMSE response command set (P-DATA-TF PDUs) from the socket: the response,
+    the type of another PDU that came instead (an abort, a release request), or None
+    (closed, timed out, malformed)."""
+    deadline = time.monotonic() + timeout_s
+    command = bytearray()
+    while True:
+        head = _recv_exact(raw, 6, deadline)
+        if head is None:
+            return None
+        pdu_type, _, length = struct.unpack(">BBI", head)
+        body = _recv_exact(raw, length, deadline)
+        if body is None:
+            return None
+        if pdu_type != 0x04:
+            return pdu_type
+        pos, last = 0, False
+        while pos + 6 <= length:
+            (item_length,) = struct.unpack_from(">I", body, pos)
+            control = body[pos + 5]
+            if not control & 0x01:  # a data set fragment: no C-STORE response has one
+                return None
+            command += body[pos + 6 : pos + 4 + item_length]
+            last = bool(control & 0x02)
+            pos += 4 + item_length
+        if last:
+            break
+    values: dict[int, int] = {}
+    pos = 0
+    while pos + 8 <= len(command):
+        _, elem, vl = struct.unpack_from("<HHI", command, pos)
+        if elem in (0x0100, 0x0120, 0x0800, 0x0900) and vl == 2:
+            values[elem] = struct.unpack_from("<H", command, pos + 8)[0]
+        pos += 8 + vl
+    if values.get(0x0100) != 0x8001 or values.get(0x0800, 0x0101) != 0x0101:
+        return None  # not a C-STORE response, or one with a data set
+    return StoreResponse(values.get(0x0120), values.get(0x0900))
+
+
 def send_c_store_bytes(
     assoc: Association,
     context_id: int,
@@ -310,38 +385,47 @@ def send_c_store_bytes(
 
     The command set is encoded here and the P-DATA-TF PDUs are written from this thread
     (``_BATCH_BYTES`` per socket write, under the DUL's send lock, as DT-1 would in Sta6):
-    no pydicom Dataset, no pynetdicom message or PDU objects. The response comes through
-    pynetdicom's DUL and DIMSE queue under the reactor floor protocol of
-    :class:`_RequestorAssociation`. Returns the C-STORE response primitive, or None when
-    none came (DIMSE timeout, association lost: pynetdicom's reaction included)."""
+    no pydicom Dataset, no pynetdicom message or PDU objects. The response is read from
+    the socket here too, under the DUL's read lock (:class:`_RequestorDUL`), with the
+    reactor kept out as in :class:`_RequestorAssociation`. Returns the response, or None
+    when none came in the DIMSE timeout or something else did (the association is then
+    aborted)."""
     dul = assoc.dul
     command = c_store_rq_command(meta.sop_class_uid, meta.sop_instance_uid, message_id)
     max_pdu = int(assoc.acceptor.maximum_length or 0)
+    timeout = assoc.dimse_timeout or 60.0
+    rsp: StoreResponse | int | None = None
     assoc._reactor_checkpoint.clear()
     try:
         while not assoc._is_paused:
             time.sleep(0.0001)
-        if dul.state_machine.current_state != "Sta6" or dul.to_provider_queue.queue:
-            return None  # going down: nothing may be sent
-        raw = dul.socket.socket  # type: ignore[union-attr]
-        pieces = [*_p_data_pdus(context_id, 0x01, command, max_pdu)]
-        size = sum(len(p) for p in pieces)
-        with dul._send_lock:  # type: ignore[attr-defined]
+        with dul._read_lock:  # type: ignore[attr-defined]
+            if dul.state_machine.current_state != "Sta6" or dul.to_provider_queue.queue:
+                return None  # going down: nothing may be sent
+            raw = dul.socket.socket  # type: ignore[union-attr]
+            pieces = [*_p_data_pdus(context_id, 0x01, command, max_pdu)]
+            size = sum(len(p) for p in pieces)
             try:
-                for piece in _p_data_pdus(context_id, 0x00, dataset, max_pdu):
-                    pieces.append(piece)
-                    size += len(piece)
-                    if size >= _BATCH_BYTES:
+                with dul._send_lock:  # type: ignore[attr-defined]
+                    for piece in _p_data_pdus(context_id, 0x00, dataset, max_pdu):
+                        pieces.append(piece)
+                        size += len(piece)
+                        if size >= _BATCH_BYTES:
+                            raw.sendall(b"".join(pieces))
+                            pieces, size = [], 0
+                    if pieces:
                         raw.sendall(b"".join(pieces))
-                        pieces, size = [], 0
-                if pieces:
-                    raw.sendall(b"".join(pieces))
+                # the response, read here: no DUL turn, no pynetdicom PDU, message or
+                # pydicom Dataset for a few dozen bytes
+                rsp = _read_store_response(raw, timeout)
             except OSError:
-                dul.socket.event_queue.put("Evt17")  # type: ignore[union-attr]
-                return None
-        _, rsp = assoc.dimse.get_msg(block=True)
+                rsp = None
+            dul._idle_timer.restart()  # the DUL saw no traffic: this exchange was some
     finally:
         assoc._reactor_checkpoint.set()
-    if rsp is None:
-        assoc._handle_no_response()
-    return rsp
+    if isinstance(rsp, StoreResponse):
+        return rsp
+    # timed out, closed, malformed, or the peer aborted / asked to release mid-exchange:
+    # this association is finished (the items are sent again, on a new one)
+    assoc.abort()
+    return None

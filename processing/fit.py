@@ -60,6 +60,7 @@ import numba as nb
 import numpy as np
 from scipy import ndimage
 
+from processing._threads import both
 from processing.acquisition import Acquisition
 from processing.results import QuantMaps
 from processing.signal import IDEAL_PROFILE, kernel_protocol, rician_mean_scalar, t1_factor
@@ -946,8 +947,7 @@ def _smooth_local_linear(b: np.ndarray, w: np.ndarray, sig_y: float, sig_x: floa
     _block_moments(
         np.ascontiguousarray(b, np.float32), np.ascontiguousarray(w, np.float32), f, sums
     )
-    sig = (0.0, 0.0, sig_y / f, sig_x / f)
-    filt = ndimage.gaussian_filter(sums, sig, mode="constant", truncate=3.0)
+    filt = _filter_channels(sums, (0.0, 0.0, sig_y / f, sig_x / f))
     out = np.empty((z, ly, lx), np.float32)
     _local_plane(filt, f, 1e-3 * float(filt[0].max(initial=0.0)), out)
     return out if f == 1 else _upsample_linear(out, f, ny, nx)
@@ -1119,11 +1119,26 @@ def _smooth_local_quadratic(
         _Q2,
         sums,
     )
-    sig = (0.0, sig_z, sig_y / f, sig_x / f)
-    filt = ndimage.gaussian_filter(sums, sig, mode="constant", truncate=3.0)
+    filt = _filter_channels(sums, (0.0, sig_z, sig_y / f, sig_x / f))
     out = np.empty((z, ly, lx), np.float32)
     _local_quadratic(filt, f, scale, 1e-3 * float(filt[0].max(initial=0.0)), _Q4, _Q2, _BINOM, out)
     return out if f == 1 else _upsample_linear(out, f, ny, nx)
+
+
+def _filter_channels(sums: np.ndarray, sig: tuple[float, float, float, float]) -> np.ndarray:
+    """``ndimage.gaussian_filter(sums, sig, mode="constant", truncate=3.0)`` for moments
+    ``[channel, z, y, x]`` (``sig[0]`` = 0: channels are independent): half the channels
+    on a second thread (the filters release the GIL), the same values."""
+    if sig[0] != 0.0:
+        raise ValueError("sig[0]: the channels must not be mixed")
+    out = np.empty_like(sums)
+    half = sums.shape[0] // 2
+
+    def part(lo: int, hi: int) -> None:
+        ndimage.gaussian_filter(sums[lo:hi], sig, output=out[lo:hi], mode="constant", truncate=3.0)
+
+    both(lambda: part(0, half), lambda: part(half, sums.shape[0]), concurrent=half > 0)
+    return out
 
 
 def _upsample_linear(low: np.ndarray, f: int, ny: int, nx: int) -> np.ndarray:
@@ -1141,8 +1156,16 @@ def _upsample_linear(low: np.ndarray, f: int, ny: int, nx: int) -> np.ndarray:
 
     y0, y1, wy = axis(ny, low.shape[1])
     x0, x1, wx = axis(nx, low.shape[2])
-    t = low[:, y0, :] * (1 - wy)[None, :, None] + low[:, y1, :] * wy[None, :, None]
-    return t[:, :, x0] * (1 - wx) + t[:, :, x1] * wx
+    out = np.empty((low.shape[0], ny, nx), np.result_type(low.dtype, wy.dtype))
+
+    def slab(z0: int, z1: int) -> None:  # slices are independent: two threads
+        lz = low[z0:z1]
+        t = lz[:, y0, :] * (1 - wy)[None, :, None] + lz[:, y1, :] * wy[None, :, None]
+        out[z0:z1] = t[:, :, x0] * (1 - wx) + t[:, :, x1] * wx
+
+    half = low.shape[0] // 2
+    both(lambda: slab(0, half), lambda: slab(half, low.shape[0]), concurrent=half > 0)
+    return out
 
 
 def smooth_b1(

@@ -181,7 +181,8 @@ def synthesize_mixture(
     mask, phys = _mixture_in_mask(maps, fractions, spec, classes)
     lo, hi = (-32768.0, 32767.0) if plain.signed else (0.0, 65535.0)
     image = np.zeros(mask.shape, np.float32)  # 0 outside the mask, as rint(0 * scale)
-    image[mask] = np.clip(np.rint(phys * plain.scale), lo, hi).astype(np.float32)
+    phys = phys * plain.scale  # then in place: the same values, one temporary
+    image[mask] = np.clip(np.rint(phys, out=phys), lo, hi, out=phys)
     params = dict(plain.parameters)
     nulled = nulled_classes(spec, classes)
     params.update(

@@ -797,12 +797,12 @@ def myelin_maps(
         fw = np.nan_to_num(fw)
         if fractions is not None:
             fr = fractions.fractions if isinstance(fractions, TissueFractions) else fractions
-            csf = np.asarray(fr["CSF"], np.float64)
+            csf = np.asarray(fr["CSF"])  # float64 on sel only: no whole-grid copy
             if csf.shape != shape:
                 raise MyelinError(
                     f"fractions['CSF']: shape {csf.shape} differs from the maps {shape}"
                 )
-            e = np.maximum(fw - csf[sel], 0.0)
+            e = np.maximum(fw - csf[sel].astype(np.float64), 0.0)
         else:
             e = np.where(fw <= constants.epw_max_fw, fw, 0.0)
         mypv[sel] = (100.0 * my).astype(np.float32)

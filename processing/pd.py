@@ -174,7 +174,10 @@ def estimate_receive_field(
     max_samples:
         tissue voxels used at most (an even stride through them), for speed.
     """
-    m0 = np.asarray(maps.m0, dtype=np.float64)
+    # Whole-grid arrays stay in their own dtype (float32): float64 only for the voxels
+    # used, converted exactly, so the same values as converting first (40 x 512 x 512:
+    # each whole-grid float64 copy is 80 MiB of the worker's peak).
+    m0 = np.asarray(maps.m0)
     shape = m0.shape
     if m0.ndim != 3:
         raise PDCorrectionError(f"maps.m0: expected a [z, y, x] array, got shape {shape}")
@@ -186,26 +189,27 @@ def estimate_receive_field(
         raise PDCorrectionError(f"relation: expected 'fixed' or 'fit', got {relation!r}")
     vs = (1.0, 1.0, 1.0) if voxel_size_mm is None else tuple(float(v) for v in voxel_size_mm)
     valid = np.asarray(maps.mask, bool) & ~np.asarray(maps.failed, bool)
-    t1 = np.asarray(maps.t1_ms, dtype=np.float64)
+    t1 = np.asarray(maps.t1_ms)
     valid &= np.isfinite(m0) & (m0 > 0) & np.isfinite(t1) & (t1 > 0)
-    with np.errstate(divide="ignore"):
-        r1 = np.where(valid, 1000.0 / np.where(t1 > 0, t1, 1.0), 0.0)
+    v_idx = np.flatnonzero(valid)  # R1 is needed on the valid voxels only
+    r1_v = 1000.0 / t1.ravel()[v_idx].astype(np.float64)
     lo, hi = tissue_r1_range_per_s
-    tissue = valid & (r1 > lo) & (r1 < hi)
-    idx = np.flatnonzero(tissue.ravel())
-    n_tissue = int(idx.size)
+    pos = np.flatnonzero((r1_v > lo) & (r1_v < hi))  # tissue voxels, as positions in v_idx
+    n_tissue = int(pos.size)
     if n_tissue < 10:
         raise PDCorrectionError(
             f"only {n_tissue} tissue voxels with {lo} < R1 < {hi} /s in the mask: cannot estimate "
             "the receive field (is the mask empty, or are T1 values not in ms?)"
         )
-    if idx.size > max_samples:
-        idx = idx[:: -(-idx.size // max_samples)]
-    r1_s = r1.ravel()[idx]
+    if pos.size > max_samples:
+        pos = pos[:: -(-pos.size // max_samples)]
+    idx = v_idx[pos]
+    r1_s = r1_v[pos]
+    m0_s = m0.ravel()[idx].astype(np.float64)
     if relation == "fixed":
-        y_obs = np.log(m0.ravel()[idx]) - np.log(pd_from_r1(r1_s, a, b_s))
+        y_obs = np.log(m0_s) - np.log(pd_from_r1(r1_s, a, b_s))
     else:
-        y_obs = np.log(m0.ravel()[idx])
+        y_obs = np.log(m0_s)
 
     ux, uy, uz = _axes(shape, vs)
     kk, jj, ii = np.unravel_index(idx, shape)
@@ -226,17 +230,21 @@ def estimate_receive_field(
     coef = coef / scale
     coef = coef[:n_spatial]
 
-    field = np.exp(_log_field(coef, exps, shape, ux, uy, uz))
+    field = _log_field(coef, exps, shape, ux, uy, uz)
+    np.exp(field, out=field)
 
-    csf = valid & (r1 < csf_r1_max_per_s)
-    t2 = np.asarray(maps.t2_ms, dtype=np.float64)
-    csf_long = csf & (t2 > csf_t2_min_ms)
-    if int(csf_long.sum()) >= MIN_CSF_VOXELS:
+    csf = v_idx[r1_v < csf_r1_max_per_s]  # flat indices, in C order
+    t2 = np.asarray(maps.t2_ms).ravel()[csf].astype(np.float64)
+    csf_long = csf[t2 > csf_t2_min_ms]
+    if csf_long.size >= MIN_CSF_VOXELS:
         csf = csf_long
-    n_csf = int(csf.sum())
+    n_csf = int(csf.size)
     use_csf = n_csf >= MIN_CSF_VOXELS
-    csf_scale = _pd_scale(m0, field, csf if use_csf else None, idx, r1_s, a, b_s)
-    field = field / csf_scale
+    ref = csf if use_csf else idx
+    csf_scale = _pd_scale(
+        m0.ravel()[ref].astype(np.float64), field.ravel()[ref], use_csf, r1_s, a, b_s
+    )
+    field /= csf_scale
     return ReceiveFieldFit(
         field=field.astype(np.float32),
         order=order,
@@ -299,24 +307,25 @@ def _log_field(
 def _pd_scale(
     m0: np.ndarray,
     field: np.ndarray,
-    csf: np.ndarray | None,
-    idx: np.ndarray,
+    csf: bool,
     r1_s: np.ndarray,
     a: float,
     b_s: float,
 ) -> float:
-    """The factor that makes pure CSF 100 pu (``csf``: its voxels), or, without pure CSF,
-    keeps the tissue relation's absolute scale; 1 when the reference is not positive."""
-    if csf is not None:
+    """The factor that makes pure CSF 100 pu (``csf``: ``m0`` and ``field`` are at its
+    voxels), or, without pure CSF, keeps the tissue relation's absolute scale (``m0``,
+    ``field`` and ``r1_s`` at the sampled tissue voxels); 1 when the reference is not
+    positive."""
+    if csf:
         # All of R1 < 0.3 /s (the recipe). Keeping only the lowest-R1 half would remove
         # partial-volume voxels, but in noisy fits M0 and R1 errors of CSF are correlated
         # (a longer T1 extrapolates a larger M0), so that selection biases PD by ~-5 % at
         # SNR 50; the whole set is off by only +0.4 % (truth) to +2 % (fits) instead.
-        pd_ref = np.median(m0[csf] / field[csf])
+        pd_ref = np.median(m0 / field)
         scale_to = 100.0
     else:
         # no pure CSF: keep the tissue relation's absolute scale
-        pd_ref = np.median(m0.ravel()[idx] / field.ravel()[idx])
+        pd_ref = np.median(m0 / field)
         scale_to = float(np.median(pd_from_r1(r1_s, a, b_s)))
     if pd_ref > 0:
         return scale_to / float(pd_ref)
@@ -358,10 +367,12 @@ def correct_pd(
         ref = pooled_csf_pd(acq, maps, field, csf_r1_max_per_s, csf_t2_min_ms)
         if ref is not None:
             field = field * (ref / 100.0)
-    m0 = np.asarray(maps.m0, dtype=np.float64)
-    mask = np.asarray(maps.mask, bool)
-    pd = np.where(mask & np.isfinite(m0), m0 / field, 0.0)
-    pd = np.clip(pd, 0.0, 200.0).astype(np.float32)
+    # PD on the mask's finite voxels only (0 elsewhere), in float64 there: the same values
+    # as whole-grid float64 temporaries, without them
+    m0 = np.asarray(maps.m0)
+    sel = np.flatnonzero(np.asarray(maps.mask, bool) & np.isfinite(m0))
+    pd = np.zeros(m0.shape, np.float32)
+    pd.ravel()[sel] = np.clip(m0.ravel()[sel].astype(np.float64) / field.ravel()[sel], 0.0, 200.0)
     return dataclasses.replace(maps, pd_pu=pd, receive_field=field.astype(np.float32))
 
 
@@ -381,9 +392,12 @@ def pooled_csf_pd(
     sample vector whose fit is nearly unbiased. Returns None when too few voxels.
     """
     mask = np.asarray(maps.mask, bool)
+    m_idx = np.flatnonzero(mask)  # R1 on the mask's voxels only (no whole-grid float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        r1 = np.where(mask, 1000.0 / np.asarray(maps.t1_ms, np.float64), np.inf)
-    region = mask & (r1 < csf_r1_max_per_s) & (np.asarray(maps.t2_ms) > csf_t2_min_ms)
+        r1 = 1000.0 / np.asarray(maps.t1_ms).ravel()[m_idx].astype(np.float64)
+    region = np.zeros(mask.shape, bool)
+    region.ravel()[m_idx] = r1 < csf_r1_max_per_s
+    region &= np.asarray(maps.t2_ms) > csf_t2_min_ms
     smooth = ndimage.gaussian_filter(region.astype(np.float32), (0.0, 1.0, 1.0)) > 0.6
     core = ndimage.binary_erosion(smooth, structure=_INPLANE_CROSS) & region
     if int(core.sum()) < MIN_CSF_VOXELS:

@@ -58,6 +58,7 @@ import numba as nb
 import numpy as np
 from scipy import ndimage, optimize
 
+from processing._threads import CONCURRENT_MAX_VOXELS, both
 from processing.acquisition import Acquisition
 from processing.results import TISSUES, QuantMaps, TissueFractions
 from processing.sequence_model import acquisition_jacobian, acquisition_signal, single_thread
@@ -203,15 +204,17 @@ def tissue_centres(
         sel &= ~np.asarray(maps.failed, bool)
     if icmask is not None:
         sel &= np.asarray(icmask, bool)
-    t1 = np.asarray(maps.t1_ms, np.float64)[sel]
-    t2 = np.asarray(maps.t2_ms, np.float64)[sel]
-    pd = np.asarray(maps.pd_pu, np.float64)[sel]
-    ok = np.isfinite(t1) & np.isfinite(t2) & np.isfinite(pd) & (t1 > 0) & (t2 > 0)
-    lt1, lt2, pd = np.log(t1[ok]), np.log(t2[ok]), pd[ok]
-    if lt1.size > 100_000:  # a deterministic subsample is plenty for a mode
-        step = lt1.size // 100_000 + 1
-        lt1, lt2, pd = lt1[::step], lt2[::step], pd[::step]
-    data = (lt1, lt2, pd)
+    # Selected voxels in their own dtype (no whole-grid float64 copies), float64 only for
+    # the (subsampled) voxels used: the same values as converting first.
+    t1 = np.asarray(maps.t1_ms)[sel]
+    t2 = np.asarray(maps.t2_ms)[sel]
+    pd = np.asarray(maps.pd_pu)[sel]
+    use = np.flatnonzero(np.isfinite(t1) & np.isfinite(t2) & np.isfinite(pd) & (t1 > 0) & (t2 > 0))
+    if use.size > 100_000:  # a deterministic subsample is plenty for a mode
+        use = use[:: use.size // 100_000 + 1]
+    lt1 = np.log(t1[use].astype(np.float64))
+    lt2 = np.log(t2[use].astype(np.float64))
+    data = (lt1, lt2, pd[use].astype(np.float64))
     out: dict[str, dict[str, float]] = {}
     for t in ("WM", "GM", "CSF"):
         c = np.array([math.log(init[t]["t1_ms"]), math.log(init[t]["t2_ms"]), init[t]["pd_pu"]])
@@ -506,9 +509,11 @@ def _gram(a, yv, cols, m, gram, rhs):
 
 @nb.njit(cache=True)
 def _unmix_one(
-    yv, a, shell_v, sig2, chi2_thr, sparsity, cols, gram, rhs, f3, f4, kkt, vec, idx, res
+    yv, a, shell_v, sig2, chi2_thr, sparsity, cols, gram, rhs, f3, f4, kkt, vec, idx, res, best
 ):
-    """Unmix one voxel's signed samples ``yv`` on basis ``a``. res <- WM GM CSF NON rms.
+    """Unmix one voxel's signed samples ``yv`` on basis ``a``. res <- WM GM CSF NON rms,
+    only when the three-class squared residual is below ``best`` (the B1 search keeps
+    nothing else: the NON test is skipped for a B1 that is not kept).
 
     Returns the three-class squared residual (the B1 search criterion).
     """
@@ -527,6 +532,8 @@ def _unmix_one(
     _gram(a, yv, cols, m3, gram, rhs)
     f3[:] = 0.0
     r3 = _simplex_ls(gram, rhs, yy, m3, f3, kkt, vec, idx, pen)
+    if not r3 < best:
+        return r3
     res[0] = f3[0]
     res[1] = f3[1]
     res[2] = f3[2]
@@ -581,7 +588,7 @@ def _unmix_kernel(y, b1, shell, noise, table, b1_lo, db, chi2_thr, sparsity, b1_
                 _fill_basis(table, b1_lo, db, bv, a)
                 r3 = _unmix_one(
                     y[v], a, shell[v], sig2, chi2_thr, sparsity, cols, gram, rhs, f3, f4, kkt,
-                    vec, idx, res,
+                    vec, idx, res, best,
                 )  # fmt: skip
                 rr[c] = r3
                 if r3 < best:
@@ -599,22 +606,28 @@ def _unmix_kernel(y, b1, shell, noise, table, b1_lo, db, chi2_thr, sparsity, b1_
                     out[v, 5] = b1[v] * (1.0 + b1_offsets[ib] + shift * step)
 
 
-def _receive_field(maps: QuantMaps, sel: np.ndarray) -> np.ndarray:
-    """Signal units per PD pu, ``[z, y, x]`` (finite, > 0 on ``sel``)."""
-    m0 = np.asarray(maps.m0, np.float64)
-    pd = np.asarray(maps.pd_pu, np.float64)
-    good = sel & np.isfinite(m0) & np.isfinite(pd) & (pd > 1.0) & (m0 > 0)
+def _receive_field(maps: QuantMaps, sel: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+    """Signal units per PD pu at the voxels of ``sel`` (``[n]``, finite, > 0), derived
+    from its ``fitted`` voxels.
+
+    With ``maps.receive_field`` only the voxels of ``sel`` are read (no whole-grid
+    temporaries); without it, the ratio m0 / PD is filled from the nearest fitted voxel.
+    """
+    m0 = np.asarray(maps.m0)[sel].astype(np.float64)
+    pd = np.asarray(maps.pd_pu)[sel].astype(np.float64)
+    good = np.asarray(fitted)[sel] & np.isfinite(m0) & np.isfinite(pd) & (pd > 1.0) & (m0 > 0)
     if not good.any():
         raise SegmentationError(
             "maps: no voxel with a positive m0 and pd_pu to derive the receive field"
         )
     ratio = np.where(good, m0 / np.where(good, pd, 1.0), np.nan)
     if maps.receive_field is not None:
-        rf = np.asarray(maps.receive_field, np.float64)
-        if rf.shape != m0.shape:
+        rf_all = np.asarray(maps.receive_field)
+        if rf_all.shape != sel.shape:
             raise SegmentationError(
-                f"maps.receive_field: shape {rf.shape} differs from maps.m0 {m0.shape}"
+                f"maps.receive_field: shape {rf_all.shape} differs from maps.m0 {sel.shape}"
             )
+        rf = rf_all[sel].astype(np.float64)
         okrf = good & np.isfinite(rf) & (rf > 0)
         if okrf.any():
             # Smooth field, scaled so that PD = m0 / C reproduces maps.pd_pu.
@@ -622,7 +635,11 @@ def _receive_field(maps: QuantMaps, sel: np.ndarray) -> np.ndarray:
             c = rf * scale
             fill = float(np.median(c[okrf]))
             return np.where(np.isfinite(c) & (c > 0), c, fill)
-    return _fill_nearest(ratio, good, sel)
+    full = np.full(sel.shape, np.nan)
+    full[sel] = ratio
+    valid = np.zeros(sel.shape, bool)
+    valid[sel] = good
+    return _fill_nearest(full, valid, sel & np.asarray(fitted, bool))[sel]
 
 
 def _fill_nearest(
@@ -703,17 +720,31 @@ def segment(
     if icmask.shape != shape:
         raise SegmentationError(f"icmask: shape {icmask.shape} differs from the maps {shape}")
     auto_centres = centres is None
-    if centres is None:
-        centres = tissue_centres(maps, icmask)
-        # CSF is nearly pure water everywhere and its fitted T2 is very noisy, so its
-        # parameter-space mode is unreliable: start it from the literature and let the
-        # signal-space refinement below move it to this series' value.
-        centres["CSF"] = dict(LITERATURE_CENTRES["CSF"])
-    cen = _checked_centres(centres)
     non = {k: float(v) for k, v in (non_reference or NON_REFERENCE).items()}
+    if centres is None:
+        # The centres' mean shift (numpy only) and the unmixing problem's set-up need
+        # nothing of each other: on a grid small enough for both sets of temporaries the
+        # mean shift runs on a second thread meanwhile (same results either way).
+        icm = icmask
+
+        def estimate() -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+            found = tissue_centres(maps, icm)
+            # CSF is nearly pure water everywhere and its fitted T2 is very noisy, so its
+            # parameter-space mode is unreliable: start it from the literature and let the
+            # signal-space refinement below move it to this series' value.
+            found["CSF"] = dict(LITERATURE_CENTRES["CSF"])
+            return found, _checked_centres(found)
+
+        (centres, cen), problem = both(
+            estimate,
+            lambda: _UnmixProblem.build(acq, maps, icm, non, profile, extracranial_shell),
+            concurrent=icmask.size <= CONCURRENT_MAX_VOXELS,
+        )
+    else:
+        cen = _checked_centres(centres)
+        problem = _UnmixProblem.build(acq, maps, icmask, non, profile, extracranial_shell)
     out_centres: dict[str, dict[str, float]] = {t: dict(centres[t]) for t in ("WM", "GM", "CSF")}
     out_centres["NON"] = dict(non)
-    problem = _UnmixProblem.build(acq, maps, icmask, non, profile, extracranial_shell)
     problem.chi2_threshold, problem.sparsity = float(chi2_threshold), float(sparsity)
     b1 = np.ascontiguousarray(problem.b1_map[problem.sel])
     if refine_iterations > 0:
@@ -784,8 +815,8 @@ class _UnmixProblem:
             raise SegmentationError(
                 "maps: no successfully fitted voxel inside the intracranial mask"
             )
-        c_field = _receive_field(maps, sel & fitted)
-        y = acq.masked_samples(sel).astype(np.float64) / c_field[sel][:, None]
+        c_sel = _receive_field(maps, sel, fitted)  # [n]
+        y = acq.masked_samples(sel).astype(np.float64) / c_sel[:, None]
         ns = y.shape[1]
         noise_sd = float(maps.noise_sd)
         if not math.isfinite(noise_sd) or noise_sd <= 0:
@@ -793,7 +824,7 @@ class _UnmixProblem:
             res = np.asarray(maps.residual, np.float64)[sel & fitted]
             res = res[np.isfinite(res)]
             noise_sd = float(np.median(res)) * math.sqrt(ns / max(ns - 4, 1)) if res.size else 0.0
-        noise_pu = np.ascontiguousarray(np.maximum(noise_sd / c_field[sel], 1e-6))
+        noise_pu = np.ascontiguousarray(np.maximum(noise_sd / c_sel, 1e-6))
         # Shell: in-plane border of the mask, where part of the voxel may be extracranial.
         st2 = ndimage.generate_binary_structure(2, 1)[None]
         shell = icmask & ~ndimage.binary_erosion(icmask, structure=st2, border_value=0)
@@ -901,9 +932,7 @@ def _refine(
         offsets = _B1_SEARCH_COARSE if it == 0 else _B1_SEARCH_FINE
         out = problem.unmix(cen, rows_b1, b1[rows_b1], offsets)
         b1 = np.ascontiguousarray(
-            _smooth_b1(out[:, 5], rows_b1, problem.sel, problem.b1_map, acq.voxel_size_mm)[
-                problem.sel
-            ]
+            _smooth_b1(out[:, 5], rows_b1, problem.sel, problem.b1_map, acq.voxel_size_mm)
         )
     return cen, b1
 
@@ -1115,23 +1144,31 @@ def _smooth_b1(
     b1_map: np.ndarray,
     voxel_size_mm: tuple[float, float, float],
 ) -> np.ndarray:
-    """B1 map from per-voxel searched values at ``rows`` of ``sel``: in-plane normalized
-    Gaussian smoothing (sigma ``_B1_SMOOTH_SIGMA_MM``); voxels out of reach keep ``b1_map``."""
-    flat_idx = np.flatnonzero(sel.ravel())[rows]
-    num = np.zeros(sel.size)
-    den = np.zeros(sel.size)
-    num[flat_idx] = b1_found
-    den[flat_idx] = 1.0
-    num = num.reshape(sel.shape)
-    den = den.reshape(sel.shape)
-    box = tuple(slice(a.min(), a.max() + 1) for a in np.nonzero(sel))
+    """B1 at the voxels of ``sel`` (``[n]``) from per-voxel searched values at ``rows`` of
+    ``sel``: in-plane normalized Gaussian smoothing (sigma ``_B1_SMOOTH_SIGMA_MM``) over
+    the bounding box of ``sel``; voxels out of reach keep ``b1_map``."""
+    nz = np.nonzero(sel)
+    lo = [int(a.min()) for a in nz]
+    box = tuple(slice(a, int(b.max()) + 1) for a, b in zip(lo, nz, strict=True))
+    box_shape = tuple(b.stop - b.start for b in box)
+    # num / den only on the box (the filters never see the rest of the grid)
+    at = tuple(a[rows] - o for a, o in zip(nz, lo, strict=True))
+    num = np.zeros(box_shape)
+    den = np.zeros(box_shape)
+    num[at] = b1_found
+    den[at] = 1.0
     sig = (0.0, _B1_SMOOTH_SIGMA_MM / voxel_size_mm[1], _B1_SMOOTH_SIGMA_MM / voxel_size_mm[2])
-    num_b = ndimage.gaussian_filter(num[box], sig, mode="constant", truncate=3.0)
-    den_b = ndimage.gaussian_filter(den[box], sig, mode="constant", truncate=3.0)
-    out = b1_map.copy()
+    # the two filters release the GIL: one on a second thread (the same values)
+    num_b, den_b = both(
+        lambda: ndimage.gaussian_filter(num, sig, mode="constant", truncate=3.0),
+        lambda: ndimage.gaussian_filter(den, sig, mode="constant", truncate=3.0),
+        concurrent=sel.size <= CONCURRENT_MAX_VOXELS,
+    )
     ok = den_b > 1e-3 * den_b.max()
-    out[box] = np.where(ok, num_b / np.where(ok, den_b, 1.0), b1_map[box])
-    return out
+    in_box = sel[box]
+    b1_box = b1_map[box][in_box]
+    ok_sel = ok[in_box]
+    return np.where(ok_sel, num_b[in_box] / np.where(ok_sel, den_b[in_box], 1.0), b1_box)
 
 
 def measured_t1_ms(fractions: TissueFractions) -> dict[str, float]:

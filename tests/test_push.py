@@ -27,6 +27,7 @@ from tests.conftest import (
     stop_pid,
     wait_port,
 )
+from tests.test_scp_security import pki  # noqa: F401  (module fixture: throw-away CA)
 
 
 def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
@@ -312,3 +313,44 @@ def test_c_store_command_set_is_pynetdicoms(tmp_path: Path) -> None:
         assert c_store_rq_command(ds.SOPClassUID, ds.SOPInstanceUID, msg_id) == encode(
             msg.command_set, True, True
         )
+
+
+@pytest.mark.integration
+def test_push_over_tls_to_dcmtk(tmp_path: Path, pki: Path) -> None:  # noqa: F811
+    """Destination tls = true: files of many PDUs (and TLS records) each go out, and their
+    responses come back, over dcmtk storescp +tls verifying our client certificate."""
+    from dicom_node.push import send_parallel
+
+    files = [
+        make_mr_file(tmp_path / f"{i}.dcm", instance_number=i, shape=(256, 256)) for i in range(3)
+    ]
+    out = tmp_path / "received"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [require_tool("storescp"), "+tls", f"{pki}/server.key", f"{pki}/server.crt"]
+        + ["-pw", "+cf", f"{pki}/ca.crt", "-aet", "PEER", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, 10)
+        dest = Destination(
+            "tls",
+            "PEER",
+            "127.0.0.1",
+            port,
+            10,
+            tls=True,
+            ca_file=f"{pki}/ca.crt",
+            cert_file=f"{pki}/client.crt",
+            key_file=f"{pki}/client.key",
+            associations=2,
+        )
+        res = send_parallel(files, dest)
+    finally:
+        stop_pid(proc)
+    assert res["sent"] == 3 and res["failed"] == 0, res
+    assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in out.iterdir()} == {
+        str(pydicom.dcmread(f).SOPInstanceUID) for f in files
+    }

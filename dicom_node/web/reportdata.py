@@ -4,6 +4,7 @@ the patient's earlier results (this node's stored series, and PACS SRs when conf
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -170,14 +171,20 @@ def cached_render(
     ).hexdigest()[:20]
     if stored is not None:
         pdf_p, png_p = stored.path / f"report-{key}.pdf", stored.path / f"report-{key}.png"
-        if pdf_p.is_file() and png_p.is_file():
+        try:
             return pdf_p.read_bytes(), png_p.read_bytes()
+        except OSError:
+            pass  # not rendered yet, or another content's page replaced it meanwhile
     pdf, png = (render or render_report)(data)
     if stored is not None:
         for old in stored.path.glob("report-*"):
-            old.unlink(missing_ok=True)
-        pdf_p.write_bytes(pdf)
-        png_p.write_bytes(png)
+            if old not in (pdf_p, png_p):
+                old.unlink(missing_ok=True)
+        # whole files only: another thread (the export job, a browser) may read them now
+        for path, content in ((pdf_p, pdf), (png_p, png)):
+            part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            part.write_bytes(content)
+            os.replace(part, path)
     return pdf, png
 
 
