@@ -310,7 +310,7 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(
     from dicom_node.series import folder_writer, run_series
     from dicom_node.seriesstore import save_series, series_dir
     from dicom_node.spool import Spool
-    from processing.run import run
+    from processing.run import run_taking
 
     files = ge_seed4
     settings = _settings("T1W", "T2W", "FLAIR")
@@ -318,7 +318,7 @@ def test_synthetic_series_encoded_in_a_worker_equal_the_in_process_ones(
     processed: list = []
 
     def submit(fn, *args) -> Future:  # processing here, once (the same result both times)
-        if fn is run:
+        if fn is run_taking:
             processed[:] = processed or [fn(*args)]
             done: Future = Future()
             done.set_result(processed[0])
@@ -414,7 +414,7 @@ def test_synthetic_series_no_worker_started_are_encoded_by_the_node(
 
     from dicom_node.handoff import submit_via_tmpfs
     from dicom_node.series import encode_synthetic_series, folder_writer, run_series
-    from processing.run import run
+    from processing.run import run_taking
 
     files = ge_seed4
     settings = _settings("T1W", "T2W", "FLAIR")
@@ -424,7 +424,7 @@ def test_synthetic_series_no_worker_started_are_encoded_by_the_node(
     encodings: list[Future] = []
 
     def submit(fn, *args) -> Future:
-        if fn is run:
+        if fn is run_taking:
             processed[:] = processed or [fn(*args)]
             done: Future = Future()
             done.set_result(processed[0])
@@ -437,7 +437,7 @@ def test_synthetic_series_no_worker_started_are_encoded_by_the_node(
 
     here = run_series(
         [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "here"),
-        submit=lambda fn, *a: submit(fn, *a) if fn is run else None,
+        submit=lambda fn, *a: submit(fn, *a) if fn is run_taking else None,
     )  # fmt: skip
     away = run_series(
         [pydicom.dcmread(p) for p in files], settings, folder_writer(tmp_path / "away"),
