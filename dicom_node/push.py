@@ -11,6 +11,7 @@ letter (counted, kept on disk, re-queued by an operator retry).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -118,6 +119,10 @@ class Link:
             self.close()
             return "association rejected or PACS unreachable"
         set_tcp_nodelay(assoc)
+        # pynetdicom leaves a requestor's socket blocking once connected: a PACS that stops
+        # reading would hold a send forever; now it fails after timeout_s (and is aborted)
+        with contextlib.suppress(OSError, AttributeError):
+            assoc.dul.socket.socket.settimeout(dest.timeout_s)
         self.assoc, self._proposed, self._message_id = assoc, set(wanted), 0
         self._as_is = {
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
