@@ -183,11 +183,12 @@ class IngestJournal:
             if self._fd is None:
                 self._open_next()
             assert self._fd is not None
-            for part in (head + name, data):
-                view = memoryview(part)
+            n = _HEAD.size + len(name) + len(data)
+            done = os.writev(self._fd, (head + name, data))  # one system call
+            if done < n:  # a short write (rare): the rest
+                view = memoryview(b"".join((head, name, data)))[done:]
                 while view:
                     view = view[os.write(self._fd, view) :]
-            n = _HEAD.size + len(name) + len(data)
             self._size += n
             self._written += n
             mine = self._written

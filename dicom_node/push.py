@@ -11,6 +11,7 @@ letter (counted, kept on disk, re-queued by an operator retry).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -118,6 +119,10 @@ class Link:
             self.close()
             return "association rejected or PACS unreachable"
         set_tcp_nodelay(assoc)
+        # pynetdicom leaves a requestor's socket blocking once connected: a PACS that stops
+        # reading would hold a send forever; now it fails after timeout_s (and is aborted)
+        with contextlib.suppress(OSError, AttributeError):
+            assoc.dul.socket.socket.settimeout(dest.timeout_s)
         self.assoc, self._proposed, self._message_id = assoc, set(wanted), 0
         self._as_is = {
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
@@ -388,45 +393,53 @@ class _Pusher:
             t.join(timeout=self.dest.timeout_s + 5)
 
     def _next(self) -> Any:
-        """The next item, or None (the sender leaves): retired, or idle for LINK_IDLE_S.
-        A leaving sender stops counting at once, so an offer never counts on it."""
+        """The next item, or None (the sender leaves): retired, or idle for LINK_IDLE_S."""
         with self._cv:
             while not self._queue:
                 if self._retired or (not self._cv.wait(LINK_IDLE_S) and not self._queue):
-                    self._senders -= 1
                     return None
+            self._sending += 1
             return self._queue.popleft()
 
     def _run(self, link: Link) -> None:
+        leaving = False  # this sender no longer counts (decided under the lock)
         try:
-            while (item := self._next()) is not None:
+            while True:
                 with self._cv:
+                    item = self._next()
+                    if item is None:
+                        self._senders -= 1  # at once, so an offer never counts on it
+                        leaving = True
+                        return
                     needs = {self._contexts[i.id] for i in (item, *self._queue)}
-                    self._sending += 1
                 try:
                     err = link.open(needs)
                     result = link.send(item.path) if not err else None
-                finally:
-                    with self._cv:
-                        self._sending -= 1
+                except Exception as exc:  # e.g. too many contexts: this item fails alone
+                    err, result = "", {"status": None, "error": f"{type(exc).__name__}: {exc}"}
+                with self._cv:
+                    self._sending -= 1
+                    failed: list[Any] = []
+                    if err and any(x.is_open for x in self._links if x is not link):
+                        self._queue.appendleft(item)  # another association takes the rest
+                    elif err:  # nobody gets through: every queued item fails with this now
+                        failed = [item, *self._queue]
+                        self._queue.clear()
+                    if err:
+                        self._senders -= 1
+                        leaving = True
                 if result is not None:
                     self._finish([(item, result)])
                     continue
-                with self._cv:
-                    if any(x.is_open for x in self._links if x is not link):
-                        self._queue.appendleft(item)  # another association takes the rest
-                        self._senders -= 1
-                        return
-                    failed = [item, *self._queue]
-                    self._queue.clear()
-                    self._senders -= 1
-                # nobody gets through: every item queued fails with this error now
-                self._finish([(i, {"path": i.path, "status": None, "error": err}) for i in failed])
+                if failed:
+                    self._finish([(i, {"status": None, "error": err}) for i in failed])
                 return
         finally:
-            link.close()
             with self._cv:
+                if not leaving:  # an unexpected error: the item is offered again later
+                    self._senders -= 1
                 self._links.discard(link)
+            link.close()
             self._record(force=True)
 
     def _finish(self, results: list[tuple[Any, dict[str, Any]]]) -> None:

@@ -169,6 +169,13 @@ def _even(text: str, pad: bytes) -> bytes:
     return raw + pad if len(raw) % 2 else raw
 
 
+#: the file meta elements that are the same for every instance
+_META_VERSION = _element((2, 0x0001), b"OB", b"\x00\x01")
+_META_IMPLEMENTATION = _element(
+    (2, 0x0012), b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")
+) + _element((2, 0x0013), b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" "))
+
+
 def part10_bytes(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, body: bytes
 ) -> bytes:
@@ -177,12 +184,11 @@ def part10_bytes(
     (~20 µs instead of ~0.5 ms per instance)."""
     meta = b"".join(
         (
-            _element((2, 0x0001), b"OB", b"\x00\x01"),
+            _META_VERSION,
             _element((2, 0x0002), b"UI", _even(sop_class_uid, b"\x00")),
             _element((2, 0x0003), b"UI", _even(sop_instance_uid, b"\x00")),
             _element((2, 0x0010), b"UI", _even(transfer_syntax, b"\x00")),
-            _element((2, 0x0012), b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
-            _element((2, 0x0013), b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+            _META_IMPLEMENTATION,
         )
     )
     group_length = _element((2, 0x0000), b"UL", struct.pack("<I", len(meta)))
@@ -232,6 +238,7 @@ class StoreSCP:
             settings.security.require_known_callers, settings.security.allowed_callers
         )
         self._label_callers()
+        self._receive_stage = metrics.stage.labels("receive")  # looked up once
         self._series_by_assoc: dict[int, set[str]] = {}
         self._active: set[int] = set()  # accepted associations not yet ended
         self._expected_by_series: dict[str, int | None] = {}  # insertion order: oldest first
@@ -443,7 +450,7 @@ class StoreSCP:
         with self._lock:
             self._series_by_assoc.setdefault(id(event.assoc), set()).add(header.series_instance_uid)
         self.metrics.instance_received(calling, "stored")
-        self.metrics.stage.labels("receive").observe(time.perf_counter() - t0)
+        self._receive_stage.observe(time.perf_counter() - t0)
         if self.on_instance is not None:
             self.on_instance(header.series_instance_uid, count, expected)
         return STATUS_SUCCESS

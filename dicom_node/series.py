@@ -52,7 +52,7 @@ from processing.acquisition import Acquisition
 from processing.b1map import B1Map
 from processing.montage import series_montage_png
 from processing.results import SeriesResult
-from processing.run import CONCURRENT_MAX_VOXELS, ProcessingSettings, run
+from processing.run import CONCURRENT_MAX_VOXELS, ProcessingSettings, run, run_taking
 
 __all__ = [
     "Classified",
@@ -769,10 +769,15 @@ def _process(
         if meanwhile is not None:
             meanwhile()
         return run(acq, settings, b1_map) if b1_map is not None else run(acq, settings)
-    future = (
-        submit(run, acq, settings, b1_map) if b1_map is not None else submit(run, acq, settings)
-    )
+    # in a list the worker's run_taking empties: its copy goes once no stage reads it
+    held = [acq]
     del acq  # the worker has its own (the hand-off file or the pickled task)
+    future = (
+        submit(run_taking, held, settings, b1_map)
+        if b1_map is not None
+        else submit(run_taking, held, settings)
+    )
+    del held
     trim_heap()  # the sources' pixel data and the grid went back to the heap, not the system
     if meanwhile is not None:
         meanwhile()

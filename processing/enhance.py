@@ -46,11 +46,13 @@ __all__ = [
     "N_DELAYS",
     "N_ECHOES",
     "N_FEATURES",
+    "EnhanceInputs",
     "EnhancementError",
     "FlairModel",
     "ProtocolOutOfRange",
     "default_model_path",
     "enhance_flair",
+    "enhance_inputs",
     "enhance_samples",
     "load_model",
     "make_features",
@@ -326,8 +328,67 @@ def ti_null_problem(
     )
 
 
+@dataclass(frozen=True, eq=False)
+class EnhanceInputs:
+    """What :func:`enhance_flair` reads of an acquisition and its maps, gathered at the
+    voxels it enhances (:func:`enhance_inputs`): with it, the caller can let the
+    acquisition's samples go before the enhancement runs (the worker's pipeline at
+    40 x 512 x 512: 320 MiB of samples vs ~90 MiB of these).
+
+    shape: the grid ``(z, y, x)``; mask: the voxels enhanced ``[z, y, x]``; coil: the
+    receive field there ``[n]``; samples: their raw samples ``[n, delay*echo]``; b1: the
+    fit's B1 there ``[n]`` (float64, NaN kept); the rest: the acquisition's timing."""
+
+    shape: tuple[int, int, int]
+    mask: np.ndarray
+    coil: np.ndarray
+    samples: np.ndarray
+    b1: np.ndarray
+    tr_ms: float
+    delays_ms: np.ndarray
+    echo_times_ms: np.ndarray
+    saturation_deg: float
+    excitation_deg: float
+
+
+def enhance_inputs(
+    acq: Acquisition, maps: QuantMaps, mask: np.ndarray | None = None
+) -> EnhanceInputs:
+    """The :class:`EnhanceInputs` of ``acq`` and ``maps`` (``mask``: see
+    :func:`enhance_flair`). Raises :class:`EnhancementError` for a mask of another shape."""
+    shape = acq.shape
+    m = np.array(maps.mask if mask is None else mask, dtype=bool)  # a copy: narrowed below
+    if m.shape != shape:
+        raise EnhancementError(f"mask shape {m.shape} does not match the image {shape}")
+    # Receive field C = m0 / PD (signal units per pu), from the very PD the plain FLAIR used,
+    # so both images share one scale; processing.pd's field fills voxels with PD = 0.
+    # Only the mask's voxels (flat C order): whole-volume float64 copies were ~250 MB of
+    # the worker's peak at 40 x 512 x 512.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        coil = np.asarray(maps.m0)[m].astype(np.float64) / np.asarray(maps.pd_pu)[m].astype(
+            np.float64
+        )
+    if maps.receive_field is not None:
+        ok = np.isfinite(coil) & (coil > 0)
+        coil = np.where(ok, coil, np.asarray(maps.receive_field)[m].astype(np.float64))
+    good = np.isfinite(coil) & (coil > 0)
+    m[m] = good  # narrowed to the voxels with a usable coil; coil[good] are its values
+    return EnhanceInputs(
+        shape=shape,
+        mask=m,
+        coil=coil[good],
+        samples=acq.masked_samples(m),  # [n, 8] for the masked voxels only
+        b1=np.asarray(maps.b1)[m].astype(np.float64),
+        tr_ms=acq.tr_ms,
+        delays_ms=acq.delays_ms,
+        echo_times_ms=acq.echo_times_ms,
+        saturation_deg=acq.saturation_deg,
+        excitation_deg=acq.excitation_deg,
+    )
+
+
 def enhance_flair(
-    acq: Acquisition,
+    acq: Acquisition | EnhanceInputs,
     maps: QuantMaps,
     flair: SyntheticImage,
     *,
@@ -338,8 +399,9 @@ def enhance_flair(
 ) -> SyntheticImage:
     """AI-enhanced FLAIR ``"FLAIR_AI"`` on the scale of the plain synthetic ``flair``.
 
-    acq: the MDME acquisition (signal ``[z, delay, echo, y, x]``). maps: its fit (for the
-    mask and the receive field ``C = m0 / pd_pu``). flair: the plain synthetic FLAIR (for
+    acq: the MDME acquisition (signal ``[z, delay, echo, y, x]``), or its
+    :func:`enhance_inputs` (``mask`` is then ignored). maps: its fit (for the mask and the
+    receive field ``C = m0 / pd_pu``). flair: the plain synthetic FLAIR (for
     TR/TE/TI and ``scale``). mask: voxels to enhance (default ``maps.mask``); others are 0.
     csf_t1_ms: the series' measured CSF T1, if known: a FLAIR TI that does not null it
     (beyond the mismatch the model was trained with) is refused, since the network was
@@ -367,40 +429,26 @@ def enhance_flair(
             + "; ".join(problems)
         )
     shape = acq.shape
-    m = np.array(maps.mask if mask is None else mask, dtype=bool)  # a copy: narrowed below
-    if m.shape != shape:
-        raise EnhancementError(f"mask shape {m.shape} does not match the image {shape}")
+    if isinstance(acq, EnhanceInputs):
+        inputs = acq
+    else:
+        inputs = enhance_inputs(acq, maps, mask)
     if flair.image.shape != shape:
         raise EnhancementError(f"FLAIR image shape {flair.image.shape} does not match {shape}")
-    # Receive field C = m0 / PD (signal units per pu), from the very PD the plain FLAIR used,
-    # so both images share one scale; processing.pd's field fills voxels with PD = 0.
-    # Only the mask's voxels (flat C order): whole-volume float64 copies were ~250 MB of
-    # the worker's peak at 40 x 512 x 512.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        coil = np.asarray(maps.m0)[m].astype(np.float64) / np.asarray(maps.pd_pu)[m].astype(
-            np.float64
-        )
-    if maps.receive_field is not None:
-        ok = np.isfinite(coil) & (coil > 0)
-        coil = np.where(ok, coil, np.asarray(maps.receive_field)[m].astype(np.float64))
-    good = np.isfinite(coil) & (coil > 0)
-    m[m] = good  # narrowed to the voxels with a usable coil; coil[good] are its values
-    coil = coil[good]
-
-    samples = acq.masked_samples(m)  # [n, 8] for the masked voxels only
+    m, coil = inputs.mask, inputs.coil
     # The fit's B1 (smoothed in its second pass), held inside the trained range.
     b1_lo, b1_hi = model.ranges.get("b1", [0.7, 1.3])
-    b1 = np.clip(np.nan_to_num(np.asarray(maps.b1, np.float64)[m], nan=1.0), b1_lo, b1_hi)
+    b1 = np.clip(np.nan_to_num(inputs.b1, nan=1.0), b1_lo, b1_hi)
     signal = enhance_samples(
         model,
-        samples,
+        inputs.samples,
         tr_ms=acq.tr_ms,
         delays_ms=acq.delays_ms,
         echo_times_ms=acq.echo_times_ms,
         flair_ti_ms=float(flair.ti_ms),  # checked non-None above
         b1=b1,
     )
-    del samples, b1  # [n, 8] and [n]: not needed for the image (the worker's peak)
+    del inputs, b1  # the [n, 8] samples (when ours) are not needed for the image
     img = np.zeros(shape, dtype=np.float32)
     hi = 32767.0 if flair.signed else 65535.0
     # Rounded like processing.synthesis, so both series share one integer scale. In place
@@ -436,7 +484,7 @@ def enhance_flair(
 
 
 def try_enhance_flair(
-    acq: Acquisition,
+    acq: Acquisition | EnhanceInputs,
     maps: QuantMaps,
     flair: SyntheticImage,
     *,

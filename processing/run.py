@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,14 @@ from processing.results import QuantMaps, SeriesResult
 from processing.settings import ContrastOverride, ProcessingSettings
 from processing.signal import IDEAL_PROFILE, gaussian_slice_profile
 
-__all__ = ["CONCURRENT_MAX_VOXELS", "ContrastOverride", "OnReady", "ProcessingSettings", "run"]
+__all__ = [
+    "CONCURRENT_MAX_VOXELS",
+    "ContrastOverride",
+    "OnReady",
+    "ProcessingSettings",
+    "run",
+    "run_taking",
+]
 
 #: Grids up to this many voxels run myelin + QC on a thread beside synthesis + enhancement
 #: (the second core); larger ones run them one after the other, which bounds the memory.
@@ -86,6 +93,75 @@ def run(
       contrasts as they will be returned (the enhancement only adds its own), with the
       same expected provenance; no maps or segmentation.
     """
+    return _run([acq], settings, b1_map, on_ready, release=False)
+
+
+def run_taking(
+    held: list[Acquisition],
+    settings: ProcessingSettings | None = None,
+    b1_map: B1Map | None = None,
+    *,
+    on_ready: OnReady | None = None,
+) -> SeriesResult:
+    """:func:`run` on the one acquisition in ``held``, which it takes out of the list, so
+    that when the caller keeps no other reference (the node's worker task) its samples go
+    once no later stage reads them: on a grid above :data:`CONCURRENT_MAX_VOXELS`, after
+    myelin and QC, the enhancement's voxels gathered (:func:`processing.enhance.
+    enhance_inputs`). 40 x 512 x 512: 320 MiB of samples off the worker's synthesis and
+    enhancement (its peak). The same result as :func:`run`."""
+    return _run(held, settings, b1_map, on_ready, release=True)
+
+
+@dataclass(frozen=True, eq=False)
+class _Released:
+    """An acquisition after its samples were let go (:func:`run_taking`): what the later
+    stages and the provenance read of it, and the enhancement's inputs (None: not run)."""
+
+    sequence_kind: str
+    delay_source: str
+    delays_ms: np.ndarray
+    echo_times_ms: np.ndarray
+    tr_ms: float
+    saturation_deg: float
+    excitation_deg: float
+    is_magnitude: bool
+    enhance: enhance.EnhanceInputs | None
+
+    @classmethod
+    def of(
+        cls, acq: Acquisition, result: SeriesResult, settings: ProcessingSettings
+    ) -> Acquisition | _Released:
+        """``acq`` described without its samples, or ``acq`` itself when the enhancement
+        may run and its inputs cannot be gathered (it then says why, as before)."""
+        inputs = None
+        if settings.enhance and acq.sequence_kind != "QALAS":
+            try:
+                inputs = enhance.enhance_inputs(acq, result.maps)
+            except Exception:
+                return acq
+        return cls(
+            sequence_kind=acq.sequence_kind,
+            delay_source=acq.delay_source,
+            delays_ms=acq.delays_ms,
+            echo_times_ms=acq.echo_times_ms,
+            tr_ms=acq.tr_ms,
+            saturation_deg=acq.saturation_deg,
+            excitation_deg=acq.excitation_deg,
+            is_magnitude=acq.is_magnitude,
+            enhance=inputs,
+        )
+
+
+def _run(
+    held: list[Acquisition],
+    settings: ProcessingSettings | None,
+    b1_map: B1Map | None,
+    on_ready: OnReady | None,
+    *,
+    release: bool,
+) -> SeriesResult:
+    """:func:`run` / :func:`run_taking` (``release``: let the samples go when done)."""
+    acq: Any = held.pop()
     settings = settings or ProcessingSettings()
     if settings.dir_null.upper() not in ("WM", "GM"):
         raise ValueError(f"dir_null: expected 'WM' or 'GM', got {settings.dir_null!r}")
@@ -128,6 +204,8 @@ def run(
         side.start()
     else:
         side.run()
+        if release:  # the enhancement's voxels gathered, the samples go (see run_taking)
+            acq = _Released.of(acq, result, settings)
     n_before = len(warnings)
     try:
         csf_t1 = _synthesis_stage(
@@ -147,6 +225,8 @@ def run(
             )
             ready = None
         model_sha = _enhance_stage(acq, result, settings, csf_t1) if settings.enhance else None
+        if isinstance(acq, _Released):
+            acq = replace(acq, enhance=None)  # its samples: not needed any more
     finally:
         if concurrent:
             side.join()
@@ -287,6 +367,7 @@ class _MyelinAndQC(threading.Thread):
 
     def run(self) -> None:
         acq, result = self.acq, self.result
+        self.acq = None  # not kept once done (run_taking lets the acquisition go)
         try:
             if self.with_myelin:
                 _myelin_stage(acq, result, self.myelin_warnings, self.timings)
@@ -370,7 +451,7 @@ def _dir_stage(
 
 
 def _synthesis_stage(
-    acq: Acquisition,
+    acq: Acquisition | _Released,
     result: SeriesResult,
     settings: ProcessingSettings,
     centres: dict[str, dict[str, float]],
@@ -413,7 +494,10 @@ def _synthesis_stage(
 
 
 def _enhance_stage(
-    acq: Acquisition, result: SeriesResult, settings: ProcessingSettings, csf_t1: float | None
+    acq: Acquisition | _Released,
+    result: SeriesResult,
+    settings: ProcessingSettings,
+    csf_t1: float | None,
 ) -> str | None:
     """ONNX FLAIR enhancement (MDME only); returns the model's sha256 when it ran."""
     if acq.sequence_kind == "QALAS":
@@ -423,7 +507,7 @@ def _enhance_stage(
         return None
     t = time.perf_counter()
     image, warning = enhance.try_enhance_flair(
-        acq,
+        acq.enhance if isinstance(acq, _Released) else acq,
         result.maps,
         result.synthetic["FLAIR"],
         model_path=settings.model_path,
@@ -441,7 +525,7 @@ def _enhance_stage(
 
 
 def _provenance(
-    acq: Acquisition,
+    acq: Acquisition | _Released,
     result: SeriesResult,
     settings: ProcessingSettings,
     model_sha: str | None,

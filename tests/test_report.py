@@ -206,6 +206,43 @@ def test_qc_history_plot_titles_a_scanner_name_as_written() -> None:
     assert Image.open(io.BytesIO(png)).size == (700, 260)
 
 
+def test_cached_render_never_gives_a_page_half_written_or_removed(tmp_path: Path) -> None:
+    """Renders of one series' page at once (the node's export job and a browser asking for
+    it, the priors changing the content in between): a page file is read only whole (the
+    job would encapsulate a cut PDF into the report it pushes) and never vanishes between
+    its check and its read."""
+    import threading
+
+    from dicom_node.web.reportdata import cached_render
+
+    d = tmp_path / "results" / "1.2.3"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text("{}")
+    pages = {
+        v: (b"%PDF-" + bytes([v]) * (4 << 20), b"\x89PNG" + bytes([v]) * (4 << 20)) for v in (1, 2)
+    }
+    wrong: list[object] = []
+
+    def browse(first: int) -> None:
+        for i in range(12):
+            v = 1 + (first + i) % 2  # the content alternates: each call may render
+            try:
+                got = cached_render(tmp_path, "1.2.3", {"v": v}, lambda _, v=v: pages[v])
+            except OSError as exc:
+                wrong.append(exc)
+                continue
+            if got != pages[v]:
+                wrong.append((v, len(got[0]), len(got[1])))
+
+    threads = [threading.Thread(target=browse, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+    assert sorted(p.name for p in d.iterdir() if p.name != "meta.json")[0].startswith("report-")
+
+
 def test_registry_priors_are_earlier_visits_of_the_same_patient(tmp_path: Path) -> None:
     from dicom_node.web.reportdata import registry_priors
 

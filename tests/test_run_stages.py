@@ -130,3 +130,36 @@ def test_a_large_grid_runs_myelin_and_qc_first_with_the_same_result(acq, monkeyp
     for name, image in concurrent.synthetic.items():
         assert np.array_equal(sequential.synthetic[name].image, image.image), name
     assert np.array_equal(sequential.myelin.mypv, concurrent.myelin.mypv)
+
+
+def test_run_taking_lets_the_samples_go_before_the_synthesis(monkeypatch) -> None:
+    """run_taking on a large grid (CONCURRENT_MAX_VOXELS lowered to 1): once myelin and QC
+    are done the acquisition's samples are unreachable (the enhancement's voxels gathered)
+    before the synthesis starts, and the result equals run's, FLAIR_AI and provenance
+    included. Ellipsoid phantom 2 x 24 x 24, seed 1, SNR 50."""
+    import gc
+    import weakref
+
+    import numpy as np
+
+    settings = ProcessingSettings(contrasts=("T1W", "FLAIR"))
+    monkeypatch.setattr(run_mod, "CONCURRENT_MAX_VOXELS", 1)
+    kept = run(make_phantom((2, 24, 24), seed=1, snr=50.0, anatomy="ellipsoid").acq, settings)
+    held = [make_phantom((2, 24, 24), seed=1, snr=50.0, anatomy="ellipsoid").acq]
+    samples = weakref.ref(held[0].signal)
+    stage = run_mod._synthesis_stage
+    alive_at_synthesis: list[bool] = []
+
+    def synthesis_records(*args):
+        gc.collect()
+        alive_at_synthesis.append(samples() is not None)
+        return stage(*args)
+
+    monkeypatch.setattr(run_mod, "_synthesis_stage", synthesis_records)
+    taken = run_mod.run_taking(held, settings)
+    assert held == [] and alive_at_synthesis == [False]
+    assert "FLAIR_AI" in kept.synthetic and list(taken.synthetic) == list(kept.synthetic)
+    for name, image in kept.synthetic.items():
+        assert np.array_equal(taken.synthetic[name].image, image.image), name
+    assert taken.warnings == kept.warnings
+    assert taken.provenance == kept.provenance
