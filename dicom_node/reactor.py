@@ -122,6 +122,8 @@ class _EventDUL(DULServiceProvider):
     def _wait_for_work(self) -> None:
         """Block until the peer sent data, a primitive was queued, or IDLE_WAIT_S."""
         sock = self.socket.socket if self.socket is not None else None
+        if isinstance(self.socket, _BulkRecvSocket) and self.socket.buffered():
+            return  # bytes already received: select would not see them
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # TLS bytes already decrypted: select would not see them
         watch: list[Any] = [self._wake_r]
@@ -131,12 +133,32 @@ class _EventDUL(DULServiceProvider):
             ready, _, _ = select.select(watch, [], [], IDLE_WAIT_S)
         except (OSError, ValueError):  # socket closed under us: the reactor notices
             return
+        self._readable = sock is not None and sock in ready
         if self._wake_r in ready:
             try:
                 while self._wake_r.recv(4096):
                     pass
             except OSError:
                 pass
+
+    #: the last wait saw the peer's socket readable (its next read does not block)
+    _readable = False
+
+    def _is_transport_event(self) -> bool:
+        # pynetdicom asks ``socket.ready`` (a select) first: the wait just did (an
+        # acceptor's connected socket; what else ``ready`` checks is pynetdicom's)
+        sock = self.socket
+        if (
+            self._readable
+            and isinstance(sock, _BulkRecvSocket)
+            and sock._is_connected
+            and self.state_machine.current_state != "Sta13"
+        ):
+            self._readable = False
+            self._read_pdu_data()
+            return True
+        self._readable = False
+        return super()._is_transport_event()
 
     def _read_pdu_data(self) -> None:
         """pynetdicom 3.0.4's ``DULServiceProvider._read_pdu_data`` (same events on the same
@@ -821,42 +843,70 @@ RECV_CHUNK = 256 * 1024
 
 
 class _BulkRecvSocket(AssociationSocket):
-    """pynetdicom's association socket, reading a PDU in large ``recv`` calls.
+    """pynetdicom's association socket, reading in large ``recv`` calls through a buffer.
 
-    pynetdicom 3.0.4's ``AssociationSocket.recv`` asks for 4096 bytes at a time: a 128 KiB
-    instance costs ~35 ``recv`` calls and as many copies into the PDU's buffer under the
-    GIL. Same contract (blocks until ``nr_bytes`` are read; returns what came before the
-    peer closed; socket errors and timeouts propagate); each call asks for at most
-    :data:`RECV_CHUNK` bytes, so memory grows only with the bytes that arrive, as before."""
+    pynetdicom 3.0.4's ``AssociationSocket.recv`` asks for 4096 bytes at a time (a 128 KiB
+    instance: ~35 ``recv`` calls and as many copies under the GIL) after a ``select`` per
+    PDU. Here one ``recv`` takes whatever has arrived, up to :data:`RECV_CHUNK` bytes: the
+    next PDU headers and short PDUs (a C-STORE's command) come with it, so a PDU costs
+    about one system call (each one gives the GIL up and waits to get it back). Same
+    contract (blocks until ``nr_bytes`` are read; returns what came before the peer
+    closed; socket errors and timeouts propagate); memory grows only with the bytes that
+    arrive, as before."""
+
+    #: bytes received and not yet consumed: ``_chunk[_pos:]`` (class defaults: instances
+    #: become this class after pynetdicom made them)
+    _chunk: bytes = b""
+    _pos = 0
+
+    def buffered(self) -> int:
+        """Received bytes not yet read (``select`` does not see them)."""
+        return len(self._chunk) - self._pos
+
+    @property
+    def ready(self) -> bool:
+        return self.buffered() > 0 or bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+
+    def _fill(self) -> bool:
+        """Receive what has arrived (blocking for at least one byte); False at the end."""
+        chunk = cast(socket.socket, self.socket).recv(RECV_CHUNK)
+        self._chunk, self._pos = chunk, 0
+        return bool(chunk)
 
     def recv(self, nr_bytes: int) -> bytearray:
-        sock = cast(socket.socket, self.socket)
         bytestream = bytearray()
         while len(bytestream) < nr_bytes:
-            chunk = sock.recv(min(nr_bytes - len(bytestream), RECV_CHUNK))
-            if not chunk:  # the connection is broken: what we have so far
-                return bytestream
-            bytestream += chunk
+            if not self.buffered() and not self._fill():
+                return bytestream  # the connection is broken: what we have so far
+            take = min(nr_bytes - len(bytestream), self.buffered())
+            bytestream += memoryview(self._chunk)[self._pos : self._pos + take]
+            self._pos += take
         return bytestream
 
-    def recv_exact(self, nr_bytes: int, prealloc_limit: int) -> bytearray:
-        """:meth:`recv`, reading straight into one buffer of ``nr_bytes`` (no chunk copies)
-        when that is at most ``prealloc_limit`` (a length we negotiated, not any length a
-        peer writes)."""
+    def recv_exact(self, nr_bytes: int, prealloc_limit: int) -> bytes | bytearray | memoryview:
+        """:meth:`recv` for a PDU's body: a view into the received bytes when they hold it
+        whole (no copy), else one buffer of ``nr_bytes`` filled by ``recv_into`` when that
+        is at most ``prealloc_limit`` (a length we negotiated, not any length a peer
+        writes)."""
+        if self.buffered() >= nr_bytes:
+            view = memoryview(self._chunk)[self._pos : self._pos + nr_bytes]
+            self._pos += nr_bytes
+            return view
         if nr_bytes > prealloc_limit:
             return self.recv(nr_bytes)
-        sock = cast(socket.socket, self.socket)
         buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        filled = 0
-        while filled < nr_bytes:
-            got = sock.recv_into(view[filled:], min(nr_bytes - filled, RECV_CHUNK))
-            if not got:  # the connection is broken: what we have so far
-                view.release()
-                del buffer[filled:]
-                return buffer
-            filled += got
-        view.release()
+        filled = self.buffered()
+        buffer[:filled] = memoryview(self._chunk)[self._pos :]
+        self._chunk, self._pos = b"", 0
+        sock = cast(socket.socket, self.socket)
+        with memoryview(buffer) as view:
+            while filled < nr_bytes:
+                got = sock.recv_into(view[filled:], min(nr_bytes - filled, RECV_CHUNK))
+                if not got:  # the connection is broken: what we have so far
+                    break
+                filled += got
+        if filled < nr_bytes:
+            del buffer[filled:]
         return buffer
 
 
