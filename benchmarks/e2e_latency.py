@@ -14,8 +14,10 @@ export, push), from the registry's timestamps and the node's ``job_finished`` lo
 and Orthanc; the figure is the median, every run's stage profile is printed. Outputs are
 pushed while the job still encodes (streamed), so "push after export" is only the tail.
 The job's critical path is normalize + process + export + bookkeeping (+ the push tail);
-the parametric maps and SEG are built by the node while the worker still runs (the
-"early part", overlapped: inside "process"), and delivered once the worker's QC is in.
+the parametric maps, the SEG and the synthetic series but FLAIR_AI are built by the node
+while the worker still runs (the "early part", overlapped: inside "process"; the web
+store's maps and the report's ratio meanwhile on a thread), and delivered once the
+worker's QC is in.
 
 ``E2E_RSS_TRACE=file``: every RSS sample (time, node MiB, workers MiB, then ``pid:MiB`` of
 each child process) appended there.
@@ -213,7 +215,9 @@ def _profile(db: Path, log: Path, uid: str, t_last_sent: float) -> dict[str, flo
     if "process" in timings:
         out["  node <-> worker transfer (process - worker stages)"] = timings["process"] - worker
     if "export_early" in timings:  # node, overlapped with the worker (inside "process")
-        out["  (export, early part: maps + SEG, while the worker runs)"] = timings["export_early"]
+        out["  (export, early part: maps, SEG, synthetic, while the worker runs)"] = timings[
+            "export_early"
+        ]
     if "export" in timings:
         out["  export (build + encode + store, streamed)"] = timings["export"]
     job_rest = (at["EXPORTED"] - at["PROCESSING"]) - sum(

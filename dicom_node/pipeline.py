@@ -35,7 +35,12 @@ from dicom_node.series import (
 )
 from dicom_node.seriesstore import PendingSeries, save_series
 from dicom_node.spool import Spool
-from dicom_node.web.reportdata import early_ratio, remember_ratio, start_series_report
+from dicom_node.web.reportdata import (
+    early_ratio,
+    early_ratio_medians,
+    remember_ratio,
+    start_series_report,
+)
 from processing.results import SeriesResult
 
 __all__ = [
@@ -152,12 +157,13 @@ class _WebKeeper:
         try:
             if stage == "maps":
                 self.pending.add_maps(part)
+                if self.settings.processing.segmentation:  # a report will be made
+                    self.ratio = early_ratio(part.maps)  # its ratio, while the worker segments
             else:
                 self.pending.add_segmentation(part)
-                if part.segmentation is not None and part.volumes_ml:
-                    self.ratio = early_ratio(
-                        part.maps, part.segmentation.fractions, self.pending.tmp
-                    )
+                if part.segmentation is not None and self.ratio is not None:
+                    fractions = part.segmentation.fractions
+                    early_ratio_medians(self.ratio, fractions, self.pending.tmp)
             self.stored.add(stage)
         except Exception as exc:  # the final store starts again from the whole result
             self.error = f"{type(exc).__name__}: {exc}"

@@ -11,6 +11,7 @@ letter (counted, kept on disk, re-queued by an operator retry).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -118,6 +119,10 @@ class Link:
             self.close()
             return "association rejected or PACS unreachable"
         set_tcp_nodelay(assoc)
+        # pynetdicom leaves a requestor's socket blocking once connected: a PACS that stops
+        # reading would hold a send forever; now it fails after timeout_s (and is aborted)
+        with contextlib.suppress(OSError, AttributeError):
+            assoc.dul.socket.socket.settimeout(dest.timeout_s)
         self.assoc, self._proposed, self._message_id = assoc, set(wanted), 0
         self._as_is = {
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
@@ -374,16 +379,17 @@ class _Pusher:
             by_path = {r["path"]: r for r in bad}
             self._finish([(i, by_path[str(i.path)]) for i in fresh if str(i.path) in by_path])
 
-    def retire(self) -> None:
+    def retire(self, wait: bool = True) -> None:
         """Stop (settings reloaded, node stopping): senders finish their current item and
-        close; queued items are dropped (still PENDING: offered again to a successor)."""
+        close (``wait``: until they did); queued items are dropped (still PENDING: offered
+        again to a successor)."""
         with self._cv:
             self._retired = True
             for item in self._queue:
                 self.in_flight.discard(item.id)
             self._queue.clear()
             self._cv.notify_all()
-            threads = list(self._threads)
+            threads = list(self._threads) if wait else []
         for t in threads:
             t.join(timeout=self.dest.timeout_s + 5)
 
@@ -503,7 +509,7 @@ class Outbox:
         with self._pushers_lock:
             old, self._pushers = list(self._pushers.values()), {}
         for p in old:  # their queued items are offered to the new settings' pushers
-            p.retire()
+            p.retire(wait=False)  # (SIGHUP: the handler does not wait for a send)
         self.wake()
 
     def wake(self) -> None:

@@ -136,6 +136,41 @@ def test_pacs_down_or_silent_never_hangs(tmp_path: Path) -> None:
     assert elapsed < 8, f"send_files took {elapsed:.1f} s against a silent peer"
 
 
+@pytest.mark.integration
+def test_a_pacs_that_stops_reading_mid_send_costs_the_timeout(tmp_path: Path) -> None:
+    """dcmtk storescp frozen (SIGSTOP) after the association is up: a 16 MB file fills the
+    socket buffers and the send stalls; it fails after about timeout_s instead of hanging."""
+    import os
+    import signal
+
+    from dicom_node.push import Link
+
+    small = make_mr_file(tmp_path / "small.dcm", instance_number=1)
+    big = make_mr_file(tmp_path / "big.dcm", instance_number=2, shape=(2048, 4096))
+    port = free_port()
+    proc = subprocess.Popen(
+        [require_tool("storescp"), "-aet", "PEER", "-od", str(tmp_path), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, 10)
+        link = Link(Destination("p", "PEER", "127.0.0.1", port, timeout_s=2))
+        meta = pydicom.dcmread(small, stop_before_pixels=True).file_meta
+        assert link.open({(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)}) == ""
+        assert link.send(small)["error"] == ""
+        os.kill(proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        res = link.send(big)
+        elapsed = time.monotonic() - t0
+        link.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        stop_pid(proc)
+    assert res["error"] and res["status"] is None
+    assert elapsed < 10, f"a stalled send took {elapsed:.1f} s"
+
+
 class _PreemptedCheckpoint(threading.Event):
     """The association reactor's pause checkpoint, with the reactor thread losing the CPU
     for ``delay_s`` right after every wait: pynetdicom's check-then-act window, held open."""

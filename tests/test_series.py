@@ -566,3 +566,65 @@ def test_outputs_built_while_the_worker_runs(tmp_path: Path, case: str) -> None:
         assert kinds == ["OT"] * 7 + ["SEG"] + ["MR"] * 4, kinds
     else:  # built again from the final result: one map per group, as without a worker
         assert kinds == ["OT"], kinds
+
+
+def test_node_job_stores_the_parts_for_the_web_and_report(tmp_path: Path, monkeypatch) -> None:
+    """The node's job with a pool that hands parts over (maps, segmentation, synthesis):
+    the web store it writes from the parts while the worker goes on (maps, fractions, the
+    report's T1w/T2w ratio and medians; not save_series of the whole result at the end)
+    is save_series's of the whole result, and its report's T1w/T2w ratio map equals the
+    one made from that store afterwards."""
+    import dataclasses
+
+    from dicom_node import pipeline
+    from dicom_node.pipeline import run_series_job
+
+    def whole(*args, **kw):
+        raise AssertionError("stored at the end, not from the parts")
+
+    monkeypatch.setattr(pipeline, "save_series", whole)
+    from dicom_node.seriesstore import load_series, save_series
+    from dicom_node.spool import Spool
+    from dicom_node.web.reportdata import _ratio, series_report_documents
+    from processing.run import ProcessingSettings
+
+    files = simulate(tmp_path / "in", "ge", seed=4, shape="2,48,48")
+    settings = dataclasses.replace(
+        load_settings(None),
+        processing=ProcessingSettings(contrasts=("T1W", "FLAIR"), enhance=False),
+    )
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    pool = _HandingOver()
+    spool = Spool(tmp_path / "spool")
+    away = run_series_job(uid, [str(p) for p in files], settings, spool, pool.submit)
+    assert away.state == State.EXPORTED, away.reason
+    # the same result in one piece (the worker's numerics are deterministic)
+    ds = [pydicom.dcmread(p) for p in files]
+    from dicom_node.series import classify
+    from processing.run import run
+
+    result = run(classify(ds).acquisition, settings.processing)
+    result.provenance["source_sha256"] = away.result.provenance["source_sha256"]
+    save_series(tmp_path / "ref", uid, result, ds)
+    want, got = load_series(tmp_path / "ref", uid), load_series(spool.root, uid)
+    a, b = want.arrays(), got.arrays()
+    assert list(a) == list(b) and "frac_GM" in a and "mypv" in a
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for name in sorted(p.name for p in (want.path / "thumbs").iterdir()):
+        assert (want.path / "thumbs" / name).read_bytes() == (
+            got.path / "thumbs" / name
+        ).read_bytes(), name
+    assert (got.path / "t1w_t2w.json").is_file() and _ratio(got) == _ratio(want)
+    ratio_maps = [
+        pydicom.dcmread(p)
+        for _, _, p in away.outputs
+        if "T1WT2W" in str(pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription)
+    ]
+    [ref_map] = [
+        d for d in series_report_documents(tmp_path / "ref", uid, ds, settings)
+        if "T1WT2W" in str(d.SeriesDescription)
+    ]  # fmt: skip
+    assert len(ratio_maps) == 1
+    kw = next(k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ref_map)
+    assert ratio_maps[0][kw].value == ref_map[kw].value

@@ -445,7 +445,8 @@ def test_series_stored_in_parts_as_at_once(tmp_path: Path) -> None:
     pending = PendingSeries(tmp_path / "parts", uid, ds)
     pending.add_maps(result)
     pending.add_segmentation(result)
-    ratio = reportdata.early_ratio(result.maps, result.segmentation.fractions, pending.tmp)
+    ratio = reportdata.early_ratio(result.maps)
+    reportdata.early_ratio_medians(ratio, result.segmentation.fractions, pending.tmp)
     parts = load_series(pending.finish(result).parents[1], uid)
     a, b = once.arrays(), parts.arrays()
     assert list(a) == list(b) and "mypv" in a and "frac_WM" in a

@@ -81,15 +81,14 @@ def ratio_of_maps(held: list[QuantMaps]) -> np.ndarray:
     """T1w/T2w ratio (read-only) of the maps in ``held`` (as the store keeps them:
     float32, 0 outside the mask); the list is emptied: the maps go before the ratio's
     temporaries come (the node's export peak)."""
-    from processing.synthesis import physical_signal, resolve_spec
-    from processing.t1t2ratio import t1w_t2w_ratio
+    from processing.synthesis import physical_signals_in_mask, resolve_spec
+    from processing.t1t2ratio import t1w_t2w_ratio_in_mask
 
     maps = held.pop()
-    t1w = physical_signal(maps, resolve_spec("T1W"))
-    t2w = physical_signal(maps, resolve_spec("T2W"))
-    mask = maps.mask
+    # inside the mask only (the whole-grid float64 signals were ~370 MB at 40 x 512 x 512)
+    mask, (t1w, t2w) = physical_signals_in_mask(maps, (resolve_spec("T1W"), resolve_spec("T2W")))
     del maps
-    ratio = t1w_t2w_ratio(t1w, t2w, mask)
+    ratio = t1w_t2w_ratio_in_mask(t1w, t2w, mask)
     ratio.flags.writeable = False
     return ratio
 
@@ -106,31 +105,40 @@ def remember_ratio(maps_file: Path, ratio: np.ndarray) -> None:
         _last_ratio[key] = ratio
 
 
-def early_ratio(maps: QuantMaps, fractions: dict[str, np.ndarray], folder: Path) -> np.ndarray:
-    """What the report needs of the maps and the segmentation, made as soon as they exist
-    (the node's job, while its worker goes on): the T1w/T2w ratio volume (returned: for
-    :func:`remember_ratio` once the series is stored) and its tissue medians, cached as
-    ``folder/t1w_t2w.json`` (``folder``: the series' store being written,
-    :class:`dicom_node.seriesstore.PendingSeries`). The figures :func:`_ratio` would make
-    from the stored maps: computed from the same float32 and uint8 values."""
-    from dicom_node.seriesstore import fraction_u8, masked_f32
-    from processing.t1t2ratio import tissue_medians
+def early_ratio(maps: QuantMaps) -> np.ndarray:
+    """The T1w/T2w ratio volume of the maps as soon as they exist (the node's job, while
+    its worker segments): what :func:`ratio_volume` makes of the same maps once stored
+    (computed from the float32 values the store keeps), for :func:`remember_ratio` and
+    :func:`early_ratio_medians`."""
+    from dicom_node.seriesstore import masked_f32
 
     mask = np.asarray(maps.mask, bool)
     t1 = masked_f32(maps.t1_ms, mask)
     zeros = np.zeros_like(t1)  # as StoredSeries.quant_maps gives them
-    stored = QuantMaps(
-        t1_ms=t1,
-        t2_ms=masked_f32(maps.t2_ms, mask),
-        pd_pu=masked_f32(maps.pd_pu, mask),
-        b1=masked_f32(maps.b1, mask),
-        m0=zeros,
-        residual=zeros,
-        mask=mask,
-        failed=np.asarray(maps.failed, bool),
-    )
+    held = [
+        QuantMaps(
+            t1_ms=t1,
+            t2_ms=masked_f32(maps.t2_ms, mask),
+            pd_pu=masked_f32(maps.pd_pu, mask),
+            b1=masked_f32(maps.b1, mask),
+            m0=zeros,
+            residual=zeros,
+            mask=mask,
+            failed=np.asarray(maps.failed, bool),
+        )
+    ]
     del t1
-    ratio = ratio_of_maps([stored])
+    return ratio_of_maps(held)
+
+
+def early_ratio_medians(ratio: np.ndarray, fractions: dict[str, np.ndarray], folder: Path) -> None:
+    """The report's T1w/T2w tissue medians of :func:`early_ratio`'s ratio, cached as
+    ``folder/t1w_t2w.json`` (``folder``: the series' store being written,
+    :class:`dicom_node.seriesstore.PendingSeries`), as :func:`_ratio` would make them from
+    the stored maps and fractions (the same uint8 fraction values)."""
+    from dicom_node.seriesstore import fraction_u8
+    from processing.t1t2ratio import tissue_medians
+
     fr = {
         t: fraction_u8(fractions[t]).astype(np.float32) / 255.0
         for t in ("WM", "GM")
@@ -138,7 +146,6 @@ def early_ratio(maps: QuantMaps, fractions: dict[str, np.ndarray], folder: Path)
     }
     if fr:
         (folder / "t1w_t2w.json").write_text(json.dumps(tissue_medians(ratio, fr)))
-    return ratio
 
 
 def cached_render(
