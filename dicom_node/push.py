@@ -379,16 +379,17 @@ class _Pusher:
             by_path = {r["path"]: r for r in bad}
             self._finish([(i, by_path[str(i.path)]) for i in fresh if str(i.path) in by_path])
 
-    def retire(self) -> None:
+    def retire(self, wait: bool = True) -> None:
         """Stop (settings reloaded, node stopping): senders finish their current item and
-        close; queued items are dropped (still PENDING: offered again to a successor)."""
+        close (``wait``: until they did); queued items are dropped (still PENDING: offered
+        again to a successor)."""
         with self._cv:
             self._retired = True
             for item in self._queue:
                 self.in_flight.discard(item.id)
             self._queue.clear()
             self._cv.notify_all()
-            threads = list(self._threads)
+            threads = list(self._threads) if wait else []
         for t in threads:
             t.join(timeout=self.dest.timeout_s + 5)
 
@@ -508,7 +509,7 @@ class Outbox:
         with self._pushers_lock:
             old, self._pushers = list(self._pushers.values()), {}
         for p in old:  # their queued items are offered to the new settings' pushers
-            p.retire()
+            p.retire(wait=False)  # (SIGHUP: the handler does not wait for a send)
         self.wake()
 
     def wake(self) -> None:

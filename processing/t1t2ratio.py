@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["t1w_t2w_ratio", "tissue_medians"]
+__all__ = ["t1w_t2w_ratio", "t1w_t2w_ratio_in_mask", "tissue_medians"]
 
 
 def t1w_t2w_ratio(t1w: np.ndarray, t2w: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -23,6 +23,20 @@ def t1w_t2w_ratio(t1w: np.ndarray, t2w: np.ndarray, mask: np.ndarray) -> np.ndar
     return out
 
 
+def t1w_t2w_ratio_in_mask(t1w: np.ndarray, t2w: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """:func:`t1w_t2w_ratio` of two images that are 0 outside ``mask``, given as their
+    values inside it (``[n]``, the mask's voxels in C order): the same float32
+    ``[z, y, x]`` without whole-grid float64 volumes."""
+    a = np.asarray(t1w, np.float64)
+    b = np.asarray(t2w, np.float64)
+    ok = (b > 0) & np.isfinite(a) & np.isfinite(b)
+    inside = np.zeros(a.shape, np.float32)
+    inside[ok] = (a[ok] / b[ok]).astype(np.float32)
+    out = np.zeros(np.shape(mask), np.float32)
+    out[np.asarray(mask, bool)] = inside
+    return out
+
+
 def tissue_medians(
     ratio: np.ndarray, fractions: dict[str, np.ndarray], threshold: float = 0.9
 ) -> dict[str, float]:
@@ -32,7 +46,7 @@ def tissue_medians(
         f = fractions.get(t)
         if f is None:
             continue
-        sel = np.asarray(f, np.float64) >= threshold
+        sel = np.asarray(f) >= np.float64(threshold)  # in float64, no whole-grid copy
         vals = np.asarray(ratio)[sel]
         vals = vals[vals > 0]
         if vals.size:

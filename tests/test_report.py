@@ -264,3 +264,32 @@ def test_registry_priors_are_earlier_visits_of_the_same_patient(tmp_path: Path) 
     priors = registry_priors(root, now)
     assert [(p["study_uid"], p["figures"]["WM"]) for p in priors] == [("9.2", 450.0)]
     shutil.rmtree(root)
+
+
+def test_ratio_of_maps_in_the_mask_equals_the_whole_grid_ratio() -> None:
+    """reportdata.ratio_of_maps computes inside the mask only; the ratio equals
+    t1w_t2w_ratio of the whole-grid physical T1W and T2W signals, bit for bit. Maps: random
+    T1 300-5000 ms, T2 20-2500 ms, PD 0-110 pu on 3 x 20 x 24, some voxels NaN, T2 <= 0
+    or PD 0, a third of the grid outside the mask."""
+    from dicom_node.web.reportdata import ratio_of_maps
+    from processing.results import QuantMaps
+    from processing.synthesis import physical_signal, resolve_spec
+
+    rng = np.random.default_rng(7)
+    shape = (3, 20, 24)
+    t1 = rng.uniform(300, 5000, shape).astype(np.float32)
+    t2 = rng.uniform(20, 2500, shape).astype(np.float32)
+    pd = rng.uniform(0, 110, shape).astype(np.float32)
+    t1[0, :2] = np.nan
+    t2[1, 3, :5] = -1.0
+    pd[2, 4, :6] = 0.0
+    mask = rng.random(shape) > 0.33
+    zeros = np.zeros(shape, np.float32)
+    maps = QuantMaps(t1_ms=t1, t2_ms=t2, pd_pu=pd, b1=zeros + 1, m0=zeros, residual=zeros,
+                     mask=mask, failed=np.zeros(shape, bool))  # fmt: skip
+    whole = t1w_t2w_ratio(
+        physical_signal(maps, resolve_spec("T1W")), physical_signal(maps, resolve_spec("T2W")), mask
+    )
+    ratio = ratio_of_maps([maps])
+    assert ratio.dtype == whole.dtype and np.array_equal(ratio, whole)
+    assert (ratio > 0).sum() > 100 and not ratio[~mask].any()

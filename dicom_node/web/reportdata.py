@@ -81,15 +81,14 @@ def ratio_of_maps(held: list[QuantMaps]) -> np.ndarray:
     """T1w/T2w ratio (read-only) of the maps in ``held`` (as the store keeps them:
     float32, 0 outside the mask); the list is emptied: the maps go before the ratio's
     temporaries come (the node's export peak)."""
-    from processing.synthesis import physical_signal, resolve_spec
-    from processing.t1t2ratio import t1w_t2w_ratio
+    from processing.synthesis import physical_signals_in_mask, resolve_spec
+    from processing.t1t2ratio import t1w_t2w_ratio_in_mask
 
     maps = held.pop()
-    t1w = physical_signal(maps, resolve_spec("T1W"))
-    t2w = physical_signal(maps, resolve_spec("T2W"))
-    mask = maps.mask
+    # inside the mask only (the whole-grid float64 signals were ~370 MB at 40 x 512 x 512)
+    mask, (t1w, t2w) = physical_signals_in_mask(maps, (resolve_spec("T1W"), resolve_spec("T2W")))
     del maps
-    ratio = t1w_t2w_ratio(t1w, t2w, mask)
+    ratio = t1w_t2w_ratio_in_mask(t1w, t2w, mask)
     ratio.flags.writeable = False
     return ratio
 
