@@ -855,15 +855,22 @@ def _export_and_write(
         extra_outputs(_web_copy(result) if release else result) if extra_outputs is not None else []
     )
     done_early = early.synthetic if early is not None else {}
-    away = (
-        _start_synthetic(result, geometry, settings, submit, qc_reason, done_early)
-        if stream and submit is not None
-        else None
-    )
+    send = stream and submit is not None
+
+    def start() -> list[_Away] | None:
+        tasks = _start_synthetic(result, geometry, settings, submit, qc_reason, done_early)  # type: ignore[arg-type]
+        if release and tasks is not None:  # the tasks have their contrasts; the node needs none
+            result.synthetic = {k: without_arrays(v) for k, v in result.synthetic.items()}
+        return tasks
+
+    # After an early part what the node builds here is small (the MYPV map, the SR): the
+    # synthetic series left (FLAIR_AI) go to the worker after those, so that the report
+    # page (the extra outputs submit it meanwhile) is rendered there first; the node then
+    # takes back what the worker has not started.
+    defer = send and early is not None and _selection_met(result, geometry, settings)
+    away: list[_Away] | None = [] if defer else (start() if send else None)
     if away is None and early is not None and early.synthetic:
         early.discard_synthetic()  # never delivered yet: the export below builds them all
-    if release and away is not None:  # the tasks have their contrasts; the node needs none
-        result.synthetic = {k: without_arrays(v) for k, v in result.synthetic.items()}
     if release:  # never exported (the web store has what it keeps)
         result.maps = replace(result.maps, m0=None, receive_field=None)
         if result.myelin is not None:
@@ -878,6 +885,8 @@ def _export_and_write(
             emit_encoded(_encoded(away.pop(0).future.result()))
         if release and away:
             away[:] = [_forget_started(a) for a in away]
+    if defer:
+        away = start()
     # The node's own groups are done: a series no worker has started yet is taken back from
     # the end of the queue and encoded here (the worker goes on from the front).
     while away:
@@ -991,6 +1000,12 @@ def _take_back(future: Any) -> bool:
     """Cancel a worker task no worker has started (a hand-off or process-pool future);
     False when it runs or ran, or for a future that cannot say (Dask)."""
     return isinstance(future, Future) and future.cancel()
+
+
+def _selection_met(result: SeriesResult, geometry: SliceGeometry, settings: ExportSettings) -> bool:
+    """Whether the result has every selected contrast (:func:`_start_synthetic` can send)."""
+    names = _synthetic_numbers(result, geometry, settings_for(result, settings))
+    return all(n in result.synthetic for n in names)
 
 
 def _start_synthetic(
