@@ -134,7 +134,7 @@ class _WebKeeper:
     ) -> None:
         self.spool, self.series_uid, self.datasets = spool, series_uid, datasets
         self.settings, self.submit = settings, submit
-        self.pending = PendingSeries(spool.root, series_uid, datasets)
+        self.pending: PendingSeries | None = None  # made with the maps part
         self.thread: ThreadPoolExecutor | None = None
         self.stored: set[str] = set()  # the parts stored early ("maps", "segmentation")
         self.ratio: np.ndarray | None = None
@@ -156,10 +156,12 @@ class _WebKeeper:
             return
         try:
             if stage == "maps":
+                self.pending = PendingSeries(self.spool.root, self.series_uid, self.datasets)
                 self.pending.add_maps(part)
                 if self.settings.processing.segmentation:  # a report will be made
                     self.ratio = early_ratio(part.maps)  # its ratio, while the worker segments
             else:
+                assert self.pending is not None
                 self.pending.add_segmentation(part)
                 if part.segmentation is not None and self.ratio is not None:
                     fractions = part.segmentation.fractions
@@ -186,10 +188,11 @@ class _WebKeeper:
         """The job ended without a result: remove what was stored early."""
         if self.thread is not None:
             self.thread.shutdown(wait=True)
-        shutil.rmtree(self.pending.tmp, ignore_errors=True)
+        if self.pending is not None:
+            shutil.rmtree(self.pending.tmp, ignore_errors=True)
 
     def _store(self, result: SeriesResult) -> None:
-        if self.stored == {"maps", "segmentation"}:
+        if self.pending is not None and self.stored == {"maps", "segmentation"}:
             path = self.pending.finish(result)
             if self.ratio is not None:  # the report's ratio, computed from these maps
                 remember_ratio(path / "maps.npz", self.ratio)

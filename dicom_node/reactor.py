@@ -18,6 +18,15 @@ Both waits have a short fallback timeout (:data:`IDLE_WAIT_S`) for what nothing 
 (the ARTIM and network-idle timers). pynetdicom is not modified: :func:`make_server` starts
 a :class:`~pynetdicom.transport.ThreadedAssociationServer` whose request handler gives each
 new acceptor these two classes before its threads start.
+
+Once the association is established, the acceptor takes a lean path for what a storage SCP
+mostly does: the DUL reads what has arrived in large ``recv`` calls, hands a P-DATA-TF's
+PDVs to the DIMSE provider straight from the received bytes (no PDU object, state-machine
+turn or queue: what Sta6 + Evt10 -> DT-2 does), a plain C-STORE request (no pydicom
+dataset) is served in the DUL thread itself and its response written at once after the
+handler returned (no hand-over to the association thread and back). Negotiation, release,
+abort, timers and anything unusual (other messages, fragmented command sets, listeners
+for the skipped steps) stay on pynetdicom's path; see :class:`_EventAssociation`.
 """
 
 from __future__ import annotations
