@@ -8,6 +8,8 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
@@ -28,6 +30,24 @@ from tests.conftest import (
     wait_port,
 )
 from tests.test_scp_security import pki  # noqa: F401  (module fixture: throw-away CA)
+
+
+@contextmanager
+def dcmtk_storescp(out: Path, aet: str, *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """dcmtk storescp as ``aet`` on a free loopback port, writing into ``out``; yields the
+    process (its port as ``.port``), stopped by PID on exit."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [require_tool("storescp"), *options, "-aet", aet, "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    proc.port = port  # type: ignore[attr-defined]
+    try:
+        wait_port(port, 10)
+        yield proc
+    finally:
+        stop_pid(proc)
 
 
 def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
@@ -90,17 +110,8 @@ def test_a_peer_that_refuses_the_files_syntax_still_gets_them(tmp_path: Path) ->
     )
     out = tmp_path / "received"
     out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        [require_tool("storescp"), "+xi", "-aet", "IMPLICIT", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_port(port, 10)
-        res = send_files([*files, rle], Destination("p", "IMPLICIT", "127.0.0.1", port, 10))
-    finally:
-        stop_pid(proc)
+    with dcmtk_storescp(out, "IMPLICIT", "+xi") as scp:
+        res = send_files([*files, rle], Destination("p", "IMPLICIT", "127.0.0.1", scp.port, 10))
     assert res["sent"] == 3 and res["failed"] == 0, res
     got = [pydicom.dcmread(p) for p in out.iterdir()]
     assert {str(d.SOPInstanceUID) for d in got} == {
@@ -147,26 +158,19 @@ def test_a_pacs_that_stops_reading_mid_send_costs_the_timeout(tmp_path: Path) ->
 
     small = make_mr_file(tmp_path / "small.dcm", instance_number=1)
     big = make_mr_file(tmp_path / "big.dcm", instance_number=2, shape=(2048, 4096))
-    port = free_port()
-    proc = subprocess.Popen(
-        [require_tool("storescp"), "-aet", "PEER", "-od", str(tmp_path), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_port(port, 10)
-        link = Link(Destination("p", "PEER", "127.0.0.1", port, timeout_s=2))
+    with dcmtk_storescp(tmp_path, "PEER") as scp:
+        link = Link(Destination("p", "PEER", "127.0.0.1", scp.port, timeout_s=2))
         meta = pydicom.dcmread(small, stop_before_pixels=True).file_meta
         assert link.open({(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)}) == ""
         assert link.send(small)["error"] == ""
-        os.kill(proc.pid, signal.SIGSTOP)
-        t0 = time.monotonic()
-        res = link.send(big)
-        elapsed = time.monotonic() - t0
-        link.close()
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        stop_pid(proc)
+        os.kill(scp.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            res = link.send(big)
+            elapsed = time.monotonic() - t0
+            link.close()
+        finally:
+            os.kill(scp.pid, signal.SIGCONT)
     assert res["error"] and res["status"] is None
     assert elapsed < 10, f"a stalled send took {elapsed:.1f} s"
 
@@ -199,21 +203,14 @@ def test_the_reactor_never_takes_a_c_store_response(requestor: str, tmp_path: Pa
     from dicom_node.requestor import PushAE
 
     files = [make_mr_file(tmp_path / f"{i}.dcm", instance_number=i) for i in range(4)]
-    port = free_port()
     out = tmp_path / "received"
     out.mkdir()
-    proc = subprocess.Popen(
-        [require_tool("storescp"), "-aet", "PEER", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_port(port, 10)
+    with dcmtk_storescp(out, "PEER") as scp:
         ae = (AE if requestor == "pynetdicom" else PushAE)(ae_title="SYNTHMR")
         ae.dimse_timeout = 1.5
         ts = str(pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID)
         ae.requested_contexts = [build_context(pydicom.dcmread(files[0]).SOPClassUID, ts)]
-        assoc = ae.associate("127.0.0.1", port, ae_title="PEER")
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="PEER")
         assert assoc.is_established
         assoc._reactor_checkpoint = _PreemptedCheckpoint(assoc, delay_s=0.3)
         send_msg = assoc.dimse.send_msg
@@ -231,8 +228,6 @@ def test_the_reactor_never_takes_a_c_store_response(requestor: str, tmp_path: Pa
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
-    finally:
-        stop_pid(proc)
     if requestor == "pynetdicom":  # the race this test holds open is real
         assert None in statuses, statuses
     else:
@@ -361,20 +356,13 @@ def test_push_over_tls_to_dcmtk(tmp_path: Path, pki: Path) -> None:  # noqa: F81
     ]
     out = tmp_path / "received"
     out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        [require_tool("storescp"), "+tls", f"{pki}/server.key", f"{pki}/server.crt"]
-        + ["-pw", "+cf", f"{pki}/ca.crt", "-aet", "PEER", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_port(port, 10)
+    tls = ["+tls", f"{pki}/server.key", f"{pki}/server.crt", "-pw", "+cf", f"{pki}/ca.crt"]
+    with dcmtk_storescp(out, "PEER", *tls) as scp:
         dest = Destination(
             "tls",
             "PEER",
             "127.0.0.1",
-            port,
+            scp.port,
             10,
             tls=True,
             ca_file=f"{pki}/ca.crt",
@@ -383,8 +371,6 @@ def test_push_over_tls_to_dcmtk(tmp_path: Path, pki: Path) -> None:  # noqa: F81
             associations=2,
         )
         res = send_parallel(files, dest)
-    finally:
-        stop_pid(proc)
     assert res["sent"] == 3 and res["failed"] == 0, res
     assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in out.iterdir()} == {
         str(pydicom.dcmread(f).SOPInstanceUID) for f in files
