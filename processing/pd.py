@@ -316,16 +316,15 @@ def _pd_scale(
     voxels), or, without pure CSF, keeps the tissue relation's absolute scale (``m0``,
     ``field`` and ``r1_s`` at the sampled tissue voxels); 1 when the reference is not
     positive."""
+    pd_ref = np.median(m0 / field)
     if csf:
         # All of R1 < 0.3 /s (the recipe). Keeping only the lowest-R1 half would remove
         # partial-volume voxels, but in noisy fits M0 and R1 errors of CSF are correlated
         # (a longer T1 extrapolates a larger M0), so that selection biases PD by ~-5 % at
         # SNR 50; the whole set is off by only +0.4 % (truth) to +2 % (fits) instead.
-        pd_ref = np.median(m0 / field)
         scale_to = 100.0
     else:
         # no pure CSF: keep the tissue relation's absolute scale
-        pd_ref = np.median(m0 / field)
         scale_to = float(np.median(pd_from_r1(r1_s, a, b_s)))
     if pd_ref > 0:
         return scale_to / float(pd_ref)
