@@ -27,13 +27,8 @@ def t1w_t2w_ratio_in_mask(t1w: np.ndarray, t2w: np.ndarray, mask: np.ndarray) ->
     """:func:`t1w_t2w_ratio` of two images that are 0 outside ``mask``, given as their
     values inside it (``[n]``, the mask's voxels in C order): the same float32
     ``[z, y, x]`` without whole-grid float64 volumes."""
-    a = np.asarray(t1w, np.float64)
-    b = np.asarray(t2w, np.float64)
-    ok = (b > 0) & np.isfinite(a) & np.isfinite(b)
-    inside = np.zeros(a.shape, np.float32)
-    inside[ok] = (a[ok] / b[ok]).astype(np.float32)
     out = np.zeros(np.shape(mask), np.float32)
-    out[np.asarray(mask, bool)] = inside
+    out[np.asarray(mask, bool)] = t1w_t2w_ratio(t1w, t2w, np.ones(np.shape(t1w), bool))
     return out
 
 
