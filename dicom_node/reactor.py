@@ -57,6 +57,7 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import LOGGER as _DUL_LOGGER
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
@@ -175,8 +176,6 @@ class _EventDUL(DULServiceProvider):
         the DIMSE provider without a PDU object, a state-machine turn or a queue (what the
         state machine's DT-2 does with it, PS3.8 9.2), when nothing listens for those steps
         (:meth:`_lean_receive`)."""
-        from pynetdicom.dul import LOGGER
-
         sock = self.socket
         if not isinstance(sock, _BulkRecvSocket):  # a requestor's: pynetdicom's own
             super()._read_pdu_data()
@@ -184,8 +183,8 @@ class _EventDUL(DULServiceProvider):
         try:
             header = sock.recv(6)
         except (OSError, TimeoutError) as exc:
-            LOGGER.error("Connection closed before the entire PDU was received")
-            LOGGER.exception(exc)
+            _DUL_LOGGER.error("Connection closed before the entire PDU was received")
+            _DUL_LOGGER.exception(exc)
             self.event_queue.put("Evt17")
             return
         if len(header) != 6:
@@ -193,18 +192,18 @@ class _EventDUL(DULServiceProvider):
             return
         pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            _DUL_LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
             self.event_queue.put("Evt19")
             return
         try:
             body = sock.recv_exact(pdu_length, self._recv_limit())
         except (OSError, TimeoutError) as exc:
-            LOGGER.error("Connection closed before the entire PDU was received")
-            LOGGER.exception(exc)
+            _DUL_LOGGER.error("Connection closed before the entire PDU was received")
+            _DUL_LOGGER.exception(exc)
             self.event_queue.put("Evt17")
             return
         if len(body) != pdu_length:
-            LOGGER.error(
+            _DUL_LOGGER.error(
                 f"The received PDU is shorter than expected ({6 + len(body)} of "
                 f"{6 + pdu_length} bytes received)"
             )
@@ -216,8 +215,8 @@ class _EventDUL(DULServiceProvider):
             pdu, event = self._decode_pdu(header + body)
             self.event_queue.put(event)
         except Exception as exc:
-            LOGGER.error("Unable to decode the received PDU data")
-            LOGGER.exception(exc)
+            _DUL_LOGGER.error("Unable to decode the received PDU data")
+            _DUL_LOGGER.exception(exc)
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)
