@@ -158,16 +158,15 @@ class _EventDUL(DULServiceProvider):
         # pynetdicom asks ``socket.ready`` (a select) first: the wait just did (an
         # acceptor's connected socket; what else ``ready`` checks is pynetdicom's)
         sock = self.socket
+        readable, self._readable = self._readable, False
         if (
-            self._readable
+            readable
             and isinstance(sock, _BulkRecvSocket)
             and sock._is_connected
             and self.state_machine.current_state != "Sta13"
         ):
-            self._readable = False
             self._read_pdu_data()
             return True
-        self._readable = False
         return super()._is_transport_event()
 
     def _read_pdu_data(self) -> None:
@@ -232,7 +231,7 @@ class _EventDUL(DULServiceProvider):
             self._prealloc_limit = max(int(limit), 16384) + 6
         return self._prealloc_limit
 
-    def _lean_receive(self, body: bytearray) -> bool:
+    def _lean_receive(self, body: bytes | bytearray | memoryview) -> bool:
         """Hand a received P-DATA-TF's PDVs to the DIMSE provider directly, as the state
         machine would (Sta6 + Evt10 -> DT-2 -> Sta6); False (nothing done) when this is not
         that plain case: another state, events already queued, a listener for the steps
@@ -703,7 +702,9 @@ _PDU_HEADER = struct.Struct(">BBL")
 _PDV_HEADER = struct.Struct(">LBB")
 
 
-def split_pdv_items(body: bytes | bytearray) -> list[tuple[int, int, memoryview]] | None:
+def split_pdv_items(
+    body: bytes | bytearray | memoryview,
+) -> list[tuple[int, int, memoryview]] | None:
     """The PDV items of a P-DATA-TF's ``body`` (after the 6-byte PDU header, PS3.8 9.3.5.1)
     as (context ID, message control header, fragment) with the fragment a view into
     ``body`` (no copy); None when an item is malformed or empty (pynetdicom's decoder then
