@@ -232,9 +232,10 @@ def main() -> None:
                         self1, senders = time.process_time(), _children_cpu() - children0
                     # storescp's CPU arrives when it is reaped (end of the with); the
                     # helpers' is their own count (their start-up and exit left out)
-                    others = _children_cpu() - children0 - senders
                     if name.startswith("synthmr"):
                         others = _helper_cpu[0]
+                    else:
+                        others = _children_cpu() - children0 - senders
                     cpu.setdefault((k, name), []).append((self1 - self0 + others) / n * 1e3)
                     rates.setdefault((k, name), []).append(n / dt)
                     if name.startswith("synthmr"):

@@ -364,10 +364,9 @@ class AcceptorPool:
         self._lock = threading.Lock()
         self._stopping = False
         self._started_at: dict[int, float] = {}
-        #: CPU seconds the helpers spent from accepting to stopping, and before (start-up,
-        #: imports) (benchmarks)
+        #: CPU seconds the helpers spent from accepting to stopping (start-up and imports
+        #: left out) (benchmarks)
         self.helper_cpu_s = 0.0
-        self.helper_startup_cpu_s = 0.0
         #: fdatasyncs of the helpers' ingest journals, known after stop (benchmarks)
         self.helper_journal_syncs = 0
 
@@ -434,7 +433,6 @@ class AcceptorPool:
             done = self._control(h, "stop", timeout_s=15.0)
             if isinstance(done, tuple) and h.pid:
                 self.helper_cpu_s += float(done[1]) - h.cpu_at_ready_s
-                self.helper_startup_cpu_s += h.cpu_at_ready_s
                 self.helper_journal_syncs += int(done[2])
         for h in helpers:
             try:

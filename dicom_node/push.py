@@ -459,8 +459,6 @@ class _Pusher:
                 done, self._done = self._done, []
                 self._marked_at = time.monotonic()
                 drain_started = self._drain_started
-                if not self._queue and not done:
-                    return
             if not done:
                 return
             try:

@@ -57,6 +57,7 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import LOGGER as _DUL_LOGGER
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
@@ -157,16 +158,15 @@ class _EventDUL(DULServiceProvider):
         # pynetdicom asks ``socket.ready`` (a select) first: the wait just did (an
         # acceptor's connected socket; what else ``ready`` checks is pynetdicom's)
         sock = self.socket
+        readable, self._readable = self._readable, False
         if (
-            self._readable
+            readable
             and isinstance(sock, _BulkRecvSocket)
             and sock._is_connected
             and self.state_machine.current_state != "Sta13"
         ):
-            self._readable = False
             self._read_pdu_data()
             return True
-        self._readable = False
         return super()._is_transport_event()
 
     def _read_pdu_data(self) -> None:
@@ -175,8 +175,6 @@ class _EventDUL(DULServiceProvider):
         the DIMSE provider without a PDU object, a state-machine turn or a queue (what the
         state machine's DT-2 does with it, PS3.8 9.2), when nothing listens for those steps
         (:meth:`_lean_receive`)."""
-        from pynetdicom.dul import LOGGER
-
         sock = self.socket
         if not isinstance(sock, _BulkRecvSocket):  # a requestor's: pynetdicom's own
             super()._read_pdu_data()
@@ -184,8 +182,8 @@ class _EventDUL(DULServiceProvider):
         try:
             header = sock.recv(6)
         except (OSError, TimeoutError) as exc:
-            LOGGER.error("Connection closed before the entire PDU was received")
-            LOGGER.exception(exc)
+            _DUL_LOGGER.error("Connection closed before the entire PDU was received")
+            _DUL_LOGGER.exception(exc)
             self.event_queue.put("Evt17")
             return
         if len(header) != 6:
@@ -193,18 +191,18 @@ class _EventDUL(DULServiceProvider):
             return
         pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            _DUL_LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
             self.event_queue.put("Evt19")
             return
         try:
             body = sock.recv_exact(pdu_length, self._recv_limit())
         except (OSError, TimeoutError) as exc:
-            LOGGER.error("Connection closed before the entire PDU was received")
-            LOGGER.exception(exc)
+            _DUL_LOGGER.error("Connection closed before the entire PDU was received")
+            _DUL_LOGGER.exception(exc)
             self.event_queue.put("Evt17")
             return
         if len(body) != pdu_length:
-            LOGGER.error(
+            _DUL_LOGGER.error(
                 f"The received PDU is shorter than expected ({6 + len(body)} of "
                 f"{6 + pdu_length} bytes received)"
             )
@@ -216,8 +214,8 @@ class _EventDUL(DULServiceProvider):
             pdu, event = self._decode_pdu(header + body)
             self.event_queue.put(event)
         except Exception as exc:
-            LOGGER.error("Unable to decode the received PDU data")
-            LOGGER.exception(exc)
+            _DUL_LOGGER.error("Unable to decode the received PDU data")
+            _DUL_LOGGER.exception(exc)
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)
@@ -233,7 +231,7 @@ class _EventDUL(DULServiceProvider):
             self._prealloc_limit = max(int(limit), 16384) + 6
         return self._prealloc_limit
 
-    def _lean_receive(self, body: bytearray) -> bool:
+    def _lean_receive(self, body: bytes | bytearray | memoryview) -> bool:
         """Hand a received P-DATA-TF's PDVs to the DIMSE provider directly, as the state
         machine would (Sta6 + Evt10 -> DT-2 -> Sta6); False (nothing done) when this is not
         that plain case: another state, events already queued, a listener for the steps
@@ -704,7 +702,9 @@ _PDU_HEADER = struct.Struct(">BBL")
 _PDV_HEADER = struct.Struct(">LBB")
 
 
-def split_pdv_items(body: bytes | bytearray) -> list[tuple[int, int, memoryview]] | None:
+def split_pdv_items(
+    body: bytes | bytearray | memoryview,
+) -> list[tuple[int, int, memoryview]] | None:
     """The PDV items of a P-DATA-TF's ``body`` (after the 6-byte PDU header, PS3.8 9.3.5.1)
     as (context ID, message control header, fragment) with the fragment a view into
     ``body`` (no copy); None when an item is malformed or empty (pynetdicom's decoder then

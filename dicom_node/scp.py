@@ -247,10 +247,8 @@ class StoreSCP:
         #: the server class (an acceptor process sets its own: dicom_node.acceptors)
         self.server_class: Any = GuardedAssociationServer
         self._pool: Any = None  # dicom_node.acceptors.AcceptorPool with acceptor_processes > 1
-        #: CPU seconds the acceptor processes spent accepting, and starting, known after
-        #: stop (benchmarks)
+        #: CPU seconds the acceptor processes spent accepting, known after stop (benchmarks)
         self.helper_cpu_s = 0.0
-        self.helper_startup_cpu_s = 0.0
         self.helper_journal_syncs = 0
         n = settings.node
         ae = self.ae = AE(ae_title=n.ae_title)
@@ -335,7 +333,6 @@ class StoreSCP:
         if self._pool is not None:
             self._pool.stop()
             self.helper_cpu_s = self._pool.helper_cpu_s
-            self.helper_startup_cpu_s = self._pool.helper_startup_cpu_s
             self.helper_journal_syncs = self._pool.helper_journal_syncs
             self.spool.peer_checkpoints.remove(self._pool.checkpoint_all)
             self._pool = None

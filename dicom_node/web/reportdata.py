@@ -63,18 +63,28 @@ def ratio_volume(stored: StoredSeries) -> np.ndarray:
     """T1w/T2w ratio ``[z, y, x]`` of the preset T1W and T2W synthesized from the stored maps
     (physical signals, so the display scale of either image does not enter). Read-only:
     the array is shared with the next caller for the same stored maps."""
-    maps_file = stored.path / "maps.npz"
-    try:
-        key = (str(maps_file), maps_file.stat().st_mtime_ns)
-    except OSError:
-        key = None
+    key = _ratio_key(stored.path / "maps.npz")
     with _last_ratio_lock:
         if key is not None and key in _last_ratio:
             return _last_ratio[key]
     ratio = ratio_of_maps([stored.quant_maps()])
     if key is not None:
-        remember_ratio(maps_file, ratio)
+        _keep_ratio(key, ratio)
     return ratio
+
+
+def _ratio_key(maps_file: Path) -> tuple[str, int] | None:
+    """The cache key of the stored ``maps_file`` as it is now (None: not there)."""
+    try:
+        return (str(maps_file), maps_file.stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
+def _keep_ratio(key: tuple[str, int], ratio: np.ndarray) -> None:
+    with _last_ratio_lock:
+        _last_ratio.clear()
+        _last_ratio[key] = ratio
 
 
 def ratio_of_maps(held: list[QuantMaps]) -> np.ndarray:
@@ -96,13 +106,9 @@ def ratio_of_maps(held: list[QuantMaps]) -> np.ndarray:
 def remember_ratio(maps_file: Path, ratio: np.ndarray) -> None:
     """Keep ``ratio`` as :func:`ratio_volume`'s answer for the stored ``maps_file`` as it
     is now (the node's job computed it from the maps before they were stored)."""
-    try:
-        key = (str(maps_file), maps_file.stat().st_mtime_ns)
-    except OSError:
-        return
-    with _last_ratio_lock:
-        _last_ratio.clear()
-        _last_ratio[key] = ratio
+    key = _ratio_key(maps_file)
+    if key is not None:
+        _keep_ratio(key, ratio)
 
 
 def early_ratio(maps: QuantMaps) -> np.ndarray:
