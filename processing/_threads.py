@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 __all__ = ["CONCURRENT_MAX_VOXELS", "both"]
 
-#: Grids up to this many voxels may run two steps' temporaries at once; larger ones run
-#: them one after the other, which bounds the worker's peak memory (as
-#: processing.run.CONCURRENT_MAX_VOXELS).
+#: Grids up to this many voxels may run two steps' temporaries at once (inside a stage, and
+#: processing.run's myelin + QC beside synthesis + enhancement); larger ones run them one
+#: after the other, which bounds the worker's peak memory.
 CONCURRENT_MAX_VOXELS = 1 << 22
 
 _A = TypeVar("_A")

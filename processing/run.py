@@ -20,6 +20,7 @@ from processing import enhance, mixture, myelin, segmentation, synthesis
 from processing import fit as fit_mod
 from processing import pd as pd_mod
 from processing import qc as qc_mod
+from processing._threads import CONCURRENT_MAX_VOXELS
 from processing._version import __version__
 from processing.acquisition import Acquisition
 from processing.b1map import B1Map, resample_b1_map
@@ -38,10 +39,6 @@ __all__ = [
     "run",
     "run_taking",
 ]
-
-#: Grids up to this many voxels run myelin + QC on a thread beside synthesis + enhancement
-#: (the second core); larger ones run them one after the other, which bounds the memory.
-CONCURRENT_MAX_VOXELS = 1 << 22
 
 #: on_ready(stage, part): a part of the result is final (see :func:`run`)
 OnReady = Callable[[str, SeriesResult], None]
