@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable, Mapping
 
-__all__ = ["scan_header"]
+__all__ = ["Part10Error", "read_meta_group", "scan_header"]
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -92,30 +93,54 @@ def _text(raw: bytes) -> str:
     return text
 
 
-def _meta(data: bytes, start: int) -> tuple[str, str]:
-    """(transfer syntax, media storage SOP class) of the file meta group (explicit VR LE)."""
-    pos, end = 132, start
-    found: dict[int, str] = {}
-    while pos < end:
-        if pos + 8 > end:
-            raise _Unusual
-        group, elem, vr, short = _EXPLICIT.unpack_from(data, pos)
+class Part10Error(ValueError):
+    """A file whose Part-10 header (preamble, DICM, group 0002) this reader cannot walk."""
+
+
+def read_meta_group(
+    data: bytes | memoryview,
+    wanted: Mapping[int, str],
+    decode: Callable[[bytes], str],
+    end: int | None = None,
+) -> tuple[dict[str, str], int]:
+    """Walk the file meta group (always explicit VR little endian, PS3.10 7.1) from offset
+    132 (after preamble and "DICM", which the caller checked): the ``decode``-d values of
+    the ``wanted`` elements (element number -> name) by name, and the offset after the
+    group. With ``end`` (where the group length says the dataset starts) the group must
+    fill the bytes up to it exactly; without, it ends at the first element of another
+    group. Raises :class:`Part10Error` when an element ends beyond the bytes (or ``end``)
+    or has an undefined length, or (with ``end``) one of another group comes first.
+
+    The one meta reader of the node: the C-STORE fast path (:func:`scan_header`) and the
+    push's (:func:`dicom_node.requestor.part10_meta`)."""
+    limit = len(data) if end is None else end
+    pos = 132
+    found: dict[str, str] = {}
+    while end is None or pos < end:
+        if pos + 8 > limit:
+            raise Part10Error("file meta truncated")
+        group, elem, vr, length = _EXPLICIT.unpack_from(data, pos)
         if group != 0x0002:
-            raise _Unusual
+            if end is None:
+                break
+            raise Part10Error("an element of another group inside the file meta")
         if vr in _LONG_VRS:
-            if pos + 12 > end:
-                raise _Unusual
+            if pos + 12 > limit:
+                raise Part10Error("file meta truncated")
             length = _U32.unpack_from(data, pos + 8)[0]
             pos += 12
         else:
-            length = short
             pos += 8
-        if length == _UNDEFINED or pos + length > end:
-            raise _Unusual
-        if elem in (0x0002, 0x0010):
-            found[elem] = _text(data[pos : pos + length])
+        if length == _UNDEFINED or pos + length > limit:
+            raise Part10Error("file meta truncated or of undefined length")
+        if elem in wanted:
+            found[wanted[elem]] = decode(bytes(data[pos : pos + length]))
         pos += length
-    return found.get(0x0010, ""), found.get(0x0002, "")
+    return found, pos
+
+
+#: what the fast path reads of the file meta
+_META_WANTED = {0x0002: "sop_class", 0x0010: "transfer_syntax"}
 
 
 def _skip_items(
@@ -240,7 +265,8 @@ def scan_header(data: bytes, start: int) -> dict[str, str] | None:
 def _scan(data: bytes, start: int) -> dict[str, str] | None:
     if start <= 144:
         return None
-    ts, meta_class = _meta(data, start)
+    meta = read_meta_group(data, _META_WANTED, _text, start)[0]
+    ts, meta_class = meta.get("transfer_syntax", ""), meta.get("sop_class", "")
     if ts not in (_EXPLICIT_LE, _IMPLICIT_LE):
         return None
     found: dict[int, tuple[bytes, int, int]] = {}

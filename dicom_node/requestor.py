@@ -43,6 +43,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 
+from dicom_node.header_scan import Part10Error, read_meta_group
 from dicom_node.reactor import IDLE_WAIT_S, _EventDUL, _make_event_driven, end_of_turn
 
 __all__ = [
@@ -195,10 +196,6 @@ class PushAE(AE):
 
 
 # ---------------------------------------------------------------- C-STORE of a file's bytes
-class Part10Error(ValueError):
-    """A file whose Part-10 header (preamble, DICM, group 0002) this reader cannot walk."""
-
-
 @dataclass(frozen=True)
 class Part10Meta:
     """What a C-STORE needs from a Part-10 file's meta group; ``offset``: where the data
@@ -211,42 +208,25 @@ class Part10Meta:
 
 
 _META_TAGS = {0x0002: "sop_class_uid", 0x0003: "sop_instance_uid", 0x0010: "transfer_syntax_uid"}
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+
+
+def _uid_text(raw: bytes) -> str:
+    """A UID value without its padding (a NUL, or a space from a lenient writer)."""
+    return raw.rstrip(b"\x00 ").decode("ascii")
 
 
 def part10_meta(head: bytes | memoryview) -> Part10Meta:
-    """The meta group of a Part-10 file (always explicit VR little endian, PS3.10 7.1)
+    """The meta group of a Part-10 file (:func:`dicom_node.header_scan.read_meta_group`)
     from its first bytes: 128-byte preamble, "DICM", then group 0002 elements until the
     first element of another group. Raises :class:`Part10Error` when ``head`` is not one
     (or ends inside the meta group: read more)."""
     if len(head) < 132 or bytes(head[128:132]) != b"DICM":
         raise Part10Error("no DICM prefix")
-    pos, found = 132, {}
-    while True:
-        if pos + 8 > len(head):
-            raise Part10Error("file meta truncated")
-        group, elem = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002:
-            break
-        vr = bytes(head[pos + 4 : pos + 6])
-        if vr in _LONG_VRS:
-            if pos + 12 > len(head):
-                raise Part10Error("file meta truncated")
-            (length,) = struct.unpack_from("<I", head, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", head, pos + 6)
-            start = pos + 8
-        if length == 0xFFFFFFFF or start + length > len(head):
-            raise Part10Error("file meta truncated or of undefined length")
-        if elem in _META_TAGS:
-            raw = bytes(head[start : start + length])
-            found[_META_TAGS[elem]] = raw.rstrip(b"\x00 ").decode("ascii")
-        pos = start + length
+    found, offset = read_meta_group(head, _META_TAGS, _uid_text)
     if len(found) != 3:
         missing = sorted(set(_META_TAGS.values()) - set(found))
         raise Part10Error(f"file meta lacks {', '.join(missing)}")
-    return Part10Meta(offset=pos, **found)
+    return Part10Meta(offset=offset, **found)
 
 
 def read_part10_meta(path: str | Path, head_bytes: int = 4096) -> Part10Meta:
