@@ -14,10 +14,19 @@ makes everything written so far durable with one ``syncfs`` of the spool's file 
 and deletes the old log. After a crash, :meth:`IngestJournal.replay` (run when the spool
 opens) rewrites every logged file that is missing or differs, in log order, durably.
 
-Record layout (little endian): magic ``SMRJ``, kind (``W`` write, ``D`` delete), name
-length (u16), data length (u64), CRC-32 of name + data (u32), name (UTF-8 path relative to
-the spool root), data. A torn last record (a crash mid-append: never answered) fails its
-length or CRC check and ends the replay of that log.
+Record layout (little endian): magic ``SMR2``, kind (``W`` write, ``D`` delete), name
+length (u16), data length (u64), CRC-32 of time + name + data (u32), time (u64: the
+system's monotonic clock in ns when the file was renamed into place or removed), name
+(UTF-8 path relative to the spool root), data. A torn last record (a crash mid-append:
+never answered) fails its length or CRC check and ends the replay of that log. Logs of
+the first layout (magic ``SMRJ``, no time) are still replayed, in log order.
+
+Every process that stores into the spool (:mod:`dicom_node.acceptors`) has logs of its
+own; the time orders their records: of two versions of one file in two processes' logs
+(a corrected re-send received by the other process) the replay keeps the one renamed
+last, as the disk had it. The monotonic clock is shared by the machine's processes and
+restarts with the machine, and every replay runs (and empties the logs) before anything
+new is logged, so the records compared always come from one boot.
 """
 
 from __future__ import annotations
@@ -37,8 +46,12 @@ __all__ = ["IngestJournal", "sync_file_system", "syncfs"]
 
 log = logging.getLogger("synthmr.journal")
 
-_HEAD = struct.Struct("<4scHQI")
-_MAGIC = b"SMRJ"
+_HEAD = struct.Struct("<4scHQIQ")
+_MAGIC = b"SMR2"
+#: the first layout (no time): still read
+_HEAD_V1 = struct.Struct("<4scHQI")
+_MAGIC_V1 = b"SMRJ"
+_TIME = struct.Struct("<Q")
 
 
 def _libc_syncfs() -> Any:
@@ -205,28 +218,46 @@ class IngestJournal:
     @staticmethod
     def records(path: Path) -> Iterator[tuple[str, str, bytes]]:
         """(kind, relative name, data) of each intact record of one log, in order."""
+        for _, kind, name, data in IngestJournal.timed_records(path):
+            yield kind, name, data
+
+    @staticmethod
+    def timed_records(path: Path) -> Iterator[tuple[int, str, str, bytes]]:
+        """(time ns, kind, relative name, data) of each intact record of one log, in order;
+        the time is 0 in a log of the first layout."""
         with open(path, "rb") as f:
             while True:
-                head = f.read(_HEAD.size)
-                if len(head) < _HEAD.size:
+                head = f.read(_HEAD_V1.size)
+                if len(head) < _HEAD_V1.size:
                     return
-                magic, kind, n_name, n_data, crc = _HEAD.unpack(head)
-                if magic != _MAGIC:
+                magic, kind, n_name, n_data, crc = _HEAD_V1.unpack(head)
+                at, at_bytes = 0, b""
+                if magic == _MAGIC:
+                    at_bytes = f.read(_TIME.size)
+                    if len(at_bytes) < _TIME.size:
+                        return
+                    (at,) = _TIME.unpack(at_bytes)
+                elif magic != _MAGIC_V1:
                     return
                 name = f.read(n_name)
                 data = f.read(n_data)
                 if len(name) < n_name or len(data) < n_data:
                     return
-                if zlib.crc32(data, zlib.crc32(name)) != crc:
+                if zlib.crc32(data, zlib.crc32(name, zlib.crc32(at_bytes))) != crc:
                     return
-                yield kind.decode("ascii", "replace"), name.decode("utf-8"), data
+                yield at, kind.decode("ascii", "replace"), name.decode("utf-8"), data
 
     # ------------------------------------------------------------------ appending
     def _relative(self, path: Path) -> bytes:
         return str(path.relative_to(self.root)).encode("utf-8")
 
-    def _append(self, kind: bytes, name: bytes, data: bytes, durable: bool) -> None:
-        head = _HEAD.pack(_MAGIC, kind, len(name), len(data), zlib.crc32(data, zlib.crc32(name)))
+    def _append(
+        self, kind: bytes, name: bytes, data: bytes, durable: bool, at: int | None = None
+    ) -> None:
+        if at is None:
+            at = time.monotonic_ns()
+        crc = zlib.crc32(data, zlib.crc32(name, zlib.crc32(_TIME.pack(at))))
+        head = _HEAD.pack(_MAGIC, kind, len(name), len(data), crc, at)
         with self._cond:
             if self._fd is None:
                 self._open_next()
@@ -277,10 +308,11 @@ class IngestJournal:
         ``fdatasync`` of the log that started after this append has completed."""
         self._append(b"W", self._relative(path), data, durable=True)
 
-    def log_write_relative(self, name: str, data: bytes) -> None:
+    def log_write_relative(self, name: str, data: bytes, at: int | None = None) -> None:
         """:meth:`log_write` of the file ``name`` (relative to the root, ``/``-separated:
-        the receive path builds it without pathlib)."""
-        self._append(b"W", name.encode("utf-8"), data, durable=True)
+        the receive path builds it without pathlib); ``at``: ``time.monotonic_ns()`` taken
+        before the file was renamed into place (default: now)."""
+        self._append(b"W", name.encode("utf-8"), data, durable=True, at=at)
 
     def log_delete(self, path: Path) -> None:
         """Log that ``path`` was removed (so a replay does not bring it back); durable with
@@ -355,31 +387,35 @@ class IngestJournal:
     def replay(self, write_file: Callable[[Path, bytes], None]) -> int:
         """After a crash: restore every logged file that is missing or differs, in log
         order (deletions too); checkpoint; return how many files were rewritten."""
-        final: dict[str, bytes | None] = {}  # the last record of each name wins
-        # each process's last write of a name: the logs are replayed process by process,
-        # not in time order, so of two processes' writes of one name (a corrected re-send
-        # received by the other) the one replayed last need not be the newer
+        # the newest record of each name wins: the latest time, and of equal times (the
+        # first layout's 0) the later in the logs (one process's logs are in order)
+        final: dict[str, tuple[int, bytes | None]] = {}
+        # first layout (no time): each process's last write of a name; a file that holds
+        # one of them was renamed into place by that process and is left as it is (below)
         written: dict[str, dict[str, bytes]] = {}
         replayed = self._logs(every_owner=True)
         for _, log_path in replayed:
             owner = log_path.stem[len("ingest-") :].rpartition(".")[0]
-            for kind, name, data in self.records(log_path):
+            for at, kind, name, data in self.timed_records(log_path):
+                if name in final and final[name][0] > at:
+                    continue  # another process's newer record of it came first
                 final.pop(name, None)  # keep log order for the writes below
-                final[name] = None if kind == "D" else data
+                final[name] = (at, None if kind == "D" else data)
                 if kind == "D":
                     written.get(name, {}).pop(owner, None)
                 else:
                     written.setdefault(name, {})[owner] = data
         n = 0
-        for name, data in final.items():
+        for name, (at, data) in final.items():
             target = (self.root / name).resolve()
             if self.root not in target.parents:
                 continue  # never written by us: a log names paths inside the root
-            versions = list(written.get(name, {}).values())
+            if at:  # the newest version is known: a file that holds it is left as it is
+                versions = [] if data is None else [data]
+            else:
+                versions = list(written.get(name, {}).values())
             try:
                 size = target.stat().st_size
-                # a file that holds one process's last write of it was renamed into place
-                # by that process (last, when it survived): it is left as it is
                 same = any(len(v) == size for v in versions) and target.read_bytes() in versions
             except OSError:
                 same = False

@@ -22,6 +22,7 @@ import itertools
 import os
 import re
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
@@ -383,6 +384,7 @@ class Spool:
                     view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
+            at = time.monotonic_ns()  # orders it among other processes' writes (journal)
             try:
                 os.replace(tmp, target)
             except FileNotFoundError:  # the series' first instance: its directory is new
@@ -394,7 +396,7 @@ class Spool:
             except FileNotFoundError:
                 pass
             raise
-        self.journal.log_write_relative(relative, data)
+        self.journal.log_write_relative(relative, data, at)
         return header, Path(target)
 
     def discard_received(self, path: Path) -> None:

@@ -283,6 +283,50 @@ def test_journals_of_acceptor_processes_are_their_own_and_all_replayed(tmp_path:
     _assert_only_an_empty_spare(reopened)
 
 
+def test_replay_after_a_power_loss_restores_the_version_renamed_last(tmp_path: Path) -> None:
+    """The same corrected re-send, each version in another process's log, and then a power
+    loss takes the file: the logs are replayed process by process (the helper's, holding
+    the older version, last), and the records' times make the newer version win."""
+    root = tmp_path / "spool"
+    node = Spool(root)
+    helper = Spool(root, journal_owner="p1.", replay=False)
+    for sp in (node, helper):
+        sp.journal.idle_checkpoint_s = 1e9
+    first, corrected = (
+        make_mr_file(tmp_path / name, series_uid="1.2.3", sop_uid="1.2.3.4", description=name)
+        for name in ("first", "corrected")
+    )
+    _, path = helper.store_received(first.read_bytes())
+    node.store_received(corrected.read_bytes())
+    path.unlink()  # the power loss: the rename never reached the disk
+    reopened = Spool(root)
+    assert reopened.replayed == 1
+    assert path.read_bytes() == corrected.read_bytes()
+
+
+def test_logs_of_the_first_layout_are_still_replayed(tmp_path: Path) -> None:
+    """A log written before records carried a time (magic SMRJ) is replayed in log order."""
+    import struct
+    import zlib
+
+    root = tmp_path / "spool"
+    Spool(root).close()
+    files = [
+        make_mr_file(tmp_path / n, series_uid="1.2.3", sop_uid="1.2.3.4", description=n)
+        for n in ("old", "new")
+    ]
+    name = b"incoming/x/1.dcm"
+    with open(root / "journal" / "ingest-00000007.log", "wb") as log:
+        for f in files:
+            data = f.read_bytes()
+            crc = zlib.crc32(data, zlib.crc32(name))
+            log.write(struct.pack("<4scHQI", b"SMRJ", b"W", len(name), len(data), crc))
+            log.write(name + data)
+    reopened = Spool(root)
+    assert reopened.replayed == 1
+    assert (root / name.decode()).read_bytes() == files[1].read_bytes()
+
+
 def test_replay_keeps_the_newer_version_another_process_wrote(tmp_path: Path) -> None:
     """A corrected instance (same UIDs, other content) re-sent moments after the first
     version, each version received by another process (dicom_node.acceptors): the logs
