@@ -17,23 +17,22 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable, Mapping
 
-__all__ = ["scan_header"]
+from dicom_node.elements import LONG_VRS
+
+__all__ = ["Part10Error", "read_meta_group", "scan_header"]
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 
-#: explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
-_LONG_VRS = frozenset(
-    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
-)
 #: every other explicit VR: a 2-byte length (any two upper-case letters, as before: an
 #: unknown VR is pydicom's to judge)
 _SHORT_VRS = (
     frozenset(
         bytes((a, b)) for a in range(ord("A"), ord("Z") + 1) for b in range(ord("A"), ord("Z") + 1)
     )
-    - _LONG_VRS
+    - LONG_VRS
 )
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
@@ -92,30 +91,54 @@ def _text(raw: bytes) -> str:
     return text
 
 
-def _meta(data: bytes, start: int) -> tuple[str, str]:
-    """(transfer syntax, media storage SOP class) of the file meta group (explicit VR LE)."""
-    pos, end = 132, start
-    found: dict[int, str] = {}
-    while pos < end:
-        if pos + 8 > end:
-            raise _Unusual
-        group, elem, vr, short = _EXPLICIT.unpack_from(data, pos)
+class Part10Error(ValueError):
+    """A file whose Part-10 header (preamble, DICM, group 0002) this reader cannot walk."""
+
+
+def read_meta_group(
+    data: bytes | memoryview,
+    wanted: Mapping[int, str],
+    decode: Callable[[bytes], str],
+    end: int | None = None,
+) -> tuple[dict[str, str], int]:
+    """Walk the file meta group (always explicit VR little endian, PS3.10 7.1) from offset
+    132 (after preamble and "DICM", which the caller checked): the ``decode``-d values of
+    the ``wanted`` elements (element number -> name) by name, and the offset after the
+    group. With ``end`` (where the group length says the dataset starts) the group must
+    fill the bytes up to it exactly; without, it ends at the first element of another
+    group. Raises :class:`Part10Error` when an element ends beyond the bytes (or ``end``)
+    or has an undefined length, or (with ``end``) one of another group comes first.
+
+    The one meta reader of the node: the C-STORE fast path (:func:`scan_header`) and the
+    push's (:func:`dicom_node.requestor.part10_meta`)."""
+    limit = len(data) if end is None else end
+    pos = 132
+    found: dict[str, str] = {}
+    while end is None or pos < end:
+        if pos + 8 > limit:
+            raise Part10Error("file meta truncated")
+        group, elem, vr, length = _EXPLICIT.unpack_from(data, pos)
         if group != 0x0002:
-            raise _Unusual
-        if vr in _LONG_VRS:
-            if pos + 12 > end:
-                raise _Unusual
+            if end is None:
+                break
+            raise Part10Error("an element of another group inside the file meta")
+        if vr in LONG_VRS:
+            if pos + 12 > limit:
+                raise Part10Error("file meta truncated")
             length = _U32.unpack_from(data, pos + 8)[0]
             pos += 12
         else:
-            length = short
             pos += 8
-        if length == _UNDEFINED or pos + length > end:
-            raise _Unusual
-        if elem in (0x0002, 0x0010):
-            found[elem] = _text(data[pos : pos + length])
+        if length == _UNDEFINED or pos + length > limit:
+            raise Part10Error("file meta truncated or of undefined length")
+        if elem in wanted:
+            found[wanted[elem]] = decode(bytes(data[pos : pos + length]))
         pos += length
-    return found.get(0x0010, ""), found.get(0x0002, "")
+    return found, pos
+
+
+#: what the fast path reads of the file meta
+_META_WANTED = {0x0002: "sop_class", 0x0010: "transfer_syntax"}
 
 
 def _skip_items(
@@ -167,7 +190,7 @@ def _walk(
         _U32.unpack_from,
         _IMPLICIT.unpack_from,
     )
-    long_vrs, short_vrs, wanted = _LONG_VRS, _SHORT_VRS, _WANTED
+    long_vrs, short_vrs, wanted = LONG_VRS, _SHORT_VRS, _WANTED
     top = found is not None
     last_tag = -1
     while pos < end:
@@ -240,7 +263,8 @@ def scan_header(data: bytes, start: int) -> dict[str, str] | None:
 def _scan(data: bytes, start: int) -> dict[str, str] | None:
     if start <= 144:
         return None
-    ts, meta_class = _meta(data, start)
+    meta = read_meta_group(data, _META_WANTED, _text, start)[0]
+    ts, meta_class = meta.get("transfer_syntax", ""), meta.get("sop_class", "")
     if ts not in (_EXPLICIT_LE, _IMPLICIT_LE):
         return None
     found: dict[int, tuple[bytes, int, int]] = {}

@@ -43,6 +43,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 
+from dicom_node.elements import command_element, even
+from dicom_node.header_scan import Part10Error, read_meta_group
 from dicom_node.reactor import IDLE_WAIT_S, _EventDUL, _make_event_driven, end_of_turn
 
 __all__ = [
@@ -195,10 +197,6 @@ class PushAE(AE):
 
 
 # ---------------------------------------------------------------- C-STORE of a file's bytes
-class Part10Error(ValueError):
-    """A file whose Part-10 header (preamble, DICM, group 0002) this reader cannot walk."""
-
-
 @dataclass(frozen=True)
 class Part10Meta:
     """What a C-STORE needs from a Part-10 file's meta group; ``offset``: where the data
@@ -211,42 +209,25 @@ class Part10Meta:
 
 
 _META_TAGS = {0x0002: "sop_class_uid", 0x0003: "sop_instance_uid", 0x0010: "transfer_syntax_uid"}
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+
+
+def _uid_text(raw: bytes) -> str:
+    """A UID value without its padding (a NUL, or a space from a lenient writer)."""
+    return raw.rstrip(b"\x00 ").decode("ascii")
 
 
 def part10_meta(head: bytes | memoryview) -> Part10Meta:
-    """The meta group of a Part-10 file (always explicit VR little endian, PS3.10 7.1)
+    """The meta group of a Part-10 file (:func:`dicom_node.header_scan.read_meta_group`)
     from its first bytes: 128-byte preamble, "DICM", then group 0002 elements until the
     first element of another group. Raises :class:`Part10Error` when ``head`` is not one
     (or ends inside the meta group: read more)."""
     if len(head) < 132 or bytes(head[128:132]) != b"DICM":
         raise Part10Error("no DICM prefix")
-    pos, found = 132, {}
-    while True:
-        if pos + 8 > len(head):
-            raise Part10Error("file meta truncated")
-        group, elem = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002:
-            break
-        vr = bytes(head[pos + 4 : pos + 6])
-        if vr in _LONG_VRS:
-            if pos + 12 > len(head):
-                raise Part10Error("file meta truncated")
-            (length,) = struct.unpack_from("<I", head, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", head, pos + 6)
-            start = pos + 8
-        if length == 0xFFFFFFFF or start + length > len(head):
-            raise Part10Error("file meta truncated or of undefined length")
-        if elem in _META_TAGS:
-            raw = bytes(head[start : start + length])
-            found[_META_TAGS[elem]] = raw.rstrip(b"\x00 ").decode("ascii")
-        pos = start + length
+    found, offset = read_meta_group(head, _META_TAGS, _uid_text)
     if len(found) != 3:
         missing = sorted(set(_META_TAGS.values()) - set(found))
         raise Part10Error(f"file meta lacks {', '.join(missing)}")
-    return Part10Meta(offset=pos, **found)
+    return Part10Meta(offset=offset, **found)
 
 
 def read_part10_meta(path: str | Path, head_bytes: int = 4096) -> Part10Meta:
@@ -263,31 +244,21 @@ def read_part10_meta(path: str | Path, head_bytes: int = 4096) -> Part10Meta:
                 head += more
 
 
-def _command_element(elem: int, value: bytes) -> bytes:
-    """One element of group 0000 (implicit VR little endian, PS3.7 6.3.1)."""
-    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
-
-
-def _uid_value(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
 def c_store_rq_command(sop_class_uid: str, sop_instance_uid: str, message_id: int) -> bytes:
     """The encoded command set of a C-STORE request with a data set (PS3.7 9.3.1.1):
     what pynetdicom builds through a pydicom Dataset, in a few ``struct.pack`` calls.
     Priority LOW (2), as pynetdicom's ``send_c_store`` sends it."""
     body = b"".join(
         (
-            _command_element(0x0002, _uid_value(sop_class_uid)),
-            _command_element(0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
-            _command_element(0x0110, struct.pack("<H", message_id & 0xFFFF)),
-            _command_element(0x0700, struct.pack("<H", 0x0002)),
-            _command_element(0x0800, struct.pack("<H", 0x0001)),  # a data set follows
-            _command_element(0x1000, _uid_value(sop_instance_uid)),
+            command_element(0x0002, even(sop_class_uid, b"\x00")),
+            command_element(0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
+            command_element(0x0110, struct.pack("<H", message_id & 0xFFFF)),
+            command_element(0x0700, struct.pack("<H", 0x0002)),
+            command_element(0x0800, struct.pack("<H", 0x0001)),  # a data set follows
+            command_element(0x1000, even(sop_instance_uid, b"\x00")),
         )
     )
-    return _command_element(0x0000, struct.pack("<I", len(body))) + body
+    return command_element(0x0000, struct.pack("<I", len(body))) + body
 
 
 def _p_data_pdus(

@@ -249,6 +249,7 @@ class Spool:
         #: received files a crash had left missing or partial, rewritten from the journal
         #: (every process's logs: only the node process replays, before acceptors start)
         self.replayed = self.journal.replay(self.write_atomic) if replay else 0
+        self.journal.prepare_log()  # the first instance received does not create it
         #: checkpoints of the other processes' journals (dicom_node.acceptors), run with
         #: this one's wherever no journal record may outlive a removal
         self.peer_checkpoints: list[Callable[[], None]] = []

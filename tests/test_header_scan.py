@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import io
 import random
+import struct
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -18,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossl
 
 from dicom_node import emulator, spool
 from dicom_node.header_scan import scan_header
+from dicom_node.requestor import part10_meta, read_part10_meta
 from dicom_node.scp import part10_bytes
 from dicom_node.validate import meta_end
 from tests.test_emulator import small_acquisition
@@ -139,3 +142,40 @@ def test_what_the_scan_leaves_to_pydicom(monkeypatch: pytest.MonkeyPatch) -> Non
     assert scan_header(raw, meta_end(raw)) is None
     with pytest.raises(spool.InvalidInstanceError, match="SOP class"):
         spool.read_header(raw)
+
+
+@pytest.mark.parametrize("vr", [b"SV", b"UV"])
+def test_both_meta_readers_walk_a_64_bit_element(
+    vr: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file meta reader of the C-STORE fast path and of the push steps over an element
+    of a VR with a 4-byte length that came in 2019 (SV, UV: PS3.5 7.1.2). Read with a
+    2-byte length (its reserved bytes, 0) the group would seem to end inside it: the fast
+    path would defer, the push would send part of the meta as the data set."""
+    ds = emulator.make_datasets(small_acquisition(), "ge", with_phase=False)[0]
+    plain = _part10(ds, ExplicitVRLittleEndian)
+    start = meta_end(plain)
+    # (0002,0011), between Transfer Syntax UID and Implementation Class UID: 8 bytes
+    at = plain.index(b"\x02\x00\x12\x00UI", 144, start)
+    extra = struct.pack("<HH2sHI", 0x0002, 0x0011, vr, 0, 8) + struct.pack("<q", 1 << 40)
+    meta = plain[144:at] + extra + plain[at:start]
+    data = plain[:140] + struct.pack("<I", len(meta)) + meta + plain[start:]
+    assert meta_end(data) == start + len(extra)
+    ref = _pydicom_path(data, monkeypatch)
+    assert ref is not None and ref.parsed.file_meta[0x00020011].VR == vr.decode()
+    scanned = scan_header(data, meta_end(data))
+    assert scanned is not None  # the fast path, with pydicom's values
+    for f in FIELDS:
+        assert scanned[f] == getattr(ref, f), f
+    (tmp_path / "a.dcm").write_bytes(data)
+    for got in (
+        part10_meta(data),
+        part10_meta(memoryview(data)),
+        read_part10_meta(tmp_path / "a.dcm"),
+    ):
+        assert got.offset == meta_end(data)  # the data set, and nothing of the meta, is sent
+        assert (got.sop_class_uid, got.sop_instance_uid, got.transfer_syntax_uid) == (
+            ref.sop_class_uid,
+            ref.sop_instance_uid,
+            ExplicitVRLittleEndian,
+        )

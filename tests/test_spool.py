@@ -173,6 +173,52 @@ def test_journal_group_commit_covers_every_answer_with_fewer_syncs(
     assert sp.journal.syncs < 160, sp.journal.syncs
 
 
+def _assert_only_an_empty_spare(sp: Spool) -> None:
+    """Every log was replayed and dropped; what is left is the next log, created ahead of
+    need and empty."""
+    assert [(p.name, p.stat().st_size) for p in sp.journal.dir.iterdir()] == [
+        (sp.journal._path(sp.journal._seq).name, 0)
+    ]
+
+
+def test_first_append_of_a_burst_goes_into_a_log_prepared_ahead(tmp_path: Path) -> None:
+    """The log an append goes into is created (and its directory entry synced) ahead of
+    need: at opening and after each checkpoint, not while the first instance of a burst
+    and every concurrent answer behind it wait. A spare whose number is no longer the
+    highest handed out is not used: its records would replay before older ones."""
+    sp = Spool(tmp_path / "spool")
+    sp.journal.idle_checkpoint_s = 1e9
+    (spare,) = list(sp.journal.dir.iterdir())
+    assert spare.stat().st_size == 0
+    created: list[int] = []
+    real_create = sp.journal._create
+
+    def counting_create(seq: int) -> int:
+        created.append(seq)
+        return real_create(seq)
+
+    sp.journal._create = counting_create  # type: ignore[method-assign]
+    f = [
+        make_mr_file(tmp_path / "src" / f"{i}.dcm", series_uid="1.2.3", instance_number=i)
+        for i in range(3)
+    ]
+    sp.store_received(f[0].read_bytes())
+    assert created == []  # the burst's first append took the spare
+    assert spare.stat().st_size > f[0].stat().st_size
+    sp.journal.checkpoint()
+    assert not spare.exists()
+    assert created == [sp.journal._seq]  # the next one, made by the checkpoint
+    (next_spare,) = list(sp.journal.dir.iterdir())
+    assert next_spare.stat().st_size == 0
+    sp.journal._seq += 1  # a later number handed out meanwhile (e.g. a race)
+    sp.store_received(f[1].read_bytes())
+    assert not next_spare.exists()  # dropped, not appended to out of order
+    (current,) = list(sp.journal.dir.iterdir())
+    assert sp.journal._path(sp.journal._seq) == current
+    sp.close()
+    assert list(sp.journal.dir.iterdir()) == []  # a clean stop leaves no log, not even empty
+
+
 def test_journal_replay_restores_acknowledged_files_lost_with_the_page_cache(
     tmp_path: Path,
 ) -> None:
@@ -202,7 +248,7 @@ def test_journal_replay_restores_acknowledged_files_lost_with_the_page_cache(
         assert p.read_bytes() == f.read_bytes()
     assert not stored[5].exists()
     assert len(list(reopened.incoming.rglob("*.dcm"))) == 5
-    assert list(reopened.journal.dir.iterdir()) == []
+    _assert_only_an_empty_spare(reopened)
 
 
 def test_journals_of_acceptor_processes_are_their_own_and_all_replayed(tmp_path: Path) -> None:
@@ -234,7 +280,7 @@ def test_journals_of_acceptor_processes_are_their_own_and_all_replayed(tmp_path:
     assert sorted(p.name for p in reopened.incoming.rglob("*.dcm")) == sorted(
         p.name for p in stored[1::2]
     )
-    assert list(reopened.journal.dir.iterdir()) == []
+    _assert_only_an_empty_spare(reopened)
 
 
 def test_replay_keeps_the_newer_version_another_process_wrote(tmp_path: Path) -> None:
@@ -267,12 +313,15 @@ def test_journal_checkpoints_when_idle(tmp_path: Path) -> None:
     sp.journal.idle_checkpoint_s = 0.2
     f = make_mr_file(tmp_path / "in.dcm")
     sp.store_received(f.read_bytes())
-    assert list(sp.journal.dir.glob("*.log"))
+    (first_log,) = sp.journal.dir.glob("*.log")
+    assert first_log.stat().st_size > 0
     deadline = time.time() + 10
-    while list(sp.journal.dir.glob("*.log")) and time.time() < deadline:
+    while first_log.exists() and time.time() < deadline:
         time.sleep(0.05)
-    assert list(sp.journal.dir.glob("*.log")) == []
+    assert not first_log.exists()
     assert sp.journal.checkpoints >= 1
+    # what is left is the next log, prepared ahead of the next burst, empty
+    assert [p.stat().st_size for p in sp.journal.dir.glob("*.log")] == [0]
     sp.journal.idle_checkpoint_s = 3600.0  # so a slow machine cannot checkpoint it first
     sp.store_received(f.read_bytes())  # a new burst opens a new log
     assert len(list(sp.journal.dir.glob("*.log"))) == 1
