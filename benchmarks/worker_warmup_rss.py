@@ -53,12 +53,16 @@ def main() -> None:
             finally:
                 workers.stop()
             child = report.get("child")
+            throwaway = (
+                f"{child['compiled']} numba compiles in {child['seconds']:.1f} s"
+                if child
+                else "none"
+            )
             print(
                 f"{label:<13} warm in {seconds:6.1f} s; worker RSS once warm {rss:6.0f} MiB; "
-                f"the worker compiled {report.get('compiled_here')}, loaded "
-                f"{counts['loaded_from_cache']} specializations; throwaway compile: "
-                + (f"{child['compiled']} in {child['seconds']:.1f} s" if child else "none")
-                + f" (load average {_load()})"
+                f"numba compiles in the worker {report.get('compiled_here')}, specializations "
+                f"loaded {counts['loaded_from_cache']}; throwaway process: {throwaway}"
+                f" (load average {_load()})"
             )
 
 
