@@ -19,22 +19,20 @@ import math
 import struct
 from collections.abc import Callable, Mapping
 
+from dicom_node.elements import LONG_VRS
+
 __all__ = ["Part10Error", "read_meta_group", "scan_header"]
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 
-#: explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
-_LONG_VRS = frozenset(
-    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
-)
 #: every other explicit VR: a 2-byte length (any two upper-case letters, as before: an
 #: unknown VR is pydicom's to judge)
 _SHORT_VRS = (
     frozenset(
         bytes((a, b)) for a in range(ord("A"), ord("Z") + 1) for b in range(ord("A"), ord("Z") + 1)
     )
-    - _LONG_VRS
+    - LONG_VRS
 )
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
@@ -124,7 +122,7 @@ def read_meta_group(
             if end is None:
                 break
             raise Part10Error("an element of another group inside the file meta")
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             if pos + 12 > limit:
                 raise Part10Error("file meta truncated")
             length = _U32.unpack_from(data, pos + 8)[0]
@@ -192,7 +190,7 @@ def _walk(
         _U32.unpack_from,
         _IMPLICIT.unpack_from,
     )
-    long_vrs, short_vrs, wanted = _LONG_VRS, _SHORT_VRS, _WANTED
+    long_vrs, short_vrs, wanted = LONG_VRS, _SHORT_VRS, _WANTED
     top = found is not None
     last_tag = -1
     while pos < end:

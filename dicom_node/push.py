@@ -393,6 +393,13 @@ class _Pusher:
         for t in threads:
             t.join(timeout=self.dest.timeout_s + 5)
 
+    def wait_recorded(self, stop: threading.Event, poll_s: float = 0.5) -> None:
+        """Return once every item offered so far is recorded (none in flight), or once
+        ``stop`` is set (looked at every ``poll_s``: nothing notifies a stop here)."""
+        with self._cv:
+            while self.in_flight and not stop.is_set():
+                self._cv.wait(poll_s)
+
     def _next(self) -> Any:
         """The next item, or None (the sender leaves): retired, or idle for LINK_IDLE_S."""
         with self._cv:
@@ -574,9 +581,7 @@ class Outbox:
         offered = self._feed()
         before = {id(p): p.delivered for p in offered}
         for p in offered:
-            with p._cv:
-                while p.in_flight and not self._stop.is_set():
-                    p._cv.wait(0.5)
+            p.wait_recorded(self._stop)
         return sum(p.delivered - before[id(p)] for p in offered)
 
     def _retire(self) -> None:

@@ -43,6 +43,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 
+from dicom_node.elements import command_element, even
 from dicom_node.header_scan import Part10Error, read_meta_group
 from dicom_node.reactor import IDLE_WAIT_S, _EventDUL, _make_event_driven, end_of_turn
 
@@ -243,31 +244,21 @@ def read_part10_meta(path: str | Path, head_bytes: int = 4096) -> Part10Meta:
                 head += more
 
 
-def _command_element(elem: int, value: bytes) -> bytes:
-    """One element of group 0000 (implicit VR little endian, PS3.7 6.3.1)."""
-    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
-
-
-def _uid_value(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
 def c_store_rq_command(sop_class_uid: str, sop_instance_uid: str, message_id: int) -> bytes:
     """The encoded command set of a C-STORE request with a data set (PS3.7 9.3.1.1):
     what pynetdicom builds through a pydicom Dataset, in a few ``struct.pack`` calls.
     Priority LOW (2), as pynetdicom's ``send_c_store`` sends it."""
     body = b"".join(
         (
-            _command_element(0x0002, _uid_value(sop_class_uid)),
-            _command_element(0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
-            _command_element(0x0110, struct.pack("<H", message_id & 0xFFFF)),
-            _command_element(0x0700, struct.pack("<H", 0x0002)),
-            _command_element(0x0800, struct.pack("<H", 0x0001)),  # a data set follows
-            _command_element(0x1000, _uid_value(sop_instance_uid)),
+            command_element(0x0002, even(sop_class_uid, b"\x00")),
+            command_element(0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
+            command_element(0x0110, struct.pack("<H", message_id & 0xFFFF)),
+            command_element(0x0700, struct.pack("<H", 0x0002)),
+            command_element(0x0800, struct.pack("<H", 0x0001)),  # a data set follows
+            command_element(0x1000, even(sop_instance_uid, b"\x00")),
         )
     )
-    return _command_element(0x0000, struct.pack("<I", len(body))) + body
+    return command_element(0x0000, struct.pack("<I", len(body))) + body
 
 
 def _p_data_pdus(

@@ -43,6 +43,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from dicom_node import reactor
+from dicom_node.elements import even, explicit_element
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
 from dicom_node.registrar import Registrar, RowResult
@@ -164,23 +165,11 @@ def register_spooled(
     return n
 
 
-def _element(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian element (group 2 of the file meta)."""
-    if vr == b"OB":
-        return struct.pack("<HH2sHI", *tag, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", *tag, vr, len(value)) + value
-
-
-def _even(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
 #: the file meta elements that are the same for every instance
-_META_VERSION = _element((2, 0x0001), b"OB", b"\x00\x01")
-_META_IMPLEMENTATION = _element(
-    (2, 0x0012), b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")
-) + _element((2, 0x0013), b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" "))
+_META_VERSION = explicit_element((2, 0x0001), b"OB", b"\x00\x01")
+_META_IMPLEMENTATION = explicit_element(
+    (2, 0x0012), b"UI", even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")
+) + explicit_element((2, 0x0013), b"SH", even(PYNETDICOM_IMPLEMENTATION_VERSION, b" "))
 
 
 def part10_bytes(
@@ -192,13 +181,13 @@ def part10_bytes(
     meta = b"".join(
         (
             _META_VERSION,
-            _element((2, 0x0002), b"UI", _even(sop_class_uid, b"\x00")),
-            _element((2, 0x0003), b"UI", _even(sop_instance_uid, b"\x00")),
-            _element((2, 0x0010), b"UI", _even(transfer_syntax, b"\x00")),
+            explicit_element((2, 0x0002), b"UI", even(sop_class_uid, b"\x00")),
+            explicit_element((2, 0x0003), b"UI", even(sop_instance_uid, b"\x00")),
+            explicit_element((2, 0x0010), b"UI", even(transfer_syntax, b"\x00")),
             _META_IMPLEMENTATION,
         )
     )
-    group_length = _element((2, 0x0000), b"UL", struct.pack("<I", len(meta)))
+    group_length = explicit_element((2, 0x0000), b"UL", struct.pack("<I", len(meta)))
     return b"".join((b"\x00" * 128, b"DICM", group_length, meta, body))
 
 

@@ -867,7 +867,7 @@ def _export_and_write(
     # synthetic series left (FLAIR_AI) go to the worker after those, so that the report
     # page (the extra outputs submit it meanwhile) is rendered there first; the node then
     # takes back what the worker has not started.
-    defer = send and early is not None and _selection_met(result, geometry, settings)
+    defer = send and early is not None and _selection(result, geometry, settings) is not None
     away: list[_Away] | None = [] if defer else (start() if send else None)
     if away is None and early is not None and early.synthetic:
         early.discard_synthetic()  # never delivered yet: the export below builds them all
@@ -1002,10 +1002,17 @@ def _take_back(future: Any) -> bool:
     return isinstance(future, Future) and future.cancel()
 
 
-def _selection_met(result: SeriesResult, geometry: SliceGeometry, settings: ExportSettings) -> bool:
-    """Whether the result has every selected contrast (:func:`_start_synthetic` can send)."""
-    names = _synthetic_numbers(result, geometry, settings_for(result, settings))
-    return all(n in result.synthetic for n in names)
+def _selection(
+    result: SeriesResult, geometry: SliceGeometry, settings: ExportSettings
+) -> tuple[ExportSettings, dict[str, int]] | None:
+    """The export settings as :func:`export_groups` gives its builders and the series
+    number of each selected synthetic contrast; None when the result lacks one of them
+    (a selection it cannot meet, left to the in-process export to report)."""
+    settings = settings_for(result, settings)
+    numbers = _synthetic_numbers(result, geometry, settings)
+    if any(n not in result.synthetic for n in numbers):
+        return None
+    return settings, numbers
 
 
 def _start_synthetic(
@@ -1019,10 +1026,10 @@ def _start_synthetic(
     """Submit one :func:`encode_synthetic_series` per selected contrast but those ``done``
     (built early, by name: their series number) (None: a selection the result cannot
     meet, left to the in-process export to report)."""
-    settings = settings_for(result, settings)  # as export_groups gives its builders
-    numbers = _synthetic_numbers(result, geometry, settings)
-    if any(n not in result.synthetic for n in numbers):
+    selection = _selection(result, geometry, settings)
+    if selection is None:
         return None
+    settings, numbers = selection
     fp = parameter_fingerprint(result, settings)
     geometry = mr_geometry(geometry)  # each task pickles it: only what the builder reads
     tasks = []

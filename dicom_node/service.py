@@ -138,9 +138,13 @@ class Node:
             instances_reregistered=reregistered,
             **recovered,
         )
-        from processing import phase
+        from dicom_node.warm_cache import warm_without_compiling
 
-        phase.warmup()  # normalization runs here, in the node process, not in the workers
+        # normalization runs here, in the node process, not in the workers; a kernel the
+        # numba cache lacks is compiled by a throwaway process (no compiler memory kept here)
+        warm = warm_without_compiling("processing.phase:warmup")
+        if warm["cache_missed"]:
+            log_event(log, "node_kernels_compiled", **warm)
         # export runs here too: highdicom's import loads its standard tables (~1 s), not
         # while the first series waits
         import dicom_node.export  # noqa: F401

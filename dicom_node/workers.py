@@ -1,7 +1,9 @@
 """Where :func:`processing.run.run` executes.
 
 ``backend="embedded"``: a :class:`concurrent.futures.ProcessPoolExecutor` (spawned
-processes: the node has threads, so no fork), numba warmed in each worker's initializer;
+processes: the node has threads, so no fork), numba warmed in each worker's initializer
+(loaded from the on-disk cache; what the cache lacks is compiled first by a throwaway
+process, :mod:`dicom_node.warm_cache`, so a worker never keeps the compiler's memory);
 each worker reports its process id on a queue once warm, so :attr:`Workers.warm` (and the
 node's ``/readyz``) can say "warming" until every worker has loaded its kernels.
 ``backend="dask"``: a :class:`distributed.Client` on ``scheduler_address``; its ``submit``
@@ -27,7 +29,8 @@ from typing import Any, NamedTuple
 from dicom_node.config import WorkerSettings
 from dicom_node.handoff import pack, remove, remove_stale, submit_via_tmpfs, unpack
 from dicom_node.logging import log_event
-from processing.run import ProcessingSettings, warmup
+from dicom_node.warm_cache import warm_without_compiling
+from processing.run import ProcessingSettings
 
 __all__ = [
     "BrokenProcessPool",
@@ -38,16 +41,19 @@ __all__ = [
     "numba_kernels",
     "warm_worker",
     "warmup_report",
+    "worker_numba_counts",
 ]
 
 log = logging.getLogger("synthmr.workers")
 
 
-def warm_worker(settings: ProcessingSettings | None = None) -> None:
-    """Compile / load every numba kernel and the ONNX model in this process (worker
-    initializer): the whole pipeline runs once on a tiny phantom, with the node's
-    processing settings (its model, its stages)."""
-    warmup(settings)
+def warm_worker(settings: ProcessingSettings | None = None) -> dict[str, Any]:
+    """Load every numba kernel and the ONNX model in this process (worker initializer):
+    the whole pipeline runs once on a tiny phantom, with the node's processing settings
+    (its model, its stages). Kernels missing from the numba cache (empty, or stale after a
+    code update) are compiled by a throwaway process first, so this long-lived one does not
+    keep the compiler's ~480 MiB (:mod:`dicom_node.warm_cache`). Returns what happened."""
+    return warm_without_compiling("processing.run:warmup", settings)
 
 
 def numba_kernels() -> dict[str, Any]:
@@ -82,6 +88,13 @@ def warmup_report() -> dict[str, Any]:
     phase.warmup()  # the node process's normalization kernels (Node.start)
     warmup()  # what every worker runs in its initializer
     seconds = time.perf_counter() - t0
+    return {"seconds": seconds, **worker_numba_counts()}
+
+
+def worker_numba_counts() -> dict[str, Any]:
+    """In this process: how many numba kernels ``processing`` has, how many specializations
+    were compiled here vs loaded from the on-disk cache, and the cache directories
+    (NUMBA_CACHE_DIR, else ``__pycache__`` next to each module)."""
     kernels = numba_kernels()
     compiled = loaded = 0
     dirs: set[str] = set()
@@ -92,7 +105,6 @@ def warmup_report() -> dict[str, Any]:
         if st.cache_path:
             dirs.add(str(st.cache_path))
     return {
-        "seconds": seconds,
         "kernels": len(kernels),
         "compiled": compiled,
         "loaded_from_cache": loaded,
@@ -134,21 +146,21 @@ def init_embedded_worker(
     warm_queue: Any = None,
     settings: ProcessingSettings | None = None,
     partial_queue: Any = None,
-    warm: Callable[[ProcessingSettings | None], None] = warm_worker,
+    warm: Callable[[ProcessingSettings | None], Any] = warm_worker,
 ) -> None:
     """Initializer of the embedded pool: the orphan watchdog, then ``warm`` (default
-    :func:`warm_worker`) with the node's processing settings, then this process's id on
-    ``warm_queue`` (the node counts warm workers). ``partial_queue``: where
-    :func:`hand_over` sends parts."""
+    :func:`warm_worker`) with the node's processing settings, then this process's id and
+    what ``warm`` returned on ``warm_queue`` (the node counts warm workers and logs how
+    they warmed). ``partial_queue``: where :func:`hand_over` sends parts."""
     global _CHANNEL
     if partial_queue is not None:
         _CHANNEL = (partial_queue, parent_pid)
     threading.Thread(
         target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True
     ).start()
-    warm(settings)
+    report = warm(settings)
     if warm_queue is not None:
-        warm_queue.put(os.getpid())
+        warm_queue.put((os.getpid(), report if isinstance(report, dict) else {}))
 
 
 def _ping() -> bool:
@@ -178,7 +190,7 @@ class Workers:
         self,
         cfg: WorkerSettings,
         processing: ProcessingSettings | None = None,
-        warm: Callable[[ProcessingSettings | None], None] = warm_worker,
+        warm: Callable[[ProcessingSettings | None], Any] = warm_worker,
     ) -> None:
         self.cfg = cfg
         self.processing = processing  # workers warm with the node's processing settings
@@ -189,6 +201,8 @@ class Workers:
         self._ctx = multiprocessing.get_context("spawn")
         self._warm_queue: Any = None
         self._warm_pids: set[int] = set()
+        #: per worker process id: how it warmed (:func:`warm_worker`'s report)
+        self.warm_reports: dict[int, dict[str, Any]] = {}
         self._warm_thread: threading.Thread | None = None
         self._dask_warm = False
         self._partial_queue: Any = None
@@ -204,14 +218,27 @@ class Workers:
             return len(self._warm_pids) >= self.cfg.processes
 
     def _collect_warm(self) -> None:
-        """Thread: record the process ids the workers report when warm (None ends it)."""
+        """Thread: record the process ids the workers report when warm, and log how each
+        warmed: from the cache, or after a throwaway compile (None ends it)."""
         while True:
-            pid = self._warm_queue.get()
-            if pid is None:
+            item = self._warm_queue.get()
+            if item is None:
                 return
+            pid, report = item
             with self._lock:
                 self._warm_pids.add(int(pid))
-            log_event(log, "worker_warm", pid=int(pid), warm=len(self._warm_pids))
+                self.warm_reports[int(pid)] = report
+            child = report.get("child") or {}
+            log_event(
+                log,
+                "worker_warm",
+                pid=int(pid),
+                warm=len(self._warm_pids),
+                cache_missed=report.get("cache_missed"),
+                compiled_in_throwaway=child.get("compiled"),
+                throwaway_s=round(child["seconds"], 1) if child else None,
+                compiled_in_worker=report.get("compiled_here"),
+            )
 
     @property
     def streaming(self) -> bool:

@@ -8,6 +8,7 @@ a series paid for a compile (~15 s on this machine for the fit kernels).
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 
 import pytest
@@ -99,7 +100,8 @@ def test_no_compile_in_a_worker_after_its_warmup(tmp_path) -> None:
 def test_node_on_an_empty_cache_is_warming_until_its_worker_is_warm(cold_start_node) -> None:
     """Issue 14: a node started with an empty numba cache (NUMBA_CACHE_DIR a fresh folder)
     answers /readyz 503 "warming" while its worker compiles, then 200 "ready"; the worker
-    left its kernels in that cache, so ``synthmr warmup`` afterwards compiles nothing.
+    left its kernels in that cache, so ``synthmr warmup`` afterwards compiles nothing; the
+    worker's compiling was done by a throwaway process, the worker itself compiled nothing.
 
     The node is started when the session starts (tests/conftest.py ``cold_start_node``),
     so its minute of compiling runs beside the other tests; here its answers are read."""
@@ -114,6 +116,12 @@ def test_node_on_an_empty_cache_is_warming_until_its_worker_is_warm(cold_start_n
     assert all(s == (503, "warming") for s in warming), set(warming)
     cache = cold.cache
     assert list(cache.rglob("*.nbi")), "the worker wrote no numba cache index"
+    # the worker compiled nothing itself (it would keep ~480 MiB of compiler memory): a
+    # throwaway process compiled, the worker loaded (dicom_node.warm_cache)
+    events = [json.loads(line) for line in cold.log.read_text().splitlines() if line[:1] == "{"]
+    (warm,) = [e for e in events if e.get("event") == "worker_warm"]
+    assert warm["cache_missed"], warm
+    assert warm["compiled_in_throwaway"] > 0 and warm["compiled_in_worker"] == 0, warm
     r = cold.warmup  # `synthmr warmup` with that cache, run once the node was ready
     assert r is not None
     assert r.returncode == 0, r.stderr[-3000:]
