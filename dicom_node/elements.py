@@ -2,8 +2,9 @@
 
 The few elements the node encodes itself on a per-instance path: the file meta group of a
 received instance (explicit VR little endian, :func:`dicom_node.scp.part10_bytes`) and the
-command set of a pushed C-STORE request (implicit VR little endian, group 0000:
-:func:`dicom_node.requestor.c_store_rq_command`). Both are compared byte for byte with
+command sets of a pushed C-STORE request and of a C-STORE response (implicit VR little
+endian, group 0000: :func:`dicom_node.requestor.c_store_rq_command`,
+:func:`dicom_node.reactor.c_store_rsp_command`). Both are compared byte for byte with
 pynetdicom's encoding in the tests (``test_scp``, ``test_push``).
 """
 

@@ -68,6 +68,8 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from dicom_node.elements import command_element, even
+
 __all__ = ["IDLE_WAIT_S", "EventAE", "make_server"]
 
 #: Longest a reactor blocks without a signal: bounds the latency of the timers (ARTIM,
@@ -534,16 +536,6 @@ def end_of_turn(assoc: Association) -> str:
     return ""
 
 
-def _command_element(tag: int, value: bytes) -> bytes:
-    """One element of group 0000 in implicit VR little endian."""
-    return struct.pack("<HHI", 0x0000, tag, len(value)) + value
-
-
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
 def c_store_rsp_command(rsp: C_STORE) -> bytes | None:
     """The encoded command set of a C-STORE response (PS3.7 9.3.1.2), or None when it
     carries more than pynetdicom's usual answer (an offending element): the bytes
@@ -555,21 +547,20 @@ def c_store_rsp_command(rsp: C_STORE) -> bytes | None:
         return None
     parts = []
     if rsp.AffectedSOPClassUID:
-        parts.append(_command_element(0x0002, _ui(str(rsp.AffectedSOPClassUID))))
-    parts.append(_command_element(0x0100, struct.pack("<H", 0x8001)))
-    parts.append(_command_element(0x0120, struct.pack("<H", rsp.MessageIDBeingRespondedTo)))
-    parts.append(_command_element(0x0800, struct.pack("<H", 0x0101)))
-    parts.append(_command_element(0x0900, struct.pack("<H", rsp.Status)))
+        parts.append(command_element(0x0002, even(str(rsp.AffectedSOPClassUID), b"\x00")))
+    parts.append(command_element(0x0100, struct.pack("<H", 0x8001)))
+    parts.append(command_element(0x0120, struct.pack("<H", rsp.MessageIDBeingRespondedTo)))
+    parts.append(command_element(0x0800, struct.pack("<H", 0x0101)))
+    parts.append(command_element(0x0900, struct.pack("<H", rsp.Status)))
     if rsp.ErrorComment is not None:
         try:
-            raw = str(rsp.ErrorComment).encode("ascii")
+            parts.append(command_element(0x0902, even(str(rsp.ErrorComment), b" ")))
         except UnicodeEncodeError:
             return None  # pynetdicom's encoding decides
-        parts.append(_command_element(0x0902, raw + b" " if len(raw) % 2 else raw))
     if rsp.AffectedSOPInstanceUID:
-        parts.append(_command_element(0x1000, _ui(str(rsp.AffectedSOPInstanceUID))))
+        parts.append(command_element(0x1000, even(str(rsp.AffectedSOPInstanceUID), b"\x00")))
     body = b"".join(parts)
-    return _command_element(0x0000, struct.pack("<I", len(body))) + body
+    return command_element(0x0000, struct.pack("<I", len(body))) + body
 
 
 #: a conformant UID (PS3.5 9.1): what pynetdicom's UID checks accept without a word
