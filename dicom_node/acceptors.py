@@ -3,7 +3,7 @@
 pynetdicom runs every association in Python threads, so one process decodes, validates and
 stores the C-STOREs of all parallel senders under one GIL (~2 ms of CPU each on the 2-core
 machine: one core's worth). With ``[node] acceptor_processes = N`` the node process starts
-N - 1 helpers (``python -m dicom_node.acceptors``) that run the same
+N - 1 helpers (new Python processes running ``dicom_node.acceptors.main``) that run the same
 :class:`~dicom_node.scp.StoreSCP` handlers. The node process accepts every connection and
 hands it (its socket, over a Unix socket: ``SCM_RIGHTS``) to the process with the fewest
 connections, itself included: 4 parallel senders on 2 processes are served 2 and 2 (when
@@ -388,8 +388,14 @@ class AcceptorPool:
         ctl_here, ctl_there = socket.socketpair()
         channel_here, channel_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         fds = (channel_there.fileno(), conn_there.fileno(), ctl_there.fileno())
+        # the node's own code first, ahead of the working directory (which ``-m`` would
+        # put first: a checkout there would give the helper other code than the node's)
+        boot = (
+            f"import sys; sys.path.insert(0, {_package_root()!r}); "
+            "from dicom_node.acceptors import main; main(sys.argv[1:])"
+        )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.acceptors", str(index), *map(str, fds)],
+            [sys.executable, "-c", boot, str(index), *map(str, fds)],
             pass_fds=fds,
             env=dict(os.environ, PYTHONPATH=_import_path()),
         )
@@ -680,11 +686,15 @@ class AcceptorPool:
         self._spawn(helper.index)
 
 
+def _package_root() -> str:
+    """The directory that holds this ``dicom_node`` package."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _import_path() -> str:
     """PYTHONPATH for a helper: this package's root first (the node's own code)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rest = os.environ.get("PYTHONPATH", "")
-    return root + (os.pathsep + rest if rest else "")
+    return _package_root() + (os.pathsep + rest if rest else "")
 
 
 def main(argv: list[str] | None = None) -> None:
