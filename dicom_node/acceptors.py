@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicom_node.registrar import RowResult
 from dicom_node.registry import InstanceLookup, InstanceMovedError
-from dicom_node.scp import StoreSCP, register_spooled
+from dicom_node.scp import StoreSCP
 from dicom_node.spool import InstanceHeader
 from dicom_node.transport import GuardedAssociationServer
 
@@ -639,17 +639,6 @@ class AcceptorPool:
         """A helper's pipe closed: give back what it held; restart it unless stopping."""
         with self._lock:
             stopping = self._stopping
-        if not stopping:
-            # rows its registrar had not sent yet: their files are on disk, answered
-            try:
-                register_spooled(
-                    self.scp.spool,
-                    self.scp.registry,
-                    self.scp.expected_count,
-                    series_out=helper.unreleased,
-                )
-            except Exception:
-                log.exception("acceptor %d: registering its last instances failed", helper.index)
         if helper.unreleased and not stopping:
             # its associations ended with it, as an abort: the series they carried start
             # their quiet period (completion), as after an abort in this process

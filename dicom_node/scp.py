@@ -115,16 +115,13 @@ def register_spooled(
     spool: Spool,
     registry: Registry,
     expected_count: Callable[[object], int | None] | None = None,
-    series_out: set[str] | None = None,
 ) -> int:
-    """Register every spooled received file that has no registry row; return how many
-    (their series are added to ``series_out``).
+    """Register every spooled received file that has no registry row; return how many.
 
     The instance rows are committed without an fsync of their own (the file is the durable
-    record), and behind the C-STORE answer (:mod:`dicom_node.registrar`): after a power
-    loss or a killed process the last rows may be gone while their acknowledged files are
-    on disk. At start-up (and when an acceptor process died) they are read back and
-    registered like a C-STORE (their series re-opens as RECEIVING and completes again)."""
+    record): after a power loss the last rows may be gone while their acknowledged files
+    are on disk. At start-up they are read back and registered like a C-STORE (their
+    series re-opens as RECEIVING and completes again)."""
     known = registry.known_paths()
     n = 0
     for path in sorted(spool.incoming.rglob("*.dcm")):
@@ -160,8 +157,6 @@ def register_spooled(
             )
             continue
         n += 1
-        if series_out is not None:
-            series_out.add(header.series_instance_uid)
     return n
 
 
