@@ -15,13 +15,11 @@ common and the busier process's GIL set the pace). The helpers differ in these w
   answers success only once the instance is on disk; the node process replays every
   process's logs at start-up, before helpers exist, and asks them to checkpoint before it
   removes a series (:attr:`dicom_node.spool.Spool.peer_checkpoints`);
-* everything that decides the series' state goes to the node process over a pipe: the
-  registry rows (``Registry.add_instances``, batched by the helper's registrar thread behind
-  the C-STORE answers, :mod:`dicom_node.registrar`), the completion hook, ``mark_released``
-  (after the association's rows); so do the admission counts (per host, and
-  ``max_associations`` across all processes) and the metrics. The check that refuses a SOP
-  Instance UID known in another series reads the registry database itself, before the
-  answer;
+* everything that decides the series' state goes to the node process over a pipe, as one
+  call per instance that the C-STORE answer waits for: ``Registry.add_instance`` (a SOP
+  Instance UID known in another series is refused whichever process got it), the
+  completion hook, ``mark_released``; so do the admission counts (per host, and
+  ``max_associations`` across all processes) and the metrics;
 * TLS is served by the node process alone (a TLS session cannot be handed over).
 
 A helper exits as soon as the node process is gone (its control pipe closes), and the node
@@ -48,8 +46,7 @@ from multiprocessing.connection import Connection
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from dicom_node.registrar import RowResult
-from dicom_node.registry import InstanceLookup, InstanceMovedError
+from dicom_node.registry import InstanceMovedError
 from dicom_node.scp import StoreSCP
 from dicom_node.spool import InstanceHeader
 from dicom_node.transport import GuardedAssociationServer
@@ -71,7 +68,7 @@ class _Link:
 
     One call at a time per helper: the node process answers in order. Deferred notes
     (:meth:`defer`) travel with the next call: the per-instance timing rides on the next
-    batch of rows instead of waking the node process once more."""
+    instance's ``add_instance`` instead of waking the node process once more."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -102,17 +99,14 @@ class _Link:
 
 
 class _RemoteRegistry:
-    """The registry writes of the receive path, done by the node process; the check before
-    an answer reads the registry here (``lookup``: a reader of its own)."""
+    """The two registry writes of the receive path, done by the node process."""
 
-    def __init__(self, link: _Link, registry_path: str) -> None:
+    def __init__(self, link: _Link) -> None:
         self._link = link
-        self.lookup = InstanceLookup(registry_path)
 
-    def add_instances(self, rows: list[dict[str, Any]]) -> list[RowResult]:
-        """The registrar's batch (in this process's registrar thread, behind the answers)."""
-        answers = self._link.call("add_instances", rows)
-        return [InstanceMovedError(a[1]) if a[0] == "moved" else (int(a[0]), a[1]) for a in answers]
+    def add_instance(self, **fields: Any) -> tuple[int, int | None]:
+        count, expected = self._link.call("add_instance", fields)
+        return int(count), expected
 
     def mark_released(self, series_uids: list[str]) -> None:
         self._link.call("mark_released", list(series_uids))
@@ -148,7 +142,7 @@ class _RemoteMetrics:
         self._link = link
 
     def instance_received(self, calling_ae: str, result: str) -> None:
-        if result != "stored":  # a stored one is counted with its registry row
+        if result != "stored":  # a stored one was counted with its add_instance call
             self._link.call("instance_received", calling_ae, result)
 
     def set_allowed_callers(self, ae_titles: Any) -> None:
@@ -267,7 +261,7 @@ def _helper_main(index: int, channel_fd: int, conn_fd: int, ctl_fd: int) -> None
     scp = _HelperSCP(
         settings,
         spool,
-        _RemoteRegistry(link, init["registry_path"]),  # type: ignore[arg-type]
+        _RemoteRegistry(link),  # type: ignore[arg-type]
         _RemoteMetrics(link),  # type: ignore[arg-type]
         expected_count=(lambda ds: None) if init["vendor_rule"] else None,
     )
@@ -417,7 +411,6 @@ class AcceptorPool:
                 "settings": _light_settings(self.scp.settings),
                 "address": list(self.server.server_address[:2]),
                 "vendor_rule": self.scp.expected_count is not None,
-                "registry_path": self.scp.registry.path,
                 "log_level": logging.getLevelName(root.level) if root.handlers else "",
                 "json_lines": any(isinstance(h.formatter, JsonFormatter) for h in root.handlers),
             }
@@ -561,19 +554,14 @@ class AcceptorPool:
             for note_op, note_args in args[0]:
                 self._handle(helper, note_op, note_args)
             return None
-        if op == "add_instances":
-            rows = args[0]
-            answers = []
-            for row, result in zip(rows, scp.registry.add_instances(rows), strict=True):
-                helper.unreleased.add(row["series_uid"])
-                scp.metrics.instance_received(row.get("calling_ae", ""), "stored")
-                if isinstance(result, InstanceMovedError):
-                    answers.append(("moved", str(result)))
-                    continue
-                if scp.on_instance is not None:
-                    scp.on_instance(row["series_uid"], *result)
-                answers.append(result)
-            return answers
+        if op == "add_instance":
+            fields = args[0]
+            count, expected = scp.registry.add_instance(**fields)
+            helper.unreleased.add(fields["series_uid"])
+            scp.metrics.instance_received(fields.get("calling_ae", ""), "stored")
+            if scp.on_instance is not None:
+                scp.on_instance(fields["series_uid"], count, expected)
+            return count, expected
         if op == "mark_released":
             helper.unreleased.difference_update(args[0])
             scp.registry.mark_released(args[0])

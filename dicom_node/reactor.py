@@ -40,7 +40,6 @@ import socket
 import ssl
 import struct
 import threading
-from collections.abc import Callable
 from datetime import datetime
 from io import BytesIO
 from typing import Any, cast
@@ -488,15 +487,6 @@ class _LeanStorageSCP(StorageServiceClass):
         self.dimse.send_msg(rsp, cx_id)
 
 
-_BEFORE_RELEASE = "_synthmr_before_release_response"
-
-
-def set_before_release_response(assoc: Association, hook: Callable[[], None]) -> None:
-    """Run ``hook`` in the association's thread when the peer asked to release, before the
-    A-RELEASE-RP goes out (the SCP records what it acknowledged first)."""
-    setattr(assoc, _BEFORE_RELEASE, hook)
-
-
 def end_of_turn(assoc: Association) -> str:
     """What pynetdicom 3.0.4's ``Association._run_reactor`` checks after each look at the
     DIMSE queue, for the acceptor and requestor reactors here: a requested release is
@@ -506,9 +496,6 @@ def end_of_turn(assoc: Association) -> str:
     from pynetdicom.association import LOGGER
 
     if assoc.is_established and assoc.acse.is_release_requested():
-        hook = getattr(assoc, _BEFORE_RELEASE, None)
-        if hook is not None:
-            hook()
         assoc.acse.send_release(is_response=True)
         LOGGER.info("Association Released")
         assoc.is_released = True

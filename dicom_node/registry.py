@@ -28,7 +28,6 @@ from typing import Any
 
 __all__ = [
     "IllegalTransition",
-    "InstanceLookup",
     "InstanceMovedError",
     "OutboxItem",
     "Registry",
@@ -213,32 +212,6 @@ CREATE TABLE IF NOT EXISTS audit (
 TransitionHook = Callable[[str, "State | None", State, float], None]
 
 
-class InstanceLookup:
-    """Which series holds a SOP Instance UID, read on a connection of its own: the C-STORE
-    handler's check before it answers never waits for the registry's writers (a WAL
-    reader sees the last commit), in the node process or an acceptor process."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-
-    def series_of(self, sop_uid: str) -> str | None:
-        with self._lock:
-            if self._db is None:
-                self._db = sqlite3.connect(self.path, check_same_thread=False)
-            row = self._db.execute(
-                "SELECT series_uid FROM instances WHERE sop_uid=?", (sop_uid,)
-            ).fetchone()
-        return None if row is None else str(row[0])
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-
 class Registry:
     """Durable node state. ``on_transition(series_uid, old, new, seconds_in_old)``
     is called after each committed state change (metrics)."""
@@ -256,8 +229,6 @@ class Registry:
         self._db.executescript(_SCHEMA)
         self._migrate()
         self.on_transition = on_transition
-        #: reads for the receive path's check (:class:`InstanceLookup`)
-        self.lookup = InstanceLookup(self.path)
 
     def _migrate(self) -> None:
         """Columns added after the first release (an older registry gains them)."""
@@ -277,7 +248,6 @@ class Registry:
                         self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
-        self.lookup.close()
         with self._lock:
             self._db.close()
 
@@ -385,154 +355,96 @@ class Registry:
         changed set makes one new version, not one per instance. A SOP Instance UID known
         in another series raises :class:`InstanceMovedError` (nothing recorded).
 
-        Committed without an fsync of its own: the durable record of a received instance is
-        its spooled file, made durable by the ingest
+        Committed without an fsync of its own (the C-STORE answer waits for it): the durable
+        record of a received instance is its spooled file, made durable by the ingest
         journal (DESIGN promise 1, :mod:`dicom_node.journal`), and a row that a power loss
         takes with it is re-created from that file at the next start (:meth:`known_paths`,
         :func:`dicom_node.scp.register_spooled`, after the journal's replay).
         """
-        with self._tx(fsync=False) as db:  # the receive path: add_instances, batched
-            answer, notes = self._record_instance(
-                db,
-                time.time(),
-                sop_uid=sop_uid,
-                series_uid=series_uid,
-                study_uid=study_uid,
-                sop_class_uid=sop_class_uid,
-                path=path,
-                size=size,
-                calling_ae=calling_ae,
-                expected_count=expected_count,
-                sha256=sha256,
-            )
-        for note in notes:
-            self._notify(*note)
-        return answer
-
-    def add_instances(
-        self, rows: list[dict[str, Any]]
-    ) -> list[tuple[int, int | None] | InstanceMovedError]:
-        """:meth:`add_instance` of each row (its keyword arguments), in order, in one
-        transaction (the receive path's registrar, :mod:`dicom_node.registrar`: instances of
-        parallel associations share a commit). A row whose SOP Instance UID is known in
-        another series records nothing and answers its :class:`InstanceMovedError`; the
-        others are recorded."""
-        out: list[tuple[int, int | None] | InstanceMovedError] = []
-        notes: list[tuple[str, State | None, State, float]] = []
-        with self._tx(fsync=False) as db:
-            now = time.time()
-            for row in rows:
-                try:
-                    answer, row_notes = self._record_instance(db, now, **row)
-                except InstanceMovedError as exc:
-                    out.append(exc)
-                    continue
-                out.append(answer)
-                notes.extend(row_notes)
-        for note in notes:
-            self._notify(*note)
-        return out
-
-    def _record_instance(
-        self,
-        db: sqlite3.Connection,
-        now: float,
-        *,
-        sop_uid: str,
-        series_uid: str,
-        study_uid: str,
-        sop_class_uid: str,
-        path: str,
-        size: int,
-        calling_ae: str = "",
-        expected_count: int | None = None,
-        sha256: str = "",
-    ) -> tuple[tuple[int, int | None], list[tuple[str, State | None, State, float]]]:
-        """:meth:`add_instance`'s writes inside the caller's transaction: (its answer, the
-        transitions to notify after the commit). Raises before writing anything."""
+        now = time.time()
         created = reopened = None
-        known = db.execute(
-            "SELECT series_uid, sha256 FROM instances WHERE sop_uid=?", (sop_uid,)
-        ).fetchone()
-        if known is not None and known["series_uid"] != series_uid:
-            raise InstanceMovedError(
-                f"SOP Instance UID {sop_uid} is already part of series {known['series_uid']}"
-            )
-        same = known is not None and bool(sha256) and known["sha256"] == sha256
-        # the series' count comes with it: what the answer needs is known without a
-        # query after the writes unless the series re-opens (rare)
-        row = db.execute(
-            "SELECT state, expected_count, revision,"
-            " (SELECT COUNT(*) FROM instances WHERE series_uid=?) FROM series"
-            " WHERE series_uid=?",
-            (series_uid, series_uid),
-        ).fetchone()
-        after: tuple[Any, ...] | None = None  # (expected, revision, state, count)
-        if row is None:
-            db.execute(
-                "INSERT INTO series(series_uid, study_uid, state, expected_count,"
-                " first_received, last_received, state_since, calling_ae)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    series_uid,
-                    study_uid,
-                    State.RECEIVING.value,
-                    expected_count,
-                    now,
-                    now,
-                    now,
-                    calling_ae,
-                ),
-            )
-            db.execute(
-                "INSERT INTO transitions(series_uid, from_state, to_state, at) VALUES (?,?,?,?)",
-                (series_uid, None, State.RECEIVING.value, now),
-            )
-            created = True
-            after = (expected_count, 0, State.RECEIVING.value, 1)
-        elif not same:
-            state = State(row["state"])
-            if state in (State.COMPLETE, State.EXPORTED, *FINAL_STATES):
-                reopened = self._reopen(db, series_uid, "new or changed instance", now)
-            elif state == State.PROCESSING:
-                db.execute(
-                    "UPDATE series SET changed_while_processing=1 WHERE series_uid=?",
-                    (series_uid,),
+        with self._tx(fsync=False) as db:
+            known = db.execute(
+                "SELECT series_uid, sha256 FROM instances WHERE sop_uid=?", (sop_uid,)
+            ).fetchone()
+            if known is not None and known["series_uid"] != series_uid:
+                raise InstanceMovedError(
+                    f"SOP Instance UID {sop_uid} is already part of series {known['series_uid']}"
                 )
-            db.execute(
-                "UPDATE series SET last_received=?,"
-                " expected_count=COALESCE(expected_count, ?) WHERE series_uid=?",
-                (now, expected_count, series_uid),
-            )
-            if reopened is None:
-                expected = row[1] if row[1] is not None else expected_count
-                after = (expected, row[2], row[0], row[3] + int(known is None))
-        else:
-            after = (row[1], row[2], row[0], row[3])
-        if not same:
-            db.execute(
-                "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, size,"
-                " received_at, sha256) VALUES (?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE"
-                " SET sop_class_uid=excluded.sop_class_uid, path=excluded.path,"
-                " size=excluded.size, received_at=excluded.received_at,"
-                " sha256=excluded.sha256",
-                (sop_uid, series_uid, sop_class_uid, path, size, now, sha256),
-            )
-        r = (
-            after
-            or db.execute(
-                "SELECT expected_count, revision, state, (SELECT COUNT(*) FROM instances"
-                " WHERE series_uid=?) FROM series WHERE series_uid=?",
+            same = known is not None and bool(sha256) and known["sha256"] == sha256
+            # the series' count comes with it: what the answer needs is known without a
+            # query after the writes unless the series re-opens (rare)
+            row = db.execute(
+                "SELECT state, expected_count, revision,"
+                " (SELECT COUNT(*) FROM instances WHERE series_uid=?) FROM series"
+                " WHERE series_uid=?",
                 (series_uid, series_uid),
             ).fetchone()
-        )
-        notes: list[tuple[str, State | None, State, float]] = []
+            after: tuple[Any, ...] | None = None  # (expected, revision, state, count)
+            if row is None:
+                db.execute(
+                    "INSERT INTO series(series_uid, study_uid, state, expected_count,"
+                    " first_received, last_received, state_since, calling_ae)"
+                    " VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        series_uid,
+                        study_uid,
+                        State.RECEIVING.value,
+                        expected_count,
+                        now,
+                        now,
+                        now,
+                        calling_ae,
+                    ),
+                )
+                db.execute(
+                    "INSERT INTO transitions(series_uid, from_state, to_state, at) VALUES (?,?,?,?)",
+                    (series_uid, None, State.RECEIVING.value, now),
+                )
+                created = True
+                after = (expected_count, 0, State.RECEIVING.value, 1)
+            elif not same:
+                state = State(row["state"])
+                if state in (State.COMPLETE, State.EXPORTED, *FINAL_STATES):
+                    reopened = self._reopen(db, series_uid, "new or changed instance", now)
+                elif state == State.PROCESSING:
+                    db.execute(
+                        "UPDATE series SET changed_while_processing=1 WHERE series_uid=?",
+                        (series_uid,),
+                    )
+                db.execute(
+                    "UPDATE series SET last_received=?,"
+                    " expected_count=COALESCE(expected_count, ?) WHERE series_uid=?",
+                    (now, expected_count, series_uid),
+                )
+                if reopened is None:
+                    expected = row[1] if row[1] is not None else expected_count
+                    after = (expected, row[2], row[0], row[3] + int(known is None))
+            else:
+                after = (row[1], row[2], row[0], row[3])
+            if not same:
+                db.execute(
+                    "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, size,"
+                    " received_at, sha256) VALUES (?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE"
+                    " SET sop_class_uid=excluded.sop_class_uid, path=excluded.path,"
+                    " size=excluded.size, received_at=excluded.received_at,"
+                    " sha256=excluded.sha256",
+                    (sop_uid, series_uid, sop_class_uid, path, size, now, sha256),
+                )
+            r = (
+                after
+                or db.execute(
+                    "SELECT expected_count, revision, state, (SELECT COUNT(*) FROM instances"
+                    " WHERE series_uid=?) FROM series WHERE series_uid=?",
+                    (series_uid, series_uid),
+                ).fetchone()
+            )
         if created:
-            notes.append((series_uid, None, State.RECEIVING, 0.0))
+            self._notify(series_uid, None, State.RECEIVING, 0.0)
         if reopened:
-            notes.append((series_uid, reopened[0], State.RECEIVING, reopened[1]))
+            self._notify(series_uid, reopened[0], State.RECEIVING, reopened[1])
         immediate = r[0] if r[1] == 0 and r[2] == State.RECEIVING.value else None
-        return (int(r[3]), immediate), notes
+        return int(r[3]), immediate
 
     def _reopen(
         self, db: sqlite3.Connection, series_uid: str, why: str, now: float

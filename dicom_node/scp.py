@@ -4,8 +4,7 @@ Association policy: connection admission (TLS handshake and A-ASSOCIATE-RQ withi
 timeout, per-host limits: :mod:`dicom_node.transport`), the called AE title, the calling-AE
 allow-list (optionally per host), a maximum number of associations; every refusal is logged
 and counted. Handlers validate and write the raw received bytes (no decode of pixel data)
-to the spool and answer once they are durable; the registry row follows behind the answer
-(:mod:`dicom_node.registrar`): no processing on the association's thread.
+to the spool, record the instance, and return: no processing on the association's thread.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ from dicom_node import reactor
 from dicom_node.elements import even, explicit_element
 from dicom_node.logging import log_event
 from dicom_node.metrics import NodeMetrics
-from dicom_node.registrar import Registrar, RowResult
 from dicom_node.registry import InstanceMovedError, Registry
 from dicom_node.spool import InstanceHeader, Spool, SpoolFullError, read_header
 from dicom_node.transport import (
@@ -205,7 +203,7 @@ class StoreSCP:
     """pynetdicom AE bound to the spool and the registry.
 
     ``on_instance(series_uid, n_instances, expected_count)`` runs after each stored
-    instance's registry row is recorded (in the registrar's thread, behind the answer); ``on_release(series_uids)`` after an association ends (released or aborted).
+    instance; ``on_release(series_uids)`` after an association ends (released or aborted).
     """
 
     def __init__(
@@ -230,10 +228,6 @@ class StoreSCP:
         )
         self._label_callers()
         self._receive_stage = metrics.stage.labels("receive")  # looked up once
-        #: records the instances' registry rows behind the C-STORE answers
-        self.registrar = Registrar(self._record_rows, self._recorded)
-        #: the registry's reader for the check before an answer (an acceptor process: its own)
-        self.lookup = registry.lookup
         self._series_by_assoc: dict[int, set[str]] = {}
         self._active: set[int] = set()  # accepted associations not yet ended
         self._expected_by_series: dict[str, int | None] = {}  # insertion order: oldest first
@@ -334,10 +328,6 @@ class StoreSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-        if not self.registrar.stop():
-            log_event(
-                log, "registry_rows_late", level=logging.WARNING, queued=self.registrar.queued
-            )
 
     def reload(self, settings: Settings) -> None:
         """Apply a new allow-list; associations in flight keep going."""
@@ -389,7 +379,6 @@ class StoreSCP:
 
     def _on_accepted(self, event: evt.Event) -> None:
         set_tcp_nodelay(event.assoc)  # C-STORE responses go out at once (no Nagle wait)
-        reactor.set_before_release_response(event.assoc, self._before_release_response)
         self.metrics.associations.labels("accepted").inc()
         with self._lock:
             self._series_by_assoc[id(event.assoc)] = set()
@@ -419,54 +408,38 @@ class StoreSCP:
         t0 = time.perf_counter()
         calling = str(event.assoc.requestor.ae_title).strip()
         n = self.settings.node
+        path = None
         try:
             data = _received_bytes(event)
             header, path = self.spool.store_received(
                 data, n.max_instance_bytes, n.max_inflated_bytes
             )
+            count, expected = self.registry.add_instance(
+                sop_uid=header.sop_instance_uid,
+                series_uid=header.series_instance_uid,
+                study_uid=header.study_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                path=str(path),
+                size=len(data),
+                calling_ae=calling,
+                expected_count=self._expected(header, data),
+                sha256=header.content_sha256,
+            )
         except (SpoolFullError, OSError) as exc:
             return self._refuse(calling, "rejected", exc, STATUS_OUT_OF_RESOURCES)
         except InvalidInstanceError as exc:
             return self._refuse(calling, "failed", exc, exc.status)
-        sop, series = header.sop_instance_uid, header.series_instance_uid
-        try:
-            other = self.registrar.pending_series(sop) or self.lookup.series_of(sop)
-            expected = self._expected(header, data)
-        except Exception as exc:  # the registry cannot be read: nothing is kept
-            self.spool.discard_received(path)
-            return self._refuse(calling, "rejected", exc, STATUS_OUT_OF_RESOURCES)
-        if other is not None and other != series:
-            self.spool.discard_received(path)
-            moved = InstanceMovedError(f"SOP Instance UID {sop} is already part of series {other}")
-            return self._refuse(calling, "failed", moved, STATUS_CANNOT_UNDERSTAND)
-        self.registrar.submit(
-            {
-                "sop_uid": sop,
-                "series_uid": series,
-                "study_uid": header.study_instance_uid,
-                "sop_class_uid": header.sop_class_uid,
-                "path": str(path),
-                "size": len(data),
-                "calling_ae": calling,
-                "expected_count": expected,
-                "sha256": header.content_sha256,
-            }
-        )
+        except InstanceMovedError as exc:
+            if path is not None:
+                self.spool.discard_received(path)
+            return self._refuse(calling, "failed", exc, STATUS_CANNOT_UNDERSTAND)
         with self._lock:
-            self._series_by_assoc.setdefault(id(event.assoc), set()).add(series)
+            self._series_by_assoc.setdefault(id(event.assoc), set()).add(header.series_instance_uid)
         self.metrics.instance_received(calling, "stored")
         self._receive_stage.observe(time.perf_counter() - t0)
+        if self.on_instance is not None:
+            self.on_instance(header.series_instance_uid, count, expected)
         return STATUS_SUCCESS
-
-    def _record_rows(self, rows: list[dict[str, Any]]) -> list[RowResult]:
-        """The registrar's write: the rows in one transaction."""
-        return self.registry.add_instances(rows)
-
-    def _recorded(self, row: dict[str, Any], result: RowResult) -> None:
-        """After a row is recorded: the completion hook (an immediate completion when the
-        series' expected count is reached)."""
-        if self.on_instance is not None and not isinstance(result, InstanceMovedError):
-            self.on_instance(row["series_uid"], result[0], result[1])
 
     #: series whose expected count this SCP remembers (the most recent ones)
     EXPECTED_CACHE_SERIES = 256
@@ -498,17 +471,7 @@ class StoreSCP:
         assert self.expected_count is not None
         return self.expected_count(header.dataset)
 
-    def _before_release_response(self) -> None:
-        """Every acknowledged instance's row is recorded before a release is answered: a
-        peer that queries after its release sees them (dicom_node.reactor calls this)."""
-        if not self.registrar.flush():
-            log_event(
-                log, "registry_rows_late", level=logging.WARNING, queued=self.registrar.queued
-            )
-
     def _on_end(self, event: evt.Event) -> None:
-        # the series are marked released (their quiet period starts) after their rows
-        self._before_release_response()
         with self._lock:
             series = self._series_by_assoc.pop(id(event.assoc), None)
             # RELEASED/ABORTED and CONN_CLOSE both fire: the set makes this idempotent.
