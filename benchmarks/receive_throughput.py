@@ -7,8 +7,8 @@
 - the synthmr SCP (validates, writes the file, appends it to the ingest journal and answers
   once a group-committed fdatasync of the journal covers it: a success status means the
   instance is on disk; registers in SQLite), as configured by default (``[node]
-  acceptor_processes``, dicom_node.acceptors: 2) and with the other choice (1 process,
-  or 2 if the default is 1).
+  acceptor_processes``, dicom_node.acceptors: 1) and with the other choice (2 processes
+  accepting; or 1 if the default is more).
 
 Each receiver's CPU time per instance is printed too (all its processes, from the first
 connection to the last answer; the senders' CPU apart): less sensitive than instances/s to
