@@ -87,10 +87,9 @@ class NodeSettings:
     #: processes that accept associations on the node's port (pynetdicom runs each
     #: association in Python threads under one GIL); the extra ones store into the same
     #: spool and record through the node process (dicom_node.acceptors). 1 = the node
-    #: process alone (TLS always). 2: the second core serves parallel senders too (on the
-    #: 2-core machine, 4 senders: ~760 against ~620 instances/s; 1 sender: not slower;
-    #: a helper takes ~66 MiB; benchmarks/receive_throughput.py prints the A/B)
-    acceptor_processes: int = 2
+    #: process alone (TLS always): on the 2-core machine a second one cost more CPU per
+    #: instance than it gained (benchmarks/receive_throughput.py prints the A/B)
+    acceptor_processes: int = 1
     #: file bytes of received series the node parses ahead of their job, all series together
     #: (dicom_node.prefetch); a series that does not fit is read by its job. 0 = off
     prefetch_max_bytes: int = 256 << 20
