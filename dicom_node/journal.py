@@ -195,18 +195,22 @@ class IngestJournal:
     def prepare_log(self) -> None:
         """Create the next log ahead of need, off the answer path (at start-up and after
         each checkpoint): the first instance of a burst then does not wait for a file
-        creation and a directory sync (~1-6 ms, and every concurrent answer behind it)."""
-        with self._cond:
-            if self._spare is not None:
-                return
-            seq = self._next_seq()
-        fd = self._create(seq)
-        with self._cond:
-            if self._spare is None:
-                self._spare = (seq, fd)
-                return
-        os.close(fd)  # another thread prepared one meanwhile
-        self._path(seq).unlink(missing_ok=True)
+        creation and a directory sync (~1-6 ms, and every concurrent answer behind it).
+
+        Under the checkpoint lock: a checkpoint deletes the logs it finds that are not the
+        spare, and a spare on disk but not yet recorded as such would be one of them."""
+        with self._checkpointing:
+            with self._cond:
+                if self._spare is not None:
+                    return
+                seq = self._next_seq()
+            fd = self._create(seq)
+            with self._cond:
+                if self._spare is None:
+                    self._spare = (seq, fd)
+                    return
+            os.close(fd)  # the answer path made its own log meanwhile and took the number
+            self._path(seq).unlink(missing_ok=True)
 
     def _drop_spare(self) -> None:
         with self._cond:

@@ -219,6 +219,39 @@ def test_first_append_of_a_burst_goes_into_a_log_prepared_ahead(tmp_path: Path) 
     assert list(sp.journal.dir.iterdir()) == []  # a clean stop leaves no log, not even empty
 
 
+def test_a_checkpoint_meanwhile_does_not_delete_the_log_being_prepared(tmp_path: Path) -> None:
+    """A checkpoint in another thread while the next log is being created ahead of need
+    (after the file exists, before it is recorded as the spare): the checkpoint must not
+    take it for an old log and delete it, or the next appends would go into a deleted
+    file that no replay reads."""
+    import threading
+
+    sp = Spool(tmp_path / "spool")
+    sp.journal.idle_checkpoint_s = 1e9
+    sp.store_received(make_mr_file(tmp_path / "a.dcm").read_bytes())  # the spare is in use
+    real_create = sp.journal._create
+    checkpointer: list[threading.Thread] = []
+
+    def create_then_race(seq: int) -> int:
+        fd = real_create(seq)
+        t = threading.Thread(target=sp.journal.checkpoint, kwargs={"prepare": False})
+        t.start()
+        checkpointer.append(t)
+        t.join(0.3)  # with the fix it waits for this creation to be recorded
+        return fd
+
+    sp.journal._create = create_then_race  # type: ignore[method-assign]
+    sp.journal._drop_spare()
+    sp.journal.prepare_log()
+    checkpointer[0].join(10)
+    assert sp.journal._spare is not None
+    assert sp.journal._path(sp.journal._spare[0]).exists()
+    sp.journal._create = real_create  # type: ignore[method-assign]
+    _, path = sp.store_received(make_mr_file(tmp_path / "b.dcm", instance_number=2).read_bytes())
+    logged = [name for _, p in sp.journal._logs() for _, name, _ in sp.journal.records(p)]
+    assert str(path.relative_to(sp.root)) in logged
+
+
 def test_journal_replay_restores_acknowledged_files_lost_with_the_page_cache(
     tmp_path: Path,
 ) -> None:
