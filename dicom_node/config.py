@@ -87,8 +87,8 @@ class NodeSettings:
     #: processes that accept associations on the node's port (pynetdicom runs each
     #: association in Python threads under one GIL); the extra ones store into the same
     #: spool and record through the node process (dicom_node.acceptors). 1 = the node
-    #: process alone (TLS always); 2 serves parallel senders ~10 % faster on the 2-core
-    #: machine (benchmarks/receive_throughput.py prints the A/B; default_config.toml)
+    #: process alone (TLS always); 2 was faster with parallel senders in 3 of 4 runs on the
+    #: 2-core machine (benchmarks/receive_throughput.py prints the A/B; default_config.toml)
     acceptor_processes: int = 1
     #: file bytes of received series the node parses ahead of their job, all series together
     #: (dicom_node.prefetch); a series that does not fit is read by its job. 0 = off
