@@ -87,7 +87,7 @@ class NodeSettings:
     #: processes that accept associations on the node's port (pynetdicom runs each
     #: association in Python threads under one GIL); the extra ones store into the same
     #: spool and record through the node process (dicom_node.acceptors). 1 = the node
-    #: process alone (TLS always); 2 was faster with parallel senders in 3 of 4 runs on the
+    #: process alone (TLS always); 2 was faster with parallel senders in 2 of 3 runs on the
     #: 2-core machine (benchmarks/receive_throughput.py prints the A/B; default_config.toml)
     acceptor_processes: int = 1
     #: file bytes of received series the node parses ahead of their job, all series together
