@@ -53,7 +53,7 @@ from dicom_node.config import load_settings  # noqa: E402
 from dicom_node.metrics import NodeMetrics  # noqa: E402
 from dicom_node.registry import Registry  # noqa: E402
 from dicom_node.scp import StoreSCP  # noqa: E402
-from dicom_node.spool import Spool  # noqa: E402
+from dicom_node.service import open_spool  # noqa: E402
 from tests.conftest import free_port, make_mr_file, wait_port, write_config  # noqa: E402
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
@@ -144,7 +144,7 @@ def _synthmr(tmp: Path, processes: int | None = None) -> Iterator[int]:
     (tmp / "node.toml").write_text(config)
     settings = load_settings(tmp / "node.toml", env={})
     reg = Registry(tmp / "spool" / "registry.sqlite3")
-    scp = StoreSCP(settings, Spool(settings.spool.path), reg, NodeMetrics())
+    scp = StoreSCP(settings, open_spool(settings), reg, NodeMetrics())  # as the node has it
     scp.start()
     deadline = time.monotonic() + 60
     while scp._pool is not None and not scp._pool.ready() and time.monotonic() < deadline:

@@ -123,6 +123,9 @@ class SecuritySettings:
 class SpoolSettings:
     path: str = "/var/lib/synthmr/spool"
     min_free_bytes: int = 1 << 30
+    #: received bytes held in memory before their spool files are written (dicom_node.spool
+    #: write-behind; they are durable in the ingest journal meanwhile). 0: written at once
+    write_behind_bytes: int = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -453,6 +456,8 @@ def _validate_service(s: Settings, errors: list[str]) -> None:
         errors.append("spool.path: must not be empty")
     if s.spool.min_free_bytes < 0:
         errors.append("spool.min_free_bytes: must be >= 0")
+    if s.spool.write_behind_bytes < 0:
+        errors.append("spool.write_behind_bytes: must be >= 0")
     for name in ("days", "results_days", "results_max_gb"):
         if getattr(s.retention, name) < 0:
             errors.append(f"retention.{name}: must be >= 0")

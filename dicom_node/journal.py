@@ -125,6 +125,7 @@ class IngestJournal:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._cond = threading.Condition()
         self._fd: int | None = None
+        self._fd_path = ""  # the current log's path
         #: (number, fd) of an empty log created ahead of need (:meth:`prepare_log`)
         self._spare: tuple[int, int] | None = None
         self._seq = 0  # highest log number handed out
@@ -137,6 +138,10 @@ class IngestJournal:
         self._last_append = 0.0
         self._checkpointing = threading.Lock()
         self._timer: threading.Thread | None = None
+        #: called by a checkpoint after it switched logs and before its ``syncfs``: writes
+        #: out whatever the owner holds back that the logs being dropped cover (the spool's
+        #: write-behind files)
+        self.before_sync: Callable[[], None] | None = None
         #: fdatasyncs done (fewer than appends when writers overlap; for tests/benchmarks)
         self.syncs = 0
         self.checkpoints = 0
@@ -185,11 +190,13 @@ class IngestJournal:
         spare, self._spare = self._spare, None
         if spare is not None and spare[0] == self._seq:
             self._fd = spare[1]
+            self._fd_path = str(self._path(spare[0]))
         else:
             if spare is not None:  # a later log exists: this one would replay out of order
                 os.close(spare[1])
                 self._path(spare[0]).unlink(missing_ok=True)
             self._fd = self._create(self._next_seq())
+            self._fd_path = str(self._path(self._seq))
         self._size = 0
 
     def prepare_log(self) -> None:
@@ -257,7 +264,7 @@ class IngestJournal:
 
     def _append(
         self, kind: bytes, name: bytes, data: bytes, durable: bool, at: int | None = None
-    ) -> None:
+    ) -> tuple[str, int]:
         if at is None:
             at = time.monotonic_ns()
         crc = zlib.crc32(data, zlib.crc32(name, zlib.crc32(_TIME.pack(at))))
@@ -267,6 +274,7 @@ class IngestJournal:
                 self._open_next()
             assert self._fd is not None
             n = _HEAD.size + len(name) + len(data)
+            where = (self._fd_path, self._size + _HEAD.size + len(name))
             done = os.writev(self._fd, (head + name, data))  # one system call
             if done < n:  # a short write (rare): the rest
                 view = memoryview(b"".join((head, name, data)))[done:]
@@ -306,17 +314,20 @@ class IngestJournal:
             self.checkpoint()
         else:
             self._arm_timer()
+        return where
 
     def log_write(self, path: Path, data: bytes) -> None:
         """Durably log that ``path`` (inside the root) holds ``data``; returns once an
         ``fdatasync`` of the log that started after this append has completed."""
         self._append(b"W", self._relative(path), data, durable=True)
 
-    def log_write_relative(self, name: str, data: bytes, at: int | None = None) -> None:
+    def log_write_relative(self, name: str, data: bytes, at: int | None = None) -> tuple[str, int]:
         """:meth:`log_write` of the file ``name`` (relative to the root, ``/``-separated:
         the receive path builds it without pathlib); ``at``: ``time.monotonic_ns()`` taken
-        before the file was renamed into place (default: now)."""
-        self._append(b"W", name.encode("utf-8"), data, durable=True, at=at)
+        before the file was renamed into place (default: now). Returns the log's path and
+        the offset of ``data`` in it: the bytes can be copied from there until the next
+        checkpoint (:attr:`before_sync` runs before the log is dropped)."""
+        return self._append(b"W", name.encode("utf-8"), data, durable=True, at=at)
 
     def log_delete(self, path: Path) -> None:
         """Log that ``path`` was removed (so a replay does not bring it back); durable with
@@ -377,6 +388,8 @@ class IngestJournal:
                     self._fd = None
                 old = [(n, p) for n, p in self._logs() if p != spare]  # the spare is empty
             # Appends go on in a new log meanwhile: their files are not covered, they stay.
+            if self.before_sync is not None:
+                self.before_sync()
             syncfs(self.root)
             self.checkpoints += 1  # counted before the logs go (a watcher sees both)
             for _, path in old:

@@ -229,6 +229,9 @@ class Registry:
         self._db.executescript(_SCHEMA)
         self._migrate()
         self.on_transition = on_transition
+        #: called with a series UID before its paths are handed out: writes the series'
+        #: files the spool still holds in memory (``Spool.write_pending``; write-behind)
+        self.files_of: Callable[[str], object] | None = None
 
     def _migrate(self) -> None:
         """Columns added after the first release (an older registry gains them)."""
@@ -477,6 +480,10 @@ class Registry:
             return {r[0] for r in self._db.execute("SELECT path FROM instances").fetchall()}
 
     def instance_paths(self, series_uid: str) -> list[str]:
+        """The series' received files, each on disk when this returns: the spool's
+        held-back files of the series are written out first (:attr:`files_of`)."""
+        if self.files_of is not None:
+            self.files_of(series_uid)
         with self._lock:
             rows = self._db.execute(
                 "SELECT path FROM instances WHERE series_uid=? ORDER BY sop_uid", (series_uid,)

@@ -63,6 +63,13 @@ def _disk_full(reason: str) -> bool:
     return "SpoolFullError" in reason or "[Errno 28]" in reason or "disk is full" in reason
 
 
+def open_spool(settings: Settings) -> Spool:
+    """The node's spool as configured. Write-behind only with one process storing into
+    it: another process's acceptor could replace a file that this one writes out later."""
+    behind = settings.spool.write_behind_bytes if settings.node.acceptor_processes <= 1 else 0
+    return Spool(settings.spool.path, settings.spool.min_free_bytes, write_behind_bytes=behind)
+
+
 class Node:
     """One synthmr node. Not reusable after :meth:`stop`."""
 
@@ -70,10 +77,11 @@ class Node:
         self.settings = settings
         self.config_path = config_path or settings.source
         self.metrics = NodeMetrics()
-        self.spool = Spool(settings.spool.path, settings.spool.min_free_bytes)
+        self.spool = open_spool(settings)
         self.registry = Registry(
             Path(settings.spool.path) / "registry.sqlite3", self._on_transition
         )
+        self.registry.files_of = self.spool.write_pending  # write-behind: files before paths
         self.workers = Workers(settings.workers, settings.processing)
         self.completion = Completion(
             settings.completion,

@@ -12,6 +12,16 @@ instance is on disk when its C-STORE is answered because it is in the ingest jou
 (group-committed ``fdatasync``; the spool file follows at the next checkpoint, or the
 journal's replay rewrites it after a crash); other writes fsync the file and its directory.
 File names come from sanitized UIDs: a name can never escape the spool.
+
+Write-behind (``write_behind_bytes`` > 0, the node's default): a received instance's spool
+file is not created on the answer path at all. Its bytes stay in memory, already durable
+in the journal, and are written out once receiving pauses (:attr:`Spool.write_behind_idle_s`),
+when a reader asks for the series (:meth:`Spool.write_pending`, called by
+``Registry.instance_paths``), before a journal checkpoint drops their records, or at
+close. Creating a file was the largest part of the answer path's kernel time with parallel
+senders (ext4 inode allocation, a second copy of the data); behind the burst the same files
+cost the senders nothing. Beyond ``write_behind_bytes`` of held data an instance is written
+at once, as without write-behind.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import itertools
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -225,6 +236,33 @@ def _is_deflated(data: bytes, start: int) -> bool:
     return str(DeflatedExplicitVRLittleEndian).encode() in data[:start]
 
 
+class _Held:
+    """A received file held back (write-behind): its bytes until the journal append says
+    where they are, then the log's path and the data's offset in it."""
+
+    __slots__ = ("data", "log", "log_fd", "offset", "size")
+
+    def __init__(self, data: bytes | None, size: int, log: str = "", offset: int = 0) -> None:
+        self.data, self.size, self.log, self.offset = data, size, log, offset
+        self.log_fd = -1
+
+    def snapshot(self) -> tuple[_Held, _Held]:
+        """(this entry, a copy of its fields now): the copy is written out while the
+        receive path may still fill in the log's place in this one."""
+        return self, _Held(self.data, self.size, self.log, self.offset)
+
+    def copy_to(self, fd: int) -> None:
+        """Copy the bytes from the journal log (open as ``log_fd``) into ``fd``, in the
+        kernel (no copy through Python)."""
+        offset, left = self.offset, self.size
+        while left:
+            n = os.copy_file_range(self.log_fd, fd, left, offset)
+            if n <= 0:
+                raise OSError(f"journal log {self.log} ends before its record's data")
+            offset += n
+            left -= n
+
+
 class Spool:
     """The on-disk store. ``min_free_bytes`` is the free-disk watermark."""
 
@@ -234,9 +272,21 @@ class Spool:
         min_free_bytes: int = 0,
         journal_owner: str = "",
         replay: bool = True,
+        write_behind_bytes: int = 0,
     ) -> None:
         self.root = Path(root).resolve()
         self.min_free_bytes = int(min_free_bytes)
+        #: received bytes held in memory at most, not yet in their spool files (0: none)
+        self.write_behind_bytes = int(write_behind_bytes)
+        #: spool file path -> its bytes, durable in the journal, not yet written (in order)
+        self._behind: dict[str, bytes] = {}
+        self._behind_size = 0
+        self._behind_cond = threading.Condition()
+        #: held while files are written out of ``_behind`` or a series directory is removed
+        self._writing_out = threading.Lock()
+        self._last_received = 0.0
+        self._writer: threading.Thread | None = None
+        self._closed = False
         self.tmp = self.root / "tmp"
         self.incoming = self.root / "incoming"
         self.outbox = self.root / "outbox"
@@ -247,6 +297,7 @@ class Spool:
         self._tmp_seq = itertools.count()
         self._pid = os.getpid()
         self.journal = IngestJournal(self.root, journal_owner)
+        self.journal.before_sync = self.write_pending  # a checkpoint drops their records
         #: received files a crash had left missing or partial, rewritten from the journal
         #: (every process's logs: only the node process replays, before acceptors start)
         self.replayed = self.journal.replay(self.write_atomic) if replay else 0
@@ -375,20 +426,41 @@ class Spool:
         series_dir = safe_name(header.series_instance_uid)
         relative = f"incoming/{series_dir}/{safe_name(header.sop_instance_uid)}.dcm"
         target = f"{self._root_str}/{relative}"
+        entry = self._hold_back(target, data)
+        if entry is not None:
+            try:
+                where = self.journal.log_write_relative(relative, data, time.monotonic_ns())
+            except BaseException:
+                self._forget(target, entry)  # not answered: nothing of it is kept
+                raise
+            with self._behind_cond:  # from now on it is copied from the log
+                entry.data, entry.log, entry.offset = None, where[0], where[1]
+            return header, Path(target)
+        at = self._write_received(target, data)
+        self.journal.log_write_relative(relative, data, at)
+        return header, Path(target)
+
+    def _write_received(self, target: str, data: bytes | _Held) -> int:
+        """Write a received file (unsynced: the journal holds it) to ``tmp/`` and rename it
+        to ``target`` (creating its series directory); the monotonic ns of the rename.
+        ``data``: the bytes, or a held file whose bytes are copied from the journal log."""
         tmp = f"{self._tmp_str}/{self._pid}-{next(self._tmp_seq)}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                if isinstance(data, _Held):
+                    data.copy_to(fd)
+                else:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
             at = time.monotonic_ns()  # orders it among other processes' writes (journal)
             try:
                 os.replace(tmp, target)
             except FileNotFoundError:  # the series' first instance: its directory is new
-                os.makedirs(f"{self._root_str}/incoming/{series_dir}", exist_ok=True)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
                 os.replace(tmp, target)
         except BaseException:
             try:
@@ -396,17 +468,120 @@ class Spool:
             except FileNotFoundError:
                 pass
             raise
-        self.journal.log_write_relative(relative, data, at)
-        return header, Path(target)
+        return at
+
+    # -- write-behind
+    #: held files are written out once no instance was received for this long
+    write_behind_idle_s = 0.05
+
+    def _hold_back(self, target: str, data: bytes) -> _Held | None:
+        """Hold ``target``'s file back (write-behind) if there is room, or if an older held
+        version of it would otherwise be written after this one; None: write it now.
+
+        Registered *before* the journal append, with its bytes: a checkpoint that drops the
+        log holding the record writes out everything held by then (:meth:`write_pending`,
+        from these bytes if the append has not said where they are in the log yet). After
+        the append the entry keeps only the log's path and offset, and the received bytes
+        are freed: memory that stayed held would cost a page fault per 4 KiB of every
+        instance (fresh memory each time) instead of being reused."""
+        size = len(data)
+        with self._behind_cond:
+            if self._closed:
+                return None
+            old = self._behind.get(target)
+            if old is None and self._behind_size + size > self.write_behind_bytes:
+                return None
+            entry = _Held(data, size)
+            was_empty = not self._behind
+            self._behind[target] = entry
+            self._behind_size += size - (0 if old is None else old.size)
+            self._last_received = time.monotonic()
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_behind_loop, name="spool-write-behind", daemon=True
+                )
+                self._writer.start()
+            if was_empty:  # the writer sleeps until then; later ones it sees when it wakes
+                self._behind_cond.notify()
+            return entry
+
+    def _forget(self, target: str, entry: _Held) -> None:
+        with self._behind_cond:
+            if self._behind.get(target) is entry:
+                del self._behind[target]
+                self._behind_size -= entry.size
+
+    def write_pending(self, series_uid: str | None = None) -> int:
+        """Write the held-back received files (of ``series_uid``, or all) to their spool
+        paths now; return how many. Readers of received files call it first
+        (``Registry.instance_paths``)."""
+        prefix = None
+        if series_uid is not None:
+            prefix = f"{self._root_str}/incoming/{safe_name(series_uid)}/"
+        n = 0
+        with self._writing_out:
+            with self._behind_cond:
+                items = [
+                    (t, e.snapshot())
+                    for t, e in self._behind.items()
+                    if prefix is None or t.startswith(prefix)
+                ]
+            logs: dict[str, int] = {}
+            try:
+                for target, (entry, copy) in items:
+                    if copy.log and copy.log not in logs:
+                        logs[copy.log] = os.open(copy.log, os.O_RDONLY)
+                    copy.log_fd = logs.get(copy.log, -1)
+                    self._write_received(target, copy.data if copy.data is not None else copy)
+                    self._forget(target, entry)  # a newer version held meanwhile stays held
+                    n += 1
+            finally:
+                for fd in logs.values():
+                    os.close(fd)
+        return n
+
+    def _write_behind_loop(self) -> None:
+        while True:
+            with self._behind_cond:
+                while not self._behind and not self._closed:
+                    self._behind_cond.wait()
+                if self._closed:
+                    return
+                wait = self._last_received + self.write_behind_idle_s - time.monotonic()
+                if wait > 0:  # still receiving: the files cost the senders nothing later
+                    self._behind_cond.wait(wait)
+                    continue
+            try:
+                self.write_pending()
+            except OSError as exc:  # the checkpoint or a reader tries again; data is durable
+                warnings.warn(f"write-behind of received files failed: {exc}", stacklevel=1)
+                time.sleep(self.write_behind_idle_s)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of received instances not yet in their spool files (write-behind)."""
+        return self._behind_size
 
     def discard_received(self, path: Path) -> None:
         """Remove a stored received file the node does not keep after all (a replay of the
         journal does not bring it back)."""
-        path.unlink(missing_ok=True)
+        with self._behind_cond:
+            entry = self._behind.get(str(path))
+        if entry is not None:
+            self._forget(str(path), entry)
+        with self._writing_out:  # not written out by the write-behind after this
+            path.unlink(missing_ok=True)
         self.journal.log_delete(self._inside(path))
 
     def close(self) -> None:
-        """Checkpoint the ingest journal (a clean stop leaves nothing to replay)."""
+        """Write out held files and checkpoint the ingest journal (a clean stop leaves
+        nothing to replay)."""
+        self.write_pending()
+        with self._behind_cond:
+            self._closed = True
+            self._behind_cond.notify_all()
+        if self._writer is not None:
+            self._writer.join(timeout=10)
         self.journal.close()
 
     def store_outputs(self, series_uid: str, items: Iterable[tuple[str, bytes]]) -> list[Path]:
@@ -469,4 +644,11 @@ class Spool:
             self.journal.checkpoint()  # no journal record left that would bring them back
             for checkpoint in self.peer_checkpoints:
                 checkpoint()
+            with self._writing_out:  # held files of it, if any came since, are dropped
+                prefix = f"{d}/"
+                with self._behind_cond:
+                    for t in [t for t in self._behind if t.startswith(prefix)]:
+                        self._behind_size -= self._behind.pop(t).size
+                shutil.rmtree(d, ignore_errors=True)
+            return
         shutil.rmtree(d, ignore_errors=True)

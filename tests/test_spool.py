@@ -400,3 +400,151 @@ def test_reserve_is_allocated_with_room_and_freed_on_demand(tmp_path: Path) -> N
     assert spool.release_reserve() == Spool.RESERVE_BYTES
     assert not spool.reserve.exists()
     assert spool.release_reserve() == 0
+
+
+# -- write-behind: received files written after the burst, durable in the journal meanwhile
+def _held_spool(root: Path, cap: int = 1 << 30) -> Spool:
+    sp = Spool(root, write_behind_bytes=cap)
+    sp.write_behind_idle_s = 3600.0  # only readers, checkpoints and close write them here
+    sp.journal.idle_checkpoint_s = 1e9
+    return sp
+
+
+def _series_files(tmp_path: Path, n: int, series: str = "1.2.3") -> list[Path]:
+    return [
+        make_mr_file(tmp_path / "src" / series / f"{i}.dcm", series_uid=series, instance_number=i)
+        for i in range(n)
+    ]
+
+
+def test_write_behind_files_appear_when_their_series_is_read(tmp_path: Path) -> None:
+    """Answered instances are not in their files yet; reading the series (what
+    Registry.instance_paths does first) writes its files, bit for bit, and only its own."""
+    sp = _held_spool(tmp_path / "spool")
+    a, b = _series_files(tmp_path, 3, "1.2.3"), _series_files(tmp_path, 2, "1.2.4")
+    paths_a = [sp.store_received(f.read_bytes())[1] for f in a]
+    paths_b = [sp.store_received(f.read_bytes())[1] for f in b]
+    assert not any(p.exists() for p in paths_a + paths_b)
+    assert sp.held_bytes == sum(f.stat().st_size for f in a + b)
+    assert sp.write_pending("1.2.3") == 3
+    assert [p.read_bytes() for p in paths_a] == [f.read_bytes() for f in a]
+    assert not any(p.exists() for p in paths_b)
+    sp.close()  # a clean stop writes the rest
+    assert [p.read_bytes() for p in paths_b] == [f.read_bytes() for f in b]
+    assert list(sp.tmp.iterdir()) == []
+
+
+def test_write_behind_registry_paths_are_files(tmp_path: Path) -> None:
+    from dicom_node.registry import Registry
+
+    sp = _held_spool(tmp_path / "spool")
+    reg = Registry(tmp_path / "spool" / "registry.sqlite3")
+    reg.files_of = sp.write_pending
+    (f,) = _series_files(tmp_path, 1)
+    header, path = sp.store_received(f.read_bytes())
+    reg.add_instance(
+        sop_uid=header.sop_instance_uid,
+        series_uid="1.2.3",
+        study_uid="9",
+        sop_class_uid="1.2",
+        path=str(path),
+        size=f.stat().st_size,
+    )
+    assert not path.exists()
+    (listed,) = reg.instance_paths("1.2.3")
+    assert Path(listed).read_bytes() == f.read_bytes()
+    reg.close()
+    sp.close()
+
+
+def test_write_behind_files_are_written_before_a_checkpoint_drops_their_log(
+    tmp_path: Path,
+) -> None:
+    sp = _held_spool(tmp_path / "spool")
+    files = _series_files(tmp_path, 4)
+    paths = [sp.store_received(f.read_bytes())[1] for f in files]
+    (log,) = [p for _, p in sp.journal._logs()]
+    sp.journal.checkpoint()
+    assert not log.exists() and sp.held_bytes == 0
+    assert [p.read_bytes() for p in paths] == [f.read_bytes() for f in files]
+    sp.close()
+
+
+def test_write_behind_lost_with_the_process_is_replayed(tmp_path: Path) -> None:
+    """A crash (nothing written out, nothing closed): the next start rewrites every
+    answered instance from the journal."""
+    root = tmp_path / "spool"
+    sp = _held_spool(root)
+    files = _series_files(tmp_path, 3)
+    paths = [sp.store_received(f.read_bytes())[1] for f in files]
+    assert not any(p.exists() for p in paths)
+    reopened = Spool(root)  # the first process is gone without a word
+    assert reopened.replayed == 3
+    assert [p.read_bytes() for p in paths] == [f.read_bytes() for f in files]
+
+
+def test_write_behind_keeps_the_newest_version_of_a_re_sent_instance(tmp_path: Path) -> None:
+    """A corrected re-send while the first version is held, and another after the cap is
+    reached: the file ends as the last version received, also after a replay."""
+    import pydicom
+
+    src = tmp_path / "v.dcm"
+    make_mr_file(src, series_uid="1.2.3", sop_uid="1.2.3.7")
+    versions = []
+    for desc in ("first", "second", "third"):
+        ds = pydicom.dcmread(src)
+        ds.SeriesDescription = desc
+        ds.save_as(tmp_path / f"{desc}.dcm", enforce_file_format=True)
+        versions.append((tmp_path / f"{desc}.dcm").read_bytes())
+    (filler,) = (f.read_bytes() for f in _series_files(tmp_path, 1, "1.2.8"))
+    root = tmp_path / "spool"
+    sp = _held_spool(root, cap=len(versions[0]) + len(filler))
+    path = sp.store_received(versions[0])[1]
+    sp.store_received(filler)  # the cap is now reached
+    sp.store_received(versions[1])  # replaces the held first version (held: no room needed)
+    assert sp.held_bytes == len(versions[1]) + len(filler)
+    assert sp.write_pending("1.2.3") == 1 and path.read_bytes() == versions[1]
+    sp.write_behind_bytes = len(filler)  # the held filler fills it
+    sp.store_received(versions[2])
+    assert path.read_bytes() == versions[2]  # no room: written at once
+    assert Spool(root).replayed >= 0 and path.read_bytes() == versions[2]
+
+
+def test_write_behind_beyond_its_cap_writes_at_once(tmp_path: Path) -> None:
+    files = _series_files(tmp_path, 3)
+    size = files[0].stat().st_size
+    sp = _held_spool(tmp_path / "spool", cap=2 * size + size // 2)
+    paths = [sp.store_received(f.read_bytes())[1] for f in files]
+    assert [p.exists() for p in paths] == [False, False, True]
+    sp.close()
+    assert all(p.exists() for p in paths)
+
+
+def test_write_behind_writes_once_receiving_pauses(tmp_path: Path) -> None:
+    import time
+
+    sp = Spool(tmp_path / "spool", write_behind_bytes=1 << 30)
+    sp.write_behind_idle_s = 0.1
+    files = _series_files(tmp_path, 3)
+    paths = [sp.store_received(f.read_bytes())[1] for f in files]
+    deadline = time.monotonic() + 10
+    while not all(p.exists() for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [p.read_bytes() for p in paths] == [f.read_bytes() for f in files]
+    assert sp.held_bytes == 0
+    sp.close()
+
+
+@pytest.mark.parametrize("how", ["discarded", "series removed"])
+def test_write_behind_never_brings_back_what_was_removed(tmp_path: Path, how: str) -> None:
+    sp = _held_spool(tmp_path / "spool")
+    files = _series_files(tmp_path, 2)
+    paths = [sp.store_received(f.read_bytes())[1] for f in files]
+    if how == "discarded":
+        sp.discard_received(paths[1])
+        sp.close()
+        assert paths[0].exists() and not paths[1].exists()
+    else:
+        sp.remove_series("1.2.3")
+        sp.close()
+        assert not paths[0].parent.exists()
