@@ -34,7 +34,6 @@ import re
 import shutil
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -373,7 +372,7 @@ class Spool:
         self._check_space(len(data))
         new_dir = not target.parent.is_dir()
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._write_file(target, data)
+        self._write_file(target, data, fsync=True)
         fsync_dir(target.parent)
         if new_dir:  # the new series directory's own entry must be durable too
             fsync_dir(target.parent.parent)
@@ -386,22 +385,6 @@ class Spool:
                 f"{self.min_free_bytes} B"
             )
 
-    def _write_file(self, target: Path, data: bytes, fsync: bool = True) -> None:
-        """Write ``data`` to ``tmp/``, fsync it (unless ``fsync`` is false: the journal holds
-        it) and rename it to ``target`` (whose directory exists); the caller fsyncs that
-        directory."""
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
     def store_received(
         self,
         data: bytes,
@@ -410,10 +393,12 @@ class Spool:
     ) -> tuple[InstanceHeader, Path]:
         """Validate and durably store a received instance; return its header and path.
 
-        Durable through the ingest journal: the file is renamed into place unsynced and
-        its bytes are appended to the journal, whose group-committed ``fdatasync`` has
-        completed when this returns (one flush shared by concurrent associations instead
-        of a file and a directory fsync each).
+        Durable through the ingest journal: its bytes are appended to the journal, whose
+        group-committed ``fdatasync`` has completed when this returns (one flush shared by
+        concurrent associations instead of a file and a directory fsync each). The file
+        itself is written behind (module docstring), or renamed into place unsynced when
+        write-behind is off or full. The path returned is where it is or will be; readers
+        get it through ``Registry.instance_paths``, which writes it first.
 
         Raises :class:`~dicom_node.validate.InvalidInstanceError` (nothing kept) or
         :class:`SpoolFullError`.
@@ -436,14 +421,16 @@ class Spool:
             with self._behind_cond:  # from now on it is copied from the log
                 entry.data, entry.log, entry.offset = None, where[0], where[1]
             return header, Path(target)
-        at = self._write_received(target, data)
+        at = self._write_file(target, data)
         self.journal.log_write_relative(relative, data, at)
         return header, Path(target)
 
-    def _write_received(self, target: str, data: bytes | _Held) -> int:
-        """Write a received file (unsynced: the journal holds it) to ``tmp/`` and rename it
-        to ``target`` (creating its series directory); the monotonic ns of the rename.
-        ``data``: the bytes, or a held file whose bytes are copied from the journal log."""
+    def _write_file(self, target: str | Path, data: bytes | _Held, fsync: bool = False) -> int:
+        """Write ``data`` to a temp file in ``tmp/``, fsync it if ``fsync`` (otherwise the
+        journal or the caller's ``syncfs`` makes it durable) and rename it to ``target``,
+        creating ``target``'s directory if it is missing; the caller fsyncs the directory.
+        ``data``: bytes, or a held received file whose bytes are copied from the journal
+        log. Returns the monotonic ns of the rename (the journal orders versions by it)."""
         tmp = f"{self._tmp_str}/{self._pid}-{next(self._tmp_seq)}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -454,12 +441,14 @@ class Spool:
                     view = memoryview(data)
                     while view:
                         view = view[os.write(fd, view) :]
+                if fsync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             at = time.monotonic_ns()  # orders it among other processes' writes (journal)
             try:
                 os.replace(tmp, target)
-            except FileNotFoundError:  # the series' first instance: its directory is new
+            except FileNotFoundError:  # e.g. the series' first instance: a new directory
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 os.replace(tmp, target)
         except BaseException:
@@ -532,7 +521,7 @@ class Spool:
                     if copy.log and copy.log not in logs:
                         logs[copy.log] = os.open(copy.log, os.O_RDONLY)
                     copy.log_fd = logs.get(copy.log, -1)
-                    self._write_received(target, copy.data if copy.data is not None else copy)
+                    self._write_file(target, copy.data if copy.data is not None else copy)
                     self._forget(target, entry)  # a newer version held meanwhile stays held
                     n += 1
             finally:
@@ -610,7 +599,7 @@ class Spool:
                 self._check_space(len(data))
                 if not target.exists():
                     fresh.append(target)
-                self._write_file(target, data, fsync=False)
+                self._write_file(target, data)
                 paths.append(target)
             if out_dir is not None and not sync_file_system(out_dir):
                 for p in paths:
