@@ -96,6 +96,26 @@ def registry_rows(spool: Path, sql: str, args: tuple = ()) -> list[tuple]:
     return sqlite_rows(spool / "registry.sqlite3", sql, args)
 
 
+def durably_received(spool: Path) -> set[str]:
+    """Names (``<sop>.dcm``) of the received instances that are on disk: in their spool
+    files, or in the ingest journal whose records the write-behind has not turned into
+    files yet (``dicom_node.spool``). The logs are read first: a checkpoint that drops
+    one has written its files before, so they are found by the listing after."""
+    from dicom_node.journal import IngestJournal
+
+    names = set()
+    for log in sorted((spool / "journal").glob("ingest-*.log")):
+        try:
+            names |= {
+                Path(name).name
+                for _, kind, name, _ in IngestJournal.timed_records(log)
+                if kind == "W" and name.startswith("incoming/")
+            }
+        except FileNotFoundError:  # checkpointed meanwhile: its files are listed below
+            continue
+    return names | {p.name for p in (spool / "incoming").rglob("*.dcm")}
+
+
 def require_tool(name: str) -> str:
     """Path of a system tool. dcmtk and pynetdicom both install ``echoscu``/``storescu``;
     the system directories come first so that the real dcmtk binaries are used."""

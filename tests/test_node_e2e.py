@@ -21,6 +21,7 @@ from dicom_node.registry import State
 from dicom_node.service import Node
 from tests.conftest import (
     OrthancServer,
+    durably_received,
     free_port,
     http_get,
     make_mr_file,
@@ -121,8 +122,8 @@ def test_delivered_to_orthanc_then_kill9_restart_no_loss_no_duplicates(
         node.start(port)
         r = storescu(mdme_series, port)
         assert r.returncode == 0, r.stdout + r.stderr
-        # acknowledged => on disk
-        assert len(list((spool / "incoming").rglob("*.dcm"))) == len(mdme_series)
+        # acknowledged => on disk (its spool file, or the journal until it is written)
+        assert len(durably_received(spool)) == len(mdme_series)
         wait_for(lambda: _db_state(spool, uid) == "PROCESSING", 30, 0.05, "PROCESSING")
         node.kill9()
         assert _db_state(spool, uid) == "PROCESSING"

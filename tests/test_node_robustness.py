@@ -36,6 +36,7 @@ from dicom_node.spool import Spool
 from tests.conftest import (
     FAST_PROCESSING,
     OrthancServer,
+    durably_received,
     echoscu,
     free_port,
     make_mr_file,
@@ -138,8 +139,7 @@ def test_kill9_while_receiving_keeps_every_acknowledged_instance(
             stderr=subprocess.STDOUT,
             text=True,
         )
-        incoming = spool / "incoming"
-        wait_for(lambda: sum(1 for _ in incoming.rglob("*.dcm")) >= 40, 60, 0.005, "40 instances")
+        wait_for(lambda: len(durably_received(spool)) >= 40, 60, 0.005, "40 instances")
         node.kill9()
         out, _ = send.communicate(timeout=60)
         acked = _acked(out)

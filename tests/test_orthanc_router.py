@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import make_orthanc, wait_for, write_config
+from tests.conftest import durably_received, make_orthanc, wait_for, write_config
 from tests.test_node_e2e import NodeProcess, _db_state, _dest, _outbox_sops
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -58,7 +58,7 @@ def test_orthanc_forwards_the_series_and_gets_the_outputs_back(
             "application/json",
         )
         assert job.get("FailedInstancesCount", 0) == 0, job
-        assert len(list((spool / "incoming").rglob("*.dcm"))) == len(mdme_series)
+        assert len(durably_received(spool)) == len(mdme_series)
         wait_for(lambda: _db_state(spool, uid) == "DELIVERED", 240, 0.2, "outputs delivered")
         outputs = _outbox_sops(spool)
         assert len(outputs) >= 3
