@@ -53,7 +53,7 @@ from dicom_node.config import load_settings  # noqa: E402
 from dicom_node.metrics import NodeMetrics  # noqa: E402
 from dicom_node.registry import Registry  # noqa: E402
 from dicom_node.scp import StoreSCP  # noqa: E402
-from dicom_node.service import open_spool  # noqa: E402
+from dicom_node.service import freeze_start_up_objects, open_spool  # noqa: E402
 from tests.conftest import free_port, make_mr_file, wait_port, write_config  # noqa: E402
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
@@ -145,6 +145,7 @@ def _synthmr(tmp: Path, processes: int | None = None) -> Iterator[int]:
     settings = load_settings(tmp / "node.toml", env={})
     reg = Registry(tmp / "spool" / "registry.sqlite3")
     scp = StoreSCP(settings, open_spool(settings), reg, NodeMetrics())  # as the node has it
+    freeze_start_up_objects()  # as Node.start does
     scp.start()
     deadline = time.monotonic() + 60
     while scp._pool is not None and not scp._pool.ready() and time.monotonic() < deadline:
