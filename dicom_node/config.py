@@ -123,8 +123,8 @@ class SecuritySettings:
 class SpoolSettings:
     path: str = "/var/lib/synthmr/spool"
     min_free_bytes: int = 1 << 30
-    #: received bytes held in memory before their spool files are written (dicom_node.spool
-    #: write-behind; they are durable in the ingest journal meanwhile). 0: written at once
+    #: received bytes not yet in their spool files at most (dicom_node.spool write-behind:
+    #: durable in the ingest journal meanwhile, copied from its log). 0: written at once
     write_behind_bytes: int = 128 << 20
 
 
