@@ -411,15 +411,13 @@ class StoreSCP:
         path = None
         try:
             data = _received_bytes(event)
-            header, path = self.spool.store_received(
-                data, n.max_instance_bytes, n.max_inflated_bytes
-            )
+            header, path = self.spool.receive(data, n.max_instance_bytes, n.max_inflated_bytes)
             count, expected = self.registry.add_instance(
                 sop_uid=header.sop_instance_uid,
                 series_uid=header.series_instance_uid,
                 study_uid=header.study_instance_uid,
                 sop_class_uid=header.sop_class_uid,
-                path=str(path),
+                path=path,
                 size=len(data),
                 calling_ae=calling,
                 expected_count=self._expected(header, data),

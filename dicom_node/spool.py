@@ -391,7 +391,19 @@ class Spool:
         max_instance_bytes: int | None = None,
         max_inflated_bytes: int | None = None,
     ) -> tuple[InstanceHeader, Path]:
-        """Validate and durably store a received instance; return its header and path.
+        """:meth:`receive`, with the path as a :class:`~pathlib.Path`."""
+        header, target = self.receive(data, max_instance_bytes, max_inflated_bytes)
+        return header, Path(target)
+
+    def receive(
+        self,
+        data: bytes,
+        max_instance_bytes: int | None = None,
+        max_inflated_bytes: int | None = None,
+    ) -> tuple[InstanceHeader, str]:
+        """Validate and durably store a received instance; return its header and path (a
+        string: the C-STORE handler's path, where a pathlib object per instance cost more
+        of the GIL than the rest of this method's own Python).
 
         Durable through the ingest journal: its bytes are appended to the journal, whose
         group-committed ``fdatasync`` has completed when this returns (one flush shared by
@@ -420,10 +432,10 @@ class Spool:
                 raise
             with self._behind_cond:  # from now on it is copied from the log
                 entry.data, entry.log, entry.offset = None, where[0], where[1]
-            return header, Path(target)
+            return header, target
         at = self._write_file(target, data)
         self.journal.log_write_relative(relative, data, at)
-        return header, Path(target)
+        return header, target
 
     def _write_file(self, target: str | Path, data: bytes | _Held, fsync: bool = False) -> int:
         """Write ``data`` to a temp file in ``tmp/``, fsync it if ``fsync`` (otherwise the
@@ -551,9 +563,10 @@ class Spool:
         """Bytes of received instances not yet in their spool files (write-behind)."""
         return self._behind_size
 
-    def discard_received(self, path: Path) -> None:
+    def discard_received(self, path: Path | str) -> None:
         """Remove a stored received file the node does not keep after all (a replay of the
         journal does not bring it back)."""
+        path = Path(path)
         with self._behind_cond:
             entry = self._behind.get(str(path))
         if entry is not None:
