@@ -167,6 +167,10 @@ class NodeMetrics:
         self._ae_lock = threading.Lock()
         self._ae_labels: set[str] = set()
         self._ae_allowed: frozenset[str] | None = None
+        #: (calling AE as sent, result) -> its instances counter: the label is worked out
+        #: once per sender, not per instance (C-STORE path); emptied when the allow-list
+        #: changes, bounded against senders that vary their title
+        self._instance_counters: dict[tuple[str, str], Any] = {}
         # Pre-create label sets so dashboards see zeros instead of gaps.
         for v in ("accepted", "rejected"):
             self.associations.labels(v)
@@ -189,6 +193,7 @@ class NodeMetrics:
             self._ae_allowed = (
                 None if ae_titles is None else frozenset(a.strip() for a in ae_titles)
             )
+            self._instance_counters = {}
 
     def calling_ae_label(self, calling_ae: str) -> str:
         """A bounded label for ``calling_ae``: an allow-listed title as is; with no
@@ -205,9 +210,19 @@ class NodeMetrics:
                 return ae
         return OTHER_AE
 
+    #: distinct (calling AE, result) pairs whose counter is remembered
+    INSTANCE_COUNTERS_KEPT = 1024
+
     def instance_received(self, calling_ae: str, result: str) -> None:
         """Count one C-STORE request (``result``: stored, rejected, failed)."""
-        self.instances.labels(self.calling_ae_label(calling_ae), result).inc()
+        counter = self._instance_counters.get((calling_ae, result))
+        if counter is None:
+            counter = self.instances.labels(self.calling_ae_label(calling_ae), result)
+            with self._ae_lock:
+                if len(self._instance_counters) >= self.INSTANCE_COUNTERS_KEPT:
+                    self._instance_counters = {}
+                self._instance_counters[(calling_ae, result)] = counter
+        counter.inc()
 
     def observe_processing(self, timings_s: dict[str, float], qc: dict[str, Any]) -> None:
         """Sub-stage durations of processing.run and the fit QC figures of one series."""
