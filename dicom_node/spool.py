@@ -379,10 +379,15 @@ class Spool:
         return target
 
     def _check_space(self, n_bytes: int) -> None:
-        if self.free_bytes() - n_bytes < self.min_free_bytes:
+        """Refuse ``n_bytes`` more unless the watermark stays free, counting the received
+        files not yet written (write-behind: they will take their room too)."""
+        free = self.free_bytes()
+        if free - self._behind_size - n_bytes < self.min_free_bytes:
+            held = f" ({self._behind_size} B of it promised to held files)" * bool(
+                self._behind_size
+            )
             raise SpoolFullError(
-                f"spool free space {self.free_bytes()} B is below the watermark "
-                f"{self.min_free_bytes} B"
+                f"spool free space {free} B{held} is below the watermark {self.min_free_bytes} B"
             )
 
     def store_received(

@@ -548,3 +548,21 @@ def test_write_behind_never_brings_back_what_was_removed(tmp_path: Path, how: st
         sp.remove_series("1.2.3")
         sp.close()
         assert not paths[0].parent.exists()
+
+
+def test_write_behind_counts_held_files_against_the_watermark(tmp_path: Path) -> None:
+    """Held files take their room when written: the watermark counts them already."""
+    files = [  # 128 KiB of pixels each: a margin no other writer on the disk upsets
+        make_mr_file(tmp_path / f"{i}.dcm", series_uid="1.2.3", instance_number=i, shape=(256, 256))
+        for i in range(2)
+    ]
+    sp = _held_spool(tmp_path / "spool")
+    sp.store_received(files[0].read_bytes())
+    held = sp.held_bytes
+    assert held > 128 * 1024
+    # a watermark that leaves room for the next instance and half the held one, not more
+    sp.min_free_bytes = sp.free_bytes() - files[1].stat().st_size - held // 2
+    with pytest.raises(SpoolFullError, match="promised to held files"):
+        sp.store_received(files[1].read_bytes())
+    sp.write_pending()
+    sp.close()
