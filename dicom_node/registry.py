@@ -346,13 +346,16 @@ class Registry:
         calling_ae: str = "",
         expected_count: int | None = None,
         sha256: str = "",
+        replaced_sha256: str | None = None,
     ) -> tuple[int, int | None]:
         """Record a stored instance; return (distinct instances, expected count for an
         immediate completion).
 
         Creates the series in RECEIVING. A re-sent instance with the same content
-        (``sha256``) changes nothing: no re-open, no job. A new or changed instance re-opens
-        a series that was COMPLETE, EXPORTED or final (-> RECEIVING, ``revision`` + 1) or
+        (``sha256``) changes nothing: no re-open, no job. The receive path hashes only a
+        re-sent instance (``Spool.receive``): a new one's row keeps an empty digest until
+        :meth:`fill_digests`, and a re-send brings the digest of the file it replaced
+        (``replaced_sha256``). A new or changed instance re-opens a series that was COMPLETE, EXPORTED or final (-> RECEIVING, ``revision`` + 1) or
         marks a PROCESSING one to re-open when its job ends; a revised series completes
         after the quiet period only (the expected count returned is then None), so a
         changed set makes one new version, not one per instance. A SOP Instance UID known
@@ -374,7 +377,8 @@ class Registry:
                 raise InstanceMovedError(
                     f"SOP Instance UID {sop_uid} is already part of series {known['series_uid']}"
                 )
-            same = known is not None and bool(sha256) and known["sha256"] == sha256
+            old = "" if known is None else (known["sha256"] or replaced_sha256 or "")
+            same = known is not None and bool(sha256) and old == sha256
             # the series' count comes with it: what the answer needs is known without a
             # query after the writes unless the series re-opens (rare)
             row = db.execute(
@@ -460,6 +464,29 @@ class Registry:
             (now, series_uid),
         )
         return old
+
+    def fill_digests(self, series_uid: str, digest_of: Callable[[str], str]) -> int:
+        """Store the content digest, ``digest_of(path)``, of the series' instances that
+        have none (received new: not hashed on the answer path); return how many. Run
+        after the series' job: a re-send after retention removed the files is still
+        compared. A file that is gone is skipped."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_uid, path FROM instances WHERE series_uid=? AND sha256=''",
+                (series_uid,),
+            ).fetchall()
+        digests = []
+        for sop, path in rows:
+            try:
+                digests.append((digest_of(path), sop))
+            except OSError:
+                continue
+        if digests:
+            with self._tx() as db:  # a re-send meanwhile stored its own: kept
+                db.executemany(
+                    "UPDATE instances SET sha256=? WHERE sop_uid=? AND sha256=''", digests
+                )
+        return len(digests)
 
     def inputs_sha256(self, series_uid: str) -> str:
         """sha256 over the series' instances (SOP UID and content digest, sorted): what a

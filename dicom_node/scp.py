@@ -422,6 +422,7 @@ class StoreSCP:
                 calling_ae=calling,
                 expected_count=self._expected(header, data),
                 sha256=header.content_sha256,
+                replaced_sha256=header.replaced_sha256,
             )
         except (SpoolFullError, OSError) as exc:
             return self._refuse(calling, "rejected", exc, STATUS_OUT_OF_RESOURCES)

@@ -38,7 +38,7 @@ from dicom_node.registry import FINAL_STATES, Registry, State
 from dicom_node.results_retention import prune_results
 from dicom_node.scp import StoreSCP, register_spooled
 from dicom_node.series import B1_MAP_REASON, missing_cells
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, content_digest
 from dicom_node.vendors import expected_count
 from dicom_node.workers import Workers
 
@@ -368,6 +368,9 @@ class Node:
             outputs=self._records(outcome.outputs, outcome.output_uids),
         )
         self.metrics.jobs.labels(_JOB_RESULT[outcome.state]).inc()
+        # the inputs' content digests, which the answers did not compute: a re-send of the
+        # series is compared with them even after retention removed its files
+        self.registry.fill_digests(series_uid, lambda p: content_digest(Path(p).read_bytes()))
         if outcome.state == State.IGNORED and outcome.reason.startswith(B1_MAP_REASON):
             self._late_b1_map(series_uid)
         if outcome.fit_failed_fraction is not None:

@@ -26,6 +26,7 @@ at once, as without write-behind.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -59,6 +60,7 @@ __all__ = [
     "Spool",
     "SpoolFullError",
     "UnreadableDatasetError",
+    "content_digest",
     "read_header",
     "safe_name",
 ]
@@ -84,8 +86,12 @@ class InstanceHeader:
     study_instance_uid: str
     modality: str
     transfer_syntax_uid: str
-    #: sha256 of the dataset's encoded bytes after the file meta (what the sender sent)
+    #: sha256 of the dataset's encoded bytes after the file meta (what the sender sent);
+    #: empty from :meth:`Spool.receive` unless the instance replaced one in the spool
     content_sha256: str = ""
+    #: :meth:`Spool.receive`: the content digest of the file this instance replaced (a
+    #: re-send), or None when there was none
+    replaced_sha256: str | None = None
     #: the parsed dataset, or None until :attr:`dataset` parses ``encoded``
     parsed: Any = field(default=None, compare=False, repr=False)
     #: the Part-10 bytes, when they were checked without pydicom (parsed on demand)
@@ -151,8 +157,10 @@ def read_header(
     *,
     max_instance_bytes: int | None = None,
     max_inflated_bytes: int | None = None,
+    digest: bool = True,
 ) -> InstanceHeader:
-    """Parse and validate encoded DICOM bytes (Part 10, with file meta).
+    """Parse and validate encoded DICOM bytes (Part 10, with file meta). ``digest``:
+    fill in ``content_sha256`` (the receive path asks for it only when it needs it).
 
     Raises :class:`~dicom_node.validate.InvalidInstanceError` (its ``status`` is the C-STORE
     answer): :class:`UnreadableDatasetError` when the bytes do not parse,
@@ -168,7 +176,8 @@ def read_header(
         check_inflated_size(data, start, max_inflated_bytes)
     scanned = scan_header(data, start) if start else None
     if scanned is not None:  # a valid native little endian instance, checked without pydicom
-        return InstanceHeader(**scanned, content_sha256=content_digest(data), encoded=data)
+        sha = content_digest(data) if digest else ""
+        return InstanceHeader(**scanned, content_sha256=sha, encoded=data)
     try:
         # Read everything (pixel data included) so that a truncated instance is caught
         # here, before the success answer, rather than at normalization.
@@ -225,7 +234,7 @@ def read_header(
         study_instance_uid=values["StudyInstanceUID"],
         modality=values["Modality"],
         transfer_syntax_uid=tsyntax,
-        content_sha256=content_digest(data),
+        content_sha256=content_digest(data) if digest else "",
         parsed=ds,
     )
 
@@ -410,6 +419,10 @@ class Spool:
         string: the C-STORE handler's path, where a pathlib object per instance cost more
         of the GIL than the rest of this method's own Python).
 
+        The header's content digest is worked out only for a re-sent instance (a file is
+        there already), with the replaced file's (:attr:`InstanceHeader.replaced_sha256`):
+        a new instance, nearly every one, is answered without hashing its bytes.
+
         Durable through the ingest journal: its bytes are appended to the journal, whose
         group-committed ``fdatasync`` has completed when this returns (one flush shared by
         concurrent associations instead of a file and a directory fsync each). The file
@@ -421,13 +434,21 @@ class Spool:
         :class:`SpoolFullError`.
         """
         header = read_header(
-            data, max_instance_bytes=max_instance_bytes, max_inflated_bytes=max_inflated_bytes
+            data,
+            max_instance_bytes=max_instance_bytes,
+            max_inflated_bytes=max_inflated_bytes,
+            digest=False,
         )
         self._check_space(len(data))  # one statvfs: the watermark with this instance
         # paths as strings (no pathlib per instance); a safe name cannot leave incoming/
         series_dir = safe_name(header.series_instance_uid)
         relative = f"incoming/{series_dir}/{safe_name(header.sop_instance_uid)}.dcm"
         target = f"{self._root_str}/{relative}"
+        replaced = self._stored_digest(target)
+        if replaced is not None:  # a re-send: the registry compares the two
+            header = dataclasses.replace(
+                header, content_sha256=content_digest(data), replaced_sha256=replaced
+            )
         entry = self._hold_back(target, data)
         if entry is not None:
             try:
@@ -562,6 +583,26 @@ class Spool:
             except OSError as exc:  # the checkpoint or a reader tries again; data is durable
                 warnings.warn(f"write-behind of received files failed: {exc}", stacklevel=1)
                 time.sleep(self.write_behind_idle_s)
+
+    def _stored_digest(self, target: str) -> str | None:
+        """Content digest of what the spool holds at ``target`` (held back or in its
+        file), or None when it holds nothing there: only a re-sent instance is hashed."""
+        with self._behind_cond:
+            entry = self._behind.get(target)
+            held = None if entry is None else entry.snapshot()[1]
+        try:
+            if held is None:
+                with open(target, "rb") as f:
+                    return content_digest(f.read())
+            if held.data is not None:
+                return content_digest(held.data)
+            fd = os.open(held.log, os.O_RDONLY)
+            try:
+                return content_digest(os.pread(fd, held.size, held.offset))
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            return None
 
     @property
     def held_bytes(self) -> int:

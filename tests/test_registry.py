@@ -210,3 +210,68 @@ def test_streamed_outputs_deliver_whichever_ends_last(
     states = [t[1] for t in reg.transitions_of("1.1")]
     assert states[-2:] == ["EXPORTED", "DELIVERED"]
     reg.close()
+
+
+def test_a_re_send_is_compared_with_the_digest_of_the_file_it_replaced(tmp_path: Path) -> None:
+    """The receive path hashes re-sent instances only: a new instance's row keeps an
+    empty digest; an identical re-send (its replaced file hashing the same) changes
+    nothing, a changed one re-opens the series and its digest is kept from then on."""
+    reg = Registry(tmp_path / "r.sqlite3")
+
+    def add(sha: str, replaced: str | None) -> None:
+        reg.add_instance(
+            sop_uid="1.2.3.4",
+            series_uid="1.2.3",
+            study_uid="9",
+            sop_class_uid="1.2",
+            path="/x/1.2.3.4.dcm",
+            size=10,
+            sha256=sha,
+            replaced_sha256=replaced,
+        )
+
+    def stored() -> str:
+        return (
+            sqlite3.connect(tmp_path / "r.sqlite3")
+            .execute("SELECT sha256 FROM instances")
+            .fetchone()[0]
+        )
+
+    add("", None)  # new: not hashed
+    assert stored() == ""
+    reg.transition("1.2.3", State.COMPLETE)
+    add("sha-v1", "sha-v1")  # identical re-send
+    assert reg.series("1.2.3").state == State.COMPLETE and reg.series("1.2.3").revision == 0
+    add("sha-v2", "sha-v1")  # a corrected one
+    assert reg.series("1.2.3").state == State.RECEIVING and reg.series("1.2.3").revision == 1
+    assert stored() == "sha-v2"
+    reg.transition("1.2.3", State.COMPLETE)
+    add("sha-v2", "something else")  # the row's digest counts first
+    assert reg.series("1.2.3").state == State.COMPLETE
+    reg.close()
+
+
+def test_digests_left_empty_by_the_answers_are_filled_after_the_job(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.sqlite3")
+    for sop, sha in (("1.1", ""), ("1.2", "kept"), ("1.3", "")):
+        reg.add_instance(
+            sop_uid=sop,
+            series_uid="1.2.3",
+            study_uid="9",
+            sop_class_uid="1.2",
+            path=f"/x/{sop}",
+            size=10,
+            sha256=sha,
+        )
+
+    def digest_of(path: str) -> str:
+        if path == "/x/1.3":
+            raise FileNotFoundError(path)  # removed meanwhile: skipped
+        return f"sha of {path}"
+
+    assert reg.fill_digests("1.2.3", digest_of) == 1
+    rows = sqlite3.connect(tmp_path / "r.sqlite3").execute(
+        "SELECT sop_uid, sha256 FROM instances ORDER BY sop_uid"
+    )
+    assert list(rows) == [("1.1", "sha of /x/1.1"), ("1.2", "kept"), ("1.3", "")]
+    reg.close()

@@ -566,3 +566,29 @@ def test_write_behind_counts_held_files_against_the_watermark(tmp_path: Path) ->
         sp.store_received(files[1].read_bytes())
     sp.write_pending()
     sp.close()
+
+
+@pytest.mark.parametrize("behind", [0, 1 << 30])
+def test_only_a_re_sent_instance_is_hashed_with_the_file_it_replaces(
+    tmp_path: Path, behind: int
+) -> None:
+    import pydicom
+
+    from dicom_node.spool import content_digest
+
+    src = make_mr_file(tmp_path / "a.dcm", series_uid="1.2.3", sop_uid="1.2.3.7")
+    ds = pydicom.dcmread(src)
+    ds.SeriesDescription = "corrected"
+    ds.save_as(tmp_path / "b.dcm", enforce_file_format=True)
+    first, corrected = src.read_bytes(), (tmp_path / "b.dcm").read_bytes()
+    sp = Spool(tmp_path / "spool", write_behind_bytes=behind)
+    sp.write_behind_idle_s = 3600.0
+    header, _ = sp.receive(first)
+    assert header.content_sha256 == "" and header.replaced_sha256 is None  # new: not hashed
+    header, _ = sp.receive(first)  # an identical re-send (held or in its file)
+    assert header.content_sha256 == header.replaced_sha256 == content_digest(first)
+    header, path = sp.receive(corrected)
+    assert header.content_sha256 == content_digest(corrected)
+    assert header.replaced_sha256 == content_digest(first)
+    sp.close()
+    assert Path(path).read_bytes() == corrected
