@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from dicom_node.registry import IllegalTransition, Registry, State
 
 
 def _add(
-    reg: Registry, series: str, sop: str, expected: int | None = None
+    reg: Registry, series: str, sop: str, expected: int | None = None, **more: Any
 ) -> tuple[int, int | None]:
     return reg.add_instance(
         sop_uid=sop,
@@ -21,6 +22,7 @@ def _add(
         path=f"/x/{sop}",
         size=10,
         expected_count=expected,
+        **more,
     )
 
 
@@ -219,16 +221,7 @@ def test_a_re_send_is_compared_with_the_digest_of_the_file_it_replaced(tmp_path:
     reg = Registry(tmp_path / "r.sqlite3")
 
     def add(sha: str, replaced: str | None) -> None:
-        reg.add_instance(
-            sop_uid="1.2.3.4",
-            series_uid="1.2.3",
-            study_uid="9",
-            sop_class_uid="1.2",
-            path="/x/1.2.3.4.dcm",
-            size=10,
-            sha256=sha,
-            replaced_sha256=replaced,
-        )
+        _add(reg, "1.2.3", "1.2.3.4", sha256=sha, replaced_sha256=replaced)
 
     def stored() -> str:
         return (
@@ -254,15 +247,7 @@ def test_a_re_send_is_compared_with_the_digest_of_the_file_it_replaced(tmp_path:
 def test_digests_left_empty_by_the_answers_are_filled_after_the_job(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "r.sqlite3")
     for sop, sha in (("1.1", ""), ("1.2", "kept"), ("1.3", "")):
-        reg.add_instance(
-            sop_uid=sop,
-            series_uid="1.2.3",
-            study_uid="9",
-            sop_class_uid="1.2",
-            path=f"/x/{sop}",
-            size=10,
-            sha256=sha,
-        )
+        _add(reg, "1.2.3", sop, sha256=sha)
 
     def digest_of(path: str) -> str:
         if path == "/x/1.3":
