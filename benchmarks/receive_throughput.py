@@ -53,7 +53,8 @@ from dicom_node.config import load_settings  # noqa: E402
 from dicom_node.metrics import NodeMetrics  # noqa: E402
 from dicom_node.registry import Registry  # noqa: E402
 from dicom_node.scp import StoreSCP  # noqa: E402
-from dicom_node.service import freeze_start_up_objects, open_spool  # noqa: E402
+from dicom_node.service import open_spool  # noqa: E402
+from dicom_node.warm_cache import freeze_start_up_objects  # noqa: E402
 from tests.conftest import free_port, make_mr_file, wait_port, write_config  # noqa: E402
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")

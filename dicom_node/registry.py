@@ -355,8 +355,9 @@ class Registry:
         (``sha256``) changes nothing: no re-open, no job. The receive path hashes only a
         re-sent instance (``Spool.receive``): a new one's row keeps an empty digest until
         :meth:`fill_digests`, and a re-send brings the digest of the file it replaced
-        (``replaced_sha256``). A new or changed instance re-opens a series that was COMPLETE, EXPORTED or final (-> RECEIVING, ``revision`` + 1) or
-        marks a PROCESSING one to re-open when its job ends; a revised series completes
+        (``replaced_sha256``). A new or changed instance re-opens a series that was
+        COMPLETE, EXPORTED or final (-> RECEIVING, ``revision`` + 1) or marks a PROCESSING
+        one to re-open when its job ends; a revised series completes
         after the quiet period only (the expected count returned is then None), so a
         changed set makes one new version, not one per instance. A SOP Instance UID known
         in another series raises :class:`InstanceMovedError` (nothing recorded).

@@ -11,7 +11,6 @@ pending outbox kept) -> phase kernels and workers warmed -> SCP listening -> com
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import signal
 import sqlite3
@@ -62,15 +61,6 @@ _PREFETCH_KEPT = frozenset({State.RECEIVING, State.COMPLETE, State.QUEUED, State
 def _disk_full(reason: str) -> bool:
     """A job that failed because the spool's file system is full (it is re-run later)."""
     return "SpoolFullError" in reason or "[Errno 28]" in reason or "disk is full" in reason
-
-
-def freeze_start_up_objects() -> None:
-    """Move every object alive now (the imported libraries, the warm-up's) out of the
-    garbage collector's reach: a full collection while receiving then walks only what was
-    made since. Without it one took ~90 ms, about once per 800 instances received, with
-    every association waiting for the GIL behind it; frozen, ~3 ms."""
-    gc.collect()
-    gc.freeze()
 
 
 def open_spool(settings: Settings) -> Spool:
@@ -156,7 +146,7 @@ class Node:
             instances_reregistered=reregistered,
             **recovered,
         )
-        from dicom_node.warm_cache import warm_without_compiling
+        from dicom_node.warm_cache import freeze_start_up_objects, warm_without_compiling
 
         # normalization runs here, in the node process, not in the workers; a kernel the
         # numba cache lacks is compiled by a throwaway process (no compiler memory kept here)

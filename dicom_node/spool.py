@@ -259,6 +259,16 @@ class _Held:
         receive path may still fill in the log's place in this one."""
         return self, _Held(self.data, self.size, self.log, self.offset)
 
+    def read(self) -> bytes:
+        """The bytes: held, or read back from the journal log."""
+        if self.data is not None:
+            return self.data
+        fd = os.open(self.log, os.O_RDONLY)
+        try:
+            return os.pread(fd, self.size, self.offset)
+        finally:
+            os.close(fd)
+
     def copy_to(self, fd: int) -> None:
         """Copy the bytes from the journal log (open as ``log_fd``) into ``fd``, in the
         kernel (no copy through Python)."""
@@ -590,17 +600,11 @@ class Spool:
         with self._behind_cond:
             entry = self._behind.get(target)
             held = None if entry is None else entry.snapshot()[1]
+        if held is not None:
+            return content_digest(held.read())
         try:
-            if held is None:
-                with open(target, "rb") as f:
-                    return content_digest(f.read())
-            if held.data is not None:
-                return content_digest(held.data)
-            fd = os.open(held.log, os.O_RDONLY)
-            try:
-                return content_digest(os.pread(fd, held.size, held.offset))
-            finally:
-                os.close(fd)
+            with open(target, "rb") as f:
+                return content_digest(f.read())
         except FileNotFoundError:
             return None
 
@@ -615,8 +619,8 @@ class Spool:
         path = Path(path)
         with self._behind_cond:
             entry = self._behind.get(str(path))
-        if entry is not None:
-            self._forget(str(path), entry)
+            if entry is not None:
+                self._forget(str(path), entry)
         with self._writing_out:  # not written out by the write-behind after this
             path.unlink(missing_ok=True)
         self.journal.log_delete(self._inside(path))

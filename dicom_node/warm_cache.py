@@ -19,6 +19,7 @@ never for a load). This module imports nothing heavy: the child starts fast.
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import importlib
 import json
@@ -180,3 +181,12 @@ def warm_without_compiling(target: str, *args: Any) -> dict[str, Any]:
                 log.warning("numba compile in a throwaway process failed: compiling here")
             fn(*args)  # loads what the child compiled
     return {"cache_missed": watch.refused, "child": child, "compiled_here": watch.compiled}
+
+
+def freeze_start_up_objects() -> None:
+    """Move every object alive now (the imported libraries, the warm-up's) out of the
+    garbage collector's reach: a full collection later walks only what was made since.
+    In the node one took ~90 ms, about once per 800 instances received, with every
+    association waiting for the GIL behind it (~3 ms frozen); in a warm worker ~75 ms."""
+    gc.collect()
+    gc.freeze()

@@ -14,7 +14,6 @@ to an embedded worker through tmpfs files (:mod:`dicom_node.handoff`).
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import multiprocessing
 import os
@@ -30,7 +29,7 @@ from typing import Any, NamedTuple
 from dicom_node.config import WorkerSettings
 from dicom_node.handoff import pack, remove, remove_stale, submit_via_tmpfs, unpack
 from dicom_node.logging import log_event
-from dicom_node.warm_cache import warm_without_compiling
+from dicom_node.warm_cache import freeze_start_up_objects, warm_without_compiling
 from processing.run import ProcessingSettings
 
 __all__ = [
@@ -59,8 +58,7 @@ def warm_worker(settings: ProcessingSettings | None = None) -> dict[str, Any]:
     collector's reach: a full collection during a job walks only the job's objects (~75 ms
     each otherwise, in a warm worker)."""
     report = warm_without_compiling("processing.run:warmup", settings)
-    gc.collect()
-    gc.freeze()
+    freeze_start_up_objects()
     return report
 
 
