@@ -437,14 +437,18 @@ class _EventAssociation(Association):
             self._reactor_checkpoint.wait()
             self._is_paused = False
 
-            self._taking = True
-            try:
-                context_id, msg = self.dimse.get_msg(block=False)
-                if msg:
-                    self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
-                    served = True  # another message may be queued: look again at once
-            finally:
-                self._taking = False
+            # Only the DUL thread queues and only this thread takes: an empty queue stays
+            # empty until the DUL looks (and serves lean). Marking ``_taking`` on every
+            # wake-up instead sent a request arriving in that instant the slow way.
+            if self.dimse.msg_queue.queue:
+                self._taking = True
+                try:
+                    context_id, msg = self.dimse.get_msg(block=False)
+                    if msg:
+                        self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
+                        served = True  # another message may be queued: look again at once
+                finally:
+                    self._taking = False
 
             if self._serving_in_dul:
                 continue  # the handler in the DUL thread is this association's turn
