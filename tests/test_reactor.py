@@ -212,6 +212,107 @@ def test_memoized_uid_checks_answer_as_before() -> None:
         set_uid("1." + "1" * 70, "Abstract Syntax Name")
 
 
+def _negotiated(result: tuple[list, list]) -> tuple[list, list]:
+    contexts, roles = result
+    return (
+        [
+            (c.context_id, c.abstract_syntax, list(c.transfer_syntax), c.result, c.as_scu, c.as_scp)
+            for c in contexts
+        ],
+        [(r.sop_class_uid, r.scu_role, r.scp_role) for r in roles],
+    )
+
+
+def test_memoized_negotiation_answers_as_pynetdicom() -> None:
+    """The remembered presentation context negotiation gives pynetdicom's result for each
+    proposal (accepted, no common transfer syntax, abstract syntax not supported, roles,
+    the same abstract syntax twice), asked twice; each answer is a new set of contexts."""
+    from pynetdicom import acse
+    from pynetdicom.presentation import build_context, negotiate_as_acceptor
+
+    reactor._memoize_negotiation()
+    reactor._memoize_negotiation()  # idempotent: no wrapper around the wrapper
+    memo = acse.negotiate_as_acceptor
+    assert memo is not negotiate_as_acceptor
+    ct, us = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.6.1"
+    supported = [build_context(MR, TRANSFER_SYNTAXES), build_context(ct, ["1.2.840.10008.1.2"])]
+    supported.append(build_context(us, ["1.2.840.10008.1.2"]))
+    supported[2].scu_role, supported[2].scp_role = True, True
+    proposals = [
+        [build_context(MR, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])],
+        [
+            build_context(MR, ["1.2.840.10008.1.2.4.50"]),  # JPEG baseline: not supported
+            build_context(ct, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]),
+            build_context("1.2.840.10008.5.1.4.1.1.7", ["1.2.840.10008.1.2"]),  # not supported
+            build_context(MR, ["1.2.840.10008.1.2"]),  # MR again, another context
+            build_context(us, ["1.2.840.10008.1.2"]),
+        ],
+    ]
+    for proposal in proposals:
+        for i, cx in enumerate(proposal):
+            cx.context_id = 2 * i + 1
+    for proposal, roles in [
+        (proposals[0], None),
+        (proposals[1], None),
+        (proposals[1], {us: (True, False)}),
+    ]:
+        expected = _negotiated(negotiate_as_acceptor(proposal, supported, roles))
+        before = len(reactor._negotiations)
+        first = memo(proposal, supported, roles)
+        assert len(reactor._negotiations) == before + 1  # remembered
+        assert _negotiated(first) == expected
+        first[0][0].transfer_syntax.append("1.2.840.10008.1.2.2")  # an association's own
+        first[0][0].result = 0x01
+        again = memo(proposal, copy.deepcopy(supported), roles)
+        assert len(reactor._negotiations) == before + 1  # the same key, from the cache
+        assert _negotiated(again) == expected
+        assert all(a is not b for a, b in zip(first[0], again[0], strict=True))
+    assert _negotiated(memo(proposals[1], supported, {us: (True, False)}))[1] == [(us, True, False)]
+
+
+def test_a_repeated_associate_request_is_decoded_once_with_its_own_values() -> None:
+    """Two associations with the same A-ASSOCIATE-RQ bytes: the second reuses the first's
+    decoding (remembered by the bytes), and each gets its own primitive and contexts; a
+    request from another calling AE title is decoded anew and keeps its title."""
+    seen: list[tuple[str, object, object]] = []
+
+    def on_requested(event: evt.Event) -> None:
+        primitive = event.assoc.requestor.primitive
+        title = str(primitive.calling_ae_title).strip()
+        seen.append((title, primitive, primitive.presentation_context_definition_list))
+
+    ae = AE("SYNTHMR")
+    ae.add_supported_context(MR, TRANSFER_SYNTAXES)
+    ae.add_supported_context("1.2.840.10008.1.1")
+    server = reactor.make_server(
+        ae, ("127.0.0.1", 0), [(evt.EVT_REQUESTED, on_requested), (evt.EVT_C_ECHO, lambda e: 0)]
+    )
+    before = len(reactor._associate_rqs)
+    try:
+        for title in ("ONE", "ONE", "TWO"):
+            scu = AE(title)
+            scu.add_requested_context(MR, "1.2.840.10008.1.2.1")
+            scu.add_requested_context("1.2.840.10008.1.1")
+            assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="SYNTHMR")
+            assert assoc.is_established
+            assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [
+                MR,
+                "1.2.840.10008.1.1",
+            ]
+            assert assoc.send_c_echo().Status == 0
+            assoc.release()
+    finally:
+        server.shutdown()
+    assert [title for title, _, _ in seen] == ["ONE", "ONE", "TWO"]
+    assert len(reactor._associate_rqs) == before + 2  # ONE once, TWO once
+    (_, p1, cx1), (_, p2, cx2) = seen[:2]
+    assert p1 is not p2 and cx1 is not cx2
+    assert all(a is not b for a, b in zip(cx1, cx2, strict=True))
+    assert [(c.context_id, c.abstract_syntax, c.transfer_syntax) for c in cx1] == [
+        (c.context_id, c.abstract_syntax, c.transfer_syntax) for c in cx2
+    ]
+
+
 def test_bulk_recv_reads_whole_pdu_and_stops_at_close() -> None:
     """The acceptor's socket reads a PDU longer than one ``recv`` chunk whole, and returns
     what came before the peer closed (pynetdicom's contract: Evt17 follows)."""
