@@ -211,6 +211,63 @@ CREATE TABLE IF NOT EXISTS audit (
 
 TransitionHook = Callable[[str, "State | None", State, float], None]
 
+_INSERT_INSTANCE = (
+    "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, size,"
+    " received_at, sha256) VALUES (?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE"
+    " SET sop_class_uid=excluded.sop_class_uid, path=excluded.path,"
+    " size=excluded.size, received_at=excluded.received_at,"
+    " sha256=excluded.sha256"
+)
+
+
+class _RegistryLock:
+    """The registry's lock (re-entrant). Taking it at the first level writes the instance
+    rows that :meth:`Registry.add_instance` answered without a transaction of their own,
+    and forgets what it knew of the series they went to: whoever holds the lock sees the
+    database complete and may change any series. :meth:`fast` takes it without either
+    (the receive path's own entry)."""
+
+    def __init__(self, write_pending: Callable[[], None]) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._write_pending = write_pending
+
+    def __enter__(self) -> _RegistryLock:
+        self._lock.acquire()
+        self._depth += 1
+        if self._depth == 1:
+            try:
+                self._write_pending()
+            except BaseException:
+                self._depth -= 1
+                self._lock.release()
+                raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        self._lock.release()
+
+    def fast(self) -> _FastEntry:
+        return _FastEntry(self)
+
+
+class _FastEntry:
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: _RegistryLock) -> None:
+        self._owner = owner
+
+    def __enter__(self) -> None:
+        owner = self._owner
+        owner._lock.acquire()
+        owner._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        owner = self._owner
+        owner._depth -= 1
+        owner._lock.release()
+
 
 class Registry:
     """Durable node state. ``on_transition(series_uid, old, new, seconds_in_old)``
@@ -218,7 +275,20 @@ class Registry:
 
     def __init__(self, path: str | Path, on_transition: TransitionHook | None = None) -> None:
         self.path = str(path)
-        self._lock = threading.RLock()
+        # Instances answered on the fast path of add_instance, not yet in SQLite: their
+        # rows, SOP Instance UID -> series, and per series (last received, expected count).
+        # Written in one transaction FAST_ROWS_DELAY_S after the first, at FAST_ROWS_MAX,
+        # or before anyone else takes the lock.
+        self._pending_rows: list[tuple[Any, ...]] = []
+        self._pending_sops: dict[str, str] = {}
+        self._pending_series: dict[str, tuple[float, int | None]] = {}
+        #: RECEIVING series add_instance may answer without a transaction: series UID ->
+        #: [instances, revision, expected count]; forgotten whenever anyone else takes the lock
+        self._hot: dict[str, list[Any]] = {}
+        self._flusher: threading.Thread | None = None
+        self._flush_due = threading.Event()
+        self._closed = False
+        self._lock = _RegistryLock(self._write_pending)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -251,8 +321,88 @@ class Registry:
                         self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock:  # writes the pending rows
+            self._closed = True
             self._db.close()
+        self._flush_due.set()
+
+    #: seconds an instance row answered on the fast path waits for its transaction, and
+    #: the most rows that wait
+    FAST_ROWS_DELAY_S = 0.05
+    FAST_ROWS_MAX = 256
+
+    def _write_pending(self) -> None:
+        """Write the rows add_instance answered on its fast path (one transaction) and
+        forget the series it could answer so (the lock's holder may change them). Called
+        with the lock held."""
+        self._hot.clear()
+        self._write_rows()
+
+    def _write_rows(self) -> None:
+        """Write the fast path's pending rows (with the lock held)."""
+        if not self._pending_rows:
+            return
+        rows, series = self._pending_rows, self._pending_series
+        with self._tx(fsync=False) as db:
+            db.executemany(_INSERT_INSTANCE, rows)
+            db.executemany(
+                "UPDATE series SET last_received=MAX(COALESCE(last_received, 0), ?),"
+                " expected_count=COALESCE(expected_count, ?) WHERE series_uid=?",
+                [(last, expected, uid) for uid, (last, expected) in series.items()],
+            )
+        self._pending_rows, self._pending_series = [], {}
+        self._pending_sops.clear()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._flush_due.wait()
+            if self._closed:
+                return
+            time.sleep(self.FAST_ROWS_DELAY_S)
+            self._flush_due.clear()
+            try:
+                with self._lock.fast():  # writes them; the series known stay known
+                    if self._closed:
+                        return
+                    self._write_rows()
+            except sqlite3.Error:
+                time.sleep(1.0)  # the next holder of the lock tries again
+                self._flush_due.set()
+
+    def _answer_fast(
+        self,
+        sop_uid: str,
+        series_uid: str,
+        row: tuple[Any, ...],
+        now: float,
+        expected_count: int | None,
+    ) -> tuple[int, int | None] | None:
+        """add_instance without a transaction, when nothing but a count changes: a new
+        SOP Instance UID of a series known RECEIVING since the lock was last taken by
+        anyone else. None: the full path decides."""
+        with self._lock.fast():
+            hot = self._hot.get(series_uid)
+            if hot is None or sop_uid in self._pending_sops or self._closed:
+                return None
+            if self._db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone():
+                return None  # a re-send, or an instance of another series
+            if hot[2] is None:
+                hot[2] = expected_count
+            self._pending_rows.append(row)
+            self._pending_sops[sop_uid] = series_uid
+            self._pending_series[series_uid] = (now, hot[2])
+            hot[0] += 1
+            answer = int(hot[0]), (hot[2] if hot[1] == 0 else None)
+            if len(self._pending_rows) >= self.FAST_ROWS_MAX:
+                self._write_rows()
+            elif len(self._pending_rows) == 1:
+                if self._flusher is None:
+                    self._flusher = threading.Thread(
+                        target=self._flush_loop, name="registry-rows", daemon=True
+                    )
+                    self._flusher.start()
+                self._flush_due.set()
+            return answer
 
     @contextmanager
     def _tx(self, fsync: bool = True) -> Iterator[sqlite3.Connection]:
@@ -369,84 +519,88 @@ class Registry:
         :func:`dicom_node.scp.register_spooled`, after the journal's replay).
         """
         now = time.time()
+        row_values = (sop_uid, series_uid, sop_class_uid, path, size, now, sha256)
+        fast = self._answer_fast(sop_uid, series_uid, row_values, now, expected_count)
+        if fast is not None:
+            return fast
         created = reopened = None
-        with self._tx(fsync=False) as db:
-            known = db.execute(
-                "SELECT series_uid, sha256 FROM instances WHERE sop_uid=?", (sop_uid,)
-            ).fetchone()
-            if known is not None and known["series_uid"] != series_uid:
-                raise InstanceMovedError(
-                    f"SOP Instance UID {sop_uid} is already part of series {known['series_uid']}"
-                )
-            old = "" if known is None else (known["sha256"] or replaced_sha256 or "")
-            same = known is not None and bool(sha256) and old == sha256
-            # the series' count comes with it: what the answer needs is known without a
-            # query after the writes unless the series re-opens (rare)
-            row = db.execute(
-                "SELECT state, expected_count, revision,"
-                " (SELECT COUNT(*) FROM instances WHERE series_uid=?) FROM series"
-                " WHERE series_uid=?",
-                (series_uid, series_uid),
-            ).fetchone()
-            after: tuple[Any, ...] | None = None  # (expected, revision, state, count)
-            if row is None:
-                db.execute(
-                    "INSERT INTO series(series_uid, study_uid, state, expected_count,"
-                    " first_received, last_received, state_since, calling_ae)"
-                    " VALUES (?,?,?,?,?,?,?,?)",
-                    (
-                        series_uid,
-                        study_uid,
-                        State.RECEIVING.value,
-                        expected_count,
-                        now,
-                        now,
-                        now,
-                        calling_ae,
-                    ),
-                )
-                db.execute(
-                    "INSERT INTO transitions(series_uid, from_state, to_state, at) VALUES (?,?,?,?)",
-                    (series_uid, None, State.RECEIVING.value, now),
-                )
-                created = True
-                after = (expected_count, 0, State.RECEIVING.value, 1)
-            elif not same:
-                state = State(row["state"])
-                if state in (State.COMPLETE, State.EXPORTED, *FINAL_STATES):
-                    reopened = self._reopen(db, series_uid, "new or changed instance", now)
-                elif state == State.PROCESSING:
-                    db.execute(
-                        "UPDATE series SET changed_while_processing=1 WHERE series_uid=?",
-                        (series_uid,),
+        with self._lock.fast():
+            # this series' rows and every other's pending ones first; what is known of
+            # the other series stays (nothing here changes them)
+            self._hot.pop(series_uid, None)
+            self._write_rows()
+            with self._tx(fsync=False) as db:
+                known = db.execute(
+                    "SELECT series_uid, sha256 FROM instances WHERE sop_uid=?", (sop_uid,)
+                ).fetchone()
+                if known is not None and known["series_uid"] != series_uid:
+                    raise InstanceMovedError(
+                        f"SOP Instance UID {sop_uid} is already part of series {known['series_uid']}"
                     )
-                db.execute(
-                    "UPDATE series SET last_received=?,"
-                    " expected_count=COALESCE(expected_count, ?) WHERE series_uid=?",
-                    (now, expected_count, series_uid),
-                )
-                if reopened is None:
-                    expected = row[1] if row[1] is not None else expected_count
-                    after = (expected, row[2], row[0], row[3] + int(known is None))
-            else:
-                after = (row[1], row[2], row[0], row[3])
-            if not same:
-                db.execute(
-                    "INSERT INTO instances(sop_uid, series_uid, sop_class_uid, path, size,"
-                    " received_at, sha256) VALUES (?,?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE"
-                    " SET sop_class_uid=excluded.sop_class_uid, path=excluded.path,"
-                    " size=excluded.size, received_at=excluded.received_at,"
-                    " sha256=excluded.sha256",
-                    (sop_uid, series_uid, sop_class_uid, path, size, now, sha256),
-                )
-            r = (
-                after
-                or db.execute(
-                    "SELECT expected_count, revision, state, (SELECT COUNT(*) FROM instances"
-                    " WHERE series_uid=?) FROM series WHERE series_uid=?",
+                old = "" if known is None else (known["sha256"] or replaced_sha256 or "")
+                same = known is not None and bool(sha256) and old == sha256
+                # the series' count comes with it: what the answer needs is known without a
+                # query after the writes unless the series re-opens (rare)
+                row = db.execute(
+                    "SELECT state, expected_count, revision,"
+                    " (SELECT COUNT(*) FROM instances WHERE series_uid=?) FROM series"
+                    " WHERE series_uid=?",
                     (series_uid, series_uid),
                 ).fetchone()
-            )
+                after: tuple[Any, ...] | None = None  # (expected, revision, state, count)
+                if row is None:
+                    db.execute(
+                        "INSERT INTO series(series_uid, study_uid, state, expected_count,"
+                        " first_received, last_received, state_since, calling_ae)"
+                        " VALUES (?,?,?,?,?,?,?,?)",
+                        (
+                            series_uid,
+                            study_uid,
+                            State.RECEIVING.value,
+                            expected_count,
+                            now,
+                            now,
+                            now,
+                            calling_ae,
+                        ),
+                    )
+                    db.execute(
+                        "INSERT INTO transitions(series_uid, from_state, to_state, at) VALUES (?,?,?,?)",
+                        (series_uid, None, State.RECEIVING.value, now),
+                    )
+                    created = True
+                    after = (expected_count, 0, State.RECEIVING.value, 1)
+                elif not same:
+                    state = State(row["state"])
+                    if state in (State.COMPLETE, State.EXPORTED, *FINAL_STATES):
+                        reopened = self._reopen(db, series_uid, "new or changed instance", now)
+                    elif state == State.PROCESSING:
+                        db.execute(
+                            "UPDATE series SET changed_while_processing=1 WHERE series_uid=?",
+                            (series_uid,),
+                        )
+                    db.execute(
+                        "UPDATE series SET last_received=?,"
+                        " expected_count=COALESCE(expected_count, ?) WHERE series_uid=?",
+                        (now, expected_count, series_uid),
+                    )
+                    if reopened is None:
+                        expected = row[1] if row[1] is not None else expected_count
+                        after = (expected, row[2], row[0], row[3] + int(known is None))
+                else:
+                    after = (row[1], row[2], row[0], row[3])
+                if not same:
+                    db.execute(_INSERT_INSTANCE, row_values)
+                r = (
+                    after
+                    or db.execute(
+                        "SELECT expected_count, revision, state, (SELECT COUNT(*) FROM instances"
+                        " WHERE series_uid=?) FROM series WHERE series_uid=?",
+                        (series_uid, series_uid),
+                    ).fetchone()
+                )
+            if r[2] == State.RECEIVING.value:  # the next instances may take the fast path
+                self._hot[series_uid] = [int(r[3]), r[1], r[0]]
         if created:
             self._notify(series_uid, None, State.RECEIVING, 0.0)
         if reopened:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,4 +260,91 @@ def test_digests_left_empty_by_the_answers_are_filled_after_the_job(tmp_path: Pa
         "SELECT sop_uid, sha256 FROM instances ORDER BY sop_uid"
     )
     assert list(rows) == [("1.1", "sha of /x/1.1"), ("1.2", "kept"), ("1.3", "")]
+    reg.close()
+
+
+def _rows_on_disk(path: Path) -> list[tuple[str, str]]:
+    """(SOP Instance UID, series) of the instance rows committed, read by another
+    connection (what a restarted node or `synthmr status` sees)."""
+    db = sqlite3.connect(path)
+    try:
+        return sorted(db.execute("SELECT sop_uid, series_uid FROM instances").fetchall())
+    finally:
+        db.close()
+
+
+def test_answered_rows_are_written_in_batches_and_seen_by_every_reader(tmp_path: Path) -> None:
+    """After a series' first instance, the next instances of a RECEIVING series are
+    answered without a transaction each: the counts and the expected count are what one
+    transaction per instance gave, and every reader of the registry (paths, series row)
+    and the database itself (shortly after, or at close) has every answered row."""
+    reg = Registry(tmp_path / "r.db")
+    reg.FAST_ROWS_DELAY_S = 0.2
+    answers = [_add(reg, "1.1", f"1.1.{i}", expected=5 if i == 2 else None) for i in range(1, 5)]
+    # the first instance had no expected count; the second brought it (kept, as COALESCE)
+    assert answers == [(1, None), (2, 5), (3, 5), (4, 5)]
+    assert len(reg._pending_rows) == 3  # the fast path answered them
+    assert _rows_on_disk(tmp_path / "r.db") == [("1.1.1", "1.1")]
+    assert len(reg.instance_paths("1.1")) == 4  # a reader writes them first
+    assert len(_rows_on_disk(tmp_path / "r.db")) == 4 and not reg._pending_rows
+    row = reg.series("1.1")
+    assert row is not None and row.expected_count == 5
+    # a reader took the lock: the series is learnt again by one full transaction
+    assert _add(reg, "1.1", "1.1.5") == (5, 5)
+    assert len(_rows_on_disk(tmp_path / "r.db")) == 5
+    # then the background writer, with nobody reading
+    assert _add(reg, "1.1", "1.1.6") == (6, 5)
+    assert len(_rows_on_disk(tmp_path / "r.db")) == 5
+    deadline = time.monotonic() + 10
+    while len(_rows_on_disk(tmp_path / "r.db")) < 6:
+        assert time.monotonic() < deadline, "the pending row was never written"
+        time.sleep(0.02)
+    assert _add(reg, "1.1", "1.1.7") == (7, 5)
+    assert len(reg._pending_rows) == 1
+    reg.close()  # writes what is pending
+    assert len(_rows_on_disk(tmp_path / "r.db")) == 7
+
+
+def test_a_pending_instance_keeps_its_series_and_a_re_send_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A SOP Instance UID answered on the fast path and not yet written is still refused in
+    another series (nothing recorded), and its re-send with the same content is no new
+    instance: the same answers as with one transaction per instance."""
+    from dicom_node.registry import InstanceMovedError
+
+    reg = Registry(tmp_path / "r.db")
+    reg.FAST_ROWS_DELAY_S = 60.0
+    _add(reg, "1.1", "1.1.1", sha256="a")
+    assert _add(reg, "1.1", "1.1.2", sha256="b") == (2, None)
+    assert reg._pending_sops == {"1.1.2": "1.1"}
+    with pytest.raises(InstanceMovedError, match=r"1\.1\.2"):
+        _add(reg, "2.2", "1.1.2", sha256="b")
+    assert reg.series("2.2") is None
+    assert _add(reg, "1.1", "1.1.2", sha256="b") == (2, None)  # same content again
+    assert _add(reg, "1.1", "1.1.3", sha256="c") == (3, None)
+    reg.close()
+    assert _rows_on_disk(tmp_path / "r.db") == [
+        ("1.1.1", "1.1"),
+        ("1.1.2", "1.1"),
+        ("1.1.3", "1.1"),
+    ]
+
+
+def test_a_state_change_writes_pending_rows_and_the_next_instance_reopens(tmp_path: Path) -> None:
+    """The completion takes the lock like any other writer: the rows answered before it
+    are in the series it completes, and an instance after it re-opens the series (the
+    full path) instead of counting on as if it were still receiving."""
+    seen: list[tuple[str | None, str]] = []
+    reg = Registry(tmp_path / "r.db", on_transition=lambda s, o, n, dt: seen.append((o, n)))
+    reg.FAST_ROWS_DELAY_S = 60.0
+    for i in range(1, 4):
+        _add(reg, "1.1", f"1.1.{i}")
+    assert reg._pending_rows
+    reg.transition("1.1", State.COMPLETE)
+    assert not reg._pending_rows and len(reg.instance_paths("1.1")) == 3
+    assert _add(reg, "1.1", "1.1.4") == (4, None)  # re-opened: a revision, no immediate count
+    row = reg.series("1.1")
+    assert row is not None and row.state == State.RECEIVING and row.revision == 1
+    assert seen[-1] == (State.COMPLETE, State.RECEIVING)
     reg.close()
