@@ -348,3 +348,20 @@ def test_a_state_change_writes_pending_rows_and_the_next_instance_reopens(tmp_pa
     assert row is not None and row.state == State.RECEIVING and row.revision == 1
     assert seen[-1] == (State.COMPLETE, State.RECEIVING)
     reg.close()
+
+
+def test_a_series_changed_by_another_process_is_learnt_again(tmp_path: Path) -> None:
+    """What the fast path knows of a series is at most FAST_SERIES_TTL_S old: a series
+    completed by another process (the command line) is re-opened by the node's next
+    instance, as with one transaction per instance."""
+    node = Registry(tmp_path / "r.db")
+    node.FAST_SERIES_TTL_S = 0.1
+    assert _add(node, "1.1", "1.1.1") == (1, None)
+    other = Registry(tmp_path / "r.db")
+    other.transition("1.1", State.COMPLETE)
+    other.close()
+    time.sleep(0.2)
+    assert _add(node, "1.1", "1.1.2") == (2, None)
+    row = node.series("1.1")
+    assert row is not None and row.state == State.RECEIVING and row.revision == 1
+    node.close()
