@@ -298,6 +298,11 @@ class _EventDUL(DULServiceProvider):
                     self.assoc._kill = True
                     self._kill_thread = True
                     return
+                # a look at the deque first: an empty queue's get raises and catches
+                # Empty, once per PDU read on the lean path
+                if not self.event_queue.queue:
+                    sleep = True
+                    continue
                 try:
                     event = self.event_queue.get(block=False)
                 except queue.Empty:
@@ -620,6 +625,8 @@ class _EventDIMSE(DIMSEServiceProvider):
     anything else goes pynetdicom's way."""
 
     _fast_request: tuple[int, dict[int, bytes], list[Any]] | None = None
+    #: the peer's maximum PDU length, read at the first answer (negotiated by then)
+    _peer_max_pdu: int | None = None
 
     def receive_primitive(self, primitive: Any) -> None:
         """A P-DATA from the state machine (DT-2): pynetdicom's path or the fast one."""
@@ -683,7 +690,9 @@ class _EventDIMSE(DIMSEServiceProvider):
         encoded = None
         if isinstance(primitive, C_STORE) and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
             encoded = c_store_rsp_command(primitive)
-        max_pdu = self.maximum_pdu_size
+        max_pdu = self._peer_max_pdu
+        if max_pdu is None:  # the peer's, fixed once negotiated (a loop over user items)
+            max_pdu = self._peer_max_pdu = self.maximum_pdu_size
         if encoded is None or (max_pdu and len(encoded) + 6 > max_pdu):
             super().send_msg(primitive, context_id)
             return
@@ -738,6 +747,12 @@ def _p_data(pdvs: list[tuple[int, int, Any]]) -> P_DATA:
     return primitive
 
 
+@functools.lru_cache(maxsize=256)
+def _class_uid(raw: bytes) -> UID:
+    """The SOP Class UID object of a checked command value: a few classes, every C-STORE."""
+    return UID(raw.decode("ascii"), pydicom_config.IGNORE)
+
+
 def _c_store_primitive(context_id: int, command: dict[int, bytes], fragments: list[Any]) -> C_STORE:
     """The C-STORE request primitive pynetdicom's ``message_to_primitive`` makes of a plain
     C-STORE-RQ (values checked by :func:`parse_c_store_rq_command`)."""
@@ -745,7 +760,7 @@ def _c_store_primitive(context_id: int, command: dict[int, bytes], fragments: li
     rq._message_id = struct.unpack("<H", command[0x0110])[0]
     rq._priority = struct.unpack("<H", command[0x0700])[0]
     ignore = pydicom_config.IGNORE  # conformant already: no second regex check
-    rq._affected_sop_class_uid = UID(command[0x0002].decode("ascii"), ignore)
+    rq._affected_sop_class_uid = _class_uid(command[0x0002])
     rq._affected_sop_instance_uid = UID(command[0x1000].decode("ascii"), ignore)
     # one copy of the dataset; BytesIO shares it (getvalue() returns the same bytes)
     rq._dataset = BytesIO(b"".join(fragments))
