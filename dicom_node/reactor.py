@@ -546,12 +546,9 @@ def c_store_rsp_command(rsp: C_STORE) -> bytes | None:
         return None
     if rsp.OffendingElement is not None:
         return None
-    parts = []
-    if rsp.AffectedSOPClassUID:
-        parts.append(command_element(0x0002, even(str(rsp.AffectedSOPClassUID), b"\x00")))
-    parts.append(command_element(0x0100, struct.pack("<H", 0x8001)))
+    parts = [_rsp_class_and_command(str(rsp.AffectedSOPClassUID or ""))]
     parts.append(command_element(0x0120, struct.pack("<H", rsp.MessageIDBeingRespondedTo)))
-    parts.append(command_element(0x0800, struct.pack("<H", 0x0101)))
+    parts.append(_RSP_NO_DATASET)
     parts.append(command_element(0x0900, struct.pack("<H", rsp.Status)))
     if rsp.ErrorComment is not None:
         try:
@@ -562,6 +559,17 @@ def c_store_rsp_command(rsp: C_STORE) -> bytes | None:
         parts.append(command_element(0x1000, even(str(rsp.AffectedSOPInstanceUID), b"\x00")))
     body = b"".join(parts)
     return command_element(0x0000, struct.pack("<I", len(body))) + body
+
+
+_RSP_NO_DATASET = command_element(0x0800, struct.pack("<H", 0x0101))
+
+
+@functools.lru_cache(maxsize=256)
+def _rsp_class_and_command(sop_class_uid: str) -> bytes:
+    """(0000,0002) Affected SOP Class UID (when there is one) and (0000,0100) C-STORE-RSP:
+    the same for every answer of a SOP class."""
+    head = command_element(0x0002, even(sop_class_uid, b"\x00")) if sop_class_uid else b""
+    return head + command_element(0x0100, struct.pack("<H", 0x8001))
 
 
 #: a conformant UID (PS3.5 9.1): what pynetdicom's UID checks accept without a word

@@ -171,17 +171,26 @@ def part10_bytes(
     """Preamble, ``DICM``, file meta and ``body`` (the dataset as received): the bytes
     pynetdicom's ``Event.encoded_dataset()`` returns, built without a pydicom dataset
     (~20 µs instead of ~0.5 ms per instance)."""
-    meta = b"".join(
-        (
-            _META_VERSION,
-            explicit_element((2, 0x0002), b"UI", even(sop_class_uid, b"\x00")),
-            explicit_element((2, 0x0003), b"UI", even(sop_instance_uid, b"\x00")),
-            explicit_element((2, 0x0010), b"UI", even(transfer_syntax, b"\x00")),
-            _META_IMPLEMENTATION,
-        )
+    head, tail = _meta_around_instance(sop_class_uid, transfer_syntax)
+    instance = explicit_element((2, 0x0003), b"UI", even(sop_instance_uid, b"\x00"))
+    group_length = explicit_element(
+        (2, 0x0000), b"UL", struct.pack("<I", len(head) + len(instance) + len(tail))
     )
-    group_length = explicit_element((2, 0x0000), b"UL", struct.pack("<I", len(meta)))
-    return b"".join((b"\x00" * 128, b"DICM", group_length, meta, body))
+    return b"".join((_PREAMBLE, group_length, head, instance, tail, body))
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_around_instance(sop_class_uid: str, transfer_syntax: str) -> tuple[bytes, bytes]:
+    """The file meta elements before and after (0002,0003) that depend only on the SOP
+    class and transfer syntax: the same for every instance of a series."""
+    head = _META_VERSION + explicit_element((2, 0x0002), b"UI", even(sop_class_uid, b"\x00"))
+    tail = (
+        explicit_element((2, 0x0010), b"UI", even(transfer_syntax, b"\x00")) + _META_IMPLEMENTATION
+    )
+    return head, tail
 
 
 def _received_bytes(event: evt.Event) -> bytes:
