@@ -764,16 +764,43 @@ def _class_uid(raw: bytes) -> UID:
 def _c_store_primitive(context_id: int, command: dict[int, bytes], fragments: list[Any]) -> C_STORE:
     """The C-STORE request primitive pynetdicom's ``message_to_primitive`` makes of a plain
     C-STORE-RQ (values checked by :func:`parse_c_store_rq_command`)."""
-    rq = C_STORE()
+    rq = LeanCStore()
     rq._message_id = struct.unpack("<H", command[0x0110])[0]
     rq._priority = struct.unpack("<H", command[0x0700])[0]
     ignore = pydicom_config.IGNORE  # conformant already: no second regex check
     rq._affected_sop_class_uid = _class_uid(command[0x0002])
     rq._affected_sop_instance_uid = UID(command[0x1000].decode("ascii"), ignore)
-    # one copy of the dataset; BytesIO shares it (getvalue() returns the same bytes)
-    rq._dataset = BytesIO(b"".join(fragments))
+    rq._fragments = fragments  # joined when asked for (LeanCStore)
     rq._context_id = context_id
     return rq
+
+
+class LeanCStore(C_STORE):
+    """A plain C-STORE request of the lean path (:func:`_c_store_primitive`): its data set
+    stays the received fragments until something asks for it. ``DataSet`` joins them once
+    (as pynetdicom's decoding would); :meth:`part10` joins them after a file meta header
+    instead, so the node's handler copies the data set once, not twice."""
+
+    _fragments: list[Any] | None = None
+    _joined: BytesIO | None = None
+
+    @property  # type: ignore[override]
+    def _dataset(self) -> BytesIO | None:
+        if self._fragments is not None:
+            # one copy; BytesIO shares it (getvalue() returns the same bytes)
+            self._joined, self._fragments = BytesIO(b"".join(self._fragments)), None
+        return self._joined
+
+    @_dataset.setter
+    def _dataset(self, value: BytesIO | None) -> None:
+        self._joined, self._fragments = value, None
+
+    def part10(self, prefix: bytes) -> bytes:
+        """``prefix`` (a file's preamble and meta group) followed by the data set."""
+        if self._fragments is not None:
+            return b"".join([prefix, *self._fragments])
+        joined = self._dataset
+        return prefix + (joined.getvalue() if joined is not None else b"")
 
 
 def _make_event_driven(assoc: Association, acceptor_reactor: bool = True) -> None:

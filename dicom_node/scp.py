@@ -171,12 +171,17 @@ def part10_bytes(
     """Preamble, ``DICM``, file meta and ``body`` (the dataset as received): the bytes
     pynetdicom's ``Event.encoded_dataset()`` returns, built without a pydicom dataset
     (~20 µs instead of ~0.5 ms per instance)."""
+    return part10_prefix(sop_class_uid, sop_instance_uid, transfer_syntax) + body
+
+
+def part10_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """What :func:`part10_bytes` puts before the dataset: preamble, ``DICM``, file meta."""
     head, tail = _meta_around_instance(sop_class_uid, transfer_syntax)
     instance = explicit_element((2, 0x0003), b"UI", even(sop_instance_uid, b"\x00"))
     group_length = explicit_element(
         (2, 0x0000), b"UL", struct.pack("<I", len(head) + len(instance) + len(tail))
     )
-    return b"".join((_PREAMBLE, group_length, head, instance, tail, body))
+    return b"".join((_PREAMBLE, group_length, head, instance, tail))
 
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -194,14 +199,17 @@ def _meta_around_instance(sop_class_uid: str, transfer_syntax: str) -> tuple[byt
 
 
 def _received_bytes(event: evt.Event) -> bytes:
-    """The Part-10 bytes of a C-STORE request (see :func:`part10_bytes`)."""
+    """The Part-10 bytes of a C-STORE request (see :func:`part10_bytes`); a lean-path
+    request's data set is copied once, straight after its file meta."""
     rq = event.request
-    return part10_bytes(
+    prefix = part10_prefix(
         str(rq.AffectedSOPClassUID),
         str(rq.AffectedSOPInstanceUID),
         str(event.context.transfer_syntax),
-        rq.DataSet.getvalue(),
     )
+    if isinstance(rq, reactor.LeanCStore):
+        return rq.part10(prefix)
+    return prefix + rq.DataSet.getvalue()
 
 
 InstanceHook = Callable[[str, int, "int | None"], None]

@@ -132,9 +132,18 @@ def test_fast_c_store_request_equals_pynetdicoms_primitive(inst: str) -> None:
         "MoveOriginatorMessageID",
     ):
         assert getattr(ours, name) == getattr(theirs, name), name
-    assert ours.DataSet.getvalue() == theirs.DataSet.getvalue()
+    body = theirs.DataSet.getvalue()
+    # the file meta and the data set in one copy, before or after DataSet is asked for
+    again = _c_store_primitive(5, command, [data[1:] for _, data in pdvs[1:]])
+    assert again.part10(b"META") == b"META" + body
+    assert ours.DataSet.getvalue() == body
+    assert ours.part10(b"META") == b"META" + body
     assert ours._context_id == theirs._context_id == 5
     assert ours.is_valid_request
+    from io import BytesIO
+
+    ours.DataSet = BytesIO(b"other")  # a handler's own data set replaces the fragments
+    assert ours.part10(b"M") == b"Mother" and ours.DataSet.getvalue() == b"other"
 
 
 @pytest.mark.parametrize(
