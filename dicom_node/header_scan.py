@@ -250,21 +250,28 @@ def _us(data: bytes, at: tuple[bytes, int, int] | None, default: int | None) -> 
     return int(_U16.unpack_from(data, pos)[0])
 
 
-def scan_header(data: bytes, start: int) -> dict[str, str] | None:
+def scan_header(
+    data: bytes, start: int, meta: tuple[str, str] | None = None
+) -> dict[str, str] | None:
     """The identity of a valid native little endian instance (Part 10 bytes whose dataset
     starts at ``start``) as :class:`dicom_node.spool.InstanceHeader` fields (the five
-    attributes and ``transfer_syntax_uid``), or None: see the module's docstring."""
+    attributes and ``transfer_syntax_uid``), or None: see the module's docstring.
+    ``meta``: (SOP class, transfer syntax) of the file meta when the caller wrote it
+    itself (the SCP's received bytes): not read again."""
     try:
-        return _scan(data, start)
+        return _scan(data, start, meta)
     except (_Unusual, struct.error, IndexError, ValueError):
         return None
 
 
-def _scan(data: bytes, start: int) -> dict[str, str] | None:
+def _scan(data: bytes, start: int, known: tuple[str, str] | None) -> dict[str, str] | None:
     if start <= 144:
         return None
-    meta = read_meta_group(data, _META_WANTED, _text, start)[0]
-    ts, meta_class = meta.get("transfer_syntax", ""), meta.get("sop_class", "")
+    if known is None:
+        meta = read_meta_group(data, _META_WANTED, _text, start)[0]
+        ts, meta_class = meta.get("transfer_syntax", ""), meta.get("sop_class", "")
+    else:
+        meta_class, ts = known
     if ts not in (_EXPLICIT_LE, _IMPLICIT_LE):
         return None
     found: dict[int, tuple[bytes, int, int]] = {}

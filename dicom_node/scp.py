@@ -198,18 +198,16 @@ def _meta_around_instance(sop_class_uid: str, transfer_syntax: str) -> tuple[byt
     return head, tail
 
 
-def _received_bytes(event: evt.Event) -> bytes:
-    """The Part-10 bytes of a C-STORE request (see :func:`part10_bytes`); a lean-path
-    request's data set is copied once, straight after its file meta."""
+def _received_bytes(event: evt.Event) -> tuple[bytes, tuple[str, str]]:
+    """The Part-10 bytes of a C-STORE request (see :func:`part10_bytes`; a lean-path
+    request's data set copied once, straight after its file meta) and the (SOP class,
+    transfer syntax) written in that meta."""
     rq = event.request
-    prefix = part10_prefix(
-        str(rq.AffectedSOPClassUID),
-        str(rq.AffectedSOPInstanceUID),
-        str(event.context.transfer_syntax),
-    )
+    sop_class, transfer_syntax = str(rq.AffectedSOPClassUID), str(event.context.transfer_syntax)
+    prefix = part10_prefix(sop_class, str(rq.AffectedSOPInstanceUID), transfer_syntax)
     if isinstance(rq, reactor.LeanCStore):
-        return rq.part10(prefix)
-    return prefix + rq.DataSet.getvalue()
+        return rq.part10(prefix), (sop_class, transfer_syntax)
+    return prefix + rq.DataSet.getvalue(), (sop_class, transfer_syntax)
 
 
 InstanceHook = Callable[[str, int, "int | None"], None]
@@ -427,8 +425,10 @@ class StoreSCP:
         n = self.settings.node
         path = None
         try:
-            data = _received_bytes(event)
-            header, path = self.spool.receive(data, n.max_instance_bytes, n.max_inflated_bytes)
+            data, meta = _received_bytes(event)
+            header, path = self.spool.receive(
+                data, n.max_instance_bytes, n.max_inflated_bytes, meta
+            )
             count, expected = self.registry.add_instance(
                 sop_uid=header.sop_instance_uid,
                 series_uid=header.series_instance_uid,

@@ -158,9 +158,11 @@ def read_header(
     max_instance_bytes: int | None = None,
     max_inflated_bytes: int | None = None,
     digest: bool = True,
+    meta: tuple[str, str] | None = None,
 ) -> InstanceHeader:
     """Parse and validate encoded DICOM bytes (Part 10, with file meta). ``digest``:
     fill in ``content_sha256`` (the receive path asks for it only when it needs it).
+    ``meta``: (SOP class, transfer syntax) of a file meta group the caller wrote itself.
 
     Raises :class:`~dicom_node.validate.InvalidInstanceError` (its ``status`` is the C-STORE
     answer): :class:`UnreadableDatasetError` when the bytes do not parse,
@@ -174,7 +176,7 @@ def read_header(
     start = meta_end(data)
     if start and max_inflated_bytes is not None and _is_deflated(data, start):
         check_inflated_size(data, start, max_inflated_bytes)
-    scanned = scan_header(data, start) if start else None
+    scanned = scan_header(data, start, meta) if start else None
     if scanned is not None:  # a valid native little endian instance, checked without pydicom
         sha = content_digest(data) if digest else ""
         return InstanceHeader(**scanned, content_sha256=sha, encoded=data)
@@ -424,10 +426,12 @@ class Spool:
         data: bytes,
         max_instance_bytes: int | None = None,
         max_inflated_bytes: int | None = None,
+        meta: tuple[str, str] | None = None,
     ) -> tuple[InstanceHeader, str]:
         """Validate and durably store a received instance; return its header and path (a
         string: the C-STORE handler's path, where a pathlib object per instance cost more
-        of the GIL than the rest of this method's own Python).
+        of the GIL than the rest of this method's own Python). ``meta``: see
+        :func:`read_header`.
 
         The header's content digest is worked out only for a re-sent instance (a file is
         there already), with the replaced file's (:attr:`InstanceHeader.replaced_sha256`):
@@ -448,6 +452,7 @@ class Spool:
             max_instance_bytes=max_instance_bytes,
             max_inflated_bytes=max_inflated_bytes,
             digest=False,
+            meta=meta,
         )
         self._check_space(len(data))  # one statvfs: the watermark with this instance
         # paths as strings (no pathlib per instance); a safe name cannot leave incoming/

@@ -47,7 +47,7 @@ def _part10(ds: pydicom.Dataset, ts: str) -> bytes:
 
 def _pydicom_path(data: bytes, monkeypatch: pytest.MonkeyPatch) -> spool.InstanceHeader | None:
     with monkeypatch.context() as m:
-        m.setattr(spool, "scan_header", lambda data, start: None)
+        m.setattr(spool, "scan_header", lambda data, start, meta=None: None)
         try:
             return spool.read_header(data)
         except spool.InvalidInstanceError:
@@ -77,6 +77,10 @@ def test_valid_instances_take_the_fast_path_with_pydicoms_values(
             assert scanned[f] == getattr(ref, f), (name, f)
         header = spool.read_header(data)
         assert header.parsed is None and header.content_sha256 == ref.content_sha256
+        # the SCP names the file meta it wrote: the same values without reading it again
+        meta = (str(ref.dataset.SOPClassUID), ref.transfer_syntax_uid)
+        assert scan_header(data, meta_end(data), meta) == scanned, name
+        assert scan_header(data, meta_end(data), ("1.2.3", meta[1])) is None  # class differs
         assert header.dataset.SOPInstanceUID == ref.sop_instance_uid  # parsed on demand
 
 
