@@ -343,6 +343,12 @@ class Registry:
     FAST_ROWS_MAX = 256
     FAST_SERIES_TTL_S = 0.5
 
+    def flush(self) -> None:
+        """Write the instance rows answered without a transaction of their own now (the
+        start-up's re-registration does, so that they are on disk before it reports)."""
+        with self._lock.fast():
+            self._write_rows()
+
     def _write_pending(self) -> None:
         """Write the rows add_instance answered on its fast path (one transaction) and
         forget the series it could answer so (the lock's holder may change them). Called

@@ -155,6 +155,7 @@ def register_spooled(
             )
             continue
         n += 1
+    registry.flush()
     return n
 
 

@@ -301,8 +301,12 @@ def test_answered_rows_are_written_in_batches_and_seen_by_every_reader(tmp_path:
         time.sleep(0.02)
     assert _add(reg, "1.1", "1.1.7") == (7, 5)
     assert len(reg._pending_rows) == 1
+    reg.flush()
+    assert len(_rows_on_disk(tmp_path / "r.db")) == 7 and not reg._pending_rows
+    assert _add(reg, "1.1", "1.1.8") == (8, 5)  # still answered fast: flush forgets nothing
+    assert len(reg._pending_rows) == 1
     reg.close()  # writes what is pending
-    assert len(_rows_on_disk(tmp_path / "r.db")) == 7
+    assert len(_rows_on_disk(tmp_path / "r.db")) == 8
 
 
 def test_a_pending_instance_keeps_its_series_and_a_re_send_changes_nothing(
