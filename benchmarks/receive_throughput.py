@@ -29,6 +29,7 @@ n/K instances. Rounds alternate the receivers (``--rounds``, default 3) so machi
 hits all alike; printed: the median instances/s per receiver and the ratios the issue asks for.
 
     python benchmarks/receive_throughput.py [--n 300] [--size 256] [--senders 1 4] [--rounds 3]
+        [--associations 60]
 """
 
 from __future__ import annotations
@@ -184,6 +185,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="image rows = columns")
     ap.add_argument("--senders", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--associations",
+        type=int,
+        default=0,
+        help="also: CPU per association, N storescu runs of one instance each, one after"
+        " the other (a sender that opens an association per instance or per series)",
+    )
     args = ap.parse_args()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as td:
@@ -293,6 +301,31 @@ def main() -> None:
             f" bare/storescp {bare / ref:.2f},"
             f" event-reactor bare/storescp {med['bare pynetdicom, event reactors'] / ref:.2f}"
         )
+    if args.associations:
+        _per_association(args.associations)
+
+
+def _per_association(n: int) -> None:
+    """CPU ms per association (in this process: the receiver's own threads) of ``n``
+    sequential storescu runs, one 64x64 instance each: association set-up (storescu
+    proposes 128 presentation contexts), one C-STORE, release."""
+    print(f"\nper association ({n} storescu runs of one instance, one after the other):")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as td:
+        tmp = Path(td)
+        f = make_mr_file(
+            tmp / "one.dcm", series_uid="1.2.826.0.1.3680043.8.498.778", shape=(64, 64)
+        )
+        for name, make in (
+            ("bare pynetdicom, stock reactors", lambda: _bare_pynetdicom(False)),
+            ("synthmr SCP (durable)", lambda: _synthmr(tmp / "assoc")),
+        ):
+            with make() as port:  # type: ignore[attr-defined]
+                _send([[f]], port)  # the first: what is remembered is learnt
+                t0 = time.process_time()
+                for _ in range(n):
+                    _send([[f]], port)
+                ms = (time.process_time() - t0) / n * 1e3
+            print(f"  {name:<34} CPU {ms:6.2f} ms/association")
 
 
 if __name__ == "__main__":
