@@ -369,3 +369,56 @@ def test_a_series_changed_by_another_process_is_learnt_again(tmp_path: Path) -> 
     row = node.series("1.1")
     assert row is not None and row.state == State.RECEIVING and row.revision == 1
     node.close()
+
+
+def test_parallel_senders_and_readers_count_every_instance_once(tmp_path: Path) -> None:
+    """4 threads store into their own series and one shared series while another thread
+    reads (paths, series rows) and the background writer runs: every answer's count is
+    distinct and they are 1..n per series, and the database holds exactly the rows
+    answered."""
+    import threading
+
+    reg = Registry(tmp_path / "r.db")
+    reg.FAST_ROWS_DELAY_S = 0.005
+    fast = [0]
+    answer_fast = reg._answer_fast
+
+    def counted(*args: Any) -> tuple[int, int | None] | None:
+        answer = answer_fast(*args)
+        fast[0] += answer is not None
+        return answer
+
+    reg._answer_fast = counted  # type: ignore[method-assign]
+    answers: dict[str, list[int]] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def sender(k: int) -> None:
+        for i in range(150):
+            for series in (f"1.{k}", "9.9"):
+                n, _ = _add(reg, series, f"{series}.{k}.{i}")
+                with lock:
+                    answers.setdefault(series, []).append(n)
+
+    def reader() -> None:
+        while not stop.is_set():
+            for series in ("1.0", "9.9"):
+                reg.instance_paths(series)
+                reg.series(series)
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(4)]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watcher.join()
+    reg.close()
+    assert sorted(answers["9.9"]) == list(range(1, 601))
+    for k in range(4):
+        assert sorted(answers[f"1.{k}"]) == list(range(1, 151))
+    on_disk = _rows_on_disk(tmp_path / "r.db")
+    assert len(on_disk) == 1200 and len({sop for sop, _ in on_disk}) == 1200
+    assert fast[0] > 100, fast  # the fast path answered many, between the readers
