@@ -885,11 +885,11 @@ def _decode_associate_rq(dul: DULServiceProvider, received: bytes | bytearray) -
         or assoc.get_handlers(evt.EVT_DATA_RECV)
         or assoc.get_handlers(evt.EVT_PDU_RECV)
     ):
-        return dul._decode_pdu(bytearray(raw))
+        return dul._decode_pdu(raw)  # type: ignore[arg-type]  # it takes bytes(...) itself
     with _association_cache_lock:
         known = _associate_rqs.get(raw)
     if known is None:
-        pdu, event = dul._decode_pdu(bytearray(raw))
+        pdu, event = dul._decode_pdu(raw)  # type: ignore[arg-type]
         try:
             primitive = pdu.to_primitive()
         except Exception:  # the state machine meets the error as before

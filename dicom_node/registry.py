@@ -228,6 +228,16 @@ _INSERT_INSTANCE = (
 )
 
 
+@dataclass(slots=True)
+class _KnownSeries:
+    """What the fast path of :meth:`Registry.add_instance` knows of a RECEIVING series."""
+
+    count: int  # instances, pending rows included
+    revision: int
+    expected: int | None  # expected instance count
+    learnt: float  # monotonic seconds, when a full transaction read it
+
+
 class _RegistryLock:
     """The registry's lock (re-entrant). Taking it at the first level writes the instance
     rows that :meth:`Registry.add_instance` answered without a transaction of their own,
@@ -291,11 +301,10 @@ class Registry:
         self._pending_rows: list[tuple[Any, ...]] = []
         self._pending_sops: dict[str, str] = {}
         self._pending_series: dict[str, tuple[float, int | None]] = {}
-        #: RECEIVING series add_instance may answer without a transaction: series UID ->
-        #: [instances, revision, expected count, monotonic s learnt]; forgotten whenever
+        #: RECEIVING series add_instance may answer without a transaction; forgotten whenever
         #: anyone else takes the lock, and after FAST_SERIES_TTL_S (another process, such as
         #: the command line, may change a series: what this one knows of it is that recent)
-        self._hot: dict[str, list[Any]] = {}
+        self._hot: dict[str, _KnownSeries] = {}
         self._flusher: threading.Thread | None = None
         self._flush_due = threading.Event()
         self._closed = False
@@ -379,10 +388,7 @@ class Registry:
             time.sleep(self.FAST_ROWS_DELAY_S)
             self._flush_due.clear()
             try:
-                with self._lock.fast():  # writes them; the series known stay known
-                    if self._closed:
-                        return
-                    self._write_rows()
+                self.flush()  # nothing is pending once closed
             except sqlite3.Error:
                 time.sleep(1.0)  # the next holder of the lock tries again
                 self._flush_due.set()
@@ -402,17 +408,17 @@ class Registry:
             hot = self._hot.get(series_uid)
             if hot is None or sop_uid in self._pending_sops or self._closed:
                 return None
-            if time.monotonic() - hot[3] > self.FAST_SERIES_TTL_S:
+            if time.monotonic() - hot.learnt > self.FAST_SERIES_TTL_S:
                 return None  # learnt again by the full path
             if self._db.execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone():
                 return None  # a re-send, or an instance of another series
-            if hot[2] is None:
-                hot[2] = expected_count
+            if hot.expected is None:
+                hot.expected = expected_count
             self._pending_rows.append(row)
             self._pending_sops[sop_uid] = series_uid
-            self._pending_series[series_uid] = (now, hot[2])
-            hot[0] += 1
-            answer = int(hot[0]), (hot[2] if hot[1] == 0 else None)
+            self._pending_series[series_uid] = (now, hot.expected)
+            hot.count += 1
+            answer = hot.count, (hot.expected if hot.revision == 0 else None)
             if len(self._pending_rows) >= self.FAST_ROWS_MAX:
                 self._write_rows()
             elif len(self._pending_rows) == 1:
@@ -620,7 +626,7 @@ class Registry:
                     ).fetchone()
                 )
             if r[2] == State.RECEIVING.value:  # the next instances may take the fast path
-                self._hot[series_uid] = [int(r[3]), r[1], r[0], time.monotonic()]
+                self._hot[series_uid] = _KnownSeries(int(r[3]), r[1], r[0], time.monotonic())
         if created:
             self._notify(series_uid, None, State.RECEIVING, 0.0)
         if reopened:
